@@ -1,0 +1,37 @@
+# All set-up happens here: `make demo` and `make test` build their own virtual environment.
+VENV ?= .venv
+PY := $(VENV)/bin/python
+# Where no NVIDIA GPU is present, install the small CPU build of torch before the package,
+# so that pyproject's open `torch>=2.4` range does not pull a multi-GB CUDA build.
+TORCH_CPU ?= torch==2.13.0
+
+.PHONY: venv demo test lint typecheck clean
+
+venv: $(VENV)/.installed
+
+$(VENV)/.installed: pyproject.toml
+	python3 -m venv $(VENV)
+	@if ! command -v nvidia-smi >/dev/null 2>&1 && ! $(PY) -c "import torch" >/dev/null 2>&1; then \
+		echo "no GPU found: installing the CPU build of torch ($(TORCH_CPU))"; \
+		$(PY) -m pip install -q "$(TORCH_CPU)" || $(PY) -m pip install -q torch --index-url https://download.pytorch.org/whl/cpu; \
+	fi
+	$(PY) -m pip install -q -e '.[dev]'
+	@touch $@
+
+demo: venv
+	$(VENV)/bin/gradpool simulate --miners 3 --rounds 12 --out runs/demo
+
+test: venv
+	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q
+
+lint: venv
+	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
+	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
+
+typecheck: venv
+	$(VENV)/bin/mypy
+
+clean:
+	rm -rf $(VENV) runs

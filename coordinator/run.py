@@ -1,0 +1,384 @@
+"""The run: the canonical model, the open round, intake, aggregation and publishing."""
+
+from __future__ import annotations
+
+import asyncio
+import hashlib
+import json
+import logging
+import math
+import statistics
+import threading
+import time
+from dataclasses import dataclass
+
+import torch
+from safetensors.torch import load as st_load
+
+from coordinator.errors import Conflict, Forbidden, Unprocessable
+from coordinator.outer import OuterOptimizer
+from coordinator.settings import CoordinatorSettings
+from coordinator.store import BlobStore, Store
+from protocol.aggregate import Decoded, aggregate, update_norm
+from protocol.codec import CodecError, make_codec
+from protocol.data import Dataset, build_dataset, eval_ids
+from protocol.model import build_model
+from protocol.params import (UpdateHeader, apply_update, encode_update, get_params, load_checkpoint,
+                             param_spec, params_hash, save_checkpoint, set_params)
+from protocol.wire import (PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, SubmissionReceipt,
+                           VersionInfo)
+
+log = logging.getLogger(__name__)
+MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median
+
+
+@dataclass
+class Current:
+    round: int
+    version: int
+    status: str
+    param_hash: str
+
+
+class Run:
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.settings = settings
+        root = settings.state_dir
+        root.mkdir(parents=True, exist_ok=True)
+        self.store = Store(root / "state.db")
+        self.blobs = BlobStore(root / "blobs")
+        self.model = build_model(settings.model, seed=settings.seed)
+        self.model.eval()
+        self.spec = param_spec(self.model)
+        d = settings.data
+        self.data_meta = build_dataset(root / "data", d.corpus, seq_len=self.model.cfg.block_size,
+                                       max_tokens=d.max_tokens, eval_every=d.eval_every)
+        self.dataset = Dataset(root / "data")
+        self.eval_batch = self.dataset.sequences(eval_ids(self.data_meta, d.eval_sequences))
+        self.codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
+        self.outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
+        self.info = RunInfo(
+            protocol_version=PROTOCOL_VERSION, run_id=settings.run_id, seed=settings.seed,
+            model=settings.model, seq_len=self.model.cfg.block_size,
+            num_sequences=self.data_meta.num_sequences, eval_every=self.data_meta.eval_every,
+            codec=settings.codec, recipe=settings.recipe, max_payload_bytes=settings.max_payload_bytes,
+            max_catchup_versions=settings.max_catchup_versions)
+        self.lock = threading.RLock()
+        self.nonces: dict[str, float] = {}
+        self._check_fingerprint()
+        self.params, self.current = self._resume_or_start()
+        self._loop: asyncio.AbstractEventLoop | None = None
+        self._changed: asyncio.Event | None = None
+        self._poke: asyncio.Event | None = None
+
+    # -- start and resume ---------------------------------------------------------------------------------
+    def _check_fingerprint(self) -> None:
+        mine = json.dumps({"run": self.info.model_dump(exclude={"max_payload_bytes", "max_catchup_versions"}),
+                           "data": self.data_meta.sha256}, sort_keys=True)
+        stored = self.store.get_meta("fingerprint")
+        if stored is None:
+            self.store.set_meta("fingerprint", mine)
+        elif stored != mine:
+            raise ValueError(f"state directory {self.settings.state_dir} belongs to a run with other settings "
+                             "(model, codec, recipe, seed or data); use a new --state-dir")
+
+    def _resume_or_start(self) -> tuple[dict[str, torch.Tensor], Current]:
+        latest = self.store.one("SELECT * FROM versions ORDER BY version DESC LIMIT 1")
+        if latest is None:
+            params = get_params(self.model)
+            h = params_hash(params, self.spec)
+            ckpt = save_checkpoint(params, {"version": "0", "param_hash": h})
+            sha = self.blobs.put(ckpt)
+            loss = self.evaluate(params)
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO versions (version, round, param_hash, eval_loss, checkpoint_sha, "
+                           "checkpoint_bytes, created_at) VALUES (0, NULL, ?, ?, ?, ?, ?)",
+                           (h, loss, sha, len(ckpt), time.time()))
+                db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)",
+                           (time.time(),))
+            log.info("run %s started: model %s, version 0, held-out loss %.4f", self.info.run_id,
+                     self.settings.model, loss)
+            return params, Current(0, 0, "open", h)
+        params, _ = load_checkpoint(self.blobs.get(latest["checkpoint_sha"]), self.spec)
+        if params_hash(params, self.spec) != latest["param_hash"]:
+            raise ValueError(f"checkpoint of version {latest['version']} does not match its hash")
+        outer_sha = self.store.get_meta("outer_state")
+        if outer_sha:
+            self.outer.load_state_dict(st_load(self.blobs.get(outer_sha)))
+        row = self.store.one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
+        assert row is not None
+        self.store.execute("UPDATE rounds SET status = 'open' WHERE round = ?", row["round"])
+        log.info("run %s resumed at round %d, version %d", self.info.run_id, row["round"], latest["version"])
+        return params, Current(int(row["round"]), int(latest["version"]), "open", str(latest["param_hash"]))
+
+    def close(self) -> None:
+        self.store.close()
+
+    # -- queries ------------------------------------------------------------------------------------------
+    def round_info(self) -> RoundInfo:
+        with self.lock:
+            cur = self.current
+            row = self.store.one("SELECT first_upload_at FROM rounds WHERE round = ?", cur.round)
+            n = self.store.one("SELECT COUNT(*) AS n FROM submissions WHERE round = ?", cur.round)
+            first = row["first_upload_at"] if row else None
+            left = None if first is None else max(0.0, first + self.settings.rounds.deadline_s - time.time())
+            return RoundInfo(round=cur.round, version=cur.version, status=cur.status,  # type: ignore[arg-type]
+                             param_hash=cur.param_hash, submissions=int(n["n"]) if n else 0,
+                             expected=len(self._expected_miners(cur.round)), deadline_s=left)
+
+    def version_info(self, version: int) -> VersionInfo | None:
+        row = self.store.one("SELECT * FROM versions WHERE version = ?", version)
+        if row is None:
+            return None
+        return VersionInfo(version=row["version"], round=row["round"], param_hash=row["param_hash"],
+                           eval_loss=row["eval_loss"], update_bytes=row["update_bytes"],
+                           checkpoint_bytes=row["checkpoint_bytes"])
+
+    def reports(self) -> list[RoundReport]:
+        rows = self.store.all("SELECT * FROM rounds ORDER BY round")
+        after = {r["round"] - 1: r["version"] for r in rows}  # a round's result is the next round's base
+        return [RoundReport(round=r["round"], version=after[r["round"]], eval_loss=r["eval_loss"],
+                            accepted=r["accepted"], rejected=r["rejected"], bytes_up=r["bytes_up"],
+                            bytes_down=r["bytes_down"], wall_s=round(r["closed_at"] - r["opened_at"], 3),
+                            compute_s=round(r["compute_s"], 3)) for r in rows if r["status"] == "closed"]
+
+    def initial_eval_loss(self) -> float | None:
+        row = self.store.one("SELECT eval_loss FROM versions WHERE version = 0")
+        return None if row is None else row["eval_loss"]
+
+    def count_miners(self) -> int:
+        row = self.store.one("SELECT COUNT(*) AS n FROM miners")
+        return int(row["n"]) if row else 0
+
+    def _expected_miners(self, round_: int) -> list[str]:
+        since = round_ - self.settings.rounds.drop_after_rounds
+        return [r["pubkey"] for r in self.store.all("SELECT pubkey FROM miners WHERE last_seen_round >= ?", since)]
+
+    # -- writes -------------------------------------------------------------------------------------------
+    def check_nonce(self, nonce: str) -> bool:
+        """True if the nonce is new; remembers it for twice the signature window."""
+        now = time.time()
+        with self.lock:
+            if len(self.nonces) > 100_000:
+                self.nonces = {n: t for n, t in self.nonces.items() if t > now}
+            if self.nonces.get(nonce, 0) > now:
+                return False
+            self.nonces[nonce] = now + 2 * self.settings.signature_window_s
+            return True
+
+    def register(self, miner: str) -> bool:
+        with self.lock:
+            known = self.store.one("SELECT 1 FROM miners WHERE pubkey = ?", miner) is not None
+            self.store.execute(
+                "INSERT INTO miners (pubkey, registered_at, last_seen_round) VALUES (?, ?, ?) "
+                "ON CONFLICT(pubkey) DO UPDATE SET last_seen_round = excluded.last_seen_round",
+                miner, time.time(), self.current.round)
+        if not known:
+            log.info("round %d: miner %s registered", self.current.round, miner[:12])
+        return not known
+
+    def count_download(self, nbytes: int) -> None:
+        self.store.add_bytes_down(self.current.round, nbytes)
+
+    def submit(self, miner: str, round_: int, body: bytes) -> SubmissionReceipt:
+        """Check and store one upload (runs in a worker thread: decoding is CPU work)."""
+        if self.store.one("SELECT 1 FROM miners WHERE pubkey = ?", miner) is None:
+            raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
+        self._check_round(round_)
+        sha = hashlib.sha256(body).hexdigest()
+        prev = self.store.one("SELECT sha256 FROM submissions WHERE round = ? AND miner = ?", round_, miner)
+        if prev is not None:
+            if prev["sha256"] == sha:
+                return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body),
+                                         duplicate=True)
+            raise Conflict("already_submitted", f"miner already uploaded a different payload in round {round_}")
+        try:
+            header, _ = self.codec.decode(body, self.spec)
+        except CodecError as e:
+            raise Unprocessable(e.code, e.message) from None
+        if header.round != round_:
+            raise Unprocessable("round_mismatch", f"payload says round {header.round}, URL says {round_}")
+        with self.lock:
+            self._check_round(round_)
+            if header.base_version != self.current.version:
+                raise Conflict("stale_version", f"payload was trained on version {header.base_version}; "
+                               f"round {round_} is for version {self.current.version}")
+            self.blobs.put(body)
+            now = time.time()
+            with self.store.transaction() as db:
+                db.execute("INSERT INTO submissions (round, miner, sha256, bytes, status, compute_s, received_at) "
+                           "VALUES (?, ?, ?, ?, 'received', ?, ?)",
+                           (round_, miner, sha, len(body), header.stats.compute_s, now))
+                db.execute("UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = "
+                           "COALESCE(first_upload_at, ?) WHERE round = ?", (len(body), now, round_))
+                db.execute("UPDATE miners SET last_seen_round = ? WHERE pubkey = ?", (round_, miner))
+        log.info("round %d: upload from miner %s, %d bytes, base version %d", round_, miner[:12], len(body),
+                 header.base_version)
+        self.poke()
+        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
+
+    def _check_round(self, round_: int) -> None:
+        cur = self.current
+        if round_ < cur.round or (round_ == cur.round and cur.status != "open"):
+            raise Conflict("round_closed", f"round {round_} is closed; the current round is {cur.round}")
+        if round_ > cur.round:
+            raise Conflict("round_not_open", f"round {round_} is not open; the current round is {cur.round}")
+
+    # -- the round keeper ---------------------------------------------------------------------------------
+    def poke(self) -> None:
+        if self._poke is not None and self._loop is not None:
+            self._loop.call_soon_threadsafe(self._poke.set)
+
+    async def keep_rounds(self) -> None:
+        """Close rounds when they are complete or past their deadline; aggregate off the event loop."""
+        self._loop = asyncio.get_running_loop()
+        self._changed, self._poke = asyncio.Event(), asyncio.Event()
+        while True:
+            try:
+                await asyncio.wait_for(self._poke.wait(), timeout=0.25)
+            except TimeoutError:
+                pass
+            self._poke.clear()
+            if not self._should_close():
+                continue
+            with self.lock:
+                self.current.status = "aggregating"
+            try:
+                await asyncio.to_thread(self.aggregate_and_publish)
+            except Exception:
+                log.exception("round %d: aggregation failed; the round stays open", self.current.round)
+                with self.lock:
+                    self.current.status = "open"
+                await asyncio.sleep(1.0)
+            changed, self._changed = self._changed, asyncio.Event()
+            changed.set()
+
+    async def wait_for_round(self, after: int, timeout_s: float) -> None:
+        end = time.monotonic() + timeout_s
+        while self.current.round <= after and self._changed is not None:
+            left = end - time.monotonic()
+            if left <= 0:
+                return
+            try:
+                await asyncio.wait_for(self._changed.wait(), timeout=left)
+            except TimeoutError:
+                return
+
+    def _should_close(self) -> bool:
+        cur = self.current
+        rows = self.store.all("SELECT miner FROM submissions WHERE round = ?", cur.round)
+        if cur.status != "open" or len(rows) < self.settings.rounds.min_quorum:
+            return False
+        if set(self._expected_miners(cur.round)) <= {r["miner"] for r in rows}:
+            return True
+        first = self.store.one("SELECT first_upload_at FROM rounds WHERE round = ?", cur.round)
+        return bool(first and first["first_upload_at"]
+                    and time.time() >= first["first_upload_at"] + self.settings.rounds.deadline_s)
+
+    # -- aggregation and publishing -----------------------------------------------------------------------
+    def aggregate_and_publish(self) -> None:
+        cur = self.current
+        t0 = time.time()
+        subs = self.store.all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", cur.round)
+        verdicts: dict[str, str | None] = {}
+        updates: list[tuple[str, Decoded, float]] = []
+        seen: set[str] = set()
+        for s in subs:
+            miner = s["miner"]
+            if s["sha256"] in seen:
+                verdicts[miner] = "copied_payload"
+                continue
+            seen.add(s["sha256"])
+            try:
+                _, update = self.codec.decode(self.blobs.get(s["sha256"]), self.spec)
+            except CodecError as e:
+                verdicts[miner] = e.code
+                continue
+            norm = update_norm(update)
+            if not math.isfinite(norm) or norm == 0.0:
+                verdicts[miner] = "empty_update" if norm == 0.0 else "non_finite"
+                continue
+            updates.append((miner, update, norm))
+        if updates:
+            median = statistics.median(n for _, _, n in updates)
+            for miner, _, norm in updates:
+                if len(updates) >= 3 and norm > MAX_NORM_RATIO * median:
+                    verdicts[miner] = "norm_outlier"
+        accepted = [(m, u) for m, u, _ in updates if m not in verdicts]
+        for m, _ in accepted:
+            verdicts[m] = None
+        new_version = cur.version
+        new_params, new_hash, eval_loss = self.params, cur.param_hash, None
+        update_sha = ckpt_sha = None
+        update_bytes = ckpt_bytes = 0
+        if accepted:
+            agg = aggregate([u for _, u in accepted], self.spec)
+            delta = self.outer.step(agg)
+            new_params = {n: p.clone() for n, p in self.params.items()}
+            apply_update(new_params, delta)
+            new_version = cur.version + 1
+            new_hash = params_hash(new_params, self.spec)
+            upd = encode_update(delta, self.spec, UpdateHeader(base_version=cur.version, version=new_version,
+                                                                param_hash=new_hash))
+            ckpt = save_checkpoint(new_params, {"version": str(new_version), "param_hash": new_hash})
+            update_sha, ckpt_sha = self.blobs.put(upd), self.blobs.put(ckpt)
+            update_bytes, ckpt_bytes = len(upd), len(ckpt)
+            if self.outer.momentum:
+                self.store.set_meta("outer_state", self.blobs.put(save_checkpoint(self.outer.state_dict(), {})))
+            eval_loss = self.evaluate(new_params)
+        n_acc = len(accepted)
+        compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
+        now = time.time()
+        with self.store.transaction() as db:
+            if accepted:
+                db.execute("INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
+                           "checkpoint_sha, checkpoint_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                           (new_version, cur.round, new_hash, eval_loss, update_sha, update_bytes, ckpt_sha,
+                            ckpt_bytes, now))
+            for s in subs:
+                reason = verdicts.get(s["miner"])
+                db.execute("UPDATE submissions SET status = ?, reason = ? WHERE round = ? AND miner = ?",
+                           ("accepted" if reason is None else "rejected", reason, cur.round, s["miner"]))
+            db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
+                       "compute_s = ?, eval_loss = ? WHERE round = ?",
+                       (now, n_acc, len(subs) - n_acc, statistics.fmean(compute) if compute else 0.0,
+                        eval_loss, cur.round))
+            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                       (cur.round + 1, new_version, now))
+        with self.lock:
+            self.params = new_params
+            self.current = Current(cur.round + 1, new_version, "open", new_hash)
+        self._prune_checkpoints()
+        rejected = {m[:12]: r for m, r in verdicts.items() if r is not None}
+        log.info("round %d closed: version %d, accepted %d, rejected %d %s, held-out loss %s, %.2f s", cur.round,
+                 new_version, n_acc, len(subs) - n_acc, rejected or "",
+                 "n/a" if eval_loss is None else f"{eval_loss:.4f}", time.time() - t0)
+
+    def _prune_checkpoints(self) -> None:
+        keep = self.settings.keep_checkpoints
+        old = self.store.all("SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+                             "AND version > 0 ORDER BY version DESC LIMIT -1 OFFSET ?", keep)
+        for row in old:
+            self.store.execute("UPDATE versions SET checkpoint_sha = NULL WHERE version = ?", row["version"])
+            self.blobs.delete(row["checkpoint_sha"])
+
+    @torch.no_grad()
+    def evaluate(self, params: dict[str, torch.Tensor]) -> float:
+        set_params(self.model, params)
+        losses = [float(self.model.loss(b)) * len(b) for b in self.eval_batch.split(16)]
+        return sum(losses) / len(self.eval_batch)
+
+    def checkpoint_sha(self, version: int | None = None) -> tuple[int, str] | None:
+        if version is None:
+            row = self.store.one("SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+                                 "ORDER BY version DESC LIMIT 1")
+        else:
+            row = self.store.one("SELECT version, checkpoint_sha FROM versions WHERE version = ?", version)
+        if row is None or row["checkpoint_sha"] is None:
+            return None
+        return int(row["version"]), str(row["checkpoint_sha"])
+
+    def update_sha(self, version: int) -> str | None:
+        row = self.store.one("SELECT update_sha FROM versions WHERE version = ?", version)
+        return None if row is None or row["update_sha"] is None else str(row["update_sha"])
+

@@ -1,0 +1,67 @@
+"""The coordinator's settings: flags > GRADPOOL_* environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import BaseModel, ConfigDict, Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from protocol.wire import CodecConfig, TrainingRecipe
+
+MiB = 1 << 20
+
+
+class Section(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+
+
+class RoundSettings(Section):
+    min_quorum: int = Field(default=1, ge=1, description="uploads needed before a round may close")
+    deadline_s: float = Field(default=30.0, gt=0, description="close this long after the first upload")
+    drop_after_rounds: int = Field(default=2, ge=1, description="stop waiting for a miner silent this long")
+
+
+class DataSettings(Section):
+    corpus: Path | None = Field(default=None, description=".txt/.md/.jsonl file or folder; None: stdlib")
+    max_tokens: int | None = Field(default=None, ge=1024)
+    eval_every: int = Field(default=50, ge=2, description="every n-th sequence is held out")
+    eval_sequences: int = Field(default=64, ge=1, le=100_000)
+
+
+class OuterSettings(Section):
+    """Outer optimizer. Unset values follow the codec: SGD lr 1.0 for sparseloco, Nesterov 0.7/0.9 dense."""
+
+    lr: float | None = Field(default=None, gt=0)
+    momentum: float | None = Field(default=None, ge=0, lt=1)
+
+
+class CoordinatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADPOOL_", env_nested_delimiter="__", extra="forbid")
+
+    state_dir: Path = Path("gradpool-state")
+    host: str = "127.0.0.1"
+    port: int = Field(default=8000, ge=0, le=65535)
+    run_id: str = Field(default="gradpool", min_length=1, max_length=64)
+    seed: int = 0
+    model: str = "tiny"
+    codec: CodecConfig = Field(default_factory=CodecConfig)
+    recipe: TrainingRecipe = Field(default_factory=TrainingRecipe)
+    outer: OuterSettings = Field(default_factory=OuterSettings)
+    rounds: RoundSettings = Field(default_factory=RoundSettings)
+    data: DataSettings = Field(default_factory=DataSettings)
+    max_payload_bytes: int = Field(default=64 * MiB, ge=1024)
+    max_catchup_versions: int = Field(default=16, ge=1)
+    signature_window_s: float = Field(default=120.0, gt=0)
+    keep_checkpoints: int = Field(default=3, ge=1)
+    log_level: str = "INFO"
+
+    def outer_lr(self) -> float:
+        if self.outer.lr is not None:
+            return self.outer.lr
+        return 1.0 if self.codec.name == "sparseloco" else 0.7
+
+    def outer_momentum(self) -> float:
+        if self.outer.momentum is not None:
+            return self.outer.momentum
+        return 0.0 if self.codec.name == "sparseloco" else 0.9

@@ -1,0 +1,3 @@
+from gradpool.cli import main
+
+main()

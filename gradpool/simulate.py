@@ -1,0 +1,177 @@
+"""``gradpool simulate``: a coordinator and N miners as separate processes on 127.0.0.1."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+from gradpool.config import ConfigError, load_settings
+
+ROW = "{round:>5} {version:>7} {eval_loss:>10} {accepted:>8} {rejected:>8} {bytes_up:>10} {bytes_down:>11} {wall_s:>8}"
+
+
+class SimulationFailed(Exception):
+    pass
+
+
+class Processes:
+    """The processes a simulation started; all of them are stopped on exit, whatever happens."""
+
+    def __init__(self, log_dir: Path) -> None:
+        self.log_dir = log_dir
+        self.procs: dict[str, subprocess.Popen[bytes]] = {}
+
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
+        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+        self.procs[name] = subprocess.Popen([sys.executable, "-m", "gradpool", *args], stdout=log,
+                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+        log.close()
+
+    def dead(self) -> dict[str, int]:
+        return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
+
+    def tail(self, name: str, lines: int = 5) -> str:
+        path = self.log_dir / f"{name}.log"
+        text = path.read_text(errors="replace") if path.exists() else ""
+        return "\n".join(text.strip().splitlines()[-lines:])
+
+    def stop_all(self, grace_s: float = 10.0) -> None:
+        for p in self.procs.values():
+            if p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        end = time.monotonic() + grace_s
+        for p in self.procs.values():
+            try:
+                p.wait(timeout=max(0.1, end - time.monotonic()))
+            except subprocess.TimeoutExpired:
+                p.kill()
+                p.wait()
+
+
+def simulate(*, miners: int, rounds: int, out: Path, model: str = "tiny", codec: str = "sparseloco",
+             inner_steps: int | None = None, max_tokens: int = 4_000_000, timeout_s: float = 1800.0,
+             config: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+    from coordinator.settings import CoordinatorSettings
+
+    out.mkdir(parents=True, exist_ok=True)
+    overrides: dict[str, Any] = {"state_dir": out / "coordinator", "host": "127.0.0.1", "port": 0, "model": model,
+                                 "codec": {"name": codec}, "data": {"max_tokens": max_tokens},
+                                 "rounds": {"min_quorum": max(1, (miners + 1) // 2)}}
+    if inner_steps is not None:
+        overrides["recipe"] = {"inner_steps": inner_steps}
+    settings = load_settings(CoordinatorSettings, config, overrides)
+    procs = Processes(out / "logs")
+    ready = out / "coordinator.ready"
+    ready.unlink(missing_ok=True)
+    try:
+        procs.start("coordinator", ["coordinator", "serve", "--config", str(_toml(settings, out)),
+                                    "--port", "0", "--ready-file", str(ready)])
+        url = _wait_ready(procs, ready)
+        threads = str(max(1, (os.cpu_count() or 1) // miners))
+        for i in range(miners):
+            procs.start(f"miner-{i}", ["mine", "--coordinator", url, "--key", str(out / "keys" / f"miner-{i}.pem"),
+                                       "--create-key", "--state-dir", str(out / "miners" / f"miner-{i}"),
+                                       "--threads", threads])
+        status = _watch(procs, url, rounds, timeout_s, echo)
+    finally:
+        procs.stop_all()
+    report = _report(settings, miners, status)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot_losses(report, out / "loss.png")
+    return report
+
+
+def _toml(settings: Any, out: Path) -> Path:
+    """The settings as a TOML file for the coordinator process."""
+    path = out / "coordinator.toml"
+    path.write_text(tomli_w.dumps(json.loads(settings.model_dump_json(exclude_none=True))))
+    return path
+
+
+def _wait_ready(procs: Processes, ready: Path, timeout_s: float = 180.0) -> str:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if ready.exists():
+            return str(json.loads(ready.read_text())["url"])
+        if "coordinator" in procs.dead():
+            raise SimulationFailed(f"the coordinator exited at start:\n{procs.tail('coordinator')}")
+        time.sleep(0.1)
+    raise SimulationFailed(f"the coordinator did not start within {timeout_s:.0f} s")
+
+
+def _watch(procs: Processes, url: str, rounds: int, timeout_s: float, echo: Callable[[str], None]) -> dict[str, Any]:
+    end = time.monotonic() + timeout_s
+    shown = 0
+    status: dict[str, Any] = {}
+    echo(ROW.format(round="round", version="version", eval_loss="eval_loss", accepted="accepted",
+                    rejected="rejected", bytes_up="bytes_up", bytes_down="bytes_down", wall_s="wall_s"))
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        status = http.get("/v1/status").json()
+        echo(f"{'init':>5} {0:>7} {status['initial_eval_loss']:>10.4f}")
+        while shown < rounds:
+            if time.monotonic() > end:
+                raise SimulationFailed(f"only {shown} of {rounds} rounds finished within {timeout_s:.0f} s")
+            dead = procs.dead()
+            if "coordinator" in dead:
+                raise SimulationFailed(f"the coordinator died:\n{procs.tail('coordinator')}")
+            if len(dead) == len(procs.procs) - 1:
+                name = next(iter(dead))
+                raise SimulationFailed(f"every miner died; {name}:\n{procs.tail(name)}")
+            try:
+                status = http.get("/v1/status").json()
+            except httpx.HTTPError:
+                time.sleep(0.5)
+                continue
+            for row in status["rounds"][shown:rounds]:
+                loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
+                echo(ROW.format(**{**row, "eval_loss": loss, "wall_s": f"{row['wall_s']:.2f}"}))
+                shown += 1
+            time.sleep(0.25)
+    status["rounds"] = status["rounds"][:rounds]
+    if not any(r["accepted"] for r in status["rounds"]):
+        raise SimulationFailed("no update was accepted in any round")
+    return status
+
+
+def _report(settings: Any, miners: int, status: dict[str, Any]) -> dict[str, Any]:
+    rows = status["rounds"]
+    losses = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
+    config = json.loads(settings.model_dump_json())
+    config["miners"] = miners
+    return {"config": config, "initial_eval_loss": status["initial_eval_loss"], "rounds": rows,
+            "final_eval_loss": losses[-1] if losses else status["initial_eval_loss"]}
+
+
+def plot_losses(report: dict[str, Any], path: Path) -> None:
+    import matplotlib
+
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    xs = [0] + [r["round"] + 1 for r in report["rounds"] if r["eval_loss"] is not None]
+    ys = [report["initial_eval_loss"]] + [r["eval_loss"] for r in report["rounds"] if r["eval_loss"] is not None]
+    fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
+    ax.plot(xs, ys, marker="o", markersize=3)
+    ax.set_xlabel("rounds completed")
+    ax.set_ylabel("held-out loss (nats/token)")
+    ax.set_title(f"gradpool simulate: {report['config']['miners']} miners, {report['config']['model']}, "
+                 f"{report['config']['codec']['name']}")
+    ax.grid(alpha=0.3)
+    fig.tight_layout()
+    fig.savefig(path)
+    plt.close(fig)
+
+
+__all__ = ["ConfigError", "SimulationFailed", "plot_losses", "simulate"]

@@ -1,0 +1,174 @@
+"""The miner's HTTP client. Every call has an explicit timeout; coordinator errors come back typed.
+
+    ClientError
+    ├── Unavailable        unreachable, timed out, or a 5xx: worth retrying later
+    ├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
+    └── Refused            a 4xx with the coordinator's error code
+        ├── RoundClosed        round_closed, round_not_open
+        ├── StaleVersion       stale_version
+        ├── AlreadySubmitted   already_submitted
+        ├── NotAuthorized      401/403 (signature, unknown miner)
+        └── Rejected           422 and every other refusal of the payload
+"""
+
+from __future__ import annotations
+
+from typing import TypeVar
+
+import httpx
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import BaseModel, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+
+from protocol.signing import sign_request
+from protocol.wire import (HEADER_PROTOCOL, PROTOCOL_VERSION, Registration, RoundInfo, RunInfo,
+                           SubmissionReceipt, VersionInfo)
+
+M = TypeVar("M", bound=BaseModel)
+
+
+class ClientError(Exception):
+    pass
+
+
+class Unavailable(ClientError):
+    pass
+
+
+class ProtocolMismatch(ClientError):
+    pass
+
+
+class Refused(ClientError):
+    def __init__(self, status: int, code: str, message: str) -> None:
+        super().__init__(f"{status} {code}: {message}")
+        self.status, self.code, self.message = status, code, message
+
+
+class RoundClosed(Refused):
+    pass
+
+
+class StaleVersion(Refused):
+    pass
+
+
+class AlreadySubmitted(Refused):
+    pass
+
+
+class NotAuthorized(Refused):
+    pass
+
+
+class Rejected(Refused):
+    pass
+
+
+_BY_CODE: dict[str, type[Refused]] = {
+    "round_closed": RoundClosed, "round_not_open": RoundClosed, "stale_version": StaleVersion,
+    "already_submitted": AlreadySubmitted,
+}
+
+
+class CoordinatorClient:
+    def __init__(self, base_url: str, key: Ed25519PrivateKey, timeout_s: float = 30.0,
+                 transport: httpx.BaseTransport | None = None) -> None:
+        self.key = key
+        self.timeout_s = timeout_s
+        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s, connect=5.0),
+                                 headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)}, transport=transport)
+        self.bytes_down = 0
+        self.bytes_up = 0
+
+    def close(self) -> None:
+        self.http.close()
+
+    # -- plumbing -----------------------------------------------------------------------------------------
+    def _send(self, method: str, path: str, *, body: bytes | None = None, signed: bool = False,
+              params: dict[str, str] | None = None, timeout_s: float | None = None) -> httpx.Response:
+        request = self.http.build_request(method, path, content=body, params=params,
+                                          timeout=timeout_s or self.timeout_s)
+        if signed:
+            target = request.url.raw_path.decode()
+            request.headers.update(sign_request(self.key, method, target, body or b""))
+        try:
+            response = self.http.send(request)
+        except httpx.TransportError as e:
+            raise Unavailable(f"cannot reach the coordinator at {self.http.base_url}: {e}") from None
+        self.bytes_down += len(response.content)
+        self.bytes_up += len(body or b"")
+        if response.status_code >= 500:
+            raise Unavailable(f"coordinator answered {response.status_code}")
+        if response.status_code >= 400:
+            raise self._refusal(response)
+        return response
+
+    @staticmethod
+    def _refusal(response: httpx.Response) -> Refused:
+        try:
+            err = response.json()["error"]
+            code, message = str(err["code"]), str(err["message"])
+        except (ValueError, KeyError, TypeError):
+            if response.status_code == 404:
+                return Refused(404, "not_found", f"{response.request.url} is not a gradpool endpoint")
+            return Refused(response.status_code, "http_error", response.text[:200])
+        cls = _BY_CODE.get(code)
+        if cls is None:
+            cls = NotAuthorized if response.status_code in (401, 403) else Rejected
+        return cls(response.status_code, code, message)
+
+    def _json(self, model: type[M], response: httpx.Response) -> M:
+        try:
+            return model.model_validate_json(response.content)
+        except ValidationError as e:
+            raise ProtocolMismatch(f"unexpected answer from {response.request.url}: {e.errors()[0]['msg']}") from None
+
+    # -- the API ------------------------------------------------------------------------------------------
+    def info(self) -> RunInfo:
+        try:
+            response = self._send("GET", "/v1/info")
+        except Refused as e:
+            raise ProtocolMismatch(f"{self.http.base_url} does not look like a gradpool coordinator ({e})") from None
+        theirs = response.headers.get(HEADER_PROTOCOL)
+        if theirs != str(PROTOCOL_VERSION):
+            raise ProtocolMismatch(f"coordinator speaks protocol {theirs}, this miner speaks {PROTOCOL_VERSION}")
+        return self._json(RunInfo, response)
+
+    def register(self) -> Registration:
+        return self._json(Registration, self._send("POST", "/v1/miners", body=b"", signed=True))
+
+    def round(self, after: int = -1, wait_s: float = 0.0) -> RoundInfo:
+        params = {"after": str(after), "wait_s": str(wait_s)}
+        response = self._send("GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s)
+        return self._json(RoundInfo, response)
+
+    def version(self, version: int) -> VersionInfo:
+        return self._json(VersionInfo, self._send("GET", f"/v1/versions/{version}"))
+
+    def update(self, version: int) -> bytes:
+        return self._send("GET", f"/v1/versions/{version}/update").content
+
+    def checkpoint(self) -> tuple[int, bytes]:
+        response = self._send("GET", "/v1/checkpoint")
+        try:
+            return int(response.headers["X-Gradpool-Version"]), response.content
+        except (KeyError, ValueError):
+            raise ProtocolMismatch("checkpoint answer has no version header") from None
+
+    def sequences(self, ids: list[int]) -> torch.Tensor:
+        response = self._send("GET", "/v1/data", params={"ids": ",".join(map(str, ids))})
+        try:
+            tokens = st_load(response.content)["tokens"]
+        except (SafetensorError, KeyError, ValueError) as e:
+            raise ProtocolMismatch(f"data answer is not a token tensor: {e}") from None
+        if tokens.dtype not in (torch.uint8, torch.int32) or tokens.dim() != 2 or tokens.shape[0] != len(ids):
+            raise ProtocolMismatch(f"data answer has shape {tuple(tokens.shape)} and dtype {tokens.dtype}")
+        return tokens.long()
+
+    def submit(self, round_: int, payload: bytes) -> SubmissionReceipt:
+        response = self._send("POST", f"/v1/rounds/{round_}/submissions", body=payload, signed=True)
+        return self._json(SubmissionReceipt, response)
+

@@ -1,0 +1,26 @@
+"""The miner's settings: flags > GRADPOOL_* environment > TOML file > defaults."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class MinerSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
+
+    coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
+    key: Path = Field(default=Path("miner.pem"), description="Ed25519 private key (PEM)")
+    create_key: bool = Field(default=False, description="generate the key file if it does not exist")
+    state_dir: Path = Field(default=Path("miner-state"))
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    micro_batch: int | None = Field(default=None, ge=1)
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    max_rounds: int | None = Field(default=None, ge=1)
+    timeout_s: float = Field(default=30.0, gt=0, description="per HTTP call")
+    startup_timeout_s: float = Field(default=20.0, ge=0, description="how long to wait for the coordinator")
+    max_backoff_s: float = Field(default=30.0, gt=0)
+    log_level: str = "INFO"

@@ -1,0 +1,78 @@
+"""The inner loop: H AdamW steps on the miner's assigned sequences, written out in full."""
+
+from __future__ import annotations
+
+import math
+import time
+from dataclasses import dataclass
+
+import torch
+
+from protocol.model import GPT
+from protocol.wire import TrainingRecipe
+
+
+def lr_at(step: int, recipe: TrainingRecipe) -> float:
+    """Linear warm-up, then constant: a pure function of the miner's global inner step."""
+    if step < recipe.warmup_steps:
+        return recipe.lr * (step + 1) / recipe.warmup_steps
+    return recipe.lr
+
+
+def make_optimizer(model: GPT, recipe: TrainingRecipe) -> torch.optim.AdamW:
+    decay = [p for p in model.parameters() if p.dim() >= 2]
+    no_decay = [p for p in model.parameters() if p.dim() < 2]
+    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
+
+
+class NonFiniteLoss(RuntimeError):
+    pass
+
+
+@dataclass
+class InnerResult:
+    loss_before: float
+    loss_after: float
+    steps: int
+    compute_s: float
+
+
+class InnerTrainer:
+    def __init__(self, model: GPT, recipe: TrainingRecipe, device: torch.device, micro_batch: int | None = None):
+        self.model, self.recipe, self.device = model, recipe, device
+        self.optimizer = make_optimizer(model, recipe)
+        self.micro_batch = micro_batch
+        self.step = 0  # global inner step, drives the learning rate
+
+    def train_step(self, batch: torch.Tensor) -> dict[str, float]:
+        """One optimizer step on a (B, T+1) batch, in micro-batches if asked; refuses a non-finite loss."""
+        self.model.train()
+        parts = batch.split(self.micro_batch or len(batch))
+        total = 0.0
+        for part in parts:
+            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
+                loss = self.model.loss(part.to(self.device, non_blocking=True))
+            if not torch.isfinite(loss):
+                self.optimizer.zero_grad(set_to_none=True)
+                raise NonFiniteLoss(f"non-finite loss at inner step {self.step}")
+            (loss * len(part) / len(batch)).backward()
+            total += float(loss) * len(part) / len(batch)
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        for group in self.optimizer.param_groups:
+            group["lr"] = lr_at(self.step, self.recipe)
+        self.optimizer.step()
+        self.optimizer.zero_grad(set_to_none=True)
+        self.step += 1
+        return {"loss": total, "lr": lr_at(self.step - 1, self.recipe)}
+
+    def run(self, tokens: torch.Tensor) -> InnerResult:
+        """H steps over ``tokens`` (H * batch_size sequences, in assignment order)."""
+        t0 = time.perf_counter()
+        batches = tokens.split(self.recipe.batch_size)
+        losses = [self.train_step(b)["loss"] for b in batches]
+        if self.device.type == "cuda":
+            torch.cuda.synchronize()
+        return InnerResult(loss_before=losses[0] if losses else math.nan,
+                           loss_after=losses[-1] if losses else math.nan, steps=len(losses),
+                           compute_s=time.perf_counter() - t0)

@@ -1,0 +1,384 @@
+"""Update codecs: SparseLoCo (top-k per chunk, 2-bit values, Elias-Fano indices) and the dense baselines.
+
+A payload is a safetensors file with a small JSON header (``PayloadHeader``) in its metadata. Its
+tensors hold the update of every model parameter, concatenated in the model's parameter order, so the
+receiver derives every length from the model's shapes and checks it before use. Nothing from the wire
+picks a dtype, a shape or a function.
+
+SparseLoCo layout, per parameter tensor:
+
+- A matrix whose sides are both at least ``tile`` is cut into ``tile x tile`` tiles (zero-padded at the
+  edges); any other tensor into flat chunks of ``tile**2`` elements. Each chunk keeps its ``k`` largest
+  magnitudes.
+- Indices within a chunk are sorted and Elias-Fano coded: ``l = floor(log2(U / k))`` low bits each, plus an
+  upper bitmap of ``k + (U - 1 >> l) + 1`` bits. At k=64, U=4096 that is exactly 8 bits an index and every
+  chunk has the same size, which keeps encode and decode vectorised.
+- Values are centred by the mean of the kept values, binned by their spread (6 sigma into 4 bins) and sent
+  as 2-bit codes, four to a byte, with a per-tensor table of the mean original value in each bin.
+- A tensor whose fp16 form is no larger than its sparse form (at most a few dozen elements) goes dense in
+  fp16: top-k would keep all of it anyway.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass
+from typing import Literal
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from protocol.bits import pack_2bit, pack_bits, pack_uint, unpack_2bit, unpack_bits, unpack_uint
+from protocol.errors import CodecError
+
+PAYLOAD_FORMAT_VERSION = 1
+ParamSpec = Sequence[tuple[str, tuple[int, ...]]]
+CodecName = Literal["sparseloco", "dense_fp32", "dense_bf16"]
+
+
+class PayloadStats(BaseModel):
+    """What the miner reports about its own work (untrusted; used for reporting only)."""
+
+    model_config = ConfigDict(extra="forbid")
+    compute_s: float = Field(default=0.0, ge=0.0, le=1e6)
+    loss_before: float | None = None
+    loss_after: float | None = None
+
+
+class PayloadHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    format_version: int
+    codec: CodecName
+    round: int = Field(ge=0)
+    base_version: int = Field(ge=0)
+    k: int = Field(default=0, ge=0, le=1 << 20)
+    tile: int = Field(default=0, ge=0, le=1 << 10)
+    stats: PayloadStats = Field(default_factory=PayloadStats)
+
+
+@dataclass
+class SparseTensor:
+    """One contributor's update of one parameter: flat indices (None: every element) and their values."""
+
+    indices: torch.Tensor | None
+    values: torch.Tensor
+
+    def to_dense(self, shape: tuple[int, ...]) -> torch.Tensor:
+        if self.indices is None:
+            return self.values.reshape(shape).clone()
+        out = torch.zeros(math.prod(shape), dtype=self.values.dtype, device=self.values.device)
+        out[self.indices] = self.values
+        return out.view(shape)
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How one tensor is cut into chunks of ``tile**2`` elements."""
+
+    shape: tuple[int, ...]
+    tile: int
+
+    @property
+    def tiled(self) -> bool:
+        return len(self.shape) == 2 and min(self.shape) >= self.tile
+
+    @property
+    def chunk(self) -> int:
+        return self.tile * self.tile
+
+    @property
+    def numel(self) -> int:
+        return math.prod(self.shape)
+
+    @property
+    def grid(self) -> tuple[int, int]:
+        """(tile rows, tile columns) for a tiled matrix; (chunks, 1) otherwise."""
+        if self.tiled:
+            return -(-self.shape[0] // self.tile), -(-self.shape[1] // self.tile)
+        return -(-self.numel // self.chunk), 1
+
+    @property
+    def rows(self) -> int:
+        a, b = self.grid
+        return a * b
+
+    @property
+    def padded(self) -> bool:
+        if self.tiled:
+            return self.shape[0] % self.tile != 0 or self.shape[1] % self.tile != 0
+        return self.numel % self.chunk != 0
+
+    def to_chunks(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
+        """(shape) -> (rows, chunk), padding with ``fill``."""
+        s = self.tile
+        if self.tiled:
+            nr, nc = self.grid
+            R, C = self.shape
+            if self.padded:
+                t = torch.nn.functional.pad(t, (0, nc * s - C, 0, nr * s - R), value=fill)
+            return t.reshape(nr, s, nc, s).permute(0, 2, 1, 3).reshape(nr * nc, s * s)
+        flat = t.reshape(-1)
+        if self.padded:
+            flat = torch.nn.functional.pad(flat, (0, self.rows * self.chunk - self.numel), value=fill)
+        return flat.view(self.rows, self.chunk)
+
+    def flat_indices(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """Chunk-local indices (rows, k) -> flat indices into the tensor and a mask of the real ones."""
+        rows = torch.arange(self.rows, device=idx.device).unsqueeze(1)  # (rows, 1)
+        if self.tiled:
+            s = self.tile
+            _, nc = self.grid
+            r = (rows // nc) * s + idx // s
+            c = (rows % nc) * s + idx % s
+            valid = (r < self.shape[0]) & (c < self.shape[1])
+            return r * self.shape[1] + c, valid
+        flat = rows * self.chunk + idx
+        return flat, flat < self.numel
+
+
+def _ef_params(chunk: int, k: int) -> tuple[int, int]:
+    """Elias-Fano low-bit width and upper-bitmap length for k sorted values below ``chunk``."""
+    low = max(0, int(math.floor(math.log2(chunk / k))))
+    return low, k + ((chunk - 1) >> low) + 1
+
+
+class SparseLoCoCodec:
+    name: CodecName = "sparseloco"
+
+    def __init__(self, k: int = 64, tile: int = 64) -> None:
+        if not 1 <= k <= tile * tile:
+            raise ValueError(f"k must be in 1..{tile * tile}, got {k}")
+        if k % 4:
+            raise ValueError(f"k must be a multiple of 4, got {k}")
+        self.k, self.tile = k, tile
+        self.low_bits, self.high_bits = _ef_params(tile * tile, k)
+        self.low_bytes = -(-k * self.low_bits // 8)
+        self.high_bytes = -(-self.high_bits // 8)
+
+    # -- sizes, all derived from the shapes -------------------------------------------------------------
+    def sparse_bytes(self, layout: Layout) -> int:
+        return layout.rows * (self.low_bytes + self.high_bytes + self.k // 4) + 16
+
+    def is_dense(self, shape: tuple[int, ...]) -> bool:
+        layout = Layout(tuple(shape), self.tile)
+        return 2 * layout.numel <= self.sparse_bytes(layout)
+
+    # -- encode ---------------------------------------------------------------------------------------
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
+    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+        """Compress; return the payload and what the receiver will decode from it (for error feedback)."""
+        idx_parts, val_parts, luts, dense_parts = [], [], [], []
+        decoded: dict[str, torch.Tensor] = {}
+        for name, shape in spec:
+            t = tensors[name].detach().float()
+            if self.is_dense(shape):
+                half = t.reshape(-1).half()
+                dense_parts.append(half.cpu())
+                decoded[name] = half.float().view(shape)
+                continue
+            layout = Layout(tuple(shape), self.tile)
+            chunks = layout.to_chunks(t)  # (rows, U)
+            mag = layout.to_chunks(t.abs(), fill=-1.0) if layout.padded else chunks.abs()
+            idx = mag.topk(self.k, dim=1, sorted=False).indices.sort(dim=1).values  # (rows, k)
+            vals = chunks.gather(1, idx)
+            lut, codes = quantize_2bit(vals)
+            idx_parts.append(self._encode_indices(idx).cpu())
+            val_parts.append(pack_2bit(codes).cpu())
+            luts.append(lut.cpu())
+            flat, valid = layout.flat_indices(idx)
+            dense = torch.zeros(layout.numel, device=t.device)
+            dense[flat[valid]] = lut[codes].view_as(vals)[valid]
+            decoded[name] = dense.view(shape)
+        header = header.model_copy(update={"codec": self.name, "k": self.k, "tile": self.tile})
+        payload = {
+            "idx": _cat(idx_parts, torch.uint8),
+            "val": _cat(val_parts, torch.uint8),
+            "lut": torch.stack(luts) if luts else torch.zeros(0, 4),
+            "dense": _cat(dense_parts, torch.float16),
+        }
+        return _frame(payload, header), decoded
+
+    def _encode_indices(self, idx: torch.Tensor) -> torch.Tensor:
+        rows = idx.shape[0]
+        low = idx & ((1 << self.low_bits) - 1)
+        pos = (idx >> self.low_bits) + torch.arange(self.k, device=idx.device)  # strictly increasing
+        upper = torch.zeros(rows, self.high_bits, dtype=torch.bool, device=idx.device)
+        upper.scatter_(1, pos, True)
+        return torch.cat([pack_uint(low, self.low_bits), pack_bits(upper)], dim=1).reshape(-1)
+
+    # -- decode (hostile input) -----------------------------------------------------------------------
+    def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
+        header, tensors = _unframe(data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32,
+                                          "dense": torch.float16})
+        if header.codec != self.name or header.k != self.k or header.tile != self.tile:
+            raise CodecError(
+                f"payload is {header.codec} k={header.k} tile={header.tile}; this run expects "
+                f"{self.name} k={self.k} tile={self.tile}", code="wrong_codec")
+        sparse = [(n, s) for n, s in spec if not self.is_dense(s)]
+        layouts = [Layout(tuple(s), self.tile) for _, s in sparse]
+        n_idx = sum(lay.rows for lay in layouts) * (self.low_bytes + self.high_bytes)
+        n_val = sum(-(-lay.rows * self.k // 4) for lay in layouts)
+        n_dense = sum(math.prod(s) for n, s in spec if self.is_dense(s))
+        _expect_len(tensors, "idx", (n_idx,))
+        _expect_len(tensors, "val", (n_val,))
+        _expect_len(tensors, "lut", (len(sparse), 4))
+        _expect_len(tensors, "dense", (n_dense,))
+        luts = tensors["lut"]
+        if not torch.isfinite(luts).all():
+            raise CodecError("value table holds NaN or Inf", code="non_finite")
+        dense = tensors["dense"].float()
+        if not torch.isfinite(dense).all():
+            raise CodecError("dense values hold NaN or Inf", code="non_finite")
+        out: dict[str, SparseTensor] = {}
+        io = vo = do = ti = 0
+        for name, shape in spec:
+            if self.is_dense(shape):
+                n = math.prod(shape)
+                out[name] = SparseTensor(None, dense[do : do + n])
+                do += n
+                continue
+            layout = layouts[ti]
+            nb = layout.rows * (self.low_bytes + self.high_bytes)
+            idx = self._decode_indices(tensors["idx"][io : io + nb], layout.rows, name)
+            nv = -(-layout.rows * self.k // 4)
+            codes = unpack_2bit(tensors["val"][vo : vo + nv], layout.rows * self.k)
+            flat, valid = layout.flat_indices(idx)
+            vals = luts[ti][codes].view(layout.rows, self.k)
+            out[name] = SparseTensor(flat[valid], vals[valid])
+            io, vo, ti = io + nb, vo + nv, ti + 1
+        return header, out
+
+    def _decode_indices(self, data: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+        data = data.view(rows, self.low_bytes + self.high_bytes)
+        low = unpack_uint(data[:, : self.low_bytes], self.k, self.low_bits)  # (rows, k)
+        upper = unpack_bits(data[:, self.low_bytes :], self.high_bits)  # (rows, high_bits)
+        if not bool((upper.sum(dim=1) == self.k).all()):
+            raise CodecError(f"{name}: an index bitmap does not hold exactly k={self.k} entries",
+                             code="wrong_k")
+        pos = upper.nonzero()[:, 1].view(rows, self.k)
+        high = pos - torch.arange(self.k, device=data.device)
+        idx = (high << self.low_bits) | low
+        if bool((idx >= self.tile * self.tile).any()):
+            raise CodecError(f"{name}: an index lies outside its chunk", code="index_out_of_range")
+        if self.k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+            raise CodecError(f"{name}: indices are not strictly increasing within a chunk",
+                             code="unsorted_indices")
+        return idx
+
+
+class DenseCodec:
+    """Every element, in fp32 or bf16: the DiLoCo baseline through the same interface."""
+
+    def __init__(self, dtype: Literal["fp32", "bf16"] = "fp32") -> None:
+        self.name: CodecName = "dense_fp32" if dtype == "fp32" else "dense_bf16"
+        self.dtype = torch.float32 if dtype == "fp32" else torch.bfloat16
+
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
+    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+        parts = [tensors[n].detach().reshape(-1).to(self.dtype) for n, _ in spec]
+        flat = torch.cat(parts).cpu()
+        decoded = {n: p.float().view(s) for (n, s), p in zip(spec, parts, strict=True)}
+        header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
+        return _frame({"dense": flat}, header), decoded
+
+    def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
+        header, tensors = _unframe(data, {"dense": self.dtype})
+        if header.codec != self.name:
+            raise CodecError(f"payload is {header.codec}; this run expects {self.name}", code="wrong_codec")
+        total = sum(math.prod(s) for _, s in spec)
+        _expect_len(tensors, "dense", (total,))
+        flat = tensors["dense"].float()
+        if not torch.isfinite(flat).all():
+            raise CodecError("dense values hold NaN or Inf", code="non_finite")
+        out, o = {}, 0
+        for name, shape in spec:
+            n = math.prod(shape)
+            out[name] = SparseTensor(None, flat[o : o + n])
+            o += n
+        return header, out
+
+
+Codec = SparseLoCoCodec | DenseCodec
+
+
+def make_codec(name: CodecName, k: int = 64, tile: int = 64) -> Codec:
+    if name == "sparseloco":
+        return SparseLoCoCodec(k=k, tile=tile)
+    if name == "dense_fp32":
+        return DenseCodec("fp32")
+    if name == "dense_bf16":
+        return DenseCodec("bf16")
+    raise ValueError(f"unknown codec {name!r}")
+
+
+def quantize_2bit(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre, bin by spread (6 sigma into 4 bins); return the 4-entry table of bin means and the codes."""
+    flat = vals.reshape(-1).float()
+    mu = flat.mean()
+    sigma = flat.std(correction=0).clamp_min(1e-30)
+    edges = mu + sigma * torch.tensor([-1.5, 0.0, 1.5], device=flat.device)
+    codes = torch.bucketize(flat, edges, right=True)  # 0..3
+    sums = torch.zeros(4, device=flat.device).index_add_(0, codes, flat)
+    counts = torch.bincount(codes, minlength=4).float()
+    centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], device=flat.device)
+    lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
+    return lut, codes
+
+
+def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
+    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
+
+
+def _frame(tensors: dict[str, torch.Tensor], header: PayloadHeader) -> bytes:
+    return st_save({k: v.contiguous() for k, v in tensors.items()},
+                   metadata={"gradpool": header.model_dump_json()})
+
+
+def _unframe(data: bytes, expected: dict[str, torch.dtype]) -> tuple[PayloadHeader, dict[str, torch.Tensor]]:
+    """Parse a payload and check its tensor names and dtypes; every other check is the codec's."""
+    try:
+        tensors = st_load(data)
+        meta = _read_metadata(data)
+    except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
+        raise CodecError(f"payload is not a valid safetensors file: {e}") from None
+    try:
+        header = PayloadHeader.model_validate_json(meta.get("gradpool", ""))
+    except ValidationError as e:
+        raise CodecError(f"payload header is invalid: {e.errors()[0]['msg']}", code="bad_header") from None
+    if header.format_version != PAYLOAD_FORMAT_VERSION:
+        raise CodecError(f"payload format {header.format_version}, expected {PAYLOAD_FORMAT_VERSION}",
+                         code="wrong_format_version")
+    if set(tensors) != set(expected):
+        missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
+        raise CodecError(f"payload tensors differ: missing {sorted(missing)}, unexpected {sorted(extra)}",
+                         code="wrong_tensors")
+    for name, dtype in expected.items():
+        if tensors[name].dtype != dtype:
+            raise CodecError(f"tensor {name!r} is {tensors[name].dtype}, expected {dtype}", code="wrong_dtype")
+    return header, tensors
+
+
+def _read_metadata(data: bytes) -> dict[str, str]:
+    if len(data) < 8:
+        raise ValueError("too short")
+    n = int.from_bytes(data[:8], "little")
+    if n > len(data) - 8:
+        raise ValueError("header length exceeds the payload")
+    top = json.loads(data[8 : 8 + n])
+    meta = top.get("__metadata__") if isinstance(top, dict) else None
+    if not isinstance(meta, dict):
+        raise ValueError("metadata is not a mapping")
+    return {str(k): str(v) for k, v in meta.items()}
+
+
+def _expect_len(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> None:
+    if tuple(tensors[name].shape) != shape:
+        raise CodecError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}",
+                         code="wrong_shape")

@@ -1,0 +1,133 @@
+"""Parameters on the wire: the canonical order, the parameter hash, checkpoints and published updates.
+
+A published update is what the coordinator subtracted from version v to make v+1: a bitmap of the
+touched coordinates and their fp32 values. Applying it is one elementwise subtraction, exactly rounded
+on every IEEE device, so a miner at v reaches the coordinator's v+1 bit for bit and checks it by hash.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+from collections.abc import Mapping
+
+import torch
+from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from safetensors import SafetensorError
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
+
+from protocol.bits import pack_bits, unpack_bits
+from protocol.codec import ParamSpec, _read_metadata
+from protocol.errors import CodecError
+
+Params = dict[str, torch.Tensor]
+
+
+def param_spec(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
+    return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def get_params(model: torch.nn.Module) -> Params:
+    """A detached fp32 copy of the parameters, on the model's device."""
+    return {n: p.detach().float().clone() for n, p in model.named_parameters()}
+
+
+@torch.no_grad()
+def set_params(model: torch.nn.Module, params: Mapping[str, torch.Tensor]) -> None:
+    for n, p in model.named_parameters():
+        p.copy_(params[n])
+
+
+def params_hash(params: Mapping[str, torch.Tensor], spec: ParamSpec) -> str:
+    """sha256 over every parameter's name, shape and fp32 little-endian bytes, in spec order."""
+    h = hashlib.sha256()
+    for name, shape in spec:
+        t = params[name].detach().to("cpu", torch.float32).contiguous()
+        h.update(f"{name}:{list(shape)};".encode())
+        h.update(t.numpy().astype("<f4", copy=False).tobytes())
+    return h.hexdigest()
+
+
+# -- checkpoints ------------------------------------------------------------------------------------------
+def save_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
+    return st_save({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in params.items()},
+                   metadata=dict(meta))
+
+
+def load_checkpoint(data: bytes, spec: ParamSpec) -> tuple[Params, dict[str, str]]:
+    try:
+        tensors = st_load(data)
+        meta = _read_metadata(data)
+    except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
+        raise CodecError(f"checkpoint is not a valid safetensors file: {e}") from None
+    names = {n for n, _ in spec}
+    if set(tensors) != names:
+        raise CodecError("checkpoint parameters differ from the model's", code="wrong_tensors")
+    for name, shape in spec:
+        t = tensors[name]
+        if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
+            raise CodecError(f"checkpoint tensor {name!r} is {t.dtype} {tuple(t.shape)}", code="wrong_shape")
+    return dict(tensors), meta
+
+
+# -- published updates ------------------------------------------------------------------------------------
+class UpdateHeader(BaseModel):
+    model_config = ConfigDict(extra="forbid")
+    base_version: int = Field(ge=0)
+    version: int = Field(ge=1)
+    param_hash: str = Field(min_length=64, max_length=64)
+
+
+def encode_update(delta: Mapping[str, torch.Tensor], spec: ParamSpec, header: UpdateHeader) -> bytes:
+    masks, values = [], []
+    for name, _ in spec:
+        d = delta[name].detach().to("cpu", torch.float32).reshape(-1)
+        nz = d != 0
+        masks.append(pack_bits(nz.unsqueeze(0)).reshape(-1))
+        values.append(d[nz])
+    return st_save({"mask": torch.cat(masks), "values": torch.cat(values)},
+                   metadata={"gradpool_update": header.model_dump_json()})
+
+
+def decode_update(data: bytes, spec: ParamSpec) -> tuple[UpdateHeader, Params]:
+    """A published update -> its header and the dense delta per parameter (checked before use)."""
+    try:
+        tensors = st_load(data)
+        header = UpdateHeader.model_validate_json(_read_metadata(data).get("gradpool_update", ""))
+    except (SafetensorError, ValueError, OverflowError, RuntimeError, ValidationError) as e:
+        raise CodecError(f"update is not valid: {e}") from None
+    if set(tensors) != {"mask", "values"}:
+        raise CodecError("update tensors must be exactly 'mask' and 'values'", code="wrong_tensors")
+    mask, values = tensors["mask"], tensors["values"]
+    if mask.dtype != torch.uint8 or values.dtype != torch.float32 or mask.dim() != 1 or values.dim() != 1:
+        raise CodecError("update tensors have the wrong dtype or rank", code="wrong_dtype")
+    sizes = [-(-math.prod(s) // 8) for _, s in spec]
+    if mask.numel() != sum(sizes):
+        raise CodecError(f"update mask has {mask.numel()} bytes, expected {sum(sizes)}", code="wrong_shape")
+    if not torch.isfinite(values).all():
+        raise CodecError("update values hold NaN or Inf", code="non_finite")
+    out: Params = {}
+    mo = vo = 0
+    for (name, shape), nbytes in zip(spec, sizes, strict=True):
+        n = math.prod(shape)
+        bits = unpack_bits(mask[mo : mo + nbytes].unsqueeze(0), n).reshape(-1)
+        if bool(unpack_bits(mask[mo : mo + nbytes].unsqueeze(0), nbytes * 8)[0, n:].any()):
+            raise CodecError(f"{name}: mask bits set beyond the tensor", code="index_out_of_range")
+        count = int(bits.sum())
+        if vo + count > values.numel():
+            raise CodecError("update has fewer values than its mask selects", code="wrong_shape")
+        d = torch.zeros(n, dtype=torch.float32)
+        d[bits] = values[vo : vo + count]
+        out[name] = d.view(shape)
+        mo, vo = mo + nbytes, vo + count
+    if vo != values.numel():
+        raise CodecError("update has more values than its mask selects", code="wrong_shape")
+    return header, out
+
+
+@torch.no_grad()
+def apply_update(params: Params, delta: Mapping[str, torch.Tensor]) -> None:
+    """theta <- theta - delta, in place; the one operation both sides use to make the next version."""
+    for name, p in params.items():
+        p.sub_(delta[name].to(p.device))
