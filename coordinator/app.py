@@ -18,8 +18,16 @@ from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
 from protocol.errors import SignatureError
 from protocol.signing import verify_request
-from protocol.wire import (HEADER_PROTOCOL, PROTOCOL_VERSION, Registration, RoundInfo, RunInfo, Status,
-                           SubmissionReceipt, VersionInfo)
+from protocol.wire import (
+    HEADER_PROTOCOL,
+    PROTOCOL_VERSION,
+    Registration,
+    RoundInfo,
+    RunInfo,
+    Status,
+    SubmissionReceipt,
+    VersionInfo,
+)
 
 log = logging.getLogger(__name__)
 MAX_IDS_PER_REQUEST = 4096
@@ -51,8 +59,9 @@ def authenticate(run: Run, request: Request, body: bytes) -> str:
     """The signer's public key; refuses unsigned, forged, expired and replayed requests."""
     path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
     try:
-        miner, nonce = verify_request(dict(request.headers), request.method, path, body,
-                                      window_s=run.settings.signature_window_s)
+        miner, nonce = verify_request(
+            dict(request.headers), request.method, path, body, window_s=run.settings.signature_window_s
+        )
     except SignatureError as e:
         raise Unauthorized(e.code, e.message) from None
     if not run.check_nonce(nonce):
@@ -75,13 +84,19 @@ async def info(run: RunDep) -> RunInfo:
 
 @router.get("/v1/status")
 async def status(run: RunDep) -> Status:
-    return Status(run=run.info, round=run.round_info(), miners=run.count_miners(),
-                  initial_eval_loss=run.initial_eval_loss(), rounds=run.reports())
+    return Status(
+        run=run.info,
+        round=run.round_info(),
+        miners=run.count_miners(),
+        initial_eval_loss=run.initial_eval_loss(),
+        rounds=run.reports(),
+    )
 
 
 @router.get("/v1/round")
-async def current_round(run: RunDep, after: Annotated[int, Query(ge=-1)] = -1,
-                        wait_s: Annotated[float, Query(ge=0, le=60)] = 0.0) -> RoundInfo:
+async def current_round(
+    run: RunDep, after: Annotated[int, Query(ge=-1)] = -1, wait_s: Annotated[float, Query(ge=0, le=60)] = 0.0
+) -> RoundInfo:
     """The open round; with ``after`` and ``wait_s``, waits up to wait_s for a round later than ``after``."""
     if wait_s > 0:
         await run.wait_for_round(after, wait_s)
@@ -135,8 +150,9 @@ def _blob(run: Run, sha: str, filename: str) -> FileResponse:
     if not path.exists():
         raise NotFound("not_found", "that file is no longer kept")
     run.count_download(path.stat().st_size)
-    return FileResponse(path, media_type="application/octet-stream", filename=filename,
-                        headers={"ETag": f'"{sha}"'})
+    return FileResponse(
+        path, media_type="application/octet-stream", filename=filename, headers={"ETag": f'"{sha}"'}
+    )
 
 
 @router.get("/v1/data")

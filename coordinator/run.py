@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import hashlib
 import json
 import logging
@@ -23,10 +24,18 @@ from protocol.aggregate import Decoded, aggregate, update_norm
 from protocol.codec import CodecError, make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
 from protocol.model import build_model
-from protocol.params import (UpdateHeader, apply_update, encode_update, get_params, load_checkpoint,
-                             param_spec, params_hash, save_checkpoint, set_params)
-from protocol.wire import (PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, SubmissionReceipt,
-                           VersionInfo)
+from protocol.params import (
+    UpdateHeader,
+    apply_update,
+    encode_update,
+    get_params,
+    load_checkpoint,
+    param_spec,
+    params_hash,
+    save_checkpoint,
+    set_params,
+)
+from protocol.wire import PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, SubmissionReceipt, VersionInfo
 
 log = logging.getLogger(__name__)
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median
@@ -51,18 +60,30 @@ class Run:
         self.model.eval()
         self.spec = param_spec(self.model)
         d = settings.data
-        self.data_meta = build_dataset(root / "data", d.corpus, seq_len=self.model.cfg.block_size,
-                                       max_tokens=d.max_tokens, eval_every=d.eval_every)
+        self.data_meta = build_dataset(
+            root / "data",
+            d.corpus,
+            seq_len=self.model.cfg.block_size,
+            max_tokens=d.max_tokens,
+            eval_every=d.eval_every,
+        )
         self.dataset = Dataset(root / "data")
         self.eval_batch = self.dataset.sequences(eval_ids(self.data_meta, d.eval_sequences))
         self.codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
         self.outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
         self.info = RunInfo(
-            protocol_version=PROTOCOL_VERSION, run_id=settings.run_id, seed=settings.seed,
-            model=settings.model, seq_len=self.model.cfg.block_size,
-            num_sequences=self.data_meta.num_sequences, eval_every=self.data_meta.eval_every,
-            codec=settings.codec, recipe=settings.recipe, max_payload_bytes=settings.max_payload_bytes,
-            max_catchup_versions=settings.max_catchup_versions)
+            protocol_version=PROTOCOL_VERSION,
+            run_id=settings.run_id,
+            seed=settings.seed,
+            model=settings.model,
+            seq_len=self.model.cfg.block_size,
+            num_sequences=self.data_meta.num_sequences,
+            eval_every=self.data_meta.eval_every,
+            codec=settings.codec,
+            recipe=settings.recipe,
+            max_payload_bytes=settings.max_payload_bytes,
+            max_catchup_versions=settings.max_catchup_versions,
+        )
         self.lock = threading.RLock()
         self.nonces: dict[str, float] = {}
         self._check_fingerprint()
@@ -73,14 +94,21 @@ class Run:
 
     # -- start and resume ---------------------------------------------------------------------------------
     def _check_fingerprint(self) -> None:
-        mine = json.dumps({"run": self.info.model_dump(exclude={"max_payload_bytes", "max_catchup_versions"}),
-                           "data": self.data_meta.sha256}, sort_keys=True)
+        mine = json.dumps(
+            {
+                "run": self.info.model_dump(exclude={"max_payload_bytes", "max_catchup_versions"}),
+                "data": self.data_meta.sha256,
+            },
+            sort_keys=True,
+        )
         stored = self.store.get_meta("fingerprint")
         if stored is None:
             self.store.set_meta("fingerprint", mine)
         elif stored != mine:
-            raise ValueError(f"state directory {self.settings.state_dir} belongs to a run with other settings "
-                             "(model, codec, recipe, seed or data); use a new --state-dir")
+            raise ValueError(
+                f"state directory {self.settings.state_dir} belongs to a run with other settings "
+                "(model, codec, recipe, seed or data); use a new --state-dir"
+            )
 
     def _resume_or_start(self) -> tuple[dict[str, torch.Tensor], Current]:
         latest = self.store.one("SELECT * FROM versions ORDER BY version DESC LIMIT 1")
@@ -91,13 +119,21 @@ class Run:
             sha = self.blobs.put(ckpt)
             loss = self.evaluate(params)
             with self.store.transaction() as db:
-                db.execute("INSERT INTO versions (version, round, param_hash, eval_loss, checkpoint_sha, "
-                           "checkpoint_bytes, created_at) VALUES (0, NULL, ?, ?, ?, ?, ?)",
-                           (h, loss, sha, len(ckpt), time.time()))
-                db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)",
-                           (time.time(),))
-            log.info("run %s started: model %s, version 0, held-out loss %.4f", self.info.run_id,
-                     self.settings.model, loss)
+                db.execute(
+                    "INSERT INTO versions (version, round, param_hash, eval_loss, checkpoint_sha, "
+                    "checkpoint_bytes, created_at) VALUES (0, NULL, ?, ?, ?, ?, ?)",
+                    (h, loss, sha, len(ckpt), time.time()),
+                )
+                db.execute(
+                    "INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)",
+                    (time.time(),),
+                )
+            log.info(
+                "run %s started: model %s, version 0, held-out loss %.4f",
+                self.info.run_id,
+                self.settings.model,
+                loss,
+            )
             return params, Current(0, 0, "open", h)
         params, _ = load_checkpoint(self.blobs.get(latest["checkpoint_sha"]), self.spec)
         if params_hash(params, self.spec) != latest["param_hash"]:
@@ -122,25 +158,47 @@ class Run:
             n = self.store.one("SELECT COUNT(*) AS n FROM submissions WHERE round = ?", cur.round)
             first = row["first_upload_at"] if row else None
             left = None if first is None else max(0.0, first + self.settings.rounds.deadline_s - time.time())
-            return RoundInfo(round=cur.round, version=cur.version, status=cur.status,  # type: ignore[arg-type]
-                             param_hash=cur.param_hash, submissions=int(n["n"]) if n else 0,
-                             expected=len(self._expected_miners(cur.round)), deadline_s=left)
+            return RoundInfo(
+                round=cur.round,
+                version=cur.version,
+                status=cur.status,  # type: ignore[arg-type]
+                param_hash=cur.param_hash,
+                submissions=int(n["n"]) if n else 0,
+                expected=len(self._expected_miners(cur.round)),
+                deadline_s=left,
+            )
 
     def version_info(self, version: int) -> VersionInfo | None:
         row = self.store.one("SELECT * FROM versions WHERE version = ?", version)
         if row is None:
             return None
-        return VersionInfo(version=row["version"], round=row["round"], param_hash=row["param_hash"],
-                           eval_loss=row["eval_loss"], update_bytes=row["update_bytes"],
-                           checkpoint_bytes=row["checkpoint_bytes"])
+        return VersionInfo(
+            version=row["version"],
+            round=row["round"],
+            param_hash=row["param_hash"],
+            eval_loss=row["eval_loss"],
+            update_bytes=row["update_bytes"],
+            checkpoint_bytes=row["checkpoint_bytes"],
+        )
 
     def reports(self) -> list[RoundReport]:
         rows = self.store.all("SELECT * FROM rounds ORDER BY round")
         after = {r["round"] - 1: r["version"] for r in rows}  # a round's result is the next round's base
-        return [RoundReport(round=r["round"], version=after[r["round"]], eval_loss=r["eval_loss"],
-                            accepted=r["accepted"], rejected=r["rejected"], bytes_up=r["bytes_up"],
-                            bytes_down=r["bytes_down"], wall_s=round(r["closed_at"] - r["opened_at"], 3),
-                            compute_s=round(r["compute_s"], 3)) for r in rows if r["status"] == "closed"]
+        return [
+            RoundReport(
+                round=r["round"],
+                version=after[r["round"]],
+                eval_loss=r["eval_loss"],
+                accepted=r["accepted"],
+                rejected=r["rejected"],
+                bytes_up=r["bytes_up"],
+                bytes_down=r["bytes_down"],
+                wall_s=round(r["closed_at"] - r["opened_at"], 3),
+                compute_s=round(r["compute_s"], 3),
+            )
+            for r in rows
+            if r["status"] == "closed"
+        ]
 
     def initial_eval_loss(self) -> float | None:
         row = self.store.one("SELECT eval_loss FROM versions WHERE version = 0")
@@ -152,7 +210,9 @@ class Run:
 
     def _expected_miners(self, round_: int) -> list[str]:
         since = round_ - self.settings.rounds.drop_after_rounds
-        return [r["pubkey"] for r in self.store.all("SELECT pubkey FROM miners WHERE last_seen_round >= ?", since)]
+        return [
+            r["pubkey"] for r in self.store.all("SELECT pubkey FROM miners WHERE last_seen_round >= ?", since)
+        ]
 
     # -- writes -------------------------------------------------------------------------------------------
     def check_nonce(self, nonce: str) -> bool:
@@ -172,7 +232,10 @@ class Run:
             self.store.execute(
                 "INSERT INTO miners (pubkey, registered_at, last_seen_round) VALUES (?, ?, ?) "
                 "ON CONFLICT(pubkey) DO UPDATE SET last_seen_round = excluded.last_seen_round",
-                miner, time.time(), self.current.round)
+                miner,
+                time.time(),
+                self.current.round,
+            )
         if not known:
             log.info("round %d: miner %s registered", self.current.round, miner[:12])
         return not known
@@ -189,9 +252,12 @@ class Run:
         prev = self.store.one("SELECT sha256 FROM submissions WHERE round = ? AND miner = ?", round_, miner)
         if prev is not None:
             if prev["sha256"] == sha:
-                return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body),
-                                         duplicate=True)
-            raise Conflict("already_submitted", f"miner already uploaded a different payload in round {round_}")
+                return SubmissionReceipt(
+                    round=round_, miner=miner, payload_sha256=sha, bytes=len(body), duplicate=True
+                )
+            raise Conflict(
+                "already_submitted", f"miner already uploaded a different payload in round {round_}"
+            )
         try:
             header, _ = self.codec.decode(body, self.spec)
         except CodecError as e:
@@ -201,19 +267,32 @@ class Run:
         with self.lock:
             self._check_round(round_)
             if header.base_version != self.current.version:
-                raise Conflict("stale_version", f"payload was trained on version {header.base_version}; "
-                               f"round {round_} is for version {self.current.version}")
+                raise Conflict(
+                    "stale_version",
+                    f"payload was trained on version {header.base_version}; "
+                    f"round {round_} is for version {self.current.version}",
+                )
             self.blobs.put(body)
             now = time.time()
             with self.store.transaction() as db:
-                db.execute("INSERT INTO submissions (round, miner, sha256, bytes, status, compute_s, received_at) "
-                           "VALUES (?, ?, ?, ?, 'received', ?, ?)",
-                           (round_, miner, sha, len(body), header.stats.compute_s, now))
-                db.execute("UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = "
-                           "COALESCE(first_upload_at, ?) WHERE round = ?", (len(body), now, round_))
+                db.execute(
+                    "INSERT INTO submissions (round, miner, sha256, bytes, status, compute_s, received_at) "
+                    "VALUES (?, ?, ?, ?, 'received', ?, ?)",
+                    (round_, miner, sha, len(body), header.stats.compute_s, now),
+                )
+                db.execute(
+                    "UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = "
+                    "COALESCE(first_upload_at, ?) WHERE round = ?",
+                    (len(body), now, round_),
+                )
                 db.execute("UPDATE miners SET last_seen_round = ? WHERE pubkey = ?", (round_, miner))
-        log.info("round %d: upload from miner %s, %d bytes, base version %d", round_, miner[:12], len(body),
-                 header.base_version)
+        log.info(
+            "round %d: upload from miner %s, %d bytes, base version %d",
+            round_,
+            miner[:12],
+            len(body),
+            header.base_version,
+        )
         self.poke()
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
 
@@ -234,10 +313,8 @@ class Run:
         self._loop = asyncio.get_running_loop()
         self._changed, self._poke = asyncio.Event(), asyncio.Event()
         while True:
-            try:
+            with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=0.25)
-            except TimeoutError:
-                pass
             self._poke.clear()
             if not self._should_close():
                 continue
@@ -272,8 +349,11 @@ class Run:
         if set(self._expected_miners(cur.round)) <= {r["miner"] for r in rows}:
             return True
         first = self.store.one("SELECT first_upload_at FROM rounds WHERE round = ?", cur.round)
-        return bool(first and first["first_upload_at"]
-                    and time.time() >= first["first_upload_at"] + self.settings.rounds.deadline_s)
+        return bool(
+            first
+            and first["first_upload_at"]
+            and time.time() >= first["first_upload_at"] + self.settings.rounds.deadline_s
+        )
 
     # -- aggregation and publishing -----------------------------------------------------------------------
     def aggregate_and_publish(self) -> None:
@@ -318,46 +398,84 @@ class Run:
             apply_update(new_params, delta)
             new_version = cur.version + 1
             new_hash = params_hash(new_params, self.spec)
-            upd = encode_update(delta, self.spec, UpdateHeader(base_version=cur.version, version=new_version,
-                                                                param_hash=new_hash))
+            upd = encode_update(
+                delta,
+                self.spec,
+                UpdateHeader(base_version=cur.version, version=new_version, param_hash=new_hash),
+            )
             ckpt = save_checkpoint(new_params, {"version": str(new_version), "param_hash": new_hash})
             update_sha, ckpt_sha = self.blobs.put(upd), self.blobs.put(ckpt)
             update_bytes, ckpt_bytes = len(upd), len(ckpt)
             if self.outer.momentum:
-                self.store.set_meta("outer_state", self.blobs.put(save_checkpoint(self.outer.state_dict(), {})))
+                self.store.set_meta(
+                    "outer_state", self.blobs.put(save_checkpoint(self.outer.state_dict(), {}))
+                )
             eval_loss = self.evaluate(new_params)
         n_acc = len(accepted)
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
         now = time.time()
         with self.store.transaction() as db:
             if accepted:
-                db.execute("INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
-                           "checkpoint_sha, checkpoint_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                           (new_version, cur.round, new_hash, eval_loss, update_sha, update_bytes, ckpt_sha,
-                            ckpt_bytes, now))
+                db.execute(
+                    "INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
+                    "checkpoint_sha, checkpoint_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (
+                        new_version,
+                        cur.round,
+                        new_hash,
+                        eval_loss,
+                        update_sha,
+                        update_bytes,
+                        ckpt_sha,
+                        ckpt_bytes,
+                        now,
+                    ),
+                )
             for s in subs:
                 reason = verdicts.get(s["miner"])
-                db.execute("UPDATE submissions SET status = ?, reason = ? WHERE round = ? AND miner = ?",
-                           ("accepted" if reason is None else "rejected", reason, cur.round, s["miner"]))
-            db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
-                       "compute_s = ?, eval_loss = ? WHERE round = ?",
-                       (now, n_acc, len(subs) - n_acc, statistics.fmean(compute) if compute else 0.0,
-                        eval_loss, cur.round))
-            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                       (cur.round + 1, new_version, now))
+                db.execute(
+                    "UPDATE submissions SET status = ?, reason = ? WHERE round = ? AND miner = ?",
+                    ("accepted" if reason is None else "rejected", reason, cur.round, s["miner"]),
+                )
+            db.execute(
+                "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
+                "compute_s = ?, eval_loss = ? WHERE round = ?",
+                (
+                    now,
+                    n_acc,
+                    len(subs) - n_acc,
+                    statistics.fmean(compute) if compute else 0.0,
+                    eval_loss,
+                    cur.round,
+                ),
+            )
+            db.execute(
+                "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                (cur.round + 1, new_version, now),
+            )
         with self.lock:
             self.params = new_params
             self.current = Current(cur.round + 1, new_version, "open", new_hash)
         self._prune_checkpoints()
         rejected = {m[:12]: r for m, r in verdicts.items() if r is not None}
-        log.info("round %d closed: version %d, accepted %d, rejected %d %s, held-out loss %s, %.2f s", cur.round,
-                 new_version, n_acc, len(subs) - n_acc, rejected or "",
-                 "n/a" if eval_loss is None else f"{eval_loss:.4f}", time.time() - t0)
+        log.info(
+            "round %d closed: version %d, accepted %d, rejected %d %s, held-out loss %s, %.2f s",
+            cur.round,
+            new_version,
+            n_acc,
+            len(subs) - n_acc,
+            rejected or "",
+            "n/a" if eval_loss is None else f"{eval_loss:.4f}",
+            time.time() - t0,
+        )
 
     def _prune_checkpoints(self) -> None:
         keep = self.settings.keep_checkpoints
-        old = self.store.all("SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                             "AND version > 0 ORDER BY version DESC LIMIT -1 OFFSET ?", keep)
+        old = self.store.all(
+            "SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+            "AND version > 0 ORDER BY version DESC LIMIT -1 OFFSET ?",
+            keep,
+        )
         for row in old:
             self.store.execute("UPDATE versions SET checkpoint_sha = NULL WHERE version = ?", row["version"])
             self.blobs.delete(row["checkpoint_sha"])
@@ -370,8 +488,10 @@ class Run:
 
     def checkpoint_sha(self, version: int | None = None) -> tuple[int, str] | None:
         if version is None:
-            row = self.store.one("SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                                 "ORDER BY version DESC LIMIT 1")
+            row = self.store.one(
+                "SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+                "ORDER BY version DESC LIMIT 1"
+            )
         else:
             row = self.store.one("SELECT version, checkpoint_sha FROM versions WHERE version = ?", version)
         if row is None or row["checkpoint_sha"] is None:
@@ -381,4 +501,3 @@ class Run:
     def update_sha(self, version: int) -> str | None:
         row = self.store.one("SELECT update_sha FROM versions WHERE version = ?", version)
         return None if row is None or row["update_sha"] is None else str(row["update_sha"])
-

@@ -107,8 +107,12 @@ class Store:
         return None if row is None else str(row["value"])
 
     def set_meta(self, key: str, value: str) -> None:
-        self.execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                     "ON CONFLICT(key) DO UPDATE SET value = excluded.value", key, value)
+        self.execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            key,
+            value,
+        )
 
     def add_bytes_down(self, round_: int, n: int) -> None:
         self.execute("UPDATE rounds SET bytes_down = bytes_down + ? WHERE round = ?", n, round_)

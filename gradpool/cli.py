@@ -17,8 +17,12 @@ import typer
 
 from gradpool.config import ConfigError, load_settings, setup_logging
 
-app = typer.Typer(no_args_is_help=True, add_completion=False, pretty_exceptions_enable=False,
-                  help="gradpool: train one language model across many untrusted machines.")
+app = typer.Typer(
+    no_args_is_help=True,
+    add_completion=False,
+    pretty_exceptions_enable=False,
+    help="gradpool: train one language model across many untrusted machines.",
+)
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run the coordinator service.")
 app.add_typer(coordinator_app, name="coordinator")
 log = logging.getLogger("gradpool")
@@ -62,7 +66,9 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="port (0: any free port)")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where state, blobs and data live")] = None,
-    corpus: Annotated[Path | None, typer.Option(help=".txt/.md/.jsonl file or folder (default: stdlib)")] = None,
+    corpus: Annotated[
+        Path | None, typer.Option(help=".txt/.md/.jsonl file or folder (default: stdlib)")
+    ] = None,
     ready_file: Annotated[Path | None, typer.Option(help="write {'url': ...} here once listening")] = None,
 ) -> None:
     """Serve the coordinator: rounds, intake, aggregation, publishing."""
@@ -92,8 +98,15 @@ async def _serve(settings: Any, ready_file: Path | None) -> None:
         run = await asyncio.to_thread(Run, settings)
     except (ProtocolError, ValueError, OSError) as e:
         fail(str(e))
-    server = uvicorn.Server(uvicorn.Config(create_app(settings, run=run), host=settings.host, port=settings.port,
-                                           log_level="warning", lifespan="on"))
+    server = uvicorn.Server(
+        uvicorn.Config(
+            create_app(settings, run=run),
+            host=settings.host,
+            port=settings.port,
+            log_level="warning",
+            lifespan="on",
+        )
+    )
 
     async def announce() -> None:
         while not server.started:
@@ -130,9 +143,16 @@ def mine(
     from node.settings import MinerSettings
     from protocol.signing import generate_key, load_key, save_key
 
-    overrides = {"coordinator": coordinator, "key": key, "create_key": create_key, "state_dir": state_dir,
-                 "device": device, "micro_batch": micro_batch, "threads": threads,
-                 "max_rounds": 1 if once else max_rounds}
+    overrides = {
+        "coordinator": coordinator,
+        "key": key,
+        "create_key": create_key,
+        "state_dir": state_dir,
+        "device": device,
+        "micro_batch": micro_batch,
+        "threads": threads,
+        "max_rounds": 1 if once else max_rounds,
+    }
     try:
         settings = load_settings(MinerSettings, config, overrides)
     except ConfigError as e:
@@ -147,7 +167,9 @@ def mine(
     try:
         private = load_key(settings.key)
     except FileNotFoundError:
-        fail(f"key file {settings.key} does not exist (create one with: gradpool keygen --out {settings.key})")
+        fail(
+            f"key file {settings.key} does not exist (create one with: gradpool keygen --out {settings.key})"
+        )
     except (OSError, ValueError) as e:
         fail(f"cannot read key {settings.key}: {e}")
     client = CoordinatorClient(settings.coordinator, private, timeout_s=settings.timeout_s)
@@ -190,8 +212,10 @@ def _install_stop_handlers(stop: threading.Event) -> None:
 
 
 @app.command()
-def status(coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",
-           as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False) -> None:
+def status(
+    coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",
+    as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
+) -> None:
     """Print the network's state: round, version, miners, recent held-out losses."""
     import httpx
 
@@ -206,13 +230,17 @@ def status(coordinator: Annotated[str, typer.Option(help="the coordinator's URL"
         return
     r, run = data["round"], data["run"]
     typer.echo(f"run {run['run_id']}: model {run['model']}, codec {run['codec']['name']}")
-    typer.echo(f"round {r['round']} ({r['status']}), version {r['version']}, "
-               f"{r['submissions']}/{r['expected']} uploads, {data['miners']} miners registered")
+    typer.echo(
+        f"round {r['round']} ({r['status']}), version {r['version']}, "
+        f"{r['submissions']}/{r['expected']} uploads, {data['miners']} miners registered"
+    )
     typer.echo(f"initial held-out loss {data['initial_eval_loss']:.4f}")
     for row in data["rounds"][-10:]:
         loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
-        typer.echo(f"  round {row['round']:>4}  version {row['version']:>4}  loss {loss}  "
-                   f"accepted {row['accepted']}  rejected {row['rejected']}")
+        typer.echo(
+            f"  round {row['round']:>4}  version {row['version']:>4}  loss {loss}  "
+            f"accepted {row['accepted']}  rejected {row['rejected']}"
+        )
 
 
 @app.command()
@@ -228,18 +256,30 @@ def simulate(
     config: ConfigOpt = None,
 ) -> None:
     """Run a coordinator and N miners as processes on 127.0.0.1; print a row per round; write a report."""
-    from gradpool.simulate import SimulationFailed, simulate as run_simulation
+    from gradpool.simulate import SimulationFailed
+    from gradpool.simulate import simulate as run_simulation
 
     try:
-        report = run_simulation(miners=miners, rounds=rounds, out=out, model=model, codec=codec,
-                                inner_steps=inner_steps, max_tokens=max_tokens, timeout_s=timeout_s,
-                                config=config, echo=typer.echo)
+        report = run_simulation(
+            miners=miners,
+            rounds=rounds,
+            out=out,
+            model=model,
+            codec=codec,
+            inner_steps=inner_steps,
+            max_tokens=max_tokens,
+            timeout_s=timeout_s,
+            config=config,
+            echo=typer.echo,
+        )
     except SimulationFailed as e:
         fail(str(e), 1)
     except ConfigError as e:
         fail(str(e))
-    typer.echo(f"held-out loss {report['initial_eval_loss']:.4f} -> {report['final_eval_loss']:.4f}; "
-               f"report in {out / 'report.json'}, plot in {out / 'loss.png'}")
+    typer.echo(
+        f"held-out loss {report['initial_eval_loss']:.4f} -> {report['final_eval_loss']:.4f}; "
+        f"report in {out / 'report.json'}, plot in {out / 'loss.png'}"
+    )
 
 
 def main() -> None:

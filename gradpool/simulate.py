@@ -17,7 +17,10 @@ import tomli_w
 
 from gradpool.config import ConfigError, load_settings
 
-ROW = "{round:>5} {version:>7} {eval_loss:>10} {accepted:>8} {rejected:>8} {bytes_up:>10} {bytes_down:>11} {wall_s:>8}"
+ROW = (
+    "{round:>5} {version:>7} {eval_loss:>10} {accepted:>8} {rejected:>8} "
+    "{bytes_up:>10} {bytes_down:>11} {wall_s:>8}"
+)
 
 
 class SimulationFailed(Exception):
@@ -35,8 +38,13 @@ class Processes:
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.procs[name] = subprocess.Popen([sys.executable, "-m", "gradpool", *args], stdout=log,
-                                            stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env)
+        self.procs[name] = subprocess.Popen(
+            [sys.executable, "-m", "gradpool", *args],
+            stdout=log,
+            stderr=subprocess.STDOUT,
+            stdin=subprocess.DEVNULL,
+            env=full_env,
+        )
         log.close()
 
     def dead(self) -> dict[str, int]:
@@ -60,15 +68,31 @@ class Processes:
                 p.wait()
 
 
-def simulate(*, miners: int, rounds: int, out: Path, model: str = "tiny", codec: str = "sparseloco",
-             inner_steps: int | None = None, max_tokens: int = 4_000_000, timeout_s: float = 1800.0,
-             config: Path | None = None, echo: Callable[[str], None] = print) -> dict[str, Any]:
+def simulate(
+    *,
+    miners: int,
+    rounds: int,
+    out: Path,
+    model: str = "tiny",
+    codec: str = "sparseloco",
+    inner_steps: int | None = None,
+    max_tokens: int = 4_000_000,
+    timeout_s: float = 1800.0,
+    config: Path | None = None,
+    echo: Callable[[str], None] = print,
+) -> dict[str, Any]:
     from coordinator.settings import CoordinatorSettings
 
     out.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {"state_dir": out / "coordinator", "host": "127.0.0.1", "port": 0, "model": model,
-                                 "codec": {"name": codec}, "data": {"max_tokens": max_tokens},
-                                 "rounds": {"min_quorum": max(1, (miners + 1) // 2)}}
+    overrides: dict[str, Any] = {
+        "state_dir": out / "coordinator",
+        "host": "127.0.0.1",
+        "port": 0,
+        "model": model,
+        "codec": {"name": codec},
+        "data": {"max_tokens": max_tokens},
+        "rounds": {"min_quorum": max(1, (miners + 1) // 2)},
+    }
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
     settings = load_settings(CoordinatorSettings, config, overrides)
@@ -76,14 +100,37 @@ def simulate(*, miners: int, rounds: int, out: Path, model: str = "tiny", codec:
     ready = out / "coordinator.ready"
     ready.unlink(missing_ok=True)
     try:
-        procs.start("coordinator", ["coordinator", "serve", "--config", str(_toml(settings, out)),
-                                    "--port", "0", "--ready-file", str(ready)])
+        procs.start(
+            "coordinator",
+            [
+                "coordinator",
+                "serve",
+                "--config",
+                str(_toml(settings, out)),
+                "--port",
+                "0",
+                "--ready-file",
+                str(ready),
+            ],
+        )
         url = _wait_ready(procs, ready)
         threads = str(max(1, (os.cpu_count() or 1) // miners))
         for i in range(miners):
-            procs.start(f"miner-{i}", ["mine", "--coordinator", url, "--key", str(out / "keys" / f"miner-{i}.pem"),
-                                       "--create-key", "--state-dir", str(out / "miners" / f"miner-{i}"),
-                                       "--threads", threads])
+            procs.start(
+                f"miner-{i}",
+                [
+                    "mine",
+                    "--coordinator",
+                    url,
+                    "--key",
+                    str(out / "keys" / f"miner-{i}.pem"),
+                    "--create-key",
+                    "--state-dir",
+                    str(out / "miners" / f"miner-{i}"),
+                    "--threads",
+                    threads,
+                ],
+            )
         status = _watch(procs, url, rounds, timeout_s, echo)
     finally:
         procs.stop_all()
@@ -111,12 +158,24 @@ def _wait_ready(procs: Processes, ready: Path, timeout_s: float = 180.0) -> str:
     raise SimulationFailed(f"the coordinator did not start within {timeout_s:.0f} s")
 
 
-def _watch(procs: Processes, url: str, rounds: int, timeout_s: float, echo: Callable[[str], None]) -> dict[str, Any]:
+def _watch(
+    procs: Processes, url: str, rounds: int, timeout_s: float, echo: Callable[[str], None]
+) -> dict[str, Any]:
     end = time.monotonic() + timeout_s
     shown = 0
     status: dict[str, Any] = {}
-    echo(ROW.format(round="round", version="version", eval_loss="eval_loss", accepted="accepted",
-                    rejected="rejected", bytes_up="bytes_up", bytes_down="bytes_down", wall_s="wall_s"))
+    echo(
+        ROW.format(
+            round="round",
+            version="version",
+            eval_loss="eval_loss",
+            accepted="accepted",
+            rejected="rejected",
+            bytes_up="bytes_up",
+            bytes_down="bytes_down",
+            wall_s="wall_s",
+        )
+    )
     with httpx.Client(base_url=url, timeout=10.0) as http:
         status = http.get("/v1/status").json()
         echo(f"{'init':>5} {0:>7} {status['initial_eval_loss']:>10.4f}")
@@ -150,8 +209,12 @@ def _report(settings: Any, miners: int, status: dict[str, Any]) -> dict[str, Any
     losses = [r["eval_loss"] for r in rows if r["eval_loss"] is not None]
     config = json.loads(settings.model_dump_json())
     config["miners"] = miners
-    return {"config": config, "initial_eval_loss": status["initial_eval_loss"], "rounds": rows,
-            "final_eval_loss": losses[-1] if losses else status["initial_eval_loss"]}
+    return {
+        "config": config,
+        "initial_eval_loss": status["initial_eval_loss"],
+        "rounds": rows,
+        "final_eval_loss": losses[-1] if losses else status["initial_eval_loss"],
+    }
 
 
 def plot_losses(report: dict[str, Any], path: Path) -> None:
@@ -161,13 +224,17 @@ def plot_losses(report: dict[str, Any], path: Path) -> None:
     import matplotlib.pyplot as plt
 
     xs = [0] + [r["round"] + 1 for r in report["rounds"] if r["eval_loss"] is not None]
-    ys = [report["initial_eval_loss"]] + [r["eval_loss"] for r in report["rounds"] if r["eval_loss"] is not None]
+    ys = [report["initial_eval_loss"]] + [
+        r["eval_loss"] for r in report["rounds"] if r["eval_loss"] is not None
+    ]
     fig, ax = plt.subplots(figsize=(6, 4), dpi=100)
     ax.plot(xs, ys, marker="o", markersize=3)
     ax.set_xlabel("rounds completed")
     ax.set_ylabel("held-out loss (nats/token)")
-    ax.set_title(f"gradpool simulate: {report['config']['miners']} miners, {report['config']['model']}, "
-                 f"{report['config']['codec']['name']}")
+    ax.set_title(
+        f"gradpool simulate: {report['config']['miners']} miners, {report['config']['model']}, "
+        f"{report['config']['codec']['name']}"
+    )
     ax.grid(alpha=0.3)
     fig.tight_layout()
     fig.savefig(path)

@@ -1,14 +1,14 @@
 """The miner's HTTP client. Every call has an explicit timeout; coordinator errors come back typed.
 
-    ClientError
-    ├── Unavailable        unreachable, timed out, or a 5xx: worth retrying later
-    ├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
-    └── Refused            a 4xx with the coordinator's error code
-        ├── RoundClosed        round_closed, round_not_open
-        ├── StaleVersion       stale_version
-        ├── AlreadySubmitted   already_submitted
-        ├── NotAuthorized      401/403 (signature, unknown miner)
-        └── Rejected           422 and every other refusal of the payload
+ClientError
+├── Unavailable        unreachable, timed out, or a 5xx: worth retrying later
+├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
+└── Refused            a 4xx with the coordinator's error code
+    ├── RoundClosed        round_closed, round_not_open
+    ├── StaleVersion       stale_version
+    ├── AlreadySubmitted   already_submitted
+    ├── NotAuthorized      401/403 (signature, unknown miner)
+    └── Rejected           422 and every other refusal of the payload
 """
 
 from __future__ import annotations
@@ -23,8 +23,15 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
 from protocol.signing import sign_request
-from protocol.wire import (HEADER_PROTOCOL, PROTOCOL_VERSION, Registration, RoundInfo, RunInfo,
-                           SubmissionReceipt, VersionInfo)
+from protocol.wire import (
+    HEADER_PROTOCOL,
+    PROTOCOL_VERSION,
+    Registration,
+    RoundInfo,
+    RunInfo,
+    SubmissionReceipt,
+    VersionInfo,
+)
 
 M = TypeVar("M", bound=BaseModel)
 
@@ -68,18 +75,29 @@ class Rejected(Refused):
 
 
 _BY_CODE: dict[str, type[Refused]] = {
-    "round_closed": RoundClosed, "round_not_open": RoundClosed, "stale_version": StaleVersion,
+    "round_closed": RoundClosed,
+    "round_not_open": RoundClosed,
+    "stale_version": StaleVersion,
     "already_submitted": AlreadySubmitted,
 }
 
 
 class CoordinatorClient:
-    def __init__(self, base_url: str, key: Ed25519PrivateKey, timeout_s: float = 30.0,
-                 transport: httpx.BaseTransport | None = None) -> None:
+    def __init__(
+        self,
+        base_url: str,
+        key: Ed25519PrivateKey,
+        timeout_s: float = 30.0,
+        transport: httpx.BaseTransport | None = None,
+    ) -> None:
         self.key = key
         self.timeout_s = timeout_s
-        self.http = httpx.Client(base_url=base_url.rstrip("/"), timeout=httpx.Timeout(timeout_s, connect=5.0),
-                                 headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)}, transport=transport)
+        self.http = httpx.Client(
+            base_url=base_url.rstrip("/"),
+            timeout=httpx.Timeout(timeout_s, connect=5.0),
+            headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)},
+            transport=transport,
+        )
         self.bytes_down = 0
         self.bytes_up = 0
 
@@ -87,10 +105,19 @@ class CoordinatorClient:
         self.http.close()
 
     # -- plumbing -----------------------------------------------------------------------------------------
-    def _send(self, method: str, path: str, *, body: bytes | None = None, signed: bool = False,
-              params: dict[str, str] | None = None, timeout_s: float | None = None) -> httpx.Response:
-        request = self.http.build_request(method, path, content=body, params=params,
-                                          timeout=timeout_s or self.timeout_s)
+    def _send(
+        self,
+        method: str,
+        path: str,
+        *,
+        body: bytes | None = None,
+        signed: bool = False,
+        params: dict[str, str] | None = None,
+        timeout_s: float | None = None,
+    ) -> httpx.Response:
+        request = self.http.build_request(
+            method, path, content=body, params=params, timeout=timeout_s or self.timeout_s
+        )
         if signed:
             target = request.url.raw_path.decode()
             request.headers.update(sign_request(self.key, method, target, body or b""))
@@ -124,17 +151,23 @@ class CoordinatorClient:
         try:
             return model.model_validate_json(response.content)
         except ValidationError as e:
-            raise ProtocolMismatch(f"unexpected answer from {response.request.url}: {e.errors()[0]['msg']}") from None
+            raise ProtocolMismatch(
+                f"unexpected answer from {response.request.url}: {e.errors()[0]['msg']}"
+            ) from None
 
     # -- the API ------------------------------------------------------------------------------------------
     def info(self) -> RunInfo:
         try:
             response = self._send("GET", "/v1/info")
         except Refused as e:
-            raise ProtocolMismatch(f"{self.http.base_url} does not look like a gradpool coordinator ({e})") from None
+            raise ProtocolMismatch(
+                f"{self.http.base_url} does not look like a gradpool coordinator ({e})"
+            ) from None
         theirs = response.headers.get(HEADER_PROTOCOL)
         if theirs != str(PROTOCOL_VERSION):
-            raise ProtocolMismatch(f"coordinator speaks protocol {theirs}, this miner speaks {PROTOCOL_VERSION}")
+            raise ProtocolMismatch(
+                f"coordinator speaks protocol {theirs}, this miner speaks {PROTOCOL_VERSION}"
+            )
         return self._json(RunInfo, response)
 
     def register(self) -> Registration:
@@ -171,4 +204,3 @@ class CoordinatorClient:
     def submit(self, round_: int, payload: bytes) -> SubmissionReceipt:
         response = self._send("POST", f"/v1/rounds/{round_}/submissions", body=payload, signed=True)
         return self._json(SubmissionReceipt, response)
-

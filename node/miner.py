@@ -9,8 +9,7 @@ import time
 
 import torch
 
-from node.client import (CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion,
-                         Unavailable)
+from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
 from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state
 from node.trainer import InnerTrainer, NonFiniteLoss
@@ -19,8 +18,15 @@ from protocol.data import assignment
 from protocol.errors import CodecError
 from protocol.feedback import ErrorFeedback
 from protocol.model import build_model
-from protocol.params import (apply_update, decode_update, get_params, load_checkpoint, param_spec,
-                             params_hash, set_params)
+from protocol.params import (
+    apply_update,
+    decode_update,
+    get_params,
+    load_checkpoint,
+    param_spec,
+    params_hash,
+    set_params,
+)
 from protocol.signing import public_key_hex
 from protocol.wire import RoundInfo, RunInfo
 
@@ -34,8 +40,13 @@ def pick_device(name: str) -> torch.device:
 
 
 class Miner:
-    def __init__(self, settings: MinerSettings, client: CoordinatorClient, info: RunInfo,
-                 stop: threading.Event | None = None) -> None:
+    def __init__(
+        self,
+        settings: MinerSettings,
+        client: CoordinatorClient,
+        info: RunInfo,
+        stop: threading.Event | None = None,
+    ) -> None:
         self.settings, self.client, self.info = settings, client, info
         self.stop = stop or threading.Event()
         self.pubkey = public_key_hex(client.key)
@@ -51,8 +62,12 @@ class Miner:
         saved = load_state(settings.state_dir, self.ef, self.trainer.optimizer, info.run_id, self.device)
         if saved is not None:
             self.trainer.step, self.rounds_done = saved.inner_step, saved.rounds_done
-            log.info("resumed state from %s: version %d, %d rounds done", settings.state_dir, saved.version,
-                     saved.rounds_done)
+            log.info(
+                "resumed state from %s: version %d, %d rounds done",
+                settings.state_dir,
+                saved.version,
+                saved.rounds_done,
+            )
 
     # -- catching up --------------------------------------------------------------------------------------
     def catch_up(self, target: int, target_hash: str) -> None:
@@ -65,9 +80,13 @@ class Miner:
                     self._apply_published(v)
                 if params_hash(self.params, self.spec) == target_hash:
                     return
-                log.warning("version %d: hash mismatch after applying updates; downloading checkpoint", target)
+                log.warning(
+                    "version %d: hash mismatch after applying updates; downloading checkpoint", target
+                )
             except (CodecError, Refused) as e:
-                log.warning("catching up to version %d by updates failed (%s); downloading checkpoint", target, e)
+                log.warning(
+                    "catching up to version %d by updates failed (%s); downloading checkpoint", target, e
+                )
         self._download_checkpoint()
 
     def _apply_published(self, v: int) -> None:
@@ -95,8 +114,14 @@ class Miner:
         down0, up0 = self.client.bytes_down, self.client.bytes_up
         self.catch_up(ri.version, ri.param_hash)
         recipe = self.info.recipe
-        ids = assignment(self.info.seed, ri.round, self.pubkey, recipe.inner_steps * recipe.batch_size,
-                         self.info.num_sequences, self.info.eval_every)
+        ids = assignment(
+            self.info.seed,
+            ri.round,
+            self.pubkey,
+            recipe.inner_steps * recipe.batch_size,
+            self.info.num_sequences,
+            self.info.eval_every,
+        )
         tokens = self.client.sequences(ids)
         set_params(self.model, self.params)
         result = self.trainer.run(tokens)
@@ -105,20 +130,38 @@ class Miner:
             delta = {n: self.params[n] - local[n].detach().float() for n, _ in self.spec}
         candidate = ErrorFeedback(self.ef.beta)
         candidate.load_state_dict(self.ef.state_dict(), self.device)
-        header = PayloadHeader(format_version=PAYLOAD_FORMAT_VERSION, codec=self.codec.name, round=ri.round,
-                               base_version=ri.version,
-                               stats=PayloadStats(compute_s=result.compute_s, loss_before=result.loss_before,
-                                                  loss_after=result.loss_after))
+        header = PayloadHeader(
+            format_version=PAYLOAD_FORMAT_VERSION,
+            codec=self.codec.name,
+            round=ri.round,
+            base_version=ri.version,
+            stats=PayloadStats(
+                compute_s=result.compute_s, loss_before=result.loss_before, loss_after=result.loss_after
+            ),
+        )
         payload, decoded = self.codec.encode(candidate.accumulate(delta), self.spec, header)
         self.client.submit(ri.round, payload)
         candidate.subtract(decoded)  # commit error feedback only for an update the coordinator took
         self.ef = candidate
         self.rounds_done += 1
-        save_state(self.settings.state_dir, MinerState(self.version, self.trainer.step, self.rounds_done),
-                   self.ef, self.trainer.optimizer, self.info.run_id)
-        log.info("round %d: version %d, loss %.4f -> %.4f, up %d B, down %d B, %.2f s (compute %.2f s)",
-                 ri.round, ri.version, result.loss_before, result.loss_after, self.client.bytes_up - up0,
-                 self.client.bytes_down - down0, time.perf_counter() - t0, result.compute_s)
+        save_state(
+            self.settings.state_dir,
+            MinerState(self.version, self.trainer.step, self.rounds_done),
+            self.ef,
+            self.trainer.optimizer,
+            self.info.run_id,
+        )
+        log.info(
+            "round %d: version %d, loss %.4f -> %.4f, up %d B, down %d B, %.2f s (compute %.2f s)",
+            ri.round,
+            ri.version,
+            result.loss_before,
+            result.loss_after,
+            self.client.bytes_up - up0,
+            self.client.bytes_down - down0,
+            time.perf_counter() - t0,
+            result.compute_s,
+        )
         return True
 
     # -- the daemon ---------------------------------------------------------------------------------------
@@ -143,7 +186,9 @@ class Miner:
                 log.info("round abandoned (%s); resynchronising", e.code)
             except Unavailable as e:
                 failures += 1
-                delay = min(self.settings.max_backoff_s, 0.5 * 2 ** min(failures, 8)) * random.uniform(0.5, 1.0)
+                delay = min(self.settings.max_backoff_s, 0.5 * 2 ** min(failures, 8)) * random.uniform(
+                    0.5, 1.0
+                )
                 log.warning("%s; retrying in %.1f s", e, delay)
                 self.stop.wait(delay)
             except ProtocolMismatch:

@@ -30,15 +30,21 @@ class MinerState:
     rounds_done: int
 
 
-def save_state(state_dir: Path, state: MinerState, ef: ErrorFeedback, optimizer: torch.optim.Optimizer,
-               run_id: str) -> None:
+def save_state(
+    state_dir: Path, state: MinerState, ef: ErrorFeedback, optimizer: torch.optim.Optimizer, run_id: str
+) -> None:
     tensors = {f"ef/{n}": t for n, t in ef.state_dict().items()}
     opt = optimizer.state_dict()
     for idx, per_param in opt["state"].items():
         for key, value in per_param.items():
             tensors[f"opt/{idx}/{key}"] = torch.as_tensor(value).detach().cpu().contiguous()
-    meta = {"run_id": run_id, "version": str(state.version), "inner_step": str(state.inner_step),
-            "rounds_done": str(state.rounds_done), "ef_beta": str(ef.beta)}
+    meta = {
+        "run_id": run_id,
+        "version": str(state.version),
+        "inner_step": str(state.inner_step),
+        "rounds_done": str(state.rounds_done),
+        "ef_beta": str(ef.beta),
+    }
     state_dir.mkdir(parents=True, exist_ok=True)
     tmp = state_dir / (STATE_FILE + ".tmp")
     save_file(tensors, tmp, metadata=meta)
@@ -47,8 +53,9 @@ def save_state(state_dir: Path, state: MinerState, ef: ErrorFeedback, optimizer:
     os.replace(tmp, state_dir / STATE_FILE)
 
 
-def load_state(state_dir: Path, ef: ErrorFeedback, optimizer: torch.optim.Optimizer, run_id: str,
-               device: torch.device) -> MinerState | None:
+def load_state(
+    state_dir: Path, ef: ErrorFeedback, optimizer: torch.optim.Optimizer, run_id: str, device: torch.device
+) -> MinerState | None:
     """Restore the saved state into ``ef`` and ``optimizer``; None when there is none (or it was unusable)."""
     path = state_dir / STATE_FILE
     if not path.exists():

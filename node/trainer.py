@@ -22,7 +22,10 @@ def lr_at(step: int, recipe: TrainingRecipe) -> float:
 def make_optimizer(model: GPT, recipe: TrainingRecipe) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
-    groups = [{"params": decay, "weight_decay": recipe.weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+    groups = [
+        {"params": decay, "weight_decay": recipe.weight_decay},
+        {"params": no_decay, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
 
 
@@ -39,7 +42,9 @@ class InnerResult:
 
 
 class InnerTrainer:
-    def __init__(self, model: GPT, recipe: TrainingRecipe, device: torch.device, micro_batch: int | None = None):
+    def __init__(
+        self, model: GPT, recipe: TrainingRecipe, device: torch.device, micro_batch: int | None = None
+    ):
         self.model, self.recipe, self.device = model, recipe, device
         self.optimizer = make_optimizer(model, recipe)
         self.micro_batch = micro_batch
@@ -73,6 +78,9 @@ class InnerTrainer:
         losses = [self.train_step(b)["loss"] for b in batches]
         if self.device.type == "cuda":
             torch.cuda.synchronize()
-        return InnerResult(loss_before=losses[0] if losses else math.nan,
-                           loss_after=losses[-1] if losses else math.nan, steps=len(losses),
-                           compute_s=time.perf_counter() - t0)
+        return InnerResult(
+            loss_before=losses[0] if losses else math.nan,
+            loss_after=losses[-1] if losses else math.nan,
+            steps=len(losses),
+            compute_s=time.perf_counter() - t0,
+        )

@@ -27,8 +27,11 @@ def clip_scales(norms: Sequence[float]) -> list[float]:
 
 
 @torch.no_grad()
-def aggregate(updates: Sequence[Decoded], spec: ParamSpec, device: torch.device | str = "cpu",
-              ) -> dict[str, torch.Tensor]:
+def aggregate(
+    updates: Sequence[Decoded],
+    spec: ParamSpec,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
     """The aggregate A of the given updates, dense, one tensor per parameter."""
     scales = clip_scales([update_norm(u) for u in updates])
     out: dict[str, torch.Tensor] = {}

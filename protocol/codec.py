@@ -143,7 +143,7 @@ class Layout:
 
 def _ef_params(chunk: int, k: int) -> tuple[int, int]:
     """Elias-Fano low-bit width and upper-bitmap length for k sorted values below ``chunk``."""
-    low = max(0, int(math.floor(math.log2(chunk / k))))
+    low = max(0, math.floor(math.log2(chunk / k)))
     return low, k + ((chunk - 1) >> low) + 1
 
 
@@ -214,12 +214,15 @@ class SparseLoCoCodec:
 
     # -- decode (hostile input) -----------------------------------------------------------------------
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
-        header, tensors = _unframe(data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32,
-                                          "dense": torch.float16})
+        header, tensors = _unframe(
+            data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
+        )
         if header.codec != self.name or header.k != self.k or header.tile != self.tile:
             raise CodecError(
                 f"payload is {header.codec} k={header.k} tile={header.tile}; this run expects "
-                f"{self.name} k={self.k} tile={self.tile}", code="wrong_codec")
+                f"{self.name} k={self.k} tile={self.tile}",
+                code="wrong_codec",
+            )
         sparse = [(n, s) for n, s in spec if not self.is_dense(s)]
         layouts = [Layout(tuple(s), self.tile) for _, s in sparse]
         n_idx = sum(lay.rows for lay in layouts) * (self.low_bytes + self.high_bytes)
@@ -259,16 +262,18 @@ class SparseLoCoCodec:
         low = unpack_uint(data[:, : self.low_bytes], self.k, self.low_bits)  # (rows, k)
         upper = unpack_bits(data[:, self.low_bytes :], self.high_bits)  # (rows, high_bits)
         if not bool((upper.sum(dim=1) == self.k).all()):
-            raise CodecError(f"{name}: an index bitmap does not hold exactly k={self.k} entries",
-                             code="wrong_k")
+            raise CodecError(
+                f"{name}: an index bitmap does not hold exactly k={self.k} entries", code="wrong_k"
+            )
         pos = upper.nonzero()[:, 1].view(rows, self.k)
         high = pos - torch.arange(self.k, device=data.device)
         idx = (high << self.low_bits) | low
         if bool((idx >= self.tile * self.tile).any()):
             raise CodecError(f"{name}: an index lies outside its chunk", code="index_out_of_range")
         if self.k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
-            raise CodecError(f"{name}: indices are not strictly increasing within a chunk",
-                             code="unsorted_indices")
+            raise CodecError(
+                f"{name}: indices are not strictly increasing within a chunk", code="unsorted_indices"
+            )
         return idx
 
 
@@ -337,8 +342,9 @@ def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
 
 
 def _frame(tensors: dict[str, torch.Tensor], header: PayloadHeader) -> bytes:
-    return st_save({k: v.contiguous() for k, v in tensors.items()},
-                   metadata={"gradpool": header.model_dump_json()})
+    return st_save(
+        {k: v.contiguous() for k, v in tensors.items()}, metadata={"gradpool": header.model_dump_json()}
+    )
 
 
 def _unframe(data: bytes, expected: dict[str, torch.dtype]) -> tuple[PayloadHeader, dict[str, torch.Tensor]]:
@@ -353,15 +359,21 @@ def _unframe(data: bytes, expected: dict[str, torch.dtype]) -> tuple[PayloadHead
     except ValidationError as e:
         raise CodecError(f"payload header is invalid: {e.errors()[0]['msg']}", code="bad_header") from None
     if header.format_version != PAYLOAD_FORMAT_VERSION:
-        raise CodecError(f"payload format {header.format_version}, expected {PAYLOAD_FORMAT_VERSION}",
-                         code="wrong_format_version")
+        raise CodecError(
+            f"payload format {header.format_version}, expected {PAYLOAD_FORMAT_VERSION}",
+            code="wrong_format_version",
+        )
     if set(tensors) != set(expected):
         missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-        raise CodecError(f"payload tensors differ: missing {sorted(missing)}, unexpected {sorted(extra)}",
-                         code="wrong_tensors")
+        raise CodecError(
+            f"payload tensors differ: missing {sorted(missing)}, unexpected {sorted(extra)}",
+            code="wrong_tensors",
+        )
     for name, dtype in expected.items():
         if tensors[name].dtype != dtype:
-            raise CodecError(f"tensor {name!r} is {tensors[name].dtype}, expected {dtype}", code="wrong_dtype")
+            raise CodecError(
+                f"tensor {name!r} is {tensors[name].dtype}, expected {dtype}", code="wrong_dtype"
+            )
     return header, tensors
 
 
@@ -380,5 +392,6 @@ def _read_metadata(data: bytes) -> dict[str, str]:
 
 def _expect_len(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> None:
     if tuple(tensors[name].shape) != shape:
-        raise CodecError(f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}",
-                         code="wrong_shape")
+        raise CodecError(
+            f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}", code="wrong_shape"
+        )

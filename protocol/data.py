@@ -29,15 +29,18 @@ def stdlib_dir() -> Path:
 
 
 def iter_documents(corpus: Path | None) -> Iterator[str]:
-    """The default corpus (the Python standard library's sources) or a user's .txt/.md/.jsonl file or folder."""
+    """The default corpus (the stdlib sources), or a user's .txt/.md/.jsonl file or folder."""
     if corpus is None:
         root = stdlib_dir()
         files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
     else:
         if not corpus.exists():
             raise DataError(f"corpus path {corpus} does not exist")
-        files = [corpus] if corpus.is_file() else sorted(
-            p for p in corpus.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        files = (
+            [corpus]
+            if corpus.is_file()
+            else sorted(p for p in corpus.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+        )
         if not files:
             raise DataError(f"no {'/'.join(TEXT_SUFFIXES)} files under {corpus}")
     for path in files:
@@ -82,8 +85,9 @@ def num_eval_total(num_sequences: int, eval_every: int) -> int:
     return -(-num_sequences // eval_every)
 
 
-def build_dataset(out_dir: Path, corpus: Path | None, seq_len: int, max_tokens: int | None = None,
-                  eval_every: int = 50) -> DatasetMeta:
+def build_dataset(
+    out_dir: Path, corpus: Path | None, seq_len: int, max_tokens: int | None = None, eval_every: int = 50
+) -> DatasetMeta:
     """Tokenise once into ``out_dir/tokens.bin`` (uint16) and ``meta.json``; reuse them when present."""
     meta_path = out_dir / "meta.json"
     if meta_path.exists():
@@ -104,16 +108,23 @@ def build_dataset(out_dir: Path, corpus: Path | None, seq_len: int, max_tokens: 
     tokens = np.frombuffer(b"".join(parts), dtype=np.uint8).astype(np.uint16)
     n_seq = len(tokens) // (seq_len + 1)
     if n_seq < 2 * eval_every:
-        raise DataError(f"corpus too small: {len(tokens)} tokens make {n_seq} sequences of {seq_len + 1}; "
-                        f"need at least {2 * eval_every}")
+        raise DataError(
+            f"corpus too small: {len(tokens)} tokens make {n_seq} sequences of {seq_len + 1}; "
+            f"need at least {2 * eval_every}"
+        )
     tokens = tokens[: n_seq * (seq_len + 1)]
     out_dir.mkdir(parents=True, exist_ok=True)
     tmp = out_dir / "tokens.bin.tmp"
     tokens.tofile(tmp)
     os.replace(tmp, out_dir / "tokens.bin")
-    meta = DatasetMeta(seq_len=seq_len, num_sequences=n_seq, eval_every=eval_every, num_tokens=len(tokens),
-                       sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
-                       source=str(corpus) if corpus else f"python-stdlib:{stdlib_dir()}")
+    meta = DatasetMeta(
+        seq_len=seq_len,
+        num_sequences=n_seq,
+        eval_every=eval_every,
+        num_tokens=len(tokens),
+        sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
+        source=str(corpus) if corpus else f"python-stdlib:{stdlib_dir()}",
+    )
     tmp = out_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(asdict(meta), indent=1))
     os.replace(tmp, meta_path)
@@ -131,7 +142,11 @@ class Dataset:
         """(len(ids), seq_len + 1) int64."""
         L = self.meta.seq_len + 1
         rows = [np.asarray(self.tokens[i * L : (i + 1) * L]) for i in ids]
-        return torch.from_numpy(np.stack(rows).astype(np.int64)) if rows else torch.zeros(0, L, dtype=torch.int64)
+        return (
+            torch.from_numpy(np.stack(rows).astype(np.int64))
+            if rows
+            else torch.zeros(0, L, dtype=torch.int64)
+        )
 
     def is_held_out(self, i: int) -> bool:
         return i % self.meta.eval_every == 0
@@ -147,7 +162,9 @@ def train_id(j: int, eval_every: int) -> int:
     return j + j // (eval_every - 1) + 1
 
 
-def assignment(seed: int, round_: int, miner: str, count: int, num_sequences: int, eval_every: int) -> list[int]:
+def assignment(
+    seed: int, round_: int, miner: str, count: int, num_sequences: int, eval_every: int
+) -> list[int]:
     """The training sequence ids miner ``miner`` (public key hex) must use in round ``round_``."""
     num_train = num_sequences - num_eval_total(num_sequences, eval_every)
     out = []

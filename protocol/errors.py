@@ -1,9 +1,9 @@
 """The protocol's exception tree. Each error carries a stable machine-readable code.
 
-    ProtocolError            code: str, message: str
-    ├── CodecError           a payload or update that does not decode (code "malformed_payload")
-    ├── SignatureError       a request whose signature does not verify (codes below)
-    └── DataError            a corpus or dataset that cannot be built or read
+ProtocolError            code: str, message: str
+├── CodecError           a payload or update that does not decode (code "malformed_payload")
+├── SignatureError       a request whose signature does not verify (codes below)
+└── DataError            a corpus or dataset that cannot be built or read
 """
 
 from __future__ import annotations

@@ -51,8 +51,9 @@ def params_hash(params: Mapping[str, torch.Tensor], spec: ParamSpec) -> str:
 
 # -- checkpoints ------------------------------------------------------------------------------------------
 def save_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
-    return st_save({n: t.detach().to("cpu", torch.float32).contiguous() for n, t in params.items()},
-                   metadata=dict(meta))
+    return st_save(
+        {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in params.items()}, metadata=dict(meta)
+    )
 
 
 def load_checkpoint(data: bytes, spec: ParamSpec) -> tuple[Params, dict[str, str]]:
@@ -86,8 +87,10 @@ def encode_update(delta: Mapping[str, torch.Tensor], spec: ParamSpec, header: Up
         nz = d != 0
         masks.append(pack_bits(nz.unsqueeze(0)).reshape(-1))
         values.append(d[nz])
-    return st_save({"mask": torch.cat(masks), "values": torch.cat(values)},
-                   metadata={"gradpool_update": header.model_dump_json()})
+    return st_save(
+        {"mask": torch.cat(masks), "values": torch.cat(values)},
+        metadata={"gradpool_update": header.model_dump_json()},
+    )
 
 
 def decode_update(data: bytes, spec: ParamSpec) -> tuple[UpdateHeader, Params]:

@@ -31,8 +31,9 @@ def generate_key() -> Ed25519PrivateKey:
 
 def save_key(key: Ed25519PrivateKey, path: Path) -> None:
     """Write the private key as PEM, readable by its owner only, atomically."""
-    pem = key.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8,
-                            serialization.NoEncryption())
+    pem = key.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
     fd = os.open(tmp, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
@@ -61,17 +62,29 @@ def _message(method: str, path: str, body: bytes, timestamp: str, nonce: str) ->
     return "\n".join([method.upper(), path, hashlib.sha256(body).hexdigest(), timestamp, nonce]).encode()
 
 
-def sign_request(key: Ed25519PrivateKey, method: str, path: str, body: bytes = b"",
-                 now: float | None = None) -> dict[str, str]:
+def sign_request(
+    key: Ed25519PrivateKey, method: str, path: str, body: bytes = b"", now: float | None = None
+) -> dict[str, str]:
     ts = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(16)
     sig = key.sign(_message(method, path, body, ts, nonce))
-    return {HEADER_KEY: public_key_hex(key), HEADER_TIMESTAMP: ts, HEADER_NONCE: nonce,
-            HEADER_SIGNATURE: sig.hex()}
+    return {
+        HEADER_KEY: public_key_hex(key),
+        HEADER_TIMESTAMP: ts,
+        HEADER_NONCE: nonce,
+        HEADER_SIGNATURE: sig.hex(),
+    }
 
 
-def verify_request(headers: Mapping[str, str], method: str, path: str, body: bytes, *,
-                   window_s: float = 120.0, now: float | None = None) -> tuple[str, str]:
+def verify_request(
+    headers: Mapping[str, str],
+    method: str,
+    path: str,
+    body: bytes,
+    *,
+    window_s: float = 120.0,
+    now: float | None = None,
+) -> tuple[str, str]:
     """Check a signed request; return (public key hex, nonce). The caller refuses nonces seen before."""
     lower = {k.lower(): v for k, v in headers.items()}
     values = [lower.get(h.lower()) for h in (HEADER_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)]
@@ -88,8 +101,9 @@ def verify_request(headers: Mapping[str, str], method: str, path: str, body: byt
         raise SignatureError("nonce must be 8 to 64 characters", code="bad_signature")
     current = time.time() if now is None else now
     if not abs(current - stamp) <= window_s:
-        raise SignatureError(f"timestamp is more than {window_s:.0f} s from the coordinator's clock",
-                             code="expired_timestamp")
+        raise SignatureError(
+            f"timestamp is more than {window_s:.0f} s from the coordinator's clock", code="expired_timestamp"
+        )
     try:
         pub.verify(sig, _message(method, path, body, ts, nonce))
     except InvalidSignature:

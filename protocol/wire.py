@@ -60,7 +60,9 @@ class RoundInfo(Wire):
     param_hash: str
     submissions: int
     expected: int
-    deadline_s: float | None = Field(description="seconds left before the round may close; None: no deadline yet")
+    deadline_s: float | None = Field(
+        description="seconds left before the round may close; None: no deadline yet"
+    )
 
 
 class VersionInfo(Wire):
