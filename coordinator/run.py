@@ -21,8 +21,9 @@ from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import BlobStore, Store
 from protocol.aggregate import Decoded, aggregate, update_norm
-from protocol.codec import CodecError, make_codec
+from protocol.codec import make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
+from protocol.errors import CodecError
 from protocol.model import build_model
 from protocol.params import (
     UpdateHeader,

@@ -20,7 +20,7 @@ def load_settings(cls: type[S], toml_path: Path | None, overrides: dict[str, Any
     if toml_path is not None and not toml_path.is_file():
         raise ConfigError(f"config file {toml_path} does not exist")
 
-    class Loaded(cls):  # type: ignore[valid-type,misc]
+    class Loaded(cls):  # type: ignore[misc,valid-type]
         @classmethod
         def settings_customise_sources(
             cls_,
@@ -37,7 +37,7 @@ def load_settings(cls: type[S], toml_path: Path | None, overrides: dict[str, Any
 
     Loaded.__name__ = cls.__name__
     try:
-        return Loaded(**{k: v for k, v in overrides.items() if v is not None})  # type: ignore[no-any-return]
+        return Loaded(**{k: v for k, v in overrides.items() if v is not None})
     except Exception as e:  # pydantic ValidationError or a TOML syntax error
         raise ConfigError(_one_line(e, toml_path)) from None
 

@@ -1,0 +1,99 @@
+"""Shared fixtures: a small corpus, coordinator settings, and a real uvicorn coordinator on 127.0.0.1:0."""
+
+from __future__ import annotations
+
+import os
+import threading
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+import uvicorn
+
+from coordinator.app import create_app
+from coordinator.settings import CoordinatorSettings
+from protocol.data import stdlib_dir
+
+os.environ.setdefault("GRADPOOL_TEST", "1")
+
+
+@pytest.fixture(scope="session")
+def corpus_file(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    """About 400 KB of Python source as one .txt file: enough sequences, quick to tokenise."""
+    root = stdlib_dir()
+    names = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "textwrap.py", "typing.py"]
+    text = "\n\n".join((root / n).read_text(encoding="utf-8") for n in names)
+    path = tmp_path_factory.mktemp("corpus") / "corpus.txt"
+    path.write_text(text, encoding="utf-8")
+    return path
+
+
+@pytest.fixture
+def make_settings(tmp_path: Path, corpus_file: Path) -> Callable[..., CoordinatorSettings]:
+    """Coordinator settings for a fast test run; keyword overrides are merged in."""
+
+    def make(**overrides: Any) -> CoordinatorSettings:
+        base: dict[str, Any] = {
+            "state_dir": tmp_path / "coordinator",
+            "host": "127.0.0.1",
+            "port": 0,
+            "model": "tiny",
+            "data": {"corpus": corpus_file, "eval_every": 20, "eval_sequences": 16},
+            "recipe": {"inner_steps": 4, "batch_size": 4, "warmup_steps": 2, "lr": 3e-3},
+            "rounds": {"min_quorum": 1, "deadline_s": 20.0},
+        }
+        for key, value in overrides.items():
+            if isinstance(value, dict) and isinstance(base.get(key), dict):
+                base[key] = {**base[key], **value}
+            else:
+                base[key] = value
+        return CoordinatorSettings(**base)
+
+    return make
+
+
+class LiveServer:
+    """A real uvicorn coordinator in a thread, on 127.0.0.1 with a free port."""
+
+    def __init__(self, settings: CoordinatorSettings) -> None:
+        self.app = create_app(settings)
+        self.server = uvicorn.Server(
+            uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
+        )
+        self.thread = threading.Thread(target=self.server.run, daemon=True)
+
+    def __enter__(self) -> LiveServer:
+        self.thread.start()
+        end = time.monotonic() + 60
+        while not self.server.started:
+            if time.monotonic() > end or not self.thread.is_alive():
+                raise RuntimeError("coordinator did not start")
+            time.sleep(0.02)
+        return self
+
+    @property
+    def url(self) -> str:
+        port = self.server.servers[0].sockets[0].getsockname()[1]
+        return f"http://127.0.0.1:{port}"
+
+    def __exit__(self, *exc: object) -> None:
+        self.server.should_exit = True
+        self.thread.join(timeout=30)
+
+
+@pytest.fixture
+def live_coordinator(make_settings: Callable[..., CoordinatorSettings]) -> Callable[..., LiveServer]:
+    """Factory: ``with live_coordinator(**overrides) as server: server.url``."""
+
+    def start(**overrides: Any) -> LiveServer:
+        return LiveServer(make_settings(**overrides))
+
+    return start
+
+
+def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    for item in items:
+        if "integration" in str(item.path):
+            item.add_marker(pytest.mark.integration)

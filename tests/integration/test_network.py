@@ -1,0 +1,88 @@
+"""A real uvicorn coordinator on 127.0.0.1 and two real miner processes train for several rounds."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+
+def _mine(url: str, key: Path, state: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
+    args = [
+        sys.executable,
+        "-m",
+        "gradpool",
+        "mine",
+        "--coordinator",
+        url,
+        "--key",
+        str(key),
+        "--create-key",
+        "--state-dir",
+        str(state),
+        "--threads",
+        "1",
+        *extra,
+    ]
+    with open(log, "wb") as out:
+        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+
+
+def _wait_rounds(url: str, n: int, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> dict[str, Any]:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        status: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=10).json()
+        if len(status["rounds"]) >= n:
+            return status
+        assert all(p.poll() is None for p in procs), "a miner exited early"
+        time.sleep(0.3)
+    raise AssertionError(f"fewer than {n} rounds in {timeout_s} s")
+
+
+def test_two_miners_train_three_rounds(live_coordinator: Callable[..., Any], tmp_path: Path) -> None:
+    with live_coordinator(rounds={"min_quorum": 2, "deadline_s": 60.0}) as server:
+        procs = [
+            _mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"state{i}", tmp_path / f"m{i}.log")
+            for i in range(2)
+        ]
+        try:
+            status = _wait_rounds(server.url, 3, procs, timeout_s=150)
+        finally:
+            for p in procs:
+                p.terminate()
+            codes = [p.wait(timeout=30) for p in procs]
+    rounds = status["rounds"][:3]
+    assert [r["version"] for r in rounds] == [1, 2, 3]
+    assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in rounds)
+    assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["compute_s"] > 0 for r in rounds)
+    assert rounds[-1]["eval_loss"] < status["initial_eval_loss"] - 0.3
+    assert status["miners"] == 2
+    assert codes == [0, 0], "miners must stop cleanly on SIGTERM"
+    for i in range(2):
+        assert (tmp_path / f"state{i}" / "miner-state.safetensors").exists()
+
+
+def test_miner_with_wrong_url_fails_with_one_line(tmp_path: Path) -> None:
+    args = [
+        sys.executable,
+        "-m",
+        "gradpool",
+        "mine",
+        "--coordinator",
+        "http://127.0.0.1:9",
+        "--key",
+        str(tmp_path / "k.pem"),
+        "--create-key",
+        "--state-dir",
+        str(tmp_path / "s"),
+    ]
+    env = {**__import__("os").environ, "GRADPOOL_STARTUP_TIMEOUT_S": "1"}
+    done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
+    assert done.returncode != 0
+    assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
+    assert "Traceback" not in done.stderr
