@@ -21,10 +21,10 @@ from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import BlobStore, Store
 from protocol.aggregate import Decoded, aggregate, update_norm
-from protocol.codec import make_codec
+from protocol.codec import content_digest, make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
 from protocol.errors import CodecError
-from protocol.model import build_model
+from protocol.model import build_model, evaluate_loss
 from protocol.params import (
     UpdateHeader,
     apply_update,
@@ -56,6 +56,11 @@ class Run:
         root = settings.state_dir
         root.mkdir(parents=True, exist_ok=True)
         self.store = Store(root / "state.db")
+        try:
+            self._check_fingerprint()
+        except ValueError:
+            self.store.close()
+            raise
         self.blobs = BlobStore(root / "blobs")
         self.model = build_model(settings.model, seed=settings.seed)
         self.model.eval()
@@ -86,8 +91,7 @@ class Run:
             max_catchup_versions=settings.max_catchup_versions,
         )
         self.lock = threading.RLock()
-        self.nonces: dict[str, float] = {}
-        self._check_fingerprint()
+        self._check_data()
         self.params, self.current = self._resume_or_start()
         self._loop: asyncio.AbstractEventLoop | None = None
         self._changed: asyncio.Event | None = None
@@ -95,21 +99,26 @@ class Run:
 
     # -- start and resume ---------------------------------------------------------------------------------
     def _check_fingerprint(self) -> None:
-        mine = json.dumps(
-            {
-                "run": self.info.model_dump(exclude={"max_payload_bytes", "max_catchup_versions"}),
-                "data": self.data_meta.sha256,
-            },
-            sort_keys=True,
-        )
+        """Refuse, before touching anything, a state directory made by a run with other settings."""
+        s = self.settings
+        fields = {"run_id", "seed", "model", "codec", "recipe"}
+        data = s.data.model_dump(mode="json", include={"corpus", "max_tokens", "eval_every"})
+        mine = json.dumps({"run": s.model_dump(mode="json", include=fields), "data": data}, sort_keys=True)
         stored = self.store.get_meta("fingerprint")
         if stored is None:
             self.store.set_meta("fingerprint", mine)
         elif stored != mine:
             raise ValueError(
-                f"state directory {self.settings.state_dir} belongs to a run with other settings "
-                "(model, codec, recipe, seed or data); use a new --state-dir"
+                f"state directory {s.state_dir} belongs to a run with other settings "
+                "(run_id, model, codec, recipe, seed or data); use a new --state-dir"
             )
+
+    def _check_data(self) -> None:
+        stored = self.store.get_meta("data_sha256")
+        if stored is None:
+            self.store.set_meta("data_sha256", self.data_meta.sha256)
+        elif stored != self.data_meta.sha256:
+            raise ValueError(f"the dataset in {self.settings.state_dir / 'data'} changed since the run began")
 
     def _resume_or_start(self) -> tuple[dict[str, torch.Tensor], Current]:
         latest = self.store.one("SELECT * FROM versions ORDER BY version DESC LIMIT 1")
@@ -217,15 +226,10 @@ class Run:
 
     # -- writes -------------------------------------------------------------------------------------------
     def check_nonce(self, nonce: str) -> bool:
-        """True if the nonce is new; remembers it for twice the signature window."""
+        """True if the nonce is new. Nonces are kept (durably) for twice the signature window, after
+        which the timestamp check alone refuses a replay."""
         now = time.time()
-        with self.lock:
-            if len(self.nonces) > 100_000:
-                self.nonces = {n: t for n, t in self.nonces.items() if t > now}
-            if self.nonces.get(nonce, 0) > now:
-                return False
-            self.nonces[nonce] = now + 2 * self.settings.signature_window_s
-            return True
+        return self.store.remember_nonce(nonce, now + 2 * self.settings.signature_window_s, now)
 
     def register(self, miner: str) -> bool:
         with self.lock:
@@ -250,23 +254,19 @@ class Run:
             raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
         self._check_round(round_)
         sha = hashlib.sha256(body).hexdigest()
-        prev = self.store.one("SELECT sha256 FROM submissions WHERE round = ? AND miner = ?", round_, miner)
-        if prev is not None:
-            if prev["sha256"] == sha:
-                return SubmissionReceipt(
-                    round=round_, miner=miner, payload_sha256=sha, bytes=len(body), duplicate=True
-                )
-            raise Conflict(
-                "already_submitted", f"miner already uploaded a different payload in round {round_}"
-            )
+        if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
+            return receipt
         try:
             header, _ = self.codec.decode(body, self.spec)
+            content = content_digest(body)
         except CodecError as e:
             raise Unprocessable(e.code, e.message) from None
         if header.round != round_:
             raise Unprocessable("round_mismatch", f"payload says round {header.round}, URL says {round_}")
         with self.lock:
             self._check_round(round_)
+            if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
+                return receipt  # a concurrent upload of the same miner won the race
             if header.base_version != self.current.version:
                 raise Conflict(
                     "stale_version",
@@ -277,9 +277,9 @@ class Run:
             now = time.time()
             with self.store.transaction() as db:
                 db.execute(
-                    "INSERT INTO submissions (round, miner, sha256, bytes, status, compute_s, received_at) "
-                    "VALUES (?, ?, ?, ?, 'received', ?, ?)",
-                    (round_, miner, sha, len(body), header.stats.compute_s, now),
+                    "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, "
+                    "compute_s, received_at) VALUES (?, ?, ?, ?, ?, 'received', ?, ?)",
+                    (round_, miner, sha, content, len(body), header.stats.compute_s, now),
                 )
                 db.execute(
                     "UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = "
@@ -296,6 +296,17 @@ class Run:
         )
         self.poke()
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
+
+    def _earlier_upload(self, miner: str, round_: int, sha: str, size: int) -> SubmissionReceipt | None:
+        """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""
+        prev = self.store.one("SELECT sha256 FROM submissions WHERE round = ? AND miner = ?", round_, miner)
+        if prev is None:
+            return None
+        if prev["sha256"] != sha:
+            raise Conflict(
+                "already_submitted", f"miner already uploaded a different payload in round {round_}"
+            )
+        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=size, duplicate=True)
 
     def _check_round(self, round_: int) -> None:
         cur = self.current
@@ -366,10 +377,10 @@ class Run:
         seen: set[str] = set()
         for s in subs:
             miner = s["miner"]
-            if s["sha256"] in seen:
+            if s["content_sha256"] in seen:
                 verdicts[miner] = "copied_payload"
                 continue
-            seen.add(s["sha256"])
+            seen.add(s["content_sha256"])
             try:
                 _, update = self.codec.decode(self.blobs.get(s["sha256"]), self.spec)
             except CodecError as e:
@@ -481,11 +492,9 @@ class Run:
             self.store.execute("UPDATE versions SET checkpoint_sha = NULL WHERE version = ?", row["version"])
             self.blobs.delete(row["checkpoint_sha"])
 
-    @torch.no_grad()
     def evaluate(self, params: dict[str, torch.Tensor]) -> float:
         set_params(self.model, params)
-        losses = [float(self.model.loss(b)) * len(b) for b in self.eval_batch.split(16)]
-        return sum(losses) / len(self.eval_batch)
+        return evaluate_loss(self.model, self.eval_batch)
 
     def checkpoint_sha(self, version: int | None = None) -> tuple[int, str] | None:
         if version is None:

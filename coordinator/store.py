@@ -22,9 +22,11 @@ CREATE TABLE IF NOT EXISTS rounds (
     rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0, eval_loss REAL);
 CREATE TABLE IF NOT EXISTS submissions (
-    round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, bytes INTEGER NOT NULL,
+    round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL,
     status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, miner));
+CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, round INTEGER, param_hash TEXT NOT NULL, eval_loss REAL,
     update_sha TEXT, update_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_sha TEXT,
@@ -70,6 +72,7 @@ class Store:
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
         self._db.row_factory = sqlite3.Row
         self._lock = threading.RLock()
+        self._nonce_writes = 0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
@@ -113,6 +116,22 @@ class Store:
             key,
             value,
         )
+
+    def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
+        """Record a nonce; False if it is already recorded and not yet expired."""
+        with self.transaction() as db:
+            row = db.execute("SELECT expires_at FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
+            if row is not None and row["expires_at"] > now:
+                return False
+            db.execute(
+                "INSERT INTO nonces (nonce, expires_at) VALUES (?, ?) "
+                "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at",
+                (nonce, expires_at),
+            )
+            self._nonce_writes += 1
+            if self._nonce_writes % 1000 == 0:  # now and then, forget expired ones
+                db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+        return True
 
     def add_bytes_down(self, round_: int, n: int) -> None:
         self.execute("UPDATE rounds SET bytes_down = bytes_down + ? WHERE round = ?", n, round_)

@@ -249,7 +249,7 @@ def simulate(
     rounds: Annotated[int, typer.Option(min=1, help="rounds to train")] = 10,
     out: Annotated[Path, typer.Option(help="report, logs and state go here")] = Path("runs/simulate"),
     model: Annotated[str, typer.Option(help="model size")] = "tiny",
-    codec: Annotated[str, typer.Option(help="sparseloco, dense_fp32 or dense_bf16")] = "sparseloco",
+    codec: Annotated[str, typer.Option(help="sparseloco, dense_fp32, dense_bf16 or int8")] = "sparseloco",
     inner_steps: Annotated[int | None, typer.Option(help="H, inner steps per round")] = None,
     max_tokens: Annotated[int, typer.Option(help="corpus tokens to use")] = 4_000_000,
     timeout_s: Annotated[float, typer.Option(help="give up after this long")] = 1800.0,

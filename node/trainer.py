@@ -62,7 +62,7 @@ class InnerTrainer:
                 self.optimizer.zero_grad(set_to_none=True)
                 raise NonFiniteLoss(f"non-finite loss at inner step {self.step}")
             (loss * len(part) / len(batch)).backward()
-            total += float(loss) * len(part) / len(batch)
+            total += float(loss.detach()) * len(part) / len(batch)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.recipe)

@@ -21,6 +21,7 @@ SparseLoCo layout, per parameter tensor:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
@@ -33,12 +34,12 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protocol.bits import pack_2bit, pack_bits, pack_uint, unpack_2bit, unpack_bits, unpack_uint
+from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
 from protocol.errors import CodecError
 
 PAYLOAD_FORMAT_VERSION = 1
 ParamSpec = Sequence[tuple[str, tuple[int, ...]]]
-CodecName = Literal["sparseloco", "dense_fp32", "dense_bf16"]
+CodecName = Literal["sparseloco", "dense_fp32", "dense_bf16", "int8"]
 
 
 class PayloadStats(BaseModel):
@@ -127,6 +128,25 @@ class Layout:
             flat = torch.nn.functional.pad(flat, (0, self.rows * self.chunk - self.numel), value=fill)
         return flat.view(self.rows, self.chunk)
 
+    def abs_chunks(self, t: torch.Tensor) -> torch.Tensor:
+        """|t| as (rows, chunk) in one pass where possible; padding is -1, so it is never preferred."""
+        s = self.tile
+        if self.tiled:
+            nr, nc = self.grid
+            R, C = self.shape
+            if self.padded:
+                full = torch.full((nr * s, nc * s), -1.0, device=t.device)
+                torch.abs(t, out=full[:R, :C])
+                t = full
+            out = torch.empty(nr, nc, s, s, device=t.device)
+            torch.abs(t.reshape(nr, s, nc, s).permute(0, 2, 1, 3), out=out)
+            return out.view(nr * nc, s * s)
+        if self.padded:
+            full = torch.full((self.rows * self.chunk,), -1.0, device=t.device)
+            torch.abs(t.reshape(-1), out=full[: self.numel])
+            return full.view(self.rows, self.chunk)
+        return t.reshape(self.rows, self.chunk).abs()
+
     def flat_indices(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         """Chunk-local indices (rows, k) -> flat indices into the tensor and a mask of the real ones."""
         rows = torch.arange(self.rows, device=idx.device).unsqueeze(1)  # (rows, 1)
@@ -171,30 +191,37 @@ class SparseLoCoCodec:
     # -- encode ---------------------------------------------------------------------------------------
     def encode(
         self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
-    ) -> tuple[bytes, dict[str, torch.Tensor]]:
-        """Compress; return the payload and what the receiver will decode from it (for error feedback)."""
+    ) -> tuple[bytes, dict[str, SparseTensor]]:
+        """Compress; return the payload and exactly what the receiver will decode from it (for error
+        feedback: ``e <- e - decoded``)."""
         idx_parts, val_parts, luts, dense_parts = [], [], [], []
-        decoded: dict[str, torch.Tensor] = {}
+        decoded: dict[str, SparseTensor] = {}
         for name, shape in spec:
-            t = tensors[name].detach().float()
+            t = tensors[name].detach()
+            t = t if t.dtype == torch.float32 else t.float()
             if self.is_dense(shape):
                 half = t.reshape(-1).half()
                 dense_parts.append(half.cpu())
-                decoded[name] = half.float().view(shape)
+                decoded[name] = SparseTensor(None, half.float())
                 continue
             layout = Layout(tuple(shape), self.tile)
-            chunks = layout.to_chunks(t)  # (rows, U)
-            mag = layout.to_chunks(t.abs(), fill=-1.0) if layout.padded else chunks.abs()
+            mag = layout.abs_chunks(t)  # (rows, U)
             idx = mag.topk(self.k, dim=1, sorted=False).indices.sort(dim=1).values  # (rows, k)
-            vals = chunks.gather(1, idx)
+            flat, valid = layout.flat_indices(idx)
+            if layout.padded:
+                vals = t.reshape(-1)[flat.clamp(max=layout.numel - 1)].float() * valid
+            else:
+                vals = t.reshape(-1)[flat].float()
             lut, codes = quantize_2bit(vals)
             idx_parts.append(self._encode_indices(idx).cpu())
             val_parts.append(pack_2bit(codes).cpu())
             luts.append(lut.cpu())
-            flat, valid = layout.flat_indices(idx)
-            dense = torch.zeros(layout.numel, device=t.device)
-            dense[flat[valid]] = lut[codes].view_as(vals)[valid]
-            decoded[name] = dense.view(shape)
+            sent = lut[codes].view_as(vals)
+            decoded[name] = (
+                SparseTensor(flat[valid], sent[valid])
+                if layout.padded
+                else SparseTensor(flat.view(-1), sent.view(-1))
+            )
         header = header.model_copy(update={"codec": self.name, "k": self.k, "tile": self.tile})
         payload = {
             "idx": _cat(idx_parts, torch.uint8),
@@ -205,12 +232,10 @@ class SparseLoCoCodec:
         return _frame(payload, header), decoded
 
     def _encode_indices(self, idx: torch.Tensor) -> torch.Tensor:
-        rows = idx.shape[0]
         low = idx & ((1 << self.low_bits) - 1)
         pos = (idx >> self.low_bits) + torch.arange(self.k, device=idx.device)  # strictly increasing
-        upper = torch.zeros(rows, self.high_bits, dtype=torch.bool, device=idx.device)
-        upper.scatter_(1, pos, True)
-        return torch.cat([pack_uint(low, self.low_bits), pack_bits(upper)], dim=1).reshape(-1)
+        upper = pack_positions(pos, self.high_bits)
+        return torch.cat([pack_uint(low, self.low_bits), upper], dim=1).reshape(-1)
 
     # -- decode (hostile input) -----------------------------------------------------------------------
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
@@ -286,10 +311,10 @@ class DenseCodec:
 
     def encode(
         self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
-    ) -> tuple[bytes, dict[str, torch.Tensor]]:
+    ) -> tuple[bytes, dict[str, SparseTensor]]:
         parts = [tensors[n].detach().reshape(-1).to(self.dtype) for n, _ in spec]
         flat = torch.cat(parts).cpu()
-        decoded = {n: p.float().view(s) for (n, s), p in zip(spec, parts, strict=True)}
+        decoded = {n: SparseTensor(None, p.float()) for (n, _), p in zip(spec, parts, strict=True)}
         header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
         return _frame({"dense": flat}, header), decoded
 
@@ -310,12 +335,61 @@ class DenseCodec:
         return header, out
 
 
-Codec = SparseLoCoCodec | DenseCodec
+class Int8Codec:
+    """Every element as int8 with one fp32 absmax scale per chunk of ``tile**2`` elements (4x smaller)."""
+
+    name: CodecName = "int8"
+
+    def __init__(self, tile: int = 64) -> None:
+        self.chunk = tile * tile
+
+    def _chunks(self, numel: int) -> int:
+        return -(-numel // self.chunk)
+
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
+    ) -> tuple[bytes, dict[str, SparseTensor]]:
+        qs, scales, decoded = [], [], {}
+        for name, _ in spec:
+            flat = tensors[name].detach().float().reshape(-1)
+            n = flat.numel()
+            padded = torch.nn.functional.pad(flat, (0, self._chunks(n) * self.chunk - n))
+            rows = padded.view(-1, self.chunk)
+            scale = rows.abs().amax(dim=1) / 127.0  # (chunks,)
+            q = torch.round(rows / scale.clamp_min(1e-30).unsqueeze(1)).clamp_(-127, 127).to(torch.int8)
+            qs.append(q.reshape(-1)[:n].cpu())
+            scales.append(scale.cpu())
+            decoded[name] = SparseTensor(None, (q.float() * scale.unsqueeze(1)).reshape(-1)[:n])
+        header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
+        return _frame({"q": torch.cat(qs), "scale": torch.cat(scales)}, header), decoded
+
+    def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
+        header, tensors = _unframe(data, {"q": torch.int8, "scale": torch.float32})
+        if header.codec != self.name:
+            raise CodecError(f"payload is {header.codec}; this run expects {self.name}", code="wrong_codec")
+        sizes = [math.prod(s) for _, s in spec]
+        _expect_len(tensors, "q", (sum(sizes),))
+        _expect_len(tensors, "scale", (sum(self._chunks(n) for n in sizes),))
+        scale = tensors["scale"]
+        if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
+            raise CodecError("scales must be finite and non-negative", code="non_finite")
+        out, qo, so = {}, 0, 0
+        for (name, _), n in zip(spec, sizes, strict=True):
+            c = self._chunks(n)
+            per_elem = scale[so : so + c].repeat_interleave(self.chunk)[:n]
+            out[name] = SparseTensor(None, tensors["q"][qo : qo + n].float() * per_elem)
+            qo, so = qo + n, so + c
+        return header, out
+
+
+Codec = SparseLoCoCodec | DenseCodec | Int8Codec
 
 
 def make_codec(name: CodecName, k: int = 64, tile: int = 64) -> Codec:
     if name == "sparseloco":
         return SparseLoCoCodec(k=k, tile=tile)
+    if name == "int8":
+        return Int8Codec(tile=tile)
     if name == "dense_fp32":
         return DenseCodec("fp32")
     if name == "dense_bf16":
@@ -335,6 +409,16 @@ def quantize_2bit(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], device=flat.device)
     lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
     return lut, codes
+
+
+def content_digest(data: bytes) -> str:
+    """sha256 of a valid payload's tensors in name order, ignoring its header: two payloads that carry
+    the same update have the same digest however their headers differ."""
+    h = hashlib.sha256()
+    for name, t in sorted(st_load(data).items()):
+        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
+        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()
 
 
 def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:

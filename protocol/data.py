@@ -75,6 +75,8 @@ class DatasetMeta:
     num_tokens: int
     sha256: str
     source: str
+    corpus: str | None = None
+    max_tokens: int | None = None
 
     @property
     def num_train(self) -> int:
@@ -90,9 +92,11 @@ def build_dataset(
 ) -> DatasetMeta:
     """Tokenise once into ``out_dir/tokens.bin`` (uint16) and ``meta.json``; reuse them when present."""
     meta_path = out_dir / "meta.json"
+    corpus_name = str(corpus) if corpus else None
+    wanted = {"seq_len": seq_len, "eval_every": eval_every, "max_tokens": max_tokens, "corpus": corpus_name}
     if meta_path.exists():
         meta = DatasetMeta(**json.loads(meta_path.read_text()))
-        if meta.seq_len == seq_len and meta.eval_every == eval_every:
+        if {k: getattr(meta, k) for k in wanted} == wanted:
             return meta
     tok = ByteTokenizer()
     parts: list[bytes] = []
@@ -124,6 +128,8 @@ def build_dataset(
         num_tokens=len(tokens),
         sha256=hashlib.sha256(tokens.tobytes()).hexdigest(),
         source=str(corpus) if corpus else f"python-stdlib:{stdlib_dir()}",
+        corpus=corpus_name,
+        max_tokens=max_tokens,
     )
     tmp = out_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(asdict(meta), indent=1))

@@ -6,6 +6,8 @@ from collections.abc import Mapping
 
 import torch
 
+from protocol.codec import SparseTensor
+
 
 class ErrorFeedback:
     """e <- beta * e + delta before compression; e <- e - decode(c) after it."""
@@ -27,9 +29,15 @@ class ErrorFeedback:
         return self.buffers
 
     @torch.no_grad()
-    def subtract(self, decoded: Mapping[str, torch.Tensor]) -> None:
+    def subtract(self, decoded: Mapping[str, SparseTensor]) -> None:
+        """Remove what was sent: only the transmitted coordinates change."""
         for name, d in decoded.items():
-            self.buffers[name].sub_(d.to(self.buffers[name].device))
+            e = self.buffers[name]
+            values = d.values.to(e.device)
+            if d.indices is None:
+                e.sub_(values.view_as(e))
+            else:
+                e.view(-1).index_add_(0, d.indices.to(e.device), values, alpha=-1)
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: e.detach().cpu().contiguous() for name, e in self.buffers.items()}

@@ -115,6 +115,15 @@ class GPT(nn.Module):
         return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
+@torch.no_grad()
+def evaluate_loss(model: GPT, tokens: torch.Tensor, batch_size: int = 16) -> float:
+    """Mean next-token loss (nats per token) of ``model`` on (N, T+1) held-out sequences."""
+    model.eval()
+    device = next(model.parameters()).device
+    total = sum(float(model.loss(b.to(device))) * len(b) for b in torch.split(tokens, batch_size))
+    return total / len(tokens)
+
+
 def build_model(name: str, seed: int = 0) -> GPT:
     """The initial model of a run: same name and seed give the same parameters on every machine."""
     cfg = get_config(name)

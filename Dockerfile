@@ -1,0 +1,30 @@
+# gradpool: one image for every role (coordinator, miner, validator); the compose file picks the command.
+#
+#   docker build -t gradpool .
+#   docker run --rm gradpool --help
+FROM python:3.11-slim
+
+ENV PYTHONUNBUFFERED=1 \
+    PYTHONDONTWRITEBYTECODE=1 \
+    PIP_NO_CACHE_DIR=1 \
+    PIP_DISABLE_PIP_VERSION_CHECK=1
+
+# The CPU build of torch first, in its own layer: it is most of the image and changes least often.
+# `pip install .` below then finds the torch requirement already satisfied.
+RUN pip install --index-url https://download.pytorch.org/whl/cpu torch
+
+WORKDIR /app
+COPY . /app
+RUN pip install . \
+    && rm -rf build ./*.egg-info \
+    && useradd --create-home --uid 1000 --shell /usr/sbin/nologin gradpool \
+    && mkdir -p /data /keys /state \
+    && chown gradpool:gradpool /data /keys /state
+
+# The volume mount points above belong to the unprivileged user, so a fresh named volume mounted there
+# takes that ownership and the processes can write their state and keys.
+USER gradpool
+EXPOSE 8000
+
+ENTRYPOINT ["gradpool"]
+CMD ["--help"]

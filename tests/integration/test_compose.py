@@ -1,0 +1,240 @@
+"""docker-compose.yml and configs/: checked by the compose client, and every service's command run locally.
+
+No Docker engine runs here, so the compose file is validated with ``docker-compose config`` and each
+service's command is started as a local process, container paths mapped to temporary folders. That way
+the file cannot drift from the CLI and the example configs.
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import shutil
+import signal
+import subprocess
+import sys
+import time
+import tomllib
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+import yaml
+from pydantic import BaseModel
+from pydantic_settings import BaseSettings
+
+from coordinator.settings import CoordinatorSettings
+from gradpool.config import load_settings
+from gradpool.simulate import Processes
+from node.settings import MinerSettings
+
+REPO = Path(__file__).resolve().parents[2]
+COMPOSE = REPO / "docker-compose.yml"
+COORDINATOR_TOML = REPO / "configs" / "coordinator.toml"
+MINER_TOML = REPO / "configs" / "miner.toml"
+MINERS = ["miner-1", "miner-2", "miner-3"]
+FAST_ENV = {
+    "GRADPOOL_RECIPE__INNER_STEPS": "4",
+    "GRADPOOL_RECIPE__BATCH_SIZE": "4",
+    "GRADPOOL_DATA__EVAL_EVERY": "20",
+    "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
+}
+
+
+def _compose_client() -> list[str] | None:
+    if exe := shutil.which("docker-compose"):
+        return [exe]
+    docker = shutil.which("docker")
+    if docker and subprocess.run([docker, "compose", "version"], capture_output=True).returncode == 0:
+        return [docker, "compose"]
+    return None
+
+
+def _services() -> dict[str, Any]:
+    services: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]
+    return services
+
+
+@pytest.mark.timeout(60)
+def test_compose_client_accepts_the_file() -> None:
+    client = _compose_client()
+    if client is None:
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    done = subprocess.run(
+        [*client, "--file", str(COMPOSE), "config"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    resolved = yaml.safe_load(done.stdout)["services"]
+    assert set(resolved) == {"coordinator", *MINERS}
+    for name, service in _services().items():
+        assert resolved[name]["command"] == service["command"], f"{name}: command changed by the client"
+    for name in MINERS:
+        assert resolved[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+        assert resolved[name]["restart"] == "unless-stopped"
+    assert "/healthz" in " ".join(resolved["coordinator"]["healthcheck"]["test"])
+
+
+def _local_command(command: list[str], paths: dict[str, Path], url: str | None = None) -> list[str]:
+    """A service's command with container paths, host, port and the coordinator's URL made local."""
+    assert isinstance(command, list), "compose commands must be in list form"
+    out: list[str] = []
+    for i, arg in enumerate(str(a) for a in command):
+        flag = str(command[i - 1]) if i else ""
+        if flag == "--host":
+            arg = "127.0.0.1"
+        elif flag == "--port":
+            arg = "0"
+        elif url is not None and arg.startswith("http://coordinator:"):
+            arg = url
+        for inside, local in paths.items():
+            if arg == inside or arg.startswith(inside + "/"):
+                arg = str(local) + arg[len(inside) :]
+        out.append(arg)
+    return out
+
+
+def _volumes(service: dict[str, Any], root: Path) -> dict[str, Path]:
+    """Container path -> a fresh local folder for each volume, and /app -> the repository (the image)."""
+    paths = {"/app": REPO}
+    for volume in service.get("volumes", []):
+        source, target = volume.split(":")[:2]
+        paths[target] = root / source
+        paths[target].mkdir(parents=True)
+    return paths
+
+
+def _environment(service: dict[str, Any]) -> dict[str, str]:
+    env = service.get("environment") or {}
+    if isinstance(env, list):
+        env = dict(item.split("=", 1) for item in env)
+    return {k: str(v) for k, v in env.items()}
+
+
+def _wait_ready(procs: Processes, ready: Path, timeout_s: float) -> str:
+    end = time.monotonic() + timeout_s
+    while not ready.exists():
+        assert "coordinator" not in procs.dead(), f"coordinator exited:\n{procs.tail('coordinator', 20)}"
+        assert time.monotonic() < end, f"coordinator not ready in {timeout_s} s"
+        time.sleep(0.1)
+    return str(json.loads(ready.read_text())["url"])
+
+
+def _run_healthcheck(test: list[str], url: str) -> None:
+    """The coordinator's healthcheck, pointed at the local process, must pass."""
+    assert test[:2] == ["CMD", "python"], "the slim image has python, not curl"
+    args = [a.replace("http://127.0.0.1:8000", url) for a in test[2:]]
+    done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=30)
+    assert done.returncode == 0, f"healthcheck failed: {done.stderr}"
+
+
+def _wait_for_update(procs: Processes, url: str, timeout_s: float) -> dict[str, Any]:
+    """The status once every miner registered and a round closed with an accepted update."""
+    end = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        while True:
+            dead = procs.dead()
+            assert not dead, "\n".join(f"{n} exited with {c}:\n{procs.tail(n, 20)}" for n, c in dead.items())
+            status: dict[str, Any] = http.get("/v1/status").json()
+            updated = any(r["accepted"] >= 1 and r["version"] >= 1 for r in status["rounds"])
+            if updated and status["miners"] == len(MINERS):
+                return status
+            assert time.monotonic() < end, f"no accepted update in {timeout_s} s: {status}"
+            time.sleep(0.3)
+
+
+@pytest.mark.timeout(240)
+def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Path) -> None:
+    services = _services()
+    procs = Processes(tmp_path / "logs")
+    roots = {name: tmp_path / name for name in services}
+    ready = tmp_path / "coordinator.ready"
+    try:
+        coordinator = services["coordinator"]
+        command = _local_command(coordinator["command"], _volumes(coordinator, roots["coordinator"]))
+        command += ["--ready-file", str(ready), "--corpus", str(corpus_file)]
+        procs.start("coordinator", command, env={**_environment(coordinator), **FAST_ENV})
+        url = _wait_ready(procs, ready, timeout_s=60)
+        _run_healthcheck(coordinator["healthcheck"]["test"], url)
+        for name in MINERS:
+            service = services[name]
+            command = _local_command(service["command"], _volumes(service, roots[name]), url)
+            procs.start(name, [*command, "--threads", "1"], env=_environment(service))
+        status = _wait_for_update(procs, url, timeout_s=180)
+    finally:
+        procs.stop_all(grace_s=30)
+    codes = {name: p.returncode for name, p in procs.procs.items()}
+    assert None not in codes.values(), f"a process is still running: {codes}"
+    assert all(codes[name] == 0 for name in MINERS), f"miners must stop cleanly on SIGTERM: {codes}"
+    assert codes["coordinator"] in (0, -signal.SIGTERM), f"coordinator did not stop on SIGTERM: {codes}"
+
+    run = status["run"]
+    assert run["model"] == "tiny" and run["codec"] == {"name": "sparseloco", "k": 64, "tile": 64}
+    assert run["recipe"]["inner_steps"] == 4 and run["recipe"]["batch_size"] == 4  # env over the TOML
+    assert run["eval_every"] == 20
+    assert run["num_sequences"] < 5000, "--corpus was not used"
+    assert all(r["rejected"] == 0 for r in status["rounds"])
+    assert status["round"]["version"] >= 1
+    assert (roots["coordinator"] / "coordinator-data" / "state.db").is_file()  # --state-dir /data
+    for name in MINERS:
+        assert (roots[name] / f"{name}-keys" / "miner.pem").is_file()  # --key /keys/... --create-key
+
+
+def _switched_on(toml_path: Path) -> str:
+    """The example file with its commented-out settings (``# key = value``) switched on."""
+    return re.sub(r"(?m)^# ?([a-z_]+ = )", r"\1", toml_path.read_text())
+
+
+def _assert_documents_every_field(doc: dict[str, Any], cls: type[BaseModel], where: str) -> None:
+    assert set(doc) == set(cls.model_fields), f"{where}: settings and example differ"
+    for name, field in cls.model_fields.items():
+        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
+            _assert_documents_every_field(doc[name], field.annotation, f"{where}[{name}]")
+
+
+def test_example_configs_load(tmp_path: Path) -> None:
+    coordinator = load_settings(CoordinatorSettings, COORDINATOR_TOML, {})
+    assert isinstance(coordinator, CoordinatorSettings)
+    assert (
+        coordinator.model == "tiny" and coordinator.codec.name == "sparseloco" and coordinator.codec.k == 64
+    )
+    assert coordinator.recipe.inner_steps == 20 and coordinator.recipe.batch_size == 8
+    assert coordinator.rounds.min_quorum == 2 and coordinator.data.max_tokens == 4_000_000
+    assert coordinator.data.corpus is None and coordinator.outer.lr is None
+    miner = load_settings(MinerSettings, MINER_TOML, {"threads": 2})
+    assert isinstance(miner, MinerSettings)
+    assert miner.coordinator == "http://127.0.0.1:8000" and miner.device == "auto" and miner.create_key
+    assert miner.threads == 2 and miner.timeout_s == 30.0
+
+    examples: list[tuple[Path, type[BaseSettings]]] = [
+        (COORDINATOR_TOML, CoordinatorSettings),
+        (MINER_TOML, MinerSettings),
+    ]
+    for path, cls in examples:
+        text = _switched_on(path)
+        _assert_documents_every_field(tomllib.loads(text), cls, path.name)
+        (tmp_path / path.name).write_text(text)
+        load_settings(cls, tmp_path / path.name, {})  # the commented-out examples are valid too
+
+
+@pytest.mark.timeout(60)
+def test_malformed_config_is_one_line_error(tmp_path: Path) -> None:
+    bad = tmp_path / "bad.toml"
+    bad.write_text('model = "tiny"\n[recipe\ninner_steps = 4\n')
+    done = subprocess.run(
+        [sys.executable, "-m", "gradpool", "coordinator", "serve", "--config", str(bad)],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 2
+    assert "Traceback" not in done.stderr
+    lines = done.stderr.strip().splitlines()
+    assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.toml" in lines[0], done.stderr
+    assert not (tmp_path / "gradpool-state").exists()

@@ -1,0 +1,96 @@
+"""Stopping and starting the coordinator on the same state directory."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pool_harness import SPEC, Miner, OpenPool, payload
+
+from protocol.aggregate import aggregate
+from protocol.codec import SparseLoCoCodec
+from protocol.params import apply_update, params_hash
+
+
+def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -> None:
+    with open_pool() as pool:
+        alice, bob = pool.miner(), pool.miner()
+        for i, miner in enumerate([alice, bob]):
+            assert miner.upload(0, payload(round_=0, base_version=0, seed=i)).status_code == 200
+        pool.wait_for_round(0)
+        pending = payload(round_=1, base_version=1, seed=7)
+        assert alice.upload(1, pending).status_code == 200  # bob is still expected: round 1 stays open
+        before = pool.round()
+        status = pool.client.get("/v1/status").json()
+        v1 = pool.client.get("/v1/versions/1").json()
+        submissions = pool.submissions()
+    assert (before["round"], before["version"], before["submissions"]) == (1, 1, 1)
+
+    with open_pool() as pool:
+        now = pool.round()
+        for field in ("round", "version", "status", "param_hash", "submissions", "expected"):
+            assert now[field] == before[field], field
+        restarted = pool.client.get("/v1/status").json()
+        for field in ("rounds", "miners", "initial_eval_loss"):
+            assert restarted[field] == status[field], field
+        assert pool.client.get("/v1/versions/1").json() == v1
+        assert params_hash(pool.checkpoint(1), SPEC) == v1["param_hash"]
+        assert pool.submissions() == submissions
+
+        # The round carries on: alice's upload is remembered, bob's closes it.
+        alice, bob = Miner(pool.client, alice.key), Miner(pool.client, bob.key)
+        again = alice.upload(1, pending)
+        assert again.status_code == 200 and again.json()["duplicate"] is True
+        last = payload(round_=1, base_version=1, seed=8)
+        assert bob.upload(1, last).status_code == 200
+        after = pool.wait_for_round(1)
+        codec = SparseLoCoCodec()
+        params = pool.checkpoint(1)
+        apply_update(params, aggregate([codec.decode(b, SPEC)[1] for b in (pending, last)], SPEC))
+        assert (after["round"], after["version"], after["param_hash"]) == (2, 2, params_hash(params, SPEC))
+
+
+def test_restart_may_change_operational_limits(open_pool: OpenPool) -> None:
+    with open_pool() as pool:
+        before = pool.round()
+    with open_pool(max_payload_bytes=4096, rounds={"min_quorum": 2, "deadline_s": 5.0}) as pool:
+        assert pool.round() == before
+        assert pool.client.get("/v1/info").json()["max_payload_bytes"] == 4096
+
+
+@pytest.mark.parametrize(
+    "other",
+    [{"seed": 1}, {"codec": {"k": 32}}, {"recipe": {"lr": 1e-3}}, {"run_id": "another-run"}],
+    ids=["seed", "codec-k", "recipe", "run-id"],
+)
+def test_restart_with_other_run_settings_is_refused(open_pool: OpenPool, other: dict[str, Any]) -> None:
+    with open_pool() as pool:
+        before = pool.round()
+    refused = pytest.raises(ValueError, match=r"state directory .* belongs to a run with other settings")
+    with refused, open_pool(**other):
+        pass
+    with open_pool() as pool:  # the refused start left the state as it was
+        assert pool.round() == before
+
+
+def test_restart_with_another_corpus_is_refused(
+    open_pool: OpenPool, corpus_file: Path, tmp_path: Path
+) -> None:
+    other = tmp_path / "other.txt"
+    other.write_text(corpus_file.read_text(encoding="utf-8").upper(), encoding="utf-8")
+    with open_pool():
+        pass
+    with pytest.raises(ValueError, match="state directory"), open_pool(data={"corpus": other}):
+        pass
+
+
+def test_request_replayed_after_a_restart_is_refused(open_pool: OpenPool) -> None:
+    with open_pool() as pool:
+        miner = pool.miner(register=False)
+        headers = miner.signed("/v1/miners")
+        assert pool.client.post("/v1/miners", headers=headers).status_code == 200
+    with open_pool() as pool:
+        replay = pool.client.post("/v1/miners", headers=headers)
+        assert replay.status_code == 401
+        assert replay.json()["error"]["code"] == "replayed_nonce"

@@ -1,0 +1,75 @@
+"""The convergence benchmark end to end, at toy size: every method runs, reports, and plots."""
+
+from __future__ import annotations
+
+import json
+import math
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from benchmarks.convergence import METHODS, main
+
+pytestmark = pytest.mark.timeout(120)  # generous: the shared run takes about 10 s on two busy cores
+FIELDS = {"final_eval_loss", "bytes_per_round", "bytes_basis", "curve", "wall_s", "tokens"}
+
+
+@pytest.fixture(scope="module")
+def result(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[str, Any]:
+    tmp = tmp_path_factory.mktemp("convergence")
+    argv = [
+        "--json",
+        "--workers=2",
+        "--rounds=2",
+        "--inner-steps=2",
+        "--batch-size=2",
+        "--warmup-steps=2",
+        "--eval-sequences=8",
+        "--threads=1",  # two threads on two busy cores can be ten times slower
+        f"--corpus={corpus_file}",
+        f"--data-dir={tmp / 'data'}",
+        f"--out={tmp / 'curves.png'}",
+    ]
+    capture = tmp / "stdout.json"
+    threads = torch.get_num_threads()
+    with pytest.MonkeyPatch.context() as mp, capture.open("w") as out:
+        mp.setattr("sys.stdout", out)
+        try:
+            assert main(argv) == 0
+        finally:
+            torch.set_num_threads(threads)  # main sets it for the process; leave other tests alone
+    assert (tmp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return json.loads(capture.read_text())  # type: ignore[no-any-return]
+
+
+def test_every_method_reports_every_field(result: dict[str, Any]) -> None:
+    assert result["config"]["workers"] == 2
+    assert set(result["methods"]) == set(METHODS)
+    for name, m in result["methods"].items():
+        assert FIELDS <= set(m), name
+        assert m["error"] is None, name
+        curve = m["curve"]
+        assert [p["round"] for p in curve] == [0, 1, 2], name
+        assert all(math.isfinite(p["eval_loss"]) for p in curve), name
+        assert math.isfinite(m["final_eval_loss"]), name
+
+
+def test_ddp_learns_and_tokens_add_up(result: dict[str, Any]) -> None:
+    ddp = result["methods"]["ddp"]
+    assert ddp["final_eval_loss"] < ddp["curve"][0]["eval_loss"]
+    per_round = 2 * 2 * 2 * result["config"]["seq_len"]  # workers x inner steps x batch x seq_len
+    for name in ("ddp", "diloco", "sparseloco"):
+        assert result["methods"][name]["tokens"] == 2 * per_round, name
+    assert result["methods"]["single"]["tokens"] == per_round  # one worker: 1/M of the tokens
+
+
+def test_sparseloco_uploads_far_less_than_diloco(result: dict[str, Any]) -> None:
+    dense = result["methods"]["diloco"]["bytes_per_round"]
+    sparse = result["methods"]["sparseloco"]["bytes_per_round"]
+    k128 = result["methods"]["sparseloco_k128"]["bytes_per_round"]
+    assert dense >= 4 * result["config"]["num_params"]
+    assert 0 < sparse * 100 < dense
+    assert sparse < k128 < dense
+    assert result["methods"]["single"]["bytes_per_round"] == 0
