@@ -46,7 +46,7 @@ def _group(n: int, width: int) -> int:
 
 
 def pack_uint(values: torch.Tensor, width: int) -> torch.Tensor:
-    """(rows, n) integers below 2**width (width <= 8) -> (rows, ceil(n * width / 8)) uint8.
+    """(rows, n) integers below 2**width -> (rows, ceil(n * width / 8)) uint8.
 
     Value j of a row occupies bits [j * width, (j + 1) * width) of the row's little-endian bit string.
     """

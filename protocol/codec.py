@@ -40,6 +40,8 @@ from protocol.errors import CodecError
 PAYLOAD_FORMAT_VERSION = 1
 ParamSpec = Sequence[tuple[str, tuple[int, ...]]]
 CodecName = Literal["sparseloco", "dense_fp32", "dense_bf16", "int8"]
+FP32_MAX = torch.finfo(torch.float32).max
+FP16_MAX = torch.finfo(torch.float16).max
 
 
 class PayloadStats(BaseModel):
@@ -134,12 +136,13 @@ class Layout:
         if self.tiled:
             nr, nc = self.grid
             R, C = self.shape
+            out = torch.empty(nr, nc, s, s, device=t.device)
             if self.padded:
                 full = torch.full((nr * s, nc * s), -1.0, device=t.device)
                 torch.abs(t, out=full[:R, :C])
-                t = full
-            out = torch.empty(nr, nc, s, s, device=t.device)
-            torch.abs(t.reshape(nr, s, nc, s).permute(0, 2, 1, 3), out=out)
+                out.copy_(full.view(nr, s, nc, s).permute(0, 2, 1, 3))
+            else:  # abs and the tile permutation in one pass
+                torch.abs(t.reshape(nr, s, nc, s).permute(0, 2, 1, 3), out=out)
             return out.view(nr * nc, s * s)
         if self.padded:
             full = torch.full((self.rows * self.chunk,), -1.0, device=t.device)
@@ -200,7 +203,7 @@ class SparseLoCoCodec:
             t = tensors[name].detach()
             t = t if t.dtype == torch.float32 else t.float()
             if self.is_dense(shape):
-                half = t.reshape(-1).half()
+                half = t.reshape(-1).clamp(-FP16_MAX, FP16_MAX).half()
                 dense_parts.append(half.cpu())
                 decoded[name] = SparseTensor(None, half.float())
                 continue
@@ -212,7 +215,7 @@ class SparseLoCoCodec:
                 vals = t.reshape(-1)[flat.clamp(max=layout.numel - 1)].float() * valid
             else:
                 vals = t.reshape(-1)[flat].float()
-            lut, codes = quantize_2bit(vals)
+            lut, codes = quantize_2bit(vals, valid if layout.padded else None)
             idx_parts.append(self._encode_indices(idx).cpu())
             val_parts.append(pack_2bit(codes).cpu())
             luts.append(lut.cpu())
@@ -312,7 +315,7 @@ class DenseCodec:
     def encode(
         self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
     ) -> tuple[bytes, dict[str, SparseTensor]]:
-        parts = [tensors[n].detach().reshape(-1).to(self.dtype) for n, _ in spec]
+        parts = [tensors[n].detach().reshape(-1).to(self.dtype, copy=True) for n, _ in spec]
         flat = torch.cat(parts).cpu()
         decoded = {n: SparseTensor(None, p.float()) for (n, _), p in zip(spec, parts, strict=True)}
         header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
@@ -397,18 +400,26 @@ def make_codec(name: CodecName, k: int = 64, tile: int = 64) -> Codec:
     raise ValueError(f"unknown codec {name!r}")
 
 
-def quantize_2bit(vals: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre, bin by spread (6 sigma into 4 bins); return the 4-entry table of bin means and the codes."""
+def quantize_2bit(vals: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre, bin by spread (6 sigma into 4 bins); return the 4-entry table of bin means and the codes.
+
+    Statistics come from the ``valid`` values only (padding selected in short chunks is not data); they
+    are taken in float64, so any finite input gives a finite table.
+    """
     flat = vals.reshape(-1).float()
-    mu = flat.mean()
-    sigma = flat.std(correction=0).clamp_min(1e-30)
-    edges = mu + sigma * torch.tensor([-1.5, 0.0, 1.5], device=flat.device)
-    codes = torch.bucketize(flat, edges, right=True)  # 0..3
-    sums = torch.zeros(4, device=flat.device).index_add_(0, codes, flat)
-    counts = torch.bincount(codes, minlength=4).float()
-    centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], device=flat.device)
+    data = flat if valid is None else flat[valid.reshape(-1)]
+    if data.numel() == 0:
+        data = flat
+    wide = data.double()
+    mu, sigma = wide.mean(), wide.std(correction=0).clamp_min(1e-30)
+    edges = (mu + sigma * torch.tensor([-1.5, 0.0, 1.5], dtype=torch.float64, device=flat.device)).float()
+    codes = (flat >= edges[0]).long() + (flat >= edges[1]).long() + (flat >= edges[2]).long()  # 0..3
+    data_codes = codes if valid is None or data is flat else codes[valid.reshape(-1)]
+    sums = torch.zeros(4, dtype=torch.float64, device=flat.device).index_add_(0, data_codes, wide)
+    counts = torch.bincount(data_codes, minlength=4).double()
+    centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], dtype=torch.float64, device=flat.device)
     lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-    return lut, codes
+    return lut.clamp(-FP32_MAX, FP32_MAX).float(), codes
 
 
 def content_digest(data: bytes) -> str:

@@ -84,7 +84,7 @@ def encode_update(delta: Mapping[str, torch.Tensor], spec: ParamSpec, header: Up
     masks, values = [], []
     for name, _ in spec:
         d = delta[name].detach().to("cpu", torch.float32).reshape(-1)
-        nz = d != 0
+        nz = d.view(torch.int32) != 0  # bitwise: -0.0 is published too, so both sides stay bit-equal
         masks.append(pack_bits(nz.unsqueeze(0)).reshape(-1))
         values.append(d[nz])
     return st_save(
