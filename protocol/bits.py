@@ -27,7 +27,7 @@ def pack_bits(bits: torch.Tensor) -> torch.Tensor:
     if pad:
         bits = torch.nn.functional.pad(bits, (0, pad))
     weights = torch.bitwise_left_shift(1, _arange(8, bits.device)).to(torch.uint8)
-    grouped = bits.view(rows, -1, 8).to(torch.uint8) * weights  # (rows, nbytes, 8)
+    grouped = bits.view(rows, bits.shape[1] // 8, 8).to(torch.uint8) * weights  # (rows, nbytes, 8)
     return grouped.sum(dim=2, dtype=torch.uint8)
 
 
@@ -36,7 +36,7 @@ def unpack_bits(data: torch.Tensor, nbits: int) -> torch.Tensor:
     rows = data.shape[0]
     shifts = _arange(8, data.device).to(torch.uint8)
     bits = torch.bitwise_right_shift(data.unsqueeze(-1), shifts) & 1  # (rows, nbytes, 8)
-    return bits.view(rows, -1)[:, :nbits].bool()
+    return bits.view(rows, data.shape[1] * 8)[:, :nbits].bool()
 
 
 def _group(n: int, width: int) -> int:

@@ -21,6 +21,7 @@ SparseLoCo layout, per parameter tensor:
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import json
 import math
@@ -137,12 +138,16 @@ class Layout:
             nr, nc = self.grid
             R, C = self.shape
             out = torch.empty(nr, nc, s, s, device=t.device)
-            if self.padded:
-                full = torch.full((nr * s, nc * s), -1.0, device=t.device)
-                torch.abs(t, out=full[:R, :C])
-                out.copy_(full.view(nr, s, nc, s).permute(0, 2, 1, 3))
-            else:  # abs and the tile permutation in one pass
-                torch.abs(t.reshape(nr, s, nc, s).permute(0, 2, 1, 3), out=out)
+            fr, fc = R // s, C // s  # whole tiles: abs and the tile permutation in one pass
+            torch.abs(t[: fr * s, : fc * s].reshape(fr, s, fc, s).permute(0, 2, 1, 3), out=out[:fr, :fc])
+            if fr < nr:  # the partial last row of tiles
+                edge = torch.full((s, nc * s), -1.0, device=t.device)
+                torch.abs(t[fr * s :], out=edge[: R - fr * s, :C])
+                out[fr] = edge.view(s, nc, s).permute(1, 0, 2)
+            if fc < nc:  # the partial last column of tiles
+                edge = torch.full((fr * s, s), -1.0, device=t.device)
+                torch.abs(t[: fr * s, fc * s :], out=edge[:, : C - fc * s])
+                out[:fr, fc] = edge.view(fr, s, s)
             return out.view(nr * nc, s * s)
         if self.padded:
             full = torch.full((self.rows * self.chunk,), -1.0, device=t.device)
@@ -182,6 +187,7 @@ class SparseLoCoCodec:
         self.low_bits, self.high_bits = _ef_params(tile * tile, k)
         self.low_bytes = -(-k * self.low_bits // 8)
         self.high_bytes = -(-self.high_bits // 8)
+        self._tables: dict[tuple[tuple[str, tuple[int, ...]], ...], _RowTable] = {}
 
     # -- sizes, all derived from the shapes -------------------------------------------------------------
     def sparse_bytes(self, layout: Layout) -> int:
@@ -242,6 +248,41 @@ class SparseLoCoCodec:
 
     # -- decode (hostile input) -----------------------------------------------------------------------
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
+        """Payload -> header and, per parameter, the flat indices and values it carries."""
+        header, table, flat, vals, dense = self._decode_all(data, spec)
+        out: dict[str, SparseTensor] = {}
+        sparse_parts = zip(table.names, torch.split(flat, table.counts), torch.split(vals, table.counts),
+                           table.offsets, strict=True)
+        for name, idx, v, offset in sparse_parts:
+            out[name] = SparseTensor(idx - offset, v)
+        do = 0
+        for name, shape in spec:
+            if self.is_dense(shape):
+                n = math.prod(shape)
+                out[name] = SparseTensor(None, dense[do : do + n])
+                do += n
+        return header, {name: out[name] for name, _ in spec}
+
+    def decode_flat(self, data: bytes, spec: ParamSpec, out: torch.Tensor | None = None,
+                    ) -> tuple[PayloadHeader, torch.Tensor]:
+        """Payload -> every parameter's dense update concatenated in spec order (into ``out`` if given)."""
+        header, table, flat, vals, dense = self._decode_all(data, spec)
+        if out is None:
+            out = torch.zeros(table.total, dtype=torch.float32)
+        else:
+            if out.shape != (table.total,) or out.dtype != torch.float32:
+                raise ValueError(f"out must be float32 of shape ({table.total},)")
+            out.zero_()
+        out[flat] = vals
+        dense_parts = zip(table.dense_offsets, table.dense_sizes, table.dense_slices, strict=True)
+        for offset, n, (lo, hi) in dense_parts:
+            out[offset : offset + n] = dense[lo:hi]
+        return header, out
+
+    def _decode_all(self, data: bytes, spec: ParamSpec,
+                    ) -> tuple[PayloadHeader, _RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """Every chunk of every sparse tensor decoded at once: flat indices (into the concatenated
+        parameters, spec order) and values; plus the dense part. Checks everything before use."""
         header, tensors = _unframe(
             data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
         )
@@ -251,58 +292,149 @@ class SparseLoCoCodec:
                 f"{self.name} k={self.k} tile={self.tile}",
                 code="wrong_codec",
             )
-        sparse = [(n, s) for n, s in spec if not self.is_dense(s)]
-        layouts = [Layout(tuple(s), self.tile) for _, s in sparse]
-        n_idx = sum(lay.rows for lay in layouts) * (self.low_bytes + self.high_bytes)
-        n_val = sum(-(-lay.rows * self.k // 4) for lay in layouts)
-        n_dense = sum(math.prod(s) for n, s in spec if self.is_dense(s))
-        _expect_len(tensors, "idx", (n_idx,))
-        _expect_len(tensors, "val", (n_val,))
-        _expect_len(tensors, "lut", (len(sparse), 4))
-        _expect_len(tensors, "dense", (n_dense,))
+        table = self._table(spec)
+        _expect_len(tensors, "idx", (table.rows * (self.low_bytes + self.high_bytes),))
+        _expect_len(tensors, "val", (table.rows * self.k // 4,))
+        _expect_len(tensors, "lut", (len(table.names), 4))
+        _expect_len(tensors, "dense", (sum(table.dense_sizes),))
         luts = tensors["lut"]
         if not torch.isfinite(luts).all():
             raise CodecError("value table holds NaN or Inf", code="non_finite")
         dense = tensors["dense"].float()
         if not torch.isfinite(dense).all():
             raise CodecError("dense values hold NaN or Inf", code="non_finite")
-        out: dict[str, SparseTensor] = {}
-        io = vo = do = ti = 0
-        for name, shape in spec:
-            if self.is_dense(shape):
-                n = math.prod(shape)
-                out[name] = SparseTensor(None, dense[do : do + n])
-                do += n
-                continue
-            layout = layouts[ti]
-            nb = layout.rows * (self.low_bytes + self.high_bytes)
-            idx = self._decode_indices(tensors["idx"][io : io + nb], layout.rows, name)
-            nv = -(-layout.rows * self.k // 4)
-            codes = unpack_2bit(tensors["val"][vo : vo + nv], layout.rows * self.k)
-            flat, valid = layout.flat_indices(idx)
-            vals = luts[ti][codes].view(layout.rows, self.k)
-            out[name] = SparseTensor(flat[valid], vals[valid])
-            io, vo, ti = io + nb, vo + nv, ti + 1
-        return header, out
+        idx = self._decode_indices(tensors["idx"], table)  # (rows, k), checked
+        codes = unpack_2bit(tensors["val"], table.rows * self.k).view(table.rows, self.k)
+        vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
+        s = self.tile
+        q, p = idx // s, idx % s
+        flat = table.base + q * table.stride + p  # (rows, k), into the concatenated parameters
+        if table.padded:
+            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
+            counts = valid.sum(dim=1)
+            per_tensor = torch.zeros(len(table.names), dtype=torch.int64)
+            per_tensor.index_add_(0, table.tensor_of_row, counts)
+            table = table.with_counts(per_tensor.tolist())
+            return header, table, flat[valid], vals[valid], dense
+        return header, table, flat.view(-1), vals.view(-1), dense
 
-    def _decode_indices(self, data: torch.Tensor, rows: int, name: str) -> torch.Tensor:
+    def _decode_indices(self, data: torch.Tensor, table: _RowTable) -> torch.Tensor:
+        rows = table.rows
         data = data.view(rows, self.low_bytes + self.high_bytes)
         low = unpack_uint(data[:, : self.low_bytes], self.k, self.low_bits)  # (rows, k)
         upper = unpack_bits(data[:, self.low_bytes :], self.high_bits)  # (rows, high_bits)
-        if not bool((upper.sum(dim=1) == self.k).all()):
-            raise CodecError(
-                f"{name}: an index bitmap does not hold exactly k={self.k} entries", code="wrong_k"
-            )
+        bad = upper.sum(dim=1) != self.k
+        if bool(bad.any()):
+            raise CodecError(f"{table.where(bad)}: an index bitmap does not hold exactly k={self.k} entries",
+                             code="wrong_k")
         pos = upper.nonzero()[:, 1].view(rows, self.k)
         high = pos - torch.arange(self.k, device=data.device)
         idx = (high << self.low_bits) | low
-        if bool((idx >= self.tile * self.tile).any()):
-            raise CodecError(f"{name}: an index lies outside its chunk", code="index_out_of_range")
-        if self.k > 1 and not bool((idx[:, 1:] > idx[:, :-1]).all()):
+        bad = (idx >= self.tile * self.tile).any(dim=1)
+        if bool(bad.any()):
             raise CodecError(
-                f"{name}: indices are not strictly increasing within a chunk", code="unsorted_indices"
+                f"{table.where(bad)}: an index lies outside its chunk", code="index_out_of_range"
             )
+        if self.k > 1:
+            bad = (idx[:, 1:] <= idx[:, :-1]).any(dim=1)
+            if bool(bad.any()):
+                raise CodecError(f"{table.where(bad)}: indices are not strictly increasing within a chunk",
+                                 code="unsorted_indices")
         return idx
+
+    def _table(self, spec: ParamSpec) -> _RowTable:
+        key = tuple((n, tuple(s)) for n, s in spec)
+        table = self._tables.get(key)
+        if table is None:
+            table = self._tables[key] = _RowTable.build(self, key)
+        return table
+
+
+@dataclass(frozen=True)
+class _RowTable:
+    """Per-chunk facts of a model's sparse tensors, derived from the shapes once and cached.
+
+    Chunk-local index p of a chunk row maps to ``base + (p // tile) * stride + p % tile`` in the
+    concatenated parameters; it is real (not padding) when ``p < limit``, ``p // tile < row_limit`` and
+    ``p % tile < col_limit``.
+    """
+
+    names: list[str]
+    offsets: list[int]
+    counts: list[int]  # decoded values per sparse tensor
+    row_counts: list[int]
+    total: int
+    rows: int
+    padded: bool
+    base: torch.Tensor  # (rows, 1) int64
+    stride: torch.Tensor
+    limit: torch.Tensor
+    row_limit: torch.Tensor
+    col_limit: torch.Tensor
+    lut_base: torch.Tensor  # (rows, 1): 4 * tensor number
+    tensor_of_row: torch.Tensor  # (rows,)
+    dense_offsets: list[int]
+    dense_sizes: list[int]
+    dense_slices: list[tuple[int, int]]
+
+    def where(self, bad_rows: torch.Tensor) -> str:
+        row = int(bad_rows.nonzero()[0, 0])
+        return self.names[int(self.tensor_of_row[row])]
+
+    def with_counts(self, counts: list[int]) -> _RowTable:
+        return dataclasses.replace(self, counts=counts)
+
+    @staticmethod
+    def build(codec: SparseLoCoCodec, spec: tuple[tuple[str, tuple[int, ...]], ...]) -> _RowTable:
+        s, chunk = codec.tile, codec.tile * codec.tile
+        names, offsets, counts, row_counts = [], [], [], []
+        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "stride", "limit", "rl", "cl", "tid")}
+        dense_offsets, dense_sizes, dense_slices = [], [], []
+        offset = dense_at = 0
+        padded = False
+        for name, shape in spec:
+            n = math.prod(shape)
+            if codec.is_dense(shape):
+                dense_offsets.append(offset)
+                dense_sizes.append(n)
+                dense_slices.append((dense_at, dense_at + n))
+                dense_at += n
+                offset += n
+                continue
+            lay = Layout(shape, s)
+            r = torch.arange(lay.rows, dtype=torch.int64)
+            full = torch.full((lay.rows,), chunk, dtype=torch.int64)
+            if lay.tiled:
+                _, nc = lay.grid
+                R, C = shape
+                r0, c0 = (r // nc) * s, (r % nc) * s
+                cols["base"].append(offset + r0 * C + c0)
+                cols["stride"].append(torch.full_like(r, C))
+                cols["limit"].append(full)
+                cols["rl"].append(R - r0)
+                cols["cl"].append(C - c0)
+            else:
+                cols["base"].append(offset + r * chunk)
+                cols["stride"].append(torch.full_like(r, s))
+                cols["limit"].append(n - r * chunk)
+                cols["rl"].append(full)
+                cols["cl"].append(full)
+            cols["tid"].append(torch.full_like(r, len(names)))
+            padded = padded or lay.padded
+            names.append(name)
+            offsets.append(offset)
+            counts.append(lay.rows * codec.k)
+            row_counts.append(lay.rows)
+            offset += n
+        cat = {k: (torch.cat(v) if v else torch.zeros(0, dtype=torch.int64)) for k, v in cols.items()}
+        return _RowTable(
+            names=names, offsets=offsets, counts=counts, row_counts=row_counts, total=offset,
+            rows=sum(row_counts), padded=padded, base=cat["base"].unsqueeze(1),
+            stride=cat["stride"].unsqueeze(1), limit=cat["limit"].unsqueeze(1),
+            row_limit=cat["rl"].unsqueeze(1), col_limit=cat["cl"].unsqueeze(1),
+            lut_base=(cat["tid"] * 4).unsqueeze(1), tensor_of_row=cat["tid"],
+            dense_offsets=dense_offsets, dense_sizes=dense_sizes, dense_slices=dense_slices,
+        )
 
 
 class DenseCodec:

@@ -25,7 +25,7 @@ class ErrorFeedback:
             if e is None or e.shape != d.shape:
                 self.buffers[name] = d.detach().float().clone()
             else:
-                e.mul_(self.beta).add_(d.float())
+                torch.add(d.float(), e, alpha=self.beta, out=e)  # one pass: e = d + beta * e
         return self.buffers
 
     @torch.no_grad()
