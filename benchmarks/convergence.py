@@ -31,10 +31,12 @@ import hashlib
 import json
 import logging
 import math
+import multiprocessing
 import os
 import sys
 import time
 from collections.abc import Sequence
+from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any, Literal
@@ -103,6 +105,7 @@ class Config:
     data_dir: Path = Path("runs/bench-data")
     out: Path = Path("benchmarks/convergence.png")
     threads: int = field(default_factory=cores)
+    jobs: int = field(default_factory=cores)  # methods trained at once, each in a process of its own
     device: str = "auto"
 
     def recipe(self) -> TrainingRecipe:
@@ -364,7 +367,21 @@ def run(cfg: Config) -> dict[str, Any]:
         bench.seq_len,
         cfg.rounds,
     )
-    return {"config": config, "methods": {name: run_method(bench, name) for name in cfg.methods}}
+    if cfg.jobs <= 1 or len(cfg.methods) == 1:
+        methods = {name: run_method(bench, name) for name in cfg.methods}
+    else:  # methods are independent and deterministic: the same results, sooner
+        per_job = max(1, cfg.threads // cfg.jobs)
+        ctx = multiprocessing.get_context("spawn")
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
+            futures = {name: pool.submit(_run_in_process, cfg, name, per_job) for name in cfg.methods}
+            methods = {name: f.result() for name, f in futures.items()}
+    return {"config": config, "methods": methods}
+
+
+def _run_in_process(cfg: Config, name: str, threads: int) -> dict[str, Any]:
+    logging.basicConfig(level=logging.INFO, stream=sys.stderr, format="%(asctime)s %(name)s %(message)s")
+    torch.set_num_threads(threads)
+    return run_method(Bench(cfg), name)
 
 
 # -- output -----------------------------------------------------------------------------------------------
@@ -432,6 +449,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p.add_argument("--data-dir", type=Path, default=d.data_dir, help="dataset cache")
     p.add_argument("--out", type=Path, default=d.out, help="PNG of the loss curves")
     p.add_argument("--threads", type=int, default=d.threads, help="torch threads (default: all cores)")
+    p.add_argument("--jobs", type=int, default=d.jobs, help="methods trained at once, in separate processes")
     p.add_argument("--device", default=d.device, help="auto, cpu, cuda, cuda:1, ...")
     p.add_argument("--json", action="store_true", help="print the full result as JSON instead of a table")
     a = p.parse_args(argv)
@@ -439,7 +457,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    for flag in ("workers", "inner_steps", "rounds", "batch_size", "eval_sequences", "threads"):
+    for flag in ("workers", "inner_steps", "rounds", "batch_size", "eval_sequences", "threads", "jobs"):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     cfg = Config(
@@ -458,6 +476,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         data_dir=a.data_dir,
         out=a.out,
         threads=a.threads,
+        jobs=a.jobs,
         device=a.device,
     )
     return cfg, a.json

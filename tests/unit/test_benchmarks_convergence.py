@@ -28,6 +28,7 @@ def result(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[
         "--warmup-steps=2",
         "--eval-sequences=8",
         "--threads=1",  # two threads on two busy cores can be ten times slower
+        "--jobs=1",
         f"--corpus={corpus_file}",
         f"--data-dir={tmp / 'data'}",
         f"--out={tmp / 'curves.png'}",
