@@ -13,6 +13,7 @@ ClientError
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import TypeVar
 
 import httpx
@@ -184,10 +185,45 @@ class CoordinatorClient:
     def update(self, version: int) -> bytes:
         return self._send("GET", f"/v1/versions/{version}/update").content
 
-    def checkpoint(self) -> tuple[int, bytes]:
-        response = self._send("GET", "/v1/checkpoint")
+    def checkpoint(self, version: int | None = None, partial: Path | None = None) -> tuple[int, bytes]:
+        """A checkpoint (the latest, or ``version``'s). With ``partial``, the download is written to that
+        file as it arrives and an interrupted one resumes from it (HTTP Range)."""
+        params = {} if version is None else {"version": str(version)}
+        if partial is None:
+            response = self._send("GET", "/v1/checkpoint", params=params)
+            return self._checkpoint_version(response), response.content
+        have = partial.stat().st_size if partial.exists() else 0
+        headers = {"Range": f"bytes={have}-"} if have else {}
+        request = self.http.build_request("GET", "/v1/checkpoint", params=params, headers=headers)
         try:
-            return int(response.headers["X-Gradpool-Version"]), response.content
+            response = self.http.send(request, stream=True)
+            try:
+                if response.status_code == 416:  # the partial file is not a prefix of this checkpoint
+                    partial.unlink()
+                    raise Unavailable("checkpoint download must restart from the beginning")
+                if response.status_code >= 400:
+                    response.read()
+                    if response.status_code >= 500:
+                        raise Unavailable(f"coordinator answered {response.status_code}")
+                    raise self._refusal(response)
+                found = self._checkpoint_version(response)
+                partial.parent.mkdir(parents=True, exist_ok=True)
+                with open(partial, "ab" if response.status_code == 206 else "wb") as f:
+                    for chunk in response.iter_bytes(1 << 20):
+                        f.write(chunk)
+                        self.bytes_down += len(chunk)
+            finally:
+                response.close()
+        except httpx.TransportError as e:
+            raise Unavailable(f"checkpoint download interrupted ({e}); it will resume") from None
+        data = partial.read_bytes()
+        partial.unlink()
+        return found, data
+
+    @staticmethod
+    def _checkpoint_version(response: httpx.Response) -> int:
+        try:
+            return int(response.headers["X-Gradpool-Version"])
         except (KeyError, ValueError):
             raise ProtocolMismatch("checkpoint answer has no version header") from None
 

@@ -87,7 +87,7 @@ class Miner:
                 log.warning(
                     "catching up to version %d by updates failed (%s); downloading checkpoint", target, e
                 )
-        self._download_checkpoint()
+        self._download_checkpoint(target)
 
     def _apply_published(self, v: int) -> None:
         data = self.client.update(v)
@@ -97,8 +97,9 @@ class Miner:
         apply_update(self.params, delta)
         self.version = v
 
-    def _download_checkpoint(self) -> None:
-        version, data = self.client.checkpoint()
+    def _download_checkpoint(self, target: int) -> None:
+        partial = self.settings.state_dir / f"checkpoint-{target}.partial"
+        version, data = self.client.checkpoint(target, partial)
         params, _ = load_checkpoint(data, self.spec)
         expected = self.client.version(version).param_hash
         if params_hash(params, self.spec) != expected:

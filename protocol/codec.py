@@ -387,9 +387,14 @@ class _RowTable:
     @staticmethod
     def build(codec: SparseLoCoCodec, spec: tuple[tuple[str, tuple[int, ...]], ...]) -> _RowTable:
         s, chunk = codec.tile, codec.tile * codec.tile
-        names, offsets, counts, row_counts = [], [], [], []
+        names: list[str] = []
+        offsets: list[int] = []
+        counts: list[int] = []
+        row_counts: list[int] = []
         cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "stride", "limit", "rl", "cl", "tid")}
-        dense_offsets, dense_sizes, dense_slices = [], [], []
+        dense_offsets: list[int] = []
+        dense_sizes: list[int] = []
+        dense_slices: list[tuple[int, int]] = []
         offset = dense_at = 0
         padded = False
         for name, shape in spec:

@@ -1,0 +1,114 @@
+"""The miner's HTTP client: typed errors from the coordinator's codes, and resumable checkpoints."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+import pytest
+
+from node.client import (
+    AlreadySubmitted,
+    CoordinatorClient,
+    NotAuthorized,
+    ProtocolMismatch,
+    Rejected,
+    RoundClosed,
+    StaleVersion,
+    Unavailable,
+)
+from protocol.signing import HEADER_SIGNATURE, generate_key, verify_request
+from protocol.wire import HEADER_PROTOCOL
+
+
+def client_answering(
+    status: int, body: Any = None, headers: dict[str, str] | None = None
+) -> CoordinatorClient:
+    def handler(request: httpx.Request) -> httpx.Response:
+        return httpx.Response(status, json=body, headers=headers)
+
+    return CoordinatorClient(
+        "http://coordinator.test", generate_key(), transport=httpx.MockTransport(handler)
+    )
+
+
+@pytest.mark.parametrize(
+    ("status", "code", "exc"),
+    [
+        (409, "round_closed", RoundClosed),
+        (409, "round_not_open", RoundClosed),
+        (409, "stale_version", StaleVersion),
+        (409, "already_submitted", AlreadySubmitted),
+        (401, "bad_signature", NotAuthorized),
+        (403, "unknown_miner", NotAuthorized),
+        (422, "wrong_k", Rejected),
+        (413, "payload_too_large", Rejected),
+    ],
+)
+def test_refusals_come_back_as_typed_exceptions(status: int, code: str, exc: type[Exception]) -> None:
+    client = client_answering(status, {"error": {"code": code, "message": "no"}})
+    with pytest.raises(exc) as err:
+        client.submit(0, b"payload")
+    assert err.value.code == code and err.value.status == status  # type: ignore[attr-defined]
+
+
+def test_server_errors_and_unreachable_hosts_are_unavailable() -> None:
+    with pytest.raises(Unavailable):
+        client_answering(503, {"error": {"code": "busy", "message": "later"}}).round()
+
+    def refuse(request: httpx.Request) -> httpx.Response:
+        raise httpx.ConnectError("connection refused", request=request)
+
+    client = CoordinatorClient(
+        "http://coordinator.test", generate_key(), transport=httpx.MockTransport(refuse)
+    )
+    with pytest.raises(Unavailable):
+        client.round()
+
+
+def test_a_server_that_is_not_a_coordinator_is_a_protocol_mismatch() -> None:
+    with pytest.raises(ProtocolMismatch):
+        client_answering(404, None).info()
+    with pytest.raises(ProtocolMismatch, match="protocol 99"):
+        client_answering(200, {}, headers={HEADER_PROTOCOL: "99"}).info()
+
+
+def test_uploads_are_signed_over_the_exact_path_and_body() -> None:
+    seen: list[httpx.Request] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request)
+        return httpx.Response(200, json={"round": 4, "miner": "m", "payload_sha256": "x", "bytes": 3})
+
+    key = generate_key()
+    client = CoordinatorClient("http://coordinator.test/", key, transport=httpx.MockTransport(handler))
+    client.submit(4, b"abc")
+    request = seen[0]
+    assert HEADER_SIGNATURE in request.headers
+    miner, _ = verify_request(dict(request.headers), "POST", "/v1/rounds/4/submissions", b"abc")
+    assert miner == client.key.public_key().public_bytes_raw().hex()
+
+
+def test_an_interrupted_checkpoint_download_resumes_where_it_stopped(
+    live_coordinator: Callable[..., Any], tmp_path: Path
+) -> None:
+    with live_coordinator() as server:
+        client = CoordinatorClient(server.url, generate_key())
+        version, whole = client.checkpoint()
+        partial = tmp_path / "checkpoint-0.partial"
+        partial.write_bytes(whole[: len(whole) // 3])
+        before = client.bytes_down
+        again, resumed = client.checkpoint(version, partial)
+        fetched = client.bytes_down - before
+        # a partial file that is not a prefix (longer than the file) makes the server refuse the range
+        partial.write_bytes(whole + b"junk")
+        with pytest.raises(Unavailable):
+            client.checkpoint(version, partial)
+        assert not partial.exists()
+        _, fresh = client.checkpoint(version, partial)
+    assert again == version == 0
+    assert resumed == whole == fresh
+    assert fetched == len(whole) - len(whole) // 3
+    assert not partial.exists()
