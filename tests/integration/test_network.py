@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import subprocess
 import sys
 import time
@@ -12,25 +13,16 @@ from typing import Any
 import httpx
 
 
-def _mine(url: str, key: Path, state: Path, log: Path, *extra: str) -> subprocess.Popen[bytes]:
-    args = [
-        sys.executable,
-        "-m",
-        "gradpool",
-        "mine",
-        "--coordinator",
-        url,
-        "--key",
-        str(key),
-        "--create-key",
-        "--state-dir",
-        str(state),
-        "--threads",
-        "1",
-        *extra,
-    ]
+def mine_command(url: str, key: Path, state: Path) -> list[str]:
+    return [sys.executable, "-m", "gradpool", "mine", "--coordinator", url, "--key", str(key), "--create-key",
+            "--state-dir", str(state), "--threads", "1"]  # fmt: skip
+
+
+def _mine(url: str, key: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
     with open(log, "wb") as out:
-        return subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL)
+        return subprocess.Popen(
+            mine_command(url, key, state), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
+        )
 
 
 def _wait_rounds(url: str, n: int, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> dict[str, Any]:
@@ -68,20 +60,8 @@ def test_two_miners_train_three_rounds(live_coordinator: Callable[..., Any], tmp
 
 
 def test_miner_with_wrong_url_fails_with_one_line(tmp_path: Path) -> None:
-    args = [
-        sys.executable,
-        "-m",
-        "gradpool",
-        "mine",
-        "--coordinator",
-        "http://127.0.0.1:9",
-        "--key",
-        str(tmp_path / "k.pem"),
-        "--create-key",
-        "--state-dir",
-        str(tmp_path / "s"),
-    ]
-    env = {**__import__("os").environ, "GRADPOOL_STARTUP_TIMEOUT_S": "1"}
+    args = mine_command("http://127.0.0.1:9", tmp_path / "k.pem", tmp_path / "s")
+    env = {**os.environ, "GRADPOOL_STARTUP_TIMEOUT_S": "1"}
     done = subprocess.run(args, capture_output=True, text=True, timeout=60, env=env, stdin=subprocess.DEVNULL)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")

@@ -8,6 +8,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROUND_FIELDS = {
     "round",
     "version",
@@ -21,6 +23,16 @@ ROUND_FIELDS = {
 }
 
 
+def simulate(*args: str) -> subprocess.CompletedProcess[str]:
+    return subprocess.run(
+        [sys.executable, "-m", "gradpool", "simulate", *args],
+        capture_output=True,
+        text=True,
+        timeout=240,
+        stdin=subprocess.DEVNULL,
+    )
+
+
 def test_simulate_writes_a_report_and_stops_its_processes(tmp_path: Path, corpus_file: Path) -> None:
     cfg = tmp_path / "sim.toml"
     cfg.write_text(
@@ -28,26 +40,7 @@ def test_simulate_writes_a_report_and_stops_its_processes(tmp_path: Path, corpus
         "[recipe]\ninner_steps = 4\nbatch_size = 4\nwarmup_steps = 2\nlr = 0.003\n"
     )
     out = tmp_path / "run"
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradpool",
-            "simulate",
-            "--miners",
-            "2",
-            "--rounds",
-            "3",
-            "--out",
-            str(out),
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
-    )
+    done = simulate("--miners", "2", "--rounds", "3", "--out", str(out), "--config", str(cfg))
     assert done.returncode == 0, done.stderr + done.stdout
     rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == ["0", "1", "2"]
@@ -58,38 +51,15 @@ def test_simulate_writes_a_report_and_stops_its_processes(tmp_path: Path, corpus
     assert report["final_eval_loss"] == report["rounds"][-1]["eval_loss"] < report["initial_eval_loss"]
     assert report["config"]["miners"] == 2 and report["config"]["codec"]["name"] == "sparseloco"
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    pids = [int(json.loads((out / "coordinator.ready").read_text())["pid"])]
-    for pid in pids:
-        try:
-            os.kill(pid, 0)
-            raise AssertionError(f"process {pid} still running")
-        except ProcessLookupError:
-            pass
+    coordinator_pid = int(json.loads((out / "coordinator.ready").read_text())["pid"])
+    with pytest.raises(ProcessLookupError):
+        os.kill(coordinator_pid, 0)  # simulate stopped the processes it started
 
 
 def test_simulate_fails_cleanly_when_the_coordinator_cannot_start(tmp_path: Path) -> None:
     cfg = tmp_path / "sim.toml"
     cfg.write_text('[data]\ncorpus = "/nonexistent/corpus"\n')
-    done = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "gradpool",
-            "simulate",
-            "--miners",
-            "1",
-            "--rounds",
-            "1",
-            "--out",
-            str(tmp_path / "run"),
-            "--config",
-            str(cfg),
-        ],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+    done = simulate("--miners", "1", "--rounds", "1", "--out", str(tmp_path / "run"), "--config", str(cfg))
     assert done.returncode != 0
     assert "Traceback" not in done.stderr
     assert "error:" in done.stderr and "corpus path" in done.stderr
