@@ -280,7 +280,8 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
         tally.train_loss = sum(losses) / len(losses)
         t0 = time.perf_counter()
         updates = [codec.decode(p, bench.spec)[1] for p in payloads]  # what the coordinator sees
-        apply_update(theta, outer.step(aggregate(updates, bench.spec, bench.device)))
+        delta, outer.buffers = outer.step(aggregate(updates, bench.spec, bench.device))
+        apply_update(theta, delta)
         t1 = time.perf_counter()
         loss = bench.evaluate_params(theta)
         tally.comm_s += t1 - t0

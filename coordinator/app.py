@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import hmac
 import logging
 from collections.abc import AsyncIterator
 from typing import Annotated
@@ -11,9 +12,18 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from fastapi.responses import FileResponse
+from prometheus_client import CONTENT_TYPE_LATEST
 from safetensors.torch import save as st_save
 
-from coordinator.errors import ApiError, Forbidden, NotFound, PayloadTooLarge, Unauthorized, install_handlers
+from coordinator.errors import (
+    ApiError,
+    Busy,
+    Forbidden,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    install_handlers,
+)
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
 from protocol.errors import SignatureError
@@ -75,6 +85,43 @@ router = APIRouter()
 @router.get("/healthz")
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
+
+
+@router.get("/readyz")
+async def readyz(request: Request) -> dict[str, str]:
+    """Ready once the run is loaded and its round keeper is running."""
+    run: Run | None = getattr(request.app.state, "run", None)
+    if run is None or not run.keeping:
+        raise Busy("starting", "the coordinator is still starting", headers={"Retry-After": "1"})
+    return {"status": "ready"}
+
+
+@router.get("/metrics")
+async def metrics(run: RunDep) -> Response:
+    return Response(run.metrics.render(), media_type=CONTENT_TYPE_LATEST)
+
+
+@router.get("/v1/rounds/{round_}/audit")
+async def audit(round_: int, run: RunDep) -> list[dict[str, object]]:
+    """The round's audit manifest: each upload's miner, payload hash, size, verdict and reason."""
+    if round_ < 0 or round_ > run.current.round:
+        raise NotFound("not_found", f"round {round_} does not exist")
+    return run.audit(round_)
+
+
+def require_admin(request: Request, run: RunDep) -> None:
+    token = run.settings.admin_token
+    if token is None:
+        raise Forbidden("admin_disabled", "set admin_token in the coordinator's settings to use /v1/admin")
+    given = request.headers.get("authorization", "")
+    if not hmac.compare_digest(given.encode(), f"Bearer {token.get_secret_value()}".encode()):
+        raise Unauthorized("bad_admin_token", "missing or wrong admin token")
+
+
+@router.post("/v1/admin/close-round", dependencies=[Depends(require_admin)])
+async def close_round(run: RunDep) -> dict[str, int]:
+    """Close the open round now, with the uploads it has."""
+    return {"round": run.request_close()}
 
 
 @router.get("/v1/info")

@@ -2,13 +2,15 @@
 ``{"error": {"code": "stale_version", "message": "..."}}``.
 
     ApiError (400)
-    ├── Unauthorized (401)     missing_signature, bad_signature, expired_timestamp, replayed_nonce
-    ├── Forbidden (403)        unknown_miner, held_out
+    ├── Unauthorized (401)     missing_signature, bad_signature, expired_timestamp, replayed_nonce,
+    │                          bad_admin_token
+    ├── Forbidden (403)        unknown_miner, not_allowed, held_out, admin_disabled
     ├── NotFound (404)         not_found
-    ├── Conflict (409)         round_closed, round_not_open, stale_version, already_submitted
+    ├── Conflict (409)         round_closed, round_not_open, stale_version, already_submitted,
+    │                          nothing_to_aggregate
     ├── PayloadTooLarge (413)  payload_too_large
     ├── Unprocessable (422)    malformed_payload and the codec's other codes
-    └── Busy (503)             busy, with Retry-After
+    └── Busy (503)             starting, with Retry-After
 """
 
 from __future__ import annotations
@@ -63,7 +65,10 @@ def error_response(
 
 def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
-    async def _api_error(_: Request, exc: ApiError) -> JSONResponse:
+    async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+        run = getattr(request.app.state, "run", None)
+        if run is not None and exc.status < 500:
+            run.metrics.refusals.labels(exc.code).inc()
         return error_response(exc.status, exc.code, exc.message, exc.headers)
 
     @app.exception_handler(RequestValidationError)

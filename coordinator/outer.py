@@ -17,18 +17,21 @@ class OuterOptimizer:
         self.buffers: dict[str, torch.Tensor] = {}
 
     @torch.no_grad()
-    def step(self, aggregate: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
-        """The delta to subtract from the parameters."""
-        out = {}
+    def step(
+        self, aggregate: Mapping[str, torch.Tensor]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The delta to subtract from the parameters, and the momentum after this step. Pure: the caller
+        stores the new momentum (``buffers``) only once the version it made is committed."""
+        out, buffers = {}, {}
         for name, a in aggregate.items():
             if self.momentum == 0.0:
                 out[name] = a * self.lr
                 continue
             m = self.buffers.get(name)
-            m = a.clone() if m is None else m.mul_(self.momentum).add_(a)
-            self.buffers[name] = m
+            m = a.clone() if m is None else m * self.momentum + a
+            buffers[name] = m
             out[name] = (a + self.momentum * m) * self.lr
-        return out
+        return out, buffers
 
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {n: t.cpu().contiguous() for n, t in self.buffers.items()}

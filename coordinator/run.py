@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import sqlite3
 import statistics
 import threading
 import time
@@ -17,6 +18,7 @@ import torch
 from safetensors.torch import load as st_load
 
 from coordinator.errors import Conflict, Forbidden, Unprocessable
+from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import BlobStore, Store
@@ -40,6 +42,22 @@ from protocol.wire import PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, Sub
 
 log = logging.getLogger(__name__)
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median
+
+
+@dataclass
+class _Built:
+    """A version made from a round's accepted updates, not yet committed."""
+
+    version: int
+    params: dict[str, torch.Tensor]
+    param_hash: str
+    eval_loss: float
+    update_sha: str
+    update_bytes: int
+    checkpoint_sha: str
+    checkpoint_bytes: int
+    outer_buffers: dict[str, torch.Tensor]
+    outer_sha: str | None
 
 
 @dataclass
@@ -91,9 +109,13 @@ class Run:
             max_catchup_versions=settings.max_catchup_versions,
         )
         self.lock = threading.RLock()
+        self.metrics = Metrics()
+        self.force_close = False
         self._check_data()
         self.params, self.current = self._resume_or_start()
+        self._update_gauges()
         self._loop: asyncio.AbstractEventLoop | None = None
+        self.keeping = False
         self._changed: asyncio.Event | None = None
         self._poke: asyncio.Event | None = None
 
@@ -232,6 +254,9 @@ class Run:
         return self.store.remember_nonce(nonce, now + 2 * self.settings.signature_window_s, now)
 
     def register(self, miner: str) -> bool:
+        allow = self.settings.allowlist
+        if allow is not None and miner not in {k.lower() for k in allow}:
+            raise Forbidden("not_allowed", "this coordinator only takes miners on its allowlist")
         with self.lock:
             known = self.store.one("SELECT 1 FROM miners WHERE pubkey = ?", miner) is not None
             self.store.execute(
@@ -247,6 +272,32 @@ class Run:
 
     def count_download(self, nbytes: int) -> None:
         self.store.add_bytes_down(self.current.round, nbytes)
+        self.metrics.bytes_out.inc(nbytes)
+
+    def _update_gauges(self) -> None:
+        self.metrics.round.set(self.current.round)
+        self.metrics.version.set(self.current.version)
+        row = self.store.one("SELECT eval_loss FROM versions WHERE version = ?", self.current.version)
+        if row is not None and row["eval_loss"] is not None:
+            self.metrics.eval_loss.set(row["eval_loss"])
+
+    def audit(self, round_: int) -> list[dict[str, object]]:
+        """Every upload of a round: miner, payload hash, size, and accepted or refused with the reason."""
+        rows = self.store.all(
+            "SELECT miner, sha256, content_sha256, bytes, status, reason, compute_s, received_at "
+            "FROM submissions WHERE round = ? ORDER BY received_at", round_,
+        )  # fmt: skip
+        return [dict(r) for r in rows]
+
+    def request_close(self) -> int:
+        """Close the open round as soon as it has an upload (operator's command); returns its number."""
+        with self.lock:
+            n = self.store.one("SELECT COUNT(*) AS n FROM submissions WHERE round = ?", self.current.round)
+            if not n or not n["n"]:
+                raise Conflict("nothing_to_aggregate", f"round {self.current.round} has no uploads yet")
+            self.force_close = True
+        self.poke()
+        return self.current.round
 
     def submit(self, miner: str, round_: int, body: bytes) -> SubmissionReceipt:
         """Check and store one upload (runs in a worker thread: decoding is CPU work)."""
@@ -294,6 +345,7 @@ class Run:
             len(body),
             header.base_version,
         )
+        self.metrics.bytes_in.inc(len(body))
         self.poke()
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
 
@@ -324,6 +376,7 @@ class Run:
         """Close rounds when they are complete or past their deadline; aggregate off the event loop."""
         self._loop = asyncio.get_running_loop()
         self._changed, self._poke = asyncio.Event(), asyncio.Event()
+        self.keeping = True
         while True:
             with contextlib.suppress(TimeoutError):
                 await asyncio.wait_for(self._poke.wait(), timeout=0.25)
@@ -356,7 +409,12 @@ class Run:
     def _should_close(self) -> bool:
         cur = self.current
         rows = self.store.all("SELECT miner FROM submissions WHERE round = ?", cur.round)
-        if cur.status != "open" or len(rows) < self.settings.rounds.min_quorum:
+        if cur.status != "open" or not rows:
+            return False
+        if self.force_close:
+            self.force_close = False
+            return True
+        if len(rows) < self.settings.rounds.min_quorum:
             return False
         if set(self._expected_miners(cur.round)) <= {r["miner"] for r in rows}:
             return True
@@ -369,16 +427,71 @@ class Run:
 
     # -- aggregation and publishing -----------------------------------------------------------------------
     def aggregate_and_publish(self) -> None:
+        """Close the current round: judge its uploads, publish the next version if any is accepted, and
+        open the next round, all in one transaction. Idempotent: a crash before the commit leaves the
+        round open with its uploads, and running it again gives the same version."""
         cur = self.current
         t0 = time.time()
         subs = self.store.all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", cur.round)
+        verdicts, accepted = self._judge(subs)
+        built = self._build_version(cur, accepted) if accepted else None
+        compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
+        now = time.time()
+        with self.store.transaction() as db:
+            if built is not None:
+                db.execute(
+                    "INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
+                    "checkpoint_sha, checkpoint_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (built.version, cur.round, built.param_hash, built.eval_loss, built.update_sha,
+                     built.update_bytes, built.checkpoint_sha, built.checkpoint_bytes, now),
+                )  # fmt: skip
+                if built.outer_sha is not None:
+                    db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('outer_state', ?)",
+                               (built.outer_sha,))  # fmt: skip
+            for s in subs:
+                reason = verdicts.get(s["miner"])
+                db.execute(
+                    "UPDATE submissions SET status = ?, reason = ? WHERE round = ? AND miner = ?",
+                    ("accepted" if reason is None else "rejected", reason, cur.round, s["miner"]),
+                )
+            db.execute(
+                "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
+                "compute_s = ?, eval_loss = ? WHERE round = ?",
+                (now, len(accepted), len(subs) - len(accepted), statistics.fmean(compute) if compute else 0.0,
+                 None if built is None else built.eval_loss, cur.round),
+            )  # fmt: skip
+            new_version = cur.version if built is None else built.version
+            db.execute(
+                "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                (cur.round + 1, new_version, now),
+            )
+        with self.lock:
+            if built is not None:
+                self.params = built.params
+                self.outer.buffers = built.outer_buffers
+            self.current = Current(cur.round + 1, new_version, "open", self.current.param_hash
+                                   if built is None else built.param_hash)  # fmt: skip
+        self._prune_checkpoints()
+        self._update_gauges()
+        self.metrics.round_closed(
+            subs, verdicts, time.time() - t0, None if built is None else built.eval_loss
+        )
+        rejected = {m[:12]: r for m, r in verdicts.items() if r is not None}
+        log.info(
+            "round %d closed: version %d, accepted %d, rejected %d %s, held-out loss %s, %.2f s",
+            cur.round, new_version, len(accepted), len(subs) - len(accepted), rejected or "",
+            "n/a" if built is None else f"{built.eval_loss:.4f}", time.time() - t0,
+        )  # fmt: skip
+
+    def _judge(self, subs: list[sqlite3.Row]) -> tuple[dict[str, str | None], list[Decoded]]:
+        """Each upload's verdict (None: accepted, else the reason) and the accepted decoded updates."""
         verdicts: dict[str, str | None] = {}
         updates: list[tuple[str, Decoded, float]] = []
         seen: set[str] = set()
         for s in subs:
             miner = s["miner"]
             if s["content_sha256"] in seen:
-                verdicts[miner] = "copied_payload"
+                verdicts[miner] = "copied_payload"  # the later uploader of the same update
                 continue
             seen.add(s["content_sha256"])
             try:
@@ -391,95 +504,32 @@ class Run:
                 verdicts[miner] = "empty_update" if norm == 0.0 else "non_finite"
                 continue
             updates.append((miner, update, norm))
-        if updates:
+        if len(updates) >= 3:
             median = statistics.median(n for _, _, n in updates)
             for miner, _, norm in updates:
-                if len(updates) >= 3 and norm > MAX_NORM_RATIO * median:
+                if norm > MAX_NORM_RATIO * median:
                     verdicts[miner] = "norm_outlier"
-        accepted = [(m, u) for m, u, _ in updates if m not in verdicts]
-        for m, _ in accepted:
-            verdicts[m] = None
-        new_version = cur.version
-        new_params, new_hash, eval_loss = self.params, cur.param_hash, None
-        update_sha = ckpt_sha = None
-        update_bytes = ckpt_bytes = 0
-        if accepted:
-            agg = aggregate([u for _, u in accepted], self.spec)
-            delta = self.outer.step(agg)
-            new_params = {n: p.clone() for n, p in self.params.items()}
-            apply_update(new_params, delta)
-            new_version = cur.version + 1
-            new_hash = params_hash(new_params, self.spec)
-            upd = encode_update(
-                delta,
-                self.spec,
-                UpdateHeader(base_version=cur.version, version=new_version, param_hash=new_hash),
-            )
-            ckpt = save_checkpoint(new_params, {"version": str(new_version), "param_hash": new_hash})
-            update_sha, ckpt_sha = self.blobs.put(upd), self.blobs.put(ckpt)
-            update_bytes, ckpt_bytes = len(upd), len(ckpt)
-            if self.outer.momentum:
-                self.store.set_meta(
-                    "outer_state", self.blobs.put(save_checkpoint(self.outer.state_dict(), {}))
-                )
-            eval_loss = self.evaluate(new_params)
-        n_acc = len(accepted)
-        compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
-        now = time.time()
-        with self.store.transaction() as db:
-            if accepted:
-                db.execute(
-                    "INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
-                    "checkpoint_sha, checkpoint_bytes, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (
-                        new_version,
-                        cur.round,
-                        new_hash,
-                        eval_loss,
-                        update_sha,
-                        update_bytes,
-                        ckpt_sha,
-                        ckpt_bytes,
-                        now,
-                    ),
-                )
-            for s in subs:
-                reason = verdicts.get(s["miner"])
-                db.execute(
-                    "UPDATE submissions SET status = ?, reason = ? WHERE round = ? AND miner = ?",
-                    ("accepted" if reason is None else "rejected", reason, cur.round, s["miner"]),
-                )
-            db.execute(
-                "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
-                "compute_s = ?, eval_loss = ? WHERE round = ?",
-                (
-                    now,
-                    n_acc,
-                    len(subs) - n_acc,
-                    statistics.fmean(compute) if compute else 0.0,
-                    eval_loss,
-                    cur.round,
-                ),
-            )
-            db.execute(
-                "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                (cur.round + 1, new_version, now),
-            )
-        with self.lock:
-            self.params = new_params
-            self.current = Current(cur.round + 1, new_version, "open", new_hash)
-        self._prune_checkpoints()
-        rejected = {m[:12]: r for m, r in verdicts.items() if r is not None}
-        log.info(
-            "round %d closed: version %d, accepted %d, rejected %d %s, held-out loss %s, %.2f s",
-            cur.round,
-            new_version,
-            n_acc,
-            len(subs) - n_acc,
-            rejected or "",
-            "n/a" if eval_loss is None else f"{eval_loss:.4f}",
-            time.time() - t0,
-        )
+        accepted = [u for m, u, _ in updates if m not in verdicts]
+        for m, _, _ in updates:
+            verdicts.setdefault(m, None)
+        return verdicts, accepted
+
+    def _build_version(self, cur: Current, accepted: list[Decoded]) -> _Built:
+        """The next version from the accepted updates: parameters, published update, checkpoint, loss.
+        Writes only content-addressed blobs; nothing is visible until the caller commits."""
+        delta, outer_buffers = self.outer.step(aggregate(accepted, self.spec))
+        params = {n: p.clone() for n, p in self.params.items()}
+        apply_update(params, delta)
+        version, param_hash = cur.version + 1, params_hash(params, self.spec)
+        header = UpdateHeader(base_version=cur.version, version=version, param_hash=param_hash)
+        update = encode_update(delta, self.spec, header)
+        ckpt = save_checkpoint(params, {"version": str(version), "param_hash": param_hash})
+        outer_sha = self.blobs.put(save_checkpoint(outer_buffers, {})) if outer_buffers else None
+        return _Built(
+            version=version, params=params, param_hash=param_hash, eval_loss=self.evaluate(params),
+            update_sha=self.blobs.put(update), update_bytes=len(update), checkpoint_sha=self.blobs.put(ckpt),
+            checkpoint_bytes=len(ckpt), outer_buffers=outer_buffers, outer_sha=outer_sha,
+        )  # fmt: skip
 
     def _prune_checkpoints(self) -> None:
         keep = self.settings.keep_checkpoints

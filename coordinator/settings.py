@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, SecretStr
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.wire import CodecConfig, TrainingRecipe
@@ -54,6 +54,8 @@ class CoordinatorSettings(BaseSettings):
     max_catchup_versions: int = Field(default=16, ge=1)
     signature_window_s: float = Field(default=120.0, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1)
+    admin_token: SecretStr | None = Field(default=None, description="bearer token for /v1/admin; None: off")
+    allowlist: list[str] | None = Field(default=None, description="public keys (hex) allowed to register")
     log_level: str = "INFO"
 
     def outer_lr(self) -> float:

@@ -1,0 +1,41 @@
+"""Prometheus metrics of one coordinator (a registry per run, so tests can build many)."""
+
+from __future__ import annotations
+
+import sqlite3
+from collections.abc import Mapping, Sequence
+
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+
+class Metrics:
+    def __init__(self) -> None:
+        r = self.registry = CollectorRegistry()
+        self.rounds = Counter("gradpool_rounds", "Rounds closed", registry=r)
+        self.submissions = Counter(
+            "gradpool_submissions", "Uploads judged at aggregation", ["status", "reason"], registry=r
+        )
+        self.refusals = Counter("gradpool_refusals", "Requests refused with a 4xx, by error code", ["code"],
+                                registry=r)  # fmt: skip
+        self.bytes_in = Counter("gradpool_bytes_in", "Payload bytes taken at intake", registry=r)
+        self.bytes_out = Counter("gradpool_bytes_out", "Bytes served: data, updates, checkpoints", registry=r)
+        self.aggregation = Histogram(
+            "gradpool_aggregation_seconds", "Time to judge, aggregate, publish and evaluate a round",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
+        )  # fmt: skip
+        self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
+        self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
+        self.round = Gauge("gradpool_round", "The open round", registry=r)
+
+    def round_closed(self, subs: Sequence[sqlite3.Row], verdicts: Mapping[str, str | None], seconds: float,
+                     eval_loss: float | None) -> None:  # fmt: skip
+        self.rounds.inc()
+        self.aggregation.observe(seconds)
+        for s in subs:
+            reason = verdicts.get(s["miner"])
+            self.submissions.labels("accepted" if reason is None else "rejected", reason or "").inc()
+        if eval_loss is not None:
+            self.eval_loss.set(eval_loss)
+
+    def render(self) -> bytes:
+        return generate_latest(self.registry)
