@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import math
+import os
 import sqlite3
 import statistics
 import threading
@@ -42,6 +43,8 @@ from protocol.wire import PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, Sub
 
 log = logging.getLogger(__name__)
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median
+FAULT_ENV = "GRADPOOL_FAULT_PUBLISH_DELAY_S"
+FAULT_DELAY_S = float(os.environ.get(FAULT_ENV, "0") or 0)
 
 
 @dataclass
@@ -436,6 +439,11 @@ class Run:
         verdicts, accepted = self._judge(subs)
         built = self._build_version(cur, accepted) if accepted else None
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
+        if FAULT_DELAY_S:  # failure injection for crash tests: a window in which to kill before the commit
+            log.warning(
+                "round %d: pausing %.1f s before publishing (%s)", cur.round, FAULT_DELAY_S, FAULT_ENV
+            )
+            time.sleep(FAULT_DELAY_S)
         now = time.time()
         with self.store.transaction() as db:
             if built is not None:

@@ -1,0 +1,105 @@
+"""The coordinator killed with SIGKILL during intake and during aggregation loses nothing and publishes
+each version exactly once; every checkpoint it serves matches its hash."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import torch
+
+from node.client import CoordinatorClient
+from protocol.aggregate import aggregate
+from protocol.codec import PayloadHeader, SparseLoCoCodec
+from protocol.model import build_model
+from protocol.params import apply_update, load_checkpoint, param_spec, params_hash
+from protocol.signing import generate_key
+
+SPEC = param_spec(build_model("tiny"))
+
+
+def start(
+    state: Path, corpus: Path, log: Path, fault_delay_s: float = 0.0
+) -> tuple[subprocess.Popen[bytes], str]:
+    ready = state.parent / "ready.json"
+    ready.unlink(missing_ok=True)
+    env = {**os.environ, "GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
+           "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
+           "GRADPOOL_FAULT_PUBLISH_DELAY_S": str(fault_delay_s)}  # fmt: skip
+    args = [sys.executable, "-m", "gradpool", "coordinator", "serve", "--state-dir", str(state), "--corpus",
+            str(corpus), "--port", "0", "--ready-file", str(ready)]  # fmt: skip
+    with open(log, "ab") as out:
+        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
+    end = time.monotonic() + 120
+    while not ready.exists():
+        assert proc.poll() is None and time.monotonic() < end, log.read_text()
+        time.sleep(0.05)
+    return proc, json.loads(ready.read_text())["url"]
+
+
+def kill(proc: subprocess.Popen[bytes]) -> None:
+    proc.send_signal(signal.SIGKILL)
+    proc.wait(timeout=30)
+
+
+def payload(seed: int) -> bytes:
+    g = torch.Generator().manual_seed(seed)
+    delta = {n: torch.randn(s, generator=g) * 1e-3 for n, s in SPEC}
+    header = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_version=0)
+    return SparseLoCoCodec().encode(delta, SPEC, header)[0]
+
+
+def wait_status(client: CoordinatorClient, status: str, round_: int, timeout_s: float = 60) -> None:
+    end = time.monotonic() + timeout_s
+    while True:
+        info = client.round()
+        if info.status == status and info.round == round_:
+            return
+        assert time.monotonic() < end, f"round never reached {status}: {info}"
+        time.sleep(0.05)
+
+
+def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_file: Path) -> None:
+    state, log = tmp_path / "state", tmp_path / "coordinator.log"
+    keys = [generate_key(), generate_key()]
+    bodies = [payload(1), payload(2)]
+    proc, url = start(state, corpus_file, log)
+    try:
+        a, b = (CoordinatorClient(url, k) for k in keys)
+        a.register()
+        b.register()
+        version0 = load_checkpoint(a.checkpoint(0)[1], SPEC)[0]
+        assert not a.submit(0, bodies[0]).duplicate
+        kill(proc)  # during intake: one upload taken, the round still open
+
+        proc, url = start(state, corpus_file, log, fault_delay_s=30)
+        a, b = (CoordinatorClient(url, k) for k in keys)
+        assert a.submit(0, bodies[0]).duplicate, "the accepted upload must survive the kill"
+        b.submit(0, bodies[1])
+        wait_status(a, "aggregating", 0)
+        kill(proc)  # during aggregation, before the new version is committed
+
+        proc, url = start(state, corpus_file, log)
+        a = CoordinatorClient(url, keys[0])
+        wait_status(a, "open", 1)
+        info = a.version(1)
+        assert a.round().version == 1
+        served_version, ckpt = a.checkpoint()
+        served = load_checkpoint(ckpt, SPEC)[0]
+        audit = a.http.get(f"{url}/v1/rounds/0/audit").json()
+        missing = a.http.get(f"{url}/v1/versions/2")
+    finally:
+        proc.send_signal(signal.SIGTERM)
+        proc.wait(timeout=30)
+    assert served_version == 1 and params_hash(served, SPEC) == info.param_hash
+    assert missing.status_code == 404, "a version is published exactly once"
+    assert sorted(r["status"] for r in audit) == ["accepted", "accepted"]
+    codec = SparseLoCoCodec()
+    expected = dict(version0)
+    apply_update(expected, aggregate([codec.decode(body, SPEC)[1] for body in bodies], SPEC))
+    assert params_hash(expected, SPEC) == info.param_hash, "both uploads are in version 1, once each"
