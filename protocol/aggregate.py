@@ -9,7 +9,7 @@ from collections.abc import Sequence
 
 import torch
 
-from protocol.codec import ParamSpec, SparseTensor
+from protocol.payload import ParamSpec, SparseTensor
 
 Decoded = dict[str, SparseTensor]
 

@@ -1,445 +1,54 @@
-"""Update codecs: SparseLoCo (top-k per chunk, 2-bit values, Elias-Fano indices) and the dense baselines.
+"""Update codecs, one interface: ``encode(tensors, spec, header) -> (payload, decoded)`` and
+``decode(payload, spec) -> (header, {name: SparseTensor})``.
 
-A payload is a safetensors file with a small JSON header (``PayloadHeader``) in its metadata. Its
-tensors hold the update of every model parameter, concatenated in the model's parameter order, so the
-receiver derives every length from the model's shapes and checks it before use. Nothing from the wire
-picks a dtype, a shape or a function.
+- ``sparseloco``: top-k per chunk, 2-bit values, Elias-Fano indices (``protocol.sparseloco``), ~205x
+  smaller than fp32;
+- ``dense_fp32`` / ``dense_bf16``: every element (the DiLoCo baseline);
+- ``int8``: every element with an absmax scale per 4096 elements.
 
-SparseLoCo layout, per parameter tensor:
-
-- A matrix whose sides are both at least ``tile`` is cut into ``tile x tile`` tiles (zero-padded at the
-  edges); any other tensor into flat chunks of ``tile**2`` elements. Each chunk keeps its ``k`` largest
-  magnitudes.
-- Indices within a chunk are sorted and Elias-Fano coded: ``l = floor(log2(U / k))`` low bits each, plus an
-  upper bitmap of ``k + (U - 1 >> l) + 1`` bits. At k=64, U=4096 that is exactly 8 bits an index and every
-  chunk has the same size, which keeps encode and decode vectorised.
-- Values are centred by the mean of the kept values, binned by their spread (6 sigma into 4 bins) and sent
-  as 2-bit codes, four to a byte, with a per-tensor table of the mean original value in each bin.
-- A tensor whose fp16 form is no larger than its sparse form (at most a few dozen elements) goes dense in
-  fp16: top-k would keep all of it anyway.
+Payload framing lives in ``protocol.payload``; this module is the public surface of both.
 """
 
 from __future__ import annotations
 
-import dataclasses
-import hashlib
-import json
 import math
-from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from collections.abc import Mapping
 from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
-from safetensors.torch import load as st_load
-from safetensors.torch import save as st_save
 
-from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
 from protocol.errors import CodecError
+from protocol.payload import (
+    PAYLOAD_FORMAT_VERSION,
+    CodecName,
+    ParamSpec,
+    PayloadHeader,
+    PayloadStats,
+    SparseTensor,
+    content_digest,
+    expect_len,
+    frame,
+    unframe,
+)
+from protocol.sparseloco import Layout, SparseLoCoCodec, quantize_2bit
 
-PAYLOAD_FORMAT_VERSION = 1
-ParamSpec = Sequence[tuple[str, tuple[int, ...]]]
-CodecName = Literal["sparseloco", "dense_fp32", "dense_bf16", "int8"]
-FP32_MAX = torch.finfo(torch.float32).max
-FP16_MAX = torch.finfo(torch.float16).max
-
-
-class PayloadStats(BaseModel):
-    """What the miner reports about its own work (untrusted; used for reporting only)."""
-
-    model_config = ConfigDict(extra="forbid")
-    compute_s: float = Field(default=0.0, ge=0.0, le=1e6)
-    loss_before: float | None = None
-    loss_after: float | None = None
-
-
-class PayloadHeader(BaseModel):
-    model_config = ConfigDict(extra="forbid")
-    format_version: int
-    codec: CodecName
-    round: int = Field(ge=0)
-    base_version: int = Field(ge=0)
-    k: int = Field(default=0, ge=0, le=1 << 20)
-    tile: int = Field(default=0, ge=0, le=1 << 10)
-    stats: PayloadStats = Field(default_factory=PayloadStats)
-
-
-@dataclass
-class SparseTensor:
-    """One contributor's update of one parameter: flat indices (None: every element) and their values."""
-
-    indices: torch.Tensor | None
-    values: torch.Tensor
-
-    def to_dense(self, shape: tuple[int, ...]) -> torch.Tensor:
-        if self.indices is None:
-            return self.values.reshape(shape).clone()
-        out = torch.zeros(math.prod(shape), dtype=self.values.dtype, device=self.values.device)
-        out[self.indices] = self.values
-        return out.view(shape)
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one tensor is cut into chunks of ``tile**2`` elements."""
-
-    shape: tuple[int, ...]
-    tile: int
-
-    @property
-    def tiled(self) -> bool:
-        return len(self.shape) == 2 and min(self.shape) >= self.tile
-
-    @property
-    def chunk(self) -> int:
-        return self.tile * self.tile
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(tile rows, tile columns) for a tiled matrix; (chunks, 1) otherwise."""
-        if self.tiled:
-            return -(-self.shape[0] // self.tile), -(-self.shape[1] // self.tile)
-        return -(-self.numel // self.chunk), 1
-
-    @property
-    def rows(self) -> int:
-        a, b = self.grid
-        return a * b
-
-    @property
-    def padded(self) -> bool:
-        if self.tiled:
-            return self.shape[0] % self.tile != 0 or self.shape[1] % self.tile != 0
-        return self.numel % self.chunk != 0
-
-    def to_chunks(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """(shape) -> (rows, chunk), padding with ``fill``."""
-        s = self.tile
-        if self.tiled:
-            nr, nc = self.grid
-            R, C = self.shape
-            if self.padded:
-                t = torch.nn.functional.pad(t, (0, nc * s - C, 0, nr * s - R), value=fill)
-            return t.reshape(nr, s, nc, s).permute(0, 2, 1, 3).reshape(nr * nc, s * s)
-        flat = t.reshape(-1)
-        if self.padded:
-            flat = torch.nn.functional.pad(flat, (0, self.rows * self.chunk - self.numel), value=fill)
-        return flat.view(self.rows, self.chunk)
-
-    def abs_chunks(self, t: torch.Tensor) -> torch.Tensor:
-        """|t| as (rows, chunk) in one pass where possible; padding is -1, so it is never preferred."""
-        s = self.tile
-        if self.tiled:
-            nr, nc = self.grid
-            R, C = self.shape
-            out = torch.empty(nr, nc, s, s, device=t.device)
-            fr, fc = R // s, C // s  # whole tiles: abs and the tile permutation in one pass
-            torch.abs(t[: fr * s, : fc * s].reshape(fr, s, fc, s).permute(0, 2, 1, 3), out=out[:fr, :fc])
-            if fr < nr:  # the partial last row of tiles
-                edge = torch.full((s, nc * s), -1.0, device=t.device)
-                torch.abs(t[fr * s :], out=edge[: R - fr * s, :C])
-                out[fr] = edge.view(s, nc, s).permute(1, 0, 2)
-            if fc < nc:  # the partial last column of tiles
-                edge = torch.full((fr * s, s), -1.0, device=t.device)
-                torch.abs(t[: fr * s, fc * s :], out=edge[:, : C - fc * s])
-                out[:fr, fc] = edge.view(fr, s, s)
-            return out.view(nr * nc, s * s)
-        if self.padded:
-            full = torch.full((self.rows * self.chunk,), -1.0, device=t.device)
-            torch.abs(t.reshape(-1), out=full[: self.numel])
-            return full.view(self.rows, self.chunk)
-        return t.reshape(self.rows, self.chunk).abs()
-
-    def flat_indices(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk-local indices (rows, k) -> flat indices into the tensor and a mask of the real ones."""
-        rows = torch.arange(self.rows, device=idx.device).unsqueeze(1)  # (rows, 1)
-        if self.tiled:
-            s = self.tile
-            _, nc = self.grid
-            r = (rows // nc) * s + idx // s
-            c = (rows % nc) * s + idx % s
-            valid = (r < self.shape[0]) & (c < self.shape[1])
-            return r * self.shape[1] + c, valid
-        flat = rows * self.chunk + idx
-        return flat, flat < self.numel
-
-
-def _ef_params(chunk: int, k: int) -> tuple[int, int]:
-    """Elias-Fano low-bit width and upper-bitmap length for k sorted values below ``chunk``."""
-    low = max(0, math.floor(math.log2(chunk / k)))
-    return low, k + ((chunk - 1) >> low) + 1
-
-
-class SparseLoCoCodec:
-    name: CodecName = "sparseloco"
-
-    def __init__(self, k: int = 64, tile: int = 64) -> None:
-        if not 1 <= k <= tile * tile:
-            raise ValueError(f"k must be in 1..{tile * tile}, got {k}")
-        if k % 4:
-            raise ValueError(f"k must be a multiple of 4, got {k}")
-        self.k, self.tile = k, tile
-        self.low_bits, self.high_bits = _ef_params(tile * tile, k)
-        self.low_bytes = -(-k * self.low_bits // 8)
-        self.high_bytes = -(-self.high_bits // 8)
-        self._tables: dict[tuple[tuple[str, tuple[int, ...]], ...], _RowTable] = {}
-
-    # -- sizes, all derived from the shapes -------------------------------------------------------------
-    def sparse_bytes(self, layout: Layout) -> int:
-        return layout.rows * (self.low_bytes + self.high_bytes + self.k // 4) + 16
-
-    def is_dense(self, shape: tuple[int, ...]) -> bool:
-        layout = Layout(tuple(shape), self.tile)
-        return 2 * layout.numel <= self.sparse_bytes(layout)
-
-    # -- encode ---------------------------------------------------------------------------------------
-    def encode(
-        self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
-    ) -> tuple[bytes, dict[str, SparseTensor]]:
-        """Compress; return the payload and exactly what the receiver will decode from it (for error
-        feedback: ``e <- e - decoded``)."""
-        idx_parts, val_parts, luts, dense_parts = [], [], [], []
-        decoded: dict[str, SparseTensor] = {}
-        for name, shape in spec:
-            t = tensors[name].detach()
-            t = t if t.dtype == torch.float32 else t.float()
-            if self.is_dense(shape):
-                half = t.reshape(-1).clamp(-FP16_MAX, FP16_MAX).half()
-                dense_parts.append(half.cpu())
-                decoded[name] = SparseTensor(None, half.float())
-                continue
-            layout = Layout(tuple(shape), self.tile)
-            mag = layout.abs_chunks(t)  # (rows, U)
-            idx = mag.topk(self.k, dim=1, sorted=False).indices.sort(dim=1).values  # (rows, k)
-            flat, valid = layout.flat_indices(idx)
-            if layout.padded:
-                vals = t.reshape(-1)[flat.clamp(max=layout.numel - 1)].float() * valid
-            else:
-                vals = t.reshape(-1)[flat].float()
-            lut, codes = quantize_2bit(vals, valid if layout.padded else None)
-            idx_parts.append(self._encode_indices(idx).cpu())
-            val_parts.append(pack_2bit(codes).cpu())
-            luts.append(lut.cpu())
-            sent = lut[codes].view_as(vals)
-            decoded[name] = (
-                SparseTensor(flat[valid], sent[valid])
-                if layout.padded
-                else SparseTensor(flat.view(-1), sent.view(-1))
-            )
-        header = header.model_copy(update={"codec": self.name, "k": self.k, "tile": self.tile})
-        payload = {
-            "idx": _cat(idx_parts, torch.uint8),
-            "val": _cat(val_parts, torch.uint8),
-            "lut": torch.stack(luts) if luts else torch.zeros(0, 4),
-            "dense": _cat(dense_parts, torch.float16),
-        }
-        return _frame(payload, header), decoded
-
-    def _encode_indices(self, idx: torch.Tensor) -> torch.Tensor:
-        low = idx & ((1 << self.low_bits) - 1)
-        pos = (idx >> self.low_bits) + torch.arange(self.k, device=idx.device)  # strictly increasing
-        upper = pack_positions(pos, self.high_bits)
-        return torch.cat([pack_uint(low, self.low_bits), upper], dim=1).reshape(-1)
-
-    # -- decode (hostile input) -----------------------------------------------------------------------
-    def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
-        """Payload -> header and, per parameter, the flat indices and values it carries."""
-        header, table, flat, vals, dense = self._decode_all(data, spec)
-        out: dict[str, SparseTensor] = {}
-        sparse_parts = zip(table.names, torch.split(flat, table.counts), torch.split(vals, table.counts),
-                           table.offsets, strict=True)
-        for name, idx, v, offset in sparse_parts:
-            out[name] = SparseTensor(idx - offset, v)
-        do = 0
-        for name, shape in spec:
-            if self.is_dense(shape):
-                n = math.prod(shape)
-                out[name] = SparseTensor(None, dense[do : do + n])
-                do += n
-        return header, {name: out[name] for name, _ in spec}
-
-    def decode_flat(self, data: bytes, spec: ParamSpec, out: torch.Tensor | None = None,
-                    ) -> tuple[PayloadHeader, torch.Tensor]:
-        """Payload -> every parameter's dense update concatenated in spec order (into ``out`` if given)."""
-        header, table, flat, vals, dense = self._decode_all(data, spec)
-        if out is None:
-            out = torch.zeros(table.total, dtype=torch.float32)
-        else:
-            if out.shape != (table.total,) or out.dtype != torch.float32:
-                raise ValueError(f"out must be float32 of shape ({table.total},)")
-            out.zero_()
-        out[flat] = vals
-        dense_parts = zip(table.dense_offsets, table.dense_sizes, table.dense_slices, strict=True)
-        for offset, n, (lo, hi) in dense_parts:
-            out[offset : offset + n] = dense[lo:hi]
-        return header, out
-
-    def _decode_all(self, data: bytes, spec: ParamSpec,
-                    ) -> tuple[PayloadHeader, _RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
-        """Every chunk of every sparse tensor decoded at once: flat indices (into the concatenated
-        parameters, spec order) and values; plus the dense part. Checks everything before use."""
-        header, tensors = _unframe(
-            data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
-        )
-        if header.codec != self.name or header.k != self.k or header.tile != self.tile:
-            raise CodecError(
-                f"payload is {header.codec} k={header.k} tile={header.tile}; this run expects "
-                f"{self.name} k={self.k} tile={self.tile}",
-                code="wrong_codec",
-            )
-        table = self._table(spec)
-        _expect_len(tensors, "idx", (table.rows * (self.low_bytes + self.high_bytes),))
-        _expect_len(tensors, "val", (table.rows * self.k // 4,))
-        _expect_len(tensors, "lut", (len(table.names), 4))
-        _expect_len(tensors, "dense", (sum(table.dense_sizes),))
-        luts = tensors["lut"]
-        if not torch.isfinite(luts).all():
-            raise CodecError("value table holds NaN or Inf", code="non_finite")
-        dense = tensors["dense"].float()
-        if not torch.isfinite(dense).all():
-            raise CodecError("dense values hold NaN or Inf", code="non_finite")
-        idx = self._decode_indices(tensors["idx"], table)  # (rows, k), checked
-        codes = unpack_2bit(tensors["val"], table.rows * self.k).view(table.rows, self.k)
-        vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
-        s = self.tile
-        q, p = idx // s, idx % s
-        flat = table.base + q * table.stride + p  # (rows, k), into the concatenated parameters
-        if table.padded:
-            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
-            counts = valid.sum(dim=1)
-            per_tensor = torch.zeros(len(table.names), dtype=torch.int64)
-            per_tensor.index_add_(0, table.tensor_of_row, counts)
-            table = table.with_counts(per_tensor.tolist())
-            return header, table, flat[valid], vals[valid], dense
-        return header, table, flat.view(-1), vals.view(-1), dense
-
-    def _decode_indices(self, data: torch.Tensor, table: _RowTable) -> torch.Tensor:
-        rows = table.rows
-        data = data.view(rows, self.low_bytes + self.high_bytes)
-        low = unpack_uint(data[:, : self.low_bytes], self.k, self.low_bits)  # (rows, k)
-        upper = unpack_bits(data[:, self.low_bytes :], self.high_bits)  # (rows, high_bits)
-        bad = upper.sum(dim=1) != self.k
-        if bool(bad.any()):
-            raise CodecError(f"{table.where(bad)}: an index bitmap does not hold exactly k={self.k} entries",
-                             code="wrong_k")
-        pos = upper.nonzero()[:, 1].view(rows, self.k)
-        high = pos - torch.arange(self.k, device=data.device)
-        idx = (high << self.low_bits) | low
-        bad = (idx >= self.tile * self.tile).any(dim=1)
-        if bool(bad.any()):
-            raise CodecError(
-                f"{table.where(bad)}: an index lies outside its chunk", code="index_out_of_range"
-            )
-        if self.k > 1:
-            bad = (idx[:, 1:] <= idx[:, :-1]).any(dim=1)
-            if bool(bad.any()):
-                raise CodecError(f"{table.where(bad)}: indices are not strictly increasing within a chunk",
-                                 code="unsorted_indices")
-        return idx
-
-    def _table(self, spec: ParamSpec) -> _RowTable:
-        key = tuple((n, tuple(s)) for n, s in spec)
-        table = self._tables.get(key)
-        if table is None:
-            table = self._tables[key] = _RowTable.build(self, key)
-        return table
-
-
-@dataclass(frozen=True)
-class _RowTable:
-    """Per-chunk facts of a model's sparse tensors, derived from the shapes once and cached.
-
-    Chunk-local index p of a chunk row maps to ``base + (p // tile) * stride + p % tile`` in the
-    concatenated parameters; it is real (not padding) when ``p < limit``, ``p // tile < row_limit`` and
-    ``p % tile < col_limit``.
-    """
-
-    names: list[str]
-    offsets: list[int]
-    counts: list[int]  # decoded values per sparse tensor
-    row_counts: list[int]
-    total: int
-    rows: int
-    padded: bool
-    base: torch.Tensor  # (rows, 1) int64
-    stride: torch.Tensor
-    limit: torch.Tensor
-    row_limit: torch.Tensor
-    col_limit: torch.Tensor
-    lut_base: torch.Tensor  # (rows, 1): 4 * tensor number
-    tensor_of_row: torch.Tensor  # (rows,)
-    dense_offsets: list[int]
-    dense_sizes: list[int]
-    dense_slices: list[tuple[int, int]]
-
-    def where(self, bad_rows: torch.Tensor) -> str:
-        row = int(bad_rows.nonzero()[0, 0])
-        return self.names[int(self.tensor_of_row[row])]
-
-    def with_counts(self, counts: list[int]) -> _RowTable:
-        return dataclasses.replace(self, counts=counts)
-
-    @staticmethod
-    def build(codec: SparseLoCoCodec, spec: tuple[tuple[str, tuple[int, ...]], ...]) -> _RowTable:
-        s, chunk = codec.tile, codec.tile * codec.tile
-        names: list[str] = []
-        offsets: list[int] = []
-        counts: list[int] = []
-        row_counts: list[int] = []
-        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "stride", "limit", "rl", "cl", "tid")}
-        dense_offsets: list[int] = []
-        dense_sizes: list[int] = []
-        dense_slices: list[tuple[int, int]] = []
-        offset = dense_at = 0
-        padded = False
-        for name, shape in spec:
-            n = math.prod(shape)
-            if codec.is_dense(shape):
-                dense_offsets.append(offset)
-                dense_sizes.append(n)
-                dense_slices.append((dense_at, dense_at + n))
-                dense_at += n
-                offset += n
-                continue
-            lay = Layout(shape, s)
-            r = torch.arange(lay.rows, dtype=torch.int64)
-            full = torch.full((lay.rows,), chunk, dtype=torch.int64)
-            if lay.tiled:
-                _, nc = lay.grid
-                R, C = shape
-                r0, c0 = (r // nc) * s, (r % nc) * s
-                cols["base"].append(offset + r0 * C + c0)
-                cols["stride"].append(torch.full_like(r, C))
-                cols["limit"].append(full)
-                cols["rl"].append(R - r0)
-                cols["cl"].append(C - c0)
-            else:
-                cols["base"].append(offset + r * chunk)
-                cols["stride"].append(torch.full_like(r, s))
-                cols["limit"].append(n - r * chunk)
-                cols["rl"].append(full)
-                cols["cl"].append(full)
-            cols["tid"].append(torch.full_like(r, len(names)))
-            padded = padded or lay.padded
-            names.append(name)
-            offsets.append(offset)
-            counts.append(lay.rows * codec.k)
-            row_counts.append(lay.rows)
-            offset += n
-        cat = {k: (torch.cat(v) if v else torch.zeros(0, dtype=torch.int64)) for k, v in cols.items()}
-        return _RowTable(
-            names=names, offsets=offsets, counts=counts, row_counts=row_counts, total=offset,
-            rows=sum(row_counts), padded=padded, base=cat["base"].unsqueeze(1),
-            stride=cat["stride"].unsqueeze(1), limit=cat["limit"].unsqueeze(1),
-            row_limit=cat["rl"].unsqueeze(1), col_limit=cat["cl"].unsqueeze(1),
-            lut_base=(cat["tid"] * 4).unsqueeze(1), tensor_of_row=cat["tid"],
-            dense_offsets=dense_offsets, dense_sizes=dense_sizes, dense_slices=dense_slices,
-        )
+__all__ = [
+    "PAYLOAD_FORMAT_VERSION",
+    "Codec",
+    "CodecError",
+    "CodecName",
+    "DenseCodec",
+    "Int8Codec",
+    "Layout",
+    "ParamSpec",
+    "PayloadHeader",
+    "PayloadStats",
+    "SparseLoCoCodec",
+    "SparseTensor",
+    "content_digest",
+    "make_codec",
+    "quantize_2bit",
+]
 
 
 class DenseCodec:
@@ -456,14 +65,14 @@ class DenseCodec:
         flat = torch.cat(parts).cpu()
         decoded = {n: SparseTensor(None, p.float()) for (n, _), p in zip(spec, parts, strict=True)}
         header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
-        return _frame({"dense": flat}, header), decoded
+        return frame({"dense": flat}, header), decoded
 
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
-        header, tensors = _unframe(data, {"dense": self.dtype})
+        header, tensors = unframe(data, {"dense": self.dtype})
         if header.codec != self.name:
             raise CodecError(f"payload is {header.codec}; this run expects {self.name}", code="wrong_codec")
         total = sum(math.prod(s) for _, s in spec)
-        _expect_len(tensors, "dense", (total,))
+        expect_len(tensors, "dense", (total,))
         flat = tensors["dense"].float()
         if not torch.isfinite(flat).all():
             raise CodecError("dense values hold NaN or Inf", code="non_finite")
@@ -501,15 +110,15 @@ class Int8Codec:
             scales.append(scale.cpu())
             decoded[name] = SparseTensor(None, (q.float() * scale.unsqueeze(1)).reshape(-1)[:n])
         header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
-        return _frame({"q": torch.cat(qs), "scale": torch.cat(scales)}, header), decoded
+        return frame({"q": torch.cat(qs), "scale": torch.cat(scales)}, header), decoded
 
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
-        header, tensors = _unframe(data, {"q": torch.int8, "scale": torch.float32})
+        header, tensors = unframe(data, {"q": torch.int8, "scale": torch.float32})
         if header.codec != self.name:
             raise CodecError(f"payload is {header.codec}; this run expects {self.name}", code="wrong_codec")
         sizes = [math.prod(s) for _, s in spec]
-        _expect_len(tensors, "q", (sum(sizes),))
-        _expect_len(tensors, "scale", (sum(self._chunks(n) for n in sizes),))
+        expect_len(tensors, "q", (sum(sizes),))
+        expect_len(tensors, "scale", (sum(self._chunks(n) for n in sizes),))
         scale = tensors["scale"]
         if not bool(torch.isfinite(scale).all()) or bool((scale < 0).any()):
             raise CodecError("scales must be finite and non-negative", code="non_finite")
@@ -535,95 +144,3 @@ def make_codec(name: CodecName, k: int = 64, tile: int = 64) -> Codec:
     if name == "dense_bf16":
         return DenseCodec("bf16")
     raise ValueError(f"unknown codec {name!r}")
-
-
-def quantize_2bit(vals: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre, bin by spread (6 sigma into 4 bins); return the 4-entry table of bin means and the codes.
-
-    Statistics come from the ``valid`` values only (padding selected in short chunks is not data); they
-    are taken in float64, so any finite input gives a finite table.
-    """
-    flat = vals.reshape(-1).float()
-    data = flat if valid is None else flat[valid.reshape(-1)]
-    if data.numel() == 0:
-        data = flat
-    wide = data.double()
-    mu, sigma = wide.mean(), wide.std(correction=0).clamp_min(1e-30)
-    edges = (mu + sigma * torch.tensor([-1.5, 0.0, 1.5], dtype=torch.float64, device=flat.device)).float()
-    codes = (flat >= edges[0]).long() + (flat >= edges[1]).long() + (flat >= edges[2]).long()  # 0..3
-    data_codes = codes if valid is None or data is flat else codes[valid.reshape(-1)]
-    sums = torch.zeros(4, dtype=torch.float64, device=flat.device).index_add_(0, data_codes, wide)
-    counts = torch.bincount(data_codes, minlength=4).double()
-    centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], dtype=torch.float64, device=flat.device)
-    lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-    return lut.clamp(-FP32_MAX, FP32_MAX).float(), codes
-
-
-def content_digest(data: bytes) -> str:
-    """sha256 of a valid payload's tensors in name order, ignoring its header: two payloads that carry
-    the same update have the same digest however their headers differ."""
-    h = hashlib.sha256()
-    for name, t in sorted(st_load(data).items()):
-        h.update(f"{name}:{t.dtype}:{list(t.shape)};".encode())
-        h.update(t.contiguous().view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()
-
-
-def _cat(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
-    return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
-
-
-def _frame(tensors: dict[str, torch.Tensor], header: PayloadHeader) -> bytes:
-    return st_save(
-        {k: v.contiguous() for k, v in tensors.items()}, metadata={"gradpool": header.model_dump_json()}
-    )
-
-
-def _unframe(data: bytes, expected: dict[str, torch.dtype]) -> tuple[PayloadHeader, dict[str, torch.Tensor]]:
-    """Parse a payload and check its tensor names and dtypes; every other check is the codec's."""
-    try:
-        tensors = st_load(data)
-        meta = _read_metadata(data)
-    except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
-        raise CodecError(f"payload is not a valid safetensors file: {e}") from None
-    try:
-        header = PayloadHeader.model_validate_json(meta.get("gradpool", ""))
-    except ValidationError as e:
-        raise CodecError(f"payload header is invalid: {e.errors()[0]['msg']}", code="bad_header") from None
-    if header.format_version != PAYLOAD_FORMAT_VERSION:
-        raise CodecError(
-            f"payload format {header.format_version}, expected {PAYLOAD_FORMAT_VERSION}",
-            code="wrong_format_version",
-        )
-    if set(tensors) != set(expected):
-        missing, extra = set(expected) - set(tensors), set(tensors) - set(expected)
-        raise CodecError(
-            f"payload tensors differ: missing {sorted(missing)}, unexpected {sorted(extra)}",
-            code="wrong_tensors",
-        )
-    for name, dtype in expected.items():
-        if tensors[name].dtype != dtype:
-            raise CodecError(
-                f"tensor {name!r} is {tensors[name].dtype}, expected {dtype}", code="wrong_dtype"
-            )
-    return header, tensors
-
-
-def _read_metadata(data: bytes) -> dict[str, str]:
-    if len(data) < 8:
-        raise ValueError("too short")
-    n = int.from_bytes(data[:8], "little")
-    if n > len(data) - 8:
-        raise ValueError("header length exceeds the payload")
-    top = json.loads(data[8 : 8 + n])
-    meta = top.get("__metadata__") if isinstance(top, dict) else None
-    if not isinstance(meta, dict):
-        raise ValueError("metadata is not a mapping")
-    return {str(k): str(v) for k, v in meta.items()}
-
-
-def _expect_len(tensors: Mapping[str, torch.Tensor], name: str, shape: tuple[int, ...]) -> None:
-    if tuple(tensors[name].shape) != shape:
-        raise CodecError(
-            f"tensor {name!r} has shape {tuple(tensors[name].shape)}, expected {shape}", code="wrong_shape"
-        )

@@ -6,7 +6,7 @@ from collections.abc import Mapping
 
 import torch
 
-from protocol.codec import SparseTensor
+from protocol.payload import SparseTensor
 
 
 class ErrorFeedback:

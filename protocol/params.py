@@ -18,8 +18,8 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from protocol.bits import pack_bits, unpack_bits
-from protocol.codec import ParamSpec, _read_metadata
 from protocol.errors import CodecError
+from protocol.payload import ParamSpec, read_metadata
 
 Params = dict[str, torch.Tensor]
 
@@ -59,7 +59,7 @@ def save_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str])
 def load_checkpoint(data: bytes, spec: ParamSpec) -> tuple[Params, dict[str, str]]:
     try:
         tensors = st_load(data)
-        meta = _read_metadata(data)
+        meta = read_metadata(data)
     except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
         raise CodecError(f"checkpoint is not a valid safetensors file: {e}") from None
     names = {n for n, _ in spec}
@@ -97,7 +97,7 @@ def decode_update(data: bytes, spec: ParamSpec) -> tuple[UpdateHeader, Params]:
     """A published update -> its header and the dense delta per parameter (checked before use)."""
     try:
         tensors = st_load(data)
-        header = UpdateHeader.model_validate_json(_read_metadata(data).get("gradpool_update", ""))
+        header = UpdateHeader.model_validate_json(read_metadata(data).get("gradpool_update", ""))
     except (SafetensorError, ValueError, OverflowError, RuntimeError, ValidationError) as e:
         raise CodecError(f"update is not valid: {e}") from None
     if set(tensors) != {"mask", "values"}:

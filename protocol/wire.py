@@ -6,7 +6,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from protocol.codec import CodecName
+from protocol.payload import CodecName
 
 PROTOCOL_VERSION = 1
 HEADER_PROTOCOL = "X-Gradpool-Protocol"
