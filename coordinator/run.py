@@ -7,9 +7,7 @@ import contextlib
 import hashlib
 import json
 import logging
-import math
 import os
-import sqlite3
 import statistics
 import threading
 import time
@@ -19,11 +17,12 @@ import torch
 from safetensors.torch import load as st_load
 
 from coordinator.errors import Conflict, Forbidden, Unprocessable
+from coordinator.judge import Upload, judge
 from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import BlobStore, Store
-from protocol.aggregate import Decoded, aggregate, update_norm
+from protocol.aggregate import Decoded, aggregate
 from protocol.codec import content_digest, make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
 from protocol.errors import CodecError
@@ -42,7 +41,6 @@ from protocol.params import (
 from protocol.wire import PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, SubmissionReceipt, VersionInfo
 
 log = logging.getLogger(__name__)
-MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median
 FAULT_ENV = "GRADPOOL_FAULT_PUBLISH_DELAY_S"
 FAULT_DELAY_S = float(os.environ.get(FAULT_ENV, "0") or 0)
 
@@ -436,7 +434,8 @@ class Run:
         cur = self.current
         t0 = time.time()
         subs = self.store.all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", cur.round)
-        verdicts, accepted = self._judge(subs)
+        uploads = [Upload(s["miner"], s["content_sha256"], self.blobs.path(s["sha256"])) for s in subs]
+        verdicts, accepted = judge(uploads, self.codec, self.spec)
         built = self._build_version(cur, accepted) if accepted else None
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
         if FAULT_DELAY_S:  # failure injection for crash tests: a window in which to kill before the commit
@@ -490,37 +489,6 @@ class Run:
             cur.round, new_version, len(accepted), len(subs) - len(accepted), rejected or "",
             "n/a" if built is None else f"{built.eval_loss:.4f}", time.time() - t0,
         )  # fmt: skip
-
-    def _judge(self, subs: list[sqlite3.Row]) -> tuple[dict[str, str | None], list[Decoded]]:
-        """Each upload's verdict (None: accepted, else the reason) and the accepted decoded updates."""
-        verdicts: dict[str, str | None] = {}
-        updates: list[tuple[str, Decoded, float]] = []
-        seen: set[str] = set()
-        for s in subs:
-            miner = s["miner"]
-            if s["content_sha256"] in seen:
-                verdicts[miner] = "copied_payload"  # the later uploader of the same update
-                continue
-            seen.add(s["content_sha256"])
-            try:
-                _, update = self.codec.decode(self.blobs.get(s["sha256"]), self.spec)
-            except CodecError as e:
-                verdicts[miner] = e.code
-                continue
-            norm = update_norm(update)
-            if not math.isfinite(norm) or norm == 0.0:
-                verdicts[miner] = "empty_update" if norm == 0.0 else "non_finite"
-                continue
-            updates.append((miner, update, norm))
-        if len(updates) >= 3:
-            median = statistics.median(n for _, _, n in updates)
-            for miner, _, norm in updates:
-                if norm > MAX_NORM_RATIO * median:
-                    verdicts[miner] = "norm_outlier"
-        accepted = [u for m, u, _ in updates if m not in verdicts]
-        for m, _, _ in updates:
-            verdicts.setdefault(m, None)
-        return verdicts, accepted
 
     def _build_version(self, cur: Current, accepted: list[Decoded]) -> _Built:
         """The next version from the accepted updates: parameters, published update, checkpoint, loss.
