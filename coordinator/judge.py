@@ -1,56 +1,80 @@
-"""The checks at aggregation: which of a round's uploads go into the next version, and why not."""
+"""The checks at aggregation, and the aggregation itself, streamed one upload at a time.
+
+Each upload was decoded at intake, which recorded its norm and a sketch of it; judging needs only those:
+copies (the same update, or one whose sketch is nearly parallel to an earlier one: the later uploader is
+refused), empty and non-finite updates, and norm outliers. The accepted uploads are then decoded one at a
+time into a running sum and count, so memory does not grow with their number.
+"""
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
-from pathlib import Path
 
-from protocol.aggregate import Decoded, update_norm
+import torch
+
+from protocol.aggregate import Accumulator, cosine
 from protocol.codec import Codec, ParamSpec
-from protocol.errors import CodecError
 
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median (3+ uploads)
+COPY_COSINE = 0.98  # an update this parallel to an earlier one is a copy, rescaled or not
 
 
 @dataclass(frozen=True)
 class Upload:
     miner: str
+    sha256: str
     content_sha256: str
-    path: Path
+    norm: float
+    sketch: torch.Tensor
 
 
-def judge(uploads: Sequence[Upload], codec: Codec, spec: ParamSpec,
-          ) -> tuple[dict[str, str | None], list[Decoded]]:  # fmt: skip
-    """Each upload's verdict (None: accepted, else the reason) and the accepted decoded updates, in
-    arrival order. Reasons: copied_payload (the later uploader of an update already seen), the codec's
-    error codes, empty_update, non_finite, norm_outlier."""
+def is_copy(later: Upload, earlier: Upload) -> bool:
+    return (
+        later.content_sha256 == earlier.content_sha256 or cosine(later.sketch, earlier.sketch) > COPY_COSINE
+    )
+
+
+def judge(uploads: Sequence[Upload]) -> tuple[dict[str, str | None], list[tuple[Upload, float]]]:
+    """Each upload's verdict (None: accepted, else the reason) and the accepted uploads in arrival order,
+    each with its clip scale min(1, median norm / own norm)."""
     verdicts: dict[str, str | None] = {}
-    updates: list[tuple[str, Decoded, float]] = []
-    seen: set[str] = set()
+    kept: list[Upload] = []
     for u in uploads:
-        if u.content_sha256 in seen:
+        if not math.isfinite(u.norm):
+            verdicts[u.miner] = "non_finite"
+        elif u.norm == 0.0:
+            verdicts[u.miner] = "empty_update"
+        elif any(
+            u.content_sha256 == k.content_sha256 or cosine(u.sketch, k.sketch) > COPY_COSINE for k in kept
+        ):
             verdicts[u.miner] = "copied_payload"
-            continue
-        seen.add(u.content_sha256)
-        try:
-            _, update = codec.decode(u.path.read_bytes(), spec)
-        except CodecError as e:
-            verdicts[u.miner] = e.code
-            continue
-        norm = update_norm(update)
-        if not math.isfinite(norm) or norm == 0.0:
-            verdicts[u.miner] = "empty_update" if norm == 0.0 else "non_finite"
-            continue
-        updates.append((u.miner, update, norm))
-    if len(updates) >= 3:
-        median = statistics.median(n for _, _, n in updates)
-        for miner, _, norm in updates:
-            if norm > MAX_NORM_RATIO * median:
-                verdicts[miner] = "norm_outlier"
-    accepted = [u for m, u, _ in updates if m not in verdicts]
-    for m, _, _ in updates:
-        verdicts.setdefault(m, None)
-    return verdicts, accepted
+        else:
+            kept.append(u)
+    if len(kept) >= 3:
+        median = statistics.median(u.norm for u in kept)
+        for u in kept:
+            if u.norm > MAX_NORM_RATIO * median:
+                verdicts[u.miner] = "norm_outlier"
+    accepted = [u for u in kept if u.miner not in verdicts]
+    median = statistics.median(u.norm for u in accepted) if accepted else 0.0
+    for u in accepted:
+        verdicts[u.miner] = None
+    return verdicts, [(u, min(1.0, median / u.norm)) for u in accepted]
+
+
+def aggregate_uploads(
+    accepted: Sequence[tuple[Upload, float]],
+    load: Callable[[str], bytes],
+    codec: Codec,
+    spec: ParamSpec,
+    device: torch.device | str = "cpu",
+) -> dict[str, torch.Tensor]:
+    """The aggregate of the accepted uploads, decoding one at a time."""
+    acc = Accumulator(spec, device, max_contributors=len(accepted))
+    for upload, scale in accepted:
+        _, update = codec.decode(load(upload.sha256), spec)
+        acc.add(update, scale)
+    return acc.mean()

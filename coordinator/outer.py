@@ -25,7 +25,7 @@ class OuterOptimizer:
         out, buffers = {}, {}
         for name, a in aggregate.items():
             if self.momentum == 0.0:
-                out[name] = a * self.lr
+                out[name] = a if self.lr == 1.0 else a * self.lr  # no copy of the model for plain SGD
                 continue
             m = self.buffers.get(name)
             m = a.clone() if m is None else m * self.momentum + a

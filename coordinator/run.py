@@ -17,12 +17,12 @@ import torch
 from safetensors.torch import load as st_load
 
 from coordinator.errors import Conflict, Forbidden, Unprocessable
-from coordinator.judge import Upload, judge
+from coordinator.judge import Upload, aggregate_uploads, judge
 from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import BlobStore, Store
-from protocol.aggregate import Decoded, aggregate
+from protocol.aggregate import sketch, update_norm
 from protocol.codec import content_digest, make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
 from protocol.errors import CodecError
@@ -309,8 +309,9 @@ class Run:
         if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
             return receipt
         try:
-            header, _ = self.codec.decode(body, self.spec)
+            header, update = self.codec.decode(body, self.spec)
             content = content_digest(body)
+            norm, summary = update_norm(update), sketch(update, self.spec)
         except CodecError as e:
             raise Unprocessable(e.code, e.message) from None
         if header.round != round_:
@@ -330,8 +331,18 @@ class Run:
             with self.store.transaction() as db:
                 db.execute(
                     "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, "
-                    "compute_s, received_at) VALUES (?, ?, ?, ?, ?, 'received', ?, ?)",
-                    (round_, miner, sha, content, len(body), header.stats.compute_s, now),
+                    "compute_s, received_at, norm, sketch) VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)",
+                    (
+                        round_,
+                        miner,
+                        sha,
+                        content,
+                        len(body),
+                        header.stats.compute_s,
+                        now,
+                        norm,
+                        summary.numpy().tobytes(),
+                    ),
                 )
                 db.execute(
                     "UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = "
@@ -434,8 +445,17 @@ class Run:
         cur = self.current
         t0 = time.time()
         subs = self.store.all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", cur.round)
-        uploads = [Upload(s["miner"], s["content_sha256"], self.blobs.path(s["sha256"])) for s in subs]
-        verdicts, accepted = judge(uploads, self.codec, self.spec)
+        uploads = [
+            Upload(
+                s["miner"],
+                s["sha256"],
+                s["content_sha256"],
+                s["norm"],
+                torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32),
+            )
+            for s in subs
+        ]
+        verdicts, accepted = judge(uploads)
         built = self._build_version(cur, accepted) if accepted else None
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
         if FAULT_DELAY_S:  # failure injection for crash tests: a window in which to kill before the commit
@@ -490,10 +510,11 @@ class Run:
             "n/a" if built is None else f"{built.eval_loss:.4f}", time.time() - t0,
         )  # fmt: skip
 
-    def _build_version(self, cur: Current, accepted: list[Decoded]) -> _Built:
+    def _build_version(self, cur: Current, accepted: list[tuple[Upload, float]]) -> _Built:
         """The next version from the accepted updates: parameters, published update, checkpoint, loss.
         Writes only content-addressed blobs; nothing is visible until the caller commits."""
-        delta, outer_buffers = self.outer.step(aggregate(accepted, self.spec))
+        agg = aggregate_uploads(accepted, self.blobs.get, self.codec, self.spec)
+        delta, outer_buffers = self.outer.step(agg)
         params = {n: p.clone() for n, p in self.params.items()}
         apply_update(params, delta)
         version, param_hash = cur.version + 1, params_hash(params, self.spec)

@@ -1,5 +1,10 @@
 """Aggregation of decoded updates: median-norm clip, then the mean over the contributors that selected
-each coordinate (sum / count, not sum / number of miners)."""
+each coordinate (sum / count, not sum / number of miners).
+
+``Accumulator`` takes one contributor at a time into a running sum and count over the concatenated
+parameters, so memory does not grow with the number of contributors. ``sketch`` summarises an update in a
+few kilobytes so that near-identical updates (copies, rescaled copies) can be found without keeping them.
+"""
 
 from __future__ import annotations
 
@@ -12,6 +17,7 @@ import torch
 from protocol.payload import ParamSpec, SparseTensor
 
 Decoded = dict[str, SparseTensor]
+SKETCH_BUCKETS = 1024
 
 
 def update_norm(update: Decoded) -> float:
@@ -26,28 +32,74 @@ def clip_scales(norms: Sequence[float]) -> list[float]:
     return [1.0 if n <= median or n == 0 else median / n for n in norms]
 
 
-@torch.no_grad()
-def aggregate(
-    updates: Sequence[Decoded],
-    spec: ParamSpec,
-    device: torch.device | str = "cpu",
-) -> dict[str, torch.Tensor]:
-    """The aggregate A of the given updates, dense, one tensor per parameter."""
-    scales = clip_scales([update_norm(u) for u in updates])
-    out: dict[str, torch.Tensor] = {}
-    for name, shape in spec:
-        n = math.prod(shape)
-        total = torch.zeros(n, dtype=torch.float32, device=device)
-        count = torch.zeros(n, dtype=torch.float32, device=device)
-        for update, scale in zip(updates, scales, strict=True):
-            t = update[name]
-            vals = t.values.to(device=device, dtype=torch.float32) * scale
+class Accumulator:
+    """Running sum and count per coordinate, flat over the parameters in spec order."""
+
+    def __init__(
+        self, spec: ParamSpec, device: torch.device | str = "cpu", max_contributors: int = 255
+    ) -> None:
+        self.spec = [(n, tuple(s)) for n, s in spec]
+        self.offsets: dict[str, int] = {}
+        total = 0
+        for name, shape in self.spec:
+            self.offsets[name] = total
+            total += math.prod(shape)
+        count_dtype = torch.uint8 if max_contributors <= 255 else torch.int32
+        self.sum = torch.zeros(total, dtype=torch.float32, device=device)
+        self.count = torch.zeros(total, dtype=count_dtype, device=device)
+        self.contributors = 0
+
+    @torch.no_grad()
+    def add(self, update: Decoded, scale: float = 1.0) -> None:
+        for name, shape in self.spec:
+            t, o = update[name], self.offsets[name]
+            n = math.prod(shape)
+            vals = t.values.to(self.sum.device, torch.float32)
             if t.indices is None:
-                total += vals
-                count += 1
+                self.sum[o : o + n].add_(vals, alpha=scale)
+                self.count[o : o + n] += 1
             else:
-                idx = t.indices.to(device)
-                total.index_add_(0, idx, vals)
-                count.index_add_(0, idx, torch.ones_like(vals))
-        out[name] = (total / count.clamp_min(1)).view(shape)
-    return out
+                idx = t.indices.to(self.sum.device) + o
+                self.sum.index_add_(0, idx, vals, alpha=scale)
+                self.count.index_add_(0, idx, torch.ones(len(idx), dtype=self.count.dtype, device=idx.device))
+        self.contributors += 1
+
+    @torch.no_grad()
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The aggregate, computed in place in the running sum (the accumulator is spent afterwards)."""
+        self.sum.div_(self.count.clamp_min(1))
+        self.count = torch.zeros(0, dtype=self.count.dtype)
+        return {name: self.sum[o : o + math.prod(s)].view(s) for (name, s), o in
+                zip(self.spec, self.offsets.values(), strict=True)}  # fmt: skip
+
+
+def aggregate(updates: Sequence[Decoded], spec: ParamSpec, device: torch.device | str = "cpu",
+              ) -> dict[str, torch.Tensor]:  # fmt: skip
+    """The aggregate A of the given updates, dense, one tensor per parameter."""
+    acc = Accumulator(spec, device, max_contributors=len(updates))
+    for update, scale in zip(updates, clip_scales([update_norm(u) for u in updates]), strict=True):
+        acc.add(update, scale)
+    return acc.mean()
+
+
+@torch.no_grad()
+def sketch(update: Decoded, spec: ParamSpec, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
+    """A count sketch of the update (each coordinate hashed to a bucket with a hashed sign): inner products
+    and cosines of sketches estimate those of the updates, to within about 1/sqrt(buckets)."""
+    out = torch.zeros(buckets, dtype=torch.float64)
+    offset = 0
+    for name, shape in spec:
+        t = update[name]
+        n = math.prod(shape)
+        idx = torch.arange(n) if t.indices is None else t.indices.cpu()
+        g = idx + offset  # global coordinate, below 2**31 for any model this runs
+        h = (g * 2654435761) % 4294967291
+        sign = 1.0 - 2.0 * ((g * 2246822519) % 4294967279 % 2).double()
+        out.index_add_(0, h % buckets, t.values.cpu().double() * sign)
+        offset += n
+    return out.float()
+
+
+def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    na, nb = float(a.norm()), float(b.norm())
+    return 0.0 if na == 0 or nb == 0 else float(a.double() @ b.double()) / (na * nb)
