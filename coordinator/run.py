@@ -114,6 +114,7 @@ class Run:
         self.force_close = False
         self._check_data()
         self.params, self.current = self._resume_or_start()
+        self.deadline_s = self._next_deadline()
         self._update_gauges()
         self._loop: asyncio.AbstractEventLoop | None = None
         self.keeping = False
@@ -190,7 +191,7 @@ class Run:
             row = self.store.one("SELECT first_upload_at FROM rounds WHERE round = ?", cur.round)
             n = self.store.one("SELECT COUNT(*) AS n FROM submissions WHERE round = ?", cur.round)
             first = row["first_upload_at"] if row else None
-            left = None if first is None else max(0.0, first + self.settings.rounds.deadline_s - time.time())
+            left = None if first is None else max(0.0, first + self.deadline_s - time.time())
             return RoundInfo(
                 round=cur.round,
                 version=cur.version,
@@ -274,6 +275,22 @@ class Run:
     def count_download(self, nbytes: int) -> None:
         self.store.add_bytes_down(self.current.round, nbytes)
         self.metrics.bytes_out.inc(nbytes)
+
+    def _next_deadline(self) -> float:
+        """Seconds after a round's first upload before it may close without its missing miners: twice the
+        median spread of arrivals in the last five rounds, plus a second, within [min_deadline_s,
+        deadline_s]. A miner that is merely slow thus still makes it; a dead one costs little time."""
+        r = self.settings.rounds
+        if not r.adaptive_deadline:
+            return r.deadline_s
+        rows = self.store.all(
+            "SELECT MAX(received_at) - MIN(received_at) AS spread FROM submissions WHERE round >= ? "
+            "AND round < ? GROUP BY round HAVING COUNT(*) > 1", self.current.round - 5, self.current.round,
+        )  # fmt: skip
+        if not rows:
+            return r.deadline_s
+        spread = statistics.median(float(row["spread"]) for row in rows)
+        return min(r.deadline_s, max(r.min_deadline_s, 2 * spread + 1.0))
 
     def _update_gauges(self) -> None:
         self.metrics.round.set(self.current.round)
@@ -432,9 +449,7 @@ class Run:
             return True
         first = self.store.one("SELECT first_upload_at FROM rounds WHERE round = ?", cur.round)
         return bool(
-            first
-            and first["first_upload_at"]
-            and time.time() >= first["first_upload_at"] + self.settings.rounds.deadline_s
+            first and first["first_upload_at"] and time.time() >= first["first_upload_at"] + self.deadline_s
         )
 
     # -- aggregation and publishing -----------------------------------------------------------------------
@@ -499,6 +514,7 @@ class Run:
             self.current = Current(cur.round + 1, new_version, "open", self.current.param_hash
                                    if built is None else built.param_hash)  # fmt: skip
         self._prune_checkpoints()
+        self.deadline_s = self._next_deadline()
         self._update_gauges()
         self.metrics.round_closed(
             subs, verdicts, time.time() - t0, None if built is None else built.eval_loss

@@ -3,8 +3,9 @@
 from __future__ import annotations
 
 from pathlib import Path
+from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr
+from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.wire import CodecConfig, TrainingRecipe
@@ -19,6 +20,10 @@ class Section(BaseModel):
 class RoundSettings(Section):
     min_quorum: int = Field(default=1, ge=1, description="uploads needed before a round may close")
     deadline_s: float = Field(default=30.0, gt=0, description="close this long after the first upload")
+    adaptive_deadline: bool = Field(
+        default=True, description="shorten the deadline to what recent rounds' arrivals needed"
+    )
+    min_deadline_s: float = Field(default=5.0, gt=0, description="the adaptive deadline's lower bound")
     drop_after_rounds: int = Field(default=2, ge=1, description="stop waiting for a miner silent this long")
 
 
@@ -36,6 +41,29 @@ class OuterSettings(Section):
     momentum: float | None = Field(default=None, ge=0, lt=1)
 
 
+class BlobSettings(Section):
+    """Where uploads, published updates and checkpoints are kept. S3 credentials come from the standard AWS
+    chain (AWS_* environment, shared config files, instance role), never from these settings."""
+
+    backend: Literal["file", "s3"] = Field(default="file", description="file: under state_dir; s3: a bucket")
+    s3_bucket: str | None = Field(default=None, min_length=3, max_length=63, description="must exist")
+    s3_prefix: str = Field(default="gradpool", max_length=512, description="key prefix: one per run")
+    s3_endpoint_url: str | None = Field(default=None, description="an S3-compatible endpoint; None: AWS")
+    s3_region: str | None = Field(default=None, description="None: from the AWS chain")
+    s3_timeout_s: float = Field(default=60.0, gt=0, description="connect and read timeout per request")
+
+    @field_validator("s3_prefix")
+    @classmethod
+    def _strip_slashes(cls, prefix: str) -> str:
+        return prefix.strip("/")
+
+    @model_validator(mode="after")
+    def _bucket_for_s3(self) -> BlobSettings:
+        if self.backend == "s3" and self.s3_bucket is None:
+            raise ValueError("blobs.s3_bucket is required when blobs.backend is 's3'")
+        return self
+
+
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", env_nested_delimiter="__", extra="forbid")
 
@@ -50,6 +78,7 @@ class CoordinatorSettings(BaseSettings):
     outer: OuterSettings = Field(default_factory=OuterSettings)
     rounds: RoundSettings = Field(default_factory=RoundSettings)
     data: DataSettings = Field(default_factory=DataSettings)
+    blobs: BlobSettings = Field(default_factory=BlobSettings)
     max_payload_bytes: int = Field(default=64 * MiB, ge=1024)
     max_catchup_versions: int = Field(default=16, ge=1)
     signature_window_s: float = Field(default=120.0, gt=0)

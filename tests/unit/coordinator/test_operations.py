@@ -1,6 +1,9 @@
-"""What an operator uses: readiness, metrics, the audit manifest, closing a round, the allowlist."""
+"""What an operator uses: readiness, metrics, the audit manifest, closing a round, the allowlist, the
+adaptive deadline."""
 
 from __future__ import annotations
+
+import time
 
 from pool_harness import OpenPool, assert_error, payload
 from prometheus_client.parser import text_string_to_metric_families
@@ -77,3 +80,17 @@ def test_an_allowlist_refuses_other_miners(open_pool: OpenPool) -> None:
         allowed.client = pool.client
         assert allowed.register().status_code == 200
         assert_error(Miner(pool.client).register(), 403, "not_allowed")
+
+
+def test_the_deadline_adapts_to_how_quickly_uploads_arrived_in_recent_rounds(open_pool: OpenPool) -> None:
+    with open_pool(rounds={"min_quorum": 1, "deadline_s": 600.0, "min_deadline_s": 1.0}) as pool:
+        a, b = pool.miner(), pool.miner()
+        a.upload(0, payload(0, 0, seed=1))
+        b.upload(0, payload(0, 0, seed=2))  # both in: the round closes at once
+        assert pool.wait_for_round(0)["round"] == 1
+        a.upload(1, payload(1, 1, seed=3))  # b stays silent
+        left = pool.round()["deadline_s"]
+        assert left is not None and left < 2.0, "two prompt arrivals make a short deadline, not 600 s"
+        t0 = time.monotonic()
+        info = pool.wait_for_round(1, timeout_s=20)
+        assert info["version"] == 2 and time.monotonic() - t0 < 5
