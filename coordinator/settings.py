@@ -85,7 +85,8 @@ class CoordinatorSettings(BaseSettings):
     keep_checkpoints: int = Field(default=3, ge=1)
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /v1/admin; None: off")
     allowlist: list[str] | None = Field(default=None, description="public keys (hex) allowed to register")
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
 
     def outer_lr(self) -> float:
         if self.outer.lr is not None:

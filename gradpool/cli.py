@@ -81,7 +81,7 @@ def serve(
         settings = load_settings(CoordinatorSettings, config, overrides)
     except ConfigError as e:
         fail(str(e))
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if settings.data.corpus is not None and not settings.data.corpus.exists():
         fail(f"corpus path {settings.data.corpus} does not exist")
     asyncio.run(_serve(settings, ready_file))
@@ -157,7 +157,7 @@ def mine(
         settings = load_settings(MinerSettings, config, overrides)
     except ConfigError as e:
         fail(str(e))
-    setup_logging(settings.log_level)
+    setup_logging(settings.log_level, settings.log_format)
     if settings.threads:
         import torch
 

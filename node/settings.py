@@ -23,4 +23,5 @@ class MinerSettings(BaseSettings):
     timeout_s: float = Field(default=30.0, gt=0, description="per HTTP call")
     startup_timeout_s: float = Field(default=20.0, ge=0, description="how long to wait for the coordinator")
     max_backoff_s: float = Field(default=30.0, gt=0)
-    log_level: str = "INFO"
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
