@@ -11,7 +11,7 @@ import torch
 
 from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
 from node.settings import MinerSettings
-from node.state import MinerState, load_state, save_state
+from node.state import MinerState, load_state, save_state, state_digest
 from node.trainer import InnerTrainer, NonFiniteLoss
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, make_codec
 from protocol.data import assignment
@@ -58,27 +58,38 @@ class Miner:
         self.trainer = InnerTrainer(self.model, info.recipe, self.device, settings.micro_batch)
         self.params = get_params(self.model)  # theta_v, the base of the next round
         self.version = -1  # unknown until caught up
+        self.verified = False  # whether self.params were checked against the published hash
         self.rounds_done = 0
         saved = load_state(settings.state_dir, self.ef, self.trainer.optimizer, info.run_id, self.device)
         if saved is not None:
             self.trainer.step, self.rounds_done = saved.inner_step, saved.rounds_done
+            if saved.params is not None and set(saved.params) == {n for n, _ in self.spec}:
+                self.params = {n: t.to(self.device) for n, t in saved.params.items()}
+                self.version = saved.version
             log.info(
-                "resumed state from %s: version %d, %d rounds done",
+                "resumed state from %s: version %d, %d rounds done, error feedback %s",
                 settings.state_dir,
                 saved.version,
                 saved.rounds_done,
+                state_digest(self.ef.state_dict()),
             )
 
     # -- catching up --------------------------------------------------------------------------------------
     def catch_up(self, target: int, target_hash: str) -> None:
-        if self.version == target:
+        """Bring the local parameters to version ``target``: by the published updates when at most
+        max_catchup_versions behind, else (or when a hash does not match) by the checkpoint."""
+        if self.version == target and self.verified:
             return
-        behind = target - self.version
-        if self.version >= 0 and 0 < behind <= self.info.max_catchup_versions:
+        start = self.version
+        if 0 <= start <= target and target - start <= self.info.max_catchup_versions:
             try:
-                for v in range(self.version + 1, target + 1):
+                for v in range(start + 1, target + 1):
                     self._apply_published(v)
                 if params_hash(self.params, self.spec) == target_hash:
+                    if target > start:
+                        log.info("version %d: caught up from version %d by %d published updates", target,
+                                 start, target - start)  # fmt: skip
+                    self.verified = True
                     return
                 log.warning(
                     "version %d: hash mismatch after applying updates; downloading checkpoint", target
@@ -88,6 +99,7 @@ class Miner:
                     "catching up to version %d by updates failed (%s); downloading checkpoint", target, e
                 )
         self._download_checkpoint(target)
+        self.verified = True
 
     def _apply_published(self, v: int) -> None:
         data = self.client.update(v)
@@ -147,7 +159,7 @@ class Miner:
         self.rounds_done += 1
         save_state(
             self.settings.state_dir,
-            MinerState(self.version, self.trainer.step, self.rounds_done),
+            MinerState(self.version, self.trainer.step, self.rounds_done, self.params),
             self.ef,
             self.trainer.optimizer,
             self.info.run_id,

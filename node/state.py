@@ -1,4 +1,5 @@
-"""The miner's local state: error feedback, inner optimizer state and the version it stands on.
+"""The miner's local state: error feedback, inner optimizer state, and the version it stands on with its
+parameters (so that after a restart it catches up by published updates, not a whole checkpoint).
 
 Written after every round to one safetensors file (temporary name, then rename). A file that does not
 load is moved aside and the miner starts clean rather than training on garbage.
@@ -6,6 +7,7 @@ load is moved aside and the miner starts clean rather than training on garbage.
 
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
@@ -28,12 +30,15 @@ class MinerState:
     version: int
     inner_step: int
     rounds_done: int
+    params: dict[str, torch.Tensor] | None = None  # theta at ``version``
 
 
 def save_state(
     state_dir: Path, state: MinerState, ef: ErrorFeedback, optimizer: torch.optim.Optimizer, run_id: str
 ) -> None:
     tensors = {f"ef/{n}": t for n, t in ef.state_dict().items()}
+    for n, t in (state.params or {}).items():
+        tensors[f"params/{n}"] = t.detach().cpu().contiguous()
     opt = optimizer.state_dict()
     for idx, per_param in opt["state"].items():
         for key, value in per_param.items():
@@ -78,12 +83,22 @@ def load_state(
         full = optimizer.state_dict()
         full["state"] = opt_state
         optimizer.load_state_dict(full)
-        return MinerState(int(meta["version"]), int(meta["inner_step"]), int(meta["rounds_done"]))
+        params = {k[7:]: v for k, v in tensors.items() if k.startswith("params/")} or None
+        return MinerState(int(meta["version"]), int(meta["inner_step"]), int(meta["rounds_done"]), params)
     except (SafetensorError, OSError, ValueError, KeyError, RuntimeError) as e:
         log.warning("state file %s is unreadable (%s); moved aside, starting clean", path, e)
         _move_aside(path)
         ef.buffers = {}
         return None
+
+
+def state_digest(tensors: dict[str, torch.Tensor]) -> str:
+    """A short sha256 of named tensors (name order), to tell in a log line that two states are identical."""
+    h = hashlib.sha256()
+    for name in sorted(tensors):
+        h.update(name.encode())
+        h.update(tensors[name].detach().cpu().contiguous().view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
 
 
 def _move_aside(path: Path) -> None:

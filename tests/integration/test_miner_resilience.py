@@ -1,0 +1,169 @@
+"""A miner left running: it outlives a coordinator restart, resumes its exact state after SIGKILL, and
+catches up by published updates after a short absence or by the checkpoint after a long one."""
+
+from __future__ import annotations
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import httpx
+from safetensors.torch import load_file
+
+from node.state import STATE_FILE, state_digest
+
+ENV = {
+    "GRADPOOL_ROUNDS__MIN_QUORUM": "1",
+    "GRADPOOL_ROUNDS__DEADLINE_S": "2",
+    "GRADPOOL_ROUNDS__MIN_DEADLINE_S": "1",
+    "GRADPOOL_DATA__EVAL_EVERY": "20",
+    "GRADPOOL_DATA__EVAL_SEQUENCES": "8",
+    "GRADPOOL_RECIPE__INNER_STEPS": "2",
+    "GRADPOOL_RECIPE__BATCH_SIZE": "2",
+    "GRADPOOL_MAX_CATCHUP_VERSIONS": "3",
+}
+
+
+class Network:
+    def __init__(self, root: Path, corpus: Path) -> None:
+        self.root, self.corpus = root, corpus
+        self.port = 0
+        self.coordinator: subprocess.Popen[bytes] | None = None
+        self.miners: dict[str, subprocess.Popen[bytes]] = {}
+        self.url = ""
+
+    def start_coordinator(self) -> None:
+        ready = self.root / "ready.json"
+        ready.unlink(missing_ok=True)
+        state = self.root / "coordinator"
+        args = ["coordinator", "serve", "--state-dir", str(state), "--corpus", str(self.corpus),
+                "--port", str(self.port), "--ready-file", str(ready)]  # fmt: skip
+        self.coordinator = self._spawn("coordinator", args)
+        end = time.monotonic() + 120
+        while not ready.exists():
+            assert self.coordinator.poll() is None and time.monotonic() < end, self.log("coordinator")
+            time.sleep(0.05)
+        self.url = json.loads(ready.read_text())["url"]
+        self.port = int(self.url.rsplit(":", 1)[1])
+
+    def start_miner(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
+        args = ["mine", "--coordinator", self.url, "--key", str(self.root / f"{name}.pem"), "--create-key",
+                "--state-dir", str(self.state_dir(name)), "--threads", "1", *extra]  # fmt: skip
+        self.miners[name] = self._spawn(name, args)
+        return self.miners[name]
+
+    def state_dir(self, name: str) -> Path:
+        return self.root / f"{name}-state"
+
+    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
+        with open(self.root / f"{name}.log", "ab") as out:
+            command = [sys.executable, "-m", "gradpool", *args]
+            env = {**os.environ, **ENV}
+            return subprocess.Popen(
+                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
+            )
+
+    def log(self, name: str) -> str:
+        return (self.root / f"{name}.log").read_text(errors="replace")
+
+    def status(self) -> dict[str, Any]:
+        result: dict[str, Any] = httpx.get(f"{self.url}/v1/status", timeout=10).json()
+        return result
+
+    def wait(
+        self, condition: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = 120
+    ) -> dict[str, Any]:
+        end = time.monotonic() + timeout_s
+        while True:
+            try:
+                status = self.status()
+                if condition(status):
+                    return status
+            except httpx.HTTPError:
+                pass
+            assert time.monotonic() < end, f"timed out waiting for {what}"
+            time.sleep(0.2)
+
+    def stop(self) -> None:
+        for p in [*self.miners.values(), self.coordinator]:
+            if p is not None and p.poll() is None:
+                p.send_signal(signal.SIGTERM)
+        for p in [*self.miners.values(), self.coordinator]:
+            if p is not None:
+                try:
+                    p.wait(timeout=30)
+                except subprocess.TimeoutExpired:
+                    p.kill()
+
+
+def version(status: dict[str, Any]) -> int:
+    return int(status["round"]["version"])
+
+
+def test_a_miner_outlives_a_coordinator_restart_mid_round(tmp_path: Path, corpus_file: Path) -> None:
+    net = Network(tmp_path, corpus_file)
+    try:
+        net.start_coordinator()
+        miner = net.start_miner("m")
+        net.wait(lambda s: version(s) >= 2, "two versions")
+        assert net.coordinator is not None
+        net.coordinator.send_signal(signal.SIGKILL)
+        net.coordinator.wait(timeout=30)
+        time.sleep(4)  # the coordinator is gone for a while; the miner must wait, not die
+        assert miner.poll() is None, net.log("m")
+        net.start_coordinator()
+        net.wait(lambda s: version(s) >= 5, "three more versions after the restart")
+        assert miner.poll() is None
+    finally:
+        net.stop()
+    assert "retrying in" in net.log("m")
+
+
+def test_sigkill_and_restart_resume_the_exact_saved_state(tmp_path: Path, corpus_file: Path) -> None:
+    net = Network(tmp_path, corpus_file)
+    try:
+        net.start_coordinator()
+        miner = net.start_miner("m")
+        net.wait(lambda s: version(s) >= 3, "a few rounds mined")
+        miner.send_signal(signal.SIGKILL)  # wherever it is: training, uploading or saving
+        miner.wait(timeout=30)
+        on_disk = state_digest({k[3:]: t for k, t in load_file(net.state_dir("m") / STATE_FILE).items()
+                                if k.startswith("ef/")})  # fmt: skip
+        restarted = net.start_miner("m", "--max-rounds", "1")
+        assert restarted.wait(timeout=120) == 0, net.log("m")
+    finally:
+        net.stop()
+    resumed = [line for line in net.log("m").splitlines() if "resumed state from" in line]
+    assert len(resumed) == 1 and resumed[0].endswith(f"error feedback {on_disk}")
+    assert "unreadable" not in net.log("m")
+
+
+def test_catch_up_by_updates_after_a_short_absence_and_by_checkpoint_after_a_long_one(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    net = Network(tmp_path, corpus_file)
+
+    def mine(name: str, rounds: int) -> str:
+        """Run a miner for some rounds; the part of its log this run wrote."""
+        before = len(net.log(name)) if (tmp_path / f"{name}.log").exists() else 0
+        assert net.start_miner(name, "--max-rounds", str(rounds)).wait(timeout=120) == 0, net.log(name)
+        return net.log(name)[before:]
+
+    try:
+        net.start_coordinator()
+        mine("away", 1)  # trains on version 0 (its saved base), publishes 1
+        mine("steady", 2)  # -> 3, without the absent miner
+        short = mine("away", 1)  # from its base 0 to 3 (3 updates), trains, publishes 4
+        mine("steady", 5)  # -> 9
+        long = mine("away", 1)  # from its base 3 to 9: more than max_catchup_versions (3)
+    finally:
+        net.stop()
+    assert "version 3: caught up from version 0 by 3 published updates" in short
+    assert "loaded checkpoint" not in short
+    assert "version 9: loaded checkpoint" in long
