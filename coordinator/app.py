@@ -11,10 +11,10 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
-from fastapi.responses import FileResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from safetensors.torch import save as st_save
 
+from coordinator.blobs import BlobNotFoundError
 from coordinator.errors import (
     ApiError,
     Busy,
@@ -174,32 +174,33 @@ async def version_info(version: int, run: RunDep) -> VersionInfo:
 
 
 @router.get("/v1/versions/{version}/update")
-async def version_update(version: int, run: RunDep) -> FileResponse:
+async def version_update(version: int, request: Request, run: RunDep) -> Response:
     sha = run.update_sha(version)
     if sha is None:
         raise NotFound("not_found", f"no published update makes version {version}")
-    return _blob(run, sha, f"update-{version}.safetensors")
+    return await _blob(run, request, sha, f"update-{version}.safetensors")
 
 
 @router.get("/v1/checkpoint")
-async def checkpoint(run: RunDep, version: int | None = None) -> FileResponse:
+async def checkpoint(request: Request, run: RunDep, version: int | None = None) -> Response:
     found = run.checkpoint_sha(version)
     if found is None:
         raise NotFound("not_found", f"no checkpoint kept for version {version}")
     v, sha = found
-    response = _blob(run, sha, f"checkpoint-{v}.safetensors")
+    response = await _blob(run, request, sha, f"checkpoint-{v}.safetensors")
     response.headers["X-Gradpool-Version"] = str(v)
     return response
 
 
-def _blob(run: Run, sha: str, filename: str) -> FileResponse:
-    path = run.blobs.path(sha)
-    if not path.exists():
-        raise NotFound("not_found", "that file is no longer kept")
-    run.count_download(path.stat().st_size)
-    return FileResponse(
-        path, media_type="application/octet-stream", filename=filename, headers={"ETag": f'"{sha}"'}
-    )
+async def _blob(run: Run, request: Request, sha: str, filename: str) -> Response:
+    """A kept blob as a download: ETag "<sha>", HTTP Range answered (206, 416). The answer's Content-Length
+    (the whole file's from the file store, the bytes sent from S3) counts towards the round's downloads."""
+    try:
+        response = await asyncio.to_thread(run.blobs.serve, sha, request.headers, filename)
+    except BlobNotFoundError:
+        raise NotFound("not_found", "that file is no longer kept") from None
+    run.count_download(int(response.headers.get("content-length", "0")))
+    return response
 
 
 @router.get("/v1/data")

@@ -16,12 +16,13 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as st_load
 
+from coordinator.blobs import make_blob_store
 from coordinator.errors import Conflict, Forbidden, Unprocessable
 from coordinator.judge import Upload, aggregate_uploads, judge
 from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
-from coordinator.store import BlobStore, Store
+from coordinator.store import Store
 from protocol.aggregate import sketch, update_norm
 from protocol.codec import content_digest, make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
@@ -80,7 +81,7 @@ class Run:
         except ValueError:
             self.store.close()
             raise
-        self.blobs = BlobStore(root / "blobs")
+        self.blobs = make_blob_store(settings.blobs, root / "blobs")
         self.model = build_model(settings.model, seed=settings.seed)
         self.model.eval()
         self.spec = param_spec(self.model)

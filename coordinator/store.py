@@ -1,9 +1,7 @@
-"""Durable state: SQLite (WAL) for rounds, miners, submissions and versions; blobs by sha256 on disk."""
+"""Durable state in SQLite (WAL): rounds, miners, submissions, versions, nonces. Blobs: see blobs.py."""
 
 from __future__ import annotations
 
-import hashlib
-import os
 import sqlite3
 import threading
 import time
@@ -11,6 +9,8 @@ from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
+
+from coordinator.blobs import FileBlobStore
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -34,34 +34,7 @@ CREATE TABLE IF NOT EXISTS versions (
 """
 
 
-class BlobStore:
-    """Content-addressed files: ``root/ab/abcdef...``, written to a temporary name and renamed."""
-
-    def __init__(self, root: Path) -> None:
-        self.root = root
-        root.mkdir(parents=True, exist_ok=True)
-
-    def path(self, sha: str) -> Path:
-        return self.root / sha[:2] / sha
-
-    def put(self, data: bytes) -> str:
-        sha = hashlib.sha256(data).hexdigest()
-        path = self.path(sha)
-        if not path.exists():
-            path.parent.mkdir(exist_ok=True)
-            tmp = path.with_name(f"{sha}.{os.getpid()}.{threading.get_ident()}.tmp")
-            with open(tmp, "wb") as f:
-                f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
-            os.replace(tmp, path)
-        return sha
-
-    def get(self, sha: str) -> bytes:
-        return self.path(sha).read_bytes()
-
-    def delete(self, sha: str) -> None:
-        self.path(sha).unlink(missing_ok=True)
+BlobStore = FileBlobStore  # the default store; coordinator.blobs has the interface and the S3 store
 
 
 class Store:

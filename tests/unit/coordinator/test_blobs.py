@@ -1,0 +1,287 @@
+"""The blob stores, file and S3, through the same tests; S3 is a real moto server on 127.0.0.1."""
+
+from __future__ import annotations
+
+import asyncio
+import functools
+import hashlib
+import logging
+import uuid
+from collections.abc import Callable, Iterator
+from pathlib import Path
+from typing import Any
+
+import boto3
+import pytest
+from fastapi import FastAPI, Request, Response
+from fastapi.testclient import TestClient
+from moto.server import ThreadedMotoServer
+from pool_harness import SPEC, OpenPool, payload
+from pydantic import ValidationError
+
+from coordinator.blobs import (
+    BlobCorruptError,
+    BlobNotFoundError,
+    BlobStore,
+    FileBlobStore,
+    RangeNotSatisfiableError,
+    S3BlobStore,
+    byte_range,
+    make_blob_store,
+)
+from coordinator.settings import BlobSettings, CoordinatorSettings
+from coordinator.store import BlobStore as StoreModuleBlobStore
+from protocol.params import load_checkpoint, params_hash
+
+DATA = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes, every offset distinguishable
+
+
+@pytest.fixture(scope="module")
+def s3_endpoint() -> Iterator[str]:
+    """A real S3-compatible HTTP server, listening on 127.0.0.1 only."""
+    logging.getLogger("werkzeug").setLevel(logging.WARNING)
+    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+    server.start()
+    host, port = server.get_host_and_port()
+    assert host == "127.0.0.1"
+    yield f"http://{host}:{port}"
+    server.stop()
+
+
+@pytest.fixture
+def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
+    """A fresh bucket and the blobs settings that point at it; dummy credentials in the environment."""
+    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
+        monkeypatch.delenv(name, raising=False)
+    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
+    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
+    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
+    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
+    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
+    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
+    bucket = f"gradpool-{uuid.uuid4().hex[:16]}"
+    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
+    return {"backend": "s3", "s3_bucket": bucket, "s3_endpoint_url": s3_endpoint, "s3_prefix": "runs/test/"}
+
+
+@functools.cache
+def s3_client(endpoint: str) -> Any:
+    """The tests' own S3 client, to look behind a store's back."""
+    return boto3.session.Session().client("s3", endpoint_url=endpoint)
+
+
+@pytest.fixture(params=["file", "s3"])
+def store(request: pytest.FixtureRequest, tmp_path: Path) -> BlobStore:
+    if request.param == "file":
+        return make_blob_store(BlobSettings(), tmp_path / "blobs")
+    settings = BlobSettings(**request.getfixturevalue("s3_bucket"))
+    return make_blob_store(settings, tmp_path / "blobs")
+
+
+def overwrite(store: BlobStore, sha: str, data: bytes) -> None:
+    """Replace what is kept under ``sha`` behind the store's back."""
+    if isinstance(store, FileBlobStore):
+        store.path(sha).write_bytes(data)
+    else:
+        assert isinstance(store, S3BlobStore)
+        store.client.put_object(Bucket=store.bucket, Key=store.key(sha), Body=data)
+
+
+def stored_identity(store: BlobStore, sha: str) -> object:
+    """Changes whenever the kept blob is written again."""
+    if isinstance(store, FileBlobStore):
+        st = store.path(sha).stat()
+        return st.st_ino, st.st_mtime_ns
+    assert isinstance(store, S3BlobStore)
+    return store.client.head_object(Bucket=store.bucket, Key=store.key(sha))["VersionId"]
+
+
+def serving(store: BlobStore) -> TestClient:
+    app = FastAPI()
+
+    @app.get("/blobs/{sha}")
+    async def blob(sha: str, request: Request) -> Response:
+        return await asyncio.to_thread(store.serve, sha, request.headers, "blob.bin")
+
+    return TestClient(app)
+
+
+# -- the store ------------------------------------------------------------------------------------------
+def test_a_blob_is_kept_under_its_sha256_until_deleted(store: BlobStore) -> None:
+    sha = hashlib.sha256(DATA).hexdigest()
+    assert not store.exists(sha)
+    assert store.put(DATA) == sha
+    assert store.exists(sha) and store.size(sha) == len(DATA)
+    assert store.get(sha) == DATA
+    empty = store.put(b"")
+    assert empty == hashlib.sha256(b"").hexdigest() and store.get(empty) == b"" and store.size(empty) == 0
+
+    store.delete(sha)
+    assert not store.exists(sha)
+    with pytest.raises(BlobNotFoundError):
+        store.get(sha)
+    with pytest.raises(BlobNotFoundError):
+        store.size(sha)
+    store.delete(sha)  # deleting what is not kept is not an error
+    assert store.get(empty) == b""
+
+
+def test_putting_the_same_bytes_again_writes_nothing(store: BlobStore) -> None:
+    if isinstance(store, S3BlobStore):  # every write of the key makes a new object version
+        store.client.put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    sha = store.put(DATA)
+    first = stored_identity(store, sha)
+    assert store.put(DATA) == sha
+    assert stored_identity(store, sha) == first
+
+
+def test_get_refuses_bytes_that_do_not_match_their_name_and_put_repairs_them(store: BlobStore) -> None:
+    sha = store.put(DATA)
+    overwrite(store, sha, DATA[:-1] + b"X")  # same length, other bytes
+    with pytest.raises(BlobCorruptError):
+        store.get(sha)
+    overwrite(store, sha, DATA[:100])  # truncated: the next put of the same bytes writes them again
+    with pytest.raises(BlobCorruptError):
+        store.get(sha)
+    assert store.put(DATA) == sha
+    assert store.get(sha) == DATA
+
+
+def test_names_that_are_not_a_sha256_are_refused(store: BlobStore) -> None:
+    for bad in ("../../etc/passwd", "AB" * 32, "ab" * 31, ""):
+        with pytest.raises(ValueError):
+            store.get(bad)
+
+
+def test_s3_keys_are_prefix_then_two_hex_digits_then_the_sha(s3_bucket: dict[str, Any]) -> None:
+    store = make_blob_store(BlobSettings(**s3_bucket), Path("unused"))
+    assert isinstance(store, S3BlobStore)
+    sha = store.put(DATA)
+    listed = s3_client(s3_bucket["s3_endpoint_url"]).list_objects_v2(Bucket=s3_bucket["s3_bucket"])
+    assert [o["Key"] for o in listed["Contents"]] == [f"runs/test/{sha[:2]}/{sha}"]
+
+
+# -- serving over HTTP ----------------------------------------------------------------------------------
+def test_a_blob_is_served_whole_with_its_sha256_as_etag(store: BlobStore) -> None:
+    sha = store.put(DATA)
+    with serving(store) as http:
+        r = http.get(f"/blobs/{sha}")
+    assert r.status_code == 200
+    assert r.content == DATA
+    assert r.headers["ETag"] == f'"{sha}"'
+    assert r.headers["Content-Length"] == str(len(DATA))
+    assert r.headers["Accept-Ranges"] == "bytes"
+    assert r.headers["Content-Disposition"] == 'attachment; filename="blob.bin"'
+    assert "Content-Range" not in r.headers
+
+
+@pytest.mark.parametrize(
+    ("asked", "start", "end"),
+    [
+        ("bytes=100-1099", 100, 1100),
+        ("bytes=0-0", 0, 1),
+        ("bytes=10000-", 10000, len(DATA)),  # resuming a download
+        ("bytes=10000-999999", 10000, len(DATA)),  # a last byte past the end is clipped
+        ("bytes=-16", len(DATA) - 16, len(DATA)),  # the last 16 bytes
+        ("bytes=-999999", 0, len(DATA)),  # a suffix longer than the blob is all of it
+    ],
+)
+def test_a_byte_range_is_served_as_206(store: BlobStore, asked: str, start: int, end: int) -> None:
+    sha = store.put(DATA)
+    with serving(store) as http:
+        r = http.get(f"/blobs/{sha}", headers={"Range": asked})
+    assert r.status_code == 206, r.text
+    assert r.content == DATA[start:end]
+    assert r.headers["Content-Range"] == f"bytes {start}-{end - 1}/{len(DATA)}"
+    assert r.headers["Content-Length"] == str(end - start)
+    assert r.headers["ETag"] == f'"{sha}"'
+
+
+@pytest.mark.parametrize("asked", [f"bytes={len(DATA)}-", "bytes=999999-1000000", "bytes=-0"])
+def test_an_unsatisfiable_range_is_416(store: BlobStore, asked: str) -> None:
+    sha = store.put(DATA)
+    with serving(store) as http:
+        r = http.get(f"/blobs/{sha}", headers={"Range": asked})
+    assert r.status_code == 416
+    assert r.headers["Content-Range"] == f"bytes */{len(DATA)}"
+
+
+def test_a_range_for_another_version_is_answered_whole(store: BlobStore) -> None:
+    sha = store.put(DATA)
+    with serving(store) as http:
+        stale = http.get(f"/blobs/{sha}", headers={"Range": "bytes=5-", "If-Range": '"0123"'})
+        fresh = http.get(f"/blobs/{sha}", headers={"Range": "bytes=5-", "If-Range": f'"{sha}"'})
+    assert (stale.status_code, stale.content) == (200, DATA)
+    assert (fresh.status_code, fresh.content) == (206, DATA[5:])
+
+
+def test_serving_a_missing_blob_raises_not_found(store: BlobStore) -> None:
+    with pytest.raises(BlobNotFoundError):
+        store.serve("ab" * 32, {}, "blob.bin")
+
+
+def test_range_headers_are_parsed_or_ignored() -> None:
+    assert byte_range(None, 10) is None
+    assert byte_range("bytes=2-5", 10) == (2, 6)
+    assert byte_range("Bytes = 2 - ", 10) == (2, 10)
+    assert byte_range("bytes=-3", 10) == (7, 10)
+    for ignored in ("items=0-1", "bytes=0-1,4-5", "bytes=5-2", "bytes=-", "bytes=a-b", "bytes=1-2-3", "0-1"):
+        assert byte_range(ignored, 10) is None, ignored
+    for unsatisfiable in ("bytes=10-", "bytes=10-20", "bytes=-0", "bytes=0-"):
+        size = 0 if unsatisfiable == "bytes=0-" else 10
+        with pytest.raises(RangeNotSatisfiableError):
+            byte_range(unsatisfiable, size)
+
+
+# -- settings -------------------------------------------------------------------------------------------
+def test_the_file_store_is_the_default_and_keeps_its_old_name(tmp_path: Path) -> None:
+    assert CoordinatorSettings().blobs.backend == "file"
+    assert isinstance(make_blob_store(BlobSettings(), tmp_path), FileBlobStore)
+    assert StoreModuleBlobStore is FileBlobStore
+
+
+def test_the_s3_store_needs_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
+    with pytest.raises(ValidationError, match="s3_bucket is required"):
+        BlobSettings(backend="s3")
+    monkeypatch.setenv("GRADPOOL_BLOBS__BACKEND", "s3")
+    monkeypatch.setenv("GRADPOOL_BLOBS__S3_BUCKET", "my-bucket")
+    monkeypatch.setenv("GRADPOOL_BLOBS__S3_PREFIX", "/runs/a/")
+    blobs = CoordinatorSettings().blobs
+    assert (blobs.backend, blobs.s3_bucket, blobs.s3_prefix) == ("s3", "my-bucket", "runs/a")
+
+
+# -- a whole coordinator --------------------------------------------------------------------------------
+def test_a_coordinator_keeps_and_serves_its_blobs_from_s3(
+    open_pool: OpenPool, s3_bucket: dict[str, Any], make_settings: Callable[..., CoordinatorSettings]
+) -> None:
+    with open_pool(blobs=s3_bucket) as pool:
+        miner = pool.miner()
+        body = payload(round_=0, base_version=0, seed=1)
+        assert miner.upload(0, body).status_code == 200
+        assert pool.wait_for_round(0)["version"] == 1
+        v1 = pool.client.get("/v1/versions/1").json()
+
+        checkpoint = pool.client.get("/v1/checkpoint")
+        assert checkpoint.status_code == 200 and checkpoint.headers["X-Gradpool-Version"] == "1"
+        checkpoint_sha = hashlib.sha256(checkpoint.content).hexdigest()
+        assert checkpoint.headers["ETag"] == f'"{checkpoint_sha}"'
+        assert len(checkpoint.content) == v1["checkpoint_bytes"]
+        params, _ = load_checkpoint(checkpoint.content, SPEC)
+        assert params_hash(params, SPEC) == v1["param_hash"]
+        tail = pool.client.get("/v1/checkpoint", headers={"Range": "bytes=-100"})
+        assert tail.status_code == 206 and tail.content == checkpoint.content[-100:]
+
+        update = pool.client.get("/v1/versions/1/update")
+        assert update.status_code == 200
+        update_sha = hashlib.sha256(update.content).hexdigest()
+        assert update.headers["ETag"] == f'"{update_sha}"' and len(update.content) == v1["update_bytes"]
+
+    listed = s3_client(s3_bucket["s3_endpoint_url"]).list_objects_v2(Bucket=s3_bucket["s3_bucket"])
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in listed["Contents"]}
+    assert {hashlib.sha256(body).hexdigest(), checkpoint_sha, update_sha} <= keys
+    state_dir = make_settings().state_dir
+    assert not (state_dir / "blobs").exists()
+
+    with open_pool(blobs=s3_bucket) as pool:  # a restart loads the latest checkpoint back from S3
+        again = pool.round()
+        assert (again["version"], again["param_hash"]) == (1, v1["param_hash"])
