@@ -135,6 +135,7 @@ def mine(
     threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
     max_rounds: Annotated[int | None, typer.Option(help="stop after this many uploads")] = None,
     once: Annotated[bool, typer.Option("--once", help="mine one round, then exit")] = False,
+    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Mine: train on the coordinator's rounds and upload compressed updates."""
@@ -152,6 +153,7 @@ def mine(
         "micro_batch": micro_batch,
         "threads": threads,
         "max_rounds": 1 if once else max_rounds,
+        "metrics_port": metrics_port,
     }
     try:
         settings = load_settings(MinerSettings, config, overrides)

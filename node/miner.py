@@ -2,17 +2,22 @@
 
 from __future__ import annotations
 
+import contextlib
+import itertools
 import logging
 import random
+import sys
 import threading
 import time
+from collections.abc import Callable, Iterator
 
 import torch
 
 from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
+from node.metrics import MinerMetrics
 from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state, state_digest
-from node.trainer import InnerTrainer, NonFiniteLoss
+from node.trainer import InnerResult, InnerTrainer, NonFiniteLoss
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, make_codec
 from protocol.data import assignment
 from protocol.errors import CodecError
@@ -31,6 +36,26 @@ from protocol.signing import public_key_hex
 from protocol.wire import RoundInfo, RunInfo
 
 log = logging.getLogger(__name__)
+
+
+def backoff(attempt: int, cap_s: float) -> float:
+    """Exponential backoff with jitter: about 0.5 s, 1 s, 2 s, ... up to ``cap_s``."""
+    return float(min(cap_s, 0.5 * 2 ** min(attempt, 10)) * random.uniform(0.5, 1.0))
+
+
+@contextlib.contextmanager
+def progress(label: str, total: int) -> Iterator[Callable[[dict[str, float]], None]]:
+    """A progress bar on a terminal; nothing otherwise (log lines say what happened)."""
+    if not sys.stderr.isatty():
+        yield lambda _: None
+        return
+    from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
+
+    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
+               TimeRemainingColumn())  # fmt: skip
+    with Progress(*columns, transient=True) as bar:
+        task = bar.add_task(label, total=total, loss="")
+        yield lambda metrics: bar.update(task, advance=1, loss=f"loss {metrics['loss']:.4f}")
 
 
 def pick_device(name: str) -> torch.device:
@@ -60,6 +85,9 @@ class Miner:
         self.version = -1  # unknown until caught up
         self.verified = False  # whether self.params were checked against the published hash
         self.rounds_done = 0
+        self.metrics = MinerMetrics()
+        if settings.metrics_port is not None:
+            self.metrics.serve(settings.metrics_port, settings.metrics_host)
         saved = load_state(settings.state_dir, self.ef, self.trainer.optimizer, info.run_id, self.device)
         if saved is not None:
             self.trainer.step, self.rounds_done = saved.inner_step, saved.rounds_done
@@ -137,7 +165,8 @@ class Miner:
         )
         tokens = self.client.sequences(ids)
         set_params(self.model, self.params)
-        result = self.trainer.run(tokens)
+        with progress(f"round {ri.round}", recipe.inner_steps) as advance:
+            result = self.trainer.run(tokens, on_step=advance)
         with torch.no_grad():
             local = dict(self.model.named_parameters())
             delta = {n: self.params[n] - local[n].detach().float() for n, _ in self.spec}
@@ -153,7 +182,8 @@ class Miner:
             ),
         )
         payload, decoded = self.codec.encode(candidate.accumulate(delta), self.spec, header)
-        self.client.submit(ri.round, payload)
+        self._upload(ri.round, payload)
+        self._record(ri.version, result)
         candidate.subtract(decoded)  # commit error feedback only for an update the coordinator took
         self.ef = candidate
         self.rounds_done += 1
@@ -177,6 +207,30 @@ class Miner:
         )
         return True
 
+    def _record(self, version: int, result: InnerResult) -> None:
+        m = self.metrics
+        m.rounds.inc()
+        m.version.set(version)
+        m.loss.set(result.loss_after)
+        m.compute.inc(result.compute_s)
+        m.bytes_up.set(self.client.bytes_up)
+        m.bytes_down.set(self.client.bytes_down)
+
+    def _upload(self, round_: int, payload: bytes) -> None:
+        """Upload, retrying transient failures with backoff until the coordinator answers: a closed round
+        then comes back as RoundClosed and the work is abandoned."""
+        end = time.monotonic() + self.settings.upload_retry_s
+        for attempt in itertools.count():
+            try:
+                self.client.submit(round_, payload)
+                return
+            except Unavailable as e:
+                delay = backoff(attempt, self.settings.max_backoff_s)
+                if self.stop.is_set() or time.monotonic() + delay > end:
+                    raise
+                log.warning("round %d: upload failed (%s); retrying in %.1f s", round_, e, delay)
+                self.stop.wait(delay)
+
     # -- the daemon ---------------------------------------------------------------------------------------
     def run(self) -> int:
         """Mine until stopped or ``max_rounds`` uploads were taken; returns the number of rounds mined."""
@@ -197,11 +251,10 @@ class Miner:
                 last_done, failures = ri.round, 0
             except (RoundClosed, StaleVersion) as e:
                 log.info("round abandoned (%s); resynchronising", e.code)
+                self.metrics.abandoned.inc()
             except Unavailable as e:
                 failures += 1
-                delay = min(self.settings.max_backoff_s, 0.5 * 2 ** min(failures, 8)) * random.uniform(
-                    0.5, 1.0
-                )
+                delay = backoff(failures, self.settings.max_backoff_s)
                 log.warning("%s; retrying in %.1f s", e, delay)
                 self.stop.wait(delay)
             except ProtocolMismatch:

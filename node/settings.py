@@ -23,5 +23,8 @@ class MinerSettings(BaseSettings):
     timeout_s: float = Field(default=30.0, gt=0, description="per HTTP call")
     startup_timeout_s: float = Field(default=20.0, ge=0, description="how long to wait for the coordinator")
     max_backoff_s: float = Field(default=30.0, gt=0)
+    upload_retry_s: float = Field(default=120.0, ge=0, description="keep retrying a failed upload this long")
+    metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics")
+    metrics_host: str = Field(default="127.0.0.1", description="address for the metrics endpoint")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")

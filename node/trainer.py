@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
@@ -71,11 +72,17 @@ class InnerTrainer:
         self.step += 1
         return {"loss": total, "lr": lr_at(self.step - 1, self.recipe)}
 
-    def run(self, tokens: torch.Tensor) -> InnerResult:
+    def run(
+        self, tokens: torch.Tensor, on_step: Callable[[dict[str, float]], None] | None = None
+    ) -> InnerResult:
         """H steps over ``tokens`` (H * batch_size sequences, in assignment order)."""
         t0 = time.perf_counter()
-        batches = tokens.split(self.recipe.batch_size)
-        losses = [self.train_step(b)["loss"] for b in batches]
+        losses = []
+        for batch in tokens.split(self.recipe.batch_size):
+            metrics = self.train_step(batch)
+            losses.append(metrics["loss"])
+            if on_step is not None:
+                on_step(metrics)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
         return InnerResult(

@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import subprocess
 import sys
 import time
@@ -102,6 +103,12 @@ class Network:
                     p.kill()
 
 
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
 def version(status: dict[str, Any]) -> int:
     return int(status["round"]["version"])
 
@@ -110,7 +117,8 @@ def test_a_miner_outlives_a_coordinator_restart_mid_round(tmp_path: Path, corpus
     net = Network(tmp_path, corpus_file)
     try:
         net.start_coordinator()
-        miner = net.start_miner("m")
+        metrics_port = free_port()
+        miner = net.start_miner("m", "--metrics-port", str(metrics_port))
         net.wait(lambda s: version(s) >= 2, "two versions")
         assert net.coordinator is not None
         net.coordinator.send_signal(signal.SIGKILL)
@@ -120,9 +128,12 @@ def test_a_miner_outlives_a_coordinator_restart_mid_round(tmp_path: Path, corpus
         net.start_coordinator()
         net.wait(lambda s: version(s) >= 5, "three more versions after the restart")
         assert miner.poll() is None
+        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
     finally:
         net.stop()
     assert "retrying in" in net.log("m")
+    mined = next(line for line in metrics.splitlines() if line.startswith("gradpool_miner_rounds_total "))
+    assert float(mined.split()[1]) >= 4
 
 
 def test_sigkill_and_restart_resume_the_exact_saved_state(tmp_path: Path, corpus_file: Path) -> None:
