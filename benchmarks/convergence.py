@@ -44,7 +44,7 @@ from typing import Any, Literal
 import torch
 
 from coordinator.outer import OuterOptimizer
-from node.miner import pick_device
+from node.distributed import local_device
 from node.trainer import InnerTrainer, NonFiniteLoss
 from protocol.aggregate import aggregate
 from protocol.codec import PAYLOAD_FORMAT_VERSION, CodecName, PayloadHeader, PayloadStats, make_codec
@@ -127,7 +127,7 @@ class Bench:
 
     def __init__(self, cfg: Config) -> None:
         self.cfg = cfg
-        self.device = pick_device(cfg.device)
+        self.device = local_device(cfg.device)
         self.recipe = cfg.recipe()
         self.eval_model = build_model(cfg.model, seed=cfg.seed).to(self.device)
         self.spec = param_spec(self.eval_model)

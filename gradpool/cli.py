@@ -164,6 +164,12 @@ def mine(
         import torch
 
         torch.set_num_threads(settings.threads)
+    from node.distributed import init_from_env, share
+
+    rank, world = init_from_env()
+    if rank > 0:
+        _follow_rank_zero(settings)
+        return
     if not settings.key.exists() and settings.create_key:
         save_key(generate_key(), settings.key)
     try:
@@ -186,6 +192,8 @@ def mine(
             if time.monotonic() >= deadline:
                 fail(f"{e} (gave up after {settings.startup_timeout_s:.0f} s)", 1)
             time.sleep(1.0)
+    if world > 1:
+        share(info.model_dump())
     stop = threading.Event()
     _install_stop_handlers(stop)
     try:
@@ -200,6 +208,20 @@ def mine(
     finally:
         client.close()
     log.info("stopped after %d rounds", mined)
+
+
+def _follow_rank_zero(settings: Any) -> None:
+    """A rank other than 0 under torchrun: no network of its own; it trains what rank 0 hands it."""
+    from node.distributed import follow, local_device, share
+    from node.trainer import InnerTrainer
+    from protocol.model import build_model
+    from protocol.wire import RunInfo
+
+    info = RunInfo.model_validate(share())
+    device = local_device(settings.device)
+    model = build_model(info.model, seed=info.seed).to(device)
+    rounds = follow(InnerTrainer(model, info.recipe, device, settings.micro_batch))
+    log.info("rank stopped after %d rounds", rounds)
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:

@@ -12,8 +12,10 @@ import time
 from collections.abc import Callable, Iterator
 
 import torch
+import torch.distributed as dist
 
 from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
+from node.distributed import local_device, share, share_params, share_trainer_state
 from node.metrics import MinerMetrics
 from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state, state_digest
@@ -58,12 +60,6 @@ def progress(label: str, total: int) -> Iterator[Callable[[dict[str, float]], No
         yield lambda metrics: bar.update(task, advance=1, loss=f"loss {metrics['loss']:.4f}")
 
 
-def pick_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(name)
-
-
 class Miner:
     def __init__(
         self,
@@ -75,7 +71,8 @@ class Miner:
         self.settings, self.client, self.info = settings, client, info
         self.stop = stop or threading.Event()
         self.pubkey = public_key_hex(client.key)
-        self.device = pick_device(settings.device)
+        self.device = local_device(settings.device)
+        self.world = dist.get_world_size() if dist.is_initialized() else 1
         self.model = build_model(info.model, seed=info.seed).to(self.device)
         self.spec = param_spec(self.model)
         self.codec = make_codec(info.codec.name, info.codec.k, info.codec.tile)
@@ -101,6 +98,9 @@ class Miner:
                 saved.rounds_done,
                 state_digest(self.ef.state_dict()),
             )
+        if self.world > 1:  # the other ranks start from this rank's optimizer state
+            share({"cmd": "state"})
+            share_trainer_state(self.trainer)
 
     # -- catching up --------------------------------------------------------------------------------------
     def catch_up(self, target: int, target_hash: str) -> None:
@@ -165,6 +165,9 @@ class Miner:
         )
         tokens = self.client.sequences(ids)
         set_params(self.model, self.params)
+        if self.world > 1:  # the other ranks train this round with us
+            share({"cmd": "train", "tokens": tokens})
+            share_params(self.model)
         with progress(f"round {ri.round}", recipe.inner_steps) as advance:
             result = self.trainer.run(tokens, on_step=advance)
         with torch.no_grad():
@@ -234,6 +237,13 @@ class Miner:
     # -- the daemon ---------------------------------------------------------------------------------------
     def run(self) -> int:
         """Mine until stopped or ``max_rounds`` uploads were taken; returns the number of rounds mined."""
+        try:
+            return self._run()
+        finally:
+            if self.world > 1:
+                share({"cmd": "stop"})
+
+    def _run(self) -> int:
         self.client.register()
         last_done, mined, failures = -1, 0, 0
         while not self.stop.is_set():

@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
+import contextlib
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
 import torch
+import torch.distributed as dist
+from torch.nn.parallel import DistributedDataParallel
 
-from protocol.model import GPT
+from protocol.model import GPT, next_token_loss
 from protocol.wire import TrainingRecipe
 
 
@@ -28,6 +31,12 @@ def make_optimizer(model: GPT, recipe: TrainingRecipe) -> torch.optim.AdamW:
         {"params": no_decay, "weight_decay": 0.0},
     ]
     return torch.optim.AdamW(groups, lr=recipe.lr, betas=(recipe.beta1, recipe.beta2))
+
+
+def _mean_over_ranks(value: float) -> float:
+    t = torch.tensor([value], dtype=torch.float64)
+    dist.all_reduce(t)
+    return float(t) / dist.get_world_size()
 
 
 class NonFiniteLoss(RuntimeError):
@@ -50,20 +59,38 @@ class InnerTrainer:
         self.optimizer = make_optimizer(model, recipe)
         self.micro_batch = micro_batch
         self.step = 0  # global inner step, drives the learning rate
+        self.rank, self.world = 0, 1
+        self.forward: torch.nn.Module = model
+        if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
+            self.rank, self.world = dist.get_rank(), dist.get_world_size()
+            if recipe.batch_size % self.world:
+                raise ValueError(
+                    f"batch_size {recipe.batch_size} must divide evenly over {self.world} processes"
+                )
+            ids = [device.index] if device.type == "cuda" else None
+            self.forward = DistributedDataParallel(model, device_ids=ids)
 
     def train_step(self, batch: torch.Tensor) -> dict[str, float]:
         """One optimizer step on a (B, T+1) batch, in micro-batches if asked; refuses a non-finite loss."""
         self.model.train()
+        if self.world > 1:  # this process's equal share; DDP averages the gradients over the shares
+            batch = batch[self.rank :: self.world]
         parts = batch.split(self.micro_batch or len(batch))
         total = 0.0
-        for part in parts:
-            with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"):
-                loss = self.model.loss(part.to(self.device, non_blocking=True))
-            if not torch.isfinite(loss):
-                self.optimizer.zero_grad(set_to_none=True)
-                raise NonFiniteLoss(f"non-finite loss at inner step {self.step}")
-            (loss * len(part) / len(batch)).backward()
+        for i, part in enumerate(parts):
+            sync = self.world == 1 or i == len(parts) - 1  # DDP: average gradients once per step
+            with contextlib.nullcontext() if sync else self.forward.no_sync():  # type: ignore[operator]
+                with torch.autocast(
+                    self.device.type, dtype=torch.bfloat16, enabled=self.device.type == "cuda"
+                ):
+                    loss = next_token_loss(self.forward, part.to(self.device, non_blocking=True))
+                if not torch.isfinite(loss):
+                    self.optimizer.zero_grad(set_to_none=True)
+                    raise NonFiniteLoss(f"non-finite loss at inner step {self.step}")
+                (loss * len(part) / len(batch)).backward()
             total += float(loss.detach()) * len(part) / len(batch)
+        if self.world > 1:
+            total = _mean_over_ranks(total)
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
         for group in self.optimizer.param_groups:
             group["lr"] = lr_at(self.step, self.recipe)

@@ -111,8 +111,13 @@ class GPT(nn.Module):
 
     def loss(self, batch: torch.Tensor) -> torch.Tensor:
         """Next-token cross-entropy on a (B, T+1) batch of token ids."""
-        logits = self(batch[:, :-1])  # (B, T, vocab)
-        return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
+        return next_token_loss(self, batch)
+
+
+def next_token_loss(forward: nn.Module, batch: torch.Tensor) -> torch.Tensor:
+    """Cross-entropy of ``forward``'s logits (a GPT, or a wrapper of one such as DDP) on a (B, T+1) batch."""
+    logits = forward(batch[:, :-1])  # (B, T, vocab)
+    return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
 @torch.no_grad()
