@@ -274,7 +274,7 @@ class Miner:
                 self.version = -1  # reload clean parameters
             except (Refused, CodecError) as e:
                 failures += 1
-                log.error("round refused: %s", e)
+                log.error("round failed (%s); starting again from a clean base", e)
                 self.version = -1
                 self.stop.wait(min(self.settings.max_backoff_s, 1.0 * failures))
         return mined
