@@ -1,0 +1,458 @@
+"""Coordinator aggregation and intake: ``python -m benchmarks.coordinator --json``.
+
+Aggregation, for M in ``--sizes`` on each tensor set of ``--sets`` (``small``: the small model; ``124m``:
+GPT-2 small's shapes; ``tiny``: the tiny model, for quick checks). M distinct SparseLoCo payloads
+(Gaussian deltas, std about 1e-3, a seed each) are encoded in one process and stored in a blob store with
+their intake records (norm, sketch, content digest), as the coordinator holds them when a round closes.
+Each M is then measured in a fresh process, with the parameters already loaded:
+
+- ``seconds``: the whole aggregation, stored payloads to new parameters: ``judge``, ``aggregate_uploads``
+  (reads and decodes one payload at a time into the running sum and count), the outer step (SGD, lr 1.0),
+  a copy of the parameters and ``apply_update``;
+- ``rss_increase_bytes``: the peak resident memory during that (the kernel's high-water mark, reset just
+  before) minus the resident memory just before;
+- ``single_decode_seconds``: best of ``--reps`` of decoding one payload and expanding every tensor to a
+  freshly allocated dense tensor, as a naive aggregator would for each miner;
+- ``seconds_vs_target``: seconds / (0.5 * M * single_decode_seconds); ``rss_ratio``: the increase over the
+  model's fp32 size.
+
+Ingest: a real coordinator (``python -m gradpool coordinator serve``) on 127.0.0.1; ``--miners`` miners,
+each with its own Ed25519 key and HTTP client, register, then all upload a distinct valid payload at once.
+Latency is per upload, from sending the signed request to its answer; a failure (per miner) is any answer
+but 200, or an exception. ``coordinator_cpu_s`` and ``client_cpu_s`` are the CPU time each side spent
+during the uploads: the two share the machine's cores.
+
+Targets: at M = 64, rss_ratio <= 2.5 and seconds_vs_target <= 1; ingest: no failures and p99 <= 2 s.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import contextlib
+import ctypes
+import gc
+import json
+import math
+import multiprocessing
+import os
+import ssl
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Callable, Iterator
+from concurrent.futures import ProcessPoolExecutor
+from pathlib import Path
+from typing import Any, TypeVar
+
+import httpx
+import torch
+
+from benchmarks.codec import gpt2_small_spec
+from coordinator.blobs import FileBlobStore
+from coordinator.judge import Upload, aggregate_uploads, judge
+from coordinator.outer import OuterOptimizer
+from protocol.aggregate import sketch, update_norm
+from protocol.codec import PayloadHeader, SparseLoCoCodec, content_digest
+from protocol.data import stdlib_dir
+from protocol.model import build_model
+from protocol.params import apply_update, param_spec
+from protocol.signing import generate_key, sign_request
+from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION
+
+Spec = list[tuple[str, tuple[int, ...]]]
+T = TypeVar("T")
+SETS = ("tiny", "small", "124m")
+HEADER = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_version=0)
+RSS_LIMIT, TIME_LIMIT, P99_LIMIT_S = 2.5, 1.0, 2.0  # the targets, checked at the largest M (64)
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+def tensor_set(name: str) -> Spec:
+    if name == "124m":
+        return gpt2_small_spec()
+    return param_spec(build_model(name))
+
+
+def random_payload(codec: SparseLoCoCodec, spec: Spec, seed: int) -> bytes:
+    """One miner's update: Gaussian, std 0.75e-3 to 1.25e-3 (its own per seed), encoded."""
+    gen = torch.Generator().manual_seed(seed)
+    std = 1e-3 * (0.75 + 0.5 * float(torch.rand((), generator=gen)))
+    delta = {n: torch.randn(s, generator=gen).mul_(std) for n, s in spec}
+    payload, _ = codec.encode(delta, spec, HEADER)
+    return payload
+
+
+def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
+    """fn(*args) in a new (spawned) process, so that no memory peak or cache carries over."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+        return pool.submit(fn, *args).result()
+
+
+def set_threads(threads: int | None) -> None:
+    if threads:
+        torch.set_num_threads(threads)
+
+
+# -- aggregation ------------------------------------------------------------------------------------------
+def write_payloads(set_name: str, count: int, root: Path, threads: int | None) -> None:
+    """Encode ``count`` payloads into a blob store under root; record each as intake does (uploads.json)."""
+    set_threads(threads)
+    spec, codec, blobs = tensor_set(set_name), SparseLoCoCodec(), FileBlobStore(root / "blobs")
+    records = []
+    for i in range(count):
+        payload = random_payload(codec, spec, seed=1000 + i)
+        _, update = codec.decode(payload, spec)
+        records.append(
+            {
+                "miner": f"miner-{i:03d}",
+                "sha256": blobs.put(payload),
+                "content_sha256": content_digest(payload),
+                "norm": update_norm(update),
+                "sketch": sketch(update, spec).numpy().tobytes().hex(),  # as the coordinator stores it
+            }
+        )
+    (root / "uploads.json").write_text(json.dumps(records))
+
+
+def load_uploads(root: Path, count: int) -> list[Upload]:
+    records = json.loads((root / "uploads.json").read_text())[:count]
+    return [
+        Upload(
+            r["miner"],
+            r["sha256"],
+            r["content_sha256"],
+            r["norm"],
+            torch.frombuffer(bytearray.fromhex(r["sketch"]), dtype=torch.float32),
+        )
+        for r in records
+    ]
+
+
+def rss_bytes() -> int:
+    return int(Path("/proc/self/statm").read_text().split()[1]) * os.sysconf("SC_PAGE_SIZE")
+
+
+def peak_rss_bytes() -> int:
+    """The kernel's resident high-water mark (VmHWM) of this process."""
+    for line in Path("/proc/self/status").read_text().splitlines():
+        if line.startswith("VmHWM:"):
+            return int(line.split()[1]) * 1024
+    raise RuntimeError("no VmHWM in /proc/self/status")
+
+
+def settle_memory() -> int:
+    """Free what can be freed, reset the high-water mark to the current RSS and return that RSS."""
+    gc.collect()
+    with contextlib.suppress(OSError, AttributeError):
+        ctypes.CDLL("libc.so.6").malloc_trim(0)  # hand freed heap back, so the baseline hides nothing
+    Path("/proc/self/clear_refs").write_text("5")  # Linux >= 4.0: reset VmHWM
+    return rss_bytes()
+
+
+def decode_to_dense(codec: SparseLoCoCodec, payload: bytes, spec: Spec) -> dict[str, torch.Tensor]:
+    _, update = codec.decode(payload, spec)
+    return {name: update[name].to_dense(shape) for name, shape in spec}
+
+
+def best_of(fn: Callable[[], object], reps: int) -> float:
+    times = []
+    for _ in range(reps):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return min(times)
+
+
+def measure_aggregation(set_name: str, m: int, root: Path, threads: int | None, reps: int) -> dict[str, Any]:
+    """One row: runs in a fresh process, on the first m stored payloads."""
+    set_threads(threads)
+    spec, codec, blobs = tensor_set(set_name), SparseLoCoCodec(), FileBlobStore(root / "blobs")
+    uploads = load_uploads(root, m)
+    gen = torch.Generator().manual_seed(0)
+    params = {n: torch.randn(s, generator=gen).mul_(0.02) for n, s in spec}
+    first = blobs.get(uploads[0].sha256)
+    codec.decode(first, spec)  # as at intake: the codec's per-model tables are built
+    outer = OuterOptimizer(lr=1.0)
+    before = settle_memory()
+
+    t0 = time.perf_counter()
+    verdicts, accepted = judge(uploads)
+    t1 = time.perf_counter()
+    agg = aggregate_uploads(accepted, blobs.get, codec, spec)
+    t2 = time.perf_counter()
+    delta, _ = outer.step(agg)
+    new = {n: p.clone() for n, p in params.items()}
+    apply_update(new, delta)
+    t3 = time.perf_counter()
+    peak = peak_rss_bytes()
+
+    if len(accepted) != m:
+        refused = {k: v for k, v in verdicts.items() if v is not None}
+        raise RuntimeError(f"{set_name}: {m - len(accepted)} of {m} payloads refused: {refused}")
+    del new, agg, delta
+    single = best_of(lambda: decode_to_dense(codec, first, spec), reps)
+    numel = sum(math.prod(s) for _, s in spec)
+    seconds = t3 - t0
+    return {
+        "set": set_name,
+        "submissions": m,
+        "params": numel,
+        "seconds": seconds,
+        "single_decode_seconds": single,
+        "rss_increase_bytes": peak - before,
+        "model_fp32_bytes": 4 * numel,
+        "rss_ratio": (peak - before) / (4 * numel),
+        "seconds_vs_target": seconds / (0.5 * m * single),
+        "judge_s": t1 - t0,
+        "aggregate_s": t2 - t1,
+        "apply_s": t3 - t2,
+        "rss_before_bytes": before,
+        "payload_bytes": len(first),
+        "threads": torch.get_num_threads(),
+    }
+
+
+def aggregation(sets: list[str], sizes: list[int], threads: int | None, reps: int) -> list[dict[str, Any]]:
+    rows = []
+    for name in sets:
+        with tempfile.TemporaryDirectory(prefix="gradpool-bench-") as tmp:
+            log(f"{name}: encoding {max(sizes)} payloads ...")
+            in_fresh_process(write_payloads, name, max(sizes), Path(tmp), threads)
+            for m in sizes:
+                log(f"{name}: aggregating {m} payloads ...")
+                rows.append(in_fresh_process(measure_aggregation, name, m, Path(tmp), threads, reps))
+    return rows
+
+
+# -- ingest -----------------------------------------------------------------------------------------------
+def write_corpus(path: Path) -> Path:
+    """About 400 KB of Python source as one text file: enough sequences, quick to tokenise."""
+    names = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "textwrap.py", "typing.py"]
+    path.write_text("\n\n".join((stdlib_dir() / n).read_text(encoding="utf-8") for n in names))
+    return path
+
+
+@contextlib.contextmanager
+def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Iterator[subprocess.Popen[bytes]]:
+    """A coordinator whose round stays open for the whole benchmark; stopped on the way out."""
+    env = {
+        **os.environ,
+        "GRADPOOL_MODEL": model,
+        "GRADPOOL_ROUNDS__MIN_QUORUM": "100000",
+        "GRADPOOL_ROUNDS__DEADLINE_S": "3600",
+        "GRADPOOL_DATA__EVAL_EVERY": "20",
+        "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
+        "GRADPOOL_MAX_PAYLOAD_BYTES": str(max_payload_bytes),
+    }
+    cmd = [sys.executable, "-m", "gradpool", "coordinator", "serve", "--port", "0",
+           "--state-dir", str(work / "state"), "--ready-file", str(work / "ready.json"),
+           "--corpus", str(work / "corpus.txt")]  # fmt: skip
+    with (work / "coordinator.log").open("wb") as out:
+        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
+        try:
+            yield proc
+        finally:
+            proc.terminate()
+            try:
+                proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+
+
+def wait_ready(proc: subprocess.Popen[bytes], work: Path, timeout_s: float = 180.0) -> str:
+    ready, end = work / "ready.json", time.monotonic() + timeout_s
+    while not ready.exists():
+        if proc.poll() is not None or time.monotonic() > end:
+            tail = (work / "coordinator.log").read_text(errors="replace")[-2000:]
+            raise RuntimeError(f"coordinator did not start (exit code {proc.poll()}):\n{tail}")
+        time.sleep(0.05)
+    return str(json.loads(ready.read_text())["url"])
+
+
+async def post(
+    client: httpx.AsyncClient, path: str, body: bytes, headers: dict[str, str]
+) -> tuple[float, str | None]:
+    """(seconds to the answer, None or what went wrong)."""
+    t0 = time.perf_counter()
+    try:
+        r = await client.post(path, content=body, headers=headers)
+    except httpx.HTTPError as e:
+        return time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+    seconds = time.perf_counter() - t0
+    return seconds, None if r.status_code == 200 else f"{r.status_code}: {r.text[:200]}"
+
+
+def cpu_seconds(pid: int) -> float:
+    """User plus system CPU time of a process so far."""
+    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+
+
+async def register_and_upload(url: str, payloads: list[bytes], coordinator_pid: int) -> dict[str, Any]:
+    """Each miner has its own client (one connection, as separate machines would): one pool of hundreds
+    of connections costs the client more CPU than the coordinator spends (httpcore scans its pool)."""
+    keys = [generate_key() for _ in payloads]
+    tls = ssl.create_default_context()  # unused on http://, but each client would otherwise load its own
+    async with contextlib.AsyncExitStack() as stack:
+        clients = [
+            await stack.enter_async_context(
+                httpx.AsyncClient(
+                    base_url=url, timeout=60.0, verify=tls, headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)}
+                )
+            )
+            for _ in keys
+        ]
+        signed = [sign_request(key, "POST", "/v1/miners", b"") for key in keys]
+        registered = await asyncio.gather(
+            *(post(c, "/v1/miners", b"", h) for c, h in zip(clients, signed, strict=True))
+        )
+        path = "/v1/rounds/0/submissions"
+        signed = [sign_request(key, "POST", path, p) for key, p in zip(keys, payloads, strict=True)]
+        server0, client0, t0 = cpu_seconds(coordinator_pid), time.process_time(), time.perf_counter()
+        uploaded = await asyncio.gather(
+            *(post(c, path, p, h) for c, p, h in zip(clients, payloads, signed, strict=True))
+        )
+        wall = time.perf_counter() - t0
+        server, client = cpu_seconds(coordinator_pid) - server0, time.process_time() - client0
+        stored = (await clients[0].get("/v1/round")).json()["submissions"]
+    errors = [r or u for (_, r), (_, u) in zip(registered, uploaded, strict=True) if r or u]  # per miner
+    latencies = sorted(s for s, _ in uploaded)
+    return {
+        "miners": len(payloads),
+        "failures": len(errors),
+        "p50_s": percentile(latencies, 0.50),
+        "p99_s": percentile(latencies, 0.99),
+        "max_s": latencies[-1],
+        "wall_s": wall,
+        "stored": stored,
+        "payload_bytes": len(payloads[0]),
+        "coordinator_cpu_s": server,
+        "client_cpu_s": client,
+        "errors": errors[:5],
+    }
+
+
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest rank."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
+def ingest(model: str, miners: int) -> dict[str, Any]:
+    with tempfile.TemporaryDirectory(prefix="gradpool-bench-") as tmp:
+        work = Path(tmp)
+        write_corpus(work / "corpus.txt")
+        spec, codec = tensor_set(model), SparseLoCoCodec()
+        size = len(random_payload(codec, spec, seed=0))
+        with coordinator_process(work, model, max(1 << 20, 4 * size)) as proc:
+            log(f"ingest: encoding {miners} payloads of the {model} model while the coordinator starts ...")
+            payloads = [random_payload(codec, spec, seed=i) for i in range(1, miners + 1)]
+            url = wait_ready(proc, work)
+            log(f"ingest: {miners} miners register, then upload at once to {url} ...")
+            return asyncio.run(register_and_upload(url, payloads, proc.pid))
+
+
+# -- report -----------------------------------------------------------------------------------------------
+def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
+    checks = []
+    for row in result.get("aggregation", []):
+        if row["submissions"] == 64:
+            where = f"{row['set']} M=64"
+            checks.append({"check": f"{where} rss_ratio", "value": row["rss_ratio"], "limit": RSS_LIMIT})
+            checks.append(
+                {
+                    "check": f"{where} seconds_vs_target",
+                    "value": row["seconds_vs_target"],
+                    "limit": TIME_LIMIT,
+                }
+            )
+    if "ingest" in result:
+        checks.append({"check": "ingest failures", "value": result["ingest"]["failures"], "limit": 0})
+        checks.append({"check": "ingest p99_s", "value": result["ingest"]["p99_s"], "limit": P99_LIMIT_S})
+    return [{**c, "met": c["value"] <= c["limit"]} for c in checks]
+
+
+def print_table(result: dict[str, Any]) -> None:
+    for r in result.get("aggregation", []):
+        print(
+            f"{r['set']:>5} M={r['submissions']:<3} {r['seconds']:7.3f} s "
+            f"(judge {r['judge_s']:.3f}, aggregate {r['aggregate_s']:.3f}, apply {r['apply_s']:.3f}); "
+            f"one dense decode {r['single_decode_seconds']:.4f} s -> {r['seconds_vs_target']:.2f}x target; "
+            f"+{r['rss_increase_bytes'] / 2**20:.0f} MiB = {r['rss_ratio']:.2f}x fp32 model"
+        )
+    if "ingest" in result:
+        i = result["ingest"]
+        print(
+            f"ingest: {i['miners']} miners, {i['failures']} failures, p50 {i['p50_s']:.3f} s, "
+            f"p99 {i['p99_s']:.3f} s, max {i['max_s']:.3f} s, {i['stored']} stored in {i['wall_s']:.2f} s "
+            f"(coordinator CPU {i['coordinator_cpu_s']:.2f} s, client CPU {i['client_cpu_s']:.2f} s)"
+        )
+    for t in result["targets"]:
+        print(f"{'met ' if t['met'] else 'MISS'} {t['check']}: {t['value']:.3g} (limit {t['limit']})")
+
+
+def positive(text: str) -> int:
+    n = int(text)
+    if n < 1:
+        raise argparse.ArgumentTypeError(f"expected a positive integer, got {text}")
+    return n
+
+
+def int_list(text: str) -> list[int]:
+    sizes = [positive(x) for x in text.split(",") if x]
+    if not sizes:
+        raise argparse.ArgumentTypeError("give one or more positive integers, comma-separated")
+    return sizes
+
+
+def name_list(text: str) -> list[str]:
+    names = [x for x in text.split(",") if x]
+    if unknown := set(names) - set(SETS):
+        raise argparse.ArgumentTypeError(f"unknown sets {sorted(unknown)}; choose from {SETS}")
+    return names
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--sizes", type=int_list, default=[4, 16, 64], help="submissions per aggregation")
+    ap.add_argument("--sets", type=name_list, default=["small", "124m"], help=f"tensor sets, of {SETS}")
+    ap.add_argument("--miners", type=positive, default=256, help="concurrent uploads to the real coordinator")
+    ap.add_argument(
+        "--ingest-model",
+        default="tiny",
+        choices=["tiny", "small"],
+        help="the model the ingest coordinator runs",
+    )
+    ap.add_argument(
+        "--reps", type=positive, default=3, help="timed repetitions of the single decode (best kept)"
+    )
+    ap.add_argument(
+        "--threads",
+        type=int,
+        default=None,
+        help="torch threads of the aggregation processes (default: all cores)",
+    )
+    ap.add_argument("--skip-aggregation", action="store_true")
+    ap.add_argument("--skip-ingest", action="store_true")
+    args = ap.parse_args(argv)
+    result: dict[str, Any] = {}
+    if not args.skip_aggregation:
+        result["aggregation"] = aggregation(args.sets, args.sizes, args.threads, args.reps)
+    if not args.skip_ingest:
+        result["ingest"] = ingest(args.ingest_model, args.miners)
+    result["targets"] = targets(result)
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print_table(result)
+    return result
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,56 @@
+"""The coordinator benchmark end to end, at toy size: aggregation rows and a real coordinator's intake."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+from typing import Any
+
+import pytest
+
+from benchmarks.coordinator import main
+
+pytestmark = pytest.mark.timeout(120)  # generous: the run takes about 20 s on two busy cores
+ROW_FIELDS = {
+    "submissions", "params", "seconds", "single_decode_seconds", "rss_increase_bytes",
+    "model_fp32_bytes", "rss_ratio", "seconds_vs_target",
+}  # fmt: skip
+
+
+@pytest.fixture(scope="module")
+def result() -> dict[str, Any]:
+    out = io.StringIO()
+    with contextlib.redirect_stdout(out):
+        returned = main(["--json", "--sets=tiny", "--sizes=2,3", "--miners=8", "--threads=1", "--reps=2"])
+    assert json.loads(out.getvalue()) == json.loads(json.dumps(returned))  # stdout holds the JSON only
+    return returned
+
+
+def test_aggregation_rows(result: dict[str, Any]) -> None:
+    rows = result["aggregation"]
+    assert [(r["set"], r["submissions"]) for r in rows] == [("tiny", 2), ("tiny", 3)]
+    for row in rows:
+        assert ROW_FIELDS <= set(row)
+        assert row["seconds"] > 0 and row["single_decode_seconds"] > 0
+        assert isinstance(row["rss_increase_bytes"], int) and isinstance(row["model_fp32_bytes"], int)
+        # the running sum alone is one fp32 copy of the model
+        assert row["rss_increase_bytes"] >= row["model_fp32_bytes"]
+        assert row["model_fp32_bytes"] == 4 * row["params"]
+        assert row["seconds_vs_target"] == pytest.approx(
+            row["seconds"] / (0.5 * row["submissions"] * row["single_decode_seconds"])
+        )
+
+
+def test_ingest_stores_every_upload(result: dict[str, Any]) -> None:
+    ingest = result["ingest"]
+    assert ingest["miners"] == 8
+    assert ingest["failures"] == 0, ingest["errors"]
+    assert ingest["stored"] == 8
+    assert 0 < ingest["p50_s"] <= ingest["p99_s"] <= ingest["max_s"]
+
+
+def test_targets_listed(result: dict[str, Any]) -> None:
+    checks = {t["check"]: t["met"] for t in result["targets"]}
+    assert checks["ingest failures"] is True
+    assert "ingest p99_s" in checks
