@@ -16,7 +16,8 @@ from dataclasses import dataclass
 import torch
 
 from protocol.aggregate import Accumulator, cosine
-from protocol.codec import Codec, ParamSpec
+from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
+from protocol.sparseloco import ChunkAccumulator
 
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median (3+ uploads)
 COPY_COSINE = 0.98  # an update this parallel to an earlier one is a copy, rescaled or not
@@ -72,9 +73,14 @@ def aggregate_uploads(
     spec: ParamSpec,
     device: torch.device | str = "cpu",
 ) -> dict[str, torch.Tensor]:
-    """The aggregate of the accepted uploads, decoding one at a time."""
+    """The aggregate of the accepted uploads, decoding one at a time into a running sum and count (for
+    SparseLoCo in the codec's chunk layout, where adding a payload is a sequential pass)."""
+    if isinstance(codec, SparseLoCoCodec) and len(accepted) <= 255:
+        chunks = ChunkAccumulator(codec, spec)
+        for upload, scale in accepted:
+            chunks.add(load(upload.sha256), scale)
+        return chunks.mean()
     acc = Accumulator(spec, device, max_contributors=len(accepted))
     for upload, scale in accepted:
-        _, update = codec.decode(load(upload.sha256), spec)
-        acc.add(update, scale)
+        acc.add(codec.decode(load(upload.sha256), spec)[1], scale)
     return acc.mean()

@@ -67,7 +67,9 @@ class Accumulator:
     @torch.no_grad()
     def mean(self) -> dict[str, torch.Tensor]:
         """The aggregate, computed in place in the running sum (the accumulator is spent afterwards)."""
-        self.sum.div_(self.count.clamp_min(1))
+        step = 1 << 22  # divide in slices: bounded temporaries
+        for lo in range(0, self.sum.numel(), step):
+            self.sum[lo : lo + step].div_(self.count[lo : lo + step].clamp_min(1))
         self.count = torch.zeros(0, dtype=self.count.dtype)
         return {name: self.sum[o : o + math.prod(s)].view(s) for (name, s), o in
                 zip(self.spec, self.offsets.values(), strict=True)}  # fmt: skip

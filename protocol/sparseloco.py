@@ -95,6 +95,16 @@ class Layout:
             flat = torch.nn.functional.pad(flat, (0, self.rows * self.chunk - self.numel), value=fill)
         return flat.view(self.rows, self.chunk)
 
+    def from_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
+        """(rows, chunk) -> a new tensor of this layout's shape (padding dropped)."""
+        s = self.tile
+        if self.tiled:
+            nr, nc = self.grid
+            R, C = self.shape
+            full = chunks.view(nr, nc, s, s).permute(0, 2, 1, 3).reshape(nr * s, nc * s)
+            return full[:R, :C].contiguous() if self.padded else full
+        return chunks.reshape(-1)[: self.numel].clone().view(self.shape)
+
     def abs_chunks(self, t: torch.Tensor) -> torch.Tensor:
         """|t| as (rows, chunk) in one pass where possible; padding is -1, so it is never preferred."""
         s = self.tile
@@ -259,6 +269,24 @@ class SparseLoCoCodec:
     ) -> tuple[PayloadHeader, _RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every chunk of every sparse tensor decoded at once: flat indices (into the concatenated
         parameters, spec order) and values; plus the dense part. Checks everything before use."""
+        header, table, idx, vals, dense = self.decode_rows(data, spec)
+        s = self.tile
+        q, p = idx // s, idx % s
+        flat = table.base + q * table.stride + p  # (rows, k), into the concatenated parameters
+        if table.padded:
+            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
+            counts = valid.sum(dim=1)
+            per_tensor = torch.zeros(len(table.names), dtype=torch.int64)
+            per_tensor.index_add_(0, table.tensor_of_row, counts)
+            table = table.with_counts(per_tensor.tolist())
+            return header, table, flat[valid], vals[valid], dense
+        return header, table, flat.view(-1), vals.view(-1), dense
+
+    def decode_rows(
+        self, data: bytes, spec: ParamSpec
+    ) -> tuple[PayloadHeader, _RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
+        """The payload in the codec's own layout: chunk-local indices and values, (chunks, k) each, for
+        every chunk of every sparse tensor in spec order; plus the dense part. Checks everything."""
         header, tensors = unframe(
             data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
         )
@@ -282,17 +310,7 @@ class SparseLoCoCodec:
         idx = self._decode_indices(tensors["idx"], table)  # (rows, k), checked
         codes = unpack_2bit(tensors["val"], table.rows * self.k).view(table.rows, self.k)
         vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
-        s = self.tile
-        q, p = idx // s, idx % s
-        flat = table.base + q * table.stride + p  # (rows, k), into the concatenated parameters
-        if table.padded:
-            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
-            counts = valid.sum(dim=1)
-            per_tensor = torch.zeros(len(table.names), dtype=torch.int64)
-            per_tensor.index_add_(0, table.tensor_of_row, counts)
-            table = table.with_counts(per_tensor.tolist())
-            return header, table, flat[valid], vals[valid], dense
-        return header, table, flat.view(-1), vals.view(-1), dense
+        return header, table, idx, vals, dense
 
     def _decode_indices(self, data: torch.Tensor, table: _RowTable) -> torch.Tensor:
         rows = table.rows
@@ -453,3 +471,58 @@ def quantize_2bit(vals: torch.Tensor, valid: torch.Tensor | None = None) -> tupl
     centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], dtype=torch.float64, device=flat.device)
     lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
     return lut.clamp(-FP32_MAX, FP32_MAX).float(), codes
+
+
+class ChunkAccumulator:
+    """Sum and count of SparseLoCo updates, kept in the codec's chunk layout.
+
+    A payload's chunks come in order and its indices sorted within each, so adding one is a sequential
+    pass over the accumulator, and padding needs no masking (it is dropped when the mean is laid out as
+    parameters). Memory: 4 + 1 bytes per parameter, whatever the number of contributors (up to 255).
+    """
+
+    def __init__(self, codec: SparseLoCoCodec, spec: ParamSpec) -> None:
+        self.codec, self.spec = codec, [(n, tuple(s)) for n, s in spec]
+        self.table = codec._table(spec)
+        chunk = codec.tile * codec.tile
+        self.row_start = (torch.arange(self.table.rows, dtype=torch.int64) * chunk).unsqueeze(1)
+        self.sum = torch.zeros(self.table.rows * chunk)
+        self.count = torch.zeros(self.table.rows * chunk, dtype=torch.uint8)
+        self.dense = torch.zeros(sum(self.table.dense_sizes))
+        self.contributors = 0
+
+    @torch.no_grad()
+    def add(self, payload: bytes, scale: float = 1.0) -> None:
+        if self.contributors >= 255:
+            raise ValueError("a chunk accumulator counts at most 255 contributors")
+        _, _, idx, vals, dense = self.codec.decode_rows(payload, self.spec)
+        at = (self.row_start + idx).view(-1)
+        self.sum.index_add_(0, at, vals.view(-1), alpha=scale)
+        self.count.index_add_(0, at, torch.ones(1, dtype=torch.uint8).expand(at.numel()))
+        self.dense.add_(dense, alpha=scale)
+        self.contributors += 1
+
+    @torch.no_grad()
+    def mean(self) -> dict[str, torch.Tensor]:
+        """The mean over the contributors that selected each coordinate, laid out as parameters. The
+        accumulator is spent afterwards."""
+        step = 1 << 22  # divide in slices: bounded temporaries
+        for lo in range(0, self.sum.numel(), step):
+            self.sum[lo : lo + step].div_(self.count[lo : lo + step].clamp_min(1))
+        self.count = torch.zeros(0, dtype=torch.uint8)
+        self.dense.div_(max(1, self.contributors))
+        out: dict[str, torch.Tensor] = {}
+        chunk = self.codec.tile * self.codec.tile
+        row = di = 0
+        for name, shape in self.spec:
+            if self.codec.is_dense(shape):
+                n = math.prod(shape)
+                out[name] = self.dense[di : di + n].view(shape)
+                di += n
+                continue
+            layout = Layout(shape, self.codec.tile)
+            chunks = self.sum[row * chunk : (row + layout.rows) * chunk].view(layout.rows, chunk)
+            out[name] = layout.from_chunks(chunks)
+            row += layout.rows
+        self.sum = torch.zeros(0)
+        return out

@@ -1,0 +1,45 @@
+"""Accumulating SparseLoCo payloads in the codec's chunk layout gives the same aggregate as decoding
+each to parameter coordinates."""
+
+from __future__ import annotations
+
+import pytest
+import torch
+
+from protocol.aggregate import Accumulator
+from protocol.codec import PayloadHeader, SparseLoCoCodec
+from protocol.sparseloco import ChunkAccumulator
+
+SPEC = [("tiled", (128, 192)), ("edges", (100, 130)), ("flat", (5000,)), ("short", (70,)), ("tiny", (5,)),
+        ("cube", (3, 7, 50))]  # fmt: skip
+HEADER = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_version=0)
+
+
+@pytest.mark.parametrize("k", [16, 64])
+def test_chunk_accumulator_equals_the_flat_aggregate(k: int) -> None:
+    codec = SparseLoCoCodec(k=k)
+    g = torch.Generator().manual_seed(k)
+    payloads = [codec.encode({n: torch.randn(s, generator=g) * (i + 1) for n, s in SPEC}, SPEC, HEADER)[0]
+                for i in range(3)]  # fmt: skip
+    scales = [1.0, 0.5, 0.25]
+    acc = ChunkAccumulator(codec, SPEC)
+    for payload, scale in zip(payloads, scales, strict=True):
+        acc.add(payload, scale)
+    chunked = acc.mean()
+    decoded = [codec.decode(p, SPEC)[1] for p in payloads]
+    for name, shape in SPEC:
+        assert chunked[name].shape == shape
+    flat = Accumulator(SPEC, max_contributors=3)
+    for update, scale in zip(decoded, scales, strict=True):
+        flat.add(update, scale)
+    reference = flat.mean()
+    for name, _ in SPEC:
+        assert torch.allclose(chunked[name], reference[name], rtol=1e-6, atol=1e-9), name
+
+
+def test_more_than_255_contributors_is_refused() -> None:
+    codec = SparseLoCoCodec()
+    acc = ChunkAccumulator(codec, [("w", (10,))])
+    acc.contributors = 255
+    with pytest.raises(ValueError, match="255"):
+        acc.add(b"", 1.0)
