@@ -51,10 +51,9 @@ import torch
 
 from benchmarks.codec import gpt2_small_spec
 from coordinator.blobs import FileBlobStore
-from coordinator.judge import Upload, aggregate_uploads, judge
+from coordinator.judge import Upload, aggregate_uploads, examine, judge
 from coordinator.outer import OuterOptimizer
-from protocol.aggregate import sketch, update_norm
-from protocol.codec import PayloadHeader, SparseLoCoCodec, content_digest
+from protocol.codec import PayloadHeader, SparseLoCoCodec
 from protocol.data import stdlib_dir
 from protocol.model import build_model
 from protocol.params import apply_update, param_spec
@@ -106,14 +105,15 @@ def write_payloads(set_name: str, count: int, root: Path, threads: int | None) -
     records = []
     for i in range(count):
         payload = random_payload(codec, spec, seed=1000 + i)
-        _, update = codec.decode(payload, spec)
+        seen = examine(payload, codec, spec)  # what the coordinator does at intake
         records.append(
             {
                 "miner": f"miner-{i:03d}",
                 "sha256": blobs.put(payload),
-                "content_sha256": content_digest(payload),
-                "norm": update_norm(update),
-                "sketch": sketch(update, spec).numpy().tobytes().hex(),  # as the coordinator stores it
+                "content_sha256": seen.content_sha256,
+                "norm": seen.norm,
+                "sketch": seen.sketch.numpy().tobytes().hex(),
+                "unpacked_sha256": None if seen.unpacked is None else blobs.put(seen.unpacked),
             }
         )
     (root / "uploads.json").write_text(json.dumps(records))
@@ -128,6 +128,7 @@ def load_uploads(root: Path, count: int) -> list[Upload]:
             r["content_sha256"],
             r["norm"],
             torch.frombuffer(bytearray.fromhex(r["sketch"]), dtype=torch.float32),
+            r["unpacked_sha256"],
         )
         for r in records
     ]

@@ -15,8 +15,8 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.aggregate import Accumulator, cosine
-from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
+from protocol.aggregate import Accumulator, cosine, sketch, update_norm
+from protocol.codec import Codec, ParamSpec, PayloadHeader, SparseLoCoCodec, content_digest
 from protocol.sparseloco import ChunkAccumulator
 
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median (3+ uploads)
@@ -30,6 +30,26 @@ class Upload:
     content_sha256: str
     norm: float
     sketch: torch.Tensor
+    unpacked_sha256: str | None = None  # SparseLoCo: the payload re-framed for cheap accumulation
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What intake learns from a payload once, so that closing the round need not decode it again."""
+
+    header: PayloadHeader
+    content_sha256: str
+    norm: float
+    sketch: torch.Tensor
+    unpacked: bytes | None
+
+
+def examine(body: bytes, codec: Codec, spec: ParamSpec) -> Examined:
+    """Decode and check a payload (raises CodecError); its norm, sketch, and for SparseLoCo its unpacked
+    form."""
+    header, update = codec.decode(body, spec)
+    unpacked = codec.unpack(body, spec) if isinstance(codec, SparseLoCoCodec) else None
+    return Examined(header, content_digest(body), update_norm(update), sketch(update, spec), unpacked)
 
 
 def is_copy(later: Upload, earlier: Upload) -> bool:
@@ -78,7 +98,10 @@ def aggregate_uploads(
     if isinstance(codec, SparseLoCoCodec) and len(accepted) <= 255:
         chunks = ChunkAccumulator(codec, spec)
         for upload, scale in accepted:
-            chunks.add(load(upload.sha256), scale)
+            if upload.unpacked_sha256 is not None:
+                chunks.add_unpacked(load(upload.unpacked_sha256), scale)
+            else:
+                chunks.add(load(upload.sha256), scale)
         return chunks.mean()
     acc = Accumulator(spec, device, max_contributors=len(accepted))
     for upload, scale in accepted:

@@ -18,13 +18,12 @@ from safetensors.torch import load as st_load
 
 from coordinator.blobs import make_blob_store
 from coordinator.errors import Conflict, Forbidden, Unprocessable
-from coordinator.judge import Upload, aggregate_uploads, judge
+from coordinator.judge import Upload, aggregate_uploads, examine, judge
 from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store
-from protocol.aggregate import sketch, update_norm
-from protocol.codec import content_digest, make_codec
+from protocol.codec import make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
 from protocol.errors import CodecError
 from protocol.model import build_model, evaluate_loss
@@ -327,39 +326,39 @@ class Run:
         if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
             return receipt
         try:
-            header, update = self.codec.decode(body, self.spec)
-            content = content_digest(body)
-            norm, summary = update_norm(update), sketch(update, self.spec)
+            seen = examine(body, self.codec, self.spec)
         except CodecError as e:
             raise Unprocessable(e.code, e.message) from None
+        header = seen.header
         if header.round != round_:
             raise Unprocessable("round_mismatch", f"payload says round {header.round}, URL says {round_}")
+        self._check_version(header.base_version, round_)
+        # Content-addressed files, written before taking the lock (at worst an orphan file): the slow
+        # part of intake does not serialise the uploads.
+        self.blobs.put(body)
+        unpacked_sha = None if seen.unpacked is None else self.blobs.put(seen.unpacked)
         with self.lock:
             self._check_round(round_)
             if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
                 return receipt  # a concurrent upload of the same miner won the race
-            if header.base_version != self.current.version:
-                raise Conflict(
-                    "stale_version",
-                    f"payload was trained on version {header.base_version}; "
-                    f"round {round_} is for version {self.current.version}",
-                )
-            self.blobs.put(body)
+            self._check_version(header.base_version, round_)
             now = time.time()
             with self.store.transaction() as db:
                 db.execute(
                     "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, "
-                    "compute_s, received_at, norm, sketch) VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?)",
+                    "compute_s, received_at, norm, sketch, unpacked_sha256) "
+                    "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
                     (
                         round_,
                         miner,
                         sha,
-                        content,
+                        seen.content_sha256,
                         len(body),
                         header.stats.compute_s,
                         now,
-                        norm,
-                        summary.numpy().tobytes(),
+                        seen.norm,
+                        seen.sketch.numpy().tobytes(),
+                        unpacked_sha,
                     ),
                 )
                 db.execute(
@@ -389,6 +388,14 @@ class Run:
                 "already_submitted", f"miner already uploaded a different payload in round {round_}"
             )
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=size, duplicate=True)
+
+    def _check_version(self, base_version: int, round_: int) -> None:
+        if base_version != self.current.version:
+            raise Conflict(
+                "stale_version",
+                f"payload was trained on version {base_version}; "
+                f"round {round_} is for version {self.current.version}",
+            )
 
     def _check_round(self, round_: int) -> None:
         cur = self.current
@@ -462,15 +469,10 @@ class Run:
         t0 = time.time()
         subs = self.store.all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", cur.round)
         uploads = [
-            Upload(
-                s["miner"],
-                s["sha256"],
-                s["content_sha256"],
-                s["norm"],
-                torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32),
-            )
+            Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"],
+                   torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
             for s in subs
-        ]
+        ]  # fmt: skip
         verdicts, accepted = judge(uploads)
         built = self._build_version(cur, accepted) if accepted else None
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
@@ -515,6 +517,9 @@ class Run:
             self.current = Current(cur.round + 1, new_version, "open", self.current.param_hash
                                    if built is None else built.param_hash)  # fmt: skip
         self._prune_checkpoints()
+        for s in subs:  # the unpacked payloads served their one purpose; the payloads themselves stay
+            if s["unpacked_sha256"] is not None:
+                self.blobs.delete(s["unpacked_sha256"])
         self.deadline_s = self._next_deadline()
         self._update_gauges()
         self.metrics.round_closed(

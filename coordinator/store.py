@@ -23,7 +23,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     bytes_down INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0, eval_loss REAL);
 CREATE TABLE IF NOT EXISTS submissions (
     round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL,
+    bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
     status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, miner));
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_at REAL NOT NULL);

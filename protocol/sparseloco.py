@@ -27,6 +27,8 @@ from collections.abc import Mapping
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as st_load
+from safetensors.torch import save as st_save
 
 from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
 from protocol.errors import CodecError
@@ -312,6 +314,13 @@ class SparseLoCoCodec:
         vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
         return header, table, idx, vals, dense
 
+    def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
+        """A checked payload re-framed for cheap accumulation: indices as int16 and values as float32,
+        (chunks, k) each, plus the dense part. The coordinator writes it once at intake, so closing a
+        round only adds (``ChunkAccumulator.add_unpacked``)."""
+        _, _, idx, vals, dense = self.decode_rows(data, spec)
+        return st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})
+
     def _decode_indices(self, data: torch.Tensor, table: _RowTable) -> torch.Tensor:
         rows = table.rows
         data = data.view(rows, self.low_bytes + self.high_bytes)
@@ -485,9 +494,9 @@ class ChunkAccumulator:
         self.codec, self.spec = codec, [(n, tuple(s)) for n, s in spec]
         self.table = codec._table(spec)
         chunk = codec.tile * codec.tile
-        self.row_start = (torch.arange(self.table.rows, dtype=torch.int64) * chunk).unsqueeze(1)
-        self.sum = torch.zeros(self.table.rows * chunk)
-        self.count = torch.zeros(self.table.rows * chunk, dtype=torch.uint8)
+        self.sum = torch.zeros(self.table.rows, chunk)
+        self.count = torch.zeros(self.table.rows, chunk, dtype=torch.uint8)
+        self.one = torch.ones(1, 1, dtype=torch.uint8).expand(self.table.rows, codec.k)
         self.dense = torch.zeros(sum(self.table.dense_sizes))
         self.contributors = 0
 
@@ -496,9 +505,24 @@ class ChunkAccumulator:
         if self.contributors >= 255:
             raise ValueError("a chunk accumulator counts at most 255 contributors")
         _, _, idx, vals, dense = self.codec.decode_rows(payload, self.spec)
-        at = (self.row_start + idx).view(-1)
-        self.sum.index_add_(0, at, vals.view(-1), alpha=scale)
-        self.count.index_add_(0, at, torch.ones(1, dtype=torch.uint8).expand(at.numel()))
+        self.sum.scatter_add_(1, idx, vals if scale == 1.0 else vals * scale)  # chunk by chunk, in order
+        self.count.scatter_add_(1, idx, self.one)
+        self.dense.add_(dense, alpha=scale)
+        self.contributors += 1
+
+    @torch.no_grad()
+    def add_unpacked(self, unpacked: bytes, scale: float = 1.0) -> None:
+        """Add the output of ``SparseLoCoCodec.unpack`` (the coordinator's own file, read back by hash)."""
+        if self.contributors >= 255:
+            raise ValueError("a chunk accumulator counts at most 255 contributors")
+        parts = st_load(unpacked)
+        shape = (self.table.rows, self.codec.k)
+        idx, vals, dense = parts["idx"], parts["vals"], parts["dense"]
+        if idx.shape != shape or vals.shape != shape or dense.shape != self.dense.shape:
+            raise CodecError("unpacked payload does not fit this model", code="wrong_shape")
+        at = idx.long()
+        self.sum.scatter_add_(1, at, vals if scale == 1.0 else vals * scale)
+        self.count.scatter_add_(1, at, self.one)
         self.dense.add_(dense, alpha=scale)
         self.contributors += 1
 
@@ -506,11 +530,12 @@ class ChunkAccumulator:
     def mean(self) -> dict[str, torch.Tensor]:
         """The mean over the contributors that selected each coordinate, laid out as parameters. The
         accumulator is spent afterwards."""
-        step = 1 << 22  # divide in slices: bounded temporaries
-        for lo in range(0, self.sum.numel(), step):
+        step = 1 << 10  # chunk rows: divide in slices, with bounded temporaries
+        for lo in range(0, self.table.rows, step):
             self.sum[lo : lo + step].div_(self.count[lo : lo + step].clamp_min(1))
         self.count = torch.zeros(0, dtype=torch.uint8)
         self.dense.div_(max(1, self.contributors))
+        flat = self.sum.view(-1)
         out: dict[str, torch.Tensor] = {}
         chunk = self.codec.tile * self.codec.tile
         row = di = 0
@@ -521,7 +546,7 @@ class ChunkAccumulator:
                 di += n
                 continue
             layout = Layout(shape, self.codec.tile)
-            chunks = self.sum[row * chunk : (row + layout.rows) * chunk].view(layout.rows, chunk)
+            chunks = flat[row * chunk : (row + layout.rows) * chunk].view(layout.rows, chunk)
             out[name] = layout.from_chunks(chunks)
             row += layout.rows
         self.sum = torch.zeros(0)
