@@ -162,7 +162,8 @@ async def register(request: Request, run: RunDep) -> Registration:
 async def submit(round_: int, request: Request, run: RunDep) -> SubmissionReceipt:
     body = await read_body(request, run.settings.max_payload_bytes)
     miner = authenticate(run, request, body)
-    return await asyncio.to_thread(run.submit, miner, round_, body)
+    loop = asyncio.get_running_loop()
+    return await loop.run_in_executor(run.intake_pool, run.submit, miner, round_, body)
 
 
 @router.get("/v1/versions/{version}")

@@ -42,8 +42,10 @@ class RangeNotSatisfiableError(ValueError):
 
 
 class BlobStore(Protocol):
-    def put(self, data: bytes) -> str:
-        """Keep ``data`` and return its sha256 (hex). Putting bytes already kept writes nothing."""
+    def put(self, data: bytes, durable: bool = True) -> str:
+        """Keep ``data`` and return its sha256 (hex). Putting bytes already kept writes nothing. With
+        ``durable=False`` a file store skips fsync: the file survives a crash of the process (it is renamed
+        into place whole), not necessarily one of the machine."""
         ...
 
     def get(self, sha: str) -> bytes:
@@ -136,7 +138,7 @@ class FileBlobStore:
     def path(self, sha: str) -> Path:
         return self.root / sha[:2] / _valid(sha)
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: bytes, durable: bool = True) -> str:
         sha = hashlib.sha256(data).hexdigest()
         path = self.path(sha)
         if not path.exists() or path.stat().st_size != len(data):
@@ -144,8 +146,9 @@ class FileBlobStore:
             tmp = path.with_name(f"{sha}.{os.getpid()}.{threading.get_ident()}.tmp")
             with open(tmp, "wb") as f:
                 f.write(data)
-                f.flush()
-                os.fsync(f.fileno())
+                if durable:
+                    f.flush()
+                    os.fsync(f.fileno())
             os.replace(tmp, path)
         return sha
 
@@ -213,7 +216,7 @@ class S3BlobStore:
         name = f"{sha[:2]}/{_valid(sha)}"
         return f"{self.prefix}/{name}" if self.prefix else name
 
-    def put(self, data: bytes) -> str:
+    def put(self, data: bytes, durable: bool = True) -> str:
         sha = hashlib.sha256(data).hexdigest()
         if self._length(sha) != len(data):  # missing, or something else under this name: (re)write it
             checksum = base64.b64encode(bytes.fromhex(sha)).decode()

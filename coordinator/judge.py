@@ -15,7 +15,7 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.aggregate import Accumulator, cosine, sketch, update_norm
+from protocol.aggregate import Accumulator, cosine, sketch, sketch_flat, update_norm
 from protocol.codec import Codec, ParamSpec, PayloadHeader, SparseLoCoCodec, content_digest
 from protocol.sparseloco import ChunkAccumulator
 
@@ -47,9 +47,12 @@ class Examined:
 def examine(body: bytes, codec: Codec, spec: ParamSpec) -> Examined:
     """Decode and check a payload (raises CodecError); its norm, sketch, and for SparseLoCo its unpacked
     form."""
+    if isinstance(codec, SparseLoCoCodec):
+        header, coords, values, unpacked = codec.examine(body, spec)
+        norm = float(values.double().square().sum().sqrt())
+        return Examined(header, content_digest(body), norm, sketch_flat(coords, values), unpacked)
     header, update = codec.decode(body, spec)
-    unpacked = codec.unpack(body, spec) if isinstance(codec, SparseLoCoCodec) else None
-    return Examined(header, content_digest(body), update_norm(update), sketch(update, spec), unpacked)
+    return Examined(header, content_digest(body), update_norm(update), sketch(update, spec), None)
 
 
 def is_copy(later: Upload, earlier: Upload) -> bool:

@@ -11,6 +11,7 @@ import os
 import statistics
 import threading
 import time
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import torch
@@ -111,6 +112,9 @@ class Run:
         )
         self.lock = threading.RLock()
         self.metrics = Metrics()
+        # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores
+        # only trade places on the interpreter lock.
+        self.intake_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="intake")
         self.force_close = False
         self._check_data()
         self.params, self.current = self._resume_or_start()
@@ -182,6 +186,7 @@ class Run:
         return params, Current(int(row["round"]), int(latest["version"]), "open", str(latest["param_hash"]))
 
     def close(self) -> None:
+        self.intake_pool.shutdown(wait=True)
         self.store.close()
 
     # -- queries ------------------------------------------------------------------------------------------
@@ -335,8 +340,8 @@ class Run:
         self._check_version(header.base_version, round_)
         # Content-addressed files, written before taking the lock (at worst an orphan file): the slow
         # part of intake does not serialise the uploads.
-        self.blobs.put(body)
-        unpacked_sha = None if seen.unpacked is None else self.blobs.put(seen.unpacked)
+        self.blobs.put(body, durable=False)  # as durable as the SQLite row that points to it (WAL, NORMAL)
+        unpacked_sha = None if seen.unpacked is None else self.blobs.put(seen.unpacked, durable=False)
         with self.lock:
             self._check_round(round_)
             if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:

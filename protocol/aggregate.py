@@ -88,17 +88,22 @@ def aggregate(updates: Sequence[Decoded], spec: ParamSpec, device: torch.device 
 def sketch(update: Decoded, spec: ParamSpec, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
     """A count sketch of the update (each coordinate hashed to a bucket with a hashed sign): inner products
     and cosines of sketches estimate those of the updates, to within about 1/sqrt(buckets)."""
-    out = torch.zeros(buckets, dtype=torch.float64)
-    offset = 0
+    coords, values, offset = [], [], 0
     for name, shape in spec:
         t = update[name]
         n = math.prod(shape)
-        idx = torch.arange(n) if t.indices is None else t.indices.cpu()
-        g = idx + offset  # global coordinate, below 2**31 for any model this runs
-        h = (g * 2654435761) % 4294967291
-        sign = 1.0 - 2.0 * ((g * 2246822519) % 4294967279 % 2).double()
-        out.index_add_(0, h % buckets, t.values.cpu().double() * sign)
+        coords.append((torch.arange(n) if t.indices is None else t.indices.cpu()) + offset)
+        values.append(t.values.cpu())
         offset += n
+    return sketch_flat(torch.cat(coords), torch.cat(values), buckets)
+
+
+def sketch_flat(coords: torch.Tensor, values: torch.Tensor, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
+    """``sketch`` of an update given as coordinates in the concatenated parameters (below 2**31)."""
+    h = (coords * 2654435761) % 4294967291
+    sign = 1.0 - 2.0 * ((coords * 2246822519) % 4294967279 % 2).double()
+    out = torch.zeros(buckets, dtype=torch.float64)
+    out.index_add_(0, h % buckets, values.double() * sign)
     return out.float()
 
 

@@ -314,6 +314,23 @@ class SparseLoCoCodec:
         vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
         return header, table, idx, vals, dense
 
+    def examine(
+        self, data: bytes, spec: ParamSpec
+    ) -> tuple[PayloadHeader, torch.Tensor, torch.Tensor, bytes]:
+        """One decode for intake: the header; the update as coordinates in the concatenated parameters
+        and their values (padding dropped, dense tensors included); and the ``unpack``ed payload."""
+        header, table, idx, vals, dense = self.decode_rows(data, spec)
+        unpacked = st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})
+        s = self.tile
+        q, p = idx // s, idx % s
+        flat = table.base + q * table.stride + p
+        if table.padded:
+            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
+            flat, vals = flat[valid], vals[valid]
+        coords = [flat.reshape(-1), *(torch.arange(o, o + n) for o, n in zip(table.dense_offsets,
+                  table.dense_sizes, strict=True))]  # fmt: skip
+        return header, torch.cat(coords), torch.cat([vals.reshape(-1), dense]), unpacked
+
     def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
         """A checked payload re-framed for cheap accumulation: indices as int16 and values as float32,
         (chunks, k) each, plus the dense part. The coordinator writes it once at intake, so closing a

@@ -59,3 +59,14 @@ def test_streamed_aggregation_equals_aggregating_everything_at_once() -> None:
     at_once = aggregate([CODEC.decode(b, SPEC)[1] for b in raw], SPEC)
     for name, _ in SPEC:
         assert torch.allclose(streamed[name], at_once[name], rtol=1e-6, atol=1e-9)
+
+
+def test_intake_examines_a_payload_in_one_decode_with_the_same_norm_and_sketch() -> None:
+    from coordinator.judge import examine
+
+    body = bodies(11)[0]
+    seen = examine(body, CODEC, SPEC)
+    _, update = CODEC.decode(body, SPEC)
+    assert abs(seen.norm - update_norm(update)) < 1e-6 * seen.norm
+    assert torch.allclose(seen.sketch, sketch(update, SPEC), rtol=1e-5, atol=1e-9)
+    assert seen.content_sha256 == content_digest(body) and seen.unpacked is not None
