@@ -55,13 +55,15 @@ def examine(body: bytes, codec: Codec, spec: ParamSpec) -> Examined:
     return Examined(header, content_digest(body), update_norm(update), sketch(update, spec), None)
 
 
-def is_copy(later: Upload, earlier: Upload) -> bool:
+def is_copy(later: Upload, earlier: Upload, copy_cosine: float = COPY_COSINE) -> bool:
     return (
-        later.content_sha256 == earlier.content_sha256 or cosine(later.sketch, earlier.sketch) > COPY_COSINE
+        later.content_sha256 == earlier.content_sha256 or cosine(later.sketch, earlier.sketch) > copy_cosine
     )
 
 
-def judge(uploads: Sequence[Upload]) -> tuple[dict[str, str | None], list[tuple[Upload, float]]]:
+def judge(
+    uploads: Sequence[Upload], max_norm_ratio: float = MAX_NORM_RATIO, copy_cosine: float = COPY_COSINE
+) -> tuple[dict[str, str | None], list[tuple[Upload, float]]]:
     """Each upload's verdict (None: accepted, else the reason) and the accepted uploads in arrival order,
     each with its clip scale min(1, median norm / own norm)."""
     verdicts: dict[str, str | None] = {}
@@ -80,7 +82,7 @@ def judge(uploads: Sequence[Upload]) -> tuple[dict[str, str | None], list[tuple[
     if len(kept) >= 3:
         median = statistics.median(u.norm for u in kept)
         for u in kept:
-            if u.norm > MAX_NORM_RATIO * median:
+            if u.norm > max_norm_ratio * median:
                 verdicts[u.miner] = "norm_outlier"
     accepted = [u for u in kept if u.miner not in verdicts]
     median = statistics.median(u.norm for u in accepted) if accepted else 0.0

@@ -478,7 +478,8 @@ class Run:
                    torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
             for s in subs
         ]  # fmt: skip
-        verdicts, accepted = judge(uploads)
+        checks = self.settings.checks
+        verdicts, accepted = judge(uploads, checks.max_norm_ratio, checks.copy_cosine)
         built = self._build_version(cur, accepted) if accepted else None
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
         if FAULT_DELAY_S:  # failure injection for crash tests: a window in which to kill before the commit

@@ -27,6 +27,15 @@ class RoundSettings(Section):
     drop_after_rounds: int = Field(default=2, ge=1, description="stop waiting for a miner silent this long")
 
 
+class CheckSettings(Section):
+    """The checks at aggregation (besides decoding, non-finite values and empty updates)."""
+
+    max_norm_ratio: float = Field(default=10.0, gt=1, description="refuse norms above this x the median")
+    copy_cosine: float = Field(
+        default=0.98, gt=0, le=1, description="refuse the later of two updates this parallel"
+    )
+
+
 class DataSettings(Section):
     corpus: Path | None = Field(default=None, description=".txt/.md/.jsonl file or folder; None: stdlib")
     max_tokens: int | None = Field(default=None, ge=1024)
@@ -77,6 +86,7 @@ class CoordinatorSettings(BaseSettings):
     recipe: TrainingRecipe = Field(default_factory=TrainingRecipe)
     outer: OuterSettings = Field(default_factory=OuterSettings)
     rounds: RoundSettings = Field(default_factory=RoundSettings)
+    checks: CheckSettings = Field(default_factory=CheckSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
     max_payload_bytes: int = Field(default=64 * MiB, ge=1024)
