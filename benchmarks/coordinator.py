@@ -49,7 +49,7 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from benchmarks.codec import gpt2_small_spec
+from benchmarks.codec import best_of, gpt2_small_spec
 from coordinator.blobs import FileBlobStore
 from coordinator.judge import Upload, aggregate_uploads, examine, judge
 from coordinator.outer import OuterOptimizer
@@ -158,15 +158,6 @@ def settle_memory() -> int:
 def decode_to_dense(codec: SparseLoCoCodec, payload: bytes, spec: Spec) -> dict[str, torch.Tensor]:
     _, update = codec.decode(payload, spec)
     return {name: update[name].to_dense(shape) for name, shape in spec}
-
-
-def best_of(fn: Callable[[], object], reps: int) -> float:
-    times = []
-    for _ in range(reps):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return min(times)
 
 
 def measure_aggregation(set_name: str, m: int, root: Path, threads: int | None, reps: int) -> dict[str, Any]:

@@ -5,9 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
-import logging
-import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -15,7 +13,6 @@ import boto3
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
-from moto.server import ThreadedMotoServer
 from pool_harness import SPEC, OpenPool, payload
 from pydantic import ValidationError
 
@@ -34,34 +31,6 @@ from coordinator.store import BlobStore as StoreModuleBlobStore
 from protocol.params import load_checkpoint, params_hash
 
 DATA = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes, every offset distinguishable
-
-
-@pytest.fixture(scope="module")
-def s3_endpoint() -> Iterator[str]:
-    """A real S3-compatible HTTP server, listening on 127.0.0.1 only."""
-    logging.getLogger("werkzeug").setLevel(logging.WARNING)
-    server = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
-    server.start()
-    host, port = server.get_host_and_port()
-    assert host == "127.0.0.1"
-    yield f"http://{host}:{port}"
-    server.stop()
-
-
-@pytest.fixture
-def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
-    """A fresh bucket and the blobs settings that point at it; dummy credentials in the environment."""
-    for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
-        monkeypatch.delenv(name, raising=False)
-    monkeypatch.setenv("AWS_ACCESS_KEY_ID", "testing")
-    monkeypatch.setenv("AWS_SECRET_ACCESS_KEY", "testing")
-    monkeypatch.setenv("AWS_DEFAULT_REGION", "us-east-1")
-    monkeypatch.setenv("AWS_CONFIG_FILE", str(tmp_path / "no-aws-config"))
-    monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
-    monkeypatch.setenv("NO_PROXY", "127.0.0.1")
-    bucket = f"gradpool-{uuid.uuid4().hex[:16]}"
-    s3_client(s3_endpoint).create_bucket(Bucket=bucket)
-    return {"backend": "s3", "s3_bucket": bucket, "s3_endpoint_url": s3_endpoint, "s3_prefix": "runs/test/"}
 
 
 @functools.cache
