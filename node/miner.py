@@ -173,8 +173,7 @@ class Miner:
         with torch.no_grad():
             local = dict(self.model.named_parameters())
             delta = {n: self.params[n] - local[n].detach().float() for n, _ in self.spec}
-        candidate = ErrorFeedback(self.ef.beta)
-        candidate.load_state_dict(self.ef.state_dict(), self.device)
+        candidate = self.ef.copy()
         header = PayloadHeader(
             format_version=PAYLOAD_FORMAT_VERSION,
             codec=self.codec.name,

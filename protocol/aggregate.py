@@ -67,12 +67,16 @@ class Accumulator:
     @torch.no_grad()
     def mean(self) -> dict[str, torch.Tensor]:
         """The aggregate, computed in place in the running sum (the accumulator is spent afterwards)."""
-        step = 1 << 22  # divide in slices: bounded temporaries
-        for lo in range(0, self.sum.numel(), step):
-            self.sum[lo : lo + step].div_(self.count[lo : lo + step].clamp_min(1))
+        divide_by_count(self.sum, self.count)
         self.count = torch.zeros(0, dtype=self.count.dtype)
         return {name: self.sum[o : o + math.prod(s)].view(s) for (name, s), o in
                 zip(self.spec, self.offsets.values(), strict=True)}  # fmt: skip
+
+
+def divide_by_count(total: torch.Tensor, count: torch.Tensor, step: int = 1 << 22) -> None:
+    """total /= max(count, 1), in place, a slice at a time so that temporaries stay small."""
+    for lo in range(0, total.numel(), step):
+        total[lo : lo + step].div_(count[lo : lo + step].clamp_min(1))
 
 
 def aggregate(updates: Sequence[Decoded], spec: ParamSpec, device: torch.device | str = "cpu",

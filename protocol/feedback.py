@@ -39,6 +39,12 @@ class ErrorFeedback:
             else:
                 e.view(-1).index_add_(0, d.indices.to(e.device), values, alpha=-1)
 
+    def copy(self) -> ErrorFeedback:
+        """An independent copy, on the buffers' own device."""
+        other = ErrorFeedback(self.beta)
+        other.buffers = {name: e.clone() for name, e in self.buffers.items()}
+        return other
+
     def state_dict(self) -> dict[str, torch.Tensor]:
         return {name: e.detach().cpu().contiguous() for name, e in self.buffers.items()}
 

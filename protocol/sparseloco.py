@@ -30,6 +30,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from protocol.aggregate import divide_by_count
 from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
 from protocol.errors import CodecError
 from protocol.payload import (
@@ -259,9 +260,10 @@ class SparseLoCoCodec:
                 raise ValueError(f"out must be float32 of shape ({table.total},)")
             out.zero_()
         out[flat] = vals
-        dense_parts = zip(table.dense_offsets, table.dense_sizes, table.dense_slices, strict=True)
-        for offset, n, (lo, hi) in dense_parts:
-            out[offset : offset + n] = dense[lo:hi]
+        at = 0
+        for offset, n in zip(table.dense_offsets, table.dense_sizes, strict=True):
+            out[offset : offset + n] = dense[at : at + n]
+            at += n
         return header, out
 
     def _decode_all(
@@ -272,11 +274,8 @@ class SparseLoCoCodec:
         """Every chunk of every sparse tensor decoded at once: flat indices (into the concatenated
         parameters, spec order) and values; plus the dense part. Checks everything before use."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
-        s = self.tile
-        q, p = idx // s, idx % s
-        flat = table.base + q * table.stride + p  # (rows, k), into the concatenated parameters
-        if table.padded:
-            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
+        flat, valid = self._coordinates(table, idx)
+        if valid is not None:
             counts = valid.sum(dim=1)
             per_tensor = torch.zeros(len(table.names), dtype=torch.int64)
             per_tensor.index_add_(0, table.tensor_of_row, counts)
@@ -318,25 +317,27 @@ class SparseLoCoCodec:
         self, data: bytes, spec: ParamSpec
     ) -> tuple[PayloadHeader, torch.Tensor, torch.Tensor, bytes]:
         """One decode for intake: the header; the update as coordinates in the concatenated parameters
-        and their values (padding dropped, dense tensors included); and the ``unpack``ed payload."""
+        and their values (padding dropped, dense tensors included); and the payload unpacked for
+        ``ChunkAccumulator.add_unpacked``."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
+        # indices as int16 and values as float32, (chunks, k) each, plus the dense part: closing the round
+        # then only adds them (ChunkAccumulator.add_unpacked)
         unpacked = st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})
-        s = self.tile
-        q, p = idx // s, idx % s
-        flat = table.base + q * table.stride + p
-        if table.padded:
-            valid = (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
+        flat, valid = self._coordinates(table, idx)
+        if valid is not None:
             flat, vals = flat[valid], vals[valid]
         coords = [flat.reshape(-1), *(torch.arange(o, o + n) for o, n in zip(table.dense_offsets,
                   table.dense_sizes, strict=True))]  # fmt: skip
         return header, torch.cat(coords), torch.cat([vals.reshape(-1), dense]), unpacked
 
-    def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
-        """A checked payload re-framed for cheap accumulation: indices as int16 and values as float32,
-        (chunks, k) each, plus the dense part. The coordinator writes it once at intake, so closing a
-        round only adds (``ChunkAccumulator.add_unpacked``)."""
-        _, _, idx, vals, dense = self.decode_rows(data, spec)
-        return st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})
+    def _coordinates(self, table: _RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunk-local indices (rows, k) -> coordinates in the concatenated parameters, and the mask of
+        those that are not padding (None when the model has no padding)."""
+        q, p = idx // self.tile, idx % self.tile
+        flat = table.base + q * table.stride + p
+        if not table.padded:
+            return flat, None
+        return flat, (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
 
     def _decode_indices(self, data: torch.Tensor, table: _RowTable) -> torch.Tensor:
         rows = table.rows
@@ -399,7 +400,6 @@ class _RowTable:
     tensor_of_row: torch.Tensor  # (rows,)
     dense_offsets: list[int]
     dense_sizes: list[int]
-    dense_slices: list[tuple[int, int]]
 
     def where(self, bad_rows: torch.Tensor) -> str:
         row = int(bad_rows.nonzero()[0, 0])
@@ -418,16 +418,13 @@ class _RowTable:
         cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "stride", "limit", "rl", "cl", "tid")}
         dense_offsets: list[int] = []
         dense_sizes: list[int] = []
-        dense_slices: list[tuple[int, int]] = []
-        offset = dense_at = 0
+        offset = 0
         padded = False
         for name, shape in spec:
             n = math.prod(shape)
             if codec.is_dense(shape):
                 dense_offsets.append(offset)
                 dense_sizes.append(n)
-                dense_slices.append((dense_at, dense_at + n))
-                dense_at += n
                 offset += n
                 continue
             lay = Layout(shape, s)
@@ -473,7 +470,6 @@ class _RowTable:
             tensor_of_row=cat["tid"],
             dense_offsets=dense_offsets,
             dense_sizes=dense_sizes,
-            dense_slices=dense_slices,
         )
 
 
@@ -519,27 +515,29 @@ class ChunkAccumulator:
 
     @torch.no_grad()
     def add(self, payload: bytes, scale: float = 1.0) -> None:
-        if self.contributors >= 255:
-            raise ValueError("a chunk accumulator counts at most 255 contributors")
+        self._check_room()
         _, _, idx, vals, dense = self.codec.decode_rows(payload, self.spec)
-        self.sum.scatter_add_(1, idx, vals if scale == 1.0 else vals * scale)  # chunk by chunk, in order
-        self.count.scatter_add_(1, idx, self.one)
-        self.dense.add_(dense, alpha=scale)
-        self.contributors += 1
+        self._add(idx, vals, dense, scale)
 
     @torch.no_grad()
     def add_unpacked(self, unpacked: bytes, scale: float = 1.0) -> None:
-        """Add the output of ``SparseLoCoCodec.unpack`` (the coordinator's own file, read back by hash)."""
-        if self.contributors >= 255:
-            raise ValueError("a chunk accumulator counts at most 255 contributors")
+        """Add a payload unpacked by ``SparseLoCoCodec.examine`` (the coordinator's own file, read back by
+        hash)."""
+        self._check_room()
         parts = st_load(unpacked)
         shape = (self.table.rows, self.codec.k)
         idx, vals, dense = parts["idx"], parts["vals"], parts["dense"]
         if idx.shape != shape or vals.shape != shape or dense.shape != self.dense.shape:
             raise CodecError("unpacked payload does not fit this model", code="wrong_shape")
-        at = idx.long()
-        self.sum.scatter_add_(1, at, vals if scale == 1.0 else vals * scale)
-        self.count.scatter_add_(1, at, self.one)
+        self._add(idx.long(), vals, dense, scale)
+
+    def _check_room(self) -> None:
+        if self.contributors >= 255:
+            raise ValueError("a chunk accumulator counts at most 255 contributors")
+
+    def _add(self, idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, scale: float) -> None:
+        self.sum.scatter_add_(1, idx, vals if scale == 1.0 else vals * scale)  # chunk by chunk, in order
+        self.count.scatter_add_(1, idx, self.one)
         self.dense.add_(dense, alpha=scale)
         self.contributors += 1
 
@@ -547,9 +545,7 @@ class ChunkAccumulator:
     def mean(self) -> dict[str, torch.Tensor]:
         """The mean over the contributors that selected each coordinate, laid out as parameters. The
         accumulator is spent afterwards."""
-        step = 1 << 10  # chunk rows: divide in slices, with bounded temporaries
-        for lo in range(0, self.table.rows, step):
-            self.sum[lo : lo + step].div_(self.count[lo : lo + step].clamp_min(1))
+        divide_by_count(self.sum.view(-1), self.count.view(-1))
         self.count = torch.zeros(0, dtype=torch.uint8)
         self.dense.div_(max(1, self.contributors))
         flat = self.sum.view(-1)

@@ -1,11 +1,14 @@
-"""The miner's HTTP client: typed errors from the coordinator's codes, and resumable checkpoints."""
+"""The miner's HTTP client: typed errors from the coordinator's codes, and resumable checkpoints (served
+from files or from an S3-compatible store)."""
 
 from __future__ import annotations
 
+import hashlib
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 
@@ -19,6 +22,8 @@ from node.client import (
     StaleVersion,
     Unavailable,
 )
+from protocol.model import build_model
+from protocol.params import load_checkpoint, param_spec, params_hash
 from protocol.signing import HEADER_SIGNATURE, generate_key, verify_request
 from protocol.wire import HEADER_PROTOCOL
 
@@ -91,10 +96,12 @@ def test_uploads_are_signed_over_the_exact_path_and_body() -> None:
     assert miner == client.key.public_key().public_bytes_raw().hex()
 
 
+@pytest.mark.parametrize("backend", ["file", "s3"])
 def test_an_interrupted_checkpoint_download_resumes_where_it_stopped(
-    live_coordinator: Callable[..., Any], tmp_path: Path
+    live_coordinator: Callable[..., Any], tmp_path: Path, request: pytest.FixtureRequest, backend: str
 ) -> None:
-    with live_coordinator() as server:
+    blobs: dict[str, Any] = request.getfixturevalue("s3_bucket") if backend == "s3" else {}
+    with live_coordinator(blobs=blobs) as server:
         client = CoordinatorClient(server.url, generate_key())
         version, whole = client.checkpoint()
         partial = tmp_path / "checkpoint-0.partial"
@@ -108,7 +115,15 @@ def test_an_interrupted_checkpoint_download_resumes_where_it_stopped(
             client.checkpoint(version, partial)
         assert not partial.exists()
         _, fresh = client.checkpoint(version, partial)
+        info = client.round()
     assert again == version == 0
     assert resumed == whole == fresh
     assert fetched == len(whole) - len(whole) // 3
     assert not partial.exists()
+    spec = param_spec(build_model("tiny"))
+    assert params_hash(load_checkpoint(whole, spec)[0], spec) == info.param_hash
+    if backend == "s3":  # served from the bucket, under the run's prefix
+        sha = hashlib.sha256(whole).hexdigest()
+        s3 = boto3.session.Session().client("s3", endpoint_url=blobs["s3_endpoint_url"])
+        head = s3.head_object(Bucket=blobs["s3_bucket"], Key=f"runs/test/{sha[:2]}/{sha}")
+        assert head["ContentLength"] == len(whole)
