@@ -12,6 +12,7 @@ from typing import Annotated
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
+from pydantic import ValidationError
 from safetensors.torch import save as st_save
 
 from coordinator.blobs import BlobNotFoundError
@@ -22,6 +23,7 @@ from coordinator.errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    Unprocessable,
     install_handlers,
 )
 from coordinator.run import Run
@@ -31,11 +33,15 @@ from protocol.signing import verify_request
 from protocol.wire import (
     HEADER_PROTOCOL,
     PROTOCOL_VERSION,
+    Leaderboard,
     Registration,
     RoundInfo,
+    RoundRecord,
     RunInfo,
     Status,
     SubmissionReceipt,
+    VerdictReceipt,
+    Verdicts,
     VersionInfo,
 )
 
@@ -137,7 +143,51 @@ async def status(run: RunDep) -> Status:
         miners=run.count_miners(),
         initial_eval_loss=run.initial_eval_loss(),
         rounds=run.reports(),
+        leaderboard=run.leaderboard(),
     )
+
+
+@router.get("/v1/leaderboard")
+async def leaderboard(run: RunDep, round: Annotated[int | None, Query(ge=0)] = None) -> Leaderboard:
+    """Every miner's score and record, best first; with ``round``, as of the close of that round."""
+    last = run.last_closed_round()
+    if round is not None and (last is None or round > last):
+        raise NotFound("not_found", f"round {round} has not closed")
+    through = last if round is None else round
+    return Leaderboard(round=through, miners=await asyncio.to_thread(run.leaderboard, through))
+
+
+@router.get("/v1/rounds/{round_}")
+async def round_record(round_: int, run: RunDep) -> RoundRecord:
+    """A round's base version and its uploads with their verdicts: what a validator evaluates."""
+    record = run.round_record(round_)
+    if record is None:
+        raise NotFound("not_found", f"round {round_} does not exist")
+    return record
+
+
+@router.get("/v1/rounds/{round_}/payloads/{miner}")
+async def payload(round_: int, miner: str, request: Request, run: RunDep) -> Response:
+    """A miner's upload in a round that no longer takes uploads."""
+    sha = run.payload_sha(round_, miner.lower())
+    if sha is None:
+        raise NotFound("not_found", f"no upload from {miner[:16]} in round {round_}")
+    return await _blob(run, request, sha, f"payload-{round_}-{miner[:16]}.safetensors")
+
+
+@router.post("/v1/rounds/{round_}/verdicts")
+async def verdicts(round_: int, request: Request, run: RunDep) -> VerdictReceipt:
+    """A validator's signed evaluation of a closed round's uploads."""
+    body = await read_body(request, 4 * 1024 * 1024)
+    validator = authenticate(run, request, body)
+    try:
+        given = Verdicts.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise Unprocessable("invalid_request", f"verdicts: {where}: {err['msg']}") from None
+    n = await asyncio.to_thread(run.record_verdicts, validator, round_, given.verdicts)
+    return VerdictReceipt(round=round_, validator=validator, recorded=n)
 
 
 @router.get("/v1/round")

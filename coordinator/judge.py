@@ -1,9 +1,11 @@
 """The checks at aggregation, and the aggregation itself, streamed one upload at a time.
 
-Each upload was decoded at intake, which recorded its norm and a sketch of it; judging needs only those:
-copies (the same update, or one whose sketch is nearly parallel to an earlier one: the later uploader is
-refused), empty and non-finite updates, and norm outliers. The accepted uploads are then decoded one at a
-time into a running sum and count, so memory does not grow with their number.
+Each upload was decoded at intake, which recorded its norm and a sketch of it; the cheap checks need only
+those: copies (the same update, or one whose sketch is nearly parallel to an earlier one: the later
+uploader is refused), empty and non-finite updates, and norm outliers. The evaluation (the loss before and
+after each update, protocol/evaluation.py) then refuses harmful and useless updates. The accepted uploads
+are decoded one at a time into a running sum and count, so memory does not grow with their number; the
+robust choices (trimmed mean, median) need every contributor's values at once instead.
 """
 
 from __future__ import annotations
@@ -15,8 +17,17 @@ from dataclasses import dataclass
 
 import torch
 
-from protocol.aggregate import Accumulator, cosine, sketch, sketch_flat, update_norm
+from protocol.aggregate import (
+    Accumulator,
+    RobustMethod,
+    cosine,
+    robust_mean,
+    sketch,
+    sketch_flat,
+    update_norm,
+)
 from protocol.codec import Codec, ParamSpec, PayloadHeader, SparseLoCoCodec, content_digest
+from protocol.evaluation import Losses
 from protocol.sparseloco import ChunkAccumulator
 
 MAX_NORM_RATIO = 10.0  # refuse an update whose norm exceeds this multiple of the median (3+ uploads)
@@ -73,9 +84,7 @@ def judge(
             verdicts[u.miner] = "non_finite"
         elif u.norm == 0.0:
             verdicts[u.miner] = "empty_update"
-        elif any(
-            u.content_sha256 == k.content_sha256 or cosine(u.sketch, k.sketch) > COPY_COSINE for k in kept
-        ):
+        elif any(is_copy(u, k, copy_cosine) for k in kept):
             verdicts[u.miner] = "copied_payload"
         else:
             kept.append(u)
@@ -85,10 +94,36 @@ def judge(
             if u.norm > max_norm_ratio * median:
                 verdicts[u.miner] = "norm_outlier"
     accepted = [u for u in kept if u.miner not in verdicts]
-    median = statistics.median(u.norm for u in accepted) if accepted else 0.0
     for u in accepted:
         verdicts[u.miner] = None
-    return verdicts, [(u, min(1.0, median / u.norm)) for u in accepted]
+    return verdicts, reclip(accepted)
+
+
+def refuse_by_evaluation(
+    verdicts: dict[str, str | None],
+    accepted: Sequence[tuple[Upload, float]],
+    losses: dict[str, Losses],
+    refuse_harmful: bool = True,
+    min_gain_fraction: float = 0.0,
+) -> list[tuple[Upload, float]]:
+    """Refuse (in ``verdicts``) the evaluated updates that do not lower the loss on their own data
+    ("harmful") or lower it by less than ``min_gain_fraction`` of the round's median gain ("low_gain",
+    with 3+ evaluated updates); the rest are clipped again to their own median norm."""
+    gains = {u.miner: losses[u.miner].gain for u, _ in accepted if u.miner in losses}
+    for miner, gain in gains.items():
+        if refuse_harmful and (not losses[miner].finite() or gain <= 0):
+            verdicts[miner] = "harmful"
+    useful = [g for m, g in gains.items() if verdicts.get(m) is None and math.isfinite(g)]
+    if min_gain_fraction > 0 and len(useful) >= 3 and (median := statistics.median(useful)) > 0:
+        for miner, gain in gains.items():
+            if verdicts.get(miner) is None and gain < min_gain_fraction * median:
+                verdicts[miner] = "low_gain"
+    return reclip([u for u, _ in accepted if verdicts.get(u.miner) is None])
+
+
+def reclip(uploads: Sequence[Upload]) -> list[tuple[Upload, float]]:
+    median = statistics.median(u.norm for u in uploads) if uploads else 0.0
+    return [(u, min(1.0, median / u.norm)) for u in uploads]
 
 
 def aggregate_uploads(
@@ -97,9 +132,14 @@ def aggregate_uploads(
     codec: Codec,
     spec: ParamSpec,
     device: torch.device | str = "cpu",
+    method: RobustMethod | None = None,
+    trim_fraction: float = 0.2,
 ) -> dict[str, torch.Tensor]:
-    """The aggregate of the accepted uploads, decoding one at a time into a running sum and count (for
-    SparseLoCo in the codec's chunk layout, where adding a payload is a sequential pass)."""
+    """The aggregate of the accepted uploads: by default the mean over the contributors that selected each
+    coordinate, decoding one at a time into a running sum and count (for SparseLoCo in the codec's chunk
+    layout, where adding a payload is a sequential pass); or a robust ``method`` over all of them."""
+    if method is not None:
+        return _robust(accepted, load, codec, spec, device, method, trim_fraction)
     if isinstance(codec, SparseLoCoCodec) and len(accepted) <= 255:
         chunks = ChunkAccumulator(codec, spec)
         for upload, scale in accepted:
@@ -112,3 +152,31 @@ def aggregate_uploads(
     for upload, scale in accepted:
         acc.add(codec.decode(load(upload.sha256), spec)[1], scale)
     return acc.mean()
+
+
+def _robust(
+    accepted: Sequence[tuple[Upload, float]],
+    load: Callable[[str], bytes],
+    codec: Codec,
+    spec: ParamSpec,
+    device: torch.device | str,
+    method: RobustMethod,
+    trim_fraction: float,
+) -> dict[str, torch.Tensor]:
+    offsets, total = {}, 0
+    for name, shape in spec:
+        offsets[name], total = total, total + math.prod(shape)
+    coords, values = [], []
+    for upload, scale in accepted:
+        for name, t in codec.decode(load(upload.sha256), spec)[1].items():
+            n = t.values.numel()
+            idx = torch.arange(n) if t.indices is None else t.indices.cpu()
+            coords.append(idx + offsets[name])
+            values.append(t.values.cpu().float() * scale)
+    flat = robust_mean(
+        torch.cat(coords) if coords else torch.zeros(0, dtype=torch.int64),
+        torch.cat(values) if values else torch.zeros(0),
+        total, method, trim_fraction,
+    ).to(device)  # fmt: skip
+    return {name: flat[o : o + math.prod(shape)].view(shape) for (name, shape), o in
+            zip(spec, offsets.values(), strict=True)}  # fmt: skip

@@ -8,6 +8,7 @@ import hashlib
 import json
 import logging
 import os
+import sqlite3
 import statistics
 import threading
 import time
@@ -18,15 +19,24 @@ import torch
 from safetensors.torch import load as st_load
 
 from coordinator.blobs import make_blob_store
-from coordinator.errors import Conflict, Forbidden, Unprocessable
-from coordinator.judge import Upload, aggregate_uploads, examine, judge
+from coordinator.errors import Conflict, Forbidden, NotFound, Unprocessable
+from coordinator.judge import Upload, aggregate_uploads, examine, judge, reclip, refuse_by_evaluation
 from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
+from coordinator.scoring import (
+    COORDINATOR,
+    INSERT_VERDICT,
+    evaluate_uploads,
+    leaderboard,
+    record_verdicts,
+    verdict_rows,
+)
 from coordinator.settings import CoordinatorSettings
 from coordinator.store import Store
 from protocol.codec import make_codec
 from protocol.data import Dataset, build_dataset, eval_ids
 from protocol.errors import CodecError
+from protocol.evaluation import Losses, RoundResult, round_results, round_salt
 from protocol.model import build_model, evaluate_loss
 from protocol.params import (
     UpdateHeader,
@@ -39,7 +49,19 @@ from protocol.params import (
     save_checkpoint,
     set_params,
 )
-from protocol.wire import PROTOCOL_VERSION, RoundInfo, RoundReport, RunInfo, SubmissionReceipt, VersionInfo
+from protocol.wire import (
+    PROTOCOL_VERSION,
+    EvaluationConfig,
+    LeaderboardEntry,
+    RoundInfo,
+    RoundRecord,
+    RoundReport,
+    RunInfo,
+    SubmissionReceipt,
+    SubmissionRecord,
+    Verdict,
+    VersionInfo,
+)
 
 log = logging.getLogger(__name__)
 FAULT_ENV = "GRADPOOL_FAULT_PUBLISH_DELAY_S"
@@ -109,6 +131,11 @@ class Run:
             recipe=settings.recipe,
             max_payload_bytes=settings.max_payload_bytes,
             max_catchup_versions=settings.max_catchup_versions,
+            evaluation=EvaluationConfig(
+                own_sequences=settings.validation.own_sequences,
+                other_sequences=settings.validation.other_sequences,
+                step=settings.outer_lr(),
+            ),
         )
         self.lock = threading.RLock()
         self.metrics = Metrics()
@@ -323,10 +350,22 @@ class Run:
         return self.current.round
 
     def submit(self, miner: str, round_: int, body: bytes) -> SubmissionReceipt:
-        """Check and store one upload (runs in a worker thread: decoding is CPU work)."""
+        """Check and store one upload (runs in a worker thread: decoding is CPU work). A registered miner's
+        refused upload (malformed, wrong round or version) is recorded against it for the leaderboard."""
         if self.store.one("SELECT 1 FROM miners WHERE pubkey = ?", miner) is None:
             raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
         self._check_round(round_)
+        try:
+            return self._intake(miner, round_, body)
+        except (Unprocessable, Conflict) as e:
+            if e.code not in ("round_closed", "round_not_open", "already_submitted"):
+                self.store.execute(
+                    "INSERT INTO refusals (round, miner, code, at) VALUES (?, ?, ?, ?)",
+                    round_, miner, e.code, time.time(),
+                )  # fmt: skip
+            raise
+
+    def _intake(self, miner: str, round_: int, body: bytes) -> SubmissionReceipt:
         sha = hashlib.sha256(body).hexdigest()
         if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
             return receipt
@@ -480,6 +519,9 @@ class Run:
         ]  # fmt: skip
         checks = self.settings.checks
         verdicts, accepted = judge(uploads, checks.max_norm_ratio, checks.copy_cosine)
+        losses: dict[str, Losses] = {}
+        if accepted and self.settings.validation.builtin:
+            accepted, losses = self._evaluate(cur.round, subs, verdicts, accepted)
         built = self._build_version(cur, accepted) if accepted else None
         compute = [s["compute_s"] for s in subs if verdicts.get(s["miner"]) is None]
         if FAULT_DELAY_S:  # failure injection for crash tests: a window in which to kill before the commit
@@ -499,6 +541,7 @@ class Run:
                 if built.outer_sha is not None:
                     db.execute("INSERT OR REPLACE INTO meta (key, value) VALUES ('outer_state', ?)",
                                (built.outer_sha,))  # fmt: skip
+            db.executemany(INSERT_VERDICT, verdict_rows(cur.round, COORDINATOR, losses, now))
             for s in subs:
                 reason = verdicts.get(s["miner"])
                 db.execute(
@@ -538,10 +581,44 @@ class Run:
             "n/a" if built is None else f"{built.eval_loss:.4f}", time.time() - t0,
         )  # fmt: skip
 
+    def _evaluate(
+        self,
+        round_: int,
+        subs: list[sqlite3.Row],
+        verdicts: dict[str, str | None],
+        accepted: list[tuple[Upload, float]],
+    ) -> tuple[list[tuple[Upload, float]], dict[str, Losses]]:
+        """Evaluate the uploads that passed the cheap checks; refuse (in ``verdicts``) harmful and useless
+        ones, and weight the rest by score if asked. Returns the accepted uploads with their scales."""
+        t0 = time.time()
+        salt = round_salt(s["sha256"] for s in subs)
+        losses = evaluate_uploads(self.model, self.params, self.dataset, self.info, round_, salt, accepted,
+                                  self.blobs.get, self.codec, self.spec)  # fmt: skip
+        v = self.settings.validation
+        accepted = refuse_by_evaluation(verdicts, accepted, losses, v.refuse_harmful, v.min_gain_fraction)
+        if v.weight_by_score and accepted:
+            extra = round_results(round_, losses)
+            scores = {e.miner: e.score for e in self.leaderboard(round_ - 1, extra)}
+            for u, _ in accepted:
+                if scores.get(u.miner, 0.0) <= 0:
+                    verdicts[u.miner] = "low_score"
+            accepted = reclip([u for u, _ in accepted if verdicts[u.miner] is None])
+            if accepted:
+                mean = statistics.fmean(scores[u.miner] for u, _ in accepted)
+                accepted = [(u, scale * scores[u.miner] / mean) for u, scale in accepted]
+        log.info(
+            "round %d: evaluated %d uploads in %.2f s; gains %s", round_, len(losses), time.time() - t0,
+            {m[:12]: round(x.gain, 4) for m, x in losses.items()},
+        )  # fmt: skip
+        return accepted, losses
+
     def _build_version(self, cur: Current, accepted: list[tuple[Upload, float]]) -> _Built:
         """The next version from the accepted updates: parameters, published update, checkpoint, loss.
         Writes only content-addressed blobs; nothing is visible until the caller commits."""
-        agg = aggregate_uploads(accepted, self.blobs.get, self.codec, self.spec)
+        a = self.settings.aggregation
+        method = None if a.method == "mean" else a.method
+        agg = aggregate_uploads(accepted, self.blobs.get, self.codec, self.spec, method=method,
+                                trim_fraction=a.trim_fraction)  # fmt: skip
         delta, outer_buffers = self.outer.step(agg)
         params = {n: p.clone() for n, p in self.params.items()}
         apply_update(params, delta)
@@ -586,3 +663,50 @@ class Run:
     def update_sha(self, version: int) -> str | None:
         row = self.store.one("SELECT update_sha FROM versions WHERE version = ?", version)
         return None if row is None or row["update_sha"] is None else str(row["update_sha"])
+
+    # -- scores and validators -----------------------------------------------------------------------------
+    def leaderboard(
+        self, through: int | None = None, extra: dict[str, RoundResult] | None = None
+    ) -> list[LeaderboardEntry]:
+        return leaderboard(self.store, self.settings.validation, through, extra)
+
+    def last_closed_round(self) -> int | None:
+        return self.current.round - 1 if self.current.round > 0 else None
+
+    def round_record(self, round_: int) -> RoundRecord | None:
+        row = self.store.one("SELECT version, status FROM rounds WHERE round = ?", round_)
+        if row is None:
+            return None
+        status = self.current.status if round_ == self.current.round else row["status"]
+        subs = self.store.all(
+            "SELECT miner, sha256, bytes, status, reason FROM submissions WHERE round = ? "
+            "ORDER BY received_at", round_,
+        )  # fmt: skip
+        return RoundRecord(
+            round=round_, version=row["version"], status=status,  # type: ignore[arg-type]
+            submissions=[SubmissionRecord(**dict(s)) for s in subs],
+        )  # fmt: skip
+
+    def payload_sha(self, round_: int, miner: str) -> str | None:
+        """A round's upload, once the round no longer takes uploads (so nobody copies an open round's)."""
+        if round_ == self.current.round and self.current.status == "open":
+            raise Conflict(
+                "round_open", f"round {round_} is still open; its uploads are served once it closes"
+            )
+        row = self.store.one("SELECT sha256 FROM submissions WHERE round = ? AND miner = ?", round_, miner)
+        return None if row is None else str(row["sha256"])
+
+    def record_verdicts(self, validator: str, round_: int, verdicts: list[Verdict]) -> int:
+        allowed = self.settings.validation.validators
+        if allowed is not None and validator not in {k.lower() for k in allowed}:
+            raise Forbidden("not_a_validator", "this coordinator only takes verdicts from its validators")
+        if validator == COORDINATOR:
+            raise Forbidden("not_a_validator", "that name is reserved")
+        row = self.store.one("SELECT status FROM rounds WHERE round = ?", round_)
+        if row is None:
+            raise NotFound("not_found", f"round {round_} does not exist")
+        if row["status"] != "closed":
+            raise Conflict("round_open", f"round {round_} has not closed; evaluate closed rounds")
+        n = record_verdicts(self.store, round_, validator, verdicts, time.time())
+        log.info("round %d: %d verdicts from validator %s", round_, n, validator[:12])
+        return n

@@ -36,6 +36,39 @@ class CheckSettings(Section):
     )
 
 
+class AggregationSettings(Section):
+    """How the accepted updates are combined, after each is clipped to the median norm."""
+
+    method: Literal["mean", "trimmed_mean", "median"] = Field(
+        default="mean", description="per coordinate, over the contributors that selected it"
+    )
+    trim_fraction: float = Field(
+        default=0.2, ge=0, lt=0.5, description="trimmed_mean: drop this fraction at each end"
+    )
+
+
+class ValidationSettings(Section):
+    """Scoring every upload by what it does to the loss (protocol/evaluation.py), and what aggregation
+    does with the scores."""
+
+    builtin: bool = Field(default=True, description="evaluate every upload here when its round closes")
+    own_sequences: int = Field(default=64, ge=1, le=1024, description="sample of the miner's assignment")
+    other_sequences: int = Field(default=64, ge=1, le=1024, description="sample of data it was not given")
+    refuse_harmful: bool = Field(
+        default=True, description="refuse an update that does not lower the loss on its own data"
+    )
+    min_gain_fraction: float = Field(
+        default=0.1, ge=0, lt=1, description="refuse gains below this x the round's median (3+); 0: off"
+    )
+    weight_by_score: bool = Field(
+        default=False, description="weight each accepted update by its miner's score (mean weight 1)"
+    )
+    score_alpha: float = Field(default=0.4, gt=0, le=1, description="moving-average weight of a new round")
+    validators: list[str] | None = Field(
+        default=None, description="public keys (hex) whose verdicts are taken; None: any signed key"
+    )
+
+
 class DataSettings(Section):
     corpus: Path | None = Field(default=None, description=".txt/.md/.jsonl file or folder; None: stdlib")
     max_tokens: int | None = Field(default=None, ge=1024)
@@ -87,6 +120,8 @@ class CoordinatorSettings(BaseSettings):
     outer: OuterSettings = Field(default_factory=OuterSettings)
     rounds: RoundSettings = Field(default_factory=RoundSettings)
     checks: CheckSettings = Field(default_factory=CheckSettings)
+    aggregation: AggregationSettings = Field(default_factory=AggregationSettings)
+    validation: ValidationSettings = Field(default_factory=ValidationSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
     max_payload_bytes: int = Field(default=64 * MiB, ge=1024)

@@ -26,6 +26,13 @@ CREATE TABLE IF NOT EXISTS submissions (
     bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
     status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
     PRIMARY KEY (round, miner));
+CREATE TABLE IF NOT EXISTS verdicts (
+    round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
+    own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (round, miner, validator));
+CREATE TABLE IF NOT EXISTS refusals (
+    round INTEGER NOT NULL, miner TEXT NOT NULL, code TEXT NOT NULL, at REAL NOT NULL);
+CREATE INDEX IF NOT EXISTS refusals_by_miner ON refusals (miner, round);
 CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_at REAL NOT NULL);
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, round INTEGER, param_hash TEXT NOT NULL, eval_loss REAL,

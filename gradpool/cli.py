@@ -136,13 +136,19 @@ def mine(
     max_rounds: Annotated[int | None, typer.Option(help="stop after this many uploads")] = None,
     once: Annotated[bool, typer.Option("--once", help="mine one round, then exit")] = False,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    adversary: Annotated[
+        str | None,
+        typer.Option(
+            help="simulations only: cheat as noise, scaled, signflip, copycat, stale, lazy, freerider or nan"
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Mine: train on the coordinator's rounds and upload compressed updates."""
-    from node.client import ClientError, CoordinatorClient, ProtocolMismatch, Refused, Unavailable
+    from node.adversary import Adversary
+    from node.client import ClientError, ProtocolMismatch, Refused
     from node.miner import Miner
     from node.settings import MinerSettings
-    from protocol.signing import generate_key, load_key, save_key
 
     overrides = {
         "coordinator": coordinator,
@@ -154,22 +160,90 @@ def mine(
         "threads": threads,
         "max_rounds": 1 if once else max_rounds,
         "metrics_port": metrics_port,
+        "adversary": adversary,
     }
     try:
         settings = load_settings(MinerSettings, config, overrides)
     except ConfigError as e:
         fail(str(e))
     setup_logging(settings.log_level, settings.log_format)
-    if settings.threads:
-        import torch
-
-        torch.set_num_threads(settings.threads)
+    _set_threads(settings.threads)
     from node.distributed import init_from_env, share
 
     rank, world = init_from_env()
     if rank > 0:
         _follow_rank_zero(settings)
         return
+    client, info = _connect(settings)
+    if world > 1:
+        share(info.model_dump())
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        miner = (Miner if settings.adversary is None else Adversary)(settings, client, info, stop)
+        mined = miner.run()
+    except ProtocolMismatch as e:
+        fail(str(e))
+    except Refused as e:
+        fail(f"coordinator refused this miner: {e}", 1)
+    except (ClientError, ValueError, RuntimeError) as e:
+        fail(str(e), 1)
+    finally:
+        client.close()
+    log.info("stopped after %d rounds", mined)
+
+
+@app.command()
+def validate(
+    coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
+    key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
+    create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="downloads and progress")] = None,
+    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
+    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
+    max_rounds: Annotated[int | None, typer.Option(help="stop after evaluating this many rounds")] = None,
+    config: ConfigOpt = None,
+) -> None:
+    """Validate: evaluate each closed round's uploads and post signed verdicts to the coordinator."""
+    from node.client import ClientError, ProtocolMismatch
+    from node.settings import ValidatorSettings
+    from node.validator import Validator
+
+    overrides = {"coordinator": coordinator, "key": key, "create_key": create_key, "state_dir": state_dir,
+                 "device": device, "threads": threads, "max_rounds": max_rounds}  # fmt: skip
+    try:
+        settings = load_settings(ValidatorSettings, config, overrides)
+    except ConfigError as e:
+        fail(str(e))
+    setup_logging(settings.log_level, settings.log_format)
+    _set_threads(settings.threads)
+    client, info = _connect(settings)
+    stop = threading.Event()
+    _install_stop_handlers(stop)
+    try:
+        done = Validator(settings, client, info, stop).run()
+    except ProtocolMismatch as e:
+        fail(str(e))
+    except (ClientError, ValueError, RuntimeError) as e:
+        fail(str(e), 1)
+    finally:
+        client.close()
+    log.info("stopped after evaluating %d rounds", done)
+
+
+def _set_threads(threads: int | None) -> None:
+    if threads:
+        import torch
+
+        torch.set_num_threads(threads)
+
+
+def _connect(settings: Any) -> tuple[Any, Any]:
+    """A signed client for the node's key (created if asked) and the run's description, waiting up to
+    the startup timeout for the coordinator to answer."""
+    from node.client import CoordinatorClient, ProtocolMismatch, Unavailable
+    from protocol.signing import generate_key, load_key, save_key
+
     if not settings.key.exists() and settings.create_key:
         save_key(generate_key(), settings.key)
     try:
@@ -184,30 +258,13 @@ def mine(
     deadline = time.monotonic() + settings.startup_timeout_s
     while True:
         try:
-            info = client.info()
-            break
+            return client, client.info()
         except ProtocolMismatch as e:
             fail(str(e))
         except Unavailable as e:
             if time.monotonic() >= deadline:
                 fail(f"{e} (gave up after {settings.startup_timeout_s:.0f} s)", 1)
             time.sleep(1.0)
-    if world > 1:
-        share(info.model_dump())
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    try:
-        miner = Miner(settings, client, info, stop)
-        mined = miner.run()
-    except ProtocolMismatch as e:
-        fail(str(e))
-    except Refused as e:
-        fail(f"coordinator refused this miner: {e}", 1)
-    except (ClientError, ValueError, RuntimeError) as e:
-        fail(str(e), 1)
-    finally:
-        client.close()
-    log.info("stopped after %d rounds", mined)
 
 
 def _follow_rank_zero(settings: Any) -> None:
@@ -240,7 +297,7 @@ def status(
     coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
 ) -> None:
-    """Print the network's state: round, version, miners, recent held-out losses."""
+    """Print the network's state: round, version, miners, recent held-out losses, the leaderboard."""
     import httpx
 
     try:
@@ -265,11 +322,22 @@ def status(
             f"  round {row['round']:>4}  version {row['version']:>4}  loss {loss}  "
             f"accepted {row['accepted']}  rejected {row['rejected']}"
         )
+    if data.get("leaderboard"):
+        typer.echo("leaderboard (score: average loss gain on own data x its trained-on-own-data indicator)")
+        head = f"{'miner':<16} {'score':>9} {'gain':>9} {'own>other':>9} {'rounds':>6} {'refused':>7}  why"
+        typer.echo(f"  {head}")
+        for entry in data["leaderboard"]:
+            why = ", ".join(f"{k} {n}" for k, n in sorted(entry["refusals"].items()))
+            typer.echo(
+                f"  {entry['miner'][:16]:<16} {entry['score']:>9.4f} {entry['gain_avg']:>9.4f} "
+                f"{entry['assigned_avg']:>9.2f} {entry['rounds_contributed']:>6} "
+                f"{entry['rounds_refused']:>7}  {why}"
+            )
 
 
 @app.command()
 def simulate(
-    miners: Annotated[int, typer.Option(min=1, max=64, help="number of miner processes")] = 3,
+    miners: Annotated[int, typer.Option(min=1, max=64, help="number of honest miner processes")] = 3,
     rounds: Annotated[int, typer.Option(min=1, help="rounds to train")] = 10,
     out: Annotated[Path, typer.Option(help="report, logs and state go here")] = Path("runs/simulate"),
     model: Annotated[str, typer.Option(help="model size")] = "tiny",
@@ -277,14 +345,21 @@ def simulate(
     inner_steps: Annotated[int | None, typer.Option(help="H, inner steps per round")] = None,
     max_tokens: Annotated[int, typer.Option(help="corpus tokens to use")] = 4_000_000,
     timeout_s: Annotated[float, typer.Option(help="give up after this long")] = 1800.0,
+    adversary: Annotated[
+        list[str] | None,
+        typer.Option(
+            help="add COUNT cheating miners of KIND, as KIND:COUNT (repeatable); see node/adversary.py"
+        ),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a coordinator and N miners as processes on 127.0.0.1; print a row per round; write a report."""
-    from gradpool.simulate import SimulationFailed
+    from gradpool.simulate import SimulationFailed, parse_adversaries
     from gradpool.simulate import simulate as run_simulation
 
     try:
         report = run_simulation(
+            adversaries=parse_adversaries(adversary or []),
             miners=miners,
             rounds=rounds,
             out=out,

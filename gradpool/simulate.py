@@ -79,8 +79,10 @@ def simulate(
     max_tokens: int = 4_000_000,
     timeout_s: float = 1800.0,
     config: Path | None = None,
+    adversaries: dict[str, int] | None = None,
     echo: Callable[[str], None] = print,
 ) -> dict[str, Any]:
+    """``miners`` honest miners, plus ``adversaries`` (kind -> count) cheating miners."""
     from coordinator.settings import CoordinatorSettings
 
     out.mkdir(parents=True, exist_ok=True)
@@ -92,6 +94,7 @@ def simulate(
         "codec": {"name": codec},
         "data": {"max_tokens": max_tokens},
         "rounds": {"min_quorum": max(1, (miners + 1) // 2)},
+        "max_catchup_versions": 64,  # a stale adversary goes back a few versions
     }
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
@@ -114,30 +117,79 @@ def simulate(
             ],
         )
         url = _wait_ready(procs, ready)
-        threads = str(max(1, (os.cpu_count() or 1) // miners))
-        for i in range(miners):
-            procs.start(
-                f"miner-{i}",
-                [
-                    "mine",
-                    "--coordinator",
-                    url,
-                    "--key",
-                    str(out / "keys" / f"miner-{i}.pem"),
-                    "--create-key",
-                    "--state-dir",
-                    str(out / "miners" / f"miner-{i}"),
-                    "--threads",
-                    threads,
-                ],
-            )
+        roster = _roster(miners, adversaries or {}, out / "keys")
+        threads = str(max(1, (os.cpu_count() or 1) // len(roster)))
+        for name, (kind, _) in roster.items():
+            cheat = [] if kind == "honest" else ["--adversary", kind]
+            key = str(out / "keys" / f"{name}.pem")
+            state = str(out / "miners" / name)
+            procs.start(name, ["mine", "--coordinator", url, "--key", key, "--state-dir", state,
+                               "--threads", threads, *cheat])  # fmt: skip
         status = _watch(procs, url, rounds, timeout_s, echo)
+        standings = _standings(url, roster, status)
     finally:
         procs.stop_all()
     report = _report(settings, miners, status)
+    report.update(standings)
+    for m in report["miners"]:
+        why = ", ".join(f"{k} {n}" for k, n in sorted(m["refusals"].items()))
+        echo(f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
+             f"  refused {m['rounds_refused']:>3} {why}")  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_losses(report, out / "loss.png")
     return report
+
+
+def _roster(miners: int, adversaries: dict[str, int], keys: Path) -> dict[str, tuple[str, str]]:
+    """Process name -> (kind, public key); the keys are made here so the report can name every miner."""
+    from protocol.signing import generate_key, load_key, public_key_hex, save_key
+
+    names = [(f"miner-{i}", "honest") for i in range(miners)]
+    names += [(f"{kind}-{j}", kind) for kind, n in adversaries.items() for j in range(n)]
+    roster = {}
+    for name, kind in names:
+        path = keys / f"{name}.pem"
+        if not path.exists():
+            save_key(generate_key(), path)
+        roster[name] = (kind, public_key_hex(load_key(path)))
+    return roster
+
+
+def _standings(url: str, roster: dict[str, tuple[str, str]], status: dict[str, Any]) -> dict[str, Any]:
+    """Each miner's final leaderboard entry, and every miner's score as of the close of each round."""
+    by_key = {key: (name, kind) for name, (kind, key) in roster.items()}
+    with httpx.Client(base_url=url, timeout=30.0) as http:
+        boards = [http.get("/v1/leaderboard", params={"round": r["round"]}).json() for r in status["rounds"]]
+    final = {e["miner"]: e for e in boards[-1]["miners"]} if boards else {}
+    miners = [
+        {"name": name, "kind": kind, **final.get(key, {"miner": key, "score": None, "rounds_contributed": 0,
+                                                      "rounds_refused": 0, "refusals": {}})}
+        for name, (kind, key) in roster.items()
+    ]  # fmt: skip
+    scores = [
+        {"round": b["round"], "scores": {by_key[e["miner"]][0]: e["score"] for e in b["miners"]
+                                         if e["miner"] in by_key}}
+        for b in boards
+    ]  # fmt: skip
+    return {"miners": miners, "scores": scores}
+
+
+def parse_adversaries(specs: list[str]) -> dict[str, int]:
+    """``["noise:2", "lazy:1"]`` -> {"noise": 2, "lazy": 1}; raises ConfigError on a bad one."""
+    from typing import get_args
+
+    from node.settings import AdversaryKind
+
+    kinds = get_args(AdversaryKind)
+    out: dict[str, int] = {}
+    for spec in specs:
+        kind, _, count = spec.partition(":")
+        if kind not in kinds or not count.isdigit() or int(count) < 1:
+            raise ConfigError(
+                f"--adversary {spec!r}: expected KIND:COUNT with KIND one of {', '.join(kinds)}"
+            )
+        out[kind] = out.get(kind, 0) + int(count)
+    return out
 
 
 def _toml(settings: Any, out: Path) -> Path:

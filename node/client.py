@@ -27,10 +27,14 @@ from protocol.signing import sign_request
 from protocol.wire import (
     HEADER_PROTOCOL,
     PROTOCOL_VERSION,
+    Leaderboard,
     Registration,
     RoundInfo,
+    RoundRecord,
     RunInfo,
     SubmissionReceipt,
+    VerdictReceipt,
+    Verdicts,
     VersionInfo,
 )
 
@@ -236,6 +240,23 @@ class CoordinatorClient:
         if tokens.dtype not in (torch.uint8, torch.int32) or tokens.dim() != 2 or tokens.shape[0] != len(ids):
             raise ProtocolMismatch(f"data answer has shape {tuple(tokens.shape)} and dtype {tokens.dtype}")
         return tokens.long()
+
+    def round_record(self, round_: int) -> RoundRecord:
+        return self._json(RoundRecord, self._send("GET", f"/v1/rounds/{round_}"))
+
+    def payload(self, round_: int, miner: str) -> bytes:
+        """A miner's upload in a round that has closed."""
+        return self._send("GET", f"/v1/rounds/{round_}/payloads/{miner}").content
+
+    def post_verdicts(self, round_: int, verdicts: Verdicts) -> VerdictReceipt:
+        body = verdicts.model_dump_json().encode()
+        return self._json(
+            VerdictReceipt, self._send("POST", f"/v1/rounds/{round_}/verdicts", body=body, signed=True)
+        )
+
+    def leaderboard(self, round_: int | None = None) -> Leaderboard:
+        params = {} if round_ is None else {"round": str(round_)}
+        return self._json(Leaderboard, self._send("GET", "/v1/leaderboard", params=params))
 
     def submit(self, round_: int, payload: bytes) -> SubmissionReceipt:
         response = self._send("POST", f"/v1/rounds/{round_}/submissions", body=payload, signed=True)

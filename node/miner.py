@@ -16,22 +16,19 @@ import torch.distributed as dist
 
 from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
 from node.distributed import local_device, share, share_params, share_trainer_state
+from node.follower import Follower
 from node.metrics import MinerMetrics
 from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state, state_digest
 from node.trainer import InnerResult, InnerTrainer, NonFiniteLoss
-from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, make_codec
+from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseTensor, make_codec
 from protocol.data import assignment
 from protocol.errors import CodecError
 from protocol.feedback import ErrorFeedback
 from protocol.model import build_model
 from protocol.params import (
-    apply_update,
-    decode_update,
     get_params,
-    load_checkpoint,
     param_spec,
-    params_hash,
     set_params,
 )
 from protocol.signing import public_key_hex
@@ -60,7 +57,7 @@ def progress(label: str, total: int) -> Iterator[Callable[[dict[str, float]], No
         yield lambda metrics: bar.update(task, advance=1, loss=f"loss {metrics['loss']:.4f}")
 
 
-class Miner:
+class Miner(Follower):
     def __init__(
         self,
         settings: MinerSettings,
@@ -81,6 +78,7 @@ class Miner:
         self.params = get_params(self.model)  # theta_v, the base of the next round
         self.version = -1  # unknown until caught up
         self.verified = False  # whether self.params were checked against the published hash
+        self.partial_dir = settings.state_dir
         self.rounds_done = 0
         self.metrics = MinerMetrics()
         if settings.metrics_port is not None:
@@ -102,68 +100,14 @@ class Miner:
             share({"cmd": "state"})
             share_trainer_state(self.trainer)
 
-    # -- catching up --------------------------------------------------------------------------------------
-    def catch_up(self, target: int, target_hash: str) -> None:
-        """Bring the local parameters to version ``target``: by the published updates when at most
-        max_catchup_versions behind, else (or when a hash does not match) by the checkpoint."""
-        if self.version == target and self.verified:
-            return
-        start = self.version
-        if 0 <= start <= target and target - start <= self.info.max_catchup_versions:
-            try:
-                for v in range(start + 1, target + 1):
-                    self._apply_published(v)
-                if params_hash(self.params, self.spec) == target_hash:
-                    if target > start:
-                        log.info("version %d: caught up from version %d by %d published updates", target,
-                                 start, target - start)  # fmt: skip
-                    self.verified = True
-                    return
-                log.warning(
-                    "version %d: hash mismatch after applying updates; downloading checkpoint", target
-                )
-            except (CodecError, Refused) as e:
-                log.warning(
-                    "catching up to version %d by updates failed (%s); downloading checkpoint", target, e
-                )
-        self._download_checkpoint(target)
-        self.verified = True
-
-    def _apply_published(self, v: int) -> None:
-        data = self.client.update(v)
-        header, delta = decode_update(data, self.spec)
-        if header.version != v or header.base_version != v - 1:
-            raise CodecError(f"update for version {v} says {header.base_version} -> {header.version}")
-        apply_update(self.params, delta)
-        self.version = v
-
-    def _download_checkpoint(self, target: int) -> None:
-        partial = self.settings.state_dir / f"checkpoint-{target}.partial"
-        version, data = self.client.checkpoint(target, partial)
-        params, _ = load_checkpoint(data, self.spec)
-        expected = self.client.version(version).param_hash
-        if params_hash(params, self.spec) != expected:
-            raise CodecError(f"checkpoint of version {version} does not match its published hash")
-        self.params = {n: t.to(self.device) for n, t in params.items()}
-        self.version = version
-        log.info("version %d: loaded checkpoint (%d bytes)", version, len(data))
-
     # -- one round ----------------------------------------------------------------------------------------
     def mine_round(self, ri: RoundInfo) -> bool:
         """Train on round ``ri`` and upload; True when the upload was taken."""
         t0 = time.perf_counter()
         down0, up0 = self.client.bytes_down, self.client.bytes_up
-        self.catch_up(ri.version, ri.param_hash)
+        self.catch_up(*self.base_for(ri))
         recipe = self.info.recipe
-        ids = assignment(
-            self.info.seed,
-            ri.round,
-            self.pubkey,
-            recipe.inner_steps * recipe.batch_size,
-            self.info.num_sequences,
-            self.info.eval_every,
-        )
-        tokens = self.client.sequences(ids)
+        tokens = self.client.sequences(self.training_ids(ri))
         set_params(self.model, self.params)
         if self.world > 1:  # the other ranks train this round with us
             share({"cmd": "train", "tokens": tokens})
@@ -183,7 +127,10 @@ class Miner:
                 compute_s=result.compute_s, loss_before=result.loss_before, loss_after=result.loss_after
             ),
         )
-        payload, decoded = self.codec.encode(candidate.accumulate(delta), self.spec, header)
+        made = self.make_payload(ri, header, candidate.accumulate(delta))
+        if made is None:
+            return False
+        payload, decoded = made
         self._upload(ri.round, payload)
         self._record(ri.version, result)
         candidate.subtract(decoded)  # commit error feedback only for an update the coordinator took
@@ -208,6 +155,23 @@ class Miner:
             result.compute_s,
         )
         return True
+
+    # The three steps an adversarial miner (node/adversary.py, for simulations) does differently.
+    def base_for(self, ri: RoundInfo) -> tuple[int, str]:
+        """The version to train from, and its parameter hash."""
+        return ri.version, ri.param_hash
+
+    def training_ids(self, ri: RoundInfo) -> list[int]:
+        """The sequences to train on: this miner's assignment."""
+        r = self.info.recipe
+        return assignment(self.info.seed, ri.round, self.pubkey, r.inner_steps * r.batch_size,
+                          self.info.num_sequences, self.info.eval_every)  # fmt: skip
+
+    def make_payload(
+        self, ri: RoundInfo, header: PayloadHeader, vector: dict[str, torch.Tensor]
+    ) -> tuple[bytes, dict[str, SparseTensor]] | None:
+        """The payload of the error-feedback vector, and what the coordinator will decode from it."""
+        return self.codec.encode(vector, self.spec, header)
 
     def _record(self, version: int, result: InnerResult) -> None:
         m = self.metrics

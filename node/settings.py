@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+AdversaryKind = Literal["noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan"]
+
 
 class MinerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
@@ -26,5 +28,26 @@ class MinerSettings(BaseSettings):
     upload_retry_s: float = Field(default=120.0, ge=0, description="keep retrying a failed upload this long")
     metrics_port: int | None = Field(default=None, ge=0, le=65535, description="serve Prometheus metrics")
     metrics_host: str = Field(default="127.0.0.1", description="address for the metrics endpoint")
+    adversary: AdversaryKind | None = Field(
+        default=None, description="simulations only: cheat this way (node/adversary.py)"
+    )
+    log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
+    log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
+
+
+class ValidatorSettings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
+
+    coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
+    key: Path = Field(default=Path("validator.pem"), description="Ed25519 private key (PEM)")
+    create_key: bool = Field(default=False, description="generate the key file if it does not exist")
+    state_dir: Path = Field(default=Path("validator-state"), description="downloads and progress")
+    device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
+    max_rounds: int | None = Field(default=None, ge=1, description="stop after evaluating this many rounds")
+    poll_s: float = Field(default=2.0, gt=0, description="how long to wait for the next round to close")
+    timeout_s: float = Field(default=30.0, gt=0, description="per HTTP call")
+    startup_timeout_s: float = Field(default=20.0, ge=0, description="how long to wait for the coordinator")
+    max_backoff_s: float = Field(default=30.0, gt=0)
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")

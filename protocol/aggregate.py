@@ -11,6 +11,7 @@ from __future__ import annotations
 import math
 import statistics
 from collections.abc import Sequence
+from typing import Literal
 
 import torch
 
@@ -114,3 +115,46 @@ def sketch_flat(coords: torch.Tensor, values: torch.Tensor, buckets: int = SKETC
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     na, nb = float(a.norm()), float(b.norm())
     return 0.0 if na == 0 or nb == 0 else float(a.double() @ b.double()) / (na * nb)
+
+
+RobustMethod = Literal["trimmed_mean", "median"]
+
+
+@torch.no_grad()
+def robust_mean(coords: torch.Tensor, values: torch.Tensor, total: int, method: RobustMethod,
+                trim_fraction: float = 0.2) -> torch.Tensor:  # fmt: skip
+    """A robust mean at each coordinate over the values given for it (0 where none): the median, or the mean
+    after dropping the floor(trim_fraction * n) smallest and largest of its n values. Unlike sum / count,
+    a minority of extreme contributors at a coordinate cannot move it far.
+
+    ``coords`` (int64, in [0, total)) and ``values`` (float32, already clip-scaled) are the concatenated
+    sparse updates, at most one value per contributor and coordinate. Vectorised: sort by value, then stably
+    by coordinate, so each coordinate's values form a sorted segment; memory O(len(coords)) besides the
+    output, which is float32 on the device of ``values``."""
+    if method == "trimmed_mean" and not 0.0 <= trim_fraction < 0.5:
+        raise ValueError(f"trim_fraction must be in [0, 0.5), got {trim_fraction}")
+    if method not in ("trimmed_mean", "median"):
+        raise ValueError(f"unknown method {method!r}")
+    if coords.shape != values.shape or coords.dim() != 1:
+        raise ValueError(f"coords and values must be 1-D of one length, got {coords.shape}, {values.shape}")
+    out = torch.zeros(total, dtype=torch.float32, device=values.device)
+    if coords.numel() == 0:
+        return out
+    coords = coords.to(values.device, torch.int64)
+    perm = torch.argsort(values)
+    perm = perm[torch.argsort(coords[perm], stable=True)]
+    sorted_values = values[perm].double()
+    uniq, counts = torch.unique_consecutive(coords[perm], return_counts=True)
+    starts = torch.cumsum(counts, 0) - counts
+    if method == "median":
+        result = (sorted_values[starts + (counts - 1) // 2] + sorted_values[starts + counts // 2]) / 2
+    else:
+        t = torch.floor(counts.double() * trim_fraction).long()
+        segment = torch.repeat_interleave(torch.arange(len(counts), device=values.device), counts)
+        rank = torch.arange(len(sorted_values), device=values.device) - starts[segment]  # place in segment
+        kept = (rank >= t[segment]) & (rank < (counts - t)[segment])
+        sums = torch.zeros(len(counts), dtype=torch.float64, device=values.device)
+        sums.index_add_(0, segment[kept], sorted_values[kept])  # per-segment sums: no cancellation
+        result = sums / (counts - 2 * t)
+    out[uniq] = result.float()
+    return out

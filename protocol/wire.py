@@ -36,6 +36,14 @@ class CodecConfig(Wire):
     tile: int = Field(default=64, ge=8, le=256)
 
 
+class EvaluationConfig(Wire):
+    """How uploads are evaluated (protocol/evaluation.py): validators must use the same settings."""
+
+    own_sequences: int = Field(default=64, ge=1, le=1024)
+    other_sequences: int = Field(default=64, ge=1, le=1024)
+    step: float = Field(default=1.0, gt=0, description="the outer step an update is applied with")
+
+
 class RunInfo(Wire):
     protocol_version: int = PROTOCOL_VERSION
     run_id: str
@@ -48,6 +56,7 @@ class RunInfo(Wire):
     recipe: TrainingRecipe
     max_payload_bytes: int
     max_catchup_versions: int
+    evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
 
 
 RoundStatus = Literal["open", "aggregating"]
@@ -101,12 +110,69 @@ class RoundReport(Wire):
     compute_s: float
 
 
+class LeaderboardEntry(Wire):
+    """A miner's standing: its moving-average score (protocol/evaluation.py) and its record."""
+
+    miner: str
+    score: float
+    gain_avg: float = Field(description="moving average of the loss gain on its own data (nats/token)")
+    assigned_avg: float = Field(description="moving average of the indicator own gain > other gain (+1/-1)")
+    rounds_contributed: int
+    rounds_refused: int
+    refusals: dict[str, int] = Field(description="refusal reason -> rounds")
+    last_round: int
+    verdicts: int = Field(description="evaluated rounds behind the score (within the last 50 rounds)")
+
+
+class Leaderboard(Wire):
+    round: int | None = Field(description="scores as of the close of this round; None: no round closed")
+    miners: list[LeaderboardEntry]
+
+
 class Status(Wire):
     run: RunInfo
     round: RoundInfo
     miners: int
     initial_eval_loss: float | None
     rounds: list[RoundReport]
+    leaderboard: list[LeaderboardEntry] = Field(default_factory=list)
+
+
+class SubmissionRecord(Wire):
+    miner: str
+    sha256: str
+    bytes: int
+    status: Literal["received", "accepted", "rejected"]
+    reason: str | None
+
+
+class RoundRecord(Wire):
+    """A round and its uploads: what a validator needs to evaluate it."""
+
+    round: int
+    version: int = Field(description="the version the round's uploads were trained from")
+    status: Literal["open", "aggregating", "closed"]
+    submissions: list[SubmissionRecord]
+
+
+class Verdict(Wire):
+    """A validator's evaluation of one upload: mean losses (nats/token) before and after it is applied."""
+
+    miner: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]+$")
+    own_before: float = Field(ge=0, le=1e4)
+    own_after: float = Field(ge=0, le=1e4)
+    other_before: float = Field(ge=0, le=1e4)
+    other_after: float = Field(ge=0, le=1e4)
+
+
+class Verdicts(Wire):
+    verdicts: list[Verdict] = Field(max_length=10_000)
+
+
+class VerdictReceipt(Wire):
+    round: int
+    validator: str
+    recorded: int
 
 
 class ErrorDetail(Wire):

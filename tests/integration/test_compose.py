@@ -27,13 +27,15 @@ from pydantic_settings import BaseSettings
 from coordinator.settings import CoordinatorSettings
 from gradpool.config import load_settings
 from gradpool.simulate import Processes
-from node.settings import MinerSettings
+from node.settings import MinerSettings, ValidatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
 COORDINATOR_TOML = REPO / "configs" / "coordinator.toml"
 MINER_TOML = REPO / "configs" / "miner.toml"
 MINERS = ["miner-1", "miner-2", "miner-3"]
+NODES = [*MINERS, "validator"]
+VALIDATOR_TOML = REPO / "configs" / "validator.toml"
 FAST_ENV = {
     "GRADPOOL_RECIPE__INNER_STEPS": "4",
     "GRADPOOL_RECIPE__BATCH_SIZE": "4",
@@ -70,10 +72,10 @@ def test_compose_client_accepts_the_file() -> None:
     )
     assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)["services"]
-    assert set(resolved) == {"coordinator", *MINERS}
+    assert set(resolved) == {"coordinator", *NODES}
     for name, service in _services().items():
         assert resolved[name]["command"] == service["command"], f"{name}: command changed by the client"
-    for name in MINERS:
+    for name in NODES:
         assert resolved[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
         assert resolved[name]["restart"] == "unless-stopped"
     assert "/healthz" in " ".join(resolved["coordinator"]["healthcheck"]["test"])
@@ -147,7 +149,17 @@ def _wait_for_update(procs: Processes, url: str, timeout_s: float) -> dict[str, 
             time.sleep(0.3)
 
 
-@pytest.mark.timeout(240)
+def _wait_for_log(procs: Processes, name: str, text: str, timeout_s: float) -> None:
+    end = time.monotonic() + timeout_s
+    while text not in procs.tail(name, 1000):
+        assert name not in procs.dead(), f"{name} exited:\n{procs.tail(name, 20)}"
+        assert time.monotonic() < end, (
+            f"{name} did not log {text!r} in {timeout_s} s:\n{procs.tail(name, 20)}"
+        )
+        time.sleep(0.3)
+
+
+@pytest.mark.timeout(300)
 def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Path) -> None:
     services = _services()
     procs = Processes(tmp_path / "logs")
@@ -160,16 +172,17 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Pa
         procs.start("coordinator", command, env={**_environment(coordinator), **FAST_ENV})
         url = _wait_ready(procs, ready, timeout_s=60)
         _run_healthcheck(coordinator["healthcheck"]["test"], url)
-        for name in MINERS:
+        for name in NODES:
             service = services[name]
             command = _local_command(service["command"], _volumes(service, roots[name]), url)
             procs.start(name, [*command, "--threads", "1"], env=_environment(service))
         status = _wait_for_update(procs, url, timeout_s=180)
+        _wait_for_log(procs, "validator", "posted", timeout_s=60)
     finally:
         procs.stop_all(grace_s=30)
     codes = {name: p.returncode for name, p in procs.procs.items()}
     assert None not in codes.values(), f"a process is still running: {codes}"
-    assert all(codes[name] == 0 for name in MINERS), f"miners must stop cleanly on SIGTERM: {codes}"
+    assert all(codes[name] == 0 for name in NODES), f"nodes must stop cleanly on SIGTERM: {codes}"
     assert codes["coordinator"] in (0, -signal.SIGTERM), f"coordinator did not stop on SIGTERM: {codes}"
 
     run = status["run"]
@@ -180,6 +193,7 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Pa
     assert all(r["rejected"] == 0 for r in status["rounds"])
     assert status["round"]["version"] >= 1
     assert (roots["coordinator"] / "coordinator-data" / "state.db").is_file()  # --state-dir /data
+    assert (roots["validator"] / "validator-keys" / "validator.pem").is_file()
     for name in MINERS:
         assert (roots[name] / f"{name}-keys" / "miner.pem").is_file()  # --key /keys/... --create-key
 
@@ -213,6 +227,7 @@ def test_example_configs_load(tmp_path: Path) -> None:
     examples: list[tuple[Path, type[BaseSettings]]] = [
         (COORDINATOR_TOML, CoordinatorSettings),
         (MINER_TOML, MinerSettings),
+        (VALIDATOR_TOML, ValidatorSettings),
     ]
     for path, cls in examples:
         text = _switched_on(path)

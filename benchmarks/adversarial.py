@@ -1,0 +1,110 @@
+"""Cheaters against the scores: ``python -m benchmarks.adversarial --json``.
+
+Each run is a real ``gradpool simulate`` network on 127.0.0.1 (a coordinator process and one process per
+miner) with the coordinator's default checks, evaluation and aggregation. First ``--miners`` (8) honest
+miners alone; then, for each kind in turn, the same 8 honest miners and ``--cheaters`` (2) more that cheat
+that way (node/adversary.py). The honest work is thus the same in every run, and the loss compares what the
+cheaters did to the model. The model, corpus, recipe and rounds are the same in every run.
+
+- ``final_eval_loss``: held-out loss after the last round.
+- ``honest_outrank_fraction``: of the rounds after the first 3, the fraction in which every honest miner's
+  score (the leaderboard's moving average as of that round's close) was above every cheater's. A cheater
+  the coordinator never recorded (no upload got as far as being refused) counts as below everyone.
+- ``loss_vs_honest``: final_eval_loss / honest_final_eval_loss.
+
+    python -m benchmarks.adversarial --json > benchmarks/results/adversarial.json
+    python -m benchmarks.adversarial --kinds noise,lazy --rounds 6
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import tempfile
+import time
+from pathlib import Path
+from typing import Any, get_args
+
+from gradpool.simulate import simulate
+from node.settings import AdversaryKind
+
+KINDS: tuple[str, ...] = get_args(AdversaryKind)
+SKIP_ROUNDS = 3
+
+
+def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
+    kinds = {m["name"]: m["kind"] for m in report["miners"]}
+    honest = [n for n, k in kinds.items() if k == "honest"]
+    cheats = [n for n, k in kinds.items() if k != "honest"]
+    rows = [row for row in report["scores"] if row["round"] >= skip]
+    if not rows:
+        return float("nan")
+    wins = 0
+    for row in rows:
+        scores = row["scores"]
+        worst_honest = min(scores.get(n, float("-inf")) for n in honest)
+        best_cheat = max(scores.get(n, float("-inf")) for n in cheats)
+        wins += worst_honest > best_cheat
+    return wins / len(rows)
+
+
+def run(out: Path, miners: int, rounds: int, kind: str | None, count: int) -> dict[str, Any]:
+    t0 = time.perf_counter()
+    adversaries = {} if kind is None else {kind: count}
+    report = simulate(miners=miners, rounds=rounds, out=out, adversaries=adversaries, echo=lambda _: None)
+    result = {
+        "kind": kind or "honest",
+        "final_eval_loss": report["final_eval_loss"],
+        "wall_s": round(time.perf_counter() - t0, 1),
+        "miners": [
+            {
+                k: m.get(k)
+                for k in ("name", "kind", "score", "rounds_contributed", "rounds_refused", "refusals")
+            }
+            for m in report["miners"]
+        ],
+    }
+    if kind is not None:
+        result["honest_outrank_fraction"] = outrank_fraction(report)
+    print(f"{result['kind']}: loss {result['final_eval_loss']:.4f}, {result['wall_s']} s", file=sys.stderr)
+    return result
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--miners", type=int, default=8, help="honest miners in every run")
+    ap.add_argument("--cheaters", type=int, default=2, help="cheating miners added in each kind's run")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to run")
+    ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    kinds = [k for k in args.kinds.split(",") if k]
+    if unknown := set(kinds) - set(KINDS):
+        ap.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    with tempfile.TemporaryDirectory(prefix="gradpool-adversarial-") as tmp:
+        root = args.out or Path(tmp)
+        base = run(root / "honest", args.miners, args.rounds, None, 0)
+        runs = [run(root / k, args.miners, args.rounds, k, args.cheaters) for k in kinds]
+    for r in runs:
+        r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
+    result = {
+        "honest_final_eval_loss": base["final_eval_loss"],
+        "runs": runs,
+        "config": {"miners": args.miners, "cheaters": args.cheaters, "rounds": args.rounds,
+                   "model": "tiny", "skip_rounds": SKIP_ROUNDS},
+        "honest_run": base,
+    }  # fmt: skip
+    if args.json:
+        print(json.dumps(result, indent=1))
+    else:
+        print(f"honest: {base['final_eval_loss']:.4f}")
+        for r in runs:
+            print(f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
+                  f"honest outrank {r['honest_outrank_fraction']:.2f}")  # fmt: skip
+    return result
+
+
+if __name__ == "__main__":
+    main()

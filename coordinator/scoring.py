@@ -1,0 +1,164 @@
+"""Scores: the coordinator's own evaluation of a round's uploads, the verdicts validators post, and the
+leaderboard made from both (the rules are in protocol/evaluation.py)."""
+
+from __future__ import annotations
+
+import logging
+import statistics
+from collections import defaultdict
+from collections.abc import Callable, Sequence
+
+import torch
+
+from coordinator.judge import Upload
+from coordinator.settings import ValidationSettings
+from coordinator.store import Store
+from protocol.codec import Codec, ParamSpec
+from protocol.data import Dataset
+from protocol.evaluation import (
+    Losses,
+    RoundResult,
+    UpdateEvaluator,
+    moving_score,
+    refused,
+    round_results,
+    samples,
+)
+from protocol.model import GPT
+from protocol.wire import LeaderboardEntry, RunInfo, Verdict
+
+log = logging.getLogger(__name__)
+COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
+SCORE_WINDOW = 50  # rounds the moving average looks back (older ones weigh < 0.7**50 at alpha 0.3)
+
+
+def evaluate_uploads(
+    model: GPT,
+    params: dict[str, torch.Tensor],
+    dataset: Dataset,
+    info: RunInfo,
+    round_: int,
+    salt: str,
+    accepted: Sequence[tuple[Upload, float]],
+    load: Callable[[str], bytes],
+    codec: Codec,
+    spec: ParamSpec,
+) -> dict[str, Losses]:
+    """Each accepted upload's losses before and after it is applied alone, scaled as aggregation would."""
+    evaluator = UpdateEvaluator(model, params, dataset.sequences)
+    out = {}
+    for upload, scale in accepted:
+        own, other = samples(info, round_, upload.miner, salt)
+        update = codec.decode(load(upload.sha256), spec)[1]
+        out[upload.miner] = evaluator.evaluate(update, scale * info.evaluation.step, own, other)
+    return out
+
+
+def verdict_rows(
+    round_: int, validator: str, losses: dict[str, Losses], now: float
+) -> list[tuple[object, ...]]:
+    return [
+        (round_, miner, validator, x.own_before, x.own_after, x.other_before, x.other_after, now)
+        for miner, x in losses.items()
+    ]
+
+
+INSERT_VERDICT = (
+    "INSERT OR REPLACE INTO verdicts (round, miner, validator, own_before, own_after, other_before, "
+    "other_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+)
+
+
+def record_verdicts(
+    store: Store, round_: int, validator: str, verdicts: Sequence[Verdict], now: float
+) -> int:
+    """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
+    uploaded = {r["miner"] for r in store.all("SELECT miner FROM submissions WHERE round = ?", round_)}
+    rows = [
+        (round_, v.miner, validator, v.own_before, v.own_after, v.other_before, v.other_after, now)
+        for v in verdicts
+        if v.miner in uploaded
+    ]
+    with store.transaction() as db:
+        db.executemany(INSERT_VERDICT, rows)
+    return len(rows)
+
+
+def leaderboard(
+    store: Store,
+    settings: ValidationSettings,
+    through: int | None = None,
+    extra: dict[str, RoundResult] | None = None,
+) -> list[LeaderboardEntry]:
+    """Every miner that uploaded, best score first, as of the close of round ``through`` (None: the last
+    closed round). ``extra`` adds results of a round not yet committed (for weighting by score)."""
+    if through is None:
+        row = store.one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
+        through = -1 if row is None or row["r"] is None else int(row["r"])
+    since = through - SCORE_WINDOW
+    own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
+    theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
+    for v in store.all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through):
+        x = Losses(v["own_before"], v["own_after"], v["other_before"], v["other_after"])
+        if v["validator"] == COORDINATOR:
+            own[v["round"]][v["miner"]] = x
+        else:
+            theirs[v["round"]][v["miner"]].append(x)
+    evaluated: dict[int, dict[str, RoundResult]] = {}
+    for r in set(own) | set(theirs):
+        losses = (
+            own[r] if settings.builtin and own.get(r) else {m: _median(xs) for m, xs in theirs[r].items()}
+        )
+        evaluated[r] = round_results(r, losses)
+    results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
+    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    last: dict[str, int] = {}
+    submitted: set[tuple[int, str]] = set()
+    for s in store.all(
+        "SELECT s.round, s.miner, s.status, s.reason FROM submissions s JOIN rounds r ON r.round = s.round "
+        "WHERE r.status = 'closed' AND s.round <= ?", through,
+    ):  # fmt: skip
+        m, r = s["miner"], s["round"]
+        submitted.add((r, m))
+        counts[m]["accepted" if s["status"] == "accepted" else s["reason"] or "refused"] += 1
+        last[m] = max(last.get(m, -1), r)
+        if r <= since:
+            continue
+        res = evaluated.get(r, {}).get(m)
+        if s["status"] == "rejected":  # a refused upload scores the least, evaluated or not
+            results[m][r] = refused(r) if res is None else RoundResult(r, -1.0, res.gain, res.margin)
+        elif res is not None:
+            results[m][r] = res
+    for f in store.all(
+        "SELECT round, miner, MIN(code) AS code FROM refusals WHERE round <= ? GROUP BY round, miner", through
+    ):
+        m, r = f["miner"], f["round"]
+        if (r, m) in submitted:  # refused once, then uploaded: the upload's verdict stands
+            continue
+        counts[m][f["code"]] += 1
+        last[m] = max(last.get(m, -1), r)
+        if r > since:
+            results[m][r] = refused(r)
+    for m, result in (extra or {}).items():
+        results[m][result.round] = result
+        last[m] = max(last.get(m, -1), result.round)
+    entries = []
+    for m in set(last):
+        score = moving_score(list(results[m].values()), settings.score_alpha)
+        c = counts[m]
+        refusals = {k: n for k, n in c.items() if k != "accepted"}
+        entries.append(
+            LeaderboardEntry(
+                miner=m, score=score.score, gain_avg=score.gain_avg, assigned_avg=score.assigned_avg,
+                rounds_contributed=c.get("accepted", 0), rounds_refused=sum(refusals.values()),
+                refusals=refusals, last_round=last[m],
+                verdicts=sum(r.gain is not None for r in results[m].values()),
+            )
+        )  # fmt: skip
+    return sorted(entries, key=lambda e: (-e.score, e.miner))
+
+
+def _median(rows: Sequence[Losses]) -> Losses:
+    """The median over validators of each loss."""
+    return Losses(*(statistics.median(getattr(x, f) for x in rows) for f in
+                    ("own_before", "own_after", "other_before", "other_after")))  # fmt: skip

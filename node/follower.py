@@ -1,0 +1,76 @@
+"""Following the published model: a local copy brought to any version by the published updates, or by
+the checkpoint when far behind or when a hash does not match. Miners and validators both follow."""
+
+from __future__ import annotations
+
+import logging
+from pathlib import Path
+
+import torch
+
+from node.client import CoordinatorClient, Refused
+from protocol.errors import CodecError
+from protocol.params import apply_update, decode_update, load_checkpoint, params_hash
+from protocol.payload import ParamSpec
+from protocol.wire import RunInfo
+
+log = logging.getLogger(__name__)
+
+
+class Follower:
+    """The local parameters (``params``) at ``version`` (-1: none yet)."""
+
+    client: CoordinatorClient
+    info: RunInfo
+    spec: ParamSpec
+    device: torch.device
+    params: dict[str, torch.Tensor]
+    version: int
+    verified: bool
+    partial_dir: Path
+
+    # -- catching up --------------------------------------------------------------------------------------
+    def catch_up(self, target: int, target_hash: str) -> None:
+        """Bring the local parameters to version ``target``: by the published updates when at most
+        max_catchup_versions behind, else (or when a hash does not match) by the checkpoint."""
+        if self.version == target and self.verified:
+            return
+        start = self.version
+        if 0 <= start <= target and target - start <= self.info.max_catchup_versions:
+            try:
+                for v in range(start + 1, target + 1):
+                    self._apply_published(v)
+                if params_hash(self.params, self.spec) == target_hash:
+                    if target > start:
+                        log.info("version %d: caught up from version %d by %d published updates", target,
+                                 start, target - start)  # fmt: skip
+                    self.verified = True
+                    return
+                log.warning(
+                    "version %d: hash mismatch after applying updates; downloading checkpoint", target
+                )
+            except (CodecError, Refused) as e:
+                log.warning(
+                    "catching up to version %d by updates failed (%s); downloading checkpoint", target, e
+                )
+        self._download_checkpoint(target)
+        self.verified = True
+
+    def _apply_published(self, v: int) -> None:
+        data = self.client.update(v)
+        header, delta = decode_update(data, self.spec)
+        if header.version != v or header.base_version != v - 1:
+            raise CodecError(f"update for version {v} says {header.base_version} -> {header.version}")
+        apply_update(self.params, delta)
+        self.version = v
+
+    def _download_checkpoint(self, target: int) -> None:
+        partial = self.partial_dir / f"checkpoint-{target}.partial"
+        version, data = self.client.checkpoint(target, partial)
+        params, _ = load_checkpoint(data, self.spec)
+        expected = self.client.version(version).param_hash
+        if params_hash(params, self.spec) != expected:
+            raise CodecError(f"checkpoint of version {version} does not match its published hash")
+        self.params = {n: t.to(self.device) for n, t in params.items()}
+        self.version = version
+        log.info("version %d: loaded checkpoint (%d bytes)", version, len(data))

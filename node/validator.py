@@ -1,0 +1,124 @@
+"""The validating daemon: per closed round, catch up to its base version, fetch the uploads that passed
+the cheap checks, evaluate each exactly as the coordinator does (protocol/evaluation.py), and post the
+signed verdicts. The coordinator shows them on its leaderboard beside its own evaluation."""
+
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import statistics
+import threading
+import time
+
+from node.client import CoordinatorClient, Refused, Unavailable
+from node.distributed import local_device
+from node.follower import Follower
+from node.miner import backoff
+from node.settings import ValidatorSettings
+from protocol.aggregate import update_norm
+from protocol.codec import make_codec
+from protocol.errors import CodecError
+from protocol.evaluation import EVALUATED_REFUSALS, Losses, UpdateEvaluator, round_salt, samples
+from protocol.model import build_model
+from protocol.params import get_params, param_spec
+from protocol.signing import public_key_hex
+from protocol.wire import RunInfo, Verdict, Verdicts
+
+log = logging.getLogger(__name__)
+MAX_LOSS = 1e4  # a verdict's losses are bounded; a non-finite loss is sent as this
+
+
+class Validator(Follower):
+    def __init__(
+        self, settings: ValidatorSettings, client: CoordinatorClient, info: RunInfo, stop: threading.Event
+    ) -> None:
+        self.settings, self.client, self.info, self.stop = settings, client, info, stop
+        self.pubkey = public_key_hex(client.key)
+        self.device = local_device(settings.device)
+        self.model = build_model(info.model, seed=info.seed).to(self.device)
+        self.spec = param_spec(self.model)
+        self.codec = make_codec(info.codec.name, info.codec.k, info.codec.tile)
+        self.params, self.version, self.verified = get_params(self.model), -1, False
+        self.partial_dir = settings.state_dir
+        self.progress = settings.state_dir / "validator.json"
+
+    def _next_round(self) -> int:
+        """The first round not yet evaluated: from the progress file, else the last closed round."""
+        try:
+            return int(json.loads(self.progress.read_text())["next_round"])
+        except (OSError, ValueError, KeyError, TypeError):
+            return max(0, self.client.round().round - 1)
+
+    def _save_progress(self, next_round: int) -> None:
+        self.progress.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.progress.with_suffix(".tmp")
+        tmp.write_text(json.dumps({"run_id": self.info.run_id, "next_round": next_round}))
+        os.replace(tmp, self.progress)
+
+    def run(self) -> int:
+        """Evaluate closed rounds as they close, until stopped or ``max_rounds`` are done."""
+        done, failures, after = 0, 0, self._next_round()
+        while not self.stop.is_set():
+            if self.settings.max_rounds is not None and done >= self.settings.max_rounds:
+                break
+            try:
+                current = self.client.round(after=after, wait_s=self.settings.poll_s)
+                if current.round <= after:
+                    continue
+                self.validate_round(after)
+                after, failures, done = after + 1, 0, done + 1
+                self._save_progress(after)
+            except Unavailable as e:
+                failures += 1
+                delay = backoff(failures, self.settings.max_backoff_s)
+                log.warning("%s; retrying in %.1f s", e, delay)
+                self.stop.wait(delay)
+            except (Refused, CodecError) as e:
+                log.error("round %d: cannot evaluate (%s); skipping it", after, e)
+                after += 1
+                self.version = -1
+        return done
+
+    def validate_round(self, round_: int) -> dict[str, Losses]:
+        """Evaluate one closed round's uploads and post the verdicts; returns them."""
+        t0 = time.perf_counter()
+        record = self.client.round_record(round_)
+        candidates = [s for s in record.submissions if _evaluated(s.status, s.reason)]
+        if record.status != "closed" or not candidates:
+            log.info("round %d: nothing to evaluate", round_)
+            return {}
+        self.catch_up(record.version, self.client.version(record.version).param_hash)
+        updates = {s.miner: self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1]
+                   for s in candidates}  # fmt: skip
+        norms = {m: update_norm(u) for m, u in updates.items()}
+        median = statistics.median(norms.values())  # the clip, as the coordinator's reclip computes it
+        evaluator = UpdateEvaluator(self.model, self.params, self.client.sequences)
+        salt = round_salt(s.sha256 for s in record.submissions)
+        out = {}
+        for miner, update in updates.items():
+            scale = min(1.0, median / norms[miner]) if norms[miner] > 0 else 0.0
+            own, other = samples(self.info, round_, miner, salt)
+            out[miner] = evaluator.evaluate(update, scale * self.info.evaluation.step, own, other)
+        receipt = self.client.post_verdicts(
+            round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])
+        )
+        log.info(
+            "round %d: posted %d verdicts (%d recorded) in %.2f s; gains %s", round_, len(out),
+            receipt.recorded, time.perf_counter() - t0, {m[:12]: round(x.gain, 4) for m, x in out.items()},
+        )  # fmt: skip
+        return out
+
+
+def _evaluated(status: str, reason: str | None) -> bool:
+    """Whether the coordinator's evaluation saw this upload (it passed the cheap checks)."""
+    return status == "accepted" or reason in EVALUATED_REFUSALS
+
+
+def _verdict(miner: str, x: Losses) -> Verdict:
+    def bound(v: float) -> float:
+        return min(MAX_LOSS, max(0.0, v)) if math.isfinite(v) else MAX_LOSS
+
+    return Verdict(miner=miner, own_before=bound(x.own_before), own_after=bound(x.own_after),
+                   other_before=bound(x.other_before), other_after=bound(x.other_after))  # fmt: skip

@@ -1,0 +1,254 @@
+"""What a miner's update is worth: the loss before and after applying it alone, on the miner's own data and
+on data it was not given. The coordinator and the ``validate`` role run exactly this.
+
+Per round and upload: the update, decoded and scaled as aggregation would scale it (clip to the median
+norm, times the outer step), is applied alone to the round's base parameters. The loss is measured before
+and after on a sample of the sequences assigned to that miner ("own") and on a sample of training
+sequences it was not assigned ("other"). Which sequences are sampled depends on a salt made from every
+payload of the round, so nobody knows them until the round has closed.
+
+- ``gain`` (nats per token) = own loss before - own loss after: how much the update helps on its data.
+- ``margin`` = gain - the gain on other data: the part of the help that is specific to the miner's own
+  sequences. Training on them leaves a small, reliable margin; an update trained on other data, copied or
+  made of noise has none. ``assigned`` (the indicator) is ``margin > 0``.
+- A round's score is ``min(MARGIN_CREDIT * margin, gain) / G``, clipped to [-1, 1], where G is the round's
+  median gain: an update is credited with its gain only as far as a multiple of its own-data margin backs
+  it (a stale update learned its data but helps little; an update trained on other data helps but has no
+  margin), in units of what a typical upload of that round achieved, so that early rounds, where gains
+  and their noise are large, weigh no more than later ones. A refused upload scores -1, the least: at
+  upload or by the cheap checks (malformed, copied, outlier, empty, non-finite) or by the evaluation.
+- A miner's score is the exponential moving average of its round scores over the rounds it uploaded in.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import math
+import statistics
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+from protocol.data import assignment, num_eval_total, train_id
+from protocol.model import GPT
+from protocol.params import set_params
+from protocol.payload import SparseTensor
+from protocol.wire import RunInfo
+
+
+def round_salt(payload_sha256s: Iterable[str]) -> str:
+    """The sampling salt of a round: a hash of all its payloads, unknown to anyone before it closed."""
+    return hashlib.sha256("\n".join(sorted(payload_sha256s)).encode()).hexdigest()
+
+
+def _rank(salt: str, label: str, i: int) -> bytes:
+    return hashlib.sha256(f"gradpool-eval:{salt}:{label}:{i}".encode()).digest()
+
+
+def own_sample(assigned: Sequence[int], salt: str, miner: str, n: int) -> list[int]:
+    """``n`` distinct ids of the miner's assignment, chosen by the salt."""
+    return sorted(set(assigned), key=lambda i: _rank(salt, miner.lower(), i))[:n]
+
+
+def other_sample(
+    assigned: Sequence[int], salt: str, n: int, num_sequences: int, eval_every: int
+) -> list[int]:
+    """``n`` training sequences not in the miner's assignment: the round's shared draw, minus any of its
+    own (so most of the sample, and its losses before, are shared by every miner of the round)."""
+    num_train = num_sequences - num_eval_total(num_sequences, eval_every)
+    mine, out, seen = set(assigned), [], set()
+    for j in range(4 * n + len(mine)):
+        i = train_id(int.from_bytes(_rank(salt, "other", j)[:8], "little") % num_train, eval_every)
+        if i not in mine and i not in seen:
+            seen.add(i)
+            out.append(i)
+            if len(out) == n:
+                break
+    return out
+
+
+@dataclass(frozen=True)
+class Losses:
+    """Mean next-token loss (nats per token) on the two samples, before and after the update."""
+
+    own_before: float
+    own_after: float
+    other_before: float
+    other_after: float
+
+    @property
+    def gain(self) -> float:
+        return self.own_before - self.own_after
+
+    @property
+    def other_gain(self) -> float:
+        return self.other_before - self.other_after
+
+    @property
+    def margin(self) -> float:
+        return self.gain - self.other_gain
+
+    def finite(self) -> bool:
+        return all(math.isfinite(x) for x in (self.own_before, self.own_after, self.other_before,
+                                              self.other_after))  # fmt: skip
+
+
+class UpdateEvaluator:
+    """Applies one update at a time to a model holding the base parameters, measures, and restores the
+    touched coordinates exactly; losses before are computed once per sequence and reused."""
+
+    def __init__(
+        self,
+        model: GPT,
+        base: Mapping[str, torch.Tensor],
+        fetch: Callable[[list[int]], torch.Tensor],
+        batch_size: int = 64,
+    ) -> None:
+        self.model, self.base, self.fetch, self.batch_size = model, base, fetch, batch_size
+        set_params(model, base)
+        model.eval()
+        self.device = next(model.parameters()).device
+        self._params = dict(model.named_parameters())
+        self._tokens: dict[int, torch.Tensor] = {}
+        self._before: dict[int, float] = {}
+
+    def _sequences(self, ids: list[int]) -> torch.Tensor:
+        missing = [i for i in ids if i not in self._tokens]
+        if missing:
+            for i, row in zip(missing, self.fetch(missing), strict=True):
+                self._tokens[i] = row
+        return torch.stack([self._tokens[i] for i in ids])
+
+    @torch.no_grad()
+    def _losses(self, ids: list[int]) -> torch.Tensor:
+        """Per-sequence mean loss, (len(ids),)."""
+        out = []
+        for batch in self._sequences(ids).split(self.batch_size):
+            batch = batch.to(self.device)
+            logits = self.model(batch[:, :-1]).float()  # (B, T, vocab)
+            loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T)
+            out.append(loss.mean(dim=1).cpu())
+        return torch.cat(out) if out else torch.zeros(0)
+
+    def _before_mean(self, ids: list[int]) -> float:
+        missing = [i for i in ids if i not in self._before]
+        if missing:
+            self._before.update(zip(missing, self._losses(missing).tolist(), strict=True))
+        return sum(self._before[i] for i in ids) / max(1, len(ids))
+
+    @torch.no_grad()
+    def evaluate(
+        self, update: Mapping[str, SparseTensor], step: float, own: list[int], other: list[int]
+    ) -> Losses:
+        """Losses before and after theta <- theta - step * update (``step`` includes the clip scale)."""
+        own_before, other_before = self._before_mean(own), self._before_mean(other)
+        self._apply(update, step)
+        try:
+            after = self._losses(own + other)
+        finally:
+            self._restore(update)
+        own_after = float(after[: len(own)].mean()) if own else math.nan
+        other_after = float(after[len(own) :].mean()) if other else math.nan
+        return Losses(own_before, own_after, other_before, other_after)
+
+    def _apply(self, update: Mapping[str, SparseTensor], step: float) -> None:
+        for name, t in update.items():
+            p = self._params[name]
+            values = t.values.to(self.device, p.dtype)
+            if t.indices is None:
+                p.sub_(values.view_as(p), alpha=step)
+            else:
+                p.view(-1).index_add_(0, t.indices.to(self.device), values, alpha=-step)
+
+    def _restore(self, update: Mapping[str, SparseTensor]) -> None:
+        for name, t in update.items():
+            p, base = self._params[name], self.base[name].to(self.device)
+            if t.indices is None:
+                p.copy_(base)
+            else:
+                idx = t.indices.to(self.device)
+                p.view(-1).index_copy_(0, idx, base.view(-1)[idx])
+
+
+# -- scores ------------------------------------------------------------------------------------------------
+MARGIN_CREDIT = 4.0  # gain credited per unit of own-data margin
+
+
+@dataclass(frozen=True)
+class RoundResult:
+    """One miner's outcome in one round: ``gain`` None when the upload was refused before evaluation."""
+
+    round: int
+    score: float
+    gain: float | None = None
+    margin: float = 0.0
+
+
+def round_results(round_: int, losses: Mapping[str, Losses]) -> dict[str, RoundResult]:
+    """The round scores of a round's evaluated uploads (see the top of this module)."""
+    gains = [x.gain for x in losses.values() if x.finite()]
+    typical = max(statistics.median(gains), 1e-6) if gains else 1e-6
+    out = {}
+    for miner, x in losses.items():
+        if not x.finite():
+            out[miner] = RoundResult(round_, -1.0, -math.inf, 0.0)
+            continue
+        score = max(-1.0, min(1.0, min(MARGIN_CREDIT * x.margin, x.gain) / typical))
+        out[miner] = RoundResult(round_, score, x.gain, x.margin)
+    return out
+
+
+def refused(round_: int) -> RoundResult:
+    """The result of an upload refused before it could be evaluated."""
+    return RoundResult(round_, -1.0)
+
+
+@dataclass(frozen=True)
+class Score:
+    score: float
+    gain_avg: float
+    assigned_avg: float
+
+
+def moving_score(results: Sequence[RoundResult], alpha: float = 0.4) -> Score:
+    """Exponential moving averages (weight ``alpha`` on the newest round) of the round scores, the gains
+    and the indicator (+1 / -1; -1 for an upload refused before evaluation)."""
+    score = gain_avg = assigned_avg = 0.0
+    for i, r in enumerate(sorted(results, key=lambda r: r.round)):
+        a = 1.0 if i == 0 else alpha
+        indicator = 1.0 if r.gain is not None and r.margin > 0 else -1.0
+        gain = r.gain if r.gain is not None and math.isfinite(r.gain) else 0.0
+        score += a * (r.score - score)
+        gain_avg += a * (gain - gain_avg)
+        assigned_avg += a * (indicator - assigned_avg)
+    return Score(score, gain_avg, assigned_avg)
+
+
+def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int], list[int]]:
+    """The own and other evaluation samples of ``miner`` in ``round_``: anyone can recompute them."""
+    r, e = info.recipe, info.evaluation
+    assigned = assignment(info.seed, round_, miner, r.inner_steps * r.batch_size, info.num_sequences,
+                          info.eval_every)  # fmt: skip
+    own = own_sample(assigned, salt, miner, e.own_sequences)
+    return own, other_sample(assigned, salt, e.other_sequences, info.num_sequences, info.eval_every)
+
+
+EVALUATED_REFUSALS = ("harmful", "low_gain", "low_score")  # refusals that come after the evaluation
+
+
+__all__ = [
+    "EVALUATED_REFUSALS",
+    "Losses",
+    "RoundResult",
+    "Score",
+    "UpdateEvaluator",
+    "moving_score",
+    "other_sample",
+    "own_sample",
+    "refused",
+    "round_results",
+    "round_salt",
+    "samples",
+]

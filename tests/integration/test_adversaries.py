@@ -1,0 +1,59 @@
+"""Every kind of cheating miner, in a short real network (``gradpool simulate``: a coordinator process and
+one process per miner on 127.0.0.1), is refused or scored below every honest miner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import tomli_w
+
+from gradpool.simulate import simulate
+
+HONEST = 4
+
+
+def _config(tmp_path: Path, corpus: Path) -> Path:
+    settings = {
+        "data": {"corpus": str(corpus), "eval_every": 20, "eval_sequences": 16},
+        "recipe": {"inner_steps": 10, "batch_size": 8, "warmup_steps": 2},
+        "rounds": {"deadline_s": 10.0, "min_deadline_s": 3.0},
+        "validation": {"own_sequences": 40, "other_sequences": 40},
+    }
+    path = tmp_path / "coordinator.toml"
+    path.write_text(tomli_w.dumps(settings))
+    return path
+
+
+@pytest.mark.timeout(420)
+@pytest.mark.parametrize(
+    ("kinds", "rounds"),
+    # The loud cheats are refused from the start; the quiet ones need a few rounds of scores to show.
+    [(("noise", "scaled", "signflip", "nan"), 5), (("copycat", "stale", "lazy", "freerider"), 6)],
+    ids=["loud", "quiet"],
+)
+def test_every_cheat_is_refused_or_ranked_below_the_honest(
+    tmp_path: Path, corpus_file: Path, kinds: tuple[str, ...], rounds: int
+) -> None:
+    report = simulate(
+        miners=HONEST, rounds=rounds, out=tmp_path / "run", config=_config(tmp_path, corpus_file),
+        adversaries=dict.fromkeys(kinds, 1), timeout_s=360, echo=lambda _: None,
+    )  # fmt: skip
+    miners: dict[str, dict[str, Any]] = {m["name"]: m for m in report["miners"]}
+    honest = [m for m in miners.values() if m["kind"] == "honest"]
+    assert len(honest) == HONEST and all(m["rounds_contributed"] >= rounds - 1 for m in honest), honest
+    worst_honest = min(m["score"] for m in honest)
+    for kind in kinds:
+        cheat = miners[f"{kind}-0"]
+        assert cheat["kind"] == kind
+        # Recorded by the coordinator (at upload or at aggregation), and below every honest miner.
+        assert cheat["score"] is not None and cheat["score"] < worst_honest, (kind, cheat, worst_honest)
+    refused = {kind: miners[f"{kind}-0"]["refusals"] for kind in kinds}
+    if "nan" in kinds:
+        assert set(refused["nan"]) == {"non_finite"} and refused["nan"]["non_finite"] >= rounds // 2
+    if "scaled" in kinds:
+        assert refused["scaled"].get("norm_outlier", 0) >= rounds - 1
+    if "signflip" in kinds:
+        assert refused["signflip"].get("harmful", 0) >= rounds - 3
+    assert report["final_eval_loss"] < report["initial_eval_loss"] - 1.0

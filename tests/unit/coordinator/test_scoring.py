@@ -1,0 +1,201 @@
+"""The coordinator's own evaluation of real trained updates, the leaderboard, payloads for validators, the
+verdicts validators post, and the aggregation choices that use them."""
+
+from __future__ import annotations
+
+import json
+import math
+from typing import Any
+
+import pytest
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload
+from safetensors.torch import load as st_load
+
+from protocol.aggregate import robust_mean
+from protocol.codec import SparseLoCoCodec
+from protocol.data import assignment
+from protocol.model import build_model
+from protocol.params import apply_update, params_hash, set_params
+from protocol.signing import generate_key, public_key_hex, sign_request
+
+# Enough training per update that its effect on its own sequences stands clear of the noise.
+RECIPE = {"inner_steps": 8, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
+EVAL = {"builtin": True, "own_sequences": 32, "other_sequences": 32}
+
+
+def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[str, torch.Tensor]:
+    """What an honest miner sends: base - parameters after AdamW steps on its assigned sequences."""
+    info = pool.client.get("/v1/info").json()
+    r = info["recipe"]
+    ids = assignment(info["seed"], round_, pubkey, r["inner_steps"] * r["batch_size"], info["num_sequences"],
+                     info["eval_every"])  # fmt: skip
+    tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
+    model = build_model("tiny")
+    base = pool.checkpoint(version)
+    set_params(model, base)
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
+    for batch in tokens.long().split(r["batch_size"]):
+        model.loss(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: base[n] - p.detach() for n, p in model.named_parameters()}
+
+
+def leaderboard(pool: Pool, **params: Any) -> dict[str, dict[str, Any]]:
+    r = pool.client.get("/v1/leaderboard", params=params)
+    assert r.status_code == 200, r.text
+    return {e["miner"]: e for e in r.json()["miners"]}
+
+
+def honest_round(pool: Pool, miners: list[Any], round_: int, version: int) -> None:
+    for m in miners:
+        body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
+        assert m.upload(round_, body).status_code == 200
+
+
+def fixed_miner(pool: Pool, i: int) -> Miner:
+    """A registered miner with a fixed key: its assignments, and so the whole test, are reproducible."""
+    m = Miner(pool.client, Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32))
+    assert m.register().status_code == 200
+    return m
+
+
+def test_harmful_updates_are_refused_and_rank_last(open_pool: OpenPool) -> None:
+    torch.manual_seed(0)
+    with open_pool(recipe=RECIPE, validation=EVAL, rounds={"min_quorum": 5}) as pool:
+        honest = [fixed_miner(pool, i) for i in range(3)]
+        flipper, noisy = fixed_miner(pool, 3), fixed_miner(pool, 4)
+        honest_round(pool, [*honest, flipper, noisy], 0, 0)  # everyone honest in the first round
+        assert pool.wait_for_round(0)["version"] == 1
+
+        for round_ in (1, 2):
+            version = pool.round()["version"]
+            honest_round(pool, honest, round_, version)
+            flipped = {n: -t for n, t in trained_delta(pool, flipper.pubkey, round_, version).items()}
+            own = trained_delta(pool, noisy.pubkey, round_, version)
+            noise = {n: torch.randn_like(t) * t.norm() / math.sqrt(t.numel()) for n, t in own.items()}
+            assert flipper.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
+            assert noisy.upload(round_, encode(noise, round_, version)[0]).status_code == 200
+            pool.wait_for_round(round_)
+
+        subs = pool.submissions()
+        for round_ in (1, 2):
+            assert all(subs[(round_, m.pubkey)] == ("accepted", None) for m in honest), subs
+            assert subs[(round_, flipper.pubkey)] == ("rejected", "harmful")
+        assert "rejected" in {subs[(r, noisy.pubkey)][0] for r in (1, 2)}  # noise can help, by luck, once
+        board = leaderboard(pool)
+        worst_honest = min(board[m.pubkey]["score"] for m in honest)
+        assert all(board[m.pubkey]["gain_avg"] > 0 for m in honest)
+        assert board[flipper.pubkey]["score"] < worst_honest and board[noisy.pubkey]["rounds_refused"] >= 1
+        assert board[flipper.pubkey]["refusals"] == {"harmful": 2}
+        assert board[flipper.pubkey]["rounds_contributed"] == 1
+        assert all(board[m.pubkey]["rounds_contributed"] == 3 for m in honest)
+        # As of round 0 everyone had contributed once, and nobody had been refused.
+        first = leaderboard(pool, round=0)
+        assert all(e["rounds_refused"] == 0 and e["rounds_contributed"] == 1 for e in first.values())
+        assert_error(pool.client.get("/v1/leaderboard", params={"round": 3}), 404, "not_found")
+        status = pool.client.get("/v1/status").json()
+        assert status["leaderboard"][-1]["miner"] == flipper.pubkey
+
+
+def test_a_malformed_upload_counts_against_its_miner(open_pool: OpenPool) -> None:
+    with open_pool() as pool:
+        good, bad = pool.miner(), pool.miner()
+        assert_error(bad.upload(0, b"not a payload"), 422, "malformed_payload")
+        assert good.upload(0, payload(0, 0, seed=1)).status_code == 200
+        pool.wait_for_round(0)
+        board = leaderboard(pool)
+        assert board[bad.pubkey]["refusals"] == {"malformed_payload": 1}
+        assert board[bad.pubkey]["rounds_refused"] == 1 and board[bad.pubkey]["score"] == -1.0
+        assert board[good.pubkey]["rounds_contributed"] == 1
+
+
+def test_payloads_are_served_only_after_their_round_closed(open_pool: OpenPool) -> None:
+    with open_pool(rounds={"min_quorum": 2}) as pool:
+        a, b = pool.miner(), pool.miner()
+        body = payload(0, 0, seed=3)
+        assert a.upload(0, body).status_code == 200
+        assert_error(pool.client.get(f"/v1/rounds/0/payloads/{a.pubkey}"), 409, "round_open")
+        assert pool.client.get("/v1/rounds/0").json()["status"] == "open"
+        assert b.upload(0, payload(0, 0, seed=4)).status_code == 200
+        pool.wait_for_round(0)
+        got = pool.client.get(f"/v1/rounds/0/payloads/{a.pubkey}")
+        assert got.status_code == 200 and got.content == body
+        assert_error(pool.client.get(f"/v1/rounds/0/payloads/{'cd' * 32}"), 404, "not_found")
+        record = pool.client.get("/v1/rounds/0").json()
+        assert record["status"] == "closed" and record["version"] == 0
+        assert {s["miner"] for s in record["submissions"]} == {a.pubkey, b.pubkey}
+        assert_error(pool.client.get("/v1/rounds/7"), 404, "not_found")
+
+
+def _post_verdicts(pool: Pool, key: Any, round_: int, body: bytes) -> Any:
+    path = f"/v1/rounds/{round_}/verdicts"
+    return pool.client.post(path, content=body, headers=sign_request(key, "POST", path, body))
+
+
+def test_verdicts_from_validators(open_pool: OpenPool) -> None:
+    trusted, stranger = generate_key(), generate_key()
+    with open_pool(validation={"builtin": False, "validators": [public_key_hex(trusted)]}) as pool:
+        miner = pool.miner()
+        assert miner.upload(0, payload(0, 0, seed=5)).status_code == 200
+        verdict = {"miner": miner.pubkey, "own_before": 3.0, "own_after": 2.5, "other_before": 3.0,
+                   "other_after": 2.9}  # fmt: skip
+        body = json.dumps({"verdicts": [verdict]}).encode()
+        assert_error(_post_verdicts(pool, trusted, 0, body), 409, "round_open")
+        pool.wait_for_round(0)
+        assert leaderboard(pool)[miner.pubkey]["verdicts"] == 0  # no evaluation yet: builtin is off
+        assert_error(pool.client.post("/v1/rounds/0/verdicts", content=body), 401, "missing_signature")
+        assert_error(_post_verdicts(pool, stranger, 0, body), 403, "not_a_validator")
+        assert_error(
+            _post_verdicts(pool, trusted, 0, b'{"verdicts": [{"miner": "x"}]}'), 422, "invalid_request"
+        )
+        assert_error(_post_verdicts(pool, trusted, 9, body), 404, "not_found")
+        r = _post_verdicts(pool, trusted, 0, body)
+        assert r.status_code == 200 and r.json()["recorded"] == 1
+        entry = leaderboard(pool)[miner.pubkey]
+        assert entry["verdicts"] == 1
+        # One evaluated upload: the round's typical gain is its own, so its score is min(4 x 0.4, 0.5) / 0.5.
+        assert entry["score"] == pytest.approx(1.0) and entry["gain_avg"] == pytest.approx(0.5)
+
+
+@pytest.mark.parametrize("method", ["median", "trimmed_mean"])
+def test_robust_aggregation(open_pool: OpenPool, method: str) -> None:
+    aggregation = {"method": method, "trim_fraction": 0.25}
+    with open_pool(aggregation=aggregation, rounds={"min_quorum": 4}) as pool:
+        miners = [pool.miner() for _ in range(4)]
+        bodies = [payload(0, 0, seed=60 + i) for i in range(4)]
+        for m, body in zip(miners, bodies, strict=True):
+            assert m.upload(0, body).status_code == 200
+        after = pool.wait_for_round(0)
+        codec = SparseLoCoCodec()
+        decoded = [codec.decode(b, SPEC)[1] for b in bodies]
+        norms = [math.sqrt(sum(float(t.values.double().square().sum()) for t in d.values())) for d in decoded]
+        median = sorted(norms)[1] / 2 + sorted(norms)[2] / 2
+        offsets, total = {}, 0
+        for name, shape in SPEC:
+            offsets[name], total = total, total + math.prod(shape)
+        coords, values = [], []
+        for d, n in zip(decoded, norms, strict=True):
+            for name, t in d.items():
+                idx = torch.arange(t.values.numel()) if t.indices is None else t.indices
+                coords.append(idx + offsets[name])
+                values.append(t.values * min(1.0, median / n))
+        flat = robust_mean(torch.cat(coords), torch.cat(values), total, method, 0.25)  # type: ignore[arg-type]
+        params = pool.checkpoint(0)
+        apply_update(params, {n: flat[offsets[n] : offsets[n] + math.prod(s)].view(s) for n, s in SPEC})
+        assert after["param_hash"] == params_hash(params, SPEC)
+
+
+def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> None:
+    validation = {**EVAL, "weight_by_score": True}
+    with open_pool(recipe=RECIPE, validation=validation, rounds={"min_quorum": 3}) as pool:
+        miners = [pool.miner() for _ in range(3)]
+        honest_round(pool, miners, 0, 0)
+        pool.wait_for_round(0)
+        board = leaderboard(pool)
+        for m in miners:
+            status, reason = pool.submissions()[(0, m.pubkey)]
+            assert (status == "accepted") == (board[m.pubkey]["score"] > 0), (status, reason)
+            assert reason in (None, "low_score")

@@ -1,0 +1,141 @@
+"""The evaluation every validator runs: samples, losses before and after one update, and the scores."""
+
+from __future__ import annotations
+
+import math
+from pathlib import Path
+
+import pytest
+import torch
+
+from protocol.data import Dataset, assignment, build_dataset
+from protocol.evaluation import (
+    Losses,
+    RoundResult,
+    UpdateEvaluator,
+    moving_score,
+    other_sample,
+    own_sample,
+    refused,
+    round_results,
+    round_salt,
+)
+from protocol.model import build_model, evaluate_loss
+from protocol.params import get_params, param_spec, params_hash, set_params
+from protocol.payload import SparseTensor
+
+MINER = "ab" * 32
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    root = tmp_path_factory.mktemp("data")
+    build_dataset(root, corpus_file, seq_len=128, eval_every=20)
+    return Dataset(root)
+
+
+def test_salt_depends_on_every_payload_and_not_their_order() -> None:
+    assert round_salt(["a", "b", "c"]) == round_salt(["c", "a", "b"])
+    assert round_salt(["a", "b", "c"]) != round_salt(["a", "b"])
+
+
+def test_samples_are_drawn_from_the_right_sequences(dataset: Dataset) -> None:
+    n, e = dataset.meta.num_sequences, dataset.meta.eval_every
+    assigned = assignment(0, 3, MINER, 80, n, e)
+    own = own_sample(assigned, "salt", MINER, 32)
+    other = other_sample(assigned, "salt", 32, n, e)
+    assert len(set(own)) == 32 and set(own) <= set(assigned)
+    assert own == own_sample(assigned, "salt", MINER, 32)
+    assert own != own_sample(assigned, "another salt", MINER, 32)
+    assert len(set(other)) == 32 and not set(other) & set(assigned)
+    assert not any(dataset.is_held_out(i) for i in other)
+    assert own_sample(assigned, "salt", MINER, 1000) == own_sample(
+        assigned, "salt", MINER, len(set(assigned))
+    )
+
+
+def _steps(model: torch.nn.Module, tokens: torch.Tensor, steps: int) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        model.loss(tokens[(step * 8) % len(tokens) :][:8]).backward()  # type: ignore[operator]
+        opt.step()
+        opt.zero_grad()
+
+
+def _train(ids: list[int], dataset: Dataset) -> tuple[dict[str, torch.Tensor], dict[str, SparseTensor]]:
+    """Base parameters (past the first steps from the random start, as in any round but the first) and
+    the update (base - trained) after AdamW steps on these sequences."""
+    model = build_model("tiny", seed=1)
+    _steps(model, dataset.sequences(list(range(1000, 1400))), 50)
+    base = get_params(model)
+    _steps(model, dataset.sequences(ids), 30)
+    trained = get_params(model)
+    return base, {n: SparseTensor(None, (base[n] - trained[n]).reshape(-1)) for n in base}
+
+
+def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset) -> None:
+    n, e = dataset.meta.num_sequences, dataset.meta.eval_every
+    assigned = assignment(0, 0, MINER, 64, n, e)
+    base, update = _train(assigned, dataset)
+    model = build_model("tiny")
+    spec = param_spec(model)
+    evaluator = UpdateEvaluator(model, base, dataset.sequences)
+    own, other = own_sample(assigned, "s", MINER, 32), other_sample(assigned, "s", 32, n, e)
+
+    losses = evaluator.evaluate(update, 1.0, own, other)
+    assert params_hash(get_params(model), spec) == params_hash(base, spec)
+    reference = build_model("tiny")
+    set_params(reference, base)
+    assert losses.own_before == pytest.approx(evaluate_loss(reference, dataset.sequences(own)), rel=1e-5)
+    set_params(reference, {k: base[k] - update[k].values.view_as(base[k]) for k in base})
+    assert losses.own_after == pytest.approx(evaluate_loss(reference, dataset.sequences(own)), rel=1e-5)
+    # Training on its own sequences helps them, and helps them more than unseen ones.
+    assert losses.gain > 0.05 and losses.margin > 0.01 and losses.finite()
+
+    noise = {k: SparseTensor(None, torch.randn_like(t.values) * t.values.norm() / t.values.numel() ** 0.5)
+             for k, t in update.items()}  # fmt: skip
+    assert evaluator.evaluate(noise, 1.0, own, other).gain < 0
+    flipped = {k: SparseTensor(None, -t.values) for k, t in update.items()}
+    assert evaluator.evaluate(flipped, 1.0, own, other).gain < -0.05
+    assert params_hash(get_params(model), spec) == params_hash(base, spec)
+
+
+def test_sparse_updates_touch_only_their_coordinates(dataset: Dataset) -> None:
+    model = build_model("tiny")
+    base = get_params(model)
+    spec = param_spec(model)
+    name, shape = spec[0]
+    update = {name: SparseTensor(torch.tensor([0, 5, 7]), torch.tensor([1.0, -2.0, 3.0]))}
+    evaluator = UpdateEvaluator(model, base, dataset.sequences)
+    losses = evaluator.evaluate(update, 0.5, [1, 2], [3, 4])
+    assert losses.finite() and losses.own_before != losses.own_after
+    assert params_hash(get_params(model), spec) == params_hash(base, spec)
+    assert math.prod(shape) > 7
+
+
+def test_round_scores_and_their_moving_average() -> None:
+    losses = {
+        "honest": Losses(3.0, 2.8, 3.0, 2.85),  # gain 0.2, margin 0.05
+        "honest2": Losses(3.0, 2.7, 3.0, 2.74),  # gain 0.3, margin 0.04
+        "lazy": Losses(3.0, 2.75, 3.0, 2.74),  # gain 0.25, margin -0.01
+        "stale": Losses(3.0, 2.95, 3.0, 2.97),  # gain 0.05, margin 0.02
+        "harmful": Losses(3.0, 3.5, 3.0, 3.4),  # gain -0.5
+        "broken": Losses(3.0, math.inf, 3.0, 3.0),
+    }
+    r = round_results(7, losses)
+    typical = 0.2  # the median gain: 0.3, 0.25, 0.2, 0.05, -0.5, (the infinite one is left out)
+    assert r["honest"].score == pytest.approx(min(4 * 0.05, 0.2) / typical)
+    assert r["honest2"].score == pytest.approx(min(4 * 0.04, 0.3) / typical)
+    assert r["lazy"].score == pytest.approx(-0.04 / typical)
+    assert r["stale"].score == pytest.approx(0.05 / typical)
+    assert r["harmful"].score == -1.0 and r["broken"].score == -1.0  # clipped; not finite
+    assert refused(7).score == -1.0 and refused(7).gain is None
+    assert all(x.round == 7 for x in r.values())
+
+    history = [RoundResult(i, score=v, gain=0.1, margin=0.01) for i, v in enumerate([0.2, 0.6, 0.4])]
+    s = moving_score(history, alpha=0.5)
+    assert s.score == pytest.approx((0.2 * 0.5 + 0.6 * 0.5) * 0.5 + 0.4 * 0.5)
+    assert s.gain_avg == pytest.approx(0.1) and s.assigned_avg == pytest.approx(1.0)
+    assert moving_score(list(reversed(history)), alpha=0.5) == s  # by round, not by list order
+    s = moving_score([refused(0), refused(1)])
+    assert (s.score, s.gain_avg, s.assigned_avg) == (-1.0, 0.0, -1.0)
