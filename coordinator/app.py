@@ -143,7 +143,7 @@ async def status(run: RunDep) -> Status:
         miners=run.count_miners(),
         initial_eval_loss=run.initial_eval_loss(),
         rounds=run.reports(),
-        leaderboard=run.leaderboard(),
+        leaderboard=await asyncio.to_thread(run.leaderboard),
     )
 
 

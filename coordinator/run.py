@@ -151,6 +151,8 @@ class Run:
         self.keeping = False
         self._changed: asyncio.Event | None = None
         self._poke: asyncio.Event | None = None
+        self._scores_changed = 0  # bumped when a round closes or verdicts arrive: the leaderboard's cache key
+        self._board: tuple[tuple[int | None, int], list[LeaderboardEntry]] | None = None
 
     # -- start and resume ---------------------------------------------------------------------------------
     def _check_fingerprint(self) -> None:
@@ -565,6 +567,7 @@ class Run:
                 self.outer.buffers = built.outer_buffers
             self.current = Current(cur.round + 1, new_version, "open", self.current.param_hash
                                    if built is None else built.param_hash)  # fmt: skip
+        self._scores_changed += 1
         self._prune_checkpoints()
         for s in subs:  # the unpacked payloads served their one purpose; the payloads themselves stay
             if s["unpacked_sha256"] is not None:
@@ -668,7 +671,16 @@ class Run:
     def leaderboard(
         self, through: int | None = None, extra: dict[str, RoundResult] | None = None
     ) -> list[LeaderboardEntry]:
-        return leaderboard(self.store, self.settings.validation, through, extra)
+        """The leaderboard as of round ``through`` (None: the last closed one); kept until scores change."""
+        if extra is not None:
+            return leaderboard(self.store, self.settings.validation, through, extra)
+        key = (self.last_closed_round() if through is None else through, self._scores_changed)
+        cached = self._board
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        board = leaderboard(self.store, self.settings.validation, key[0], None)
+        self._board = (key, board)
+        return board
 
     def last_closed_round(self) -> int | None:
         return self.current.round - 1 if self.current.round > 0 else None
@@ -708,5 +720,6 @@ class Run:
         if row["status"] != "closed":
             raise Conflict("round_open", f"round {round_} has not closed; evaluate closed rounds")
         n = record_verdicts(self.store, round_, validator, verdicts, time.time())
+        self._scores_changed += 1
         log.info("round %d: %d verdicts from validator %s", round_, n, validator[:12])
         return n

@@ -63,6 +63,12 @@ def verdict_rows(
     ]
 
 
+# Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
+# (a refusal followed by an accepted retry leaves the upload's verdict to stand).
+INTAKE_REFUSALS = (
+    "SELECT round, miner, MIN(code) AS code FROM refusals f WHERE round > ? AND round <= ? AND NOT EXISTS "
+    "(SELECT 1 FROM submissions s WHERE s.round = f.round AND s.miner = f.miner) GROUP BY round, miner"
+)
 INSERT_VERDICT = (
     "INSERT OR REPLACE INTO verdicts (round, miner, validator, own_before, own_after, other_before, "
     "other_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
@@ -111,46 +117,44 @@ def leaderboard(
         )
         evaluated[r] = round_results(r, losses)
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
-    counts: dict[str, dict[str, int]] = defaultdict(lambda: defaultdict(int))
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
     last: dict[str, int] = {}
-    submitted: set[tuple[int, str]] = set()
-    for s in store.all(
-        "SELECT s.round, s.miner, s.status, s.reason FROM submissions s JOIN rounds r ON r.round = s.round "
-        "WHERE r.status = 'closed' AND s.round <= ?", through,
+    for c in store.all(
+        "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' ELSE COALESCE(reason, 'refused') END "
+        "AS k, COUNT(*) AS n, MAX(round) AS last FROM submissions WHERE round <= ? GROUP BY miner, k",
+        through,
     ):  # fmt: skip
-        m, r = s["miner"], s["round"]
-        submitted.add((r, m))
-        counts[m]["accepted" if s["status"] == "accepted" else s["reason"] or "refused"] += 1
-        last[m] = max(last.get(m, -1), r)
-        if r <= since:
-            continue
-        res = evaluated.get(r, {}).get(m)
-        if s["status"] == "rejected":  # a refused upload scores the least, evaluated or not
-            results[m][r] = refused(r) if res is None else RoundResult(r, -1.0, res.gain, res.margin)
-        elif res is not None:
-            results[m][r] = res
-    for f in store.all(
-        "SELECT round, miner, MIN(code) AS code FROM refusals WHERE round <= ? GROUP BY round, miner", through
+        counts[c["miner"]][c["k"]] = c["n"]
+        last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
+    for c in store.all(
+        f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
+        "GROUP BY miner, code", -1, through,
+    ):  # fmt: skip
+        counts[c["miner"]][c["code"]] = counts[c["miner"]].get(c["code"], 0) + c["n"]
+        last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
+    for s in store.all(
+        "SELECT round, miner, status FROM submissions WHERE round > ? AND round <= ?", since, through
     ):
-        m, r = f["miner"], f["round"]
-        if (r, m) in submitted:  # refused once, then uploaded: the upload's verdict stands
-            continue
-        counts[m][f["code"]] += 1
-        last[m] = max(last.get(m, -1), r)
-        if r > since:
+        m, r = s["miner"], s["round"]
+        res = evaluated.get(r, {}).get(m)
+        if res is not None:
+            results[m][r] = res
+        elif s["status"] == "rejected":  # refused before it could be evaluated: the least score
             results[m][r] = refused(r)
+    for f in store.all(INTAKE_REFUSALS, since, through):
+        results[f["miner"]][f["round"]] = refused(f["round"])
     for m, result in (extra or {}).items():
         results[m][result.round] = result
         last[m] = max(last.get(m, -1), result.round)
     entries = []
     for m in set(last):
         score = moving_score(list(results[m].values()), settings.score_alpha)
-        c = counts[m]
-        refusals = {k: n for k, n in c.items() if k != "accepted"}
+        tally = counts[m]
+        refusals = {k: n for k, n in tally.items() if k != "accepted"}
         entries.append(
             LeaderboardEntry(
                 miner=m, score=score.score, gain_avg=score.gain_avg, assigned_avg=score.assigned_avg,
-                rounds_contributed=c.get("accepted", 0), rounds_refused=sum(refusals.values()),
+                rounds_contributed=tally.get("accepted", 0), rounds_refused=sum(refusals.values()),
                 refusals=refusals, last_round=last[m],
                 verdicts=sum(r.gain is not None for r in results[m].values()),
             )

@@ -15,8 +15,8 @@ payload of the round, so nobody knows them until the round has closed.
   median gain: an update is credited with its gain only as far as a multiple of its own-data margin backs
   it (a stale update learned its data but helps little; an update trained on other data helps but has no
   margin), in units of what a typical upload of that round achieved, so that early rounds, where gains
-  and their noise are large, weigh no more than later ones. A refused upload scores -1, the least: at
-  upload or by the cheap checks (malformed, copied, outlier, empty, non-finite) or by the evaluation.
+  and their noise are large, weigh no more than later ones. An upload refused before it could be
+  evaluated (at upload, or as copied, outlier, empty or non-finite) scores -1, the least.
 - A miner's score is the exponential moving average of its round scores over the rounds it uploaded in.
 """
 

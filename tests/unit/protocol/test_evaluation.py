@@ -90,7 +90,7 @@ def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset) 
     set_params(reference, {k: base[k] - update[k].values.view_as(base[k]) for k in base})
     assert losses.own_after == pytest.approx(evaluate_loss(reference, dataset.sequences(own)), rel=1e-5)
     # Training on its own sequences helps them, and helps them more than unseen ones.
-    assert losses.gain > 0.05 and losses.margin > 0.01 and losses.finite()
+    assert losses.gain > 0.05 and losses.margin > 0.01 and losses.finite(), losses
 
     noise = {k: SparseTensor(None, torch.randn_like(t.values) * t.values.norm() / t.values.numel() ** 0.5)
              for k, t in update.items()}  # fmt: skip
