@@ -76,7 +76,7 @@ class Adversary(Miner):
             others = [s for s in previous.submissions if s.miner != self.pubkey and s.status == "accepted"]
             if not others:
                 return None
-            victim = random.Random(ri.round).choice(others)
+            victim = random.Random(f"{self.pubkey}:{ri.round}").choice(others)
             data = self.client.payload(ri.round - 1, victim.miner)
         except Refused as e:
             log.warning("round %d: nothing to copy (%s)", ri.round, e)

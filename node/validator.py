@@ -45,11 +45,15 @@ class Validator(Follower):
         self.progress = settings.state_dir / "validator.json"
 
     def _next_round(self) -> int:
-        """The first round not yet evaluated: from the progress file, else the last closed round."""
+        """The first round not yet evaluated: from the progress file of this run, else the last closed
+        round."""
         try:
-            return int(json.loads(self.progress.read_text())["next_round"])
+            saved = json.loads(self.progress.read_text())
+            if saved["run_id"] == self.info.run_id:
+                return int(saved["next_round"])
         except (OSError, ValueError, KeyError, TypeError):
-            return max(0, self.client.round().round - 1)
+            pass
+        return max(0, self.client.round().round - 1)
 
     def _save_progress(self, next_round: int) -> None:
         self.progress.parent.mkdir(parents=True, exist_ok=True)

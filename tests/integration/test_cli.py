@@ -51,6 +51,25 @@ def test_mine_with_a_key_that_is_not_a_key(tmp_path: Path) -> None:
     assert_one_line_error(gradpool("mine", "--key", str(bad)), "cannot read key")
 
 
+def test_validate_without_a_key_file(tmp_path: Path) -> None:
+    done = gradpool("validate", "--key", str(tmp_path / "none.pem"), "--coordinator", "http://127.0.0.1:9")
+    assert_one_line_error(done, "does not exist")
+    assert done.returncode == 2
+
+
+@pytest.mark.parametrize("spec", ["bogus:1", "noise", "noise:0", "lazy:x"])
+def test_simulate_with_a_bad_adversary(tmp_path: Path, spec: str) -> None:
+    done = gradpool("simulate", "--adversary", spec, "--out", str(tmp_path / "run"))
+    assert_one_line_error(done, "KIND:COUNT")
+    assert done.returncode == 2 and not (tmp_path / "run").exists()
+
+
+def test_mine_with_an_unknown_adversary(tmp_path: Path) -> None:
+    done = gradpool("mine", "--adversary", "sneaky", "--key", str(tmp_path / "k.pem"), "--create-key")
+    assert_one_line_error(done, "adversary")
+    assert done.returncode == 2
+
+
 @pytest.mark.parametrize(
     ("text", "needle"),
     [

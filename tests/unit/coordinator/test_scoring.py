@@ -98,6 +98,7 @@ def test_harmful_updates_are_refused_and_rank_last(open_pool: OpenPool) -> None:
         assert_error(pool.client.get("/v1/leaderboard", params={"round": 3}), 404, "not_found")
         status = pool.client.get("/v1/status").json()
         assert status["leaderboard"][-1]["miner"] == flipper.pubkey
+        assert "gradpool_evaluation_seconds_count 3.0" in pool.client.get("/metrics").text
 
 
 def test_a_malformed_upload_counts_against_its_miner(open_pool: OpenPool) -> None:
