@@ -600,7 +600,7 @@ class Run:
         v = self.settings.validation
         accepted = refuse_by_evaluation(verdicts, accepted, losses, v.refuse_harmful, v.min_gain_fraction)
         if v.weight_by_score and accepted:
-            extra = round_results(round_, losses)
+            extra = round_results(round_, losses, {u.miner for u, _ in accepted})
             scores = {e.miner: e.score for e in self.leaderboard(round_ - 1, extra)}
             for u, _ in accepted:
                 if scores.get(u.miner, 0.0) <= 0:

@@ -110,12 +110,18 @@ def leaderboard(
             own[v["round"]][v["miner"]] = x
         else:
             theirs[v["round"]][v["miner"]].append(x)
+    accepted: dict[int, set[str]] = defaultdict(set)
+    for row in store.all(
+        "SELECT round, miner FROM submissions WHERE round > ? AND round <= ? AND status = 'accepted'",
+        since, through,
+    ):  # fmt: skip
+        accepted[row["round"]].add(row["miner"])
     evaluated: dict[int, dict[str, RoundResult]] = {}
     for r in set(own) | set(theirs):
         losses = (
             own[r] if settings.builtin and own.get(r) else {m: _median(xs) for m, xs in theirs[r].items()}
         )
-        evaluated[r] = round_results(r, losses)
+        evaluated[r] = round_results(r, losses, accepted[r])
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     last: dict[str, int] = {}

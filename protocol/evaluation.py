@@ -11,12 +11,13 @@ payload of the round, so nobody knows them until the round has closed.
 - ``margin`` = gain - the gain on other data: the part of the help that is specific to the miner's own
   sequences. Training on them leaves a small, reliable margin; an update trained on other data, copied or
   made of noise has none. ``assigned`` (the indicator) is ``margin > 0``.
-- A round's score is ``min(MARGIN_CREDIT * margin, gain) / G``, clipped to [-1, 1], where G is the round's
-  median gain: an update is credited with its gain only as far as a multiple of its own-data margin backs
-  it (a stale update learned its data but helps little; an update trained on other data helps but has no
-  margin), in units of what a typical upload of that round achieved, so that early rounds, where gains
-  and their noise are large, weigh no more than later ones. An upload refused before it could be
-  evaluated (at upload, or as copied, outlier, empty or non-finite) scores -1, the least.
+- A round's score is ``min(MARGIN_CREDIT * margin, gain) / G``, clipped to [-1, 1], where G is the median
+  gain of the round's accepted uploads: an update is credited with its gain only as far as a multiple of
+  its own-data margin backs it (a stale update learned its data but helps little; an update trained on
+  other data helps but has no margin), in units of what a typical accepted upload of that round achieved,
+  so that early rounds, where gains and their noise are large, weigh no more than later ones. An upload
+  refused before it could be evaluated (at upload, or as copied, outlier, empty or non-finite) scores -1,
+  the least.
 - A miner's score is the exponential moving average of its round scores over the rounds it uploaded in.
 """
 
@@ -25,7 +26,7 @@ from __future__ import annotations
 import hashlib
 import math
 import statistics
-from collections.abc import Callable, Iterable, Mapping, Sequence
+from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
@@ -186,9 +187,14 @@ class RoundResult:
     margin: float = 0.0
 
 
-def round_results(round_: int, losses: Mapping[str, Losses]) -> dict[str, RoundResult]:
-    """The round scores of a round's evaluated uploads (see the top of this module)."""
-    gains = [x.gain for x in losses.values() if x.finite()]
+def round_results(
+    round_: int, losses: Mapping[str, Losses], accepted: Collection[str] | None = None
+) -> dict[str, RoundResult]:
+    """The round scores of a round's evaluated uploads (see the top of this module). G is the median gain
+    of the ``accepted`` ones when given (and any were), so that a crowd of useless uploads cannot lower
+    the bar; else of all."""
+    useful = [x.gain for m, x in losses.items() if x.finite() and (accepted is None or m in accepted)]
+    gains = useful or [x.gain for x in losses.values() if x.finite()]
     typical = max(statistics.median(gains), 1e-6) if gains else 1e-6
     out = {}
     for miner, x in losses.items():
