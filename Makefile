@@ -18,7 +18,8 @@ $(VENV)/.installed: pyproject.toml
 	$(PY) -m pip install -q -e '.[dev]'
 	@touch $@
 
-demo: venv
+demo: venv  # a fresh network each time: the previous demo's state would otherwise be resumed
+	rm -rf runs/demo
 	$(VENV)/bin/gradpool simulate --miners 3 --rounds 12 --out runs/demo
 
 test: venv
