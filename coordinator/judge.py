@@ -21,6 +21,7 @@ from protocol.aggregate import (
     Accumulator,
     RobustMethod,
     cosine,
+    flatten,
     robust_mean,
     sketch,
     sketch_flat,
@@ -168,11 +169,9 @@ def _robust(
         offsets[name], total = total, total + math.prod(shape)
     coords, values = [], []
     for upload, scale in accepted:
-        for name, t in codec.decode(load(upload.sha256), spec)[1].items():
-            n = t.values.numel()
-            idx = torch.arange(n) if t.indices is None else t.indices.cpu()
-            coords.append(idx + offsets[name])
-            values.append(t.values.cpu().float() * scale)
+        c, v = flatten(codec.decode(load(upload.sha256), spec)[1], spec, scale)
+        coords.append(c)
+        values.append(v)
     flat = robust_mean(
         torch.cat(coords) if coords else torch.zeros(0, dtype=torch.int64),
         torch.cat(values) if values else torch.zeros(0),

@@ -80,14 +80,11 @@ def record_verdicts(
 ) -> int:
     """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
     uploaded = {r["miner"] for r in store.all("SELECT miner FROM submissions WHERE round = ?", round_)}
-    rows = [
-        (round_, v.miner, validator, v.own_before, v.own_after, v.other_before, v.other_after, now)
-        for v in verdicts
-        if v.miner in uploaded
-    ]
+    losses = {v.miner: Losses(v.own_before, v.own_after, v.other_before, v.other_after)
+              for v in verdicts if v.miner in uploaded}  # fmt: skip
     with store.transaction() as db:
-        db.executemany(INSERT_VERDICT, rows)
-    return len(rows)
+        db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, losses, now))
+    return len(losses)
 
 
 def leaderboard(

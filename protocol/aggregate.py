@@ -93,14 +93,20 @@ def aggregate(updates: Sequence[Decoded], spec: ParamSpec, device: torch.device 
 def sketch(update: Decoded, spec: ParamSpec, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
     """A count sketch of the update (each coordinate hashed to a bucket with a hashed sign): inner products
     and cosines of sketches estimate those of the updates, to within about 1/sqrt(buckets)."""
+    return sketch_flat(*flatten(update, spec), buckets)
+
+
+def flatten(update: Decoded, spec: ParamSpec, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
+    """The update as coordinates in the concatenated parameters (spec order) and their values x scale,
+    on the CPU."""
     coords, values, offset = [], [], 0
     for name, shape in spec:
         t = update[name]
         n = math.prod(shape)
         coords.append((torch.arange(n) if t.indices is None else t.indices.cpu()) + offset)
-        values.append(t.values.cpu())
+        values.append(t.values.cpu().float() * scale)
         offset += n
-    return sketch_flat(torch.cat(coords), torch.cat(values), buckets)
+    return torch.cat(coords), torch.cat(values)
 
 
 def sketch_flat(coords: torch.Tensor, values: torch.Tensor, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
