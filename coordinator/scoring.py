@@ -29,7 +29,6 @@ from protocol.wire import LeaderboardEntry, RunInfo, Verdict
 
 log = logging.getLogger(__name__)
 COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
-SCORE_WINDOW = 50  # rounds the moving average looks back (older ones weigh < 0.7**50 at alpha 0.3)
 
 
 def evaluate_uploads(
@@ -58,7 +57,7 @@ def verdict_rows(
     round_: int, validator: str, losses: dict[str, Losses], now: float
 ) -> list[tuple[object, ...]]:
     return [
-        (round_, miner, validator, x.own_before, x.own_after, x.other_before, x.other_after, now)
+        (round_, miner, validator, x.own_before, x.own_after, x.other_before, x.other_after, x.margin_se, now)
         for miner, x in losses.items()
     ]
 
@@ -71,7 +70,7 @@ INTAKE_REFUSALS = (
 )
 INSERT_VERDICT = (
     "INSERT OR REPLACE INTO verdicts (round, miner, validator, own_before, own_after, other_before, "
-    "other_after, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?)"
+    "other_after, margin_se, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
 )
 
 
@@ -80,7 +79,7 @@ def record_verdicts(
 ) -> int:
     """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
     uploaded = {r["miner"] for r in store.all("SELECT miner FROM submissions WHERE round = ?", round_)}
-    losses = {v.miner: Losses(v.own_before, v.own_after, v.other_before, v.other_after)
+    losses = {v.miner: Losses(v.own_before, v.own_after, v.other_before, v.other_after, v.margin_se)
               for v in verdicts if v.miner in uploaded}  # fmt: skip
     with store.transaction() as db:
         db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, losses, now))
@@ -98,11 +97,11 @@ def leaderboard(
     if through is None:
         row = store.one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
         through = -1 if row is None or row["r"] is None else int(row["r"])
-    since = through - SCORE_WINDOW
+    since = through - settings.score_window
     own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
     theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
     for v in store.all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through):
-        x = Losses(v["own_before"], v["own_after"], v["other_before"], v["other_after"])
+        x = Losses(v["own_before"], v["own_after"], v["other_before"], v["other_after"], v["margin_se"])
         if v["validator"] == COORDINATOR:
             own[v["round"]][v["miner"]] = x
         else:
@@ -168,4 +167,4 @@ def leaderboard(
 def _median(rows: Sequence[Losses]) -> Losses:
     """The median over validators of each loss."""
     return Losses(*(statistics.median(getattr(x, f) for x in rows) for f in
-                    ("own_before", "own_after", "other_before", "other_after")))  # fmt: skip
+                    ("own_before", "own_after", "other_before", "other_after", "margin_se")))  # fmt: skip

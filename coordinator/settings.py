@@ -52,18 +52,21 @@ class ValidationSettings(Section):
     does with the scores."""
 
     builtin: bool = Field(default=True, description="evaluate every upload here when its round closes")
-    own_sequences: int = Field(default=64, ge=1, le=1024, description="sample of the miner's assignment")
-    other_sequences: int = Field(default=64, ge=1, le=1024, description="sample of data it was not given")
+    own_sequences: int = Field(default=128, ge=2, le=1024, description="sample of the miner's assignment")
+    other_sequences: int = Field(default=128, ge=2, le=1024, description="sample of data it was not given")
     refuse_harmful: bool = Field(
         default=True, description="refuse an update that does not lower the loss on its own data"
     )
     min_gain_fraction: float = Field(
-        default=0.1, ge=0, lt=1, description="refuse gains below this x the round's median (3+); 0: off"
+        default=0.35, ge=0, lt=1, description="refuse gains below this x the round's median (3+); 0: off"
     )
     weight_by_score: bool = Field(
         default=False, description="weight each accepted update by its miner's score (mean weight 1)"
     )
-    score_alpha: float = Field(default=0.4, gt=0, le=1, description="moving-average weight of a new round")
+    score_window: int = Field(default=20, ge=1, le=1000, description="rounds a miner's score averages over")
+    score_alpha: float | None = Field(
+        default=None, gt=0, le=1, description="None: the plain mean over the window; else an exponential one"
+    )
     validators: list[str] | None = Field(
         default=None, description="public keys (hex) whose verdicts are taken; None: any signed key"
     )

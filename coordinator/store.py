@@ -29,7 +29,7 @@ CREATE TABLE IF NOT EXISTS submissions (
 CREATE TABLE IF NOT EXISTS verdicts (
     round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
     own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
-    PRIMARY KEY (round, miner, validator));
+    margin_se REAL NOT NULL DEFAULT 0, PRIMARY KEY (round, miner, validator));
 CREATE TABLE IF NOT EXISTS refusals (
     round INTEGER NOT NULL, miner TEXT NOT NULL, code TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS refusals_by_miner ON refusals (miner, round);
@@ -56,6 +56,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
+        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(verdicts)")}
+        if "margin_se" not in columns:  # a state directory from before the column
+            self._db.execute("ALTER TABLE verdicts ADD COLUMN margin_se REAL NOT NULL DEFAULT 0")
 
     def close(self) -> None:
         with self._lock:

@@ -125,4 +125,5 @@ def _verdict(miner: str, x: Losses) -> Verdict:
         return min(MAX_LOSS, max(0.0, v)) if math.isfinite(v) else MAX_LOSS
 
     return Verdict(miner=miner, own_before=bound(x.own_before), own_after=bound(x.own_after),
-                   other_before=bound(x.other_before), other_after=bound(x.other_after))  # fmt: skip
+                   other_before=bound(x.other_before), other_after=bound(x.other_after),
+                   margin_se=bound(x.margin_se))  # fmt: skip

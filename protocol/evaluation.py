@@ -9,16 +9,19 @@ payload of the round, so nobody knows them until the round has closed.
 
 - ``gain`` (nats per token) = own loss before - own loss after: how much the update helps on its data.
 - ``margin`` = gain - the gain on other data: the part of the help that is specific to the miner's own
-  sequences. Training on them leaves a small, reliable margin; an update trained on other data, copied or
-  made of noise has none. ``assigned`` (the indicator) is ``margin > 0``.
-- A round's score is ``min(MARGIN_CREDIT * margin, gain) / G``, clipped to [-1, 1], where G is the median
-  gain of the round's accepted uploads: an update is credited with its gain only as far as a multiple of
-  its own-data margin backs it (a stale update learned its data but helps little; an update trained on
-  other data helps but has no margin), in units of what a typical accepted upload of that round achieved,
-  so that early rounds, where gains and their noise are large, weigh no more than later ones. An upload
-  refused before it could be evaluated (at upload, or as copied, outlier, empty or non-finite) scores -1,
-  the least.
-- A miner's score is the exponential moving average of its round scores over the rounds it uploaded in.
+  sequences. Training on them leaves a small margin; an update trained on other data, copied or made of
+  noise has none. ``assigned`` (the indicator) is ``margin > 0``. ``margin_se`` is its standard error over
+  the sampled sequences, so ``t = margin / margin_se`` says how sure the margin is: early in a run, when the
+  model learns what all text shares, even an honest margin is within its noise; later it stands out.
+- A round's score credits the gain, in units of G (the median gain of the round's accepted uploads, so that
+  early rounds, where gains are large, weigh no more than later ones), as far as the margin backs it:
+  ``clip(gain / G, -1, 1) * clip((t + 1) / 3, 0, 1)`` (full credit from t = 2, none at t <= -1); a gain of
+  0 or less is not discounted. A stale update learned its data but helps little; an update trained on other
+  data helps but has no margin; both fall behind. An upload refused before it could be evaluated (at
+  upload, or as copied, outlier, empty or non-finite) scores -1, the least.
+- A miner's score is the moving average of its round scores over the rounds it uploaded in: the mean over
+  the last ``score_window`` rounds, or an exponential one when ``score_alpha`` is set. The mean is the
+  steadier: a round's score carries sampling noise, and an honest miner's scores agree only on average.
 """
 
 from __future__ import annotations
@@ -78,6 +81,7 @@ class Losses:
     own_after: float
     other_before: float
     other_after: float
+    margin_se: float = 0.0  # the standard error of the margin; 0: exact
 
     @property
     def gain(self) -> float:
@@ -91,9 +95,16 @@ class Losses:
     def margin(self) -> float:
         return self.gain - self.other_gain
 
+    @property
+    def t(self) -> float:
+        """The margin in units of its standard error."""
+        if self.margin_se > 0:
+            return self.margin / self.margin_se
+        return math.copysign(math.inf, self.margin) if self.margin else 0.0
+
     def finite(self) -> bool:
         return all(math.isfinite(x) for x in (self.own_before, self.own_after, self.other_before,
-                                              self.other_after))  # fmt: skip
+                                              self.other_after, self.margin_se))  # fmt: skip
 
 
 class UpdateEvaluator:
@@ -113,7 +124,7 @@ class UpdateEvaluator:
         self.device = next(model.parameters()).device
         self._params = dict(model.named_parameters())
         self._tokens: dict[int, torch.Tensor] = {}
-        self._before: dict[int, float] = {}
+        self._before_losses: dict[int, float] = {}
 
     def _sequences(self, ids: list[int]) -> torch.Tensor:
         missing = [i for i in ids if i not in self._tokens]
@@ -133,26 +144,29 @@ class UpdateEvaluator:
             out.append(loss.mean(dim=1).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
-    def _before_mean(self, ids: list[int]) -> float:
-        missing = [i for i in ids if i not in self._before]
+    def _before(self, ids: list[int]) -> torch.Tensor:
+        missing = [i for i in ids if i not in self._before_losses]
         if missing:
-            self._before.update(zip(missing, self._losses(missing).tolist(), strict=True))
-        return sum(self._before[i] for i in ids) / max(1, len(ids))
+            self._before_losses.update(zip(missing, self._losses(missing).tolist(), strict=True))
+        return torch.tensor([self._before_losses[i] for i in ids], dtype=torch.float64)
 
     @torch.no_grad()
     def evaluate(
         self, update: Mapping[str, SparseTensor], step: float, own: list[int], other: list[int]
     ) -> Losses:
         """Losses before and after theta <- theta - step * update (``step`` includes the clip scale)."""
-        own_before, other_before = self._before_mean(own), self._before_mean(other)
+        before = torch.cat([self._before(own), self._before(other)])
         self._apply(update, step)
         try:
-            after = self._losses(own + other)
+            after = self._losses(own + other).double()
         finally:
             self._restore(update)
-        own_after = float(after[: len(own)].mean()) if own else math.nan
-        other_after = float(after[len(own) :].mean()) if other else math.nan
-        return Losses(own_before, own_after, other_before, other_after)
+        gains = before - after  # per sequence
+        own_gains, other_gains = gains[: len(own)], gains[len(own) :]
+        return Losses(
+            _mean(before[: len(own)]), _mean(after[: len(own)]), _mean(before[len(own) :]),
+            _mean(after[len(own) :]), math.sqrt(_var_of_mean(own_gains) + _var_of_mean(other_gains)),
+        )  # fmt: skip
 
     def _apply(self, update: Mapping[str, SparseTensor], step: float) -> None:
         for name, t in update.items():
@@ -173,8 +187,17 @@ class UpdateEvaluator:
                 p.view(-1).index_copy_(0, idx, base.view(-1)[idx])
 
 
+def _mean(x: torch.Tensor) -> float:
+    return float(x.mean()) if len(x) else math.nan
+
+
+def _var_of_mean(x: torch.Tensor) -> float:
+    return float(x.var() / len(x)) if len(x) > 1 else 0.0
+
+
 # -- scores ------------------------------------------------------------------------------------------------
-MARGIN_CREDIT = 4.0  # gain credited per unit of own-data margin
+FULL_CREDIT_T = 2.0  # a margin this many standard errors above 0 backs the whole gain
+NO_CREDIT_T = -1.0  # and one this far below it, none
 
 
 @dataclass(frozen=True)
@@ -185,6 +208,11 @@ class RoundResult:
     score: float
     gain: float | None = None
     margin: float = 0.0
+
+
+def credit(t: float) -> float:
+    """The share of a positive gain that a margin of ``t`` standard errors backs: 0 to 1."""
+    return max(0.0, min(1.0, (t - NO_CREDIT_T) / (FULL_CREDIT_T - NO_CREDIT_T)))
 
 
 def round_results(
@@ -201,7 +229,8 @@ def round_results(
         if not x.finite():
             out[miner] = RoundResult(round_, -1.0, -math.inf, 0.0)
             continue
-        score = max(-1.0, min(1.0, min(MARGIN_CREDIT * x.margin, x.gain) / typical))
+        relative = max(-1.0, min(1.0, x.gain / typical))
+        score = relative * credit(x.t) if relative > 0 else relative
         out[miner] = RoundResult(round_, score, x.gain, x.margin)
     return out
 
@@ -218,12 +247,13 @@ class Score:
     assigned_avg: float
 
 
-def moving_score(results: Sequence[RoundResult], alpha: float = 0.4) -> Score:
-    """Exponential moving averages (weight ``alpha`` on the newest round) of the round scores, the gains
-    and the indicator (+1 / -1; -1 for an upload refused before evaluation)."""
+def moving_score(results: Sequence[RoundResult], alpha: float | None = None) -> Score:
+    """Moving averages of the round scores, the gains and the indicator (+1 / -1; -1 for an upload refused
+    before evaluation): the mean of ``results`` (the caller keeps them to its window), or exponential ones
+    with weight ``alpha`` on the newest round."""
     score = gain_avg = assigned_avg = 0.0
     for i, r in enumerate(sorted(results, key=lambda r: r.round)):
-        a = 1.0 if i == 0 else alpha
+        a = 1.0 / (i + 1) if alpha is None or i == 0 else alpha
         indicator = 1.0 if r.gain is not None and r.margin > 0 else -1.0
         gain = r.gain if r.gain is not None and math.isfinite(r.gain) else 0.0
         score += a * (r.score - score)
@@ -250,6 +280,7 @@ __all__ = [
     "RoundResult",
     "Score",
     "UpdateEvaluator",
+    "credit",
     "moving_score",
     "other_sample",
     "own_sample",

@@ -39,8 +39,8 @@ class CodecConfig(Wire):
 class EvaluationConfig(Wire):
     """How uploads are evaluated (protocol/evaluation.py): validators must use the same settings."""
 
-    own_sequences: int = Field(default=64, ge=1, le=1024)
-    other_sequences: int = Field(default=64, ge=1, le=1024)
+    own_sequences: int = Field(default=128, ge=2, le=1024)
+    other_sequences: int = Field(default=128, ge=2, le=1024)
     step: float = Field(default=1.0, gt=0, description="the outer step an update is applied with")
 
 
@@ -156,13 +156,15 @@ class RoundRecord(Wire):
 
 
 class Verdict(Wire):
-    """A validator's evaluation of one upload: mean losses (nats/token) before and after it is applied."""
+    """A validator's evaluation of one upload: mean losses (nats/token) before and after it is applied, and
+    the standard error of the own-data margin they give (protocol/evaluation.py)."""
 
     miner: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]+$")
     own_before: float = Field(ge=0, le=1e4)
     own_after: float = Field(ge=0, le=1e4)
     other_before: float = Field(ge=0, le=1e4)
     other_after: float = Field(ge=0, le=1e4)
+    margin_se: float = Field(ge=0, le=1e4)
 
 
 class Verdicts(Wire):

@@ -142,7 +142,7 @@ def test_verdicts_from_validators(open_pool: OpenPool) -> None:
         miner = pool.miner()
         assert miner.upload(0, payload(0, 0, seed=5)).status_code == 200
         verdict = {"miner": miner.pubkey, "own_before": 3.0, "own_after": 2.5, "other_before": 3.0,
-                   "other_after": 2.9}  # fmt: skip
+                   "other_after": 2.9, "margin_se": 0.4}  # fmt: skip
         body = json.dumps({"verdicts": [verdict]}).encode()
         assert_error(_post_verdicts(pool, trusted, 0, body), 409, "round_open")
         pool.wait_for_round(0)
@@ -157,8 +157,9 @@ def test_verdicts_from_validators(open_pool: OpenPool) -> None:
         assert r.status_code == 200 and r.json()["recorded"] == 1
         entry = leaderboard(pool)[miner.pubkey]
         assert entry["verdicts"] == 1
-        # One evaluated upload: the round's typical gain is its own, so its score is min(4 x 0.4, 0.5) / 0.5.
-        assert entry["score"] == pytest.approx(1.0) and entry["gain_avg"] == pytest.approx(0.5)
+        # One evaluated upload: the round's typical gain is its own (0.5), and its margin 0.4 is one standard
+        # error above 0, which backs 2/3 of it.
+        assert entry["score"] == pytest.approx(2 / 3) and entry["gain_avg"] == pytest.approx(0.5)
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean"])

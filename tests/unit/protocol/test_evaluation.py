@@ -13,6 +13,7 @@ from protocol.evaluation import (
     Losses,
     RoundResult,
     UpdateEvaluator,
+    credit,
     moving_score,
     other_sample,
     own_sample,
@@ -89,6 +90,15 @@ def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset) 
     assert losses.own_before == pytest.approx(evaluate_loss(reference, dataset.sequences(own)), rel=1e-5)
     set_params(reference, {k: base[k] - update[k].values.view_as(base[k]) for k in base})
     assert losses.own_after == pytest.approx(evaluate_loss(reference, dataset.sequences(own)), rel=1e-5)
+    # The margin's standard error, from the per-sequence gains.
+    trained = [evaluate_loss(reference, dataset.sequences([i])) for i in own + other]
+    set_params(reference, base)
+    before = [evaluate_loss(reference, dataset.sequences([i])) for i in own + other]
+    gains = torch.tensor(before, dtype=torch.float64) - torch.tensor(trained, dtype=torch.float64)
+    own_g, other_g = gains[: len(own)], gains[len(own) :]
+    expected_se = math.sqrt(float(own_g.var() / len(own) + other_g.var() / len(other)))
+    assert losses.margin_se == pytest.approx(expected_se, rel=1e-3)
+    assert losses.margin == pytest.approx(float(own_g.mean() - other_g.mean()), abs=1e-5)
     # Training on its own sequences helps them, and helps them more than unseen ones.
     assert losses.gain > 0.05 and losses.margin > 0.01 and losses.finite(), losses
 
@@ -104,7 +114,7 @@ def test_sparse_updates_touch_only_their_coordinates(dataset: Dataset) -> None:
     model = build_model("tiny")
     base = get_params(model)
     spec = param_spec(model)
-    name, shape = spec[0]
+    name, shape = spec[1]  # position embeddings: every sequence reads coordinates 0, 5 and 7
     update = {name: SparseTensor(torch.tensor([0, 5, 7]), torch.tensor([1.0, -2.0, 3.0]))}
     evaluator = UpdateEvaluator(model, base, dataset.sequences)
     losses = evaluator.evaluate(update, 0.5, [1, 2], [3, 4])
@@ -115,27 +125,34 @@ def test_sparse_updates_touch_only_their_coordinates(dataset: Dataset) -> None:
 
 def test_round_scores_and_their_moving_average() -> None:
     losses = {
-        "honest": Losses(3.0, 2.8, 3.0, 2.85),  # gain 0.2, margin 0.05
-        "honest2": Losses(3.0, 2.7, 3.0, 2.74),  # gain 0.3, margin 0.04
-        "lazy": Losses(3.0, 2.75, 3.0, 2.74),  # gain 0.25, margin -0.01
-        "stale": Losses(3.0, 2.95, 3.0, 2.97),  # gain 0.05, margin 0.02
-        "harmful": Losses(3.0, 3.5, 3.0, 3.4),  # gain -0.5
-        "broken": Losses(3.0, math.inf, 3.0, 3.0),
+        "honest": Losses(3.0, 2.8, 3.0, 2.85, 0.01),  # gain 0.2, margin 0.05 = 5 standard errors
+        "unsure": Losses(3.0, 2.7, 3.0, 2.72, 0.04),  # gain 0.3, margin 0.02 = t 0.5
+        "lazy": Losses(3.0, 2.75, 3.0, 2.74, 0.01),  # gain 0.25, margin -0.01 = t -1
+        "stale": Losses(3.0, 2.95, 3.0, 2.97, 0.01),  # gain 0.05, margin 0.02 = t 2
+        "harmful": Losses(3.0, 3.5, 3.0, 3.4, 0.01),  # gain -0.5, margin -0.1
+        "broken": Losses(3.0, math.inf, 3.0, 3.0, 0.01),
     }
     r = round_results(7, losses)
-    typical = 0.2  # the median gain: 0.3, 0.25, 0.2, 0.05, -0.5, (the infinite one is left out)
-    assert r["honest"].score == pytest.approx(min(4 * 0.05, 0.2) / typical)
-    assert r["honest2"].score == pytest.approx(min(4 * 0.04, 0.3) / typical)
-    assert r["lazy"].score == pytest.approx(-0.04 / typical)
+    typical = 0.2  # the median gain: 0.3, 0.25, 0.2, 0.05, -0.5 (the infinite one is left out)
+    assert losses["unsure"].t == pytest.approx(0.5) and credit(0.5) == pytest.approx(0.5)
+    assert r["honest"].score == pytest.approx(0.2 / typical)  # t >= 2: all its gain
+    assert r["unsure"].score == pytest.approx(min(1.0, 0.3 / typical) * 0.5)
+    assert r["lazy"].score == pytest.approx(0.0)  # t <= -1: none of it
     assert r["stale"].score == pytest.approx(0.05 / typical)
-    assert r["harmful"].score == -1.0 and r["broken"].score == -1.0  # clipped; not finite
+    assert r["harmful"].score == -1.0 and r["broken"].score == -1.0  # a loss is not discounted; not finite
     assert refused(7).score == -1.0 and refused(7).gain is None
     assert all(x.round == 7 for x in r.values())
+    # G comes from the accepted uploads when named: a crowd of useless ones cannot lower the bar.
+    assert round_results(7, losses, accepted={"unsure"})["honest"].score == pytest.approx(0.2 / 0.3)
+    exact = Losses(3.0, 2.8, 3.0, 2.85)  # no standard error: the sign of the margin decides
+    assert exact.t == math.inf and Losses(3.0, 2.8, 3.0, 2.75).t == -math.inf and credit(exact.t) == 1.0
 
     history = [RoundResult(i, score=v, gain=0.1, margin=0.01) for i, v in enumerate([0.2, 0.6, 0.4])]
+    s = moving_score(history)  # the plain mean
+    assert s.score == pytest.approx(0.4) and s.gain_avg == pytest.approx(0.1)
+    assert s.assigned_avg == pytest.approx(1.0)
     s = moving_score(history, alpha=0.5)
     assert s.score == pytest.approx((0.2 * 0.5 + 0.6 * 0.5) * 0.5 + 0.4 * 0.5)
-    assert s.gain_avg == pytest.approx(0.1) and s.assigned_avg == pytest.approx(1.0)
     assert moving_score(list(reversed(history)), alpha=0.5) == s  # by round, not by list order
     s = moving_score([refused(0), refused(1)])
     assert (s.score, s.gain_avg, s.assigned_avg) == (-1.0, 0.0, -1.0)
