@@ -2,9 +2,10 @@
 
 Each run is a real ``gradpool simulate`` network on 127.0.0.1 (a coordinator process and one process per
 miner) with the coordinator's default checks, evaluation and aggregation. First ``--miners`` (8) honest
-miners alone; then, for each kind in turn, the same 8 honest miners and ``--cheaters`` (2) more that cheat
-that way (node/adversary.py). The honest work is thus the same in every run, and the loss compares what the
-cheaters did to the model. The model, corpus, recipe and rounds are the same in every run.
+miners alone; then, for each kind in turn, the same 8 honest miners (the same keys, so the same data
+assignments) and ``--cheaters`` (2) more that cheat that way (node/adversary.py). The honest work is thus
+the same in every run, and the loss compares what the cheaters did to the model. The model, corpus,
+recipe and rounds are the same in every run.
 
 - ``final_eval_loss``: held-out loss after the last round.
 - ``honest_outrank_fraction``: of the rounds after the first 3, the fraction in which every honest miner's
@@ -20,6 +21,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import tempfile
 import time
@@ -49,8 +51,13 @@ def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
     return wins / len(rows)
 
 
-def run(out: Path, miners: int, rounds: int, kind: str | None, count: int) -> dict[str, Any]:
+def run(
+    out: Path, miners: int, rounds: int, kind: str | None, count: int, keys: Path | None = None
+) -> dict[str, Any]:
+    """One network; ``keys``: a folder of honest miners' keys to reuse (simulate keeps existing ones)."""
     t0 = time.perf_counter()
+    if keys is not None:
+        shutil.copytree(keys, out / "keys", dirs_exist_ok=True)
     adversaries = {} if kind is None else {kind: count}
     report = simulate(miners=miners, rounds=rounds, out=out, adversaries=adversaries, echo=lambda _: None)
     result = {
@@ -86,7 +93,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gradpool-adversarial-") as tmp:
         root = args.out or Path(tmp)
         base = run(root / "honest", args.miners, args.rounds, None, 0)
-        runs = [run(root / k, args.miners, args.rounds, k, args.cheaters) for k in kinds]
+        keys = root / "honest" / "keys"
+        runs = [run(root / k, args.miners, args.rounds, k, args.cheaters, keys) for k in kinds]
     for r in runs:
         r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
     result = {

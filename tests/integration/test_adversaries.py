@@ -19,7 +19,7 @@ def _config(tmp_path: Path, corpus: Path) -> Path:
         "data": {"corpus": str(corpus), "eval_every": 20, "eval_sequences": 16},
         "recipe": {"inner_steps": 10, "batch_size": 8, "warmup_steps": 2},
         "rounds": {"deadline_s": 10.0, "min_deadline_s": 3.0},
-        "validation": {"own_sequences": 40, "other_sequences": 40},
+        "validation": {"own_sequences": 64, "other_sequences": 64},
     }
     path = tmp_path / "coordinator.toml"
     path.write_text(tomli_w.dumps(settings))
@@ -30,9 +30,9 @@ def _config(tmp_path: Path, corpus: Path) -> Path:
 @pytest.mark.parametrize(
     ("kinds", "rounds"),
     # The loud cheats are refused from the start; the quiet ones need a few rounds to show. A lazy miner
-    # (real training on the wrong data) is not here: at this scale its scores separate from the honest
-    # ones only after about five rounds of the default recipe (BENCHMARKS.md), longer than a test may run.
-    [(("noise", "scaled", "signflip", "nan"), 5), (("copycat", "stale", "freerider"), 6)],
+    # (real training on the wrong data) is not here: at this scale its updates do the same as honest ones
+    # until about round 5 of the default recipe (BENCHMARKS.md), longer than a test may run.
+    [(("noise", "scaled", "signflip", "nan"), 4), (("copycat", "stale", "freerider"), 5)],
     ids=["loud", "quiet"],
 )
 def test_every_cheat_is_refused_or_ranked_below_the_honest(

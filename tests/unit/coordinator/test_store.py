@@ -1,0 +1,32 @@
+"""The SQLite state file: a state directory written before a column existed still opens, and keeps its rows."""
+
+from __future__ import annotations
+
+import sqlite3
+from pathlib import Path
+
+from coordinator.scoring import INSERT_VERDICT
+from coordinator.store import Store
+
+OLD_VERDICTS = """CREATE TABLE verdicts (
+    round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
+    own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
+    PRIMARY KEY (round, miner, validator))"""
+
+
+def test_verdicts_from_before_the_margin_error_column_are_kept(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_VERDICTS)
+        db.execute("INSERT INTO verdicts VALUES (0, 'm', 'coordinator', 3.0, 2.5, 3.0, 2.9, 1.0)")
+    db.close()
+    store = Store(path)
+    try:
+        old = store.one("SELECT * FROM verdicts WHERE round = 0")
+        assert old is not None and (old["own_after"], old["margin_se"]) == (2.5, 0.0)
+        store.execute(INSERT_VERDICT, 1, "m", "coordinator", 3.0, 2.4, 3.0, 2.8, 0.05, 2.0)
+        new = store.one("SELECT * FROM verdicts WHERE round = 1")
+        assert new is not None and new["margin_se"] == 0.05
+    finally:
+        store.close()
+    Store(path).close()  # opening it again leaves the migrated table as it is
