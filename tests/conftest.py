@@ -45,6 +45,7 @@ def make_settings(tmp_path: Path, corpus_file: Path) -> Callable[..., Coordinato
             "data": {"corpus": corpus_file, "eval_every": 20, "eval_sequences": 16},
             "recipe": {"inner_steps": 4, "batch_size": 4, "warmup_steps": 2, "lr": 3e-3},
             "rounds": {"min_quorum": 1, "deadline_s": 20.0},
+            "validation": {"own_sequences": 16, "other_sequences": 32},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):

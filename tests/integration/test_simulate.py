@@ -38,6 +38,7 @@ def test_simulate_writes_a_report_and_stops_its_processes(tmp_path: Path, corpus
     cfg.write_text(
         f'[data]\ncorpus = "{corpus_file}"\neval_every = 20\neval_sequences = 16\n'
         "[recipe]\ninner_steps = 4\nbatch_size = 4\nwarmup_steps = 2\nlr = 0.003\n"
+        "[validation]\nother_sequences = 32\n"
     )
     out = tmp_path / "run"
     done = simulate("--miners", "2", "--rounds", "3", "--out", str(out), "--config", str(cfg))

@@ -15,7 +15,7 @@ import httpx
 import pytest
 from test_network import _mine, _wait_rounds
 
-FIELDS = ("own_before", "own_after", "other_before", "other_after")
+FIELDS = ("own_before", "own_after", "other_before", "other_after", "margin_se")
 
 
 @pytest.mark.timeout(300)
