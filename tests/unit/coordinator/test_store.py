@@ -1,4 +1,4 @@
-"""The SQLite state file: a state directory written before a column existed still opens, and keeps its rows."""
+"""The SQLite state file: one written before a column existed still opens, and keeps its rows."""
 
 from __future__ import annotations
 
