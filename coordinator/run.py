@@ -609,9 +609,10 @@ class Run:
             if accepted:
                 mean = statistics.fmean(scores[u.miner] for u, _ in accepted)
                 accepted = [(u, scale * scores[u.miner] / mean) for u, scale in accepted]
-        self.metrics.evaluation.observe(time.time() - t0)
+        elapsed = time.time() - t0
+        self.metrics.evaluation.observe(elapsed)
         log.info(
-            "round %d: evaluated %d uploads in %.2f s; gains %s", round_, len(losses), time.time() - t0,
+            "round %d: evaluated %d uploads in %.2f s; gains %s", round_, len(losses), elapsed,
             {m[:12]: round(x.gain, 4) for m, x in losses.items()},
         )  # fmt: skip
         return accepted, losses

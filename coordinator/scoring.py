@@ -7,6 +7,7 @@ import logging
 import statistics
 from collections import defaultdict
 from collections.abc import Callable, Sequence
+from dataclasses import astuple
 
 import torch
 
@@ -16,6 +17,7 @@ from coordinator.store import Store
 from protocol.codec import Codec, ParamSpec
 from protocol.data import Dataset
 from protocol.evaluation import (
+    LOSS_FIELDS,
     Losses,
     RoundResult,
     UpdateEvaluator,
@@ -56,10 +58,7 @@ def evaluate_uploads(
 def verdict_rows(
     round_: int, validator: str, losses: dict[str, Losses], now: float
 ) -> list[tuple[object, ...]]:
-    return [
-        (round_, miner, validator, x.own_before, x.own_after, x.other_before, x.other_after, x.margin_se, now)
-        for miner, x in losses.items()
-    ]
+    return [(round_, miner, validator, *astuple(x), now) for miner, x in losses.items()]
 
 
 # Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
@@ -69,8 +68,8 @@ INTAKE_REFUSALS = (
     "(SELECT 1 FROM submissions s WHERE s.round = f.round AND s.miner = f.miner) GROUP BY round, miner"
 )
 INSERT_VERDICT = (
-    "INSERT OR REPLACE INTO verdicts (round, miner, validator, own_before, own_after, other_before, "
-    "other_after, margin_se, created_at) VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?)"
+    f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
+    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
 )
 
 
@@ -79,8 +78,7 @@ def record_verdicts(
 ) -> int:
     """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
     uploaded = {r["miner"] for r in store.all("SELECT miner FROM submissions WHERE round = ?", round_)}
-    losses = {v.miner: Losses(v.own_before, v.own_after, v.other_before, v.other_after, v.margin_se)
-              for v in verdicts if v.miner in uploaded}  # fmt: skip
+    losses = {v.miner: Losses(*(getattr(v, f) for f in LOSS_FIELDS)) for v in verdicts if v.miner in uploaded}
     with store.transaction() as db:
         db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, losses, now))
     return len(losses)
@@ -101,17 +99,18 @@ def leaderboard(
     own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
     theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
     for v in store.all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through):
-        x = Losses(v["own_before"], v["own_after"], v["other_before"], v["other_after"], v["margin_se"])
+        x = Losses(*(v[f] for f in LOSS_FIELDS))
         if v["validator"] == COORDINATOR:
             own[v["round"]][v["miner"]] = x
         else:
             theirs[v["round"]][v["miner"]].append(x)
+    window = store.all(
+        "SELECT round, miner, status FROM submissions WHERE round > ? AND round <= ?", since, through
+    )
     accepted: dict[int, set[str]] = defaultdict(set)
-    for row in store.all(
-        "SELECT round, miner FROM submissions WHERE round > ? AND round <= ? AND status = 'accepted'",
-        since, through,
-    ):  # fmt: skip
-        accepted[row["round"]].add(row["miner"])
+    for s in window:
+        if s["status"] == "accepted":
+            accepted[s["round"]].add(s["miner"])
     evaluated: dict[int, dict[str, RoundResult]] = {}
     for r in set(own) | set(theirs):
         losses = (
@@ -134,9 +133,7 @@ def leaderboard(
     ):  # fmt: skip
         counts[c["miner"]][c["code"]] = counts[c["miner"]].get(c["code"], 0) + c["n"]
         last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
-    for s in store.all(
-        "SELECT round, miner, status FROM submissions WHERE round > ? AND round <= ?", since, through
-    ):
+    for s in window:
         m, r = s["miner"], s["round"]
         res = evaluated.get(r, {}).get(m)
         if res is not None:
@@ -166,5 +163,4 @@ def leaderboard(
 
 def _median(rows: Sequence[Losses]) -> Losses:
     """The median over validators of each loss."""
-    return Losses(*(statistics.median(getattr(x, f) for x in rows) for f in
-                    ("own_before", "own_after", "other_before", "other_after", "margin_se")))  # fmt: skip
+    return Losses(*(statistics.median(getattr(x, f) for x in rows) for f in LOSS_FIELDS))

@@ -20,7 +20,7 @@ from node.settings import ValidatorSettings
 from protocol.aggregate import update_norm
 from protocol.codec import make_codec
 from protocol.errors import CodecError
-from protocol.evaluation import EVALUATED_REFUSALS, Losses, UpdateEvaluator, round_salt, samples
+from protocol.evaluation import EVALUATED_REFUSALS, LOSS_FIELDS, Losses, UpdateEvaluator, round_salt, samples
 from protocol.model import build_model
 from protocol.params import get_params, param_spec
 from protocol.signing import public_key_hex
@@ -124,6 +124,4 @@ def _verdict(miner: str, x: Losses) -> Verdict:
     def bound(v: float) -> float:
         return min(MAX_LOSS, max(0.0, v)) if math.isfinite(v) else MAX_LOSS
 
-    return Verdict(miner=miner, own_before=bound(x.own_before), own_after=bound(x.own_after),
-                   other_before=bound(x.other_before), other_after=bound(x.other_after),
-                   margin_se=bound(x.margin_se))  # fmt: skip
+    return Verdict(miner=miner, **{f: bound(getattr(x, f)) for f in LOSS_FIELDS})

@@ -30,7 +30,7 @@ import hashlib
 import math
 import statistics
 from collections.abc import Callable, Collection, Iterable, Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 
 import torch
 import torch.nn.functional as F
@@ -105,6 +105,9 @@ class Losses:
     def finite(self) -> bool:
         return all(math.isfinite(x) for x in (self.own_before, self.own_after, self.other_before,
                                               self.other_after, self.margin_se))  # fmt: skip
+
+
+LOSS_FIELDS = tuple(f.name for f in fields(Losses))  # as verdicts carry and store them
 
 
 class UpdateEvaluator:
@@ -276,6 +279,7 @@ EVALUATED_REFUSALS = ("harmful", "low_gain", "low_score")  # refusals that come 
 
 __all__ = [
     "EVALUATED_REFUSALS",
+    "LOSS_FIELDS",
     "Losses",
     "RoundResult",
     "Score",
