@@ -5,7 +5,7 @@ miner) with the coordinator's default checks, evaluation and aggregation. First 
 miners alone; then, for each kind in turn, the same 8 honest miners (the same keys, so the same data
 assignments) and ``--cheaters`` (2) more that cheat that way (node/adversary.py). The honest work is thus
 the same in every run, and the loss compares what the cheaters did to the model. The model, corpus,
-recipe and rounds are the same in every run.
+recipe and rounds (``--rounds``, 24) are the same in every run.
 
 - ``final_eval_loss``: held-out loss after the last round.
 - ``honest_outrank_fraction``: of the rounds after the first 3, the fraction in which every honest miner's
@@ -83,7 +83,9 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     ap.add_argument("--miners", type=int, default=8, help="honest miners in every run")
     ap.add_argument("--cheaters", type=int, default=2, help="cheating miners added in each kind's run")
-    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument(
+        "--rounds", type=int, default=24, help="rounds in every run (enough to separate lazy miners)"
+    )
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to run")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     args = ap.parse_args(argv)
