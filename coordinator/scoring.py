@@ -20,11 +20,10 @@ from protocol.evaluation import (
     LOSS_FIELDS,
     Losses,
     RoundResult,
-    UpdateEvaluator,
+    evaluate_updates,
     moving_score,
     refused,
     round_results,
-    samples,
 )
 from protocol.model import GPT
 from protocol.wire import LeaderboardEntry, RunInfo, Verdict
@@ -45,14 +44,10 @@ def evaluate_uploads(
     codec: Codec,
     spec: ParamSpec,
 ) -> dict[str, Losses]:
-    """Each accepted upload's losses before and after it is applied alone, scaled as aggregation would."""
-    evaluator = UpdateEvaluator(model, params, dataset.sequences)
-    out = {}
-    for upload, scale in accepted:
-        own, other = samples(info, round_, upload.miner, salt)
-        update = codec.decode(load(upload.sha256), spec)[1]
-        out[upload.miner] = evaluator.evaluate(update, scale * info.evaluation.step, own, other)
-    return out
+    """Each accepted upload's losses before and after it is applied alone, scaled as aggregation would;
+    the payloads are decoded one at a time."""
+    updates = ((u.miner, codec.decode(load(u.sha256), spec)[1], scale) for u, scale in accepted)
+    return evaluate_updates(model, params, dataset.sequences, info, round_, salt, updates)
 
 
 def verdict_rows(

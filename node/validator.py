@@ -20,7 +20,7 @@ from node.settings import ValidatorSettings
 from protocol.aggregate import update_norm
 from protocol.codec import make_codec
 from protocol.errors import CodecError
-from protocol.evaluation import EVALUATED_REFUSALS, LOSS_FIELDS, Losses, UpdateEvaluator, round_salt, samples
+from protocol.evaluation import EVALUATED_REFUSALS, LOSS_FIELDS, Losses, evaluate_updates, round_salt
 from protocol.model import build_model
 from protocol.params import get_params, param_spec
 from protocol.signing import public_key_hex
@@ -98,13 +98,10 @@ class Validator(Follower):
                    for s in candidates}  # fmt: skip
         norms = {m: update_norm(u) for m, u in updates.items()}
         median = statistics.median(norms.values())  # the clip, as the coordinator's reclip computes it
-        evaluator = UpdateEvaluator(self.model, self.params, self.client.sequences)
+        scales = {m: min(1.0, median / n) if n > 0 else 0.0 for m, n in norms.items()}
         salt = round_salt(s.sha256 for s in record.submissions)
-        out = {}
-        for miner, update in updates.items():
-            scale = min(1.0, median / norms[miner]) if norms[miner] > 0 else 0.0
-            own, other = samples(self.info, round_, miner, salt)
-            out[miner] = evaluator.evaluate(update, scale * self.info.evaluation.step, own, other)
+        out = evaluate_updates(self.model, self.params, self.client.sequences, self.info, round_, salt,
+                               ((m, u, scales[m]) for m, u in updates.items()))  # fmt: skip
         receipt = self.client.post_verdicts(
             round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])
         )

@@ -274,6 +274,26 @@ def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int
     return own, other_sample(assigned, salt, e.other_sequences, info.num_sequences, info.eval_every)
 
 
+def evaluate_updates(
+    model: GPT,
+    base: Mapping[str, torch.Tensor],
+    fetch: Callable[[list[int]], torch.Tensor],
+    info: RunInfo,
+    round_: int,
+    salt: str,
+    updates: Iterable[tuple[str, Mapping[str, SparseTensor], float]],
+) -> dict[str, Losses]:
+    """The losses of each ``(miner, update, clip scale)`` of a round, applied alone to ``base`` with the
+    run's outer step, on that miner's samples. ``updates`` may be a generator, so that only one decoded
+    update need be held at a time."""
+    evaluator = UpdateEvaluator(model, base, fetch)
+    out = {}
+    for miner, update, scale in updates:
+        own, other = samples(info, round_, miner, salt)
+        out[miner] = evaluator.evaluate(update, scale * info.evaluation.step, own, other)
+    return out
+
+
 EVALUATED_REFUSALS = ("harmful", "low_gain", "low_score")  # refusals that come after the evaluation
 
 
@@ -285,6 +305,7 @@ __all__ = [
     "Score",
     "UpdateEvaluator",
     "credit",
+    "evaluate_updates",
     "moving_score",
     "other_sample",
     "own_sample",
