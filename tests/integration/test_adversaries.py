@@ -11,8 +11,6 @@ import tomli_w
 
 from gradpool.simulate import simulate
 
-HONEST = 4
-
 
 def _config(tmp_path: Path, corpus: Path) -> Path:
     settings = {
@@ -28,23 +26,29 @@ def _config(tmp_path: Path, corpus: Path) -> Path:
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize(
-    ("kinds", "rounds"),
+    ("kinds", "honest_miners", "rounds"),
     # The loud cheats are refused from the start; the quiet ones need a few rounds to show. A lazy miner
-    # (real training on the wrong data) is not here: at this scale its updates do the same as honest ones
-    # until about round 5 of the default recipe (BENCHMARKS.md), longer than a test may run.
-    [(("noise", "scaled", "signflip", "nan"), 4), (("copycat", "stale", "freerider"), 5)],
-    ids=["loud", "quiet"],
+    # (real training on the wrong data) gains as much as an honest one: only its margin gives it away, and
+    # early margins are within their sampling noise, so it needs the most rounds. Its network is small to
+    # keep them quick.
+    [
+        (("noise", "scaled", "signflip", "nan"), 4, 4),
+        (("copycat", "stale", "freerider"), 4, 5),
+        (("lazy",), 2, 10),
+    ],
+    ids=["loud", "quiet", "lazy"],
 )
 def test_every_cheat_is_refused_or_ranked_below_the_honest(
-    tmp_path: Path, corpus_file: Path, kinds: tuple[str, ...], rounds: int
+    tmp_path: Path, corpus_file: Path, kinds: tuple[str, ...], honest_miners: int, rounds: int
 ) -> None:
     report = simulate(
-        miners=HONEST, rounds=rounds, out=tmp_path / "run", config=_config(tmp_path, corpus_file),
+        miners=honest_miners, rounds=rounds, out=tmp_path / "run", config=_config(tmp_path, corpus_file),
         adversaries=dict.fromkeys(kinds, 1), timeout_s=360, echo=lambda _: None,
     )  # fmt: skip
     miners: dict[str, dict[str, Any]] = {m["name"]: m for m in report["miners"]}
     honest = [m for m in miners.values() if m["kind"] == "honest"]
-    assert len(honest) == HONEST and all(m["rounds_contributed"] >= rounds - 1 for m in honest), honest
+    assert len(honest) == honest_miners, honest
+    assert all(m["rounds_contributed"] >= rounds - 1 for m in honest), honest
     worst_honest = min(m["score"] for m in honest)
     for kind in kinds:
         cheat = miners[f"{kind}-0"]
@@ -59,6 +63,6 @@ def test_every_cheat_is_refused_or_ranked_below_the_honest(
         assert refused["signflip"].get("harmful", 0) >= rounds - 3
     if "freerider" in kinds:
         assert refused["freerider"].get("low_gain", 0) >= rounds - 1
-    if "noise" in kinds:
-        assert miners["noise-0"]["score"] < worst_honest
+    for kind in {"noise", "lazy"} & set(kinds):  # not refused in every round, yet ranked below
+        assert miners[f"{kind}-0"]["score"] < worst_honest, (kind, miners[f"{kind}-0"], worst_honest)
     assert report["final_eval_loss"] < report["initial_eval_loss"] - 1.0
