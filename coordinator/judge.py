@@ -20,6 +20,7 @@ import torch
 from protocol.aggregate import (
     Accumulator,
     RobustMethod,
+    clip_scales,
     cosine,
     flatten,
     robust_mean,
@@ -123,8 +124,7 @@ def refuse_by_evaluation(
 
 
 def reclip(uploads: Sequence[Upload]) -> list[tuple[Upload, float]]:
-    median = statistics.median(u.norm for u in uploads) if uploads else 0.0
-    return [(u, min(1.0, median / u.norm)) for u in uploads]
+    return list(zip(uploads, clip_scales([u.norm for u in uploads]), strict=True))
 
 
 def aggregate_uploads(

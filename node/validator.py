@@ -8,7 +8,6 @@ import json
 import logging
 import math
 import os
-import statistics
 import threading
 import time
 
@@ -17,7 +16,7 @@ from node.distributed import local_device
 from node.follower import Follower
 from node.miner import backoff
 from node.settings import ValidatorSettings
-from protocol.aggregate import update_norm
+from protocol.aggregate import clip_scales, update_norm
 from protocol.codec import make_codec
 from protocol.errors import CodecError
 from protocol.evaluation import EVALUATED_REFUSALS, LOSS_FIELDS, Losses, evaluate_updates, round_salt
@@ -96,12 +95,11 @@ class Validator(Follower):
         self.catch_up(record.version, self.client.version(record.version).param_hash)
         updates = {s.miner: self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1]
                    for s in candidates}  # fmt: skip
-        norms = {m: update_norm(u) for m, u in updates.items()}
-        median = statistics.median(norms.values())  # the clip, as the coordinator's reclip computes it
-        scales = {m: min(1.0, median / n) if n > 0 else 0.0 for m, n in norms.items()}
+        # the clip, as aggregation applies it
+        scales = clip_scales([update_norm(u) for u in updates.values()])
         salt = round_salt(s.sha256 for s in record.submissions)
         out = evaluate_updates(self.model, self.params, self.client.sequences, self.info, round_, salt,
-                               ((m, u, scales[m]) for m, u in updates.items()))  # fmt: skip
+                               zip(updates, updates.values(), scales, strict=True))  # fmt: skip
         receipt = self.client.post_verdicts(
             round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])
         )

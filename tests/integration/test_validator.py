@@ -15,7 +15,7 @@ import httpx
 import pytest
 from test_network import _mine, _wait_rounds
 
-FIELDS = ("own_before", "own_after", "other_before", "other_after", "margin_se")
+from protocol.evaluation import LOSS_FIELDS
 
 
 @pytest.mark.timeout(300)
@@ -42,7 +42,9 @@ def test_validator_agrees_with_the_coordinator(live_coordinator: Callable[..., A
                 p.wait(timeout=30)
         db_path = server.app.state.run.settings.state_dir / "state.db"
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        rows = db.execute(f"SELECT round, miner, validator, {', '.join(FIELDS)} FROM verdicts").fetchall()
+        rows = db.execute(
+            f"SELECT round, miner, validator, {', '.join(LOSS_FIELDS)} FROM verdicts"
+        ).fetchall()
     own = {(r, m): v for r, m, who, *v in rows if who == "coordinator"}
     theirs = {(r, m): v for r, m, who, *v in rows if who != "coordinator"}
     assert len({row[2] for row in rows} - {"coordinator"}) == 1  # one validator besides the coordinator
