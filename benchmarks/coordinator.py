@@ -50,9 +50,11 @@ import httpx
 import torch
 
 from benchmarks.codec import best_of, gpt2_small_spec
+from coordinator.aggregation import aggregate_uploads
 from coordinator.blobs import FileBlobStore
-from coordinator.judge import Upload, aggregate_uploads, examine, judge
+from coordinator.checks import Judging, Upload, default_pipeline, judge_cheap
 from coordinator.outer import OuterOptimizer
+from coordinator.settings import CheckSettings, ValidationSettings
 from protocol.codec import PayloadHeader, SparseLoCoCodec
 from protocol.data import stdlib_dir
 from protocol.model import build_model
@@ -105,7 +107,7 @@ def write_payloads(set_name: str, count: int, root: Path, threads: int | None) -
     records = []
     for i in range(count):
         payload = random_payload(codec, spec, seed=1000 + i)
-        seen = examine(payload, codec, spec)  # what the coordinator does at intake
+        seen = codec.examine(payload, spec)  # what the coordinator does at intake
         records.append(
             {
                 "miner": f"miner-{i:03d}",
@@ -113,7 +115,7 @@ def write_payloads(set_name: str, count: int, root: Path, threads: int | None) -
                 "content_sha256": seen.content_sha256,
                 "norm": seen.norm,
                 "sketch": seen.sketch.numpy().tobytes().hex(),
-                "unpacked_sha256": None if seen.unpacked is None else blobs.put(seen.unpacked),
+                "unpacked_sha256": blobs.put(seen.stored),
             }
         )
     (root / "uploads.json").write_text(json.dumps(records))
@@ -173,9 +175,11 @@ def measure_aggregation(set_name: str, m: int, root: Path, threads: int | None, 
     before = settle_memory()
 
     t0 = time.perf_counter()
-    verdicts, accepted = judge(uploads)
+    judging = Judging(0, uploads)
+    _, scales = judge_cheap(default_pipeline(CheckSettings(), ValidationSettings()), judging)
+    accepted = [(u, scales[u.miner]) for u in judging.remaining()]
     t1 = time.perf_counter()
-    agg = aggregate_uploads(accepted, blobs.get, codec, spec)
+    agg = aggregate_uploads(accepted, lambda u: (b"", blobs.get(str(u.stored_sha256))), codec, spec)
     t2 = time.perf_counter()
     delta, _ = outer.step(agg)
     new = {n: p.clone() for n, p in params.items()}
@@ -184,8 +188,7 @@ def measure_aggregation(set_name: str, m: int, root: Path, threads: int | None, 
     peak = peak_rss_bytes()
 
     if len(accepted) != m:
-        refused = {k: v for k, v in verdicts.items() if v is not None}
-        raise RuntimeError(f"{set_name}: {m - len(accepted)} of {m} payloads refused: {refused}")
+        raise RuntimeError(f"{set_name}: {m - len(accepted)} of {m} payloads refused: {judging.refused}")
     del new, agg, delta
     single = best_of(lambda: decode_to_dense(codec, first, spec), reps)
     numel = sum(math.prod(s) for _, s in spec)

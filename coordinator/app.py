@@ -1,4 +1,9 @@
-"""The coordinator's HTTP API: ``create_app(settings) -> FastAPI``."""
+"""The coordinator's HTTP API: ``create_app(settings) -> FastAPI``.
+
+Handlers never block the event loop: the open round is read from the round state (no SQL); everything that
+touches the store, hashes a body or decodes a payload runs in a worker thread. A signed request's
+signature and signer are checked before a body larger than ``SMALL_BODY`` is read.
+"""
 
 from __future__ import annotations
 
@@ -6,37 +11,43 @@ import asyncio
 import contextlib
 import hmac
 import logging
-from collections.abc import AsyncIterator
+import time
+from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated
 
 import torch
-from fastapi import APIRouter, Depends, FastAPI, Query, Request, Response
+from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from safetensors.torch import save as st_save
 
 from coordinator.blobs import BlobNotFoundError
+from coordinator.checks import Check
+from coordinator.closer import Hooks
 from coordinator.errors import (
     ApiError,
     Busy,
     Forbidden,
     NotFound,
     PayloadTooLarge,
+    RequestTimeout,
     Unauthorized,
     Unprocessable,
     install_handlers,
 )
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
-from protocol.errors import SignatureError
-from protocol.signing import verify_request
+from coordinator.state import RoundWatch
+from protocol.signing import HEADER_CONTENT, body_digest
 from protocol.wire import (
     HEADER_PROTOCOL,
+    MAX_NUMBER,
     PROTOCOL_VERSION,
     Leaderboard,
     Registration,
     RoundInfo,
     RoundRecord,
+    RoundReport,
     RunInfo,
     Status,
     SubmissionReceipt,
@@ -47,6 +58,9 @@ from protocol.wire import (
 
 log = logging.getLogger(__name__)
 MAX_IDS_PER_REQUEST = 4096
+SMALL_BODY = 64 * 1024  # a body up to this size may be read before its signature is checked
+RoundNumber = Annotated[int, Path(ge=0, le=MAX_NUMBER)]
+VersionNumber = Annotated[int, Path(ge=0, le=MAX_NUMBER)]
 
 
 def get_run(request: Request) -> Run:
@@ -57,13 +71,22 @@ def get_run(request: Request) -> Run:
 RunDep = Annotated[Run, Depends(get_run)]
 
 
-async def read_body(request: Request, cap: int) -> bytes:
-    """The request body, refused as soon as it passes ``cap`` bytes (before it is all read)."""
+async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
+    """The request body, refused as soon as it passes ``cap`` bytes (before it is all read), and cut off
+    when no part of it arrives for ``timeout_s``."""
     declared = request.headers.get("content-length")
     if declared is not None and declared.isdigit() and int(declared) > cap:
         raise PayloadTooLarge("payload_too_large", f"body of {declared} bytes exceeds the {cap}-byte limit")
     parts, n = [], 0
-    async for chunk in request.stream():
+    stream = request.stream().__aiter__()
+    while True:
+        try:
+            chunk = await asyncio.wait_for(stream.__anext__(), timeout=timeout_s)
+        except StopAsyncIteration:
+            break
+        except TimeoutError:
+            raise RequestTimeout("body_timeout", f"no part of the body arrived for {timeout_s:g} s",
+                                 headers={"Connection": "close"}) from None  # fmt: skip
         n += len(chunk)
         if n > cap:
             raise PayloadTooLarge("payload_too_large", f"body exceeds the {cap}-byte limit")
@@ -71,18 +94,30 @@ async def read_body(request: Request, cap: int) -> bytes:
     return b"".join(parts)
 
 
-def authenticate(run: Run, request: Request, body: bytes) -> str:
-    """The signer's public key; refuses unsigned, forged, expired and replayed requests."""
-    path = request.url.path + (f"?{request.url.query}" if request.url.query else "")
-    try:
-        miner, nonce = verify_request(
-            dict(request.headers), request.method, path, body, window_s=run.settings.signature_window_s
+def _target(request: Request) -> str:
+    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
+
+
+async def signed_body(
+    run: Run, request: Request, cap: int, miner_only: bool = False
+) -> tuple[str, bytes, str]:
+    """(signer, body, sha256 of the body) of a signed request. A body over ``SMALL_BODY`` must declare its
+    sha256: the signature (and, with ``miner_only``, that the signer is registered) is checked over it
+    first, then the body is read and compared."""
+    intake, headers, target = run.intake, dict(request.headers), _target(request)
+    window = run.settings.read_timeout_s
+    if HEADER_CONTENT.lower() in {k.lower() for k in headers}:
+        signer, digest = await asyncio.to_thread(
+            intake.authenticate_declared, headers, request.method, target
         )
-    except SignatureError as e:
-        raise Unauthorized(e.code, e.message) from None
-    if not run.check_nonce(nonce):
-        raise Unauthorized("replayed_nonce", "this nonce was used before")
-    return miner
+        if miner_only:
+            await asyncio.to_thread(intake.require_miner, signer)
+        body = await read_body(request, cap, window)
+        await asyncio.to_thread(intake.check_body, body, digest)
+        return signer, body, digest
+    body = await read_body(request, min(cap, SMALL_BODY), window)
+    signer = await asyncio.to_thread(intake.authenticate, headers, request.method, target, body)
+    return signer, body, body_digest(body)
 
 
 router = APIRouter()
@@ -95,9 +130,9 @@ async def healthz() -> dict[str, str]:
 
 @router.get("/readyz")
 async def readyz(request: Request) -> dict[str, str]:
-    """Ready once the run is loaded and its round keeper is running."""
+    """Ready once the run is loaded and its closer is running."""
     run: Run | None = getattr(request.app.state, "run", None)
-    if run is None or not run.keeping:
+    if run is None or not run.closer.running:
         raise Busy("starting", "the coordinator is still starting", headers={"Retry-After": "1"})
     return {"status": "ready"}
 
@@ -108,11 +143,9 @@ async def metrics(run: RunDep) -> Response:
 
 
 @router.get("/v1/rounds/{round_}/audit")
-async def audit(round_: int, run: RunDep) -> list[dict[str, object]]:
+async def audit(round_: RoundNumber, run: RunDep) -> list[dict[str, object]]:
     """The round's audit manifest: each upload's miner, payload hash, size, verdict and reason."""
-    if round_ < 0 or round_ > run.current.round:
-        raise NotFound("not_found", f"round {round_} does not exist")
-    return run.audit(round_)
+    return await asyncio.to_thread(run.queries.audit, round_)
 
 
 def require_admin(request: Request, run: RunDep) -> None:
@@ -137,104 +170,124 @@ async def info(run: RunDep) -> RunInfo:
 
 @router.get("/v1/status")
 async def status(run: RunDep) -> Status:
-    return Status(
-        run=run.info,
-        round=run.round_info(),
-        miners=run.count_miners(),
-        initial_eval_loss=run.initial_eval_loss(),
-        rounds=run.reports(),
-        leaderboard=await asyncio.to_thread(run.leaderboard),
-    )
+    """The run, the open round, the most recent rounds (``/v1/reports`` pages through all of them) and the
+    leaderboard."""
+    q = run.queries
+
+    def read() -> Status:
+        return Status(run=run.info, round=q.round_info(), miners=q.count_miners(),
+                      initial_eval_loss=q.initial_eval_loss(), rounds=q.reports(),
+                      leaderboard=run.parts.scores.board(q.last_closed_round()))  # fmt: skip
+
+    return await asyncio.to_thread(read)
+
+
+@router.get("/v1/reports")
+async def reports(
+    run: RunDep,
+    after: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
+    limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
+) -> list[RoundReport]:
+    """The closed rounds after round ``after``, oldest first, at most ``limit``."""
+    return await asyncio.to_thread(run.queries.reports, after, limit)
 
 
 @router.get("/v1/leaderboard")
-async def leaderboard(run: RunDep, round: Annotated[int | None, Query(ge=0)] = None) -> Leaderboard:
+async def leaderboard(
+    run: RunDep, round: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
+) -> Leaderboard:
     """Every miner's score and record, best first; with ``round``, as of the close of that round."""
-    last = run.last_closed_round()
+    last = run.queries.last_closed_round()
     if round is not None and (last is None or round > last):
         raise NotFound("not_found", f"round {round} has not closed")
     through = last if round is None else round
-    return Leaderboard(round=through, miners=await asyncio.to_thread(run.leaderboard, through))
+    return Leaderboard(round=through, miners=await asyncio.to_thread(run.parts.scores.board, through))
 
 
 @router.get("/v1/rounds/{round_}")
-async def round_record(round_: int, run: RunDep) -> RoundRecord:
+async def round_record(round_: RoundNumber, run: RunDep) -> RoundRecord:
     """A round's base version and its uploads with their verdicts: what a validator evaluates."""
-    record = run.round_record(round_)
+    record = await asyncio.to_thread(run.queries.round_record, round_)
     if record is None:
         raise NotFound("not_found", f"round {round_} does not exist")
     return record
 
 
 @router.get("/v1/rounds/{round_}/payloads/{miner}")
-async def payload(round_: int, miner: str, request: Request, run: RunDep) -> Response:
+async def payload(round_: RoundNumber, miner: Annotated[str, Path(max_length=64)], request: Request,
+                  run: RunDep) -> Response:  # fmt: skip
     """A miner's upload in a round that no longer takes uploads."""
-    sha = run.payload_sha(round_, miner.lower())
+    sha = await asyncio.to_thread(run.queries.payload_sha, round_, miner.lower())
     if sha is None:
         raise NotFound("not_found", f"no upload from {miner[:16]} in round {round_}")
     return await _blob(run, request, sha, f"payload-{round_}-{miner[:16]}.safetensors")
 
 
 @router.post("/v1/rounds/{round_}/verdicts")
-async def verdicts(round_: int, request: Request, run: RunDep) -> VerdictReceipt:
+async def verdicts(round_: RoundNumber, request: Request, run: RunDep) -> VerdictReceipt:
     """A validator's signed evaluation of a closed round's uploads."""
-    body = await read_body(request, 4 * 1024 * 1024)
-    validator = authenticate(run, request, body)
+    validator, body, _ = await signed_body(run, request, 4 * 1024 * 1024)
     try:
         given = Verdicts.model_validate_json(body)
     except ValidationError as e:
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         raise Unprocessable("invalid_request", f"verdicts: {where}: {err['msg']}") from None
-    n = await asyncio.to_thread(run.record_verdicts, validator, round_, given.verdicts)
+    n = await asyncio.to_thread(run.intake.record_verdicts, validator, round_, given.verdicts)
     return VerdictReceipt(round=round_, validator=validator, recorded=n)
 
 
 @router.get("/v1/round")
 async def current_round(
-    run: RunDep, after: Annotated[int, Query(ge=-1)] = -1, wait_s: Annotated[float, Query(ge=0, le=60)] = 0.0
+    request: Request,
+    run: RunDep,
+    after: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
+    wait_s: Annotated[float, Query(ge=0, le=60)] = 0.0,
 ) -> RoundInfo:
     """The open round; with ``after`` and ``wait_s``, waits up to wait_s for a round later than ``after``."""
     if wait_s > 0:
-        await run.wait_for_round(after, wait_s)
-    return run.round_info()
+        watch: RoundWatch = request.app.state.watch
+        await watch.wait(run.parts.cell, after, wait_s)
+    return run.queries.round_info()
 
 
 @router.post("/v1/miners")
 async def register(request: Request, run: RunDep) -> Registration:
-    body = await read_body(request, 4096)
-    miner = authenticate(run, request, body)
-    new = run.register(miner)
+    miner, _, _ = await signed_body(run, request, 4096)
+    new = await asyncio.to_thread(run.intake.register, miner)
     return Registration(miner=miner, registered=new)
 
 
 @router.post("/v1/rounds/{round_}/submissions")
-async def submit(round_: int, request: Request, run: RunDep) -> SubmissionReceipt:
-    body = await read_body(request, run.settings.max_payload_bytes)
-    miner = authenticate(run, request, body)
+async def submit(round_: RoundNumber, request: Request, run: RunDep) -> SubmissionReceipt:
+    miner, body, sha = await signed_body(run, request, run.max_payload_bytes, miner_only=True)
     loop = asyncio.get_running_loop()
-    return await loop.run_in_executor(run.intake_pool, run.submit, miner, round_, body)
+    receipt: SubmissionReceipt = await loop.run_in_executor(run.intake_pool, run.intake.submit, miner, round_,
+                                                            body, sha)  # fmt: skip
+    return receipt
 
 
 @router.get("/v1/versions/{version}")
-async def version_info(version: int, run: RunDep) -> VersionInfo:
-    info = run.version_info(version)
+async def version_info(version: VersionNumber, run: RunDep) -> VersionInfo:
+    info = await asyncio.to_thread(run.queries.version_info, version)
     if info is None:
         raise NotFound("not_found", f"version {version} does not exist")
     return info
 
 
 @router.get("/v1/versions/{version}/update")
-async def version_update(version: int, request: Request, run: RunDep) -> Response:
-    sha = run.update_sha(version)
+async def version_update(version: VersionNumber, request: Request, run: RunDep) -> Response:
+    sha = await asyncio.to_thread(run.queries.update_sha, version)
     if sha is None:
         raise NotFound("not_found", f"no published update makes version {version}")
     return await _blob(run, request, sha, f"update-{version}.safetensors")
 
 
 @router.get("/v1/checkpoint")
-async def checkpoint(request: Request, run: RunDep, version: int | None = None) -> Response:
-    found = run.checkpoint_sha(version)
+async def checkpoint(
+    request: Request, run: RunDep, version: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
+) -> Response:
+    found = await asyncio.to_thread(run.queries.checkpoint_sha, version)
     if found is None:
         raise NotFound("not_found", f"no checkpoint kept for version {version}")
     v, sha = found
@@ -247,7 +300,7 @@ async def _blob(run: Run, request: Request, sha: str, filename: str) -> Response
     """A kept blob as a download: ETag "<sha>", HTTP Range answered (206, 416). The answer's Content-Length
     (the whole file's from the file store, the bytes sent from S3) counts towards the round's downloads."""
     try:
-        response = await asyncio.to_thread(run.blobs.serve, sha, request.headers, filename)
+        response = await asyncio.to_thread(run.parts.blobs.serve, sha, request.headers, filename)
     except BlobNotFoundError:
         raise NotFound("not_found", "that file is no longer kept") from None
     run.count_download(int(response.headers.get("content-length", "0")))
@@ -266,35 +319,39 @@ async def sequences(run: RunDep, ids: Annotated[str, Query(max_length=MAX_IDS_PE
     n = run.data_meta.num_sequences
     if any(not 0 <= i < n for i in wanted):
         raise ApiError("invalid_request", f"sequence ids must be in 0..{n - 1}")
-    if any(run.dataset.is_held_out(i) for i in wanted):
+    dataset = run.parts.dataset
+    if any(dataset.is_held_out(i) for i in wanted):
         raise Forbidden("held_out", "held-out sequences are never served")
-    tokens = run.dataset.sequences(wanted)
-    body = st_save({"tokens": tokens.to(_token_dtype(run))})
+    dtype = torch.uint8 if run.model.module.cfg.vocab_size <= 256 else torch.int32
+    body = await asyncio.to_thread(lambda: st_save({"tokens": dataset.sequences(wanted).to(dtype)}))
     run.count_download(len(body))
     return Response(body, media_type="application/octet-stream")
 
 
-def _token_dtype(run: Run) -> torch.dtype:
-    return torch.uint8 if run.model.cfg.vocab_size <= 256 else torch.int32
-
-
-def create_app(settings: CoordinatorSettings, run: Run | None = None) -> FastAPI:
-    """The coordinator app; builds its Run at startup unless one (already built) is given."""
+def create_app(
+    settings: CoordinatorSettings,
+    run: Run | None = None,
+    checks: Sequence[Check] | None = None,
+    hooks: Hooks | None = None,
+    clock: Callable[[], float] = time.time,
+) -> FastAPI:
+    """The coordinator app; builds its Run at startup (with the check pipeline, test hooks and clock if
+    given) unless one, already built, is given."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal run
         if run is None:
-            run = await asyncio.to_thread(Run, settings)
-        app.state.run = run
-        keeper = asyncio.create_task(run.keep_rounds())
+            run = await asyncio.to_thread(Run, settings, checks, hooks, clock)
+        watch = RoundWatch()
+        watch.attach(asyncio.get_running_loop())
+        run.parts.cell.listen(watch.notify)
+        app.state.run, app.state.watch = run, watch
+        run.start()
         try:
             yield
         finally:
-            keeper.cancel()
-            with contextlib.suppress(asyncio.CancelledError):
-                await keeper
-            run.close()
+            await asyncio.to_thread(run.close)
 
     app = FastAPI(title="gradpool coordinator", version=str(PROTOCOL_VERSION), lifespan=lifespan)
     install_handlers(app)

@@ -6,19 +6,28 @@
     │                          bad_admin_token
     ├── Forbidden (403)        unknown_miner, not_allowed, held_out, admin_disabled
     ├── NotFound (404)         not_found
+    ├── RequestTimeout (408)   body_timeout: no part of the body arrived for read_timeout_s
     ├── Conflict (409)         round_closed, round_not_open, stale_version, already_submitted,
-    │                          nothing_to_aggregate
+    │                          nothing_to_aggregate, round_open
     ├── PayloadTooLarge (413)  payload_too_large
-    ├── Unprocessable (422)    malformed_payload and the codec's other codes
+    ├── Unprocessable (422)    malformed_payload and the codec's other codes, invalid_request
     └── Busy (503)             starting, with Retry-After
+
+Requests the framework refuses answer in the same shape: invalid_request (422, a parameter out of range
+or of the wrong type), not_found (404), method_not_allowed (405), bad_http_request (400, a request line or
+headers the HTTP parser refuses: coordinator/server.py), internal_error (500).
 """
 
 from __future__ import annotations
+
+import logging
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from starlette.exceptions import HTTPException as StarletteHTTPException
+
+log = logging.getLogger(__name__)
 
 
 class ApiError(Exception):
@@ -39,6 +48,10 @@ class Forbidden(ApiError):
 
 class NotFound(ApiError):
     status = 404
+
+
+class RequestTimeout(ApiError):
+    status = 408
 
 
 class Conflict(ApiError):
@@ -81,3 +94,8 @@ def install_handlers(app: FastAPI) -> None:
     async def _http(_: Request, exc: StarletteHTTPException) -> JSONResponse:
         code = {404: "not_found", 405: "method_not_allowed"}.get(exc.status_code, "http_error")
         return error_response(exc.status_code, code, str(exc.detail))
+
+    @app.exception_handler(Exception)
+    async def _internal(_: Request, exc: Exception) -> JSONResponse:
+        log.error("internal error: %s: %s", type(exc).__name__, exc)
+        return error_response(500, "internal_error", "the coordinator failed to answer this request")

@@ -2,10 +2,12 @@
 
 from __future__ import annotations
 
-import sqlite3
-from collections.abc import Mapping, Sequence
+from typing import TYPE_CHECKING
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
+
+if TYPE_CHECKING:
+    from coordinator.store import RoundClose
 
 
 class Metrics:
@@ -30,16 +32,22 @@ class Metrics:
         self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)
+        self.rounds_failed = Counter(
+            "gradpool_rounds_failed",
+            "Rounds closed without a version because closing failed",
+            ["reason"],
+            registry=r,
+        )
 
-    def round_closed(self, subs: Sequence[sqlite3.Row], verdicts: Mapping[str, str | None], seconds: float,
-                     eval_loss: float | None) -> None:  # fmt: skip
+    def round_closed(self, close: RoundClose, seconds: float, next_round: int, version: int) -> None:
         self.rounds.inc()
         self.aggregation.observe(seconds)
-        for s in subs:
-            reason = verdicts.get(s["miner"])
-            self.submissions.labels("accepted" if reason is None else "rejected", reason or "").inc()
-        if eval_loss is not None:
-            self.eval_loss.set(eval_loss)
+        for o in close.outcomes.values():
+            self.submissions.labels("accepted" if o.reason is None else "rejected", o.reason or "").inc()
+        if close.version is not None:
+            self.eval_loss.set(close.version.eval_loss)
+        self.round.set(next_round)
+        self.version.set(version)
 
     def render(self) -> bytes:
         return generate_latest(self.registry)

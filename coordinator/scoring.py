@@ -1,107 +1,80 @@
-"""Scores: the coordinator's own evaluation of a round's uploads, the verdicts validators post, and the
-leaderboard made from both (the rules are in protocol/evaluation.py)."""
+"""The leaderboard: every miner's score, made from the coordinator's own evaluation and the verdicts that
+validators post (the rules are in protocol/evaluation.py), and the miners' records."""
 
 from __future__ import annotations
 
 import logging
 import statistics
+import threading
 from collections import defaultdict
-from collections.abc import Callable, Sequence
-from dataclasses import astuple
+from collections.abc import Sequence
 
-import torch
-
-from coordinator.judge import Upload
+from coordinator.checks import NEUTRAL
 from coordinator.settings import ValidationSettings
-from coordinator.store import Store
-from protocol.codec import Codec, ParamSpec
-from protocol.data import Dataset
-from protocol.evaluation import (
-    LOSS_FIELDS,
-    Losses,
-    RoundResult,
-    evaluate_updates,
-    moving_score,
-    refused,
-    round_results,
-)
-from protocol.model import GPT
-from protocol.wire import LeaderboardEntry, RunInfo, Verdict
+from coordinator.store import COORDINATOR, Store
+from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, moving_score, refused, round_results
+from protocol.wire import LeaderboardEntry, Verdict
 
 log = logging.getLogger(__name__)
-COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
 
 
-def evaluate_uploads(
-    model: GPT,
-    params: dict[str, torch.Tensor],
-    dataset: Dataset,
-    info: RunInfo,
-    round_: int,
-    salt: str,
-    accepted: Sequence[tuple[Upload, float]],
-    load: Callable[[str], bytes],
-    codec: Codec,
-    spec: ParamSpec,
-) -> dict[str, Losses]:
-    """Each accepted upload's losses before and after it is applied alone, scaled as aggregation would;
-    the payloads are decoded one at a time."""
-    updates = ((u.miner, codec.decode(load(u.sha256), spec)[1], scale) for u, scale in accepted)
-    return evaluate_updates(model, params, dataset.sequences, info, round_, salt, updates)
+class Scores:
+    """The leaderboard, cached until scores change (a round closes or verdicts arrive): ``changed`` bumps a
+    counter under its own lock, from whichever thread."""
 
+    def __init__(self, store: Store, settings: ValidationSettings) -> None:
+        self.store, self.settings = store, settings
+        self._lock = threading.Lock()
+        self._generation = 0
+        self._board: tuple[tuple[int, int], list[LeaderboardEntry]] | None = None
 
-def verdict_rows(
-    round_: int, validator: str, losses: dict[str, Losses], now: float
-) -> list[tuple[object, ...]]:
-    return [(round_, miner, validator, *astuple(x), now) for miner, x in losses.items()]
+    def changed(self) -> None:
+        with self._lock:
+            self._generation += 1
 
+    def board(self, through: int | None) -> list[LeaderboardEntry]:
+        """As of the close of round ``through`` (None: no round closed yet)."""
+        if through is None:
+            return []
+        with self._lock:
+            key, cached = (through, self._generation), self._board
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        board = leaderboard(self.store, self.settings, through)
+        with self._lock:
+            self._board = (key, board)
+        return board
 
-# Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
-# (a refusal followed by an accepted retry leaves the upload's verdict to stand).
-INTAKE_REFUSALS = (
-    "SELECT round, miner, MIN(code) AS code FROM refusals f WHERE round > ? AND round <= ? AND NOT EXISTS "
-    "(SELECT 1 FROM submissions s WHERE s.round = f.round AND s.miner = f.miner) GROUP BY round, miner"
-)
-INSERT_VERDICT = (
-    f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
-    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
-)
+    def with_round(self, through: int, extra: dict[str, RoundResult]) -> dict[str, float]:
+        """Each miner's score as of round ``through`` plus the results of a round not yet committed."""
+        return {e.miner: e.score for e in leaderboard(self.store, self.settings, through, extra)}
 
-
-def record_verdicts(
-    store: Store, round_: int, validator: str, verdicts: Sequence[Verdict], now: float
-) -> int:
-    """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
-    uploaded = {r["miner"] for r in store.all("SELECT miner FROM submissions WHERE round = ?", round_)}
-    losses = {v.miner: Losses(*(getattr(v, f) for f in LOSS_FIELDS)) for v in verdicts if v.miner in uploaded}
-    with store.transaction() as db:
-        db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, losses, now))
-    return len(losses)
+    def record_verdicts(self, round_: int, validator: str, verdicts: Sequence[Verdict], now: float) -> int:
+        """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
+        uploaded = self.store.uploaded_miners(round_)
+        losses = {v.miner: Losses(*(getattr(v, f) for f in LOSS_FIELDS)) for v in verdicts
+                  if v.miner in uploaded}  # fmt: skip
+        self.store.add_verdicts(round_, validator, losses, now)
+        self.changed()
+        return len(losses)
 
 
 def leaderboard(
-    store: Store,
-    settings: ValidationSettings,
-    through: int | None = None,
-    extra: dict[str, RoundResult] | None = None,
+    store: Store, settings: ValidationSettings, through: int, extra: dict[str, RoundResult] | None = None
 ) -> list[LeaderboardEntry]:
-    """Every miner that uploaded, best score first, as of the close of round ``through`` (None: the last
-    closed round). ``extra`` adds results of a round not yet committed (for weighting by score)."""
-    if through is None:
-        row = store.one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
-        through = -1 if row is None or row["r"] is None else int(row["r"])
+    """Every miner that uploaded, best score first, as of the close of round ``through``. ``extra`` adds
+    results of a round not yet committed (for weighting by score). Refusals that were not the miner's
+    doing (``checks.NEUTRAL``) neither score nor count."""
     since = through - settings.score_window
     own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
     theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
-    for v in store.all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through):
+    for v in store.verdicts_between(since, through):
         x = Losses(*(v[f] for f in LOSS_FIELDS))
         if v["validator"] == COORDINATOR:
             own[v["round"]][v["miner"]] = x
         else:
             theirs[v["round"]][v["miner"]].append(x)
-    window = store.all(
-        "SELECT round, miner, status FROM submissions WHERE round > ? AND round <= ?", since, through
-    )
+    window = store.submissions_between(since, through)
     accepted: dict[int, set[str]] = defaultdict(set)
     for s in window:
         if s["status"] == "accepted":
@@ -115,17 +88,11 @@ def leaderboard(
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     last: dict[str, int] = {}
-    for c in store.all(
-        "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' ELSE COALESCE(reason, 'refused') END "
-        "AS k, COUNT(*) AS n, MAX(round) AS last FROM submissions WHERE round <= ? GROUP BY miner, k",
-        through,
-    ):  # fmt: skip
-        counts[c["miner"]][c["k"]] = c["n"]
+    for c in store.tallies(through):
         last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
-    for c in store.all(
-        f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
-        "GROUP BY miner, code", -1, through,
-    ):  # fmt: skip
+        if c["k"] not in NEUTRAL:
+            counts[c["miner"]][c["k"]] = c["n"]
+    for c in store.intake_refusal_tallies(through):
         counts[c["miner"]][c["code"]] = counts[c["miner"]].get(c["code"], 0) + c["n"]
         last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
     for s in window:
@@ -133,9 +100,9 @@ def leaderboard(
         res = evaluated.get(r, {}).get(m)
         if res is not None:
             results[m][r] = res
-        elif s["status"] == "rejected":  # refused before it could be evaluated: the least score
+        elif s["status"] == "rejected" and s["reason"] not in NEUTRAL:  # refused before evaluation
             results[m][r] = refused(r)
-    for f in store.all(INTAKE_REFUSALS, since, through):
+    for f in store.intake_refusals(since, through):
         results[f["miner"]][f["round"]] = refused(f["round"])
     for m, result in (extra or {}).items():
         results[m][result.round] = result

@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol.codec import make_codec
 from protocol.wire import CodecConfig, TrainingRecipe
 
 MiB = 1 << 20
@@ -25,14 +26,37 @@ class RoundSettings(Section):
     )
     min_deadline_s: float = Field(default=5.0, gt=0, description="the adaptive deadline's lower bound")
     drop_after_rounds: int = Field(default=2, ge=1, description="stop waiting for a miner silent this long")
+    max_close_attempts: int = Field(
+        default=3,
+        ge=1,
+        le=100,
+        description="tries before a round that fails to close closes without a version",
+    )
 
 
 class CheckSettings(Section):
-    """The checks at aggregation (besides decoding, non-finite values and empty updates)."""
+    """The checks at aggregation (besides decoding, non-finite values and empty updates), and the guard on
+    every new version."""
 
-    max_norm_ratio: float = Field(default=10.0, gt=1, description="refuse norms above this x the median")
+    max_norm_ratio: float = Field(
+        default=10.0, gt=1, description="refuse norms above this x the reference norm"
+    )
     copy_cosine: float = Field(
         default=0.98, gt=0, le=1, description="refuse the later of two updates this parallel"
+    )
+    history_rounds: int = Field(
+        default=3,
+        ge=0,
+        le=100,
+        description="recent rounds whose accepted norms and gains join the references",
+    )
+    replay_window_rounds: int = Field(
+        default=20, ge=0, le=10_000, description="refuse a copy of an upload of this many recent rounds"
+    )
+    max_loss_increase: float = Field(
+        default=0.05,
+        ge=0,
+        description="refuse a version whose held-out loss rises by more than this fraction",
     )
 
 
@@ -109,6 +133,12 @@ class BlobSettings(Section):
         return self
 
 
+class FaultSettings(Section):
+    """Failure injection for crash tests: a window in which to kill the coordinator before it commits."""
+
+    publish_delay_s: float = Field(default=0.0, ge=0, le=3600, description="sleep before committing a round")
+
+
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", env_nested_delimiter="__", extra="forbid")
 
@@ -127,7 +157,11 @@ class CoordinatorSettings(BaseSettings):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
-    max_payload_bytes: int = Field(default=64 * MiB, ge=1024)
+    faults: FaultSettings = Field(default_factory=FaultSettings)
+    max_payload_bytes: int | None = Field(
+        default=None, ge=1024, description="None: the largest valid payload for this model and codec"
+    )
+    read_timeout_s: float = Field(default=10.0, gt=0, description="cut off a request body that stalls")
     max_catchup_versions: int = Field(default=16, ge=1)
     signature_window_s: float = Field(default=120.0, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1)
@@ -139,9 +173,9 @@ class CoordinatorSettings(BaseSettings):
     def outer_lr(self) -> float:
         if self.outer.lr is not None:
             return self.outer.lr
-        return 1.0 if self.codec.name == "sparseloco" else 0.7
+        return make_codec(self.codec.name).outer_lr
 
     def outer_momentum(self) -> float:
         if self.outer.momentum is not None:
             return self.outer.momentum
-        return 0.0 if self.codec.name == "sparseloco" else 0.9
+        return make_codec(self.codec.name).outer_momentum

@@ -1,16 +1,21 @@
-"""Durable state in SQLite (WAL): rounds, miners, submissions, versions, nonces. Blobs: see blobs.py."""
+"""Durable state in SQLite (WAL): rounds, miners, submissions, verdicts, versions, nonces. The only module
+with SQL in it; blobs (payloads, updates, checkpoints) live in blobs.py.
+
+One connection, shared by the event loop's worker threads, the intake threads and the closer, serialised by
+a lock. Every method is one statement or one transaction.
+"""
 
 from __future__ import annotations
 
 import sqlite3
 import threading
-import time
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.blobs import FileBlobStore
+from protocol.evaluation import LOSS_FIELDS, Losses
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -20,12 +25,13 @@ CREATE TABLE IF NOT EXISTS rounds (
     round INTEGER PRIMARY KEY, version INTEGER NOT NULL, status TEXT NOT NULL, opened_at REAL NOT NULL,
     first_upload_at REAL, closed_at REAL, accepted INTEGER NOT NULL DEFAULT 0,
     rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
-    bytes_down INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0, eval_loss REAL);
+    bytes_down INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0, eval_loss REAL,
+    close_reason TEXT, reference_norm REAL);
 CREATE TABLE IF NOT EXISTS submissions (
     round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
     bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
     status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
-    PRIMARY KEY (round, miner));
+    evaluated INTEGER NOT NULL DEFAULT 0, scale REAL, PRIMARY KEY (round, miner));
 CREATE TABLE IF NOT EXISTS verdicts (
     round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
     own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
@@ -37,16 +43,86 @@ CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_at REAL NOT N
 CREATE TABLE IF NOT EXISTS versions (
     version INTEGER PRIMARY KEY, round INTEGER, param_hash TEXT NOT NULL, eval_loss REAL,
     update_sha TEXT, update_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_sha TEXT,
-    checkpoint_bytes INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL);
+    checkpoint_bytes INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, base_version INTEGER,
+    state_sha TEXT, rolled_back_at REAL);
 """
+# Columns added after the first release: a state directory from before gets them on open.
+MIGRATIONS = (
+    ("verdicts", "margin_se", "REAL NOT NULL DEFAULT 0"),
+    ("rounds", "close_reason", "TEXT"),
+    ("rounds", "reference_norm", "REAL"),
+    ("submissions", "evaluated", "INTEGER NOT NULL DEFAULT 0"),
+    ("submissions", "scale", "REAL"),
+    ("versions", "base_version", "INTEGER"),
+    ("versions", "state_sha", "TEXT"),
+    ("versions", "rolled_back_at", "REAL"),
+)
+INSERT_VERDICT = (
+    f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
+    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
+)
+# Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
+# (a refusal followed by an accepted retry leaves the upload's verdict to stand).
+INTAKE_REFUSALS = (
+    "SELECT round, miner, MIN(code) AS code FROM refusals f WHERE round > ? AND round <= ? AND NOT EXISTS "
+    "(SELECT 1 FROM submissions s WHERE s.round = f.round AND s.miner = f.miner) GROUP BY round, miner"
+)
+LIVE = "rolled_back_at IS NULL"  # versions that were not rolled back
 
 
-BlobStore = FileBlobStore  # the default store; coordinator.blobs has the interface and the S3 store
+@dataclass(frozen=True)
+class NewSubmission:
+    round: int
+    miner: str
+    sha256: str
+    content_sha256: str
+    size: int
+    norm: float
+    sketch: bytes
+    stored_sha256: str
+    compute_s: float
+    received_at: float
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    version: int
+    base_version: int
+    param_hash: str
+    eval_loss: float
+    update_sha: str
+    update_bytes: int
+    checkpoint_sha: str
+    checkpoint_bytes: int
+    state_sha: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What closing a round decided about one upload."""
+
+    reason: str | None  # None: accepted
+    evaluated: bool = False
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundClose:
+    """Everything closing a round commits, in one transaction."""
+
+    round: int
+    next_version: int  # the next round's base: the new version, or the old one
+    version: NewVersion | None
+    outcomes: dict[str, Outcome]
+    verdicts: dict[str, Losses]
+    compute_s: float
+    reference_norm: float | None
+    close_reason: str | None
+    bytes_down: int
+    closed_at: float
 
 
 class Store:
-    """One SQLite connection shared by the event loop and worker threads, serialised by a lock."""
-
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -56,9 +132,9 @@ class Store:
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
         self._db.executescript(SCHEMA)
-        columns = {r["name"] for r in self._db.execute("PRAGMA table_info(verdicts)")}
-        if "margin_se" not in columns:  # a state directory from before the column
-            self._db.execute("ALTER TABLE verdicts ADD COLUMN margin_se REAL NOT NULL DEFAULT 0")
+        for table, column, ddl in MIGRATIONS:
+            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
+                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
 
     def close(self) -> None:
         with self._lock:
@@ -75,30 +151,27 @@ class Store:
                 raise
             self._db.execute("COMMIT")
 
-    def all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
 
-    def one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+    def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
         with self._lock:
             row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
             return row
 
-    def execute(self, sql: str, *args: Any) -> None:
+    def _execute(self, sql: str, *args: Any) -> None:
         with self._lock:
             self._db.execute(sql, args)
 
+    # -- meta and nonces ----------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
-        row = self.one("SELECT value FROM meta WHERE key = ?", key)
+        row = self._one("SELECT value FROM meta WHERE key = ?", key)
         return None if row is None else str(row["value"])
 
     def set_meta(self, key: str, value: str) -> None:
-        self.execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            key,
-            value,
-        )
+        self._execute("INSERT INTO meta (key, value) VALUES (?, ?) "
+                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", key, value)  # fmt: skip
 
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
         """Record a nonce; False if it is already recorded and not yet expired."""
@@ -116,9 +189,249 @@ class Store:
                 db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
         return True
 
+    # -- miners -------------------------------------------------------------------------------------------
+    def is_miner(self, pubkey: str) -> bool:
+        return self._one("SELECT 1 FROM miners WHERE pubkey = ?", pubkey) is not None
+
+    def register(self, pubkey: str, round_: int, now: float) -> bool:
+        """Record the miner as seen in ``round_``; True if it is new."""
+        with self.transaction() as db:
+            known = db.execute("SELECT 1 FROM miners WHERE pubkey = ?", (pubkey,)).fetchone() is not None
+            db.execute(
+                "INSERT INTO miners (pubkey, registered_at, last_seen_round) VALUES (?, ?, ?) "
+                "ON CONFLICT(pubkey) DO UPDATE SET last_seen_round = excluded.last_seen_round",
+                (pubkey, now, round_),
+            )
+        return not known
+
+    def count_miners(self) -> int:
+        row = self._one("SELECT COUNT(*) AS n FROM miners")
+        return int(row["n"]) if row else 0
+
+    def active_miners(self, since_round: int) -> list[str]:
+        return [r["pubkey"] for r in self._all("SELECT pubkey FROM miners WHERE last_seen_round >= ?",
+                                               since_round)]  # fmt: skip
+
+    # -- rounds and versions ------------------------------------------------------------------------------
+    def start(self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int,
+              now: float) -> None:  # fmt: skip
+        """Version 0 and round 0 of a new run."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO versions (version, round, param_hash, eval_loss, checkpoint_sha, "
+                "checkpoint_bytes, created_at) VALUES (0, NULL, ?, ?, ?, ?, ?)",
+                (param_hash, eval_loss, checkpoint_sha, checkpoint_bytes, now),
+            )
+            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)",
+                       (now,))  # fmt: skip
+
+    def latest_round(self) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
+
+    def round_row(self, round_: int) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM rounds WHERE round = ?", round_)
+
+    def version_row(self, version: int) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM versions WHERE version = ?", version)
+
+    def latest_version(self) -> int:
+        row = self._one("SELECT MAX(version) AS v FROM versions")
+        return int(row["v"]) if row and row["v"] is not None else -1
+
+    def checkpoint(self, version: int | None) -> tuple[int, str] | None:
+        """The newest live version with a checkpoint kept, or ``version``'s checkpoint."""
+        if version is None:
+            row = self._one(f"SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+                            f"AND {LIVE} ORDER BY version DESC LIMIT 1")  # fmt: skip
+        else:
+            row = self._one("SELECT version, checkpoint_sha FROM versions WHERE version = ?", version)
+        if row is None or row["checkpoint_sha"] is None:
+            return None
+        return int(row["version"]), str(row["checkpoint_sha"])
+
+    def eval_loss(self, version: int) -> float | None:
+        row = self._one("SELECT eval_loss FROM versions WHERE version = ?", version)
+        return None if row is None or row["eval_loss"] is None else float(row["eval_loss"])
+
+    def reports(self, after: int = -1, limit: int = -1) -> list[sqlite3.Row]:
+        """Closed rounds after ``after`` in order (at most ``limit``; -1: all), each with the version the
+        model was at when it closed (the next round's base)."""
+        return self._all(
+            "SELECT r.*, n.version AS result_version FROM rounds r JOIN rounds n ON n.round = r.round + 1 "
+            "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?", after, limit,
+        )  # fmt: skip
+
+    def recent_reports(self, limit: int) -> list[sqlite3.Row]:
+        last = self._one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
+        newest = -1 if last is None or last["r"] is None else int(last["r"])
+        return self.reports(after=newest - limit, limit=limit)
+
+    def last_closed_round(self) -> int | None:
+        row = self._one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
+        return None if row is None or row["r"] is None else int(row["r"])
+
+    def arrival_spreads(self, first_round: int, before_round: int) -> list[float]:
+        """Per round with 2+ uploads in [first_round, before_round): last arrival - first arrival."""
+        rows = self._all(
+            "SELECT MAX(received_at) - MIN(received_at) AS spread FROM submissions WHERE round >= ? "
+            "AND round < ? GROUP BY round HAVING COUNT(*) > 1", first_round, before_round,
+        )  # fmt: skip
+        return [float(r["spread"]) for r in rows]
+
+    def prune_checkpoints(self, keep: int) -> list[str]:
+        """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0;
+        returns the blobs no longer referenced."""
+        with self.transaction() as db:
+            old = db.execute(  # rolled-back versions first, then the oldest
+                "SELECT version, checkpoint_sha, state_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+                f"AND version > 0 ORDER BY ({LIVE}) DESC, version DESC LIMIT -1 OFFSET ?", (keep,),
+            ).fetchall()  # fmt: skip
+            db.executemany("UPDATE versions SET checkpoint_sha = NULL, state_sha = NULL WHERE version = ?",
+                           [(r["version"],) for r in old])  # fmt: skip
+        return [sha for r in old for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None]
+
+    # -- submissions --------------------------------------------------------------------------------------
+    def submission(self, round_: int, miner: str) -> sqlite3.Row | None:
+        return self._one("SELECT * FROM submissions WHERE round = ? AND miner = ?", round_, miner)
+
+    def round_submissions(self, round_: int) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", round_)
+
+    def add_submission(self, s: NewSubmission) -> None:
+        """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
+        with self.transaction() as db:
+            db.execute(
+                "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, compute_s, "
+                "received_at, norm, sketch, unpacked_sha256) "
+                "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
+                (s.round, s.miner, s.sha256, s.content_sha256, s.size, s.compute_s, s.received_at, s.norm,
+                 s.sketch, s.stored_sha256),
+            )  # fmt: skip
+            db.execute(
+                "UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = COALESCE(first_upload_at, ?) "
+                "WHERE round = ?", (s.size, s.received_at, s.round),
+            )  # fmt: skip
+            db.execute("UPDATE miners SET last_seen_round = ? WHERE pubkey = ?", (s.round, s.miner))
+
+    def record_refusal(self, round_: int, miner: str, code: str, at: float) -> None:
+        self._execute("INSERT INTO refusals (round, miner, code, at) VALUES (?, ?, ?, ?)", round_, miner,
+                      code, at)  # fmt: skip
+
+    def audit(self, round_: int) -> list[dict[str, object]]:
+        rows = self._all(
+            "SELECT miner, sha256, content_sha256, bytes, status, reason, compute_s, received_at "
+            "FROM submissions WHERE round = ? ORDER BY received_at", round_,
+        )  # fmt: skip
+        return [dict(r) for r in rows]
+
+    def accepted_norms(self, first_round: int, before_round: int) -> list[float]:
+        rows = self._all("SELECT norm FROM submissions WHERE round >= ? AND round < ? "
+                         "AND status = 'accepted'", first_round, before_round)  # fmt: skip
+        return [float(r["norm"]) for r in rows]
+
+    def accepted_gains(self, first_round: int, before_round: int, validator: str) -> list[float]:
+        """The gains ``validator`` measured for the accepted uploads of those rounds."""
+        rows = self._all(
+            "SELECT v.own_before - v.own_after AS gain FROM verdicts v JOIN submissions s "
+            "ON s.round = v.round AND s.miner = v.miner WHERE v.round >= ? AND v.round < ? "
+            "AND s.status = 'accepted' AND v.validator = ?", first_round, before_round, validator,
+        )  # fmt: skip
+        return [float(r["gain"]) for r in rows]
+
+    def recent_uploads(self, first_round: int, before_round: int) -> list[sqlite3.Row]:
+        """Every upload of those rounds (accepted or refused): what a replay would copy."""
+        return self._all("SELECT round, miner, content_sha256, sketch FROM submissions WHERE round >= ? "
+                         "AND round < ?", first_round, before_round)  # fmt: skip
+
+    # -- closing a round ----------------------------------------------------------------------------------
+    def close_round(self, c: RoundClose) -> None:
+        """The new version (if any), the verdicts, every upload's outcome, the round's record and the next
+        round, in one transaction: a crash before it leaves the round open, after it the round closed."""
+        with self.transaction() as db:
+            if (v := c.version) is not None:
+                db.execute(
+                    "INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
+                    "checkpoint_sha, checkpoint_bytes, created_at, base_version, state_sha) "
+                    "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                    (v.version, c.round, v.param_hash, v.eval_loss, v.update_sha, v.update_bytes,
+                     v.checkpoint_sha, v.checkpoint_bytes, c.closed_at, v.base_version, v.state_sha),
+                )  # fmt: skip
+            db.executemany(INSERT_VERDICT, verdict_rows(c.round, COORDINATOR, c.verdicts, c.closed_at))
+            db.executemany(
+                "UPDATE submissions SET status = ?, reason = ?, evaluated = ?, scale = ? "
+                "WHERE round = ? AND miner = ?",
+                [("accepted" if o.reason is None else "rejected", o.reason, int(o.evaluated), o.scale,
+                  c.round, miner) for miner, o in c.outcomes.items()],
+            )  # fmt: skip
+            accepted = sum(o.reason is None for o in c.outcomes.values())
+            db.execute(
+                "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
+                "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
+                "bytes_down = bytes_down + ? WHERE round = ?",
+                (c.closed_at, accepted, len(c.outcomes) - accepted, c.compute_s,
+                 None if c.version is None else c.version.eval_loss, c.close_reason, c.reference_norm,
+                 c.bytes_down, c.round),
+            )  # fmt: skip
+            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                       (c.round + 1, c.next_version, c.closed_at))  # fmt: skip
+
     def add_bytes_down(self, round_: int, n: int) -> None:
-        self.execute("UPDATE rounds SET bytes_down = bytes_down + ? WHERE round = ?", n, round_)
+        self._execute("UPDATE rounds SET bytes_down = bytes_down + ? WHERE round = ?", n, round_)
+
+    def rollback(self, to_version: int, round_: int, now: float, reason: str) -> list[int]:
+        """Make ``to_version`` current again: every later live version is marked rolled back (kept for the
+        audit), the open ``round_`` closes with ``reason`` and its uploads are set aside, and a round opens
+        for ``to_version``. Returns the versions rolled back."""
+        with self.transaction() as db:
+            later = [r["version"] for r in db.execute(
+                f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,))]  # fmt: skip
+            db.execute(
+                f"UPDATE versions SET rolled_back_at = ? WHERE version > ? AND {LIVE}", (now, to_version)
+            )
+            db.execute(
+                "UPDATE submissions SET status = 'rejected', reason = ? WHERE round = ?", (reason, round_)
+            )
+            db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, close_reason = ? WHERE round = ?",
+                       (now, reason, round_))  # fmt: skip
+            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                       (round_ + 1, to_version, now))  # fmt: skip
+        return later
+
+    # -- verdicts and scores ------------------------------------------------------------------------------
+    def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None:
+        with self.transaction() as db:
+            db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, verdicts, now))
+
+    def uploaded_miners(self, round_: int) -> set[str]:
+        return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}
+
+    def verdicts_between(self, since: int, through: int) -> list[sqlite3.Row]:
+        return self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
+
+    def submissions_between(self, since: int, through: int) -> list[sqlite3.Row]:
+        return self._all("SELECT round, miner, status, reason FROM submissions WHERE round > ? "
+                         "AND round <= ?", since, through)  # fmt: skip
+
+    def tallies(self, through: int) -> list[sqlite3.Row]:
+        """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
+        return self._all(
+            "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' "
+            "ELSE COALESCE(reason, 'refused') END AS k, COUNT(*) AS n, MAX(round) AS last FROM submissions "
+            "WHERE round <= ? AND status != 'received' GROUP BY miner, k", through,
+        )  # fmt: skip
+
+    def intake_refusals(self, since: int, through: int) -> list[sqlite3.Row]:
+        return self._all(INTAKE_REFUSALS, since, through)
+
+    def intake_refusal_tallies(self, through: int) -> list[sqlite3.Row]:
+        return self._all(f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
+                         "GROUP BY miner, code", -1, through)  # fmt: skip
 
 
-def now() -> float:
-    return time.time()
+COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
+
+
+def verdict_rows(
+    round_: int, validator: str, losses: dict[str, Losses], now: float
+) -> list[tuple[object, ...]]:
+    return [(round_, miner, validator, *x.bounded().astuple(), now) for miner, x in losses.items()]

@@ -88,31 +88,21 @@ def serve(
 
 
 async def _serve(settings: Any, ready_file: Path | None) -> None:
-    import uvicorn
-
     from coordinator.app import create_app
     from coordinator.run import Run
+    from coordinator.server import bound_port, make_server
     from protocol.errors import ProtocolError
 
     try:
         run = await asyncio.to_thread(Run, settings)
     except (ProtocolError, ValueError, OSError) as e:
         fail(str(e))
-    server = uvicorn.Server(
-        uvicorn.Config(
-            create_app(settings, run=run),
-            host=settings.host,
-            port=settings.port,
-            log_level="warning",
-            lifespan="on",
-        )
-    )
+    server = make_server(create_app(settings, run=run), settings.host, settings.port)
 
     async def announce() -> None:
         while not server.started:
             await asyncio.sleep(0.05)
-        sock = server.servers[0].sockets[0].getsockname()
-        url = f"http://{settings.host}:{sock[1]}"
+        url = f"http://{settings.host}:{bound_port(server)}"
         log.info("coordinator listening on %s (state in %s)", url, settings.state_dir)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
@@ -122,6 +112,24 @@ async def _serve(settings: Any, ready_file: Path | None) -> None:
     task = asyncio.create_task(announce())
     await server.serve()
     task.cancel()
+
+
+@coordinator_app.command("rollback")
+def rollback(
+    state_dir: Annotated[Path, typer.Option(help="the coordinator's state directory")],
+    to_version: Annotated[int, typer.Option(min=0, help="the version to make current again")],
+) -> None:
+    """Make an earlier version current again (with the coordinator stopped); the audit trail is kept."""
+    from coordinator.rollback import rollback as roll_back
+
+    try:
+        done = roll_back(state_dir, to_version)
+    except (ValueError, OSError) as e:
+        fail(str(e), 1)
+    aside = ", ".join(map(str, done.set_aside)) or "none"
+    r, v = done.closed_round, done.version
+    typer.echo(f"version {v} is current again; versions set aside: {aside}; round {r} closed, round {r + 1} "
+               f"opens for version {v}")  # fmt: skip
 
 
 @app.command()
@@ -139,7 +147,8 @@ def mine(
     adversary: Annotated[
         str | None,
         typer.Option(
-            help="simulations only: cheat as noise, scaled, signflip, copycat, stale, lazy, freerider or nan"
+            help="simulations only: cheat as noise, scaled, signflip, copycat, stale, lazy, freerider, nan "
+            "or lutscale"
         ),
     ] = None,
     config: ConfigOpt = None,

@@ -214,8 +214,6 @@ def _watch(
     procs: Processes, url: str, rounds: int, timeout_s: float, echo: Callable[[str], None]
 ) -> dict[str, Any]:
     end = time.monotonic() + timeout_s
-    shown = 0
-    status: dict[str, Any] = {}
     echo(
         ROW.format(
             round="round",
@@ -228,30 +226,33 @@ def _watch(
             wall_s="wall_s",
         )
     )
+    rows: list[dict[str, Any]] = []
     with httpx.Client(base_url=url, timeout=10.0) as http:
-        status = http.get("/v1/status").json()
+        status: dict[str, Any] = http.get("/v1/status").json()
         echo(f"{'init':>5} {0:>7} {status['initial_eval_loss']:>10.4f}")
-        while shown < rounds:
+        while len(rows) < rounds:
             if time.monotonic() > end:
-                raise SimulationFailed(f"only {shown} of {rounds} rounds finished within {timeout_s:.0f} s")
+                done = len(rows)
+                raise SimulationFailed(f"only {done} of {rounds} rounds finished within {timeout_s:.0f} s")
             dead = procs.dead()
             if "coordinator" in dead:
                 raise SimulationFailed(f"the coordinator died:\n{procs.tail('coordinator')}")
             if len(dead) == len(procs.procs) - 1:
                 name = next(iter(dead))
                 raise SimulationFailed(f"every miner died; {name}:\n{procs.tail(name)}")
+            after = rows[-1]["round"] if rows else -1
             try:
-                status = http.get("/v1/status").json()
-            except httpx.HTTPError:
+                new = http.get("/v1/reports", params={"after": after}).json()
+            except (httpx.HTTPError, ValueError):
                 time.sleep(0.5)
                 continue
-            for row in status["rounds"][shown:rounds]:
+            for row in new[: rounds - len(rows)]:
                 loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
                 echo(ROW.format(**{**row, "eval_loss": loss, "wall_s": f"{row['wall_s']:.2f}"}))
-                shown += 1
+                rows.append(row)
             time.sleep(0.25)
-    status["rounds"] = status["rounds"][:rounds]
-    if not any(r["accepted"] for r in status["rounds"]):
+    status["rounds"] = rows
+    if not any(r["accepted"] for r in rows):
         raise SimulationFailed("no update was accepted in any round")
     return status
 

@@ -11,6 +11,8 @@ miner that does one step differently, so a run shows what the coordinator's chec
 - ``lazy``: trains on random training sequences instead of its assignment.
 - ``freerider``: sends its honest update x1e-4 (an all-zero one is refused as empty at once).
 - ``nan``: sends an update holding NaN (refused at upload).
+- ``lutscale``: sends its honest update with the payload's value tables x1e30 (the values themselves for
+  codecs without tables): well formed and finite, so intake takes it.
 """
 
 from __future__ import annotations
@@ -31,6 +33,8 @@ from protocol.wire import RoundInfo
 log = logging.getLogger(__name__)
 STALE_LAG = 3
 SCALES = {"scaled": 100.0, "signflip": -1.0, "freerider": 1e-4}
+TABLE_SCALE = 1e30
+TABLES = ("lut", "scale", "dense")  # what to scale, by codec: sparseloco's value tables, int8's, dense values
 
 
 class Adversary(Miner):
@@ -66,6 +70,9 @@ class Adversary(Miner):
         elif self.kind == "nan":
             vector = {n: t.clone() for n, t in vector.items()}
             vector[self.spec[0][0]].view(-1)[0] = float("nan")
+        elif self.kind == "lutscale":
+            made = super().make_payload(ri, header, vector)
+            return None if made is None else (_scale_tables(made[0]), made[1])
         return super().make_payload(ri, header, vector)
 
     def _copy(self, ri: RoundInfo, header: PayloadHeader) -> tuple[bytes, dict[str, SparseTensor]] | None:
@@ -88,6 +95,14 @@ class Adversary(Miner):
             "round %d: re-sending miner %s's upload of round %d", ri.round, victim.miner[:12], ri.round - 1
         )
         return frame(dict(st_load(data)), relabelled), {}
+
+
+def _scale_tables(payload: bytes) -> bytes:
+    tensors = dict(st_load(payload))
+    name = next(n for n in TABLES if n in tensors)
+    tensors[name] = (tensors[name].double() * TABLE_SCALE).to(tensors[name].dtype)
+    header = PayloadHeader.model_validate_json(read_metadata(payload)["gradpool"])
+    return frame(tensors, header)
 
 
 @torch.no_grad()

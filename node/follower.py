@@ -10,7 +10,7 @@ import torch
 
 from node.client import CoordinatorClient, Refused
 from protocol.errors import CodecError
-from protocol.params import apply_update, decode_update, load_checkpoint, params_hash
+from protocol.params import UpdateHeader, apply_update, decode_update, load_checkpoint, params_hash
 from protocol.payload import ParamSpec
 from protocol.wire import RunInfo
 
@@ -38,8 +38,7 @@ class Follower:
         start = self.version
         if 0 <= start <= target and target - start <= self.info.max_catchup_versions:
             try:
-                for v in range(start + 1, target + 1):
-                    self._apply_published(v)
+                self._apply_chain(start, target)
                 if params_hash(self.params, self.spec) == target_hash:
                     if target > start:
                         log.info("version %d: caught up from version %d by %d published updates", target,
@@ -56,13 +55,29 @@ class Follower:
         self._download_checkpoint(target)
         self.verified = True
 
-    def _apply_published(self, v: int) -> None:
-        data = self.client.update(v)
-        header, delta = decode_update(data, self.spec)
-        if header.version != v or header.base_version != v - 1:
-            raise CodecError(f"update for version {v} says {header.base_version} -> {header.version}")
-        apply_update(self.params, delta)
-        self.version = v
+    def _apply_chain(self, start: int, target: int) -> None:
+        """The published updates from ``start`` to ``target``: the target's alone when it applies to
+        ``start`` (one version behind, or the first version after a rollback to ``start``), else each
+        version's in turn."""
+        if target == start:
+            return
+        last = self._published(target)
+        if last[0].base_version == start:
+            apply_update(self.params, last[1])
+            self.version = target
+            return
+        for v in range(start + 1, target + 1):
+            header, delta = last if v == target else self._published(v)
+            if header.base_version != v - 1:
+                raise CodecError(f"update for version {v} says {header.base_version} -> {header.version}")
+            apply_update(self.params, delta)
+            self.version = v
+
+    def _published(self, v: int) -> tuple[UpdateHeader, dict[str, torch.Tensor]]:
+        header, delta = decode_update(self.client.update(v), self.spec)
+        if header.version != v:
+            raise CodecError(f"update for version {v} says it makes version {header.version}")
+        return header, delta
 
     def _download_checkpoint(self, target: int) -> None:
         partial = self.partial_dir / f"checkpoint-{target}.partial"

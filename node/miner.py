@@ -188,7 +188,8 @@ class Miner(Follower):
         end = time.monotonic() + self.settings.upload_retry_s
         for attempt in itertools.count():
             try:
-                self.client.submit(round_, payload)
+                receipt = self.client.submit(round_, payload)
+                log.info("round %d: upload taken, sha256 %s", round_, receipt.payload_sha256)
                 return
             except Unavailable as e:
                 delay = backoff(attempt, self.settings.max_backoff_s)

@@ -8,7 +8,9 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-AdversaryKind = Literal["noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan"]
+AdversaryKind = Literal[
+    "noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan", "lutscale"
+]
 
 
 class MinerSettings(BaseSettings):

@@ -6,7 +6,6 @@ from __future__ import annotations
 
 import json
 import logging
-import math
 import os
 import threading
 import time
@@ -16,17 +15,15 @@ from node.distributed import local_device
 from node.follower import Follower
 from node.miner import backoff
 from node.settings import ValidatorSettings
-from protocol.aggregate import clip_scales, update_norm
 from protocol.codec import make_codec
 from protocol.errors import CodecError
-from protocol.evaluation import EVALUATED_REFUSALS, LOSS_FIELDS, Losses, evaluate_updates, round_salt
+from protocol.evaluation import Losses, evaluate_updates, round_salt
 from protocol.model import build_model
 from protocol.params import get_params, param_spec
 from protocol.signing import public_key_hex
 from protocol.wire import RunInfo, Verdict, Verdicts
 
 log = logging.getLogger(__name__)
-MAX_LOSS = 1e4  # a verdict's losses are bounded; a non-finite loss is sent as this
 
 
 class Validator(Follower):
@@ -88,18 +85,18 @@ class Validator(Follower):
         """Evaluate one closed round's uploads and post the verdicts; returns them."""
         t0 = time.perf_counter()
         record = self.client.round_record(round_)
-        candidates = [s for s in record.submissions if _evaluated(s.status, s.reason)]
+        # exactly the uploads the coordinator evaluated, each with the clip scale aggregation gave it
+        candidates = [s for s in record.submissions if s.evaluated and s.scale is not None]
         if record.status != "closed" or not candidates:
             log.info("round %d: nothing to evaluate", round_)
             return {}
         self.catch_up(record.version, self.client.version(record.version).param_hash)
-        updates = {s.miner: self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1]
-                   for s in candidates}  # fmt: skip
-        # the clip, as aggregation applies it
-        scales = clip_scales([update_norm(u) for u in updates.values()])
+        updates = ((s.miner, self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1],
+                    float(s.scale or 0.0)) for s in candidates)  # fmt: skip
         salt = round_salt(s.sha256 for s in record.submissions)
-        out = evaluate_updates(self.model, self.params, self.client.sequences, self.info, round_, salt,
-                               zip(updates, updates.values(), scales, strict=True))  # fmt: skip
+        out = evaluate_updates(
+            self.model, self.params, self.client.sequences, self.info, round_, salt, updates
+        )
         receipt = self.client.post_verdicts(
             round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])
         )
@@ -110,13 +107,7 @@ class Validator(Follower):
         return out
 
 
-def _evaluated(status: str, reason: str | None) -> bool:
-    """Whether the coordinator's evaluation saw this upload (it passed the cheap checks)."""
-    return status == "accepted" or reason in EVALUATED_REFUSALS
-
-
 def _verdict(miner: str, x: Losses) -> Verdict:
-    def bound(v: float) -> float:
-        return min(MAX_LOSS, max(0.0, v)) if math.isfinite(v) else MAX_LOSS
-
-    return Verdict(miner=miner, **{f: bound(getattr(x, f)) for f in LOSS_FIELDS})
+    b = x.bounded()
+    return Verdict(miner=miner, own_before=b.own_before, own_after=b.own_after, other_before=b.other_before,
+                   other_after=b.other_after, margin_se=b.margin_se)  # fmt: skip

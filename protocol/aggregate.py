@@ -1,17 +1,19 @@
 """Aggregation of decoded updates: median-norm clip, then the mean over the contributors that selected
 each coordinate (sum / count, not sum / number of miners).
 
-``Accumulator`` takes one contributor at a time into a running sum and count over the concatenated
-parameters, so memory does not grow with the number of contributors. ``sketch`` summarises an update in a
-few kilobytes so that near-identical updates (copies, rescaled copies) can be found without keeping them.
+An ``Accumulator`` takes one contributor at a time into a running sum and count, so memory does not grow
+with the number of contributors; ``FlatAccumulator`` does it over the concatenated parameters for any
+codec, ``protocol.sparseloco.ChunkAccumulator`` in SparseLoCo's chunk layout. ``sketch`` summarises an
+update in a few kilobytes so that near-identical updates (copies, rescaled copies, replays) can be found
+without keeping them.
 """
 
 from __future__ import annotations
 
 import math
 import statistics
-from collections.abc import Sequence
-from typing import Literal
+from collections.abc import Callable, Sequence
+from typing import Literal, Protocol
 
 import torch
 
@@ -19,6 +21,7 @@ from protocol.payload import ParamSpec, SparseTensor
 
 Decoded = dict[str, SparseTensor]
 SKETCH_BUCKETS = 1024
+MAX_CONTRIBUTORS = (1 << 31) - 1
 
 
 def update_norm(update: Decoded) -> float:
@@ -30,14 +33,60 @@ def clip_scales(norms: Sequence[float]) -> list[float]:
     if not norms:
         return []
     median = statistics.median(norms)
-    return [1.0 if n <= median or n == 0 else median / n for n in norms]
+    return [clip_scale(n, median) for n in norms]
 
 
-class Accumulator:
-    """Running sum and count per coordinate, flat over the parameters in spec order."""
+def clip_scale(norm: float, reference: float) -> float:
+    """min(1, reference / norm): an update is scaled down to the reference norm, never up."""
+    return 1.0 if norm <= reference or norm == 0 else reference / norm
+
+
+def reference_norm(history: Sequence[float], norms: Sequence[float]) -> float | None:
+    """The norm that judges a round's uploads: the median of this round's norms together with the accepted
+    norms of recent rounds. Hostile uploads move it only if they outnumber every honest norm in the pool;
+    in a small round, recent rounds' accepted uploads outvote them. None when there is no norm at all."""
+    pool = [n for n in (*history, *norms) if math.isfinite(n) and n > 0]
+    return statistics.median(pool) if pool else None
+
+
+class Accumulator(Protocol):
+    """A running sum and count of clipped updates, one contributor at a time: memory does not grow with the
+    number of contributors. Each codec gives its own (``Codec.accumulator``): it reads back the form that
+    intake stored for a payload (``Examined.stored``)."""
+
+    contributors: int
+
+    def add_stored(self, stored: bytes, scale: float = 1.0) -> None: ...
+
+    def mean(self) -> dict[str, torch.Tensor]: ...
+
+
+def count_dtype(max_contributors: int) -> torch.dtype:
+    """The smallest count type for this many contributors: uint8 up to 255, int32 beyond."""
+    if max_contributors <= 255:
+        return torch.uint8
+    if max_contributors <= MAX_CONTRIBUTORS:
+        return torch.int32
+    raise ValueError(f"at most {MAX_CONTRIBUTORS} contributors, got {max_contributors}")
+
+
+def check_room(contributors: int, count: torch.dtype) -> None:
+    """Refuse a contributor that the count type cannot hold."""
+    limit = 255 if count == torch.uint8 else MAX_CONTRIBUTORS
+    if contributors >= limit:
+        raise ValueError(f"this accumulator counts at most {limit} contributors")
+
+
+class FlatAccumulator:
+    """Running sum and count per coordinate, flat over the parameters in spec order (any codec's decoded
+    updates; ``decode`` turns a stored payload into one)."""
 
     def __init__(
-        self, spec: ParamSpec, device: torch.device | str = "cpu", max_contributors: int = 255
+        self,
+        spec: ParamSpec,
+        device: torch.device | str = "cpu",
+        max_contributors: int = 255,
+        decode: Callable[[bytes], Decoded] | None = None,
     ) -> None:
         self.spec = [(n, tuple(s)) for n, s in spec]
         self.offsets: dict[str, int] = {}
@@ -45,13 +94,19 @@ class Accumulator:
         for name, shape in self.spec:
             self.offsets[name] = total
             total += math.prod(shape)
-        count_dtype = torch.uint8 if max_contributors <= 255 else torch.int32
         self.sum = torch.zeros(total, dtype=torch.float32, device=device)
-        self.count = torch.zeros(total, dtype=count_dtype, device=device)
+        self.count = torch.zeros(total, dtype=count_dtype(max_contributors), device=device)
+        self.decode = decode
         self.contributors = 0
+
+    def add_stored(self, stored: bytes, scale: float = 1.0) -> None:
+        if self.decode is None:
+            raise ValueError("this accumulator was built without a decoder")
+        self.add(self.decode(stored), scale)
 
     @torch.no_grad()
     def add(self, update: Decoded, scale: float = 1.0) -> None:
+        check_room(self.contributors, self.count.dtype)
         for name, shape in self.spec:
             t, o = update[name], self.offsets[name]
             n = math.prod(shape)
@@ -80,11 +135,18 @@ def divide_by_count(total: torch.Tensor, count: torch.Tensor, step: int = 1 << 2
         total[lo : lo + step].div_(count[lo : lo + step].clamp_min(1))
 
 
-def aggregate(updates: Sequence[Decoded], spec: ParamSpec, device: torch.device | str = "cpu",
-              ) -> dict[str, torch.Tensor]:  # fmt: skip
-    """The aggregate A of the given updates, dense, one tensor per parameter."""
-    acc = Accumulator(spec, device, max_contributors=len(updates))
-    for update, scale in zip(updates, clip_scales([update_norm(u) for u in updates]), strict=True):
+def aggregate(
+    updates: Sequence[Decoded],
+    spec: ParamSpec,
+    device: torch.device | str = "cpu",
+    reference: float | None = None,
+) -> dict[str, torch.Tensor]:
+    """The aggregate A of the given updates, dense, one tensor per parameter: each clipped to ``reference``
+    (None: their median norm), then the mean over the contributors that selected each coordinate."""
+    norms = [update_norm(u) for u in updates]
+    scales = clip_scales(norms) if reference is None else [clip_scale(n, reference) for n in norms]
+    acc = FlatAccumulator(spec, device, max_contributors=len(updates))
+    for update, scale in zip(updates, scales, strict=True):
         acc.add(update, scale)
     return acc.mean()
 
@@ -110,17 +172,23 @@ def flatten(update: Decoded, spec: ParamSpec, scale: float = 1.0) -> tuple[torch
 
 
 def sketch_flat(coords: torch.Tensor, values: torch.Tensor, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
-    """``sketch`` of an update given as coordinates in the concatenated parameters (below 2**31)."""
+    """``sketch`` of an update given as coordinates in the concatenated parameters (below 2**31), scaled to
+    unit norm in float64 first: any finite update, however large, gives a finite sketch (a copy x1e30 has
+    the sketch of its original)."""
     h = (coords * 2654435761) % 4294967291
     sign = 1.0 - 2.0 * ((coords * 2246822519) % 4294967279 % 2).double()
     out = torch.zeros(buckets, dtype=torch.float64)
     out.index_add_(0, h % buckets, values.double() * sign)
-    return out.float()
+    norm = float(out.norm())
+    return (out / norm if norm > 0 and math.isfinite(norm) else out).float()
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
+    a, b = a.double(), b.double()
     na, nb = float(a.norm()), float(b.norm())
-    return 0.0 if na == 0 or nb == 0 else float(a.double() @ b.double()) / (na * nb)
+    if not (math.isfinite(na) and math.isfinite(nb)) or na == 0 or nb == 0:
+        return 0.0
+    return float(a @ b) / (na * nb)
 
 
 RobustMethod = Literal["trimmed_mean", "median"]

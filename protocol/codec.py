@@ -1,26 +1,29 @@
-"""Update codecs, one interface: ``encode(tensors, spec, header) -> (payload, decoded)`` and
-``decode(payload, spec) -> (header, {name: SparseTensor})``.
+"""Update codecs, one interface (``Codec``): what a miner sends, what the coordinator checks at intake,
+and how aggregation reads it back.
 
 - ``sparseloco``: top-k per chunk, 2-bit values, Elias-Fano indices (``protocol.sparseloco``), ~205x
   smaller than fp32;
 - ``dense_fp32`` / ``dense_bf16``: every element (the DiLoCo baseline);
 - ``int8``: every element with an absmax scale per 4096 elements.
 
-Payload framing lives in ``protocol.payload``; this module is the public surface of both.
+A new codec is one class with this interface and one line in ``CODECS``. Payload framing lives in
+``protocol.payload``; this module is the public surface of both.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Mapping
-from typing import Literal
+from collections.abc import Callable, Mapping
+from typing import Literal, Protocol
 
 import torch
 
+from protocol.aggregate import Accumulator, FlatAccumulator, sketch, update_norm
 from protocol.errors import CodecError
 from protocol.payload import (
     PAYLOAD_FORMAT_VERSION,
     CodecName,
+    Examined,
     ParamSpec,
     PayloadHeader,
     PayloadStats,
@@ -28,16 +31,20 @@ from protocol.payload import (
     content_digest,
     expect_len,
     frame,
+    framed_bytes,
     unframe,
 )
 from protocol.sparseloco import Layout, SparseLoCoCodec, quantize_2bit
 
 __all__ = [
+    "CODECS",
+    "CODEC_NAMES",
     "PAYLOAD_FORMAT_VERSION",
     "Codec",
     "CodecError",
     "CodecName",
     "DenseCodec",
+    "Examined",
     "Int8Codec",
     "Layout",
     "ParamSpec",
@@ -51,8 +58,57 @@ __all__ = [
 ]
 
 
-class DenseCodec:
+class Codec(Protocol):
+    """What every codec provides. ``outer_lr`` and ``outer_momentum`` are the outer optimizer's defaults for
+    its updates (SGD for SparseLoCo, Nesterov for the dense DiLoCo baseline)."""
+
+    name: CodecName
+    outer_lr: float
+    outer_momentum: float
+
+    def encode(
+        self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
+    ) -> tuple[bytes, dict[str, SparseTensor]]:
+        """The payload, and exactly what the receiver will decode from it (for error feedback)."""
+        ...
+
+    def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
+        """Payload -> header and, per parameter, the indices and values it carries (CodecError if it is
+        malformed: hostile input)."""
+        ...
+
+    def examine(self, data: bytes, spec: ParamSpec) -> Examined:
+        """One decode for intake: the checks, the norm, the sketch and the form aggregation reads back."""
+        ...
+
+    def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> Accumulator:
+        """A running sum and count over examined payloads (``Examined.stored``)."""
+        ...
+
+    def max_payload_bytes(self, spec: ParamSpec) -> int:
+        """The size of the largest valid payload for this model: the upload cap."""
+        ...
+
+
+class _Decoding:
+    """``examine`` and ``accumulator`` for codecs whose stored form is the payload itself."""
+
+    def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
+        raise NotImplementedError
+
+    def examine(self, data: bytes, spec: ParamSpec) -> Examined:
+        header, update = self.decode(data, spec)
+        return Examined(header, content_digest(data), update_norm(update), sketch(update, spec), data)
+
+    def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> Accumulator:
+        return FlatAccumulator(spec, max_contributors=max_contributors,
+                               decode=lambda data: self.decode(data, spec)[1])  # fmt: skip
+
+
+class DenseCodec(_Decoding):
     """Every element, in fp32 or bf16: the DiLoCo baseline through the same interface."""
+
+    outer_lr, outer_momentum = 0.7, 0.9  # Nesterov, as DiLoCo
 
     def __init__(self, dtype: Literal["fp32", "bf16"] = "fp32") -> None:
         self.name: CodecName = "dense_fp32" if dtype == "fp32" else "dense_bf16"
@@ -66,6 +122,9 @@ class DenseCodec:
         decoded = {n: SparseTensor(None, p.float()) for (n, _), p in zip(spec, parts, strict=True)}
         header = header.model_copy(update={"codec": self.name, "k": 0, "tile": 0})
         return frame({"dense": flat}, header), decoded
+
+    def max_payload_bytes(self, spec: ParamSpec) -> int:
+        return framed_bytes(sum(math.prod(s) for _, s in spec) * self.dtype.itemsize)
 
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
         header, tensors = unframe(data, {"dense": self.dtype})
@@ -84,16 +143,21 @@ class DenseCodec:
         return header, out
 
 
-class Int8Codec:
+class Int8Codec(_Decoding):
     """Every element as int8 with one fp32 absmax scale per chunk of ``tile**2`` elements (4x smaller)."""
 
     name: CodecName = "int8"
+    outer_lr, outer_momentum = 0.7, 0.9
 
     def __init__(self, tile: int = 64) -> None:
         self.chunk = tile * tile
 
     def _chunks(self, numel: int) -> int:
         return -(-numel // self.chunk)
+
+    def max_payload_bytes(self, spec: ParamSpec) -> int:
+        sizes = [math.prod(s) for _, s in spec]
+        return framed_bytes(sum(sizes) + 4 * sum(self._chunks(n) for n in sizes))
 
     def encode(
         self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec, header: PayloadHeader
@@ -131,16 +195,18 @@ class Int8Codec:
         return header, out
 
 
-Codec = SparseLoCoCodec | DenseCodec | Int8Codec
+CODECS: dict[CodecName, Callable[[int, int], Codec]] = {
+    "sparseloco": lambda k, tile: SparseLoCoCodec(k=k, tile=tile),
+    "dense_fp32": lambda k, tile: DenseCodec("fp32"),
+    "dense_bf16": lambda k, tile: DenseCodec("bf16"),
+    "int8": lambda k, tile: Int8Codec(tile=tile),
+}
+CODEC_NAMES = tuple(CODECS)
 
 
 def make_codec(name: CodecName, k: int = 64, tile: int = 64) -> Codec:
-    if name == "sparseloco":
-        return SparseLoCoCodec(k=k, tile=tile)
-    if name == "int8":
-        return Int8Codec(tile=tile)
-    if name == "dense_fp32":
-        return DenseCodec("fp32")
-    if name == "dense_bf16":
-        return DenseCodec("bf16")
-    raise ValueError(f"unknown codec {name!r}")
+    try:
+        make = CODECS[name]
+    except KeyError:
+        raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}") from None
+    return make(k, tile)

@@ -73,6 +73,9 @@ def other_sample(
     return out
 
 
+MAX_LOSS = 1e4  # a verdict's losses are bounded; a non-finite loss is recorded as this
+
+
 @dataclass(frozen=True)
 class Losses:
     """Mean next-token loss (nats per token) on the two samples, before and after the update."""
@@ -103,8 +106,19 @@ class Losses:
         return math.copysign(math.inf, self.margin) if self.margin else 0.0
 
     def finite(self) -> bool:
-        return all(math.isfinite(x) for x in (self.own_before, self.own_after, self.other_before,
-                                              self.other_after, self.margin_se))  # fmt: skip
+        return all(math.isfinite(x) for x in self.astuple())
+
+    def astuple(self) -> tuple[float, ...]:
+        return tuple(getattr(self, f) for f in LOSS_FIELDS)
+
+    def bounded(self) -> Losses:
+        """Every loss within [0, MAX_LOSS], a non-finite one as MAX_LOSS: what a verdict carries and the
+        store keeps (a NaN is no number to store)."""
+
+        def bound(v: float) -> float:
+            return min(MAX_LOSS, max(0.0, v)) if math.isfinite(v) else MAX_LOSS
+
+        return Losses(*(bound(v) for v in self.astuple()))
 
 
 LOSS_FIELDS = tuple(f.name for f in fields(Losses))  # as verdicts carry and store them
@@ -294,12 +308,9 @@ def evaluate_updates(
     return out
 
 
-EVALUATED_REFUSALS = ("harmful", "low_gain", "low_score")  # refusals that come after the evaluation
-
-
 __all__ = [
-    "EVALUATED_REFUSALS",
     "LOSS_FIELDS",
+    "MAX_LOSS",
     "Losses",
     "RoundResult",
     "Score",

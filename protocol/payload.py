@@ -11,10 +11,9 @@ import json
 import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass
-from typing import Literal
 
 import torch
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
@@ -23,9 +22,12 @@ from protocol.errors import CodecError
 
 PAYLOAD_FORMAT_VERSION = 1
 ParamSpec = Sequence[tuple[str, tuple[int, ...]]]
-CodecName = Literal["sparseloco", "dense_fp32", "dense_bf16", "int8"]
+CodecName = str  # one of protocol.codec.CODEC_NAMES
 FP32_MAX = torch.finfo(torch.float32).max
 FP16_MAX = torch.finfo(torch.float16).max
+# A payload's safetensors header (tensor table and the JSON PayloadHeader) is a few hundred bytes; this is
+# its cap, checked before it is parsed, and part of the largest payload a run takes.
+MAX_HEADER_BYTES = 8192
 
 
 class PayloadStats(BaseModel):
@@ -40,12 +42,34 @@ class PayloadStats(BaseModel):
 class PayloadHeader(BaseModel):
     model_config = ConfigDict(extra="forbid")
     format_version: int
-    codec: CodecName
+    codec: CodecName = Field(min_length=1, max_length=32)
     round: int = Field(ge=0)
     base_version: int = Field(ge=0)
     k: int = Field(default=0, ge=0, le=1 << 20)
     tile: int = Field(default=0, ge=0, le=1 << 10)
     stats: PayloadStats = Field(default_factory=PayloadStats)
+
+    @field_validator("codec")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        from protocol.codec import CODEC_NAMES  # the registry imports this module
+
+        if name not in CODEC_NAMES:
+            raise ValueError(f"unknown codec {name!r}")
+        return name
+
+
+@dataclass(frozen=True)
+class Examined:
+    """What intake learns from a payload in one decode, so that closing the round need not decode it
+    again: its header, the digest of its tensors, its norm and sketch (``protocol.aggregate``), and the form
+    the codec's accumulator reads back (``stored``; the payload itself for codecs without another)."""
+
+    header: PayloadHeader
+    content_sha256: str
+    norm: float
+    sketch: torch.Tensor
+    stored: bytes
 
 
 @dataclass
@@ -73,6 +97,12 @@ def content_digest(data: bytes) -> str:
     return h.hexdigest()
 
 
+def framed_bytes(tensor_bytes: int) -> int:
+    """The largest payload that carries ``tensor_bytes`` of tensors: the length prefix, the header at its
+    cap, and the tensors."""
+    return 8 + MAX_HEADER_BYTES + tensor_bytes
+
+
 def cat_or_empty(parts: list[torch.Tensor], dtype: torch.dtype) -> torch.Tensor:
     return torch.cat(parts) if parts else torch.zeros(0, dtype=dtype)
 
@@ -85,6 +115,9 @@ def frame(tensors: dict[str, torch.Tensor], header: PayloadHeader) -> bytes:
 
 def unframe(data: bytes, expected: dict[str, torch.dtype]) -> tuple[PayloadHeader, dict[str, torch.Tensor]]:
     """Parse a payload and check its tensor names and dtypes; every other check is the codec's."""
+    n = int.from_bytes(data[:8], "little") if len(data) >= 8 else 0
+    if MAX_HEADER_BYTES < n <= len(data) - 8:
+        raise CodecError(f"payload header is {n} bytes; at most {MAX_HEADER_BYTES}", code="bad_header")
     try:
         tensors = st_load(data)
         meta = read_metadata(data)

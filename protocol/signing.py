@@ -1,7 +1,9 @@
 """Ed25519 identities and request signing.
 
-A signed request carries four headers. The signature covers the method, the path (with its query), the
-sha256 of the body, the timestamp and a random nonce, one per line.
+A signed request carries five headers. The signature covers the method, the path (with its query), the
+sha256 of the body, the timestamp and a random nonce, one per line. The body's sha256 travels in a header
+too, so that a server can check the signature (and the signer) before it reads a large body, then check
+the body against the signed digest.
 """
 
 from __future__ import annotations
@@ -23,6 +25,7 @@ HEADER_KEY = "X-Gradpool-Key"
 HEADER_TIMESTAMP = "X-Gradpool-Timestamp"
 HEADER_NONCE = "X-Gradpool-Nonce"
 HEADER_SIGNATURE = "X-Gradpool-Signature"
+HEADER_CONTENT = "X-Gradpool-Content-Sha256"
 
 
 def generate_key() -> Ed25519PrivateKey:
@@ -58,8 +61,12 @@ def public_key_hex(key: Ed25519PrivateKey) -> str:
     return key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw).hex()
 
 
-def _message(method: str, path: str, body: bytes, timestamp: str, nonce: str) -> bytes:
-    return "\n".join([method.upper(), path, hashlib.sha256(body).hexdigest(), timestamp, nonce]).encode()
+def body_digest(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def _message(method: str, path: str, digest: str, timestamp: str, nonce: str) -> bytes:
+    return "\n".join([method.upper(), path, digest, timestamp, nonce]).encode()
 
 
 def sign_request(
@@ -67,12 +74,14 @@ def sign_request(
 ) -> dict[str, str]:
     ts = f"{time.time() if now is None else now:.3f}"
     nonce = secrets.token_hex(16)
-    sig = key.sign(_message(method, path, body, ts, nonce))
+    digest = body_digest(body)
+    sig = key.sign(_message(method, path, digest, ts, nonce))
     return {
         HEADER_KEY: public_key_hex(key),
         HEADER_TIMESTAMP: ts,
         HEADER_NONCE: nonce,
         HEADER_SIGNATURE: sig.hex(),
+        HEADER_CONTENT: digest,
     }
 
 
@@ -86,6 +95,35 @@ def verify_request(
     now: float | None = None,
 ) -> tuple[str, str]:
     """Check a signed request; return (public key hex, nonce). The caller refuses nonces seen before."""
+    digest = body_digest(body)
+    declared = {k.lower(): v for k, v in headers.items()}.get(HEADER_CONTENT.lower())
+    if declared is not None and declared.lower() != digest:
+        raise SignatureError("the body does not match its declared sha256", code="bad_signature")
+    return _verify(headers, method, path, digest, window_s, now)
+
+
+def verify_declared(
+    headers: Mapping[str, str],
+    method: str,
+    path: str,
+    *,
+    window_s: float = 120.0,
+    now: float | None = None,
+) -> tuple[str, str, str]:
+    """Check a signed request before its body is read, over the body digest it declares; return (public
+    key hex, nonce, digest). The caller then checks the body against the digest (``body_digest``)."""
+    declared = {k.lower(): v for k, v in headers.items()}.get(HEADER_CONTENT.lower())
+    if declared is None or len(declared) != 64:
+        raise SignatureError(f"request does not declare its body's sha256 ({HEADER_CONTENT})",
+                             code="missing_signature")  # fmt: skip
+    digest = declared.lower()
+    pub, nonce = _verify(headers, method, path, digest, window_s, now)
+    return pub, nonce, digest
+
+
+def _verify(
+    headers: Mapping[str, str], method: str, path: str, digest: str, window_s: float, now: float | None
+) -> tuple[str, str]:
     lower = {k.lower(): v for k, v in headers.items()}
     values = [lower.get(h.lower()) for h in (HEADER_KEY, HEADER_TIMESTAMP, HEADER_NONCE, HEADER_SIGNATURE)]
     if any(v is None for v in values):
@@ -105,7 +143,7 @@ def verify_request(
             f"timestamp is more than {window_s:.0f} s from the coordinator's clock", code="expired_timestamp"
         )
     try:
-        pub.verify(sig, _message(method, path, body, ts, nonce))
+        pub.verify(sig, _message(method, path, digest, ts, nonce))
     except InvalidSignature:
         raise SignatureError("signature does not verify", code="bad_signature") from None
     return pub_hex.lower(), nonce

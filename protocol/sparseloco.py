@@ -30,19 +30,22 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protocol.aggregate import divide_by_count
+from protocol.aggregate import check_room, count_dtype, divide_by_count, sketch_flat
 from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
 from protocol.errors import CodecError
 from protocol.payload import (
     FP16_MAX,
     FP32_MAX,
     CodecName,
+    Examined,
     ParamSpec,
     PayloadHeader,
     SparseTensor,
     cat_or_empty,
+    content_digest,
     expect_len,
     frame,
+    framed_bytes,
     unframe,
 )
 
@@ -154,6 +157,7 @@ def _ef_params(chunk: int, k: int) -> tuple[int, int]:
 
 class SparseLoCoCodec:
     name: CodecName = "sparseloco"
+    outer_lr, outer_momentum = 1.0, 0.0  # plain SGD: error feedback stands in for momentum
 
     def __init__(self, k: int = 64, tile: int = 64) -> None:
         if not 1 <= k <= tile * tile:
@@ -173,6 +177,15 @@ class SparseLoCoCodec:
     def is_dense(self, shape: tuple[int, ...]) -> bool:
         layout = Layout(tuple(shape), self.tile)
         return 2 * layout.numel <= self.sparse_bytes(layout)
+
+    def max_payload_bytes(self, spec: ParamSpec) -> int:
+        """The size of the largest valid payload for this model: every length is fixed by the shapes."""
+        table = self._table(spec)
+        tensors = table.rows * (self.low_bytes + self.high_bytes + self.k // 4)
+        return framed_bytes(tensors + 16 * len(table.names) + 2 * sum(table.dense_sizes))
+
+    def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> ChunkAccumulator:
+        return ChunkAccumulator(self, spec, max_contributors)
 
     # -- encode ---------------------------------------------------------------------------------------
     def encode(
@@ -313,22 +326,21 @@ class SparseLoCoCodec:
         vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
         return header, table, idx, vals, dense
 
-    def examine(
-        self, data: bytes, spec: ParamSpec
-    ) -> tuple[PayloadHeader, torch.Tensor, torch.Tensor, bytes]:
-        """One decode for intake: the header; the update as coordinates in the concatenated parameters
-        and their values (padding dropped, dense tensors included); and the payload unpacked for
-        ``ChunkAccumulator.add_unpacked``."""
+    def examine(self, data: bytes, spec: ParamSpec) -> Examined:
+        """One decode for intake: the header, the digest, the norm and sketch of the update (padding dropped,
+        dense tensors included), and the payload unpacked for ``ChunkAccumulator.add_stored``: indices as
+        int16 and values as float32, (chunks, k) each, plus the dense part, so that closing the round only
+        adds them."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
-        # indices as int16 and values as float32, (chunks, k) each, plus the dense part: closing the round
-        # then only adds them (ChunkAccumulator.add_unpacked)
         unpacked = st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})
         flat, valid = self._coordinates(table, idx)
         if valid is not None:
             flat, vals = flat[valid], vals[valid]
-        coords = [flat.reshape(-1), *(torch.arange(o, o + n) for o, n in zip(table.dense_offsets,
-                  table.dense_sizes, strict=True))]  # fmt: skip
-        return header, torch.cat(coords), torch.cat([vals.reshape(-1), dense]), unpacked
+        coords = torch.cat([flat.reshape(-1), *(torch.arange(o, o + n) for o, n in
+                            zip(table.dense_offsets, table.dense_sizes, strict=True))])  # fmt: skip
+        values = torch.cat([vals.reshape(-1), dense])
+        norm = float(values.double().square().sum().sqrt())
+        return Examined(header, content_digest(data), norm, sketch_flat(coords, values), unpacked)
 
     def _coordinates(self, table: _RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk-local indices (rows, k) -> coordinates in the concatenated parameters, and the mask of
@@ -500,40 +512,39 @@ class ChunkAccumulator:
 
     A payload's chunks come in order and its indices sorted within each, so adding one is a sequential
     pass over the accumulator, and padding needs no masking (it is dropped when the mean is laid out as
-    parameters). Memory: 4 + 1 bytes per parameter, whatever the number of contributors (up to 255).
+    parameters). Memory: 4 bytes per parameter for the sum, and 1 for the count up to 255 contributors
+    (4 beyond), whatever their number.
     """
 
-    def __init__(self, codec: SparseLoCoCodec, spec: ParamSpec) -> None:
+    def __init__(self, codec: SparseLoCoCodec, spec: ParamSpec, max_contributors: int = 255) -> None:
         self.codec, self.spec = codec, [(n, tuple(s)) for n, s in spec]
         self.table = codec._table(spec)
         chunk = codec.tile * codec.tile
+        counts = count_dtype(max_contributors)
         self.sum = torch.zeros(self.table.rows, chunk)
-        self.count = torch.zeros(self.table.rows, chunk, dtype=torch.uint8)
-        self.one = torch.ones(1, 1, dtype=torch.uint8).expand(self.table.rows, codec.k)
+        self.count = torch.zeros(self.table.rows, chunk, dtype=counts)
+        self.one = torch.ones(1, 1, dtype=counts).expand(self.table.rows, codec.k)
         self.dense = torch.zeros(sum(self.table.dense_sizes))
         self.contributors = 0
 
     @torch.no_grad()
     def add(self, payload: bytes, scale: float = 1.0) -> None:
-        self._check_room()
+        """Add a payload as it came over the wire (decoded and checked here)."""
+        check_room(self.contributors, self.count.dtype)
         _, _, idx, vals, dense = self.codec.decode_rows(payload, self.spec)
         self._add(idx, vals, dense, scale)
 
     @torch.no_grad()
-    def add_unpacked(self, unpacked: bytes, scale: float = 1.0) -> None:
+    def add_stored(self, stored: bytes, scale: float = 1.0) -> None:
         """Add a payload unpacked by ``SparseLoCoCodec.examine`` (the coordinator's own file, read back by
         hash)."""
-        self._check_room()
-        parts = st_load(unpacked)
+        check_room(self.contributors, self.count.dtype)
+        parts = st_load(stored)
         shape = (self.table.rows, self.codec.k)
         idx, vals, dense = parts["idx"], parts["vals"], parts["dense"]
         if idx.shape != shape or vals.shape != shape or dense.shape != self.dense.shape:
             raise CodecError("unpacked payload does not fit this model", code="wrong_shape")
         self._add(idx.long(), vals, dense, scale)
-
-    def _check_room(self) -> None:
-        if self.contributors >= 255:
-            raise ValueError("a chunk accumulator counts at most 255 contributors")
 
     def _add(self, idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, scale: float) -> None:
         self.sum.scatter_add_(1, idx, vals if scale == 1.0 else vals * scale)  # chunk by chunk, in order
@@ -546,7 +557,7 @@ class ChunkAccumulator:
         """The mean over the contributors that selected each coordinate, laid out as parameters. The
         accumulator is spent afterwards."""
         divide_by_count(self.sum.view(-1), self.count.view(-1))
-        self.count = torch.zeros(0, dtype=torch.uint8)
+        self.count = torch.zeros(0, dtype=self.count.dtype)
         self.dense.div_(max(1, self.contributors))
         flat = self.sum.view(-1)
         out: dict[str, torch.Tensor] = {}

@@ -4,12 +4,14 @@ from __future__ import annotations
 
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, field_validator
 
+from protocol.codec import CODEC_NAMES
 from protocol.payload import CodecName
 
 PROTOCOL_VERSION = 1
 HEADER_PROTOCOL = "X-Gradpool-Protocol"
+MAX_NUMBER = (1 << 53) - 1  # the largest round or version number anywhere (exact in a JSON double)
 
 
 class Wire(BaseModel):
@@ -34,6 +36,13 @@ class CodecConfig(Wire):
     name: CodecName = "sparseloco"
     k: int = Field(default=64, ge=4, le=4096)
     tile: int = Field(default=64, ge=8, le=256)
+
+    @field_validator("name")
+    @classmethod
+    def _known(cls, name: str) -> str:
+        if name not in CODEC_NAMES:
+            raise ValueError(f"unknown codec {name!r}; choose one of {', '.join(CODEC_NAMES)}")
+        return name
 
 
 class EvaluationConfig(Wire):
@@ -81,6 +90,8 @@ class VersionInfo(Wire):
     eval_loss: float | None
     update_bytes: int
     checkpoint_bytes: int
+    base_version: int | None = Field(default=None, description="the version its update applies to")
+    rolled_back: bool = Field(default=False, description="an operator rolled the model back past it")
 
 
 class Registration(Wire):
@@ -108,6 +119,7 @@ class RoundReport(Wire):
     bytes_down: int
     wall_s: float
     compute_s: float
+    close_reason: str | None = None
 
 
 class LeaderboardEntry(Wire):
@@ -144,6 +156,8 @@ class SubmissionRecord(Wire):
     bytes: int
     status: Literal["received", "accepted", "rejected"]
     reason: str | None
+    evaluated: bool = Field(default=False, description="it passed the cheap checks and was evaluated")
+    scale: float | None = Field(default=None, description="its clip scale, min(1, reference norm / norm)")
 
 
 class RoundRecord(Wire):
@@ -153,6 +167,8 @@ class RoundRecord(Wire):
     version: int = Field(description="the version the round's uploads were trained from")
     status: Literal["open", "aggregating", "closed"]
     submissions: list[SubmissionRecord]
+    reference_norm: float | None = Field(default=None, description="the norm uploads were clipped to")
+    close_reason: str | None = Field(default=None, description="why the round closed without a version")
 
 
 class Verdict(Wire):

@@ -12,9 +12,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-import uvicorn
 
 from coordinator.app import create_app
+from coordinator.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from protocol.data import stdlib_dir
 
@@ -60,11 +60,9 @@ def make_settings(tmp_path: Path, corpus_file: Path) -> Callable[..., Coordinato
 class LiveServer:
     """A real uvicorn coordinator in a thread, on 127.0.0.1 with a free port."""
 
-    def __init__(self, settings: CoordinatorSettings) -> None:
-        self.app = create_app(settings)
-        self.server = uvicorn.Server(
-            uvicorn.Config(self.app, host="127.0.0.1", port=0, log_level="warning", lifespan="on")
-        )
+    def __init__(self, settings: CoordinatorSettings, **app: Any) -> None:
+        self.app = create_app(settings, **app)
+        self.server = make_server(self.app, "127.0.0.1", 0)
         self.thread = threading.Thread(target=self.server.run, daemon=True)
 
     def __enter__(self) -> LiveServer:
@@ -78,8 +76,7 @@ class LiveServer:
 
     @property
     def url(self) -> str:
-        port = self.server.servers[0].sockets[0].getsockname()[1]
-        return f"http://127.0.0.1:{port}"
+        return f"http://127.0.0.1:{bound_port(self.server)}"
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

@@ -31,7 +31,7 @@ def start(
     # The payloads are random: evaluated by their effect on the loss, they could be refused.
     env = {**os.environ, "GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
            "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
-           "GRADPOOL_FAULT_PUBLISH_DELAY_S": str(fault_delay_s),
+           "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
            "GRADPOOL_VALIDATION__BUILTIN": "false"}  # fmt: skip
     args = [sys.executable, "-m", "gradpool", "coordinator", "serve", "--state-dir", str(state), "--corpus",
             str(corpus), "--port", "0", "--ready-file", str(ready)]  # fmt: skip

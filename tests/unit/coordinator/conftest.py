@@ -17,11 +17,12 @@ def open_pool(make_settings: Callable[..., CoordinatorSettings]) -> OpenPool:
     """``with open_pool(**overrides) as pool:`` runs a coordinator on this test's state directory."""
 
     def open_(
-        raise_server_exceptions: bool = True, **overrides: Any
+        raise_server_exceptions: bool = True, app: dict[str, Any] | None = None, **overrides: Any
     ) -> contextlib.AbstractContextManager[Pool]:
         # The harness's updates are random: judged by their effect on the loss they would all be refused.
         # These tests are about the cheap checks and the arithmetic; test_scoring.py evaluates real ones.
+        # ``app``: what create_app takes besides the settings (checks, hooks, a clock).
         overrides.setdefault("validation", {"builtin": False})
-        return running(make_settings(**overrides), raise_server_exceptions)
+        return running(make_settings(**overrides), raise_server_exceptions, **(app or {}))
 
     return open_

@@ -19,8 +19,9 @@ from safetensors.torch import save as st_save
 from coordinator.app import create_app
 from coordinator.settings import CoordinatorSettings
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseLoCoCodec
+from protocol.data import assignment
 from protocol.model import build_model
-from protocol.params import Params, load_checkpoint, param_spec
+from protocol.params import Params, load_checkpoint, param_spec, set_params
 from protocol.signing import generate_key, public_key_hex, sign_request
 
 SPEC = param_spec(build_model("tiny"))
@@ -100,6 +101,30 @@ def _metadata(body: bytes) -> dict[str, str]:
     return meta
 
 
+def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[str, torch.Tensor]:
+    """What an honest miner sends: base - parameters after AdamW steps on its assigned sequences."""
+    info = pool.client.get("/v1/info").json()
+    r = info["recipe"]
+    ids = assignment(info["seed"], round_, pubkey, r["inner_steps"] * r["batch_size"], info["num_sequences"],
+                     info["eval_every"])  # fmt: skip
+    tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
+    model = build_model("tiny")
+    base = pool.checkpoint(version)
+    set_params(model, base)
+    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
+    for batch in tokens.long().split(r["batch_size"]):
+        model.loss(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: base[n] - p.detach() for n, p in model.named_parameters()}
+
+
+def scaled_table(body: bytes, factor: float) -> bytes:
+    """The payload with its value tables multiplied by ``factor``: well formed, and finite for any finite
+    factor, so intake takes it."""
+    return reframe(body, tensors={"lut": (st_load(body)["lut"].double() * factor).float()})
+
+
 # -- a miner and the pool ---------------------------------------------------------------------------------
 class Miner:
     """One identity that signs its requests like node.client does."""
@@ -172,7 +197,9 @@ OpenPool = Callable[..., contextlib.AbstractContextManager[Pool]]
 
 
 @contextlib.contextmanager
-def running(settings: CoordinatorSettings, raise_server_exceptions: bool = True) -> Iterator[Pool]:
-    app = create_app(settings)
+def running(
+    settings: CoordinatorSettings, raise_server_exceptions: bool = True, **app_args: Any
+) -> Iterator[Pool]:
+    app = create_app(settings, **app_args)
     with TestClient(app, raise_server_exceptions=raise_server_exceptions) as client:
         yield Pool(client, settings)

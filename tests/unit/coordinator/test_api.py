@@ -10,6 +10,7 @@ import torch
 from pool_harness import SPEC, OpenPool, assert_error, encode, make_delta, payload
 from safetensors.torch import load as st_load
 
+from protocol.codec import SparseLoCoCodec
 from protocol.params import UpdateHeader, apply_update, decode_update, load_checkpoint, params_hash
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION, RoundReport, Status
 
@@ -31,7 +32,8 @@ def test_healthz_and_info(open_pool: OpenPool) -> None:
         assert info["num_sequences"] > 2 * 20
         assert info["codec"] == {"name": "sparseloco", "k": 64, "tile": 64}
         assert info["recipe"]["inner_steps"] == 4
-        assert info["max_payload_bytes"] == pool.settings.max_payload_bytes
+        # The upload cap is the largest valid payload for this model and codec (issue: bounded resources).
+        assert info["max_payload_bytes"] == SparseLoCoCodec().max_payload_bytes(SPEC)
 
         # Unknown routes answer in the same error shape, with the protocol header.
         missing = pool.client.get("/v1/nothing-here")

@@ -27,7 +27,6 @@ from coordinator.blobs import (
     make_blob_store,
 )
 from coordinator.settings import BlobSettings, CoordinatorSettings
-from coordinator.store import BlobStore as StoreModuleBlobStore
 from protocol.params import load_checkpoint, params_hash
 
 DATA = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes, every offset distinguishable
@@ -203,10 +202,9 @@ def test_range_headers_are_parsed_or_ignored() -> None:
 
 
 # -- settings -------------------------------------------------------------------------------------------
-def test_the_file_store_is_the_default_and_keeps_its_old_name(tmp_path: Path) -> None:
+def test_the_file_store_is_the_default(tmp_path: Path) -> None:
     assert CoordinatorSettings().blobs.backend == "file"
     assert isinstance(make_blob_store(BlobSettings(), tmp_path), FileBlobStore)
-    assert StoreModuleBlobStore is FileBlobStore
 
 
 def test_the_s3_store_needs_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:

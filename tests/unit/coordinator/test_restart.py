@@ -2,13 +2,14 @@
 
 from __future__ import annotations
 
+import statistics
 from pathlib import Path
 from typing import Any
 
 import pytest
 from pool_harness import SPEC, Miner, OpenPool, payload
 
-from protocol.aggregate import aggregate
+from protocol.aggregate import aggregate, update_norm
 from protocol.codec import SparseLoCoCodec
 from protocol.params import apply_update, params_hash
 
@@ -16,8 +17,9 @@ from protocol.params import apply_update, params_hash
 def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -> None:
     with open_pool() as pool:
         alice, bob = pool.miner(), pool.miner()
-        for i, miner in enumerate([alice, bob]):
-            assert miner.upload(0, payload(round_=0, base_version=0, seed=i)).status_code == 200
+        first = [payload(round_=0, base_version=0, seed=i) for i in range(2)]
+        for miner, body in zip([alice, bob], first, strict=True):
+            assert miner.upload(0, body).status_code == 200
         pool.wait_for_round(0)
         pending = payload(round_=1, base_version=1, seed=7)
         assert alice.upload(1, pending).status_code == 200  # bob is still expected: round 1 stays open
@@ -47,7 +49,12 @@ def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -
         after = pool.wait_for_round(1)
         codec = SparseLoCoCodec()
         params = pool.checkpoint(1)
-        apply_update(params, aggregate([codec.decode(b, SPEC)[1] for b in (pending, last)], SPEC))
+        # Round 1's uploads are clipped to the median norm of its own and round 0's accepted uploads.
+        updates = [codec.decode(b, SPEC)[1] for b in (pending, last)]
+        reference = statistics.median(update_norm(codec.decode(b, SPEC)[1]) for b in [*first, pending, last])
+        assert pool.client.get("/v1/rounds/1").json()["reference_norm"] == pytest.approx(reference)
+        apply_update(params, aggregate(updates, SPEC, reference=pool.client.get("/v1/rounds/1").json()[
+            "reference_norm"]))
         assert (after["round"], after["version"], after["param_hash"]) == (2, 2, params_hash(params, SPEC))
 
 

@@ -10,37 +10,16 @@ from typing import Any
 import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload
-from safetensors.torch import load as st_load
+from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload, trained_delta
 
 from protocol.aggregate import robust_mean
 from protocol.codec import SparseLoCoCodec
-from protocol.data import assignment
-from protocol.model import build_model
-from protocol.params import apply_update, params_hash, set_params
+from protocol.params import apply_update, params_hash
 from protocol.signing import generate_key, public_key_hex, sign_request
 
 # Enough training per update that its effect on its own sequences stands clear of the noise.
 RECIPE = {"inner_steps": 8, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
 EVAL = {"builtin": True, "own_sequences": 32, "other_sequences": 32}
-
-
-def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[str, torch.Tensor]:
-    """What an honest miner sends: base - parameters after AdamW steps on its assigned sequences."""
-    info = pool.client.get("/v1/info").json()
-    r = info["recipe"]
-    ids = assignment(info["seed"], round_, pubkey, r["inner_steps"] * r["batch_size"], info["num_sequences"],
-                     info["eval_every"])  # fmt: skip
-    tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
-    model = build_model("tiny")
-    base = pool.checkpoint(version)
-    set_params(model, base)
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
-    for batch in tokens.long().split(r["batch_size"]):
-        model.loss(batch).backward()
-        opt.step()
-        opt.zero_grad()
-    return {n: base[n] - p.detach() for n, p in model.named_parameters()}
 
 
 def leaderboard(pool: Pool, **params: Any) -> dict[str, dict[str, Any]]:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from coordinator.scoring import INSERT_VERDICT
 from coordinator.store import Store
+from protocol.evaluation import Losses
 
 OLD_VERDICTS = """CREATE TABLE verdicts (
     round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
@@ -22,11 +22,11 @@ def test_verdicts_from_before_the_margin_error_column_are_kept(tmp_path: Path) -
     db.close()
     store = Store(path)
     try:
-        old = store.one("SELECT * FROM verdicts WHERE round = 0")
-        assert old is not None and (old["own_after"], old["margin_se"]) == (2.5, 0.0)
-        store.execute(INSERT_VERDICT, 1, "m", "coordinator", 3.0, 2.4, 3.0, 2.8, 0.05, 2.0)
-        new = store.one("SELECT * FROM verdicts WHERE round = 1")
-        assert new is not None and new["margin_se"] == 0.05
+        [old] = store.verdicts_between(-1, 0)
+        assert (old["own_after"], old["margin_se"]) == (2.5, 0.0)
+        store.add_verdicts(1, "coordinator", {"m": Losses(3.0, 2.4, 3.0, 2.8, 0.05)}, 2.0)
+        [new] = store.verdicts_between(0, 1)
+        assert new["margin_se"] == 0.05
     finally:
         store.close()
     Store(path).close()  # opening it again leaves the migrated table as it is

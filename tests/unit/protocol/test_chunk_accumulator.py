@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protocol.aggregate import Accumulator
+from protocol.aggregate import FlatAccumulator
 from protocol.codec import PayloadHeader, SparseLoCoCodec
 from protocol.sparseloco import ChunkAccumulator
 
@@ -29,7 +29,7 @@ def test_chunk_accumulator_equals_the_flat_aggregate(k: int) -> None:
     decoded = [codec.decode(p, SPEC)[1] for p in payloads]
     for name, shape in SPEC:
         assert chunked[name].shape == shape
-    flat = Accumulator(SPEC, max_contributors=3)
+    flat = FlatAccumulator(SPEC, max_contributors=3)
     for update, scale in zip(decoded, scales, strict=True):
         flat.add(update, scale)
     reference = flat.mean()
@@ -43,3 +43,22 @@ def test_more_than_255_contributors_is_refused() -> None:
     acc.contributors = 255
     with pytest.raises(ValueError, match="255"):
         acc.add(b"", 1.0)
+
+
+@pytest.mark.parametrize("make", ["chunk", "flat"])
+def test_more_contributors_than_a_byte_counts_need_a_wider_count(make: str) -> None:
+    """Each accumulator picks its count type from the number of contributors and enforces its limit."""
+    codec = SparseLoCoCodec(k=16)
+    spec = [("w", (70,))]
+    payload = codec.encode({"w": torch.arange(70.0)}, spec, HEADER)[0]
+    stored = codec.examine(payload, spec).stored
+    acc = (
+        codec.accumulator(spec, 300)
+        if make == "chunk"
+        else FlatAccumulator(spec, max_contributors=300, decode=lambda b: codec.decode(b, spec)[1])
+    )
+    assert acc.count.dtype == torch.int32
+    for _ in range(300):
+        acc.add_stored(stored if make == "chunk" else payload)
+    mean = acc.mean()["w"]
+    assert torch.allclose(mean, codec.decode(payload, spec)[1]["w"].to_dense((70,)), rtol=1e-6)

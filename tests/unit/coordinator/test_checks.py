@@ -1,32 +1,43 @@
-"""Judging a round's uploads from what intake recorded: copies by content or by sketch, norms."""
+"""Judging a round's uploads from what intake recorded (coordinator/checks.py): copies by content or by
+sketch, replays of recent rounds, norms; and aggregation streamed one upload at a time."""
 
 from __future__ import annotations
 
 import torch
 from pool_harness import SPEC, encode, make_delta
 
-from coordinator.judge import Upload, aggregate_uploads, judge
+from coordinator.aggregation import aggregate_uploads
+from coordinator.checks import History, Judging, Upload, default_pipeline, judge_cheap
+from coordinator.settings import CheckSettings, ValidationSettings
 from protocol.aggregate import aggregate, cosine, sketch, update_norm
 from protocol.codec import SparseLoCoCodec, content_digest
 
 CODEC = SparseLoCoCodec()
+PIPELINE = default_pipeline(CheckSettings(), ValidationSettings())
 
 
 def upload(miner: str, body: bytes) -> Upload:
-    _, update = CODEC.decode(body, SPEC)
-    return Upload(miner, miner + "-sha", content_digest(body), update_norm(update), sketch(update, SPEC))
+    seen = CODEC.examine(body, SPEC)
+    return Upload(miner, miner + "-sha", seen.content_sha256, seen.norm, seen.sketch)
 
 
 def bodies(*seeds: int, scale: float = 1e-3) -> list[bytes]:
     return [encode(make_delta(s, scale), 0, 0)[0] for s in seeds]
 
 
+def judge(uploads: list[Upload], history: History | None = None) -> tuple[dict[str, str], dict[str, float]]:
+    """The cheap checks' refusals, and the clip scale of each upload they left."""
+    j = Judging(0, uploads, history or History())
+    _, scales = judge_cheap(PIPELINE, j)
+    return j.refused, scales
+
+
 def test_independent_updates_are_far_from_parallel_and_all_accepted() -> None:
     uploads = [upload(f"m{i}", b) for i, b in enumerate(bodies(1, 2, 3, 4))]
     assert max(abs(cosine(a.sketch, b.sketch)) for a in uploads for b in uploads if a is not b) < 0.2
-    verdicts, accepted = judge(uploads)
-    assert verdicts == {"m0": None, "m1": None, "m2": None, "m3": None}
-    assert [u.miner for u, _ in accepted] == ["m0", "m1", "m2", "m3"]
+    refused, scales = judge(uploads)
+    assert refused == {}
+    assert list(scales) == ["m0", "m1", "m2", "m3"]
 
 
 def test_a_rescaled_copy_is_refused_as_a_copy_even_though_its_bytes_differ() -> None:
@@ -34,9 +45,9 @@ def test_a_rescaled_copy_is_refused_as_a_copy_even_though_its_bytes_differ() -> 
     doubled = encode({n: t * 2 for n, t in make_delta(5).items()}, 0, 0)[0]
     a, b, c = upload("a", honest), upload("b", doubled), upload("c", bodies(6)[0])
     assert a.content_sha256 != b.content_sha256 and cosine(a.sketch, b.sketch) > 0.98
-    verdicts, accepted = judge([a, b, c])
-    assert verdicts == {"a": None, "b": "copied_payload", "c": None}
-    assert [u.miner for u, _ in accepted] == ["a", "c"]
+    refused, scales = judge([a, b, c])
+    assert refused == {"b": "copied_payload"}
+    assert list(scales) == ["a", "c"]
 
 
 def test_outliers_zero_and_non_finite_norms_are_refused_and_the_rest_clipped_to_the_median() -> None:
@@ -44,29 +55,26 @@ def test_outliers_zero_and_non_finite_norms_are_refused_and_the_rest_clipped_to_
     big = upload("big", bodies(9, scale=1e-1)[0])
     zero = Upload("zero", "z", "z", 0.0, torch.zeros(1024))
     nan = Upload("nan", "n", "n", float("nan"), torch.zeros(1024))
-    verdicts, accepted = judge([*ups, big, zero, nan])
-    assert verdicts["big"] == "norm_outlier" and verdicts["zero"] == "empty_update"
-    assert verdicts["nan"] == "non_finite"
-    assert all(0 < scale <= 1 for _, scale in accepted) and sum(scale == 1 for _, scale in accepted) >= 2
+    refused, scales = judge([*ups, big, zero, nan])
+    assert refused == {"big": "norm_outlier", "zero": "empty_update", "nan": "non_finite"}
+    assert all(0 < s <= 1 for s in scales.values()) and sum(s == 1 for s in scales.values()) >= 2
 
 
 def test_streamed_aggregation_equals_aggregating_everything_at_once() -> None:
     raw = bodies(1, 2, 3, scale=1e-3) + bodies(4, scale=3e-3)
     ups = [upload(f"m{i}", b) for i, b in enumerate(raw)]
-    blobs = {u.sha256: b for u, b in zip(ups, raw, strict=True)}
-    _, accepted = judge(ups)
-    streamed = aggregate_uploads(accepted, blobs.__getitem__, CODEC, SPEC)
+    stored = {u.miner: (b, CODEC.examine(b, SPEC).stored) for u, b in zip(ups, raw, strict=True)}
+    _, scales = judge(ups)
+    streamed = aggregate_uploads([(u, scales[u.miner]) for u in ups], lambda u: stored[u.miner], CODEC, SPEC)
     at_once = aggregate([CODEC.decode(b, SPEC)[1] for b in raw], SPEC)
     for name, _ in SPEC:
         assert torch.allclose(streamed[name], at_once[name], rtol=1e-6, atol=1e-9)
 
 
 def test_intake_examines_a_payload_in_one_decode_with_the_same_norm_and_sketch() -> None:
-    from coordinator.judge import examine
-
     body = bodies(11)[0]
-    seen = examine(body, CODEC, SPEC)
+    seen = CODEC.examine(body, SPEC)
     _, update = CODEC.decode(body, SPEC)
     assert abs(seen.norm - update_norm(update)) < 1e-6 * seen.norm
     assert torch.allclose(seen.sketch, sketch(update, SPEC), rtol=1e-5, atol=1e-9)
-    assert seen.content_sha256 == content_digest(body) and seen.unpacked is not None
+    assert seen.content_sha256 == content_digest(body) and seen.stored != body

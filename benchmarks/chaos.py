@@ -1,0 +1,321 @@
+"""A chaos soak: ``python -m benchmarks.chaos --minutes M --json``.
+
+A coordinator, ``--miners`` (4) honest miners, hostile miners (``--hostile``: ``--adversary`` kinds,
+``lutscale`` and ``signflip`` by default) and a validator run as real processes on 127.0.0.1. At random
+moments (every ``--interval-s`` on average) one of them is killed with SIGKILL and started again: the
+coordinator every other time, otherwise a miner or the validator. Throughout, and at the end, it checks:
+
+- no accepted upload lost: every upload a miner was told was taken (its log) is in that round's record;
+- each version published once: a version's parameter hash and loss never change once seen, and a closed
+  round's uploads and verdicts never change;
+- every served checkpoint, and the chain of published updates replayed from version 0, match the hashes;
+- no version with a non-finite parameter or held-out loss;
+- every honest miner, and the validator, back at work after each restart (theirs or the coordinator's);
+- the held-out loss lower at the end than at the start.
+
+Output: ``{"minutes", "kills": {...}, "rounds", "versions", "violations": [...], "initial_eval_loss",
+"final_eval_loss"}``. A violation is a sentence; none is the target.
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import math
+import os
+import random
+import signal
+import subprocess
+import sys
+import tempfile
+import time
+from collections.abc import Iterator
+from pathlib import Path
+from typing import Any
+
+import httpx
+import tomli_w
+
+from protocol.data import stdlib_dir
+from protocol.model import build_model
+from protocol.params import apply_update, decode_update, load_checkpoint, param_spec, params_hash
+from protocol.signing import generate_key, load_key, public_key_hex, save_key
+
+SETTINGS: dict[str, Any] = {
+    "model": "tiny",
+    "rounds": {"min_quorum": 2, "deadline_s": 15.0, "min_deadline_s": 3.0},
+    "recipe": {"inner_steps": 8, "batch_size": 8, "warmup_steps": 4},
+    "data": {"eval_every": 20, "eval_sequences": 16},
+    "validation": {"own_sequences": 32, "other_sequences": 32},
+    "max_catchup_versions": 64,
+}
+STDLIB_FILES = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "textwrap.py", "typing.py"]
+
+
+def log(message: str) -> None:
+    print(message, file=sys.stderr, flush=True)
+
+
+class Node:
+    """One process of the network, started again after every kill with the same arguments."""
+
+    def __init__(self, name: str, kind: str, args: list[str], root: Path) -> None:
+        self.name, self.kind, self.args, self.log = name, kind, args, root / "logs" / f"{name}.log"
+        self.proc: subprocess.Popen[bytes] | None = None
+        self.starts: list[float] = []
+
+    def start(self) -> None:
+        self.log.parent.mkdir(parents=True, exist_ok=True)
+        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADPOOL_LOG_FORMAT": "json"}
+        with open(self.log, "ab") as out:
+            command = [sys.executable, "-m", "gradpool", *self.args]
+            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
+                                         stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+        self.starts.append(time.time())
+
+    def kill(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGKILL)
+            self.proc.wait(timeout=30)
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.send_signal(signal.SIGTERM)
+            try:
+                self.proc.wait(timeout=20)
+            except subprocess.TimeoutExpired:
+                self.kill()
+
+    def lines(self) -> Iterator[dict[str, Any]]:
+        """The node's JSON log lines."""
+        if not self.log.exists():
+            return
+        for line in self.log.read_text(errors="replace").splitlines():
+            if line.startswith("{"):
+                try:
+                    yield json.loads(line)
+                except ValueError:
+                    continue
+
+
+class Checks:
+    """What must hold at every moment; each breach is recorded once, as a sentence."""
+
+    def __init__(self) -> None:
+        self.violations: list[str] = []
+        self.versions: dict[int, tuple[str, float | None]] = {}
+        self.closed: dict[int, dict[str, tuple[str, str, str | None]]] = {}
+
+    def violation(self, message: str) -> None:
+        if message not in self.violations:
+            log(f"VIOLATION: {message}")
+            self.violations.append(message)
+
+    def poll(self, http: httpx.Client) -> None:
+        """Everything new since the last poll, compared with what was seen before."""
+        current = http.get("/v1/round").json()
+        v = 0
+        while v <= current["version"] or v in self.versions:
+            r = http.get(f"/v1/versions/{v}")
+            if r.status_code == 404:
+                break
+            info = r.json()
+            seen = (info["param_hash"], info["eval_loss"])
+            if info["eval_loss"] is None or not math.isfinite(info["eval_loss"]):
+                self.violation(f"version {v} was published with held-out loss {info['eval_loss']}")
+            if self.versions.setdefault(v, seen) != seen:
+                self.violation(f"version {v} changed: {self.versions[v]} -> {seen}")
+            v += 1
+        for r in range(current["round"]):
+            if r in self.closed and r < current["round"] - 3:
+                continue  # checked often enough; the final pass reads every round again
+            self._round(http, r)
+
+    def _round(self, http: httpx.Client, r: int) -> None:
+        record = http.get(f"/v1/rounds/{r}").json()
+        if record["status"] != "closed":
+            return
+        subs = {s["miner"]: (s["sha256"], s["status"], s["reason"]) for s in record["submissions"]}
+        if self.closed.setdefault(r, subs) != subs:
+            self.violation(f"round {r} changed after it closed: {self.closed[r]} -> {subs}")
+
+    def final(self, http: httpx.Client, nodes: list[Node], keys: dict[str, str], grace_s: float,
+              end: float) -> dict[str, Any]:  # fmt: skip
+        self.poll(http)
+        current = http.get("/v1/round").json()
+        for r in range(current["round"]):
+            self._round(http, r)
+        self._uploads_kept(http, nodes, keys)
+        self._chain(http, current["version"])
+        self._back_at_work(nodes, grace_s, end)
+        losses = [loss for _, loss in (self.versions[v] for v in sorted(self.versions))]
+        initial, final = losses[0], self.versions[current["version"]][1]
+        if initial is None or final is None or not final < initial:
+            self.violation(f"the held-out loss did not fall: {initial} -> {final}")
+        return {"rounds": current["round"], "versions": len(self.versions), "initial_eval_loss": initial,
+                "final_eval_loss": final}  # fmt: skip
+
+    def _uploads_kept(self, http: httpx.Client, nodes: list[Node], keys: dict[str, str]) -> None:
+        for node in nodes:
+            for line in node.lines():
+                words = line.get("message", "").split()
+                if "upload taken," not in line.get("message", ""):
+                    continue
+                round_, sha = int(words[1].rstrip(":")), words[-1]
+                record = http.get(f"/v1/rounds/{round_}").json()
+                kept = {s["miner"]: s["sha256"] for s in record.get("submissions", [])}
+                if kept.get(keys[node.name]) != sha:
+                    self.violation(
+                        f"{node.name}'s upload {sha[:12]} taken in round {round_} is not in its record"
+                    )
+
+    def _chain(self, http: httpx.Client, latest: int) -> None:
+        """Every kept checkpoint, and version 0 with every published update applied in turn, against the
+        versions' hashes; every parameter finite."""
+        spec = param_spec(build_model(SETTINGS["model"]))
+        base = http.get("/v1/checkpoint", params={"version": 0})
+        params, _ = load_checkpoint(base.content, spec)
+        by_version = {0: dict(params)}
+        for v in range(1, latest + 1):
+            info = http.get(f"/v1/versions/{v}").json()
+            header, delta = decode_update(http.get(f"/v1/versions/{v}/update").content, spec)
+            if header.base_version not in by_version:
+                self.violation(f"version {v} builds on {header.base_version}, which the chain does not have")
+                return
+            params = {n: t.clone() for n, t in by_version[header.base_version].items()}
+            apply_update(params, delta)
+            if params_hash(params, spec) != info["param_hash"]:
+                self.violation(f"replaying the published updates to version {v} misses its hash")
+            if not all(bool(t.isfinite().all()) for t in params.values()):
+                self.violation(f"version {v} has a non-finite parameter")
+            by_version = {header.base_version: by_version[header.base_version], v: params}
+            ckpt = http.get("/v1/checkpoint", params={"version": v})
+            if ckpt.status_code == 200:
+                served, _ = load_checkpoint(ckpt.content, spec)
+                if params_hash(served, spec) != info["param_hash"]:
+                    self.violation(f"the checkpoint served for version {v} misses its hash")
+
+    def _back_at_work(self, nodes: list[Node], grace_s: float, end: float) -> None:
+        """After every start of a node, and every start of the coordinator, each honest miner takes part
+        again (an upload taken), and the validator posts verdicts again, unless the run ended first."""
+        coordinator = next(n for n in nodes if n.kind == "coordinator")
+        for node in nodes:
+            if node.kind not in ("miner", "validator"):
+                continue
+            markers = ("upload taken,",) if node.kind == "miner" else ("verdicts (", "nothing to evaluate")
+            done = [line["ts"] for line in node.lines() if any(m in line.get("message", "") for m in markers)]
+            for t in sorted({*node.starts[1:], *coordinator.starts[1:]}):
+                if t < end - grace_s and not any(d > t for d in done):
+                    self.violation(f"{node.name} did not work again after a restart at {time.ctime(t)}")
+
+
+def corpus(root: Path) -> Path:
+    path = root / "corpus.txt"
+    path.write_text("\n\n".join((stdlib_dir() / n).read_text(encoding="utf-8") for n in STDLIB_FILES))
+    return path
+
+
+def soak(
+    minutes: float, miners: int, hostile: list[str], interval_s: float, seed: int, work: Path
+) -> dict[str, Any]:
+    rng = random.Random(seed)
+    settings = {**SETTINGS, "state_dir": str(work / "coordinator"), "data": {**SETTINGS["data"],
+                "corpus": str(corpus(work))}}  # fmt: skip
+    (work / "coordinator.toml").write_text(tomli_w.dumps(settings))
+    ready = work / "ready.json"
+    serve = ["coordinator", "serve", "--config", str(work / "coordinator.toml"), "--port", "0",
+             "--ready-file", str(ready)]  # fmt: skip
+    coordinator = Node("coordinator", "coordinator", serve, work)
+    url = start_coordinator(coordinator, ready)
+    coordinator.args[coordinator.args.index("--port") + 1] = url.rsplit(":", 1)[1]  # the same port each time
+    keys: dict[str, str] = {}
+    nodes = [coordinator]
+    roster = [(f"miner-{i}", None) for i in range(miners)] + [(f"{k}-0", k) for k in hostile]
+    for name, kind in roster:
+        key = work / "keys" / f"{name}.pem"
+        save_key(generate_key(), key)
+        keys[name] = public_key_hex(load_key(key))
+        cheat = [] if kind is None else ["--adversary", kind]
+        mine = ["mine", "--coordinator", url, "--key", str(key), "--state-dir", str(work / "miners" / name),
+                "--threads", "1", *cheat]  # fmt: skip
+        nodes.append(Node(name, "miner" if kind is None else "hostile", mine, work))
+    nodes.append(Node("validator", "validator", ["validate", "--coordinator", url, "--key",
+                      str(work / "keys" / "validator.pem"), "--create-key", "--state-dir",
+                      str(work / "validator"), "--threads", "1"], work))  # fmt: skip
+    for node in nodes[1:]:
+        node.start()
+    checks, kills = Checks(), {"coordinator": 0, "miner": 0, "validator": 0}
+    t0 = time.time()
+    end = t0 + 60 * minutes
+    turn = 0
+    next_kill = t0 + rng.uniform(0.5, 1.5) * interval_s
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        while time.time() < end:
+            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):  # the coordinator may be down
+                checks.poll(http)
+            for node in nodes:  # nothing may stop by itself
+                if node.proc is not None and node.proc.poll() is not None:
+                    checks.violation(f"{node.name} exited by itself (exit code {node.proc.returncode})")
+                    start_coordinator(node, ready) if node is coordinator else node.start()
+            if time.time() >= next_kill:
+                victim = (
+                    coordinator
+                    if turn % 2 == 0
+                    else rng.choice([n for n in nodes[1:] if n.kind != "hostile"])
+                )
+                turn += 1
+                log(f"{time.time() - t0:6.1f} s: SIGKILL {victim.name}")
+                victim.kill()
+                kills["coordinator" if victim is coordinator else victim.kind] += 1
+                time.sleep(rng.uniform(0.2, 3.0))
+                if victim is coordinator:
+                    start_coordinator(coordinator, ready)
+                else:
+                    victim.start()
+                next_kill = time.time() + rng.uniform(0.5, 1.5) * interval_s
+            time.sleep(1.0)
+        for node in nodes[1:]:
+            node.stop()
+        wall = [r["wall_s"] for r in http.get("/v1/reports").json()]
+        grace = max(60.0, 4 * (sorted(wall)[len(wall) // 2] if wall else 15.0))
+        summary = checks.final(http, nodes, keys, grace, end)
+    coordinator.stop()
+    return {"minutes": minutes, "kills": kills, **summary, "violations": checks.violations}
+
+
+def start_coordinator(node: Node, ready: Path, timeout_s: float = 180.0) -> str:
+    ready.unlink(missing_ok=True)
+    node.start()
+    deadline = time.monotonic() + timeout_s
+    while not ready.exists():
+        if (node.proc is not None and node.proc.poll() is not None) or time.monotonic() > deadline:
+            raise RuntimeError(f"the coordinator did not start:\n{node.log.read_text()[-2000:]}")
+        time.sleep(0.05)
+    return str(json.loads(ready.read_text())["url"])
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    p.add_argument("--minutes", type=float, default=10.0)
+    p.add_argument("--miners", type=int, default=4, help="honest miners")
+    p.add_argument("--hostile", default="lutscale,signflip", help="comma-separated --adversary kinds")
+    p.add_argument("--interval-s", type=float, default=15.0, help="mean time between kills")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary folder)")
+    p.add_argument("--json", action="store_true", help="print the result as JSON")
+    args = p.parse_args(argv)
+    hostile = [k for k in args.hostile.split(",") if k]
+    with tempfile.TemporaryDirectory(prefix="gradpool-chaos-") as tmp:
+        work = args.out or Path(tmp)
+        work.mkdir(parents=True, exist_ok=True)
+        result = soak(args.minutes, args.miners, hostile, args.interval_s, args.seed, work)
+    if args.json:
+        print(json.dumps(result))
+    else:
+        log(json.dumps(result, indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    sys.exit(1 if main()["violations"] else 0)

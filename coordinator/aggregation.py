@@ -1,0 +1,75 @@
+"""Aggregating a round's accepted uploads, streamed one upload at a time.
+
+Each accepted upload comes with its clip scale. By default they are added one at a time into the codec's
+accumulator (a running sum and count: memory does not grow with their number) and the mean over the
+contributors that selected each coordinate is taken; the robust choices (trimmed mean, median) need every
+contributor's values at once instead. A failure while one upload is read or added is that upload's
+(``UploadFailed``), so the closer can refuse it and aggregate the rest.
+"""
+
+from __future__ import annotations
+
+import math
+from collections.abc import Callable, Sequence
+
+import torch
+
+from coordinator.checks import Upload
+from protocol.aggregate import RobustMethod, flatten, robust_mean
+from protocol.codec import Codec, ParamSpec
+
+
+class UploadFailed(Exception):
+    """Reading or using one upload failed."""
+
+    def __init__(self, miner: str, cause: BaseException) -> None:
+        super().__init__(f"upload of miner {miner[:12]} failed: {type(cause).__name__}: {cause}")
+        self.miner = miner
+
+
+def aggregate_uploads(
+    accepted: Sequence[tuple[Upload, float]],
+    load: Callable[[Upload], tuple[bytes, bytes]],
+    codec: Codec,
+    spec: ParamSpec,
+    method: RobustMethod | None = None,
+    trim_fraction: float = 0.2,
+) -> dict[str, torch.Tensor]:
+    """The aggregate of ``(upload, scale)`` pairs; ``load(upload)`` gives its (payload, stored form)."""
+    if method is not None:
+        return _robust(accepted, load, codec, spec, method, trim_fraction)
+    acc = codec.accumulator(spec, max_contributors=max(1, len(accepted)))
+    for upload, scale in accepted:
+        try:
+            acc.add_stored(load(upload)[1], scale)
+        except Exception as e:
+            raise UploadFailed(upload.miner, e) from e
+    return acc.mean()
+
+
+def _robust(
+    accepted: Sequence[tuple[Upload, float]],
+    load: Callable[[Upload], tuple[bytes, bytes]],
+    codec: Codec,
+    spec: ParamSpec,
+    method: RobustMethod,
+    trim_fraction: float,
+) -> dict[str, torch.Tensor]:
+    offsets, total = {}, 0
+    for name, shape in spec:
+        offsets[name], total = total, total + math.prod(shape)
+    coords, values = [], []
+    for upload, scale in accepted:
+        try:
+            c, v = flatten(codec.decode(load(upload)[0], spec)[1], spec, scale)
+        except Exception as e:
+            raise UploadFailed(upload.miner, e) from e
+        coords.append(c)
+        values.append(v)
+    flat = robust_mean(
+        torch.cat(coords) if coords else torch.zeros(0, dtype=torch.int64),
+        torch.cat(values) if values else torch.zeros(0),
+        total, method, trim_fraction,
+    )  # fmt: skip
+    return {name: flat[o : o + math.prod(shape)].view(shape) for (name, shape), o in
+            zip(spec, offsets.values(), strict=True)}  # fmt: skip

@@ -1,0 +1,248 @@
+"""The checks that judge a round's uploads when it closes, as a pipeline.
+
+Each check is an object with its refusal ``code`` and its ``phase``: ``cheap`` checks use only what intake
+recorded (norm, sketch, digest) and run first; ``evaluated`` checks run after the evaluation (the loss
+before and after each update alone, protocol/evaluation.py) on the uploads the cheap ones left. The closer
+runs them in pipeline order; the first check to refuse an upload gives the reason. Which uploads were
+evaluated is recorded with them, so validators evaluate exactly those. Adding a check is one class here and
+one line in ``default_pipeline``.
+"""
+
+from __future__ import annotations
+
+import math
+import statistics
+from collections.abc import Callable, Iterable, Sequence
+from dataclasses import dataclass, field
+from enum import StrEnum
+from typing import ClassVar, Literal, Protocol
+
+import torch
+
+from coordinator.settings import CheckSettings, ValidationSettings
+from protocol.aggregate import clip_scale, cosine, reference_norm
+from protocol.evaluation import Losses
+
+Phase = Literal["cheap", "evaluated"]
+
+
+class Refusal(StrEnum):
+    """Every reason closing a round gives for refusing an upload (refusals at upload are HTTP errors)."""
+
+    NON_FINITE = "non_finite"  # its norm is not a number
+    EMPTY_UPDATE = "empty_update"
+    COPIED_PAYLOAD = "copied_payload"  # the same update as an earlier upload of this round, rescaled or not
+    REPLAYED_UPDATE = "replayed_update"  # the same update as an upload of a recent round
+    NORM_OUTLIER = "norm_outlier"
+    NON_FINITE_LOSS = "non_finite_loss"  # applying it made a loss NaN or infinite
+    HARMFUL = "harmful"  # it does not lower the loss on its own data
+    LOW_GAIN = "low_gain"  # it lowers it by too little
+    LOW_SCORE = "low_score"  # weight_by_score: its miner's score is not positive
+    LOSS_GUARD = "loss_guard"  # left out so that the new version would not raise the held-out loss
+    UNREADABLE = "unreadable_upload"  # processing it failed
+    ROUND_FAILED = "round_failed"  # the round could not be closed with a version (not the miner's doing)
+    ROLLED_BACK = "rolled_back"  # the operator rolled the model back while the round was open
+
+
+NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK})  # never counted against a miner
+
+
+@dataclass(frozen=True)
+class Upload:
+    """One upload as intake recorded it."""
+
+    miner: str
+    sha256: str
+    content_sha256: str
+    norm: float
+    sketch: torch.Tensor
+    stored_sha256: str | None = None  # the form the codec's accumulator reads back
+
+
+@dataclass(frozen=True)
+class History:
+    """What recent rounds leave for judging this one: accepted norms and gains, and every upload's digest
+    and sketch (a replay copies one of those)."""
+
+    norms: Sequence[float] = ()
+    gains: Sequence[float] = ()
+    digests: frozenset[str] = frozenset()
+    sketches: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))  # (uploads, buckets), unit rows
+
+
+@dataclass
+class Judging:
+    """A round being judged: its uploads in arrival order and what the pipeline found so far."""
+
+    round: int
+    uploads: list[Upload]
+    history: History = field(default_factory=History)
+    refused: dict[str, str] = field(default_factory=dict)  # miner -> reason
+    losses: dict[str, Losses] = field(default_factory=dict)  # the evaluation of the uploads it reached
+    scores: Callable[[], dict[str, float]] | None = None  # the miners' scores with this round's results
+
+    def remaining(self) -> list[Upload]:
+        return [u for u in self.uploads if u.miner not in self.refused]
+
+
+class Check(Protocol):
+    code: ClassVar[str]
+    phase: ClassVar[Phase]
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        """The miners (among ``j.remaining()``) this check refuses."""
+        ...
+
+
+def run_phase(pipeline: Sequence[Check], phase: Phase, j: Judging) -> None:
+    for check in pipeline:
+        if check.phase == phase:
+            for miner in list(check.refuse(j)):
+                j.refused.setdefault(miner, check.code)
+
+
+def judge_cheap(pipeline: Sequence[Check], j: Judging) -> tuple[float | None, dict[str, float]]:
+    """The cheap phase, then the reference norm of the uploads it left and each one's clip scale."""
+    run_phase(pipeline, "cheap", j)
+    remaining = j.remaining()
+    ref = reference_norm(j.history.norms, [u.norm for u in remaining])
+    return ref, ({} if ref is None else {u.miner: clip_scale(u.norm, ref) for u in remaining})
+
+
+# -- cheap checks ------------------------------------------------------------------------------------------
+class NonFinite:
+    code: ClassVar[str] = Refusal.NON_FINITE
+    phase: ClassVar[Phase] = "cheap"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        return [u.miner for u in j.remaining() if not math.isfinite(u.norm)]
+
+
+class EmptyUpdate:
+    code: ClassVar[str] = Refusal.EMPTY_UPDATE
+    phase: ClassVar[Phase] = "cheap"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        return [u.miner for u in j.remaining() if u.norm == 0.0]
+
+
+@dataclass(frozen=True)
+class Copied:
+    """The later of two uploads of the round with the same tensors, or sketches nearly parallel."""
+
+    copy_cosine: float
+    code: ClassVar[str] = Refusal.COPIED_PAYLOAD
+    phase: ClassVar[Phase] = "cheap"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        kept: list[Upload] = []
+        for u in j.remaining():
+            if any(u.content_sha256 == k.content_sha256 or cosine(u.sketch, k.sketch) > self.copy_cosine
+                   for k in kept):  # fmt: skip
+                yield u.miner
+            else:
+                kept.append(u)
+
+
+@dataclass(frozen=True)
+class Replayed:
+    """An upload with the tensors, or nearly the sketch, of any upload of the recent rounds."""
+
+    copy_cosine: float
+    code: ClassVar[str] = Refusal.REPLAYED_UPDATE
+    phase: ClassVar[Phase] = "cheap"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        h = j.history
+        for u in j.remaining():
+            if u.content_sha256 in h.digests or self._parallel(h.sketches, u.sketch):
+                yield u.miner
+
+    def _parallel(self, sketches: torch.Tensor, sketch: torch.Tensor) -> bool:
+        n = float(sketch.double().norm())
+        return (
+            bool(len(sketches))
+            and n > 0
+            and float((sketches @ (sketch.double() / n)).max()) > self.copy_cosine
+        )
+
+
+@dataclass(frozen=True)
+class NormOutlier:
+    """A norm above ``max_ratio`` x the reference norm (this round's and recent rounds' accepted norms)."""
+
+    max_ratio: float
+    code: ClassVar[str] = Refusal.NORM_OUTLIER
+    phase: ClassVar[Phase] = "cheap"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        remaining = j.remaining()
+        ref = reference_norm(j.history.norms, [u.norm for u in remaining])
+        if ref is None or len(j.history.norms) + len(remaining) < 3:
+            return []
+        return [u.miner for u in remaining if u.norm > self.max_ratio * ref]
+
+
+# -- evaluated checks --------------------------------------------------------------------------------------
+class NonFiniteLoss:
+    code: ClassVar[str] = Refusal.NON_FINITE_LOSS
+    phase: ClassVar[Phase] = "evaluated"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        return [m for m, x in j.losses.items() if m not in j.refused and not x.finite()]
+
+
+class Harmful:
+    code: ClassVar[str] = Refusal.HARMFUL
+    phase: ClassVar[Phase] = "evaluated"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        return [m for m, x in j.losses.items() if m not in j.refused and x.gain <= 0]
+
+
+@dataclass(frozen=True)
+class LowGain:
+    """A gain below ``fraction`` x the reference gain: the median of this round's positive gains together
+    with recent rounds' accepted ones (3 at least), so that a round of useless uploads cannot lower it."""
+
+    fraction: float
+    code: ClassVar[str] = Refusal.LOW_GAIN
+    phase: ClassVar[Phase] = "evaluated"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        gains = {m: x.gain for m, x in j.losses.items() if m not in j.refused}
+        pool = [g for g in (*gains.values(), *j.history.gains) if math.isfinite(g) and g > 0]
+        if self.fraction <= 0 or len(pool) < 3:
+            return []
+        bar = self.fraction * statistics.median(pool)
+        return [m for m, g in gains.items() if g < bar]
+
+
+class LowScore:
+    """weight_by_score: a miner whose score, with this round's result, is not positive."""
+
+    code: ClassVar[str] = Refusal.LOW_SCORE
+    phase: ClassVar[Phase] = "evaluated"
+
+    def refuse(self, j: Judging) -> Iterable[str]:
+        if j.scores is None:
+            return []
+        scores = j.scores()
+        return [u.miner for u in j.remaining() if scores.get(u.miner, 0.0) <= 0]
+
+
+def default_pipeline(checks: CheckSettings, validation: ValidationSettings) -> list[Check]:
+    pipeline: list[Check] = [
+        NonFinite(),
+        EmptyUpdate(),
+        Copied(checks.copy_cosine),
+        Replayed(checks.copy_cosine),
+        NormOutlier(checks.max_norm_ratio),
+        NonFiniteLoss(),
+    ]
+    if validation.refuse_harmful:
+        pipeline.append(Harmful())
+    pipeline.append(LowGain(validation.min_gain_fraction))
+    if validation.weight_by_score:
+        pipeline.append(LowScore())
+    return pipeline

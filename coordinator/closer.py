@@ -1,0 +1,346 @@
+"""The closer: one thread that closes rounds. It sleeps until the round changes or its deadline comes, and
+when the round is ready it judges the uploads (coordinator/checks.py), builds and guards the next version
+(coordinator/publish.py) and commits everything in one transaction.
+
+A round always ends. A failure while one upload is read, evaluated or aggregated refuses that upload
+(``unreadable_upload``) and the rest go on; a version that fails the guard is built again without the most
+suspect uploads (``loss_guard``) until it passes or none is left; any other failure is retried, and after
+``max_close_attempts`` the round closes without a version, with the reason recorded.
+"""
+
+from __future__ import annotations
+
+import logging
+import math
+import sqlite3
+import statistics
+import threading
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+import torch
+
+from coordinator.aggregation import UploadFailed
+from coordinator.checks import Check, History, Judging, Refusal, Upload, judge_cheap, run_phase
+from coordinator.parts import Model, Parts
+from coordinator.publish import Built
+from coordinator.settings import CheckSettings, FaultSettings, RoundSettings, ValidationSettings
+from coordinator.state import RoundState
+from coordinator.store import COORDINATOR, Outcome, RoundClose, Store
+from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt, samples
+
+log = logging.getLogger(__name__)
+
+
+class Stopping(Exception):
+    """The coordinator is shutting down: the round stays open, to be closed after the restart."""
+
+
+@dataclass
+class Hooks:
+    """Failure injection for tests: called as closing reads each upload, and just before the commit."""
+
+    on_upload: Callable[[int, str], None] | None = None
+    before_commit: Callable[[int], None] | None = None
+
+
+@dataclass
+class Judged:
+    refused: dict[str, str]
+    scales: dict[str, float]
+    losses: dict[str, Losses]
+    evaluated: set[str]
+    reference_norm: float | None
+
+
+@dataclass(frozen=True)
+class CloserSettings:
+    """The closer's slice of the coordinator's settings."""
+
+    rounds: RoundSettings
+    checks: CheckSettings
+    validation: ValidationSettings
+    faults: FaultSettings
+    keep_checkpoints: int
+
+
+def deadline_for(store: Store, rounds: RoundSettings, round_: int) -> float:
+    """Seconds after a round's first upload before it may close without its missing miners: twice the
+    median spread of arrivals in the last five rounds, plus a second, within [min_deadline_s,
+    deadline_s]. A miner that is merely slow thus still makes it; a dead one costs little time."""
+    if not rounds.adaptive_deadline:
+        return rounds.deadline_s
+    spreads = store.arrival_spreads(round_ - 5, round_)
+    if not spreads:
+        return rounds.deadline_s
+    return min(rounds.deadline_s, max(rounds.min_deadline_s, 2 * statistics.median(spreads) + 1.0))
+
+
+class Closer:
+    def __init__(self, parts: Parts, model: Model, settings: CloserSettings, checks: Sequence[Check],
+                 hooks: Hooks) -> None:  # fmt: skip
+        self.p, self.model, self.s, self.checks, self.hooks = parts, model, settings, checks, hooks
+        self.downloads = parts.downloads
+        self._wake = threading.Event()
+        self._stop = threading.Event()
+        self._thread: threading.Thread | None = None
+        parts.cell.listen(lambda old, new: self._wake.set())
+
+    # -- the thread ---------------------------------------------------------------------------------------
+    def start(self) -> None:
+        self._thread = threading.Thread(target=self._loop, name="closer", daemon=True)
+        self._thread.start()
+
+    @property
+    def running(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    def stop(self) -> None:
+        self._stop.set()
+        self._wake.set()
+        if self._thread is not None:
+            self._thread.join()
+
+    def wake(self) -> None:
+        self._wake.set()
+
+    def _loop(self) -> None:
+        rounds = self.s.rounds
+        while not self._stop.is_set():
+            state = self.p.cell.state
+            now = self.p.clock()
+            if not state.ready(now, rounds.min_quorum):
+                left = state.time_left(now)
+                self._wake.wait(timeout=None if left is None else max(left, 0.01))
+                self._wake.clear()
+                continue
+            try:
+                self.close_round()
+            except Stopping:
+                return
+
+    # -- closing ------------------------------------------------------------------------------------------
+    def close_round(self) -> None:
+        """Close the open round, retrying a failure that is no upload's; after the last try, without a
+        version."""
+        state = self.p.cell.update(status="aggregating")
+        attempts = self.s.rounds.max_close_attempts
+        for attempt in range(1, attempts + 1):
+            try:
+                self._close(state)
+                return
+            except Stopping:
+                self.p.cell.update(status="open")
+                raise
+            except Exception as e:
+                log.exception("round %d: closing failed (try %d of %d)", state.round, attempt, attempts)
+                reason = f"close_failed: {type(e).__name__}: {e}"[:500]
+                if attempt < attempts and self._stop.wait(min(5.0, 0.5 * 2**attempt)):
+                    self.p.cell.update(status="open")
+                    raise Stopping from None
+        self._close_without_version(state, reason)
+
+    def _close(self, state: RoundState) -> None:
+        p, t0 = self.p, time.perf_counter()
+        subs = p.store.round_submissions(state.round)
+        uploads = [Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"],
+                          torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
+                   for s in subs]  # fmt: skip
+        judged = self._judge(state, uploads, subs)
+        built, close_reason = self._build(state, uploads, judged)
+        new_version = None if built is None else p.publisher.write(built)
+        outcomes = {u.miner: Outcome(judged.refused.get(u.miner), u.miner in judged.evaluated,
+                                     judged.scales.get(u.miner)) for u in uploads}  # fmt: skip
+        compute = [s["compute_s"] for s in subs if judged.refused.get(s["miner"]) is None]
+        if self.hooks.before_commit is not None:
+            self.hooks.before_commit(state.round)
+        if (delay := self.s.faults.publish_delay_s) > 0:
+            log.warning(
+                "round %d: pausing %.1f s before the commit (faults.publish_delay_s)", state.round, delay
+            )
+            if self._stop.wait(delay):
+                raise Stopping
+        next_version = state.version if built is None else built.version
+        next_hash = state.param_hash if built is None else built.param_hash
+        bytes_down = self.downloads.take()
+        close = RoundClose(
+            round=state.round, next_version=next_version, version=new_version, outcomes=outcomes,
+            verdicts=judged.losses, compute_s=statistics.fmean(compute) if compute else 0.0,
+            reference_norm=judged.reference_norm, close_reason=close_reason, bytes_down=bytes_down,
+            closed_at=p.clock(),
+        )  # fmt: skip
+        try:
+            self._commit(state, close, next_hash)
+        except BaseException:
+            self.downloads.add(bytes_down)
+            raise
+        if built is not None:
+            self.model.params = built.params
+            p.outer.buffers = built.outer_buffers
+        self._after(state, close, time.perf_counter() - t0)
+
+    def _commit(self, state: RoundState, close: RoundClose, next_hash: str) -> None:
+        p, rounds, nxt = self.p, self.s.rounds, state.round + 1
+        expected = frozenset(p.store.active_miners(nxt - rounds.drop_after_rounds))
+        with p.cell.lock:
+            p.store.close_round(close)
+            p.cell.swap(RoundState(round=nxt, version=close.next_version, param_hash=next_hash,
+                                   expected=expected, clock_from=p.clock(),
+                                   deadline_s=deadline_for(p.store, rounds, nxt)))  # fmt: skip
+
+    def _close_without_version(self, state: RoundState, reason: str) -> None:
+        subs = self.p.store.round_submissions(state.round)
+        outcomes = {s["miner"]: Outcome(Refusal.ROUND_FAILED) for s in subs}
+        close = RoundClose(round=state.round, next_version=state.version, version=None, outcomes=outcomes,
+                           verdicts={}, compute_s=0.0, reference_norm=None, close_reason=reason,
+                           bytes_down=self.downloads.take(), closed_at=self.p.clock())  # fmt: skip
+        self._commit(state, close, state.param_hash)
+        self.p.metrics.rounds_failed.labels(reason.split(":")[0]).inc()
+        log.error("round %d closed without a version: %s", state.round, reason)
+        self._after(state, close, 0.0)
+
+    def _after(self, state: RoundState, close: RoundClose, seconds: float) -> None:
+        p = self.p
+        p.scores.changed()
+        for sha in p.store.prune_checkpoints(self.s.keep_checkpoints):
+            p.blobs.delete(sha)
+        for s in p.store.round_submissions(state.round):  # the stored forms served their one purpose
+            if s["unpacked_sha256"] not in (None, s["sha256"]):
+                p.blobs.delete(s["unpacked_sha256"])
+        loss = None if close.version is None else close.version.eval_loss
+        p.metrics.round_closed(close, seconds, state.round + 1, close.next_version)
+        refused = {m[:12]: o.reason for m, o in close.outcomes.items() if o.reason is not None}
+        log.info(
+            "round %d closed: version %d, accepted %d, refused %d %s, held-out loss %s, %.2f s",
+            state.round, close.next_version, sum(o.reason is None for o in close.outcomes.values()),
+            len(refused), refused or "", "n/a" if loss is None else f"{loss:.4f}", seconds,
+        )  # fmt: skip
+
+    # -- judging ------------------------------------------------------------------------------------------
+    def _judge(self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row]) -> Judged:
+        p, r = self.p, state.round
+        j = Judging(r, uploads, self._history(r))
+        ref, scales = judge_cheap(self.checks, j)
+        evaluated: set[str] = set()
+        if self.s.validation.builtin and j.remaining():
+            j.losses = self._measure(state, j, scales, [s["sha256"] for s in subs])
+            evaluated = set(j.losses)
+            board_through = r - 1
+            j.scores = lambda: p.scores.with_round(board_through, round_results(
+                r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
+            run_phase(self.checks, "evaluated", j)
+        return Judged(j.refused, scales, j.losses, evaluated, ref)
+
+    def _history(self, round_: int) -> History:
+        p, c = self.p, self.s.checks
+        first = round_ - c.history_rounds
+        recent = p.store.recent_uploads(round_ - c.replay_window_rounds, round_)
+        sketches = torch.stack([torch.frombuffer(bytearray(r["sketch"]), dtype=torch.float32) for r in recent]
+                               ).double() if recent else torch.zeros(0, 1, dtype=torch.float64)  # fmt: skip
+        if len(sketches):
+            sketches = sketches / sketches.norm(dim=1, keepdim=True).clamp_min(1e-300)
+        return History(
+            norms=p.store.accepted_norms(first, round_),
+            gains=p.store.accepted_gains(first, round_, COORDINATOR),
+            digests=frozenset(r["content_sha256"] for r in recent),
+            sketches=sketches,
+        )
+
+    def _measure(self, state: RoundState, j: Judging, scales: dict[str, float],
+                 payload_shas: list[str]) -> dict[str, Losses]:  # fmt: skip
+        """Each remaining upload's losses before and after it is applied alone, scaled as aggregation
+        scales it; an upload whose evaluation fails is refused."""
+        p, t0 = self.p, time.perf_counter()
+        salt = round_salt(payload_shas)
+        evaluator = UpdateEvaluator(self.model.module, self.model.params, p.dataset.sequences)
+        step = p.info.evaluation.step
+        out: dict[str, Losses] = {}
+        for u in j.remaining():
+            if self._stop.is_set():
+                raise Stopping
+            try:
+                self._touch(state.round, u)
+                update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
+                own, other = samples(p.info, state.round, u.miner, salt)
+                out[u.miner] = evaluator.evaluate(update, scales[u.miner] * step, own, other)
+            except Exception as e:
+                log.warning(
+                    "round %d: evaluating miner %s's upload failed (%s)", state.round, u.miner[:12], e
+                )
+                j.refused.setdefault(u.miner, Refusal.UNREADABLE)
+        elapsed = time.perf_counter() - t0
+        p.metrics.evaluation.observe(elapsed)
+        log.info("round %d: evaluated %d uploads in %.2f s; gains %s", state.round, len(out), elapsed,
+                 {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
+        return out
+
+    def _touch(self, round_: int, u: Upload) -> None:
+        if self.hooks.on_upload is not None:
+            self.hooks.on_upload(round_, u.miner)
+
+    def _load(self, round_: int) -> Callable[[Upload], tuple[bytes, bytes]]:
+        def load(u: Upload) -> tuple[bytes, bytes]:
+            self._touch(round_, u)
+            payload = self.p.blobs.get(u.sha256)
+            stored = payload if u.stored_sha256 in (None, u.sha256) else self.p.blobs.get(u.stored_sha256)
+            return payload, stored
+
+        return load
+
+    # -- building -----------------------------------------------------------------------------------------
+    def _build(
+        self, state: RoundState, uploads: list[Upload], judged: Judged
+    ) -> tuple[Built | None, str | None]:
+        """The next version, or None and why; refuses (in ``judged``) the uploads it had to leave out."""
+        p = self.p
+        weights = self._weights(judged, uploads)
+        accepted = [(u, judged.scales[u.miner] * weights.get(u.miner, 1.0)) for u in uploads
+                    if u.miner not in judged.refused]  # fmt: skip
+        if not accepted:
+            return None, None
+        previous = p.store.eval_loss(state.version)
+        version = p.store.latest_version() + 1
+        while accepted:
+            if self._stop.is_set():
+                raise Stopping
+            try:
+                built = p.publisher.build(
+                    self.model.params, state.version, version, accepted, self._load(state.round)
+                )
+            except UploadFailed as e:
+                log.warning("round %d: %s; aggregating without it", state.round, e)
+                judged.refused[e.miner] = Refusal.UNREADABLE
+                accepted = [(u, s) for u, s in accepted if u.miner != e.miner]
+                continue
+            reason = p.publisher.guard(built, previous)
+            if reason is None:
+                return built, None
+            suspects = sorted(accepted, key=lambda us: _suspicion(us[0], judged))
+            drop = {u.miner for u, _ in suspects[: max(1, math.ceil(len(suspects) / 2))]}
+            log.warning("round %d: %s; building again without %d of %d uploads", state.round, reason,
+                        len(drop), len(accepted))  # fmt: skip
+            for miner in drop:
+                judged.refused[miner] = Refusal.LOSS_GUARD
+            accepted = [(u, s) for u, s in accepted if u.miner not in drop]
+        return None, f"{Refusal.LOSS_GUARD}: {reason}"
+
+    def _weights(self, judged: Judged, uploads: list[Upload]) -> dict[str, float]:
+        """weight_by_score: each accepted upload's weight, its miner's score over the mean (mean 1)."""
+        p = self.p
+        if not self.s.validation.weight_by_score or not judged.losses:
+            return {}
+        kept = {u.miner for u in uploads if u.miner not in judged.refused}
+        r = max(-1, p.cell.state.round - 1)
+        scores = p.scores.with_round(r, round_results(p.cell.state.round, judged.losses, kept))
+        positive = {m: scores.get(m, 0.0) for m in kept}
+        mean = statistics.fmean(positive.values()) if positive else 1.0
+        return {m: s / mean for m, s in positive.items()} if mean > 0 else {}
+
+
+def _suspicion(u: Upload, judged: Judged) -> tuple[float, float]:
+    """Most suspect first: the lowest evaluated gain (an unevaluated upload before any), then the largest
+    norm."""
+    x = judged.losses.get(u.miner)
+    gain = x.gain if x is not None and math.isfinite(x.gain) else -math.inf
+    return gain, -u.norm if math.isfinite(u.norm) else -math.inf

@@ -1,0 +1,172 @@
+"""Intake: identities, registrations and uploads. Runs in the intake threads, never on the event loop.
+
+An upload is checked and stored in two steps. The slow part (hashing, decoding with every check, writing
+the content-addressed files) runs without the round lock, so uploads do not wait for each other; then,
+under the lock, the round rules are checked again and the upload is committed with the next round state
+(coordinator/state.py), so an upload is taken exactly when its round was open for it.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from collections.abc import Mapping
+
+from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+from coordinator.parts import Parts
+from coordinator.store import COORDINATOR, NewSubmission
+from protocol.errors import CodecError, SignatureError
+from protocol.signing import body_digest, verify_declared, verify_request
+from protocol.wire import SubmissionReceipt, Verdict
+
+log = logging.getLogger(__name__)
+ROUND_RULES = ("round_closed", "round_not_open", "already_submitted")  # not held against the miner
+
+
+class Intake:
+    def __init__(self, parts: Parts, signature_window_s: float, allowlist: list[str] | None,
+                 validators: list[str] | None) -> None:  # fmt: skip
+        self.p, self.window_s = parts, signature_window_s
+        self.allowlist = None if allowlist is None else {k.lower() for k in allowlist}
+        self.validators = None if validators is None else {k.lower() for k in validators}
+
+    # -- identity -----------------------------------------------------------------------------------------
+    def authenticate(self, headers: Mapping[str, str], method: str, path: str, body: bytes) -> str:
+        """The signer of a request whose body is in hand; refuses unsigned, forged, expired and replayed
+        ones."""
+        try:
+            signer, nonce = verify_request(
+                headers, method, path, body, window_s=self.window_s, now=self.p.clock()
+            )
+        except SignatureError as e:
+            raise Unauthorized(e.code, e.message) from None
+        self._fresh(nonce)
+        return signer
+
+    def authenticate_declared(self, headers: Mapping[str, str], method: str, path: str) -> tuple[str, str]:
+        """The signer and the body digest of a request whose body is not read yet (it may be large)."""
+        try:
+            signer, nonce, digest = verify_declared(headers, method, path, window_s=self.window_s,
+                                                    now=self.p.clock())  # fmt: skip
+        except SignatureError as e:
+            raise Unauthorized(e.code, e.message) from None
+        self._fresh(nonce)
+        return signer, digest
+
+    @staticmethod
+    def check_body(body: bytes, digest: str) -> None:
+        if body_digest(body) != digest:
+            raise Unauthorized("bad_signature", "the body does not match its signed sha256")
+
+    def _fresh(self, nonce: str) -> None:
+        """Nonces are kept (durably) for twice the signature window, after which the timestamp check alone
+        refuses a replay."""
+        now = self.p.clock()
+        if not self.p.store.remember_nonce(nonce, now + 2 * self.window_s, now):
+            raise Unauthorized("replayed_nonce", "this nonce was used before")
+
+    def require_miner(self, miner: str) -> None:
+        if not self.p.store.is_miner(miner):
+            raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
+
+    # -- registration -------------------------------------------------------------------------------------
+    def register(self, miner: str) -> bool:
+        if self.allowlist is not None and miner not in self.allowlist:
+            raise Forbidden("not_allowed", "this coordinator only takes miners on its allowlist")
+        cell = self.p.cell
+        with cell.lock:
+            state = cell.state
+            new = self.p.store.register(miner, state.round, self.p.clock())
+            if miner not in state.expected:
+                cell.swap(dataclasses.replace(state, expected=state.expected | {miner}))
+        if new:
+            log.info("round %d: miner %s registered", state.round, miner[:12])
+        return new
+
+    # -- verdicts -----------------------------------------------------------------------------------------
+    def record_verdicts(self, validator: str, round_: int, verdicts: list[Verdict]) -> int:
+        if self.validators is not None and validator not in self.validators:
+            raise Forbidden("not_a_validator", "this coordinator only takes verdicts from its validators")
+        if validator == COORDINATOR:
+            raise Forbidden("not_a_validator", "that name is reserved")
+        state = self.p.cell.state
+        if round_ > state.round:
+            raise NotFound("not_found", f"round {round_} does not exist")
+        if round_ == state.round:
+            raise Conflict("round_open", f"round {round_} has not closed; evaluate closed rounds")
+        n = self.p.scores.record_verdicts(round_, validator, verdicts, self.p.clock())
+        log.info("round %d: %d verdicts from validator %s", round_, n, validator[:12])
+        return n
+
+    # -- uploads ------------------------------------------------------------------------------------------
+    def submit(self, miner: str, round_: int, body: bytes, sha: str) -> SubmissionReceipt:
+        """Check and store one upload (``sha``: its sha256, already checked against the signature). A
+        registered miner's refused upload (malformed, wrong round or version) is recorded against it."""
+        self.require_miner(miner)
+        self._check_round(round_)
+        try:
+            return self._intake(miner, round_, body, sha)
+        except (Unprocessable, Conflict) as e:
+            if e.code not in ROUND_RULES:
+                self.p.store.record_refusal(round_, miner, e.code, self.p.clock())
+            raise
+
+    def _intake(self, miner: str, round_: int, body: bytes, sha: str) -> SubmissionReceipt:
+        p = self.p
+        if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
+            return receipt
+        try:
+            seen = p.codec.examine(body, p.spec)
+        except CodecError as e:
+            raise Unprocessable(e.code, e.message) from None
+        header = seen.header
+        if header.round != round_:
+            raise Unprocessable("round_mismatch", f"payload says round {header.round}, URL says {round_}")
+        self._check_version(header.base_version, round_)
+        # Content-addressed files, written before taking the lock (at worst an orphan file): the slow part
+        # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
+        p.blobs.put(body, durable=False)
+        stored_sha = sha if seen.stored is body else p.blobs.put(seen.stored, durable=False)
+        with p.cell.lock:
+            self._check_round(round_)
+            if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
+                return receipt  # a concurrent upload of the same miner won the race
+            self._check_version(header.base_version, round_)
+            state, now = p.cell.state, p.clock()
+            p.store.add_submission(NewSubmission(
+                round=round_, miner=miner, sha256=sha, content_sha256=seen.content_sha256, size=len(body),
+                norm=seen.norm, sketch=seen.sketch.numpy().tobytes(), stored_sha256=stored_sha,
+                compute_s=header.stats.compute_s, received_at=now,
+            ))  # fmt: skip
+            p.cell.swap(dataclasses.replace(
+                state, uploaded=state.uploaded | {miner}, expected=state.expected | {miner},
+                first_upload_at=now if state.first_upload_at is None else state.first_upload_at,
+            ))  # fmt: skip
+        log.info("round %d: upload from miner %s, %d bytes, base version %d", round_, miner[:12], len(body),
+                 header.base_version)  # fmt: skip
+        p.metrics.bytes_in.inc(len(body))
+        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
+
+    def _earlier_upload(self, miner: str, round_: int, sha: str, size: int) -> SubmissionReceipt | None:
+        """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""
+        prev = self.p.store.submission(round_, miner)
+        if prev is None:
+            return None
+        if prev["sha256"] != sha:
+            raise Conflict(
+                "already_submitted", f"miner already uploaded a different payload in round {round_}"
+            )
+        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=size, duplicate=True)
+
+    def _check_version(self, base_version: int, round_: int) -> None:
+        version = self.p.cell.state.version
+        if base_version != version:
+            raise Conflict("stale_version", f"payload was trained on version {base_version}; "
+                           f"round {round_} is for version {version}")  # fmt: skip
+
+    def _check_round(self, round_: int) -> None:
+        cur = self.p.cell.state
+        if round_ < cur.round or (round_ == cur.round and cur.status != "open"):
+            raise Conflict("round_closed", f"round {round_} is closed; the current round is {cur.round}")
+        if round_ > cur.round:
+            raise Conflict("round_not_open", f"round {round_} is not open; the current round is {cur.round}")

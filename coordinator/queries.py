@@ -1,0 +1,99 @@
+"""The read side, for the HTTP handlers: the open round from the round state (no SQL, so it may run on the
+event loop), everything else from the store (call it off the loop)."""
+
+from __future__ import annotations
+
+import sqlite3
+
+from coordinator.errors import Conflict, NotFound
+from coordinator.parts import Parts
+from protocol.wire import RoundInfo, RoundRecord, RoundReport, SubmissionRecord, VersionInfo
+
+RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/reports
+
+
+class Queries:
+    def __init__(self, parts: Parts) -> None:
+        self.p = parts
+
+    # -- from the round state -----------------------------------------------------------------------------
+    def round_info(self) -> RoundInfo:
+        s = self.p.cell.state
+        return RoundInfo(
+            round=s.round, version=s.version, status=s.status, param_hash=s.param_hash,
+            submissions=len(s.uploaded), expected=len(s.expected), deadline_s=s.time_left(self.p.clock()),
+        )  # fmt: skip
+
+    def last_closed_round(self) -> int | None:
+        r = self.p.cell.state.round
+        return r - 1 if r > 0 else None
+
+    # -- from the store -----------------------------------------------------------------------------------
+    def version_info(self, version: int) -> VersionInfo | None:
+        row = self.p.store.version_row(version)
+        if row is None:
+            return None
+        return VersionInfo(version=row["version"], round=row["round"], param_hash=row["param_hash"],
+                           eval_loss=row["eval_loss"], update_bytes=row["update_bytes"],
+                           checkpoint_bytes=row["checkpoint_bytes"], base_version=row["base_version"],
+                           rolled_back=row["rolled_back_at"] is not None)  # fmt: skip
+
+    def reports(self, after: int = -1, limit: int | None = None) -> list[RoundReport]:
+        """Closed rounds after ``after`` (at most ``limit``); with neither, the most recent ones."""
+        store = self.p.store
+        rows = store.recent_reports(RECENT_ROUNDS) if after < 0 and limit is None else \
+            store.reports(after, -1 if limit is None else limit)  # fmt: skip
+        return [_report(r) for r in rows]
+
+    def initial_eval_loss(self) -> float | None:
+        return self.p.store.eval_loss(0)
+
+    def count_miners(self) -> int:
+        return self.p.store.count_miners()
+
+    def audit(self, round_: int) -> list[dict[str, object]]:
+        """Every upload of a round: miner, payload hash, size, and accepted or refused with the reason."""
+        if round_ > self.p.cell.state.round:
+            raise NotFound("not_found", f"round {round_} does not exist")
+        return self.p.store.audit(round_)
+
+    def round_record(self, round_: int) -> RoundRecord | None:
+        state = self.p.cell.state
+        row = self.p.store.round_row(round_)
+        if row is None:
+            return None
+        status = state.status if round_ == state.round else row["status"]
+        subs = self.p.store.round_submissions(round_)
+        return RoundRecord(
+            round=round_, version=row["version"], status=status,
+            submissions=[SubmissionRecord(miner=s["miner"], sha256=s["sha256"], bytes=s["bytes"],
+                                          status=s["status"], reason=s["reason"],
+                                          evaluated=bool(s["evaluated"]), scale=s["scale"]) for s in subs],
+            reference_norm=row["reference_norm"], close_reason=row["close_reason"],
+        )  # fmt: skip
+
+    def payload_sha(self, round_: int, miner: str) -> str | None:
+        """A round's upload, once the round no longer takes uploads (so nobody copies an open round's)."""
+        state = self.p.cell.state
+        if round_ == state.round and state.status == "open":
+            raise Conflict(
+                "round_open", f"round {round_} is still open; its uploads are served once it closes"
+            )
+        row = self.p.store.submission(round_, miner)
+        return None if row is None else str(row["sha256"])
+
+    def checkpoint_sha(self, version: int | None = None) -> tuple[int, str] | None:
+        return self.p.store.checkpoint(version)
+
+    def update_sha(self, version: int) -> str | None:
+        row = self.p.store.version_row(version)
+        return None if row is None or row["update_sha"] is None else str(row["update_sha"])
+
+
+def _report(r: sqlite3.Row) -> RoundReport:
+    return RoundReport(
+        round=r["round"], version=r["result_version"], eval_loss=r["eval_loss"], accepted=r["accepted"],
+        rejected=r["rejected"], bytes_up=r["bytes_up"], bytes_down=r["bytes_down"],
+        wall_s=round(r["closed_at"] - r["opened_at"], 3), compute_s=round(r["compute_s"], 3),
+        close_reason=r["close_reason"],
+    )  # fmt: skip

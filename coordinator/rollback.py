@@ -1,0 +1,52 @@
+"""The operator's way back: ``gradpool coordinator rollback --state-dir DIR --to-version V``, with the
+service stopped, makes version V current again.
+
+Nothing is deleted: the later versions are marked rolled back (``/v1/versions/{v}`` still shows them, and
+their rounds and verdicts stay in the audit trail), the open round closes with the reason ``rolled_back``
+(its uploads trained on a version that is no longer current; they are not held against their miners), and
+a new round opens for V. New versions are numbered after every earlier one, so a version number always
+means one model. Miners see the round's version go back and resynchronise by checkpoint.
+"""
+
+from __future__ import annotations
+
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from coordinator.checks import Refusal
+from coordinator.lock import StateLock
+from coordinator.store import Store
+
+
+@dataclass(frozen=True)
+class RolledBack:
+    version: int
+    set_aside: list[int]
+    closed_round: int
+
+
+def rollback(state_dir: Path, to_version: int) -> RolledBack:
+    """Raises ValueError with a message for a person when it cannot be done (and changes nothing then)."""
+    if not (state_dir / "state.db").is_file():
+        raise ValueError(f"{state_dir} holds no coordinator state (no state.db)")
+    lock = StateLock(state_dir)  # refuses while a coordinator runs on this directory
+    store = Store(state_dir / "state.db")
+    try:
+        row = store.version_row(to_version)
+        if row is None:
+            raise ValueError(f"version {to_version} does not exist")
+        if row["rolled_back_at"] is not None:
+            raise ValueError(f"version {to_version} was itself rolled back")
+        if row["checkpoint_sha"] is None:
+            kept = [v for v in range(store.latest_version() + 1) if store.checkpoint(v) is not None]
+            raise ValueError(f"version {to_version} has no checkpoint kept; versions with one: {kept}")
+        latest = store.latest_round()
+        assert latest is not None  # a state with a version has a round
+        if int(latest["version"]) == to_version and store.checkpoint(None) == store.checkpoint(to_version):
+            raise ValueError(f"version {to_version} is already the current version")
+        later = store.rollback(to_version, int(latest["round"]), time.time(), Refusal.ROLLED_BACK)
+        return RolledBack(to_version, later, int(latest["round"]))
+    finally:
+        store.close()
+        lock.release()

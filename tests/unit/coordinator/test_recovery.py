@@ -1,0 +1,143 @@
+"""A round always ends, a restart gives the open round its time back, and an operator can roll the model
+back: failures injected through the closer's hooks, time through an injected clock."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+import time
+from pathlib import Path
+
+import pytest
+import torch
+from pool_harness import SPEC, Miner, OpenPool, Pool, payload
+
+from coordinator.closer import Hooks
+from coordinator.rollback import rollback
+from node.client import CoordinatorClient
+from node.follower import Follower
+from protocol.params import apply_update, decode_update, params_hash
+from protocol.signing import generate_key, public_key_hex
+from protocol.wire import RunInfo
+
+
+def failing(miners: set[str]) -> Hooks:
+    def on_upload(round_: int, miner: str) -> None:
+        if miner in miners:
+            raise RuntimeError("injected: this upload's file is unreadable")
+
+    return Hooks(on_upload=on_upload)
+
+
+def test_an_upload_whose_processing_fails_is_refused_and_the_others_are_published(
+    open_pool: OpenPool,
+) -> None:
+    bad_key = generate_key()
+    with open_pool(app={"hooks": failing({public_key_hex(bad_key)})}, rounds={"min_quorum": 2}) as pool:
+        good, bad = pool.miner(), Miner(pool.client, bad_key)
+        assert bad.register().status_code == 200
+        assert good.upload(0, payload(0, 0, seed=1)).status_code == 200
+        assert bad.upload(0, payload(0, 0, seed=2)).status_code == 200
+        assert pool.wait_for_round(0)["version"] == 1
+        assert pool.submissions() == {(0, good.pubkey): ("accepted", None),
+                                      (0, bad.pubkey): ("rejected", "unreadable_upload")}  # fmt: skip
+
+
+def test_a_round_that_cannot_be_closed_closes_without_a_version(open_pool: OpenPool) -> None:
+    def before_commit(round_: int) -> None:
+        raise RuntimeError("injected: the disk is full")
+
+    hooks = Hooks(before_commit=before_commit)
+    with open_pool(app={"hooks": hooks}, rounds={"max_close_attempts": 2}) as pool:
+        start = pool.round()
+        miner = pool.miner()
+        assert miner.upload(0, payload(0, 0, seed=1)).status_code == 200
+        after = pool.wait_for_round(0)
+        assert (after["round"], after["version"], after["param_hash"]) == (1, 0, start["param_hash"])
+        record = pool.client.get("/v1/rounds/0").json()
+        assert record["close_reason"] == "close_failed: RuntimeError: injected: the disk is full"
+        audit = pool.client.get("/v1/rounds/0/audit").json()
+        assert [(r["status"], r["reason"]) for r in audit] == [("rejected", "round_failed")]
+        metrics = pool.client.get("/metrics").text
+        assert 'gradpool_rounds_failed_total{reason="close_failed"} 1.0' in metrics
+        board = pool.client.get("/v1/leaderboard").json()["miners"]
+        assert [(e["refusals"], e["rounds_refused"]) for e in board] == [({}, 0)]  # not the miner's doing
+
+
+class Clock:
+    """Real time plus an offset the test moves (signatures stay within their window)."""
+
+    def __init__(self) -> None:
+        self.offset = 0.0
+
+    def __call__(self) -> float:
+        return time.time() + self.offset
+
+
+def test_a_restart_gives_the_open_round_its_deadline_back(open_pool: OpenPool) -> None:
+    clock = Clock()
+    rounds = {"min_quorum": 1, "deadline_s": 20.0, "adaptive_deadline": False}
+    with open_pool(app={"clock": clock}, rounds=rounds) as pool:
+        a, _ = pool.miner(), pool.miner()  # the second one is expected, and silent
+        assert a.upload(0, payload(0, 0, seed=1)).status_code == 200
+        assert pool.round()["deadline_s"] == pytest.approx(20.0, abs=0.5)
+        clock.offset = 15.0
+        assert pool.round()["deadline_s"] == pytest.approx(5.0, abs=0.5)
+    clock.offset = 115.0  # the coordinator was down for 100 s
+    with open_pool(app={"clock": clock}, rounds=rounds) as pool:
+        now = pool.round()
+        assert (now["round"], now["submissions"]) == (0, 1)
+        assert now["deadline_s"] == pytest.approx(20.0, abs=0.5)
+
+
+class Catcher(Follower):
+    """A node's follower over the test client: where a miner stands, and how it catches up."""
+
+    def __init__(self, pool: Pool, tmp: Path) -> None:
+        self.client = CoordinatorClient("http://testserver", generate_key(), transport=pool.client._transport)
+        self.info = RunInfo.model_validate(pool.client.get("/v1/info").json())
+        self.spec, self.device, self.partial_dir = SPEC, torch.device("cpu"), tmp
+        self.params, self.version, self.verified = {}, -1, False
+
+
+def test_an_operator_rolls_back_and_miners_resynchronise(open_pool: OpenPool, tmp_path: Path) -> None:
+    with open_pool() as pool:
+        miner = pool.miner()
+        for r in range(3):
+            assert miner.upload(r, payload(r, r, seed=r)).status_code == 200
+            pool.wait_for_round(r)
+        v1 = pool.client.get("/v1/versions/1").json()
+        with pytest.raises(ValueError, match="another coordinator is using"):
+            rollback(pool.settings.state_dir, 1)
+        ahead = Catcher(pool, tmp_path)
+        ahead.catch_up(3, pool.round()["param_hash"])  # a miner at version 3
+    state = str(pool.settings.state_dir)
+    done = subprocess.run([sys.executable, "-m", "gradpool", "coordinator", "rollback", "--state-dir", state,
+                           "--to-version", "7"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 1 and done.stderr.strip() == "error: version 7 does not exist"
+    done = subprocess.run([sys.executable, "-m", "gradpool", "coordinator", "rollback", "--state-dir", state,
+                           "--to-version", "1"], capture_output=True, text=True, timeout=120)  # fmt: skip
+    assert done.returncode == 0, done.stderr
+    assert "version 1 is current again; versions set aside: 2, 3" in done.stdout
+
+    with open_pool() as pool:
+        now = pool.round()
+        assert (now["round"], now["version"], now["param_hash"]) == (4, 1, v1["param_hash"])
+        assert pool.client.get("/v1/versions/3").json()["rolled_back"] is True
+        assert pool.client.get("/v1/checkpoint").headers["X-Gradpool-Version"] == "1"
+        assert pool.client.get("/v1/rounds/3").json()["close_reason"] == "rolled_back"
+        ahead.client = Catcher(pool, tmp_path).client
+        ahead.catch_up(1, now["param_hash"])  # the round's version went back: by checkpoint
+        assert (ahead.version, params_hash(ahead.params, SPEC)) == (1, v1["param_hash"])
+
+        miner = Miner(pool.client, miner.key)
+        assert miner.upload(4, payload(4, 1, seed=9)).status_code == 200
+        after = pool.wait_for_round(4)
+        assert after["version"] == 4  # numbered after every earlier version, rolled back or not
+        header, delta = decode_update(pool.client.get("/v1/versions/4/update").content, SPEC)
+        assert (header.base_version, header.version) == (1, 4)
+        params = pool.checkpoint(1)
+        apply_update(params, delta)
+        assert params_hash(params, SPEC) == after["param_hash"]
+        ahead.catch_up(4, after["param_hash"])  # one published update, from version 1 to 4
+        assert (ahead.version, params_hash(ahead.params, SPEC)) == (4, after["param_hash"])
