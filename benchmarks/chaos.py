@@ -23,10 +23,7 @@ import argparse
 import contextlib
 import json
 import math
-import os
 import random
-import signal
-import subprocess
 import sys
 import tempfile
 import time
@@ -37,6 +34,7 @@ from typing import Any
 import httpx
 import tomli_w
 
+from gradpool.processes import Processes
 from protocol.data import stdlib_dir
 from protocol.model import build_model
 from protocol.params import apply_update, decode_update, load_checkpoint, param_spec, params_hash
@@ -60,38 +58,27 @@ def log(message: str) -> None:
 class Node:
     """One process of the network, started again after every kill with the same arguments."""
 
-    def __init__(self, name: str, kind: str, args: list[str], root: Path) -> None:
-        self.name, self.kind, self.args, self.log = name, kind, args, root / "logs" / f"{name}.log"
-        self.proc: subprocess.Popen[bytes] | None = None
+    def __init__(self, procs: Processes, name: str, kind: str, args: list[str], ready: Path | None = None):
+        self.procs, self.name, self.kind, self.args, self.ready = procs, name, kind, args, ready
         self.starts: list[float] = []
 
-    def start(self) -> None:
-        self.log.parent.mkdir(parents=True, exist_ok=True)
-        env = {**os.environ, "PYTHONUNBUFFERED": "1", "GRADPOOL_LOG_FORMAT": "json"}
-        with open(self.log, "ab") as out:
-            command = [sys.executable, "-m", "gradpool", *self.args]
-            self.proc = subprocess.Popen(command, stdout=out, stderr=subprocess.STDOUT,
-                                         stdin=subprocess.DEVNULL, env=env)  # fmt: skip
+    def start(self) -> str:
+        """Start it (a coordinator: and wait until it listens; its URL)."""
         self.starts.append(time.time())
+        if self.ready is not None:
+            return self.procs.start_coordinator(self.args, self.ready, name=self.name)
+        self.procs.start(self.name, self.args)
+        return ""
+
+    def exited(self) -> int | None:
+        return self.procs.dead().get(self.name) if self.name in self.procs.procs else None
 
     def kill(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGKILL)
-            self.proc.wait(timeout=30)
-
-    def stop(self) -> None:
-        if self.proc is not None and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(timeout=20)
-            except subprocess.TimeoutExpired:
-                self.kill()
+        self.procs.kill(self.name)
 
     def lines(self) -> Iterator[dict[str, Any]]:
         """The node's JSON log lines."""
-        if not self.log.exists():
-            return
-        for line in self.log.read_text(errors="replace").splitlines():
+        for line in self.procs.log(self.name).splitlines():
             if line.startswith("{"):
                 try:
                     yield json.loads(line)
@@ -223,12 +210,11 @@ def soak(
     settings = {**SETTINGS, "state_dir": str(work / "coordinator"), "data": {**SETTINGS["data"],
                 "corpus": str(corpus(work))}}  # fmt: skip
     (work / "coordinator.toml").write_text(tomli_w.dumps(settings))
-    ready = work / "ready.json"
-    serve = ["coordinator", "serve", "--config", str(work / "coordinator.toml"), "--port", "0",
-             "--ready-file", str(ready)]  # fmt: skip
-    coordinator = Node("coordinator", "coordinator", serve, work)
-    url = start_coordinator(coordinator, ready)
-    coordinator.args[coordinator.args.index("--port") + 1] = url.rsplit(":", 1)[1]  # the same port each time
+    procs = Processes(work / "logs", env={"GRADPOOL_LOG_FORMAT": "json"})
+    serve = ["--config", str(work / "coordinator.toml"), "--port", "0"]
+    coordinator = Node(procs, "coordinator", "coordinator", serve, ready=work / "ready.json")
+    url = coordinator.start()
+    serve[-1] = url.rsplit(":", 1)[1]  # the same port each time
     keys: dict[str, str] = {}
     nodes = [coordinator]
     roster = [(f"miner-{i}", None) for i in range(miners)] + [(f"{k}-0", k) for k in hostile]
@@ -239,10 +225,10 @@ def soak(
         cheat = [] if kind is None else ["--adversary", kind]
         mine = ["mine", "--coordinator", url, "--key", str(key), "--state-dir", str(work / "miners" / name),
                 "--threads", "1", *cheat]  # fmt: skip
-        nodes.append(Node(name, "miner" if kind is None else "hostile", mine, work))
-    nodes.append(Node("validator", "validator", ["validate", "--coordinator", url, "--key",
-                      str(work / "keys" / "validator.pem"), "--create-key", "--state-dir",
-                      str(work / "validator"), "--threads", "1"], work))  # fmt: skip
+        nodes.append(Node(procs, name, "miner" if kind is None else "hostile", mine))
+    validate = ["validate", "--coordinator", url, "--key", str(work / "keys" / "validator.pem"),
+                "--create-key", "--state-dir", str(work / "validator"), "--threads", "1"]  # fmt: skip
+    nodes.append(Node(procs, "validator", "validator", validate))
     for node in nodes[1:]:
         node.start()
     checks, kills = Checks(), {"coordinator": 0, "miner": 0, "validator": 0}
@@ -255,9 +241,9 @@ def soak(
             with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):  # the coordinator may be down
                 checks.poll(http)
             for node in nodes:  # nothing may stop by itself
-                if node.proc is not None and node.proc.poll() is not None:
-                    checks.violation(f"{node.name} exited by itself (exit code {node.proc.returncode})")
-                    start_coordinator(node, ready) if node is coordinator else node.start()
+                if (code := node.exited()) is not None:
+                    checks.violation(f"{node.name} exited by itself (exit code {code})")
+                    node.start()
             if time.time() >= next_kill:
                 victim = (
                     coordinator
@@ -269,30 +255,16 @@ def soak(
                 victim.kill()
                 kills["coordinator" if victim is coordinator else victim.kind] += 1
                 time.sleep(rng.uniform(0.2, 3.0))
-                if victim is coordinator:
-                    start_coordinator(coordinator, ready)
-                else:
-                    victim.start()
+                victim.start()
                 next_kill = time.time() + rng.uniform(0.5, 1.5) * interval_s
             time.sleep(1.0)
         for node in nodes[1:]:
-            node.stop()
+            procs.stop(node.name, grace_s=20)
         wall = [r["wall_s"] for r in http.get("/v1/reports").json()]
         grace = max(60.0, 4 * (sorted(wall)[len(wall) // 2] if wall else 15.0))
         summary = checks.final(http, nodes, keys, grace, end)
-    coordinator.stop()
+    procs.stop_all(grace_s=20)
     return {"minutes": minutes, "kills": kills, **summary, "violations": checks.violations}
-
-
-def start_coordinator(node: Node, ready: Path, timeout_s: float = 180.0) -> str:
-    ready.unlink(missing_ok=True)
-    node.start()
-    deadline = time.monotonic() + timeout_s
-    while not ready.exists():
-        if (node.proc is not None and node.proc.poll() is not None) or time.monotonic() > deadline:
-            raise RuntimeError(f"the coordinator did not start:\n{node.log.read_text()[-2000:]}")
-        time.sleep(0.05)
-    return str(json.loads(ready.read_text())["url"])
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -23,7 +23,6 @@ from safetensors.torch import save as st_save
 
 from coordinator.blobs import BlobNotFoundError
 from coordinator.checks import Check
-from coordinator.closer import Hooks
 from coordinator.errors import (
     ApiError,
     Busy,
@@ -35,6 +34,7 @@ from coordinator.errors import (
     Unprocessable,
     install_handlers,
 )
+from coordinator.hooks import Hooks
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import RoundWatch
@@ -160,7 +160,7 @@ def require_admin(request: Request, run: RunDep) -> None:
 @router.post("/v1/admin/close-round", dependencies=[Depends(require_admin)])
 async def close_round(run: RunDep) -> dict[str, int]:
     """Close the open round now, with the uploads it has."""
-    return {"round": run.request_close()}
+    return {"round": await asyncio.to_thread(run.request_close)}
 
 
 @router.get("/v1/info")

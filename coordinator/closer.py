@@ -23,6 +23,7 @@ import torch
 
 from coordinator.aggregation import UploadFailed
 from coordinator.checks import Check, History, Judging, Refusal, Upload, judge_cheap, run_phase
+from coordinator.hooks import Hooks
 from coordinator.parts import Model, Parts
 from coordinator.publish import Built
 from coordinator.settings import CheckSettings, FaultSettings, RoundSettings, ValidationSettings
@@ -35,14 +36,6 @@ log = logging.getLogger(__name__)
 
 class Stopping(Exception):
     """The coordinator is shutting down: the round stays open, to be closed after the restart."""
-
-
-@dataclass
-class Hooks:
-    """Failure injection for tests: called as closing reads each upload, and just before the commit."""
-
-    on_upload: Callable[[int, str], None] | None = None
-    before_commit: Callable[[int], None] | None = None
 
 
 @dataclass
@@ -210,7 +203,7 @@ class Closer:
                 p.blobs.delete(s["unpacked_sha256"])
         loss = None if close.version is None else close.version.eval_loss
         p.metrics.round_closed(close, seconds, state.round + 1, close.next_version)
-        refused = {m[:12]: o.reason for m, o in close.outcomes.items() if o.reason is not None}
+        refused = {m[:12]: str(o.reason) for m, o in close.outcomes.items() if o.reason is not None}
         log.info(
             "round %d closed: version %d, accepted %d, refused %d %s, held-out loss %s, %.2f s",
             state.round, close.next_version, sum(o.reason is None for o in close.outcomes.values()),

@@ -13,6 +13,7 @@ import logging
 from collections.abc import Mapping
 
 from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+from coordinator.hooks import Hooks
 from coordinator.parts import Parts
 from coordinator.store import COORDINATOR, NewSubmission
 from protocol.errors import CodecError, SignatureError
@@ -25,8 +26,8 @@ ROUND_RULES = ("round_closed", "round_not_open", "already_submitted")  # not hel
 
 class Intake:
     def __init__(self, parts: Parts, signature_window_s: float, allowlist: list[str] | None,
-                 validators: list[str] | None) -> None:  # fmt: skip
-        self.p, self.window_s = parts, signature_window_s
+                 validators: list[str] | None, hooks: Hooks) -> None:  # fmt: skip
+        self.p, self.window_s, self.hooks = parts, signature_window_s, hooks
         self.allowlist = None if allowlist is None else {k.lower() for k in allowlist}
         self.validators = None if validators is None else {k.lower() for k in validators}
 
@@ -127,6 +128,8 @@ class Intake:
         # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
         p.blobs.put(body, durable=False)
         stored_sha = sha if seen.stored is body else p.blobs.put(seen.stored, durable=False)
+        if self.hooks.before_intake_commit is not None:
+            self.hooks.before_intake_commit(round_, miner)
         with p.cell.lock:
             self._check_round(round_)
             if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:

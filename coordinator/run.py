@@ -20,8 +20,9 @@ from safetensors.torch import load as st_load
 
 from coordinator.blobs import BlobStore, make_blob_store
 from coordinator.checks import Check, default_pipeline
-from coordinator.closer import Closer, CloserSettings, Hooks, deadline_for
+from coordinator.closer import Closer, CloserSettings, deadline_for
 from coordinator.errors import Conflict
+from coordinator.hooks import Hooks
 from coordinator.intake import Intake
 from coordinator.lock import StateLock
 from coordinator.metrics import Metrics
@@ -101,7 +102,7 @@ class Run:
             metrics=self.metrics, downloads=Downloads(), clock=clock,
         )  # fmt: skip
         self.intake = Intake(self.parts, settings.signature_window_s, settings.allowlist,
-                             settings.validation.validators)  # fmt: skip
+                             settings.validation.validators, hooks)  # fmt: skip
         closer_settings = CloserSettings(settings.rounds, settings.checks, settings.validation,
                                          settings.faults, settings.keep_checkpoints)  # fmt: skip
         pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks

@@ -4,9 +4,6 @@ from __future__ import annotations
 
 import json
 import os
-import signal
-import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -16,6 +13,7 @@ import httpx
 import tomli_w
 
 from gradpool.config import ConfigError, load_settings
+from gradpool.processes import Processes, ProcessFailed
 
 ROW = (
     "{round:>5} {version:>7} {eval_loss:>10} {accepted:>8} {rejected:>8} "
@@ -25,47 +23,6 @@ ROW = (
 
 class SimulationFailed(Exception):
     pass
-
-
-class Processes:
-    """The processes a simulation started; all of them are stopped on exit, whatever happens."""
-
-    def __init__(self, log_dir: Path) -> None:
-        self.log_dir = log_dir
-        self.procs: dict[str, subprocess.Popen[bytes]] = {}
-
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> None:
-        self.log_dir.mkdir(parents=True, exist_ok=True)
-        log = open(self.log_dir / f"{name}.log", "wb")  # noqa: SIM115 (owned by the child)
-        full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
-        self.procs[name] = subprocess.Popen(
-            [sys.executable, "-m", "gradpool", *args],
-            stdout=log,
-            stderr=subprocess.STDOUT,
-            stdin=subprocess.DEVNULL,
-            env=full_env,
-        )
-        log.close()
-
-    def dead(self) -> dict[str, int]:
-        return {n: p.returncode for n, p in self.procs.items() if p.poll() is not None}
-
-    def tail(self, name: str, lines: int = 5) -> str:
-        path = self.log_dir / f"{name}.log"
-        text = path.read_text(errors="replace") if path.exists() else ""
-        return "\n".join(text.strip().splitlines()[-lines:])
-
-    def stop_all(self, grace_s: float = 10.0) -> None:
-        for p in self.procs.values():
-            if p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        end = time.monotonic() + grace_s
-        for p in self.procs.values():
-            try:
-                p.wait(timeout=max(0.1, end - time.monotonic()))
-            except subprocess.TimeoutExpired:
-                p.kill()
-                p.wait()
 
 
 def simulate(
@@ -100,23 +57,12 @@ def simulate(
         overrides["recipe"] = {"inner_steps": inner_steps}
     settings = load_settings(CoordinatorSettings, config, overrides)
     procs = Processes(out / "logs")
-    ready = out / "coordinator.ready"
-    ready.unlink(missing_ok=True)
     try:
-        procs.start(
-            "coordinator",
-            [
-                "coordinator",
-                "serve",
-                "--config",
-                str(_toml(settings, out)),
-                "--port",
-                "0",
-                "--ready-file",
-                str(ready),
-            ],
-        )
-        url = _wait_ready(procs, ready)
+        try:
+            url = procs.start_coordinator(["--config", str(_toml(settings, out)), "--port", "0"],
+                                          out / "coordinator.ready")  # fmt: skip
+        except ProcessFailed as e:
+            raise SimulationFailed(str(e)) from None
         roster = _roster(miners, adversaries or {}, out / "keys")
         threads = str(max(1, (os.cpu_count() or 1) // len(roster)))
         for name, (kind, _) in roster.items():
@@ -197,17 +143,6 @@ def _toml(settings: Any, out: Path) -> Path:
     path = out / "coordinator.toml"
     path.write_text(tomli_w.dumps(json.loads(settings.model_dump_json(exclude_none=True))))
     return path
-
-
-def _wait_ready(procs: Processes, ready: Path, timeout_s: float = 180.0) -> str:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        if ready.exists():
-            return str(json.loads(ready.read_text())["url"])
-        if "coordinator" in procs.dead():
-            raise SimulationFailed(f"the coordinator exited at start:\n{procs.tail('coordinator')}")
-        time.sleep(0.1)
-    raise SimulationFailed(f"the coordinator did not start within {timeout_s:.0f} s")
 
 
 def _watch(
@@ -294,4 +229,4 @@ def plot_losses(report: dict[str, Any], path: Path) -> None:
     plt.close(fig)
 
 
-__all__ = ["ConfigError", "SimulationFailed", "plot_losses", "simulate"]
+__all__ = ["ConfigError", "Processes", "SimulationFailed", "plot_losses", "simulate"]

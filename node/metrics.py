@@ -20,5 +20,8 @@ class MinerMetrics:
         self.bytes_up = Gauge("gradpool_miner_bytes_up", "Bytes uploaded since start", registry=r)
         self.bytes_down = Gauge("gradpool_miner_bytes_down", "Bytes downloaded since start", registry=r)
 
-    def serve(self, port: int, host: str = "127.0.0.1") -> None:
-        start_http_server(port, addr=host, registry=self.registry)
+    def serve(self, port: int, host: str = "127.0.0.1") -> int:
+        """Serve on ``port`` (0: a free one); the port it listens on."""
+        server, _ = start_http_server(port, addr=host, registry=self.registry)
+        bound: int = server.server_port
+        return bound

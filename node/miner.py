@@ -82,7 +82,8 @@ class Miner(Follower):
         self.rounds_done = 0
         self.metrics = MinerMetrics()
         if settings.metrics_port is not None:
-            self.metrics.serve(settings.metrics_port, settings.metrics_host)
+            port = self.metrics.serve(settings.metrics_port, settings.metrics_host)
+            log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)
         saved = load_state(settings.state_dir, self.ef, self.trainer.optimizer, info.run_id, self.device)
         if saved is not None:
             self.trainer.step, self.rounds_done = saved.inner_step, saved.rounds_done

@@ -28,22 +28,34 @@ def stdlib_dir() -> Path:
     return Path(sysconfig.get_paths()["stdlib"])
 
 
-def iter_documents(corpus: Path | None) -> Iterator[str]:
-    """The default corpus (the stdlib sources), or a user's .txt/.md/.jsonl file or folder."""
+def corpus_files(corpus: Path | None) -> list[Path]:
+    """The files of the default corpus (the stdlib sources), or of a user's .txt/.md/.jsonl file or folder."""
     if corpus is None:
         root = stdlib_dir()
-        files = sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
-    else:
-        if not corpus.exists():
-            raise DataError(f"corpus path {corpus} does not exist")
-        files = (
-            [corpus]
-            if corpus.is_file()
-            else sorted(p for p in corpus.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
-        )
-        if not files:
-            raise DataError(f"no {'/'.join(TEXT_SUFFIXES)} files under {corpus}")
+        return sorted(p for p in root.rglob("*.py") if "site-packages" not in p.relative_to(root).parts)
+    if not corpus.exists():
+        raise DataError(f"corpus path {corpus} does not exist")
+    if corpus.is_file():
+        return [corpus]
+    files = sorted(p for p in corpus.rglob("*") if p.is_file() and p.suffix in TEXT_SUFFIXES)
+    if not files:
+        raise DataError(f"no {'/'.join(TEXT_SUFFIXES)} files under {corpus}")
+    return files
+
+
+def corpus_signature(files: list[Path]) -> str:
+    """A digest of the corpus files' names, sizes and modification times: cheap (no file is read), and
+    different whenever a file is added, removed or rewritten."""
+    h = hashlib.sha256()
     for path in files:
+        st = path.stat()
+        h.update(f"{path}:{st.st_size}:{st.st_mtime_ns};".encode())
+    return h.hexdigest()
+
+
+def iter_documents(corpus: Path | None) -> Iterator[str]:
+    """The documents of the corpus (see ``corpus_files``)."""
+    for path in corpus_files(corpus):
         try:
             text = path.read_text(encoding="utf-8", errors="replace")
         except OSError as e:
@@ -77,6 +89,7 @@ class DatasetMeta:
     source: str
     corpus: str | None = None
     max_tokens: int | None = None
+    corpus_signature: str | None = None  # corpus_signature() when the data was built; None: not recorded
 
     @property
     def num_train(self) -> int:
@@ -90,13 +103,21 @@ def num_eval_total(num_sequences: int, eval_every: int) -> int:
 def build_dataset(
     out_dir: Path, corpus: Path | None, seq_len: int, max_tokens: int | None = None, eval_every: int = 50
 ) -> DatasetMeta:
-    """Tokenise once into ``out_dir/tokens.bin`` (uint16) and ``meta.json``; reuse them when present."""
+    """Tokenise once into ``out_dir/tokens.bin`` (uint16) and ``meta.json``; reuse them when present. Data
+    built from a corpus that has changed since is refused (DataError): the run's sequences must stay the
+    sequences its miners were assigned."""
     meta_path = out_dir / "meta.json"
     corpus_name = str(corpus) if corpus else None
     wanted = {"seq_len": seq_len, "eval_every": eval_every, "max_tokens": max_tokens, "corpus": corpus_name}
+    signature = corpus_signature(corpus_files(corpus))
     if meta_path.exists():
         meta = DatasetMeta(**json.loads(meta_path.read_text()))
         if {k: getattr(meta, k) for k in wanted} == wanted:
+            if meta.corpus_signature not in (None, signature):
+                raise DataError(
+                    f"the corpus {corpus_name or 'python-stdlib'} changed since the run's data was built in "
+                    f"{out_dir}; restore it, or start a new run with a new --state-dir"
+                )
             return meta
     tok = ByteTokenizer()
     parts: list[bytes] = []
@@ -130,6 +151,7 @@ def build_dataset(
         source=str(corpus) if corpus else f"python-stdlib:{stdlib_dir()}",
         corpus=corpus_name,
         max_tokens=max_tokens,
+        corpus_signature=signature,
     )
     tmp = out_dir / "meta.json.tmp"
     tmp.write_text(json.dumps(asdict(meta), indent=1))

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import logging
 import os
 import threading
@@ -113,10 +114,18 @@ def s3_endpoint() -> Iterator[str]:
     server.stop()
 
 
+@functools.cache
+def _admin(endpoint: str) -> Any:
+    """One S3 client for the tests' own bucket handling (making a client takes a good part of a second)."""
+    import boto3
+
+    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
+                                 region_name="us-east-1").client("s3", endpoint_url=endpoint)  # fmt: skip
+
+
 @pytest.fixture
 def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path) -> dict[str, Any]:
     """A fresh bucket and the blobs settings that point at it; dummy credentials in the environment."""
-    import boto3
 
     for name in ("AWS_PROFILE", "AWS_SESSION_TOKEN", "AWS_ENDPOINT_URL", "AWS_ENDPOINT_URL_S3"):
         monkeypatch.delenv(name, raising=False)
@@ -127,5 +136,5 @@ def s3_bucket(s3_endpoint: str, monkeypatch: pytest.MonkeyPatch, tmp_path: Path)
     monkeypatch.setenv("AWS_SHARED_CREDENTIALS_FILE", str(tmp_path / "no-aws-credentials"))
     monkeypatch.setenv("NO_PROXY", "127.0.0.1")
     bucket = f"gradpool-{uuid.uuid4().hex[:16]}"
-    boto3.session.Session().client("s3", endpoint_url=s3_endpoint).create_bucket(Bucket=bucket)
+    _admin(s3_endpoint).create_bucket(Bucket=bucket)
     return {"backend": "s3", "s3_bucket": bucket, "s3_endpoint_url": s3_endpoint, "s3_prefix": "runs/test/"}

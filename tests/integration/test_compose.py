@@ -7,7 +7,6 @@ the file cannot drift from the CLI and the example configs.
 
 from __future__ import annotations
 
-import json
 import re
 import shutil
 import signal
@@ -26,7 +25,7 @@ from pydantic_settings import BaseSettings
 
 from coordinator.settings import CoordinatorSettings
 from gradpool.config import load_settings
-from gradpool.simulate import Processes
+from gradpool.processes import Processes
 from node.settings import MinerSettings, ValidatorSettings
 
 REPO = Path(__file__).resolve().parents[2]
@@ -118,15 +117,6 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-def _wait_ready(procs: Processes, ready: Path, timeout_s: float) -> str:
-    end = time.monotonic() + timeout_s
-    while not ready.exists():
-        assert "coordinator" not in procs.dead(), f"coordinator exited:\n{procs.tail('coordinator', 20)}"
-        assert time.monotonic() < end, f"coordinator not ready in {timeout_s} s"
-        time.sleep(0.1)
-    return str(json.loads(ready.read_text())["url"])
-
-
 def _run_healthcheck(test: list[str], url: str) -> None:
     """The coordinator's healthcheck, pointed at the local process, must pass."""
     assert test[:2] == ["CMD", "python"], "the slim image has python, not curl"
@@ -169,9 +159,10 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Pa
     try:
         coordinator = services["coordinator"]
         command = _local_command(coordinator["command"], _volumes(coordinator, roots["coordinator"]))
-        command += ["--ready-file", str(ready), "--corpus", str(corpus_file)]
-        procs.start("coordinator", command, env={**_environment(coordinator), **FAST_ENV})
-        url = _wait_ready(procs, ready, timeout_s=60)
+        assert command[:2] == ["coordinator", "serve"], command
+        env = {**_environment(coordinator), **FAST_ENV}
+        args = [*command[2:], "--corpus", str(corpus_file)]
+        url = procs.start_coordinator(args, ready, env=env, timeout_s=60)
         _run_healthcheck(coordinator["healthcheck"]["test"], url)
         for name in NODES:
             service = services[name]

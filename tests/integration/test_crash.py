@@ -3,16 +3,12 @@ each version exactly once; every checkpoint it serves matches its hash."""
 
 from __future__ import annotations
 
-import json
-import os
-import signal
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import torch
 
+from gradpool.processes import Processes
 from node.client import CoordinatorClient
 from protocol.aggregate import aggregate
 from protocol.codec import PayloadHeader, SparseLoCoCodec
@@ -23,30 +19,14 @@ from protocol.signing import generate_key
 SPEC = param_spec(build_model("tiny"))
 
 
-def start(
-    state: Path, corpus: Path, log: Path, fault_delay_s: float = 0.0
-) -> tuple[subprocess.Popen[bytes], str]:
-    ready = state.parent / "ready.json"
-    ready.unlink(missing_ok=True)
+def start(procs: Processes, state: Path, corpus: Path, fault_delay_s: float = 0.0) -> str:
     # The payloads are random: evaluated by their effect on the loss, they could be refused.
-    env = {**os.environ, "GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
+    env = {"GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
            "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
            "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
            "GRADPOOL_VALIDATION__BUILTIN": "false"}  # fmt: skip
-    args = [sys.executable, "-m", "gradpool", "coordinator", "serve", "--state-dir", str(state), "--corpus",
-            str(corpus), "--port", "0", "--ready-file", str(ready)]  # fmt: skip
-    with open(log, "ab") as out:
-        proc = subprocess.Popen(args, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env)
-    end = time.monotonic() + 120
-    while not ready.exists():
-        assert proc.poll() is None and time.monotonic() < end, log.read_text()
-        time.sleep(0.05)
-    return proc, json.loads(ready.read_text())["url"]
-
-
-def kill(proc: subprocess.Popen[bytes]) -> None:
-    proc.send_signal(signal.SIGKILL)
-    proc.wait(timeout=30)
+    args = ["--state-dir", str(state), "--corpus", str(corpus), "--port", "0"]
+    return procs.start_coordinator(args, state.parent / "ready.json", env=env, timeout_s=120)
 
 
 def payload(seed: int) -> bytes:
@@ -67,26 +47,26 @@ def wait_status(client: CoordinatorClient, status: str, round_: int, timeout_s: 
 
 
 def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_file: Path) -> None:
-    state, log = tmp_path / "state", tmp_path / "coordinator.log"
+    state, procs = tmp_path / "state", Processes(tmp_path / "logs")
     keys = [generate_key(), generate_key()]
     bodies = [payload(1), payload(2)]
-    proc, url = start(state, corpus_file, log)
+    url = start(procs, state, corpus_file)
     try:
         a, b = (CoordinatorClient(url, k) for k in keys)
         a.register()
         b.register()
         version0 = load_checkpoint(a.checkpoint(0)[1], SPEC)[0]
         assert not a.submit(0, bodies[0]).duplicate
-        kill(proc)  # during intake: one upload taken, the round still open
+        procs.kill("coordinator")  # during intake: one upload taken, the round still open
 
-        proc, url = start(state, corpus_file, log, fault_delay_s=30)
+        url = start(procs, state, corpus_file, fault_delay_s=30)
         a, b = (CoordinatorClient(url, k) for k in keys)
         assert a.submit(0, bodies[0]).duplicate, "the accepted upload must survive the kill"
         b.submit(0, bodies[1])
         wait_status(a, "aggregating", 0)
-        kill(proc)  # during aggregation, before the new version is committed
+        procs.kill("coordinator")  # during aggregation, before the new version is committed
 
-        proc, url = start(state, corpus_file, log)
+        url = start(procs, state, corpus_file)
         a = CoordinatorClient(url, keys[0])
         wait_status(a, "open", 1)
         info = a.version(1)
@@ -96,8 +76,7 @@ def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_fil
         audit = a.http.get(f"{url}/v1/rounds/0/audit").json()
         missing = a.http.get(f"{url}/v1/versions/2")
     finally:
-        proc.send_signal(signal.SIGTERM)
-        proc.wait(timeout=30)
+        procs.stop_all(grace_s=30)
     assert served_version == 1 and params_hash(served, SPEC) == info.param_hash
     assert missing.status_code == 404, "a version is published exactly once"
     assert sorted(r["status"] for r in audit) == ["accepted", "accepted"]

@@ -3,12 +3,8 @@ catches up by published updates after a short absence or by the checkpoint after
 
 from __future__ import annotations
 
-import json
-import os
 import signal
-import socket
 import subprocess
-import sys
 import time
 from collections.abc import Callable
 from pathlib import Path
@@ -17,6 +13,7 @@ from typing import Any
 import httpx
 from safetensors.torch import load_file
 
+from gradpool.processes import Processes
 from node.state import STATE_FILE, state_digest
 
 ENV = {
@@ -32,46 +29,30 @@ ENV = {
 
 
 class Network:
+    """A coordinator and miners as processes, the coordinator on the same port across restarts."""
+
     def __init__(self, root: Path, corpus: Path) -> None:
         self.root, self.corpus = root, corpus
+        self.procs = Processes(root, env=ENV)
         self.port = 0
-        self.coordinator: subprocess.Popen[bytes] | None = None
-        self.miners: dict[str, subprocess.Popen[bytes]] = {}
         self.url = ""
 
     def start_coordinator(self) -> None:
-        ready = self.root / "ready.json"
-        ready.unlink(missing_ok=True)
-        state = self.root / "coordinator"
-        args = ["coordinator", "serve", "--state-dir", str(state), "--corpus", str(self.corpus),
-                "--port", str(self.port), "--ready-file", str(ready)]  # fmt: skip
-        self.coordinator = self._spawn("coordinator", args)
-        end = time.monotonic() + 120
-        while not ready.exists():
-            assert self.coordinator.poll() is None and time.monotonic() < end, self.log("coordinator")
-            time.sleep(0.05)
-        self.url = json.loads(ready.read_text())["url"]
+        args = ["--state-dir", str(self.root / "coordinator"), "--corpus", str(self.corpus), "--port",
+                str(self.port)]  # fmt: skip
+        self.url = self.procs.start_coordinator(args, self.root / "ready.json", timeout_s=120)
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def start_miner(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
         args = ["mine", "--coordinator", self.url, "--key", str(self.root / f"{name}.pem"), "--create-key",
                 "--state-dir", str(self.state_dir(name)), "--threads", "1", *extra]  # fmt: skip
-        self.miners[name] = self._spawn(name, args)
-        return self.miners[name]
+        return self.procs.start(name, args)
 
     def state_dir(self, name: str) -> Path:
         return self.root / f"{name}-state"
 
-    def _spawn(self, name: str, args: list[str]) -> subprocess.Popen[bytes]:
-        with open(self.root / f"{name}.log", "ab") as out:
-            command = [sys.executable, "-m", "gradpool", *args]
-            env = {**os.environ, **ENV}
-            return subprocess.Popen(
-                command, stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=env
-            )
-
     def log(self, name: str) -> str:
-        return (self.root / f"{name}.log").read_text(errors="replace")
+        return self.procs.log(name)
 
     def status(self) -> dict[str, Any]:
         result: dict[str, Any] = httpx.get(f"{self.url}/v1/status", timeout=10).json()
@@ -92,21 +73,15 @@ class Network:
             time.sleep(0.2)
 
     def stop(self) -> None:
-        for p in [*self.miners.values(), self.coordinator]:
-            if p is not None and p.poll() is None:
-                p.send_signal(signal.SIGTERM)
-        for p in [*self.miners.values(), self.coordinator]:
-            if p is not None:
-                try:
-                    p.wait(timeout=30)
-                except subprocess.TimeoutExpired:
-                    p.kill()
+        self.procs.stop_all(grace_s=30)
 
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
+    def wait_log(self, name: str, text: str, timeout_s: float = 60) -> str:
+        """Until ``name``'s log holds ``text``; the first line that does."""
+        end = time.monotonic() + timeout_s
+        while not (lines := [line for line in self.log(name).splitlines() if text in line]):
+            assert time.monotonic() < end, f"{name} did not log {text!r}: {self.log(name)[-2000:]}"
+            time.sleep(0.1)
+        return lines[0]
 
 
 def version(status: dict[str, Any]) -> int:
@@ -117,18 +92,16 @@ def test_a_miner_outlives_a_coordinator_restart_mid_round(tmp_path: Path, corpus
     net = Network(tmp_path, corpus_file)
     try:
         net.start_coordinator()
-        metrics_port = free_port()
-        miner = net.start_miner("m", "--metrics-port", str(metrics_port))
+        miner = net.start_miner("m", "--metrics-port", "0")
+        metrics_url = net.wait_log("m", "metrics on http://").rsplit(" ", 1)[1]
         net.wait(lambda s: version(s) >= 2, "two versions")
-        assert net.coordinator is not None
-        net.coordinator.send_signal(signal.SIGKILL)
-        net.coordinator.wait(timeout=30)
-        time.sleep(4)  # the coordinator is gone for a while; the miner must wait, not die
+        net.procs.kill("coordinator")
+        net.wait_log("m", "retrying in")  # the coordinator is gone; the miner must wait, not die
         assert miner.poll() is None, net.log("m")
         net.start_coordinator()
         net.wait(lambda s: version(s) >= 5, "three more versions after the restart")
         assert miner.poll() is None
-        metrics = httpx.get(f"http://127.0.0.1:{metrics_port}/metrics", timeout=10).text
+        metrics = httpx.get(metrics_url, timeout=10).text
     finally:
         net.stop()
     assert "retrying in" in net.log("m")

@@ -3,14 +3,24 @@ sketch, replays of recent rounds, norms; and aggregation streamed one upload at 
 
 from __future__ import annotations
 
+import threading
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+
 import torch
-from pool_harness import SPEC, encode, make_delta
+from pool_harness import SPEC, OpenPool, encode, make_delta, trained_delta
 
 from coordinator.aggregation import aggregate_uploads
-from coordinator.checks import History, Judging, Upload, default_pipeline, judge_cheap
+from coordinator.checks import History, Judging, Phase, Upload, default_pipeline, judge_cheap
 from coordinator.settings import CheckSettings, ValidationSettings
+from node.client import CoordinatorClient
+from node.settings import ValidatorSettings
+from node.validator import Validator
 from protocol.aggregate import aggregate, cosine, sketch, update_norm
 from protocol.codec import SparseLoCoCodec, content_digest
+from protocol.signing import generate_key
+from protocol.wire import RunInfo
 
 CODEC = SparseLoCoCodec()
 PIPELINE = default_pipeline(CheckSettings(), ValidationSettings())
@@ -78,3 +88,42 @@ def test_intake_examines_a_payload_in_one_decode_with_the_same_norm_and_sketch()
     assert abs(seen.norm - update_norm(update)) < 1e-6 * seen.norm
     assert torch.allclose(seen.sketch, sketch(update, SPEC), rtol=1e-5, atol=1e-9)
     assert seen.content_sha256 == content_digest(body) and seen.stored != body
+
+
+# -- adding a check ------------------------------------------------------------------------------------------
+def test_a_new_check_is_one_class_and_one_line_and_validators_honour_it(
+    open_pool: OpenPool, tmp_path: Path
+) -> None:
+    """Two checks of a test's own, one of each phase, each refusing one miner: the refusals are in the
+    audit, and a validator evaluates exactly the uploads the coordinator evaluated."""
+    refuse: dict[str, str] = {}
+
+    @dataclass(frozen=True)
+    class Dummy:
+        code: str
+        phase: Phase
+
+        def refuse(self, j: Judging) -> Iterable[str]:
+            return [u.miner for u in j.remaining() if refuse.get(u.miner) == self.code]
+
+    settings = ValidationSettings(own_sequences=16, other_sequences=16, min_gain_fraction=0.0)
+    pipeline = [*default_pipeline(CheckSettings(), settings), Dummy("dummy_cheap", "cheap"),
+                Dummy("dummy_evaluated", "evaluated")]  # fmt: skip
+    validation = {"builtin": True, "own_sequences": 16, "other_sequences": 16, "min_gain_fraction": 0.0}
+    recipe = {"inner_steps": 2, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
+    with open_pool(app={"checks": pipeline}, validation=validation, recipe=recipe,
+                   rounds={"min_quorum": 3}) as pool:  # fmt: skip
+        a, b, c = (pool.miner() for _ in range(3))
+        refuse.update({a.pubkey: "dummy_cheap", b.pubkey: "dummy_evaluated"})
+        for m in (a, b, c):
+            assert m.upload(0, encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]).status_code == 200
+        pool.wait_for_round(0)
+        audit = {r["miner"]: (r["status"], r["reason"]) for r in pool.client.get("/v1/rounds/0/audit").json()}
+        assert audit == {a.pubkey: ("rejected", "dummy_cheap"), b.pubkey: ("rejected", "dummy_evaluated"),
+                         c.pubkey: ("accepted", None)}  # fmt: skip
+        client = CoordinatorClient("http://testserver", generate_key(), transport=pool.client._transport)
+        info = RunInfo.model_validate(pool.client.get("/v1/info").json())
+        validator = Validator(ValidatorSettings(state_dir=tmp_path / "v", device="cpu"), client, info,
+                              threading.Event())  # fmt: skip
+        verdicts = validator.validate_round(0)
+    assert set(verdicts) == {b.pubkey, c.pubkey}

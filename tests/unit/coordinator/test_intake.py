@@ -26,6 +26,7 @@ from pool_harness import (
 )
 from safetensors.torch import load as st_load
 
+from coordinator.hooks import Hooks
 from coordinator.settings import CoordinatorSettings, DataSettings, RoundSettings
 from protocol.codec import SparseLoCoCodec
 from protocol.signing import HEADER_NONCE, HEADER_SIGNATURE, generate_key
@@ -289,11 +290,22 @@ def _race(pool: Pool, miner: Miner, bodies: list[bytes]) -> list[int]:
 
 
 def test_concurrent_uploads_from_one_miner_are_refused_cleanly(open_pool: OpenPool) -> None:
-    with open_pool(raise_server_exceptions=False, rounds={"min_quorum": 1000}) as pool:
-        different = [
-            _race(pool, pool.miner(), [payload(0, 0, seed=10 + i), payload(0, 0, seed=20 + i)])
-            for i in range(3)
-        ]
-        assert different == [[200, 409]] * 3
-        same = [_race(pool, pool.miner(), [payload(0, 0, seed=30 + i)] * 2) for i in range(3)]
-        assert same == [[200, 200]] * 3  # the second one is a duplicate
+    """Both uploads are checked before either is committed (the hook holds each until the other is there
+    too), so each race really happens; one upload is taken, the other refused or a duplicate."""
+    arrived = threading.Barrier(2, timeout=30)
+    raced: list[str] = []
+
+    def hold(round_: int, miner: str) -> None:
+        raced.append(miner)
+        arrived.wait()
+
+    hooks = Hooks(before_intake_commit=hold)
+    with open_pool(raise_server_exceptions=False, rounds={"min_quorum": 1000}, app={"hooks": hooks}) as pool:
+        miners = [pool.miner() for _ in range(4)]
+        different = [_race(pool, m, [payload(0, 0, seed=10 + i), payload(0, 0, seed=20 + i)])
+                     for i, m in enumerate(miners[:2])]  # fmt: skip
+        assert different == [[200, 409]] * 2
+        same = [_race(pool, m, [payload(0, 0, seed=30 + i)] * 2) for i, m in enumerate(miners[2:])]
+        assert same == [[200, 200]] * 2  # the second one is a duplicate
+        assert raced == [m.pubkey for m in miners for _ in range(2)]
+        assert {m for _, m in pool.submissions()} == {m.pubkey for m in miners}

@@ -3,17 +3,17 @@ back: failures injected through the closer's hooks, time through an injected clo
 
 from __future__ import annotations
 
-import subprocess
-import sys
 import time
 from pathlib import Path
 
 import pytest
 import torch
 from pool_harness import SPEC, Miner, OpenPool, Pool, payload
+from typer.testing import CliRunner
 
-from coordinator.closer import Hooks
+from coordinator.hooks import Hooks
 from coordinator.rollback import rollback
+from gradpool.cli import app
 from node.client import CoordinatorClient
 from node.follower import Follower
 from protocol.params import apply_update, decode_update, params_hash
@@ -112,12 +112,11 @@ def test_an_operator_rolls_back_and_miners_resynchronise(open_pool: OpenPool, tm
         ahead = Catcher(pool, tmp_path)
         ahead.catch_up(3, pool.round()["param_hash"])  # a miner at version 3
     state = str(pool.settings.state_dir)
-    done = subprocess.run([sys.executable, "-m", "gradpool", "coordinator", "rollback", "--state-dir", state,
-                           "--to-version", "7"], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 1 and done.stderr.strip() == "error: version 7 does not exist"
-    done = subprocess.run([sys.executable, "-m", "gradpool", "coordinator", "rollback", "--state-dir", state,
-                           "--to-version", "1"], capture_output=True, text=True, timeout=120)  # fmt: skip
-    assert done.returncode == 0, done.stderr
+    cli = CliRunner()
+    done = cli.invoke(app, ["coordinator", "rollback", "--state-dir", state, "--to-version", "7"])
+    assert done.exit_code == 1 and done.stderr.strip() == "error: version 7 does not exist"
+    done = cli.invoke(app, ["coordinator", "rollback", "--state-dir", state, "--to-version", "1"])
+    assert done.exit_code == 0, done.output
     assert "version 1 is current again; versions set aside: 2, 3" in done.stdout
 
     with open_pool() as pool:

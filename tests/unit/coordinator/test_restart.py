@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import os
 import statistics
 from pathlib import Path
 from typing import Any
@@ -11,6 +12,7 @@ from pool_harness import SPEC, Miner, OpenPool, payload
 
 from protocol.aggregate import aggregate, update_norm
 from protocol.codec import SparseLoCoCodec
+from protocol.errors import DataError
 from protocol.params import apply_update, params_hash
 
 
@@ -53,8 +55,10 @@ def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -
         updates = [codec.decode(b, SPEC)[1] for b in (pending, last)]
         reference = statistics.median(update_norm(codec.decode(b, SPEC)[1]) for b in [*first, pending, last])
         assert pool.client.get("/v1/rounds/1").json()["reference_norm"] == pytest.approx(reference)
-        apply_update(params, aggregate(updates, SPEC, reference=pool.client.get("/v1/rounds/1").json()[
-            "reference_norm"]))
+        apply_update(
+            params,
+            aggregate(updates, SPEC, reference=pool.client.get("/v1/rounds/1").json()["reference_norm"]),
+        )
         assert (after["round"], after["version"], after["param_hash"]) == (2, 2, params_hash(params, SPEC))
 
 
@@ -81,7 +85,7 @@ def test_restart_with_other_run_settings_is_refused(open_pool: OpenPool, other: 
         assert pool.round() == before
 
 
-def test_restart_with_another_corpus_is_refused(
+def test_restart_with_another_corpus_path_is_refused_by_the_settings_fingerprint(
     open_pool: OpenPool, corpus_file: Path, tmp_path: Path
 ) -> None:
     other = tmp_path / "other.txt"
@@ -90,6 +94,26 @@ def test_restart_with_another_corpus_is_refused(
         pass
     with pytest.raises(ValueError, match="state directory"), open_pool(data={"corpus": other}):
         pass
+
+
+def test_restart_with_the_corpus_changed_in_place_is_refused_by_the_dataset_check(
+    open_pool: OpenPool, tmp_path: Path, corpus_file: Path
+) -> None:
+    own = tmp_path / "own-corpus.txt"
+    own.write_text(corpus_file.read_text(encoding="utf-8"), encoding="utf-8")
+    with open_pool(data={"corpus": own}) as pool:
+        before = pool.round()
+    own.write_text(own.read_text(encoding="utf-8").upper(), encoding="utf-8")  # same path and settings
+    with (
+        pytest.raises(DataError, match="changed since the run's data was built"),
+        open_pool(data={"corpus": own}),
+    ):
+        pass
+    own.write_text(corpus_file.read_text(encoding="utf-8"), encoding="utf-8")
+    os.utime(own, ns=(0, 0))  # even the same text again: rewritten is changed
+    with pytest.raises(DataError, match="changed since"), open_pool(data={"corpus": own}):
+        pass
+    assert before["round"] == 0
 
 
 def test_request_replayed_after_a_restart_is_refused(open_pool: OpenPool) -> None:
