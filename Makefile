@@ -21,6 +21,9 @@ $(VENV)/.installed: pyproject.toml
 demo: venv  # a fresh network each time: the previous demo's state would otherwise be resumed
 	rm -rf runs/demo
 	$(VENV)/bin/gradpool simulate --miners 3 --rounds 12 --out runs/demo
+	@echo "--- what the network learned (gradpool generate, version of the last round):"
+	@$(VENV)/bin/gradpool generate --state-dir runs/demo/coordinator --prompt "def " --max-new-tokens 160 \
+		--temperature 0.6
 
 test: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks

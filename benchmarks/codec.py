@@ -25,9 +25,10 @@ from typing import Any
 
 import torch
 
+from coordinator.corpus import build_dataset
 from node.trainer import InnerTrainer
 from protocol.codec import Layout, PayloadHeader, SparseLoCoCodec
-from protocol.data import Dataset, assignment, build_dataset
+from protocol.data import Dataset, assignment
 from protocol.feedback import ErrorFeedback
 from protocol.model import build_model
 from protocol.params import get_params, param_spec

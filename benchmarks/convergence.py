@@ -43,14 +43,15 @@ from typing import Any, Literal
 
 import torch
 
+from coordinator.corpus import build_dataset
 from coordinator.outer import OuterOptimizer
 from node.distributed import local_device
 from node.trainer import InnerTrainer, NonFiniteLoss
 from protocol.aggregate import aggregate
 from protocol.codec import PAYLOAD_FORMAT_VERSION, CodecName, PayloadHeader, PayloadStats, make_codec
-from protocol.data import Dataset, assignment, build_dataset, eval_ids, stdlib_dir
+from protocol.data import Dataset, assignment, eval_ids, stdlib_dir
 from protocol.feedback import ErrorFeedback
-from protocol.model import GPT, build_model, evaluate_loss, num_parameters
+from protocol.model import CausalLM, build_model, evaluate_loss, num_parameters
 from protocol.params import apply_update, get_params, param_spec, set_params
 from protocol.wire import TrainingRecipe
 
@@ -157,7 +158,7 @@ class Bench:
         parts = [self.tokens(round_, w).view(c.inner_steps, c.batch_size, -1) for w in range(c.workers)]
         return torch.stack(parts, dim=1).reshape(c.inner_steps * c.workers * c.batch_size, -1)
 
-    def evaluate(self, model: GPT) -> float:
+    def evaluate(self, model: CausalLM) -> float:
         """Mean next-token loss on the held-out set, as the coordinator evaluates."""
         return evaluate_loss(model, self.eval_batch)
 
@@ -179,7 +180,7 @@ def data_root(cfg: Config, seq_len: int) -> Path:
 
 @dataclass
 class Worker:
-    model: GPT
+    model: CausalLM
     trainer: InnerTrainer
     ef: ErrorFeedback
 

@@ -168,6 +168,14 @@ async def info(run: RunDep) -> RunInfo:
     return run.info
 
 
+@router.get("/v1/tokenizer")
+async def tokenizer(run: RunDep) -> Response:
+    """The run's tokenizer as a Hugging Face tokenizer.json (its sha256 is in /v1/info)."""
+    sha = run.tokenizer.sha256
+    headers = {"ETag": f'"{sha}"', "Cache-Control": "public, max-age=31536000, immutable"}
+    return Response(run.tokenizer.json, media_type="application/json", headers=headers)
+
+
 @router.get("/v1/status")
 async def status(run: RunDep) -> Status:
     """The run, the open round, the most recent rounds (``/v1/reports`` pages through all of them) and the
@@ -322,7 +330,7 @@ async def sequences(run: RunDep, ids: Annotated[str, Query(max_length=MAX_IDS_PE
     dataset = run.parts.dataset
     if any(dataset.is_held_out(i) for i in wanted):
         raise Forbidden("held_out", "held-out sequences are never served")
-    dtype = torch.uint8 if run.model.module.cfg.vocab_size <= 256 else torch.int32
+    dtype = torch.uint8 if run.model.module.cfg.vocab <= 256 else torch.int32
     body = await asyncio.to_thread(lambda: st_save({"tokens": dataset.sequences(wanted).to(dtype)}))
     run.count_download(len(body))
     return Response(body, media_type="application/octet-stream")

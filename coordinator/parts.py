@@ -18,7 +18,7 @@ from coordinator.state import RoundCell
 from coordinator.store import Store
 from protocol.codec import Codec, ParamSpec
 from protocol.data import Dataset
-from protocol.model import GPT, evaluate_loss
+from protocol.model import CausalLM, evaluate_loss
 from protocol.params import Params, set_params
 from protocol.wire import RunInfo
 
@@ -28,7 +28,7 @@ class Model:
     when it publishes) and the held-out set every version is measured on. Only the closer uses it once the
     run has started."""
 
-    def __init__(self, module: GPT, params: Params, held_out: torch.Tensor) -> None:
+    def __init__(self, module: CausalLM, params: Params, held_out: torch.Tensor) -> None:
         self.module, self.params, self.held_out = module, params, held_out
 
     def held_out_loss(self, params: Params) -> float:

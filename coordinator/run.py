@@ -15,12 +15,14 @@ import os
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
 
 from safetensors.torch import load as st_load
 
 from coordinator.blobs import BlobStore, make_blob_store
 from coordinator.checks import Check, default_pipeline
 from coordinator.closer import Closer, CloserSettings, deadline_for
+from coordinator.corpus import build_dataset
 from coordinator.errors import Conflict
 from coordinator.hooks import Hooks
 from coordinator.intake import Intake
@@ -34,9 +36,10 @@ from coordinator.scoring import Scores
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import RoundCell, RoundState
 from coordinator.store import Store
+from coordinator.tokenizer import RunTokenizer
 from protocol.codec import ParamSpec, make_codec
-from protocol.data import Dataset, build_dataset, eval_ids
-from protocol.model import GPT, build_model
+from protocol.data import Dataset, eval_ids
+from protocol.model import CausalLM, ModelConfig, build_model, resolve
 from protocol.params import get_params, load_checkpoint, param_spec, params_hash, save_checkpoint
 from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
@@ -58,7 +61,8 @@ class Run:
         self.lock = StateLock(root)
         self.store = Store(root / "state.db")
         try:
-            _check_fingerprint(self.store, settings)
+            self.tokenizer = RunTokenizer(settings.data.tokenizer)
+            _check_fingerprint(self.store, settings, self.tokenizer)
             self._build(settings, checks, hooks or Hooks(), clock)
         except BaseException:
             self.store.close()
@@ -69,12 +73,15 @@ class Run:
                clock: Callable[[], float]) -> None:  # fmt: skip
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
-        module = build_model(settings.model, seed=settings.seed)
+        architecture = resolve(settings.model, self.tokenizer.vocab_size)
+        module = build_model(architecture, seed=settings.seed)
         module.eval()
         spec = param_spec(module)
         d = settings.data
-        self.data_meta = build_dataset(root / "data", d.corpus, seq_len=module.cfg.block_size,
-                                       max_tokens=d.max_tokens, eval_every=d.eval_every)  # fmt: skip
+        self.data_meta = build_dataset(root / "data", d.corpus, seq_len=architecture.block_size,
+                                       tokenizer=self.tokenizer, max_tokens=d.max_tokens,
+                                       eval_every=d.eval_every)  # fmt: skip
+        _keep_for_export(root, self.store, architecture, self.tokenizer)
         dataset = Dataset(root / "data")
         codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
         cap = codec.max_payload_bytes(spec)
@@ -83,7 +90,8 @@ class Run:
         )
         self.info = RunInfo(
             protocol_version=PROTOCOL_VERSION, run_id=settings.run_id, seed=settings.seed,
-            model=settings.model, seq_len=module.cfg.block_size, num_sequences=self.data_meta.num_sequences,
+            model=settings.model_name(), architecture=architecture, tokenizer_sha256=self.tokenizer.sha256,
+            seq_len=architecture.block_size, num_sequences=self.data_meta.num_sequences,
             eval_every=self.data_meta.eval_every, codec=settings.codec, recipe=settings.recipe,
             max_payload_bytes=self.max_payload_bytes, max_catchup_versions=settings.max_catchup_versions,
             evaluation=EvaluationConfig(own_sequences=settings.validation.own_sequences,
@@ -116,7 +124,7 @@ class Run:
         if (loss := self.store.eval_loss(state.version)) is not None:
             self.metrics.eval_loss.set(loss)
 
-    def _resume_or_start(self, blobs: BlobStore, module: GPT, spec: ParamSpec, outer: OuterOptimizer,
+    def _resume_or_start(self, blobs: BlobStore, module: CausalLM, spec: ParamSpec, outer: OuterOptimizer,
                          clock: Callable[[], float]) -> RoundState:  # fmt: skip
         """Version 0 and round 0 of a new run; or the open round of a resumed one, with its deadline
         counting from now (a restart gives the round its time back)."""
@@ -178,9 +186,11 @@ class Run:
         self.metrics.bytes_out.inc(nbytes)
 
 
-def _check_fingerprint(store: Store, s: CoordinatorSettings) -> None:
+def _check_fingerprint(store: Store, s: CoordinatorSettings, tokenizer: RunTokenizer) -> None:
     """Refuse, before touching anything, a state directory made by a run with other settings."""
     data = s.data.model_dump(mode="json", include={"corpus", "max_tokens", "eval_every"})
+    if not tokenizer.is_byte:  # (byte runs keep the fingerprint of the first releases)
+        data["tokenizer_sha256"] = tokenizer.sha256
     mine = json.dumps(
         {"run": s.model_dump(mode="json", include=FINGERPRINT_FIELDS), "data": data}, sort_keys=True
     )
@@ -192,3 +202,14 @@ def _check_fingerprint(store: Store, s: CoordinatorSettings) -> None:
             f"state directory {s.state_dir} belongs to a run with other settings "
             "(run_id, model, codec, recipe, seed or data); use a new --state-dir"
         )
+
+
+def _keep_for_export(root: Path, store: Store, architecture: ModelConfig, tokenizer: RunTokenizer) -> None:
+    """The model config and the tokenizer in the state directory, so that ``gradpool export`` and
+    ``gradpool generate`` need nothing else."""
+    store.set_meta("architecture", architecture.model_dump_json())
+    path = root / "tokenizer.json"
+    if not path.exists() or path.read_bytes() != tokenizer.json:
+        tmp = path.with_name("tokenizer.json.tmp")
+        tmp.write_bytes(tokenizer.json)
+        os.replace(tmp, path)

@@ -5,10 +5,19 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, SecretStr, field_validator, model_validator
+from pydantic import (
+    BaseModel,
+    ConfigDict,
+    Field,
+    SecretStr,
+    ValidationError,
+    field_validator,
+    model_validator,
+)
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.codec import make_codec
+from protocol.model import ModelConfig, get_config
 from protocol.wire import CodecConfig, TrainingRecipe
 
 MiB = 1 << 20
@@ -97,7 +106,10 @@ class ValidationSettings(Section):
 
 
 class DataSettings(Section):
-    corpus: Path | None = Field(default=None, description=".txt/.md/.jsonl file or folder; None: stdlib")
+    corpus: Path | None = Field(
+        default=None, description=".txt/.md/.jsonl/.parquet/.bin file or folder; None: stdlib"
+    )
+    tokenizer: str = Field(default="byte", description="'byte', or the path of a tokenizer.json")
     max_tokens: int | None = Field(default=None, ge=1024)
     eval_every: int = Field(default=50, ge=2, description="every n-th sequence is held out")
     eval_sequences: int = Field(default=64, ge=1, le=100_000)
@@ -147,7 +159,7 @@ class CoordinatorSettings(BaseSettings):
     port: int = Field(default=8000, ge=0, le=65535)
     run_id: str = Field(default="gradpool", min_length=1, max_length=64)
     seed: int = 0
-    model: str = "tiny"
+    model: str | ModelConfig = Field(default="tiny", description="a preset name, or a [model] table")
     codec: CodecConfig = Field(default_factory=CodecConfig)
     recipe: TrainingRecipe = Field(default_factory=TrainingRecipe)
     outer: OuterSettings = Field(default_factory=OuterSettings)
@@ -169,6 +181,24 @@ class CoordinatorSettings(BaseSettings):
     allowlist: list[str] | None = Field(default=None, description="public keys (hex) allowed to register")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
+
+    @field_validator("model", mode="before")
+    @classmethod
+    def _preset_or_config(cls, model: object) -> object:
+        """A preset's name (a ValueError names them all), or a [model] table checked as a ModelConfig."""
+        if isinstance(model, str):
+            get_config(model)
+        elif isinstance(model, dict):
+            try:
+                return ModelConfig.model_validate(model)
+            except ValidationError as e:
+                err = e.errors()[0]
+                where = ".".join(str(x) for x in err["loc"])
+                raise ValueError(f"{where + ': ' if where else ''}{err['msg']}") from None
+        return model
+
+    def model_name(self) -> str:
+        return self.model if isinstance(self.model, str) else "custom"
 
     def outer_lr(self) -> float:
         if self.outer.lr is not None:

@@ -6,16 +6,18 @@ import asyncio
 import json
 import logging
 import os
-import signal
 import sys
-import threading
-import time
 from pathlib import Path
-from typing import Annotated, Any, NoReturn
+from typing import Annotated, Any
 
 import typer
 
 from gradpool.config import ConfigError, load_settings, setup_logging
+from gradpool.console import ConfigOpt, fail
+from gradpool.model_commands import export, generate, tokenizer_app
+from gradpool.node_commands import mine, validate
+from protocol.codec import CODEC_NAMES
+from protocol.model import PRESETS
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -25,14 +27,14 @@ app = typer.Typer(
 )
 coordinator_app = typer.Typer(no_args_is_help=True, help="Run the coordinator service.")
 app.add_typer(coordinator_app, name="coordinator")
+app.add_typer(tokenizer_app, name="tokenizer")
+for command in (mine, validate, export, generate):
+    app.command()(command)
 log = logging.getLogger("gradpool")
-
-ConfigOpt = Annotated[Path | None, typer.Option("--config", help="TOML settings file")]
-
-
-def fail(message: str, code: int = 2) -> NoReturn:
-    typer.echo(f"error: {message}", err=True)
-    raise typer.Exit(code)
+CORPUS_HELP = ".txt/.md/.jsonl/.parquet/.bin file or folder (default: the Python standard library)"
+TOKENIZER_HELP = "'byte', or a tokenizer.json (gradpool tokenizer train)"
+MODEL_HELP = f"a preset: {', '.join(PRESETS)} (a custom one: a [model] table in --config)"
+CODEC_HELP = ", ".join(CODEC_NAMES)
 
 
 @app.command()
@@ -66,17 +68,18 @@ def serve(
     host: Annotated[str | None, typer.Option(help="address to listen on")] = None,
     port: Annotated[int | None, typer.Option(help="port (0: any free port)")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="where state, blobs and data live")] = None,
-    corpus: Annotated[
-        Path | None, typer.Option(help=".txt/.md/.jsonl file or folder (default: stdlib)")
-    ] = None,
+    corpus: Annotated[Path | None, typer.Option(help=CORPUS_HELP)] = None,
+    tokenizer: Annotated[str | None, typer.Option(help=TOKENIZER_HELP)] = None,
+    model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     ready_file: Annotated[Path | None, typer.Option(help="write {'url': ...} here once listening")] = None,
 ) -> None:
     """Serve the coordinator: rounds, intake, aggregation, publishing."""
     from coordinator.settings import CoordinatorSettings
 
-    overrides: dict[str, Any] = {"host": host, "port": port, "state_dir": state_dir}
-    if corpus is not None:
-        overrides["data"] = {"corpus": corpus}
+    overrides: dict[str, Any] = {"host": host, "port": port, "state_dir": state_dir, "model": model}
+    data = {k: v for k, v in {"corpus": corpus, "tokenizer": tokenizer}.items() if v is not None}
+    if data:
+        overrides["data"] = data
     try:
         settings = load_settings(CoordinatorSettings, config, overrides)
     except ConfigError as e:
@@ -133,175 +136,6 @@ def rollback(
 
 
 @app.command()
-def mine(
-    coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
-    key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
-    create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="error feedback and optimizer state")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
-    micro_batch: Annotated[int | None, typer.Option(help="sequences per forward pass")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    max_rounds: Annotated[int | None, typer.Option(help="stop after this many uploads")] = None,
-    once: Annotated[bool, typer.Option("--once", help="mine one round, then exit")] = False,
-    metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
-    adversary: Annotated[
-        str | None,
-        typer.Option(
-            help="simulations only: cheat as noise, scaled, signflip, copycat, stale, lazy, freerider, nan "
-            "or lutscale"
-        ),
-    ] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Mine: train on the coordinator's rounds and upload compressed updates."""
-    from node.adversary import Adversary
-    from node.client import ClientError, ProtocolMismatch, Refused
-    from node.miner import Miner
-    from node.settings import MinerSettings
-
-    overrides = {
-        "coordinator": coordinator,
-        "key": key,
-        "create_key": create_key,
-        "state_dir": state_dir,
-        "device": device,
-        "micro_batch": micro_batch,
-        "threads": threads,
-        "max_rounds": 1 if once else max_rounds,
-        "metrics_port": metrics_port,
-        "adversary": adversary,
-    }
-    try:
-        settings = load_settings(MinerSettings, config, overrides)
-    except ConfigError as e:
-        fail(str(e))
-    setup_logging(settings.log_level, settings.log_format)
-    _set_threads(settings.threads)
-    from node.distributed import init_from_env, share
-
-    rank, world = init_from_env()
-    if rank > 0:
-        _follow_rank_zero(settings)
-        return
-    client, info = _connect(settings)
-    if world > 1:
-        share(info.model_dump())
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    try:
-        miner = (Miner if settings.adversary is None else Adversary)(settings, client, info, stop)
-        mined = miner.run()
-    except ProtocolMismatch as e:
-        fail(str(e))
-    except Refused as e:
-        fail(f"coordinator refused this miner: {e}", 1)
-    except (ClientError, ValueError, RuntimeError) as e:
-        fail(str(e), 1)
-    finally:
-        client.close()
-    log.info("stopped after %d rounds", mined)
-
-
-@app.command()
-def validate(
-    coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
-    key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
-    create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
-    state_dir: Annotated[Path | None, typer.Option(help="downloads and progress")] = None,
-    device: Annotated[str | None, typer.Option(help="auto, cpu, cuda or cuda:N")] = None,
-    threads: Annotated[int | None, typer.Option(help="torch CPU threads")] = None,
-    max_rounds: Annotated[int | None, typer.Option(help="stop after evaluating this many rounds")] = None,
-    config: ConfigOpt = None,
-) -> None:
-    """Validate: evaluate each closed round's uploads and post signed verdicts to the coordinator."""
-    from node.client import ClientError, ProtocolMismatch
-    from node.settings import ValidatorSettings
-    from node.validator import Validator
-
-    overrides = {"coordinator": coordinator, "key": key, "create_key": create_key, "state_dir": state_dir,
-                 "device": device, "threads": threads, "max_rounds": max_rounds}  # fmt: skip
-    try:
-        settings = load_settings(ValidatorSettings, config, overrides)
-    except ConfigError as e:
-        fail(str(e))
-    setup_logging(settings.log_level, settings.log_format)
-    _set_threads(settings.threads)
-    client, info = _connect(settings)
-    stop = threading.Event()
-    _install_stop_handlers(stop)
-    try:
-        done = Validator(settings, client, info, stop).run()
-    except ProtocolMismatch as e:
-        fail(str(e))
-    except (ClientError, ValueError, RuntimeError) as e:
-        fail(str(e), 1)
-    finally:
-        client.close()
-    log.info("stopped after evaluating %d rounds", done)
-
-
-def _set_threads(threads: int | None) -> None:
-    if threads:
-        import torch
-
-        torch.set_num_threads(threads)
-
-
-def _connect(settings: Any) -> tuple[Any, Any]:
-    """A signed client for the node's key (created if asked) and the run's description, waiting up to
-    the startup timeout for the coordinator to answer."""
-    from node.client import CoordinatorClient, ProtocolMismatch, Unavailable
-    from protocol.signing import generate_key, load_key, save_key
-
-    if not settings.key.exists() and settings.create_key:
-        save_key(generate_key(), settings.key)
-    try:
-        private = load_key(settings.key)
-    except FileNotFoundError:
-        fail(
-            f"key file {settings.key} does not exist (create one with: gradpool keygen --out {settings.key})"
-        )
-    except (OSError, ValueError) as e:
-        fail(f"cannot read key {settings.key}: {e}")
-    client = CoordinatorClient(settings.coordinator, private, timeout_s=settings.timeout_s)
-    deadline = time.monotonic() + settings.startup_timeout_s
-    while True:
-        try:
-            return client, client.info()
-        except ProtocolMismatch as e:
-            fail(str(e))
-        except Unavailable as e:
-            if time.monotonic() >= deadline:
-                fail(f"{e} (gave up after {settings.startup_timeout_s:.0f} s)", 1)
-            time.sleep(1.0)
-
-
-def _follow_rank_zero(settings: Any) -> None:
-    """A rank other than 0 under torchrun: no network of its own; it trains what rank 0 hands it."""
-    from node.distributed import follow, local_device, share
-    from node.trainer import InnerTrainer
-    from protocol.model import build_model
-    from protocol.wire import RunInfo
-
-    info = RunInfo.model_validate(share())
-    device = local_device(settings.device)
-    model = build_model(info.model, seed=info.seed).to(device)
-    rounds = follow(InnerTrainer(model, info.recipe, device, settings.micro_batch))
-    log.info("rank stopped after %d rounds", rounds)
-
-
-def _install_stop_handlers(stop: threading.Event) -> None:
-    def handler(signum: int, _: Any) -> None:
-        if stop.is_set():
-            os._exit(128 + signum)  # a second signal stops at once
-        log.info("stopping after the current step (signal again to stop at once)")
-        stop.set()
-
-    signal.signal(signal.SIGINT, handler)
-    signal.signal(signal.SIGTERM, handler)
-
-
-@app.command()
 def status(
     coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
@@ -349,8 +183,10 @@ def simulate(
     miners: Annotated[int, typer.Option(min=1, max=64, help="number of honest miner processes")] = 3,
     rounds: Annotated[int, typer.Option(min=1, help="rounds to train")] = 10,
     out: Annotated[Path, typer.Option(help="report, logs and state go here")] = Path("runs/simulate"),
-    model: Annotated[str, typer.Option(help="model size")] = "tiny",
-    codec: Annotated[str, typer.Option(help="sparseloco, dense_fp32, dense_bf16 or int8")] = "sparseloco",
+    model: Annotated[str, typer.Option(help=MODEL_HELP)] = "tiny",
+    corpus: Annotated[Path | None, typer.Option(help=CORPUS_HELP)] = None,
+    tokenizer: Annotated[str, typer.Option(help=TOKENIZER_HELP)] = "byte",
+    codec: Annotated[str, typer.Option(help=CODEC_HELP)] = "sparseloco",
     inner_steps: Annotated[int | None, typer.Option(help="H, inner steps per round")] = None,
     max_tokens: Annotated[int, typer.Option(help="corpus tokens to use")] = 4_000_000,
     timeout_s: Annotated[float, typer.Option(help="give up after this long")] = 1800.0,
@@ -373,6 +209,8 @@ def simulate(
             rounds=rounds,
             out=out,
             model=model,
+            corpus=corpus,
+            tokenizer=tokenizer,
             codec=codec,
             inner_steps=inner_steps,
             max_tokens=max_tokens,

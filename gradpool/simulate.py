@@ -31,6 +31,8 @@ def simulate(
     rounds: int,
     out: Path,
     model: str = "tiny",
+    corpus: Path | None = None,
+    tokenizer: str = "byte",
     codec: str = "sparseloco",
     inner_steps: int | None = None,
     max_tokens: int = 4_000_000,
@@ -49,7 +51,11 @@ def simulate(
         "port": 0,
         "model": model,
         "codec": {"name": codec},
-        "data": {"max_tokens": max_tokens},
+        "data": {
+            "max_tokens": max_tokens,
+            "tokenizer": tokenizer if tokenizer == "byte" else str(Path(tokenizer).resolve()),
+            **({} if corpus is None else {"corpus": corpus.resolve()}),
+        },
         "rounds": {"min_quorum": max(1, (miners + 1) // 2)},
         "max_catchup_versions": 64,  # a stale adversary goes back a few versions
     }

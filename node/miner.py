@@ -70,7 +70,7 @@ class Miner(Follower):
         self.pubkey = public_key_hex(client.key)
         self.device = local_device(settings.device)
         self.world = dist.get_world_size() if dist.is_initialized() else 1
-        self.model = build_model(info.model, seed=info.seed).to(self.device)
+        self.model = build_model(info.architecture, seed=info.seed).to(self.device)
         self.spec = param_spec(self.model)
         self.codec = make_codec(info.codec.name, info.codec.k, info.codec.tile)
         self.ef = ErrorFeedback(info.recipe.ef_beta)
@@ -208,8 +208,20 @@ class Miner(Follower):
             if self.world > 1:
                 share({"cmd": "stop"})
 
+    def _register(self) -> None:
+        """Register, retrying with backoff while the coordinator cannot be reached (it may be restarting)."""
+        for attempt in itertools.count():
+            try:
+                self.client.register()
+                return
+            except Unavailable as e:
+                delay = backoff(attempt, self.settings.max_backoff_s)
+                log.warning("registering failed (%s); retrying in %.1f s", e, delay)
+                if self.stop.wait(delay):
+                    raise
+
     def _run(self) -> int:
-        self.client.register()
+        self._register()
         last_done, mined, failures = -1, 0, 0
         while not self.stop.is_set():
             if self.settings.max_rounds is not None and mined >= self.settings.max_rounds:

@@ -12,7 +12,7 @@ import torch
 import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
-from protocol.model import GPT, next_token_loss
+from protocol.model import CausalLM, next_token_loss
 from protocol.wire import TrainingRecipe
 
 
@@ -23,7 +23,7 @@ def lr_at(step: int, recipe: TrainingRecipe) -> float:
     return recipe.lr
 
 
-def make_optimizer(model: GPT, recipe: TrainingRecipe) -> torch.optim.AdamW:
+def make_optimizer(model: CausalLM, recipe: TrainingRecipe) -> torch.optim.AdamW:
     decay = [p for p in model.parameters() if p.dim() >= 2]
     no_decay = [p for p in model.parameters() if p.dim() < 2]
     groups = [
@@ -53,7 +53,7 @@ class InnerResult:
 
 class InnerTrainer:
     def __init__(
-        self, model: GPT, recipe: TrainingRecipe, device: torch.device, micro_batch: int | None = None
+        self, model: CausalLM, recipe: TrainingRecipe, device: torch.device, micro_batch: int | None = None
     ):
         self.model, self.recipe, self.device = model, recipe, device
         self.optimizer = make_optimizer(model, recipe)

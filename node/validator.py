@@ -33,7 +33,7 @@ class Validator(Follower):
         self.settings, self.client, self.info, self.stop = settings, client, info, stop
         self.pubkey = public_key_hex(client.key)
         self.device = local_device(settings.device)
-        self.model = build_model(info.model, seed=info.seed).to(self.device)
+        self.model = build_model(info.architecture, seed=info.seed).to(self.device)
         self.spec = param_spec(self.model)
         self.codec = make_codec(info.codec.name, info.codec.k, info.codec.tile)
         self.params, self.version, self.verified = get_params(self.model), -1, False

@@ -36,7 +36,7 @@ import torch
 import torch.nn.functional as F
 
 from protocol.data import assignment, num_eval_total, train_id
-from protocol.model import GPT
+from protocol.model import CausalLM
 from protocol.params import set_params
 from protocol.payload import SparseTensor
 from protocol.wire import RunInfo
@@ -130,7 +130,7 @@ class UpdateEvaluator:
 
     def __init__(
         self,
-        model: GPT,
+        model: CausalLM,
         base: Mapping[str, torch.Tensor],
         fetch: Callable[[list[int]], torch.Tensor],
         batch_size: int = 64,
@@ -289,7 +289,7 @@ def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int
 
 
 def evaluate_updates(
-    model: GPT,
+    model: CausalLM,
     base: Mapping[str, torch.Tensor],
     fetch: Callable[[list[int]], torch.Tensor],
     info: RunInfo,

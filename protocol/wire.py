@@ -7,6 +7,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
 from protocol.codec import CODEC_NAMES
+from protocol.model import ModelConfig
 from protocol.payload import CodecName
 
 PROTOCOL_VERSION = 1
@@ -57,7 +58,9 @@ class RunInfo(Wire):
     protocol_version: int = PROTOCOL_VERSION
     run_id: str
     seed: int
-    model: str
+    model: str = Field(description="the preset's name, or 'custom'")
+    architecture: ModelConfig = Field(description="the whole model config: every node builds from this")
+    tokenizer_sha256: str = Field(description="sha256 of GET /v1/tokenizer")
     seq_len: int
     num_sequences: int
     eval_every: int

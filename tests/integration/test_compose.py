@@ -34,6 +34,7 @@ COORDINATOR_TOML = REPO / "configs" / "coordinator.toml"
 MINER_TOML = REPO / "configs" / "miner.toml"
 MINERS = ["miner-1", "miner-2", "miner-3"]
 NODES = [*MINERS, "validator"]
+GPU_MINERS = ["miner-gpu-1", "miner-gpu-2"]  # profile "gpu"
 VALIDATOR_TOML = REPO / "configs" / "validator.toml"
 FAST_ENV = {
     "GRADPOOL_RECIPE__INNER_STEPS": "4",
@@ -63,19 +64,25 @@ def test_compose_client_accepts_the_file() -> None:
     client = _compose_client()
     if client is None:
         pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    done = subprocess.run(
-        [*client, "--file", str(COMPOSE), "config"],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        stdin=subprocess.DEVNULL,
-    )
-    assert done.returncode == 0, done.stderr
+    for profile in ([], ["--profile", "gpu"]):  # both profiles validate
+        done = subprocess.run(
+            [*client, "--file", str(COMPOSE), *profile, "config"],
+            capture_output=True,
+            text=True,
+            timeout=50,
+            stdin=subprocess.DEVNULL,
+        )
+        assert done.returncode == 0, done.stderr
     resolved = yaml.safe_load(done.stdout)["services"]
-    assert set(resolved) == {"coordinator", *NODES}
+    assert {"coordinator", *NODES, *GPU_MINERS} <= set(resolved)
+    for name in GPU_MINERS:
+        assert resolved[name]["profiles"] == ["gpu"] and "--device" in resolved[name]["command"]
+        devices = resolved[name]["deploy"]["resources"]["reservations"]["devices"]
+        assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
+        assert resolved[name]["build"]["args"]["TORCH_VARIANT"].startswith("cu")
     for name, service in _services().items():
         assert resolved[name]["command"] == service["command"], f"{name}: command changed by the client"
-    for name in NODES:
+    for name in [*NODES, *GPU_MINERS]:
         assert resolved[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
         assert resolved[name]["restart"] == "unless-stopped"
     assert "/healthz" in " ".join(resolved["coordinator"]["healthcheck"]["test"])

@@ -196,6 +196,28 @@ class Pool:
 OpenPool = Callable[..., contextlib.AbstractContextManager[Pool]]
 
 
+class ThroughTestClient(httpx.BaseTransport):
+    """An httpx transport that answers through a test client, so that the node's own client (httpx) can
+    talk to an app under test whatever HTTP library the test client is built on."""
+
+    def __init__(self, client: TestClient) -> None:
+        self.client = client
+
+    def handle_request(self, request: httpx.Request) -> httpx.Response:
+        r = self.client.request(request.method, str(request.url), headers=dict(request.headers),
+                                content=request.read())  # fmt: skip
+        return httpx.Response(r.status_code, headers=dict(r.headers), content=r.content, request=request)
+
+
+def node_client(pool: Pool, key: Ed25519PrivateKey | None = None) -> Any:
+    """A node.client.CoordinatorClient talking to the pool's app."""
+    from node.client import CoordinatorClient
+
+    return CoordinatorClient(
+        "http://testserver", key or generate_key(), transport=ThroughTestClient(pool.client)
+    )
+
+
 @contextlib.contextmanager
 def running(
     settings: CoordinatorSettings, raise_server_exceptions: bool = True, **app_args: Any

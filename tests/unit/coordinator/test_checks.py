@@ -9,17 +9,15 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pool_harness import SPEC, OpenPool, encode, make_delta, trained_delta
+from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
 from coordinator.aggregation import aggregate_uploads
 from coordinator.checks import History, Judging, Phase, Upload, default_pipeline, judge_cheap
 from coordinator.settings import CheckSettings, ValidationSettings
-from node.client import CoordinatorClient
 from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.aggregate import aggregate, cosine, sketch, update_norm
 from protocol.codec import SparseLoCoCodec, content_digest
-from protocol.signing import generate_key
 from protocol.wire import RunInfo
 
 CODEC = SparseLoCoCodec()
@@ -121,7 +119,7 @@ def test_a_new_check_is_one_class_and_one_line_and_validators_honour_it(
         audit = {r["miner"]: (r["status"], r["reason"]) for r in pool.client.get("/v1/rounds/0/audit").json()}
         assert audit == {a.pubkey: ("rejected", "dummy_cheap"), b.pubkey: ("rejected", "dummy_evaluated"),
                          c.pubkey: ("accepted", None)}  # fmt: skip
-        client = CoordinatorClient("http://testserver", generate_key(), transport=pool.client._transport)
+        client = node_client(pool)
         info = RunInfo.model_validate(pool.client.get("/v1/info").json())
         validator = Validator(ValidatorSettings(state_dir=tmp_path / "v", device="cpu"), client, info,
                               threading.Event())  # fmt: skip

@@ -8,13 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
-from pool_harness import SPEC, Miner, OpenPool, Pool, payload
+from pool_harness import SPEC, Miner, OpenPool, Pool, node_client, payload
 from typer.testing import CliRunner
 
 from coordinator.hooks import Hooks
 from coordinator.rollback import rollback
 from gradpool.cli import app
-from node.client import CoordinatorClient
 from node.follower import Follower
 from protocol.params import apply_update, decode_update, params_hash
 from protocol.signing import generate_key, public_key_hex
@@ -94,7 +93,7 @@ class Catcher(Follower):
     """A node's follower over the test client: where a miner stands, and how it catches up."""
 
     def __init__(self, pool: Pool, tmp: Path) -> None:
-        self.client = CoordinatorClient("http://testserver", generate_key(), transport=pool.client._transport)
+        self.client = node_client(pool)
         self.info = RunInfo.model_validate(pool.client.get("/v1/info").json())
         self.spec, self.device, self.partial_dir = SPEC, torch.device("cpu"), tmp
         self.params, self.version, self.verified = {}, -1, False

@@ -106,3 +106,46 @@ def test_environment_overrides_the_config_file_and_flags_override_both(
     assert s.recipe.inner_steps == 9 and s.recipe.batch_size == 3
     assert load_settings(CoordinatorSettings, cfg, {}).port == 2222
     assert "GRADPOOL_PORT" in os.environ
+
+
+@pytest.mark.parametrize(
+    ("toml", "needle"),
+    [
+        ('[model]\nfamily = "llama"\nn_head = 3\n', "must divide n_embd"),
+        ("[model]\nn_layer = 0\n", "invalid setting model"),
+        ('model = "huge"\n', "unknown model 'huge'"),
+    ],
+)
+def test_a_bad_model_config_is_one_line_at_start_up(tmp_path: Path, toml: str, needle: str) -> None:
+    cfg = tmp_path / "c.toml"
+    cfg.write_text(toml)
+    assert_one_line_error(gradpool("coordinator", "serve", "--config", str(cfg)), needle, code=2)
+
+
+def test_a_tokenizer_that_is_not_one_is_one_line(tmp_path: Path, corpus_file: Path) -> None:
+    (tmp_path / "bad.json").write_text("{}")
+    done = gradpool("coordinator", "serve", "--state-dir", str(tmp_path / "s"), "--corpus", str(corpus_file),
+                    "--tokenizer", str(tmp_path / "bad.json"))  # fmt: skip
+    assert_one_line_error(done, "cannot read tokenizer")
+
+
+def test_tokenizer_train_writes_a_bpe_that_the_coordinator_takes(tmp_path: Path, corpus_file: Path) -> None:
+    import pyarrow as pa
+    import pyarrow.parquet as pq
+
+    from coordinator.tokenizer import RunTokenizer
+
+    (tmp_path / "c").mkdir()
+    text = corpus_file.read_text(encoding="utf-8")
+    pq.write_table(pa.table({"text": [text[i : i + 5000] for i in range(0, len(text), 5000)]}),
+                   tmp_path / "c" / "part.parquet")  # fmt: skip
+    out = tmp_path / "tok" / "tokenizer.json"
+    done = gradpool(
+        "tokenizer", "train", "--corpus", str(tmp_path / "c"), "--vocab-size", "500", "--out", str(out)
+    )
+    assert done.exit_code == 0, done.output
+    tok = RunTokenizer(str(out))
+    assert tok.vocab_size == 500 and tok.end_of_text is not None
+    assert tok.decode(tok.encode(text[:3000])) == text[:3000]
+    assert_one_line_error(gradpool("tokenizer", "train", "--corpus", str(tmp_path / "none"), "--vocab-size",
+                                   "500", "--out", str(out)), "does not exist")  # fmt: skip

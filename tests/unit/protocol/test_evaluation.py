@@ -8,7 +8,8 @@ from pathlib import Path
 import pytest
 import torch
 
-from protocol.data import Dataset, assignment, build_dataset
+from coordinator.corpus import build_dataset
+from protocol.data import Dataset, assignment
 from protocol.evaluation import (
     Losses,
     RoundResult,
