@@ -118,7 +118,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         o = in_fresh_process(ours, root / "corpus", str(root / "tok.json"), root / "data")
         log(f"ours: {o['tokens'] / o['seconds']:.0f} tokens/s, peak RSS +{o['rss'] / MiB:.0f} MiB")
     result = {
-        "corpus_bytes": corpus_bytes, "file_bytes": files, "tokens": o["tokens"], "tokens_per_s": o["tokens"] / o["seconds"],
+        "corpus_bytes": corpus_bytes, "file_bytes": files, "tokens": o["tokens"],
+        "tokens_per_s": o["tokens"] / o["seconds"],
         "bare_tokens": b["tokens"], "bare_tokens_per_s": b["tokens"] / b["seconds"],
         "peak_rss_increase_bytes": int(o["rss"]), "seconds": o["seconds"], "bare_seconds": b["seconds"],
     }  # fmt: skip
