@@ -33,6 +33,7 @@ import logging
 import math
 import multiprocessing
 import os
+import statistics
 import sys
 import time
 from collections.abc import Sequence
@@ -45,6 +46,8 @@ import torch
 
 from coordinator.corpus import build_dataset
 from coordinator.outer import OuterOptimizer
+from coordinator.publish import Downlink
+from coordinator.settings import PublishSettings
 from node.distributed import local_device
 from node.trainer import InnerTrainer, NonFiniteLoss
 from protocol.aggregate import aggregate
@@ -68,6 +71,7 @@ class Method:
     ef_beta: float = 0.95
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
+    downlink: PublishSettings | None = None  # None: the exact downlink; else the compressed one
 
 
 METHODS: dict[str, Method] = {
@@ -77,6 +81,12 @@ METHODS: dict[str, Method] = {
     "sparseloco": Method("pool"),
     "sparseloco_k128": Method("pool", k=128),
     "sparseloco_no_ef": Method("pool", ef_beta=0.0),
+    # the compressed downlink at the [publish] defaults (the coordinator's error feedback, k=128, 2 bits)
+    "sparseloco_down": Method("pool", downlink=PublishSettings(codec="sparseloco")),
+    # the other points measured for the defaults
+    "sparseloco_down_k64": Method("pool", downlink=PublishSettings(codec="sparseloco", k=64)),
+    "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4)),
+    "sparseloco_down_b95": Method("pool", downlink=PublishSettings(codec="sparseloco", ef_beta=0.95)),
     "single": Method("single"),
 }
 
@@ -97,7 +107,7 @@ class Config:
     lr: float = 1e-3
     warmup_steps: int = 20  # inner steps, counted per optimizer (each worker's, ddp's, single's)
     model: str = "tiny"
-    methods: tuple[str, ...] = tuple(METHODS)
+    methods: tuple[str, ...] = tuple(m for m in METHODS if not m.startswith("sparseloco_down_"))
     eval_sequences: int = 128
     seed: int = 0
     corpus: Path | None = None  # None: the Python standard library sources
@@ -192,6 +202,7 @@ class Tally:
     method: str
     curve: list[dict[str, float | int | None]] = field(default_factory=list)
     payload_bytes: list[int] = field(default_factory=list)
+    down_bytes: list[int] = field(default_factory=list)
     train_s: float = 0.0
     comm_s: float = 0.0
     eval_s: float = 0.0
@@ -240,6 +251,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     c = bench.cfg
     codec = make_codec(method.codec, method.k)
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
+    downlink = None if method.downlink is None else Downlink(method.downlink, method.codec, bench.spec)
     recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta})
     theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v
     workers = []
@@ -282,6 +294,9 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
         t0 = time.perf_counter()
         updates = [codec.decode(p, bench.spec)[1] for p in payloads]  # what the coordinator sees
         delta, outer.buffers = outer.step(aggregate(updates, bench.spec, bench.device))
+        if downlink is not None:  # what miners download and apply: the compressed update
+            compressed, delta, downlink.residual = downlink.step(delta)
+            tally.down_bytes.append(len(compressed))
         apply_update(theta, delta)
         t1 = time.perf_counter()
         loss = bench.evaluate_params(theta)
@@ -326,6 +341,8 @@ def run_method(bench: Bench, name: str) -> dict[str, Any]:
         "tokens": tally.curve[-1]["tokens"] if tally.curve else 0,
         "bytes_per_round": per_round,
         "bytes_basis": basis,
+        "download_bytes_per_round": round(statistics.fmean(tally.down_bytes)) if tally.down_bytes else None,
+        "downlink": None if method.downlink is None else method.downlink.model_dump(),
         "compression_vs_fp32": round(dense / per_round, 2) if per_round and method.kind == "pool" else None,
         "curve": tally.curve,
         "wall_s": round(wall_s, 3),

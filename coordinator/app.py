@@ -17,6 +17,7 @@ from typing import Annotated
 
 import torch
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
+from fastapi.responses import RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from safetensors.torch import save as st_save
@@ -299,18 +300,35 @@ async def checkpoint(
     if found is None:
         raise NotFound("not_found", f"no checkpoint kept for version {version}")
     v, sha = found
-    response = await _blob(run, request, sha, f"checkpoint-{v}.safetensors")
+    name = f"checkpoint-{v}.safetensors"
+    response = await _blob(run, request, sha, name, immutable=version is not None)
     response.headers["X-Gradpool-Version"] = str(v)
     return response
 
 
-async def _blob(run: Run, request: Request, sha: str, filename: str) -> Response:
-    """A kept blob as a download: ETag "<sha>", HTTP Range answered (206, 416). The answer's Content-Length
-    (the whole file's from the file store, the bytes sent from S3) counts towards the round's downloads."""
+IMMUTABLE = "public, max-age=31536000, immutable"  # content-addressed: a cache may keep it for ever
+
+
+async def _blob(run: Run, request: Request, sha: str, filename: str, immutable: bool = True) -> Response:
+    """A kept blob as a download: ETag "<sha>", HTTP Range answered (206, 416), or a 307 to a presigned
+    URL of the object store (``[blobs] redirect_downloads``), so the bytes never pass through this process.
+    ``immutable``: the URL always means these bytes, so caches may keep the answer. The bytes count
+    towards the round's downloads (the whole file's from the file store, those sent from S3, the object's
+    size when redirected)."""
+    blobs, settings = run.parts.blobs, run.settings.blobs
     try:
-        response = await asyncio.to_thread(run.parts.blobs.serve, sha, request.headers, filename)
+        if settings.redirect_downloads:
+            url = await asyncio.to_thread(blobs.url, sha, filename, settings.redirect_expiry_s)
+            if url is not None:
+                size = await asyncio.to_thread(blobs.size, sha)
+                run.count_download(size)
+                run.metrics.redirects.inc()
+                headers = {"ETag": f'"{sha}"', "Cache-Control": "no-store"}  # the URL expires
+                return RedirectResponse(url, status_code=307, headers=headers)
+        response = await asyncio.to_thread(blobs.serve, sha, request.headers, filename)
     except BlobNotFoundError:
         raise NotFound("not_found", "that file is no longer kept") from None
+    response.headers["Cache-Control"] = IMMUTABLE if immutable else "no-cache"
     run.count_download(int(response.headers.get("content-length", "0")))
     return response
 
@@ -332,7 +350,7 @@ async def sequences(run: RunDep, ids: Annotated[str, Query(max_length=MAX_IDS_PE
         raise Forbidden("held_out", "held-out sequences are never served")
     dtype = torch.uint8 if run.model.module.cfg.vocab <= 256 else torch.int32
     body = await asyncio.to_thread(lambda: st_save({"tokens": dataset.sequences(wanted).to(dtype)}))
-    run.count_download(len(body))
+    run.count_download(len(body), "data")
     return Response(body, media_type="application/octet-stream")
 
 

@@ -67,6 +67,11 @@ class BlobStore(Protocol):
         ``Range`` in the request ``headers`` (BlobNotFoundError). Blocking: call it from a thread."""
         ...
 
+    def url(self, sha: str, filename: str, expiry_s: float) -> str | None:
+        """A URL the blob can be downloaded from directly for ``expiry_s`` (a presigned one), or None when
+        the store has none (the coordinator serves the bytes itself)."""
+        ...
+
 
 def make_blob_store(settings: BlobSettings, root: Path) -> BlobStore:
     """The store ``settings`` choose; the file store keeps its blobs under ``root``."""
@@ -176,6 +181,9 @@ class FileBlobStore:
             stat_result=self._stat(sha),
         )
 
+    def url(self, sha: str, filename: str, expiry_s: float) -> str | None:
+        return None
+
     def _stat(self, sha: str) -> os.stat_result:
         try:
             return self.path(sha).stat()
@@ -266,6 +274,14 @@ class S3BlobStore:
             headers=answer,
             media_type="application/octet-stream",
         )
+
+    def url(self, sha: str, filename: str, expiry_s: float) -> str | None:
+        """A presigned GET of the object: the bytes go from the bucket to the client, not through the
+        coordinator."""
+        params = {"Bucket": self.bucket, "Key": self.key(sha),
+                  "ResponseContentDisposition": f'attachment; filename="{filename}"'}  # fmt: skip
+        url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expiry_s))
+        return url
 
     def _length(self, sha: str) -> int | None:
         try:

@@ -156,7 +156,7 @@ class Closer:
                 raise Stopping
         next_version = state.version if built is None else built.version
         next_hash = state.param_hash if built is None else built.param_hash
-        bytes_down = self.downloads.take()
+        bytes_down = self.downloads.take()  # (model, data)
         close = RoundClose(
             round=state.round, next_version=next_version, version=new_version, outcomes=outcomes,
             verdicts=judged.losses, compute_s=statistics.fmean(compute) if compute else 0.0,
@@ -166,11 +166,12 @@ class Closer:
         try:
             self._commit(state, close, next_hash)
         except BaseException:
-            self.downloads.add(bytes_down)
+            self.downloads.add(bytes_down[0], "model")
+            self.downloads.add(bytes_down[1], "data")
             raise
         if built is not None:
             self.model.params = built.params
-            p.outer.buffers = built.outer_buffers
+            p.publisher.commit(built)
         self._after(state, close, time.perf_counter() - t0)
 
     def _commit(self, state: RoundState, close: RoundClose, next_hash: str) -> None:

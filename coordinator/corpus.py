@@ -30,6 +30,7 @@ TEXT_SUFFIXES = (".txt", ".md", ".jsonl")
 SUFFIXES = (*TEXT_SUFFIXES, ".parquet", ".bin")
 SHARD_MAGIC, SHARD_HEADER_WORDS = 20240520, 256
 BATCH_CHARS = 4 << 20  # text encoded per batch
+PIECE_CHARS = 64 << 10  # text encoded as one sequence, at most (a large document is cut after a line)
 
 
 def corpus_files(corpus: Path | None) -> list[Path]:
@@ -79,13 +80,19 @@ def text_batches(path: Path) -> Iterator[list[Piece]]:
 
 
 def _text(f: TextIO) -> Iterator[list[Piece]]:
-    """One document in pieces of about BATCH_CHARS, cut after a line end."""
+    """One document, BATCH_CHARS at a time, in pieces of about PIECE_CHARS cut after a line end: the
+    tokenizer's memory grows with the length of what it encodes at once, not only with the total."""
     pending = ""
     while block := f.read(BATCH_CHARS):
         block = pending + block
-        cut = block.rfind("\n") + 1 or len(block)
-        piece, pending = block[:cut], block[cut:]
-        yield [(piece, False)]
+        pieces, start = [], 0
+        while len(block) - start > PIECE_CHARS:
+            cut = block.rfind("\n", start, start + PIECE_CHARS) + 1 or start + PIECE_CHARS
+            pieces.append((block[start:cut], False))
+            start = cut
+        pending = block[start:]
+        if pieces:
+            yield pieces
     yield [(pending, True)]
 
 

@@ -32,6 +32,10 @@ class Metrics:
         self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)
+        self.redirects = Counter(
+            "gradpool_download_redirects", "Downloads answered with a redirect to the object store",
+            registry=r,
+        )
         self.rounds_failed = Counter(
             "gradpool_rounds_failed",
             "Rounds closed without a version because closing failed",

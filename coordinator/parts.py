@@ -38,20 +38,22 @@ class Model:
 
 class Downloads:
     """Bytes served during the open round, counted in memory (the event loop must not write SQLite per
-    download) and committed with the round."""
+    download) and committed with the round: ``model`` (published updates, checkpoints, uploads served to
+    validators) and ``data`` (training sequences)."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
-        self._bytes = 0
+        self._bytes = {"model": 0, "data": 0}
 
-    def add(self, n: int) -> None:
+    def add(self, n: int, kind: str = "model") -> None:
         with self._lock:
-            self._bytes += n
+            self._bytes[kind] += n
 
-    def take(self) -> int:
+    def take(self) -> tuple[int, int]:
+        """(model, data) bytes since the last take."""
         with self._lock:
-            n, self._bytes = self._bytes, 0
-            return n
+            taken, self._bytes = self._bytes, {"model": 0, "data": 0}
+            return taken["model"], taken["data"]
 
 
 @dataclass(frozen=True)

@@ -1,28 +1,81 @@
 """Making the next version from a round's accepted uploads, guarding it, and writing what is published.
 
-``build`` aggregates, applies the outer step and measures the held-out loss, in memory; ``guard`` says
-whether the result may be published (every parameter finite, the held-out loss finite and not above the
-previous version's by more than ``max_loss_increase``); only then does ``write`` put the published update,
-the checkpoint and the outer optimizer's state into the blob store. Nothing is visible until the closer
-commits the version.
+``build`` aggregates, applies the outer step, compresses what it publishes (``Downlink``) and measures the
+held-out loss, in memory; ``guard`` says whether the result may be published (every parameter finite, the
+held-out loss finite and not above the previous version's by more than ``max_loss_increase``); only then
+does ``write`` put the published update, the checkpoint and the coordinator's state (the outer optimizer's
+momentum, the downlink's error feedback) into the blob store. Nothing is visible until the closer commits
+the version, and its state with it.
 """
 
 from __future__ import annotations
 
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
+from safetensors.torch import load as st_load
 
 from coordinator.aggregation import aggregate_uploads
 from coordinator.blobs import BlobStore
 from coordinator.checks import Upload
 from coordinator.outer import OuterOptimizer
-from coordinator.settings import AggregationSettings
+from coordinator.settings import AggregationSettings, PublishSettings
 from coordinator.store import NewVersion
-from protocol.codec import Codec, ParamSpec
-from protocol.params import Params, UpdateHeader, apply_update, encode_update, params_hash, save_checkpoint
+from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
+from protocol.params import (
+    Params,
+    UpdateHeader,
+    apply_update,
+    compress_update,
+    decode_update,
+    encode_update,
+    frame_update,
+    params_hash,
+    save_checkpoint,
+)
+
+
+class Downlink:
+    """What the coordinator publishes each round. ``exact``: the outer step's delta itself. ``sparseloco``:
+    ``u = delta + ef_beta * e``, published as ``P = compress(u)``; the model moves by exactly
+    ``decode(P)`` and ``e <- u - decode(P)`` keeps what was not sent for the next rounds, so a download is
+    about one upload's size however many miners contributed."""
+
+    def __init__(self, settings: PublishSettings, upload_codec: str, spec: ParamSpec) -> None:
+        self.spec = spec
+        kind = settings.codec
+        if kind == "auto":
+            kind = "sparseloco" if upload_codec == "sparseloco" else "exact"
+        s = settings
+        self.codec = SparseLoCoCodec(s.k, s.tile, s.bits) if kind == "sparseloco" else None
+        self.beta = settings.ef_beta
+        self.residual: dict[str, torch.Tensor] = {}
+
+    def step(self, delta: Mapping[str, torch.Tensor]) -> tuple[bytes, Params, dict[str, torch.Tensor]]:
+        """The update's bytes (without their header), the delta the model moves by, the next residual."""
+        if self.codec is None:
+            return b"", dict(delta), {}
+        u = {n: d + self.beta * self.residual[n] if n in self.residual else d.clone()
+             for n, d in delta.items()}  # fmt: skip
+        compressed = compress_update(self.codec, u, self.spec)
+        applied = _decoded(compressed, self.codec, self.spec)
+        return compressed, applied, {n: u[n] - applied[n] for n in u}
+
+    def frame(self, compressed: bytes, delta: Mapping[str, torch.Tensor], header: UpdateHeader) -> bytes:
+        if self.codec is None:
+            return encode_update(delta, self.spec, header)
+        c = self.codec
+        fields = {"codec": "sparseloco", "k": c.k, "tile": c.tile, "bits": c.bits}
+        return frame_update(compressed, header.model_copy(update=fields))
+
+
+def _decoded(compressed: bytes, codec: SparseLoCoCodec, spec: ParamSpec) -> Params:
+    """Exactly what a miner will decode from the published update."""
+    header = UpdateHeader(base_version=0, version=1, param_hash="0" * 64, codec="sparseloco", k=codec.k,
+                          tile=codec.tile, bits=codec.bits)  # fmt: skip
+    return decode_update(frame_update(compressed, header), spec)[1]
 
 
 @dataclass
@@ -32,10 +85,11 @@ class Built:
     version: int
     base_version: int
     params: Params
-    delta: dict[str, torch.Tensor]
+    update: bytes
     param_hash: str
     eval_loss: float
     outer_buffers: dict[str, torch.Tensor]
+    residual: dict[str, torch.Tensor]
 
 
 class Publisher:
@@ -45,11 +99,12 @@ class Publisher:
         spec: ParamSpec,
         blobs: BlobStore,
         outer: OuterOptimizer,
+        downlink: Downlink,
         aggregation: AggregationSettings,
         held_out_loss: Callable[[Params], float],
         max_loss_increase: float,
     ) -> None:
-        self.codec, self.spec, self.blobs, self.outer = codec, spec, blobs, outer
+        self.codec, self.spec, self.blobs, self.outer, self.downlink = codec, spec, blobs, outer, downlink
         self.aggregation, self.held_out_loss = aggregation, held_out_loss
         self.max_loss_increase = max_loss_increase
 
@@ -66,10 +121,14 @@ class Publisher:
         method = None if a.method == "mean" else a.method
         aggregate = aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
         delta, outer_buffers = self.outer.step(aggregate)
+        compressed, applied, residual = self.downlink.step(delta)
         params = {n: p.clone() for n, p in base.items()}
-        apply_update(params, delta)
-        return Built(version, base_version, params, delta, params_hash(params, self.spec),
-                     self.held_out_loss(params), outer_buffers)  # fmt: skip
+        apply_update(params, applied)
+        param_hash = params_hash(params, self.spec)
+        header = UpdateHeader(base_version=base_version, version=version, param_hash=param_hash)
+        update = self.downlink.frame(compressed, applied, header)
+        return Built(version, base_version, params, update, param_hash, self.held_out_loss(params),
+                     outer_buffers, residual)  # fmt: skip
 
     def guard(self, built: Built, previous_loss: float | None) -> str | None:
         """Why ``built`` must not be published, or None."""
@@ -84,17 +143,40 @@ class Publisher:
         return None
 
     def write(self, built: Built) -> NewVersion:
-        """The published update, the checkpoint and the outer optimizer's state, as content-addressed blobs
-        (an orphan at worst, if the commit never comes)."""
-        header = UpdateHeader(
-            base_version=built.base_version, version=built.version, param_hash=built.param_hash
-        )
-        update = encode_update(built.delta, self.spec, header)
+        """The published update, the checkpoint and the coordinator's state, as content-addressed blobs (an
+        orphan at worst, if the commit never comes)."""
         ckpt = save_checkpoint(built.params, {"version": str(built.version), "param_hash": built.param_hash})
-        state = save_checkpoint(built.outer_buffers, {}) if built.outer_buffers else None
+        state = save_state(built.outer_buffers, built.residual)
         return NewVersion(
             version=built.version, base_version=built.base_version, param_hash=built.param_hash,
-            eval_loss=built.eval_loss, update_sha=self.blobs.put(update), update_bytes=len(update),
+            eval_loss=built.eval_loss, update_sha=self.blobs.put(built.update),
+            update_bytes=len(built.update),
             checkpoint_sha=self.blobs.put(ckpt), checkpoint_bytes=len(ckpt),
             state_sha=None if state is None else self.blobs.put(state),
         )  # fmt: skip
+
+    def commit(self, built: Built) -> None:
+        """The built version's state is now the coordinator's (called once the version is committed)."""
+        self.outer.buffers = built.outer_buffers
+        self.downlink.residual = built.residual
+
+    def restore(self, state: bytes) -> None:
+        """The state saved with a version (``save_state``), as the coordinator resumes from it."""
+        outer, residual = load_state(state)
+        self.outer.load_state_dict(outer)
+        self.downlink.residual = residual
+
+
+def save_state(outer: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor]) -> bytes | None:
+    tensors = {f"outer/{n}": t for n, t in outer.items()}
+    tensors |= {f"downlink/{n}": t for n, t in residual.items()}
+    return save_checkpoint(tensors, {}) if tensors else None
+
+
+def load_state(state: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+    """(outer momentum, downlink residual); a state from before the downlink held the momentum alone."""
+    tensors = st_load(state)
+    if not any(k.startswith(("outer/", "downlink/")) for k in tensors):
+        return dict(tensors), {}
+    outer = {k.removeprefix("outer/"): t for k, t in tensors.items() if k.startswith("outer/")}
+    return outer, {k.removeprefix("downlink/"): t for k, t in tensors.items() if k.startswith("downlink/")}

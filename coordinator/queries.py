@@ -95,5 +95,6 @@ def _report(r: sqlite3.Row) -> RoundReport:
         round=r["round"], version=r["result_version"], eval_loss=r["eval_loss"], accepted=r["accepted"],
         rejected=r["rejected"], bytes_up=r["bytes_up"], bytes_down=r["bytes_down"],
         wall_s=round(r["closed_at"] - r["opened_at"], 3), compute_s=round(r["compute_s"], 3),
-        close_reason=r["close_reason"],
+        close_reason=r["close_reason"], bytes_down_model=r["bytes_down_model"],
+        bytes_down_data=r["bytes_down_data"],
     )  # fmt: skip

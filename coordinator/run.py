@@ -17,8 +17,6 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from safetensors.torch import load as st_load
-
 from coordinator.blobs import BlobStore, make_blob_store
 from coordinator.checks import Check, default_pipeline
 from coordinator.closer import Closer, CloserSettings, deadline_for
@@ -30,7 +28,7 @@ from coordinator.lock import StateLock
 from coordinator.metrics import Metrics
 from coordinator.outer import OuterOptimizer
 from coordinator.parts import Downloads, Model, Parts
-from coordinator.publish import Publisher
+from coordinator.publish import Downlink, Publisher
 from coordinator.queries import Queries
 from coordinator.scoring import Scores
 from coordinator.settings import CoordinatorSettings
@@ -101,9 +99,10 @@ class Run:
         self.model = Model(module, {}, dataset.sequences(eval_ids(self.data_meta, d.eval_sequences)))
         outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
         self.metrics = Metrics()
-        publisher = Publisher(codec, spec, blobs, outer, settings.aggregation, self.model.held_out_loss,
-                              settings.checks.max_loss_increase)  # fmt: skip
-        state = self._resume_or_start(blobs, module, spec, outer, clock)
+        downlink = Downlink(settings.publish, settings.codec.name, spec)
+        publisher = Publisher(codec, spec, blobs, outer, downlink, settings.aggregation,
+                              self.model.held_out_loss, settings.checks.max_loss_increase)  # fmt: skip
+        state = self._resume_or_start(blobs, module, spec, publisher, clock)
         self.parts = Parts(
             store=self.store, blobs=blobs, cell=RoundCell(state), codec=codec, spec=spec, info=self.info,
             dataset=dataset, publisher=publisher, outer=outer, scores=Scores(self.store, settings.validation),
@@ -124,7 +123,7 @@ class Run:
         if (loss := self.store.eval_loss(state.version)) is not None:
             self.metrics.eval_loss.set(loss)
 
-    def _resume_or_start(self, blobs: BlobStore, module: CausalLM, spec: ParamSpec, outer: OuterOptimizer,
+    def _resume_or_start(self, blobs: BlobStore, module: CausalLM, spec: ParamSpec, publisher: Publisher,
                          clock: Callable[[], float]) -> RoundState:  # fmt: skip
         """Version 0 and round 0 of a new run; or the open round of a resumed one, with its deadline
         counting from now (a restart gives the round its time back)."""
@@ -149,7 +148,7 @@ class Run:
             raise ValueError(f"checkpoint of version {version} does not match its hash")
         legacy = store.get_meta("outer_state") if version == store.latest_version() else None
         if state_sha := row["state_sha"] or legacy:
-            outer.load_state_dict(st_load(blobs.get(state_sha)))
+            publisher.restore(blobs.get(state_sha))
         self.model.params = params
         log.info("run %s resumed at round %d, version %d", self.info.run_id, round_, version)
         return RoundState(
@@ -168,8 +167,9 @@ class Run:
         """Stop the closer (a round it is closing stays open), then the intake threads, then the store."""
         self.closer.stop()
         self.intake_pool.shutdown(wait=True)
-        if (n := self.parts.downloads.take()) > 0:
-            self.store.add_bytes_down(self.parts.cell.state.round, n)
+        model, data = self.parts.downloads.take()
+        if model or data:
+            self.store.add_bytes_down(self.parts.cell.state.round, model, data)
         self.store.close()
         self.lock.release()
 
@@ -181,8 +181,8 @@ class Run:
         self.parts.cell.update(force_close=True)
         return state.round
 
-    def count_download(self, nbytes: int) -> None:
-        self.parts.downloads.add(nbytes)
+    def count_download(self, nbytes: int, kind: str = "model") -> None:
+        self.parts.downloads.add(nbytes, kind)
         self.metrics.bytes_out.inc(nbytes)
 
 

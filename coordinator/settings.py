@@ -115,6 +115,19 @@ class DataSettings(Section):
     eval_sequences: int = Field(default=64, ge=1, le=100_000)
 
 
+class PublishSettings(Section):
+    """What every miner downloads each round: the published update. ``sparseloco`` compresses the outer
+    step with the coordinator's own error feedback, so it is about one upload's size however many miners
+    there are; ``exact`` publishes every touched coordinate in fp32 (the dense baseline's format); ``auto``:
+    sparseloco when the uploads are, exact otherwise."""
+
+    codec: Literal["auto", "sparseloco", "exact"] = Field(default="auto")
+    k: int = Field(default=128, ge=4, le=4096, description="values kept per chunk of tile x tile")
+    tile: int = Field(default=64, ge=8, le=256)
+    bits: Literal[2, 4, 8] = Field(default=2, description="bits per value")
+    ef_beta: float = Field(default=1.0, ge=0, le=1, description="decay of the coordinator's error feedback")
+
+
 class OuterSettings(Section):
     """Outer optimizer. Unset values follow the codec: SGD lr 1.0 for sparseloco, Nesterov 0.7/0.9 dense."""
 
@@ -132,6 +145,10 @@ class BlobSettings(Section):
     s3_endpoint_url: str | None = Field(default=None, description="an S3-compatible endpoint; None: AWS")
     s3_region: str | None = Field(default=None, description="None: from the AWS chain")
     s3_timeout_s: float = Field(default=60.0, gt=0, description="connect and read timeout per request")
+    redirect_downloads: bool = Field(
+        default=False, description="s3: answer downloads with 307 to a presigned URL of the object"
+    )
+    redirect_expiry_s: float = Field(default=600.0, ge=1, le=604800, description="how long a URL is good")
 
     @field_validator("s3_prefix")
     @classmethod
@@ -163,6 +180,7 @@ class CoordinatorSettings(BaseSettings):
     codec: CodecConfig = Field(default_factory=CodecConfig)
     recipe: TrainingRecipe = Field(default_factory=TrainingRecipe)
     outer: OuterSettings = Field(default_factory=OuterSettings)
+    publish: PublishSettings = Field(default_factory=PublishSettings)
     rounds: RoundSettings = Field(default_factory=RoundSettings)
     checks: CheckSettings = Field(default_factory=CheckSettings)
     aggregation: AggregationSettings = Field(default_factory=AggregationSettings)

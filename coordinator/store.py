@@ -26,7 +26,8 @@ CREATE TABLE IF NOT EXISTS rounds (
     first_upload_at REAL, closed_at REAL, accepted INTEGER NOT NULL DEFAULT 0,
     rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
     bytes_down INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0, eval_loss REAL,
-    close_reason TEXT, reference_norm REAL);
+    close_reason TEXT, reference_norm REAL, bytes_down_model INTEGER NOT NULL DEFAULT 0,
+    bytes_down_data INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS submissions (
     round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
     bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
@@ -51,6 +52,8 @@ MIGRATIONS = (
     ("verdicts", "margin_se", "REAL NOT NULL DEFAULT 0"),
     ("rounds", "close_reason", "TEXT"),
     ("rounds", "reference_norm", "REAL"),
+    ("rounds", "bytes_down_model", "INTEGER NOT NULL DEFAULT 0"),
+    ("rounds", "bytes_down_data", "INTEGER NOT NULL DEFAULT 0"),
     ("submissions", "evaluated", "INTEGER NOT NULL DEFAULT 0"),
     ("submissions", "scale", "REAL"),
     ("versions", "base_version", "INTEGER"),
@@ -118,7 +121,7 @@ class RoundClose:
     compute_s: float
     reference_norm: float | None
     close_reason: str | None
-    bytes_down: int
+    bytes_down: tuple[int, int]  # (model, data)
     closed_at: float
 
 
@@ -367,16 +370,19 @@ class Store:
             db.execute(
                 "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
                 "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
-                "bytes_down = bytes_down + ? WHERE round = ?",
+                "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
+                "bytes_down_data = bytes_down_data + ? WHERE round = ?",
                 (c.closed_at, accepted, len(c.outcomes) - accepted, c.compute_s,
                  None if c.version is None else c.version.eval_loss, c.close_reason, c.reference_norm,
-                 c.bytes_down, c.round),
+                 sum(c.bytes_down), *c.bytes_down, c.round),
             )  # fmt: skip
             db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
                        (c.round + 1, c.next_version, c.closed_at))  # fmt: skip
 
-    def add_bytes_down(self, round_: int, n: int) -> None:
-        self._execute("UPDATE rounds SET bytes_down = bytes_down + ? WHERE round = ?", n, round_)
+    def add_bytes_down(self, round_: int, model: int, data: int) -> None:
+        self._execute("UPDATE rounds SET bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model "
+                      "+ ?, bytes_down_data = bytes_down_data + ? WHERE round = ?", model + data, model, data,
+                      round_)  # fmt: skip
 
     def rollback(self, to_version: int, round_: int, now: float, reason: str) -> list[int]:
         """Make ``to_version`` current again: every later live version is marked rolled back (kept for the

@@ -17,7 +17,7 @@ from gradpool.processes import Processes, ProcessFailed
 
 ROW = (
     "{round:>5} {version:>7} {eval_loss:>10} {accepted:>8} {rejected:>8} "
-    "{bytes_up:>10} {bytes_down:>11} {wall_s:>8}"
+    "{bytes_up:>10} {bytes_down:>11} {model_per_miner:>15} {wall_s:>8}"
 )
 
 
@@ -154,19 +154,12 @@ def _toml(settings: Any, out: Path) -> Path:
 def _watch(
     procs: Processes, url: str, rounds: int, timeout_s: float, echo: Callable[[str], None]
 ) -> dict[str, Any]:
+    """A row per closed round; ``model_per_miner``: model bytes (updates, checkpoints) each miner
+    downloaded, on average."""
     end = time.monotonic() + timeout_s
-    echo(
-        ROW.format(
-            round="round",
-            version="version",
-            eval_loss="eval_loss",
-            accepted="accepted",
-            rejected="rejected",
-            bytes_up="bytes_up",
-            bytes_down="bytes_down",
-            wall_s="wall_s",
-        )
-    )
+    names = ("round", "version", "eval_loss", "accepted", "rejected", "bytes_up", "bytes_down")
+    echo(ROW.format(**{n: n for n in names}, model_per_miner="model/miner", wall_s="wall_s"))
+    miners = max(1, len(procs.procs) - 1)
     rows: list[dict[str, Any]] = []
     with httpx.Client(base_url=url, timeout=10.0) as http:
         status: dict[str, Any] = http.get("/v1/status").json()
@@ -189,7 +182,9 @@ def _watch(
                 continue
             for row in new[: rounds - len(rows)]:
                 loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
-                echo(ROW.format(**{**row, "eval_loss": loss, "wall_s": f"{row['wall_s']:.2f}"}))
+                per_miner = row.get("bytes_down_model", 0) // miners
+                echo(ROW.format(**{**row, "eval_loss": loss, "wall_s": f"{row['wall_s']:.2f}",
+                                   "model_per_miner": per_miner}))  # fmt: skip
                 rows.append(row)
             time.sleep(0.25)
     status["rounds"] = rows

@@ -39,6 +39,7 @@ from protocol.wire import (
 )
 
 M = TypeVar("M", bound=BaseModel)
+REDIRECT_TRIES = 3
 
 
 class ClientError(Exception):
@@ -102,6 +103,7 @@ class CoordinatorClient:
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)},
             transport=transport,
+            follow_redirects=True,  # a download may come straight from the object store
         )
         self.bytes_down = 0
         self.bytes_up = 0
@@ -126,10 +128,13 @@ class CoordinatorClient:
         if signed:
             target = request.url.raw_path.decode()
             request.headers.update(sign_request(self.key, method, target, body or b""))
-        try:
-            response = self.http.send(request)
-        except httpx.TransportError as e:
-            raise Unavailable(f"cannot reach the coordinator at {self.http.base_url}: {e}") from None
+        for attempt in range(REDIRECT_TRIES):
+            try:
+                response = self.http.send(request)
+            except httpx.TransportError as e:
+                raise Unavailable(f"cannot reach the coordinator at {self.http.base_url}: {e}") from None
+            if not (response.history and response.status_code in (400, 403)) or attempt == REDIRECT_TRIES - 1:
+                break  # a presigned URL that expired (or was refused): ask the coordinator for a new one
         self.bytes_down += len(response.content)
         self.bytes_up += len(body or b"")
         if response.status_code >= 500:
@@ -200,7 +205,11 @@ class CoordinatorClient:
         headers = {"Range": f"bytes={have}-"} if have else {}
         request = self.http.build_request("GET", "/v1/checkpoint", params=params, headers=headers)
         try:
-            response = self.http.send(request, stream=True)
+            for _ in range(REDIRECT_TRIES):
+                response = self.http.send(request, stream=True)
+                if not (response.history and response.status_code in (400, 403)):
+                    break
+                response.close()  # an expired presigned URL: ask the coordinator again
             try:
                 if response.status_code == 416:  # the partial file is not a prefix of this checkpoint
                     partial.unlink()
@@ -226,10 +235,14 @@ class CoordinatorClient:
 
     @staticmethod
     def _checkpoint_version(response: httpx.Response) -> int:
-        try:
-            return int(response.headers["X-Gradpool-Version"])
-        except (KeyError, ValueError):
-            raise ProtocolMismatch("checkpoint answer has no version header") from None
+        """The version a checkpoint answer names (on the coordinator's redirect when it sent one)."""
+        for r in (response, *response.history):
+            if "X-Gradpool-Version" in r.headers:
+                try:
+                    return int(r.headers["X-Gradpool-Version"])
+                except ValueError:
+                    break
+        raise ProtocolMismatch("checkpoint answer has no version header")
 
     def sequences(self, ids: list[int]) -> torch.Tensor:
         response = self._send("GET", "/v1/data", params={"ids": ",".join(map(str, ids))})

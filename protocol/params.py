@@ -1,8 +1,14 @@
 """Parameters on the wire: the canonical order, the parameter hash, checkpoints and published updates.
 
-A published update is what the coordinator subtracted from version v to make v+1: a bitmap of the
-touched coordinates and their fp32 values. Applying it is one elementwise subtraction, exactly rounded
-on every IEEE device, so a miner at v reaches the coordinator's v+1 bit for bit and checks it by hash.
+A published update is what the coordinator subtracted from version v to make v+1, in one of two formats:
+
+- ``exact``: a bitmap of the touched coordinates and their fp32 values;
+- ``sparseloco``: a SparseLoCo payload (top-k per chunk, quantised values, Elias-Fano indices) of the
+  aggregate plus the coordinator's own error feedback, so that it is about the size of one upload however
+  many miners there are; the coordinator applies exactly what it decodes to.
+
+Applying either is one elementwise subtraction of decoded fp32 values, exactly rounded on every IEEE
+device, so a miner at v reaches the coordinator's v+1 bit for bit and checks it by hash.
 """
 
 from __future__ import annotations
@@ -10,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -19,7 +26,8 @@ from safetensors.torch import save as st_save
 
 from protocol.bits import pack_bits, unpack_bits
 from protocol.errors import CodecError
-from protocol.payload import ParamSpec, read_metadata
+from protocol.payload import PAYLOAD_FORMAT_VERSION, ParamSpec, PayloadHeader, read_metadata
+from protocol.sparseloco import SparseLoCoCodec
 
 Params = dict[str, torch.Tensor]
 
@@ -78,6 +86,37 @@ class UpdateHeader(BaseModel):
     base_version: int = Field(ge=0)
     version: int = Field(ge=1)
     param_hash: str = Field(min_length=64, max_length=64)
+    codec: Literal["exact", "sparseloco"] = "exact"
+    k: int = Field(default=0, ge=0, le=1 << 20)
+    tile: int = Field(default=0, ge=0, le=1 << 10)
+    bits: int = Field(default=0, ge=0, le=8)
+
+
+def compress_update(codec: SparseLoCoCodec, u: Mapping[str, torch.Tensor], spec: ParamSpec) -> bytes:
+    """``u`` compressed for publishing, without its update header yet (``frame_update`` adds it)."""
+    header = PayloadHeader(format_version=PAYLOAD_FORMAT_VERSION, codec=codec.name, round=0, base_version=0)
+    return codec.encode(u, spec, header)[0]
+
+
+def frame_update(compressed: bytes, header: UpdateHeader) -> bytes:
+    """A compressed update with its header: the published bytes."""
+    meta = read_metadata(compressed)
+    return st_save(dict(st_load(compressed)), metadata={**meta, "gradpool_update": header.model_dump_json()})
+
+
+def _decode_compressed(data: bytes, header: UpdateHeader, spec: ParamSpec) -> Params:
+    try:
+        codec = SparseLoCoCodec(k=header.k, tile=header.tile, bits=header.bits)
+    except ValueError as e:
+        raise CodecError(f"update codec settings are invalid: {e}", code="bad_header") from None
+    _, flat = codec.decode_flat(data, spec)
+    out: Params = {}
+    o = 0
+    for name, shape in spec:
+        n = math.prod(shape)
+        out[name] = flat[o : o + n].view(shape)
+        o += n
+    return out
 
 
 def encode_update(delta: Mapping[str, torch.Tensor], spec: ParamSpec, header: UpdateHeader) -> bytes:
@@ -100,6 +139,8 @@ def decode_update(data: bytes, spec: ParamSpec) -> tuple[UpdateHeader, Params]:
         header = UpdateHeader.model_validate_json(read_metadata(data).get("gradpool_update", ""))
     except (SafetensorError, ValueError, OverflowError, RuntimeError, ValidationError) as e:
         raise CodecError(f"update is not valid: {e}") from None
+    if header.codec == "sparseloco":
+        return header, _decode_compressed(data, header, spec)
     if set(tensors) != {"mask", "values"}:
         raise CodecError("update tensors must be exactly 'mask' and 'values'", code="wrong_tensors")
     mask, values = tensors["mask"], tensors["values"]

@@ -47,6 +47,7 @@ class PayloadHeader(BaseModel):
     base_version: int = Field(ge=0)
     k: int = Field(default=0, ge=0, le=1 << 20)
     tile: int = Field(default=0, ge=0, le=1 << 10)
+    bits: int = Field(default=2, ge=1, le=8, description="sparseloco: bits per value")
     stats: PayloadStats = Field(default_factory=PayloadStats)
 
     @field_validator("codec")

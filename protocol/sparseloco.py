@@ -155,16 +155,22 @@ def _ef_params(chunk: int, k: int) -> tuple[int, int]:
     return low, k + ((chunk - 1) >> low) + 1
 
 
+VALUE_BITS = (2, 4, 8)
+
+
 class SparseLoCoCodec:
     name: CodecName = "sparseloco"
     outer_lr, outer_momentum = 1.0, 0.0  # plain SGD: error feedback stands in for momentum
 
-    def __init__(self, k: int = 64, tile: int = 64) -> None:
+    def __init__(self, k: int = 64, tile: int = 64, bits: int = 2) -> None:
         if not 1 <= k <= tile * tile:
             raise ValueError(f"k must be in 1..{tile * tile}, got {k}")
         if k % 4:
             raise ValueError(f"k must be a multiple of 4, got {k}")
-        self.k, self.tile = k, tile
+        if bits not in VALUE_BITS:
+            raise ValueError(f"bits must be one of {VALUE_BITS}, got {bits}")
+        self.k, self.tile, self.bits, self.levels = k, tile, bits, 1 << bits
+        self.val_bytes = k * bits // 8
         self.low_bits, self.high_bits = _ef_params(tile * tile, k)
         self.low_bytes = -(-k * self.low_bits // 8)
         self.high_bytes = -(-self.high_bits // 8)
@@ -172,7 +178,7 @@ class SparseLoCoCodec:
 
     # -- sizes, all derived from the shapes -------------------------------------------------------------
     def sparse_bytes(self, layout: Layout) -> int:
-        return layout.rows * (self.low_bytes + self.high_bytes + self.k // 4) + 16
+        return layout.rows * (self.low_bytes + self.high_bytes + self.val_bytes) + 4 * self.levels
 
     def is_dense(self, shape: tuple[int, ...]) -> bool:
         layout = Layout(tuple(shape), self.tile)
@@ -181,8 +187,8 @@ class SparseLoCoCodec:
     def max_payload_bytes(self, spec: ParamSpec) -> int:
         """The size of the largest valid payload for this model: every length is fixed by the shapes."""
         table = self._table(spec)
-        tensors = table.rows * (self.low_bytes + self.high_bytes + self.k // 4)
-        return framed_bytes(tensors + 16 * len(table.names) + 2 * sum(table.dense_sizes))
+        tensors = table.rows * (self.low_bytes + self.high_bytes + self.val_bytes)
+        return framed_bytes(tensors + 4 * self.levels * len(table.names) + 2 * sum(table.dense_sizes))
 
     def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> ChunkAccumulator:
         return ChunkAccumulator(self, spec, max_contributors)
@@ -211,9 +217,10 @@ class SparseLoCoCodec:
                 vals = t.reshape(-1)[flat.clamp(max=layout.numel - 1)].float() * valid
             else:
                 vals = t.reshape(-1)[flat].float()
-            lut, codes = quantize_2bit(vals, valid if layout.padded else None)
+            lut, codes = quantize(vals, valid if layout.padded else None, self.bits)
             idx_parts.append(self._encode_indices(idx).cpu())
-            val_parts.append(pack_2bit(codes).cpu())
+            packed = pack_2bit(codes) if self.bits == 2 else pack_uint(codes.view(-1, self.k), self.bits)
+            val_parts.append(packed.reshape(-1).cpu())
             luts.append(lut.cpu())
             sent = lut[codes].view_as(vals)
             decoded[name] = (
@@ -221,11 +228,12 @@ class SparseLoCoCodec:
                 if layout.padded
                 else SparseTensor(flat.view(-1), sent.view(-1))
             )
-        header = header.model_copy(update={"codec": self.name, "k": self.k, "tile": self.tile})
+        fields = {"codec": self.name, "k": self.k, "tile": self.tile, "bits": self.bits}
+        header = header.model_copy(update=fields)
         payload = {
             "idx": cat_or_empty(idx_parts, torch.uint8),
             "val": cat_or_empty(val_parts, torch.uint8),
-            "lut": torch.stack(luts) if luts else torch.zeros(0, 4),
+            "lut": torch.stack(luts) if luts else torch.zeros(0, self.levels),
             "dense": cat_or_empty(dense_parts, torch.float16),
         }
         return frame(payload, header), decoded
@@ -304,16 +312,16 @@ class SparseLoCoCodec:
         header, tensors = unframe(
             data, {"idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
         )
-        if header.codec != self.name or header.k != self.k or header.tile != self.tile:
+        if (header.codec, header.k, header.tile, header.bits) != (self.name, self.k, self.tile, self.bits):
             raise CodecError(
-                f"payload is {header.codec} k={header.k} tile={header.tile}; this run expects "
-                f"{self.name} k={self.k} tile={self.tile}",
+                f"payload is {header.codec} k={header.k} tile={header.tile} bits={header.bits}; this run "
+                f"expects {self.name} k={self.k} tile={self.tile} bits={self.bits}",
                 code="wrong_codec",
             )
         table = self._table(spec)
         expect_len(tensors, "idx", (table.rows * (self.low_bytes + self.high_bytes),))
-        expect_len(tensors, "val", (table.rows * self.k // 4,))
-        expect_len(tensors, "lut", (len(table.names), 4))
+        expect_len(tensors, "val", (table.rows * self.val_bytes,))
+        expect_len(tensors, "lut", (len(table.names), self.levels))
         expect_len(tensors, "dense", (sum(table.dense_sizes),))
         luts = tensors["lut"]
         if not torch.isfinite(luts).all():
@@ -322,7 +330,10 @@ class SparseLoCoCodec:
         if not torch.isfinite(dense).all():
             raise CodecError("dense values hold NaN or Inf", code="non_finite")
         idx = self._decode_indices(tensors["idx"], table)  # (rows, k), checked
-        codes = unpack_2bit(tensors["val"], table.rows * self.k).view(table.rows, self.k)
+        if self.bits == 2:
+            codes = unpack_2bit(tensors["val"], table.rows * self.k).view(table.rows, self.k)
+        else:
+            codes = unpack_uint(tensors["val"].view(table.rows, self.val_bytes), self.k, self.bits)
         vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
         return header, table, idx, vals, dense
 
@@ -408,7 +419,7 @@ class _RowTable:
     limit: torch.Tensor
     row_limit: torch.Tensor
     col_limit: torch.Tensor
-    lut_base: torch.Tensor  # (rows, 1): 4 * tensor number
+    lut_base: torch.Tensor  # (rows, 1): levels * tensor number
     tensor_of_row: torch.Tensor  # (rows,)
     dense_offsets: list[int]
     dense_sizes: list[int]
@@ -478,7 +489,7 @@ class _RowTable:
             limit=cat["limit"].unsqueeze(1),
             row_limit=cat["rl"].unsqueeze(1),
             col_limit=cat["cl"].unsqueeze(1),
-            lut_base=(cat["tid"] * 4).unsqueeze(1),
+            lut_base=(cat["tid"] * codec.levels).unsqueeze(1),
             tensor_of_row=cat["tid"],
             dense_offsets=dense_offsets,
             dense_sizes=dense_sizes,
@@ -486,23 +497,33 @@ class _RowTable:
 
 
 def quantize_2bit(vals: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre, bin by spread (6 sigma into 4 bins); return the 4-entry table of bin means and the codes.
+    """``quantize`` to 2 bits: 4 bins over 6 sigma."""
+    return quantize(vals, valid, 2)
+
+
+def quantize(
+    vals: torch.Tensor, valid: torch.Tensor | None = None, bits: int = 2
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """Centre, bin by spread (6 sigma into 2**bits equal bins, the outer ones open); return the table of
+    bin means (an empty bin: its centre) and the codes.
 
     Statistics come from the ``valid`` values only (padding selected in short chunks is not data); they
     are taken in float64, so any finite input gives a finite table.
     """
+    levels = 1 << bits
     flat = vals.reshape(-1).float()
     data = flat if valid is None else flat[valid.reshape(-1)]
     if data.numel() == 0:
         data = flat
     wide = data.double()
     mu, sigma = wide.mean(), wide.std(correction=0).clamp_min(1e-30)
-    edges = (mu + sigma * torch.tensor([-1.5, 0.0, 1.5], dtype=torch.float64, device=flat.device)).float()
-    codes = (flat >= edges[0]).long() + (flat >= edges[1]).long() + (flat >= edges[2]).long()  # 0..3
+    grid = torch.linspace(-3.0, 3.0, levels + 1, dtype=torch.float64, device=flat.device)
+    edges = (mu + sigma * grid[1:-1]).float()
+    codes = torch.bucketize(flat, edges, right=True)  # the number of edges <= value: 0 .. levels - 1
     data_codes = codes if valid is None or data is flat else codes[valid.reshape(-1)]
-    sums = torch.zeros(4, dtype=torch.float64, device=flat.device).index_add_(0, data_codes, wide)
-    counts = torch.bincount(data_codes, minlength=4).double()
-    centres = mu + sigma * torch.tensor([-2.25, -0.75, 0.75, 2.25], dtype=torch.float64, device=flat.device)
+    sums = torch.zeros(levels, dtype=torch.float64, device=flat.device).index_add_(0, data_codes, wide)
+    counts = torch.bincount(data_codes, minlength=levels).double()
+    centres = mu + sigma * (grid[1:] + grid[:-1]) / 2
     lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
     return lut.clamp(-FP32_MAX, FP32_MAX).float(), codes
 

@@ -123,6 +123,8 @@ class RoundReport(Wire):
     wall_s: float
     compute_s: float
     close_reason: str | None = None
+    bytes_down_model: int = Field(default=0, description="published updates, checkpoints, uploads served")
+    bytes_down_data: int = Field(default=0, description="training sequences")
 
 
 class LeaderboardEntry(Wire):

@@ -47,6 +47,9 @@ def make_settings(tmp_path: Path, corpus_file: Path) -> Callable[..., Coordinato
             "recipe": {"inner_steps": 4, "batch_size": 4, "warmup_steps": 2, "lr": 3e-3},
             "rounds": {"min_quorum": 1, "deadline_s": 20.0},
             "validation": {"own_sequences": 16, "other_sequences": 32},
+            # The API tests check the aggregate's arithmetic to the bit: the update published exactly.
+            # test_downlink.py covers the compressed one (the default).
+            "publish": {"codec": "exact"},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):

@@ -8,6 +8,8 @@ from pathlib import Path
 
 import torch
 
+from coordinator.publish import Downlink
+from coordinator.settings import PublishSettings
 from gradpool.processes import Processes
 from node.client import CoordinatorClient
 from protocol.aggregate import aggregate
@@ -82,5 +84,8 @@ def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_fil
     assert sorted(r["status"] for r in audit) == ["accepted", "accepted"]
     codec = SparseLoCoCodec()
     expected = dict(version0)
-    apply_update(expected, aggregate([codec.decode(body, SPEC)[1] for body in bodies], SPEC))
+    # the default downlink: the aggregate, compressed with the coordinator's (empty) error feedback
+    downlink = Downlink(PublishSettings(), "sparseloco", SPEC)
+    _, applied, _ = downlink.step(aggregate([codec.decode(body, SPEC)[1] for body in bodies], SPEC))
+    apply_update(expected, applied)
     assert params_hash(expected, SPEC) == info.param_hash, "both uploads are in version 1, once each"

@@ -66,3 +66,23 @@ def test_miner_with_wrong_url_fails_with_one_line(tmp_path: Path) -> None:
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
     assert "Traceback" not in done.stderr
+
+
+def test_a_miner_downloads_straight_from_the_object_store(
+    live_coordinator: Callable[..., Any], s3_bucket: dict[str, Any], tmp_path: Path
+) -> None:
+    """With redirect_downloads the checkpoint and every published update reach the miner from the S3 store
+    (a real S3-compatible server), not through the coordinator, and the miner checks every hash."""
+    blobs = {**s3_bucket, "redirect_downloads": True}
+    with live_coordinator(blobs=blobs, rounds={"min_quorum": 1, "deadline_s": 30.0}) as server:
+        args = [*mine_command(server.url, tmp_path / "m.pem", tmp_path / "state"), "--max-rounds", "3"]
+        done = subprocess.run(args, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
+        metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
+        status = httpx.get(f"{server.url}/v1/status", timeout=10).json()
+    assert done.returncode == 0, done.stderr[-3000:]
+    assert "version 0: loaded checkpoint" in done.stderr
+    assert "version 2: caught up from version 1 by 1 published updates" in done.stderr
+    assert s3_bucket["s3_endpoint_url"] in done.stderr  # the redirected requests, as the miner logged them
+    redirects = next(x for x in metrics.splitlines() if x.startswith("gradpool_download_redirects_total"))
+    assert float(redirects.split()[1]) >= 3  # one checkpoint and two updates at least
+    assert [r["accepted"] for r in status["rounds"][:3]] == [1, 1, 1]

@@ -10,7 +10,7 @@ from typing import Any
 import pytest
 import torch
 
-from benchmarks.convergence import METHODS, main
+from benchmarks.convergence import METHODS, Config, main
 
 pytestmark = pytest.mark.timeout(120)  # generous: the shared run takes about 10 s on two busy cores
 FIELDS = {"final_eval_loss", "bytes_per_round", "bytes_basis", "curve", "wall_s", "tokens"}
@@ -47,7 +47,7 @@ def result(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[
 
 def test_every_method_reports_every_field(result: dict[str, Any]) -> None:
     assert result["config"]["workers"] == 2
-    assert set(result["methods"]) == set(METHODS)
+    assert set(result["methods"]) == set(Config().methods) and set(Config().methods) <= set(METHODS)
     for name, m in result["methods"].items():
         assert FIELDS <= set(m), name
         assert m["error"] is None, name
@@ -74,3 +74,6 @@ def test_sparseloco_uploads_far_less_than_diloco(result: dict[str, Any]) -> None
     assert 0 < sparse * 100 < dense
     assert sparse < k128 < dense
     assert result["methods"]["single"]["bytes_per_round"] == 0
+    down = result["methods"]["sparseloco_down"]  # the compressed downlink: about an upload's size
+    assert down["download_bytes_per_round"] < 3 * sparse
+    assert result["methods"]["sparseloco"]["downlink"] is None

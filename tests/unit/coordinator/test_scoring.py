@@ -172,7 +172,9 @@ def test_robust_aggregation(open_pool: OpenPool, method: str) -> None:
 def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> None:
     """With harmful and low-gain refusals off, only the weighting stands between a sign-flipped update and
     the model: it is refused as low_score, and each honest update counts by its miner's score."""
-    validation = {**EVAL, "weight_by_score": True, "refuse_harmful": False, "min_gain_fraction": 0.0}
+    # enough sequences that an honest margin stands clear of its noise: every honest score is positive
+    validation = {**EVAL, "own_sequences": 64, "other_sequences": 64, "weight_by_score": True,
+                  "refuse_harmful": False, "min_gain_fraction": 0.0}  # fmt: skip
     with open_pool(recipe=RECIPE, validation=validation, rounds={"min_quorum": 4}) as pool:
         honest = [fixed_miner(pool, i) for i in range(3)]
         flipper = fixed_miner(pool, 3)

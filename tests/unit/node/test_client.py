@@ -127,3 +127,46 @@ def test_an_interrupted_checkpoint_download_resumes_where_it_stopped(
         s3 = boto3.session.Session().client("s3", endpoint_url=blobs["s3_endpoint_url"])
         head = s3.head_object(Bucket=blobs["s3_bucket"], Key=f"runs/test/{sha[:2]}/{sha}")
         assert head["ContentLength"] == len(whole)
+
+
+def test_a_redirected_download_that_is_refused_asks_the_coordinator_again() -> None:
+    """A presigned URL that expired (the store answers 403) is not the end: the client asks the coordinator
+    for a new one and follows it."""
+    asked: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        asked.append(f"{request.url.host}{request.url.path}?{request.url.query.decode()}")
+        if request.url.host == "coordinator.test":
+            n = sum(a.startswith("coordinator.test") for a in asked)
+            return httpx.Response(307, headers={"Location": f"http://bucket.test/blob?signature={n}",
+                                                "X-Gradpool-Version": "4"})  # fmt: skip
+        if request.url.query == b"signature=1":
+            return httpx.Response(403, text="<Error><Code>AccessDenied</Code>Request has expired</Error>")
+        return httpx.Response(200, content=b"the update")
+
+    client = CoordinatorClient(
+        "http://coordinator.test", generate_key(), transport=httpx.MockTransport(handler)
+    )
+    assert client.update(4) == b"the update"
+    assert asked == ["coordinator.test/v1/versions/4/update?", "bucket.test/blob?signature=1",
+                     "coordinator.test/v1/versions/4/update?", "bucket.test/blob?signature=2"]  # fmt: skip
+    asked.clear()
+    assert client.checkpoint() == (4, b"the update")  # the version from the coordinator's redirect
+
+
+def test_downloads_redirect_to_the_object_store_and_keep_their_hashes(
+    live_coordinator: Callable[..., Any], s3_bucket: dict[str, Any], tmp_path: Path
+) -> None:
+    blobs = {**s3_bucket, "redirect_downloads": True, "redirect_expiry_s": 60}
+    with live_coordinator(blobs=blobs) as server:
+        raw = httpx.get(f"{server.url}/v1/checkpoint", params={"version": 0})
+        assert raw.status_code == 307 and raw.headers["location"].startswith(s3_bucket["s3_endpoint_url"])
+        assert raw.headers["X-Gradpool-Version"] == "0" and raw.headers["Cache-Control"] == "no-store"
+        client = CoordinatorClient(server.url, generate_key())
+        version, data = client.checkpoint(0, tmp_path / "c.partial")
+        assert raw.headers["ETag"] == f'"{hashlib.sha256(data).hexdigest()}"'
+        info = httpx.get(f"{server.url}/v1/versions/0").json()
+        spec = param_spec(build_model("tiny"))
+        assert version == 0 and params_hash(load_checkpoint(data, spec)[0], spec) == info["param_hash"]
+        metrics = httpx.get(f"{server.url}/metrics").text
+    assert "gradpool_download_redirects_total 2.0" in metrics
