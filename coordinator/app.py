@@ -22,9 +22,11 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from safetensors.torch import save as st_save
 
+from coordinator import dashboard
 from coordinator.blobs import BlobNotFoundError
 from coordinator.checks import Check
 from coordinator.errors import (
+    SIGNED,
     ApiError,
     Busy,
     Forbidden,
@@ -34,6 +36,7 @@ from coordinator.errors import (
     Unauthorized,
     Unprocessable,
     install_handlers,
+    responses,
 )
 from coordinator.hooks import Hooks
 from coordinator.run import Run
@@ -124,12 +127,12 @@ async def signed_body(
 router = APIRouter()
 
 
-@router.get("/healthz")
+@router.get("/healthz", responses=responses())
 async def healthz() -> dict[str, str]:
     return {"status": "ok"}
 
 
-@router.get("/readyz")
+@router.get("/readyz", responses=responses(503))
 async def readyz(request: Request) -> dict[str, str]:
     """Ready once the run is loaded and its closer is running."""
     run: Run | None = getattr(request.app.state, "run", None)
@@ -138,12 +141,12 @@ async def readyz(request: Request) -> dict[str, str]:
     return {"status": "ready"}
 
 
-@router.get("/metrics")
+@router.get("/metrics", responses=responses())
 async def metrics(run: RunDep) -> Response:
     return Response(run.metrics.render(), media_type=CONTENT_TYPE_LATEST)
 
 
-@router.get("/v1/rounds/{round_}/audit")
+@router.get("/v1/rounds/{round_}/audit", responses=responses(404, 422))
 async def audit(round_: RoundNumber, run: RunDep) -> list[dict[str, object]]:
     """The round's audit manifest: each upload's miner, payload hash, size, verdict and reason."""
     return await asyncio.to_thread(run.queries.audit, round_)
@@ -158,18 +161,20 @@ def require_admin(request: Request, run: RunDep) -> None:
         raise Unauthorized("bad_admin_token", "missing or wrong admin token")
 
 
-@router.post("/v1/admin/close-round", dependencies=[Depends(require_admin)])
+@router.post(
+    "/v1/admin/close-round", dependencies=[Depends(require_admin)], responses=responses(401, 403, 409)
+)
 async def close_round(run: RunDep) -> dict[str, int]:
     """Close the open round now, with the uploads it has."""
     return {"round": await asyncio.to_thread(run.request_close)}
 
 
-@router.get("/v1/info")
+@router.get("/v1/info", responses=responses())
 async def info(run: RunDep) -> RunInfo:
     return run.info
 
 
-@router.get("/v1/tokenizer")
+@router.get("/v1/tokenizer", responses=responses())
 async def tokenizer(run: RunDep) -> Response:
     """The run's tokenizer as a Hugging Face tokenizer.json (its sha256 is in /v1/info)."""
     sha = run.tokenizer.sha256
@@ -177,7 +182,7 @@ async def tokenizer(run: RunDep) -> Response:
     return Response(run.tokenizer.json, media_type="application/json", headers=headers)
 
 
-@router.get("/v1/status")
+@router.get("/v1/status", responses=responses())
 async def status(run: RunDep) -> Status:
     """The run, the open round, the most recent rounds (``/v1/reports`` pages through all of them) and the
     leaderboard."""
@@ -191,7 +196,7 @@ async def status(run: RunDep) -> Status:
     return await asyncio.to_thread(read)
 
 
-@router.get("/v1/reports")
+@router.get("/v1/reports", responses=responses(422))
 async def reports(
     run: RunDep,
     after: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
@@ -201,7 +206,7 @@ async def reports(
     return await asyncio.to_thread(run.queries.reports, after, limit)
 
 
-@router.get("/v1/leaderboard")
+@router.get("/v1/leaderboard", responses=responses(404, 422))
 async def leaderboard(
     run: RunDep, round: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
 ) -> Leaderboard:
@@ -213,7 +218,7 @@ async def leaderboard(
     return Leaderboard(round=through, miners=await asyncio.to_thread(run.parts.scores.board, through))
 
 
-@router.get("/v1/rounds/{round_}")
+@router.get("/v1/rounds/{round_}", responses=responses(404, 422))
 async def round_record(round_: RoundNumber, run: RunDep) -> RoundRecord:
     """A round's base version and its uploads with their verdicts: what a validator evaluates."""
     record = await asyncio.to_thread(run.queries.round_record, round_)
@@ -222,7 +227,7 @@ async def round_record(round_: RoundNumber, run: RunDep) -> RoundRecord:
     return record
 
 
-@router.get("/v1/rounds/{round_}/payloads/{miner}")
+@router.get("/v1/rounds/{round_}/payloads/{miner}", responses=responses(404, 416, 409, 422))
 async def payload(round_: RoundNumber, miner: Annotated[str, Path(max_length=64)], request: Request,
                   run: RunDep) -> Response:  # fmt: skip
     """A miner's upload in a round that no longer takes uploads."""
@@ -232,7 +237,7 @@ async def payload(round_: RoundNumber, miner: Annotated[str, Path(max_length=64)
     return await _blob(run, request, sha, f"payload-{round_}-{miner[:16]}.safetensors")
 
 
-@router.post("/v1/rounds/{round_}/verdicts")
+@router.post("/v1/rounds/{round_}/verdicts", responses=responses(*SIGNED, 404, 409))
 async def verdicts(round_: RoundNumber, request: Request, run: RunDep) -> VerdictReceipt:
     """A validator's signed evaluation of a closed round's uploads."""
     validator, body, _ = await signed_body(run, request, 4 * 1024 * 1024)
@@ -246,7 +251,7 @@ async def verdicts(round_: RoundNumber, request: Request, run: RunDep) -> Verdic
     return VerdictReceipt(round=round_, validator=validator, recorded=n)
 
 
-@router.get("/v1/round")
+@router.get("/v1/round", responses=responses(422))
 async def current_round(
     request: Request,
     run: RunDep,
@@ -260,14 +265,14 @@ async def current_round(
     return run.queries.round_info()
 
 
-@router.post("/v1/miners")
+@router.post("/v1/miners", responses=responses(*SIGNED))
 async def register(request: Request, run: RunDep) -> Registration:
     miner, _, _ = await signed_body(run, request, 4096)
     new = await asyncio.to_thread(run.intake.register, miner)
     return Registration(miner=miner, registered=new)
 
 
-@router.post("/v1/rounds/{round_}/submissions")
+@router.post("/v1/rounds/{round_}/submissions", responses=responses(*SIGNED, 404, 409, 503))
 async def submit(round_: RoundNumber, request: Request, run: RunDep) -> SubmissionReceipt:
     miner, body, sha = await signed_body(run, request, run.max_payload_bytes, miner_only=True)
     loop = asyncio.get_running_loop()
@@ -276,7 +281,7 @@ async def submit(round_: RoundNumber, request: Request, run: RunDep) -> Submissi
     return receipt
 
 
-@router.get("/v1/versions/{version}")
+@router.get("/v1/versions/{version}", responses=responses(404, 422))
 async def version_info(version: VersionNumber, run: RunDep) -> VersionInfo:
     info = await asyncio.to_thread(run.queries.version_info, version)
     if info is None:
@@ -284,7 +289,7 @@ async def version_info(version: VersionNumber, run: RunDep) -> VersionInfo:
     return info
 
 
-@router.get("/v1/versions/{version}/update")
+@router.get("/v1/versions/{version}/update", responses=responses(404, 416, 422))
 async def version_update(version: VersionNumber, request: Request, run: RunDep) -> Response:
     sha = await asyncio.to_thread(run.queries.update_sha, version)
     if sha is None:
@@ -292,7 +297,7 @@ async def version_update(version: VersionNumber, request: Request, run: RunDep) 
     return await _blob(run, request, sha, f"update-{version}.safetensors")
 
 
-@router.get("/v1/checkpoint")
+@router.get("/v1/checkpoint", responses=responses(404, 416, 422))
 async def checkpoint(
     request: Request, run: RunDep, version: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
 ) -> Response:
@@ -333,7 +338,7 @@ async def _blob(run: Run, request: Request, sha: str, filename: str, immutable: 
     return response
 
 
-@router.get("/v1/data")
+@router.get("/v1/data", responses=responses(400, 403, 422))
 async def sequences(run: RunDep, ids: Annotated[str, Query(max_length=MAX_IDS_PER_REQUEST * 12)]) -> Response:
     """The training sequences with these comma-separated ids, as safetensors {"tokens": (n, seq_len + 1)}."""
     try:
@@ -389,4 +394,5 @@ def create_app(
         return response
 
     app.include_router(router)
+    app.include_router(dashboard.router)
     return app

@@ -21,10 +21,12 @@ headers the HTTP parser refuses: coordinator/server.py), internal_error (500).
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
+from pydantic import BaseModel, Field
 from starlette.exceptions import HTTPException as StarletteHTTPException
 
 log = logging.getLogger(__name__)
@@ -68,6 +70,41 @@ class Unprocessable(ApiError):
 
 class Busy(ApiError):
     status = 503
+
+
+class ErrorDetail(BaseModel):
+    code: str = Field(description="a stable, machine-readable reason, e.g. stale_version")
+    message: str = Field(description="what went wrong, for people")
+
+
+class ErrorBody(BaseModel):
+    """Every error the coordinator answers has this body."""
+
+    error: ErrorDetail
+
+
+MEANINGS = {
+    400: "bad request (bad_http_request, or a domain error of no other class)",
+    401: "missing or bad signature, expired timestamp, replayed nonce, bad admin token",
+    403: "unknown miner, not on the allowlist, held-out data, admin disabled",
+    404: "no such round, version, upload or blob",
+    408: "body_timeout: the body stopped arriving",
+    409: "the round or version does not allow this now (stale_version, round_closed, already_submitted, ...)",
+    413: "payload_too_large",
+    416: "the Range asked for lies past the end of the file (no body; Content-Range gives the size)",
+    422: "invalid_request (a parameter out of range or of the wrong type) or a payload that does not decode",
+    500: "internal_error",
+    503: "the coordinator is starting (Retry-After)",
+}
+
+
+def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
+    """OpenAPI ``responses`` for a route that can answer these error codes (and 500, like any route)."""
+    return {c: {"description": MEANINGS[c]} if c == 416 else {"model": ErrorBody, "description": MEANINGS[c]}
+            for c in sorted({*codes, 500})}  # fmt: skip
+
+
+SIGNED = (400, 401, 403, 408, 413, 422)  # what any signed POST can answer before its own logic runs
 
 
 def error_response(

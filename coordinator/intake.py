@@ -82,6 +82,7 @@ class Intake:
                 cell.swap(dataclasses.replace(state, expected=state.expected | {miner}))
         if new:
             log.info("round %d: miner %s registered", state.round, miner[:12])
+            self.p.metrics.miners.inc()
         return new
 
     # -- verdicts -----------------------------------------------------------------------------------------
@@ -148,6 +149,7 @@ class Intake:
         log.info("round %d: upload from miner %s, %d bytes, base version %d", round_, miner[:12], len(body),
                  header.base_version)  # fmt: skip
         p.metrics.bytes_in.inc(len(body))
+        p.metrics.uploads.set(len(state.uploaded) + 1)
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
 
     def _earlier_upload(self, miner: str, round_: int, sha: str, size: int) -> SubmissionReceipt | None:

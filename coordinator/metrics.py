@@ -19,8 +19,13 @@ class Metrics:
         )
         self.refusals = Counter("gradpool_refusals", "Requests refused with a 4xx, by error code", ["code"],
                                 registry=r)  # fmt: skip
-        self.bytes_in = Counter("gradpool_bytes_in", "Payload bytes taken at intake", registry=r)
-        self.bytes_out = Counter("gradpool_bytes_out", "Bytes served: data, updates, checkpoints", registry=r)
+        self.bytes_in = Counter("gradpool_uploaded_bytes", "Payload bytes taken at intake", registry=r)
+        self.bytes_out = Counter(
+            "gradpool_served_bytes", "Bytes served, by kind: model (updates, checkpoints, uploads) or data",
+            ["kind"], registry=r,
+        )  # fmt: skip
+        self.miners = Gauge("gradpool_miners", "Registered miners", registry=r)
+        self.uploads = Gauge("gradpool_round_uploads", "Uploads taken in the open round", registry=r)
         self.aggregation = Histogram(
             "gradpool_aggregation_seconds", "Time to judge, aggregate, publish and evaluate a round",
             buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
@@ -33,7 +38,8 @@ class Metrics:
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)
         self.redirects = Counter(
-            "gradpool_download_redirects", "Downloads answered with a redirect to the object store",
+            "gradpool_download_redirects",
+            "Downloads answered with a redirect to the object store",
             registry=r,
         )
         self.rounds_failed = Counter(
@@ -51,6 +57,7 @@ class Metrics:
         if close.version is not None:
             self.eval_loss.set(close.version.eval_loss)
         self.round.set(next_round)
+        self.uploads.set(0)
         self.version.set(version)
 
     def render(self) -> bytes:

@@ -43,7 +43,8 @@ class Queries:
         store = self.p.store
         rows = store.recent_reports(RECENT_ROUNDS) if after < 0 and limit is None else \
             store.reports(after, -1 if limit is None else limit)  # fmt: skip
-        return [_report(r) for r in rows]
+        refused = store.refusal_counts(rows[0]["round"], rows[-1]["round"]) if rows else {}
+        return [_report(r, refused.get(r["round"], {})) for r in rows]
 
     def initial_eval_loss(self) -> float | None:
         return self.p.store.eval_loss(0)
@@ -90,11 +91,11 @@ class Queries:
         return None if row is None or row["update_sha"] is None else str(row["update_sha"])
 
 
-def _report(r: sqlite3.Row) -> RoundReport:
+def _report(r: sqlite3.Row, refusals: dict[str, int]) -> RoundReport:
     return RoundReport(
         round=r["round"], version=r["result_version"], eval_loss=r["eval_loss"], accepted=r["accepted"],
         rejected=r["rejected"], bytes_up=r["bytes_up"], bytes_down=r["bytes_down"],
         wall_s=round(r["closed_at"] - r["opened_at"], 3), compute_s=round(r["compute_s"], 3),
         close_reason=r["close_reason"], bytes_down_model=r["bytes_down_model"],
-        bytes_down_data=r["bytes_down_data"],
+        bytes_down_data=r["bytes_down_data"], refusals=refusals,
     )  # fmt: skip

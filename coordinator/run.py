@@ -120,6 +120,8 @@ class Run:
         self.intake_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="intake")
         self.metrics.round.set(state.round)
         self.metrics.version.set(state.version)
+        self.metrics.miners.set(self.parts.store.count_miners())
+        self.metrics.uploads.set(len(state.uploaded))
         if (loss := self.store.eval_loss(state.version)) is not None:
             self.metrics.eval_loss.set(loss)
 
@@ -183,7 +185,7 @@ class Run:
 
     def count_download(self, nbytes: int, kind: str = "model") -> None:
         self.parts.downloads.add(nbytes, kind)
-        self.metrics.bytes_out.inc(nbytes)
+        self.metrics.bytes_out.labels(kind).inc(nbytes)
 
 
 def _check_fingerprint(store: Store, s: CoordinatorSettings, tokenizer: RunTokenizer) -> None:

@@ -264,6 +264,15 @@ class Store:
             "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?", after, limit,
         )  # fmt: skip
 
+    def refusal_counts(self, first: int, last: int) -> dict[int, dict[str, int]]:
+        """Per round in [first, last]: refusal reason -> uploads refused."""
+        rows = self._all("SELECT round, reason, COUNT(*) AS n FROM submissions WHERE round BETWEEN ? AND ? "
+                         "AND status = 'rejected' GROUP BY round, reason", first, last)  # fmt: skip
+        out: dict[int, dict[str, int]] = {}
+        for r in rows:
+            out.setdefault(int(r["round"]), {})[str(r["reason"])] = int(r["n"])
+        return out
+
     def recent_reports(self, limit: int) -> list[sqlite3.Row]:
         last = self._one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
         newest = -1 if last is None or last["r"] is None else int(last["r"])

@@ -29,6 +29,7 @@ def mine(
     max_rounds: Annotated[int | None, typer.Option(help="stop after this many uploads")] = None,
     once: Annotated[bool, typer.Option("--once", help="mine one round, then exit")] = False,
     metrics_port: Annotated[int | None, typer.Option(help="serve Prometheus metrics on this port")] = None,
+    metrics_host: Annotated[str | None, typer.Option(help="address of the metrics endpoint")] = None,
     adversary: Annotated[
         str | None,
         typer.Option(
@@ -54,6 +55,7 @@ def mine(
         "threads": threads,
         "max_rounds": 1 if once else max_rounds,
         "metrics_port": metrics_port,
+        "metrics_host": metrics_host,
         "adversary": adversary,
     }
     try:

@@ -69,6 +69,7 @@ def simulate(
                                           out / "coordinator.ready")  # fmt: skip
         except ProcessFailed as e:
             raise SimulationFailed(str(e)) from None
+        echo(f"coordinator at {url}; dashboard at {url}/")
         roster = _roster(miners, adversaries or {}, out / "keys")
         threads = str(max(1, (os.cpu_count() or 1) // len(roster)))
         for name, (kind, _) in roster.items():

@@ -14,11 +14,20 @@ class MinerMetrics:
         )
         self.version = Gauge("gradpool_miner_version", "Model version the miner stands on", registry=r)
         self.loss = Gauge(
-            "gradpool_miner_loss", "Training loss after the last round's inner steps", registry=r
+            "gradpool_miner_inner_loss", "Training loss after the last round's inner steps", registry=r
         )
         self.compute = Counter("gradpool_miner_compute_seconds", "Time spent in inner steps", registry=r)
-        self.bytes_up = Gauge("gradpool_miner_bytes_up", "Bytes uploaded since start", registry=r)
-        self.bytes_down = Gauge("gradpool_miner_bytes_down", "Bytes downloaded since start", registry=r)
+        self.uploaded = Counter("gradpool_miner_uploaded_bytes", "Bytes uploaded since start", registry=r)
+        self.downloaded = Counter(
+            "gradpool_miner_downloaded_bytes", "Bytes downloaded since start", registry=r
+        )
+        self._counted = (0, 0)
+
+    def count_transfers(self, up: int, down: int) -> None:
+        """Bring the byte counters to the client's running totals."""
+        self.uploaded.inc(up - self._counted[0])
+        self.downloaded.inc(down - self._counted[1])
+        self._counted = (up, down)
 
     def serve(self, port: int, host: str = "127.0.0.1") -> int:
         """Serve on ``port`` (0: a free one); the port it listens on."""

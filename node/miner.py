@@ -180,8 +180,7 @@ class Miner(Follower):
         m.version.set(version)
         m.loss.set(result.loss_after)
         m.compute.inc(result.compute_s)
-        m.bytes_up.set(self.client.bytes_up)
-        m.bytes_down.set(self.client.bytes_down)
+        m.count_transfers(self.client.bytes_up, self.client.bytes_down)
 
     def _upload(self, round_: int, payload: bytes) -> None:
         """Upload, retrying transient failures with backoff until the coordinator answers: a closed round

@@ -125,6 +125,7 @@ class RoundReport(Wire):
     close_reason: str | None = None
     bytes_down_model: int = Field(default=0, description="published updates, checkpoints, uploads served")
     bytes_down_data: int = Field(default=0, description="training sequences")
+    refusals: dict[str, int] = Field(default_factory=dict, description="refusal reason -> uploads refused")
 
 
 class LeaderboardEntry(Wire):

@@ -81,7 +81,18 @@ def test_compose_client_accepts_the_file() -> None:
         assert devices == [{"driver": "nvidia", "count": "all", "capabilities": ["gpu"]}]
         assert resolved[name]["build"]["args"]["TORCH_VARIANT"].startswith("cu")
     for name, service in _services().items():
-        assert resolved[name]["command"] == service["command"], f"{name}: command changed by the client"
+        assert resolved[name].get("command") == service.get("command"), (
+            f"{name}: command changed by the client"
+        )
+    assert {"prometheus", "grafana"} <= set(resolved)
+    sources = [v["source"] if isinstance(v, dict) else v.split(":")[0]  # long or short volume syntax
+               for s in ("prometheus", "grafana") for v in resolved[s]["volumes"]]  # fmt: skip
+    mounts = {src.split("/deploy/")[-1] for src in sources if "/deploy/" in src}
+    assert mounts == {"prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/provisioning",
+                      "grafana/dashboards"}  # fmt: skip
+    for name in [*MINERS, *GPU_MINERS]:  # Prometheus scrapes each miner's --metrics-port
+        command = resolved[name]["command"]
+        assert command[command.index("--metrics-port") + 1] == "9100"
     for name in [*NODES, *GPU_MINERS]:
         assert resolved[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
         assert resolved[name]["restart"] == "unless-stopped"
@@ -94,9 +105,9 @@ def _local_command(command: list[str], paths: dict[str, Path], url: str | None =
     out: list[str] = []
     for i, arg in enumerate(str(a) for a in command):
         flag = str(command[i - 1]) if i else ""
-        if flag == "--host":
+        if flag in ("--host", "--metrics-host"):
             arg = "127.0.0.1"
-        elif flag == "--port":
+        elif flag in ("--port", "--metrics-port"):
             arg = "0"
         elif url is not None and arg.startswith("http://coordinator:"):
             arg = url

@@ -33,7 +33,8 @@ def test_readyz_and_metrics_follow_the_run(open_pool: OpenPool) -> None:
     assert m[("gradpool_submissions_total", (("reason", ""), ("status", "accepted")))] == 1
     assert m[("gradpool_submissions_total", (("reason", "copied_payload"), ("status", "rejected")))] == 1
     assert m[("gradpool_refusals_total", (("code", "payload_too_large"),))] == 1
-    assert m[("gradpool_bytes_in_total", ())] > 0 and m[("gradpool_bytes_out_total", ())] > 0
+    assert m[("gradpool_uploaded_bytes_total", ())] > 0
+    assert m[("gradpool_served_bytes_total", (("kind", "model"),))] > 0
     assert m[("gradpool_aggregation_seconds_count", ())] == 1
     assert 0 < m[("gradpool_eval_loss", ())] < 6
 
