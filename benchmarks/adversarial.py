@@ -13,8 +13,12 @@ recipe and rounds (``--rounds``, 24) are the same in every run.
   the coordinator never recorded (no upload got as far as being refused) counts as below everyone.
 - ``loss_vs_honest``: final_eval_loss / honest_final_eval_loss.
 
+``--mixes 8:2,6:3,4:4`` (honest:cheaters) runs all of that for each mix in turn, each with its own
+honest-only run as the loss reference, under ``"mixes"``; the top-level fields are the first mix's.
+
     python -m benchmarks.adversarial --json > benchmarks/results/adversarial.json
     python -m benchmarks.adversarial --kinds noise,lazy --rounds 6
+    python -m benchmarks.adversarial --mixes 6:3,4:4 --kinds lazy,freerider --json
 """
 
 from __future__ import annotations
@@ -74,7 +78,8 @@ def run(
     }
     if kind is not None:
         result["honest_outrank_fraction"] = outrank_fraction(report)
-    print(f"{result['kind']}: loss {result['final_eval_loss']:.4f}, {result['wall_s']} s", file=sys.stderr)
+    line = f"{miners}+{count} {result['kind']}: loss {result['final_eval_loss']:.4f}, {result['wall_s']} s"
+    print(line, file=sys.stderr)
     return result
 
 
@@ -88,32 +93,51 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     )
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to run")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
+    ap.add_argument("--mixes", type=mix_list, default=None, help="honest:cheaters pairs, e.g. 8:2,6:3,4:4")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    mixes = args.mixes or [(args.miners, args.cheaters)]
     with tempfile.TemporaryDirectory(prefix="gradpool-adversarial-") as tmp:
         root = args.out or Path(tmp)
-        base = run(root / "honest", args.miners, args.rounds, None, 0)
-        keys = root / "honest" / "keys"
-        runs = [run(root / k, args.miners, args.rounds, k, args.cheaters, keys) for k in kinds]
-    for r in runs:
-        r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
+        done = [one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds) for h, c in mixes]
     result = {
-        "honest_final_eval_loss": base["final_eval_loss"],
-        "runs": runs,
-        "config": {"miners": args.miners, "cheaters": args.cheaters, "rounds": args.rounds,
+        **{k: v for k, v in done[0].items() if k in ("honest_final_eval_loss", "runs", "honest_run")},
+        "config": {"miners": mixes[0][0], "cheaters": mixes[0][1], "rounds": args.rounds,
                    "model": "tiny", "skip_rounds": SKIP_ROUNDS},
-        "honest_run": base,
+        "mixes": done,
     }  # fmt: skip
     if args.json:
         print(json.dumps(result, indent=1))
     else:
-        print(f"honest: {base['final_eval_loss']:.4f}")
-        for r in runs:
-            print(f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
-                  f"honest outrank {r['honest_outrank_fraction']:.2f}")  # fmt: skip
+        for mix in done:
+            print(f"{mix['mix']} honest: {mix['honest_final_eval_loss']:.4f}")
+            for r in mix["runs"]:
+                print(f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
+                      f"honest outrank {r['honest_outrank_fraction']:.2f}")  # fmt: skip
     return result
+
+
+def one_mix(root: Path, honest: int, cheaters: int, rounds: int, kinds: list[str]) -> dict[str, Any]:
+    """The honest-only network, then one per kind with ``cheaters`` of that kind beside the same honest."""
+    base = run(root / "honest", honest, rounds, None, 0)
+    keys = root / "honest" / "keys"
+    runs = [run(root / k, honest, rounds, k, cheaters, keys) for k in kinds]
+    for r in runs:
+        r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
+    return {"mix": f"{honest}:{cheaters}", "honest": honest, "cheaters": cheaters,
+            "honest_final_eval_loss": base["final_eval_loss"], "runs": runs, "honest_run": base}  # fmt: skip
+
+
+def mix_list(text: str) -> list[tuple[int, int]]:
+    try:
+        pairs = [tuple(int(x) for x in part.split(":")) for part in text.split(",") if part]
+    except ValueError:
+        pairs = []
+    if not pairs or any(len(p) != 2 or p[0] < 1 or p[1] < 1 for p in pairs):
+        raise argparse.ArgumentTypeError(f"expected honest:cheaters pairs such as 8:2,6:3, got {text!r}")
+    return [(p[0], p[1]) for p in pairs]
 
 
 if __name__ == "__main__":

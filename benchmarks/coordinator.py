@@ -22,7 +22,11 @@ Latency is per upload, from sending the signed request to its answer; a failure 
 but 200, or an exception. ``coordinator_cpu_s`` and ``client_cpu_s`` are the CPU time each side spent
 during the uploads: the two share the machine's cores.
 
-Targets: at M = 64, rss_ratio <= 2.5 and seconds_vs_target <= 1; ingest: no failures and p99 <= 2 s.
+Close (``benchmarks/close.py``): for M in ``--close-sizes`` (8, 64), a real coordinator closes a round of M
+real uploads of ``tiny``, evaluation included: ``"close": [{"uploads": M, "seconds": s, ...}]``.
+
+Targets: at M = 64, rss_ratio <= 2.5 and seconds_vs_target <= 1; ingest: no failures and p99 <= 2 s;
+the M = 64 close takes at most 3x the M = 8 close.
 """
 
 from __future__ import annotations
@@ -49,6 +53,7 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
+from benchmarks.close import close_rows
 from benchmarks.codec import best_of, gpt2_small_spec
 from coordinator.aggregation import aggregate_uploads
 from coordinator.blobs import FileBlobStore
@@ -67,6 +72,7 @@ T = TypeVar("T")
 SETS = ("tiny", "small", "124m")
 HEADER = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_version=0)
 RSS_LIMIT, TIME_LIMIT, P99_LIMIT_S = 2.5, 1.0, 2.0  # the targets, checked at the largest M (64)
+CLOSE_RATIO_LIMIT = 3.0  # the M = 64 close over the M = 8 close
 
 
 def log(message: str) -> None:
@@ -369,6 +375,10 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     if "ingest" in result:
         checks.append({"check": "ingest failures", "value": result["ingest"]["failures"], "limit": 0})
         checks.append({"check": "ingest p99_s", "value": result["ingest"]["p99_s"], "limit": P99_LIMIT_S})
+    close = {row["uploads"]: row["seconds"] for row in result.get("close", [])}
+    if 8 in close and 64 in close:
+        ratio = close[64] / close[8]
+        checks.append({"check": "close M=64 / M=8", "value": ratio, "limit": CLOSE_RATIO_LIMIT})
     return [{**c, "met": c["value"] <= c["limit"]} for c in checks]
 
 
@@ -433,14 +443,18 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         default=None,
         help="torch threads of the aggregation processes (default: all cores)",
     )
+    ap.add_argument("--close-sizes", type=int_list, default=[8, 64], help="uploads per closed round")
     ap.add_argument("--skip-aggregation", action="store_true")
     ap.add_argument("--skip-ingest", action="store_true")
+    ap.add_argument("--skip-close", action="store_true")
     args = ap.parse_args(argv)
     result: dict[str, Any] = {}
     if not args.skip_aggregation:
         result["aggregation"] = aggregation(args.sets, args.sizes, args.threads, args.reps)
     if not args.skip_ingest:
         result["ingest"] = ingest(args.ingest_model, args.miners)
+    if not args.skip_close:
+        result["close"] = close_rows(args.close_sizes)
     result["targets"] = targets(result)
     if args.json:
         print(json.dumps(result, indent=1))

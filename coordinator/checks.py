@@ -22,6 +22,7 @@ import torch
 from coordinator.settings import CheckSettings, ValidationSettings
 from protocol.aggregate import clip_scale, cosine, reference_norm
 from protocol.evaluation import Losses
+from protocol.wire import LeaderboardEntry
 
 Phase = Literal["cheap", "evaluated"]
 
@@ -79,7 +80,7 @@ class Judging:
     history: History = field(default_factory=History)
     refused: dict[str, str] = field(default_factory=dict)  # miner -> reason
     losses: dict[str, Losses] = field(default_factory=dict)  # the evaluation of the uploads it reached
-    scores: Callable[[], dict[str, float]] | None = None  # the miners' scores with this round's results
+    scores: Callable[[], dict[str, LeaderboardEntry]] | None = None  # standings with this round's results
 
     def remaining(self) -> list[Upload]:
         return [u for u in self.uploads if u.miner not in self.refused]
@@ -219,7 +220,8 @@ class LowGain:
 
 
 class LowScore:
-    """weight_by_score: a miner whose score, with this round's result, is not positive."""
+    """weight_by_score: a miner whose average score, with this round's result, is not positive (its
+    conservative score may be below 0 for a short record, which only lowers its weight)."""
 
     code: ClassVar[str] = Refusal.LOW_SCORE
     phase: ClassVar[Phase] = "evaluated"
@@ -228,7 +230,7 @@ class LowScore:
         if j.scores is None:
             return []
         scores = j.scores()
-        return [u.miner for u in j.remaining() if scores.get(u.miner, 0.0) <= 0]
+        return [u.miner for u in j.remaining() if (e := scores.get(u.miner)) is None or e.score_mean <= 0]
 
 
 def default_pipeline(checks: CheckSettings, validation: ValidationSettings) -> list[Check]:

@@ -10,6 +10,7 @@ suspect uploads (``loss_guard``) until it passes or none is left; any other fail
 
 from __future__ import annotations
 
+import hashlib
 import logging
 import math
 import sqlite3
@@ -22,7 +23,7 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.aggregation import UploadFailed
-from coordinator.checks import Check, History, Judging, Refusal, Upload, judge_cheap, run_phase
+from coordinator.checks import NEUTRAL, Check, History, Judging, Refusal, Upload, judge_cheap, run_phase
 from coordinator.hooks import Hooks
 from coordinator.parts import Model, Parts
 from coordinator.publish import Built
@@ -32,6 +33,8 @@ from coordinator.store import COORDINATOR, Outcome, RoundClose, Store
 from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt, samples
 
 log = logging.getLogger(__name__)
+RECENT_REFUSAL_ROUNDS = 5  # max_evaluated: a miner refused this recently is always evaluated
+MIN_WEIGHT_SCORE = 0.05  # weight_by_score: the least score an accepted upload is weighted by
 
 
 class Stopping(Exception):
@@ -250,7 +253,7 @@ class Closer:
         evaluator = UpdateEvaluator(self.model.module, self.model.params, p.dataset.sequences)
         step = p.info.evaluation.step
         out: dict[str, Losses] = {}
-        for u in j.remaining():
+        for u in self._sample(state.round, j.remaining(), salt):
             if self._stop.is_set():
                 raise Stopping
             try:
@@ -268,6 +271,27 @@ class Closer:
         log.info("round %d: evaluated %d uploads in %.2f s; gains %s", state.round, len(out), elapsed,
                  {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
         return out
+
+    def _sample(self, round_: int, uploads: list[Upload], salt: str) -> list[Upload]:
+        """The uploads to evaluate: all, or ``max_evaluated`` of them: those whose miner was refused in the
+        last ``RECENT_REFUSAL_ROUNDS`` rounds first, then those with a record shorter than ``min_record``,
+        then a draw that nobody can know before the round's payloads are all in (the round's salt)."""
+        v, p = self.s.validation, self.p
+        if v.max_evaluated is None or len(uploads) <= v.max_evaluated:
+            return uploads
+        since = round_ - RECENT_REFUSAL_ROUNDS - 1
+        refused = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
+                   if s["status"] == "rejected" and s["reason"] not in NEUTRAL}  # fmt: skip
+        refused |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
+        record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
+
+        def priority(u: Upload) -> tuple[int, bytes]:
+            tier = 0 if u.miner in refused else 1 if record.get(u.miner, 0) < v.min_record else 2
+            return tier, hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()
+
+        chosen = sorted(uploads, key=priority)[: v.max_evaluated]
+        log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
+        return chosen
 
     def _touch(self, round_: int, u: Upload) -> None:
         if self.hooks.on_upload is not None:
@@ -326,10 +350,13 @@ class Closer:
             return {}
         kept = {u.miner for u in uploads if u.miner not in judged.refused}
         r = max(-1, p.cell.state.round - 1)
-        scores = p.scores.with_round(r, round_results(p.cell.state.round, judged.losses, kept))
-        positive = {m: scores.get(m, 0.0) for m in kept}
+        board = p.scores.with_round(r, round_results(p.cell.state.round, judged.losses, kept))
+        # the conservative score, floored so that a short record weighs a little, never nothing
+        positive = {
+            m: max(MIN_WEIGHT_SCORE, board[m].score) if m in board else MIN_WEIGHT_SCORE for m in kept
+        }
         mean = statistics.fmean(positive.values()) if positive else 1.0
-        return {m: s / mean for m, s in positive.items()} if mean > 0 else {}
+        return {m: s / mean for m, s in positive.items()}
 
 
 def _suspicion(u: Upload, judged: Judged) -> tuple[float, float]:

@@ -12,7 +12,7 @@ from collections.abc import Sequence
 from coordinator.checks import NEUTRAL
 from coordinator.settings import ValidationSettings
 from coordinator.store import COORDINATOR, Store
-from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, moving_score, refused, round_results
+from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict
 
 log = logging.getLogger(__name__)
@@ -45,9 +45,9 @@ class Scores:
             self._board = (key, board)
         return board
 
-    def with_round(self, through: int, extra: dict[str, RoundResult]) -> dict[str, float]:
-        """Each miner's score as of round ``through`` plus the results of a round not yet committed."""
-        return {e.miner: e.score for e in leaderboard(self.store, self.settings, through, extra)}
+    def with_round(self, through: int, extra: dict[str, RoundResult]) -> dict[str, LeaderboardEntry]:
+        """Each miner's standing as of round ``through`` plus the results of a round not yet committed."""
+        return {e.miner: e for e in leaderboard(self.store, self.settings, through, extra)}
 
     def record_verdicts(self, round_: int, validator: str, verdicts: Sequence[Verdict], now: float) -> int:
         """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
@@ -64,7 +64,8 @@ def leaderboard(
 ) -> list[LeaderboardEntry]:
     """Every miner that uploaded, best score first, as of the close of round ``through``. ``extra`` adds
     results of a round not yet committed (for weighting by score). Refusals that were not the miner's
-    doing (``checks.NEUTRAL``) neither score nor count."""
+    doing (``checks.NEUTRAL``) neither score nor count; a published round with nothing from a miner, after
+    its first, is a missed round (``protocol.evaluation.missed``)."""
     since = through - settings.score_window
     own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
     theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
@@ -107,17 +108,24 @@ def leaderboard(
     for m, result in (extra or {}).items():
         results[m][result.round] = result
         last[m] = max(last.get(m, -1), result.round)
+    first, published = store.first_rounds(through), store.published_rounds(since, through)
+    present = {(s["round"], s["miner"]) for s in window}  # (a neutral refusal is not a missed round)
     entries = []
     for m in set(last):
-        score = moving_score(list(results[m].values()), settings.score_alpha)
+        gaps = [r for r in published if r >= first.get(m, through + 1) and r not in results[m]
+                and (r, m) not in present]  # fmt: skip
+        for r in gaps:  # a published round it took no part in, after its first
+            results[m][r] = missed(r)
+        score = standing(list(results[m].values()), settings.score_alpha)
         tally = counts[m]
         refusals = {k: n for k, n in tally.items() if k != "accepted"}
         entries.append(
             LeaderboardEntry(
-                miner=m, score=score.score, gain_avg=score.gain_avg, assigned_avg=score.assigned_avg,
+                miner=m, score=score.score, score_mean=score.mean, score_stderr=score.stderr,
+                rounds_missed=len(gaps), gain_avg=score.gain_avg, assigned_avg=score.assigned_avg,
                 rounds_contributed=tally.get("accepted", 0), rounds_refused=sum(refusals.values()),
                 refusals=refusals, last_round=last[m],
-                verdicts=sum(r.gain is not None for r in results[m].values()),
+                verdicts=sum(r.gain is not None for r in results[m].values() if not r.missed),
             )
         )  # fmt: skip
     return sorted(entries, key=lambda e: (-e.score, e.miner))

@@ -103,6 +103,12 @@ class ValidationSettings(Section):
     validators: list[str] | None = Field(
         default=None, description="public keys (hex) whose verdicts are taken; None: any signed key"
     )
+    max_evaluated: int | None = Field(
+        default=16, ge=1, le=100_000,
+        description="uploads evaluated per round at most (None: all): a recent refusal first, then a record "
+        "shorter than min_record, then a draw with the round's salt; the others go on the cheap checks",
+    )  # fmt: skip
+    min_record: int = Field(default=3, ge=0, le=1000, description="evaluated rounds before a miner may skip")
 
 
 class DataSettings(Section):

@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.store_scores import ScoreReads
 from protocol.evaluation import LOSS_FIELDS, Losses
 
 SCHEMA = """
@@ -66,10 +67,6 @@ INSERT_VERDICT = (
 )
 # Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
 # (a refusal followed by an accepted retry leaves the upload's verdict to stand).
-INTAKE_REFUSALS = (
-    "SELECT round, miner, MIN(code) AS code FROM refusals f WHERE round > ? AND round <= ? AND NOT EXISTS "
-    "(SELECT 1 FROM submissions s WHERE s.round = f.round AND s.miner = f.miner) GROUP BY round, miner"
-)
 LIVE = "rolled_back_at IS NULL"  # versions that were not rolled back
 
 
@@ -125,7 +122,9 @@ class RoundClose:
     closed_at: float
 
 
-class Store:
+class Store(ScoreReads):
+    """All the SQL of a run (the leaderboard's reads are in ``coordinator/store_scores.py``)."""
+
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
         self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
@@ -419,28 +418,6 @@ class Store:
 
     def uploaded_miners(self, round_: int) -> set[str]:
         return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}
-
-    def verdicts_between(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
-
-    def submissions_between(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all("SELECT round, miner, status, reason FROM submissions WHERE round > ? "
-                         "AND round <= ?", since, through)  # fmt: skip
-
-    def tallies(self, through: int) -> list[sqlite3.Row]:
-        """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
-        return self._all(
-            "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' "
-            "ELSE COALESCE(reason, 'refused') END AS k, COUNT(*) AS n, MAX(round) AS last FROM submissions "
-            "WHERE round <= ? AND status != 'received' GROUP BY miner, k", through,
-        )  # fmt: skip
-
-    def intake_refusals(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all(INTAKE_REFUSALS, since, through)
-
-    def intake_refusal_tallies(self, through: int) -> list[sqlite3.Row]:
-        return self._all(f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
-                         "GROUP BY miner, code", -1, through)  # fmt: skip
 
 
 COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts

@@ -19,9 +19,14 @@ payload of the round, so nobody knows them until the round has closed.
   0 or less is not discounted. A stale update learned its data but helps little; an update trained on other
   data helps but has no margin; both fall behind. An upload refused before it could be evaluated (at
   upload, or as copied, outlier, empty or non-finite) scores -1, the least.
-- A miner's score is the moving average of its round scores over the rounds it uploaded in: the mean over
-  the last ``score_window`` rounds, or an exponential one when ``score_alpha`` is set. The mean is the
-  steadier: a round's score carries sampling noise, and an honest miner's scores agree only on average.
+- A miner's standing is the average of its round scores over its rounds in the last ``score_window``
+  (the plain mean, or an exponential one when ``score_alpha`` is set), from the first round it took part
+  in: a closed round that published a version and has nothing from it counts as a missed round, score 0,
+  so that uploading now and then from many keys does not pay. The average carries its uncertainty: it is
+  shrunk towards 0 by ``PRIOR_ROUNDS`` rounds of prior (standard deviation ``PRIOR_SD``), which also
+  gives the standard error of a short record a floor, and the score that ranks and weights is the
+  conservative bound ``mean - Z * stderr``. A miner with two lucky rounds cannot outrank one with a long
+  good record, and one round's sampling noise moves a short record less than a plain mean would.
 """
 
 from __future__ import annotations
@@ -219,12 +224,14 @@ NO_CREDIT_T = -1.0  # and one this far below it, none
 
 @dataclass(frozen=True)
 class RoundResult:
-    """One miner's outcome in one round: ``gain`` None when the upload was refused before evaluation."""
+    """One miner's outcome in one round: ``gain`` None when the upload was refused before evaluation or
+    (``missed``) when there was no upload."""
 
     round: int
     score: float
     gain: float | None = None
     margin: float = 0.0
+    missed: bool = False
 
 
 def credit(t: float) -> float:
@@ -257,26 +264,62 @@ def refused(round_: int) -> RoundResult:
     return RoundResult(round_, -1.0)
 
 
+def missed(round_: int) -> RoundResult:
+    """A round the miner took no part in, after its first: no credit, and no gain or indicator either."""
+    return RoundResult(round_, 0.0, missed=True)
+
+
+PRIOR_ROUNDS = 2.0  # rounds of prior belief at score 0 that a record is weighed against
+PRIOR_SD = 0.5  # the spread of round scores assumed before any is seen (they lie in [-1, 1])
+Z = 1.0  # the conservative score is this many standard errors below the mean
+
+
 @dataclass(frozen=True)
 class Score:
-    score: float
-    gain_avg: float
-    assigned_avg: float
+    score: float = 0.0
+    gain_avg: float = 0.0
+    assigned_avg: float = 0.0
+    mean: float = 0.0
+    stderr: float = PRIOR_SD / math.sqrt(PRIOR_ROUNDS)
 
 
-def moving_score(results: Sequence[RoundResult], alpha: float | None = None) -> Score:
-    """Moving averages of the round scores, the gains and the indicator (+1 / -1; -1 for an upload refused
-    before evaluation): the mean of ``results`` (the caller keeps them to its window), or exponential ones
-    with weight ``alpha`` on the newest round."""
-    score = gain_avg = assigned_avg = 0.0
-    for i, r in enumerate(sorted(results, key=lambda r: r.round)):
+def standing(results: Sequence[RoundResult], alpha: float | None = None) -> Score:
+    """A miner's score from its round results (the caller keeps them to its window): the mean of the round
+    scores, or an exponential average with weight ``alpha`` on the newest round, shrunk towards 0 by the
+    prior; its standard error; the conservative ``score = mean - Z * stderr``; and the averages of the
+    gain and of the indicator (+1 / -1; -1 for an upload refused before evaluation) over the rounds it
+    uploaded in."""
+    ordered = sorted(results, key=lambda r: r.round)
+    if not ordered:
+        return Score(score=-Z * PRIOR_SD / math.sqrt(PRIOR_ROUNDS))
+    n = len(ordered)
+    w = [1.0] * n if alpha is None else [(1 - alpha) ** (n - 1 - i) * (alpha if i else 1.0) for i in range(n)]
+    total = sum(w)
+    n_eff = total * total / sum(x * x for x in w)
+    raw = sum(wi * r.score for wi, r in zip(w, ordered, strict=True)) / total
+    var = sum(wi * (r.score - raw) ** 2 for wi, r in zip(w, ordered, strict=True)) / total
+    mean = n_eff * raw / (n_eff + PRIOR_ROUNDS)  # the prior: PRIOR_ROUNDS rounds at 0
+    weight = n_eff + PRIOR_ROUNDS
+    stderr = math.sqrt((n_eff * var + PRIOR_ROUNDS * PRIOR_SD**2) / weight / weight)
+    taken = [r for r in ordered if not r.missed]
+    gains = [r.gain if r.gain is not None and math.isfinite(r.gain) else 0.0 for r in taken]
+    signs = [1.0 if r.gain is not None and r.margin > 0 else -1.0 for r in taken]
+    return Score(
+        score=mean - Z * stderr,
+        gain_avg=_weighted_tail(gains, alpha),
+        assigned_avg=_weighted_tail(signs, alpha),
+        mean=mean,
+        stderr=stderr,
+    )
+
+
+def _weighted_tail(xs: Sequence[float], alpha: float | None) -> float:
+    """The plain mean of ``xs`` (oldest first), or its exponential average with weight ``alpha``."""
+    avg = 0.0
+    for i, x in enumerate(xs):
         a = 1.0 / (i + 1) if alpha is None or i == 0 else alpha
-        indicator = 1.0 if r.gain is not None and r.margin > 0 else -1.0
-        gain = r.gain if r.gain is not None and math.isfinite(r.gain) else 0.0
-        score += a * (r.score - score)
-        gain_avg += a * (gain - gain_avg)
-        assigned_avg += a * (indicator - assigned_avg)
-    return Score(score, gain_avg, assigned_avg)
+        avg += a * (x - avg)
+    return avg
 
 
 def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int], list[int]]:
@@ -317,11 +360,12 @@ __all__ = [
     "UpdateEvaluator",
     "credit",
     "evaluate_updates",
-    "moving_score",
+    "missed",
     "other_sample",
     "own_sample",
     "refused",
     "round_results",
     "round_salt",
     "samples",
+    "standing",
 ]

@@ -129,10 +129,13 @@ class RoundReport(Wire):
 
 
 class LeaderboardEntry(Wire):
-    """A miner's standing: its moving-average score (protocol/evaluation.py) and its record."""
+    """A miner's standing: its score with its uncertainty (protocol/evaluation.py) and its record."""
 
     miner: str
-    score: float
+    score: float = Field(description="the conservative score that ranks and weights: mean - stderr")
+    score_mean: float = Field(default=0.0, description="average round score, shrunk towards 0 by the prior")
+    score_stderr: float = Field(default=0.0, description="the standard error of score_mean")
+    rounds_missed: int = Field(default=0, description="published rounds in the window with nothing from it")
     gain_avg: float = Field(description="moving average of the loss gain on its own data (nats/token)")
     assigned_avg: float = Field(description="moving average of the indicator own gain > other gain (+1/-1)")
     rounds_contributed: int

@@ -141,9 +141,12 @@ function drawLeaderboard(s) {
   if (s.leaderboard.length === 0) return;
   body.replaceChildren(...s.leaderboard.map((m, i) => {
     const name = el("code", { title: m.miner }, m.miner.slice(0, 12));
-    const score = m.score_stderr === undefined ? fmt(m.score) : `${fmt(m.score)} ± ${fmt(m.score_stderr, 2)}`;
-    const refused = m.rounds_refused ? `${m.rounds_refused} ${reasons(m.refusals)}` : "0";
-    return row([i + 1, name, score, fmt(m.gain_avg, 4), m.rounds_contributed, refused]);
+    // the conservative score ranks; the mean and its standard error say how sure it is
+    const score = el("span", { title: `mean ${fmt(m.score_mean)} ± ${fmt(m.score_stderr)} (one standard error)` },
+      `${fmt(m.score)} (${fmt(m.score_mean, 2)} ± ${fmt(m.score_stderr, 2)})`);
+    const refused = m.rounds_refused ? `${m.rounds_refused}: ${reasons(m.refusals)}` : "0";
+    const rounds = m.rounds_missed ? `${m.rounds_contributed} (${m.rounds_missed} missed)` : m.rounds_contributed;
+    return row([i + 1, name, score, fmt(m.gain_avg, 4), rounds, refused]);
   }));
 }
 

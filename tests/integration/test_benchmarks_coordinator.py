@@ -11,7 +11,7 @@ import pytest
 
 from benchmarks.coordinator import main
 
-pytestmark = pytest.mark.timeout(120)  # generous: the run takes about 20 s on two busy cores
+pytestmark = pytest.mark.timeout(240)  # generous: the run takes about 40 s on two busy cores
 ROW_FIELDS = {
     "submissions", "params", "seconds", "single_decode_seconds", "rss_increase_bytes",
     "model_fp32_bytes", "rss_ratio", "seconds_vs_target",
@@ -22,7 +22,8 @@ ROW_FIELDS = {
 def result() -> dict[str, Any]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        returned = main(["--json", "--sets=tiny", "--sizes=2,3", "--miners=8", "--threads=1", "--reps=2"])
+        returned = main(["--json", "--sets=tiny", "--sizes=2,3", "--miners=8", "--threads=1", "--reps=2",
+                         "--close-sizes=2"])  # fmt: skip
     assert json.loads(out.getvalue()) == json.loads(json.dumps(returned))  # stdout holds the JSON only
     return returned
 
@@ -48,6 +49,12 @@ def test_ingest_stores_every_upload(result: dict[str, Any]) -> None:
     assert ingest["failures"] == 0, ingest["errors"]
     assert ingest["stored"] == 8
     assert 0 < ingest["p50_s"] <= ingest["p99_s"] <= ingest["max_s"]
+
+
+def test_a_round_of_real_uploads_closes_with_every_one_evaluated(result: dict[str, Any]) -> None:
+    (row,) = result["close"]
+    assert row["uploads"] == 2 and row["evaluated"] == 2 and row["accepted"] >= 1
+    assert 0 < row["evaluation_s"] < row["seconds"] <= row["wall_s"]
 
 
 def test_targets_listed(result: dict[str, Any]) -> None:

@@ -88,7 +88,8 @@ def test_a_malformed_upload_counts_against_its_miner(open_pool: OpenPool) -> Non
         pool.wait_for_round(0)
         board = leaderboard(pool)
         assert board[bad.pubkey]["refusals"] == {"malformed_payload": 1}
-        assert board[bad.pubkey]["rounds_refused"] == 1 and board[bad.pubkey]["score"] == -1.0
+        assert board[bad.pubkey]["rounds_refused"] == 1 and board[bad.pubkey]["score_mean"] == -1 / 3
+        assert board[bad.pubkey]["score"] < board[good.pubkey]["score"]  # -1 before the prior is added in
         assert board[good.pubkey]["rounds_contributed"] == 1
 
 
@@ -201,3 +202,46 @@ def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> N
         published = pool.checkpoint(1)
         for name, _ in SPEC:
             assert torch.allclose(published[name], expected[name], rtol=0, atol=1e-7), name
+
+
+def test_at_most_max_evaluated_uploads_are_evaluated_a_recently_refused_miner_always(
+    open_pool: OpenPool,
+) -> None:
+    """Four uploads, ``max_evaluated = 2``: two are evaluated, the miner refused in the round before is one of
+    them, and the others are aggregated on the cheap checks, neither scored nor counted as missed."""
+    lenient = {**EVAL, "refuse_harmful": False, "min_gain_fraction": 0.0, "max_evaluated": 2, "min_record": 0}
+    with open_pool(validation=lenient, rounds={"min_quorum": 3, "deadline_s": 2.0}) as pool:
+        miners = [pool.miner() for _ in range(4)]
+        assert_error(miners[3].upload(0, b"not a payload"), 422, "malformed_payload")
+        for i, m in enumerate(miners[:3]):
+            assert m.upload(0, payload(0, 0, seed=10 + i)).status_code == 200
+        pool.wait_for_round(0)
+        for i, m in enumerate(miners):
+            assert m.upload(1, payload(1, 1, seed=20 + i)).status_code == 200
+        pool.wait_for_round(1)
+        record = pool.client.get("/v1/rounds/1").json()
+        evaluated = {s["miner"] for s in record["submissions"] if s["evaluated"]}
+        assert len(evaluated) == 2 and miners[3].pubkey in evaluated
+        assert all(s["status"] == "accepted" for s in record["submissions"])
+        first = pool.client.get("/v1/rounds/0").json()
+        assert sum(s["evaluated"] for s in first["submissions"]) == 2  # of three
+        board = leaderboard(pool)
+        for m in miners:  # a verdict for each evaluated upload, none for the others; nobody missed a round
+            times = sum(
+                s["evaluated"] and s["miner"] == m.pubkey for r in (first, record) for s in r["submissions"]
+            )
+            assert board[m.pubkey]["verdicts"] == times and board[m.pubkey]["rounds_missed"] == 0
+
+
+def test_a_published_round_without_an_upload_counts_as_missed(open_pool: OpenPool) -> None:
+    with open_pool(rounds={"min_quorum": 1, "deadline_s": 1.0}) as pool:
+        steady, sometimes, late = pool.miner(), pool.miner(), pool.miner()
+        for m, seed in ((steady, 1), (sometimes, 2)):
+            assert m.upload(0, payload(0, 0, seed=seed)).status_code == 200
+        pool.wait_for_round(0)
+        assert steady.upload(1, payload(1, 1, seed=3)).status_code == 200
+        assert late.upload(1, payload(1, 1, seed=4)).status_code == 200
+        pool.wait_for_round(1)
+        board = leaderboard(pool)
+        assert board[sometimes.pubkey]["rounds_missed"] == 1  # round 1
+        assert board[steady.pubkey]["rounds_missed"] == 0 and board[late.pubkey]["rounds_missed"] == 0

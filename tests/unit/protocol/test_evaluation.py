@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import math
+import statistics
 from pathlib import Path
 
 import pytest
@@ -11,16 +12,20 @@ import torch
 from coordinator.corpus import build_dataset
 from protocol.data import Dataset, assignment
 from protocol.evaluation import (
+    PRIOR_ROUNDS,
+    PRIOR_SD,
     Losses,
     RoundResult,
     UpdateEvaluator,
+    Z,
     credit,
-    moving_score,
+    missed,
     other_sample,
     own_sample,
     refused,
     round_results,
     round_salt,
+    standing,
 )
 from protocol.model import build_model, evaluate_loss
 from protocol.params import get_params, param_spec, params_hash, set_params
@@ -149,12 +154,26 @@ def test_round_scores_and_their_moving_average() -> None:
     exact = Losses(3.0, 2.8, 3.0, 2.85)  # no standard error: the sign of the margin decides
     assert exact.t == math.inf and Losses(3.0, 2.8, 3.0, 2.75).t == -math.inf and credit(exact.t) == 1.0
 
+
+def test_a_standing_is_a_shrunk_mean_with_its_standard_error_and_ranks_by_its_lower_bound() -> None:
     history = [RoundResult(i, score=v, gain=0.1, margin=0.01) for i, v in enumerate([0.2, 0.6, 0.4])]
-    s = moving_score(history)  # the plain mean
-    assert s.score == pytest.approx(0.4) and s.gain_avg == pytest.approx(0.1)
-    assert s.assigned_avg == pytest.approx(1.0)
-    s = moving_score(history, alpha=0.5)
-    assert s.score == pytest.approx((0.2 * 0.5 + 0.6 * 0.5) * 0.5 + 0.4 * 0.5)
-    assert moving_score(list(reversed(history)), alpha=0.5) == s  # by round, not by list order
-    s = moving_score([refused(0), refused(1)])
-    assert (s.score, s.gain_avg, s.assigned_avg) == (-1.0, 0.0, -1.0)
+    s = standing(history)
+    assert s.mean == pytest.approx(3 * 0.4 / (3 + PRIOR_ROUNDS))  # the plain mean, shrunk by the prior
+    var = statistics.pvariance([0.2, 0.6, 0.4])
+    assert s.stderr == pytest.approx(
+        math.sqrt((3 * var + PRIOR_ROUNDS * PRIOR_SD**2) / (3 + PRIOR_ROUNDS) ** 2)
+    )
+    assert s.score == pytest.approx(s.mean - Z * s.stderr)
+    assert s.gain_avg == pytest.approx(0.1) and s.assigned_avg == pytest.approx(1.0)
+    assert standing(list(reversed(history)), alpha=0.5) == standing(history, alpha=0.5)  # by round
+    assert standing(history, alpha=0.5).mean != s.mean  # the newest rounds weigh more
+    refusals = standing([refused(0), refused(1)])
+    assert refusals.score < refusals.mean < 0 and (refusals.gain_avg, refusals.assigned_avg) == (0.0, -1.0)
+    # Two lucky rounds do not outrank a long good record; a long record is surer than a short one.
+    lucky = standing([RoundResult(i, 1.0, 0.1, 0.01) for i in range(2)])
+    steady = standing([RoundResult(i, 0.8 + 0.1 * (i % 2), 0.1, 0.01) for i in range(20)])
+    assert steady.score > lucky.score and steady.stderr < lucky.stderr
+    # A missed round counts 0 in the score but is no upload: neither the gain nor the indicator moves.
+    now_and_then = standing([RoundResult(0, 1.0, 0.1, 0.01), *[missed(r) for r in range(1, 10)]])
+    assert now_and_then.score < steady.score and now_and_then.gain_avg == pytest.approx(0.1)
+    assert now_and_then.assigned_avg == 1.0
