@@ -28,8 +28,8 @@ from safetensors.torch import load as st_load
 from gradpool.processes import Processes
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseLoCoCodec
 from protocol.data import assignment, stdlib_dir
-from protocol.model import ModelConfig, build_model
-from protocol.params import load_checkpoint, param_spec, set_params
+from protocol.model import CausalLM, ModelConfig, build_model
+from protocol.params import Params, load_checkpoint, param_spec, set_params
 from protocol.signing import generate_key, public_key_hex, sign_request
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION
 
@@ -49,6 +49,20 @@ def _metric(http: httpx.Client, name: str) -> float:
     return 0.0
 
 
+def honest_delta(
+    model: CausalLM, base: Params, tokens: torch.Tensor, lr: float, batch_size: int
+) -> dict[str, torch.Tensor]:
+    """What an honest miner sends, without error feedback: base - parameters after AdamW steps on
+    ``tokens`` (its assigned sequences), ``batch_size`` at a time."""
+    set_params(model, base)
+    opt = torch.optim.AdamW(model.parameters(), lr=lr)
+    for batch in tokens.long().split(batch_size):
+        model.loss(batch).backward()
+        opt.step()
+        opt.zero_grad()
+    return {n: base[n] - p.detach() for n, p in model.named_parameters()}
+
+
 def _trained_payloads(http: httpx.Client, keys: list[Any]) -> list[bytes]:
     info = http.get("/v1/info").json()
     r = info["recipe"]
@@ -63,13 +77,7 @@ def _trained_payloads(http: httpx.Client, keys: list[Any]) -> list[bytes]:
         ids = assignment(info["seed"], 0, public_key_hex(key), r["inner_steps"] * r["batch_size"],
                          info["num_sequences"], info["eval_every"])  # fmt: skip
         tokens = st_load(http.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
-        set_params(model, base)
-        opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
-        for batch in tokens.long().split(r["batch_size"]):
-            model.loss(batch).backward()
-            opt.step()
-            opt.zero_grad()
-        delta = {n: base[n] - p.detach() for n, p in model.named_parameters()}
+        delta = honest_delta(model, base, tokens, r["lr"], r["batch_size"])
         out.append(codec.encode(delta, spec, header)[0])
     return out
 

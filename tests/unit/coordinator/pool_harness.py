@@ -16,12 +16,13 @@ from fastapi.testclient import TestClient
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
+from benchmarks.close import honest_delta
 from coordinator.app import create_app
 from coordinator.settings import CoordinatorSettings
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseLoCoCodec
 from protocol.data import assignment
 from protocol.model import build_model
-from protocol.params import Params, load_checkpoint, param_spec, set_params
+from protocol.params import Params, load_checkpoint, param_spec
 from protocol.signing import generate_key, public_key_hex, sign_request
 
 SPEC = param_spec(build_model("tiny"))
@@ -108,15 +109,7 @@ def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[st
     ids = assignment(info["seed"], round_, pubkey, r["inner_steps"] * r["batch_size"], info["num_sequences"],
                      info["eval_every"])  # fmt: skip
     tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
-    model = build_model("tiny")
-    base = pool.checkpoint(version)
-    set_params(model, base)
-    opt = torch.optim.AdamW(model.parameters(), lr=r["lr"])
-    for batch in tokens.long().split(r["batch_size"]):
-        model.loss(batch).backward()
-        opt.step()
-        opt.zero_grad()
-    return {n: base[n] - p.detach() for n, p in model.named_parameters()}
+    return honest_delta(build_model("tiny"), pool.checkpoint(version), tokens, r["lr"], r["batch_size"])
 
 
 def scaled_table(body: bytes, factor: float) -> bytes:
