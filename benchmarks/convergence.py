@@ -87,6 +87,9 @@ METHODS: dict[str, Method] = {
     "sparseloco_down_k64": Method("pool", downlink=PublishSettings(codec="sparseloco", k=64)),
     "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4)),
     "sparseloco_down_b95": Method("pool", downlink=PublishSettings(codec="sparseloco", ef_beta=0.95)),
+    "sparseloco_down_k192": Method("pool", downlink=PublishSettings(codec="sparseloco", k=192)),
+    "sparseloco_down_k128": Method("pool", downlink=PublishSettings(codec="sparseloco", k=128)),
+    "sparseloco_down_k256": Method("pool", downlink=PublishSettings(codec="sparseloco", k=256)),
     "single": Method("single"),
 }
 

@@ -166,16 +166,19 @@ def status(
             f"accepted {row['accepted']}  rejected {row['rejected']}"
         )
     if data.get("leaderboard"):
-        typer.echo("leaderboard (score: average loss gain on own data x its trained-on-own-data indicator)")
-        head = f"{'miner':<16} {'score':>9} {'gain':>9} {'own>other':>9} {'rounds':>6} {'refused':>7}  why"
-        typer.echo(f"  {head}")
-        for entry in data["leaderboard"]:
-            why = ", ".join(f"{k} {n}" for k, n in sorted(entry["refusals"].items()))
-            typer.echo(
-                f"  {entry['miner'][:16]:<16} {entry['score']:>9.4f} {entry['gain_avg']:>9.4f} "
-                f"{entry['assigned_avg']:>9.2f} {entry['rounds_contributed']:>6} "
-                f"{entry['rounds_refused']:>7}  {why}"
-            )
+        typer.echo("leaderboard (score: the mean round score less its standard error; see the README)")
+        cols = ["miner", "score", "mean", "+-", "gain", "own>other", "rounds", "missed", "refused"]
+        widths = [-16, 8, 7, 5, 8, 9, 6, 6, 7]
+        names = [f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)]
+        typer.echo("  " + " ".join(names) + "  why")
+        for x in data["leaderboard"]:
+            why = ", ".join(f"{k} {n}" for k, n in sorted(x["refusals"].items()))
+            cells = [f"{x['miner'][:16]:<16}", f"{x['score']:>8.4f}", f"{x.get('score_mean', 0):>7.3f}",
+                     f"{x.get('score_stderr', 0):>5.2f}", f"{x['gain_avg']:>8.4f}",
+                     f"{x['assigned_avg']:>9.2f}",
+                     f"{x['rounds_contributed']:>6}", f"{x.get('rounds_missed', 0):>6}",
+                     f"{x['rounds_refused']:>7}"]  # fmt: skip
+            typer.echo("  " + " ".join(cells) + f"  {why}")
 
 
 @app.command()
