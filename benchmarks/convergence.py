@@ -81,7 +81,7 @@ METHODS: dict[str, Method] = {
     "sparseloco": Method("pool"),
     "sparseloco_k128": Method("pool", k=128),
     "sparseloco_no_ef": Method("pool", ef_beta=0.0),
-    # the compressed downlink at the [publish] defaults (the coordinator's error feedback, k=128, 2 bits)
+    # the compressed downlink at the [publish] defaults (the coordinator's error feedback, k=192, 2 bits)
     "sparseloco_down": Method("pool", downlink=PublishSettings(codec="sparseloco")),
     # the other points measured for the defaults
     "sparseloco_down_k64": Method("pool", downlink=PublishSettings(codec="sparseloco", k=64)),
