@@ -115,10 +115,12 @@ function drawCharts(s) {
   lineChart($("loss-chart"), [{ cls: "loss", points: loss }], (y) => y.toFixed(2));
   const last = loss.length ? loss[loss.length - 1][1] : null;
   $("latest-loss").textContent = fmt(last);
+  // a log scale: the first round's checkpoints would flatten every later round on a linear one
+  const log = (n) => Math.log10(Math.max(1, n));
   lineChart($("bytes-chart"), [
-    { cls: "up", points: s.rounds.map((r) => [r.round, r.bytes_up]) },
-    { cls: "down", points: s.rounds.map((r) => [r.round, r.bytes_down]) },
-  ], fmtBytes);
+    { cls: "up", points: s.rounds.map((r) => [r.round, log(r.bytes_up)]) },
+    { cls: "down", points: s.rounds.map((r) => [r.round, log(r.bytes_down)]) },
+  ], (t) => fmtBytes(Math.pow(10, t)));
 }
 
 function drawRounds(s) {
