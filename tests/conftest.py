@@ -20,6 +20,13 @@ from coordinator.settings import CoordinatorSettings
 from protocol.data import stdlib_dir
 
 os.environ.setdefault("GRADPOOL_TEST", "1")
+if os.environ.get("PYTEST_XDIST_WORKER"):
+    # Several test workers share the machine's cores: one torch thread each (and in every process a test
+    # starts) keeps them from oversubscribing the cores, which slows torch's kernels far more than it saves.
+    os.environ.setdefault("OMP_NUM_THREADS", "1")
+    import torch
+
+    torch.set_num_threads(1)
 
 
 @pytest.fixture(scope="session")

@@ -12,6 +12,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload, trained_delta
 
+from coordinator.closer import MIN_WEIGHT_SCORE
 from protocol.aggregate import FlatAccumulator, robust_mean
 from protocol.codec import SparseLoCoCodec
 from protocol.params import apply_update, params_hash
@@ -138,8 +139,10 @@ def test_verdicts_from_validators(open_pool: OpenPool) -> None:
         entry = leaderboard(pool)[miner.pubkey]
         assert entry["verdicts"] == 1
         # One evaluated upload: the round's typical gain is its own (0.5), and its margin 0.4 is one standard
-        # error above 0, which backs 2/3 of it.
-        assert entry["score"] == pytest.approx(2 / 3) and entry["gain_avg"] == pytest.approx(0.5)
+        # error above 0, which backs 2/3 of it; one round against the prior's two at 0 (evaluation.py).
+        assert entry["score_mean"] == pytest.approx(2 / 3 / 3) and entry["gain_avg"] == pytest.approx(0.5)
+        assert entry["score_stderr"] == pytest.approx(math.sqrt(2 * 0.25) / 3)
+        assert entry["score"] == pytest.approx(entry["score_mean"] - entry["score_stderr"])
 
 
 @pytest.mark.parametrize("method", ["median", "trimmed_mean"])
@@ -188,18 +191,29 @@ def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> N
         subs = pool.submissions()
         assert subs[(0, flipper.pubkey)] == ("rejected", "low_score")
         assert all(subs[(0, m.pubkey)] == ("accepted", None) for m in honest)
+        # After one round every conservative score is below the floor (one round against the prior): equal
+        # weights. In the second round the records differ, and so do the weights.
+        assert all(leaderboard(pool)[m.pubkey]["score"] < MIN_WEIGHT_SCORE for m in honest)
+        bodies = [encode(trained_delta(pool, m.pubkey, 1, 1), 1, 1)[0] for m in honest]
+        for m, body in zip(honest, bodies, strict=True):
+            assert m.upload(1, body).status_code == 200
+        flipped = {n: -t for n, t in trained_delta(pool, flipper.pubkey, 1, 1).items()}
+        assert flipper.upload(1, encode(flipped, 1, 1)[0]).status_code == 200
+        pool.wait_for_round(1)
+        assert pool.submissions()[(1, flipper.pubkey)] == ("rejected", "low_score")
         board = leaderboard(pool)
-        scores = [board[m.pubkey]["score"] for m in honest]
-        assert max(scores) - min(scores) > 1e-3, "weights that are all 1 would show nothing"
-        record = pool.client.get("/v1/rounds/0").json()
+        # weights: the conservative score, floored so that a short record weighs a little (closer.py)
+        scores = [max(MIN_WEIGHT_SCORE, board[m.pubkey]["score"]) for m in honest]
+        assert max(scores) - min(scores) > 1e-3, "weights that are all equal would show nothing"
+        record = pool.client.get("/v1/rounds/1").json()
         clip = {s["miner"]: s["scale"] for s in record["submissions"]}
         mean = sum(scores) / len(scores)
         codec, acc = SparseLoCoCodec(), FlatAccumulator(SPEC, max_contributors=3)
         for m, body, score in zip(honest, bodies, scores, strict=True):
             acc.add(codec.decode(body, SPEC)[1], clip[m.pubkey] * score / mean)
-        expected = pool.checkpoint(0)
+        expected = pool.checkpoint(1)
         apply_update(expected, acc.mean())
-        published = pool.checkpoint(1)
+        published = pool.checkpoint(2)
         for name, _ in SPEC:
             assert torch.allclose(published[name], expected[name], rtol=0, atol=1e-7), name
 
