@@ -38,7 +38,7 @@ class Refusal(StrEnum):
     NON_FINITE_LOSS = "non_finite_loss"  # applying it made a loss NaN or infinite
     HARMFUL = "harmful"  # it does not lower the loss on its own data
     LOW_GAIN = "low_gain"  # it lowers it by too little
-    LOW_SCORE = "low_score"  # weight_by_score: its miner's score is not positive
+    LOW_SCORE = "low_score"  # weight_by_score: its miner's mean score is below 0
     LOSS_GUARD = "loss_guard"  # left out so that the new version would not raise the held-out loss
     UNREADABLE = "unreadable_upload"  # processing it failed
     ROUND_FAILED = "round_failed"  # the round could not be closed with a version (not the miner's doing)
@@ -220,7 +220,7 @@ class LowGain:
 
 
 class LowScore:
-    """weight_by_score: a miner whose average score, with this round's result, is not positive (its
+    """weight_by_score: a miner whose average score, with this round's result, is below 0 (its
     conservative score may be below 0 for a short record, which only lowers its weight)."""
 
     code: ClassVar[str] = Refusal.LOW_SCORE
@@ -230,7 +230,7 @@ class LowScore:
         if j.scores is None:
             return []
         scores = j.scores()
-        return [u.miner for u in j.remaining() if (e := scores.get(u.miner)) is None or e.score_mean <= 0]
+        return [u.miner for u in j.remaining() if (e := scores.get(u.miner)) is None or e.score_mean < 0]
 
 
 def default_pipeline(checks: CheckSettings, validation: ValidationSettings) -> list[Check]:

@@ -190,7 +190,7 @@ def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> N
         pool.wait_for_round(0)
         subs = pool.submissions()
         assert subs[(0, flipper.pubkey)] == ("rejected", "low_score")
-        assert all(subs[(0, m.pubkey)] == ("accepted", None) for m in honest)
+        assert all(subs[(0, m.pubkey)] == ("accepted", None) for m in honest), subs
         # After one round every conservative score is below the floor (one round against the prior): equal
         # weights. In the second round the records differ, and so do the weights.
         assert all(leaderboard(pool)[m.pubkey]["score"] < MIN_WEIGHT_SCORE for m in honest)
