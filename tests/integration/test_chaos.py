@@ -1,5 +1,5 @@
 """The chaos soak, for one minute: processes killed at random and started again, and every check of the
-soak holding (benchmarks/chaos.py; the 10-minute run is in BENCHMARKS.md)."""
+soak holding (benchmarks/chaos.py, which runs the 10-minute soak: `--minutes 10 --json`)."""
 
 from __future__ import annotations
 
