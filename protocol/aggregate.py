@@ -3,7 +3,7 @@ each coordinate (sum / count, not sum / number of miners).
 
 An ``Accumulator`` takes one contributor at a time into a running sum and count, so memory does not grow
 with the number of contributors; ``FlatAccumulator`` does it over the concatenated parameters for any
-codec, ``protocol.sparseloco.ChunkAccumulator`` in SparseLoCo's chunk layout. ``sketch`` summarises an
+codec, ``protocol.chunk_accumulator.ChunkAccumulator`` in SparseLoCo's chunk layout. ``sketch`` summarises an
 update in a few kilobytes so that near-identical updates (copies, rescaled copies, replays) can be found
 without keeping them.
 """

@@ -19,6 +19,7 @@ from typing import Literal, Protocol
 import torch
 
 from protocol.aggregate import Accumulator, FlatAccumulator, sketch, update_norm
+from protocol.chunks import Layout
 from protocol.errors import CodecError
 from protocol.payload import (
     PAYLOAD_FORMAT_VERSION,
@@ -34,7 +35,8 @@ from protocol.payload import (
     framed_bytes,
     unframe,
 )
-from protocol.sparseloco import Layout, SparseLoCoCodec, quantize_2bit
+from protocol.quantize import quantize_2bit
+from protocol.sparseloco import SparseLoCoCodec
 
 __all__ = [
     "CODECS",

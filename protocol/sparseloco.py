@@ -17,25 +17,26 @@ SparseLoCo layout, per parameter tensor:
   as 2-bit codes, four to a byte, with a per-tensor table of the mean original value in each bin.
 - A tensor whose fp16 form is no larger than its sparse form (at most a few dozen elements) goes dense in
   fp16: top-k would keep all of it anyway.
+
+The chunk layout is in ``protocol/chunks.py``, the value bins in ``protocol/quantize.py`` and the running
+sum of payloads in their chunk layout in ``protocol/chunk_accumulator.py``.
 """
 
 from __future__ import annotations
 
-import dataclasses
 import math
 from collections.abc import Mapping
-from dataclasses import dataclass
 
 import torch
-from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protocol.aggregate import check_room, count_dtype, divide_by_count, sketch_flat
+from protocol.aggregate import sketch_flat
 from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
+from protocol.chunk_accumulator import ChunkAccumulator
+from protocol.chunks import Layout, RowTable
 from protocol.errors import CodecError
 from protocol.payload import (
     FP16_MAX,
-    FP32_MAX,
     CodecName,
     Examined,
     ParamSpec,
@@ -48,105 +49,7 @@ from protocol.payload import (
     framed_bytes,
     unframe,
 )
-
-
-@dataclass(frozen=True)
-class Layout:
-    """How one tensor is cut into chunks of ``tile**2`` elements."""
-
-    shape: tuple[int, ...]
-    tile: int
-
-    @property
-    def tiled(self) -> bool:
-        return len(self.shape) == 2 and min(self.shape) >= self.tile
-
-    @property
-    def chunk(self) -> int:
-        return self.tile * self.tile
-
-    @property
-    def numel(self) -> int:
-        return math.prod(self.shape)
-
-    @property
-    def grid(self) -> tuple[int, int]:
-        """(tile rows, tile columns) for a tiled matrix; (chunks, 1) otherwise."""
-        if self.tiled:
-            return -(-self.shape[0] // self.tile), -(-self.shape[1] // self.tile)
-        return -(-self.numel // self.chunk), 1
-
-    @property
-    def rows(self) -> int:
-        a, b = self.grid
-        return a * b
-
-    @property
-    def padded(self) -> bool:
-        if self.tiled:
-            return self.shape[0] % self.tile != 0 or self.shape[1] % self.tile != 0
-        return self.numel % self.chunk != 0
-
-    def to_chunks(self, t: torch.Tensor, fill: float = 0.0) -> torch.Tensor:
-        """(shape) -> (rows, chunk), padding with ``fill``."""
-        s = self.tile
-        if self.tiled:
-            nr, nc = self.grid
-            R, C = self.shape
-            if self.padded:
-                t = torch.nn.functional.pad(t, (0, nc * s - C, 0, nr * s - R), value=fill)
-            return t.reshape(nr, s, nc, s).permute(0, 2, 1, 3).reshape(nr * nc, s * s)
-        flat = t.reshape(-1)
-        if self.padded:
-            flat = torch.nn.functional.pad(flat, (0, self.rows * self.chunk - self.numel), value=fill)
-        return flat.view(self.rows, self.chunk)
-
-    def from_chunks(self, chunks: torch.Tensor) -> torch.Tensor:
-        """(rows, chunk) -> a new tensor of this layout's shape (padding dropped)."""
-        s = self.tile
-        if self.tiled:
-            nr, nc = self.grid
-            R, C = self.shape
-            full = chunks.view(nr, nc, s, s).permute(0, 2, 1, 3).reshape(nr * s, nc * s)
-            return full[:R, :C].contiguous() if self.padded else full
-        return chunks.reshape(-1)[: self.numel].clone().view(self.shape)
-
-    def abs_chunks(self, t: torch.Tensor) -> torch.Tensor:
-        """|t| as (rows, chunk) in one pass where possible; padding is -1, so it is never preferred."""
-        s = self.tile
-        if self.tiled:
-            nr, nc = self.grid
-            R, C = self.shape
-            out = torch.empty(nr, nc, s, s, device=t.device)
-            fr, fc = R // s, C // s  # whole tiles: abs and the tile permutation in one pass
-            torch.abs(t[: fr * s, : fc * s].reshape(fr, s, fc, s).permute(0, 2, 1, 3), out=out[:fr, :fc])
-            if fr < nr:  # the partial last row of tiles
-                edge = torch.full((s, nc * s), -1.0, device=t.device)
-                torch.abs(t[fr * s :], out=edge[: R - fr * s, :C])
-                out[fr] = edge.view(s, nc, s).permute(1, 0, 2)
-            if fc < nc:  # the partial last column of tiles
-                edge = torch.full((fr * s, s), -1.0, device=t.device)
-                torch.abs(t[: fr * s, fc * s :], out=edge[:, : C - fc * s])
-                out[:fr, fc] = edge.view(fr, s, s)
-            return out.view(nr * nc, s * s)
-        if self.padded:
-            full = torch.full((self.rows * self.chunk,), -1.0, device=t.device)
-            torch.abs(t.reshape(-1), out=full[: self.numel])
-            return full.view(self.rows, self.chunk)
-        return t.reshape(self.rows, self.chunk).abs()
-
-    def flat_indices(self, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-        """Chunk-local indices (rows, k) -> flat indices into the tensor and a mask of the real ones."""
-        rows = torch.arange(self.rows, device=idx.device).unsqueeze(1)  # (rows, 1)
-        if self.tiled:
-            s = self.tile
-            _, nc = self.grid
-            r = (rows // nc) * s + idx // s
-            c = (rows % nc) * s + idx % s
-            valid = (r < self.shape[0]) & (c < self.shape[1])
-            return r * self.shape[1] + c, valid
-        flat = rows * self.chunk + idx
-        return flat, flat < self.numel
+from protocol.quantize import quantize
 
 
 def _ef_params(chunk: int, k: int) -> tuple[int, int]:
@@ -174,7 +77,7 @@ class SparseLoCoCodec:
         self.low_bits, self.high_bits = _ef_params(tile * tile, k)
         self.low_bytes = -(-k * self.low_bits // 8)
         self.high_bytes = -(-self.high_bits // 8)
-        self._tables: dict[tuple[tuple[str, tuple[int, ...]], ...], _RowTable] = {}
+        self._tables: dict[tuple[tuple[str, tuple[int, ...]], ...], RowTable] = {}
 
     # -- sizes, all derived from the shapes -------------------------------------------------------------
     def sparse_bytes(self, layout: Layout) -> int:
@@ -291,7 +194,7 @@ class SparseLoCoCodec:
         self,
         data: bytes,
         spec: ParamSpec,
-    ) -> tuple[PayloadHeader, _RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[PayloadHeader, RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
         """Every chunk of every sparse tensor decoded at once: flat indices (into the concatenated
         parameters, spec order) and values; plus the dense part. Checks everything before use."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
@@ -306,7 +209,7 @@ class SparseLoCoCodec:
 
     def decode_rows(
         self, data: bytes, spec: ParamSpec
-    ) -> tuple[PayloadHeader, _RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
+    ) -> tuple[PayloadHeader, RowTable, torch.Tensor, torch.Tensor, torch.Tensor]:
         """The payload in the codec's own layout: chunk-local indices and values, (chunks, k) each, for
         every chunk of every sparse tensor in spec order; plus the dense part. Checks everything."""
         header, tensors = unframe(
@@ -353,7 +256,7 @@ class SparseLoCoCodec:
         norm = float(values.double().square().sum().sqrt())
         return Examined(header, content_digest(data), norm, sketch_flat(coords, values), unpacked)
 
-    def _coordinates(self, table: _RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
+    def _coordinates(self, table: RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk-local indices (rows, k) -> coordinates in the concatenated parameters, and the mask of
         those that are not padding (None when the model has no padding)."""
         q, p = idx // self.tile, idx % self.tile
@@ -362,7 +265,7 @@ class SparseLoCoCodec:
             return flat, None
         return flat, (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
 
-    def _decode_indices(self, data: torch.Tensor, table: _RowTable) -> torch.Tensor:
+    def _decode_indices(self, data: torch.Tensor, table: RowTable) -> torch.Tensor:
         rows = table.rows
         data = data.view(rows, self.low_bytes + self.high_bytes)
         low = unpack_uint(data[:, : self.low_bytes], self.k, self.low_bits)  # (rows, k)
@@ -390,209 +293,9 @@ class SparseLoCoCodec:
                 )
         return idx
 
-    def _table(self, spec: ParamSpec) -> _RowTable:
+    def _table(self, spec: ParamSpec) -> RowTable:
         key = tuple((n, tuple(s)) for n, s in spec)
         table = self._tables.get(key)
         if table is None:
-            table = self._tables[key] = _RowTable.build(self, key)
+            table = self._tables[key] = RowTable.build(self, key)
         return table
-
-
-@dataclass(frozen=True)
-class _RowTable:
-    """Per-chunk facts of a model's sparse tensors, derived from the shapes once and cached.
-
-    Chunk-local index p of a chunk row maps to ``base + (p // tile) * stride + p % tile`` in the
-    concatenated parameters; it is real (not padding) when ``p < limit``, ``p // tile < row_limit`` and
-    ``p % tile < col_limit``.
-    """
-
-    names: list[str]
-    offsets: list[int]
-    counts: list[int]  # decoded values per sparse tensor
-    row_counts: list[int]
-    total: int
-    rows: int
-    padded: bool
-    base: torch.Tensor  # (rows, 1) int64
-    stride: torch.Tensor
-    limit: torch.Tensor
-    row_limit: torch.Tensor
-    col_limit: torch.Tensor
-    lut_base: torch.Tensor  # (rows, 1): levels * tensor number
-    tensor_of_row: torch.Tensor  # (rows,)
-    dense_offsets: list[int]
-    dense_sizes: list[int]
-
-    def where(self, bad_rows: torch.Tensor) -> str:
-        row = int(bad_rows.nonzero()[0, 0])
-        return self.names[int(self.tensor_of_row[row])]
-
-    def with_counts(self, counts: list[int]) -> _RowTable:
-        return dataclasses.replace(self, counts=counts)
-
-    @staticmethod
-    def build(codec: SparseLoCoCodec, spec: tuple[tuple[str, tuple[int, ...]], ...]) -> _RowTable:
-        s, chunk = codec.tile, codec.tile * codec.tile
-        names: list[str] = []
-        offsets: list[int] = []
-        counts: list[int] = []
-        row_counts: list[int] = []
-        cols: dict[str, list[torch.Tensor]] = {k: [] for k in ("base", "stride", "limit", "rl", "cl", "tid")}
-        dense_offsets: list[int] = []
-        dense_sizes: list[int] = []
-        offset = 0
-        padded = False
-        for name, shape in spec:
-            n = math.prod(shape)
-            if codec.is_dense(shape):
-                dense_offsets.append(offset)
-                dense_sizes.append(n)
-                offset += n
-                continue
-            lay = Layout(shape, s)
-            r = torch.arange(lay.rows, dtype=torch.int64)
-            full = torch.full((lay.rows,), chunk, dtype=torch.int64)
-            if lay.tiled:
-                _, nc = lay.grid
-                R, C = shape
-                r0, c0 = (r // nc) * s, (r % nc) * s
-                cols["base"].append(offset + r0 * C + c0)
-                cols["stride"].append(torch.full_like(r, C))
-                cols["limit"].append(full)
-                cols["rl"].append(R - r0)
-                cols["cl"].append(C - c0)
-            else:
-                cols["base"].append(offset + r * chunk)
-                cols["stride"].append(torch.full_like(r, s))
-                cols["limit"].append(n - r * chunk)
-                cols["rl"].append(full)
-                cols["cl"].append(full)
-            cols["tid"].append(torch.full_like(r, len(names)))
-            padded = padded or lay.padded
-            names.append(name)
-            offsets.append(offset)
-            counts.append(lay.rows * codec.k)
-            row_counts.append(lay.rows)
-            offset += n
-        cat = {k: (torch.cat(v) if v else torch.zeros(0, dtype=torch.int64)) for k, v in cols.items()}
-        return _RowTable(
-            names=names,
-            offsets=offsets,
-            counts=counts,
-            row_counts=row_counts,
-            total=offset,
-            rows=sum(row_counts),
-            padded=padded,
-            base=cat["base"].unsqueeze(1),
-            stride=cat["stride"].unsqueeze(1),
-            limit=cat["limit"].unsqueeze(1),
-            row_limit=cat["rl"].unsqueeze(1),
-            col_limit=cat["cl"].unsqueeze(1),
-            lut_base=(cat["tid"] * codec.levels).unsqueeze(1),
-            tensor_of_row=cat["tid"],
-            dense_offsets=dense_offsets,
-            dense_sizes=dense_sizes,
-        )
-
-
-def quantize_2bit(vals: torch.Tensor, valid: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``quantize`` to 2 bits: 4 bins over 6 sigma."""
-    return quantize(vals, valid, 2)
-
-
-def quantize(
-    vals: torch.Tensor, valid: torch.Tensor | None = None, bits: int = 2
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """Centre, bin by spread (6 sigma into 2**bits equal bins, the outer ones open); return the table of
-    bin means (an empty bin: its centre) and the codes.
-
-    Statistics come from the ``valid`` values only (padding selected in short chunks is not data); they
-    are taken in float64, so any finite input gives a finite table.
-    """
-    levels = 1 << bits
-    flat = vals.reshape(-1).float()
-    data = flat if valid is None else flat[valid.reshape(-1)]
-    if data.numel() == 0:
-        data = flat
-    wide = data.double()
-    mu, sigma = wide.mean(), wide.std(correction=0).clamp_min(1e-30)
-    grid = torch.linspace(-3.0, 3.0, levels + 1, dtype=torch.float64, device=flat.device)
-    edges = (mu + sigma * grid[1:-1]).float()
-    codes = torch.bucketize(flat, edges, right=True)  # the number of edges <= value: 0 .. levels - 1
-    data_codes = codes if valid is None or data is flat else codes[valid.reshape(-1)]
-    sums = torch.zeros(levels, dtype=torch.float64, device=flat.device).index_add_(0, data_codes, wide)
-    counts = torch.bincount(data_codes, minlength=levels).double()
-    centres = mu + sigma * (grid[1:] + grid[:-1]) / 2
-    lut = torch.where(counts > 0, sums / counts.clamp_min(1), centres)
-    return lut.clamp(-FP32_MAX, FP32_MAX).float(), codes
-
-
-class ChunkAccumulator:
-    """Sum and count of SparseLoCo updates, kept in the codec's chunk layout.
-
-    A payload's chunks come in order and its indices sorted within each, so adding one is a sequential
-    pass over the accumulator, and padding needs no masking (it is dropped when the mean is laid out as
-    parameters). Memory: 4 bytes per parameter for the sum, and 1 for the count up to 255 contributors
-    (4 beyond), whatever their number.
-    """
-
-    def __init__(self, codec: SparseLoCoCodec, spec: ParamSpec, max_contributors: int = 255) -> None:
-        self.codec, self.spec = codec, [(n, tuple(s)) for n, s in spec]
-        self.table = codec._table(spec)
-        chunk = codec.tile * codec.tile
-        counts = count_dtype(max_contributors)
-        self.sum = torch.zeros(self.table.rows, chunk)
-        self.count = torch.zeros(self.table.rows, chunk, dtype=counts)
-        self.one = torch.ones(1, 1, dtype=counts).expand(self.table.rows, codec.k)
-        self.dense = torch.zeros(sum(self.table.dense_sizes))
-        self.contributors = 0
-
-    @torch.no_grad()
-    def add(self, payload: bytes, scale: float = 1.0) -> None:
-        """Add a payload as it came over the wire (decoded and checked here)."""
-        check_room(self.contributors, self.count.dtype)
-        _, _, idx, vals, dense = self.codec.decode_rows(payload, self.spec)
-        self._add(idx, vals, dense, scale)
-
-    @torch.no_grad()
-    def add_stored(self, stored: bytes, scale: float = 1.0) -> None:
-        """Add a payload unpacked by ``SparseLoCoCodec.examine`` (the coordinator's own file, read back by
-        hash)."""
-        check_room(self.contributors, self.count.dtype)
-        parts = st_load(stored)
-        shape = (self.table.rows, self.codec.k)
-        idx, vals, dense = parts["idx"], parts["vals"], parts["dense"]
-        if idx.shape != shape or vals.shape != shape or dense.shape != self.dense.shape:
-            raise CodecError("unpacked payload does not fit this model", code="wrong_shape")
-        self._add(idx.long(), vals, dense, scale)
-
-    def _add(self, idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor, scale: float) -> None:
-        self.sum.scatter_add_(1, idx, vals if scale == 1.0 else vals * scale)  # chunk by chunk, in order
-        self.count.scatter_add_(1, idx, self.one)
-        self.dense.add_(dense, alpha=scale)
-        self.contributors += 1
-
-    @torch.no_grad()
-    def mean(self) -> dict[str, torch.Tensor]:
-        """The mean over the contributors that selected each coordinate, laid out as parameters. The
-        accumulator is spent afterwards."""
-        divide_by_count(self.sum.view(-1), self.count.view(-1))
-        self.count = torch.zeros(0, dtype=self.count.dtype)
-        self.dense.div_(max(1, self.contributors))
-        flat = self.sum.view(-1)
-        out: dict[str, torch.Tensor] = {}
-        chunk = self.codec.tile * self.codec.tile
-        row = di = 0
-        for name, shape in self.spec:
-            if self.codec.is_dense(shape):
-                n = math.prod(shape)
-                out[name] = self.dense[di : di + n].view(shape)
-                di += n
-                continue
-            layout = Layout(shape, self.codec.tile)
-            chunks = flat[row * chunk : (row + layout.rows) * chunk].view(layout.rows, chunk)
-            out[name] = layout.from_chunks(chunks)
-            row += layout.rows
-        self.sum = torch.zeros(0)
-        return out

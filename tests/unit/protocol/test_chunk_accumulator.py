@@ -7,8 +7,8 @@ import pytest
 import torch
 
 from protocol.aggregate import FlatAccumulator
+from protocol.chunk_accumulator import ChunkAccumulator
 from protocol.codec import PayloadHeader, SparseLoCoCodec
-from protocol.sparseloco import ChunkAccumulator
 
 SPEC = [("tiled", (128, 192)), ("edges", (100, 130)), ("flat", (5000,)), ("short", (70,)), ("tiny", (5,)),
         ("cube", (3, 7, 50))]  # fmt: skip
