@@ -36,7 +36,8 @@ from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION
 TOKEN = "close-benchmark"
 
 
-def _corpus(path: Path) -> Path:
+def write_corpus(path: Path) -> Path:
+    """About 400 KB of Python source as one text file: enough sequences, quick to tokenise."""
     names = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "textwrap.py", "typing.py"]
     path.write_text("\n\n".join((stdlib_dir() / n).read_text(encoding="utf-8") for n in names))
     return path
@@ -87,7 +88,14 @@ def measure_close(m: int, work: Path) -> dict[str, Any]:
     procs = Processes(work / "logs")
     env = {"GRADPOOL_ROUNDS__MIN_QUORUM": str(m + 1), "GRADPOOL_ROUNDS__DEADLINE_S": "3600",
            "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_ADMIN_TOKEN": TOKEN}  # fmt: skip
-    args = ["--state-dir", str(work / "state"), "--corpus", str(_corpus(work / "corpus.txt")), "--port", "0"]
+    args = [
+        "--state-dir",
+        str(work / "state"),
+        "--corpus",
+        str(write_corpus(work / "corpus.txt")),
+        "--port",
+        "0",
+    ]
     try:
         url = procs.start_coordinator(args, work / "ready.json", env=env)
         headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION)}

@@ -53,7 +53,7 @@ from typing import Any, TypeVar
 import httpx
 import torch
 
-from benchmarks.close import close_rows
+from benchmarks.close import close_rows, write_corpus
 from benchmarks.codec import best_of, gpt2_small_spec
 from coordinator.aggregation import aggregate_uploads
 from coordinator.blobs import FileBlobStore
@@ -61,7 +61,6 @@ from coordinator.checks import Judging, Upload, default_pipeline, judge_cheap
 from coordinator.outer import OuterOptimizer
 from coordinator.settings import CheckSettings, ValidationSettings
 from protocol.codec import PayloadHeader, SparseLoCoCodec
-from protocol.data import stdlib_dir
 from protocol.model import build_model
 from protocol.params import apply_update, param_spec
 from protocol.signing import generate_key, sign_request
@@ -231,13 +230,6 @@ def aggregation(sets: list[str], sizes: list[int], threads: int | None, reps: in
 
 
 # -- ingest -----------------------------------------------------------------------------------------------
-def write_corpus(path: Path) -> Path:
-    """About 400 KB of Python source as one text file: enough sequences, quick to tokenise."""
-    names = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "textwrap.py", "typing.py"]
-    path.write_text("\n\n".join((stdlib_dir() / n).read_text(encoding="utf-8") for n in names))
-    return path
-
-
 @contextlib.contextmanager
 def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Iterator[subprocess.Popen[bytes]]:
     """A coordinator whose round stays open for the whole benchmark; stopped on the way out."""

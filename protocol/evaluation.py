@@ -290,8 +290,8 @@ def standing(results: Sequence[RoundResult], alpha: float | None = None) -> Scor
     gain and of the indicator (+1 / -1; -1 for an upload refused before evaluation) over the rounds it
     uploaded in."""
     ordered = sorted(results, key=lambda r: r.round)
-    if not ordered:
-        return Score(score=-Z * PRIOR_SD / math.sqrt(PRIOR_ROUNDS))
+    if not ordered:  # the prior alone
+        return Score(score=-Z * Score.stderr)
     n = len(ordered)
     w = [1.0] * n if alpha is None else [(1 - alpha) ** (n - 1 - i) * (alpha if i else 1.0) for i in range(n)]
     total = sum(w)
