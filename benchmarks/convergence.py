@@ -36,7 +36,7 @@ import os
 import statistics
 import sys
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
@@ -72,6 +72,14 @@ class Method:
     outer_lr: float = 1.0
     outer_momentum: float = 0.0
     downlink: PublishSettings | None = None  # None: the exact downlink; else the compressed one
+    # Overlapped rounds: round r trains from the version before the newest (the newest is still being
+    # made), and its aggregate is applied to the newest. "eager": each worker starts from that base minus
+    # its own last contribution (outer lr x what it uploaded), its guess of the version being made.
+    # "merge": the version being made arrives after ``merge_at`` of the inner steps and is merged into
+    # the model being trained (it moves by the published update); the pseudo-gradient is then taken from
+    # that version, and applied to it.
+    overlap: Literal["off", "delayed", "eager", "merge", "merge_eager"] = "off"
+    merge_at: float = 0.5
 
 
 METHODS: dict[str, Method] = {
@@ -89,6 +97,12 @@ METHODS: dict[str, Method] = {
     "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4, ef_beta=1.0)),
     "sparseloco_down_k192": Method("pool", downlink=PublishSettings(codec="sparseloco", k=192, ef_beta=1.0)),
     "sparseloco_down_k256": Method("pool", downlink=PublishSettings(codec="sparseloco", k=256, ef_beta=1.0)),
+    "sparseloco_overlap": Method("pool", overlap="eager"),
+    "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
+    "sparseloco_overlap_merge": Method("pool", overlap="merge"),
+    "sparseloco_overlap_merge_late": Method("pool", overlap="merge", merge_at=0.9),
+    "sparseloco_overlap_merge_eager": Method("pool", overlap="merge_eager"),
+    "sparseloco_down_overlap": Method("pool", downlink=PublishSettings(codec="sparseloco"), overlap="eager"),
     "single": Method("single"),
 }
 
@@ -109,7 +123,9 @@ class Config:
     lr: float = 1e-3
     warmup_steps: int = 20  # inner steps, counted per optimizer (each worker's, ddp's, single's)
     model: str = "tiny"
-    methods: tuple[str, ...] = tuple(m for m in METHODS if not m.startswith("sparseloco_down_"))
+    methods: tuple[str, ...] = tuple(
+        m for m in METHODS if not m.startswith(("sparseloco_down_", "sparseloco_overlap"))
+    )
     eval_sequences: int = 128
     seed: int = 0
     corpus: Path | None = None  # None: the Python standard library sources
@@ -264,20 +280,29 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
         )
     tally.record(bench, 0, 0, bench.evaluate_params(theta))
     tokens_seen = 0
+    base = {n: t.clone() for n, t in theta.items()}  # what round r trains from
+    pending: list[dict[str, torch.Tensor]] = []  # overlap "eager": each worker's last decoded upload
     for r in range(c.rounds):
-        payloads, losses = [], []
+        payloads, losses, decodes = [], [], []
         for w, worker in enumerate(workers):  # node/miner.py mine_round, without the network
             tokens = bench.tokens(r, w)
             tokens_seen += len(tokens) * bench.seq_len
-            set_params(worker.model, theta)
-            result = worker.trainer.run(tokens)
+            start = base
+            if method.overlap in ("eager", "merge_eager") and pending:
+                start = {n: t.clone() for n, t in base.items()}
+                apply_update(start, {n: method.outer_lr * d for n, d in pending[w].items()})
+            set_params(worker.model, start)
+            on_step = None
+            if method.overlap in ("merge", "merge_eager") and r > 0:
+                on_step, start = merger(worker.model, start, theta, method.merge_at, c.inner_steps), theta
+            result = worker.trainer.run(tokens, on_step=on_step)
             tally.train_s += result.compute_s
             tally.inner_steps += result.steps
             losses.append(result.loss_after)
             t0 = time.perf_counter()
             with torch.no_grad():
                 local = dict(worker.model.named_parameters())
-                delta = {n: theta[n] - local[n].detach().float() for n, _ in bench.spec}
+                delta = {n: start[n] - local[n].detach().float() for n, _ in bench.spec}
             header = PayloadHeader(
                 format_version=PAYLOAD_FORMAT_VERSION,
                 codec=codec.name,
@@ -289,6 +314,8 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
             )
             payload, decoded = codec.encode(worker.ef.accumulate(delta), bench.spec, header)
             worker.ef.subtract(decoded)
+            eager = method.overlap in ("eager", "merge_eager")
+            decodes.append({n: decoded[n].to_dense(shape) for n, shape in bench.spec} if eager else {})
             payloads.append(payload)
             tally.payload_bytes.append(len(payload))
             tally.comm_s += time.perf_counter() - t0
@@ -299,12 +326,30 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
         if downlink is not None:  # what miners download and apply: the compressed update
             compressed, delta, downlink.residual = downlink.step(delta)
             tally.down_bytes.append(len(compressed))
+        newest = {n: t.clone() for n, t in theta.items()}
         apply_update(theta, delta)
+        base, pending = (newest, decodes) if method.overlap != "off" else (theta, [])
         t1 = time.perf_counter()
         loss = bench.evaluate_params(theta)
         tally.comm_s += t1 - t0
         tally.eval_s += time.perf_counter() - t1
         tally.record(bench, r + 1, tokens_seen, loss)
+
+
+def merger(model: CausalLM, base: dict[str, torch.Tensor], newest: dict[str, torch.Tensor], at: float,
+           steps: int) -> Callable[[dict[str, float]], None]:  # fmt: skip
+    """An inner-step callback that moves the model by ``newest - base`` after ``at`` of the steps (the
+    version being made arrives, and the model moves as its start point would have)."""
+    done, after = [0], max(1, min(steps, math.ceil(at * steps)))
+
+    def on_step(_: dict[str, float]) -> None:
+        done[0] += 1
+        if done[0] == after:
+            with torch.no_grad():
+                for n, p in model.named_parameters():
+                    p.add_(newest[n] - base[n])
+
+    return on_step
 
 
 def run_method(bench: Bench, name: str) -> dict[str, Any]:

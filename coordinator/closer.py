@@ -2,6 +2,13 @@
 when the round is ready it judges the uploads (coordinator/checks.py), builds and guards the next version
 (coordinator/publish.py) and commits everything in one transaction.
 
+Synchronous rounds: the next round opens when the version is committed, for that version. Overlapped rounds
+(``[rounds] overlap``): the next round opens as this one starts closing, for the version current then, so
+miners train it while this one is judged and published; its uploads are judged against and applied to the
+version this round publishes. Closing stays one round at a time, so an upload is applied at most one
+version after the one it trained from (``max_staleness = 1``), and every check sees the exact model the
+upload will change.
+
 A round always ends. A failure while one upload is read, evaluated or aggregated refuses that upload
 (``unreadable_upload``) and the rest go on; a version that fails the guard is built again without the most
 suspect uploads (``loss_guard``) until it passes or none is left; any other failure is retried, and after
@@ -10,6 +17,7 @@ suspect uploads (``loss_guard``) until it passes or none is left; any other fail
 
 from __future__ import annotations
 
+import dataclasses
 import hashlib
 import logging
 import math
@@ -106,7 +114,7 @@ class Closer:
         while not self._stop.is_set():
             state = self.p.cell.state
             now = self.p.clock()
-            if not state.ready(now, rounds.min_quorum):
+            if state.behind is None and not state.ready(now, rounds.min_quorum):
                 left = state.time_left(now)
                 self._wake.wait(timeout=None if left is None else max(left, 0.01))
                 self._wake.clear()
@@ -118,24 +126,52 @@ class Closer:
 
     # -- closing ------------------------------------------------------------------------------------------
     def close_round(self) -> None:
-        """Close the open round, retrying a failure that is no upload's; after the last try, without a
-        version."""
-        state = self.p.cell.update(status="aggregating")
+        """Close the round that is due (the one behind the open round, or the open one), retrying a
+        failure that is no upload's; after the last try, without a version."""
+        state = self.p.cell.state.behind or self._begin()
         attempts = self.s.rounds.max_close_attempts
         for attempt in range(1, attempts + 1):
             try:
                 self._close(state)
                 return
             except Stopping:
-                self.p.cell.update(status="open")
+                self._reopen(state)
                 raise
             except Exception as e:
                 log.exception("round %d: closing failed (try %d of %d)", state.round, attempt, attempts)
                 reason = f"close_failed: {type(e).__name__}: {e}"[:500]
                 if attempt < attempts and self._stop.wait(min(5.0, 0.5 * 2**attempt)):
-                    self.p.cell.update(status="open")
+                    self._reopen(state)
                     raise Stopping from None
         self._close_without_version(state, reason)
+
+    def _reopen(self, state: RoundState) -> None:
+        """Shutting down mid-close: a synchronous round takes uploads again until the restart (a round
+        behind stays behind)."""
+        if self.p.cell.state.round == state.round:
+            self.p.cell.update(status="open")
+
+    def _begin(self) -> RoundState:
+        """The open round, now closing. Overlapped rounds: the next round opens for the current version,
+        with this one behind it."""
+        p, rounds = self.p, self.s.rounds
+        if not rounds.overlap:
+            return p.cell.update(status="aggregating")
+        version, param_hash = p.store.head()
+        with p.cell.lock:
+            state = dataclasses.replace(p.cell.state, status="aggregating")
+            nxt, now = state.round + 1, p.clock()
+            p.store.open_round(nxt, version, now)
+            p.cell.swap(self._opened(nxt, version, param_hash, behind=state))
+        log.info("round %d: closing; round %d open for version %d", state.round, nxt, version)
+        return state
+
+    def _opened(self, round_: int, version: int, param_hash: str, behind: RoundState | None) -> RoundState:
+        p, rounds = self.p, self.s.rounds
+        expected = frozenset(p.store.active_miners(round_ - rounds.drop_after_rounds))
+        return RoundState(round=round_, version=version, param_hash=param_hash, expected=expected,
+                          clock_from=p.clock(), deadline_s=deadline_for(p.store, rounds, round_),
+                          behind=behind)  # fmt: skip
 
     def _close(self, state: RoundState) -> None:
         p, t0 = self.p, time.perf_counter()
@@ -143,8 +179,9 @@ class Closer:
         uploads = [Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"],
                           torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
                    for s in subs]  # fmt: skip
+        head = p.store.head()  # what the uploads are judged on and applied to: the model as it is now
         judged = self._judge(state, uploads, subs)
-        built, close_reason = self._build(state, uploads, judged)
+        built, close_reason = self._build(state, head[0], uploads, judged)
         new_version = None if built is None else p.publisher.write(built)
         outcomes = {u.miner: Outcome(judged.refused.get(u.miner), u.miner in judged.evaluated,
                                      judged.scales.get(u.miner)) for u in uploads}  # fmt: skip
@@ -157,11 +194,11 @@ class Closer:
             )
             if self._stop.wait(delay):
                 raise Stopping
-        next_version = state.version if built is None else built.version
-        next_hash = state.param_hash if built is None else built.param_hash
+        next_version, next_hash = head if built is None else (built.version, built.param_hash)
         bytes_down = self.downloads.take()  # (model, data)
         close = RoundClose(
-            round=state.round, next_version=next_version, version=new_version, outcomes=outcomes,
+            round=state.round, next_version=next_version, applied_to=head[0],
+            open_next=p.cell.state.round == state.round, version=new_version, outcomes=outcomes,
             verdicts=judged.losses, compute_s=statistics.fmean(compute) if compute else 0.0,
             reference_norm=judged.reference_norm, close_reason=close_reason, bytes_down=bytes_down,
             closed_at=p.clock(),
@@ -178,21 +215,24 @@ class Closer:
         self._after(state, close, time.perf_counter() - t0)
 
     def _commit(self, state: RoundState, close: RoundClose, next_hash: str) -> None:
-        p, rounds, nxt = self.p, self.s.rounds, state.round + 1
-        expected = frozenset(p.store.active_miners(nxt - rounds.drop_after_rounds))
+        """The round's record, and the next state: the next round (synchronous), or the open round with
+        nothing behind it (overlapped)."""
+        p = self.p
+        nxt = self._opened(state.round + 1, close.next_version, next_hash, None) if close.open_next else None
         with p.cell.lock:
             p.store.close_round(close)
-            p.cell.swap(RoundState(round=nxt, version=close.next_version, param_hash=next_hash,
-                                   expected=expected, clock_from=p.clock(),
-                                   deadline_s=deadline_for(p.store, rounds, nxt)))  # fmt: skip
+            p.cell.swap(nxt or dataclasses.replace(p.cell.state, behind=None, newest=close.next_version,
+                                                   newest_hash=next_hash))  # fmt: skip
 
     def _close_without_version(self, state: RoundState, reason: str) -> None:
         subs = self.p.store.round_submissions(state.round)
         outcomes = {s["miner"]: Outcome(Refusal.ROUND_FAILED) for s in subs}
-        close = RoundClose(round=state.round, next_version=state.version, version=None, outcomes=outcomes,
+        version, param_hash = self.p.store.head()
+        close = RoundClose(round=state.round, next_version=version, applied_to=version,
+                           open_next=self.p.cell.state.round == state.round, version=None, outcomes=outcomes,
                            verdicts={}, compute_s=0.0, reference_norm=None, close_reason=reason,
                            bytes_down=self.downloads.take(), closed_at=self.p.clock())  # fmt: skip
-        self._commit(state, close, state.param_hash)
+        self._commit(state, close, param_hash)
         self.p.metrics.rounds_failed.labels(reason.split(":")[0]).inc()
         log.error("round %d closed without a version: %s", state.round, reason)
         self._after(state, close, 0.0)
@@ -206,7 +246,7 @@ class Closer:
             if s["unpacked_sha256"] not in (None, s["sha256"]):
                 p.blobs.delete(s["unpacked_sha256"])
         loss = None if close.version is None else close.version.eval_loss
-        p.metrics.round_closed(close, seconds, state.round + 1, close.next_version)
+        p.metrics.round_closed(close, seconds, p.cell.state.round, close.next_version)
         refused = {m[:12]: str(o.reason) for m, o in close.outcomes.items() if o.reason is not None}
         log.info(
             "round %d closed: version %d, accepted %d, refused %d %s, held-out loss %s, %.2f s",
@@ -308,24 +348,23 @@ class Closer:
 
     # -- building -----------------------------------------------------------------------------------------
     def _build(
-        self, state: RoundState, uploads: list[Upload], judged: Judged
+        self, state: RoundState, head: int, uploads: list[Upload], judged: Judged
     ) -> tuple[Built | None, str | None]:
-        """The next version, or None and why; refuses (in ``judged``) the uploads it had to leave out."""
+        """The next version after ``head``, or None and why; refuses (in ``judged``) the uploads it had to
+        leave out."""
         p = self.p
-        weights = self._weights(judged, uploads)
+        weights = self._weights(state.round, judged, uploads)
         accepted = [(u, judged.scales[u.miner] * weights.get(u.miner, 1.0)) for u in uploads
                     if u.miner not in judged.refused]  # fmt: skip
         if not accepted:
             return None, None
-        previous = p.store.eval_loss(state.version)
+        previous = p.store.eval_loss(head)
         version = p.store.latest_version() + 1
         while accepted:
             if self._stop.is_set():
                 raise Stopping
             try:
-                built = p.publisher.build(
-                    self.model.params, state.version, version, accepted, self._load(state.round)
-                )
+                built = p.publisher.build(self.model.params, head, version, accepted, self._load(state.round))
             except UploadFailed as e:
                 log.warning("round %d: %s; aggregating without it", state.round, e)
                 judged.refused[e.miner] = Refusal.UNREADABLE
@@ -343,14 +382,13 @@ class Closer:
             accepted = [(u, s) for u, s in accepted if u.miner not in drop]
         return None, f"{Refusal.LOSS_GUARD}: {reason}"
 
-    def _weights(self, judged: Judged, uploads: list[Upload]) -> dict[str, float]:
+    def _weights(self, round_: int, judged: Judged, uploads: list[Upload]) -> dict[str, float]:
         """weight_by_score: each accepted upload's weight, its miner's score over the mean (mean 1)."""
         p = self.p
         if not self.s.validation.weight_by_score or not judged.losses:
             return {}
         kept = {u.miner for u in uploads if u.miner not in judged.refused}
-        r = max(-1, p.cell.state.round - 1)
-        board = p.scores.with_round(r, round_results(p.cell.state.round, judged.losses, kept))
+        board = p.scores.with_round(max(-1, round_ - 1), round_results(round_, judged.losses, kept))
         # the conservative score, floored so that a short record weighs a little, never nothing
         positive = {
             m: max(MIN_WEIGHT_SCORE, board[m].score) if m in board else MIN_WEIGHT_SCORE for m in kept

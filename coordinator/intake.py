@@ -94,7 +94,7 @@ class Intake:
         state = self.p.cell.state
         if round_ > state.round:
             raise NotFound("not_found", f"round {round_} does not exist")
-        if round_ == state.round:
+        if round_ == state.round or (state.behind is not None and round_ == state.behind.round):
             raise Conflict("round_open", f"round {round_} has not closed; evaluate closed rounds")
         n = self.p.scores.record_verdicts(round_, validator, verdicts, self.p.clock())
         log.info("round %d: %d verdicts from validator %s", round_, n, validator[:12])
@@ -164,10 +164,12 @@ class Intake:
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=size, duplicate=True)
 
     def _check_version(self, base_version: int, round_: int) -> None:
-        version = self.p.cell.state.version
-        if base_version != version:
+        """The round's version, or (overlapped rounds) the one the round behind published since."""
+        state = self.p.cell.state
+        if base_version not in (state.version, state.head):
+            also = "" if state.head == state.version else f" or {state.head}"
             raise Conflict("stale_version", f"payload was trained on version {base_version}; "
-                           f"round {round_} is for version {version}")  # fmt: skip
+                           f"round {round_} is for version {state.version}{also}")  # fmt: skip
 
     def _check_round(self, round_: int) -> None:
         cur = self.p.cell.state

@@ -22,10 +22,14 @@ class Queries:
         return RoundInfo(
             round=s.round, version=s.version, status=s.status, param_hash=s.param_hash,
             submissions=len(s.uploaded), expected=len(s.expected), deadline_s=s.time_left(self.p.clock()),
+            closing=None if s.behind is None else s.behind.round,
+            newest=None if s.head == s.version else s.head,
+            newest_hash=None if s.head == s.version else s.newest_hash,
         )  # fmt: skip
 
     def last_closed_round(self) -> int | None:
-        r = self.p.cell.state.round
+        s = self.p.cell.state
+        r = s.round if s.behind is None else s.behind.round
         return r - 1 if r > 0 else None
 
     # -- from the store -----------------------------------------------------------------------------------
@@ -64,6 +68,8 @@ class Queries:
         if row is None:
             return None
         status = state.status if round_ == state.round else row["status"]
+        if state.behind is not None and round_ == state.behind.round:
+            status = state.behind.status
         subs = self.p.store.round_submissions(round_)
         return RoundRecord(
             round=round_, version=row["version"], status=status,
@@ -71,6 +77,7 @@ class Queries:
                                           status=s["status"], reason=s["reason"],
                                           evaluated=bool(s["evaluated"]), scale=s["scale"]) for s in subs],
             reference_norm=row["reference_norm"], close_reason=row["close_reason"],
+            applied_to=row["applied_to"],
         )  # fmt: skip
 
     def payload_sha(self, round_: int, miner: str) -> str | None:
@@ -95,7 +102,8 @@ def _report(r: sqlite3.Row, refusals: dict[str, int]) -> RoundReport:
     return RoundReport(
         round=r["round"], version=r["result_version"], eval_loss=r["eval_loss"], accepted=r["accepted"],
         rejected=r["rejected"], bytes_up=r["bytes_up"], bytes_down=r["bytes_down"],
-        wall_s=round(r["closed_at"] - r["opened_at"], 3), compute_s=round(r["compute_s"], 3),
+        wall_s=round(r["closed_at"] - max(r["opened_at"], r["previous_closed_at"] or 0.0), 3),
+        compute_s=round(r["compute_s"], 3),
         close_reason=r["close_reason"], bytes_down_model=r["bytes_down_model"],
         bytes_down_data=r["bytes_down_data"], refusals=refusals,
     )  # fmt: skip

@@ -2,8 +2,8 @@
 service stopped, makes version V current again.
 
 Nothing is deleted: the later versions are marked rolled back (``/v1/versions/{v}`` still shows them, and
-their rounds and verdicts stay in the audit trail), the open round closes with the reason ``rolled_back``
-(its uploads trained on a version that is no longer current; they are not held against their miners), and
+their rounds and verdicts stay in the audit trail), the open rounds close with the reason ``rolled_back``
+(their uploads trained on a version that is no longer current; they are not held against their miners), and
 a new round opens for V. New versions are numbered after every earlier one, so a version number always
 means one model. Miners see the round's version go back and resynchronise by checkpoint.
 """
@@ -41,12 +41,10 @@ def rollback(state_dir: Path, to_version: int) -> RolledBack:
         if row["checkpoint_sha"] is None:
             kept = [v for v in range(store.latest_version() + 1) if store.checkpoint(v) is not None]
             raise ValueError(f"version {to_version} has no checkpoint kept; versions with one: {kept}")
-        latest = store.latest_round()
-        assert latest is not None  # a state with a version has a round
-        if int(latest["version"]) == to_version and store.checkpoint(None) == store.checkpoint(to_version):
+        if store.head()[0] == to_version:
             raise ValueError(f"version {to_version} is already the current version")
-        later = store.rollback(to_version, int(latest["round"]), time.time(), Refusal.ROLLED_BACK)
-        return RolledBack(to_version, later, int(latest["round"]))
+        later, closed = store.rollback(to_version, time.time(), Refusal.ROLLED_BACK)
+        return RolledBack(to_version, later, closed)
     finally:
         store.close()
         lock.release()

@@ -95,6 +95,7 @@ class Run:
             evaluation=EvaluationConfig(own_sequences=settings.validation.own_sequences,
                                         other_sequences=settings.validation.other_sequences,
                                         step=settings.outer_lr()),
+            overlap=settings.rounds.overlap,
         )  # fmt: skip
         self.model = Model(module, {}, dataset.sequences(eval_ids(self.data_meta, d.eval_sequences)))
         outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
@@ -130,8 +131,7 @@ class Run:
         """Version 0 and round 0 of a new run; or the open round of a resumed one, with its deadline
         counting from now (a restart gives the round its time back)."""
         store, rounds, now = self.store, self.settings.rounds, clock()
-        latest = store.latest_round()
-        if latest is None:
+        if store.latest_round() is None:
             params = get_params(module)
             h = params_hash(params, spec)
             ckpt = save_checkpoint(params, {"version": "0", "param_hash": h})
@@ -141,25 +141,36 @@ class Run:
                      self.settings.model, loss)  # fmt: skip
             self.model.params = params
             return RoundState(0, 0, h, clock_from=now, deadline_s=deadline_for(store, rounds, 0))
-        round_, version = int(latest["round"]), int(latest["version"])
+        version, param_hash = store.head()
         row = store.version_row(version)
         if row is None or row["checkpoint_sha"] is None:
-            raise ValueError(f"version {version}, the open round's base, has no checkpoint kept")
+            raise ValueError(f"version {version}, the current one, has no checkpoint kept")
         params, _ = load_checkpoint(blobs.get(row["checkpoint_sha"]), spec)
-        if params_hash(params, spec) != row["param_hash"]:
+        if params_hash(params, spec) != param_hash:
             raise ValueError(f"checkpoint of version {version} does not match its hash")
         legacy = store.get_meta("outer_state") if version == store.latest_version() else None
         if state_sha := row["state_sha"] or legacy:
             publisher.restore(blobs.get(state_sha))
         self.model.params = params
-        log.info("run %s resumed at round %d, version %d", self.info.run_id, round_, version)
-        return RoundState(
-            round=round_, version=version, param_hash=str(row["param_hash"]),
-            uploaded=frozenset(store.uploaded_miners(round_)),
-            expected=frozenset(store.active_miners(round_ - rounds.drop_after_rounds)),
-            first_upload_at=latest["first_upload_at"], clock_from=now,
-            deadline_s=deadline_for(store, rounds, round_),
-        )  # fmt: skip
+        *behind, current = store.unclosed_rounds()  # overlapped rounds: one may be behind the open one
+        log.info("run %s resumed at round %d, version %d", self.info.run_id, current["round"], version)
+        state = None
+        for r in [*behind, current]:
+            round_ = int(r["round"])
+            base = store.version_row(int(r["version"]))
+            assert base is not None  # a round's version exists
+            state = RoundState(
+                round=round_, version=int(r["version"]), param_hash=str(base["param_hash"]),
+                status="open" if r is current else "aggregating",
+                uploaded=frozenset(store.uploaded_miners(round_)),
+                expected=frozenset(store.active_miners(round_ - rounds.drop_after_rounds)),
+                first_upload_at=r["first_upload_at"], clock_from=now,
+                deadline_s=deadline_for(store, rounds, round_), behind=state,
+                newest=None if r is not current or behind else version,
+                newest_hash=None if r is not current or behind else param_hash,
+            )  # fmt: skip
+        assert state is not None
+        return state
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:

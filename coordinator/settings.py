@@ -41,6 +41,16 @@ class RoundSettings(Section):
         le=100,
         description="tries before a round that fails to close closes without a version",
     )
+    overlap: bool = Field(
+        default=False,
+        description="open the next round as one starts closing: miners train while it is judged and "
+        "published, and its uploads are applied one version after the one they trained from",
+    )
+    max_staleness: Literal[1] = Field(
+        default=1,
+        description="versions between the one an upload trained from and the one it is applied to, at "
+        "most (overlapped rounds; closing one round at a time makes it exactly 1)",
+    )
 
 
 class CheckSettings(Section):

@@ -39,6 +39,16 @@ class RoundState:
     clock_from: float = 0.0  # the deadline counts from max(first upload, this): a restart gives time back
     deadline_s: float = 30.0
     force_close: bool = False
+    # Overlapped rounds: the previous round, still being closed while this one takes uploads. Its uploads
+    # are applied to the version it publishes (one version later than the one they trained from).
+    behind: RoundState | None = None
+    newest: int | None = None  # the newest version, once the round behind published it; None: ``version``
+    newest_hash: str | None = None
+
+    @property
+    def head(self) -> int:
+        """The newest version: uploads may train from it or from ``version`` (at most one before)."""
+        return self.version if self.newest is None else self.newest
 
     def deadline_at(self) -> float | None:
         """When the round may close without its missing miners; None before its first upload."""
@@ -51,9 +61,9 @@ class RoundState:
         return None if at is None else max(0.0, at - now)
 
     def ready(self, now: float, min_quorum: int) -> bool:
-        """Whether the round should close now: forced with an upload, or a quorum and either every
-        expected miner in or the deadline passed."""
-        if self.status != "open" or not self.uploaded:
+        """Whether the round should close now: the round before it closed, and forced with an upload, or a
+        quorum and either every expected miner in or the deadline passed."""
+        if self.status != "open" or not self.uploaded or self.behind is not None:
             return False
         if self.force_close:
             return True

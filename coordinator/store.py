@@ -60,6 +60,8 @@ MIGRATIONS = (
     ("versions", "base_version", "INTEGER"),
     ("versions", "state_sha", "TEXT"),
     ("versions", "rolled_back_at", "REAL"),
+    ("rounds", "result_version", "INTEGER"),
+    ("rounds", "applied_to", "INTEGER"),
 )
 INSERT_VERDICT = (
     f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
@@ -111,7 +113,9 @@ class RoundClose:
     """Everything closing a round commits, in one transaction."""
 
     round: int
-    next_version: int  # the next round's base: the new version, or the old one
+    next_version: int  # the model's version once the round closed: the new version, or the old one
+    applied_to: int  # the version the round's uploads were evaluated on and applied to
+    open_next: bool  # synchronous rounds: the next round opens now, for next_version
     version: NewVersion | None
     outcomes: dict[str, Outcome]
     verdicts: dict[str, Losses]
@@ -230,6 +234,23 @@ class Store(ScoreReads):
     def latest_round(self) -> sqlite3.Row | None:
         return self._one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
 
+    def unclosed_rounds(self) -> list[sqlite3.Row]:
+        """The open round, after the one still being closed when rounds overlap."""
+        return self._all("SELECT * FROM rounds WHERE status = 'open' ORDER BY round")
+
+    def open_round(self, round_: int, version: int, now: float) -> None:
+        """Overlapped rounds: the next round opens as the one before it starts closing."""
+        self._execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                      round_, version, now)  # fmt: skip
+
+    def head(self) -> tuple[int, str]:
+        """The current version (the newest one not rolled back) and its parameter hash."""
+        row = self._one(
+            f"SELECT version, param_hash FROM versions WHERE {LIVE} ORDER BY version DESC LIMIT 1"
+        )
+        assert row is not None, "a started run has a version"
+        return int(row["version"]), str(row["param_hash"])
+
     def round_row(self, round_: int) -> sqlite3.Row | None:
         return self._one("SELECT * FROM rounds WHERE round = ?", round_)
 
@@ -257,9 +278,12 @@ class Store(ScoreReads):
 
     def reports(self, after: int = -1, limit: int = -1) -> list[sqlite3.Row]:
         """Closed rounds after ``after`` in order (at most ``limit``; -1: all), each with the version the
-        model was at when it closed (the next round's base)."""
+        model was at when it closed (``result_version``; before it was recorded, the next round's base) and
+        when the round before it closed (``previous_closed_at``)."""
         return self._all(
-            "SELECT r.*, n.version AS result_version FROM rounds r JOIN rounds n ON n.round = r.round + 1 "
+            "SELECT r.*, COALESCE(r.result_version, n.version) AS result_version, "
+            "p.closed_at AS previous_closed_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
+            "LEFT JOIN rounds p ON p.round = r.round - 1 "
             "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?", after, limit,
         )  # fmt: skip
 
@@ -357,7 +381,8 @@ class Store(ScoreReads):
     # -- closing a round ----------------------------------------------------------------------------------
     def close_round(self, c: RoundClose) -> None:
         """The new version (if any), the verdicts, every upload's outcome, the round's record and the next
-        round, in one transaction: a crash before it leaves the round open, after it the round closed."""
+        round (synchronous rounds), in one transaction: a crash before it leaves the round open, after it the
+        round closed."""
         with self.transaction() as db:
             if (v := c.version) is not None:
                 db.execute(
@@ -379,37 +404,41 @@ class Store(ScoreReads):
                 "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
                 "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
                 "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
-                "bytes_down_data = bytes_down_data + ? WHERE round = ?",
+                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ? WHERE round = ?",
                 (c.closed_at, accepted, len(c.outcomes) - accepted, c.compute_s,
                  None if c.version is None else c.version.eval_loss, c.close_reason, c.reference_norm,
-                 sum(c.bytes_down), *c.bytes_down, c.round),
+                 sum(c.bytes_down), *c.bytes_down, c.next_version, c.applied_to, c.round),
             )  # fmt: skip
-            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                       (c.round + 1, c.next_version, c.closed_at))  # fmt: skip
+            if c.open_next:
+                db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                           (c.round + 1, c.next_version, c.closed_at))  # fmt: skip
 
     def add_bytes_down(self, round_: int, model: int, data: int) -> None:
         self._execute("UPDATE rounds SET bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model "
                       "+ ?, bytes_down_data = bytes_down_data + ? WHERE round = ?", model + data, model, data,
                       round_)  # fmt: skip
 
-    def rollback(self, to_version: int, round_: int, now: float, reason: str) -> list[int]:
+    def rollback(self, to_version: int, now: float, reason: str) -> tuple[list[int], int]:
         """Make ``to_version`` current again: every later live version is marked rolled back (kept for the
-        audit), the open ``round_`` closes with ``reason`` and its uploads are set aside, and a round opens
-        for ``to_version``. Returns the versions rolled back."""
+        audit), the open rounds close with ``reason`` and their uploads are set aside, and a round opens
+        for ``to_version``. Returns the versions rolled back and the newest round closed."""
         with self.transaction() as db:
             later = [r["version"] for r in db.execute(
                 f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,))]  # fmt: skip
             db.execute(
                 f"UPDATE versions SET rolled_back_at = ? WHERE version > ? AND {LIVE}", (now, to_version)
             )
-            db.execute(
-                "UPDATE submissions SET status = 'rejected', reason = ? WHERE round = ?", (reason, round_)
-            )
-            db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, close_reason = ? WHERE round = ?",
-                       (now, reason, round_))  # fmt: skip
+            rounds = [int(r["round"]) for r in db.execute("SELECT round FROM rounds WHERE status = 'open'")]
+            for r in rounds:
+                db.execute(
+                    "UPDATE submissions SET status = 'rejected', reason = ? WHERE round = ?", (reason, r)
+                )
+                db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, close_reason = ?, "
+                           "result_version = ? WHERE round = ?", (now, reason, to_version, r))  # fmt: skip
+            newest = max(rounds)
             db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                       (round_ + 1, to_version, now))  # fmt: skip
-        return later
+                       (newest + 1, to_version, now))  # fmt: skip
+        return later, newest
 
     # -- verdicts and scores ------------------------------------------------------------------------------
     def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None:

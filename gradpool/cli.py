@@ -199,6 +199,10 @@ def simulate(
             help="add COUNT cheating miners of KIND, as KIND:COUNT (repeatable); see node/adversary.py"
         ),
     ] = None,
+    overlap: Annotated[
+        bool | None,
+        typer.Option("--overlap/--sync", help="overlapped or synchronous rounds (default: the config's)"),
+    ] = None,
     config: ConfigOpt = None,
 ) -> None:
     """Run a coordinator and N miners as processes on 127.0.0.1; print a row per round; write a report."""
@@ -218,6 +222,7 @@ def simulate(
             inner_steps=inner_steps,
             max_tokens=max_tokens,
             timeout_s=timeout_s,
+            overlap=overlap,
             config=config,
             echo=typer.echo,
         )
@@ -227,6 +232,7 @@ def simulate(
         fail(str(e))
     typer.echo(
         f"held-out loss {report['initial_eval_loss']:.4f} -> {report['final_eval_loss']:.4f}; "
+        f"compute utilisation {report['utilisation']:.2f}; "
         f"report in {out / 'report.json'}, plot in {out / 'loss.png'}"
     )
 

@@ -24,11 +24,14 @@ class Processes:
         self.log_dir, self.env = log_dir, env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None) -> subprocess.Popen[bytes]:
+    def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
+              prefix: list[str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+        """``python -m gradpool ARGS``, run through ``prefix`` if given (e.g. ``ip netns exec NS``)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
+        command = [*(prefix or []), sys.executable, "-m", "gradpool", *args]
         with open(self.log_path(name), "ab") as log:
-            self.procs[name] = subprocess.Popen([sys.executable, "-m", "gradpool", *args], stdout=log,
+            self.procs[name] = subprocess.Popen(command, stdout=log,
                                                 stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                                 env=full_env)  # fmt: skip
         return self.procs[name]

@@ -37,17 +37,22 @@ def simulate(
     inner_steps: int | None = None,
     max_tokens: int = 4_000_000,
     timeout_s: float = 1800.0,
+    overlap: bool | None = None,
     config: Path | None = None,
     adversaries: dict[str, int] | None = None,
     echo: Callable[[str], None] = print,
+    host: str = "127.0.0.1",
+    wrap: Callable[[int], list[str]] | None = None,
 ) -> dict[str, Any]:
-    """``miners`` honest miners, plus ``adversaries`` (kind -> count) cheating miners."""
+    """``miners`` honest miners, plus ``adversaries`` (kind -> count) cheating miners. ``host``: the
+    address the coordinator listens on; ``wrap``: the command the i-th miner runs through (benchmarks
+    start each miner in a network namespace of its own)."""
     from coordinator.settings import CoordinatorSettings
 
     out.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {
         "state_dir": out / "coordinator",
-        "host": "127.0.0.1",
+        "host": host,
         "port": 0,
         "model": model,
         "codec": {"name": codec},
@@ -56,7 +61,10 @@ def simulate(
             "tokenizer": tokenizer if tokenizer == "byte" else str(Path(tokenizer).resolve()),
             **({} if corpus is None else {"corpus": corpus.resolve()}),
         },
-        "rounds": {"min_quorum": max(1, (miners + 1) // 2)},
+        "rounds": {
+            "min_quorum": max(1, (miners + 1) // 2),
+            **({} if overlap is None else {"overlap": overlap}),
+        },
         "max_catchup_versions": 64,  # a stale adversary goes back a few versions
     }
     if inner_steps is not None:
@@ -72,12 +80,12 @@ def simulate(
         echo(f"coordinator at {url}; dashboard at {url}/")
         roster = _roster(miners, adversaries or {}, out / "keys")
         threads = str(max(1, (os.cpu_count() or 1) // len(roster)))
-        for name, (kind, _) in roster.items():
+        for i, (name, (kind, _)) in enumerate(roster.items()):
             cheat = [] if kind == "honest" else ["--adversary", kind]
             key = str(out / "keys" / f"{name}.pem")
             state = str(out / "miners" / name)
-            procs.start(name, ["mine", "--coordinator", url, "--key", key, "--state-dir", state,
-                               "--threads", threads, *cheat])  # fmt: skip
+            command = ["mine", "--coordinator", url, "--key", key, "--state-dir", state, "--threads", threads]
+            procs.start(name, [*command, *cheat], prefix=None if wrap is None else wrap(i))
         status = _watch(procs, url, rounds, timeout_s, echo)
         standings = _standings(url, roster, status)
     finally:
@@ -204,7 +212,14 @@ def _report(settings: Any, miners: int, status: dict[str, Any]) -> dict[str, Any
         "initial_eval_loss": status["initial_eval_loss"],
         "rounds": rows,
         "final_eval_loss": losses[-1] if losses else status["initial_eval_loss"],
+        "utilisation": utilisation(rows),
     }
+
+
+def utilisation(rows: list[dict[str, Any]]) -> float:
+    """The miners' compute over the wall time, after the first round (which also builds and loads)."""
+    wall = sum(r["wall_s"] for r in rows[1:])
+    return sum(r["compute_s"] for r in rows[1:]) / wall if wall > 0 else 0.0
 
 
 def plot_losses(report: dict[str, Any], path: Path) -> None:

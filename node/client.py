@@ -13,6 +13,7 @@ ClientError
 
 from __future__ import annotations
 
+import time
 from pathlib import Path
 from typing import TypeVar
 
@@ -107,6 +108,7 @@ class CoordinatorClient:
         )
         self.bytes_down = 0
         self.bytes_up = 0
+        self.transfer_s = 0.0  # time in requests, long-polls excepted
 
     def close(self) -> None:
         self.http.close()
@@ -121,7 +123,9 @@ class CoordinatorClient:
         signed: bool = False,
         params: dict[str, str] | None = None,
         timeout_s: float | None = None,
+        timed: bool = True,
     ) -> httpx.Response:
+        t0 = time.perf_counter()
         request = self.http.build_request(
             method, path, content=body, params=params, timeout=timeout_s or self.timeout_s
         )
@@ -137,6 +141,8 @@ class CoordinatorClient:
                 break  # a presigned URL that expired (or was refused): ask the coordinator for a new one
         self.bytes_down += len(response.content)
         self.bytes_up += len(body or b"")
+        if timed:
+            self.transfer_s += time.perf_counter() - t0
         if response.status_code >= 500:
             raise Unavailable(f"coordinator answered {response.status_code}")
         if response.status_code >= 400:
@@ -185,7 +191,8 @@ class CoordinatorClient:
 
     def round(self, after: int = -1, wait_s: float = 0.0) -> RoundInfo:
         params = {"after": str(after), "wait_s": str(wait_s)}
-        response = self._send("GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s)
+        response = self._send("GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s,
+                              timed=False)  # fmt: skip
         return self._json(RoundInfo, response)
 
     def version(self, version: int) -> VersionInfo:

@@ -21,6 +21,10 @@ class MinerMetrics:
         self.downloaded = Counter(
             "gradpool_miner_downloaded_bytes", "Bytes downloaded since start", registry=r
         )
+        self.merged = Counter(
+            "gradpool_miner_versions_merged",
+            "Overlapped rounds: versions published mid-round and merged into the training", registry=r,
+        )  # fmt: skip
         self._counted = (0, 0)
 
     def count_transfers(self, up: int, down: int) -> None:

@@ -18,6 +18,7 @@ from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClose
 from node.distributed import local_device, share, share_params, share_trainer_state
 from node.follower import Follower
 from node.metrics import MinerMetrics
+from node.overlap import NextVersion, OverlapRound
 from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state, state_digest
 from node.trainer import InnerResult, InnerTrainer, NonFiniteLoss
@@ -80,6 +81,8 @@ class Miner(Follower):
         self.verified = False  # whether self.params were checked against the published hash
         self.partial_dir = settings.state_dir
         self.rounds_done = 0
+        self.watch: NextVersion | None = None  # overlapped rounds: the version being made, watched for
+        self.last: tuple[int, int, dict[str, SparseTensor]] | None = None  # round, base, decoded upload
         self.metrics = MinerMetrics()
         if settings.metrics_port is not None:
             port = self.metrics.serve(settings.metrics_port, settings.metrics_host)
@@ -105,25 +108,36 @@ class Miner(Follower):
     def mine_round(self, ri: RoundInfo) -> bool:
         """Train on round ``ri`` and upload; True when the upload was taken."""
         t0 = time.perf_counter()
-        down0, up0 = self.client.bytes_down, self.client.bytes_up
-        self.catch_up(*self.base_for(ri))
+        down0, up0, transfer0 = self.client.bytes_down, self.client.bytes_up, self.client.transfer_s
+        base_version, base_hash = self.base_for(ri)
+        self.catch_up(base_version, base_hash)
         recipe = self.info.recipe
         tokens = self.client.sequences(self.training_ids(ri))
         set_params(self.model, self.params)
         if self.world > 1:  # the other ranks train this round with us
             share({"cmd": "train", "tokens": tokens})
             share_params(self.model)
+        rnd = self._overlap(ri, base_version)
         with progress(f"round {ri.round}", recipe.inner_steps) as advance:
-            result = self.trainer.run(tokens, on_step=advance)
-        with torch.no_grad():
-            local = dict(self.model.named_parameters())
-            delta = {n: self.params[n] - local[n].detach().float() for n, _ in self.spec}
+
+            def on_step(metrics: dict[str, float]) -> None:
+                nonlocal base_version
+                advance(metrics)
+                if (new := rnd.merge(self.params)) is not None:
+                    self.params, self.version, base_version = new, base_version + 1, base_version + 1
+                    self.metrics.merged.inc()
+
+            try:
+                result = self.trainer.run(tokens, on_step=on_step)
+            finally:
+                rnd.close()
+        delta = rnd.delta(self.params)
         candidate = self.ef.copy()
         header = PayloadHeader(
             format_version=PAYLOAD_FORMAT_VERSION,
             codec=self.codec.name,
             round=ri.round,
-            base_version=ri.version,
+            base_version=base_version,
             stats=PayloadStats(
                 compute_s=result.compute_s, loss_before=result.loss_before, loss_after=result.loss_after
             ),
@@ -133,9 +147,10 @@ class Miner(Follower):
             return False
         payload, decoded = made
         self._upload(ri.round, payload)
-        self._record(ri.version, result)
+        self._record(base_version, result)
         candidate.subtract(decoded)  # commit error feedback only for an update the coordinator took
         self.ef = candidate
+        self.last = (ri.round, base_version, decoded)
         self.rounds_done += 1
         save_state(
             self.settings.state_dir,
@@ -145,21 +160,38 @@ class Miner(Follower):
             self.info.run_id,
         )
         log.info(
-            "round %d: version %d, loss %.4f -> %.4f, up %d B, down %d B, %.2f s (compute %.2f s)",
+            "round %d: version %d, loss %.4f -> %.4f, up %d B, down %d B, %.2f s (compute %.2f s, "
+            "transfer %.2f s)",
             ri.round,
-            ri.version,
+            base_version,
             result.loss_before,
             result.loss_after,
             self.client.bytes_up - up0,
             self.client.bytes_down - down0,
             time.perf_counter() - t0,
             result.compute_s,
+            self.client.transfer_s - transfer0,
         )
         return True
 
+    def _overlap(self, ri: RoundInfo, base_version: int) -> OverlapRound:
+        """Overlapped rounds (node/overlap.py): start from the base minus this miner's last upload when that
+        is not in the base yet, and merge the version being made when it comes mid-round (one process only:
+        the other ranks of a torchrun group would need it at the same step). Otherwise, neither."""
+        self.watch, guess = None, None
+        if self.info.overlap and self.world == 1:
+            if ri.closing is not None and base_version == ri.version:
+                self.watch = NextVersion(self.client, self.spec, ri)
+            if self.last is not None and self.last[0] == ri.round - 1 and self.last[1] == base_version:
+                guess = self.last[2]
+        return OverlapRound(self.model, self.spec, self.info.evaluation.step, guess, self.watch)
+
     # The three steps an adversarial miner (node/adversary.py, for simulations) does differently.
     def base_for(self, ri: RoundInfo) -> tuple[int, str]:
-        """The version to train from, and its parameter hash."""
+        """The version to train from, and its parameter hash: the round's, or (overlapped rounds) the one
+        published since it opened."""
+        if ri.newest is not None and ri.newest_hash is not None:
+            return ri.newest, ri.newest_hash
         return ri.version, ri.param_hash
 
     def training_ids(self, ri: RoundInfo) -> list[int]:

@@ -67,7 +67,9 @@ class Validator(Follower):
                 current = self.client.round(after=after, wait_s=self.settings.poll_s)
                 if current.round <= after:
                     continue
-                self.validate_round(after)
+                if self.validate_round(after) is None:  # still closing (overlapped rounds)
+                    self.stop.wait(self.settings.poll_s / 4)
+                    continue
                 after, failures, done = after + 1, 0, done + 1
                 self._save_progress(after)
             except Unavailable as e:
@@ -81,16 +83,20 @@ class Validator(Follower):
                 self.version = -1
         return done
 
-    def validate_round(self, round_: int) -> dict[str, Losses]:
-        """Evaluate one closed round's uploads and post the verdicts; returns them."""
+    def validate_round(self, round_: int) -> dict[str, Losses] | None:
+        """Evaluate one closed round's uploads and post the verdicts; returns them (None: the round has
+        not closed yet)."""
         t0 = time.perf_counter()
         record = self.client.round_record(round_)
+        if record.status != "closed":
+            return None
         # exactly the uploads the coordinator evaluated, each with the clip scale aggregation gave it
         candidates = [s for s in record.submissions if s.evaluated and s.scale is not None]
-        if record.status != "closed" or not candidates:
+        if not candidates:
             log.info("round %d: nothing to evaluate", round_)
             return {}
-        self.catch_up(record.version, self.client.version(record.version).param_hash)
+        on = record.evaluated_on()
+        self.catch_up(on, self.client.version(on).param_hash)
         updates = ((s.miner, self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1],
                     float(s.scale or 0.0)) for s in candidates)  # fmt: skip
         salt = round_salt(s.sha256 for s in record.submissions)

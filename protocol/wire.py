@@ -69,6 +69,11 @@ class RunInfo(Wire):
     max_payload_bytes: int
     max_catchup_versions: int
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
+    overlap: bool = Field(
+        default=False,
+        description="overlapped rounds: a round opens as the one before it starts closing, and its uploads "
+        "are applied to the version that one publishes",
+    )
 
 
 RoundStatus = Literal["open", "aggregating"]
@@ -76,7 +81,7 @@ RoundStatus = Literal["open", "aggregating"]
 
 class RoundInfo(Wire):
     round: int
-    version: int
+    version: int = Field(description="the version the round trains from")
     status: RoundStatus
     param_hash: str
     submissions: int
@@ -84,6 +89,15 @@ class RoundInfo(Wire):
     deadline_s: float | None = Field(
         description="seconds left before the round may close; None: no deadline yet"
     )
+    closing: int | None = Field(
+        default=None, description="overlapped rounds: the round before, still being closed (None: none)"
+    )
+    newest: int | None = Field(
+        default=None,
+        description="overlapped rounds: the newest version, when the round behind published one since "
+        "this round opened; uploads may train from it too",
+    )
+    newest_hash: str | None = Field(default=None, description="the parameter hash of ``newest``")
 
 
 class VersionInfo(Wire):
@@ -178,6 +192,14 @@ class RoundRecord(Wire):
     submissions: list[SubmissionRecord]
     reference_norm: float | None = Field(default=None, description="the norm uploads were clipped to")
     close_reason: str | None = Field(default=None, description="why the round closed without a version")
+    applied_to: int | None = Field(
+        default=None,
+        description="the version its uploads were evaluated on and applied to: the one they trained from, "
+        "or (overlapped rounds) the next; None until the round closed",
+    )
+
+    def evaluated_on(self) -> int:
+        return self.version if self.applied_to is None else self.applied_to
 
 
 class Verdict(Wire):

@@ -162,15 +162,18 @@ class Pool:
         return info
 
     def wait_for_round(self, after: int, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Long-poll /v1/round until a round later than ``after`` is open (closing runs in the background)."""
+        """Long-poll /v1/round until round ``after`` has closed and a later one is open (closing runs in
+        the background; with overlapped rounds the next one opens before this one has closed)."""
         end = time.monotonic() + timeout_s
         while True:
             r = self.client.get("/v1/round", params={"after": after, "wait_s": 0.5})
             assert r.status_code == 200, r.text
             info: dict[str, Any] = r.json()
-            if info["round"] > after:
-                return info
+            if info["round"] > after and self.client.get(f"/v1/rounds/{after}").json()["status"] == "closed":
+                return self.round()
             assert time.monotonic() < end, f"round {after} did not close within {timeout_s} s: {info}"
+            if info["round"] > after:
+                time.sleep(0.05)
 
     def checkpoint(self, version: int) -> Params:
         r = self.client.get("/v1/checkpoint", params={"version": version})

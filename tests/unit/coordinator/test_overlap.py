@@ -1,0 +1,179 @@
+"""Overlapped rounds: the next round opens as one starts closing; its uploads train from the version
+before and are applied to the one being made (max_staleness 1), exactly; a real miner merges a version
+published mid-round into its training."""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+from typing import Any
+
+import pytest
+from pool_harness import SPEC, OpenPool, assert_error, node_client, payload
+
+from coordinator.hooks import Hooks
+from node.miner import Miner
+from node.settings import MinerSettings
+from protocol.aggregate import aggregate
+from protocol.codec import SparseLoCoCodec
+from protocol.params import Params, apply_update, params_hash
+
+OVERLAP = {"overlap": True}
+
+
+def after_round(params: Params, bodies: list[bytes], reference: float) -> Params:
+    """What publishing one round of these uploads makes of ``params`` (outer SGD at lr 1, exact downlink)."""
+    codec = SparseLoCoCodec()
+    out = {n: t.clone() for n, t in params.items()}
+    apply_update(out, aggregate([codec.decode(b, SPEC)[1] for b in bodies], SPEC, reference=reference))
+    return out
+
+
+def test_the_next_round_trains_while_one_closes_and_is_applied_to_the_version_it_makes(
+    open_pool: OpenPool,
+) -> None:
+    closing, release = threading.Event(), threading.Event()
+
+    def hold(round_: int) -> None:
+        if round_ == 0:
+            closing.set()
+            assert release.wait(30)
+
+    with open_pool(rounds=OVERLAP, app={"hooks": Hooks(before_commit=hold)}) as pool:
+        alice = pool.miner()
+        first = payload(round_=0, base_version=0, seed=1)
+        assert alice.upload(0, first).status_code == 200
+        assert closing.wait(30)
+        # round 0 is being closed; round 1 is open for version 0, the newest there is
+        now = pool.round()
+        assert (now["round"], now["version"], now["status"]) == (1, 0, "open")
+        assert pool.client.get("/v1/rounds/0").json()["status"] == "aggregating"
+        assert_error(alice.upload(0, payload(round_=0, base_version=0, seed=2)), 409, "round_closed")
+        assert_error(alice.post("/v1/rounds/0/verdicts", b'{"verdicts": []}'), 409, "round_open")
+        second = payload(round_=1, base_version=0, seed=3)
+        assert alice.upload(1, second).status_code == 200
+        assert pool.round()["submissions"] == 1
+        release.set()
+
+        after = pool.wait_for_round(1)
+        r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
+        assert (r0["version"], r0["applied_to"], r1["version"], r1["applied_to"]) == (0, 0, 0, 1)
+        v1 = after_round(pool.checkpoint(0), [first], r0["reference_norm"])
+        v2 = after_round(v1, [second], r1["reference_norm"])  # trained on version 0, applied to version 1
+        assert params_hash(pool.checkpoint(1), SPEC) == params_hash(v1, SPEC)
+        assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
+        # round 2 opened as round 1 started closing, for version 1
+        assert (after["round"], after["version"]) == (2, 1)
+        assert pool.client.get("/v1/versions/2").json()["base_version"] == 1
+        reports = {r["round"]: r for r in pool.client.get("/v1/reports").json()}
+        assert (reports[0]["version"], reports[1]["version"]) == (1, 2)
+        assert all(r["wall_s"] >= 0 for r in reports.values())
+
+
+def test_an_upload_more_stale_than_max_staleness_is_refused(open_pool: OpenPool) -> None:
+    with open_pool(rounds=OVERLAP) as pool:
+        alice = pool.miner()
+        for r in range(3):  # rounds 0 and 1 train from version 0, round 2 from 1, round 3 from 2
+            base = pool.round()["version"]
+            assert alice.upload(r, payload(round_=r, base_version=base, seed=r)).status_code == 200
+            pool.wait_for_round(r)
+        now = pool.round()
+        assert (now["round"], now["version"], now["newest"]) == (3, 2, 3)
+        # version 1 is two versions before the one round 3 is applied to (3); 4 does not exist
+        assert_error(alice.upload(3, payload(round_=3, base_version=1, seed=9)), 409, "stale_version")
+        assert_error(alice.upload(3, payload(round_=3, base_version=4, seed=9)), 409, "stale_version")
+        assert alice.upload(3, payload(round_=3, base_version=2, seed=9)).status_code == 200
+
+
+@pytest.mark.parametrize("then", [OVERLAP, {"overlap": False}], ids=["overlapped", "synchronous"])
+def test_a_restart_mid_close_closes_the_round_behind_then_the_open_one(
+    open_pool: OpenPool, then: dict[str, Any]
+) -> None:
+    # The commit of round 0 waits; stopping the coordinator then leaves round 0 behind an open round 1.
+    with open_pool(rounds=OVERLAP, faults={"publish_delay_s": 60.0}) as pool:
+        alice = pool.miner()
+        first = payload(round_=0, base_version=0, seed=1)
+        assert alice.upload(0, first).status_code == 200
+        end = threading.Event()
+        while pool.round()["round"] == 0:
+            end.wait(0.05)
+        second = payload(round_=1, base_version=0, seed=2)
+        assert alice.upload(1, second).status_code == 200
+        assert pool.client.get("/v1/rounds/0").json()["status"] == "aggregating"
+        assert pool.client.get("/v1/versions/1").status_code == 404
+
+    with open_pool(rounds=then) as pool:
+        after = pool.wait_for_round(1)
+        r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
+        assert [s["status"] for s in r0["submissions"] + r1["submissions"]] == ["accepted", "accepted"]
+        v2 = after_round(after_round(pool.checkpoint(0), [first], r0["reference_norm"]), [second],
+                         r1["reference_norm"])  # fmt: skip
+        assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
+        assert r1["applied_to"] == 1
+        # synchronous from here: the next round is for the newest version; overlapped: for the one before
+        assert (after["round"], after["version"]) == (2, 1 if then["overlap"] else 2)
+
+
+def test_a_version_published_mid_round_may_be_trained_from(open_pool: OpenPool) -> None:
+    """Round 1 opens for version 0; once round 0 publishes version 1, round 1 takes uploads trained from
+    either, and applies them all to version 1."""
+    with open_pool(rounds={**OVERLAP, "min_quorum": 2}) as pool:
+        alice, bob = pool.miner(), pool.miner()
+        first = [payload(round_=0, base_version=0, seed=s) for s in (1, 2)]
+        for m, body in zip((alice, bob), first, strict=True):
+            assert m.upload(0, body).status_code == 200
+        late = payload(round_=1, base_version=0, seed=3)
+        assert alice.upload(1, late).status_code == 200
+        end = threading.Event()
+        while (now := pool.round())["newest"] is None:
+            assert now["closing"] == 0
+            end.wait(0.05)
+        assert (now["round"], now["version"], now["newest"], now["closing"]) == (1, 0, 1, None)
+        assert now["newest_hash"] == pool.client.get("/v1/versions/1").json()["param_hash"]
+        fresh = payload(round_=1, base_version=1, seed=4)
+        assert bob.upload(1, fresh).status_code == 200
+        pool.wait_for_round(1)
+        r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
+        v1 = after_round(pool.checkpoint(0), first, r0["reference_norm"])
+        v2 = after_round(v1, [late, fresh], r1["reference_norm"])
+        assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
+
+
+def test_a_version_published_mid_round_is_merged_into_the_training(
+    open_pool: OpenPool, tmp_path: Path
+) -> None:
+    release = threading.Event()
+
+    def hold(round_: int) -> None:
+        if round_ == 0:
+            assert release.wait(60)
+
+    with open_pool(rounds={"overlap": True}, app={"hooks": Hooks(before_commit=hold)}) as pool:
+        client = node_client(pool)
+        info = client.info()
+        miner = Miner(MinerSettings(state_dir=tmp_path / "miner", device="cpu"), client, info)
+        client.register()
+        assert miner.mine_round(client.round())
+        second = client.round()
+        assert (second.round, second.version, second.closing, second.newest) == (1, 0, 0, None)
+
+        steps = [0]
+        train_step = miner.trainer.train_step
+
+        def step(batch: Any) -> dict[str, float]:
+            out = train_step(batch)
+            steps[0] += 1
+            if steps[0] == 1:  # version 1 is published after the first inner step of round 1
+                release.set()
+                assert miner.watch is not None and miner.watch.wait(60)
+            return out
+
+        miner.trainer.train_step = step  # type: ignore[method-assign]
+        assert miner.mine_round(second)
+        v1 = pool.client.get("/v1/versions/1").json()
+        assert (miner.version, params_hash(miner.params, SPEC)) == (1, v1["param_hash"])
+        assert miner.metrics.merged._value.get() == 1
+        pool.wait_for_round(1)
+        r1 = pool.client.get("/v1/rounds/1").json()
+        assert [s["status"] for s in r1["submissions"]] == ["accepted"]
+        assert r1["applied_to"] == 1
