@@ -14,6 +14,10 @@ Methods (M workers, H inner steps per round, R rounds, B sequences per inner ste
 - ``sparseloco``: the SparseLoCo codec (k=64 of 4096, 2-bit values), error feedback beta 0.95, outer SGD
   lr 1.0. ``sparseloco_k128`` keeps k=128; ``sparseloco_no_ef`` sends the raw pseudo-gradient each round
   (beta 0: e = delta, no residual carried).
+- ``sparseloco_overlap``: overlapped rounds as miners run them (node/overlap.py): round r trains from the
+  version before the newest, starting from it minus the worker's own last contribution, and merges the
+  newest after half the inner steps; its aggregate is applied to the newest. ``_eager``, ``_merge`` and
+  ``_delayed`` are the parts alone (``_delayed``: nothing but the stale base); ``_late`` merges after 90 %.
 - ``single``: worker 0 alone, R*H steps of B sequences: 1/M of the tokens.
 
 ``bytes_per_round`` is what one worker uploads per round: the real payload length for the pool methods;
@@ -73,11 +77,11 @@ class Method:
     outer_momentum: float = 0.0
     downlink: PublishSettings | None = None  # None: the exact downlink; else the compressed one
     # Overlapped rounds: round r trains from the version before the newest (the newest is still being
-    # made), and its aggregate is applied to the newest. "eager": each worker starts from that base minus
-    # its own last contribution (outer lr x what it uploaded), its guess of the version being made.
-    # "merge": the version being made arrives after ``merge_at`` of the inner steps and is merged into
-    # the model being trained (it moves by the published update); the pseudo-gradient is then taken from
-    # that version, and applied to it.
+    # made), and its aggregate is applied to the newest. "delayed": nothing more. "eager": each worker
+    # starts from that base minus its own last contribution (outer lr x what it uploaded), its guess of
+    # the version being made. "merge": the version being made arrives after ``merge_at`` of the inner
+    # steps and the model being trained moves to where it would stand had it started from it; the
+    # pseudo-gradient is then taken from that version. "merge_eager": both, as node/overlap.py does.
     overlap: Literal["off", "delayed", "eager", "merge", "merge_eager"] = "off"
     merge_at: float = 0.5
 
@@ -97,12 +101,13 @@ METHODS: dict[str, Method] = {
     "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4, ef_beta=1.0)),
     "sparseloco_down_k192": Method("pool", downlink=PublishSettings(codec="sparseloco", k=192, ef_beta=1.0)),
     "sparseloco_down_k256": Method("pool", downlink=PublishSettings(codec="sparseloco", k=256, ef_beta=1.0)),
-    "sparseloco_overlap": Method("pool", overlap="eager"),
-    "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
+    # overlapped rounds (node/overlap.py): the miner's way, the version being made arriving half way
+    # through the inner steps; then each part alone, and the version arriving late
+    "sparseloco_overlap": Method("pool", overlap="merge_eager"),
+    "sparseloco_overlap_eager": Method("pool", overlap="eager"),
     "sparseloco_overlap_merge": Method("pool", overlap="merge"),
-    "sparseloco_overlap_merge_late": Method("pool", overlap="merge", merge_at=0.9),
-    "sparseloco_overlap_merge_eager": Method("pool", overlap="merge_eager"),
-    "sparseloco_down_overlap": Method("pool", downlink=PublishSettings(codec="sparseloco"), overlap="eager"),
+    "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
+    "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
     "single": Method("single"),
 }
 

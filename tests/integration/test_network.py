@@ -11,6 +11,7 @@ from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
 
 
 def mine_command(url: str, key: Path, state: Path) -> list[str]:
@@ -36,8 +37,13 @@ def _wait_rounds(url: str, n: int, procs: list[subprocess.Popen[bytes]], timeout
     raise AssertionError(f"fewer than {n} rounds in {timeout_s} s")
 
 
-def test_two_miners_train_three_rounds(live_coordinator: Callable[..., Any], tmp_path: Path) -> None:
-    with live_coordinator(rounds={"min_quorum": 2, "deadline_s": 60.0}) as server:
+@pytest.mark.parametrize("overlap", [False, True], ids=["synchronous", "overlapped"])
+def test_two_miners_train_three_rounds(
+    live_coordinator: Callable[..., Any], tmp_path: Path, overlap: bool
+) -> None:
+    """Overlapped: each miner catches up, starts from its guess of the version being made and merges it
+    if it comes mid-round; every hash still matches (a mismatch would fall back to the checkpoint)."""
+    with live_coordinator(rounds={"min_quorum": 2, "deadline_s": 60.0, "overlap": overlap}) as server:
         procs = [
             _mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"state{i}", tmp_path / f"m{i}.log")
             for i in range(2)
@@ -55,6 +61,9 @@ def test_two_miners_train_three_rounds(live_coordinator: Callable[..., Any], tmp
     assert rounds[-1]["eval_loss"] < status["initial_eval_loss"] - 0.3
     assert status["miners"] == 2
     assert codes == [0, 0], "miners must stop cleanly on SIGTERM"
+    logs = "".join((tmp_path / f"m{i}.log").read_text() for i in range(2))
+    assert "hash mismatch" not in logs and "loaded checkpoint" in logs
+    assert logs.count("loaded checkpoint") == 2  # once each, at the start: every later version by update
     for i in range(2):
         assert (tmp_path / f"state{i}" / "miner-state.safetensors").exists()
 

@@ -19,8 +19,13 @@ from protocol.evaluation import LOSS_FIELDS
 
 
 @pytest.mark.timeout(300)
-def test_validator_agrees_with_the_coordinator(live_coordinator: Callable[..., Any], tmp_path: Path) -> None:
-    settings = {"rounds": {"min_quorum": 2, "deadline_s": 60.0},
+@pytest.mark.parametrize("overlap", [False, True], ids=["synchronous", "overlapped"])
+def test_validator_agrees_with_the_coordinator(
+    live_coordinator: Callable[..., Any], tmp_path: Path, overlap: bool
+) -> None:
+    """Overlapped rounds: the validator waits for each round to close and evaluates its uploads on the
+    version they were applied to, as the coordinator did."""
+    settings = {"rounds": {"min_quorum": 2, "deadline_s": 60.0, "overlap": overlap},
                 "validation": {"own_sequences": 16, "other_sequences": 16}}  # fmt: skip
     with live_coordinator(**settings) as server:
         miners = [_mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"s{i}", tmp_path / f"m{i}.log")

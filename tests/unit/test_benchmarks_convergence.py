@@ -33,7 +33,13 @@ def result(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[
         f"--data-dir={tmp / 'data'}",
         f"--out={tmp / 'curves.png'}",
     ]
-    capture = tmp / "stdout.json"
+    result = run_main(argv, tmp / "stdout.json")
+    assert (tmp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return result
+
+
+def run_main(argv: list[str], capture: Path) -> dict[str, Any]:
+    """The benchmark's JSON output for these arguments."""
     threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp, capture.open("w") as out:
         mp.setattr("sys.stdout", out)
@@ -41,7 +47,6 @@ def result(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[
             assert main(argv) == 0
         finally:
             torch.set_num_threads(threads)  # main sets it for the process; leave other tests alone
-    assert (tmp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
     return json.loads(capture.read_text())  # type: ignore[no-any-return]
 
 
@@ -77,3 +82,21 @@ def test_sparseloco_uploads_far_less_than_diloco(result: dict[str, Any]) -> None
     down = result["methods"]["sparseloco_down"]  # the compressed downlink: about an upload's size
     assert down["download_bytes_per_round"] < 3 * sparse
     assert result["methods"]["sparseloco"]["downlink"] is None
+
+
+def test_overlapped_rounds_share_the_first_round_and_part_after_it(tmp_path: Path, corpus_file: Path) -> None:
+    """Round 0 trains from the initial model whatever the mode; from round 1 on, the overlapped methods
+    train from a version behind (and the miner's way differs from the stale base alone)."""
+    methods = ("sparseloco", "sparseloco_overlap", "sparseloco_overlap_delayed")
+    argv = ["--json", "--workers=2", "--rounds=3", "--inner-steps=2", "--batch-size=2", "--warmup-steps=2",
+            "--eval-sequences=8", "--threads=1", "--jobs=1", f"--methods={','.join(methods)}",
+            f"--corpus={corpus_file}", f"--data-dir={tmp_path / 'data'}",
+            f"--out={tmp_path / 'c.png'}"]  # fmt: skip
+    runs = run_main(argv, tmp_path / "stdout.json")["methods"]
+    curves = {m: [p["eval_loss"] for p in r["curve"]] for m, r in runs.items()}
+    assert (
+        curves["sparseloco"][:2]
+        == curves["sparseloco_overlap"][:2]
+        == curves["sparseloco_overlap_delayed"][:2]
+    )
+    assert len({c[3] for c in curves.values()}) == 3, curves
