@@ -34,82 +34,29 @@ import argparse
 import hashlib
 import json
 import logging
-import math
 import multiprocessing
 import os
 import statistics
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Any
 
 import torch
 
+from benchmarks.convergence_methods import METHODS, Tally, finite, run_pool, run_single_model
 from coordinator.corpus import build_dataset
-from coordinator.outer import OuterOptimizer
-from coordinator.publish import Downlink
-from coordinator.settings import PublishSettings
 from node.distributed import local_device
-from node.trainer import InnerTrainer, NonFiniteLoss
-from protocol.aggregate import aggregate
-from protocol.codec import PAYLOAD_FORMAT_VERSION, CodecName, PayloadHeader, PayloadStats, make_codec
+from node.trainer import NonFiniteLoss
 from protocol.data import Dataset, assignment, eval_ids, stdlib_dir
-from protocol.feedback import ErrorFeedback
 from protocol.model import CausalLM, build_model, evaluate_loss, num_parameters
-from protocol.params import apply_update, get_params, param_spec, set_params
+from protocol.params import param_spec, set_params
 from protocol.wire import TrainingRecipe
 
 log = logging.getLogger(__name__)
-
-
-@dataclass(frozen=True)
-class Method:
-    """One contender. ``pool``: M workers, a codec and an outer step; ``ddp`` and ``single``: one model."""
-
-    kind: Literal["pool", "ddp", "single"]
-    codec: CodecName = "sparseloco"
-    k: int = 64
-    ef_beta: float = 0.95
-    outer_lr: float = 1.0
-    outer_momentum: float = 0.0
-    downlink: PublishSettings | None = None  # None: the exact downlink; else the compressed one
-    # Overlapped rounds: round r trains from the version before the newest (the newest is still being
-    # made), and its aggregate is applied to the newest. "delayed": nothing more. "eager": each worker
-    # starts from that base minus its own last contribution (outer lr x what it uploaded), its guess of
-    # the version being made. "merge": the version being made arrives after ``merge_at`` of the inner
-    # steps and the model being trained moves to where it would stand had it started from it; the
-    # pseudo-gradient is then taken from that version. "merge_eager": both, as node/overlap.py does.
-    overlap: Literal["off", "delayed", "eager", "merge", "merge_eager"] = "off"
-    merge_at: float = 0.5
-
-
-METHODS: dict[str, Method] = {
-    "ddp": Method("ddp"),
-    # fp32 decodes bit for bit, so the error-feedback residual stays exactly zero whatever beta is.
-    "diloco": Method("pool", codec="dense_fp32", outer_lr=0.7, outer_momentum=0.9),
-    "sparseloco": Method("pool"),
-    "sparseloco_k128": Method("pool", k=128),
-    "sparseloco_no_ef": Method("pool", ef_beta=0.0),
-    # the compressed downlink at the [publish] defaults (coordinator's error feedback: k=128, 2 bits, 0.95)
-    "sparseloco_down": Method("pool", downlink=PublishSettings(codec="sparseloco")),
-    # the other points measured for the defaults (BENCHMARKS.md), each with the coordinator's EF at 1.0
-    "sparseloco_down_ef1": Method("pool", downlink=PublishSettings(codec="sparseloco", ef_beta=1.0)),
-    "sparseloco_down_k64": Method("pool", downlink=PublishSettings(codec="sparseloco", k=64, ef_beta=1.0)),
-    "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4, ef_beta=1.0)),
-    "sparseloco_down_k192": Method("pool", downlink=PublishSettings(codec="sparseloco", k=192, ef_beta=1.0)),
-    "sparseloco_down_k256": Method("pool", downlink=PublishSettings(codec="sparseloco", k=256, ef_beta=1.0)),
-    # overlapped rounds (node/overlap.py): the miner's way, the version being made arriving half way
-    # through the inner steps; then each part alone, and the version arriving late
-    "sparseloco_overlap": Method("pool", overlap="merge_eager"),
-    "sparseloco_overlap_eager": Method("pool", overlap="eager"),
-    "sparseloco_overlap_merge": Method("pool", overlap="merge"),
-    "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
-    "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
-    "single": Method("single"),
-}
 
 
 def cores() -> int:
@@ -209,152 +156,6 @@ def data_root(cfg: Config, seq_len: int) -> Path:
         source = f"{cfg.corpus.resolve()}:{st.st_size}:{st.st_mtime_ns}"
     key = f"{source}|{cfg.max_tokens}|{seq_len}|{cfg.eval_every}"
     return cfg.data_dir / hashlib.sha256(key.encode()).hexdigest()[:16]
-
-
-@dataclass
-class Worker:
-    model: CausalLM
-    trainer: InnerTrainer
-    ef: ErrorFeedback
-
-
-@dataclass
-class Tally:
-    """What a method measured so far."""
-
-    method: str
-    curve: list[dict[str, float | int | None]] = field(default_factory=list)
-    payload_bytes: list[int] = field(default_factory=list)
-    down_bytes: list[int] = field(default_factory=list)
-    train_s: float = 0.0
-    comm_s: float = 0.0
-    eval_s: float = 0.0
-    inner_steps: int = 0
-    train_loss: float = math.nan
-
-    def record(self, bench: Bench, round_: int, tokens: int, loss: float) -> None:
-        self.curve.append({"round": round_, "tokens": tokens, "eval_loss": finite(loss)})
-        log.info(
-            "%s round %d/%d: tokens %d, held-out loss %.4f",
-            self.method,
-            round_,
-            bench.cfg.rounds,
-            tokens,
-            loss,
-        )
-
-
-def finite(x: float) -> float | None:
-    return x if math.isfinite(x) else None
-
-
-# -- the methods ------------------------------------------------------------------------------------------
-def run_single_model(bench: Bench, method: Method, tally: Tally) -> None:
-    """ddp and single: one model, one optimizer, R*H steps; evaluated after every H steps."""
-    c = bench.cfg
-    width = c.workers if method.kind == "ddp" else 1
-    recipe = bench.recipe.model_copy(update={"batch_size": c.batch_size * width})
-    model = build_model(c.model, seed=c.seed).to(bench.device)
-    trainer = InnerTrainer(model, recipe, bench.device)
-    tally.record(bench, 0, 0, bench.evaluate(model))
-    for r in range(c.rounds):
-        tokens = bench.ddp_tokens(r) if method.kind == "ddp" else bench.tokens(r, 0)
-        result = trainer.run(tokens)
-        tally.train_s += result.compute_s
-        tally.inner_steps += result.steps
-        tally.train_loss = result.loss_after
-        t0 = time.perf_counter()
-        loss = bench.evaluate(model)
-        tally.eval_s += time.perf_counter() - t0
-        tally.record(bench, r + 1, (r + 1) * len(tokens) * bench.seq_len, loss)
-
-
-def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
-    """M workers train from theta_v, upload encoded payloads; the coordinator decodes, aggregates, steps."""
-    c = bench.cfg
-    codec = make_codec(method.codec, method.k)
-    outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
-    downlink = None if method.downlink is None else Downlink(method.downlink, method.codec, bench.spec)
-    recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta})
-    theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v
-    workers = []
-    for _ in range(c.workers):
-        model = build_model(c.model, seed=c.seed).to(bench.device)
-        workers.append(
-            Worker(model, InnerTrainer(model, recipe, bench.device), ErrorFeedback(recipe.ef_beta))
-        )
-    tally.record(bench, 0, 0, bench.evaluate_params(theta))
-    tokens_seen = 0
-    base = {n: t.clone() for n, t in theta.items()}  # what round r trains from
-    pending: list[dict[str, torch.Tensor]] = []  # overlap "eager": each worker's last decoded upload
-    for r in range(c.rounds):
-        payloads, losses, decodes = [], [], []
-        for w, worker in enumerate(workers):  # node/miner.py mine_round, without the network
-            tokens = bench.tokens(r, w)
-            tokens_seen += len(tokens) * bench.seq_len
-            start = base
-            if method.overlap in ("eager", "merge_eager") and pending:
-                start = {n: t.clone() for n, t in base.items()}
-                apply_update(start, {n: method.outer_lr * d for n, d in pending[w].items()})
-            set_params(worker.model, start)
-            on_step = None
-            if method.overlap in ("merge", "merge_eager") and r > 0:
-                on_step, start = merger(worker.model, start, theta, method.merge_at, c.inner_steps), theta
-            result = worker.trainer.run(tokens, on_step=on_step)
-            tally.train_s += result.compute_s
-            tally.inner_steps += result.steps
-            losses.append(result.loss_after)
-            t0 = time.perf_counter()
-            with torch.no_grad():
-                local = dict(worker.model.named_parameters())
-                delta = {n: start[n] - local[n].detach().float() for n, _ in bench.spec}
-            header = PayloadHeader(
-                format_version=PAYLOAD_FORMAT_VERSION,
-                codec=codec.name,
-                round=r,
-                base_version=r,
-                stats=PayloadStats(
-                    compute_s=result.compute_s, loss_before=result.loss_before, loss_after=result.loss_after
-                ),
-            )
-            payload, decoded = codec.encode(worker.ef.accumulate(delta), bench.spec, header)
-            worker.ef.subtract(decoded)
-            eager = method.overlap in ("eager", "merge_eager")
-            decodes.append({n: decoded[n].to_dense(shape) for n, shape in bench.spec} if eager else {})
-            payloads.append(payload)
-            tally.payload_bytes.append(len(payload))
-            tally.comm_s += time.perf_counter() - t0
-        tally.train_loss = sum(losses) / len(losses)
-        t0 = time.perf_counter()
-        updates = [codec.decode(p, bench.spec)[1] for p in payloads]  # what the coordinator sees
-        delta, outer.buffers = outer.step(aggregate(updates, bench.spec, bench.device))
-        if downlink is not None:  # what miners download and apply: the compressed update
-            compressed, delta, downlink.residual = downlink.step(delta)
-            tally.down_bytes.append(len(compressed))
-        newest = {n: t.clone() for n, t in theta.items()}
-        apply_update(theta, delta)
-        base, pending = (newest, decodes) if method.overlap != "off" else (theta, [])
-        t1 = time.perf_counter()
-        loss = bench.evaluate_params(theta)
-        tally.comm_s += t1 - t0
-        tally.eval_s += time.perf_counter() - t1
-        tally.record(bench, r + 1, tokens_seen, loss)
-
-
-def merger(model: CausalLM, base: dict[str, torch.Tensor], newest: dict[str, torch.Tensor], at: float,
-           steps: int) -> Callable[[dict[str, float]], None]:  # fmt: skip
-    """An inner-step callback that moves the model by ``newest - base`` after ``at`` of the steps (the
-    version being made arrives, and the model moves as its start point would have)."""
-    done, after = [0], max(1, min(steps, math.ceil(at * steps)))
-
-    def on_step(_: dict[str, float]) -> None:
-        done[0] += 1
-        if done[0] == after:
-            with torch.no_grad():
-                for n, p in model.named_parameters():
-                    p.add_(newest[n] - base[n])
-
-    return on_step
 
 
 def run_method(bench: Bench, name: str) -> dict[str, Any]:

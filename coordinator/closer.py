@@ -1,5 +1,5 @@
 """The closer: one thread that closes rounds. It sleeps until the round changes or its deadline comes, and
-when the round is ready it judges the uploads (coordinator/checks.py), builds and guards the next version
+when the round is ready it judges the uploads (coordinator/judging.py), builds and guards the next version
 (coordinator/publish.py) and commits everything in one transaction.
 
 Synchronous rounds: the next round opens when the version is committed, for that version. Overlapped rounds
@@ -18,10 +18,8 @@ suspect uploads (``loss_guard``) until it passes or none is left; any other fail
 from __future__ import annotations
 
 import dataclasses
-import hashlib
 import logging
 import math
-import sqlite3
 import statistics
 import threading
 import time
@@ -31,31 +29,18 @@ from dataclasses import dataclass
 import torch
 
 from coordinator.aggregation import UploadFailed
-from coordinator.checks import NEUTRAL, Check, History, Judging, Refusal, Upload, judge_cheap, run_phase
+from coordinator.checks import Check, Refusal, Upload
 from coordinator.hooks import Hooks
+from coordinator.judging import Judge, Judged, Stopping
 from coordinator.parts import Model, Parts
 from coordinator.publish import Built
 from coordinator.settings import CheckSettings, FaultSettings, RoundSettings, ValidationSettings
 from coordinator.state import RoundState
-from coordinator.store import COORDINATOR, Outcome, RoundClose, Store
-from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt, samples
+from coordinator.store import Outcome, RoundClose, Store
+from protocol.evaluation import round_results
 
 log = logging.getLogger(__name__)
-RECENT_REFUSAL_ROUNDS = 5  # max_evaluated: a miner refused this recently is always evaluated
 MIN_WEIGHT_SCORE = 0.05  # weight_by_score: the least score an accepted upload is weighted by
-
-
-class Stopping(Exception):
-    """The coordinator is shutting down: the round stays open, to be closed after the restart."""
-
-
-@dataclass
-class Judged:
-    refused: dict[str, str]
-    scales: dict[str, float]
-    losses: dict[str, Losses]
-    evaluated: set[str]
-    reference_norm: float | None
 
 
 @dataclass(frozen=True)
@@ -88,6 +73,7 @@ class Closer:
         self.downloads = parts.downloads
         self._wake = threading.Event()
         self._stop = threading.Event()
+        self.judge = Judge(parts, model, settings.checks, settings.validation, checks, hooks, self._stop)
         self._thread: threading.Thread | None = None
         parts.cell.listen(lambda old, new: self._wake.set())
 
@@ -180,7 +166,7 @@ class Closer:
                           torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
                    for s in subs]  # fmt: skip
         head = p.store.head()  # what the uploads are judged on and applied to: the model as it is now
-        judged = self._judge(state, uploads, subs)
+        judged = self.judge.judge(state, uploads, subs)
         built, close_reason = self._build(state, head[0], uploads, judged)
         new_version = None if built is None else p.publisher.write(built)
         outcomes = {u.miner: Outcome(judged.refused.get(u.miner), u.miner in judged.evaluated,
@@ -246,7 +232,8 @@ class Closer:
             if s["unpacked_sha256"] not in (None, s["sha256"]):
                 p.blobs.delete(s["unpacked_sha256"])
         loss = None if close.version is None else close.version.eval_loss
-        p.metrics.round_closed(close, seconds, p.cell.state.round, close.next_version)
+        now = p.cell.state
+        p.metrics.round_closed(close, seconds, now.round, len(now.uploaded), close.next_version)
         refused = {m[:12]: str(o.reason) for m, o in close.outcomes.items() if o.reason is not None}
         log.info(
             "round %d closed: version %d, accepted %d, refused %d %s, held-out loss %s, %.2f s",
@@ -254,92 +241,9 @@ class Closer:
             len(refused), refused or "", "n/a" if loss is None else f"{loss:.4f}", seconds,
         )  # fmt: skip
 
-    # -- judging ------------------------------------------------------------------------------------------
-    def _judge(self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row]) -> Judged:
-        p, r = self.p, state.round
-        j = Judging(r, uploads, self._history(r))
-        ref, scales = judge_cheap(self.checks, j)
-        evaluated: set[str] = set()
-        if self.s.validation.builtin and j.remaining():
-            j.losses = self._measure(state, j, scales, [s["sha256"] for s in subs])
-            evaluated = set(j.losses)
-            board_through = r - 1
-            j.scores = lambda: p.scores.with_round(board_through, round_results(
-                r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
-            run_phase(self.checks, "evaluated", j)
-        return Judged(j.refused, scales, j.losses, evaluated, ref)
-
-    def _history(self, round_: int) -> History:
-        p, c = self.p, self.s.checks
-        first = round_ - c.history_rounds
-        recent = p.store.recent_uploads(round_ - c.replay_window_rounds, round_)
-        sketches = torch.stack([torch.frombuffer(bytearray(r["sketch"]), dtype=torch.float32) for r in recent]
-                               ).double() if recent else torch.zeros(0, 1, dtype=torch.float64)  # fmt: skip
-        if len(sketches):
-            sketches = sketches / sketches.norm(dim=1, keepdim=True).clamp_min(1e-300)
-        return History(
-            norms=p.store.accepted_norms(first, round_),
-            gains=p.store.accepted_gains(first, round_, COORDINATOR),
-            digests=frozenset(r["content_sha256"] for r in recent),
-            sketches=sketches,
-        )
-
-    def _measure(self, state: RoundState, j: Judging, scales: dict[str, float],
-                 payload_shas: list[str]) -> dict[str, Losses]:  # fmt: skip
-        """Each remaining upload's losses before and after it is applied alone, scaled as aggregation
-        scales it; an upload whose evaluation fails is refused."""
-        p, t0 = self.p, time.perf_counter()
-        salt = round_salt(payload_shas)
-        evaluator = UpdateEvaluator(self.model.module, self.model.params, p.dataset.sequences)
-        step = p.info.evaluation.step
-        out: dict[str, Losses] = {}
-        for u in self._sample(state.round, j.remaining(), salt):
-            if self._stop.is_set():
-                raise Stopping
-            try:
-                self._touch(state.round, u)
-                update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
-                own, other = samples(p.info, state.round, u.miner, salt)
-                out[u.miner] = evaluator.evaluate(update, scales[u.miner] * step, own, other)
-            except Exception as e:
-                log.warning(
-                    "round %d: evaluating miner %s's upload failed (%s)", state.round, u.miner[:12], e
-                )
-                j.refused.setdefault(u.miner, Refusal.UNREADABLE)
-        elapsed = time.perf_counter() - t0
-        p.metrics.evaluation.observe(elapsed)
-        log.info("round %d: evaluated %d uploads in %.2f s; gains %s", state.round, len(out), elapsed,
-                 {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
-        return out
-
-    def _sample(self, round_: int, uploads: list[Upload], salt: str) -> list[Upload]:
-        """The uploads to evaluate: all, or ``max_evaluated`` of them: those whose miner was refused in the
-        last ``RECENT_REFUSAL_ROUNDS`` rounds first, then those with a record shorter than ``min_record``,
-        then a draw that nobody can know before the round's payloads are all in (the round's salt)."""
-        v, p = self.s.validation, self.p
-        if v.max_evaluated is None or len(uploads) <= v.max_evaluated:
-            return uploads
-        since = round_ - RECENT_REFUSAL_ROUNDS - 1
-        refused = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
-                   if s["status"] == "rejected" and s["reason"] not in NEUTRAL}  # fmt: skip
-        refused |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
-        record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
-
-        def priority(u: Upload) -> tuple[int, bytes]:
-            tier = 0 if u.miner in refused else 1 if record.get(u.miner, 0) < v.min_record else 2
-            return tier, hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()
-
-        chosen = sorted(uploads, key=priority)[: v.max_evaluated]
-        log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
-        return chosen
-
-    def _touch(self, round_: int, u: Upload) -> None:
-        if self.hooks.on_upload is not None:
-            self.hooks.on_upload(round_, u.miner)
-
     def _load(self, round_: int) -> Callable[[Upload], tuple[bytes, bytes]]:
         def load(u: Upload) -> tuple[bytes, bytes]:
-            self._touch(round_, u)
+            self.judge.touch(round_, u)
             payload = self.p.blobs.get(u.sha256)
             stored = payload if u.stored_sha256 in (None, u.sha256) else self.p.blobs.get(u.stored_sha256)
             return payload, stored

@@ -49,15 +49,17 @@ class Metrics:
             registry=r,
         )
 
-    def round_closed(self, close: RoundClose, seconds: float, next_round: int, version: int) -> None:
+    def round_closed(
+        self, close: RoundClose, seconds: float, open_round: int, uploads: int, version: int
+    ) -> None:
         self.rounds.inc()
         self.aggregation.observe(seconds)
         for o in close.outcomes.values():
             self.submissions.labels("accepted" if o.reason is None else "rejected", o.reason or "").inc()
         if close.version is not None:
             self.eval_loss.set(close.version.eval_loss)
-        self.round.set(next_round)
-        self.uploads.set(0)
+        self.round.set(open_round)
+        self.uploads.set(uploads)
         self.version.set(version)
 
     def render(self) -> bytes:

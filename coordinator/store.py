@@ -15,6 +15,7 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from coordinator.store_reports import ReportReads
 from coordinator.store_scores import ScoreReads
 from protocol.evaluation import LOSS_FIELDS, Losses
 
@@ -126,8 +127,9 @@ class RoundClose:
     closed_at: float
 
 
-class Store(ScoreReads):
-    """All the SQL of a run (the leaderboard's reads are in ``coordinator/store_scores.py``)."""
+class Store(ReportReads, ScoreReads):
+    """All the SQL of a run (the reads of closed rounds are in ``coordinator/store_reports.py``, the
+    leaderboard's in ``coordinator/store_scores.py``)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -276,43 +278,6 @@ class Store(ScoreReads):
         row = self._one("SELECT eval_loss FROM versions WHERE version = ?", version)
         return None if row is None or row["eval_loss"] is None else float(row["eval_loss"])
 
-    def reports(self, after: int = -1, limit: int = -1) -> list[sqlite3.Row]:
-        """Closed rounds after ``after`` in order (at most ``limit``; -1: all), each with the version the
-        model was at when it closed (``result_version``; before it was recorded, the next round's base) and
-        when the round before it closed (``previous_closed_at``)."""
-        return self._all(
-            "SELECT r.*, COALESCE(r.result_version, n.version) AS result_version, "
-            "p.closed_at AS previous_closed_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
-            "LEFT JOIN rounds p ON p.round = r.round - 1 "
-            "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?", after, limit,
-        )  # fmt: skip
-
-    def refusal_counts(self, first: int, last: int) -> dict[int, dict[str, int]]:
-        """Per round in [first, last]: refusal reason -> uploads refused."""
-        rows = self._all("SELECT round, reason, COUNT(*) AS n FROM submissions WHERE round BETWEEN ? AND ? "
-                         "AND status = 'rejected' GROUP BY round, reason", first, last)  # fmt: skip
-        out: dict[int, dict[str, int]] = {}
-        for r in rows:
-            out.setdefault(int(r["round"]), {})[str(r["reason"])] = int(r["n"])
-        return out
-
-    def recent_reports(self, limit: int) -> list[sqlite3.Row]:
-        last = self._one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
-        newest = -1 if last is None or last["r"] is None else int(last["r"])
-        return self.reports(after=newest - limit, limit=limit)
-
-    def last_closed_round(self) -> int | None:
-        row = self._one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
-        return None if row is None or row["r"] is None else int(row["r"])
-
-    def arrival_spreads(self, first_round: int, before_round: int) -> list[float]:
-        """Per round with 2+ uploads in [first_round, before_round): last arrival - first arrival."""
-        rows = self._all(
-            "SELECT MAX(received_at) - MIN(received_at) AS spread FROM submissions WHERE round >= ? "
-            "AND round < ? GROUP BY round HAVING COUNT(*) > 1", first_round, before_round,
-        )  # fmt: skip
-        return [float(r["spread"]) for r in rows]
-
     def prune_checkpoints(self, keep: int) -> list[str]:
         """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0;
         returns the blobs no longer referenced."""
@@ -351,32 +316,6 @@ class Store(ScoreReads):
     def record_refusal(self, round_: int, miner: str, code: str, at: float) -> None:
         self._execute("INSERT INTO refusals (round, miner, code, at) VALUES (?, ?, ?, ?)", round_, miner,
                       code, at)  # fmt: skip
-
-    def audit(self, round_: int) -> list[dict[str, object]]:
-        rows = self._all(
-            "SELECT miner, sha256, content_sha256, bytes, status, reason, compute_s, received_at "
-            "FROM submissions WHERE round = ? ORDER BY received_at", round_,
-        )  # fmt: skip
-        return [dict(r) for r in rows]
-
-    def accepted_norms(self, first_round: int, before_round: int) -> list[float]:
-        rows = self._all("SELECT norm FROM submissions WHERE round >= ? AND round < ? "
-                         "AND status = 'accepted'", first_round, before_round)  # fmt: skip
-        return [float(r["norm"]) for r in rows]
-
-    def accepted_gains(self, first_round: int, before_round: int, validator: str) -> list[float]:
-        """The gains ``validator`` measured for the accepted uploads of those rounds."""
-        rows = self._all(
-            "SELECT v.own_before - v.own_after AS gain FROM verdicts v JOIN submissions s "
-            "ON s.round = v.round AND s.miner = v.miner WHERE v.round >= ? AND v.round < ? "
-            "AND s.status = 'accepted' AND v.validator = ?", first_round, before_round, validator,
-        )  # fmt: skip
-        return [float(r["gain"]) for r in rows]
-
-    def recent_uploads(self, first_round: int, before_round: int) -> list[sqlite3.Row]:
-        """Every upload of those rounds (accepted or refused): what a replay would copy."""
-        return self._all("SELECT round, miner, content_sha256, sketch FROM submissions WHERE round >= ? "
-                         "AND round < ?", first_round, before_round)  # fmt: skip
 
     # -- closing a round ----------------------------------------------------------------------------------
     def close_round(self, c: RoundClose) -> None:
