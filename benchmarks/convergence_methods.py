@@ -71,6 +71,8 @@ METHODS: dict[str, Method] = {
     "sparseloco_overlap_merge": Method("pool", overlap="merge"),
     "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
+    "sparseloco_overlap_early": Method("pool", overlap="merge_eager", merge_at=0.2),
+    "sparseloco_overlap_lr08": Method("pool", overlap="merge_eager", outer_lr=0.8),
     "single": Method("single"),
 }
 
