@@ -201,15 +201,10 @@ class Harmful:
         return [m for m, x in j.losses.items() if m not in j.refused and x.gain <= 0]
 
 
-HISTORY_SHARE = 0.25  # LowGain: the part of recent rounds' median gain that bounds this round's bar
-
-
 @dataclass(frozen=True)
 class LowGain:
-    """A gain below ``fraction`` x the reference: the median of this round's positive gains (3 at least),
-    and never less than ``HISTORY_SHARE`` of the median of recent rounds' accepted gains (3 at least), so
-    that a round of useless uploads cannot lower the bar to its own level. Gains shrink as the loss falls
-    (they may drop several-fold within ``history_rounds``), hence only a share of the history."""
+    """A gain below ``fraction`` x the reference gain: the median of this round's positive gains together
+    with recent rounds' accepted ones (3 at least), so that a round of useless uploads cannot lower it."""
 
     fraction: float
     code: ClassVar[str] = Refusal.LOW_GAIN
@@ -217,13 +212,10 @@ class LowGain:
 
     def refuse(self, j: Judging) -> Iterable[str]:
         gains = {m: x.gain for m, x in j.losses.items() if m not in j.refused}
-        now = [g for g in gains.values() if math.isfinite(g) and g > 0]
-        before = [g for g in j.history.gains if math.isfinite(g) and g > 0]
-        refs = [statistics.median(now)] if len(now) >= 3 else []
-        refs += [HISTORY_SHARE * statistics.median(before)] if len(before) >= 3 else []
-        if self.fraction <= 0 or not refs:
+        pool = [g for g in (*gains.values(), *j.history.gains) if math.isfinite(g) and g > 0]
+        if self.fraction <= 0 or len(pool) < 3:
             return []
-        bar = self.fraction * max(refs)
+        bar = self.fraction * statistics.median(pool)
         return [m for m, g in gains.items() if g < bar]
 
 

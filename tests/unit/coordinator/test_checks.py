@@ -12,13 +12,12 @@ import torch
 from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
 from coordinator.aggregation import aggregate_uploads
-from coordinator.checks import History, Judging, LowGain, Phase, Upload, default_pipeline, judge_cheap
+from coordinator.checks import History, Judging, Phase, Upload, default_pipeline, judge_cheap
 from coordinator.settings import CheckSettings, ValidationSettings
 from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.aggregate import aggregate, cosine, sketch, update_norm
 from protocol.codec import SparseLoCoCodec, content_digest
-from protocol.evaluation import Losses
 from protocol.wire import RunInfo
 
 CODEC = SparseLoCoCodec()
@@ -126,22 +125,3 @@ def test_a_new_check_is_one_class_and_one_line_and_validators_honour_it(
                               threading.Event())  # fmt: skip
         verdicts = validator.validate_round(0)
     assert set(verdicts) == {b.pubkey, c.pubkey}
-
-
-# -- the low-gain bar ---------------------------------------------------------------------------------------
-def _low_gain(gains: list[float], history: list[float]) -> set[str]:
-    j = Judging(5, [], History(gains=history))
-    j.losses = {f"m{i}": Losses(3.0, 3.0 - g, 3.0, 3.0 - g / 2) for i, g in enumerate(gains)}
-    return set(LowGain(0.35).refuse(j))
-
-
-def test_low_gain_follows_gains_that_shrink_as_the_loss_falls() -> None:
-    """Gains a quarter of recent rounds' (the loss fell fast) are this round's normal: none refused; the
-    one far below the round's median is."""
-    assert _low_gain([0.12, 0.13, 0.11, 0.125], history=[0.52, 0.45, 0.5, 0.48, 0.5, 0.46]) == set()
-    assert _low_gain([0.12, 0.13, 0.11, 0.01], history=[0.52, 0.45, 0.5]) == {"m3"}
-
-
-def test_a_round_of_useless_uploads_cannot_lower_the_low_gain_bar() -> None:
-    assert _low_gain([0.004, 0.003, 0.005], history=[0.5, 0.45, 0.4]) == {"m0", "m1", "m2"}
-    assert _low_gain([0.004, 0.3], history=[]) == set()  # too little to judge by
