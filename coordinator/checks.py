@@ -203,20 +203,28 @@ class Harmful:
 
 @dataclass(frozen=True)
 class LowGain:
-    """A gain below ``fraction`` x the reference gain: the median of this round's positive gains together
-    with recent rounds' accepted ones (3 at least), so that a round of useless uploads cannot lower it."""
+    """A gain below ``fraction`` x the reference gain: the median of this round's positive gains, but never
+    below ``HISTORY_FLOOR`` x the median of recent rounds' accepted ones, so that a round of useless uploads
+    cannot lower it. The round's own median leads because gains shrink as the loss falls (a bar pooled with
+    rounds whose gains were four times larger refused whole rounds of honest uploads); the floor follows
+    history only from far below, where no honest upload falls in a few rounds."""
 
     fraction: float
     code: ClassVar[str] = Refusal.LOW_GAIN
     phase: ClassVar[Phase] = "evaluated"
+    HISTORY_FLOOR: ClassVar[float] = 0.25
 
     def refuse(self, j: Judging) -> Iterable[str]:
         gains = {m: x.gain for m, x in j.losses.items() if m not in j.refused}
-        pool = [g for g in (*gains.values(), *j.history.gains) if math.isfinite(g) and g > 0]
-        if self.fraction <= 0 or len(pool) < 3:
+        here = [g for g in gains.values() if math.isfinite(g) and g > 0]
+        past = [g for g in j.history.gains if math.isfinite(g) and g > 0]
+        if self.fraction <= 0 or not (here or past):
             return []
-        bar = self.fraction * statistics.median(pool)
-        return [m for m, g in gains.items() if g < bar]
+        reference = max(
+            statistics.median(here) if here else 0.0,
+            self.HISTORY_FLOOR * statistics.median(past) if past else 0.0,
+        )
+        return [m for m, g in gains.items() if g < self.fraction * reference]
 
 
 class LowScore:

@@ -49,13 +49,14 @@ def test_two_miners_train_three_overlapped_rounds(
         ]
         try:
             status = _wait_rounds(server.url, 3, procs, timeout_s=150)
+            records = [httpx.get(f"{server.url}/v1/rounds/{r}", timeout=10).json() for r in range(3)]
         finally:
             for p in procs:
                 p.terminate()
             codes = [p.wait(timeout=30) for p in procs]
     rounds = status["rounds"][:3]
     assert [r["version"] for r in rounds] == [1, 2, 3]
-    assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in rounds)
+    assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in rounds), records
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["compute_s"] > 0 for r in rounds)
     assert rounds[-1]["eval_loss"] < status["initial_eval_loss"] - 0.3
     assert status["miners"] == 2

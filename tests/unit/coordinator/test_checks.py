@@ -12,12 +12,13 @@ import torch
 from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
 from coordinator.aggregation import aggregate_uploads
-from coordinator.checks import History, Judging, Phase, Upload, default_pipeline, judge_cheap
+from coordinator.checks import History, Judging, LowGain, Phase, Upload, default_pipeline, judge_cheap
 from coordinator.settings import CheckSettings, ValidationSettings
 from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.aggregate import aggregate, cosine, sketch, update_norm
 from protocol.codec import SparseLoCoCodec, content_digest
+from protocol.evaluation import Losses
 from protocol.wire import RunInfo
 
 CODEC = SparseLoCoCodec()
@@ -66,6 +67,25 @@ def test_outliers_zero_and_non_finite_norms_are_refused_and_the_rest_clipped_to_
     refused, scales = judge([*ups, big, zero, nan])
     assert refused == {"big": "norm_outlier", "zero": "empty_update", "nan": "non_finite"}
     assert all(0 < s <= 1 for s in scales.values()) and sum(s == 1 for s in scales.values()) >= 2
+
+
+def _low_gain(gains: dict[str, float], past: tuple[float, ...]) -> list[str]:
+    j = Judging(5, [], History(gains=past))
+    j.losses = {m: Losses(3.0, 3.0 - g, 3.0, 3.0 - g) for m, g in gains.items()}
+    return sorted(LowGain(0.35).refuse(j))
+
+
+def test_low_gain_follows_this_rounds_gains_and_history_only_bounds_it_from_below() -> None:
+    """Gains shrink as the loss falls: a round whose honest gains are a fifth of the last rounds' is taken
+    whole, and the one upload far below the round's own median is refused; a round of useless uploads
+    cannot lower the bar below a quarter of what recent rounds gained."""
+    past = (0.5, 0.45, 0.4, 0.3, 0.32, 0.28)
+    assert _low_gain({"a": 0.08, "b": 0.07, "c": 0.09}, past) == []
+    assert _low_gain({"a": 0.08, "b": 0.07, "c": 0.09, "lazy": 0.02}, past) == ["lazy"]
+    assert _low_gain({"f1": 1e-5, "f2": 2e-5, "f3": 1.5e-5}, past) == ["f1", "f2", "f3"]
+    assert _low_gain({"alone": 0.05}, past) == []  # one upload: only the floor bars it (0.35 x 0.25 x 0.36)
+    assert _low_gain({"alone": 0.02}, past) == ["alone"]
+    assert _low_gain({"a": 0.08, "b": 0.01}, ()) == ["b"]  # the first round: its own median
 
 
 def test_streamed_aggregation_equals_aggregating_everything_at_once() -> None:
