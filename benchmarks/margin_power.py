@@ -1,0 +1,168 @@
+"""How sure the own-data margin is, round by round: ``python -m benchmarks.margin_power --json``.
+
+A ``lazy`` miner trains honestly on data other than its assignment, so only the margin (its gain on its own
+sequences less its gain on sequences it was not given, protocol/evaluation.py) tells it from an honest
+one. This benchmark measures how many standard errors that margin stands from 0, per round, for honest
+and lazy miners, under the design the scores use and under two others that cost more or nothing:
+
+- ``plain``: the coordinator's margin and its standard error (own and other samples are different
+  sequences, so every sequence's own difficulty is in the noise).
+- ``loss_adjusted``: the same samples, with each sequence's gain regressed on its loss before the update
+  (free: the losses before are measured anyway).
+- ``paired``: each per-sequence gain less the mean gain of the round's other uploads on that same sequence,
+  then own against other (a difference in differences). It takes every upload's evaluation on every
+  miner's own sample: M times the evaluation.
+
+It runs a real ``gradpool simulate`` network (``--miners`` honest, ``--lazy`` lazy, ``--rounds``, default
+recipe and evaluation), then restarts its coordinator on the finished state (no miners), fetches each round's
+base version and uploads over HTTP as a validator does, and evaluates every upload on the union of the
+round's samples.
+
+Output: per design and kind, the mean ``t`` over the first ``--early`` rounds and over the rest, and the
+fraction of rounds in which every honest miner's ``t`` is above every lazy miner's.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import math
+import statistics
+import sys
+import tempfile
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from gradpool.processes import Processes
+from gradpool.simulate import simulate
+from node.client import CoordinatorClient
+from node.follower import Follower
+from protocol.codec import make_codec
+from protocol.evaluation import UpdateEvaluator, round_salt, samples
+from protocol.model import build_model
+from protocol.params import get_params, param_spec
+from protocol.wire import RunInfo
+
+DESIGNS = ("plain", "loss_adjusted", "paired")
+
+
+class _Reader(Follower):
+    """Follows the published versions of a finished run (a validator without its posting)."""
+
+    def __init__(self, client: CoordinatorClient, info: RunInfo, scratch: Path) -> None:
+        self.client, self.info = client, info
+        self.model = build_model(info.architecture, seed=info.seed)
+        self.spec = param_spec(self.model)
+        self.codec = make_codec(info.codec.name, info.codec.k, info.codec.tile)
+        self.params, self.version, self.verified = get_params(self.model), -1, False
+        self.partial_dir, self.device = scratch, torch.device("cpu")
+
+
+def _t(own: torch.Tensor, other: torch.Tensor) -> float:
+    se = math.sqrt(float(own.var() / len(own) + other.var() / len(other)))
+    return float(own.mean() - other.mean()) / se if se > 0 else 0.0
+
+
+@torch.no_grad()
+def round_ts(reader: _Reader, round_: int) -> dict[str, dict[str, float]]:
+    """Each evaluated upload's t under every design, by miner."""
+    client, info = reader.client, reader.info
+    record = client.round_record(round_)
+    on = record.evaluated_on()
+    reader.catch_up(on, client.version(on).param_hash)
+    salt = round_salt(s.sha256 for s in record.submissions)
+    uploads = {s.miner: float(s.scale) for s in record.submissions if s.evaluated and s.scale is not None}
+    drawn = {m: samples(info, round_, m, salt) for m in uploads}
+    ids = sorted({i for own, other in drawn.values() for i in own + other})
+    at = {i: k for k, i in enumerate(ids)}
+    evaluator = UpdateEvaluator(reader.model, reader.params, client.sequences)
+    before = evaluator._before(ids)
+    gains = {}
+    for m, scale in uploads.items():
+        update = reader.codec.decode(client.payload(round_, m), reader.spec)[1]
+        evaluator._apply(update, scale * info.evaluation.step)
+        try:
+            gains[m] = before - evaluator._losses(ids).double()
+        finally:
+            evaluator._restore(update)
+    out = {}
+    for m, g in gains.items():
+        own = [at[i] for i in drawn[m][0]]
+        other = [at[i] for i in drawn[m][1]]
+        both = own + other
+        x, y = before[both], g[both]
+        beta = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp_min(1e-12))
+        adjusted = g - beta * before
+        peers = [gains[o] for o in gains if o != m]
+        paired = g - torch.stack(peers).mean(0) if peers else g
+        out[m] = {
+            "plain": _t(g[own], g[other]),
+            "loss_adjusted": _t(adjusted[own], adjusted[other]),
+            "paired": _t(paired[own], paired[other]),
+        }
+    return out
+
+
+def summarise(
+    per_round: list[dict[str, dict[str, float]]], kinds: dict[str, str], early: int
+) -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for design in DESIGNS:
+        by_kind: dict[str, dict[str, list[float]]] = defaultdict(lambda: {"early": [], "late": []})
+        separated = []
+        for r, ts in enumerate(per_round):
+            phase = "early" if r < early else "late"
+            for m, t in ts.items():
+                by_kind[kinds[m]][phase].append(t[design])
+            honest = [t[design] for m, t in ts.items() if kinds[m] == "honest"]
+            lazy = [t[design] for m, t in ts.items() if kinds[m] == "lazy"]
+            if honest and lazy:
+                separated.append(min(honest) > max(lazy))
+        mean_t = {k: {p: round(statistics.fmean(v), 3) if v else None for p, v in phases.items()}
+                  for k, phases in by_kind.items()}  # fmt: skip
+        share = round(sum(separated) / len(separated), 3) if separated else None
+        out[design] = {"mean_t": mean_t, "rounds_separated": share}
+    return out
+
+
+def main(argv: list[str] | None = None) -> dict[str, Any]:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--json", action="store_true", help="print one JSON object")
+    ap.add_argument("--miners", type=int, default=4, help="honest miners")
+    ap.add_argument("--lazy", type=int, default=2, help="lazy miners")
+    ap.add_argument("--rounds", type=int, default=12)
+    ap.add_argument("--early", type=int, default=6, help="rounds counted as early")
+    ap.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary folder)")
+    args = ap.parse_args(argv)
+    with tempfile.TemporaryDirectory(prefix="gradpool-margin-") as tmp:
+        out = args.out or Path(tmp)
+        report = simulate(miners=args.miners, rounds=args.rounds, out=out, adversaries={"lazy": args.lazy},
+                          echo=lambda line: print(line, file=sys.stderr))  # fmt: skip
+        kinds = {m["miner"]: m["kind"] for m in report["miners"]}
+        procs = Processes(out / "logs-after")
+        try:
+            url = procs.start_coordinator(["--config", str(out / "coordinator.toml"), "--port", "0"],
+                                          out / "after.ready")  # fmt: skip
+            client = CoordinatorClient(url, Ed25519PrivateKey.generate())
+            reader = _Reader(client, client.info(), out / "scratch")
+            per_round = [round_ts(reader, r) for r in range(args.rounds)]
+            client.close()
+        finally:
+            procs.stop_all()
+    result = {
+        "config": {"miners": args.miners, "lazy": args.lazy, "rounds": args.rounds, "early": args.early,
+                   "model": "tiny"},
+        "designs": summarise(per_round, kinds, args.early),
+        "rounds": [{kinds[m][0] + m[:8]: {d: round(t[d], 2) for d in DESIGNS} for m, t in ts.items()}
+                   for ts in per_round],
+    }  # fmt: skip
+    print(json.dumps(result, indent=1) if args.json else json.dumps(result["designs"], indent=1))
+    return result
+
+
+if __name__ == "__main__":
+    main()
