@@ -14,9 +14,9 @@ and lazy miners, under the design the scores use and under two others that cost 
   miner's own sample: M times the evaluation.
 
 It runs a real ``gradpool simulate`` network (``--miners`` honest, ``--lazy`` lazy, ``--rounds``, default
-recipe and evaluation), then restarts its coordinator on the finished state (no miners), fetches each round's
-base version and uploads over HTTP as a validator does, and evaluates every upload on the union of the
-round's samples.
+recipe and evaluation), then restarts its coordinator on the finished state (no miners). A validator
+(which posts nothing here) fetches each round's base version and uploads over HTTP, and every upload is
+evaluated on the union of the round's samples.
 
 Output: per design and kind, the mean ``t`` over the first ``--early`` rounds and over the rest, and the
 fraction of rounds in which every honest miner's ``t`` is above every lazy miner's.
@@ -30,6 +30,7 @@ import math
 import statistics
 import sys
 import tempfile
+import threading
 from collections import defaultdict
 from pathlib import Path
 from typing import Any
@@ -40,26 +41,11 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from gradpool.processes import Processes
 from gradpool.simulate import simulate
 from node.client import CoordinatorClient
-from node.follower import Follower
-from protocol.codec import make_codec
+from node.settings import ValidatorSettings
+from node.validator import Validator
 from protocol.evaluation import UpdateEvaluator, round_salt, samples
-from protocol.model import build_model
-from protocol.params import get_params, param_spec
-from protocol.wire import RunInfo
 
 DESIGNS = ("plain", "loss_adjusted", "paired")
-
-
-class _Reader(Follower):
-    """Follows the published versions of a finished run (a validator without its posting)."""
-
-    def __init__(self, client: CoordinatorClient, info: RunInfo, scratch: Path) -> None:
-        self.client, self.info = client, info
-        self.model = build_model(info.architecture, seed=info.seed)
-        self.spec = param_spec(self.model)
-        self.codec = make_codec(info.codec.name, info.codec.k, info.codec.tile)
-        self.params, self.version, self.verified = get_params(self.model), -1, False
-        self.partial_dir, self.device = scratch, torch.device("cpu")
 
 
 def _t(own: torch.Tensor, other: torch.Tensor) -> float:
@@ -67,8 +53,7 @@ def _t(own: torch.Tensor, other: torch.Tensor) -> float:
     return float(own.mean() - other.mean()) / se if se > 0 else 0.0
 
 
-@torch.no_grad()
-def round_ts(reader: _Reader, round_: int) -> dict[str, dict[str, float]]:
+def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
     """Each evaluated upload's t under every design, by miner."""
     client, info = reader.client, reader.info
     record = client.round_record(round_)
@@ -80,15 +65,11 @@ def round_ts(reader: _Reader, round_: int) -> dict[str, dict[str, float]]:
     ids = sorted({i for own, other in drawn.values() for i in own + other})
     at = {i: k for k, i in enumerate(ids)}
     evaluator = UpdateEvaluator(reader.model, reader.params, client.sequences)
-    before = evaluator._before(ids)
     gains = {}
     for m, scale in uploads.items():
         update = reader.codec.decode(client.payload(round_, m), reader.spec)[1]
-        evaluator._apply(update, scale * info.evaluation.step)
-        try:
-            gains[m] = before - evaluator._losses(ids).double()
-        finally:
-            evaluator._restore(update)
+        before, after = evaluator.per_sequence(update, scale * info.evaluation.step, ids)
+        gains[m] = before - after  # ``before``: the base's losses, the same for every update
     out = {}
     for m, g in gains.items():
         own = [at[i] for i in drawn[m][0]]
@@ -148,7 +129,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             url = procs.start_coordinator(["--config", str(out / "coordinator.toml"), "--port", "0"],
                                           out / "after.ready")  # fmt: skip
             client = CoordinatorClient(url, Ed25519PrivateKey.generate())
-            reader = _Reader(client, client.info(), out / "scratch")
+            settings = ValidatorSettings(state_dir=out / "scratch", device="cpu")
+            reader = Validator(settings, client, client.info(), threading.Event())  # it never posts here
             per_round = [round_ts(reader, r) for r in range(args.rounds)]
             client.close()
         finally:

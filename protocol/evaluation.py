@@ -173,17 +173,23 @@ class UpdateEvaluator:
         return torch.tensor([self._before_losses[i] for i in ids], dtype=torch.float64)
 
     @torch.no_grad()
+    def per_sequence(
+        self, update: Mapping[str, SparseTensor], step: float, ids: list[int]
+    ) -> tuple[torch.Tensor, torch.Tensor]:
+        """Each sequence's loss before and after theta <- theta - step * update, (len(ids),) each."""
+        before = self._before(ids)
+        self._apply(update, step)
+        try:
+            return before, self._losses(ids).double()
+        finally:
+            self._restore(update)
+
     def evaluate(
         self, update: Mapping[str, SparseTensor], step: float, own: list[int], other: list[int]
     ) -> Losses:
         """Losses before and after theta <- theta - step * update (``step`` includes the clip scale)."""
-        before = torch.cat([self._before(own), self._before(other)])
-        self._apply(update, step)
-        try:
-            after = self._losses(own + other).double()
-        finally:
-            self._restore(update)
-        gains = before - after  # per sequence
+        before, after = self.per_sequence(update, step, own + other)
+        gains = before - after
         own_gains, other_gains = gains[: len(own)], gains[len(own) :]
         return Losses(
             _mean(before[: len(own)]), _mean(after[: len(own)]), _mean(before[len(own) :]),
