@@ -1,8 +1,8 @@
 """The coordinator's HTTP API: ``create_app(settings) -> FastAPI``.
 
 Handlers never block the event loop: the open round is read from the round state (no SQL); everything that
-touches the store, hashes a body or decodes a payload runs in a worker thread. A signed request's
-signature and signer are checked before a body larger than ``SMALL_BODY`` is read.
+touches the store, hashes a large body or decodes a payload runs in a worker thread. Signed requests are
+read by coordinator/http_io.py.
 """
 
 from __future__ import annotations
@@ -31,20 +31,17 @@ from coordinator.errors import (
     Busy,
     Forbidden,
     NotFound,
-    PayloadTooLarge,
-    RequestTimeout,
     Unauthorized,
     Unprocessable,
     install_handlers,
     responses,
 )
 from coordinator.hooks import Hooks
+from coordinator.http_io import ProtocolHeader, signed_body
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
 from coordinator.state import RoundWatch
-from protocol.signing import HEADER_CONTENT, body_digest
 from protocol.wire import (
-    HEADER_PROTOCOL,
     MAX_NUMBER,
     PROTOCOL_VERSION,
     Leaderboard,
@@ -62,66 +59,17 @@ from protocol.wire import (
 
 log = logging.getLogger(__name__)
 MAX_IDS_PER_REQUEST = 4096
-SMALL_BODY = 64 * 1024  # a body up to this size may be read before its signature is checked
 RoundNumber = Annotated[int, Path(ge=0, le=MAX_NUMBER)]
 VersionNumber = Annotated[int, Path(ge=0, le=MAX_NUMBER)]
 
 
-def get_run(request: Request) -> Run:
+async def get_run(request: Request) -> Run:
+    """Async, so that FastAPI runs it on the event loop instead of handing it to a worker thread."""
     run: Run = request.app.state.run
     return run
 
 
 RunDep = Annotated[Run, Depends(get_run)]
-
-
-async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
-    """The request body, refused as soon as it passes ``cap`` bytes (before it is all read), and cut off
-    when no part of it arrives for ``timeout_s``."""
-    declared = request.headers.get("content-length")
-    if declared is not None and declared.isdigit() and int(declared) > cap:
-        raise PayloadTooLarge("payload_too_large", f"body of {declared} bytes exceeds the {cap}-byte limit")
-    parts, n = [], 0
-    stream = request.stream().__aiter__()
-    while True:
-        try:
-            chunk = await asyncio.wait_for(stream.__anext__(), timeout=timeout_s)
-        except StopAsyncIteration:
-            break
-        except TimeoutError:
-            raise RequestTimeout("body_timeout", f"no part of the body arrived for {timeout_s:g} s",
-                                 headers={"Connection": "close"}) from None  # fmt: skip
-        n += len(chunk)
-        if n > cap:
-            raise PayloadTooLarge("payload_too_large", f"body exceeds the {cap}-byte limit")
-        parts.append(chunk)
-    return b"".join(parts)
-
-
-def _target(request: Request) -> str:
-    return request.url.path + (f"?{request.url.query}" if request.url.query else "")
-
-
-async def signed_body(
-    run: Run, request: Request, cap: int, miner_only: bool = False
-) -> tuple[str, bytes, str]:
-    """(signer, body, sha256 of the body) of a signed request. A body over ``SMALL_BODY`` must declare its
-    sha256: the signature (and, with ``miner_only``, that the signer is registered) is checked over it
-    first, then the body is read and compared."""
-    intake, headers, target = run.intake, dict(request.headers), _target(request)
-    window = run.settings.read_timeout_s
-    if HEADER_CONTENT.lower() in {k.lower() for k in headers}:
-        signer, digest = await asyncio.to_thread(
-            intake.authenticate_declared, headers, request.method, target
-        )
-        if miner_only:
-            await asyncio.to_thread(intake.require_miner, signer)
-        body = await read_body(request, cap, window)
-        await asyncio.to_thread(intake.check_body, body, digest)
-        return signer, body, digest
-    body = await read_body(request, min(cap, SMALL_BODY), window)
-    signer = await asyncio.to_thread(intake.authenticate, headers, request.method, target, body)
-    return signer, body, body_digest(body)
 
 
 router = APIRouter()
@@ -387,12 +335,7 @@ def create_app(
     app = FastAPI(title="gradpool coordinator", version=str(PROTOCOL_VERSION), lifespan=lifespan)
     install_handlers(app)
 
-    @app.middleware("http")
-    async def protocol_header(request: Request, call_next):  # type: ignore[no-untyped-def]
-        response = await call_next(request)
-        response.headers[HEADER_PROTOCOL] = str(PROTOCOL_VERSION)
-        return response
-
+    app.add_middleware(ProtocolHeader)
     app.include_router(router)
     app.include_router(dashboard.router)
     return app
