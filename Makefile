@@ -28,7 +28,7 @@ demo: venv  # a fresh network each time: the previous demo's state would otherwi
 test: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q -n 2 --dist loadfile  # two workers, each test file on one of them
+	$(PY) -m pytest -q  # two workers (pyproject.toml)
 
 lint: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
