@@ -29,20 +29,22 @@ def _config(tmp_path: Path, corpus: Path, quick: bool) -> Path:
 
 @pytest.mark.timeout(420)
 @pytest.mark.parametrize(
-    ("kinds", "honest_miners", "rounds"),
+    ("kinds", "honest_miners", "rounds", "overlap"),
     # The loud cheats are refused from the start; the quiet ones need a few rounds to show. A lazy miner
     # (real training on the wrong data) gains as much as an honest one: only its margin gives it away, and
     # early margins are within their sampling noise, so it needs the most rounds. Its network is small to
     # keep them quick.
     [
-        (("noise", "scaled", "signflip", "nan", "lutscale"), 3, 4),
-        (("copycat", "stale", "freerider"), 3, 5),
-        (("lazy",), 2, 10),
+        (("noise", "scaled", "signflip", "nan", "lutscale"), 3, 4, False),
+        (("copycat", "stale", "freerider"), 3, 5, False),
+        (("lazy",), 2, 10, False),
+        # overlapped rounds: uploads are judged against, and applied to, the version made while they trained
+        (("noise", "scaled", "signflip", "nan", "lutscale"), 3, 4, True),
     ],
-    ids=["loud", "quiet", "lazy"],
+    ids=["loud", "quiet", "lazy", "loud-overlapped"],
 )
 def test_every_cheat_is_refused_or_ranked_below_the_honest(
-    tmp_path: Path, corpus_file: Path, kinds: tuple[str, ...], honest_miners: int, rounds: int
+    tmp_path: Path, corpus_file: Path, kinds: tuple[str, ...], honest_miners: int, rounds: int, overlap: bool
 ) -> None:
     for i, name in enumerate([f"miner-{j}" for j in range(honest_miners)] + [f"{k}-0" for k in kinds]):
         # fixed keys: the same assignments, and so the same training and evaluation, in every run
@@ -53,7 +55,7 @@ def test_every_cheat_is_refused_or_ranked_below_the_honest(
     report = simulate(
         miners=honest_miners, rounds=rounds, out=tmp_path / "run",
         config=_config(tmp_path, corpus_file, quick="lazy" not in kinds),
-        adversaries=dict.fromkeys(kinds, 1), timeout_s=360, echo=lambda _: None,
+        adversaries=dict.fromkeys(kinds, 1), timeout_s=360, echo=lambda _: None, overlap=overlap,
     )  # fmt: skip
     miners: dict[str, dict[str, Any]] = {m["name"]: m for m in report["miners"]}
     honest = [m for m in miners.values() if m["kind"] == "honest"]

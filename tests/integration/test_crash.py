@@ -1,5 +1,6 @@
-"""The coordinator killed with SIGKILL during intake and during aggregation loses nothing and publishes
-each version exactly once; every checkpoint it serves matches its hash."""
+"""The coordinator killed with SIGKILL during intake and during aggregation, in synchronous and in overlapped
+rounds, loses nothing and publishes each version exactly once; every checkpoint it serves matches its
+hash."""
 
 from __future__ import annotations
 
@@ -21,20 +22,26 @@ from protocol.signing import generate_key
 SPEC = param_spec(build_model("tiny"))
 
 
-def start(procs: Processes, state: Path, corpus: Path, fault_delay_s: float = 0.0) -> str:
+def start(
+    procs: Processes,
+    state: Path,
+    corpus: Path,
+    fault_delay_s: float = 0.0,
+    extra: dict[str, str] | None = None,
+) -> str:
     # The payloads are random: evaluated by their effect on the loss, they could be refused.
     env = {"GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
            "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
            "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
-           "GRADPOOL_VALIDATION__BUILTIN": "false"}  # fmt: skip
+           "GRADPOOL_VALIDATION__BUILTIN": "false", **(extra or {})}  # fmt: skip
     args = ["--state-dir", str(state), "--corpus", str(corpus), "--port", "0"]
     return procs.start_coordinator(args, state.parent / "ready.json", env=env, timeout_s=120)
 
 
-def payload(seed: int) -> bytes:
+def payload(seed: int, round_: int = 0) -> bytes:
     g = torch.Generator().manual_seed(seed)
     delta = {n: torch.randn(s, generator=g) * 1e-3 for n, s in SPEC}
-    header = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_version=0)
+    header = PayloadHeader(format_version=1, codec="sparseloco", round=round_, base_version=0)
     return SparseLoCoCodec().encode(delta, SPEC, header)[0]
 
 
@@ -89,3 +96,45 @@ def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_fil
     _, applied, _ = downlink.step(aggregate([codec.decode(body, SPEC)[1] for body in bodies], SPEC))
     apply_update(expected, applied)
     assert params_hash(expected, SPEC) == info.param_hash, "both uploads are in version 1, once each"
+
+
+def test_sigkill_while_an_overlapped_round_closes_loses_neither_round(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    """Overlapped rounds: round 1 takes uploads (trained from version 0) while round 0 is being closed. A
+    SIGKILL then loses neither round's uploads: after the restart round 0 publishes version 1 once, and
+    round 1's uploads, applied to version 1, publish version 2."""
+    state, procs = tmp_path / "state", Processes(tmp_path / "logs")
+    keys = [generate_key(), generate_key()]
+    overlap = {"GRADPOOL_ROUNDS__OVERLAP": "true"}
+    url = start(procs, state, corpus_file, fault_delay_s=30, extra=overlap)
+    try:
+        a, b = (CoordinatorClient(url, k) for k in keys)
+        a.register()
+        b.register()
+        a.submit(0, payload(1))
+        b.submit(0, payload(2))
+        wait_status(a, "open", 1)  # round 0 closing (held before its commit), round 1 open behind it
+        assert a.round().closing == 0 and a.round().version == 0
+        a.submit(1, payload(3, round_=1))
+        b.submit(1, payload(4, round_=1))
+        procs.kill("coordinator")
+
+        url = start(procs, state, corpus_file, extra=overlap)
+        a = CoordinatorClient(url, keys[0])
+        end = time.monotonic() + 120
+        while (now := a.round()).round < 2 or now.closing is not None:  # round 1 closed, not only begun
+            assert time.monotonic() < end, f"round 1 never closed: {now}"
+            time.sleep(0.05)
+        infos = [a.version(v) for v in (1, 2)]
+        served = {v: load_checkpoint(a.checkpoint(v)[1], SPEC)[0] for v in (1, 2)}
+        audits = [a.http.get(f"{url}/v1/rounds/{r}/audit").json() for r in (0, 1)]
+        missing = a.http.get(f"{url}/v1/versions/3")
+    finally:
+        procs.stop_all(grace_s=30)
+    assert missing.status_code == 404, "each round publishes exactly one version"
+    for audit in audits:  # round 1's uploads, taken before the kill, are in its audit
+        assert sorted(r["status"] for r in audit) == ["accepted", "accepted"], audit
+    for v, info in zip((1, 2), infos, strict=True):
+        assert params_hash(served[v], SPEC) == info.param_hash, f"checkpoint {v} matches its hash"
+    assert infos[0].param_hash != infos[1].param_hash
