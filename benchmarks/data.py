@@ -24,7 +24,7 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-from benchmarks.coordinator import in_fresh_process, peak_rss_bytes, settle_memory
+from benchmarks.aggregation import in_fresh_process, peak_rss_bytes, settle_memory
 from protocol.data import stdlib_dir
 
 MiB = 1 << 20
