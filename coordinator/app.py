@@ -205,11 +205,13 @@ async def current_round(
     run: RunDep,
     after: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
     wait_s: Annotated[float, Query(ge=0, le=60)] = 0.0,
+    closed: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
 ) -> RoundInfo:
-    """The open round; with ``after`` and ``wait_s``, waits up to wait_s for a round later than ``after``."""
+    """The open round. With ``wait_s``, waits up to wait_s for a round later than ``after`` and for round
+    ``closed`` to have closed (overlapped rounds: the round behind the open one, and its version)."""
     if wait_s > 0:
         watch: RoundWatch = request.app.state.watch
-        await watch.wait(run.parts.cell, after, wait_s)
+        await watch.wait(run.parts.cell, after, wait_s, closed)
     return run.queries.round_info()
 
 

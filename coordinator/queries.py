@@ -28,9 +28,8 @@ class Queries:
         )  # fmt: skip
 
     def last_closed_round(self) -> int | None:
-        s = self.p.cell.state
-        r = s.round if s.behind is None else s.behind.round
-        return r - 1 if r > 0 else None
+        last = self.p.cell.state.last_closed
+        return last if last >= 0 else None
 
     # -- from the store -----------------------------------------------------------------------------------
     def version_info(self, version: int) -> VersionInfo | None:

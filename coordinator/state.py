@@ -46,6 +46,11 @@ class RoundState:
     newest_hash: str | None = None
 
     @property
+    def last_closed(self) -> int:
+        """The newest closed round (-1: none yet)."""
+        return (self.round if self.behind is None else self.behind.round) - 1
+
+    @property
     def head(self) -> int:
         """The newest version: uploads may train from it or from ``version`` (at most one before)."""
         return self.version if self.newest is None else self.newest
@@ -103,7 +108,8 @@ class RoundCell:
 
 
 class RoundWatch:
-    """Wakes the event loop's long-polls when a new round opens (the closer's thread calls ``notify``)."""
+    """Wakes the event loop's long-polls when a new round opens or a round closes (the closer's thread
+    calls ``notify``)."""
 
     def __init__(self) -> None:
         self._loop: asyncio.AbstractEventLoop | None = None
@@ -113,7 +119,8 @@ class RoundWatch:
         self._loop, self._event = loop, asyncio.Event()
 
     def notify(self, old: RoundState, new: RoundState) -> None:
-        if new.round != old.round and self._loop is not None and not self._loop.is_closed():
+        changed = new.round != old.round or new.last_closed != old.last_closed
+        if changed and self._loop is not None and not self._loop.is_closed():
             self._loop.call_soon_threadsafe(self._release)
 
     def _release(self) -> None:
@@ -121,11 +128,12 @@ class RoundWatch:
             event, self._event = self._event, asyncio.Event()
             event.set()
 
-    async def wait(self, cell: RoundCell, after: int, timeout_s: float) -> None:
-        """Until a round later than ``after`` is open, or ``timeout_s`` passed."""
+    async def wait(self, cell: RoundCell, after: int, timeout_s: float, closed: int = -1) -> None:
+        """Until a round later than ``after`` is open and round ``closed`` has closed, or ``timeout_s``
+        passed."""
         loop = asyncio.get_running_loop()
         end = loop.time() + timeout_s
-        while cell.state.round <= after and self._event is not None:
+        while (cell.state.round <= after or cell.state.last_closed < closed) and self._event is not None:
             left = end - loop.time()
             if left <= 0:
                 return

@@ -189,8 +189,10 @@ class CoordinatorClient:
     def register(self) -> Registration:
         return self._json(Registration, self._send("POST", "/v1/miners", body=b"", signed=True))
 
-    def round(self, after: int = -1, wait_s: float = 0.0) -> RoundInfo:
-        params = {"after": str(after), "wait_s": str(wait_s)}
+    def round(self, after: int = -1, wait_s: float = 0.0, closed: int = -1) -> RoundInfo:
+        """The open round; with ``wait_s``, once a round later than ``after`` is open and round ``closed``
+        has closed (or wait_s passed)."""
+        params = {"after": str(after), "wait_s": str(wait_s), "closed": str(closed)}
         response = self._send("GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s,
                               timed=False)  # fmt: skip
         return self._json(RoundInfo, response)

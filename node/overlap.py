@@ -26,16 +26,19 @@ from protocol.payload import ParamSpec, SparseTensor
 from protocol.wire import RoundInfo
 
 log = logging.getLogger(__name__)
-POLL_S = 0.25
+WAIT_S = 5.0  # each long-poll for the round behind to close
+POLL_S = 0.25  # between long-polls that came back with nothing new
 
 
 class NextVersion:
-    """Watches, in a thread of its own, for the version the round behind ``ri`` publishes, and fetches its
-    update and its hash; ``take`` hands them over once (None before, or when none will come)."""
+    """Watches, in a thread of its own (a long-poll until the round behind ``ri`` closes), for the version
+    that round publishes, and fetches its update and its hash; ``take`` hands them over once (None
+    before, or when none will come)."""
 
     def __init__(self, client: CoordinatorClient, spec: ParamSpec, ri: RoundInfo) -> None:
         self.client, self.spec, self.ri = client, spec, ri
         self.version = ri.version + 1
+        self.behind = ri.round - 1 if ri.closing is None else ri.closing  # the round making ``version``
         self._done = threading.Event()
         self._result: tuple[Params, str] | None = None
         self._thread = threading.Thread(target=self._watch, name="next-version", daemon=True)
@@ -44,7 +47,7 @@ class NextVersion:
     def _watch(self) -> None:
         try:
             while not self._done.is_set():
-                now = self.client.round()
+                now = self.client.round(closed=self.behind, wait_s=WAIT_S)
                 if now.round != self.ri.round:
                     return  # the round moved on: whatever comes now is for the next one
                 if now.newest == self.version:

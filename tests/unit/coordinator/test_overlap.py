@@ -5,6 +5,7 @@ published mid-round into its training."""
 from __future__ import annotations
 
 import threading
+import time
 from pathlib import Path
 from typing import Any
 
@@ -53,7 +54,23 @@ def test_the_next_round_trains_while_one_closes_and_is_applied_to_the_version_it
         second = payload(round_=1, base_version=0, seed=3)
         assert alice.upload(1, second).status_code == 200
         assert pool.round()["submissions"] == 1
+        # a long-poll for round 0 to close waits while it is held, and wakes as soon as it closes
+        t0 = time.monotonic()
+        held = pool.client.get("/v1/round", params={"closed": 0, "wait_s": 0.5}).json()
+        assert time.monotonic() - t0 >= 0.45 and held["closing"] == 0, held
+        woken: dict[str, Any] = {}
+        poll = threading.Thread(
+            target=lambda: woken.update(
+                pool.client.get("/v1/round", params={"closed": 0, "wait_s": 30}).json(), at=time.monotonic()
+            )
+        )
+        poll.start()
+        released_at = time.monotonic()
         release.set()
+        poll.join(timeout=60)
+        # round 0 closed and made version 1 (round 1 may have begun closing since, with round 2 open for 1)
+        assert woken["closing"] != 0 and 1 in (woken["newest"], woken["version"]), woken
+        assert woken["at"] - released_at < 10, "woken by the close, not by the 30 s timeout"
 
         after = pool.wait_for_round(1)
         r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
