@@ -38,7 +38,6 @@ class NextVersion:
     def __init__(self, client: CoordinatorClient, spec: ParamSpec, ri: RoundInfo) -> None:
         self.client, self.spec, self.ri = client, spec, ri
         self.version = ri.version + 1
-        self.behind = ri.round - 1 if ri.closing is None else ri.closing  # the round making ``version``
         self._done = threading.Event()
         self._result: tuple[Params, str] | None = None
         self._thread = threading.Thread(target=self._watch, name="next-version", daemon=True)
@@ -47,7 +46,7 @@ class NextVersion:
     def _watch(self) -> None:
         try:
             while not self._done.is_set():
-                now = self.client.round(closed=self.behind, wait_s=WAIT_S)
+                now = self.client.round(closed=self.ri.round - 1, wait_s=WAIT_S)  # the round making it
                 if now.round != self.ri.round:
                     return  # the round moved on: whatever comes now is for the next one
                 if now.newest == self.version:
