@@ -12,6 +12,10 @@ and lazy miners, under the design the scores use and under two others that cost 
 - ``paired``: each per-sequence gain less the mean gain of the round's other uploads on that same sequence,
   then own against other (a difference in differences). It takes every upload's evaluation on every
   miner's own sample: M times the evaluation.
+- ``ring``: the uploads in a ring drawn with the round's salt; each is compared with the one before it on
+  the same sequences, on the first half of its own sample against the first half of the next miner's
+  (a difference in differences with one peer). Each upload is measured on its own sample and on half of
+  each of the next two miners' samples: the cost of ``plain``.
 
 It runs a real ``gradpool simulate`` network (``--miners`` honest, ``--lazy`` lazy, ``--rounds``, default
 recipe and evaluation), then restarts its coordinator on the finished state (no miners). A validator
@@ -25,6 +29,7 @@ fraction of rounds in which every honest miner's ``t`` is above every lazy miner
 from __future__ import annotations
 
 import argparse
+import hashlib
 import json
 import math
 import statistics
@@ -45,12 +50,23 @@ from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.evaluation import UpdateEvaluator, round_salt, samples
 
-DESIGNS = ("plain", "loss_adjusted", "paired")
+DESIGNS = ("plain", "loss_adjusted", "paired", "ring")
 
 
 def _t(own: torch.Tensor, other: torch.Tensor) -> float:
     se = math.sqrt(float(own.var() / len(own) + other.var() / len(other)))
     return float(own.mean() - other.mean()) / se if se > 0 else 0.0
+
+
+def _ring_t(ring: list[str], gains: dict[str, torch.Tensor], half: dict[str, list[int]], m: str) -> float:
+    """The ring design's t for ``m``: its gain less the previous upload's, on m's half sample against the
+    next miner's half sample (neither of the two trained on that one)."""
+    if len(ring) < 3:
+        return math.nan
+    k = ring.index(m)
+    prev, nxt = ring[k - 1], ring[(k + 1) % len(ring)]
+    d = gains[m] - gains[prev]
+    return _t(d[half[m]], d[half[nxt]])
 
 
 def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
@@ -70,6 +86,8 @@ def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
         update = reader.codec.decode(client.payload(round_, m), reader.spec)[1]
         before, after = evaluator.per_sequence(update, scale * info.evaluation.step, ids)
         gains[m] = before - after  # ``before``: the base's losses, the same for every update
+    ring = sorted(gains, key=lambda m: hashlib.sha256(f"{salt}:ring:{m}".encode()).digest())
+    half = {m: [at[i] for i in drawn[m][0][: len(drawn[m][0]) // 2]] for m in gains}
     out = {}
     for m, g in gains.items():
         own = [at[i] for i in drawn[m][0]]
@@ -84,6 +102,7 @@ def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
             "plain": _t(g[own], g[other]),
             "loss_adjusted": _t(adjusted[own], adjusted[other]),
             "paired": _t(paired[own], paired[other]),
+            "ring": _ring_t(ring, gains, half, m),
         }
     return out
 
@@ -98,7 +117,8 @@ def summarise(
         for r, ts in enumerate(per_round):
             phase = "early" if r < early else "late"
             for m, t in ts.items():
-                by_kind[kinds[m]][phase].append(t[design])
+                if not math.isnan(t[design]):
+                    by_kind[kinds[m]][phase].append(t[design])
             honest = [t[design] for m, t in ts.items() if kinds[m] == "honest"]
             lazy = [t[design] for m, t in ts.items() if kinds[m] == "lazy"]
             if honest and lazy:

@@ -64,11 +64,9 @@ class Validator(Follower):
             if self.settings.max_rounds is not None and done >= self.settings.max_rounds:
                 break
             try:
-                current = self.client.round(after=after, wait_s=self.settings.poll_s)
-                if current.round <= after:
-                    continue
-                if self.validate_round(after) is None:  # still closing (overlapped rounds)
-                    self.stop.wait(self.settings.poll_s / 4)
+                # wakes once round ``after`` has closed (in overlapped rounds the next opens before)
+                current = self.client.round(after=after, wait_s=self.settings.poll_s, closed=after)
+                if current.round <= after or self.validate_round(after) is None:
                     continue
                 after, failures, done = after + 1, 0, done + 1
                 self._save_progress(after)
