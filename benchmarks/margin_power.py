@@ -49,8 +49,9 @@ from node.client import CoordinatorClient
 from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.evaluation import UpdateEvaluator, round_salt, samples
+from protocol.payload import SparseTensor
 
-DESIGNS = ("plain", "loss_adjusted", "paired", "ring")
+DESIGNS = ("plain", "loss_adjusted", "paired", "ring", "aggregate", "aggregate_fit")
 
 
 def _t(own: torch.Tensor, other: torch.Tensor) -> float:
@@ -67,6 +68,29 @@ def _ring_t(ring: list[str], gains: dict[str, torch.Tensor], half: dict[str, lis
     prev, nxt = ring[k - 1], ring[(k + 1) % len(ring)]
     d = gains[m] - gains[prev]
     return _t(d[half[m]], d[half[nxt]])
+
+
+def _mean_update(reader: Validator, client: CoordinatorClient, round_: int,
+                 uploads: dict[str, float]) -> dict[str, SparseTensor]:  # fmt: skip
+    """The mean of the round's evaluated updates, each times its clip scale, dense."""
+    total = {n: torch.zeros(math.prod(shape)) for n, shape in reader.spec}
+    for m, scale in uploads.items():
+        for n, t in reader.codec.decode(client.payload(round_, m), reader.spec)[1].items():
+            values = t.values.float() * (scale / len(uploads))
+            total[n] += (
+                values if t.indices is None else torch.zeros_like(total[n]).index_add_(0, t.indices, values)
+            )
+    return {n: SparseTensor(None, v) for n, v in total.items()}
+
+
+def _fitted(
+    g: torch.Tensor, ref: torch.Tensor, own: list[int], other: list[int]
+) -> tuple[torch.Tensor, torch.Tensor]:
+    """``g`` less ``ref`` times its least-squares slope on the other sample, on own and other."""
+    x, y = ref[other], g[other]
+    beta = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum().clamp_min(1e-12))
+    r = g - beta * ref
+    return r[own], r[other]
 
 
 def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
@@ -86,6 +110,9 @@ def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
         update = reader.codec.decode(client.payload(round_, m), reader.spec)[1]
         before, after = evaluator.per_sequence(update, scale * info.evaluation.step, ids)
         gains[m] = before - after  # ``before``: the base's losses, the same for every update
+    mean = _mean_update(reader, client, round_, uploads)
+    before, after = evaluator.per_sequence(mean, info.evaluation.step, ids)
+    reference = before - after
     ring = sorted(gains, key=lambda m: hashlib.sha256(f"{salt}:ring:{m}".encode()).digest())
     half = {m: [at[i] for i in drawn[m][0][: len(drawn[m][0]) // 2]] for m in gains}
     out = {}
@@ -103,6 +130,8 @@ def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
             "loss_adjusted": _t(adjusted[own], adjusted[other]),
             "paired": _t(paired[own], paired[other]),
             "ring": _ring_t(ring, gains, half, m),
+            "aggregate": _t((g - reference)[own], (g - reference)[other]),
+            "aggregate_fit": _t(*_fitted(g, reference, own, other)),
         }
     return out
 

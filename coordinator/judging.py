@@ -20,7 +20,8 @@ from coordinator.parts import Model, Parts
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.state import RoundState
 from coordinator.store import COORDINATOR
-from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt, samples
+from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt
+from protocol.pairing import RoundEvaluation
 
 log = logging.getLogger(__name__)
 RECENT_REFUSAL_ROUNDS = 5  # max_evaluated: a miner refused this recently is always evaluated
@@ -81,21 +82,21 @@ class Judge:
         p, t0 = self.p, time.perf_counter()
         salt = round_salt(payload_shas)
         evaluator = UpdateEvaluator(self.model.module, self.model.params, p.dataset.sequences)
-        step = p.info.evaluation.step
-        out: dict[str, Losses] = {}
-        for u in self._sample(state.round, j.remaining(), salt):
+        chosen = self._sample(state.round, j.remaining(), salt)
+        evaluation = RoundEvaluation(evaluator, p.info, state.round, salt, [u.miner for u in chosen])
+        for u in chosen:
             if self.stop.is_set():
                 raise Stopping
             try:
                 self.touch(state.round, u)
                 update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
-                own, other = samples(p.info, state.round, u.miner, salt)
-                out[u.miner] = evaluator.evaluate(update, scales[u.miner] * step, own, other)
+                evaluation.measure(u.miner, update, scales[u.miner])
             except Exception as e:
                 log.warning(
                     "round %d: evaluating miner %s's upload failed (%s)", state.round, u.miner[:12], e
                 )
                 j.refused.setdefault(u.miner, Refusal.UNREADABLE)
+        out = evaluation.losses()
         elapsed = time.perf_counter() - t0
         p.metrics.evaluation.observe(elapsed)
         log.info("round %d: evaluated %d uploads in %.2f s; gains %s", state.round, len(out), elapsed,

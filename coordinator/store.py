@@ -38,7 +38,8 @@ CREATE TABLE IF NOT EXISTS submissions (
 CREATE TABLE IF NOT EXISTS verdicts (
     round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
     own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
-    margin_se REAL NOT NULL DEFAULT 0, PRIMARY KEY (round, miner, validator));
+    margin_se REAL NOT NULL DEFAULT 0, paired_margin REAL NOT NULL DEFAULT 0,
+    paired_se REAL NOT NULL DEFAULT 0, PRIMARY KEY (round, miner, validator));
 CREATE TABLE IF NOT EXISTS refusals (
     round INTEGER NOT NULL, miner TEXT NOT NULL, code TEXT NOT NULL, at REAL NOT NULL);
 CREATE INDEX IF NOT EXISTS refusals_by_miner ON refusals (miner, round);
@@ -63,6 +64,8 @@ MIGRATIONS = (
     ("versions", "rolled_back_at", "REAL"),
     ("rounds", "result_version", "INTEGER"),
     ("rounds", "applied_to", "INTEGER"),
+    ("verdicts", "paired_margin", "REAL NOT NULL DEFAULT 0"),
+    ("verdicts", "paired_se", "REAL NOT NULL DEFAULT 0"),
 )
 INSERT_VERDICT = (
     f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "

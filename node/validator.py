@@ -4,6 +4,7 @@ signed verdicts. The coordinator shows them on its leaderboard beside its own ev
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import logging
 import os
@@ -17,8 +18,9 @@ from node.miner import backoff
 from node.settings import ValidatorSettings
 from protocol.codec import make_codec
 from protocol.errors import CodecError
-from protocol.evaluation import Losses, evaluate_updates, round_salt
+from protocol.evaluation import Losses, UpdateEvaluator, round_salt
 from protocol.model import build_model
+from protocol.pairing import RoundEvaluation
 from protocol.params import get_params, param_spec
 from protocol.signing import public_key_hex
 from protocol.wire import RunInfo, Verdict, Verdicts
@@ -95,12 +97,13 @@ class Validator(Follower):
             return {}
         on = record.evaluated_on()
         self.catch_up(on, self.client.version(on).param_hash)
-        updates = ((s.miner, self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1],
-                    float(s.scale or 0.0)) for s in candidates)  # fmt: skip
         salt = round_salt(s.sha256 for s in record.submissions)
-        out = evaluate_updates(
-            self.model, self.params, self.client.sequences, self.info, round_, salt, updates
-        )
+        evaluator = UpdateEvaluator(self.model, self.params, self.client.sequences)
+        evaluation = RoundEvaluation(evaluator, self.info, round_, salt, [s.miner for s in candidates])
+        for s in candidates:  # one decoded update held at a time
+            update = self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1]
+            evaluation.measure(s.miner, update, float(s.scale or 0.0))
+        out = evaluation.losses()
         receipt = self.client.post_verdicts(
             round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])
         )
@@ -112,6 +115,4 @@ class Validator(Follower):
 
 
 def _verdict(miner: str, x: Losses) -> Verdict:
-    b = x.bounded()
-    return Verdict(miner=miner, own_before=b.own_before, own_after=b.own_after, other_before=b.other_before,
-                   other_after=b.other_after, margin_se=b.margin_se)  # fmt: skip
+    return Verdict(miner=miner, **dataclasses.asdict(x.bounded()))

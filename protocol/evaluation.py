@@ -13,6 +13,10 @@ payload of the round, so nobody knows them until the round has closed.
   noise has none. ``assigned`` (the indicator) is ``margin > 0``. ``margin_se`` is its standard error over
   the sampled sequences, so ``t = margin / margin_se`` says how sure the margin is: early in a run, when the
   model learns what all text shares, even an honest margin is within its noise; later it stands out.
+  In a round of 3 or more evaluated uploads the margin that scores is the *paired* one
+  (``paired_margin``, ``paired_se``, protocol/pairing.py): each upload's per-sequence gains less those of
+  the round's mean update on the same sequences, which takes each sequence's difficulty out of the noise;
+  ``margin`` and ``t`` below mean that one where it exists.
 - A round's score credits the gain, in units of G (the median gain of the round's accepted uploads, so that
   early rounds, where gains are large, weigh no more than later ones), as far as the margin backs it:
   ``clip(gain / G, -1, 1) * clip((t + 1) / 3, 0, 1)`` (full credit from t = 2, none at t <= -1); a gain of
@@ -90,6 +94,8 @@ class Losses:
     other_before: float
     other_after: float
     margin_se: float = 0.0  # the standard error of the margin; 0: exact
+    paired_margin: float = 0.0  # the margin paired with the round's mean update (protocol/pairing.py)
+    paired_se: float = 0.0  # its standard error; 0: not paired, the plain margin stands
 
     @property
     def gain(self) -> float:
@@ -104,8 +110,15 @@ class Losses:
         return self.gain - self.other_gain
 
     @property
+    def specific(self) -> float:
+        """The margin that scores: the paired one where there is one, else the plain one."""
+        return self.paired_margin if self.paired_se > 0 else self.margin
+
+    @property
     def t(self) -> float:
-        """The margin in units of its standard error."""
+        """The scoring margin in units of its standard error."""
+        if self.paired_se > 0:
+            return self.paired_margin / self.paired_se
         if self.margin_se > 0:
             return self.margin / self.margin_se
         return math.copysign(math.inf, self.margin) if self.margin else 0.0
@@ -120,10 +133,14 @@ class Losses:
         """Every loss within [0, MAX_LOSS], a non-finite one as MAX_LOSS: what a verdict carries and the
         store keeps (a NaN is no number to store)."""
 
-        def bound(v: float) -> float:
-            return min(MAX_LOSS, max(0.0, v)) if math.isfinite(v) else MAX_LOSS
+        def bound(v: float, low: float = 0.0) -> float:
+            return min(MAX_LOSS, max(low, v)) if math.isfinite(v) else MAX_LOSS
 
-        return Losses(*(bound(v) for v in self.astuple()))
+        values = {f: bound(getattr(self, f)) for f in LOSS_FIELDS[:5]}
+        paired = (self.paired_margin, self.paired_se)
+        if all(math.isfinite(v) for v in paired):  # else not paired
+            values |= {"paired_margin": bound(paired[0], -MAX_LOSS), "paired_se": bound(paired[1])}
+        return Losses(**values)
 
 
 LOSS_FIELDS = tuple(f.name for f in fields(Losses))  # as verdicts carry and store them
@@ -189,12 +206,7 @@ class UpdateEvaluator:
     ) -> Losses:
         """Losses before and after theta <- theta - step * update (``step`` includes the clip scale)."""
         before, after = self.per_sequence(update, step, own + other)
-        gains = before - after
-        own_gains, other_gains = gains[: len(own)], gains[len(own) :]
-        return Losses(
-            _mean(before[: len(own)]), _mean(after[: len(own)]), _mean(before[len(own) :]),
-            _mean(after[len(own) :]), math.sqrt(_var_of_mean(own_gains) + _var_of_mean(other_gains)),
-        )  # fmt: skip
+        return summarise(before, after, len(own))
 
     def _apply(self, update: Mapping[str, SparseTensor], step: float) -> None:
         for name, t in update.items():
@@ -213,6 +225,16 @@ class UpdateEvaluator:
             else:
                 idx = t.indices.to(self.device)
                 p.view(-1).index_copy_(0, idx, base.view(-1)[idx])
+
+
+def summarise(before: torch.Tensor, after: torch.Tensor, n_own: int) -> Losses:
+    """The losses of per-sequence losses before and after, the first ``n_own`` on the own sample."""
+    gains = before - after
+    own_gains, other_gains = gains[:n_own], gains[n_own:]
+    return Losses(
+        _mean(before[:n_own]), _mean(after[:n_own]), _mean(before[n_own:]), _mean(after[n_own:]),
+        math.sqrt(_var_of_mean(own_gains) + _var_of_mean(other_gains)),
+    )  # fmt: skip
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -261,7 +283,7 @@ def round_results(
             continue
         relative = max(-1.0, min(1.0, x.gain / typical))
         score = relative * credit(x.t) if relative > 0 else relative
-        out[miner] = RoundResult(round_, score, x.gain, x.margin)
+        out[miner] = RoundResult(round_, score, x.gain, x.specific)
     return out
 
 
@@ -337,26 +359,6 @@ def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int
     return own, other_sample(assigned, salt, e.other_sequences, info.num_sequences, info.eval_every)
 
 
-def evaluate_updates(
-    model: CausalLM,
-    base: Mapping[str, torch.Tensor],
-    fetch: Callable[[list[int]], torch.Tensor],
-    info: RunInfo,
-    round_: int,
-    salt: str,
-    updates: Iterable[tuple[str, Mapping[str, SparseTensor], float]],
-) -> dict[str, Losses]:
-    """The losses of each ``(miner, update, clip scale)`` of a round, applied alone to ``base`` with the
-    run's outer step, on that miner's samples. ``updates`` may be a generator, so that only one decoded
-    update need be held at a time."""
-    evaluator = UpdateEvaluator(model, base, fetch)
-    out = {}
-    for miner, update, scale in updates:
-        own, other = samples(info, round_, miner, salt)
-        out[miner] = evaluator.evaluate(update, scale * info.evaluation.step, own, other)
-    return out
-
-
 __all__ = [
     "LOSS_FIELDS",
     "MAX_LOSS",
@@ -365,7 +367,6 @@ __all__ = [
     "Score",
     "UpdateEvaluator",
     "credit",
-    "evaluate_updates",
     "missed",
     "other_sample",
     "own_sample",
@@ -374,4 +375,5 @@ __all__ = [
     "round_salt",
     "samples",
     "standing",
+    "summarise",
 ]

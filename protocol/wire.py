@@ -212,6 +212,8 @@ class Verdict(Wire):
     other_before: float = Field(ge=0, le=1e4)
     other_after: float = Field(ge=0, le=1e4)
     margin_se: float = Field(ge=0, le=1e4)
+    paired_margin: float = Field(default=0.0, ge=-1e4, le=1e4, description="paired with the mean update")
+    paired_se: float = Field(default=0.0, ge=0, le=1e4, description="its standard error; 0: not paired")
 
 
 class Verdicts(Wire):

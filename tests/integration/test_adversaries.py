@@ -78,10 +78,10 @@ def test_every_cheat_is_refused_or_ranked_below_the_honest(
         assert refused["lutscale"].get("norm_outlier", 0) >= rounds - 1
     if "freerider" in kinds:
         assert refused["freerider"].get("low_gain", 0) >= rounds - 1
-    if "lazy" in kinds:  # below every honest miner in the last four rounds, not only at the end: in this
-        # small network the own-data margin stands out of its noise from about round 6 (benchmarks/
-        # margin_power.py measures it); before that the order is luck.
-        for row in report["scores"][6:]:
+    if "lazy" in kinds:  # below every honest miner from round 4 on, not only at the end: the own-data
+        # margin paired with the round's mean update stands out of its noise from the first rounds
+        # (benchmarks/margin_power.py measures it)
+        for row in report["scores"][4:]:
             assert row["scores"]["lazy-0"] < min(row["scores"][m["name"]] for m in honest), row
     for kind in {"noise", "lazy"} & set(kinds):  # not refused in every round, yet ranked below
         assert miners[f"{kind}-0"]["score"] < worst_honest, (kind, miners[f"{kind}-0"], worst_honest)

@@ -1,0 +1,108 @@
+"""Evaluating a round's uploads together: each one's margin paired with the round's mean update.
+
+The plain margin (protocol/evaluation.py) compares an update's gain on its own sequences with its gain on
+others. Those are different sequences, so each one's difficulty is in the noise, and early in a run an
+honest margin stands only one or two standard errors from 0. Pairing takes that noise out: the mean of
+the round's evaluated updates (each times its clip scale, as evaluated) is measured once on every sampled
+sequence, and each upload's per-sequence gain is taken less the mean update's gain on the same sequence,
+scaled by its least-squares slope against the upload's gains on the other sample (where neither holds
+anything specific). The paired margin is the own mean of that residual less its other mean. The mean
+update's general help cancels, and each sequence's difficulty with it; what is left is what the upload
+learned of its own sequences. The upload's own share of the mean only rescales the residual (to first
+order), which leaves its ``t`` unchanged.
+
+It costs one more evaluation, of the mean update, on the round's samples: half as much again as measuring
+the uploads alone. It needs ``MIN_PAIRED`` measured uploads; a smaller round keeps the plain margin
+(``paired_se`` 0).
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import math
+from collections.abc import Mapping, Sequence
+
+import torch
+
+from protocol.evaluation import Losses, UpdateEvaluator, samples, summarise
+from protocol.payload import SparseTensor
+from protocol.wire import RunInfo
+
+MIN_PAIRED = 3  # measured uploads a round needs for its mean to be a reference and not one peer
+
+
+class RoundEvaluation:
+    """Measures a round's uploads one at a time (``measure``), keeping each one's per-sequence gains and the
+    running sum of the updates, then pairs them with the mean update (``losses``). The coordinator and
+    validators run exactly this."""
+
+    def __init__(
+        self, evaluator: UpdateEvaluator, info: RunInfo, round_: int, salt: str, miners: Sequence[str]
+    ) -> None:
+        self.evaluator, self.info = evaluator, info
+        self.step = info.evaluation.step
+        self.drawn = {m: samples(info, round_, m, salt) for m in miners}
+        self._gains: dict[str, torch.Tensor] = {}  # per sequence, own then other
+        self._losses: dict[str, Losses] = {}
+        self._sum: dict[str, torch.Tensor] = {}  # of the measured updates, each times its scale
+
+    def measure(self, miner: str, update: Mapping[str, SparseTensor], scale: float) -> Losses:
+        """One upload's losses before and after it is applied alone (``scale``: its clip scale): the plain
+        margin until ``losses`` pairs it."""
+        own, other = self.drawn[miner]
+        before, after = self.evaluator.per_sequence(update, scale * self.step, own + other)
+        x = summarise(before, after, len(own))
+        self._add(update, scale)
+        self._gains[miner], self._losses[miner] = before - after, x
+        return x
+
+    def losses(self) -> dict[str, Losses]:
+        """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were."""
+        out = dict(self._losses)
+        if len(out) < MIN_PAIRED:
+            return out
+        ids = sorted({i for m in out for i in self.drawn[m][0] + self.drawn[m][1]})
+        n = len(out)
+        mean = {name: SparseTensor(None, total / n) for name, total in self._sum.items()}
+        before, after = self.evaluator.per_sequence(mean, self.step, ids)
+        at = {i: k for k, i in enumerate(ids)}
+        reference = before - after
+        for m, gains in self._gains.items():
+            own, other = self.drawn[m]
+            ref = reference[[at[i] for i in own + other]]
+            paired = _paired(gains, ref, len(own))
+            if paired is not None:
+                out[m] = dataclasses.replace(out[m], paired_margin=paired[0], paired_se=paired[1])
+        return out
+
+    def _add(self, update: Mapping[str, SparseTensor], scale: float) -> None:
+        base, device = self.evaluator.base, self.evaluator.device
+        for name, t in update.items():
+            total = self._sum.get(name)
+            if total is None:
+                total = self._sum[name] = torch.zeros(base[name].numel(), dtype=torch.float32, device=device)
+            values = t.values.to(total.device, torch.float32)
+            if t.indices is None:
+                total.add_(values.reshape(-1), alpha=scale)
+            else:
+                total.index_add_(0, t.indices.to(total.device), values, alpha=scale)
+
+
+def _paired(gains: torch.Tensor, ref: torch.Tensor, n_own: int) -> tuple[float, float] | None:
+    """The paired margin and its standard error: ``gains - beta * ref`` (beta the slope of gains on ref over
+    the other sample), own mean less other mean. None when the samples are too small to say."""
+    x, y = ref[n_own:], gains[n_own:]
+    if n_own < 2 or len(x) < 2:
+        return None
+    spread = float(((x - x.mean()) ** 2).sum())
+    beta = float(((x - x.mean()) * (y - y.mean())).sum()) / spread if spread > 0 else 0.0
+    r = gains - beta * ref
+    own, other = r[:n_own], r[n_own:]
+    se = math.sqrt(float(own.var() / len(own) + other.var() / len(other)))
+    margin = float(own.mean() - other.mean())
+    if not (se > 0 and math.isfinite(se) and math.isfinite(margin)):
+        return None
+    return margin, se
+
+
+__all__ = ["MIN_PAIRED", "RoundEvaluation"]

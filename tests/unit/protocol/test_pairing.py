@@ -1,0 +1,153 @@
+"""Each evaluated upload's margin paired with the round's mean update on the same sequences
+(protocol/pairing.py)."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from coordinator.corpus import build_dataset
+from protocol.data import Dataset, assignment
+from protocol.evaluation import UpdateEvaluator, samples
+from protocol.model import build_model, resolve
+from protocol.pairing import MIN_PAIRED, RoundEvaluation
+from protocol.params import get_params, param_spec, params_hash, set_params
+from protocol.payload import SparseTensor
+from protocol.wire import CodecConfig, EvaluationConfig, RunInfo, TrainingRecipe
+
+HONEST = ["a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32]
+LAZY = "e5" * 32
+ROUND, SALT = 2, "salt"
+
+
+@pytest.fixture(scope="module")
+def dataset(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Dataset:
+    root = tmp_path_factory.mktemp("data")
+    build_dataset(root, corpus_file, seq_len=128, eval_every=20)
+    return Dataset(root)
+
+
+@pytest.fixture(scope="module")
+def info(dataset: Dataset) -> RunInfo:
+    arch = resolve("tiny", 256)
+    return RunInfo(
+        run_id="ring", seed=0, model="tiny", architecture=arch, tokenizer_sha256="0" * 64, seq_len=128,
+        num_sequences=dataset.meta.num_sequences, eval_every=dataset.meta.eval_every, codec=CodecConfig(),
+        recipe=TrainingRecipe(inner_steps=8, batch_size=8), max_payload_bytes=1 << 20, max_catchup_versions=8,
+        evaluation=EvaluationConfig(own_sequences=48, other_sequences=48),
+    )  # fmt: skip
+
+
+def _assigned(info: RunInfo, miner: str) -> list[int]:
+    r = info.recipe
+    return assignment(
+        info.seed, ROUND, miner, r.inner_steps * r.batch_size, info.num_sequences, info.eval_every
+    )
+
+
+def _steps(model: torch.nn.Module, tokens: torch.Tensor, steps: int) -> None:
+    opt = torch.optim.AdamW(model.parameters(), lr=3e-3)
+    for step in range(steps):
+        model.loss(tokens[(step * 8) % len(tokens) :][:8]).backward()  # type: ignore[operator]
+        opt.step()
+        opt.zero_grad()
+
+
+@pytest.fixture(scope="module")
+def round_(
+    info: RunInfo, dataset: Dataset
+) -> tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]]:
+    """A base past the first steps, and each miner's update after steps on its data: the honest ones on
+    their assignments, the lazy one on sequences nobody was given."""
+    model = build_model("tiny", seed=1)
+    _steps(model, dataset.sequences(list(range(1001, 1401))), 40)
+    base = get_params(model)
+    taken = {i for m in [*HONEST, LAZY] for i in _assigned(info, m)}
+    free = [
+        i for i in range(1401, dataset.meta.num_sequences) if i not in taken and not dataset.is_held_out(i)
+    ]
+    elsewhere = free[:64]
+    updates = {}
+    for m in [*HONEST, LAZY]:
+        model = build_model("tiny")
+        set_params(model, base)
+        _steps(model, dataset.sequences(elsewhere if m == LAZY else _assigned(info, m)), 24)
+        trained = get_params(model)
+        updates[m] = {n: SparseTensor(None, (base[n] - trained[n]).reshape(-1)) for n in base}
+    return base, updates
+
+
+def test_the_paired_margin_tells_honest_from_lazy_and_restores_the_model(
+    info: RunInfo,
+    dataset: Dataset,
+    round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+) -> None:
+    base, updates = round_
+    model = build_model("tiny")
+    spec = param_spec(model)
+    evaluation = RoundEvaluation(
+        UpdateEvaluator(model, base, dataset.sequences), info, ROUND, SALT, list(updates)
+    )
+    plain = {m: evaluation.measure(m, u, 1.0) for m, u in updates.items()}
+    assert all(x.paired_se == 0 for x in plain.values())  # not paired until every upload is measured
+    losses = evaluation.losses()
+    assert params_hash(get_params(model), spec) == params_hash(base, spec)
+    assert all(x.paired_se > 0 and x.finite() for x in losses.values()), losses
+    assert all(x.bounded() == x for x in losses.values())  # what a verdict carries
+    for m, x in losses.items():  # the plain figures stand beside the paired ones
+        assert (x.gain, x.margin, x.margin_se) == (plain[m].gain, plain[m].margin, plain[m].margin_se)
+        assert x.specific == x.paired_margin and x.t == pytest.approx(x.paired_margin / x.paired_se)
+    honest_t = [losses[m].t for m in HONEST]
+    assert min(honest_t) > 2.0 and min(honest_t) > losses[LAZY].t, (honest_t, losses[LAZY].t)
+    # pairing takes each sequence's difficulty out of the noise: the honest t is larger than the plain one
+    assert sum(honest_t) > sum(plain[m].t for m in HONEST)
+
+
+def test_the_paired_margin_is_the_residual_against_the_mean_update(
+    info: RunInfo,
+    dataset: Dataset,
+    round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+) -> None:
+    """Recomputed by hand: the mean of the measured updates times their scales, measured on the samples,
+    the slope on the other sample, and the own mean less the other mean of the residual."""
+    base, updates = round_
+    scales = dict(zip(updates, (1.0, 0.5, 0.8, 1.0, 0.7), strict=True))
+    evaluation = RoundEvaluation(UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND,
+                                 SALT, list(updates))  # fmt: skip
+    for m, u in updates.items():
+        evaluation.measure(m, u, scales[m])
+    losses = evaluation.losses()
+    mean = {n: SparseTensor(None, sum(updates[m][n].values * scales[m] for m in updates) / len(updates))
+            for n in base}  # fmt: skip
+    fresh = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
+    for m in updates:
+        own, other = samples(info, ROUND, m, SALT)
+        before, after = fresh.per_sequence(updates[m], scales[m] * info.evaluation.step, own + other)
+        g = before - after
+        b2, a2 = fresh.per_sequence(mean, info.evaluation.step, own + other)
+        ref = b2 - a2
+        x, y = ref[len(own) :], g[len(own) :]
+        beta = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
+        r = g - beta * ref
+        expected = float(r[: len(own)].mean() - r[len(own) :].mean())
+        se = (float(r[: len(own)].var()) / len(own) + float(r[len(own) :].var()) / len(other)) ** 0.5
+        assert losses[m].paired_margin == pytest.approx(expected, rel=1e-3, abs=1e-6)
+        assert losses[m].paired_se == pytest.approx(se, rel=1e-3)
+
+
+def test_small_rounds_keep_the_plain_margin(
+    info: RunInfo,
+    dataset: Dataset,
+    round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+) -> None:
+    base, updates = round_
+    evaluation = RoundEvaluation(UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND,
+                                 SALT, list(updates))  # fmt: skip
+    for m in list(updates)[: MIN_PAIRED - 1]:  # the others could not be read
+        evaluation.measure(m, updates[m], 1.0)
+    losses = evaluation.losses()
+    assert len(losses) == MIN_PAIRED - 1
+    assert all(x.paired_se == 0 and x.specific == x.margin and x.t == x.margin / x.margin_se
+               for x in losses.values())  # fmt: skip
