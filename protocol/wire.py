@@ -203,8 +203,9 @@ class RoundRecord(Wire):
 
 
 class Verdict(Wire):
-    """A validator's evaluation of one upload: mean losses (nats/token) before and after it is applied, and
-    the standard error of the own-data margin they give (protocol/evaluation.py)."""
+    """A validator's evaluation of one upload: mean losses (nats/token) before and after it is applied, the
+    standard error of the own-data margin they give (protocol/evaluation.py), and the margin paired with
+    the round's mean update (protocol/pairing.py; 0 and 0 in a round too small to pair)."""
 
     miner: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]+$")
     own_before: float = Field(ge=0, le=1e4)
@@ -212,7 +213,7 @@ class Verdict(Wire):
     other_before: float = Field(ge=0, le=1e4)
     other_after: float = Field(ge=0, le=1e4)
     margin_se: float = Field(ge=0, le=1e4)
-    paired_margin: float = Field(default=0.0, ge=-1e4, le=1e4, description="paired with the mean update")
+    paired_margin: float = Field(default=0.0, ge=-1e4, le=1e4, description="the paired margin")
     paired_se: float = Field(default=0.0, ge=0, le=1e4, description="its standard error; 0: not paired")
 
 
