@@ -1,0 +1,32 @@
+"""The quiet cheats, which the cheap checks cannot tell from honest work, in a short real network: each is
+refused or scored below every honest miner."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from cheat_harness import cheat_network, honest_and_cheats
+
+
+@pytest.mark.timeout(420)
+def test_copycat_stale_and_freerider_are_refused(tmp_path: Path, corpus_file: Path) -> None:
+    kinds, rounds = ("copycat", "stale", "freerider"), 5
+    report = cheat_network(tmp_path, corpus_file, kinds, 3, rounds)
+    _, cheats, _ = honest_and_cheats(report, kinds, 3, rounds)
+    assert cheats["freerider"]["refusals"].get("low_gain", 0) >= rounds - 1
+
+
+@pytest.mark.timeout(420)
+def test_a_lazy_miner_ranks_below_every_honest_one_from_round_4(tmp_path: Path, corpus_file: Path) -> None:
+    """A lazy miner (real training on the wrong data) gains as much as an honest one: only its own-data
+    margin gives it away. Paired with the round's mean update, that margin stands out of its noise from the
+    first rounds (benchmarks/margin_power.py measures it), so the order holds from round 4 on, not only at
+    the end. More training and evaluation per round than the other cheat networks, and only two honest
+    miners to keep it quick."""
+    rounds = 8
+    report = cheat_network(tmp_path, corpus_file, ("lazy",), 2, rounds, quick=False)
+    honest, cheats, worst_honest = honest_and_cheats(report, ("lazy",), 2, rounds)
+    for row in report["scores"][4:]:
+        assert row["scores"]["lazy-0"] < min(row["scores"][m["name"]] for m in honest), row
+    assert cheats["lazy"]["score"] < worst_honest
