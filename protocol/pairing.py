@@ -11,9 +11,9 @@ update's general help cancels, and each sequence's difficulty with it; what is l
 learned of its own sequences. The upload's own share of the mean only rescales the residual (to first
 order), which leaves its ``t`` unchanged.
 
-It costs one more evaluation, of the mean update, on the round's samples: half as much again as measuring
-the uploads alone. It needs ``MIN_PAIRED`` measured uploads; a smaller round keeps the plain margin
-(``paired_se`` 0).
+It costs one more evaluation, of the mean update, on the round's samples (the losses before it are those
+the uploads' measurements computed): about 1.2x the close of a round (``benchmarks.close``). It needs
+``MIN_PAIRED`` measured uploads; a smaller round keeps the plain margin (``paired_se`` 0).
 """
 
 from __future__ import annotations
