@@ -87,7 +87,7 @@ def test_a_miner_downloads_straight_from_the_object_store(
         args = [*mine_command(server.url, tmp_path / "m.pem", tmp_path / "state"), "--max-rounds", "3"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-        status = httpx.get(f"{server.url}/v1/status", timeout=10).json()
+        status = closed_status(server.url, 3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "version 0: loaded checkpoint" in done.stderr
     assert "version 2: caught up from version 1 by 1 published updates" in done.stderr
@@ -95,3 +95,14 @@ def test_a_miner_downloads_straight_from_the_object_store(
     redirects = next(x for x in metrics.splitlines() if x.startswith("gradpool_download_redirects_total"))
     assert float(redirects.split()[1]) >= 3  # one checkpoint and two updates at least
     assert [r["accepted"] for r in status["rounds"][:3]] == [1, 1, 1]
+
+
+def closed_status(url: str, rounds: int) -> dict[str, Any]:
+    """/v1/status once ``rounds`` rounds have closed: the miner exits after its last upload, before the
+    coordinator has closed that round."""
+    deadline = time.monotonic() + 60
+    while True:
+        status: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=10).json()
+        if len(status["rounds"]) >= rounds or time.monotonic() > deadline:
+            return status
+        time.sleep(0.2)
