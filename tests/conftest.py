@@ -5,13 +5,15 @@ from __future__ import annotations
 import functools
 import logging
 import os
+import subprocess
 import threading
 import time
 import uuid
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 
 from coordinator.app import create_app
@@ -88,6 +90,20 @@ class LiveServer:
     @property
     def url(self) -> str:
         return f"http://127.0.0.1:{bound_port(self.server)}"
+
+    def wait_rounds(
+        self, n: int, procs: Sequence[subprocess.Popen[bytes]] = (), timeout_s: float = 60
+    ) -> dict[str, Any]:
+        """``/v1/status`` once ``n`` rounds have closed (a miner exits after its last upload, before that
+        round has closed); ``procs``: miners that must not exit meanwhile."""
+        end = time.monotonic() + timeout_s
+        while time.monotonic() < end:
+            status: dict[str, Any] = httpx.get(f"{self.url}/v1/status", timeout=10).json()
+            if len(status["rounds"]) >= n:
+                return status
+            assert all(p.poll() is None for p in procs), "a miner exited early"
+            time.sleep(0.3)
+        raise AssertionError(f"fewer than {n} rounds in {timeout_s} s")
 
     def __exit__(self, *exc: object) -> None:
         self.server.should_exit = True

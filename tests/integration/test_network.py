@@ -5,7 +5,6 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -25,17 +24,6 @@ def _mine(url: str, key: Path, state: Path, log: Path) -> subprocess.Popen[bytes
         )
 
 
-def _wait_rounds(url: str, n: int, procs: list[subprocess.Popen[bytes]], timeout_s: float) -> dict[str, Any]:
-    end = time.monotonic() + timeout_s
-    while time.monotonic() < end:
-        status: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=10).json()
-        if len(status["rounds"]) >= n:
-            return status
-        assert all(p.poll() is None for p in procs), "a miner exited early"
-        time.sleep(0.3)
-    raise AssertionError(f"fewer than {n} rounds in {timeout_s} s")
-
-
 def test_two_miners_train_three_overlapped_rounds(
     live_coordinator: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -48,7 +36,7 @@ def test_two_miners_train_three_overlapped_rounds(
             for i in range(2)
         ]
         try:
-            status = _wait_rounds(server.url, 3, procs, timeout_s=150)
+            status = server.wait_rounds(3, procs, timeout_s=150)
             records = [httpx.get(f"{server.url}/v1/rounds/{r}", timeout=10).json() for r in range(3)]
         finally:
             for p in procs:
@@ -87,7 +75,7 @@ def test_a_miner_downloads_straight_from_the_object_store(
         args = [*mine_command(server.url, tmp_path / "m.pem", tmp_path / "state"), "--max-rounds", "3"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
-        status = closed_status(server.url, 3)
+        status = server.wait_rounds(3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "version 0: loaded checkpoint" in done.stderr
     assert "version 2: caught up from version 1 by 1 published updates" in done.stderr
@@ -95,14 +83,3 @@ def test_a_miner_downloads_straight_from_the_object_store(
     redirects = next(x for x in metrics.splitlines() if x.startswith("gradpool_download_redirects_total"))
     assert float(redirects.split()[1]) >= 3  # one checkpoint and two updates at least
     assert [r["accepted"] for r in status["rounds"][:3]] == [1, 1, 1]
-
-
-def closed_status(url: str, rounds: int) -> dict[str, Any]:
-    """/v1/status once ``rounds`` rounds have closed: the miner exits after its last upload, before the
-    coordinator has closed that round."""
-    deadline = time.monotonic() + 60
-    while True:
-        status: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=10).json()
-        if len(status["rounds"]) >= rounds or time.monotonic() > deadline:
-            return status
-        time.sleep(0.2)

@@ -6,11 +6,9 @@ from __future__ import annotations
 import os
 import subprocess
 import sys
-import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -69,19 +67,8 @@ def test_a_two_process_torchrun_miner_mines(live_coordinator: Any, tmp_path: Pat
         done = subprocess.run(
             args, capture_output=True, text=True, timeout=240, env=env, stdin=subprocess.DEVNULL
         )
-        status = closed_status(server.url, 2)
+        status = server.wait_rounds(2)
     assert done.returncode == 0, done.stderr[-3000:]
     assert [r["accepted"] for r in status["rounds"][:2]] == [1, 1]
     assert status["miners"] == 1, "only rank 0 registers"
     assert "rank stopped after 2 rounds" in done.stderr
-
-
-def closed_status(url: str, rounds: int) -> dict[str, Any]:
-    """/v1/status once ``rounds`` rounds have closed: the miner exits after its last upload, before the
-    coordinator has closed that round."""
-    deadline = time.monotonic() + 60
-    while True:
-        status: dict[str, Any] = httpx.get(f"{url}/v1/status", timeout=10).json()
-        if len(status["rounds"]) >= rounds or time.monotonic() > deadline:
-            return status
-        time.sleep(0.2)
