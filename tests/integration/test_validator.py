@@ -13,7 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
-from test_network import _mine, _wait_rounds
+from test_network import _mine
 
 from protocol.evaluation import LOSS_FIELDS
 
@@ -38,7 +38,7 @@ def test_validator_agrees_with_the_coordinator(
         )  # fmt: skip
         try:
             assert validator.returncode == 0, validator.stderr[-2000:]
-            _wait_rounds(server.url, 2, miners, timeout_s=60)
+            server.wait_rounds(2, miners, timeout_s=60)
             board = httpx.get(f"{server.url}/v1/leaderboard", timeout=10).json()
         finally:
             for p in miners:
