@@ -47,6 +47,7 @@ class Method:
     # pseudo-gradient is then taken from that version. "merge_eager": both, as node/overlap.py does.
     overlap: Literal["off", "delayed", "eager", "merge", "merge_eager"] = "off"
     merge_at: float = 0.5
+    carry: float = 1.0  # at the merge, the part of what training had moved the model by that it keeps
 
 
 METHODS: dict[str, Method] = {
@@ -72,7 +73,9 @@ METHODS: dict[str, Method] = {
     "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
     "sparseloco_overlap_early": Method("pool", overlap="merge_eager", merge_at=0.2),
+    "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_lr08": Method("pool", overlap="merge_eager", outer_lr=0.8),
+    "sparseloco_overlap_carry05": Method("pool", overlap="merge_eager", carry=0.5),
     "single": Method("single"),
 }
 
@@ -165,7 +168,8 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
             set_params(worker.model, start)
             on_step = None
             if method.overlap in ("merge", "merge_eager") and r > 0:
-                on_step, start = merger(worker.model, start, theta, method.merge_at, c.inner_steps), theta
+                on_step = merger(worker.model, start, theta, method.merge_at, c.inner_steps, method.carry)
+                start = theta
             result = worker.trainer.run(tokens, on_step=on_step)
             tally.train_s += result.compute_s
             tally.inner_steps += result.steps
@@ -208,9 +212,10 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
 
 
 def merger(model: CausalLM, base: dict[str, torch.Tensor], newest: dict[str, torch.Tensor], at: float,
-           steps: int) -> Callable[[dict[str, float]], None]:  # fmt: skip
-    """An inner-step callback that moves the model by ``newest - base`` after ``at`` of the steps (the
-    version being made arrives, and the model moves as its start point would have)."""
+           steps: int, carry: float = 1.0) -> Callable[[dict[str, float]], None]:  # fmt: skip
+    """An inner-step callback that, after ``at`` of the steps (the version being made arrives), puts the
+    model at ``newest`` moved by ``carry`` x what training had moved it by from ``base`` (1: the model
+    moves as its start point would have)."""
     done, after = [0], max(1, min(steps, math.ceil(at * steps)))
 
     def on_step(_: dict[str, float]) -> None:
@@ -218,6 +223,9 @@ def merger(model: CausalLM, base: dict[str, torch.Tensor], newest: dict[str, tor
         if done[0] == after:
             with torch.no_grad():
                 for n, p in model.named_parameters():
-                    p.add_(newest[n] - base[n])
+                    if carry == 1:
+                        p.add_(newest[n] - base[n])
+                    else:
+                        p.copy_(newest[n] + carry * (p - base[n]))
 
     return on_step

@@ -11,6 +11,7 @@ import pytest
 import torch
 
 from benchmarks.convergence import METHODS, Config, main
+from benchmarks.convergence_methods import merger
 
 pytestmark = pytest.mark.timeout(120)  # generous: the shared run takes about 10 s on two busy cores
 FIELDS = {"final_eval_loss", "bytes_per_round", "bytes_basis", "curve", "wall_s", "tokens"}
@@ -100,3 +101,25 @@ def test_overlapped_rounds_share_the_first_round_and_part_after_it(tmp_path: Pat
         == curves["sparseloco_overlap_delayed"][:2]
     )
     assert len({c[3] for c in curves.values()}) == 3, curves
+
+
+@pytest.mark.parametrize("carry", [1.0, 0.5, 0.0])
+def test_the_merge_moves_the_model_to_the_new_version_keeping_carry_of_what_it_learned(carry: float) -> None:
+    torch.manual_seed(0)
+    model = torch.nn.Linear(4, 3)
+    base = {n: p.detach().clone() for n, p in model.named_parameters()}
+    newest = {n: t + torch.randn_like(t) for n, t in base.items()}
+    learned = {n: torch.randn_like(t) for n, t in base.items()}
+    with torch.no_grad():
+        for n, p in model.named_parameters():
+            p.add_(learned[n])  # where the first steps took it from the base
+    on_step = merger(model, base, newest, at=0.5, steps=4, carry=carry)  # type: ignore[arg-type]
+    on_step({})
+    moved = dict(model.named_parameters())
+    assert all(torch.equal(moved[n], base[n] + learned[n]) for n in base)  # not yet: 1 of the 2 steps
+    on_step({})
+    for n in base:
+        torch.testing.assert_close(moved[n].detach(), newest[n] + carry * learned[n])
+    on_step({})  # once only
+    for n in base:
+        torch.testing.assert_close(moved[n].detach(), newest[n] + carry * learned[n])
