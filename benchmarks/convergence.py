@@ -16,8 +16,9 @@ Methods (M workers, H inner steps per round, R rounds, B sequences per inner ste
   (beta 0: e = delta, no residual carried).
 - ``sparseloco_overlap``: overlapped rounds as miners run them (node/overlap.py): round r trains from the
   version before the newest, starting from it minus the worker's own last contribution, and merges the
-  newest after half the inner steps; its aggregate is applied to the newest. ``_eager``, ``_merge`` and
-  ``_delayed`` are the parts alone (``_delayed``: nothing but the stale base); ``_late`` merges after 90 %.
+  newest after a fifth of the inner steps (where miners of ``make demo`` get it); its aggregate is applied
+  to the newest. ``_merge30``, ``_half`` and ``_late`` merge after 30 %, 50 % and 90 %; ``_eager``,
+  ``_merge`` and ``_delayed`` are the parts alone (``_delayed``: nothing but the stale base).
 - ``single``: worker 0 alone, R*H steps of B sequences: 1/M of the tokens.
 
 ``bytes_per_round`` is what one worker uploads per round: the real payload length for the pool methods;

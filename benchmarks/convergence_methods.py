@@ -65,17 +65,18 @@ METHODS: dict[str, Method] = {
     "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4, ef_beta=1.0)),
     "sparseloco_down_k192": Method("pool", downlink=PublishSettings(codec="sparseloco", k=192, ef_beta=1.0)),
     "sparseloco_down_k256": Method("pool", downlink=PublishSettings(codec="sparseloco", k=256, ef_beta=1.0)),
-    # overlapped rounds (node/overlap.py): the miner's way, the version being made arriving half way
-    # through the inner steps; then each part alone, and the version arriving late
-    "sparseloco_overlap": Method("pool", overlap="merge_eager"),
+    # overlapped rounds (node/overlap.py): the miner's way, the version being made arriving after a fifth
+    # of the inner steps (where `make demo`'s miners merge it: after 3 or 4 of 20); then later, and each
+    # part alone
+    "sparseloco_overlap": Method("pool", overlap="merge_eager", merge_at=0.2),
+    "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
+    "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
+    "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
     "sparseloco_overlap_eager": Method("pool", overlap="eager"),
     "sparseloco_overlap_merge": Method("pool", overlap="merge"),
     "sparseloco_overlap_delayed": Method("pool", overlap="delayed"),
-    "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
-    "sparseloco_overlap_early": Method("pool", overlap="merge_eager", merge_at=0.2),
-    "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
-    "sparseloco_overlap_lr08": Method("pool", overlap="merge_eager", outer_lr=0.8),
-    "sparseloco_overlap_carry05": Method("pool", overlap="merge_eager", carry=0.5),
+    "sparseloco_overlap_lr08": Method("pool", overlap="merge_eager", merge_at=0.5, outer_lr=0.8),
+    "sparseloco_overlap_carry05": Method("pool", overlap="merge_eager", merge_at=0.5, carry=0.5),
     "single": Method("single"),
 }
 

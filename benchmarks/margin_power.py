@@ -51,7 +51,9 @@ from node.validator import Validator
 from protocol.evaluation import UpdateEvaluator, round_salt, samples
 from protocol.payload import SparseTensor
 
-DESIGNS = ("plain", "loss_adjusted", "paired", "ring", "aggregate", "aggregate_fit")
+DESIGNS = ("plain", "loss_adjusted", "paired", "ring", "aggregate", "aggregate_fit", "aggregate_fit_64",
+           "aggregate_fit_64_96")
+SMALLER = {"aggregate_fit_64": (64, 64), "aggregate_fit_64_96": (64, 96)}  # own, other: sample prefixes
 
 
 def _t(own: torch.Tensor, other: torch.Tensor) -> float:
@@ -132,7 +134,7 @@ def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
             "ring": _ring_t(ring, gains, half, m),
             "aggregate": _t((g - reference)[own], (g - reference)[other]),
             "aggregate_fit": _t(*_fitted(g, reference, own, other)),
-        }
+        } | {d: _t(*_fitted(g, reference, own[:a], other[:b])) for d, (a, b) in SMALLER.items()}
     return out
 
 

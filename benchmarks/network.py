@@ -10,6 +10,10 @@ Needs root and iproute2 (``ip``, ``tc``); it is not part of the test suite. Ever
 makes is removed when it ends, also when interrupted; a run that was killed outright leaves names starting
 with ``gpnet``, which the next run removes first.
 
+Compute: with ``--pin`` (the default, on a machine of two or more cores) the coordinator runs on the first
+core and the miners share the others, as a coordinator has a machine of its own; ``--no-pin`` lets every
+process share every core.
+
 Latency: this kernel has tbf but no netem, so no propagation delay is added. tbf's queue (``latency``
 below) bounds how long a packet may wait for its tokens; the links are otherwise ideal. The projection
 counts transfer time from the rate alone, as the shaped runs do.
@@ -38,6 +42,7 @@ SUBNET = "10.213.0"
 COORDINATOR_IP = f"{SUBNET}.1"
 QUEUE = "latency 200ms"  # tbf's queue: how long a packet may wait for tokens before it is dropped
 ROUND_LINE = re.compile(r"round (\d+): version .*\(compute ([\d.]+) s, transfer ([\d.]+) s\)")
+MERGE_LINE = re.compile(r"round (\d+): merged version \d+ after (\d+) of (\d+) inner steps")
 PROJECTED = {"124m": 124_000_000, "1b": 1_000_000_000, "8b": 8_000_000_000}
 
 
@@ -49,9 +54,9 @@ def preflight() -> str | None:
     """Why this cannot run here, or None."""
     if os.geteuid() != 0:
         return "benchmarks.network needs root (network namespaces, veth pairs and tc)"
-    missing = [t for t in ("ip", "tc") if shutil.which(t) is None]
+    missing = [t for t in ("ip", "tc", "taskset") if shutil.which(t) is None]
     if missing:
-        return f"benchmarks.network needs iproute2: {', '.join(missing)} not found"
+        return f"benchmarks.network needs iproute2 and taskset: {', '.join(missing)} not found"
     return None
 
 
@@ -103,6 +108,15 @@ def burst(mbit: float) -> str:
     return f"{max(32 * 1024, int(mbit * 1e6 / 8 / 100))}b"
 
 
+def cores(pin: bool) -> tuple[set[int], list[str]]:
+    """The coordinator's cores (this process's, which it inherits) and the prefix that puts a miner on the
+    others: the first core and the rest when pinned, else every core for both."""
+    mine = sorted(os.sched_getaffinity(0))
+    if not pin or len(mine) < 2:
+        return set(mine), []
+    return {mine[0]}, ["taskset", "-c", ",".join(map(str, mine[1:]))]
+
+
 def run_mode(overlap: bool, args: argparse.Namespace, prefixes: list[list[str]]) -> dict[str, Any]:
     from gradpool.simulate import simulate
 
@@ -111,17 +125,21 @@ def run_mode(overlap: bool, args: argparse.Namespace, prefixes: list[list[str]])
     report = simulate(
         miners=args.miners, rounds=args.rounds, out=out, model=args.model, inner_steps=args.inner_steps,
         max_tokens=args.max_tokens, timeout_s=args.timeout_s, overlap=overlap, host=COORDINATOR_IP,
-        wrap=lambda i: prefixes[i], echo=lambda line: print(line, file=sys.stderr),
+        wrap=lambda i: [*prefixes[i], *args.miner_prefix], echo=lambda line: print(line, file=sys.stderr),
     )  # fmt: skip
     transfers: dict[int, list[float]] = {}
+    merged: dict[int, list[float]] = {}  # overlapped rounds: where in the inner steps the version came
     for i in range(args.miners):
         log = (out / "logs" / f"miner-{i}.log").read_text(errors="replace")
         for m in ROUND_LINE.finditer(log):
             transfers.setdefault(int(m.group(1)), []).append(float(m.group(3)))
+        for m in MERGE_LINE.finditer(log):
+            merged.setdefault(int(m.group(1)), []).append(int(m.group(2)) / int(m.group(3)))
     rounds = [
         {"round": r["round"], "wall_s": r["wall_s"], "compute_s": r["compute_s"], "bytes_up": r["bytes_up"],
          "bytes_down": r["bytes_down"], "bytes_down_model": r["bytes_down_model"],
-         "transfer_s": round(statistics.fmean(transfers[r["round"]]), 3) if r["round"] in transfers else None}
+         "transfer_s": round(statistics.fmean(transfers[r["round"]]), 3) if r["round"] in transfers else None,
+         "merged_at": round(statistics.fmean(merged[r["round"]]), 3) if r["round"] in merged else None}
         for r in report["rounds"]
     ]  # fmt: skip
     return {"utilisation": round(report["utilisation"], 4), "final_eval_loss": report["final_eval_loss"],
@@ -169,6 +187,8 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--step-s", type=float, default=1.0, help="projection: seconds per inner step")
     p.add_argument("--inner-steps-projected", dest="inner_steps_projected", type=int, default=30,
                    help="projection: inner steps per round")  # fmt: skip
+    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
+                   help="the coordinator on the first core, the miners on the others")  # fmt: skip
     p.add_argument("--out", type=Path, default=Path("runs/bench-network"))
     p.add_argument("--json", action="store_true", help="print the result as JSON (else a summary)")
     return p.parse_args(argv)
@@ -192,12 +212,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     from protocol.model import build_model, num_parameters
 
     params = num_parameters(build_model(args.model))
+    coordinator_cores, args.miner_prefix = cores(args.pin)
+    os.sched_setaffinity(0, coordinator_cores)  # the coordinator inherits it; miners are moved by taskset
     results: dict[str, Any] = {}
     with shaped_links(args.miners, args.up_mbit, args.down_mbit) as prefixes:
         for mode in modes:
             results[mode] = run_mode(mode == "overlap", args, prefixes)
     out: dict[str, Any] = {"up_mbit": args.up_mbit, "down_mbit": args.down_mbit, "model": args.model,
-                           "params": params, "miners": args.miners, "modes": results}  # fmt: skip
+                           "params": params, "miners": args.miners, "pinned": bool(args.miner_prefix),
+                           "modes": results}  # fmt: skip
     if "sync" in results:
         out["projection"] = projection(results, params, args)
     if "sync" in results and "overlap" in results and results["sync"]["utilisation"] > 0:

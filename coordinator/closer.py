@@ -31,7 +31,7 @@ import torch
 from coordinator.aggregation import UploadFailed
 from coordinator.checks import Check, Refusal, Upload
 from coordinator.hooks import Hooks
-from coordinator.judging import Judge, Judged, Stopping
+from coordinator.judging import Judge, Judged, Later, Stopping
 from coordinator.parts import Model, Parts
 from coordinator.publish import Built
 from coordinator.settings import CheckSettings, FaultSettings, RoundSettings, ValidationSettings
@@ -97,6 +97,10 @@ class Closer:
 
     def _loop(self) -> None:
         rounds = self.s.rounds
+        try:
+            self._finish_unscored()
+        except Stopping:
+            return
         while not self._stop.is_set():
             state = self.p.cell.state
             now = self.p.clock()
@@ -118,8 +122,7 @@ class Closer:
         attempts = self.s.rounds.max_close_attempts
         for attempt in range(1, attempts + 1):
             try:
-                self._close(state)
-                return
+                later = self._close(state)
             except Stopping:
                 self._reopen(state)
                 raise
@@ -129,7 +132,43 @@ class Closer:
                 if attempt < attempts and self._stop.wait(min(5.0, 0.5 * 2**attempt)):
                     self._reopen(state)
                     raise Stopping from None
+                continue
+            if later is not None:
+                self._finish(*later)
+            self._prune()
+            return
         self._close_without_version(state, reason)
+
+    def _finish(self, later: Later, accepted: set[str]) -> None:
+        """Overlapped rounds: the evaluation left for after the version, recorded (the round stays unscored,
+        to be evaluated again after a restart, only if the coordinator stops meanwhile)."""
+        t0 = time.perf_counter()
+        try:
+            verdicts, flags = self.judge.finish(later, accepted)
+        except Stopping:
+            raise
+        except Exception:
+            log.exception("round %d: evaluating after the version failed; unscored", later.round)
+            verdicts, flags = {}, {}
+        self.p.store.record_scores(later.round, verdicts, flags, self.p.clock())
+        self.p.scores.changed()
+        log.info("round %d: %d uploads evaluated after the version in %.2f s", later.round,
+                 len(later.uploads), time.perf_counter() - t0)  # fmt: skip
+
+    def _finish_unscored(self) -> None:
+        """After a restart: the rounds whose evaluation after their version did not end, again."""
+        for row in self.p.store.unscored_rounds():
+            later = self.judge.rescore(int(row["round"]), int(row["applied_to"]))
+            if later is None:
+                self.p.store.record_scores(int(row["round"]), {}, {}, self.p.clock())
+                continue
+            accepted = {s["miner"] for s in self.p.store.round_submissions(later.round)
+                        if s["status"] == "accepted"}  # fmt: skip
+            self._finish(later, accepted)
+
+    def _prune(self) -> None:
+        for sha in self.p.store.prune_checkpoints(self.s.keep_checkpoints):
+            self.p.blobs.delete(sha)
 
     def _reopen(self, state: RoundState) -> None:
         """Shutting down mid-close: a synchronous round takes uploads again until the restart (a round
@@ -159,14 +198,16 @@ class Closer:
                           clock_from=p.clock(), deadline_s=deadline_for(p.store, rounds, round_),
                           behind=behind)  # fmt: skip
 
-    def _close(self, state: RoundState) -> None:
+    def _close(self, state: RoundState) -> tuple[Later, set[str]] | None:
+        """Judge, build, publish and commit; overlapped rounds: what is left to evaluate once the version is
+        out, and the accepted uploads."""
         p, t0 = self.p, time.perf_counter()
         subs = p.store.round_submissions(state.round)
         uploads = [Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"],
                           torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
                    for s in subs]  # fmt: skip
         head = p.store.head()  # what the uploads are judged on and applied to: the model as it is now
-        judged = self.judge.judge(state, uploads, subs)
+        judged = self.judge.judge(state, uploads, subs, defer=self.s.rounds.overlap)
         built, close_reason = self._build(state, head[0], uploads, judged)
         new_version = None if built is None else p.publisher.write(built)
         outcomes = {u.miner: Outcome(judged.refused.get(u.miner), u.miner in judged.evaluated,
@@ -185,9 +226,10 @@ class Closer:
         close = RoundClose(
             round=state.round, next_version=next_version, applied_to=head[0],
             open_next=p.cell.state.round == state.round, version=new_version, outcomes=outcomes,
-            verdicts=judged.losses, compute_s=statistics.fmean(compute) if compute else 0.0,
+            verdicts=judged.losses if judged.later is None else {},
+            compute_s=statistics.fmean(compute) if compute else 0.0,
             reference_norm=judged.reference_norm, close_reason=close_reason, bytes_down=bytes_down,
-            closed_at=p.clock(),
+            closed_at=p.clock(), scored=judged.later is None,
         )  # fmt: skip
         try:
             self._commit(state, close, next_hash)
@@ -199,6 +241,9 @@ class Closer:
             self.model.params = built.params
             p.publisher.commit(built)
         self._after(state, close, time.perf_counter() - t0)
+        if judged.later is None:
+            return None
+        return judged.later, {m for m, o in outcomes.items() if o.reason is None}
 
     def _commit(self, state: RoundState, close: RoundClose, next_hash: str) -> None:
         """The round's record, and the next state: the next round (synchronous), or the open round with
@@ -222,12 +267,11 @@ class Closer:
         self.p.metrics.rounds_failed.labels(reason.split(":")[0]).inc()
         log.error("round %d closed without a version: %s", state.round, reason)
         self._after(state, close, 0.0)
+        self._prune()
 
     def _after(self, state: RoundState, close: RoundClose, seconds: float) -> None:
         p = self.p
         p.scores.changed()
-        for sha in p.store.prune_checkpoints(self.s.keep_checkpoints):
-            p.blobs.delete(sha)
         for s in p.store.round_submissions(state.round):  # the stored forms served their one purpose
             if s["unpacked_sha256"] not in (None, s["sha256"]):
                 p.blobs.delete(s["unpacked_sha256"])

@@ -1,6 +1,14 @@
 """Judging a round's uploads: the cheap checks, then (``[validation] builtin``) each sampled upload
 evaluated alone on the version it will change, then the evaluated checks (coordinator/checks.py). Runs in
-the closer's thread."""
+the closer's thread.
+
+Synchronous rounds judge every sampled upload before the version is built. Overlapped rounds judge first
+only the uploads of miners without a good standing (a record shorter than ``min_record``, or a refusal or
+flag in the last ``RECENT_REFUSAL_ROUNDS`` rounds); the others go into the version on the cheap checks and
+their standing, and are evaluated once it is published (``finish``), while miners train the next round.
+That evaluation gives every sampled upload its verdict and score, and flags an accepted upload that it
+would have refused: its miner is then judged first for the next rounds, and its score carries the verdict.
+"""
 
 from __future__ import annotations
 
@@ -10,7 +18,7 @@ import sqlite3
 import threading
 import time
 from collections.abc import Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -22,13 +30,25 @@ from coordinator.state import RoundState
 from coordinator.store import COORDINATOR
 from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt
 from protocol.pairing import RoundEvaluation
+from protocol.params import Params, load_checkpoint
 
 log = logging.getLogger(__name__)
-RECENT_REFUSAL_ROUNDS = 5  # max_evaluated: a miner refused this recently is always evaluated
+RECENT_REFUSAL_ROUNDS = 5  # a miner refused or flagged this recently is evaluated, and first
 
 
 class Stopping(Exception):
     """The coordinator is shutting down: the round stays open, to be closed after the restart."""
+
+
+@dataclass
+class Later:
+    """Overlapped rounds: the part of a round's evaluation left for after its version is published."""
+
+    round: int
+    evaluation: RoundEvaluation
+    uploads: list[Upload]  # to measure then
+    scales: dict[str, float]
+    history: History
 
 
 @dataclass
@@ -38,6 +58,8 @@ class Judged:
     losses: dict[str, Losses]
     evaluated: set[str]
     reference_norm: float | None
+    later: Later | None = None
+    first: set[str] = field(default_factory=set)  # the uploads evaluated before the version was built
 
 
 class Judge:
@@ -46,19 +68,65 @@ class Judge:
         self.p, self.model, self.checks_settings, self.validation = parts, model, checks, validation
         self.pipeline, self.hooks, self.stop = pipeline, hooks, stop
 
-    def judge(self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row]) -> Judged:
+    def judge(self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row],
+              defer: bool = False) -> Judged:  # fmt: skip
+        """Refusals, clip scales and losses of a round's uploads. ``defer`` (overlapped rounds): leave the
+        evaluation of uploads whose miners have a good standing for ``finish``."""
         p, r = self.p, state.round
         j = Judging(r, uploads, self._history(r))
         ref, scales = judge_cheap(self.pipeline, j)
-        evaluated: set[str] = set()
-        if self.validation.builtin and j.remaining():
-            j.losses = self._measure(state, j, scales, [s["sha256"] for s in subs])
-            evaluated = set(j.losses)
-            board_through = r - 1
-            j.scores = lambda: p.scores.with_round(board_through, round_results(
-                r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
-            run_phase(self.pipeline, "evaluated", j)
-        return Judged(j.refused, scales, j.losses, evaluated, ref)
+        if not (self.validation.builtin and j.remaining()):
+            return Judged(j.refused, scales, {}, set(), ref)
+        salt = round_salt(s["sha256"] for s in subs)
+        first, later = self._sample(r, j.remaining(), salt, defer)
+        evaluation = self._evaluation(r, salt, first + later, self.model.params)
+        j.losses = self._measure(evaluation, r, first, scales, j.refused)
+        if not later:
+            j.losses = evaluation.losses()
+        board_through = r - 1
+        j.scores = lambda: p.scores.with_round(board_through, round_results(
+            r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
+        run_phase(self.pipeline, "evaluated", j)
+        judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later}, ref,
+                        first={u.miner for u in first})  # fmt: skip
+        if later:
+            judged.later = Later(r, evaluation, later, scales, j.history)
+        return judged
+
+    def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
+        """Overlapped rounds, once the version is published: measure the uploads left, pair every measured
+        one, and flag the accepted uploads that the round's whole evaluation would have refused. Returns
+        (verdicts, flags)."""
+        later.evaluation.evaluator.reset()  # building the version used the model
+        refused: dict[str, str] = {}
+        self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
+        losses = later.evaluation.losses()
+        j = Judging(later.round, [], later.history, losses=losses)
+        run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
+        flags = {m: code for m, code in (refused | j.refused).items() if m in accepted}
+        if flags:
+            log.warning("round %d: accepted uploads flagged once evaluated: %s", later.round,
+                        {m[:12]: code for m, code in flags.items()})  # fmt: skip
+        return losses, flags
+
+    def rescore(self, round_: int, applied_to: int) -> Later | None:
+        """A closed round whose evaluation was left for after its version and never finished (the
+        coordinator stopped): all of it again, on the version its uploads were applied to. None when that
+        version's checkpoint is no longer kept."""
+        p = self.p
+        kept = p.store.checkpoint(applied_to)
+        if kept is None:
+            log.warning("round %d: version %d's checkpoint is gone; its evaluation is dropped", round_,
+                        applied_to)  # fmt: skip
+            return None
+        base, _ = load_checkpoint(p.blobs.get(kept[1]), p.spec)
+        subs = p.store.round_submissions(round_)
+        uploads = [Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"], torch.zeros(0))
+                   for s in subs if s["evaluated"] and s["scale"] is not None]  # fmt: skip
+        salt = round_salt(s["sha256"] for s in subs)
+        scales = {s["miner"]: float(s["scale"]) for s in subs if s["scale"] is not None}
+        evaluation = self._evaluation(round_, salt, uploads, base)
+        return Later(round_, evaluation, uploads, scales, self._history(round_))
 
     def _history(self, round_: int) -> History:
         p, c = self.p, self.checks_settings
@@ -75,54 +143,58 @@ class Judge:
             sketches=sketches,
         )
 
-    def _measure(self, state: RoundState, j: Judging, scales: dict[str, float],
-                 payload_shas: list[str]) -> dict[str, Losses]:  # fmt: skip
-        """Each remaining upload's losses before and after it is applied alone, scaled as aggregation
-        scales it; an upload whose evaluation fails is refused."""
-        p, t0 = self.p, time.perf_counter()
-        salt = round_salt(payload_shas)
-        evaluator = UpdateEvaluator(self.model.module, self.model.params, p.dataset.sequences)
-        chosen = self._sample(state.round, j.remaining(), salt)
-        evaluation = RoundEvaluation(evaluator, p.info, state.round, salt, [u.miner for u in chosen])
-        for u in chosen:
+    def _evaluation(self, round_: int, salt: str, uploads: list[Upload], base: Params) -> RoundEvaluation:
+        evaluator = UpdateEvaluator(self.model.module, base, self.p.dataset.sequences)
+        return RoundEvaluation(evaluator, self.p.info, round_, salt, [u.miner for u in uploads])
+
+    def _measure(self, evaluation: RoundEvaluation, round_: int, uploads: list[Upload],
+                 scales: dict[str, float], refused: dict[str, str]) -> dict[str, Losses]:  # fmt: skip
+        """Each upload's losses before and after it is applied alone, scaled as aggregation scales it (the
+        plain margin); an upload whose evaluation fails is refused."""
+        p, t0, out = self.p, time.perf_counter(), {}
+        for u in uploads:
             if self.stop.is_set():
                 raise Stopping
             try:
-                self.touch(state.round, u)
+                self.touch(round_, u)
                 update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
-                evaluation.measure(u.miner, update, scales[u.miner])
+                out[u.miner] = evaluation.measure(u.miner, update, scales[u.miner])
             except Exception as e:
-                log.warning(
-                    "round %d: evaluating miner %s's upload failed (%s)", state.round, u.miner[:12], e
-                )
-                j.refused.setdefault(u.miner, Refusal.UNREADABLE)
-        out = evaluation.losses()
+                log.warning("round %d: evaluating miner %s's upload failed (%s)", round_, u.miner[:12], e)
+                refused.setdefault(u.miner, Refusal.UNREADABLE)
         elapsed = time.perf_counter() - t0
         p.metrics.evaluation.observe(elapsed)
-        log.info("round %d: evaluated %d uploads in %.2f s; gains %s", state.round, len(out), elapsed,
+        log.info("round %d: evaluated %d uploads in %.2f s; gains %s", round_, len(out), elapsed,
                  {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
         return out
 
-    def _sample(self, round_: int, uploads: list[Upload], salt: str) -> list[Upload]:
-        """The uploads to evaluate: all, or ``max_evaluated`` of them: those whose miner was refused in the
-        last ``RECENT_REFUSAL_ROUNDS`` rounds first, then those with a record shorter than ``min_record``,
-        then a draw that nobody can know before the round's payloads are all in (the round's salt)."""
+    def _sample(self, round_: int, uploads: list[Upload], salt: str,
+                defer: bool) -> tuple[list[Upload], list[Upload]]:  # fmt: skip
+        """The uploads to evaluate, as (first, later): all, or ``max_evaluated`` of them: those whose miner
+        was refused or flagged in the last ``RECENT_REFUSAL_ROUNDS`` rounds first, then those with a record
+        shorter than ``min_record``, then a draw that nobody can know before the round's payloads are all in
+        (the round's salt). ``defer``: the draw is evaluated later, the two tiers before it first."""
         v, p = self.validation, self.p
-        if v.max_evaluated is None or len(uploads) <= v.max_evaluated:
-            return uploads
+        if not defer and (v.max_evaluated is None or len(uploads) <= v.max_evaluated):
+            return uploads, []
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
-        refused = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
-                   if s["status"] == "rejected" and s["reason"] not in NEUTRAL}  # fmt: skip
-        refused |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
+        suspect = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
+                   if (s["status"] == "rejected" and s["reason"] not in NEUTRAL) or s["flag"]}  # fmt: skip
+        suspect |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
         record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
 
+        def tier(u: Upload) -> int:
+            return 0 if u.miner in suspect else 1 if record.get(u.miner, 0) < v.min_record else 2
+
         def priority(u: Upload) -> tuple[int, bytes]:
-            tier = 0 if u.miner in refused else 1 if record.get(u.miner, 0) < v.min_record else 2
-            return tier, hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()
+            return tier(u), hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()
 
         chosen = sorted(uploads, key=priority)[: v.max_evaluated]
-        log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
-        return chosen
+        if len(chosen) < len(uploads):
+            log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
+        if not defer:
+            return chosen, []
+        return [u for u in chosen if tier(u) < 2], [u for u in chosen if tier(u) == 2]
 
     def touch(self, round_: int, u: Upload) -> None:
         if self.hooks.on_upload is not None:

@@ -74,7 +74,8 @@ class Queries:
             round=round_, version=row["version"], status=status,
             submissions=[SubmissionRecord(miner=s["miner"], sha256=s["sha256"], bytes=s["bytes"],
                                           status=s["status"], reason=s["reason"],
-                                          evaluated=bool(s["evaluated"]), scale=s["scale"]) for s in subs],
+                                          evaluated=bool(s["evaluated"]), scale=s["scale"],
+                                          flag=s["flag"]) for s in subs],
             reference_norm=row["reference_norm"], close_reason=row["close_reason"],
             applied_to=row["applied_to"],
         )  # fmt: skip
@@ -101,7 +102,7 @@ def _report(r: sqlite3.Row, refusals: dict[str, int]) -> RoundReport:
     return RoundReport(
         round=r["round"], version=r["result_version"], eval_loss=r["eval_loss"], accepted=r["accepted"],
         rejected=r["rejected"], bytes_up=r["bytes_up"], bytes_down=r["bytes_down"],
-        wall_s=round(r["closed_at"] - max(r["opened_at"], r["previous_closed_at"] or 0.0), 3),
+        wall_s=round((r["next_opened_at"] or r["closed_at"]) - r["opened_at"], 3),
         compute_s=round(r["compute_s"], 3),
         close_reason=r["close_reason"], bytes_down_model=r["bytes_down_model"],
         bytes_down_data=r["bytes_down_data"], refusals=refusals,

@@ -42,7 +42,7 @@ class RoundSettings(Section):
         description="tries before a round that fails to close closes without a version",
     )
     overlap: bool = Field(
-        default=False,
+        default=True,
         description="open the next round as one starts closing: miners train while it is judged and "
         "published, and its uploads are applied one version after the one they trained from",
     )
@@ -95,8 +95,8 @@ class ValidationSettings(Section):
     does with the scores."""
 
     builtin: bool = Field(default=True, description="evaluate every upload here when its round closes")
-    own_sequences: int = Field(default=128, ge=2, le=1024, description="sample of the miner's assignment")
-    other_sequences: int = Field(default=128, ge=2, le=1024, description="sample of data it was not given")
+    own_sequences: int = Field(default=48, ge=2, le=1024, description="sample of the miner's assignment")
+    other_sequences: int = Field(default=48, ge=2, le=1024, description="sample of data it was not given")
     refuse_harmful: bool = Field(
         default=True, description="refuse an update that does not lower the loss on its own data"
     )

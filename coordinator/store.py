@@ -16,8 +16,8 @@ from pathlib import Path
 from typing import Any
 
 from coordinator.store_reports import ReportReads
-from coordinator.store_scores import ScoreReads
-from protocol.evaluation import LOSS_FIELDS, Losses
+from coordinator.store_scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
+from protocol.evaluation import Losses
 
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
@@ -66,10 +66,8 @@ MIGRATIONS = (
     ("rounds", "applied_to", "INTEGER"),
     ("verdicts", "paired_margin", "REAL NOT NULL DEFAULT 0"),
     ("verdicts", "paired_se", "REAL NOT NULL DEFAULT 0"),
-)
-INSERT_VERDICT = (
-    f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
-    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
+    ("rounds", "scored", "INTEGER NOT NULL DEFAULT 1"),  # 0: its evaluation continues after its version
+    ("submissions", "flag", "TEXT"),  # an accepted upload that its later evaluation would have refused
 )
 # Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
 # (a refusal followed by an accepted retry leaves the upload's verdict to stand).
@@ -122,12 +120,13 @@ class RoundClose:
     open_next: bool  # synchronous rounds: the next round opens now, for next_version
     version: NewVersion | None
     outcomes: dict[str, Outcome]
-    verdicts: dict[str, Losses]
+    verdicts: dict[str, Losses]  # empty while the round's evaluation continues after it (``scored``)
     compute_s: float
     reference_norm: float | None
     close_reason: str | None
     bytes_down: tuple[int, int]  # (model, data)
     closed_at: float
+    scored: bool = True  # False: overlapped rounds, whose evaluation goes on once the version is out
 
 
 class Store(ReportReads, ScoreReads):
@@ -346,10 +345,11 @@ class Store(ReportReads, ScoreReads):
                 "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
                 "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
                 "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
-                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ? WHERE round = ?",
+                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ?, scored = ? "
+                "WHERE round = ?",
                 (c.closed_at, accepted, len(c.outcomes) - accepted, c.compute_s,
                  None if c.version is None else c.version.eval_loss, c.close_reason, c.reference_norm,
-                 sum(c.bytes_down), *c.bytes_down, c.next_version, c.applied_to, c.round),
+                 sum(c.bytes_down), *c.bytes_down, c.next_version, c.applied_to, int(c.scored), c.round),
             )  # fmt: skip
             if c.open_next:
                 db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
@@ -382,19 +382,8 @@ class Store(ReportReads, ScoreReads):
                        (newest + 1, to_version, now))  # fmt: skip
         return later, newest
 
-    # -- verdicts and scores ------------------------------------------------------------------------------
-    def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None:
-        with self.transaction() as db:
-            db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, verdicts, now))
-
     def uploaded_miners(self, round_: int) -> set[str]:
         return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}
 
 
-COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
-
-
-def verdict_rows(
-    round_: int, validator: str, losses: dict[str, Losses], now: float
-) -> list[tuple[object, ...]]:
-    return [(round_, miner, validator, *x.bounded().astuple(), now) for miner, x in losses.items()]
+__all__ = ["COORDINATOR", "NewSubmission", "NewVersion", "Outcome", "RoundClose", "Store"]

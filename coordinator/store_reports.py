@@ -19,11 +19,10 @@ class ReportReads:
     def reports(self, after: int = -1, limit: int = -1) -> list[sqlite3.Row]:
         """Closed rounds after ``after`` in order (at most ``limit``; -1: all), each with the version the
         model was at when it closed (``result_version``; before it was recorded, the next round's base) and
-        when the round before it closed (``previous_closed_at``)."""
+        when the next round opened (``next_opened_at``)."""
         return self._all(
             "SELECT r.*, COALESCE(r.result_version, n.version) AS result_version, "
-            "p.closed_at AS previous_closed_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
-            "LEFT JOIN rounds p ON p.round = r.round - 1 "
+            "n.opened_at AS next_opened_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
             "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?", after, limit,
         )  # fmt: skip
 

@@ -1,10 +1,20 @@
-"""The leaderboard's reads of the store: verdicts, outcomes and refusals over a window of rounds, the rounds
+"""The leaderboard's side of the store: verdicts written (validators', and the coordinator's own when its
+evaluation ends after the round closed) and read, outcomes and refusals over a window of rounds, the rounds
 that published a version, and when each miner first took part."""
 
 from __future__ import annotations
 
 import sqlite3
+from contextlib import AbstractContextManager
 from typing import Any
+
+from protocol.evaluation import LOSS_FIELDS, Losses
+
+COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
+INSERT_VERDICT = (
+    f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
+    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
+)
 
 INTAKE_REFUSALS = (
     "SELECT round, miner, MIN(code) AS code FROM refusals f WHERE round > ? AND round <= ? AND NOT EXISTS "
@@ -13,16 +23,38 @@ INTAKE_REFUSALS = (
 
 
 class ScoreReads:
-    """Mixed into ``Store``, which gives ``_all``."""
+    """Mixed into ``Store``, which gives ``_all`` and ``transaction``."""
 
     def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         raise NotImplementedError
+
+    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None:
+        with self.transaction() as db:
+            db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, verdicts, now))
+
+    def record_scores(self, round_: int, verdicts: dict[str, Losses], flags: dict[str, str],
+                      now: float) -> None:  # fmt: skip
+        """The coordinator's verdicts on a round whose evaluation ended after it closed, and the flags on
+        its accepted uploads, in one transaction with the round marked scored."""
+        with self.transaction() as db:
+            db.executemany(INSERT_VERDICT, verdict_rows(round_, COORDINATOR, verdicts, now))
+            db.executemany("UPDATE submissions SET flag = ? WHERE round = ? AND miner = ?",
+                           [(code, round_, m) for m, code in flags.items()])  # fmt: skip
+            db.execute("UPDATE rounds SET scored = 1 WHERE round = ?", (round_,))
+
+    def unscored_rounds(self) -> list[sqlite3.Row]:
+        """Closed rounds whose evaluation was to go on after their version and did not end."""
+        return self._all("SELECT round, applied_to FROM rounds WHERE status = 'closed' AND scored = 0 "
+                         "ORDER BY round")  # fmt: skip
 
     def verdicts_between(self, since: int, through: int) -> list[sqlite3.Row]:
         return self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
 
     def submissions_between(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all("SELECT round, miner, status, reason FROM submissions WHERE round > ? "
+        return self._all("SELECT round, miner, status, reason, flag FROM submissions WHERE round > ? "
                          "AND round <= ?", since, through)  # fmt: skip
 
     def tallies(self, through: int) -> list[sqlite3.Row]:
@@ -53,3 +85,9 @@ class ScoreReads:
             "SELECT miner, round FROM refusals) WHERE round <= ? GROUP BY miner", through,
         )  # fmt: skip
         return {str(r["miner"]): int(r["first"]) for r in rows}
+
+
+def verdict_rows(
+    round_: int, validator: str, losses: dict[str, Losses], now: float
+) -> list[tuple[object, ...]]:
+    return [(round_, miner, validator, *x.bounded().astuple(), now) for miner, x in losses.items()]

@@ -118,14 +118,18 @@ class Miner(Follower):
             share({"cmd": "train", "tokens": tokens})
             share_params(self.model)
         rnd = self._overlap(ri, base_version)
+        steps = 0
         with progress(f"round {ri.round}", recipe.inner_steps) as advance:
 
             def on_step(metrics: dict[str, float]) -> None:
-                nonlocal base_version
+                nonlocal base_version, steps
                 advance(metrics)
+                steps += 1
                 if (new := rnd.merge(self.params)) is not None:
                     self.params, self.version, base_version = new, base_version + 1, base_version + 1
                     self.metrics.merged.inc()
+                    log.info("round %d: merged version %d after %d of %d inner steps", ri.round,
+                             base_version, steps, recipe.inner_steps)  # fmt: skip
 
             try:
                 result = self.trainer.run(tokens, on_step=on_step)

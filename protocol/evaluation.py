@@ -165,6 +165,10 @@ class UpdateEvaluator:
         self._tokens: dict[int, torch.Tensor] = {}
         self._before_losses: dict[int, float] = {}
 
+    def reset(self) -> None:
+        """Put the base parameters back into the model, after something else used it."""
+        set_params(self.model, self.base)
+
     def _sequences(self, ids: list[int]) -> torch.Tensor:
         missing = [i for i in ids if i not in self._tokens]
         if missing:

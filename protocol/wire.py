@@ -49,8 +49,8 @@ class CodecConfig(Wire):
 class EvaluationConfig(Wire):
     """How uploads are evaluated (protocol/evaluation.py): validators must use the same settings."""
 
-    own_sequences: int = Field(default=128, ge=2, le=1024)
-    other_sequences: int = Field(default=128, ge=2, le=1024)
+    own_sequences: int = Field(default=48, ge=2, le=1024)
+    other_sequences: int = Field(default=48, ge=2, le=1024)
     step: float = Field(default=1.0, gt=0, description="the outer step an update is applied with")
 
 
@@ -134,8 +134,12 @@ class RoundReport(Wire):
     rejected: int
     bytes_up: int
     bytes_down: int
-    wall_s: float
-    compute_s: float
+    wall_s: float = Field(
+        description="from the round's opening to the next round's: the time miners had for it (synchronous "
+        "rounds: training, uploads and the close; overlapped ones: training and uploads, the close going on "
+        "under the next round)"
+    )
+    compute_s: float = Field(description="the mean time its accepted miners spent in their inner steps")
     close_reason: str | None = None
     bytes_down_model: int = Field(default=0, description="published updates, checkpoints, uploads served")
     bytes_down_data: int = Field(default=0, description="training sequences")
@@ -181,6 +185,11 @@ class SubmissionRecord(Wire):
     reason: str | None
     evaluated: bool = Field(default=False, description="it passed the cheap checks and was evaluated")
     scale: float | None = Field(default=None, description="its clip scale, min(1, reference norm / norm)")
+    flag: str | None = Field(
+        default=None,
+        description="overlapped rounds: the refusal an accepted upload would have had from its evaluation, "
+        "which ended after the version was published",
+    )
 
 
 class RoundRecord(Wire):

@@ -54,7 +54,9 @@ def make_settings(tmp_path: Path, corpus_file: Path) -> Callable[..., Coordinato
             "model": "tiny",
             "data": {"corpus": corpus_file, "eval_every": 20, "eval_sequences": 16},
             "recipe": {"inner_steps": 4, "batch_size": 4, "warmup_steps": 2, "lr": 3e-3},
-            "rounds": {"min_quorum": 1, "deadline_s": 20.0},
+            # A round's mechanics, one round at a time: synchronous unless a test asks for overlapped
+            # rounds (the default of a real run; test_overlap.py, and the integration tests run both).
+            "rounds": {"min_quorum": 1, "deadline_s": 20.0, "overlap": False},
             "validation": {"own_sequences": 16, "other_sequences": 32},
             # The API tests check the aggregate's arithmetic to the bit: the update published exactly.
             # test_downlink.py covers the compressed one (the default).

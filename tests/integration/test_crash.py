@@ -29,8 +29,10 @@ def start(
     fault_delay_s: float = 0.0,
     extra: dict[str, str] | None = None,
 ) -> str:
-    # The payloads are random: evaluated by their effect on the loss, they could be refused.
+    # The payloads are random: evaluated by their effect on the loss, they could be refused. Synchronous
+    # rounds unless ``extra`` says otherwise.
     env = {"GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
+           "GRADPOOL_ROUNDS__OVERLAP": "false",
            "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
            "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
            "GRADPOOL_VALIDATION__BUILTIN": "false", **(extra or {})}  # fmt: skip

@@ -1,0 +1,129 @@
+"""Overlapped rounds judge a miner with a good standing after the version its upload went into is published:
+the version comes out on the cheap checks, the evaluation follows while miners train, and an accepted
+upload it would have refused is flagged, counts in the score, and puts its miner back among those judged
+first. A restart finishes an evaluation the coordinator did not."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import time
+from pathlib import Path
+
+from pool_harness import Miner, OpenPool, Pool, encode, trained_delta
+from test_scoring import EVAL, RECIPE, fixed_miner, leaderboard
+
+from coordinator.hooks import Hooks
+
+OVERLAP = {"overlap": True, "min_quorum": 3}
+TRUST_AFTER_ONE = {**EVAL, "min_record": 1}  # one evaluated round makes a record
+
+
+def published(state_dir: Path, version: int) -> bool:
+    uri = f"file:{state_dir / 'state.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        return db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone() is not None
+
+
+def upload_round(pool: Pool, honest: list[Miner], flipper: Miner, round_: int) -> int:
+    """Honest updates from every miner but ``flipper``, whose update is the negative of an honest one;
+    all trained from the newest version, which they declare."""
+    now = pool.round()
+    assert now["round"] == round_, now
+    version = now["newest"] if now["newest"] is not None else now["version"]
+    for m in honest:
+        body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
+        assert m.upload(round_, body).status_code == 200
+    flipped = {n: -t for n, t in trained_delta(pool, flipper.pubkey, round_, version).items()}
+    assert flipper.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
+    return int(version)
+
+
+def scored(state_dir: Path, round_: int) -> bool:
+    uri = f"file:{state_dir / 'state.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        row = db.execute(
+            "SELECT scored FROM rounds WHERE round = ? AND status = 'closed'", (round_,)
+        ).fetchone()
+    return row is not None and row[0] == 1
+
+
+def wait_scored(pool: Pool, round_: int, timeout_s: float = 60.0) -> dict[str, dict[str, object]]:
+    """The round's uploads once its evaluation has ended."""
+    end = time.monotonic() + timeout_s
+    while not scored(pool.settings.state_dir, round_):
+        assert time.monotonic() < end, f"round {round_} was not evaluated within {timeout_s} s"
+        time.sleep(0.05)
+    return {s["miner"]: s for s in pool.client.get(f"/v1/rounds/{round_}").json()["submissions"]}
+
+
+def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagged(
+    open_pool: OpenPool,
+) -> None:
+    measured: list[tuple[int, str, bool]] = []  # (round, miner, whether the round's version was out)
+    pool_box: list[Pool] = []
+
+    def on_upload(round_: int, miner: str) -> None:
+        if pool_box:
+            measured.append((round_, miner, published(pool_box[0].settings.state_dir, round_ + 1)))
+
+    hooks = Hooks(on_upload=on_upload)
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP, app={"hooks": hooks}) as pool:
+        pool_box.append(pool)
+        honest = [fixed_miner(pool, i) for i in range(2)]
+        flipper = fixed_miner(pool, 2)
+        for m in [*honest, flipper]:  # round 0: nobody has a record, so every upload is judged first
+            body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
+            assert m.upload(0, body).status_code == 200
+        pool.wait_for_round(0)
+
+        upload_round(pool, honest, flipper, 1)  # the flipper has a record now: judged after the version
+        r1 = wait_scored(pool, 1)
+        assert r1[flipper.pubkey]["status"] == "accepted" and r1[flipper.pubkey]["flag"] == "harmful", r1
+        assert all(r1[m.pubkey]["status"] == "accepted" and r1[m.pubkey]["flag"] is None for m in honest)
+        assert all(s["evaluated"] for s in r1.values())
+        # in round 1 every upload was read to build version 2, then evaluated once version 2 was out
+        after = {m for r, m, out in measured if r == 1 and out}
+        assert after == {m.pubkey for m in [*honest, flipper]}, measured
+        board = leaderboard(pool, round=1)
+        assert board[flipper.pubkey]["score"] < min(board[m.pubkey]["score"] for m in honest)
+
+        upload_round(pool, honest, flipper, 2)  # flagged: judged first again, and refused
+        r2 = wait_scored(pool, 2)
+        assert (r2[flipper.pubkey]["status"], r2[flipper.pubkey]["reason"]) == ("rejected", "harmful"), r2
+        assert all(r2[m.pubkey]["status"] == "accepted" for m in honest)
+        first = {m for r, m, out in measured if r == 2 and not out}
+        assert flipper.pubkey in first
+
+
+def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPool) -> None:
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
+        honest = [fixed_miner(pool, i) for i in range(3)]
+        for round_ in (0, 1):
+            now = pool.round()
+            version = now["newest"] if now["newest"] is not None else now["version"]
+            for m in honest:
+                body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
+                assert m.upload(round_, body).status_code == 200
+            pool.wait_for_round(round_)
+        wait_scored(pool, 1)
+        db_path = pool.settings.state_dir / "state.db"
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        before = db.execute("SELECT miner, own_before, own_after, other_before, other_after, paired_margin "
+                            "FROM verdicts WHERE round = 1 ORDER BY miner").fetchall()  # fmt: skip
+        assert len(before) == 3
+        # as a stop between the round's commit and the end of its evaluation leaves it
+        db.execute("DELETE FROM verdicts WHERE round = 1")
+        db.execute("UPDATE rounds SET scored = 0 WHERE round = 1")
+        db.commit()
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
+        wait_scored(pool, 1)
+        board = leaderboard(pool, round=1)
+        assert all(board[m.pubkey]["verdicts"] == 2 for m in honest), board
+    with contextlib.closing(sqlite3.connect(db_path)) as db:
+        again = db.execute("SELECT miner, own_before, own_after, other_before, other_after, paired_margin "
+                           "FROM verdicts WHERE round = 1 ORDER BY miner").fetchall()  # fmt: skip
+        assert db.execute("SELECT scored FROM rounds WHERE round = 1").fetchone() == (1,)
+    assert len(again) == 3
+    for a, b in zip(before, again, strict=True):
+        assert a[0] == b[0] and all(abs(x - y) < 1e-5 for x, y in zip(a[1:], b[1:], strict=True)), (a, b)
