@@ -18,7 +18,9 @@ and lazy miners, under the design the scores use and under two others that cost 
   each of the next two miners' samples: the cost of ``plain``.
 
 It runs a real ``gradpool simulate`` network (``--miners`` honest, ``--lazy`` lazy, ``--rounds``, default
-recipe and evaluation), then restarts its coordinator on the finished state (no miners). A validator
+recipe, ``--sample`` own and other sequences per upload), then restarts its coordinator on the finished
+state (no miners). ``aggregate_fit_64`` and ``aggregate_fit_48`` are the scores' design on the first 64 or
+48 sequences of each sample: what smaller samples give on the same uploads. A validator
 (which posts nothing here) fetches each round's base version and uploads over HTTP, and every upload is
 evaluated on the union of the round's samples.
 
@@ -52,8 +54,10 @@ from protocol.evaluation import UpdateEvaluator, round_salt, samples
 from protocol.payload import SparseTensor
 
 DESIGNS = ("plain", "loss_adjusted", "paired", "ring", "aggregate", "aggregate_fit", "aggregate_fit_64",
-           "aggregate_fit_64_96")
-SMALLER = {"aggregate_fit_64": (64, 64), "aggregate_fit_64_96": (64, 96)}  # own, other: sample prefixes
+           "aggregate_fit_48")
+# the scores' design on the first own and other sequences of the samples: smaller samples, as
+# ``[validation] own_sequences`` and ``other_sequences`` would draw them (48 and 48: the defaults)
+SMALLER = {"aggregate_fit_64": (64, 64), "aggregate_fit_48": (48, 48)}
 
 
 def _t(own: torch.Tensor, other: torch.Tensor) -> float:
@@ -168,12 +172,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--lazy", type=int, default=2, help="lazy miners")
     ap.add_argument("--rounds", type=int, default=12)
     ap.add_argument("--early", type=int, default=6, help="rounds counted as early")
+    ap.add_argument("--sample", type=int, default=128, help="own and other sequences per upload")
     ap.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     args = ap.parse_args(argv)
     with tempfile.TemporaryDirectory(prefix="gradpool-margin-") as tmp:
         out = args.out or Path(tmp)
+        out.mkdir(parents=True, exist_ok=True)
+        config = out / "margin_power.toml"
+        config.write_text(f"[validation]\nown_sequences = {args.sample}\nother_sequences = {args.sample}\n")
         report = simulate(miners=args.miners, rounds=args.rounds, out=out, adversaries={"lazy": args.lazy},
-                          echo=lambda line: print(line, file=sys.stderr))  # fmt: skip
+                          config=config, echo=lambda line: print(line, file=sys.stderr))  # fmt: skip
         kinds = {m["miner"]: m["kind"] for m in report["miners"]}
         procs = Processes(out / "logs-after")
         try:
@@ -188,7 +196,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             procs.stop_all()
     result = {
         "config": {"miners": args.miners, "lazy": args.lazy, "rounds": args.rounds, "early": args.early,
-                   "model": "tiny"},
+                   "model": "tiny", "sample": args.sample},
         "designs": summarise(per_round, kinds, args.early),
         "rounds": [{kinds[m][0] + m[:8]: {d: round(t[d], 2) for d in DESIGNS} for m, t in ts.items()}
                    for ts in per_round],

@@ -7,7 +7,9 @@ Synchronous rounds: the next round opens when the version is committed, for that
 miners train it while this one is judged and published; its uploads are judged against and applied to the
 version this round publishes. Closing stays one round at a time, so an upload is applied at most one
 version after the one it trained from (``max_staleness = 1``), and every check sees the exact model the
-upload will change.
+upload will change. The version comes first: the uploads of miners with a good standing are evaluated
+once it is committed (``_finish``, coordinator/judging.py), before the next round is closed; checkpoints
+are pruned only then, so that a restart can evaluate a round left unfinished on the version it changed.
 
 A round always ends. A failure while one upload is read, evaluated or aggregated refuses that upload
 (``unreadable_upload``) and the rest go on; a version that fails the guard is built again without the most
@@ -299,7 +301,8 @@ class Closer:
         self, state: RoundState, head: int, uploads: list[Upload], judged: Judged
     ) -> tuple[Built | None, str | None]:
         """The next version after ``head``, or None and why; refuses (in ``judged``) the uploads it had to
-        leave out."""
+        leave out to pass the guard: the most suspect first, then the most suspect half of those left, until
+        it passes or none is left."""
         p = self.p
         weights = self._weights(state.round, judged, uploads)
         accepted = [(u, judged.scales[u.miner] * weights.get(u.miner, 1.0)) for u in uploads
@@ -308,6 +311,7 @@ class Closer:
             return None, None
         previous = p.store.eval_loss(head)
         version = p.store.latest_version() + 1
+        tries = 0
         while accepted:
             if self._stop.is_set():
                 raise Stopping
@@ -321,8 +325,11 @@ class Closer:
             reason = p.publisher.guard(built, previous)
             if reason is None:
                 return built, None
+            self.judge.gate(judged, [u for u, _ in accepted])  # overlapped rounds: gains of the unjudged
             suspects = sorted(accepted, key=lambda us: _suspicion(us[0], judged))
-            drop = {u.miner for u, _ in suspects[: max(1, math.ceil(len(suspects) / 2))]}
+            # the most suspect upload alone first (one bad upload is the usual case), then half of the rest
+            tries += 1
+            drop = {u.miner for u, _ in suspects[: 1 if tries == 1 else math.ceil(len(suspects) / 2)]}
             log.warning("round %d: %s; building again without %d of %d uploads", state.round, reason,
                         len(drop), len(accepted))  # fmt: skip
             for miner in drop:

@@ -2,12 +2,15 @@
 evaluated alone on the version it will change, then the evaluated checks (coordinator/checks.py). Runs in
 the closer's thread.
 
-Synchronous rounds judge every sampled upload before the version is built. Overlapped rounds judge first
-only the uploads of miners without a good standing (a record shorter than ``min_record``, or a refusal or
-flag in the last ``RECENT_REFUSAL_ROUNDS`` rounds); the others go into the version on the cheap checks and
-their standing, and are evaluated once it is published (``finish``), while miners train the next round.
-That evaluation gives every sampled upload its verdict and score, and flags an accepted upload that it
-would have refused: its miner is then judged first for the next rounds, and its score carries the verdict.
+Synchronous rounds evaluate every sampled upload before the version is built. Overlapped rounds keep the
+version's path short: only the uploads of miners without a good standing (a record shorter than
+``min_record``, or a refusal or flag in the last ``RECENT_REFUSAL_ROUNDS`` rounds) are judged first, on the
+first ``gate_sequences`` of their own sample (``gate``: the gain the refusals need, a small part of an
+evaluation); the others go into the version on the cheap checks and their standing. Every sampled upload
+is evaluated in full once the version is published (``finish``), while miners train the next round: that
+gives its verdict and score, and flags an accepted upload that the evaluation would have refused, whose
+miner is then judged first for the next rounds. If the version fails the loss guard, the uploads it holds
+unjudged are gated too, so that the guard leaves out the least useful ones.
 """
 
 from __future__ import annotations
@@ -80,23 +83,36 @@ class Judge:
         salt = round_salt(s["sha256"] for s in subs)
         first, later = self._sample(r, j.remaining(), salt, defer)
         evaluation = self._evaluation(r, salt, first + later, self.model.params)
-        j.losses = self._measure(evaluation, r, first, scales, j.refused)
-        if not later:
-            j.losses = evaluation.losses()
         board_through = r - 1
-        j.scores = lambda: p.scores.with_round(board_through, round_results(
-            r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
+        if defer:
+            j.losses = self._gate(evaluation, r, first, scales, j.refused)
+            j.scores = lambda: {e.miner: e for e in p.scores.board(board_through)}
+        else:
+            self._measure(evaluation, r, first, scales, j.refused)
+            j.losses = evaluation.losses()
+            j.scores = lambda: p.scores.with_round(board_through, round_results(
+                r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
         run_phase(self.pipeline, "evaluated", j)
         judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later}, ref,
                         first={u.miner for u in first})  # fmt: skip
-        if later:
-            judged.later = Later(r, evaluation, later, scales, j.history)
+        if defer:
+            judged.later = Later(r, evaluation, first + later, scales, j.history)
         return judged
 
+    def gate(self, judged: Judged, uploads: Sequence[Upload]) -> None:
+        """Overlapped rounds: the gains of uploads that went into the version unjudged, when the version
+        failed the loss guard (the guard leaves out the lowest first)."""
+        later = judged.later
+        todo = [u for u in uploads if u.miner not in judged.losses and u.miner in judged.evaluated]
+        if later is None or not todo:
+            return
+        later.evaluation.evaluator.reset()  # building the version used the model
+        judged.losses.update(self._gate(later.evaluation, later.round, todo, judged.scales, judged.refused))
+
     def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
-        """Overlapped rounds, once the version is published: measure the uploads left, pair every measured
-        one, and flag the accepted uploads that the round's whole evaluation would have refused. Returns
-        (verdicts, flags)."""
+        """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
+        flag the accepted uploads that the round's whole evaluation would have refused. Returns (verdicts,
+        flags)."""
         later.evaluation.evaluator.reset()  # building the version used the model
         refused: dict[str, str] = {}
         self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
@@ -147,26 +163,36 @@ class Judge:
         evaluator = UpdateEvaluator(self.model.module, base, self.p.dataset.sequences)
         return RoundEvaluation(evaluator, self.p.info, round_, salt, [u.miner for u in uploads])
 
-    def _measure(self, evaluation: RoundEvaluation, round_: int, uploads: list[Upload],
-                 scales: dict[str, float], refused: dict[str, str]) -> dict[str, Losses]:  # fmt: skip
+    def _measure(self, evaluation: RoundEvaluation, round_: int, uploads: Sequence[Upload],
+                 scales: dict[str, float], refused: dict[str, str], gain_only: bool = False,
+                 ) -> dict[str, Losses]:  # fmt: skip
         """Each upload's losses before and after it is applied alone, scaled as aggregation scales it (the
-        plain margin); an upload whose evaluation fails is refused."""
-        p, t0, out = self.p, time.perf_counter(), {}
+        plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused."""
+        p, t0 = self.p, time.perf_counter()
+        out: dict[str, Losses] = {}
+        if not uploads:
+            return out
         for u in uploads:
             if self.stop.is_set():
                 raise Stopping
             try:
                 self.touch(round_, u)
                 update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
-                out[u.miner] = evaluation.measure(u.miner, update, scales[u.miner])
+                scale = scales[u.miner]
+                out[u.miner] = (evaluation.gain(u.miner, update, scale, self.validation.gate_sequences)
+                                if gain_only else evaluation.measure(u.miner, update, scale))  # fmt: skip
             except Exception as e:
                 log.warning("round %d: evaluating miner %s's upload failed (%s)", round_, u.miner[:12], e)
                 refused.setdefault(u.miner, Refusal.UNREADABLE)
         elapsed = time.perf_counter() - t0
         p.metrics.evaluation.observe(elapsed)
-        log.info("round %d: evaluated %d uploads in %.2f s; gains %s", round_, len(out), elapsed,
-                 {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
+        log.info("round %d: %s %d uploads in %.2f s; gains %s", round_, "gated" if gain_only else "evaluated",
+                 len(out), elapsed, {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
         return out
+
+    def _gate(self, evaluation: RoundEvaluation, round_: int, uploads: Sequence[Upload],
+              scales: dict[str, float], refused: dict[str, str]) -> dict[str, Losses]:  # fmt: skip
+        return self._measure(evaluation, round_, uploads, scales, refused, gain_only=True)
 
     def _sample(self, round_: int, uploads: list[Upload], salt: str,
                 defer: bool) -> tuple[list[Upload], list[Upload]]:  # fmt: skip

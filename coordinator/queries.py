@@ -77,7 +77,7 @@ class Queries:
                                           evaluated=bool(s["evaluated"]), scale=s["scale"],
                                           flag=s["flag"]) for s in subs],
             reference_norm=row["reference_norm"], close_reason=row["close_reason"],
-            applied_to=row["applied_to"],
+            applied_to=row["applied_to"], scored=bool(row["scored"]) and row["status"] == "closed",
         )  # fmt: skip
 
     def payload_sha(self, round_: int, miner: str) -> str | None:

@@ -93,6 +93,9 @@ def leaderboard(
         last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
         if c["k"] not in NEUTRAL:
             counts[c["miner"]][c["k"]] = c["n"]
+    flagged: dict[str, dict[str, int]] = defaultdict(dict)
+    for c in store.flag_tallies(through):
+        flagged[c["miner"]][c["flag"]] = c["n"]
     for c in store.intake_refusal_tallies(through):
         counts[c["miner"]][c["code"]] = counts[c["miner"]].get(c["code"], 0) + c["n"]
         last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
@@ -126,6 +129,7 @@ def leaderboard(
                 rounds_contributed=tally.get("accepted", 0), rounds_refused=sum(refusals.values()),
                 refusals=refusals, last_round=last[m],
                 verdicts=sum(r.gain is not None for r in results[m].values() if not r.missed),
+                flagged=flagged.get(m, {}),
             )
         )  # fmt: skip
     return sorted(entries, key=lambda e: (-e.score, e.miner))

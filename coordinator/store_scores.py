@@ -65,6 +65,11 @@ class ScoreReads:
             "WHERE round <= ? AND status != 'received' GROUP BY miner, k", through,
         )  # fmt: skip
 
+    def flag_tallies(self, through: int) -> list[sqlite3.Row]:
+        """Per miner and flag: accepted uploads that their later evaluation would have refused."""
+        return self._all("SELECT miner, flag, COUNT(*) AS n FROM submissions WHERE round <= ? "
+                         "AND flag IS NOT NULL GROUP BY miner, flag", through)  # fmt: skip
+
     def intake_refusals(self, since: int, through: int) -> list[sqlite3.Row]:
         return self._all(INTAKE_REFUSALS, since, through)
 

@@ -173,6 +173,7 @@ def status(
         typer.echo("  " + " ".join(names) + "  why")
         for x in data["leaderboard"]:
             why = ", ".join(f"{k} {n}" for k, n in sorted(x["refusals"].items()))
+            why += "".join(f", flagged {k} {n}" for k, n in sorted(x.get("flagged", {}).items()))
             cells = [f"{x['miner'][:16]:<16}", f"{x['score']:>8.4f}", f"{x.get('score_mean', 0):>7.3f}",
                      f"{x.get('score_stderr', 0):>5.2f}", f"{x['gain_avg']:>8.4f}",
                      f"{x['assigned_avg']:>9.2f}",

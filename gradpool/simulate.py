@@ -87,6 +87,7 @@ def simulate(
             command = ["mine", "--coordinator", url, "--key", key, "--state-dir", state, "--threads", threads]
             procs.start(name, [*command, *cheat], prefix=None if wrap is None else wrap(i))
         status = _watch(procs, url, rounds, timeout_s, echo)
+        _wait_scored(url, status["rounds"][-1]["round"], timeout_s=120.0)
         standings = _standings(url, roster, status)
     finally:
         procs.stop_all()
@@ -114,6 +115,15 @@ def _roster(miners: int, adversaries: dict[str, int], keys: Path) -> dict[str, t
             save_key(generate_key(), path)
         roster[name] = (kind, public_key_hex(load_key(path)))
     return roster
+
+
+def _wait_scored(url: str, round_: int, timeout_s: float) -> None:
+    """Until the coordinator's verdicts on ``round_`` are in (overlapped rounds evaluate some uploads after
+    the round's close), so that the standings count it."""
+    end = time.monotonic() + timeout_s
+    with httpx.Client(base_url=url, timeout=10.0) as http:
+        while time.monotonic() < end and not http.get(f"/v1/rounds/{round_}").json().get("scored", True):
+            time.sleep(0.25)
 
 
 def _standings(url: str, roster: dict[str, tuple[str, str]], status: dict[str, Any]) -> dict[str, Any]:

@@ -46,6 +46,14 @@ class RoundEvaluation:
         self._losses: dict[str, Losses] = {}
         self._sum: dict[str, torch.Tensor] = {}  # of the measured updates, each times its scale
 
+    def gain(self, miner: str, update: Mapping[str, SparseTensor], scale: float, n: int) -> Losses:
+        """The losses before and after the upload on the first ``n`` sequences of its own sample only: what
+        refusing it needs, at a fraction of ``measure``'s cost (the other sample's losses are 0 here; the
+        losses before are kept for ``measure``)."""
+        own = self.drawn[miner][0][:n]
+        before, after = self.evaluator.per_sequence(update, scale * self.step, own)
+        return Losses(float(before.mean()), float(after.mean()), 0.0, 0.0)
+
     def measure(self, miner: str, update: Mapping[str, SparseTensor], scale: float) -> Losses:
         """One upload's losses before and after it is applied alone (``scale``: its clip scale): the plain
         margin until ``losses`` pairs it."""

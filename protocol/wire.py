@@ -161,6 +161,11 @@ class LeaderboardEntry(Wire):
     refusals: dict[str, int] = Field(description="refusal reason -> rounds")
     last_round: int
     verdicts: int = Field(description="evaluated rounds behind the score (within the last 50 rounds)")
+    flagged: dict[str, int] = Field(
+        default_factory=dict,
+        description="overlapped rounds: accepted uploads that their evaluation, after the version, would "
+        "have refused, by reason",
+    )
 
 
 class Leaderboard(Wire):
@@ -205,6 +210,10 @@ class RoundRecord(Wire):
         default=None,
         description="the version its uploads were evaluated on and applied to: the one they trained from, "
         "or (overlapped rounds) the next; None until the round closed",
+    )
+    scored: bool = Field(
+        default=True,
+        description="the coordinator's own verdicts are in (overlapped rounds: some come after the close)",
     )
 
     def evaluated_on(self) -> int:

@@ -146,7 +146,9 @@ function drawLeaderboard(s) {
     // the conservative score ranks; the mean and its standard error say how sure it is
     const score = el("span", { title: `mean ${fmt(m.score_mean)} ± ${fmt(m.score_stderr)} (one standard error)` },
       `${fmt(m.score)} (${fmt(m.score_mean, 2)} ± ${fmt(m.score_stderr, 2)})`);
-    const refused = m.rounds_refused ? `${m.rounds_refused}: ${reasons(m.refusals)}` : "0";
+    let refused = m.rounds_refused ? `${m.rounds_refused}: ${reasons(m.refusals)}` : "0";
+    // accepted uploads that their evaluation, once the version was out, would have refused
+    if (Object.keys(m.flagged || {}).length) refused += `; flagged ${reasons(m.flagged)}`;
     const rounds = m.rounds_missed ? `${m.rounds_contributed} (${m.rounds_missed} missed)` : m.rounds_contributed;
     return row([i + 1, name, score, fmt(m.gain_avg, 4), rounds, refused]);
   }));

@@ -46,6 +46,8 @@ def test_two_miners_train_three_overlapped_rounds(
     assert [r["version"] for r in rounds] == [1, 2, 3]
     assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in rounds), records
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["compute_s"] > 0 for r in rounds)
+    # a round's wall time runs from its opening to the next one's, which its miners' training lies within
+    assert all(r["compute_s"] <= r["wall_s"] + 0.5 for r in rounds), rounds
     assert rounds[-1]["eval_loss"] < status["initial_eval_loss"] - 0.3
     assert status["miners"] == 2
     assert codes == [0, 0], "miners must stop cleanly on SIGTERM"

@@ -79,6 +79,7 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
 
         upload_round(pool, honest, flipper, 1)  # the flipper has a record now: judged after the version
         r1 = wait_scored(pool, 1)
+        assert pool.client.get("/v1/rounds/1").json()["scored"]
         assert r1[flipper.pubkey]["status"] == "accepted" and r1[flipper.pubkey]["flag"] == "harmful", r1
         assert all(r1[m.pubkey]["status"] == "accepted" and r1[m.pubkey]["flag"] is None for m in honest)
         assert all(s["evaluated"] for s in r1.values())
@@ -87,6 +88,8 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
         assert after == {m.pubkey for m in [*honest, flipper]}, measured
         board = leaderboard(pool, round=1)
         assert board[flipper.pubkey]["score"] < min(board[m.pubkey]["score"] for m in honest)
+        assert board[flipper.pubkey]["flagged"] == {"harmful": 1}
+        assert board[flipper.pubkey]["rounds_refused"] == 0 and board[honest[0].pubkey]["flagged"] == {}
 
         upload_round(pool, honest, flipper, 2)  # flagged: judged first again, and refused
         r2 = wait_scored(pool, 2)
@@ -127,3 +130,26 @@ def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPo
     assert len(again) == 3
     for a, b in zip(before, again, strict=True):
         assert a[0] == b[0] and all(abs(x - y) < 1e-5 for x, y in zip(a[1:], b[1:], strict=True)), (a, b)
+
+
+def test_the_loss_guard_judges_the_uploads_it_holds_unjudged(open_pool: OpenPool) -> None:
+    """A version made of trusted uploads fails the guard: the guard then measures their gains and leaves out
+    the least useful until it passes, not the largest (the honest update here is the largest)."""
+    checks = {"max_loss_increase": 0.0}  # any rise of the held-out loss fails the guard
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP, checks=checks) as pool:
+        honest, flippers = fixed_miner(pool, 0), [fixed_miner(pool, i) for i in (1, 2)]
+        for m in [honest, *flippers]:
+            body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
+            assert m.upload(0, body).status_code == 200
+        pool.wait_for_round(0)
+        now = pool.round()
+        version = now["newest"] if now["newest"] is not None else now["version"]
+        bigger = {n: 1.5 * t for n, t in trained_delta(pool, honest.pubkey, 1, version).items()}
+        assert honest.upload(1, encode(bigger, 1, version)[0]).status_code == 200
+        for m in flippers:
+            flipped = {n: -t for n, t in trained_delta(pool, m.pubkey, 1, version).items()}
+            assert m.upload(1, encode(flipped, 1, version)[0]).status_code == 200
+        r1 = wait_scored(pool, 1)
+    assert r1[honest.pubkey]["status"] == "accepted", r1
+    left_out = [m for m in flippers if r1[m.pubkey]["status"] == "rejected"]
+    assert left_out and all(r1[m.pubkey]["reason"] == "loss_guard" for m in left_out), r1
