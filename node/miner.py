@@ -240,6 +240,8 @@ class Miner(Follower):
         try:
             return self._run()
         finally:
+            if self.watch is not None:
+                self.watch.join()
             if self.world > 1:
                 share({"cmd": "stop"})
 

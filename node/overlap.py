@@ -49,6 +49,8 @@ class NextVersion:
                 now = self.client.round(closed=self.ri.round - 1, wait_s=WAIT_S)  # the round making it
                 if now.round != self.ri.round:
                     return  # the round moved on: whatever comes now is for the next one
+                if self._done.is_set():
+                    return  # stopped while the long-poll was out
                 if now.newest == self.version:
                     header, delta = decode_update(self.client.update(self.version), self.spec)
                     if header.base_version != self.ri.version or header.version != self.version:
@@ -75,6 +77,11 @@ class NextVersion:
 
     def stop(self) -> None:
         self._done.set()
+
+    def join(self, timeout_s: float = 2 * WAIT_S) -> None:
+        """Stop, and wait for the thread to end (a process must not exit while it is inside torch)."""
+        self.stop()
+        self._thread.join(timeout_s)
 
 
 class OverlapRound:

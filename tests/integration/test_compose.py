@@ -201,7 +201,8 @@ def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Pa
     assert run["eval_every"] == 20
     assert run["num_sequences"] < 5000, "--corpus was not used"
     assert all(r["rejected"] == 0 for r in status["rounds"])
-    assert status["round"]["version"] >= 1
+    made = status["round"]["newest"] or 0  # overlapped rounds: a version made may not be trained from yet
+    assert max(status["round"]["version"], made) >= 1
     assert (roots["coordinator"] / "coordinator-data" / "state.db").is_file()  # --state-dir /data
     assert (roots["validator"] / "validator-keys" / "validator.pem").is_file()
     for name in MINERS:
