@@ -5,7 +5,10 @@ A real coordinator process (``tiny``, default checks, evaluation and ``[validati
 M uploads in round 0, each a real SparseLoCo payload: M Ed25519 keys, each the base model trained with
 AdamW on that key's own assigned sequences (fetched from the coordinator) as an honest miner would. The
 round is then closed through the admin endpoint, and ``seconds`` is the coordinator's own measure of the
-close (``gradpool_aggregation_seconds``: judge, evaluate, aggregate, publish, evaluate the new version).
+close, evaluation included: ``gradpool_aggregation_seconds`` (judge, aggregate, publish, evaluate the new
+version; in synchronous rounds evaluate every sampled upload first) plus, in overlapped rounds (the
+default), ``gradpool_scoring_seconds`` (every sampled upload evaluated once the version is out).
+``version_s`` is the first part alone: how long miners wait for the version.
 
     python -m benchmarks.close --sizes 8,64
 """
@@ -112,17 +115,21 @@ def measure_close(m: int, work: Path) -> dict[str, Any]:
             admin = {"Authorization": f"Bearer {TOKEN}"}
             http.post("/v1/admin/close-round", headers=admin).raise_for_status()
             http.get("/v1/round", params={"after": 0, "wait_s": 60})
-            while _metric(http, "gradpool_aggregation_seconds_count") < 1:
+            while True:  # closed, and its evaluation ended
+                record = http.get("/v1/rounds/0").json()
+                if record["status"] == "closed" and record["scored"]:
+                    break
                 time.sleep(0.05)
             wall = time.perf_counter() - t0
-            record = http.get("/v1/rounds/0").json()
-            seconds = _metric(http, "gradpool_aggregation_seconds_sum")
+            version_s = _metric(http, "gradpool_aggregation_seconds_sum")
+            seconds = version_s + _metric(http, "gradpool_scoring_seconds_sum")
             evaluation = _metric(http, "gradpool_evaluation_seconds_sum")
     finally:
         procs.stop_all()
     subs = record["submissions"]
-    return {"uploads": m, "seconds": round(seconds, 3), "evaluation_s": round(evaluation, 3),
-            "wall_s": round(wall, 3), "evaluated": sum(s["evaluated"] for s in subs),
+    return {"uploads": m, "seconds": round(seconds, 3), "version_s": round(version_s, 3),
+            "evaluation_s": round(evaluation, 3), "wall_s": round(wall, 3),
+            "evaluated": sum(s["evaluated"] for s in subs),
             "accepted": sum(s["status"] == "accepted" for s in subs)}  # fmt: skip
 
 

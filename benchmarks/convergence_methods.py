@@ -69,8 +69,9 @@ METHODS: dict[str, Method] = {
     # of the inner steps (where `make demo`'s miners merge it: after 3 or 4 of 20); then later, and each
     # part alone
     "sparseloco_overlap": Method("pool", overlap="merge_eager", merge_at=0.2),
-    "sparseloco_overlap_down": Method("pool", overlap="merge_eager", merge_at=0.2,
-                                      downlink=PublishSettings(codec="sparseloco")),
+    "sparseloco_overlap_down": Method(
+        "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(codec="sparseloco")
+    ),
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),

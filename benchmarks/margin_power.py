@@ -53,8 +53,16 @@ from node.validator import Validator
 from protocol.evaluation import UpdateEvaluator, round_salt, samples
 from protocol.payload import SparseTensor
 
-DESIGNS = ("plain", "loss_adjusted", "paired", "ring", "aggregate", "aggregate_fit", "aggregate_fit_64",
-           "aggregate_fit_48")
+DESIGNS = (
+    "plain",
+    "loss_adjusted",
+    "paired",
+    "ring",
+    "aggregate",
+    "aggregate_fit",
+    "aggregate_fit_64",
+    "aggregate_fit_48",
+)
 # the scores' design on the first own and other sequences of the samples: smaller samples, as
 # ``[validation] own_sequences`` and ``other_sequences`` would draw them (48 and 48: the defaults)
 SMALLER = {"aggregate_fit_64": (64, 64), "aggregate_fit_48": (48, 48)}

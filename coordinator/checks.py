@@ -43,9 +43,11 @@ class Refusal(StrEnum):
     UNREADABLE = "unreadable_upload"  # processing it failed
     ROUND_FAILED = "round_failed"  # the round could not be closed with a version (not the miner's doing)
     ROLLED_BACK = "rolled_back"  # the operator rolled the model back while the round was open
+    PROBATION = "probation"  # overlapped rounds: refused or flagged lately, so evaluated but not applied
 
 
-NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK})  # never counted against a miner
+# never counted against a miner (a probation's reason is counted once, where it was given)
+NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION})
 
 
 @dataclass(frozen=True)
@@ -228,8 +230,10 @@ class LowGain:
 
 
 class LowScore:
-    """weight_by_score: a miner whose average score, with this round's result, is below 0 (its
-    conservative score may be below 0 for a short record, which only lowers its weight)."""
+    """weight_by_score: a miner whose average score, with this round's result (overlapped rounds: as of the
+    round before, this round's results coming after the version), is below 0 (its conservative score may
+    be below 0 for a short record, which only lowers its weight). A miner with no score yet is judged on
+    its upload alone."""
 
     code: ClassVar[str] = Refusal.LOW_SCORE
     phase: ClassVar[Phase] = "evaluated"
@@ -238,7 +242,7 @@ class LowScore:
         if j.scores is None:
             return []
         scores = j.scores()
-        return [u.miner for u in j.remaining() if (e := scores.get(u.miner)) is None or e.score_mean < 0]
+        return [u.miner for u in j.remaining() if (e := scores.get(u.miner)) is not None and e.score_mean < 0]
 
 
 def default_pipeline(checks: CheckSettings, validation: ValidationSettings) -> list[Check]:

@@ -154,8 +154,10 @@ class Closer:
             verdicts, flags = {}, {}
         self.p.store.record_scores(later.round, verdicts, flags, self.p.clock())
         self.p.scores.changed()
+        seconds = time.perf_counter() - t0
+        self.p.metrics.scoring.observe(seconds)
         log.info("round %d: %d uploads evaluated after the version in %.2f s", later.round,
-                 len(later.uploads), time.perf_counter() - t0)  # fmt: skip
+                 len(later.uploads), seconds)  # fmt: skip
 
     def _finish_unscored(self) -> None:
         """After a restart: the rounds whose evaluation after their version did not end, again."""
@@ -338,12 +340,15 @@ class Closer:
         return None, f"{Refusal.LOSS_GUARD}: {reason}"
 
     def _weights(self, round_: int, judged: Judged, uploads: list[Upload]) -> dict[str, float]:
-        """weight_by_score: each accepted upload's weight, its miner's score over the mean (mean 1)."""
+        """weight_by_score: each accepted upload's weight, its miner's score over the mean (mean 1): with
+        this round's results in synchronous rounds; as of the round before in overlapped ones, whose results
+        come after the version."""
         p = self.p
-        if not self.s.validation.weight_by_score or not judged.losses:
+        if not self.s.validation.weight_by_score or not (judged.losses or judged.later):
             return {}
         kept = {u.miner for u in uploads if u.miner not in judged.refused}
-        board = p.scores.with_round(max(-1, round_ - 1), round_results(round_, judged.losses, kept))
+        this_round = {} if judged.later is not None else round_results(round_, judged.losses, kept)
+        board = p.scores.with_round(max(-1, round_ - 1), this_round)
         # the conservative score, floored so that a short record weighs a little, never nothing
         positive = {
             m: max(MIN_WEIGHT_SCORE, board[m].score) if m in board else MIN_WEIGHT_SCORE for m in kept

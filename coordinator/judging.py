@@ -3,14 +3,15 @@ evaluated alone on the version it will change, then the evaluated checks (coordi
 the closer's thread.
 
 Synchronous rounds evaluate every sampled upload before the version is built. Overlapped rounds keep the
-version's path short: only the uploads of miners without a good standing (a record shorter than
-``min_record``, or a refusal or flag in the last ``RECENT_REFUSAL_ROUNDS`` rounds) are judged first, on the
-first ``gate_sequences`` of their own sample (``gate``: the gain the refusals need, a small part of an
-evaluation); the others go into the version on the cheap checks and their standing. Every sampled upload
-is evaluated in full once the version is published (``finish``), while miners train the next round: that
-gives its verdict and score, and flags an accepted upload that the evaluation would have refused, whose
-miner is then judged first for the next rounds. If the version fails the loss guard, the uploads it holds
-unjudged are gated too, so that the guard leaves out the least useful ones.
+version's path short. The uploads of new miners (a record shorter than ``min_record``) are judged first,
+on the first ``gate_sequences`` of their own sample (``gate``: the gain the refusals need, a small part of
+an evaluation). Those of miners refused or flagged in the last ``RECENT_REFUSAL_ROUNDS`` rounds are on
+probation: left out of the version, and evaluated after it like the others. The rest go into the version
+on the cheap checks and their standing. Every sampled upload is evaluated in full once the version is
+published (``finish``), while miners train the next round: that gives its verdict and score, and flags an
+upload (accepted or on probation) that the evaluation would have refused, which puts or keeps its miner
+on probation. If the version fails the loss guard, the uploads it holds unjudged are gated too, so that
+the guard leaves out the least useful ones; a guard refusal is no evidence against a miner.
 """
 
 from __future__ import annotations
@@ -52,6 +53,7 @@ class Later:
     uploads: list[Upload]  # to measure then
     scales: dict[str, float]
     history: History
+    probation: frozenset[str] = frozenset()  # left out of the version, evaluated all the same
 
 
 @dataclass
@@ -81,10 +83,12 @@ class Judge:
         if not (self.validation.builtin and j.remaining()):
             return Judged(j.refused, scales, {}, set(), ref)
         salt = round_salt(s["sha256"] for s in subs)
-        first, later = self._sample(r, j.remaining(), salt, defer)
-        evaluation = self._evaluation(r, salt, first + later, self.model.params)
+        first, later, probation = self._sample(r, j.remaining(), salt, defer)
+        evaluation = self._evaluation(r, salt, first + later + probation, self.model.params)
         board_through = r - 1
         if defer:
+            for u in probation:
+                j.refused[u.miner] = Refusal.PROBATION
             j.losses = self._gate(evaluation, r, first, scales, j.refused)
             j.scores = lambda: {e.miner: e for e in p.scores.board(board_through)}
         else:
@@ -93,10 +97,11 @@ class Judge:
             j.scores = lambda: p.scores.with_round(board_through, round_results(
                 r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
         run_phase(self.pipeline, "evaluated", j)
-        judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later}, ref,
+        judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later + probation}, ref,
                         first={u.miner for u in first})  # fmt: skip
         if defer:
-            judged.later = Later(r, evaluation, first + later, scales, j.history)
+            judged.later = Later(r, evaluation, first + later + probation, scales, j.history,
+                                 frozenset(u.miner for u in probation))  # fmt: skip
         return judged
 
     def gate(self, judged: Judged, uploads: Sequence[Upload]) -> None:
@@ -111,15 +116,15 @@ class Judge:
 
     def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
         """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
-        flag the accepted uploads that the round's whole evaluation would have refused. Returns (verdicts,
-        flags)."""
+        flag the accepted uploads (and those on probation) that the round's whole evaluation would have
+        refused. Returns (verdicts, flags)."""
         later.evaluation.evaluator.reset()  # building the version used the model
         refused: dict[str, str] = {}
         self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
         losses = later.evaluation.losses()
         j = Judging(later.round, [], later.history, losses=losses)
         run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
-        flags = {m: code for m, code in (refused | j.refused).items() if m in accepted}
+        flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
         if flags:
             log.warning("round %d: accepted uploads flagged once evaluated: %s", later.round,
                         {m[:12]: code for m, code in flags.items()})  # fmt: skip
@@ -195,17 +200,20 @@ class Judge:
         return self._measure(evaluation, round_, uploads, scales, refused, gain_only=True)
 
     def _sample(self, round_: int, uploads: list[Upload], salt: str,
-                defer: bool) -> tuple[list[Upload], list[Upload]]:  # fmt: skip
-        """The uploads to evaluate, as (first, later): all, or ``max_evaluated`` of them: those whose miner
-        was refused or flagged in the last ``RECENT_REFUSAL_ROUNDS`` rounds first, then those with a record
-        shorter than ``min_record``, then a draw that nobody can know before the round's payloads are all in
-        (the round's salt). ``defer``: the draw is evaluated later, the two tiers before it first."""
+                defer: bool) -> tuple[list[Upload], list[Upload], list[Upload]]:  # fmt: skip
+        """The uploads to evaluate, as (first, later, probation): all, or ``max_evaluated`` of them: those
+        whose miner was refused (but by the loss guard) or flagged in the last ``RECENT_REFUSAL_ROUNDS``
+        rounds first, then those with a record shorter than ``min_record``, then a draw that nobody can know
+        before the round's payloads are all in (the round's salt). Synchronous rounds evaluate them all
+        first. ``defer`` (overlapped rounds): the first tier is on probation, the second is judged first, the
+        draw later."""
         v, p = self.validation, self.p
         if not defer and (v.max_evaluated is None or len(uploads) <= v.max_evaluated):
-            return uploads, []
+            return uploads, [], []
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
+        moot = NEUTRAL | {Refusal.LOSS_GUARD}  # refusals that say nothing of the miner's own upload
         suspect = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
-                   if (s["status"] == "rejected" and s["reason"] not in NEUTRAL) or s["flag"]}  # fmt: skip
+                   if (s["status"] == "rejected" and s["reason"] not in moot) or s["flag"]}  # fmt: skip
         suspect |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
         record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
 
@@ -219,8 +227,9 @@ class Judge:
         if len(chosen) < len(uploads):
             log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
         if not defer:
-            return chosen, []
-        return [u for u in chosen if tier(u) < 2], [u for u in chosen if tier(u) == 2]
+            return chosen, [], []
+        by_tier = [[u for u in chosen if tier(u) == t] for t in (0, 1, 2)]
+        return by_tier[1], by_tier[2], by_tier[0]
 
     def touch(self, round_: int, u: Upload) -> None:
         if self.hooks.on_upload is not None:

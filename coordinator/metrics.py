@@ -34,6 +34,11 @@ class Metrics:
             "gradpool_evaluation_seconds", "Time to evaluate a round's uploads (loss before and after)",
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
         )  # fmt: skip
+        self.scoring = Histogram(
+            "gradpool_scoring_seconds",
+            "Overlapped rounds: time to evaluate a round's uploads once its version is published",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
+        )  # fmt: skip
         self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)

@@ -55,6 +55,8 @@ def test_a_round_of_real_uploads_closes_with_every_one_evaluated(result: dict[st
     (row,) = result["close"]
     assert row["uploads"] == 2 and row["evaluated"] == 2 and row["accepted"] >= 1
     assert 0 < row["evaluation_s"] < row["seconds"] <= row["wall_s"]
+    # overlapped rounds (the default): the version comes out before the evaluation of its uploads ends
+    assert 0 < row["version_s"] < row["seconds"]
 
 
 def test_targets_listed(result: dict[str, Any]) -> None:

@@ -1,7 +1,7 @@
 """Overlapped rounds judge a miner with a good standing after the version its upload went into is published:
 the version comes out on the cheap checks, the evaluation follows while miners train, and an accepted
-upload it would have refused is flagged, counts in the score, and puts its miner back among those judged
-first. A restart finishes an evaluation the coordinator did not."""
+upload it would have refused is flagged, counts in the score, and puts its miner on probation (evaluated,
+not applied) for the next rounds. A restart finishes an evaluation the coordinator did not."""
 
 from __future__ import annotations
 
@@ -91,12 +91,16 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
         assert board[flipper.pubkey]["flagged"] == {"harmful": 1}
         assert board[flipper.pubkey]["rounds_refused"] == 0 and board[honest[0].pubkey]["flagged"] == {}
 
-        upload_round(pool, honest, flipper, 2)  # flagged: judged first again, and refused
+        upload_round(pool, honest, flipper, 2)  # flagged: on probation, left out, evaluated all the same
         r2 = wait_scored(pool, 2)
-        assert (r2[flipper.pubkey]["status"], r2[flipper.pubkey]["reason"]) == ("rejected", "harmful"), r2
+        assert (r2[flipper.pubkey]["status"], r2[flipper.pubkey]["reason"]) == ("rejected", "probation"), r2
+        assert r2[flipper.pubkey]["flag"] == "harmful" and r2[flipper.pubkey]["evaluated"]
         assert all(r2[m.pubkey]["status"] == "accepted" for m in honest)
-        first = {m for r, m, out in measured if r == 2 and not out}
-        assert flipper.pubkey in first
+        assert {m for r, m, out in measured if r == 2 and out} == {m.pubkey for m in [*honest, flipper]}
+        board = leaderboard(pool, round=2)
+        flipped = board[flipper.pubkey]
+        assert flipped["flagged"] == {"harmful": 2} and flipped["rounds_refused"] == 0
+        assert board[flipper.pubkey]["score"] < min(board[m.pubkey]["score"] for m in honest)
 
 
 def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPool) -> None:
@@ -153,3 +157,19 @@ def test_the_loss_guard_judges_the_uploads_it_holds_unjudged(open_pool: OpenPool
     assert r1[honest.pubkey]["status"] == "accepted", r1
     left_out = [m for m in flippers if r1[m.pubkey]["status"] == "rejected"]
     assert left_out and all(r1[m.pubkey]["reason"] == "loss_guard" for m in left_out), r1
+
+
+def test_weighting_by_score_refuses_on_the_standing_of_the_rounds_before(open_pool: OpenPool) -> None:
+    """weight_by_score in overlapped rounds: a round's own results come after its version, so a miner with no
+    score yet is judged on its upload alone (here nothing refuses it), and one whose standing turned negative
+    is refused as low_score from the next round on."""
+    lenient = {**TRUST_AFTER_ONE, "weight_by_score": True, "refuse_harmful": False, "min_gain_fraction": 0.0}
+    with open_pool(recipe=RECIPE, validation=lenient, rounds={**OVERLAP, "min_quorum": 4}) as pool:
+        honest, flipper = [fixed_miner(pool, i) for i in range(3)], fixed_miner(pool, 3)
+        upload_round(pool, honest, flipper, 0)
+        r0 = wait_scored(pool, 0)
+        assert all(s["status"] == "accepted" for s in r0.values()), r0
+        upload_round(pool, honest, flipper, 1)
+        r1 = wait_scored(pool, 1)
+        assert (r1[flipper.pubkey]["status"], r1[flipper.pubkey]["reason"]) == ("rejected", "low_score"), r1
+        assert all(r1[m.pubkey]["status"] == "accepted" for m in honest), r1
