@@ -55,6 +55,9 @@ def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
     return wins / len(rows)
 
 
+MINER_FIELDS = ("name", "kind", "score", "rounds_contributed", "rounds_refused", "refusals", "flagged")
+
+
 def run(
     out: Path, miners: int, rounds: int, kind: str | None, count: int, keys: Path | None = None
 ) -> dict[str, Any]:
@@ -68,13 +71,7 @@ def run(
         "kind": kind or "honest",
         "final_eval_loss": report["final_eval_loss"],
         "wall_s": round(time.perf_counter() - t0, 1),
-        "miners": [
-            {
-                k: m.get(k)
-                for k in ("name", "kind", "score", "rounds_contributed", "rounds_refused", "refusals")
-            }
-            for m in report["miners"]
-        ],
+        "miners": [{k: m.get(k) for k in MINER_FIELDS} for m in report["miners"]],
     }
     if kind is not None:
         result["honest_outrank_fraction"] = outrank_fraction(report)

@@ -95,6 +95,7 @@ def simulate(
     report.update(standings)
     for m in report["miners"]:
         why = ", ".join(f"{k} {n}" for k, n in sorted(m["refusals"].items()))
+        why += "".join(f", flagged {k} {n}" for k, n in sorted(m.get("flagged", {}).items()))
         echo(f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
              f"  refused {m['rounds_refused']:>3} {why}")  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
