@@ -19,6 +19,7 @@ honest-only run as the loss reference, under ``"mixes"``; the top-level fields a
     python -m benchmarks.adversarial --json > benchmarks/results/adversarial.json
     python -m benchmarks.adversarial --kinds noise,lazy --rounds 6
     python -m benchmarks.adversarial --mixes 6:3,4:4 --kinds lazy,freerider --json
+    python -m benchmarks.adversarial --sync --json   # synchronous rounds, for comparison
 """
 
 from __future__ import annotations
@@ -59,14 +60,22 @@ MINER_FIELDS = ("name", "kind", "score", "rounds_contributed", "rounds_refused",
 
 
 def run(
-    out: Path, miners: int, rounds: int, kind: str | None, count: int, keys: Path | None = None
+    out: Path,
+    miners: int,
+    rounds: int,
+    kind: str | None,
+    count: int,
+    keys: Path | None = None,
+    overlap: bool | None = None,
 ) -> dict[str, Any]:
-    """One network; ``keys``: a folder of honest miners' keys to reuse (simulate keeps existing ones)."""
+    """One network; ``keys``: a folder of honest miners' keys to reuse (simulate keeps existing ones);
+    ``overlap``: the rounds' mode (None: the coordinator's default)."""
     t0 = time.perf_counter()
     if keys is not None:
         shutil.copytree(keys, out / "keys", dirs_exist_ok=True)
     adversaries = {} if kind is None else {kind: count}
-    report = simulate(miners=miners, rounds=rounds, out=out, adversaries=adversaries, echo=lambda _: None)
+    report = simulate(miners=miners, rounds=rounds, out=out, adversaries=adversaries, echo=lambda _: None,
+                      overlap=overlap)  # fmt: skip
     result = {
         "kind": kind or "honest",
         "final_eval_loss": report["final_eval_loss"],
@@ -91,6 +100,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--kinds", default=",".join(KINDS), help="comma-separated kinds to run")
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--mixes", type=mix_list, default=None, help="honest:cheaters pairs, e.g. 8:2,6:3,4:4")
+    ap.add_argument("--sync", action="store_true", help="synchronous rounds (default: overlapped)")
     args = ap.parse_args(argv)
     kinds = [k for k in args.kinds.split(",") if k]
     if unknown := set(kinds) - set(KINDS):
@@ -98,11 +108,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     mixes = args.mixes or [(args.miners, args.cheaters)]
     with tempfile.TemporaryDirectory(prefix="gradpool-adversarial-") as tmp:
         root = args.out or Path(tmp)
-        done = [one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds) for h, c in mixes]
+        overlap = False if args.sync else None
+        done = [one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds, overlap) for h, c in mixes]
     result = {
         **{k: v for k, v in done[0].items() if k in ("honest_final_eval_loss", "runs", "honest_run")},
         "config": {"miners": mixes[0][0], "cheaters": mixes[0][1], "rounds": args.rounds,
-                   "model": "tiny", "skip_rounds": SKIP_ROUNDS},
+                   "model": "tiny", "skip_rounds": SKIP_ROUNDS, "overlap": not args.sync},
         "mixes": done,
     }  # fmt: skip
     if args.json:
@@ -116,11 +127,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     return result
 
 
-def one_mix(root: Path, honest: int, cheaters: int, rounds: int, kinds: list[str]) -> dict[str, Any]:
+def one_mix(root: Path, honest: int, cheaters: int, rounds: int, kinds: list[str],
+            overlap: bool | None = None) -> dict[str, Any]:  # fmt: skip
     """The honest-only network, then one per kind with ``cheaters`` of that kind beside the same honest."""
-    base = run(root / "honest", honest, rounds, None, 0)
+    base = run(root / "honest", honest, rounds, None, 0, overlap=overlap)
     keys = root / "honest" / "keys"
-    runs = [run(root / k, honest, rounds, k, cheaters, keys) for k in kinds]
+    runs = [run(root / k, honest, rounds, k, cheaters, keys, overlap) for k in kinds]
     for r in runs:
         r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
     return {"mix": f"{honest}:{cheaters}", "honest": honest, "cheaters": cheaters,
