@@ -85,17 +85,16 @@ class Judge:
         salt = round_salt(s["sha256"] for s in subs)
         first, later, probation = self._sample(r, j.remaining(), salt, defer)
         evaluation = self._evaluation(r, salt, first + later + probation, self.model.params)
-        board_through = r - 1
         if defer:
             for u in probation:
                 j.refused[u.miner] = Refusal.PROBATION
             j.losses = self._gate(evaluation, r, first, scales, j.refused)
-            j.scores = lambda: {e.miner: e for e in p.scores.board(board_through)}
         else:
             self._measure(evaluation, r, first, scales, j.refused)
             j.losses = evaluation.losses()
-            j.scores = lambda: p.scores.with_round(board_through, round_results(
-                r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
+        # the standing as of the round before, with this round's results when they came before the version
+        j.scores = lambda: p.scores.with_round(r - 1, {} if defer else round_results(
+            r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
         run_phase(self.pipeline, "evaluated", j)
         judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later + probation}, ref,
                         first={u.miner for u in first})  # fmt: skip

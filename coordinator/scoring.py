@@ -46,8 +46,10 @@ class Scores:
         return board
 
     def with_round(self, through: int, extra: dict[str, RoundResult]) -> dict[str, LeaderboardEntry]:
-        """Each miner's standing as of round ``through`` plus the results of a round not yet committed."""
-        return {e.miner: e for e in leaderboard(self.store, self.settings, through, extra)}
+        """Each miner's standing as of round ``through`` plus the results of a round not yet committed (none:
+        the cached board)."""
+        board = leaderboard(self.store, self.settings, through, extra) if extra else self.board(through)
+        return {e.miner: e for e in board}
 
     def record_verdicts(self, round_: int, validator: str, verdicts: Sequence[Verdict], now: float) -> int:
         """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""

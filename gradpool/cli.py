@@ -13,7 +13,7 @@ from typing import Annotated, Any
 import typer
 
 from gradpool.config import ConfigError, load_settings, setup_logging
-from gradpool.console import ConfigOpt, fail
+from gradpool.console import ConfigOpt, fail, refusals_text
 from gradpool.model_commands import export, generate, tokenizer_app
 from gradpool.node_commands import mine, validate
 from protocol.codec import CODEC_NAMES
@@ -172,8 +172,7 @@ def status(
         names = [f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)]
         typer.echo("  " + " ".join(names) + "  why")
         for x in data["leaderboard"]:
-            why = ", ".join(f"{k} {n}" for k, n in sorted(x["refusals"].items()))
-            why += "".join(f", flagged {k} {n}" for k, n in sorted(x.get("flagged", {}).items()))
+            why = refusals_text(x)
             cells = [f"{x['miner'][:16]:<16}", f"{x['score']:>8.4f}", f"{x.get('score_mean', 0):>7.3f}",
                      f"{x.get('score_stderr', 0):>5.2f}", f"{x['gain_avg']:>8.4f}",
                      f"{x['assigned_avg']:>9.2f}",

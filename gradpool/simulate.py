@@ -13,6 +13,7 @@ import httpx
 import tomli_w
 
 from gradpool.config import ConfigError, load_settings
+from gradpool.console import refusals_text
 from gradpool.processes import Processes, ProcessFailed
 
 ROW = (
@@ -94,10 +95,8 @@ def simulate(
     report = _report(settings, miners, status)
     report.update(standings)
     for m in report["miners"]:
-        why = ", ".join(f"{k} {n}" for k, n in sorted(m["refusals"].items()))
-        why += "".join(f", flagged {k} {n}" for k, n in sorted(m.get("flagged", {}).items()))
         echo(f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
-             f"  refused {m['rounds_refused']:>3} {why}")  # fmt: skip
+             f"  refused {m['rounds_refused']:>3} {refusals_text(m)}")  # fmt: skip
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_losses(report, out / "loss.png")
     return report
