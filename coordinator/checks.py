@@ -83,6 +83,14 @@ class Judging:
     refused: dict[str, str] = field(default_factory=dict)  # miner -> reason
     losses: dict[str, Losses] = field(default_factory=dict)  # the evaluation of the uploads it reached
     scores: Callable[[], dict[str, LeaderboardEntry]] | None = None  # standings with this round's results
+    # a verdict after the version (a flag): the gain checks refuse only a gain ``sure`` standard errors
+    # below their bar, so that an honest upload's sampling noise does not put its miner on probation
+    gain_se: dict[str, float] = field(default_factory=dict)
+    sure: float = 0.0
+
+    def upper_gain(self, miner: str, gain: float) -> float:
+        """The gain a verdict weighs against a bar: the measured one, plus ``sure`` standard errors."""
+        return gain + self.sure * self.gain_se.get(miner, 0.0)
 
     def remaining(self) -> list[Upload]:
         return [u for u in self.uploads if u.miner not in self.refused]
@@ -200,7 +208,7 @@ class Harmful:
     phase: ClassVar[Phase] = "evaluated"
 
     def refuse(self, j: Judging) -> Iterable[str]:
-        return [m for m, x in j.losses.items() if m not in j.refused and x.gain <= 0]
+        return [m for m, x in j.losses.items() if m not in j.refused and j.upper_gain(m, x.gain) <= 0]
 
 
 @dataclass(frozen=True)
@@ -226,7 +234,7 @@ class LowGain:
             statistics.median(here) if here else 0.0,
             self.HISTORY_FLOOR * statistics.median(past) if past else 0.0,
         )
-        return [m for m, g in gains.items() if g < self.fraction * reference]
+        return [m for m, g in gains.items() if j.upper_gain(m, g) < self.fraction * reference]
 
 
 class LowScore:

@@ -5,13 +5,14 @@ the closer's thread.
 Synchronous rounds evaluate every sampled upload before the version is built. Overlapped rounds keep the
 version's path short. The uploads of new miners (a record shorter than ``min_record``) are judged first,
 on the first ``gate_sequences`` of their own sample (``gate``: the gain the refusals need, a small part of
-an evaluation). Those of miners refused or flagged in the last ``RECENT_REFUSAL_ROUNDS`` rounds are on
-probation: left out of the version, and evaluated after it like the others. The rest go into the version
-on the cheap checks and their standing. Every sampled upload is evaluated in full once the version is
-published (``finish``), while miners train the next round: that gives its verdict and score, and flags an
-upload (accepted or on probation) that the evaluation would have refused, which puts or keeps its miner
-on probation. If the version fails the loss guard, the uploads it holds unjudged are gated too, so that
-the guard leaves out the least useful ones; a guard refusal is no evidence against a miner.
+an evaluation). Those of miners refused in the last ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the
+last ``FLAG_ROUNDS``, are on probation: left out of the version, and evaluated after it like the others.
+The rest go into the version on the cheap checks and their standing. Every sampled upload is evaluated
+in full once the version is published (``finish``), while miners train the next round: that gives its
+verdict and score, and flags an upload (accepted or on probation) that the evaluation refuses for sure
+(``FLAG_SURE``), which puts or keeps its miner on probation. If the version fails the loss guard, the
+uploads it holds unjudged are gated too, so that the guard leaves out the least useful ones; a guard
+refusal is no evidence against a miner.
 """
 
 from __future__ import annotations
@@ -21,7 +22,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -37,7 +38,9 @@ from protocol.pairing import RoundEvaluation
 from protocol.params import Params, load_checkpoint
 
 log = logging.getLogger(__name__)
-RECENT_REFUSAL_ROUNDS = 5  # a miner refused or flagged this recently is evaluated, and first
+RECENT_REFUSAL_ROUNDS = 5  # a miner refused this recently is evaluated, and first
+FLAG_ROUNDS = 3  # and one flagged this recently (each flag on probation renews it)
+FLAG_SURE = 2.0  # a gain flagged after the version lies this many standard errors below the bar
 
 
 class Stopping(Exception):
@@ -54,6 +57,8 @@ class Later:
     scales: dict[str, float]
     history: History
     probation: frozenset[str] = frozenset()  # left out of the version, evaluated all the same
+    refused: dict[str, str] = field(default_factory=dict)  # uploads whose evaluation failed
+    seconds: float = 0.0  # spent evaluating so far (the evaluation may pause for a close)
 
 
 @dataclass
@@ -113,15 +118,26 @@ class Judge:
         later.evaluation.evaluator.reset()  # building the version used the model
         judged.losses.update(self._gate(later.evaluation, later.round, todo, judged.scales, judged.refused))
 
-    def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
+    def finish(self, later: Later, accepted: set[str], pause: Callable[[], bool] | None = None,
+               ) -> tuple[dict[str, Losses], dict[str, str]] | None:  # fmt: skip
         """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
-        flag the accepted uploads (and those on probation) that the round's whole evaluation would have
-        refused. Returns (verdicts, flags)."""
-        later.evaluation.evaluator.reset()  # building the version used the model
-        refused: dict[str, str] = {}
-        self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
+        flag the accepted uploads (and those on probation) that the round's whole evaluation refuses for
+        sure (a gain ``FLAG_SURE`` standard errors below the bar: a flag is ``FLAG_ROUNDS`` of probation).
+        Returns (verdicts, flags); None when ``pause`` asked to stop before an upload (call again to go on
+        where it stopped)."""
+        t0 = time.perf_counter()
+        later.evaluation.evaluator.reset()  # building a version (this one's or the next) used the model
+        todo = [u for u in later.uploads
+                if not later.evaluation.measured(u.miner) and u.miner not in later.refused]  # fmt: skip
+        ev = later.evaluation
+        measured = self._measure(ev, later.round, todo, later.scales, later.refused, pause=pause)
+        later.seconds += time.perf_counter() - t0
+        if len(measured) + sum(u.miner in later.refused for u in todo) < len(todo):
+            return None
+        refused = later.refused
         losses = later.evaluation.losses()
-        j = Judging(later.round, [], later.history, losses=losses)
+        j = Judging(later.round, [], later.history, losses=losses, sure=FLAG_SURE,
+                    gain_se={m: later.evaluation.gain_se(m) for m in losses})  # fmt: skip
         run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
         flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
         if flags:
@@ -169,9 +185,10 @@ class Judge:
 
     def _measure(self, evaluation: RoundEvaluation, round_: int, uploads: Sequence[Upload],
                  scales: dict[str, float], refused: dict[str, str], gain_only: bool = False,
-                 ) -> dict[str, Losses]:  # fmt: skip
+                 pause: Callable[[], bool] | None = None) -> dict[str, Losses]:  # fmt: skip
         """Each upload's losses before and after it is applied alone, scaled as aggregation scales it (the
-        plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused."""
+        plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused.
+        Stops early, before an upload, when ``pause`` says so."""
         p, t0 = self.p, time.perf_counter()
         out: dict[str, Losses] = {}
         if not uploads:
@@ -179,6 +196,9 @@ class Judge:
         for u in uploads:
             if self.stop.is_set():
                 raise Stopping
+            if pause is not None and pause():
+                log.info("round %d: evaluation paused for a close", round_)
+                break
             try:
                 self.touch(round_, u)
                 update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
@@ -189,6 +209,8 @@ class Judge:
                 log.warning("round %d: evaluating miner %s's upload failed (%s)", round_, u.miner[:12], e)
                 refused.setdefault(u.miner, Refusal.UNREADABLE)
         elapsed = time.perf_counter() - t0
+        if not out:
+            return out
         p.metrics.evaluation.observe(elapsed)
         log.info("round %d: %s %d uploads in %.2f s; gains %s", round_, "gated" if gain_only else "evaluated",
                  len(out), elapsed, {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
@@ -201,18 +223,19 @@ class Judge:
     def _sample(self, round_: int, uploads: list[Upload], salt: str,
                 defer: bool) -> tuple[list[Upload], list[Upload], list[Upload]]:  # fmt: skip
         """The uploads to evaluate, as (first, later, probation): all, or ``max_evaluated`` of them: those
-        whose miner was refused (but by the loss guard) or flagged in the last ``RECENT_REFUSAL_ROUNDS``
-        rounds first, then those with a record shorter than ``min_record``, then a draw that nobody can know
-        before the round's payloads are all in (the round's salt). Synchronous rounds evaluate them all
-        first. ``defer`` (overlapped rounds): the first tier is on probation, the second is judged first, the
-        draw later."""
+        whose miner was refused (but by the loss guard) in the last ``RECENT_REFUSAL_ROUNDS`` rounds or
+        flagged in the last ``FLAG_ROUNDS`` first, then those with a record shorter than ``min_record``,
+        then a draw that nobody can know before the round's payloads are all in (the round's salt).
+        Synchronous rounds evaluate them all first. ``defer`` (overlapped rounds): the first tier is on
+        probation, the second is judged first, the draw later."""
         v, p = self.validation, self.p
         if not defer and (v.max_evaluated is None or len(uploads) <= v.max_evaluated):
             return uploads, [], []
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
         moot = NEUTRAL | {Refusal.LOSS_GUARD}  # refusals that say nothing of the miner's own upload
         suspect = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
-                   if (s["status"] == "rejected" and s["reason"] not in moot) or s["flag"]}  # fmt: skip
+                   if (s["status"] == "rejected" and s["reason"] not in moot)
+                   or (s["flag"] and s["round"] >= round_ - FLAG_ROUNDS)}  # fmt: skip
         suspect |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
         record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
 

@@ -64,6 +64,15 @@ class RoundEvaluation:
         self._gains[miner], self._losses[miner] = before - after, x
         return x
 
+    def measured(self, miner: str) -> bool:
+        return miner in self._losses
+
+    def gain_se(self, miner: str) -> float:
+        """The standard error of a measured upload's gain (over its own sample): what makes a verdict on
+        the gain sure or not."""
+        gains = self._gains[miner][: len(self.drawn[miner][0])]
+        return float((gains.var() / len(gains)).sqrt()) if len(gains) > 1 else 0.0
+
     def losses(self) -> dict[str, Losses]:
         """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were."""
         out = dict(self._losses)

@@ -12,7 +12,16 @@ import torch
 from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
 from coordinator.aggregation import aggregate_uploads
-from coordinator.checks import History, Judging, LowGain, Phase, Upload, default_pipeline, judge_cheap
+from coordinator.checks import (
+    Harmful,
+    History,
+    Judging,
+    LowGain,
+    Phase,
+    Upload,
+    default_pipeline,
+    judge_cheap,
+)
 from coordinator.settings import CheckSettings, ValidationSettings
 from node.settings import ValidatorSettings
 from node.validator import Validator
@@ -86,6 +95,25 @@ def test_low_gain_follows_this_rounds_gains_and_history_only_bounds_it_from_belo
     assert _low_gain({"alone": 0.05}, past) == []  # one upload: only the floor bars it (0.35 x 0.25 x 0.36)
     assert _low_gain({"alone": 0.02}, past) == ["alone"]
     assert _low_gain({"a": 0.08, "b": 0.01}, ()) == ["b"]  # the first round: its own median
+
+
+def test_a_flag_needs_a_gain_surely_below_the_bar_while_a_refusal_takes_the_measured_one() -> None:
+    """Before the version (``sure`` 0) the measured gain decides; a flag after it (``sure`` 2) only a gain
+    two standard errors below the bar: an honest upload's unlucky sample does not mean probation."""
+    gains = {"a": 0.08, "b": 0.07, "c": 0.09, "unlucky": -0.01, "flipped": -0.08, "weak": 0.02, "rider": 1e-6}
+    se = {"a": 0.02, "b": 0.02, "c": 0.02, "unlucky": 0.02, "flipped": 0.02, "weak": 0.01, "rider": 1e-7}
+
+    def refused(sure: float) -> list[str]:
+        j = Judging(5, [], gain_se=se, sure=sure)
+        j.losses = {m: Losses(3.0, 3.0 - g, 3.0, 3.0 - g) for m, g in gains.items()}
+        for check in (Harmful(), LowGain(0.35)):
+            for m in list(check.refuse(j)):
+                j.refused.setdefault(m, check.code)
+        return sorted(j.refused.items())
+
+    assert refused(0.0) == [("flipped", "harmful"), ("rider", "low_gain"), ("unlucky", "harmful"),
+                            ("weak", "low_gain")]  # fmt: skip
+    assert refused(2.0) == [("flipped", "harmful"), ("rider", "low_gain")]
 
 
 def test_streamed_aggregation_equals_aggregating_everything_at_once() -> None:
