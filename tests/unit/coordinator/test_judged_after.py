@@ -26,17 +26,18 @@ def published(state_dir: Path, version: int) -> bool:
         return db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone() is not None
 
 
-def upload_round(pool: Pool, honest: list[Miner], flipper: Miner, round_: int) -> int:
-    """Honest updates from every miner but ``flipper``, whose update is the negative of an honest one;
-    all trained from the newest version, which they declare."""
+def upload_round(pool: Pool, honest: list[Miner], flipper: Miner | list[Miner], round_: int) -> int:
+    """Honest updates from every miner but ``flipper`` (none: ``[]``), whose update is the negative of an
+    honest one; all trained from the newest version, which they declare."""
     now = pool.round()
     assert now["round"] == round_, now
     version = now["newest"] if now["newest"] is not None else now["version"]
     for m in honest:
         body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
         assert m.upload(round_, body).status_code == 200
-    flipped = {n: -t for n, t in trained_delta(pool, flipper.pubkey, round_, version).items()}
-    assert flipper.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
+    for m in [flipper] if isinstance(flipper, Miner) else flipper:
+        flipped = {n: -t for n, t in trained_delta(pool, m.pubkey, round_, version).items()}
+        assert m.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
     return int(version)
 
 
@@ -102,6 +103,27 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
         flipped = board[flipper.pubkey]
         assert flipped["flagged"] == {"harmful": 2} and flipped["rounds_refused"] == 0
         assert board[flipper.pubkey]["score"] < min(board[m.pubkey]["score"] for m in honest)
+
+
+def test_a_flag_means_three_rounds_of_probation_which_clean_rounds_end(open_pool: OpenPool) -> None:
+    """A miner flagged once, honest after it: on probation for the 3 rounds after the flagged one
+    (evaluated, left out, not flagged), then back in the versions."""
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
+        honest = [fixed_miner(pool, i) for i in range(2)]
+        flipper = fixed_miner(pool, 2)
+        for m in [*honest, flipper]:
+            body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
+            assert m.upload(0, body).status_code == 200
+        pool.wait_for_round(0)
+        upload_round(pool, honest, flipper, 1)
+        assert wait_scored(pool, 1)[flipper.pubkey]["flag"] == "harmful"
+        outcomes = []
+        for round_ in range(2, 6):
+            upload_round(pool, [*honest, flipper], [], round_)
+            mine = wait_scored(pool, round_)[flipper.pubkey]
+            outcomes.append((mine["status"], mine["reason"], mine["flag"], bool(mine["evaluated"])))
+    on_probation = ("rejected", "probation", None, True)
+    assert outcomes == [on_probation] * 3 + [("accepted", None, None, True)], outcomes
 
 
 def test_the_evaluation_after_a_version_pauses_for_the_next_close_and_goes_on_after_it(
