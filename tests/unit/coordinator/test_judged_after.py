@@ -41,6 +41,16 @@ def upload_round(pool: Pool, honest: list[Miner], flipper: Miner | list[Miner], 
     return int(version)
 
 
+def first_round(pool: Pool) -> tuple[list[Miner], Miner]:
+    """Two honest miners and the flipper-to-be, each with an honest upload in round 0, closed."""
+    honest, flipper = [fixed_miner(pool, i) for i in range(2)], fixed_miner(pool, 2)
+    for m in [*honest, flipper]:
+        body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
+        assert m.upload(0, body).status_code == 200
+    pool.wait_for_round(0)
+    return honest, flipper
+
+
 def scored(state_dir: Path, round_: int) -> bool:
     uri = f"file:{state_dir / 'state.db'}?mode=ro"
     with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
@@ -72,12 +82,7 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
     hooks = Hooks(on_upload=on_upload)
     with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP, app={"hooks": hooks}) as pool:
         pool_box.append(pool)
-        honest = [fixed_miner(pool, i) for i in range(2)]
-        flipper = fixed_miner(pool, 2)
-        for m in [*honest, flipper]:  # round 0: nobody has a record, so every upload is judged first
-            body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
-            assert m.upload(0, body).status_code == 200
-        pool.wait_for_round(0)
+        honest, flipper = first_round(pool)  # nobody has a record, so every upload is judged first
 
         upload_round(pool, honest, flipper, 1)  # the flipper has a record now: judged after the version
         r1 = wait_scored(pool, 1)
@@ -109,12 +114,7 @@ def test_a_flag_means_three_rounds_of_probation_which_clean_rounds_end(open_pool
     """A miner flagged once, honest after it: on probation for the 3 rounds after the flagged one
     (evaluated, left out, not flagged), then back in the versions."""
     with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
-        honest = [fixed_miner(pool, i) for i in range(2)]
-        flipper = fixed_miner(pool, 2)
-        for m in [*honest, flipper]:
-            body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
-            assert m.upload(0, body).status_code == 200
-        pool.wait_for_round(0)
+        honest, flipper = first_round(pool)
         upload_round(pool, honest, flipper, 1)
         assert wait_scored(pool, 1)[flipper.pubkey]["flag"] == "harmful"
         outcomes = []
@@ -146,12 +146,7 @@ def test_the_evaluation_after_a_version_pauses_for_the_next_close_and_goes_on_af
     hooks = Hooks(on_upload=on_upload)
     with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP, app={"hooks": hooks}) as pool:
         pool_box.append(pool)
-        honest = [fixed_miner(pool, i) for i in range(2)]
-        flipper = fixed_miner(pool, 2)
-        for m in [*honest, flipper]:
-            body = encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]
-            assert m.upload(0, body).status_code == 200
-        pool.wait_for_round(0)
+        honest, flipper = first_round(pool)
         upload_round(pool, honest, flipper, 1)
         end = time.monotonic() + 60
         while not seen:  # round 1's evaluation after version 2 has begun, and waits
