@@ -8,11 +8,8 @@ miners train it while this one is judged and published; its uploads are judged a
 version this round publishes. Closing stays one round at a time, so an upload is applied at most one
 version after the one it trained from (``max_staleness = 1``), and every check sees the exact model the
 upload will change. The version comes first: the uploads of miners with a good standing are evaluated
-once it is committed (``_finish``, coordinator/judging.py). That evaluation is off the round's critical
-path: when the next round is due to close it pauses, the round closes, and it goes on after; at most
-``MAX_PENDING`` closed rounds wait for theirs, so a flag puts its miner on probation at most two closes
-later. Checkpoints are pruned only when none waits, so that a restart can evaluate a round left
-unfinished on the version it changed.
+once it is committed (``_finish``, coordinator/judging.py), before the next round is closed; checkpoints
+are pruned only then, so that a restart can evaluate a round left unfinished on the version it changed.
 
 A round always ends. A failure while one upload is read, evaluated or aggregated refuses that upload
 (``unreadable_upload``) and the rest go on; a version that fails the guard is built again without the most
@@ -46,7 +43,6 @@ from protocol.evaluation import round_results
 
 log = logging.getLogger(__name__)
 MIN_WEIGHT_SCORE = 0.05  # weight_by_score: the least score an accepted upload is weighted by
-MAX_PENDING = 2  # overlapped rounds: closed rounds whose evaluation after the version may wait at once
 
 
 @dataclass(frozen=True)
@@ -79,7 +75,6 @@ class Closer:
         self.downloads = parts.downloads
         self._wake = threading.Event()
         self._stop = threading.Event()
-        self._pending: list[tuple[Later, set[str]]] = []  # overlapped rounds: evaluations after the version
         self.judge = Judge(parts, model, settings.checks, settings.validation, checks, hooks, self._stop)
         self._thread: threading.Thread | None = None
         parts.cell.listen(lambda old, new: self._wake.set())
@@ -103,38 +98,23 @@ class Closer:
         self._wake.set()
 
     def _loop(self) -> None:
+        rounds = self.s.rounds
         try:
             self._finish_unscored()
         except Stopping:
             return
         while not self._stop.is_set():
             state = self.p.cell.state
+            now = self.p.clock()
+            if state.behind is None and not state.ready(now, rounds.min_quorum):
+                left = state.time_left(now)
+                self._wake.wait(timeout=None if left is None else max(left, 0.01))
+                self._wake.clear()
+                continue
             try:
-                if self._due() and len(self._pending) < MAX_PENDING:
-                    self.close_round()
-                elif self._pending:
-                    self._score_pending()
-                else:
-                    left = state.time_left(self.p.clock())
-                    self._wake.wait(timeout=None if left is None else max(left, 0.01))
-                    self._wake.clear()
+                self.close_round()
             except Stopping:
                 return
-
-    def _due(self) -> bool:
-        """Whether a round is to be closed now."""
-        state = self.p.cell.state
-        return state.behind is not None or state.ready(self.p.clock(), self.s.rounds.min_quorum)
-
-    def _score_pending(self) -> None:
-        """The oldest round's evaluation after its version, paused when the next round is due to close and
-        there is room for one more evaluation waiting (``MAX_PENDING``)."""
-        later, accepted = self._pending[0]
-        pause = self._due if len(self._pending) < MAX_PENDING else None
-        if self._finish(later, accepted, pause):
-            self._pending.pop(0)
-            if not self._pending:
-                self._prune()
 
     # -- closing ------------------------------------------------------------------------------------------
     def close_round(self) -> None:
@@ -156,32 +136,28 @@ class Closer:
                     raise Stopping from None
                 continue
             if later is not None:
-                self._pending.append(later)
-            else:
-                self._prune()
+                self._finish(*later)
+            self._prune()
             return
         self._close_without_version(state, reason)
 
-    def _finish(self, later: Later, accepted: set[str], pause: Callable[[], bool] | None = None) -> bool:
+    def _finish(self, later: Later, accepted: set[str]) -> None:
         """Overlapped rounds: the evaluation left for after the version, recorded (the round stays unscored,
-        to be evaluated again after a restart, only if the coordinator stops meanwhile). False when it
-        paused for a close (``pause``), to go on after it."""
+        to be evaluated again after a restart, only if the coordinator stops meanwhile)."""
+        t0 = time.perf_counter()
         try:
-            done = self.judge.finish(later, accepted, pause)
+            verdicts, flags = self.judge.finish(later, accepted)
         except Stopping:
             raise
         except Exception:
             log.exception("round %d: evaluating after the version failed; unscored", later.round)
-            done = {}, {}
-        if done is None:
-            return False
-        verdicts, flags = done
+            verdicts, flags = {}, {}
         self.p.store.record_scores(later.round, verdicts, flags, self.p.clock())
         self.p.scores.changed()
-        self.p.metrics.scoring.observe(later.seconds)
+        seconds = time.perf_counter() - t0
+        self.p.metrics.scoring.observe(seconds)
         log.info("round %d: %d uploads evaluated after the version in %.2f s", later.round,
-                 len(later.uploads), later.seconds)  # fmt: skip
-        return True
+                 len(later.uploads), seconds)  # fmt: skip
 
     def _finish_unscored(self) -> None:
         """After a restart: the rounds whose evaluation after their version did not end, again."""

@@ -22,7 +22,7 @@ import logging
 import sqlite3
 import threading
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 
 import torch
@@ -57,8 +57,6 @@ class Later:
     scales: dict[str, float]
     history: History
     probation: frozenset[str] = frozenset()  # left out of the version, evaluated all the same
-    refused: dict[str, str] = field(default_factory=dict)  # uploads whose evaluation failed
-    seconds: float = 0.0  # spent evaluating so far (the evaluation may pause for a close)
 
 
 @dataclass
@@ -118,23 +116,14 @@ class Judge:
         later.evaluation.evaluator.reset()  # building the version used the model
         judged.losses.update(self._gate(later.evaluation, later.round, todo, judged.scales, judged.refused))
 
-    def finish(self, later: Later, accepted: set[str], pause: Callable[[], bool] | None = None,
-               ) -> tuple[dict[str, Losses], dict[str, str]] | None:  # fmt: skip
+    def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
         """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
         flag the accepted uploads (and those on probation) that the round's whole evaluation refuses for
         sure (a gain ``FLAG_SURE`` standard errors below the bar: a flag is ``FLAG_ROUNDS`` of probation).
-        Returns (verdicts, flags); None when ``pause`` asked to stop before an upload (call again to go on
-        where it stopped)."""
-        t0 = time.perf_counter()
-        later.evaluation.evaluator.reset()  # building a version (this one's or the next) used the model
-        todo = [u for u in later.uploads
-                if not later.evaluation.measured(u.miner) and u.miner not in later.refused]  # fmt: skip
-        ev = later.evaluation
-        measured = self._measure(ev, later.round, todo, later.scales, later.refused, pause=pause)
-        later.seconds += time.perf_counter() - t0
-        if len(measured) + sum(u.miner in later.refused for u in todo) < len(todo):
-            return None
-        refused = later.refused
+        Returns (verdicts, flags)."""
+        later.evaluation.evaluator.reset()  # building the version used the model
+        refused: dict[str, str] = {}
+        self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
         losses = later.evaluation.losses()
         j = Judging(later.round, [], later.history, losses=losses, sure=FLAG_SURE,
                     gain_se={m: later.evaluation.gain_se(m) for m in losses})  # fmt: skip
@@ -185,10 +174,9 @@ class Judge:
 
     def _measure(self, evaluation: RoundEvaluation, round_: int, uploads: Sequence[Upload],
                  scales: dict[str, float], refused: dict[str, str], gain_only: bool = False,
-                 pause: Callable[[], bool] | None = None) -> dict[str, Losses]:  # fmt: skip
+                 ) -> dict[str, Losses]:  # fmt: skip
         """Each upload's losses before and after it is applied alone, scaled as aggregation scales it (the
-        plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused.
-        Stops early, before an upload, when ``pause`` says so."""
+        plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused."""
         p, t0 = self.p, time.perf_counter()
         out: dict[str, Losses] = {}
         if not uploads:
@@ -196,9 +184,6 @@ class Judge:
         for u in uploads:
             if self.stop.is_set():
                 raise Stopping
-            if pause is not None and pause():
-                log.info("round %d: evaluation paused for a close", round_)
-                break
             try:
                 self.touch(round_, u)
                 update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
@@ -209,8 +194,6 @@ class Judge:
                 log.warning("round %d: evaluating miner %s's upload failed (%s)", round_, u.miner[:12], e)
                 refused.setdefault(u.miner, Refusal.UNREADABLE)
         elapsed = time.perf_counter() - t0
-        if not out:
-            return out
         p.metrics.evaluation.observe(elapsed)
         log.info("round %d: %s %d uploads in %.2f s; gains %s", round_, "gated" if gain_only else "evaluated",
                  len(out), elapsed, {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip

@@ -64,9 +64,6 @@ class RoundEvaluation:
         self._gains[miner], self._losses[miner] = before - after, x
         return x
 
-    def measured(self, miner: str) -> bool:
-        return miner in self._losses
-
     def gain_se(self, miner: str) -> float:
         """The standard error of a measured upload's gain (over its own sample): what makes a verdict on
         the gain sure or not."""

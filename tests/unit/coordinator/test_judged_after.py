@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import threading
 import time
 from pathlib import Path
 
@@ -124,45 +123,6 @@ def test_a_flag_means_three_rounds_of_probation_which_clean_rounds_end(open_pool
             outcomes.append((mine["status"], mine["reason"], mine["flag"], bool(mine["evaluated"])))
     on_probation = ("rejected", "probation", None, True)
     assert outcomes == [on_probation] * 3 + [("accepted", None, None, True)], outcomes
-
-
-def test_the_evaluation_after_a_version_pauses_for_the_next_close_and_goes_on_after_it(
-    open_pool: OpenPool,
-) -> None:
-    """Evaluating a round after its version is off the critical path: held on its first upload until the
-    next round's uploads are in, it lets that round close (version 3) before its second upload, then ends,
-    and the next round's evaluation follows. Its flag comes after the next round closed, so the flipper's
-    next upload went in too (flagged in turn): probation starts at most two closes later."""
-    release = threading.Event()
-    seen: list[bool] = []  # round 1's measurements after version 2: whether version 3 was out then
-    pool_box: list[Pool] = []
-
-    def on_upload(round_: int, miner: str) -> None:
-        if pool_box and round_ == 1 and published(pool_box[0].settings.state_dir, 2):
-            seen.append(published(pool_box[0].settings.state_dir, 3))
-            if len(seen) == 1:
-                assert release.wait(60)
-
-    hooks = Hooks(on_upload=on_upload)
-    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP, app={"hooks": hooks}) as pool:
-        pool_box.append(pool)
-        honest, flipper = first_round(pool)
-        upload_round(pool, honest, flipper, 1)
-        end = time.monotonic() + 60
-        while not seen:  # round 1's evaluation after version 2 has begun, and waits
-            assert time.monotonic() < end
-            time.sleep(0.05)
-        upload_round(pool, honest, flipper, 2)
-        release.set()
-        r1, r2 = wait_scored(pool, 1), wait_scored(pool, 2)
-        assert seen[0] is False and len(seen) == 3 and all(seen[1:]), seen
-        assert r1[flipper.pubkey]["flag"] == "harmful" and r1[flipper.pubkey]["status"] == "accepted", r1
-        assert r2[flipper.pubkey]["flag"] == "harmful" and r2[flipper.pubkey]["status"] == "accepted", r2
-        assert all(s["evaluated"] for s in [*r1.values(), *r2.values()])
-        assert all(r[m.pubkey]["flag"] is None for r in (r1, r2) for m in honest)
-        upload_round(pool, honest, flipper, 3)
-        r3 = wait_scored(pool, 3)
-        assert (r3[flipper.pubkey]["status"], r3[flipper.pubkey]["reason"]) == ("rejected", "probation"), r3
 
 
 def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPool) -> None:
