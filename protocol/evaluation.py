@@ -237,7 +237,7 @@ def summarise(before: torch.Tensor, after: torch.Tensor, n_own: int) -> Losses:
     own_gains, other_gains = gains[:n_own], gains[n_own:]
     return Losses(
         _mean(before[:n_own]), _mean(after[:n_own]), _mean(before[n_own:]), _mean(after[n_own:]),
-        math.sqrt(_var_of_mean(own_gains) + _var_of_mean(other_gains)),
+        math.sqrt(var_of_mean(own_gains) + var_of_mean(other_gains)),
     )  # fmt: skip
 
 
@@ -245,7 +245,7 @@ def _mean(x: torch.Tensor) -> float:
     return float(x.mean()) if len(x) else math.nan
 
 
-def _var_of_mean(x: torch.Tensor) -> float:
+def var_of_mean(x: torch.Tensor) -> float:
     return float(x.var() / len(x)) if len(x) > 1 else 0.0
 
 

@@ -24,7 +24,7 @@ from collections.abc import Mapping, Sequence
 
 import torch
 
-from protocol.evaluation import Losses, UpdateEvaluator, samples, summarise
+from protocol.evaluation import Losses, UpdateEvaluator, samples, summarise, var_of_mean
 from protocol.payload import SparseTensor
 from protocol.wire import RunInfo
 
@@ -67,8 +67,7 @@ class RoundEvaluation:
     def gain_se(self, miner: str) -> float:
         """The standard error of a measured upload's gain (over its own sample): what makes a verdict on
         the gain sure or not."""
-        gains = self._gains[miner][: len(self.drawn[miner][0])]
-        return float((gains.var() / len(gains)).sqrt()) if len(gains) > 1 else 0.0
+        return math.sqrt(var_of_mean(self._gains[miner][: len(self.drawn[miner][0])]))
 
     def losses(self) -> dict[str, Losses]:
         """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were."""

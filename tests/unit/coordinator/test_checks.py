@@ -21,6 +21,7 @@ from coordinator.checks import (
     Upload,
     default_pipeline,
     judge_cheap,
+    run_phase,
 )
 from coordinator.settings import CheckSettings, ValidationSettings
 from node.settings import ValidatorSettings
@@ -106,9 +107,7 @@ def test_a_flag_needs_a_gain_surely_below_the_bar_while_a_refusal_takes_the_meas
     def refused(sure: float) -> list[str]:
         j = Judging(5, [], gain_se=se, sure=sure)
         j.losses = {m: Losses(3.0, 3.0 - g, 3.0, 3.0 - g) for m, g in gains.items()}
-        for check in (Harmful(), LowGain(0.35)):
-            for m in list(check.refuse(j)):
-                j.refused.setdefault(m, check.code)
+        run_phase([Harmful(), LowGain(0.35)], "evaluated", j)
         return sorted(j.refused.items())
 
     assert refused(0.0) == [("flipped", "harmful"), ("rider", "low_gain"), ("unlucky", "harmful"),

@@ -25,18 +25,18 @@ def published(state_dir: Path, version: int) -> bool:
         return db.execute("SELECT 1 FROM versions WHERE version = ?", (version,)).fetchone() is not None
 
 
-def upload_round(pool: Pool, honest: list[Miner], flipper: Miner | list[Miner], round_: int) -> int:
-    """Honest updates from every miner but ``flipper`` (none: ``[]``), whose update is the negative of an
-    honest one; all trained from the newest version, which they declare."""
+def upload_round(pool: Pool, honest: list[Miner], flipper: Miner | None, round_: int) -> int:
+    """Honest updates from every miner but ``flipper`` (if any), whose update is the negative of an honest
+    one; all trained from the newest version, which they declare."""
     now = pool.round()
     assert now["round"] == round_, now
     version = now["newest"] if now["newest"] is not None else now["version"]
     for m in honest:
         body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
         assert m.upload(round_, body).status_code == 200
-    for m in [flipper] if isinstance(flipper, Miner) else flipper:
-        flipped = {n: -t for n, t in trained_delta(pool, m.pubkey, round_, version).items()}
-        assert m.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
+    if flipper is not None:
+        flipped = {n: -t for n, t in trained_delta(pool, flipper.pubkey, round_, version).items()}
+        assert flipper.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
     return int(version)
 
 
@@ -118,7 +118,7 @@ def test_a_flag_means_three_rounds_of_probation_which_clean_rounds_end(open_pool
         assert wait_scored(pool, 1)[flipper.pubkey]["flag"] == "harmful"
         outcomes = []
         for round_ in range(2, 6):
-            upload_round(pool, [*honest, flipper], [], round_)
+            upload_round(pool, [*honest, flipper], None, round_)
             mine = wait_scored(pool, round_)[flipper.pubkey]
             outcomes.append((mine["status"], mine["reason"], mine["flag"], bool(mine["evaluated"])))
     on_probation = ("rejected", "probation", None, True)
