@@ -1,7 +1,10 @@
 """Making the next version from a round's accepted uploads, guarding it, and writing what is published.
 
 ``build`` aggregates, applies the outer step, compresses what it publishes (``Downlink``) and measures the
-held-out loss, in memory; ``guard`` says whether the result may be published (every parameter finite, the
+held-out loss, in memory. The downlink's error feedback is the coordinator's own bookkeeping, not any
+miner's work: when carrying it would raise the held-out loss above the previous version's, the update is
+compressed again without it and the better of the two is kept, so a stale residual never costs a miner its
+upload at the guard. ``guard`` says whether the result may be published (every parameter finite, the
 held-out loss finite and not above the previous version's by more than ``max_loss_increase``); only then
 does ``write`` put the published update, the checkpoint and the coordinator's state (the outer optimizer's
 momentum, the downlink's error feedback) into the blob store. Nothing is visible until the closer commits
@@ -10,6 +13,7 @@ the version, and its state with it.
 
 from __future__ import annotations
 
+import logging
 import math
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
@@ -36,6 +40,8 @@ from protocol.params import (
     save_checkpoint,
 )
 
+log = logging.getLogger(__name__)
+
 
 class Downlink:
     """What the coordinator publishes each round. ``exact``: the outer step's delta itself. ``sparseloco``:
@@ -53,11 +59,20 @@ class Downlink:
         self.beta = settings.ef_beta
         self.residual: dict[str, torch.Tensor] = {}
 
-    def step(self, delta: Mapping[str, torch.Tensor]) -> tuple[bytes, Params, dict[str, torch.Tensor]]:
-        """The update's bytes (without their header), the delta the model moves by, the next residual."""
+    @property
+    def carries(self) -> bool:
+        """Whether the next step adds a residual (there is one, and it is not decayed to nothing)."""
+        return bool(self.residual) and self.beta > 0
+
+    def step(
+        self, delta: Mapping[str, torch.Tensor], carry: bool = True
+    ) -> tuple[bytes, Params, dict[str, torch.Tensor]]:
+        """The update's bytes (without their header), the delta the model moves by, the next residual.
+        ``carry=False``: the residual so far is dropped, and the next one is what this step leaves out."""
         if self.codec is None:
             return b"", dict(delta), {}
-        u = {n: d + self.beta * self.residual[n] if n in self.residual else d.clone()
+        residual = self.residual if carry else {}
+        u = {n: d + self.beta * residual[n] if n in residual else d.clone()
              for n, d in delta.items()}  # fmt: skip
         compressed = compress_update(self.codec, u, self.spec)
         applied = _decoded(compressed, self.codec, self.spec)
@@ -115,13 +130,27 @@ class Publisher:
         version: int,
         accepted: Sequence[tuple[Upload, float]],
         load: Callable[[Upload], tuple[bytes, bytes]],
+        previous_loss: float | None = None,
     ) -> Built:
-        """The next version from the accepted updates (raises UploadFailed for an upload that fails)."""
+        """The next version from the accepted updates (raises UploadFailed for an upload that fails). With
+        ``previous_loss``: compressed again without the downlink's residual when carrying it would raise the
+        held-out loss above ``previous_loss``, keeping whichever of the two is lower."""
         a = self.aggregation
         method = None if a.method == "mean" else a.method
         aggregate = aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
         delta, outer_buffers = self.outer.step(aggregate)
-        compressed, applied, residual = self.downlink.step(delta)
+        built = self._published(base, base_version, version, delta, outer_buffers, carry=True)
+        if previous_loss is not None and self.downlink.carries and not built.eval_loss <= previous_loss:
+            fresh = self._published(base, base_version, version, delta, outer_buffers, carry=False)
+            log.info("version %d: with the downlink's residual the held-out loss would be %.4f (was %.4f), "
+                     "without it %.4f", version, built.eval_loss, previous_loss, fresh.eval_loss)  # fmt: skip
+            if not built.eval_loss <= fresh.eval_loss:
+                built = fresh
+        return built
+
+    def _published(self, base: Params, base_version: int, version: int, delta: Mapping[str, torch.Tensor],
+                   outer_buffers: dict[str, torch.Tensor], carry: bool) -> Built:  # fmt: skip
+        compressed, applied, residual = self.downlink.step(delta, carry)
         params = {n: p.clone() for n, p in base.items()}
         apply_update(params, applied)
         param_hash = params_hash(params, self.spec)

@@ -4,17 +4,26 @@ sends the miner to the checkpoint."""
 
 from __future__ import annotations
 
+import hashlib
 import logging
 from pathlib import Path
 
 import httpx
 import pytest
 import torch
-from pool_harness import SPEC, Miner, OpenPool, Pool, ThroughTestClient, payload
+from pool_harness import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
+
+from coordinator.aggregation import aggregate_uploads
+from coordinator.blobs import make_blob_store
+from coordinator.checks import Upload
+from coordinator.outer import OuterOptimizer
+from coordinator.publish import Downlink, Publisher
+from coordinator.settings import AggregationSettings, BlobSettings, PublishSettings
 
 from node.client import CoordinatorClient
 from node.follower import Follower
-from protocol.params import decode_update, params_hash
+from protocol.codec import SparseLoCoCodec
+from protocol.params import Params, decode_update, params_hash
 from protocol.signing import generate_key
 from protocol.wire import RunInfo
 
@@ -110,3 +119,42 @@ def test_a_broken_update_sends_the_miner_to_the_checkpoint(
             follower.catch_up(2, now["param_hash"])
     assert (follower.version, params_hash(follower.params, SPEC)) == (2, now["param_hash"])
     assert any("downloading checkpoint" in r.getMessage() for r in caplog.records)
+
+
+def test_a_residual_that_would_raise_the_held_out_loss_is_dropped_not_the_upload(tmp_path: Path) -> None:
+    """The downlink's error feedback is the coordinator's own: when carrying it would make the version worse
+    than its base, the update is published without it, and the upload still counts."""
+    codec = SparseLoCoCodec()
+    body, decoded = encode(make_delta(1), 0, 0, codec=codec)
+    upload = Upload("m" * 64, hashlib.sha256(body).hexdigest(), "c" * 64, 1.0, torch.zeros(1))
+    base = {n: torch.zeros(shape) for n, shape in SPEC}
+
+    def loss(params: Params) -> float:  # least when the model moves by exactly the uploaded update
+        return sum(float(((base[n] - p - decoded[n]) ** 2).sum()) for n, p in params.items())
+
+    def publisher(residual_scale: float) -> Publisher:
+        downlink = Downlink(PublishSettings(), "sparseloco", SPEC)
+        g = torch.Generator().manual_seed(7)
+        downlink.residual = {n: torch.randn(shape, generator=g) * residual_scale for n, shape in SPEC}
+        return Publisher(codec, SPEC, make_blob_store(BlobSettings(), tmp_path / "blobs"), OuterOptimizer(1.0),
+                         downlink, AggregationSettings(), loss, 0.05)  # fmt: skip
+
+    def load(_: Upload) -> tuple[bytes, bytes]:
+        return body, codec.examine(body, SPEC).stored
+
+    before = loss(base)
+    stale = publisher(residual_scale=0.1)  # far larger than the update: its top-k is the residual's
+    carried = stale.build(base, 0, 1, [(upload, 1.0)], load)  # no previous loss: nothing to compare with
+    assert carried.eval_loss > 2 * before
+    built = stale.build(base, 0, 1, [(upload, 1.0)], load, previous_loss=before)
+    assert built.eval_loss < before and stale.guard(built, before) is None
+    norm = sum(float((r**2).sum()) for r in built.residual.values())
+    assert norm < 0.5 * before  # the next residual is only what this update left out
+
+    small = publisher(residual_scale=1e-7)  # a residual that does not hurt is carried on
+    kept = small.build(base, 0, 1, [(upload, 1.0)], load, previous_loss=before)
+    assert kept.eval_loss < before
+    aggregate = aggregate_uploads([(upload, 1.0)], load, codec, SPEC)
+    carry, fresh = small.downlink.step(aggregate)[2], small.downlink.step(aggregate, carry=False)[2]
+    assert all(torch.equal(r, carry[n]) for n, r in kept.residual.items())
+    assert not all(torch.equal(r, fresh[n]) for n, r in kept.residual.items())
