@@ -318,8 +318,9 @@ class Closer:
             if self._stop.is_set():
                 raise Stopping
             try:
-                built = p.publisher.build(self.model.params, head, version, accepted, self._load(state.round),
-                                         previous)
+                built = p.publisher.build(
+                    self.model.params, head, version, accepted, self._load(state.round), previous
+                )
             except UploadFailed as e:
                 log.warning("round %d: %s; aggregating without it", state.round, e)
                 judged.refused[e.miner] = Refusal.UNREADABLE

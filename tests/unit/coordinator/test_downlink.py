@@ -19,7 +19,6 @@ from coordinator.checks import Upload
 from coordinator.outer import OuterOptimizer
 from coordinator.publish import Downlink, Publisher
 from coordinator.settings import AggregationSettings, BlobSettings, PublishSettings
-
 from node.client import CoordinatorClient
 from node.follower import Follower
 from protocol.codec import SparseLoCoCodec
@@ -136,8 +135,8 @@ def test_a_residual_that_would_raise_the_held_out_loss_is_dropped_not_the_upload
         downlink = Downlink(PublishSettings(), "sparseloco", SPEC)
         g = torch.Generator().manual_seed(7)
         downlink.residual = {n: torch.randn(shape, generator=g) * residual_scale for n, shape in SPEC}
-        return Publisher(codec, SPEC, make_blob_store(BlobSettings(), tmp_path / "blobs"), OuterOptimizer(1.0),
-                         downlink, AggregationSettings(), loss, 0.05)  # fmt: skip
+        blobs = make_blob_store(BlobSettings(), tmp_path / "blobs")
+        return Publisher(codec, SPEC, blobs, OuterOptimizer(1.0), downlink, AggregationSettings(), loss, 0.05)
 
     def load(_: Upload) -> tuple[bytes, bytes]:
         return body, codec.examine(body, SPEC).stored
