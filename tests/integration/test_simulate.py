@@ -11,6 +11,8 @@ from pathlib import Path
 
 import pytest
 
+from benchmarks.replay import replay
+
 ROUND_FIELDS = {
     "round",
     "version",
@@ -38,7 +40,8 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
     tmp_path: Path, corpus_file: Path
 ) -> None:
     """The whole job on a fresh clone: train a tokenizer on a parquet corpus, run a network of llama-tiny
-    miners on it, and load the result in transformers."""
+    miners on it, rebuild every version offline from what the run kept (``benchmarks.replay``), and load
+    the result in transformers."""
     import pyarrow as pa
     import pyarrow.parquet as pq
     import transformers
@@ -78,6 +81,14 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
     with pytest.raises(ProcessLookupError):
         os.kill(coordinator_pid, 0)  # simulate stopped the processes it started
 
+    (tmp_path / "replay").mkdir()
+    replayed = replay(out, tmp_path / "replay")
+    assert replayed["replayed"] == replayed["versions"] >= 8  # every version rebuilt bit for bit, offline
+    assert [r["round"] for r in replayed["rounds"]] == list(range(replayed["versions"]))
+    for r in replayed["rounds"]:
+        if r["uploads"] == r["accepted"]:  # the published version is the carried build, or the fresh one
+            kept = r["carried"] if r["carried"] <= r["base"] else min(r["carried"], r["fresh"])  # when better
+            assert r["published"] == pytest.approx(kept, rel=1e-6), r
     exported = gradpool("export", "--state-dir", str(out / "coordinator"), "--out", str(tmp_path / "hf"))
     assert exported.returncode == 0, exported.stderr
     model = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "hf", local_files_only=True)
