@@ -11,6 +11,7 @@ one line in ``default_pipeline``.
 from __future__ import annotations
 
 import math
+import sqlite3
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -60,6 +61,13 @@ class Upload:
     norm: float
     sketch: torch.Tensor
     stored_sha256: str | None = None  # the form the codec's accumulator reads back
+
+    @classmethod
+    def of(cls, row: sqlite3.Row) -> Upload:
+        """The upload a ``submissions`` row records."""
+        sketch = torch.frombuffer(bytearray(row["sketch"]), dtype=torch.float32)
+        stored = row["unpacked_sha256"]
+        return cls(row["miner"], row["sha256"], row["content_sha256"], row["norm"], sketch, stored)
 
 
 @dataclass(frozen=True)

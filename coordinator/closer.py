@@ -28,8 +28,6 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-import torch
-
 from coordinator.aggregation import UploadFailed
 from coordinator.checks import Check, Refusal, Upload
 from coordinator.hooks import Hooks
@@ -207,9 +205,7 @@ class Closer:
         out, and the accepted uploads."""
         p, t0 = self.p, time.perf_counter()
         subs = p.store.round_submissions(state.round)
-        uploads = [Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"],
-                          torch.frombuffer(bytearray(s["sketch"]), dtype=torch.float32), s["unpacked_sha256"])
-                   for s in subs]  # fmt: skip
+        uploads = [Upload.of(s) for s in subs]
         head = p.store.head()  # what the uploads are judged on and applied to: the model as it is now
         judged = self.judge.judge(state, uploads, subs, defer=self.s.rounds.overlap)
         built, close_reason = self._build(state, head[0], uploads, judged)

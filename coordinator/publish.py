@@ -68,7 +68,8 @@ class Downlink:
         self, delta: Mapping[str, torch.Tensor], carry: bool = True
     ) -> tuple[bytes, Params, dict[str, torch.Tensor]]:
         """The update's bytes (without their header), the delta the model moves by, the next residual.
-        ``carry=False``: the residual so far is dropped, and the next one is what this step leaves out."""
+        ``carry=False``: the residual so far is left out of this step (``self.residual`` is not changed;
+        ``Publisher.commit`` replaces it), and the next one is what this step leaves out."""
         if self.codec is None:
             return b"", dict(delta), {}
         residual = self.residual if carry else {}
@@ -135,21 +136,30 @@ class Publisher:
         """The next version from the accepted updates (raises UploadFailed for an upload that fails). With
         ``previous_loss``: compressed again without the downlink's residual when carrying it would raise the
         held-out loss above ``previous_loss``, keeping whichever of the two is lower."""
+        delta, outer_buffers = self.step(accepted, load)
+        built = self.published(base, base_version, version, delta, outer_buffers, carry=True)
+        if previous_loss is not None and self.downlink.carries and not built.eval_loss <= previous_loss:
+            carried = built
+            fresh = self.published(base, base_version, version, delta, outer_buffers, carry=False)
+            built = min(carried, fresh, key=lambda b: b.eval_loss if math.isfinite(b.eval_loss) else math.inf)
+            log.info("version %d: with the downlink's residual the held-out loss would be %.4f (was %.4f), "
+                     "without it %.4f: published %s it", version, carried.eval_loss, previous_loss,
+                     fresh.eval_loss, "with" if built is carried else "without")  # fmt: skip
+        return built
+
+    def step(
+        self, accepted: Sequence[tuple[Upload, float]], load: Callable[[Upload], tuple[bytes, bytes]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The outer step's delta from the accepted updates, and the outer momentum after it (pure)."""
         a = self.aggregation
         method = None if a.method == "mean" else a.method
         aggregate = aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
-        delta, outer_buffers = self.outer.step(aggregate)
-        built = self._published(base, base_version, version, delta, outer_buffers, carry=True)
-        if previous_loss is not None and self.downlink.carries and not built.eval_loss <= previous_loss:
-            fresh = self._published(base, base_version, version, delta, outer_buffers, carry=False)
-            log.info("version %d: with the downlink's residual the held-out loss would be %.4f (was %.4f), "
-                     "without it %.4f", version, built.eval_loss, previous_loss, fresh.eval_loss)  # fmt: skip
-            if not built.eval_loss <= fresh.eval_loss:
-                built = fresh
-        return built
+        return self.outer.step(aggregate)
 
-    def _published(self, base: Params, base_version: int, version: int, delta: Mapping[str, torch.Tensor],
-                   outer_buffers: dict[str, torch.Tensor], carry: bool) -> Built:  # fmt: skip
+    def published(self, base: Params, base_version: int, version: int, delta: Mapping[str, torch.Tensor],
+                  outer_buffers: dict[str, torch.Tensor], carry: bool) -> Built:  # fmt: skip
+        """The version that moves ``base`` by ``delta`` as the downlink publishes it, with or without the
+        residual carried from earlier versions, and its held-out loss."""
         compressed, applied, residual = self.downlink.step(delta, carry)
         params = {n: p.clone() for n, p in base.items()}
         apply_update(params, applied)

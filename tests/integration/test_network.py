@@ -44,7 +44,8 @@ def test_two_miners_train_three_overlapped_rounds(
             codes = [p.wait(timeout=30) for p in procs]
     rounds = status["rounds"][:3]
     assert [r["version"] for r in rounds] == [1, 2, 3]
-    assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in rounds), records
+    reasons = [(r["round"], s["status"], s.get("reason")) for r in records for s in r["submissions"]]
+    assert all(r["accepted"] == 2 and r["rejected"] == 0 for r in rounds), reasons
     assert all(r["bytes_up"] > 0 and r["bytes_down"] > 0 and r["compute_s"] > 0 for r in rounds)
     # a round's wall time runs from its opening to the next one's, which its miners' training lies within
     assert all(r["compute_s"] <= r["wall_s"] + 0.5 for r in rounds), rounds

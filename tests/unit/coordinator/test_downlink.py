@@ -1,6 +1,6 @@
 """The compressed downlink: what a miner downloads per round is about one upload's size, it reaches the
-coordinator's version bit for bit, the coordinator's error feedback survives a restart, and a broken update
-sends the miner to the checkpoint."""
+coordinator's version bit for bit, the coordinator's error feedback survives a restart, is left out when it
+would make a version worse than its base, and a broken update sends the miner to the checkpoint."""
 
 from __future__ import annotations
 
@@ -149,6 +149,9 @@ def test_a_residual_that_would_raise_the_held_out_loss_is_dropped_not_the_upload
     assert built.eval_loss < before and stale.guard(built, before) is None
     norm = sum(float((r**2).sum()) for r in built.residual.values())
     assert norm < 0.5 * before  # the next residual is only what this update left out
+
+    above = 10 * carried.eval_loss  # a worse residual build, still below its base's loss, is published
+    assert stale.build(base, 0, 1, [(upload, 1.0)], load, previous_loss=above).eval_loss == carried.eval_loss
 
     small = publisher(residual_scale=1e-7)  # a residual that does not hurt is carried on
     kept = small.build(base, 0, 1, [(upload, 1.0)], load, previous_loss=before)
