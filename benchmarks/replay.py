@@ -26,6 +26,7 @@ and the held-out loss of each is reported per round:
 from __future__ import annotations
 
 import argparse
+import itertools
 import json
 import shutil
 import statistics
@@ -34,6 +35,8 @@ import tempfile
 from pathlib import Path
 from sqlite3 import Row
 from typing import Any
+
+import torch
 
 from coordinator.checks import Upload
 from coordinator.publish import Built
@@ -69,28 +72,35 @@ def _replay(run: Run) -> dict[str, Any]:
             stored[u.sha256] = payload, p.codec.examine(payload, p.spec).stored
         return stored[u.sha256]
 
-    def build(base: Params, v: Row, ups: list[tuple[Upload, float]], carry: bool) -> Built:
+    def builds(
+        base: Params, v: Row, ups: list[tuple[Upload, float]], carries: tuple[bool, ...] = (True, False)
+    ) -> tuple[dict[str, torch.Tensor], list[Built]]:
+        """One outer step over ``ups``: its delta, and the version it makes as published with and without the
+        residual (``carries``)."""
         delta, buffers = publisher.step(ups, load)
-        return publisher.published(base, v["base_version"], v["version"], delta, buffers, carry)
+        numbers = v["base_version"], v["version"]
+        return delta, [publisher.published(base, *numbers, delta, buffers, c) for c in carries]
 
     rows: list[dict[str, Any]] = []
-    for replayed, v in enumerate(committed[1:]):
+    for replayed, (before, v) in enumerate(itertools.pairwise(committed)):
         stored.clear()
         subs = store.round_submissions(v["round"])
         accepted = [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["status"] == "accepted"]
-        tried = accepted + [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["reason"] == "loss_guard"]
-        if tried:
-            exact = {n: t.clone() for n, t in params.items()}
-            apply_update(exact, publisher.step(tried, load)[0])
-            alone = [build(params, v, [u], carry=False).eval_loss for u in tried]
-            rows.append({
-                "round": v["round"], "uploads": len(tried), "accepted": len(accepted), "base": loss(params),
-                "carried": build(params, v, tried, carry=True).eval_loss,
-                "fresh": build(params, v, tried, carry=False).eval_loss, "exact": loss(exact),
-                "alone_mean": statistics.fmean(alone), "published": v["eval_loss"],
-            })  # fmt: skip
+        left_out = [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["reason"] == "loss_guard"]
+        delta, candidates = builds(params, v, accepted)
+        if left_out:  # the round as the guard first saw it
+            delta, (carried, fresh) = builds(params, v, accepted + left_out)
+        else:
+            carried, fresh = candidates
+        exact = {n: t.clone() for n, t in params.items()}
+        apply_update(exact, delta)
+        alone = [builds(params, v, [u], (False,))[1][0].eval_loss for u in accepted + left_out]
+        rows.append({
+            "round": v["round"], "uploads": len(accepted) + len(left_out), "accepted": len(accepted),
+            "base": before["eval_loss"], "carried": carried.eval_loss, "fresh": fresh.eval_loss,
+            "exact": loss(exact), "alone_mean": statistics.fmean(alone), "published": v["eval_loss"],
+        })  # fmt: skip
         # the coordinator published one of the two: the one whose parameters were recorded
-        candidates = (build(params, v, accepted, carry) for carry in (True, False))
         built = next((b for b in candidates if b.param_hash == v["param_hash"]), None)
         if built is None:
             return {"rounds": rows, "replayed": replayed, "versions": len(committed) - 1,

@@ -13,7 +13,6 @@ import pytest
 import torch
 from pool_harness import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
 
-from coordinator.aggregation import aggregate_uploads
 from coordinator.blobs import make_blob_store
 from coordinator.checks import Upload
 from coordinator.outer import OuterOptimizer
@@ -156,7 +155,7 @@ def test_a_residual_that_would_raise_the_held_out_loss_is_dropped_not_the_upload
     small = publisher(residual_scale=1e-7)  # a residual that does not hurt is carried on
     kept = small.build(base, 0, 1, [(upload, 1.0)], load, previous_loss=before)
     assert kept.eval_loss < before
-    aggregate = aggregate_uploads([(upload, 1.0)], load, codec, SPEC)
-    carry, fresh = small.downlink.step(aggregate)[2], small.downlink.step(aggregate, carry=False)[2]
+    delta = small.step([(upload, 1.0)], load)[0]
+    carry, fresh = small.downlink.step(delta)[2], small.downlink.step(delta, carry=False)[2]
     assert all(torch.equal(r, carry[n]) for n, r in kept.residual.items())
     assert not all(torch.equal(r, fresh[n]) for n, r in kept.residual.items())
