@@ -187,7 +187,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         out = args.out or Path(tmp)
         out.mkdir(parents=True, exist_ok=True)
         config = out / "margin_power.toml"
-        config.write_text(f"[validation]\nown_sequences = {args.sample}\nother_sequences = {args.sample}\n")
+        config.write_text(
+            f"[validation]\nown_sequences = {args.sample}\nother_sequences = {args.sample}\n"
+            "early_factor = 1\n"
+        )  # every round on the same samples
         report = simulate(miners=args.miners, rounds=args.rounds, out=out, adversaries={"lazy": args.lazy},
                           config=config, echo=lambda line: print(line, file=sys.stderr))  # fmt: skip
         kinds = {m["miner"]: m["kind"] for m in report["miners"]}

@@ -94,7 +94,9 @@ class Run:
             max_payload_bytes=self.max_payload_bytes, max_catchup_versions=settings.max_catchup_versions,
             evaluation=EvaluationConfig(own_sequences=settings.validation.own_sequences,
                                         other_sequences=settings.validation.other_sequences,
-                                        step=settings.outer_lr()),
+                                        step=settings.outer_lr(),
+                                        early_rounds=settings.validation.early_rounds,
+                                        early_factor=settings.validation.early_factor),
             overlap=settings.rounds.overlap,
         )  # fmt: skip
         self.model = Model(module, {}, dataset.sequences(eval_ids(self.data_meta, d.eval_sequences)))

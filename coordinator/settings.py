@@ -97,6 +97,10 @@ class ValidationSettings(Section):
     builtin: bool = Field(default=True, description="evaluate every upload here when its round closes")
     own_sequences: int = Field(default=48, ge=2, le=1024, description="sample of the miner's assignment")
     other_sequences: int = Field(default=48, ge=2, le=1024, description="sample of data it was not given")
+    early_rounds: int = Field(default=4, ge=0, le=1000, description="the run's first rounds, sampled more")
+    early_factor: int = Field(
+        default=2, ge=1, le=16, description="those rounds draw this many times own and other sequences"
+    )
     refuse_harmful: bool = Field(
         default=True, description="refuse an update that does not lower the loss on its own data"
     )

@@ -359,8 +359,9 @@ def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int
     r, e = info.recipe, info.evaluation
     assigned = assignment(info.seed, round_, miner, r.inner_steps * r.batch_size, info.num_sequences,
                           info.eval_every)  # fmt: skip
-    own = own_sample(assigned, salt, miner, e.own_sequences)
-    return own, other_sample(assigned, salt, e.other_sequences, info.num_sequences, info.eval_every)
+    n_own, n_other = e.sequences(round_)
+    own = own_sample(assigned, salt, miner, n_own)
+    return own, other_sample(assigned, salt, n_other, info.num_sequences, info.eval_every)
 
 
 __all__ = [

@@ -52,6 +52,14 @@ class EvaluationConfig(Wire):
     own_sequences: int = Field(default=48, ge=2, le=1024)
     other_sequences: int = Field(default=48, ge=2, le=1024)
     step: float = Field(default=1.0, gt=0, description="the outer step an update is applied with")
+    early_rounds: int = Field(default=4, ge=0, le=MAX_NUMBER, description="the first rounds, sampled more")
+    early_factor: int = Field(default=2, ge=1, le=16, description="times the sequences in those rounds")
+
+    def sequences(self, round_: int) -> tuple[int, int]:
+        """The own and other sequences an upload of ``round_`` is evaluated on: ``early_factor`` times as
+        many in the run's first ``early_rounds``, where honest margins are smallest."""
+        k = self.early_factor if round_ < self.early_rounds else 1
+        return k * self.own_sequences, k * self.other_sequences
 
 
 class RunInfo(Wire):
