@@ -4,8 +4,9 @@ on data it was not given. The coordinator and the ``validate`` role run exactly 
 Per round and upload: the update, decoded and scaled as aggregation would scale it (clip to the median
 norm, times the outer step), is applied alone to the round's base parameters. The loss is measured before
 and after on a sample of the sequences assigned to that miner ("own") and on a sample of training
-sequences it was not assigned ("other"). Which sequences are sampled depends on a salt made from every
-payload of the round, so nobody knows them until the round has closed.
+sequences it was not assigned ("other"), ``early_factor`` times larger in the run's first ``early_rounds``
+(``EvaluationConfig.sequences``), where the margins below are smallest. Which sequences are sampled depends
+on a salt made from every payload of the round, so nobody knows them until the round has closed.
 
 - ``gain`` (nats per token) = own loss before - own loss after: how much the update helps on its data.
 - ``margin`` = gain - the gain on other data: the part of the help that is specific to the miner's own

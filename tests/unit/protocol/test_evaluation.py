@@ -25,11 +25,13 @@ from protocol.evaluation import (
     refused,
     round_results,
     round_salt,
+    samples,
     standing,
 )
-from protocol.model import build_model, evaluate_loss
+from protocol.model import build_model, evaluate_loss, resolve
 from protocol.params import get_params, param_spec, params_hash, set_params
 from protocol.payload import SparseTensor
+from protocol.wire import CodecConfig, EvaluationConfig, RunInfo, TrainingRecipe
 
 MINER = "ab" * 32
 
@@ -59,6 +61,27 @@ def test_samples_are_drawn_from_the_right_sequences(dataset: Dataset) -> None:
     assert own_sample(assigned, "salt", MINER, 1000) == own_sample(
         assigned, "salt", MINER, len(set(assigned))
     )
+
+
+def test_the_first_rounds_draw_early_factor_times_the_sequences(dataset: Dataset) -> None:
+    """Early in a run an honest margin stands least out of its noise: the first ``early_rounds`` rounds are
+    evaluated on ``early_factor`` times the samples, and a validator reading the run's info draws the same."""
+    evaluation = EvaluationConfig(own_sequences=20, other_sequences=12, early_rounds=2, early_factor=3)
+    info = RunInfo(
+        run_id="early", seed=0, model="tiny", architecture=resolve("tiny", 256), tokenizer_sha256="0" * 64,
+        seq_len=128, num_sequences=dataset.meta.num_sequences, eval_every=dataset.meta.eval_every,
+        codec=CodecConfig(), recipe=TrainingRecipe(inner_steps=10, batch_size=8), max_payload_bytes=1 << 20,
+        max_catchup_versions=8, evaluation=evaluation,
+    )  # fmt: skip
+    sizes = {r: tuple(map(len, samples(info, r, MINER, "salt"))) for r in range(4)}
+    assert sizes == {0: (60, 36), 1: (60, 36), 2: (20, 12), 3: (20, 12)}
+    own, other = samples(info, 1, MINER, "salt")
+    assert set(own) <= set(assignment(0, 1, MINER, 80, info.num_sequences, info.eval_every))
+    assert not set(own) & set(other)
+    flat = info.model_copy(update={"evaluation": evaluation.model_copy(update={"early_factor": 1})})
+    assert samples(flat, 1, MINER, "salt") == (own[:20], other[:12])  # the usual sample, and more of it
+    with pytest.raises(ValueError, match="early_factor"):
+        EvaluationConfig(early_factor=0)
 
 
 def _steps(model: torch.nn.Module, tokens: torch.Tensor, steps: int) -> None:
