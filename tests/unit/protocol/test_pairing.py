@@ -36,7 +36,7 @@ def info(dataset: Dataset) -> RunInfo:
         run_id="ring", seed=0, model="tiny", architecture=arch, tokenizer_sha256="0" * 64, seq_len=128,
         num_sequences=dataset.meta.num_sequences, eval_every=dataset.meta.eval_every, codec=CodecConfig(),
         recipe=TrainingRecipe(inner_steps=8, batch_size=8), max_payload_bytes=1 << 20, max_catchup_versions=8,
-        evaluation=EvaluationConfig(own_sequences=48, other_sequences=48, early_rounds=0),  # 48 in every round
+        evaluation=EvaluationConfig(own_sequences=48, other_sequences=48, early_rounds=0),  # in every round
     )  # fmt: skip
 
 
