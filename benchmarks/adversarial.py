@@ -26,6 +26,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import math
 import shutil
 import sys
 import tempfile
@@ -41,19 +42,22 @@ SKIP_ROUNDS = 3
 
 
 def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
+    counted = gaps(report, skip)
+    return sum(gap > 0 for gap in counted.values()) / len(counted) if counted else float("nan")
+
+
+def gaps(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> dict[int, float]:
+    """Per round from ``skip`` on: the worst honest score less the best cheater's (above 0: in order)."""
     kinds = {m["name"]: m["kind"] for m in report["miners"]}
     honest = [n for n, k in kinds.items() if k == "honest"]
     cheats = [n for n, k in kinds.items() if k != "honest"]
-    rows = [row for row in report["scores"] if row["round"] >= skip]
-    if not rows:
-        return float("nan")
-    wins = 0
-    for row in rows:
-        scores = row["scores"]
-        worst_honest = min(scores.get(n, float("-inf")) for n in honest)
-        best_cheat = max(scores.get(n, float("-inf")) for n in cheats)
-        wins += worst_honest > best_cheat
-    return wins / len(rows)
+    out = {}
+    for row in report["scores"]:
+        if row["round"] >= skip:
+            scores = row["scores"]
+            worst_honest = min(scores.get(n, -math.inf) for n in honest)
+            out[row["round"]] = worst_honest - max(scores.get(n, -math.inf) for n in cheats)
+    return out
 
 
 MINER_FIELDS = ("name", "kind", "score", "rounds_contributed", "rounds_refused", "refusals", "flagged")

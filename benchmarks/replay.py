@@ -46,31 +46,64 @@ from gradpool.config import load_settings
 from protocol.params import Params, apply_update, load_checkpoint
 
 
-def replay(run_dir: Path, work: Path) -> dict[str, Any]:
-    """The rows of a stopped run, rebuilt in a copy of its state under ``work``."""
+def copied_run(run_dir: Path, work: Path) -> Run:
+    """The coordinator's ``Run`` over a copy, under ``work``, of a stopped run's state."""
     shutil.copytree(run_dir / "coordinator", work / "coordinator")
     settings = load_settings(CoordinatorSettings, run_dir / "coordinator.toml",
                              {"state_dir": str(work / "coordinator")})  # fmt: skip
-    run = Run(settings)
+    return Run(settings)
+
+
+def replay(run_dir: Path, work: Path) -> dict[str, Any]:
+    """The rows of a stopped run, rebuilt in a copy of its state under ``work``."""
+    run = copied_run(run_dir, work)
     try:
         return _replay(run)
     finally:
         run.close()
 
 
-def _replay(run: Run) -> dict[str, Any]:
-    p, loss, publisher, store = run.parts, run.model.held_out_loss, run.parts.publisher, run.store
-    versions = [store.version_row(v) for v in range(store.latest_version() + 1)]
-    committed = [v for v in versions if v is not None and v["rolled_back_at"] is None]
-    params = load_checkpoint(p.blobs.get(committed[0]["checkpoint_sha"]), p.spec)[0]
-    publisher.outer.buffers, publisher.downlink.residual = {}, {}
-    stored: dict[str, tuple[bytes, bytes]] = {}  # one version's uploads at a time
+class Recorded:
+    """What a stopped run recorded: its committed versions, its first parameters, and its uploads' payloads
+    as aggregation reads them (one round's at a time: ``clear``). The run's publisher is reset to version 0
+    to build them again."""
 
-    def load(u: Upload) -> tuple[bytes, bytes]:
-        if u.sha256 not in stored:
-            payload = p.blobs.get(u.sha256)
-            stored[u.sha256] = payload, p.codec.examine(payload, p.spec).stored
-        return stored[u.sha256]
+    def __init__(self, run: Run) -> None:
+        p, store = run.parts, run.store
+        versions = [store.version_row(v) for v in range(store.latest_version() + 1)]
+        self.committed = [v for v in versions if v is not None and v["rolled_back_at"] is None]
+        self.params = load_checkpoint(p.blobs.get(self.committed[0]["checkpoint_sha"]), p.spec)[0]
+        p.publisher.outer.buffers, p.publisher.downlink.residual = {}, {}
+        self.parts = p
+        self.stored: dict[str, tuple[bytes, bytes]] = {}
+
+    def load(self, u: Upload) -> tuple[bytes, bytes]:
+        if u.sha256 not in self.stored:
+            payload = self.parts.blobs.get(u.sha256)
+            self.stored[u.sha256] = payload, self.parts.codec.examine(payload, self.parts.spec).stored
+        return self.stored[u.sha256]
+
+    def clear(self) -> None:
+        self.stored.clear()
+
+    def rebuilt(self, run: Run, params: Params, v: Row) -> Built | None:
+        """Version ``v`` built again on ``params`` from its round's accepted uploads: the build, with the
+        downlink's residual or without, whose parameters the run recorded (None: neither)."""
+        publisher = run.parts.publisher
+        accepted = [(Upload.of(s), s["scale"] or 1.0) for s in run.store.round_submissions(v["round"])
+                    if s["status"] == "accepted"]  # fmt: skip
+        delta, buffers = publisher.step(accepted, self.load)
+        for carry in (True, False):
+            built = publisher.published(params, v["base_version"], v["version"], delta, buffers, carry)
+            if built.param_hash == v["param_hash"]:
+                return built
+        return None
+
+
+def _replay(run: Run) -> dict[str, Any]:
+    loss, publisher, store = run.model.held_out_loss, run.parts.publisher, run.store
+    recorded = Recorded(run)
+    committed, params, load = recorded.committed, recorded.params, recorded.load
 
     def builds(
         base: Params, v: Row, ups: list[tuple[Upload, float]], carries: tuple[bool, ...] = (True, False)
@@ -83,7 +116,7 @@ def _replay(run: Run) -> dict[str, Any]:
 
     rows: list[dict[str, Any]] = []
     for replayed, (before, v) in enumerate(itertools.pairwise(committed)):
-        stored.clear()
+        recorded.clear()
         subs = store.round_submissions(v["round"])
         accepted = [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["status"] == "accepted"]
         left_out = [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["reason"] == "loss_guard"]

@@ -42,9 +42,9 @@ class RoundEvaluation:
         self.evaluator, self.info = evaluator, info
         self.step = info.evaluation.step
         self.drawn = {m: samples(info, round_, m, salt) for m in miners}
-        self._gains: dict[str, torch.Tensor] = {}  # per sequence, own then other
-        self._losses: dict[str, Losses] = {}
+        self._measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # losses before, after; own, other
         self._sum: dict[str, torch.Tensor] = {}  # of the measured updates, each times its scale
+        self._reference: dict[int, float] | None = None  # the mean update's gain on each sampled sequence
 
     def gain(self, miner: str, update: Mapping[str, SparseTensor], scale: float, n: int) -> Losses:
         """The losses before and after the upload on the first ``n`` sequences of its own sample only: what
@@ -59,34 +59,55 @@ class RoundEvaluation:
         margin until ``losses`` pairs it."""
         own, other = self.drawn[miner]
         before, after = self.evaluator.per_sequence(update, scale * self.step, own + other)
-        x = summarise(before, after, len(own))
         self._add(update, scale)
-        self._gains[miner], self._losses[miner] = before - after, x
-        return x
+        self._measured[miner], self._reference = (before, after), None
+        return summarise(before, after, len(own))
 
     def gain_se(self, miner: str) -> float:
         """The standard error of a measured upload's gain (over its own sample): what makes a verdict on
         the gain sure or not."""
-        return math.sqrt(var_of_mean(self._gains[miner][: len(self.drawn[miner][0])]))
+        before, after = self._measured[miner]
+        return math.sqrt(var_of_mean((before - after)[: len(self.drawn[miner][0])]))
 
-    def losses(self) -> dict[str, Losses]:
-        """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were."""
-        out = dict(self._losses)
+    def losses(self, sizes: tuple[int, int] | None = None) -> dict[str, Losses]:
+        """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were.
+        ``sizes`` (own, other): on the first that many sequences of each sample only. A sample is the head
+        of one salted order, so that is what smaller ``own_sequences`` and ``other_sequences`` would have
+        drawn and measured (benchmarks/resample.py)."""
+        cut = {m: self._head(m, sizes) for m in self._measured}
+        out = {m: summarise(before, after, n_own) for m, (n_own, before, after, _) in cut.items()}
         if len(out) < MIN_PAIRED:
             return out
-        ids = sorted({i for m in out for i in self.drawn[m][0] + self.drawn[m][1]})
-        n = len(out)
-        mean = {name: SparseTensor(None, total / n) for name, total in self._sum.items()}
-        before, after = self.evaluator.per_sequence(mean, self.step, ids)
-        at = {i: k for k, i in enumerate(ids)}
-        reference = before - after
-        for m, gains in self._gains.items():
-            own, other = self.drawn[m]
-            ref = reference[[at[i] for i in own + other]]
-            paired = _paired(gains, ref, len(own))
+        reference = self._reference_gains()
+        for m, (n_own, before, after, ids) in cut.items():
+            ref = torch.tensor([reference[i] for i in ids], dtype=torch.float64)
+            paired = _paired(before - after, ref, n_own)
             if paired is not None:
                 out[m] = dataclasses.replace(out[m], paired_margin=paired[0], paired_se=paired[1])
         return out
+
+    def _head(
+        self, miner: str, sizes: tuple[int, int] | None
+    ) -> tuple[int, torch.Tensor, torch.Tensor, list[int]]:
+        """A measured upload's own sample size, losses before and after, and sequence ids, on the first
+        ``sizes`` of its samples (None: all)."""
+        own, other = self.drawn[miner]
+        before, after = self._measured[miner]
+        if sizes is None:
+            return len(own), before, after, own + other
+        n_own, n_other = min(sizes[0], len(own)), min(sizes[1], len(other))
+        keep = list(range(n_own)) + list(range(len(own), len(own) + n_other))
+        return n_own, before[keep], after[keep], own[:n_own] + other[:n_other]
+
+    def _reference_gains(self) -> dict[int, float]:
+        """The gain of the measured updates' mean (each times its scale) on every sampled sequence, once."""
+        if self._reference is None:
+            ids = sorted({i for m in self._measured for i in self.drawn[m][0] + self.drawn[m][1]})
+            n = len(self._measured)
+            mean = {name: SparseTensor(None, total / n) for name, total in self._sum.items()}
+            before, after = self.evaluator.per_sequence(mean, self.step, ids)
+            self._reference = dict(zip(ids, (before - after).tolist(), strict=True))
+        return self._reference
 
     def _add(self, update: Mapping[str, SparseTensor], scale: float) -> None:
         base, device = self.evaluator.base, self.evaluator.device

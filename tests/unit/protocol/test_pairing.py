@@ -151,3 +151,27 @@ def test_small_rounds_keep_the_plain_margin(
     assert len(losses) == MIN_PAIRED - 1
     assert all(x.paired_se == 0 and x.specific == x.margin and x.t == x.margin / x.margin_se
                for x in losses.values())  # fmt: skip
+
+
+def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
+    info: RunInfo,
+    dataset: Dataset,
+    round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+) -> None:
+    """``losses((own, other))`` pairs on the first sequences of each sample only: the same verdicts as a
+    round evaluated with those sample sizes (what benchmarks/resample.py compares sizes with)."""
+    base, updates = round_
+    small = info.model_copy(update={"evaluation": info.evaluation.model_copy(
+        update={"own_sequences": 24, "other_sequences": 16})})  # fmt: skip
+    verdicts = []
+    for run_info in (info, small):
+        evaluation = RoundEvaluation(UpdateEvaluator(build_model("tiny"), base, dataset.sequences), run_info,
+                                     ROUND, SALT, list(updates))  # fmt: skip
+        for m, u in updates.items():
+            evaluation.measure(m, u, 1.0)
+        verdicts.append(evaluation)
+    whole, head, fresh = verdicts[0].losses(), verdicts[0].losses((24, 16)), verdicts[1].losses()
+    assert whole != head
+    for m in updates:
+        assert head[m].astuple() == pytest.approx(fresh[m].astuple(), rel=1e-4, abs=1e-6), m
+    assert verdicts[0].losses() == whole  # the mean update is measured once, and heads leave it whole
