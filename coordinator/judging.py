@@ -10,7 +10,10 @@ last ``FLAG_ROUNDS``, are on probation: left out of the version, and evaluated a
 The rest go into the version on the cheap checks and their standing. Every sampled upload is evaluated
 in full once the version is published (``finish``), while miners train the next round: that gives its
 verdict and score, and flags an upload (accepted or on probation) that the evaluation refuses for sure
-(``FLAG_SURE``), which puts or keeps its miner on probation. If the version fails the loss guard, the
+(``FLAG_SURE``), which puts or keeps its miner on probation. When most of the evaluated uploads a version
+took would be flagged, the round failed rather than its miners (each upload is applied to a newer version
+than the one it started from, and in a round where that fails it fails for all), and none of those is
+flagged; the scores still count each result. If the version fails the loss guard, the
 uploads it holds unjudged are gated too, so that the guard leaves out the least useful ones; a guard
 refusal is no evidence against a miner.
 """
@@ -119,8 +122,8 @@ class Judge:
     def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
         """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
         flag the accepted uploads (and those on probation) that the round's whole evaluation refuses for
-        sure (a gain ``FLAG_SURE`` standard errors below the bar: a flag is ``FLAG_ROUNDS`` of probation).
-        Returns (verdicts, flags)."""
+        sure (a gain ``FLAG_SURE`` standard errors below the bar: a flag is ``FLAG_ROUNDS`` of probation),
+        unless that is most of the version's evaluated uploads. Returns (verdicts, flags)."""
         later.evaluation.evaluator.reset()  # building the version used the model
         refused: dict[str, str] = {}
         self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
@@ -129,6 +132,11 @@ class Judge:
                     gain_se={m: later.evaluation.gain_se(m) for m in losses})  # fmt: skip
         run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
         flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
+        judged = accepted & set(losses)  # the version's uploads that were evaluated
+        if 2 * len(judged & set(flags)) > len(judged):  # most of them: the round failed, not its miners
+            log.warning("round %d: %d of the version's %d evaluated uploads fail after it; none is flagged",
+                        later.round, len(judged & set(flags)), len(judged))  # fmt: skip
+            flags = {m: code for m, code in flags.items() if m not in accepted}
         if flags:
             log.warning("round %d: accepted uploads flagged once evaluated: %s", later.round,
                         {m[:12]: code for m, code in flags.items()})  # fmt: skip

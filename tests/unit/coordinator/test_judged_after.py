@@ -195,3 +195,32 @@ def test_weighting_by_score_refuses_on_the_standing_of_the_rounds_before(open_po
         r1 = wait_scored(pool, 1)
         assert (r1[flipper.pubkey]["status"], r1[flipper.pubkey]["reason"]) == ("rejected", "low_score"), r1
         assert all(r1[m.pubkey]["status"] == "accepted" for m in honest), r1
+
+
+def test_a_round_that_fails_for_most_of_its_version_flags_none_of_its_miners(open_pool: OpenPool) -> None:
+    """One faint upload (a hundredth of an honest update) among good ones is flagged (low gain). When most of
+    the evaluated uploads a version took fail after it, the round failed rather than its miners: none of them
+    is flagged, and their results count in the scores all the same."""
+
+    def upload(round_: int, faint: list[Miner]) -> dict[str, dict[str, object]]:
+        version = upload_round(pool, [], None, round_)
+        for m in miners:
+            delta = trained_delta(pool, m.pubkey, round_, version)
+            if m in faint:
+                delta = {n: t / 100 for n, t in delta.items()}
+            assert m.upload(round_, encode(delta, round_, version)[0]).status_code == 200
+        return wait_scored(pool, round_)
+
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
+        honest, flipper = first_round(pool)
+        miners = [*honest, flipper]
+        r1 = upload(1, [flipper])
+        assert r1[flipper.pubkey]["flag"] == "low_gain", r1
+        assert all(r1[m.pubkey]["status"] == "accepted" and r1[m.pubkey]["flag"] is None for m in honest)
+        r2 = upload(2, honest)  # the version takes the two honest miners' uploads (the third is on probation)
+        assert all(r2[m.pubkey]["status"] == "accepted" and r2[m.pubkey]["flag"] is None for m in honest), r2
+        assert (r2[flipper.pubkey]["reason"], r2[flipper.pubkey]["flag"]) == ("probation", None), r2
+        board = leaderboard(pool, round=2)
+        assert board[honest[0].pubkey]["flagged"] == {} and board[flipper.pubkey]["flagged"] == {
+            "low_gain": 1
+        }
