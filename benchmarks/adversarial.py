@@ -12,6 +12,9 @@ recipe and rounds (``--rounds``, 24) are the same in every run.
   score (the leaderboard's moving average as of that round's close) was above every cheater's. A cheater
   the coordinator never recorded (no upload got as far as being refused) counts as below everyone.
 - ``loss_vs_honest``: final_eval_loss / honest_final_eval_loss.
+- ``tail_eval_loss``: the mean held-out loss of the last ``TAIL`` (4) versions, and ``tail_vs_honest`` its
+  ratio to the honest-only run's: one version's loss moves by a percent or two from round to round, so
+  a single run's last version is a noisy reference; the tail is less so.
 
 ``--mixes 8:2,6:3,4:4`` (honest:cheaters) runs all of that for each mix in turn, each with its own
 honest-only run as the loss reference, under ``"mixes"``; the top-level fields are the first mix's.
@@ -39,6 +42,7 @@ from node.settings import AdversaryKind
 
 KINDS: tuple[str, ...] = get_args(AdversaryKind)
 SKIP_ROUNDS = 3
+TAIL = 4  # versions whose mean held-out loss is ``tail_eval_loss``
 
 
 def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
@@ -58,6 +62,12 @@ def gaps(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> dict[int, float]:
             worst_honest = min(scores.get(n, -math.inf) for n in honest)
             out[row["round"]] = worst_honest - max(scores.get(n, -math.inf) for n in cheats)
     return out
+
+
+def tail_loss(report: dict[str, Any], versions: int = TAIL) -> float:
+    """The mean held-out loss of the run's last ``versions`` versions."""
+    losses = [r["eval_loss"] for r in report["rounds"] if r.get("eval_loss") is not None][-versions:]
+    return sum(losses) / len(losses) if losses else float("nan")
 
 
 MINER_FIELDS = ("name", "kind", "score", "rounds_contributed", "rounds_refused", "refusals", "flagged")
@@ -83,6 +93,7 @@ def run(
     result = {
         "kind": kind or "honest",
         "final_eval_loss": report["final_eval_loss"],
+        "tail_eval_loss": tail_loss(report),
         "wall_s": round(time.perf_counter() - t0, 1),
         "miners": [{k: m.get(k) for k in MINER_FIELDS} for m in report["miners"]],
     }
@@ -139,6 +150,7 @@ def one_mix(root: Path, honest: int, cheaters: int, rounds: int, kinds: list[str
     runs = [run(root / k, honest, rounds, k, cheaters, keys, overlap) for k in kinds]
     for r in runs:
         r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
+        r["tail_vs_honest"] = r["tail_eval_loss"] / base["tail_eval_loss"]
     return {"mix": f"{honest}:{cheaters}", "honest": honest, "cheaters": cheaters,
             "honest_final_eval_loss": base["final_eval_loss"], "runs": runs, "honest_run": base}  # fmt: skip
 
