@@ -46,7 +46,11 @@ TAIL = 4  # versions whose mean held-out loss is ``tail_eval_loss``
 
 
 def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
-    counted = gaps(report, skip)
+    return in_order(gaps(report, skip))
+
+
+def in_order(counted: dict[int, float]) -> float:
+    """The fraction of rounds whose gap (``gaps``) is above 0."""
     return sum(gap > 0 for gap in counted.values()) / len(counted) if counted else float("nan")
 
 

@@ -63,6 +63,11 @@ def replay(run_dir: Path, work: Path) -> dict[str, Any]:
         run.close()
 
 
+def scaled(subs: list[Row], field: str, value: str) -> list[tuple[Upload, float]]:
+    """The uploads of a round's ``submissions`` rows whose ``field`` is ``value``, with their clip scales."""
+    return [(Upload.of(s), s["scale"] or 1.0) for s in subs if s[field] == value]
+
+
 class Recorded:
     """What a stopped run recorded: its committed versions, its first parameters, and its uploads' payloads
     as aggregation reads them (one round's at a time: ``clear``). The run's publisher is reset to version 0
@@ -90,8 +95,7 @@ class Recorded:
         """Version ``v`` built again on ``params`` from its round's accepted uploads: the build, with the
         downlink's residual or without, whose parameters the run recorded (None: neither)."""
         publisher = run.parts.publisher
-        accepted = [(Upload.of(s), s["scale"] or 1.0) for s in run.store.round_submissions(v["round"])
-                    if s["status"] == "accepted"]  # fmt: skip
+        accepted = scaled(run.store.round_submissions(v["round"]), "status", "accepted")
         delta, buffers = publisher.step(accepted, self.load)
         for carry in (True, False):
             built = publisher.published(params, v["base_version"], v["version"], delta, buffers, carry)
@@ -118,8 +122,7 @@ def _replay(run: Run) -> dict[str, Any]:
     for replayed, (before, v) in enumerate(itertools.pairwise(committed)):
         recorded.clear()
         subs = store.round_submissions(v["round"])
-        accepted = [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["status"] == "accepted"]
-        left_out = [(Upload.of(s), s["scale"] or 1.0) for s in subs if s["reason"] == "loss_guard"]
+        accepted, left_out = scaled(subs, "status", "accepted"), scaled(subs, "reason", "loss_guard")
         delta, candidates = builds(params, v, accepted)
         if left_out:  # the round as the guard first saw it
             delta, (carried, fresh) = builds(params, v, accepted + left_out)

@@ -31,8 +31,9 @@ import tempfile
 from pathlib import Path
 from typing import Any
 
-from benchmarks.adversarial import SKIP_ROUNDS, gaps
+from benchmarks.adversarial import SKIP_ROUNDS, gaps, in_order
 from benchmarks.replay import Recorded, copied_run
+from coordinator.checks import Upload
 from coordinator.run import Run
 from coordinator.scoring import leaderboard
 from coordinator.store import COORDINATOR
@@ -59,8 +60,9 @@ def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict
         salt = round_salt(s["sha256"] for s in subs)
         evaluator = UpdateEvaluator(run.model.module, params, p.dataset.sequences)
         round_ = RoundEvaluation(evaluator, info, r, salt, [s["miner"] for s in judged])
-        for s in judged:
-            round_.measure(s["miner"], p.codec.decode(p.blobs.get(s["sha256"]), p.spec)[1], s["scale"])
+        for s in judged:  # the payloads read once, for this and for the rebuild below
+            payload = recorded.load(Upload.of(s))[0]
+            round_.measure(s["miner"], p.codec.decode(payload, p.spec)[1], s["scale"])
         out[r] = {n: round_.losses((n, n)) for n in sizes}
         built = recorded.rebuilt(run, params, v)
         if built is None:
@@ -78,7 +80,7 @@ def order(run: Run, report: dict[str, Any]) -> dict[str, Any]:
               for row in report["scores"]]  # fmt: skip
     counted = gaps({"miners": report["miners"], "scores": boards}, SKIP_ROUNDS)
     return {
-        "honest_outrank_fraction": sum(g > 0 for g in counted.values()) / len(counted),
+        "honest_outrank_fraction": in_order(counted),
         "lost": [r for r, g in counted.items() if g <= 0],
         "gap": round(min(counted.values()), 4),
     }

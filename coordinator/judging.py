@@ -133,9 +133,10 @@ class Judge:
         run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
         flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
         judged = accepted & set(losses)  # the version's uploads that were evaluated
-        if 2 * len(judged & set(flags)) > len(judged):  # most of them: the round failed, not its miners
+        failed = judged & set(flags)
+        if 2 * len(failed) > len(judged):  # most of them: the round failed, not its miners
             log.warning("round %d: %d of the version's %d evaluated uploads fail after it; none is flagged",
-                        later.round, len(judged & set(flags)), len(judged))  # fmt: skip
+                        later.round, len(failed), len(judged))  # fmt: skip
             flags = {m: code for m, code in flags.items() if m not in accepted}
         if flags:
             log.warning("round %d: accepted uploads flagged once evaluated: %s", later.round,

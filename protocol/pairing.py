@@ -66,8 +66,8 @@ class RoundEvaluation:
     def gain_se(self, miner: str) -> float:
         """The standard error of a measured upload's gain (over its own sample): what makes a verdict on
         the gain sure or not."""
-        before, after = self._measured[miner]
-        return math.sqrt(var_of_mean((before - after)[: len(self.drawn[miner][0])]))
+        n_own, before, after, _ = self._head(miner, None)
+        return math.sqrt(var_of_mean(before[:n_own] - after[:n_own]))
 
     def losses(self, sizes: tuple[int, int] | None = None) -> dict[str, Losses]:
         """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were.
