@@ -60,12 +60,20 @@ def share_trainer_state(trainer: InnerTrainer) -> None:
         trainer.step = state["step"]
 
 
+def leave() -> None:
+    """Every rank, once rank 0 has said stop: meet, then take the process group down before the interpreter
+    exits (left to interpreter shutdown, gloo's threads can abort the process)."""
+    dist.barrier()
+    dist.destroy_process_group()
+
+
 def follow(trainer: InnerTrainer) -> int:
     """The loop of ranks other than 0: train on what rank 0 sends until it says stop; rounds trained."""
     rounds = 0
     while True:
         message = share()
         if message["cmd"] == "stop":
+            leave()
             return rounds
         if message["cmd"] == "state":
             share_trainer_state(trainer)

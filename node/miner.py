@@ -15,7 +15,7 @@ import torch
 import torch.distributed as dist
 
 from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
-from node.distributed import local_device, share, share_params, share_trainer_state
+from node.distributed import leave, local_device, share, share_params, share_trainer_state
 from node.follower import Follower
 from node.metrics import MinerMetrics
 from node.overlap import NextVersion, OverlapRound
@@ -244,6 +244,7 @@ class Miner(Follower):
                 self.watch.join()
             if self.world > 1:
                 share({"cmd": "stop"})
+                leave()
 
     def _register(self) -> None:
         """Register, retrying with backoff while the coordinator cannot be reached (it may be restarting)."""
