@@ -17,12 +17,21 @@ recipe and rounds (``--rounds``, 24) are the same in every run.
   a single run's last version is a noisy reference; the tail is less so.
 
 ``--mixes 8:2,6:3,4:4`` (honest:cheaters) runs all of that for each mix in turn, each with its own
-honest-only run as the loss reference, under ``"mixes"``; the top-level fields are the first mix's.
+honest-only runs as the loss reference, under ``"mixes"``; the top-level fields are the first mix's.
+
+The loss reference is ``--references`` (3) honest-only runs of the mix, with the same keys:
+``honest_final_eval_loss`` is the mean of their final losses (``honest_final_eval_losses``), and
+``honest_sd`` their standard deviation. Two overlapped runs of one network end a percent or two apart
+(which uploads make which version depends on timing), so one run alone is too noisy a reference for a
+2 % band. ``--compare FILE...`` runs no network: it pools every honest-only run of each mix in the given
+result files as that mix's reference and measures every cheater run in them against it.
 
     python -m benchmarks.adversarial --json > benchmarks/results/adversarial.json
     python -m benchmarks.adversarial --kinds noise,lazy --rounds 6
     python -m benchmarks.adversarial --mixes 6:3,4:4 --kinds lazy,freerider --json
     python -m benchmarks.adversarial --sync --json   # synchronous rounds, for comparison
+    python -m benchmarks.adversarial --mixes 8:2,6:3,4:4 --kinds '' --json > refs.json  # references only
+    python -m benchmarks.adversarial --compare benchmarks/results/adversarial.json refs.json
 """
 
 from __future__ import annotations
@@ -31,6 +40,7 @@ import argparse
 import json
 import math
 import shutil
+import statistics
 import sys
 import tempfile
 import time
@@ -120,43 +130,97 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--mixes", type=mix_list, default=None, help="honest:cheaters pairs, e.g. 8:2,6:3,4:4")
     ap.add_argument("--sync", action="store_true", help="synchronous rounds (default: overlapped)")
+    ap.add_argument("--references", type=int, default=3, help="honest-only runs per mix (the loss reference)")
+    ap.add_argument("--compare", type=Path, nargs="+", default=None, metavar="FILE",
+                    help="run nothing: measure the cheater runs of these result files against all their "
+                    "honest-only runs, per mix")  # fmt: skip
     args = ap.parse_args(argv)
+    if args.compare is not None:
+        return _print(compare(args.compare, ap), args.json)
     kinds = [k for k in args.kinds.split(",") if k]
     if unknown := set(kinds) - set(KINDS):
         ap.error(f"unknown kinds {sorted(unknown)}; choose from {', '.join(KINDS)}")
+    if args.references < 1:
+        ap.error("--references must be at least 1")
     mixes = args.mixes or [(args.miners, args.cheaters)]
     with tempfile.TemporaryDirectory(prefix="gradpool-adversarial-") as tmp:
         root = args.out or Path(tmp)
         overlap = False if args.sync else None
-        done = [one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds, overlap) for h, c in mixes]
+        done = [one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds, overlap, args.references)
+                for h, c in mixes]  # fmt: skip
     result = {
         **{k: v for k, v in done[0].items() if k in ("honest_final_eval_loss", "runs", "honest_run")},
-        "config": {"miners": mixes[0][0], "cheaters": mixes[0][1], "rounds": args.rounds,
-                   "model": "tiny", "skip_rounds": SKIP_ROUNDS, "overlap": not args.sync},
+        "config": {"miners": mixes[0][0], "cheaters": mixes[0][1], "rounds": args.rounds, "model": "tiny",
+                   "skip_rounds": SKIP_ROUNDS, "overlap": not args.sync, "references": args.references},
         "mixes": done,
     }  # fmt: skip
-    if args.json:
+    return _print(result, args.json)
+
+
+def _print(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
+    if as_json:
         print(json.dumps(result, indent=1))
-    else:
-        for mix in done:
-            print(f"{mix['mix']} honest: {mix['honest_final_eval_loss']:.4f}")
-            for r in mix["runs"]:
-                print(f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
-                      f"honest outrank {r['honest_outrank_fraction']:.2f}")  # fmt: skip
+        return result
+    for mix in result["mixes"]:
+        losses = ", ".join(f"{x:.4f}" for x in mix["honest_final_eval_losses"])
+        print(f"{mix['mix']} honest: {mix['honest_final_eval_loss']:.4f} (runs {losses})")
+        for r in mix["runs"]:
+            print(f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
+                  f"honest outrank {r['honest_outrank_fraction']:.2f}")  # fmt: skip
     return result
 
 
 def one_mix(root: Path, honest: int, cheaters: int, rounds: int, kinds: list[str],
-            overlap: bool | None = None) -> dict[str, Any]:  # fmt: skip
-    """The honest-only network, then one per kind with ``cheaters`` of that kind beside the same honest."""
-    base = run(root / "honest", honest, rounds, None, 0, overlap=overlap)
+            overlap: bool | None = None, references: int = 1) -> dict[str, Any]:  # fmt: skip
+    """``references`` honest-only networks, then one per kind with ``cheaters`` of that kind beside the same
+    honest miners (all with the first network's keys)."""
     keys = root / "honest" / "keys"
+    bases = [run(root / "honest", honest, rounds, None, 0, overlap=overlap)]
+    bases += [run(root / f"honest-{i}", honest, rounds, None, 0, keys, overlap) for i in range(1, references)]
     runs = [run(root / k, honest, rounds, k, cheaters, keys, overlap) for k in kinds]
+    return referenced({"mix": f"{honest}:{cheaters}", "honest": honest, "cheaters": cheaters}, bases, runs)
+
+
+def referenced(
+    mix: dict[str, Any], bases: list[dict[str, Any]], runs: list[dict[str, Any]]
+) -> dict[str, Any]:
+    """A mix's entry: its honest-only runs as the loss reference (the mean of each figure), and its
+    cheater runs measured against that (a result file older than ``tail_eval_loss`` has no tail)."""
+    final = [b["final_eval_loss"] for b in bases]
+    tails = [b["tail_eval_loss"] for b in bases if "tail_eval_loss" in b]
+    reference, tail = statistics.fmean(final), statistics.fmean(tails) if tails else None
     for r in runs:
-        r["loss_vs_honest"] = r["final_eval_loss"] / base["final_eval_loss"]
-        r["tail_vs_honest"] = r["tail_eval_loss"] / base["tail_eval_loss"]
-    return {"mix": f"{honest}:{cheaters}", "honest": honest, "cheaters": cheaters,
-            "honest_final_eval_loss": base["final_eval_loss"], "runs": runs, "honest_run": base}  # fmt: skip
+        r["loss_vs_honest"] = r["final_eval_loss"] / reference
+        r["tail_vs_honest"] = r["tail_eval_loss"] / tail if tail and "tail_eval_loss" in r else None
+    return {
+        **mix,
+        "honest_final_eval_loss": reference,
+        "honest_final_eval_losses": final,
+        "honest_sd": statistics.stdev(final) if len(final) > 1 else None,
+        "honest_tail_eval_loss": tail,
+        "runs": runs,
+        "honest_run": bases[0],
+        "honest_runs": bases,
+    }
+
+
+def compare(files: list[Path], ap: argparse.ArgumentParser) -> dict[str, Any]:
+    """The cheater runs of result files, each against all the honest-only runs of its mix in them."""
+    mixes: dict[str, dict[str, Any]] = {}
+    for path in files:
+        try:
+            loaded = json.loads(path.read_text())
+            entries = loaded["mixes"]
+        except (OSError, ValueError, KeyError, TypeError) as e:
+            ap.error(f"{path}: not a benchmarks.adversarial result ({e})")
+        for entry in entries:
+            first = {k: entry[k] for k in ("mix", "honest", "cheaters")}
+            mix = mixes.setdefault(entry["mix"], {**first, "bases": [], "runs": []})
+            mix["bases"] += entry.get("honest_runs") or [entry["honest_run"]]
+            mix["runs"] += [dict(r, source=path.name) for r in entry["runs"]]
+    done = [referenced({k: v for k, v in m.items() if k not in ("bases", "runs")}, m["bases"], m["runs"])
+            for m in mixes.values()]  # fmt: skip
+    return {"compared": [str(f) for f in files], "mixes": done}
 
 
 def mix_list(text: str) -> list[tuple[int, int]]:
