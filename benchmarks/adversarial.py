@@ -209,15 +209,15 @@ def compare(files: list[Path], ap: argparse.ArgumentParser) -> dict[str, Any]:
     mixes: dict[str, dict[str, Any]] = {}
     for path in files:
         try:
-            loaded = json.loads(path.read_text())
-            entries = loaded["mixes"]
+            for entry in json.loads(path.read_text())["mixes"]:
+                first = {k: entry[k] for k in ("mix", "honest", "cheaters")}
+                bases = entry.get("honest_runs") or [entry["honest_run"]]
+                runs = [dict(r, source=path.name) for r in entry["runs"]]
+                mix = mixes.setdefault(entry["mix"], {**first, "bases": [], "runs": []})
+                mix["bases"] += bases
+                mix["runs"] += runs
         except (OSError, ValueError, KeyError, TypeError) as e:
-            ap.error(f"{path}: not a benchmarks.adversarial result ({e})")
-        for entry in entries:
-            first = {k: entry[k] for k in ("mix", "honest", "cheaters")}
-            mix = mixes.setdefault(entry["mix"], {**first, "bases": [], "runs": []})
-            mix["bases"] += entry.get("honest_runs") or [entry["honest_run"]]
-            mix["runs"] += [dict(r, source=path.name) for r in entry["runs"]]
+            ap.error(f"{path}: not a benchmarks.adversarial result ({type(e).__name__}: {e})")
     done = [referenced({k: v for k, v in m.items() if k not in ("bases", "runs")}, m["bases"], m["runs"])
             for m in mixes.values()]  # fmt: skip
     return {"compared": [str(f) for f in files], "mixes": done}
