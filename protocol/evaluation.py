@@ -177,7 +177,7 @@ class UpdateEvaluator:
                 self._tokens[i] = row
         return torch.stack([self._tokens[i] for i in ids])
 
-    @torch.no_grad()
+    @torch.inference_mode()  # no autograd bookkeeping at all
     def _losses(self, ids: list[int]) -> torch.Tensor:
         """Per-sequence mean loss, (len(ids),)."""
         out = []

@@ -307,7 +307,7 @@ def next_token_loss(forward: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
-@torch.no_grad()
+@torch.inference_mode()
 def evaluate_loss(model: CausalLM, tokens: torch.Tensor, batch_size: int = 16) -> float:
     """Mean next-token loss (nats per token) of ``model`` on (N, T+1) held-out sequences."""
     model.eval()
