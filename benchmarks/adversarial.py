@@ -191,7 +191,9 @@ def referenced(
     reference, tail = statistics.fmean(final), statistics.fmean(tails) if tails else None
     for r in runs:
         r["loss_vs_honest"] = r["final_eval_loss"] / reference
-        r["tail_vs_honest"] = r["tail_eval_loss"] / tail if tail and "tail_eval_loss" in r else None
+        r["tail_vs_honest"] = (
+            r["tail_eval_loss"] / tail if tail is not None and "tail_eval_loss" in r else None
+        )
     return {
         **mix,
         "honest_final_eval_loss": reference,
@@ -206,20 +208,23 @@ def referenced(
 
 def compare(files: list[Path], ap: argparse.ArgumentParser) -> dict[str, Any]:
     """The cheater runs of result files, each against all the honest-only runs of its mix in them."""
-    mixes: dict[str, dict[str, Any]] = {}
+    heads: dict[str, dict[str, Any]] = {}
+    bases: dict[str, list[dict[str, Any]]] = {}
+    runs: dict[str, list[dict[str, Any]]] = {}
     for path in files:
         try:
             for entry in json.loads(path.read_text())["mixes"]:
-                first = {k: entry[k] for k in ("mix", "honest", "cheaters")}
-                bases = entry.get("honest_runs") or [entry["honest_run"]]
-                runs = [dict(r, source=path.name) for r in entry["runs"]]
-                mix = mixes.setdefault(entry["mix"], {**first, "bases": [], "runs": []})
-                mix["bases"] += bases
-                mix["runs"] += runs
+                mix = entry["mix"]
+                heads.setdefault(mix, {k: entry[k] for k in ("mix", "honest", "cheaters")})
+                found = entry.get("honest_runs") or [entry["honest_run"]]
+                cheats = [dict(r, source=path.name) for r in entry["runs"]]
+                if any(not isinstance(r["final_eval_loss"], (int, float)) for r in found + cheats):
+                    raise TypeError("a final_eval_loss that is no number")
+                bases.setdefault(mix, []).extend(found)
+                runs.setdefault(mix, []).extend(cheats)
         except (OSError, ValueError, KeyError, TypeError) as e:
             ap.error(f"{path}: not a benchmarks.adversarial result ({type(e).__name__}: {e})")
-    done = [referenced({k: v for k, v in m.items() if k not in ("bases", "runs")}, m["bases"], m["runs"])
-            for m in mixes.values()]  # fmt: skip
+    done = [referenced(head, bases[mix], runs[mix]) for mix, head in heads.items()]
     return {"compared": [str(f) for f in files], "mixes": done}
 
 
