@@ -103,6 +103,18 @@ class Judging:
     def remaining(self) -> list[Upload]:
         return [u for u in self.uploads if u.miner not in self.refused]
 
+    def reclip(self, ref: float | None, scales: dict[str, float]) -> float | None:
+        """The reference norm again over the uploads that judging left, once it refused some after the
+        cheap phase, and every scale in ``scales`` to it. Uploads refused there do not pull the reference:
+        in a round without history (the first), the tiny norms of as many freeriders as honest miners would
+        otherwise halve every honest update of the version."""
+        norms = {u.miner: u.norm for u in self.uploads}
+        again = reference_norm(self.history.norms, [u.norm for u in self.remaining()])
+        if again is None or again == ref:
+            return ref
+        scales.update({m: clip_scale(norms[m], again) for m in scales})
+        return again
+
 
 class Check(Protocol):
     code: ClassVar[str]

@@ -7,7 +7,8 @@ version's path short. The uploads of new miners (a record shorter than ``min_rec
 on the first ``gate_sequences`` of their own sample (``gate``: the gain the refusals need, a small part of
 an evaluation). Those of miners refused in the last ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the
 last ``FLAG_ROUNDS``, are on probation: left out of the version, and evaluated after it like the others.
-The rest go into the version on the cheap checks and their standing. Every sampled upload is evaluated
+The rest go into the version on the cheap checks and their standing, each clipped to the reference
+norm of the uploads that judging left (``Judging.reclip``). Every sampled upload is evaluated
 in full once the version is published (``finish``), while miners train the next round: that gives its
 verdict and score, and flags an upload (accepted or on probation) that the evaluation refuses for sure
 (``FLAG_SURE``), which puts or keeps its miner on probation. When most of the evaluated uploads a version
@@ -102,6 +103,7 @@ class Judge:
         j.scores = lambda: p.scores.with_round(r - 1, {} if defer else round_results(
             r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
         run_phase(self.pipeline, "evaluated", j)
+        ref = j.reclip(ref, scales)
         judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later + probation}, ref,
                         first={u.miner for u in first})  # fmt: skip
         if defer:

@@ -85,6 +85,24 @@ def _low_gain(gains: dict[str, float], past: tuple[float, ...]) -> list[str]:
     return sorted(LowGain(0.35).refuse(j))
 
 
+def test_uploads_refused_after_the_cheap_phase_no_longer_pull_the_reference_norm() -> None:
+    # the first round (no history), 4 honest updates and 4 freeriders' (x1e-4): the median of all 8 lies
+    # between them and would clip every honest update to about half; once the freeriders are refused, the
+    # honest ones are clipped as in a round without them
+    honest = [upload(f"h{i}", b) for i, b in enumerate(bodies(1, 2, 3, 4))]
+    tiny = [upload(f"f{i}", b) for i, b in enumerate(bodies(5, 6, 7, 8, scale=1e-7))]
+    j = Judging(0, [*honest, *tiny])
+    ref, scales = judge_cheap(PIPELINE, j)
+    assert j.refused == {} and ref is not None and max(scales[u.miner] for u in honest) < 0.6
+    alone = Judging(0, honest)
+    alone_ref, alone_scales = judge_cheap(PIPELINE, alone)
+    assert j.reclip(ref, dict(scales)) == ref  # nothing refused since: nothing changes
+    j.refused.update({u.miner: "low_gain" for u in tiny})
+    assert j.reclip(ref, scales) == alone_ref
+    assert {m: scales[m] for m in alone_scales} == alone_scales
+    assert all(scales[u.miner] == 1.0 for u in tiny)  # and they would be measured as the version takes them
+
+
 def test_low_gain_follows_this_rounds_gains_and_history_only_bounds_it_from_below() -> None:
     """Gains shrink as the loss falls: a round whose honest gains are a fifth of the last rounds' is taken
     whole, and the one upload far below the round's own median is refused; a round of useless uploads
