@@ -8,8 +8,8 @@ on the first ``gate_sequences`` of their own sample (``gate``: the gain the refu
 an evaluation). Those of miners refused in the last ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the
 last ``FLAG_ROUNDS``, are on probation: left out of the version, and evaluated after it like the others.
 The rest go into the version on the cheap checks and their standing, each clipped to the reference
-norm of the uploads that judging left (``Judging.reclip``). Every sampled upload is evaluated
-in full once the version is published (``finish``), while miners train the next round: that gives its
+norm of the uploads that judging left (``Judging.reclip``). Every sampled upload is evaluated in full
+once the version is published (``finish``), at that clip, while miners train the next round: that gives its
 verdict and score, and flags an upload (accepted or on probation) that the evaluation refuses for sure
 (``FLAG_SURE``), which puts or keeps its miner on probation. When most of the evaluated uploads a version
 took would be flagged, the round failed rather than its miners (each upload is applied to a newer version
@@ -103,7 +103,8 @@ class Judge:
         j.scores = lambda: p.scores.with_round(r - 1, {} if defer else round_results(
             r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
         run_phase(self.pipeline, "evaluated", j)
-        ref = j.reclip(ref, scales)
+        if defer:  # synchronous rounds measured each verdict at its scale, as validators measure it again
+            ref = j.reclip(ref, scales)
         judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later + probation}, ref,
                         first={u.miner for u in first})  # fmt: skip
         if defer:

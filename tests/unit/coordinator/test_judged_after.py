@@ -224,3 +224,22 @@ def test_a_round_that_fails_for_most_of_its_version_flags_none_of_its_miners(ope
         assert board[honest[0].pubkey]["flagged"] == {} and board[flipper.pubkey]["flagged"] == {
             "low_gain": 1
         }
+
+
+def test_freeriders_refused_in_the_first_round_do_not_pull_its_clip(open_pool: OpenPool) -> None:
+    """The first round has no accepted norms before it: two freeriders (a ten-thousandth of an honest update)
+    beside two honest miners would put the median between them and clip each honest update to about half.
+    They are refused before the version, and the version's uploads are clipped among those it took."""
+    with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds={**OVERLAP, "min_quorum": 4}) as pool:
+        honest, freeriders = [fixed_miner(pool, i) for i in range(2)], [fixed_miner(pool, i) for i in (2, 3)]
+        for m in [*honest, *freeriders]:
+            delta = trained_delta(pool, m.pubkey, 0, 0)
+            if m in freeriders:
+                delta = {n: t * 1e-4 for n, t in delta.items()}
+            assert m.upload(0, encode(delta, 0, 0)[0]).status_code == 200
+        r0 = wait_scored(pool, 0)
+    for m in freeriders:
+        assert (r0[m.pubkey]["status"], r0[m.pubkey]["reason"]) == ("rejected", "low_gain"), r0
+    scales = sorted(float(str(r0[m.pubkey]["scale"])) for m in honest)
+    # the median of the two honest norms: the smaller is not clipped, the larger to their mean
+    assert scales[1] == 1.0 and scales[0] > 0.5, r0
