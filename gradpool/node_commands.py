@@ -174,6 +174,10 @@ def _follow_rank_zero(settings: Any) -> None:
     model = build_model(info.architecture, seed=info.seed).to(device)
     rounds = follow(InnerTrainer(model, info.recipe, device, settings.micro_batch))
     log.info("rank stopped after %d rounds", rounds)
+    # done, and the process group is down: end here, since the interpreter's teardown of the collective
+    # library's threads can still abort the process (SIGABRT), which torchrun reports as the rank failing
+    logging.shutdown()
+    os._exit(0)
 
 
 def _install_stop_handlers(stop: threading.Event) -> None:
