@@ -27,6 +27,7 @@ demo: venv  # a fresh network each time: the previous demo's state would otherwi
 
 test: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
+	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q  # two workers (pyproject.toml)
 
@@ -35,6 +36,7 @@ lint: venv
 	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
 
 typecheck: venv
+	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/mypy
 
 clean:

@@ -102,8 +102,9 @@ def run(
     if keys is not None:
         shutil.copytree(keys, out / "keys", dirs_exist_ok=True)
     adversaries = {} if kind is None else {kind: count}
-    report = simulate(miners=miners, rounds=rounds, out=out, adversaries=adversaries, echo=lambda _: None,
-                      overlap=overlap)  # fmt: skip
+    report = simulate(
+        miners=miners, rounds=rounds, out=out, adversaries=adversaries, echo=lambda _: None, overlap=overlap
+    )
     result = {
         "kind": kind or "honest",
         "final_eval_loss": report["final_eval_loss"],
@@ -131,9 +132,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--mixes", type=mix_list, default=None, help="honest:cheaters pairs, e.g. 8:2,6:3,4:4")
     ap.add_argument("--sync", action="store_true", help="synchronous rounds (default: overlapped)")
     ap.add_argument("--references", type=int, default=3, help="honest-only runs per mix (the loss reference)")
-    ap.add_argument("--compare", type=Path, nargs="+", default=None, metavar="FILE",
-                    help="run nothing: measure the cheater runs of these result files against all their "
-                    "honest-only runs, per mix")  # fmt: skip
+    ap.add_argument(
+        "--compare",
+        type=Path,
+        nargs="+",
+        default=None,
+        metavar="FILE",
+        help="run nothing: measure the cheater runs of these result files against all their "
+        "honest-only runs, per mix",
+    )
     args = ap.parse_args(argv)
     if args.compare is not None:
         return _print(compare(args.compare, ap), args.json)
@@ -146,14 +153,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gradpool-adversarial-") as tmp:
         root = args.out or Path(tmp)
         overlap = False if args.sync else None
-        done = [one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds, overlap, args.references)
-                for h, c in mixes]  # fmt: skip
+        done = [
+            one_mix(root / f"mix-{h}-{c}", h, c, args.rounds, kinds, overlap, args.references)
+            for h, c in mixes
+        ]
     result = {
         **{k: v for k, v in done[0].items() if k in ("honest_final_eval_loss", "runs", "honest_run")},
-        "config": {"miners": mixes[0][0], "cheaters": mixes[0][1], "rounds": args.rounds, "model": "tiny",
-                   "skip_rounds": SKIP_ROUNDS, "overlap": not args.sync, "references": args.references},
+        "config": {
+            "miners": mixes[0][0],
+            "cheaters": mixes[0][1],
+            "rounds": args.rounds,
+            "model": "tiny",
+            "skip_rounds": SKIP_ROUNDS,
+            "overlap": not args.sync,
+            "references": args.references,
+        },
         "mixes": done,
-    }  # fmt: skip
+    }
     return _print(result, args.json)
 
 
@@ -165,13 +181,22 @@ def _print(result: dict[str, Any], as_json: bool) -> dict[str, Any]:
         losses = ", ".join(f"{x:.4f}" for x in mix["honest_final_eval_losses"])
         print(f"{mix['mix']} honest: {mix['honest_final_eval_loss']:.4f} (runs {losses})")
         for r in mix["runs"]:
-            print(f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
-                  f"honest outrank {r['honest_outrank_fraction']:.2f}")  # fmt: skip
+            print(
+                f"{r['kind']:>10}: loss {r['final_eval_loss']:.4f} ({r['loss_vs_honest']:.3f}x), "
+                f"honest outrank {r['honest_outrank_fraction']:.2f}"
+            )
     return result
 
 
-def one_mix(root: Path, honest: int, cheaters: int, rounds: int, kinds: list[str],
-            overlap: bool | None = None, references: int = 1) -> dict[str, Any]:  # fmt: skip
+def one_mix(
+    root: Path,
+    honest: int,
+    cheaters: int,
+    rounds: int,
+    kinds: list[str],
+    overlap: bool | None = None,
+    references: int = 1,
+) -> dict[str, Any]:
     """``references`` honest-only networks, then one per kind with ``cheaters`` of that kind beside the same
     honest miners (all with the first network's keys)."""
     keys = root / "honest" / "keys"

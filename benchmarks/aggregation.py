@@ -37,11 +37,12 @@ from typing import Any, TypeVar
 import torch
 
 from benchmarks.codec import best_of, gpt2_small_spec
-from coordinator.aggregation import aggregate_uploads
-from coordinator.blobs import FileBlobStore
-from coordinator.checks import Judging, Upload, default_pipeline, judge_cheap
-from coordinator.outer import OuterOptimizer
+from coordinator.publishing.aggregation import aggregate_uploads
+from coordinator.publishing.outer import OuterOptimizer
+from coordinator.rounds.checks import Judging, default_pipeline, judge_cheap
 from coordinator.settings import CheckSettings, ValidationSettings
+from coordinator.storage.blobs import FileBlobStore
+from coordinator.storage.records import Upload
 from protocol.codec import PayloadHeader, SparseLoCoCodec
 from protocol.model import build_model
 from protocol.params import apply_update, param_spec

@@ -127,8 +127,9 @@ class Checks:
         if self.closed.setdefault(r, subs) != subs:
             self.violation(f"round {r} changed after it closed: {self.closed[r]} -> {subs}")
 
-    def final(self, http: httpx.Client, nodes: list[Node], keys: dict[str, str], grace_s: float,
-              end: float) -> dict[str, Any]:  # fmt: skip
+    def final(
+        self, http: httpx.Client, nodes: list[Node], keys: dict[str, str], grace_s: float, end: float
+    ) -> dict[str, Any]:
         self.poll(http)
         current = http.get("/v1/round").json()
         for r in range(current["round"]):
@@ -140,8 +141,12 @@ class Checks:
         initial, final = losses[0], self.versions[current["version"]][1]
         if initial is None or final is None or not final < initial:
             self.violation(f"the held-out loss did not fall: {initial} -> {final}")
-        return {"rounds": current["round"], "versions": len(self.versions), "initial_eval_loss": initial,
-                "final_eval_loss": final}  # fmt: skip
+        return {
+            "rounds": current["round"],
+            "versions": len(self.versions),
+            "initial_eval_loss": initial,
+            "final_eval_loss": final,
+        }
 
     def _uploads_kept(self, http: httpx.Client, nodes: list[Node], keys: dict[str, str]) -> None:
         for node in nodes:
@@ -207,8 +212,11 @@ def soak(
     minutes: float, miners: int, hostile: list[str], interval_s: float, seed: int, work: Path
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    settings = {**SETTINGS, "state_dir": str(work / "coordinator"), "data": {**SETTINGS["data"],
-                "corpus": str(corpus(work))}}  # fmt: skip
+    settings = {
+        **SETTINGS,
+        "state_dir": str(work / "coordinator"),
+        "data": {**SETTINGS["data"], "corpus": str(corpus(work))},
+    }
     (work / "coordinator.toml").write_text(tomli_w.dumps(settings))
     procs = Processes(work / "logs", env={"GRADPOOL_LOG_FORMAT": "json"})
     serve = ["--config", str(work / "coordinator.toml"), "--port", "0"]
@@ -223,11 +231,31 @@ def soak(
         save_key(generate_key(), key)
         keys[name] = public_key_hex(load_key(key))
         cheat = [] if kind is None else ["--adversary", kind]
-        mine = ["mine", "--coordinator", url, "--key", str(key), "--state-dir", str(work / "miners" / name),
-                "--threads", "1", *cheat]  # fmt: skip
+        mine = [
+            "mine",
+            "--coordinator",
+            url,
+            "--key",
+            str(key),
+            "--state-dir",
+            str(work / "miners" / name),
+            "--threads",
+            "1",
+            *cheat,
+        ]
         nodes.append(Node(procs, name, "miner" if kind is None else "hostile", mine))
-    validate = ["validate", "--coordinator", url, "--key", str(work / "keys" / "validator.pem"),
-                "--create-key", "--state-dir", str(work / "validator"), "--threads", "1"]  # fmt: skip
+    validate = [
+        "validate",
+        "--coordinator",
+        url,
+        "--key",
+        str(work / "keys" / "validator.pem"),
+        "--create-key",
+        "--state-dir",
+        str(work / "validator"),
+        "--threads",
+        "1",
+    ]
     nodes.append(Node(procs, "validator", "validator", validate))
     for node in nodes[1:]:
         node.start()

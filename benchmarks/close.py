@@ -74,12 +74,23 @@ def _trained_payloads(http: httpx.Client, keys: list[Any]) -> list[bytes]:
     spec = param_spec(model)
     base = load_checkpoint(http.get("/v1/checkpoint", params={"version": 0}).content, spec)[0]
     codec = SparseLoCoCodec(k=info["codec"]["k"], tile=info["codec"]["tile"])
-    header = PayloadHeader(format_version=PAYLOAD_FORMAT_VERSION, codec="sparseloco", round=0, base_version=0,
-                           stats=PayloadStats(compute_s=1.0))  # fmt: skip
+    header = PayloadHeader(
+        format_version=PAYLOAD_FORMAT_VERSION,
+        codec="sparseloco",
+        round=0,
+        base_version=0,
+        stats=PayloadStats(compute_s=1.0),
+    )
     out = []
     for key in keys:
-        ids = assignment(info["seed"], 0, public_key_hex(key), r["inner_steps"] * r["batch_size"],
-                         info["num_sequences"], info["eval_every"])  # fmt: skip
+        ids = assignment(
+            info["seed"],
+            0,
+            public_key_hex(key),
+            r["inner_steps"] * r["batch_size"],
+            info["num_sequences"],
+            info["eval_every"],
+        )
         tokens = st_load(http.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
         delta = honest_delta(model, base, tokens, r["lr"], r["batch_size"])
         out.append(codec.encode(delta, spec, header)[0])
@@ -89,8 +100,12 @@ def _trained_payloads(http: httpx.Client, keys: list[Any]) -> list[bytes]:
 def measure_close(m: int, work: Path) -> dict[str, Any]:
     """Round 0 of a fresh coordinator with ``m`` real uploads, closed at once."""
     procs = Processes(work / "logs")
-    env = {"GRADPOOL_ROUNDS__MIN_QUORUM": str(m + 1), "GRADPOOL_ROUNDS__DEADLINE_S": "3600",
-           "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_ADMIN_TOKEN": TOKEN}  # fmt: skip
+    env = {
+        "GRADPOOL_ROUNDS__MIN_QUORUM": str(m + 1),
+        "GRADPOOL_ROUNDS__DEADLINE_S": "3600",
+        "GRADPOOL_DATA__EVAL_EVERY": "20",
+        "GRADPOOL_ADMIN_TOKEN": TOKEN,
+    }
     args = [
         "--state-dir",
         str(work / "state"),
@@ -127,10 +142,15 @@ def measure_close(m: int, work: Path) -> dict[str, Any]:
     finally:
         procs.stop_all()
     subs = record["submissions"]
-    return {"uploads": m, "seconds": round(seconds, 3), "version_s": round(version_s, 3),
-            "evaluation_s": round(evaluation, 3), "wall_s": round(wall, 3),
-            "evaluated": sum(s["evaluated"] for s in subs),
-            "accepted": sum(s["status"] == "accepted" for s in subs)}  # fmt: skip
+    return {
+        "uploads": m,
+        "seconds": round(seconds, 3),
+        "version_s": round(version_s, 3),
+        "evaluation_s": round(evaluation, 3),
+        "wall_s": round(wall, 3),
+        "evaluated": sum(s["evaluated"] for s in subs),
+        "accepted": sum(s["status"] == "accepted" for s in subs),
+    }
 
 
 def close_rows(sizes: list[int]) -> list[dict[str, Any]]:

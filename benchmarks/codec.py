@@ -25,11 +25,11 @@ from typing import Any
 
 import torch
 
-from coordinator.corpus import build_dataset
+from coordinator.data.corpus import build_dataset
 from node.trainer import InnerTrainer
 from protocol.codec import Layout, PayloadHeader, SparseLoCoCodec
+from protocol.codec.feedback import ErrorFeedback
 from protocol.data import Dataset, assignment
-from protocol.feedback import ErrorFeedback
 from protocol.model import build_model
 from protocol.params import get_params, param_spec
 from protocol.wire import TrainingRecipe
@@ -44,13 +44,19 @@ def gpt2_small_spec() -> Spec:
     for i in range(12):
         p = f"h.{i}."
         spec += [
-            (p + "ln_1.weight", (d,)), (p + "ln_1.bias", (d,)),
-            (p + "attn.c_attn.weight", (d, 3 * d)), (p + "attn.c_attn.bias", (3 * d,)),
-            (p + "attn.c_proj.weight", (d, d)), (p + "attn.c_proj.bias", (d,)),
-            (p + "ln_2.weight", (d,)), (p + "ln_2.bias", (d,)),
-            (p + "mlp.c_fc.weight", (d, 4 * d)), (p + "mlp.c_fc.bias", (4 * d,)),
-            (p + "mlp.c_proj.weight", (4 * d, d)), (p + "mlp.c_proj.bias", (d,)),
-        ]  # fmt: skip
+            (p + "ln_1.weight", (d,)),
+            (p + "ln_1.bias", (d,)),
+            (p + "attn.c_attn.weight", (d, 3 * d)),
+            (p + "attn.c_attn.bias", (3 * d,)),
+            (p + "attn.c_proj.weight", (d, d)),
+            (p + "attn.c_proj.bias", (d,)),
+            (p + "ln_2.weight", (d,)),
+            (p + "ln_2.bias", (d,)),
+            (p + "mlp.c_fc.weight", (d, 4 * d)),
+            (p + "mlp.c_fc.bias", (4 * d,)),
+            (p + "mlp.c_proj.weight", (4 * d, d)),
+            (p + "mlp.c_proj.bias", (d,)),
+        ]
     return [*spec, ("ln_f.weight", (d,)), ("ln_f.bias", (d,))]
 
 

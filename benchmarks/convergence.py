@@ -49,7 +49,7 @@ from typing import Any
 import torch
 
 from benchmarks.convergence_methods import METHODS, Tally, finite, run_pool, run_single_model
-from coordinator.corpus import build_dataset
+from coordinator.data.corpus import build_dataset
 from node.distributed import local_device
 from node.trainer import NonFiniteLoss
 from protocol.data import Dataset, assignment, eval_ids, stdlib_dir

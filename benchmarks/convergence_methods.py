@@ -12,13 +12,13 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from coordinator.outer import OuterOptimizer
-from coordinator.publish import Downlink
+from coordinator.publishing.outer import OuterOptimizer
+from coordinator.publishing.publisher import Downlink
 from coordinator.settings import PublishSettings
 from node.trainer import InnerTrainer
-from protocol.aggregate import aggregate
 from protocol.codec import PAYLOAD_FORMAT_VERSION, CodecName, PayloadHeader, PayloadStats, make_codec
-from protocol.feedback import ErrorFeedback
+from protocol.codec.accumulate import aggregate
+from protocol.codec.feedback import ErrorFeedback
 from protocol.model import CausalLM, build_model
 from protocol.params import apply_update, get_params, set_params
 
@@ -215,8 +215,14 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
         tally.record(bench, r + 1, tokens_seen, loss)
 
 
-def merger(model: CausalLM, base: dict[str, torch.Tensor], newest: dict[str, torch.Tensor], at: float,
-           steps: int, carry: float = 1.0) -> Callable[[dict[str, float]], None]:  # fmt: skip
+def merger(
+    model: CausalLM,
+    base: dict[str, torch.Tensor],
+    newest: dict[str, torch.Tensor],
+    at: float,
+    steps: int,
+    carry: float = 1.0,
+) -> Callable[[dict[str, float]], None]:
     """An inner-step callback that, after ``at`` of the steps (the version being made arrives), puts the
     model at ``newest`` moved by ``carry`` x what training had moved it by from ``base`` (1: the model
     moves as its start point would have)."""

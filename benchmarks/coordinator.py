@@ -59,9 +59,21 @@ def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Itera
         "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
         "GRADPOOL_MAX_PAYLOAD_BYTES": str(max_payload_bytes),
     }
-    cmd = [sys.executable, "-m", "gradpool", "coordinator", "serve", "--port", "0",
-           "--state-dir", str(work / "state"), "--ready-file", str(work / "ready.json"),
-           "--corpus", str(work / "corpus.txt")]  # fmt: skip
+    cmd = [
+        sys.executable,
+        "-m",
+        "gradpool",
+        "coordinator",
+        "serve",
+        "--port",
+        "0",
+        "--state-dir",
+        str(work / "state"),
+        "--ready-file",
+        str(work / "ready.json"),
+        "--corpus",
+        str(work / "corpus.txt"),
+    ]
     with (work / "coordinator.log").open("wb") as out:
         proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
         try:

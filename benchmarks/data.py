@@ -4,7 +4,7 @@ The benchmark makes a corpus of at least ``--mb`` (512) MB from the Python stand
 repeated: half as parquet files (a ``text`` column, row groups of about 4 MB), half as text files. It trains
 a byte-level BPE (``--vocab-size``, 8192) on a sample, then in fresh processes:
 
-- ``tokens_per_s``: gradpool's ``coordinator.corpus.build_dataset`` over the whole corpus (reading,
+- ``tokens_per_s``: gradpool's ``coordinator.data.corpus.build_dataset`` over the whole corpus (reading,
   encoding in batches, writing the token file, hashing it);
 - ``bare_tokens_per_s``: the tokenizer's own batch encoding (``encode_batch_fast``) over the same texts,
   read the same way, nothing written;
@@ -61,8 +61,8 @@ def make_corpus(root: Path, total_bytes: int) -> int:
 
 
 def ours(corpus: Path, tokenizer: str, out: Path) -> dict[str, float]:
-    from coordinator.corpus import build_dataset
-    from coordinator.tokenizer import RunTokenizer
+    from coordinator.data.corpus import build_dataset
+    from coordinator.data.tokenizer import RunTokenizer
 
     tok = RunTokenizer(tokenizer)
     before = settle_memory()
@@ -73,8 +73,8 @@ def ours(corpus: Path, tokenizer: str, out: Path) -> dict[str, float]:
 
 
 def bare(corpus: Path, tokenizer: str) -> dict[str, float]:
-    from coordinator.corpus import corpus_files, text_batches
-    from coordinator.tokenizer import RunTokenizer
+    from coordinator.data.corpus import corpus_files, text_batches
+    from coordinator.data.tokenizer import RunTokenizer
 
     hf = RunTokenizer(tokenizer).hf
     t0, tokens = time.perf_counter(), 0
@@ -108,8 +108,8 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         corpus_bytes = make_corpus(root / "corpus", args.mb * MiB)
         files = sum(p.stat().st_size for p in (root / "corpus").iterdir())
         log(f"corpus: {corpus_bytes / MiB:.0f} MiB of text, {files / MiB:.0f} MiB of files")
-        from coordinator.corpus import text_batches
-        from coordinator.tokenizer import train_bpe
+        from coordinator.data.corpus import text_batches
+        from coordinator.data.tokenizer import train_bpe
 
         first = sorted((root / "corpus").iterdir())[0]
         train_bpe(_sample(text_batches(first), 16 * MiB), args.vocab_size, root / "tok.json")
@@ -118,16 +118,23 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         o = in_fresh_process(ours, root / "corpus", str(root / "tok.json"), root / "data")
         log(f"ours: {o['tokens'] / o['seconds']:.0f} tokens/s, peak RSS +{o['rss'] / MiB:.0f} MiB")
     result = {
-        "corpus_bytes": corpus_bytes, "file_bytes": files, "tokens": o["tokens"],
+        "corpus_bytes": corpus_bytes,
+        "file_bytes": files,
+        "tokens": o["tokens"],
         "tokens_per_s": o["tokens"] / o["seconds"],
-        "bare_tokens": b["tokens"], "bare_tokens_per_s": b["tokens"] / b["seconds"],
-        "peak_rss_increase_bytes": int(o["rss"]), "seconds": o["seconds"], "bare_seconds": b["seconds"],
-    }  # fmt: skip
+        "bare_tokens": b["tokens"],
+        "bare_tokens_per_s": b["tokens"] / b["seconds"],
+        "peak_rss_increase_bytes": int(o["rss"]),
+        "seconds": o["seconds"],
+        "bare_seconds": b["seconds"],
+    }
     result["targets"] = [
-        {"check": f"tokens_per_s >= {RATIO} x bare",
-         "met": result["tokens_per_s"] >= RATIO * result["bare_tokens_per_s"]},
+        {
+            "check": f"tokens_per_s >= {RATIO} x bare",
+            "met": result["tokens_per_s"] >= RATIO * result["bare_tokens_per_s"],
+        },
         {"check": "peak RSS increase <= 512 MiB", "met": result["peak_rss_increase_bytes"] <= RSS_LIMIT},
-    ]  # fmt: skip
+    ]
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return result
 

@@ -5,7 +5,7 @@ rounds from a common base, with error feedback, through the project's own code (
 SparseLoCo codec, ``protocol.aggregate``); the base advances by the exact aggregate of all of them, so each
 miner's error feedback reaches its steady state. Every round, the uploads of the first M miners, for M in
 ``--sizes`` (4, 16, 64), are aggregated and published both ways: ``exact`` (a bitmap and the fp32 value
-of every touched coordinate) and compressed by ``coordinator.publish.Downlink`` with its own error
+of every touched coordinate) and compressed by ``publishing.publisher.Downlink`` with its own error
 feedback across the rounds (``--k``, ``--bits``, ``--ef-beta``: the [publish] settings). The last
 round's sizes are reported:
 
@@ -26,14 +26,14 @@ from typing import Any
 
 import torch
 
-from coordinator.corpus import build_dataset
-from coordinator.publish import Downlink
+from coordinator.data.corpus import build_dataset
+from coordinator.publishing.publisher import Downlink
 from coordinator.settings import PublishSettings
 from node.trainer import InnerTrainer
-from protocol.aggregate import aggregate
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, SparseLoCoCodec
+from protocol.codec.accumulate import aggregate
+from protocol.codec.feedback import ErrorFeedback
 from protocol.data import Dataset, assignment
-from protocol.feedback import ErrorFeedback
 from protocol.model import build_model
 from protocol.params import UpdateHeader, apply_update, encode_update, get_params, param_spec, set_params
 from protocol.wire import TrainingRecipe
@@ -75,14 +75,16 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         payloads = []
         for i, (trainer, ef) in enumerate(zip(trainers, feedback, strict=True)):
             set_params(trainer.model, theta)
-            ids = assignment(0, r, f"{i:064x}", recipe.inner_steps * recipe.batch_size, meta.num_sequences,
-                             meta.eval_every)  # fmt: skip
+            ids = assignment(
+                0, r, f"{i:064x}", recipe.inner_steps * recipe.batch_size, meta.num_sequences, meta.eval_every
+            )
             trainer.run(data.sequences(ids))
             with torch.no_grad():
                 local = dict(trainer.model.named_parameters())
                 delta = {n: theta[n] - local[n].detach() for n, _ in spec}
-            header = PayloadHeader(format_version=PAYLOAD_FORMAT_VERSION, codec="sparseloco", round=r,
-                                   base_version=r)  # fmt: skip
+            header = PayloadHeader(
+                format_version=PAYLOAD_FORMAT_VERSION, codec="sparseloco", round=r, base_version=r
+            )
             payload, decoded = codec.encode(ef.accumulate(delta), spec, header)
             ef.subtract(decoded)
             payloads.append(payload)
@@ -96,15 +98,36 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             downlinks[m].residual = residual
             published = len(downlinks[m].frame(compressed, applied, header))
             upload = statistics.fmean(len(b) for b in payloads[:m])
-            last.append({"miners": m, "upload_bytes": upload, "exact_bytes": exact,
-                         "published_bytes": published, "published_vs_upload": published / upload,
-                         "exact_vs_upload": exact / upload})  # fmt: skip
+            last.append(
+                {
+                    "miners": m,
+                    "upload_bytes": upload,
+                    "exact_bytes": exact,
+                    "published_bytes": published,
+                    "published_vs_upload": published / upload,
+                    "exact_vs_upload": exact / upload,
+                }
+            )
         apply_update(theta, aggregate(decoded_all, spec))
-        log(f"round {r}: " + ", ".join(f"M={x['miners']} {x['published_vs_upload']:.2f}x "
-                                       f"(exact {x['exact_vs_upload']:.1f}x)" for x in last))  # fmt: skip
-    result = {"rows": last, "settings": settings.model_dump(), "rounds": args.rounds,
-              "targets": [{"check": f"M={x['miners']} published_vs_upload <= {TARGET}",
-                           "met": x["published_vs_upload"] <= TARGET} for x in last]}  # fmt: skip
+        log(
+            f"round {r}: "
+            + ", ".join(
+                f"M={x['miners']} {x['published_vs_upload']:.2f}x (exact {x['exact_vs_upload']:.1f}x)"
+                for x in last
+            )
+        )
+    result = {
+        "rows": last,
+        "settings": settings.model_dump(),
+        "rounds": args.rounds,
+        "targets": [
+            {
+                "check": f"M={x['miners']} published_vs_upload <= {TARGET}",
+                "met": x["published_vs_upload"] <= TARGET,
+            }
+            for x in last
+        ],
+    }
     print(json.dumps(result) if args.json else json.dumps(result, indent=1))
     return result
 

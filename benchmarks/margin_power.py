@@ -84,8 +84,9 @@ def _ring_t(ring: list[str], gains: dict[str, torch.Tensor], half: dict[str, lis
     return _t(d[half[m]], d[half[nxt]])
 
 
-def _mean_update(reader: Validator, client: CoordinatorClient, round_: int,
-                 uploads: dict[str, float]) -> dict[str, SparseTensor]:  # fmt: skip
+def _mean_update(
+    reader: Validator, client: CoordinatorClient, round_: int, uploads: dict[str, float]
+) -> dict[str, SparseTensor]:
     """The mean of the round's evaluated updates, each times its clip scale, dense."""
     total = {n: torch.zeros(math.prod(shape)) for n, shape in reader.spec}
     for m, scale in uploads.items():
@@ -166,8 +167,10 @@ def summarise(
             lazy = [t[design] for m, t in ts.items() if kinds[m] == "lazy"]
             if honest and lazy:
                 separated.append(min(honest) > max(lazy))
-        mean_t = {k: {p: round(statistics.fmean(v), 3) if v else None for p, v in phases.items()}
-                  for k, phases in by_kind.items()}  # fmt: skip
+        mean_t = {
+            k: {p: round(statistics.fmean(v), 3) if v else None for p, v in phases.items()}
+            for k, phases in by_kind.items()
+        }
         share = round(sum(separated) / len(separated), 3) if separated else None
         out[design] = {"mean_t": mean_t, "rounds_separated": share}
     return out
@@ -191,13 +194,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
             f"[validation]\nown_sequences = {args.sample}\nother_sequences = {args.sample}\n"
             "early_factor = 1\n"
         )  # every round on the same samples
-        report = simulate(miners=args.miners, rounds=args.rounds, out=out, adversaries={"lazy": args.lazy},
-                          config=config, echo=lambda line: print(line, file=sys.stderr))  # fmt: skip
+        report = simulate(
+            miners=args.miners,
+            rounds=args.rounds,
+            out=out,
+            adversaries={"lazy": args.lazy},
+            config=config,
+            echo=lambda line: print(line, file=sys.stderr),
+        )
         kinds = {m["miner"]: m["kind"] for m in report["miners"]}
         procs = Processes(out / "logs-after")
         try:
-            url = procs.start_coordinator(["--config", str(out / "coordinator.toml"), "--port", "0"],
-                                          out / "after.ready")  # fmt: skip
+            url = procs.start_coordinator(
+                ["--config", str(out / "coordinator.toml"), "--port", "0"], out / "after.ready"
+            )
             client = CoordinatorClient(url, Ed25519PrivateKey.generate())
             settings = ValidatorSettings(state_dir=out / "scratch", device="cpu")
             reader = Validator(settings, client, client.info(), threading.Event())  # it never posts here
@@ -206,12 +216,20 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         finally:
             procs.stop_all()
     result = {
-        "config": {"miners": args.miners, "lazy": args.lazy, "rounds": args.rounds, "early": args.early,
-                   "model": "tiny", "sample": args.sample},
+        "config": {
+            "miners": args.miners,
+            "lazy": args.lazy,
+            "rounds": args.rounds,
+            "early": args.early,
+            "model": "tiny",
+            "sample": args.sample,
+        },
         "designs": summarise(per_round, kinds, args.early),
-        "rounds": [{kinds[m][0] + m[:8]: {d: round(t[d], 2) for d in DESIGNS} for m, t in ts.items()}
-                   for ts in per_round],
-    }  # fmt: skip
+        "rounds": [
+            {kinds[m][0] + m[:8]: {d: round(t[d], 2) for d in DESIGNS} for m, t in ts.items()}
+            for ts in per_round
+        ],
+    }
     print(json.dumps(result, indent=1) if args.json else json.dumps(result["designs"], indent=1))
     return result
 

@@ -93,10 +93,35 @@ def shaped_links(miners: int, up_mbit: float, down_mbit: float) -> Iterator[list
             sh(*run_in, "ip", "link", "set", inner, "up")
             sh(*run_in, "ip", "link", "set", "lo", "up")
             # what leaves the coordinator's end is the miner's download; what leaves the miner's, its upload
-            sh("tc", "qdisc", "add", "dev", host, "root", "tbf", "rate", f"{down_mbit}mbit",
-               "burst", burst(down_mbit), *QUEUE.split())  # fmt: skip
-            sh(*run_in, "tc", "qdisc", "add", "dev", inner, "root", "tbf", "rate", f"{up_mbit}mbit",
-               "burst", burst(up_mbit), *QUEUE.split())  # fmt: skip
+            sh(
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                host,
+                "root",
+                "tbf",
+                "rate",
+                f"{down_mbit}mbit",
+                "burst",
+                burst(down_mbit),
+                *QUEUE.split(),
+            )
+            sh(
+                *run_in,
+                "tc",
+                "qdisc",
+                "add",
+                "dev",
+                inner,
+                "root",
+                "tbf",
+                "rate",
+                f"{up_mbit}mbit",
+                "burst",
+                burst(up_mbit),
+                *QUEUE.split(),
+            )
             prefixes.append(run_in)
         yield prefixes
     finally:
@@ -123,10 +148,18 @@ def run_mode(overlap: bool, args: argparse.Namespace, prefixes: list[list[str]])
     out = args.out / ("overlap" if overlap else "sync")
     shutil.rmtree(out, ignore_errors=True)
     report = simulate(
-        miners=args.miners, rounds=args.rounds, out=out, model=args.model, inner_steps=args.inner_steps,
-        max_tokens=args.max_tokens, timeout_s=args.timeout_s, overlap=overlap, host=COORDINATOR_IP,
-        wrap=lambda i: [*prefixes[i], *args.miner_prefix], echo=lambda line: print(line, file=sys.stderr),
-    )  # fmt: skip
+        miners=args.miners,
+        rounds=args.rounds,
+        out=out,
+        model=args.model,
+        inner_steps=args.inner_steps,
+        max_tokens=args.max_tokens,
+        timeout_s=args.timeout_s,
+        overlap=overlap,
+        host=COORDINATOR_IP,
+        wrap=lambda i: [*prefixes[i], *args.miner_prefix],
+        echo=lambda line: print(line, file=sys.stderr),
+    )
     transfers: dict[int, list[float]] = {}
     merged: dict[int, list[float]] = {}  # overlapped rounds: where in the inner steps the version came
     for i in range(args.miners):
@@ -136,14 +169,25 @@ def run_mode(overlap: bool, args: argparse.Namespace, prefixes: list[list[str]])
         for m in MERGE_LINE.finditer(log):
             merged.setdefault(int(m.group(1)), []).append(int(m.group(2)) / int(m.group(3)))
     rounds = [
-        {"round": r["round"], "wall_s": r["wall_s"], "compute_s": r["compute_s"], "bytes_up": r["bytes_up"],
-         "bytes_down": r["bytes_down"], "bytes_down_model": r["bytes_down_model"],
-         "transfer_s": round(statistics.fmean(transfers[r["round"]]), 3) if r["round"] in transfers else None,
-         "merged_at": round(statistics.fmean(merged[r["round"]]), 3) if r["round"] in merged else None}
+        {
+            "round": r["round"],
+            "wall_s": r["wall_s"],
+            "compute_s": r["compute_s"],
+            "bytes_up": r["bytes_up"],
+            "bytes_down": r["bytes_down"],
+            "bytes_down_model": r["bytes_down_model"],
+            "transfer_s": round(statistics.fmean(transfers[r["round"]]), 3)
+            if r["round"] in transfers
+            else None,
+            "merged_at": round(statistics.fmean(merged[r["round"]]), 3) if r["round"] in merged else None,
+        }
         for r in report["rounds"]
-    ]  # fmt: skip
-    return {"utilisation": round(report["utilisation"], 4), "final_eval_loss": report["final_eval_loss"],
-            "rounds": rounds}  # fmt: skip
+    ]
+    return {
+        "utilisation": round(report["utilisation"], 4),
+        "final_eval_loss": report["final_eval_loss"],
+        "rounds": rounds,
+    }
 
 
 def projection(modes: dict[str, Any], params: int, args: argparse.Namespace) -> list[dict[str, Any]]:
@@ -160,15 +204,27 @@ def projection(modes: dict[str, Any], params: int, args: argparse.Namespace) -> 
         down_s = n * down_bpp * 8 / (args.down_mbit * 1e6)
         sync = compute_s + up_s + down_s
         overlapped = max(compute_s, up_s + down_s)  # the transfers run while the next round trains
-        rows.append({
-            "model": name, "params": n, "compute_s": compute_s, "upload_s": round(up_s, 2),
-            "download_s": round(down_s, 2), "sync": {"round_s": round(sync, 2),
-                                                     "utilisation": round(compute_s / sync, 4)},
-            "overlap": {"round_s": round(overlapped, 2), "utilisation": round(compute_s / overlapped, 4)},
-        })  # fmt: skip
-    return [{"label": "projection", "upload_bytes_per_param": round(up_bpp, 6),
-             "download_bytes_per_param": round(down_bpp, 6), "step_s": args.step_s,
-             "inner_steps": args.inner_steps_projected, "rows": rows}]  # fmt: skip
+        rows.append(
+            {
+                "model": name,
+                "params": n,
+                "compute_s": compute_s,
+                "upload_s": round(up_s, 2),
+                "download_s": round(down_s, 2),
+                "sync": {"round_s": round(sync, 2), "utilisation": round(compute_s / sync, 4)},
+                "overlap": {"round_s": round(overlapped, 2), "utilisation": round(compute_s / overlapped, 4)},
+            }
+        )
+    return [
+        {
+            "label": "projection",
+            "upload_bytes_per_param": round(up_bpp, 6),
+            "download_bytes_per_param": round(down_bpp, 6),
+            "step_s": args.step_s,
+            "inner_steps": args.inner_steps_projected,
+            "rows": rows,
+        }
+    ]
 
 
 def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
@@ -185,10 +241,19 @@ def parse_args(argv: Sequence[str] | None) -> argparse.Namespace:
     p.add_argument("--timeout-s", type=float, default=3600.0, help="per mode")
     p.add_argument("--modes", default="sync,overlap", help="comma list of sync, overlap")
     p.add_argument("--step-s", type=float, default=1.0, help="projection: seconds per inner step")
-    p.add_argument("--inner-steps-projected", dest="inner_steps_projected", type=int, default=30,
-                   help="projection: inner steps per round")  # fmt: skip
-    p.add_argument("--pin", action=argparse.BooleanOptionalAction, default=True,
-                   help="the coordinator on the first core, the miners on the others")  # fmt: skip
+    p.add_argument(
+        "--inner-steps-projected",
+        dest="inner_steps_projected",
+        type=int,
+        default=30,
+        help="projection: inner steps per round",
+    )
+    p.add_argument(
+        "--pin",
+        action=argparse.BooleanOptionalAction,
+        default=True,
+        help="the coordinator on the first core, the miners on the others",
+    )
     p.add_argument("--out", type=Path, default=Path("runs/bench-network"))
     p.add_argument("--json", action="store_true", help="print the result as JSON (else a summary)")
     return p.parse_args(argv)
@@ -218,9 +283,15 @@ def main(argv: Sequence[str] | None = None) -> int:
     with shaped_links(args.miners, args.up_mbit, args.down_mbit) as prefixes:
         for mode in modes:
             results[mode] = run_mode(mode == "overlap", args, prefixes)
-    out: dict[str, Any] = {"up_mbit": args.up_mbit, "down_mbit": args.down_mbit, "model": args.model,
-                           "params": params, "miners": args.miners, "pinned": bool(args.miner_prefix),
-                           "modes": results}  # fmt: skip
+    out: dict[str, Any] = {
+        "up_mbit": args.up_mbit,
+        "down_mbit": args.down_mbit,
+        "model": args.model,
+        "params": params,
+        "miners": args.miners,
+        "pinned": bool(args.miner_prefix),
+        "modes": results,
+    }
     if "sync" in results:
         out["projection"] = projection(results, params, args)
     if "sync" in results and "overlap" in results and results["sync"]["utilisation"] > 0:

@@ -38,10 +38,10 @@ from typing import Any
 
 import torch
 
-from coordinator.checks import Upload
-from coordinator.publish import Built
+from coordinator.publishing.publisher import Built
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage.records import Upload
 from gradpool.config import load_settings
 from protocol.params import Params, apply_update, load_checkpoint
 
@@ -49,8 +49,9 @@ from protocol.params import Params, apply_update, load_checkpoint
 def copied_run(run_dir: Path, work: Path) -> Run:
     """The coordinator's ``Run`` over a copy, under ``work``, of a stopped run's state."""
     shutil.copytree(run_dir / "coordinator", work / "coordinator")
-    settings = load_settings(CoordinatorSettings, run_dir / "coordinator.toml",
-                             {"state_dir": str(work / "coordinator")})  # fmt: skip
+    settings = load_settings(
+        CoordinatorSettings, run_dir / "coordinator.toml", {"state_dir": str(work / "coordinator")}
+    )
     return Run(settings)
 
 
@@ -131,16 +132,28 @@ def _replay(run: Run) -> dict[str, Any]:
         exact = {n: t.clone() for n, t in params.items()}
         apply_update(exact, delta)
         alone = [builds(params, v, [u], (False,))[1][0].eval_loss for u in accepted + left_out]
-        rows.append({
-            "round": v["round"], "uploads": len(accepted) + len(left_out), "accepted": len(accepted),
-            "base": before["eval_loss"], "carried": carried.eval_loss, "fresh": fresh.eval_loss,
-            "exact": loss(exact), "alone_mean": statistics.fmean(alone), "published": v["eval_loss"],
-        })  # fmt: skip
+        rows.append(
+            {
+                "round": v["round"],
+                "uploads": len(accepted) + len(left_out),
+                "accepted": len(accepted),
+                "base": before["eval_loss"],
+                "carried": carried.eval_loss,
+                "fresh": fresh.eval_loss,
+                "exact": loss(exact),
+                "alone_mean": statistics.fmean(alone),
+                "published": v["eval_loss"],
+            }
+        )
         # the coordinator published one of the two: the one whose parameters were recorded
         built = next((b for b in candidates if b.param_hash == v["param_hash"]), None)
         if built is None:
-            return {"rounds": rows, "replayed": replayed, "versions": len(committed) - 1,
-                    "error": f"version {v['version']} did not rebuild bit for bit"}  # fmt: skip
+            return {
+                "rounds": rows,
+                "replayed": replayed,
+                "versions": len(committed) - 1,
+                "error": f"version {v['version']} did not rebuild bit for bit",
+            }
         publisher.commit(built)
         params = built.params
     return {"rounds": rows, "replayed": len(committed) - 1, "versions": len(committed) - 1}
@@ -161,8 +174,12 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['replayed']} of {result['versions']} versions rebuilt bit for bit")
     print("round uploads   base carried  fresh  exact  alone published")
     for r in result["rounds"]:
-        print(f"{r['round']:5d} {r['uploads']:7d} " + " ".join(f"{r[k]:6.4f}" for k in
-              ("base", "carried", "fresh", "exact", "alone_mean", "published")))  # fmt: skip
+        print(
+            f"{r['round']:5d} {r['uploads']:7d} "
+            + " ".join(
+                f"{r[k]:6.4f}" for k in ("base", "carried", "fresh", "exact", "alone_mean", "published")
+            )
+        )
     if "error" in result:
         print(f"error: {result['error']}", file=sys.stderr)
         return 1

@@ -11,7 +11,7 @@ rounds is measured again, on the version it was evaluated on, on ``max(--sizes)`
 which is exactly what that size draws (``RoundEvaluation.losses``).
 
 For each size and each number of early rounds, the coordinator's verdicts on those rounds are replaced by
-the ones measured at that size, and the leaderboard is made again as of each round (coordinator/scoring.py).
+the ones measured at that size, and the leaderboard is made again as of each round (coordinator/rounds/).
 Per row: ``honest_outrank_fraction`` as ``benchmarks.adversarial`` counts it, the rounds ``lost`` and the
 smallest ``gap`` (the worst honest score less the best cheater's) over the counted rounds. ``recorded`` is
 the same from the run's own verdicts. Training is the run's: what a different evaluation would have changed
@@ -33,10 +33,10 @@ from typing import Any
 
 from benchmarks.adversarial import SKIP_ROUNDS, gaps, in_order
 from benchmarks.replay import Recorded, copied_run
-from coordinator.checks import Upload
+from coordinator.rounds.scoring import leaderboard
 from coordinator.run import Run
-from coordinator.scoring import leaderboard
-from coordinator.store import COORDINATOR
+from coordinator.storage.records import Upload
+from coordinator.storage.store import COORDINATOR
 from protocol.evaluation import LOSS_FIELDS, Losses, UpdateEvaluator, round_salt
 from protocol.pairing import RoundEvaluation
 
@@ -75,9 +75,17 @@ def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict
 def order(run: Run, report: dict[str, Any]) -> dict[str, Any]:
     """The leaderboard's order, round by round, from the verdicts now in the store."""
     names = {m["miner"]: m["name"] for m in report["miners"]}
-    boards = [{"round": row["round"], "scores": {names[e.miner]: e.score for e in
-               leaderboard(run.store, run.settings.validation, row["round"]) if e.miner in names}}
-              for row in report["scores"]]  # fmt: skip
+    boards = [
+        {
+            "round": row["round"],
+            "scores": {
+                names[e.miner]: e.score
+                for e in leaderboard(run.store, run.settings.validation, row["round"])
+                if e.miner in names
+            },
+        }
+        for row in report["scores"]
+    ]
     counted = gaps({"miners": report["miners"], "scores": boards}, SKIP_ROUNDS)
     return {
         "honest_outrank_fraction": in_order(counted),
@@ -92,15 +100,26 @@ def resample(run_dir: Path, work: Path, sizes: list[int], early: list[int]) -> d
     try:
         measured = measure(run, max(early), sizes)
         store = run.store
-        kept = {r: {v["miner"]: Losses(*(v[f] for f in LOSS_FIELDS)) for v in store.verdicts_between(r - 1, r)
-                    if v["validator"] == COORDINATOR} for r in measured}  # fmt: skip
+        kept = {
+            r: {
+                v["miner"]: Losses(*(v[f] for f in LOSS_FIELDS))
+                for v in store.verdicts_between(r - 1, r)
+                if v["validator"] == COORDINATOR
+            }
+            for r in measured
+        }
         recorded, rows = order(run, report), []
         for n, e in itertools.product(sizes, early):
             for r in measured:
                 store.add_verdicts(r, COORDINATOR, measured[r][n] if r < e else kept[r], 0.0)
             rows.append({"sequences": n, "early_rounds": e, **order(run, report)})
-        return {"run": str(run_dir), "kind": run_dir.name, "rounds_measured": len(measured),
-                "recorded": recorded, "rows": rows}  # fmt: skip
+        return {
+            "run": str(run_dir),
+            "kind": run_dir.name,
+            "rounds_measured": len(measured),
+            "recorded": recorded,
+            "rows": rows,
+        }
     finally:
         run.close()
 
@@ -120,8 +139,10 @@ def main(argv: list[str] | None = None) -> int:
     if min(sizes) < 2 or min(early) < 1:
         ap.error("sizes are at least 2 sequences and early rounds at least 1")
     if not all((args.run_dir / f).exists() for f in ("coordinator.toml", "coordinator", "report.json")):
-        ap.error(f"{args.run_dir}: not a network of benchmarks.adversarial --out (coordinator.toml, "
-                 "coordinator/, report.json)")  # fmt: skip
+        ap.error(
+            f"{args.run_dir}: not a network of benchmarks.adversarial --out (coordinator.toml, "
+            "coordinator/, report.json)"
+        )
     with tempfile.TemporaryDirectory(prefix="gradpool-resample-") as tmp:
         result = resample(args.run_dir, Path(tmp), sizes, early)
     if args.json:
@@ -131,8 +152,10 @@ def main(argv: list[str] | None = None) -> int:
     print(f"{result['kind']}: as recorded {rec['honest_outrank_fraction']:.2f} (lost {rec['lost']})")
     for row in result["rows"]:
         fraction, lost, gap = row["honest_outrank_fraction"], row["lost"], row["gap"]
-        print(f"{row['sequences']:4d} sequences in the first {row['early_rounds']} rounds: {fraction:.2f} "
-              f"(lost {lost}, gap {gap:+.3f})")  # fmt: skip
+        print(
+            f"{row['sequences']:4d} sequences in the first {row['early_rounds']} rounds: {fraction:.2f} "
+            f"(lost {lost}, gap {gap:+.3f})"
+        )
     return 0
 
 

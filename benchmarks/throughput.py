@@ -68,9 +68,15 @@ def measure(
         set_params(model, start)
         bare.append(bare_steps(model, tokens, recipe, device))
     n_tokens = steps * batch * seq_len
-    row = {"model": name, "params": num_parameters(model), "batch": batch, "seq_len": seq_len,
-           "steps": steps, "tokens_per_s": n_tokens / min(ours[1:]),
-           "bare_tokens_per_s": n_tokens / min(bare[1:])}  # fmt: skip
+    row = {
+        "model": name,
+        "params": num_parameters(model),
+        "batch": batch,
+        "seq_len": seq_len,
+        "steps": steps,
+        "tokens_per_s": n_tokens / min(ours[1:]),
+        "bare_tokens_per_s": n_tokens / min(bare[1:]),
+    }
     row["ratio"] = row["tokens_per_s"] / row["bare_tokens_per_s"]
     ours_s, bare_s = row["tokens_per_s"], row["bare_tokens_per_s"]
     log(f"{name}: {ours_s:.0f} tokens/s, bare {bare_s:.0f}, ratio {row['ratio']:.3f}")

@@ -15,7 +15,7 @@
 
 Requests the framework refuses answer in the same shape: invalid_request (422, a parameter out of range
 or of the wrong type), not_found (404), method_not_allowed (405), bad_http_request (400, a request line or
-headers the HTTP parser refuses: coordinator/server.py), internal_error (500).
+headers the HTTP parser refuses: coordinator/api/server.py), internal_error (500).
 """
 
 from __future__ import annotations
@@ -100,8 +100,10 @@ MEANINGS = {
 
 def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     """OpenAPI ``responses`` for a route that can answer these error codes (and 500, like any route)."""
-    return {c: {"description": MEANINGS[c]} if c == 416 else {"model": ErrorBody, "description": MEANINGS[c]}
-            for c in sorted({*codes, 500})}  # fmt: skip
+    return {
+        c: {"description": MEANINGS[c]} if c == 416 else {"model": ErrorBody, "description": MEANINGS[c]}
+        for c in sorted({*codes, 500})
+    }
 
 
 SIGNED = (400, 401, 403, 408, 413, 422)  # what any signed POST can answer before its own logic runs

@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from coordinator.store import RoundClose
+    from coordinator.storage.store import RoundClose
 
 
 class Metrics:
@@ -17,28 +17,36 @@ class Metrics:
         self.submissions = Counter(
             "gradpool_submissions", "Uploads judged at aggregation", ["status", "reason"], registry=r
         )
-        self.refusals = Counter("gradpool_refusals", "Requests refused with a 4xx, by error code", ["code"],
-                                registry=r)  # fmt: skip
+        self.refusals = Counter(
+            "gradpool_refusals", "Requests refused with a 4xx, by error code", ["code"], registry=r
+        )
         self.bytes_in = Counter("gradpool_uploaded_bytes", "Payload bytes taken at intake", registry=r)
         self.bytes_out = Counter(
-            "gradpool_served_bytes", "Bytes served, by kind: model (updates, checkpoints, uploads) or data",
-            ["kind"], registry=r,
-        )  # fmt: skip
+            "gradpool_served_bytes",
+            "Bytes served, by kind: model (updates, checkpoints, uploads) or data",
+            ["kind"],
+            registry=r,
+        )
         self.miners = Gauge("gradpool_miners", "Registered miners", registry=r)
         self.uploads = Gauge("gradpool_round_uploads", "Uploads taken in the open round", registry=r)
         self.aggregation = Histogram(
-            "gradpool_aggregation_seconds", "Time to judge, aggregate, publish and evaluate a round",
-            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120), registry=r,
-        )  # fmt: skip
+            "gradpool_aggregation_seconds",
+            "Time to judge, aggregate, publish and evaluate a round",
+            buckets=(0.05, 0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120),
+            registry=r,
+        )
         self.evaluation = Histogram(
-            "gradpool_evaluation_seconds", "Time to evaluate a round's uploads (loss before and after)",
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
-        )  # fmt: skip
+            "gradpool_evaluation_seconds",
+            "Time to evaluate a round's uploads (loss before and after)",
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
         self.scoring = Histogram(
             "gradpool_scoring_seconds",
             "Overlapped rounds: time to evaluate a round's uploads once its version is published",
-            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300), registry=r,
-        )  # fmt: skip
+            buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
+            registry=r,
+        )
         self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)

@@ -4,7 +4,7 @@ directory, and hands the parts to the HTTP layer.
     Run ─┬─ Intake   identities, registrations, uploads      (intake threads)
          ├─ Closer   judging, aggregating, publishing         (its own thread)
          └─ Queries  everything the API reads                 (the event loop)
-    over a Store (SQLite, the only SQL), a BlobStore, and one RoundCell (coordinator/state.py).
+    over a Store (SQLite, the only SQL), a BlobStore, and one RoundCell (coordinator/rounds/state.py).
 """
 
 from __future__ import annotations
@@ -17,24 +17,24 @@ from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
-from coordinator.blobs import BlobStore, make_blob_store
-from coordinator.checks import Check, default_pipeline
-from coordinator.closer import Closer, CloserSettings, deadline_for
-from coordinator.corpus import build_dataset
+from coordinator.data.corpus import build_dataset
+from coordinator.data.tokenizer import RunTokenizer
 from coordinator.errors import Conflict
 from coordinator.hooks import Hooks
-from coordinator.intake import Intake
-from coordinator.lock import StateLock
 from coordinator.metrics import Metrics
-from coordinator.outer import OuterOptimizer
-from coordinator.parts import Downloads, Model, Parts
-from coordinator.publish import Downlink, Publisher
-from coordinator.queries import Queries
-from coordinator.scoring import Scores
+from coordinator.publishing.outer import OuterOptimizer
+from coordinator.publishing.publisher import Downlink, Publisher
+from coordinator.rounds.checks import Check, default_pipeline
+from coordinator.rounds.closer import Closer, CloserSettings, deadline_for
+from coordinator.rounds.intake import Intake
+from coordinator.rounds.parts import Downloads, Model, Parts
+from coordinator.rounds.queries import Queries
+from coordinator.rounds.scoring import Scores
+from coordinator.rounds.state import RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
-from coordinator.state import RoundCell, RoundState
-from coordinator.store import Store
-from coordinator.tokenizer import RunTokenizer
+from coordinator.storage.blobs import BlobStore, make_blob_store
+from coordinator.storage.lock import StateLock
+from coordinator.storage.store import Store
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.model import CausalLM, ModelConfig, build_model, resolve
@@ -67,8 +67,13 @@ class Run:
             self.lock.release()
             raise
 
-    def _build(self, settings: CoordinatorSettings, checks: Sequence[Check] | None, hooks: Hooks,
-               clock: Callable[[], float]) -> None:  # fmt: skip
+    def _build(
+        self,
+        settings: CoordinatorSettings,
+        checks: Sequence[Check] | None,
+        hooks: Hooks,
+        clock: Callable[[], float],
+    ) -> None:
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
         architecture = resolve(settings.model, self.tokenizer.vocab_size)
@@ -76,9 +81,14 @@ class Run:
         module.eval()
         spec = param_spec(module)
         d = settings.data
-        self.data_meta = build_dataset(root / "data", d.corpus, seq_len=architecture.block_size,
-                                       tokenizer=self.tokenizer, max_tokens=d.max_tokens,
-                                       eval_every=d.eval_every)  # fmt: skip
+        self.data_meta = build_dataset(
+            root / "data",
+            d.corpus,
+            seq_len=architecture.block_size,
+            tokenizer=self.tokenizer,
+            max_tokens=d.max_tokens,
+            eval_every=d.eval_every,
+        )
         _keep_for_export(root, self.store, architecture, self.tokenizer)
         dataset = Dataset(root / "data")
         codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
@@ -87,34 +97,64 @@ class Run:
             cap if settings.max_payload_bytes is None else min(cap, settings.max_payload_bytes)
         )
         self.info = RunInfo(
-            protocol_version=PROTOCOL_VERSION, run_id=settings.run_id, seed=settings.seed,
-            model=settings.model_name(), architecture=architecture, tokenizer_sha256=self.tokenizer.sha256,
-            seq_len=architecture.block_size, num_sequences=self.data_meta.num_sequences,
-            eval_every=self.data_meta.eval_every, codec=settings.codec, recipe=settings.recipe,
-            max_payload_bytes=self.max_payload_bytes, max_catchup_versions=settings.max_catchup_versions,
-            evaluation=EvaluationConfig(own_sequences=settings.validation.own_sequences,
-                                        other_sequences=settings.validation.other_sequences,
-                                        step=settings.outer_lr(),
-                                        early_rounds=settings.validation.early_rounds,
-                                        early_factor=settings.validation.early_factor),
+            protocol_version=PROTOCOL_VERSION,
+            run_id=settings.run_id,
+            seed=settings.seed,
+            model=settings.model_name(),
+            architecture=architecture,
+            tokenizer_sha256=self.tokenizer.sha256,
+            seq_len=architecture.block_size,
+            num_sequences=self.data_meta.num_sequences,
+            eval_every=self.data_meta.eval_every,
+            codec=settings.codec,
+            recipe=settings.recipe,
+            max_payload_bytes=self.max_payload_bytes,
+            max_catchup_versions=settings.max_catchup_versions,
+            evaluation=EvaluationConfig(
+                own_sequences=settings.validation.own_sequences,
+                other_sequences=settings.validation.other_sequences,
+                step=settings.outer_lr(),
+                early_rounds=settings.validation.early_rounds,
+                early_factor=settings.validation.early_factor,
+            ),
             overlap=settings.rounds.overlap,
-        )  # fmt: skip
+        )
         self.model = Model(module, {}, dataset.sequences(eval_ids(self.data_meta, d.eval_sequences)))
         outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
         self.metrics = Metrics()
         downlink = Downlink(settings.publish, settings.codec.name, spec)
-        publisher = Publisher(codec, spec, blobs, outer, downlink, settings.aggregation,
-                              self.model.held_out_loss, settings.checks.max_loss_increase)  # fmt: skip
+        publisher = Publisher(
+            codec,
+            spec,
+            blobs,
+            outer,
+            downlink,
+            settings.aggregation,
+            self.model.held_out_loss,
+            settings.checks.max_loss_increase,
+        )
         state = self._resume_or_start(blobs, module, spec, publisher, clock)
         self.parts = Parts(
-            store=self.store, blobs=blobs, cell=RoundCell(state), codec=codec, spec=spec, info=self.info,
-            dataset=dataset, publisher=publisher, outer=outer, scores=Scores(self.store, settings.validation),
-            metrics=self.metrics, downloads=Downloads(), clock=clock,
-        )  # fmt: skip
-        self.intake = Intake(self.parts, settings.signature_window_s, settings.allowlist,
-                             settings.validation.validators, hooks)  # fmt: skip
-        closer_settings = CloserSettings(settings.rounds, settings.checks, settings.validation,
-                                         settings.faults, settings.keep_checkpoints)  # fmt: skip
+            store=self.store,
+            blobs=blobs,
+            cell=RoundCell(state),
+            codec=codec,
+            spec=spec,
+            info=self.info,
+            dataset=dataset,
+            publisher=publisher,
+            outer=outer,
+            scores=Scores(self.store, settings.validation),
+            metrics=self.metrics,
+            downloads=Downloads(),
+            clock=clock,
+        )
+        self.intake = Intake(
+            self.parts, settings.signature_window_s, settings.allowlist, settings.validation.validators, hooks
+        )
+        closer_settings = CloserSettings(
+            settings.rounds, settings.checks, settings.validation, settings.faults, settings.keep_checkpoints
+        )
         pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks
         self.closer = Closer(self.parts, self.model, closer_settings, pipeline, hooks)
         self.queries = Queries(self.parts)
@@ -128,8 +168,14 @@ class Run:
         if (loss := self.store.eval_loss(state.version)) is not None:
             self.metrics.eval_loss.set(loss)
 
-    def _resume_or_start(self, blobs: BlobStore, module: CausalLM, spec: ParamSpec, publisher: Publisher,
-                         clock: Callable[[], float]) -> RoundState:  # fmt: skip
+    def _resume_or_start(
+        self,
+        blobs: BlobStore,
+        module: CausalLM,
+        spec: ParamSpec,
+        publisher: Publisher,
+        clock: Callable[[], float],
+    ) -> RoundState:
         """Version 0 and round 0 of a new run; or the open round of a resumed one, with its deadline
         counting from now (a restart gives the round its time back)."""
         store, rounds, now = self.store, self.settings.rounds, clock()
@@ -139,8 +185,12 @@ class Run:
             ckpt = save_checkpoint(params, {"version": "0", "param_hash": h})
             loss = self.model.held_out_loss(params)
             store.start(h, loss, blobs.put(ckpt), len(ckpt), now)
-            log.info("run %s started: model %s, version 0, held-out loss %.4f", self.info.run_id,
-                     self.settings.model, loss)  # fmt: skip
+            log.info(
+                "run %s started: model %s, version 0, held-out loss %.4f",
+                self.info.run_id,
+                self.settings.model,
+                loss,
+            )
             self.model.params = params
             return RoundState(0, 0, h, clock_from=now, deadline_s=deadline_for(store, rounds, 0))
         version, param_hash = store.head()
@@ -162,15 +212,19 @@ class Run:
             base = store.version_row(int(r["version"]))
             assert base is not None  # a round's version exists
             state = RoundState(
-                round=round_, version=int(r["version"]), param_hash=str(base["param_hash"]),
+                round=round_,
+                version=int(r["version"]),
+                param_hash=str(base["param_hash"]),
                 status="open" if r is current else "aggregating",
                 uploaded=frozenset(store.uploaded_miners(round_)),
                 expected=frozenset(store.active_miners(round_ - rounds.drop_after_rounds)),
-                first_upload_at=r["first_upload_at"], clock_from=now,
-                deadline_s=deadline_for(store, rounds, round_), behind=state,
+                first_upload_at=r["first_upload_at"],
+                clock_from=now,
+                deadline_s=deadline_for(store, rounds, round_),
+                behind=state,
                 newest=None if r is not current or behind else version,
                 newest_hash=None if r is not current or behind else param_hash,
-            )  # fmt: skip
+            )
         assert state is not None
         return state
 

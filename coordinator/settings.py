@@ -118,16 +118,20 @@ class ValidationSettings(Section):
         default=None, description="public keys (hex) whose verdicts are taken; None: any signed key"
     )
     max_evaluated: int | None = Field(
-        default=16, ge=1, le=100_000,
+        default=16,
+        ge=1,
+        le=100_000,
         description="uploads evaluated per round at most (None: all): a recent refusal first, then a record "
         "shorter than min_record, then a draw with the round's salt; the others go on the cheap checks",
-    )  # fmt: skip
+    )
     min_record: int = Field(default=3, ge=0, le=1000, description="evaluated rounds before a miner may skip")
     gate_sequences: int = Field(
-        default=16, ge=2, le=1024,
+        default=16,
+        ge=2,
+        le=1024,
         description="overlapped rounds: own sequences an upload judged before the version is judged on (the "
         "first of its own sample); the whole evaluation follows the version",
-    )  # fmt: skip
+    )
 
 
 class DataSettings(Section):

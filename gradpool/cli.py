@@ -91,9 +91,9 @@ def serve(
 
 
 async def _serve(settings: Any, ready_file: Path | None) -> None:
-    from coordinator.app import create_app
+    from coordinator.api.app import create_app
+    from coordinator.api.server import bound_port, make_server
     from coordinator.run import Run
-    from coordinator.server import bound_port, make_server
     from protocol.errors import ProtocolError
 
     try:
@@ -123,7 +123,7 @@ def rollback(
     to_version: Annotated[int, typer.Option(min=0, help="the version to make current again")],
 ) -> None:
     """Make an earlier version current again (with the coordinator stopped); the audit trail is kept."""
-    from coordinator.rollback import rollback as roll_back
+    from coordinator.rounds.rollback import rollback as roll_back
 
     try:
         done = roll_back(state_dir, to_version)
@@ -131,8 +131,10 @@ def rollback(
         fail(str(e), 1)
     aside = ", ".join(map(str, done.set_aside)) or "none"
     r, v = done.closed_round, done.version
-    typer.echo(f"version {v} is current again; versions set aside: {aside}; round {r} closed, round {r + 1} "
-               f"opens for version {v}")  # fmt: skip
+    typer.echo(
+        f"version {v} is current again; versions set aside: {aside}; round {r} closed, round {r + 1} "
+        f"opens for version {v}"
+    )
 
 
 @app.command()
@@ -173,11 +175,17 @@ def status(
         typer.echo("  " + " ".join(names) + "  why")
         for x in data["leaderboard"]:
             why = refusals_text(x)
-            cells = [f"{x['miner'][:16]:<16}", f"{x['score']:>8.4f}", f"{x.get('score_mean', 0):>7.3f}",
-                     f"{x.get('score_stderr', 0):>5.2f}", f"{x['gain_avg']:>8.4f}",
-                     f"{x['assigned_avg']:>9.2f}",
-                     f"{x['rounds_contributed']:>6}", f"{x.get('rounds_missed', 0):>6}",
-                     f"{x['rounds_refused']:>7}"]  # fmt: skip
+            cells = [
+                f"{x['miner'][:16]:<16}",
+                f"{x['score']:>8.4f}",
+                f"{x.get('score_mean', 0):>7.3f}",
+                f"{x.get('score_stderr', 0):>5.2f}",
+                f"{x['gain_avg']:>8.4f}",
+                f"{x['assigned_avg']:>9.2f}",
+                f"{x['rounds_contributed']:>6}",
+                f"{x.get('rounds_missed', 0):>6}",
+                f"{x['rounds_refused']:>7}",
+            ]
             typer.echo("  " + " ".join(cells) + f"  {why}")
 
 

@@ -20,10 +20,10 @@ from pathlib import Path
 import torch
 from safetensors import safe_open
 
-from coordinator.blobs import BlobStore, FileBlobStore, make_blob_store
+from coordinator.data.tokenizer import RunTokenizer, tokenizer_config
 from coordinator.settings import BlobSettings
-from coordinator.store import Store
-from coordinator.tokenizer import RunTokenizer, tokenizer_config
+from coordinator.storage.blobs import BlobStore, FileBlobStore, make_blob_store
+from coordinator.storage.store import Store
 from protocol.model import CausalLM, ModelConfig, build_model
 from protocol.params import load_checkpoint, param_spec, params_hash
 
@@ -52,8 +52,9 @@ class Run:
             raise ExportError(f"no checkpoint is kept for {which} in {state_dir}")
         self.state_dir, self.config = state_dir, ModelConfig.model_validate_json(raw)
         self.version, self.sha, self.param_hash = found[0], found[1], str(row["param_hash"])
-        self.blobs: BlobStore = make_blob_store(blobs, state_dir / "blobs") if blobs else \
-            FileBlobStore(state_dir / "blobs")  # fmt: skip
+        self.blobs: BlobStore = (
+            make_blob_store(blobs, state_dir / "blobs") if blobs else FileBlobStore(state_dir / "blobs")
+        )
         tok = state_dir / "tokenizer.json"
         self.tokenizer = RunTokenizer(str(tok) if tok.is_file() else "byte")
 
@@ -108,20 +109,47 @@ def hf_tensors(cfg: ModelConfig, shapes: dict[str, list[int]]) -> Layout:
 
 def hf_config(cfg: ModelConfig, tok: RunTokenizer) -> dict[str, object]:
     eos = tok.end_of_text
-    common = {"vocab_size": cfg.vocab, "tie_word_embeddings": cfg.tie_embeddings, "torch_dtype": "float32",
-              "bos_token_id": eos, "eos_token_id": eos}  # fmt: skip
+    common = {
+        "vocab_size": cfg.vocab,
+        "tie_word_embeddings": cfg.tie_embeddings,
+        "torch_dtype": "float32",
+        "bos_token_id": eos,
+        "eos_token_id": eos,
+    }
     if cfg.family == "llama":
-        return {"architectures": ["LlamaForCausalLM"], "model_type": "llama", "hidden_size": cfg.n_embd,
-                "intermediate_size": cfg.hidden, "num_hidden_layers": cfg.n_layer,
-                "num_attention_heads": cfg.n_head, "num_key_value_heads": cfg.kv_heads,
-                "head_dim": cfg.head_dim,
-                "hidden_act": "silu", "max_position_embeddings": cfg.block_size, "rms_norm_eps": cfg.norm_eps,
-                "rope_theta": cfg.rope_theta, "attention_bias": False, "mlp_bias": False,
-                "attention_dropout": 0.0, **common}  # fmt: skip
-    return {"architectures": ["GPT2LMHeadModel"], "model_type": "gpt2", "n_positions": cfg.block_size,
-            "n_embd": cfg.n_embd, "n_layer": cfg.n_layer, "n_head": cfg.n_head, "n_inner": cfg.hidden,
-            "activation_function": "gelu", "layer_norm_epsilon": cfg.norm_eps, "resid_pdrop": 0.0,
-            "embd_pdrop": 0.0, "attn_pdrop": 0.0, **common}  # fmt: skip
+        return {
+            "architectures": ["LlamaForCausalLM"],
+            "model_type": "llama",
+            "hidden_size": cfg.n_embd,
+            "intermediate_size": cfg.hidden,
+            "num_hidden_layers": cfg.n_layer,
+            "num_attention_heads": cfg.n_head,
+            "num_key_value_heads": cfg.kv_heads,
+            "head_dim": cfg.head_dim,
+            "hidden_act": "silu",
+            "max_position_embeddings": cfg.block_size,
+            "rms_norm_eps": cfg.norm_eps,
+            "rope_theta": cfg.rope_theta,
+            "attention_bias": False,
+            "mlp_bias": False,
+            "attention_dropout": 0.0,
+            **common,
+        }
+    return {
+        "architectures": ["GPT2LMHeadModel"],
+        "model_type": "gpt2",
+        "n_positions": cfg.block_size,
+        "n_embd": cfg.n_embd,
+        "n_layer": cfg.n_layer,
+        "n_head": cfg.n_head,
+        "n_inner": cfg.hidden,
+        "activation_function": "gelu",
+        "layer_norm_epsilon": cfg.norm_eps,
+        "resid_pdrop": 0.0,
+        "embd_pdrop": 0.0,
+        "attn_pdrop": 0.0,
+        **common,
+    }
 
 
 def export(run: Run, out: Path) -> list[Path]:
@@ -182,8 +210,9 @@ def _write_atomic(path: Path, data: bytes) -> None:
 
 # -- generate -----------------------------------------------------------------------------------------------
 @torch.no_grad()
-def generate(model: CausalLM, tok: RunTokenizer, prompt: str, max_new_tokens: int, temperature: float,
-             seed: int = 0) -> str:  # fmt: skip
+def generate(
+    model: CausalLM, tok: RunTokenizer, prompt: str, max_new_tokens: int, temperature: float, seed: int = 0
+) -> str:
     """The prompt's continuation: sampled at ``temperature`` (0: the most likely token each time)."""
     ids = tok.encode(prompt) or [tok.end_of_text or 0]
     x = torch.tensor([ids], dtype=torch.long)

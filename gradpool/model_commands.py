@@ -22,8 +22,8 @@ def train(
     out: Annotated[Path, typer.Option(help="where to write the tokenizer.json")],
 ) -> None:
     """Train a byte-level BPE tokenizer on a corpus, offline (the tokenizers library)."""
-    from coordinator.corpus import corpus_files, text_batches
-    from coordinator.tokenizer import train_bpe
+    from coordinator.data.corpus import corpus_files, text_batches
+    from coordinator.data.tokenizer import train_bpe
     from protocol.errors import DataError
 
     try:
@@ -56,8 +56,10 @@ def export(
         fail(str(e), 1)
     except OSError as e:
         fail(f"cannot export to {out}: {e.strerror}", 1)
-    typer.echo(f"version {run.version} ({run.config.family}, {run.config.num_parameters():,} parameters) -> "
-               f"{out}: {', '.join(p.name for p in written)}")  # fmt: skip
+    typer.echo(
+        f"version {run.version} ({run.config.family}, {run.config.num_parameters():,} parameters) -> "
+        f"{out}: {', '.join(p.name for p in written)}"
+    )
 
 
 def generate(

@@ -104,8 +104,15 @@ def validate(
     from node.settings import ValidatorSettings
     from node.validator import Validator
 
-    overrides = {"coordinator": coordinator, "key": key, "create_key": create_key, "state_dir": state_dir,
-                 "device": device, "threads": threads, "max_rounds": max_rounds}  # fmt: skip
+    overrides = {
+        "coordinator": coordinator,
+        "key": key,
+        "create_key": create_key,
+        "state_dir": state_dir,
+        "device": device,
+        "threads": threads,
+        "max_rounds": max_rounds,
+    }
     try:
         settings = load_settings(ValidatorSettings, config, overrides)
     except ConfigError as e:

@@ -24,20 +24,27 @@ class Processes:
         self.log_dir, self.env = log_dir, env or {}
         self.procs: dict[str, subprocess.Popen[bytes]] = {}
 
-    def start(self, name: str, args: list[str], env: dict[str, str] | None = None,
-              prefix: list[str] | None = None) -> subprocess.Popen[bytes]:  # fmt: skip
+    def start(
+        self, name: str, args: list[str], env: dict[str, str] | None = None, prefix: list[str] | None = None
+    ) -> subprocess.Popen[bytes]:
         """``python -m gradpool ARGS``, run through ``prefix`` if given (e.g. ``ip netns exec NS``)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         command = [*(prefix or []), sys.executable, "-m", "gradpool", *args]
         with open(self.log_path(name), "ab") as log:
-            self.procs[name] = subprocess.Popen(command, stdout=log,
-                                                stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
-                                                env=full_env)  # fmt: skip
+            self.procs[name] = subprocess.Popen(
+                command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env
+            )
         return self.procs[name]
 
-    def start_coordinator(self, args: list[str], ready: Path, name: str = "coordinator",
-                          env: dict[str, str] | None = None, timeout_s: float = 180.0) -> str:  # fmt: skip
+    def start_coordinator(
+        self,
+        args: list[str],
+        ready: Path,
+        name: str = "coordinator",
+        env: dict[str, str] | None = None,
+        timeout_s: float = 180.0,
+    ) -> str:
         """Start ``gradpool coordinator serve ARGS --ready-file READY`` and wait until it listens; its URL."""
         ready.unlink(missing_ok=True)
         proc = self.start(name, ["coordinator", "serve", *args, "--ready-file", str(ready)], env)

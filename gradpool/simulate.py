@@ -74,8 +74,9 @@ def simulate(
     procs = Processes(out / "logs")
     try:
         try:
-            url = procs.start_coordinator(["--config", str(_toml(settings, out)), "--port", "0"],
-                                          out / "coordinator.ready")  # fmt: skip
+            url = procs.start_coordinator(
+                ["--config", str(_toml(settings, out)), "--port", "0"], out / "coordinator.ready"
+            )
         except ProcessFailed as e:
             raise SimulationFailed(str(e)) from None
         echo(f"coordinator at {url}; dashboard at {url}/")
@@ -95,8 +96,10 @@ def simulate(
     report = _report(settings, miners, status)
     report.update(standings)
     for m in report["miners"]:
-        echo(f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
-             f"  refused {m['rounds_refused']:>3} {refusals_text(m)}")  # fmt: skip
+        echo(
+            f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
+            f"  refused {m['rounds_refused']:>3} {refusals_text(m)}"
+        )
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_losses(report, out / "loss.png")
     return report
@@ -133,15 +136,23 @@ def _standings(url: str, roster: dict[str, tuple[str, str]], status: dict[str, A
         boards = [http.get("/v1/leaderboard", params={"round": r["round"]}).json() for r in status["rounds"]]
     final = {e["miner"]: e for e in boards[-1]["miners"]} if boards else {}
     miners = [
-        {"name": name, "kind": kind, **final.get(key, {"miner": key, "score": None, "rounds_contributed": 0,
-                                                      "rounds_refused": 0, "refusals": {}})}
+        {
+            "name": name,
+            "kind": kind,
+            **final.get(
+                key,
+                {"miner": key, "score": None, "rounds_contributed": 0, "rounds_refused": 0, "refusals": {}},
+            ),
+        }
         for name, (kind, key) in roster.items()
-    ]  # fmt: skip
+    ]
     scores = [
-        {"round": b["round"], "scores": {by_key[e["miner"]][0]: e["score"] for e in b["miners"]
-                                         if e["miner"] in by_key}}
+        {
+            "round": b["round"],
+            "scores": {by_key[e["miner"]][0]: e["score"] for e in b["miners"] if e["miner"] in by_key},
+        }
         for b in boards
-    ]  # fmt: skip
+    ]
     return {"miners": miners, "scores": scores}
 
 
@@ -202,8 +213,16 @@ def _watch(
             for row in new[: rounds - len(rows)]:
                 loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
                 per_miner = row.get("bytes_down_model", 0) // miners
-                echo(ROW.format(**{**row, "eval_loss": loss, "wall_s": f"{row['wall_s']:.2f}",
-                                   "model_per_miner": per_miner}))  # fmt: skip
+                echo(
+                    ROW.format(
+                        **{
+                            **row,
+                            "eval_loss": loss,
+                            "wall_s": f"{row['wall_s']:.2f}",
+                            "model_per_miner": per_miner,
+                        }
+                    )
+                )
                 rows.append(row)
             time.sleep(0.25)
     status["rounds"] = rows

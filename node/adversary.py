@@ -89,8 +89,9 @@ class Adversary(Miner):
             log.warning("round %d: nothing to copy (%s)", ri.round, e)
             return None
         theirs = PayloadHeader.model_validate_json(read_metadata(data)["gradpool"])
-        relabelled = theirs.model_copy(update={"round": header.round, "base_version": header.base_version,
-                                               "stats": header.stats})  # fmt: skip
+        relabelled = theirs.model_copy(
+            update={"round": header.round, "base_version": header.base_version, "stats": header.stats}
+        )
         log.info(
             "round %d: re-sending miner %s's upload of round %d", ri.round, victim.miner[:12], ri.round - 1
         )

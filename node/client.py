@@ -193,8 +193,9 @@ class CoordinatorClient:
         """The open round; with ``wait_s``, once a round later than ``after`` is open and round ``closed``
         has closed (or wait_s passed)."""
         params = {"after": str(after), "wait_s": str(wait_s), "closed": str(closed)}
-        response = self._send("GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s,
-                              timed=False)  # fmt: skip
+        response = self._send(
+            "GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s, timed=False
+        )
         return self._json(RoundInfo, response)
 
     def version(self, version: int) -> VersionInfo:

@@ -41,8 +41,12 @@ class Follower:
                 self._apply_chain(start, target)
                 if params_hash(self.params, self.spec) == target_hash:
                     if target > start:
-                        log.info("version %d: caught up from version %d by %d published updates", target,
-                                 start, target - start)  # fmt: skip
+                        log.info(
+                            "version %d: caught up from version %d by %d published updates",
+                            target,
+                            start,
+                            target - start,
+                        )
                     self.verified = True
                     return
                 log.warning(

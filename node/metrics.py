@@ -23,8 +23,9 @@ class MinerMetrics:
         )
         self.merged = Counter(
             "gradpool_miner_versions_merged",
-            "Overlapped rounds: versions published mid-round and merged into the training", registry=r,
-        )  # fmt: skip
+            "Overlapped rounds: versions published mid-round and merged into the training",
+            registry=r,
+        )
         self._counted = (0, 0)
 
     def count_transfers(self, up: int, down: int) -> None:

@@ -23,9 +23,9 @@ from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state, state_digest
 from node.trainer import InnerResult, InnerTrainer, NonFiniteLoss
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseTensor, make_codec
+from protocol.codec.feedback import ErrorFeedback
 from protocol.data import assignment
 from protocol.errors import CodecError
-from protocol.feedback import ErrorFeedback
 from protocol.model import build_model
 from protocol.params import (
     get_params,
@@ -51,8 +51,12 @@ def progress(label: str, total: int) -> Iterator[Callable[[dict[str, float]], No
         return
     from rich.progress import BarColumn, Progress, TextColumn, TimeRemainingColumn
 
-    columns = (TextColumn("{task.description}"), BarColumn(), TextColumn("{task.fields[loss]}"),
-               TimeRemainingColumn())  # fmt: skip
+    columns = (
+        TextColumn("{task.description}"),
+        BarColumn(),
+        TextColumn("{task.fields[loss]}"),
+        TimeRemainingColumn(),
+    )
     with Progress(*columns, transient=True) as bar:
         task = bar.add_task(label, total=total, loss="")
         yield lambda metrics: bar.update(task, advance=1, loss=f"loss {metrics['loss']:.4f}")
@@ -128,8 +132,13 @@ class Miner(Follower):
                 if (new := rnd.merge(self.params)) is not None:
                     self.params, self.version, base_version = new, base_version + 1, base_version + 1
                     self.metrics.merged.inc()
-                    log.info("round %d: merged version %d after %d of %d inner steps", ri.round,
-                             base_version, steps, recipe.inner_steps)  # fmt: skip
+                    log.info(
+                        "round %d: merged version %d after %d of %d inner steps",
+                        ri.round,
+                        base_version,
+                        steps,
+                        recipe.inner_steps,
+                    )
 
             try:
                 result = self.trainer.run(tokens, on_step=on_step)
@@ -201,8 +210,14 @@ class Miner(Follower):
     def training_ids(self, ri: RoundInfo) -> list[int]:
         """The sequences to train on: this miner's assignment."""
         r = self.info.recipe
-        return assignment(self.info.seed, ri.round, self.pubkey, r.inner_steps * r.batch_size,
-                          self.info.num_sequences, self.info.eval_every)  # fmt: skip
+        return assignment(
+            self.info.seed,
+            ri.round,
+            self.pubkey,
+            r.inner_steps * r.batch_size,
+            self.info.num_sequences,
+            self.info.eval_every,
+        )
 
     def make_payload(
         self, ri: RoundInfo, header: PayloadHeader, vector: dict[str, torch.Tensor]

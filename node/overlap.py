@@ -89,8 +89,14 @@ class OverlapRound:
     coordinator decodes it, when it is not in the base yet (None: start from the base); ``watch``: the
     version being made, when one may come."""
 
-    def __init__(self, model: torch.nn.Module, spec: ParamSpec, step: float,
-                 guess: dict[str, SparseTensor] | None, watch: NextVersion | None) -> None:  # fmt: skip
+    def __init__(
+        self,
+        model: torch.nn.Module,
+        spec: ParamSpec,
+        step: float,
+        guess: dict[str, SparseTensor] | None,
+        watch: NextVersion | None,
+    ) -> None:
         self.model, self.spec, self.step, self.guess, self.watch = model, spec, step, guess, watch
         self.merged = False
         if guess is not None:

@@ -19,7 +19,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
-from protocol.feedback import ErrorFeedback
+from protocol.codec.feedback import ErrorFeedback
 
 log = logging.getLogger(__name__)
 STATE_FILE = "miner-state.safetensors"

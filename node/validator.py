@@ -108,9 +108,13 @@ class Validator(Follower):
             round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])
         )
         log.info(
-            "round %d: posted %d verdicts (%d recorded) in %.2f s; gains %s", round_, len(out),
-            receipt.recorded, time.perf_counter() - t0, {m[:12]: round(x.gain, 4) for m, x in out.items()},
-        )  # fmt: skip
+            "round %d: posted %d verdicts (%d recorded) in %.2f s; gains %s",
+            round_,
+            len(out),
+            receipt.recorded,
+            time.perf_counter() - t0,
+            {m[:12]: round(x.gain, 4) for m, x in out.items()},
+        )
         return out
 
 

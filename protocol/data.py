@@ -4,7 +4,7 @@ Sequence ``i`` is tokens ``[i * (L + 1), (i + 1) * (L + 1))`` (inputs plus the s
 ``tokens.bin`` (uint16, or uint32 for a vocabulary above 65,536), described by ``meta.json``. Every
 ``eval_every``-th sequence (ids 0, e, 2e, ...) is held out and never assigned. An assignment is a pure
 function of (run seed, round, miner public key), so anyone can recompute it. The coordinator builds the
-files from a corpus (coordinator/corpus.py).
+files from a corpus (coordinator/data/corpus.py).
 """
 
 from __future__ import annotations

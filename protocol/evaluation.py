@@ -237,9 +237,12 @@ def summarise(before: torch.Tensor, after: torch.Tensor, n_own: int) -> Losses:
     gains = before - after
     own_gains, other_gains = gains[:n_own], gains[n_own:]
     return Losses(
-        _mean(before[:n_own]), _mean(after[:n_own]), _mean(before[n_own:]), _mean(after[n_own:]),
+        _mean(before[:n_own]),
+        _mean(after[:n_own]),
+        _mean(before[n_own:]),
+        _mean(after[n_own:]),
         math.sqrt(var_of_mean(own_gains) + var_of_mean(other_gains)),
-    )  # fmt: skip
+    )
 
 
 def _mean(x: torch.Tensor) -> float:
@@ -358,8 +361,9 @@ def _weighted_tail(xs: Sequence[float], alpha: float | None) -> float:
 def samples(info: RunInfo, round_: int, miner: str, salt: str) -> tuple[list[int], list[int]]:
     """The own and other evaluation samples of ``miner`` in ``round_``: anyone can recompute them."""
     r, e = info.recipe, info.evaluation
-    assigned = assignment(info.seed, round_, miner, r.inner_steps * r.batch_size, info.num_sequences,
-                          info.eval_every)  # fmt: skip
+    assigned = assignment(
+        info.seed, round_, miner, r.inner_steps * r.batch_size, info.num_sequences, info.eval_every
+    )
     n_own, n_other = e.sequences(round_)
     own = own_sample(assigned, salt, miner, n_own)
     return own, other_sample(assigned, salt, n_other, info.num_sequences, info.eval_every)

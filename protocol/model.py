@@ -84,19 +84,55 @@ class ModelConfig(BaseModel):
 PRESETS: dict[str, ModelConfig] = {
     "tiny": ModelConfig(n_layer=4, n_head=4, n_embd=128, block_size=128, vocab_size=256),  # 0.87M
     "small": ModelConfig(n_layer=6, n_head=6, n_embd=384, block_size=256, vocab_size=256),  # 10.9M
-    "llama-tiny": ModelConfig(family="llama", n_layer=4, n_head=4, n_kv_head=2, n_embd=128, mlp_hidden=384,
-                              block_size=128, vocab_size=256),  # 0.86M
-    "llama-small": ModelConfig(family="llama", n_layer=8, n_head=6, n_kv_head=2, n_embd=384,
-                               mlp_hidden=1024, block_size=256, vocab_size=256),  # 12.7M
+    "llama-tiny": ModelConfig(
+        family="llama",
+        n_layer=4,
+        n_head=4,
+        n_kv_head=2,
+        n_embd=128,
+        mlp_hidden=384,
+        block_size=128,
+        vocab_size=256,
+    ),  # 0.86M
+    "llama-small": ModelConfig(
+        family="llama",
+        n_layer=8,
+        n_head=6,
+        n_kv_head=2,
+        n_embd=384,
+        mlp_hidden=1024,
+        block_size=256,
+        vocab_size=256,
+    ),  # 12.7M
     # GPT-2 small's shape (124M with its 50,257-token vocabulary, head tied to the embedding)
-    "gpt2-124m": ModelConfig(n_layer=12, n_head=12, n_embd=768, block_size=1024, tie_embeddings=True,
-                             vocab_size=50257),
-    "llama-150m": ModelConfig(family="llama", n_layer=18, n_head=12, n_kv_head=4, n_embd=768, mlp_hidden=2304,
-                              block_size=1024, tie_embeddings=True, vocab_size=32000),  # 148M
+    "gpt2-124m": ModelConfig(
+        n_layer=12, n_head=12, n_embd=768, block_size=1024, tie_embeddings=True, vocab_size=50257
+    ),
+    "llama-150m": ModelConfig(
+        family="llama",
+        n_layer=18,
+        n_head=12,
+        n_kv_head=4,
+        n_embd=768,
+        mlp_hidden=2304,
+        block_size=1024,
+        tie_embeddings=True,
+        vocab_size=32000,
+    ),  # 148M
     # Llama-3.2-1B's shape (1.24B with its 128,256-token vocabulary), at a training length of 2048
-    "llama-1b": ModelConfig(family="llama", n_layer=16, n_head=32, n_kv_head=8, n_embd=2048, mlp_hidden=8192,
-                            block_size=2048, rope_theta=500000.0, tie_embeddings=True, vocab_size=128256),
-}  # fmt: skip
+    "llama-1b": ModelConfig(
+        family="llama",
+        n_layer=16,
+        n_head=32,
+        n_kv_head=8,
+        n_embd=2048,
+        mlp_hidden=8192,
+        block_size=2048,
+        rope_theta=500000.0,
+        tie_embeddings=True,
+        vocab_size=128256,
+    ),
+}
 
 
 def get_config(name: str) -> ModelConfig:

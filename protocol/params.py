@@ -24,10 +24,10 @@ from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
-from protocol.bits import pack_bits, unpack_bits
+from protocol.codec.bits import pack_bits, unpack_bits
+from protocol.codec.sparseloco import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.payload import PAYLOAD_FORMAT_VERSION, ParamSpec, PayloadHeader, read_metadata
-from protocol.sparseloco import SparseLoCoCodec
 
 Params = dict[str, torch.Tensor]
 

@@ -22,7 +22,9 @@ from protocol.errors import CodecError
 
 PAYLOAD_FORMAT_VERSION = 1
 ParamSpec = Sequence[tuple[str, tuple[int, ...]]]
-CodecName = str  # one of protocol.codec.CODEC_NAMES
+CodecName = str  # one of CODEC_NAMES
+# the codecs a payload may name; protocol.codec builds each (its registry has exactly these keys)
+CODEC_NAMES = ("sparseloco", "dense_fp32", "dense_bf16", "int8")
 FP32_MAX = torch.finfo(torch.float32).max
 FP16_MAX = torch.finfo(torch.float16).max
 # A payload's safetensors header (tensor table and the JSON PayloadHeader) is a few hundred bytes; this is
@@ -53,8 +55,6 @@ class PayloadHeader(BaseModel):
     @field_validator("codec")
     @classmethod
     def _known(cls, name: str) -> str:
-        from protocol.codec import CODEC_NAMES  # the registry imports this module
-
         if name not in CODEC_NAMES:
             raise ValueError(f"unknown codec {name!r}")
         return name

@@ -114,8 +114,9 @@ def verify_declared(
     key hex, nonce, digest). The caller then checks the body against the digest (``body_digest``)."""
     declared = {k.lower(): v for k, v in headers.items()}.get(HEADER_CONTENT.lower())
     if declared is None or len(declared) != 64:
-        raise SignatureError(f"request does not declare its body's sha256 ({HEADER_CONTENT})",
-                             code="missing_signature")  # fmt: skip
+        raise SignatureError(
+            f"request does not declare its body's sha256 ({HEADER_CONTENT})", code="missing_signature"
+        )
     digest = declared.lower()
     pub, nonce = _verify(headers, method, path, digest, window_s, now)
     return pub, nonce, digest

@@ -16,8 +16,8 @@ from typing import Any
 import httpx
 import pytest
 
-from coordinator.app import create_app
-from coordinator.server import bound_port, make_server
+from coordinator.api.app import create_app
+from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from protocol.data import stdlib_dir
 
@@ -147,8 +147,9 @@ def _admin(endpoint: str) -> Any:
     """One S3 client for the tests' own bucket handling (making a client takes a good part of a second)."""
     import boto3
 
-    return boto3.session.Session(aws_access_key_id="testing", aws_secret_access_key="testing",
-                                 region_name="us-east-1").client("s3", endpoint_url=endpoint)  # fmt: skip
+    return boto3.session.Session(
+        aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
+    ).client("s3", endpoint_url=endpoint)
 
 
 @pytest.fixture

@@ -43,9 +43,15 @@ def cheat_network(
         key = Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32)
         save_key(key, tmp_path / "run" / "keys" / f"{name}.pem")
     return simulate(
-        miners=honest_miners, rounds=rounds, out=tmp_path / "run", config=_config(tmp_path, corpus, quick),
-        adversaries=dict.fromkeys(kinds, 1), timeout_s=360, echo=lambda _: None, overlap=overlap,
-    )  # fmt: skip
+        miners=honest_miners,
+        rounds=rounds,
+        out=tmp_path / "run",
+        config=_config(tmp_path, corpus, quick),
+        adversaries=dict.fromkeys(kinds, 1),
+        timeout_s=360,
+        echo=lambda _: None,
+        overlap=overlap,
+    )
 
 
 def honest_and_cheats(

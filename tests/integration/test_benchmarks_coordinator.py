@@ -13,17 +13,32 @@ from benchmarks.coordinator import main
 
 pytestmark = pytest.mark.timeout(240)  # generous: the run takes about 40 s on two busy cores
 ROW_FIELDS = {
-    "submissions", "params", "seconds", "single_decode_seconds", "rss_increase_bytes",
-    "model_fp32_bytes", "rss_ratio", "seconds_vs_target",
-}  # fmt: skip
+    "submissions",
+    "params",
+    "seconds",
+    "single_decode_seconds",
+    "rss_increase_bytes",
+    "model_fp32_bytes",
+    "rss_ratio",
+    "seconds_vs_target",
+}
 
 
 @pytest.fixture(scope="module")
 def result() -> dict[str, Any]:
     out = io.StringIO()
     with contextlib.redirect_stdout(out):
-        returned = main(["--json", "--sets=tiny", "--sizes=2,3", "--miners=8", "--threads=1", "--reps=2",
-                         "--close-sizes=2"])  # fmt: skip
+        returned = main(
+            [
+                "--json",
+                "--sets=tiny",
+                "--sizes=2,3",
+                "--miners=8",
+                "--threads=1",
+                "--reps=2",
+                "--close-sizes=2",
+            ]
+        )
     assert json.loads(out.getvalue()) == json.loads(json.dumps(returned))  # stdout holds the JSON only
     return returned
 

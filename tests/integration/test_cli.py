@@ -9,8 +9,13 @@ from pathlib import Path
 
 
 def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([sys.executable, "-m", "gradpool", *args], capture_output=True, text=True,
-                          timeout=120, stdin=subprocess.DEVNULL)  # fmt: skip
+    return subprocess.run(
+        [sys.executable, "-m", "gradpool", *args],
+        capture_output=True,
+        text=True,
+        timeout=120,
+        stdin=subprocess.DEVNULL,
+    )
 
 
 def test_keygen_writes_a_private_key_and_prints_its_identity(tmp_path: Path) -> None:

@@ -85,11 +85,18 @@ def test_compose_client_accepts_the_file() -> None:
             f"{name}: command changed by the client"
         )
     assert {"prometheus", "grafana"} <= set(resolved)
-    sources = [v["source"] if isinstance(v, dict) else v.split(":")[0]  # long or short volume syntax
-               for s in ("prometheus", "grafana") for v in resolved[s]["volumes"]]  # fmt: skip
+    sources = [
+        v["source"] if isinstance(v, dict) else v.split(":")[0]  # long or short volume syntax
+        for s in ("prometheus", "grafana")
+        for v in resolved[s]["volumes"]
+    ]
     mounts = {src.split("/deploy/")[-1] for src in sources if "/deploy/" in src}
-    assert mounts == {"prometheus/prometheus.yml", "prometheus/alerts.yml", "grafana/provisioning",
-                      "grafana/dashboards"}  # fmt: skip
+    assert mounts == {
+        "prometheus/prometheus.yml",
+        "prometheus/alerts.yml",
+        "grafana/provisioning",
+        "grafana/dashboards",
+    }
     for name in [*MINERS, *GPU_MINERS]:  # Prometheus scrapes each miner's --metrics-port
         command = resolved[name]["command"]
         assert command[command.index("--metrics-port") + 1] == "9100"
@@ -229,7 +236,7 @@ def test_example_configs_load(tmp_path: Path) -> None:
     )
     assert coordinator.recipe.inner_steps == 20 and coordinator.recipe.batch_size == 8
     assert coordinator.rounds.min_quorum == 2 and coordinator.data.max_tokens == 4_000_000
-    assert coordinator.data.corpus is None and coordinator.outer.lr is None
+    assert coordinator.data.corpus is None and coordinator.publishing.outer.lr is None
     miner = load_settings(MinerSettings, MINER_TOML, {"threads": 2})
     assert isinstance(miner, MinerSettings)
     assert miner.coordinator == "http://127.0.0.1:8000" and miner.device == "auto" and miner.create_key

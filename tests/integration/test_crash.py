@@ -9,12 +9,12 @@ from pathlib import Path
 
 import torch
 
-from coordinator.publish import Downlink
+from coordinator.publishing.publisher import Downlink
 from coordinator.settings import PublishSettings
 from gradpool.processes import Processes
 from node.client import CoordinatorClient
-from protocol.aggregate import aggregate
 from protocol.codec import PayloadHeader, SparseLoCoCodec
+from protocol.codec.accumulate import aggregate
 from protocol.model import build_model
 from protocol.params import apply_update, load_checkpoint, param_spec, params_hash
 from protocol.signing import generate_key
@@ -31,11 +31,16 @@ def start(
 ) -> str:
     # The payloads are random: evaluated by their effect on the loss, they could be refused. Synchronous
     # rounds unless ``extra`` says otherwise.
-    env = {"GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "600",
-           "GRADPOOL_ROUNDS__OVERLAP": "false",
-           "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
-           "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
-           "GRADPOOL_VALIDATION__BUILTIN": "false", **(extra or {})}  # fmt: skip
+    env = {
+        "GRADPOOL_ROUNDS__MIN_QUORUM": "2",
+        "GRADPOOL_ROUNDS__DEADLINE_S": "600",
+        "GRADPOOL_ROUNDS__OVERLAP": "false",
+        "GRADPOOL_DATA__EVAL_EVERY": "20",
+        "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
+        "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
+        "GRADPOOL_VALIDATION__BUILTIN": "false",
+        **(extra or {}),
+    }
     args = ["--state-dir", str(state), "--corpus", str(corpus), "--port", "0"]
     return procs.start_coordinator(args, state.parent / "ready.json", env=env, timeout_s=120)
 

@@ -21,8 +21,14 @@ from gradpool.processes import Processes
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
-FLAGS = ["--no-sandbox", "--disable-gpu", "--disable-background-networking", "--disable-component-update",
-         "--disable-sync", "--no-first-run"]  # fmt: skip
+FLAGS = [
+    "--no-sandbox",
+    "--disable-gpu",
+    "--disable-background-networking",
+    "--disable-component-update",
+    "--disable-sync",
+    "--no-first-run",
+]
 ARTEFACTS = Path(os.environ.get("GRADPOOL_TEST_ARTEFACTS", ROOT / "runs" / "test-artefacts"))
 
 
@@ -54,20 +60,38 @@ class Network:
 def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iterator[Network]:
     root = tmp_path_factory.mktemp("dashboard")
     procs = Processes(root / "logs", env={"GRADPOOL_STARTUP_TIMEOUT_S": "60"})
-    env = {"GRADPOOL_ROUNDS__MIN_QUORUM": "2", "GRADPOOL_ROUNDS__DEADLINE_S": "60",
-           "GRADPOOL_DATA__EVAL_EVERY": "20", "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
-           "GRADPOOL_RECIPE__INNER_STEPS": "4", "GRADPOOL_RECIPE__BATCH_SIZE": "4",
-           "GRADPOOL_VALIDATION__OWN_SEQUENCES": "16",
-           "GRADPOOL_VALIDATION__OTHER_SEQUENCES": "32"}  # fmt: skip
+    env = {
+        "GRADPOOL_ROUNDS__MIN_QUORUM": "2",
+        "GRADPOOL_ROUNDS__DEADLINE_S": "60",
+        "GRADPOOL_DATA__EVAL_EVERY": "20",
+        "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
+        "GRADPOOL_RECIPE__INNER_STEPS": "4",
+        "GRADPOOL_RECIPE__BATCH_SIZE": "4",
+        "GRADPOOL_VALIDATION__OWN_SEQUENCES": "16",
+        "GRADPOOL_VALIDATION__OTHER_SEQUENCES": "32",
+    }
     args = ["--state-dir", str(root / "coordinator"), "--corpus", str(corpus_file), "--port", "0"]
     try:
         url = procs.start_coordinator(args, root / "ready.json", env=env)
         port = _free_port()
         for i in range(2):
             extra = ["--metrics-port", str(port)] if i == 0 else []
-            procs.start(f"miner-{i}", ["mine", "--coordinator", url, "--key", str(root / f"m{i}.pem"),
-                                       "--create-key", "--state-dir", str(root / f"miner-{i}"), "--threads",
-                                       "1", *extra])  # fmt: skip
+            procs.start(
+                f"miner-{i}",
+                [
+                    "mine",
+                    "--coordinator",
+                    url,
+                    "--key",
+                    str(root / f"m{i}.pem"),
+                    "--create-key",
+                    "--state-dir",
+                    str(root / f"miner-{i}"),
+                    "--threads",
+                    "1",
+                    *extra,
+                ],
+            )
         yield Network(url, f"http://127.0.0.1:{port}/metrics", procs)
     finally:
         procs.stop_all()

@@ -40,14 +40,31 @@ class Network:
         self.url = ""
 
     def start_coordinator(self) -> None:
-        args = ["--state-dir", str(self.root / "coordinator"), "--corpus", str(self.corpus), "--port",
-                str(self.port)]  # fmt: skip
+        args = [
+            "--state-dir",
+            str(self.root / "coordinator"),
+            "--corpus",
+            str(self.corpus),
+            "--port",
+            str(self.port),
+        ]
         self.url = self.procs.start_coordinator(args, self.root / "ready.json", timeout_s=120)
         self.port = int(self.url.rsplit(":", 1)[1])
 
     def start_miner(self, name: str, *extra: str) -> subprocess.Popen[bytes]:
-        args = ["mine", "--coordinator", self.url, "--key", str(self.root / f"{name}.pem"), "--create-key",
-                "--state-dir", str(self.state_dir(name)), "--threads", "1", *extra]  # fmt: skip
+        args = [
+            "mine",
+            "--coordinator",
+            self.url,
+            "--key",
+            str(self.root / f"{name}.pem"),
+            "--create-key",
+            "--state-dir",
+            str(self.state_dir(name)),
+            "--threads",
+            "1",
+            *extra,
+        ]
         return self.procs.start(name, args)
 
     def state_dir(self, name: str) -> Path:
@@ -119,8 +136,9 @@ def test_sigkill_and_restart_resume_the_exact_saved_state(tmp_path: Path, corpus
         net.wait(lambda s: version(s) >= 3, "a few rounds mined")
         miner.send_signal(signal.SIGKILL)  # wherever it is: training, uploading or saving
         miner.wait(timeout=30)
-        on_disk = state_digest({k[3:]: t for k, t in load_file(net.state_dir("m") / STATE_FILE).items()
-                                if k.startswith("ef/")})  # fmt: skip
+        on_disk = state_digest(
+            {k[3:]: t for k, t in load_file(net.state_dir("m") / STATE_FILE).items() if k.startswith("ef/")}
+        )
         restarted = net.start_miner("m", "--max-rounds", "1")
         assert restarted.wait(timeout=120) == 0, net.log("m")
     finally:

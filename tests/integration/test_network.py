@@ -13,8 +13,21 @@ import httpx
 
 
 def mine_command(url: str, key: Path, state: Path) -> list[str]:
-    return [sys.executable, "-m", "gradpool", "mine", "--coordinator", url, "--key", str(key), "--create-key",
-            "--state-dir", str(state), "--threads", "1"]  # fmt: skip
+    return [
+        sys.executable,
+        "-m",
+        "gradpool",
+        "mine",
+        "--coordinator",
+        url,
+        "--key",
+        str(key),
+        "--create-key",
+        "--state-dir",
+        str(state),
+        "--threads",
+        "1",
+    ]
 
 
 def _mine(url: str, key: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:

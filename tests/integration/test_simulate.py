@@ -54,8 +54,16 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
             pa.table({"text": docs}), tmp_path / "corpus" / f"part-{part}.parquet", row_group_size=16
         )
     tokenizer = tmp_path / "tokenizer.json"
-    trained = gradpool("tokenizer", "train", "--corpus", str(tmp_path / "corpus"), "--vocab-size", "1024",
-                       "--out", str(tokenizer))  # fmt: skip
+    trained = gradpool(
+        "tokenizer",
+        "train",
+        "--corpus",
+        str(tmp_path / "corpus"),
+        "--vocab-size",
+        "1024",
+        "--out",
+        str(tokenizer),
+    )
     assert trained.returncode == 0, trained.stderr
     cfg = tmp_path / "sim.toml"
     cfg.write_text(
@@ -64,9 +72,23 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
         "[validation]\nown_sequences = 32\nother_sequences = 32\n"
     )
     out = tmp_path / "run"
-    done = gradpool("simulate", "--miners", "2", "--rounds", "8", "--model", "llama-tiny", "--corpus",
-                    str(tmp_path / "corpus"), "--tokenizer", str(tokenizer), "--out", str(out), "--config",
-                    str(cfg))  # fmt: skip
+    done = gradpool(
+        "simulate",
+        "--miners",
+        "2",
+        "--rounds",
+        "8",
+        "--model",
+        "llama-tiny",
+        "--corpus",
+        str(tmp_path / "corpus"),
+        "--tokenizer",
+        str(tokenizer),
+        "--out",
+        str(out),
+        "--config",
+        str(cfg),
+    )
     assert done.returncode == 0, done.stderr + done.stdout
     rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
     assert [r[0] for r in rows] == [str(i) for i in range(8)]

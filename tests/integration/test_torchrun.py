@@ -60,8 +60,22 @@ def test_a_two_process_torchrun_miner_mines(live_coordinator: Any, tmp_path: Pat
     with live_coordinator(recipe={"batch_size": 4}) as server:
         torchrun = [sys.executable, "-m", "torch.distributed.run", "--standalone", "--nproc-per-node", "2"]
         key, state = str(tmp_path / "k.pem"), str(tmp_path / "state")
-        mine = ["-m", "gradpool", "mine", "--coordinator", server.url, "--key", key, "--create-key",
-                "--state-dir", state, "--threads", "1", "--max-rounds", "2"]  # fmt: skip
+        mine = [
+            "-m",
+            "gradpool",
+            "mine",
+            "--coordinator",
+            server.url,
+            "--key",
+            key,
+            "--create-key",
+            "--state-dir",
+            state,
+            "--threads",
+            "1",
+            "--max-rounds",
+            "2",
+        ]
         args = [*torchrun, *mine]
         env = {**os.environ, "OMP_NUM_THREADS": "1"}
         done = subprocess.run(

@@ -25,17 +25,38 @@ def test_validator_agrees_with_the_coordinator(
 ) -> None:
     """Overlapped rounds: the validator waits for each round to close and evaluates its uploads on the
     version they were applied to, as the coordinator did."""
-    settings = {"rounds": {"min_quorum": 2, "deadline_s": 60.0, "overlap": overlap},
-                "validation": {"own_sequences": 16, "other_sequences": 16}}  # fmt: skip
+    settings = {
+        "rounds": {"min_quorum": 2, "deadline_s": 60.0, "overlap": overlap},
+        "validation": {"own_sequences": 16, "other_sequences": 16},
+    }
     with live_coordinator(**settings) as server:
-        miners = [_mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"s{i}", tmp_path / f"m{i}.log")
-                  for i in range(2)]  # fmt: skip
+        miners = [
+            _mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"s{i}", tmp_path / f"m{i}.log")
+            for i in range(2)
+        ]
         validator = subprocess.run(
-            [sys.executable, "-m", "gradpool", "validate", "--coordinator", server.url, "--key",
-             str(tmp_path / "v.pem"), "--create-key", "--state-dir", str(tmp_path / "v"), "--threads", "1",
-             "--max-rounds", "2"],
-            capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL,
-        )  # fmt: skip
+            [
+                sys.executable,
+                "-m",
+                "gradpool",
+                "validate",
+                "--coordinator",
+                server.url,
+                "--key",
+                str(tmp_path / "v.pem"),
+                "--create-key",
+                "--state-dir",
+                str(tmp_path / "v"),
+                "--threads",
+                "1",
+                "--max-rounds",
+                "2",
+            ],
+            capture_output=True,
+            text=True,
+            timeout=240,
+            stdin=subprocess.DEVNULL,
+        )
         try:
             assert validator.returncode == 0, validator.stderr[-2000:]
             server.wait_rounds(2, miners, timeout_s=60)

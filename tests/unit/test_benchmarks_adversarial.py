@@ -30,16 +30,38 @@ def _write(path: Path, mixes: list[dict[str, Any]]) -> Path:
 def test_compare_pools_every_honest_only_run_of_a_mix_as_its_reference(
     tmp_path: Path, capsys: pytest.CaptureFixture[str]
 ) -> None:
-    matrix = _write(tmp_path / "matrix.json", [
-        {"mix": "8:2", "honest": 8, "cheaters": 2, "honest_run": _run("honest", 2.0),
-         "runs": [_run("lazy", 2.31), _run("noise", 2.09)]},
-        {"mix": "4:4", "honest": 4, "cheaters": 4, "honest_run": _run("honest", 3.0, 3.1),
-         "runs": [_run("freerider", 3.3, 3.1)]},
-    ])  # fmt: skip
-    references = _write(tmp_path / "refs.json", [
-        {"mix": "8:2", "honest": 8, "cheaters": 2, "honest_run": _run("honest", 2.2, 2.3),
-         "honest_runs": [_run("honest", 2.2, 2.3), _run("honest", 2.4, 2.5)], "runs": []},
-    ])  # fmt: skip
+    matrix = _write(
+        tmp_path / "matrix.json",
+        [
+            {
+                "mix": "8:2",
+                "honest": 8,
+                "cheaters": 2,
+                "honest_run": _run("honest", 2.0),
+                "runs": [_run("lazy", 2.31), _run("noise", 2.09)],
+            },
+            {
+                "mix": "4:4",
+                "honest": 4,
+                "cheaters": 4,
+                "honest_run": _run("honest", 3.0, 3.1),
+                "runs": [_run("freerider", 3.3, 3.1)],
+            },
+        ],
+    )
+    references = _write(
+        tmp_path / "refs.json",
+        [
+            {
+                "mix": "8:2",
+                "honest": 8,
+                "cheaters": 2,
+                "honest_run": _run("honest", 2.2, 2.3),
+                "honest_runs": [_run("honest", 2.2, 2.3), _run("honest", 2.4, 2.5)],
+                "runs": [],
+            },
+        ],
+    )
     result = main(["--json", "--compare", str(matrix), str(references)])
     assert json.loads(capsys.readouterr().out) == result
     by_mix = {m["mix"]: m for m in result["mixes"]}

@@ -89,10 +89,21 @@ def test_overlapped_rounds_share_the_first_round_and_part_after_it(tmp_path: Pat
     """Round 0 trains from the initial model whatever the mode; from round 1 on, the overlapped methods
     train from a version behind (and the miner's way differs from the stale base alone)."""
     methods = ("sparseloco", "sparseloco_overlap", "sparseloco_overlap_delayed")
-    argv = ["--json", "--workers=2", "--rounds=3", "--inner-steps=2", "--batch-size=2", "--warmup-steps=2",
-            "--eval-sequences=8", "--threads=1", "--jobs=1", f"--methods={','.join(methods)}",
-            f"--corpus={corpus_file}", f"--data-dir={tmp_path / 'data'}",
-            f"--out={tmp_path / 'c.png'}"]  # fmt: skip
+    argv = [
+        "--json",
+        "--workers=2",
+        "--rounds=3",
+        "--inner-steps=2",
+        "--batch-size=2",
+        "--warmup-steps=2",
+        "--eval-sequences=8",
+        "--threads=1",
+        "--jobs=1",
+        f"--methods={','.join(methods)}",
+        f"--corpus={corpus_file}",
+        f"--data-dir={tmp_path / 'data'}",
+        f"--out={tmp_path / 'c.png'}",
+    ]
     runs = run_main(argv, tmp_path / "stdout.json")["methods"]
     curves = {m: [p["eval_loss"] for p in r["curve"]] for m, r in runs.items()}
     assert (

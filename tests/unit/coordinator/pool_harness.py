@@ -17,7 +17,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from benchmarks.close import honest_delta
-from coordinator.app import create_app
+from coordinator.api.app import create_app
 from coordinator.settings import CoordinatorSettings
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseLoCoCodec
 from protocol.data import assignment
@@ -106,8 +106,14 @@ def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[st
     """What an honest miner sends: base - parameters after AdamW steps on its assigned sequences."""
     info = pool.client.get("/v1/info").json()
     r = info["recipe"]
-    ids = assignment(info["seed"], round_, pubkey, r["inner_steps"] * r["batch_size"], info["num_sequences"],
-                     info["eval_every"])  # fmt: skip
+    ids = assignment(
+        info["seed"],
+        round_,
+        pubkey,
+        r["inner_steps"] * r["batch_size"],
+        info["num_sequences"],
+        info["eval_every"],
+    )
     tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
     return honest_delta(build_model("tiny"), pool.checkpoint(version), tokens, r["lr"], r["batch_size"])
 
@@ -200,8 +206,9 @@ class ThroughTestClient(httpx.BaseTransport):
         self.client = client
 
     def handle_request(self, request: httpx.Request) -> httpx.Response:
-        r = self.client.request(request.method, str(request.url), headers=dict(request.headers),
-                                content=request.read())  # fmt: skip
+        r = self.client.request(
+            request.method, str(request.url), headers=dict(request.headers), content=request.read()
+        )
         return httpx.Response(r.status_code, headers=dict(r.headers), content=r.content, request=request)
 
 

@@ -5,8 +5,8 @@ from __future__ import annotations
 import torch
 from pool_harness import SPEC, OpenPool, Pool, assert_error, encode, make_delta, payload, reframe
 
-from protocol.aggregate import aggregate
 from protocol.codec import SparseLoCoCodec
+from protocol.codec.accumulate import aggregate
 from protocol.params import Params, apply_update, params_hash
 
 

@@ -16,7 +16,8 @@ from fastapi.testclient import TestClient
 from pool_harness import SPEC, OpenPool, payload
 from pydantic import ValidationError
 
-from coordinator.blobs import (
+from coordinator.settings import BlobSettings, CoordinatorSettings
+from coordinator.storage.blobs import (
     BlobCorruptError,
     BlobNotFoundError,
     BlobStore,
@@ -26,7 +27,6 @@ from coordinator.blobs import (
     byte_range,
     make_blob_store,
 )
-from coordinator.settings import BlobSettings, CoordinatorSettings
 from protocol.params import load_checkpoint, params_hash
 
 DATA = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes, every offset distinguishable

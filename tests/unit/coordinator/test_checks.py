@@ -1,4 +1,4 @@
-"""Judging a round's uploads from what intake recorded (coordinator/checks.py): copies by content or by
+"""Judging a round's uploads from what intake recorded (coordinator/rounds/checks.py): copies by content or by
 sketch, replays of recent rounds, norms; and aggregation streamed one upload at a time."""
 
 from __future__ import annotations
@@ -11,23 +11,24 @@ from pathlib import Path
 import torch
 from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
-from coordinator.aggregation import aggregate_uploads
-from coordinator.checks import (
+from coordinator.publishing.aggregation import aggregate_uploads
+from coordinator.rounds.checks import (
     Harmful,
     History,
     Judging,
     LowGain,
     Phase,
-    Upload,
     default_pipeline,
     judge_cheap,
     run_phase,
 )
 from coordinator.settings import CheckSettings, ValidationSettings
+from coordinator.storage.records import Upload
 from node.settings import ValidatorSettings
 from node.validator import Validator
-from protocol.aggregate import aggregate, cosine, sketch, update_norm
 from protocol.codec import SparseLoCoCodec, content_digest
+from protocol.codec.accumulate import aggregate
+from protocol.codec.measure import cosine, sketch, update_norm
 from protocol.evaluation import Losses
 from protocol.wire import RunInfo
 
@@ -128,8 +129,12 @@ def test_a_flag_needs_a_gain_surely_below_the_bar_while_a_refusal_takes_the_meas
         run_phase([Harmful(), LowGain(0.35)], "evaluated", j)
         return sorted(j.refused.items())
 
-    assert refused(0.0) == [("flipped", "harmful"), ("rider", "low_gain"), ("unlucky", "harmful"),
-                            ("weak", "low_gain")]  # fmt: skip
+    assert refused(0.0) == [
+        ("flipped", "harmful"),
+        ("rider", "low_gain"),
+        ("unlucky", "harmful"),
+        ("weak", "low_gain"),
+    ]
     assert refused(2.0) == [("flipped", "harmful"), ("rider", "low_gain")]
 
 
@@ -170,23 +175,31 @@ def test_a_new_check_is_one_class_and_one_line_and_validators_honour_it(
             return [u.miner for u in j.remaining() if refuse.get(u.miner) == self.code]
 
     settings = ValidationSettings(own_sequences=16, other_sequences=16, min_gain_fraction=0.0)
-    pipeline = [*default_pipeline(CheckSettings(), settings), Dummy("dummy_cheap", "cheap"),
-                Dummy("dummy_evaluated", "evaluated")]  # fmt: skip
+    pipeline = [
+        *default_pipeline(CheckSettings(), settings),
+        Dummy("dummy_cheap", "cheap"),
+        Dummy("dummy_evaluated", "evaluated"),
+    ]
     validation = {"builtin": True, "own_sequences": 16, "other_sequences": 16, "min_gain_fraction": 0.0}
     recipe = {"inner_steps": 2, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
-    with open_pool(app={"checks": pipeline}, validation=validation, recipe=recipe,
-                   rounds={"min_quorum": 3}) as pool:  # fmt: skip
+    with open_pool(
+        app={"checks": pipeline}, validation=validation, recipe=recipe, rounds={"min_quorum": 3}
+    ) as pool:
         a, b, c = (pool.miner() for _ in range(3))
         refuse.update({a.pubkey: "dummy_cheap", b.pubkey: "dummy_evaluated"})
         for m in (a, b, c):
             assert m.upload(0, encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]).status_code == 200
         pool.wait_for_round(0)
         audit = {r["miner"]: (r["status"], r["reason"]) for r in pool.client.get("/v1/rounds/0/audit").json()}
-        assert audit == {a.pubkey: ("rejected", "dummy_cheap"), b.pubkey: ("rejected", "dummy_evaluated"),
-                         c.pubkey: ("accepted", None)}  # fmt: skip
+        assert audit == {
+            a.pubkey: ("rejected", "dummy_cheap"),
+            b.pubkey: ("rejected", "dummy_evaluated"),
+            c.pubkey: ("accepted", None),
+        }
         client = node_client(pool)
         info = RunInfo.model_validate(pool.client.get("/v1/info").json())
-        validator = Validator(ValidatorSettings(state_dir=tmp_path / "v", device="cpu"), client, info,
-                              threading.Event())  # fmt: skip
+        validator = Validator(
+            ValidatorSettings(state_dir=tmp_path / "v", device="cpu"), client, info, threading.Event()
+        )
         verdicts = validator.validate_round(0)
     assert set(verdicts) == {b.pubkey, c.pubkey}

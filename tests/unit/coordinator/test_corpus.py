@@ -10,8 +10,8 @@ from typing import Any
 import numpy as np
 import pytest
 
-from coordinator.corpus import build_dataset
-from coordinator.tokenizer import RunTokenizer, byte_tokenizer, train_bpe
+from coordinator.data.corpus import build_dataset
+from coordinator.data.tokenizer import RunTokenizer, byte_tokenizer, train_bpe
 from protocol.data import Dataset, eval_ids, num_eval_total
 from protocol.errors import DataError
 

@@ -13,11 +13,11 @@ import pytest
 import torch
 from pool_harness import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
 
-from coordinator.blobs import make_blob_store
-from coordinator.checks import Upload
-from coordinator.outer import OuterOptimizer
-from coordinator.publish import Downlink, Publisher
+from coordinator.publishing.outer import OuterOptimizer
+from coordinator.publishing.publisher import Downlink, Publisher
 from coordinator.settings import AggregationSettings, BlobSettings, PublishSettings
+from coordinator.storage.blobs import make_blob_store
+from coordinator.storage.records import Upload
 from node.client import CoordinatorClient
 from node.follower import Follower
 from protocol.codec import SparseLoCoCodec
@@ -32,8 +32,9 @@ class Catcher(Follower):
     """A node's follower: where a miner stands, and how it catches up."""
 
     def __init__(self, pool: Pool, tmp: Path, transport: httpx.BaseTransport | None = None) -> None:
-        self.client = CoordinatorClient("http://testserver", generate_key(),
-                                        transport=transport or ThroughTestClient(pool.client))  # fmt: skip
+        self.client = CoordinatorClient(
+            "http://testserver", generate_key(), transport=transport or ThroughTestClient(pool.client)
+        )
         self.info = RunInfo.model_validate(pool.client.get("/v1/info").json())
         self.spec, self.device, self.partial_dir = SPEC, torch.device("cpu"), tmp
         self.params, self.version, self.verified = {}, -1, False

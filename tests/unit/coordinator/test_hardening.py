@@ -23,8 +23,9 @@ from pool_harness import (
 )
 from safetensors.torch import load as st_load
 
-from protocol.aggregate import aggregate, cosine
 from protocol.codec import SparseLoCoCodec
+from protocol.codec.accumulate import aggregate
+from protocol.codec.measure import cosine
 from protocol.params import apply_update, params_hash
 
 RECIPE = {"inner_steps": 4, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
@@ -162,8 +163,14 @@ def test_a_round_of_hostile_uploads_only_publishes_nothing(open_pool: OpenPool) 
             assert m.upload(1, body).status_code == 200
         after = pool.wait_for_round(1)
         assert (after["version"], after["param_hash"]) == (start["version"], start["param_hash"])
-        assert list(reasons(pool, 1).values()) == ["harmful", "norm_outlier", "norm_outlier", "norm_outlier",
-                                                   "empty_update", "copied_payload"]  # fmt: skip
+        assert list(reasons(pool, 1).values()) == [
+            "harmful",
+            "norm_outlier",
+            "norm_outlier",
+            "norm_outlier",
+            "empty_update",
+            "copied_payload",
+        ]
         assert_every_version_finite(pool)
 
 

@@ -302,8 +302,10 @@ def test_concurrent_uploads_from_one_miner_are_refused_cleanly(open_pool: OpenPo
     hooks = Hooks(before_intake_commit=hold)
     with open_pool(raise_server_exceptions=False, rounds={"min_quorum": 1000}, app={"hooks": hooks}) as pool:
         miners = [pool.miner() for _ in range(4)]
-        different = [_race(pool, m, [payload(0, 0, seed=10 + i), payload(0, 0, seed=20 + i)])
-                     for i, m in enumerate(miners[:2])]  # fmt: skip
+        different = [
+            _race(pool, m, [payload(0, 0, seed=10 + i), payload(0, 0, seed=20 + i)])
+            for i, m in enumerate(miners[:2])
+        ]
         assert different == [[200, 409]] * 2
         same = [_race(pool, m, [payload(0, 0, seed=30 + i)] * 2) for i, m in enumerate(miners[2:])]
         assert same == [[200, 200]] * 2  # the second one is a duplicate

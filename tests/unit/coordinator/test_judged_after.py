@@ -138,8 +138,10 @@ def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPo
         wait_scored(pool, 1)
         db_path = pool.settings.state_dir / "state.db"
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        before = db.execute("SELECT miner, own_before, own_after, other_before, other_after, paired_margin "
-                            "FROM verdicts WHERE round = 1 ORDER BY miner").fetchall()  # fmt: skip
+        before = db.execute(
+            "SELECT miner, own_before, own_after, other_before, other_after, paired_margin "
+            "FROM verdicts WHERE round = 1 ORDER BY miner"
+        ).fetchall()
         assert len(before) == 3
         # as a stop between the round's commit and the end of its evaluation leaves it
         db.execute("DELETE FROM verdicts WHERE round = 1")
@@ -150,8 +152,10 @@ def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPo
         board = leaderboard(pool, round=1)
         assert all(board[m.pubkey]["verdicts"] == 2 for m in honest), board
     with contextlib.closing(sqlite3.connect(db_path)) as db:
-        again = db.execute("SELECT miner, own_before, own_after, other_before, other_after, paired_margin "
-                           "FROM verdicts WHERE round = 1 ORDER BY miner").fetchall()  # fmt: skip
+        again = db.execute(
+            "SELECT miner, own_before, own_after, other_before, other_after, paired_margin "
+            "FROM verdicts WHERE round = 1 ORDER BY miner"
+        ).fetchall()
         assert db.execute("SELECT scored FROM rounds WHERE round = 1").fetchone() == (1,)
     assert len(again) == 3
     for a, b in zip(before, again, strict=True):

@@ -21,9 +21,17 @@ from protocol.payload import MAX_HEADER_BYTES, unframe
 from protocol.signing import sign_request
 
 HUGE = [2**63, -(2**64)]
-GETS = ["/v1/rounds/{n}", "/v1/rounds/{n}/audit", "/v1/rounds/{n}/payloads/" + "ab" * 32, "/v1/versions/{n}",
-        "/v1/versions/{n}/update", "/v1/checkpoint?version={n}", "/v1/leaderboard?round={n}",
-        "/v1/round?after={n}", "/v1/reports?after={n}"]  # fmt: skip
+GETS = [
+    "/v1/rounds/{n}",
+    "/v1/rounds/{n}/audit",
+    "/v1/rounds/{n}/payloads/" + "ab" * 32,
+    "/v1/versions/{n}",
+    "/v1/versions/{n}/update",
+    "/v1/checkpoint?version={n}",
+    "/v1/leaderboard?round={n}",
+    "/v1/round?after={n}",
+    "/v1/reports?after={n}",
+]
 
 
 @pytest.mark.parametrize("n", HUGE, ids=["2**63", "-2**64"])

@@ -50,10 +50,16 @@ def test_bad_requests_get_only_declared_statuses(open_pool: OpenPool) -> None:
                     if method == "get":
                         answers = [pool.client.get(full)]
                     else:
-                        answers = [pool.client.post(full, content=b"{}"), miner.post(full, b"\xff" * 100),
-                                   pool.client.post(full, content=b"0" * (5 * 2**20))]  # fmt: skip
-                    undeclared += [f"{method.upper()} {full} -> {r.status_code}" for r in answers
-                                   if r.status_code not in declared]  # fmt: skip
+                        answers = [
+                            pool.client.post(full, content=b"{}"),
+                            miner.post(full, b"\xff" * 100),
+                            pool.client.post(full, content=b"0" * (5 * 2**20)),
+                        ]
+                    undeclared += [
+                        f"{method.upper()} {full} -> {r.status_code}"
+                        for r in answers
+                        if r.status_code not in declared
+                    ]
                     bodies = [r for r in answers if r.status_code >= 400 and r.status_code != 416]
                     assert all(set(r.json()) == {"error"} for r in bodies), full
         assert not undeclared, "\n".join(undeclared[:20])

@@ -15,8 +15,8 @@ from pool_harness import SPEC, OpenPool, assert_error, node_client, payload
 from coordinator.hooks import Hooks
 from node.miner import Miner
 from node.settings import MinerSettings
-from protocol.aggregate import aggregate
 from protocol.codec import SparseLoCoCodec
+from protocol.codec.accumulate import aggregate
 from protocol.params import Params, apply_update, params_hash
 
 OVERLAP = {"overlap": True}
@@ -123,8 +123,9 @@ def test_a_restart_mid_close_closes_the_round_behind_then_the_open_one(
         after = pool.wait_for_round(1)
         r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
         assert [s["status"] for s in r0["submissions"] + r1["submissions"]] == ["accepted", "accepted"]
-        v2 = after_round(after_round(pool.checkpoint(0), [first], r0["reference_norm"]), [second],
-                         r1["reference_norm"])  # fmt: skip
+        v2 = after_round(
+            after_round(pool.checkpoint(0), [first], r0["reference_norm"]), [second], r1["reference_norm"]
+        )
         assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
         assert r1["applied_to"] == 1
         # synchronous from here: the next round is for the newest version; overlapped: for the one before

@@ -12,7 +12,7 @@ from pool_harness import SPEC, Miner, OpenPool, Pool, node_client, payload
 from typer.testing import CliRunner
 
 from coordinator.hooks import Hooks
-from coordinator.rollback import rollback
+from coordinator.rounds.rollback import rollback
 from gradpool.cli import app
 from node.follower import Follower
 from protocol.params import apply_update, decode_update, params_hash
@@ -38,8 +38,10 @@ def test_an_upload_whose_processing_fails_is_refused_and_the_others_are_publishe
         assert good.upload(0, payload(0, 0, seed=1)).status_code == 200
         assert bad.upload(0, payload(0, 0, seed=2)).status_code == 200
         assert pool.wait_for_round(0)["version"] == 1
-        assert pool.submissions() == {(0, good.pubkey): ("accepted", None),
-                                      (0, bad.pubkey): ("rejected", "unreadable_upload")}  # fmt: skip
+        assert pool.submissions() == {
+            (0, good.pubkey): ("accepted", None),
+            (0, bad.pubkey): ("rejected", "unreadable_upload"),
+        }
 
 
 def test_a_round_that_cannot_be_closed_closes_without_a_version(open_pool: OpenPool) -> None:

@@ -10,8 +10,9 @@ from typing import Any
 import pytest
 from pool_harness import SPEC, Miner, OpenPool, payload
 
-from protocol.aggregate import aggregate, update_norm
 from protocol.codec import SparseLoCoCodec
+from protocol.codec.accumulate import aggregate
+from protocol.codec.measure import update_norm
 from protocol.errors import DataError
 from protocol.params import apply_update, params_hash
 

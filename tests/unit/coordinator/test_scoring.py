@@ -12,9 +12,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload, trained_delta
 
-from coordinator.closer import MIN_WEIGHT_SCORE
-from protocol.aggregate import FlatAccumulator, robust_mean
+from coordinator.rounds.closer import MIN_WEIGHT_SCORE
 from protocol.codec import SparseLoCoCodec
+from protocol.codec.accumulate import FlatAccumulator, robust_mean
 from protocol.params import apply_update, params_hash
 from protocol.signing import generate_key, public_key_hex, sign_request
 
@@ -122,8 +122,14 @@ def test_verdicts_from_validators(open_pool: OpenPool) -> None:
     with open_pool(validation={"builtin": False, "validators": [public_key_hex(trusted)]}) as pool:
         miner = pool.miner()
         assert miner.upload(0, payload(0, 0, seed=5)).status_code == 200
-        verdict = {"miner": miner.pubkey, "own_before": 3.0, "own_after": 2.5, "other_before": 3.0,
-                   "other_after": 2.9, "margin_se": 0.4}  # fmt: skip
+        verdict = {
+            "miner": miner.pubkey,
+            "own_before": 3.0,
+            "own_after": 2.5,
+            "other_before": 3.0,
+            "other_after": 2.9,
+            "margin_se": 0.4,
+        }
         body = json.dumps({"verdicts": [verdict]}).encode()
         assert_error(_post_verdicts(pool, trusted, 0, body), 409, "round_open")
         pool.wait_for_round(0)
@@ -177,8 +183,14 @@ def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> N
     """With harmful and low-gain refusals off, only the weighting stands between a sign-flipped update and
     the model: it is refused as low_score, and each honest update counts by its miner's score."""
     # enough sequences that an honest margin stands clear of its noise: every honest score is positive
-    validation = {**EVAL, "own_sequences": 64, "other_sequences": 64, "weight_by_score": True,
-                  "refuse_harmful": False, "min_gain_fraction": 0.0}  # fmt: skip
+    validation = {
+        **EVAL,
+        "own_sequences": 64,
+        "other_sequences": 64,
+        "weight_by_score": True,
+        "refuse_harmful": False,
+        "min_gain_fraction": 0.0,
+    }
     with open_pool(recipe=RECIPE, validation=validation, rounds={"min_quorum": 4}) as pool:
         honest = [fixed_miner(pool, i) for i in range(3)]
         flipper = fixed_miner(pool, 3)

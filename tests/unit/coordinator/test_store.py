@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from coordinator.store import Store
+from coordinator.storage.store import Store
 from protocol.evaluation import Losses
 
 OLD_VERDICTS = """CREATE TABLE verdicts (

@@ -124,8 +124,16 @@ def test_a_bad_model_config_is_one_line_at_start_up(tmp_path: Path, toml: str, n
 
 def test_a_tokenizer_that_is_not_one_is_one_line(tmp_path: Path, corpus_file: Path) -> None:
     (tmp_path / "bad.json").write_text("{}")
-    done = gradpool("coordinator", "serve", "--state-dir", str(tmp_path / "s"), "--corpus", str(corpus_file),
-                    "--tokenizer", str(tmp_path / "bad.json"))  # fmt: skip
+    done = gradpool(
+        "coordinator",
+        "serve",
+        "--state-dir",
+        str(tmp_path / "s"),
+        "--corpus",
+        str(corpus_file),
+        "--tokenizer",
+        str(tmp_path / "bad.json"),
+    )
     assert_one_line_error(done, "cannot read tokenizer")
 
 
@@ -133,12 +141,14 @@ def test_tokenizer_train_writes_a_bpe_that_the_coordinator_takes(tmp_path: Path,
     import pyarrow as pa
     import pyarrow.parquet as pq
 
-    from coordinator.tokenizer import RunTokenizer
+    from coordinator.data.tokenizer import RunTokenizer
 
     (tmp_path / "c").mkdir()
     text = corpus_file.read_text(encoding="utf-8")
-    pq.write_table(pa.table({"text": [text[i : i + 5000] for i in range(0, len(text), 5000)]}),
-                   tmp_path / "c" / "part.parquet")  # fmt: skip
+    pq.write_table(
+        pa.table({"text": [text[i : i + 5000] for i in range(0, len(text), 5000)]}),
+        tmp_path / "c" / "part.parquet",
+    )
     out = tmp_path / "tok" / "tokenizer.json"
     done = gradpool(
         "tokenizer", "train", "--corpus", str(tmp_path / "c"), "--vocab-size", "500", "--out", str(out)
@@ -147,5 +157,9 @@ def test_tokenizer_train_writes_a_bpe_that_the_coordinator_takes(tmp_path: Path,
     tok = RunTokenizer(str(out))
     assert tok.vocab_size == 500 and tok.end_of_text is not None
     assert tok.decode(tok.encode(text[:3000])) == text[:3000]
-    assert_one_line_error(gradpool("tokenizer", "train", "--corpus", str(tmp_path / "none"), "--vocab-size",
-                                   "500", "--out", str(out)), "does not exist")  # fmt: skip
+    assert_one_line_error(
+        gradpool(
+            "tokenizer", "train", "--corpus", str(tmp_path / "none"), "--vocab-size", "500", "--out", str(out)
+        ),
+        "does not exist",
+    )

@@ -13,9 +13,9 @@ import torch
 from fastapi.testclient import TestClient
 from typer.testing import CliRunner
 
-from coordinator.app import create_app
+from coordinator.api.app import create_app
+from coordinator.data.tokenizer import RunTokenizer, train_bpe
 from coordinator.settings import CoordinatorSettings
-from coordinator.tokenizer import RunTokenizer, train_bpe
 from gradpool.cli import app
 from gradpool.export import Run
 
@@ -32,9 +32,11 @@ def bpe(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Path:
 
 def started(tmp_path: Path, corpus: Path, model: str | dict[str, Any], tokenizer: str) -> Path:
     """A coordinator's state directory for this model and tokenizer (version 0)."""
-    settings = CoordinatorSettings(state_dir=tmp_path / "state", model=model,  # type: ignore[arg-type]
-                                   data={"corpus": corpus, "eval_every": 20, "eval_sequences": 4,
-                                         "tokenizer": tokenizer})  # fmt: skip
+    settings = CoordinatorSettings(
+        state_dir=tmp_path / "state",
+        model=model,  # type: ignore[arg-type]
+        data={"corpus": corpus, "eval_every": 20, "eval_sequences": 4, "tokenizer": tokenizer},
+    )
     with TestClient(create_app(settings)) as client:
         info = client.get("/v1/info").json()
         served = client.get("/v1/tokenizer")
@@ -73,8 +75,13 @@ def test_an_exported_model_loads_in_transformers_and_computes_the_same_logits(
     done = CliRunner().invoke(app, ["export", "--state-dir", str(state), "--out", str(tmp_path / "hf")])
     assert done.exit_code == 0, done.output
     hf = tmp_path / "hf"
-    assert {p.name for p in hf.iterdir()} >= {"config.json", "model.safetensors", "generation_config.json",
-                                              "tokenizer.json", "tokenizer_config.json"}  # fmt: skip
+    assert {p.name for p in hf.iterdir()} >= {
+        "config.json",
+        "model.safetensors",
+        "generation_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+    }
     with open(hf / "model.safetensors", "rb") as f:
         header = json.loads(f.read(int.from_bytes(f.read(8), "little")))
     assert header["__metadata__"] == {"format": "pt"}
@@ -97,14 +104,29 @@ def test_an_exported_model_loads_in_transformers_and_computes_the_same_logits(
 def test_generate_prints_a_continuation_and_bad_input_is_one_line(tmp_path: Path, corpus_file: Path) -> None:
     state = started(tmp_path, corpus_file, "tiny", "byte")
     cli = CliRunner()
-    done = cli.invoke(app, ["generate", "--state-dir", str(state), "--prompt", "import ", "--max-new-tokens",
-                            "12", "--temperature", "0"])  # fmt: skip
+    done = cli.invoke(
+        app,
+        [
+            "generate",
+            "--state-dir",
+            str(state),
+            "--prompt",
+            "import ",
+            "--max-new-tokens",
+            "12",
+            "--temperature",
+            "0",
+        ],
+    )
     assert done.exit_code == 0 and done.stdout.startswith("import ") and len(done.stdout) > len("import \n")
     missing = cli.invoke(
         app, ["export", "--state-dir", str(tmp_path / "nowhere"), "--out", str(tmp_path / "x")]
     )
-    assert missing.exit_code == 1 and missing.stderr.strip() == f"error: {tmp_path / 'nowhere'} holds no " \
-        "coordinator state (no state.db)"  # fmt: skip
+    assert (
+        missing.exit_code == 1
+        and missing.stderr.strip()
+        == f"error: {tmp_path / 'nowhere'} holds no coordinator state (no state.db)"
+    )
     old = cli.invoke(
         app, ["export", "--state-dir", str(state), "--out", str(tmp_path / "x"), "--version", "5"]
     )

@@ -138,8 +138,9 @@ def test_a_redirected_download_that_is_refused_asks_the_coordinator_again() -> N
         asked.append(f"{request.url.host}{request.url.path}?{request.url.query.decode()}")
         if request.url.host == "coordinator.test":
             n = sum(a.startswith("coordinator.test") for a in asked)
-            return httpx.Response(307, headers={"Location": f"http://bucket.test/blob?signature={n}",
-                                                "X-Gradpool-Version": "4"})  # fmt: skip
+            return httpx.Response(
+                307, headers={"Location": f"http://bucket.test/blob?signature={n}", "X-Gradpool-Version": "4"}
+            )
         if request.url.query == b"signature=1":
             return httpx.Response(403, text="<Error><Code>AccessDenied</Code>Request has expired</Error>")
         return httpx.Response(200, content=b"the update")
@@ -148,8 +149,12 @@ def test_a_redirected_download_that_is_refused_asks_the_coordinator_again() -> N
         "http://coordinator.test", generate_key(), transport=httpx.MockTransport(handler)
     )
     assert client.update(4) == b"the update"
-    assert asked == ["coordinator.test/v1/versions/4/update?", "bucket.test/blob?signature=1",
-                     "coordinator.test/v1/versions/4/update?", "bucket.test/blob?signature=2"]  # fmt: skip
+    assert asked == [
+        "coordinator.test/v1/versions/4/update?",
+        "bucket.test/blob?signature=1",
+        "coordinator.test/v1/versions/4/update?",
+        "bucket.test/blob?signature=2",
+    ]
     asked.clear()
     assert client.checkpoint() == (4, b"the update")  # the version from the coordinator's redirect
 

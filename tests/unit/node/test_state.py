@@ -8,7 +8,7 @@ import torch
 
 from node.state import STATE_FILE, MinerState, load_state, save_state
 from node.trainer import InnerTrainer
-from protocol.feedback import ErrorFeedback
+from protocol.codec.feedback import ErrorFeedback
 from protocol.model import build_model
 from protocol.wire import TrainingRecipe
 

@@ -9,8 +9,9 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.aggregate import aggregate, clip_scales, update_norm
 from protocol.codec import SparseTensor
+from protocol.codec.accumulate import aggregate
+from protocol.codec.measure import clip_scales, update_norm
 
 SPEC = [("w", (2, 4)), ("b", (3,))]
 

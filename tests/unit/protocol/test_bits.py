@@ -7,7 +7,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.bits import (
+from protocol.codec.bits import (
     pack_2bit,
     pack_bits,
     pack_positions,

@@ -6,12 +6,18 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protocol.aggregate import FlatAccumulator
-from protocol.chunk_accumulator import ChunkAccumulator
 from protocol.codec import PayloadHeader, SparseLoCoCodec
+from protocol.codec.accumulate import FlatAccumulator
+from protocol.codec.chunk_accumulator import ChunkAccumulator
 
-SPEC = [("tiled", (128, 192)), ("edges", (100, 130)), ("flat", (5000,)), ("short", (70,)), ("tiny", (5,)),
-        ("cube", (3, 7, 50))]  # fmt: skip
+SPEC = [
+    ("tiled", (128, 192)),
+    ("edges", (100, 130)),
+    ("flat", (5000,)),
+    ("short", (70,)),
+    ("tiny", (5,)),
+    ("cube", (3, 7, 50)),
+]
 HEADER = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_version=0)
 
 
@@ -19,8 +25,10 @@ HEADER = PayloadHeader(format_version=1, codec="sparseloco", round=0, base_versi
 def test_chunk_accumulator_equals_the_flat_aggregate(k: int) -> None:
     codec = SparseLoCoCodec(k=k)
     g = torch.Generator().manual_seed(k)
-    payloads = [codec.encode({n: torch.randn(s, generator=g) * (i + 1) for n, s in SPEC}, SPEC, HEADER)[0]
-                for i in range(3)]  # fmt: skip
+    payloads = [
+        codec.encode({n: torch.randn(s, generator=g) * (i + 1) for n, s in SPEC}, SPEC, HEADER)[0]
+        for i in range(3)
+    ]
     scales = [1.0, 0.5, 0.25]
     acc = ChunkAccumulator(codec, SPEC)
     for payload, scale in zip(payloads, scales, strict=True):

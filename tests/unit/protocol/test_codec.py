@@ -18,6 +18,7 @@ from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 
 from protocol.codec import (
+    CODEC_NAMES,
     PAYLOAD_FORMAT_VERSION,
     DenseCodec,
     PayloadHeader,
@@ -636,3 +637,11 @@ def test_dense_decoded_does_not_alias_the_input() -> None:
     before = decoded["w"].values.clone()
     x.zero_()
     assert torch.equal(decoded["w"].values, before)
+
+
+def test_the_registry_builds_exactly_the_codecs_a_payload_may_name() -> None:
+    from protocol import codec
+
+    assert tuple(codec.CODECS) == CODEC_NAMES
+    for name in CODEC_NAMES:
+        assert make_codec(name).name == name

@@ -9,7 +9,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.corpus import build_dataset
+from coordinator.data.corpus import build_dataset
 from protocol.data import Dataset, assignment
 from protocol.evaluation import (
     PRIOR_ROUNDS,
@@ -68,11 +68,20 @@ def test_the_first_rounds_draw_early_factor_times_the_sequences(dataset: Dataset
     evaluated on ``early_factor`` times the samples, and a validator reading the run's info draws the same."""
     evaluation = EvaluationConfig(own_sequences=20, other_sequences=12, early_rounds=2, early_factor=3)
     info = RunInfo(
-        run_id="early", seed=0, model="tiny", architecture=resolve("tiny", 256), tokenizer_sha256="0" * 64,
-        seq_len=128, num_sequences=dataset.meta.num_sequences, eval_every=dataset.meta.eval_every,
-        codec=CodecConfig(), recipe=TrainingRecipe(inner_steps=10, batch_size=8), max_payload_bytes=1 << 20,
-        max_catchup_versions=8, evaluation=evaluation,
-    )  # fmt: skip
+        run_id="early",
+        seed=0,
+        model="tiny",
+        architecture=resolve("tiny", 256),
+        tokenizer_sha256="0" * 64,
+        seq_len=128,
+        num_sequences=dataset.meta.num_sequences,
+        eval_every=dataset.meta.eval_every,
+        codec=CodecConfig(),
+        recipe=TrainingRecipe(inner_steps=10, batch_size=8),
+        max_payload_bytes=1 << 20,
+        max_catchup_versions=8,
+        evaluation=evaluation,
+    )
     sizes = {r: tuple(map(len, samples(info, r, MINER, "salt"))) for r in range(4)}
     assert sizes == {0: (60, 36), 1: (60, 36), 2: (20, 12), 3: (20, 12)}
     own, other = samples(info, 1, MINER, "salt")
@@ -132,8 +141,12 @@ def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset) 
     assert losses.gain > 0.05 and losses.margin > 0.01 and losses.finite(), losses
 
     g = torch.Generator().manual_seed(0)  # the same noise every run
-    noise = {k: SparseTensor(None, torch.randn(t.values.shape, generator=g) * t.values.norm()
-                             / t.values.numel() ** 0.5) for k, t in update.items()}  # fmt: skip
+    noise = {
+        k: SparseTensor(
+            None, torch.randn(t.values.shape, generator=g) * t.values.norm() / t.values.numel() ** 0.5
+        )
+        for k, t in update.items()
+    }
     # noise of the update's norm helps a small fraction as much at most (to first order, nothing)
     assert evaluator.evaluate(noise, 1.0, own, other).gain < 0.1 * losses.gain
     flipped = {k: SparseTensor(None, -t.values) for k, t in update.items()}

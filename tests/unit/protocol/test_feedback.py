@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, SparseLoCoCodec, SparseTensor
-from protocol.feedback import ErrorFeedback
+from protocol.codec.feedback import ErrorFeedback
 
 HEADER = PayloadHeader(format_version=PAYLOAD_FORMAT_VERSION, codec="sparseloco", round=0, base_version=0)
 

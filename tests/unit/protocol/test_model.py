@@ -101,8 +101,13 @@ def test_every_preset_builds_and_counts_its_parameters(name: str) -> None:
     if name in PUBLISHED:
         expected, vocab = PUBLISHED[name]
         assert cfg.vocab_size == vocab and n == expected, (n, expected)
-    bounds = {"tiny": (0.7e6, 1.3e6), "small": (10e6, 20e6), "llama-tiny": (0.7e6, 1.3e6),
-              "llama-small": (10e6, 30e6), "llama-150m": (130e6, 170e6)}  # fmt: skip
+    bounds = {
+        "tiny": (0.7e6, 1.3e6),
+        "small": (10e6, 20e6),
+        "llama-tiny": (0.7e6, 1.3e6),
+        "llama-small": (10e6, 30e6),
+        "llama-150m": (130e6, 170e6),
+    }
     if name in bounds:
         assert bounds[name][0] <= n <= bounds[name][1]
 
@@ -123,8 +128,16 @@ def test_a_bad_config_is_refused_with_one_reason(bad: dict[str, object], message
 
 
 def test_a_tied_head_is_one_tensor_that_trains_as_both() -> None:
-    cfg = ModelConfig(family="llama", n_layer=1, n_head=2, n_embd=16, mlp_hidden=32, block_size=8,
-                      tie_embeddings=True, vocab_size=50)  # fmt: skip
+    cfg = ModelConfig(
+        family="llama",
+        n_layer=1,
+        n_head=2,
+        n_embd=16,
+        mlp_hidden=32,
+        block_size=8,
+        tie_embeddings=True,
+        vocab_size=50,
+    )
     model = build_model(cfg)
     assert model.lm_head.weight is model.model.embed_tokens.weight  # type: ignore[union-attr]
     assert "lm_head.weight" not in dict(model.named_parameters())

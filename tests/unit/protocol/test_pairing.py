@@ -8,7 +8,7 @@ from pathlib import Path
 import pytest
 import torch
 
-from coordinator.corpus import build_dataset
+from coordinator.data.corpus import build_dataset
 from protocol.data import Dataset, assignment
 from protocol.evaluation import UpdateEvaluator, samples
 from protocol.model import build_model, resolve
@@ -33,11 +33,20 @@ def dataset(corpus_file: Path, tmp_path_factory: pytest.TempPathFactory) -> Data
 def info(dataset: Dataset) -> RunInfo:
     arch = resolve("tiny", 256)
     return RunInfo(
-        run_id="ring", seed=0, model="tiny", architecture=arch, tokenizer_sha256="0" * 64, seq_len=128,
-        num_sequences=dataset.meta.num_sequences, eval_every=dataset.meta.eval_every, codec=CodecConfig(),
-        recipe=TrainingRecipe(inner_steps=8, batch_size=8), max_payload_bytes=1 << 20, max_catchup_versions=8,
+        run_id="ring",
+        seed=0,
+        model="tiny",
+        architecture=arch,
+        tokenizer_sha256="0" * 64,
+        seq_len=128,
+        num_sequences=dataset.meta.num_sequences,
+        eval_every=dataset.meta.eval_every,
+        codec=CodecConfig(),
+        recipe=TrainingRecipe(inner_steps=8, batch_size=8),
+        max_payload_bytes=1 << 20,
+        max_catchup_versions=8,
         evaluation=EvaluationConfig(own_sequences=48, other_sequences=48, early_rounds=0),  # in every round
-    )  # fmt: skip
+    )
 
 
 def _assigned(info: RunInfo, miner: str) -> list[int]:
@@ -114,13 +123,16 @@ def test_the_paired_margin_is_the_residual_against_the_mean_update(
     the slope on the other sample, and the own mean less the other mean of the residual."""
     base, updates = round_
     scales = dict(zip(updates, (1.0, 0.5, 0.8, 1.0, 0.7), strict=True))
-    evaluation = RoundEvaluation(UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND,
-                                 SALT, list(updates))  # fmt: skip
+    evaluation = RoundEvaluation(
+        UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND, SALT, list(updates)
+    )
     for m, u in updates.items():
         evaluation.measure(m, u, scales[m])
     losses = evaluation.losses()
-    mean = {n: SparseTensor(None, sum(updates[m][n].values * scales[m] for m in updates) / len(updates))
-            for n in base}  # fmt: skip
+    mean = {
+        n: SparseTensor(None, sum(updates[m][n].values * scales[m] for m in updates) / len(updates))
+        for n in base
+    }
     fresh = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
     for m in updates:
         own, other = samples(info, ROUND, m, SALT)
@@ -143,14 +155,16 @@ def test_small_rounds_keep_the_plain_margin(
     round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
 ) -> None:
     base, updates = round_
-    evaluation = RoundEvaluation(UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND,
-                                 SALT, list(updates))  # fmt: skip
+    evaluation = RoundEvaluation(
+        UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND, SALT, list(updates)
+    )
     for m in list(updates)[: MIN_PAIRED - 1]:  # the others could not be read
         evaluation.measure(m, updates[m], 1.0)
     losses = evaluation.losses()
     assert len(losses) == MIN_PAIRED - 1
-    assert all(x.paired_se == 0 and x.specific == x.margin and x.t == x.margin / x.margin_se
-               for x in losses.values())  # fmt: skip
+    assert all(
+        x.paired_se == 0 and x.specific == x.margin and x.t == x.margin / x.margin_se for x in losses.values()
+    )
 
 
 def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
@@ -161,12 +175,18 @@ def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
     """``losses((own, other))`` pairs on the first sequences of each sample only: the same verdicts as a
     round evaluated with those sample sizes (what benchmarks/resample.py compares sizes with)."""
     base, updates = round_
-    small = info.model_copy(update={"evaluation": info.evaluation.model_copy(
-        update={"own_sequences": 24, "other_sequences": 16})})  # fmt: skip
+    small = info.model_copy(
+        update={"evaluation": info.evaluation.model_copy(update={"own_sequences": 24, "other_sequences": 16})}
+    )
     verdicts = []
     for run_info in (info, small):
-        evaluation = RoundEvaluation(UpdateEvaluator(build_model("tiny"), base, dataset.sequences), run_info,
-                                     ROUND, SALT, list(updates))  # fmt: skip
+        evaluation = RoundEvaluation(
+            UpdateEvaluator(build_model("tiny"), base, dataset.sequences),
+            run_info,
+            ROUND,
+            SALT,
+            list(updates),
+        )
         for m, u in updates.items():
             evaluation.measure(m, u, 1.0)
         verdicts.append(evaluation)

@@ -11,7 +11,7 @@ import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from protocol.aggregate import RobustMethod, robust_mean
+from protocol.codec.accumulate import RobustMethod, robust_mean
 
 METHODS: list[RobustMethod] = ["median", "trimmed_mean"]
 Contributor = dict[int, float]

@@ -26,7 +26,7 @@ router = APIRouter(include_in_schema=False)
 
 @cache
 def _asset(name: str) -> bytes:
-    return files("coordinator").joinpath("static", name).read_bytes()
+    return files("coordinator.api").joinpath("static", name).read_bytes()
 
 
 @router.get("/")

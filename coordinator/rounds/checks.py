@@ -11,7 +11,6 @@ one line in ``default_pipeline``.
 from __future__ import annotations
 
 import math
-import sqlite3
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
@@ -21,7 +20,8 @@ from typing import ClassVar, Literal, Protocol
 import torch
 
 from coordinator.settings import CheckSettings, ValidationSettings
-from protocol.aggregate import clip_scale, cosine, reference_norm
+from coordinator.storage.records import Upload
+from protocol.codec.measure import clip_scale, cosine, reference_norm
 from protocol.evaluation import Losses
 from protocol.wire import LeaderboardEntry
 
@@ -49,25 +49,6 @@ class Refusal(StrEnum):
 
 # never counted against a miner (a probation's reason is counted once, where it was given)
 NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION})
-
-
-@dataclass(frozen=True)
-class Upload:
-    """One upload as intake recorded it."""
-
-    miner: str
-    sha256: str
-    content_sha256: str
-    norm: float
-    sketch: torch.Tensor
-    stored_sha256: str | None = None  # the form the codec's accumulator reads back
-
-    @classmethod
-    def of(cls, row: sqlite3.Row) -> Upload:
-        """The upload a ``submissions`` row records."""
-        sketch = torch.frombuffer(bytearray(row["sketch"]), dtype=torch.float32)
-        stored = row["unpacked_sha256"]
-        return cls(row["miner"], row["sha256"], row["content_sha256"], row["norm"], sketch, stored)
 
 
 @dataclass(frozen=True)
@@ -168,8 +149,10 @@ class Copied:
     def refuse(self, j: Judging) -> Iterable[str]:
         kept: list[Upload] = []
         for u in j.remaining():
-            if any(u.content_sha256 == k.content_sha256 or cosine(u.sketch, k.sketch) > self.copy_cosine
-                   for k in kept):  # fmt: skip
+            if any(
+                u.content_sha256 == k.content_sha256 or cosine(u.sketch, k.sketch) > self.copy_cosine
+                for k in kept
+            ):
                 yield u.miner
             else:
                 kept.append(u)

@@ -18,8 +18,8 @@ SparseLoCo layout, per parameter tensor:
 - A tensor whose fp16 form is no larger than its sparse form (at most a few dozen elements) goes dense in
   fp16: top-k would keep all of it anyway.
 
-The chunk layout is in ``protocol/chunks.py``, the value bins in ``protocol/quantize.py`` and the running
-sum of payloads in their chunk layout in ``protocol/chunk_accumulator.py``.
+The chunk layout is in ``chunks.py``, the value bins in ``quantize.py`` and the running
+sum of payloads in their chunk layout in ``protocol/codec/chunk_accumulator.py``.
 """
 
 from __future__ import annotations
@@ -30,10 +30,11 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save as st_save
 
-from protocol.aggregate import sketch_flat
-from protocol.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
-from protocol.chunk_accumulator import ChunkAccumulator
-from protocol.chunks import Layout, RowTable
+from protocol.codec.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
+from protocol.codec.chunk_accumulator import ChunkAccumulator
+from protocol.codec.chunks import Layout, RowTable
+from protocol.codec.measure import sketch_flat
+from protocol.codec.quantize import quantize
 from protocol.errors import CodecError
 from protocol.payload import (
     FP16_MAX,
@@ -49,7 +50,6 @@ from protocol.payload import (
     framed_bytes,
     unframe,
 )
-from protocol.quantize import quantize
 
 
 def _ef_params(chunk: int, k: int) -> tuple[int, int]:
@@ -89,7 +89,7 @@ class SparseLoCoCodec:
 
     def max_payload_bytes(self, spec: ParamSpec) -> int:
         """The size of the largest valid payload for this model: every length is fixed by the shapes."""
-        table = self._table(spec)
+        table = self.table(spec)
         tensors = table.rows * (self.low_bytes + self.high_bytes + self.val_bytes)
         return framed_bytes(tensors + 4 * self.levels * len(table.names) + 2 * sum(table.dense_sizes))
 
@@ -221,7 +221,7 @@ class SparseLoCoCodec:
                 f"expects {self.name} k={self.k} tile={self.tile} bits={self.bits}",
                 code="wrong_codec",
             )
-        table = self._table(spec)
+        table = self.table(spec)
         expect_len(tensors, "idx", (table.rows * (self.low_bytes + self.high_bytes),))
         expect_len(tensors, "val", (table.rows * self.val_bytes,))
         expect_len(tensors, "lut", (len(table.names), self.levels))
@@ -250,8 +250,15 @@ class SparseLoCoCodec:
         flat, valid = self._coordinates(table, idx)
         if valid is not None:
             flat, vals = flat[valid], vals[valid]
-        coords = torch.cat([flat.reshape(-1), *(torch.arange(o, o + n) for o, n in
-                            zip(table.dense_offsets, table.dense_sizes, strict=True))])  # fmt: skip
+        coords = torch.cat(
+            [
+                flat.reshape(-1),
+                *(
+                    torch.arange(o, o + n)
+                    for o, n in zip(table.dense_offsets, table.dense_sizes, strict=True)
+                ),
+            ]
+        )
         values = torch.cat([vals.reshape(-1), dense])
         norm = float(values.double().square().sum().sqrt())
         return Examined(header, content_digest(data), norm, sketch_flat(coords, values), unpacked)
@@ -293,7 +300,7 @@ class SparseLoCoCodec:
                 )
         return idx
 
-    def _table(self, spec: ParamSpec) -> RowTable:
+    def table(self, spec: ParamSpec) -> RowTable:
         key = tuple((n, tuple(s)) for n, s in spec)
         table = self._tables.get(key)
         if table is None:

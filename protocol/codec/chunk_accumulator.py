@@ -3,18 +3,26 @@
 from __future__ import annotations
 
 import math
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 from safetensors.torch import load as st_load
 
-from protocol.aggregate import check_room, count_dtype, divide_by_count
-from protocol.chunks import Layout
+from protocol.codec.accumulate import check_room, count_dtype, divide_by_count
+from protocol.codec.chunks import Geometry, Layout, RowTable
 from protocol.errors import CodecError
-from protocol.payload import ParamSpec
+from protocol.payload import ParamSpec, PayloadHeader
 
-if TYPE_CHECKING:
-    from protocol.sparseloco import SparseLoCoCodec
+
+class RowCodec(Geometry, Protocol):
+    """What the accumulator needs of its codec: the chunk geometry, the row table of a model, and a payload
+    decoded into chunk rows."""
+
+    def table(self, spec: ParamSpec) -> RowTable: ...
+
+    def decode_rows(
+        self, data: bytes, spec: ParamSpec
+    ) -> tuple[PayloadHeader, RowTable, torch.Tensor, torch.Tensor, torch.Tensor]: ...
 
 
 class ChunkAccumulator:
@@ -26,9 +34,9 @@ class ChunkAccumulator:
     (4 beyond), whatever their number.
     """
 
-    def __init__(self, codec: SparseLoCoCodec, spec: ParamSpec, max_contributors: int = 255) -> None:
+    def __init__(self, codec: RowCodec, spec: ParamSpec, max_contributors: int = 255) -> None:
         self.codec, self.spec = codec, [(n, tuple(s)) for n, s in spec]
-        self.table = codec._table(spec)
+        self.table = codec.table(spec)
         chunk = codec.tile * codec.tile
         counts = count_dtype(max_contributors)
         self.sum = torch.zeros(self.table.rows, chunk)

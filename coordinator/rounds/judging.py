@@ -1,5 +1,5 @@
 """Judging a round's uploads: the cheap checks, then (``[validation] builtin``) each sampled upload
-evaluated alone on the version it will change, then the evaluated checks (coordinator/checks.py). Runs in
+evaluated alone on the version it will change, then the evaluated checks (rounds/checks.py). Runs in
 the closer's thread.
 
 Synchronous rounds evaluate every sampled upload before the version is built. Overlapped rounds keep the
@@ -31,12 +31,13 @@ from dataclasses import dataclass, field
 
 import torch
 
-from coordinator.checks import NEUTRAL, Check, History, Judging, Refusal, Upload, judge_cheap, run_phase
 from coordinator.hooks import Hooks
-from coordinator.parts import Model, Parts
+from coordinator.rounds.checks import NEUTRAL, Check, History, Judging, Refusal, judge_cheap, run_phase
+from coordinator.rounds.parts import Model, Parts
+from coordinator.rounds.state import RoundState
 from coordinator.settings import CheckSettings, ValidationSettings
-from coordinator.state import RoundState
-from coordinator.store import COORDINATOR
+from coordinator.storage.records import Upload
+from coordinator.storage.store import COORDINATOR
 from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt
 from protocol.pairing import RoundEvaluation
 from protocol.params import Params, load_checkpoint
@@ -75,13 +76,22 @@ class Judged:
 
 
 class Judge:
-    def __init__(self, parts: Parts, model: Model, checks: CheckSettings, validation: ValidationSettings,
-                 pipeline: Sequence[Check], hooks: Hooks, stop: threading.Event) -> None:  # fmt: skip
+    def __init__(
+        self,
+        parts: Parts,
+        model: Model,
+        checks: CheckSettings,
+        validation: ValidationSettings,
+        pipeline: Sequence[Check],
+        hooks: Hooks,
+        stop: threading.Event,
+    ) -> None:
         self.p, self.model, self.checks_settings, self.validation = parts, model, checks, validation
         self.pipeline, self.hooks, self.stop = pipeline, hooks, stop
 
-    def judge(self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row],
-              defer: bool = False) -> Judged:  # fmt: skip
+    def judge(
+        self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row], defer: bool = False
+    ) -> Judged:
         """Refusals, clip scales and losses of a round's uploads. ``defer`` (overlapped rounds): leave the
         evaluation of uploads whose miners have a good standing for ``finish``."""
         p, r = self.p, state.round
@@ -100,16 +110,29 @@ class Judge:
             self._measure(evaluation, r, first, scales, j.refused)
             j.losses = evaluation.losses()
         # the standing as of the round before, with this round's results when they came before the version
-        j.scores = lambda: p.scores.with_round(r - 1, {} if defer else round_results(
-            r, j.losses, {u.miner for u in j.remaining()}))  # fmt: skip
+        j.scores = lambda: p.scores.with_round(
+            r - 1, {} if defer else round_results(r, j.losses, {u.miner for u in j.remaining()})
+        )
         run_phase(self.pipeline, "evaluated", j)
         if defer:  # synchronous rounds measured each verdict at its scale, as validators measure it again
             ref = j.reclip(ref, scales)
-        judged = Judged(j.refused, scales, j.losses, {u.miner for u in first + later + probation}, ref,
-                        first={u.miner for u in first})  # fmt: skip
+        judged = Judged(
+            j.refused,
+            scales,
+            j.losses,
+            {u.miner for u in first + later + probation},
+            ref,
+            first={u.miner for u in first},
+        )
         if defer:
-            judged.later = Later(r, evaluation, first + later + probation, scales, j.history,
-                                 frozenset(u.miner for u in probation))  # fmt: skip
+            judged.later = Later(
+                r,
+                evaluation,
+                first + later + probation,
+                scales,
+                j.history,
+                frozenset(u.miner for u in probation),
+            )
         return judged
 
     def gate(self, judged: Judged, uploads: Sequence[Upload]) -> None:
@@ -131,19 +154,32 @@ class Judge:
         refused: dict[str, str] = {}
         self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
         losses = later.evaluation.losses()
-        j = Judging(later.round, [], later.history, losses=losses, sure=FLAG_SURE,
-                    gain_se={m: later.evaluation.gain_se(m) for m in losses})  # fmt: skip
+        j = Judging(
+            later.round,
+            [],
+            later.history,
+            losses=losses,
+            sure=FLAG_SURE,
+            gain_se={m: later.evaluation.gain_se(m) for m in losses},
+        )
         run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
         flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
         judged = accepted & set(losses)  # the version's uploads that were evaluated
         failed = judged & set(flags)
         if 2 * len(failed) > len(judged):  # most of them: the round failed, not its miners
-            log.warning("round %d: %d of the version's %d evaluated uploads fail after it; none is flagged",
-                        later.round, len(failed), len(judged))  # fmt: skip
+            log.warning(
+                "round %d: %d of the version's %d evaluated uploads fail after it; none is flagged",
+                later.round,
+                len(failed),
+                len(judged),
+            )
             flags = {m: code for m, code in flags.items() if m not in accepted}
         if flags:
-            log.warning("round %d: accepted uploads flagged once evaluated: %s", later.round,
-                        {m[:12]: code for m, code in flags.items()})  # fmt: skip
+            log.warning(
+                "round %d: accepted uploads flagged once evaluated: %s",
+                later.round,
+                {m[:12]: code for m, code in flags.items()},
+            )
         return losses, flags
 
     def rescore(self, round_: int, applied_to: int) -> Later | None:
@@ -153,13 +189,17 @@ class Judge:
         p = self.p
         kept = p.store.checkpoint(applied_to)
         if kept is None:
-            log.warning("round %d: version %d's checkpoint is gone; its evaluation is dropped", round_,
-                        applied_to)  # fmt: skip
+            log.warning(
+                "round %d: version %d's checkpoint is gone; its evaluation is dropped", round_, applied_to
+            )
             return None
         base, _ = load_checkpoint(p.blobs.get(kept[1]), p.spec)
         subs = p.store.round_submissions(round_)
-        uploads = [Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"], torch.zeros(0))
-                   for s in subs if s["evaluated"] and s["scale"] is not None]  # fmt: skip
+        uploads = [
+            Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"], torch.zeros(0))
+            for s in subs
+            if s["evaluated"] and s["scale"] is not None
+        ]
         salt = round_salt(s["sha256"] for s in subs)
         scales = {s["miner"]: float(s["scale"]) for s in subs if s["scale"] is not None}
         evaluation = self._evaluation(round_, salt, uploads, base)
@@ -169,8 +209,13 @@ class Judge:
         p, c = self.p, self.checks_settings
         first = round_ - c.history_rounds
         recent = p.store.recent_uploads(round_ - c.replay_window_rounds, round_)
-        sketches = torch.stack([torch.frombuffer(bytearray(r["sketch"]), dtype=torch.float32) for r in recent]
-                               ).double() if recent else torch.zeros(0, 1, dtype=torch.float64)  # fmt: skip
+        sketches = (
+            torch.stack(
+                [torch.frombuffer(bytearray(r["sketch"]), dtype=torch.float32) for r in recent]
+            ).double()
+            if recent
+            else torch.zeros(0, 1, dtype=torch.float64)
+        )
         if len(sketches):
             sketches = sketches / sketches.norm(dim=1, keepdim=True).clamp_min(1e-300)
         return History(
@@ -184,9 +229,15 @@ class Judge:
         evaluator = UpdateEvaluator(self.model.module, base, self.p.dataset.sequences)
         return RoundEvaluation(evaluator, self.p.info, round_, salt, [u.miner for u in uploads])
 
-    def _measure(self, evaluation: RoundEvaluation, round_: int, uploads: Sequence[Upload],
-                 scales: dict[str, float], refused: dict[str, str], gain_only: bool = False,
-                 ) -> dict[str, Losses]:  # fmt: skip
+    def _measure(
+        self,
+        evaluation: RoundEvaluation,
+        round_: int,
+        uploads: Sequence[Upload],
+        scales: dict[str, float],
+        refused: dict[str, str],
+        gain_only: bool = False,
+    ) -> dict[str, Losses]:
         """Each upload's losses before and after it is applied alone, scaled as aggregation scales it (the
         plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused."""
         p, t0 = self.p, time.perf_counter()
@@ -200,23 +251,39 @@ class Judge:
                 self.touch(round_, u)
                 update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
                 scale = scales[u.miner]
-                out[u.miner] = (evaluation.gain(u.miner, update, scale, self.validation.gate_sequences)
-                                if gain_only else evaluation.measure(u.miner, update, scale))  # fmt: skip
+                out[u.miner] = (
+                    evaluation.gain(u.miner, update, scale, self.validation.gate_sequences)
+                    if gain_only
+                    else evaluation.measure(u.miner, update, scale)
+                )
             except Exception as e:
                 log.warning("round %d: evaluating miner %s's upload failed (%s)", round_, u.miner[:12], e)
                 refused.setdefault(u.miner, Refusal.UNREADABLE)
         elapsed = time.perf_counter() - t0
         p.metrics.evaluation.observe(elapsed)
-        log.info("round %d: %s %d uploads in %.2f s; gains %s", round_, "gated" if gain_only else "evaluated",
-                 len(out), elapsed, {m[:12]: round(x.gain, 4) for m, x in out.items()})  # fmt: skip
+        log.info(
+            "round %d: %s %d uploads in %.2f s; gains %s",
+            round_,
+            "gated" if gain_only else "evaluated",
+            len(out),
+            elapsed,
+            {m[:12]: round(x.gain, 4) for m, x in out.items()},
+        )
         return out
 
-    def _gate(self, evaluation: RoundEvaluation, round_: int, uploads: Sequence[Upload],
-              scales: dict[str, float], refused: dict[str, str]) -> dict[str, Losses]:  # fmt: skip
+    def _gate(
+        self,
+        evaluation: RoundEvaluation,
+        round_: int,
+        uploads: Sequence[Upload],
+        scales: dict[str, float],
+        refused: dict[str, str],
+    ) -> dict[str, Losses]:
         return self._measure(evaluation, round_, uploads, scales, refused, gain_only=True)
 
-    def _sample(self, round_: int, uploads: list[Upload], salt: str,
-                defer: bool) -> tuple[list[Upload], list[Upload], list[Upload]]:  # fmt: skip
+    def _sample(
+        self, round_: int, uploads: list[Upload], salt: str, defer: bool
+    ) -> tuple[list[Upload], list[Upload], list[Upload]]:
         """The uploads to evaluate, as (first, later, probation): all, or ``max_evaluated`` of them: those
         whose miner was refused (but by the loss guard) in the last ``RECENT_REFUSAL_ROUNDS`` rounds or
         flagged in the last ``FLAG_ROUNDS`` first, then those with a record shorter than ``min_record``,
@@ -228,9 +295,12 @@ class Judge:
             return uploads, [], []
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
         moot = NEUTRAL | {Refusal.LOSS_GUARD}  # refusals that say nothing of the miner's own upload
-        suspect = {s["miner"] for s in p.store.submissions_between(since, round_ - 1)
-                   if (s["status"] == "rejected" and s["reason"] not in moot)
-                   or (s["flag"] and s["round"] >= round_ - FLAG_ROUNDS)}  # fmt: skip
+        suspect = {
+            s["miner"]
+            for s in p.store.submissions_between(since, round_ - 1)
+            if (s["status"] == "rejected" and s["reason"] not in moot)
+            or (s["flag"] and s["round"] >= round_ - FLAG_ROUNDS)
+        }
         suspect |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
         record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
 

@@ -14,9 +14,9 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.checks import Refusal
-from coordinator.lock import StateLock
-from coordinator.store import Store
+from coordinator.rounds.checks import Refusal
+from coordinator.storage.lock import StateLock
+from coordinator.storage.store import Store
 
 
 @dataclass(frozen=True)

@@ -22,7 +22,7 @@ from typing import BinaryIO, TextIO
 
 import numpy as np
 
-from coordinator.tokenizer import RunTokenizer
+from coordinator.data.tokenizer import RunTokenizer
 from protocol.data import DatasetMeta, stdlib_dir
 from protocol.errors import DataError
 
@@ -142,8 +142,10 @@ def shard_tokens(path: Path, vocab_size: int, chunk: int = 1 << 22) -> Iterator[
         while data := f.read(2 * chunk):
             tokens = np.frombuffer(data[: len(data) // 2 * 2], dtype="<u2")
             if tokens.size and int(tokens.max()) >= vocab_size:
-                raise DataError(f"{path} holds token id {int(tokens.max())}, beyond the tokenizer's "
-                                f"vocabulary of {vocab_size}")  # fmt: skip
+                raise DataError(
+                    f"{path} holds token id {int(tokens.max())}, beyond the tokenizer's "
+                    f"vocabulary of {vocab_size}"
+                )
             seen += tokens.size
             yield tokens
         if seen != declared:
@@ -182,14 +184,21 @@ def build_dataset(
     tokenizer = tokenizer or RunTokenizer("byte")
     meta_path = out_dir / "meta.json"
     corpus_name = str(corpus) if corpus else None
-    wanted = {"seq_len": seq_len, "eval_every": eval_every, "max_tokens": max_tokens, "corpus": corpus_name,
-              "tokenizer_sha256": tokenizer.sha256}  # fmt: skip
+    wanted = {
+        "seq_len": seq_len,
+        "eval_every": eval_every,
+        "max_tokens": max_tokens,
+        "corpus": corpus_name,
+        "tokenizer_sha256": tokenizer.sha256,
+    }
     files = corpus_files(corpus)
     signature = corpus_signature(files)
     if meta_path.exists():
         meta = DatasetMeta(**json.loads(meta_path.read_text()))
-        old = {**{k: getattr(meta, k) for k in wanted}, "tokenizer_sha256": meta.tokenizer_sha256 or
-               RunTokenizer("byte").sha256}  # fmt: skip
+        old = {
+            **{k: getattr(meta, k) for k in wanted},
+            "tokenizer_sha256": meta.tokenizer_sha256 or RunTokenizer("byte").sha256,
+        }
         if old == wanted:
             if meta.corpus_signature not in (None, signature):
                 raise DataError(
@@ -209,8 +218,10 @@ def build_dataset(
                     break
         n_seq = writer.count // (seq_len + 1)
         if n_seq < 2 * eval_every:
-            raise DataError(f"corpus too small: {writer.count} tokens make {n_seq} sequences of "
-                            f"{seq_len + 1}; need at least {2 * eval_every}")  # fmt: skip
+            raise DataError(
+                f"corpus too small: {writer.count} tokens make {n_seq} sequences of "
+                f"{seq_len + 1}; need at least {2 * eval_every}"
+            )
         size = n_seq * (seq_len + 1) * tokenizer.dtype.itemsize
         os.truncate(tmp, size)
         digest = _sha256(tmp)
@@ -219,11 +230,19 @@ def build_dataset(
         tmp.unlink(missing_ok=True)
         raise
     meta = DatasetMeta(
-        seq_len=seq_len, num_sequences=n_seq, eval_every=eval_every, num_tokens=n_seq * (seq_len + 1),
-        sha256=digest, source=corpus_name or f"python-stdlib:{stdlib_dir()}", corpus=corpus_name,
-        max_tokens=max_tokens, corpus_signature=signature, dtype=tokenizer.dtype.name,
-        tokenizer=tokenizer.spec, tokenizer_sha256=tokenizer.sha256,
-    )  # fmt: skip
+        seq_len=seq_len,
+        num_sequences=n_seq,
+        eval_every=eval_every,
+        num_tokens=n_seq * (seq_len + 1),
+        sha256=digest,
+        source=corpus_name or f"python-stdlib:{stdlib_dir()}",
+        corpus=corpus_name,
+        max_tokens=max_tokens,
+        corpus_signature=signature,
+        dtype=tokenizer.dtype.name,
+        tokenizer=tokenizer.spec,
+        tokenizer_sha256=tokenizer.sha256,
+    )
     tmp_meta = out_dir / "meta.json.tmp"
     tmp_meta.write_text(json.dumps(asdict(meta), indent=1))
     os.replace(tmp_meta, meta_path)
@@ -259,7 +278,8 @@ def _progress(total: int) -> Iterator[Callable[[int], None]]:
         return
     from rich.progress import BarColumn, DownloadColumn, Progress, TextColumn, TimeRemainingColumn
 
-    with Progress(TextColumn("tokenising"), BarColumn(), DownloadColumn(), TimeRemainingColumn(),
-                  transient=True) as bar:  # fmt: skip
+    with Progress(
+        TextColumn("tokenising"), BarColumn(), DownloadColumn(), TimeRemainingColumn(), transient=True
+    ) as bar:
         task = bar.add_task("tokenising", total=total)
         yield lambda n: bar.update(task, advance=n)

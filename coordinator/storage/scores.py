@@ -35,60 +35,80 @@ class ScoreReads:
         with self.transaction() as db:
             db.executemany(INSERT_VERDICT, verdict_rows(round_, validator, verdicts, now))
 
-    def record_scores(self, round_: int, verdicts: dict[str, Losses], flags: dict[str, str],
-                      now: float) -> None:  # fmt: skip
+    def record_scores(
+        self, round_: int, verdicts: dict[str, Losses], flags: dict[str, str], now: float
+    ) -> None:
         """The coordinator's verdicts on a round whose evaluation ended after it closed, and the flags on
         its accepted uploads, in one transaction with the round marked scored."""
         with self.transaction() as db:
             db.executemany(INSERT_VERDICT, verdict_rows(round_, COORDINATOR, verdicts, now))
-            db.executemany("UPDATE submissions SET flag = ? WHERE round = ? AND miner = ?",
-                           [(code, round_, m) for m, code in flags.items()])  # fmt: skip
+            db.executemany(
+                "UPDATE submissions SET flag = ? WHERE round = ? AND miner = ?",
+                [(code, round_, m) for m, code in flags.items()],
+            )
             db.execute("UPDATE rounds SET scored = 1 WHERE round = ?", (round_,))
 
     def unscored_rounds(self) -> list[sqlite3.Row]:
         """Closed rounds whose evaluation was to go on after their version and did not end."""
-        return self._all("SELECT round, applied_to FROM rounds WHERE status = 'closed' AND scored = 0 "
-                         "ORDER BY round")  # fmt: skip
+        return self._all(
+            "SELECT round, applied_to FROM rounds WHERE status = 'closed' AND scored = 0 ORDER BY round"
+        )
 
     def verdicts_between(self, since: int, through: int) -> list[sqlite3.Row]:
         return self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
 
     def submissions_between(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all("SELECT round, miner, status, reason, flag FROM submissions WHERE round > ? "
-                         "AND round <= ?", since, through)  # fmt: skip
+        return self._all(
+            "SELECT round, miner, status, reason, flag FROM submissions WHERE round > ? AND round <= ?",
+            since,
+            through,
+        )
 
     def tallies(self, through: int) -> list[sqlite3.Row]:
         """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
         return self._all(
             "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' "
             "ELSE COALESCE(reason, 'refused') END AS k, COUNT(*) AS n, MAX(round) AS last FROM submissions "
-            "WHERE round <= ? AND status != 'received' GROUP BY miner, k", through,
-        )  # fmt: skip
+            "WHERE round <= ? AND status != 'received' GROUP BY miner, k",
+            through,
+        )
 
     def flag_tallies(self, through: int) -> list[sqlite3.Row]:
         """Per miner and flag: accepted uploads that their later evaluation would have refused."""
-        return self._all("SELECT miner, flag, COUNT(*) AS n FROM submissions WHERE round <= ? "
-                         "AND flag IS NOT NULL GROUP BY miner, flag", through)  # fmt: skip
+        return self._all(
+            "SELECT miner, flag, COUNT(*) AS n FROM submissions WHERE round <= ? "
+            "AND flag IS NOT NULL GROUP BY miner, flag",
+            through,
+        )
 
     def intake_refusals(self, since: int, through: int) -> list[sqlite3.Row]:
         return self._all(INTAKE_REFUSALS, since, through)
 
     def intake_refusal_tallies(self, through: int) -> list[sqlite3.Row]:
-        return self._all(f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
-                         "GROUP BY miner, code", -1, through)  # fmt: skip
+        return self._all(
+            f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
+            "GROUP BY miner, code",
+            -1,
+            through,
+        )
 
     def published_rounds(self, since: int, through: int) -> list[int]:
         """The closed rounds in (since, through] that published a version."""
-        rows = self._all("SELECT round FROM rounds WHERE status = 'closed' AND accepted > 0 AND round > ? "
-                         "AND round <= ? ORDER BY round", since, through)  # fmt: skip
+        rows = self._all(
+            "SELECT round FROM rounds WHERE status = 'closed' AND accepted > 0 AND round > ? "
+            "AND round <= ? ORDER BY round",
+            since,
+            through,
+        )
         return [int(r["round"]) for r in rows]
 
     def first_rounds(self, through: int) -> dict[str, int]:
         """Each miner's first round with an upload or a refused one, up to ``through``."""
         rows = self._all(
             "SELECT miner, MIN(round) AS first FROM (SELECT miner, round FROM submissions UNION ALL "
-            "SELECT miner, round FROM refusals) WHERE round <= ? GROUP BY miner", through,
-        )  # fmt: skip
+            "SELECT miner, round FROM refusals) WHERE round <= ? GROUP BY miner",
+            through,
+        )
         return {str(r["miner"]): int(r["first"]) for r in rows}
 
 

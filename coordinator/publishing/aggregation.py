@@ -14,9 +14,10 @@ from collections.abc import Callable, Sequence
 
 import torch
 
-from coordinator.checks import Upload
-from protocol.aggregate import RobustMethod, flatten, robust_mean
+from coordinator.storage.records import Upload
 from protocol.codec import Codec, ParamSpec
+from protocol.codec.accumulate import RobustMethod, robust_mean
+from protocol.codec.measure import flatten
 
 
 class UploadFailed(Exception):
@@ -69,7 +70,11 @@ def _robust(
     flat = robust_mean(
         torch.cat(coords) if coords else torch.zeros(0, dtype=torch.int64),
         torch.cat(values) if values else torch.zeros(0),
-        total, method, trim_fraction,
-    )  # fmt: skip
-    return {name: flat[o : o + math.prod(shape)].view(shape) for (name, shape), o in
-            zip(spec, offsets.values(), strict=True)}  # fmt: skip
+        total,
+        method,
+        trim_fraction,
+    )
+    return {
+        name: flat[o : o + math.prod(shape)].view(shape)
+        for (name, shape), o in zip(spec, offsets.values(), strict=True)
+    }

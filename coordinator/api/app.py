@@ -2,7 +2,7 @@
 
 Handlers never block the event loop: the open round is read from the round state (no SQL); everything that
 touches the store, hashes a large body or decodes a payload runs in a worker thread. Signed requests are
-read by coordinator/http_io.py.
+read by coordinator/api/http_io.py.
 """
 
 from __future__ import annotations
@@ -22,9 +22,8 @@ from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 from safetensors.torch import save as st_save
 
-from coordinator import dashboard
-from coordinator.blobs import BlobNotFoundError
-from coordinator.checks import Check
+from coordinator.api import dashboard
+from coordinator.api.http_io import ProtocolHeader, signed_body
 from coordinator.errors import (
     SIGNED,
     ApiError,
@@ -37,10 +36,11 @@ from coordinator.errors import (
     responses,
 )
 from coordinator.hooks import Hooks
-from coordinator.http_io import ProtocolHeader, signed_body
+from coordinator.rounds.checks import Check
+from coordinator.rounds.state import RoundWatch
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
-from coordinator.state import RoundWatch
+from coordinator.storage.blobs import BlobNotFoundError
 from protocol.wire import (
     MAX_NUMBER,
     PROTOCOL_VERSION,
@@ -137,9 +137,14 @@ async def status(run: RunDep) -> Status:
     q = run.queries
 
     def read() -> Status:
-        return Status(run=run.info, round=q.round_info(), miners=q.count_miners(),
-                      initial_eval_loss=q.initial_eval_loss(), rounds=q.reports(),
-                      leaderboard=run.parts.scores.board(q.last_closed_round()))  # fmt: skip
+        return Status(
+            run=run.info,
+            round=q.round_info(),
+            miners=q.count_miners(),
+            initial_eval_loss=q.initial_eval_loss(),
+            rounds=q.reports(),
+            leaderboard=run.parts.scores.board(q.last_closed_round()),
+        )
 
     return await asyncio.to_thread(read)
 
@@ -176,8 +181,9 @@ async def round_record(round_: RoundNumber, run: RunDep) -> RoundRecord:
 
 
 @router.get("/v1/rounds/{round_}/payloads/{miner}", responses=responses(404, 416, 409, 422))
-async def payload(round_: RoundNumber, miner: Annotated[str, Path(max_length=64)], request: Request,
-                  run: RunDep) -> Response:  # fmt: skip
+async def payload(
+    round_: RoundNumber, miner: Annotated[str, Path(max_length=64)], request: Request, run: RunDep
+) -> Response:
     """A miner's upload in a round that no longer takes uploads."""
     sha = await asyncio.to_thread(run.queries.payload_sha, round_, miner.lower())
     if sha is None:
@@ -226,8 +232,9 @@ async def register(request: Request, run: RunDep) -> Registration:
 async def submit(round_: RoundNumber, request: Request, run: RunDep) -> SubmissionReceipt:
     miner, body, sha = await signed_body(run, request, run.max_payload_bytes, miner_only=True)
     loop = asyncio.get_running_loop()
-    receipt: SubmissionReceipt = await loop.run_in_executor(run.intake_pool, run.intake.submit, miner, round_,
-                                                            body, sha)  # fmt: skip
+    receipt: SubmissionReceipt = await loop.run_in_executor(
+        run.intake_pool, run.intake.submit, miner, round_, body, sha
+    )
     return receipt
 
 

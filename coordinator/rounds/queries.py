@@ -6,7 +6,7 @@ from __future__ import annotations
 import sqlite3
 
 from coordinator.errors import Conflict, NotFound
-from coordinator.parts import Parts
+from coordinator.rounds.parts import Parts
 from protocol.wire import RoundInfo, RoundRecord, RoundReport, SubmissionRecord, VersionInfo
 
 RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/reports
@@ -20,12 +20,17 @@ class Queries:
     def round_info(self) -> RoundInfo:
         s = self.p.cell.state
         return RoundInfo(
-            round=s.round, version=s.version, status=s.status, param_hash=s.param_hash,
-            submissions=len(s.uploaded), expected=len(s.expected), deadline_s=s.time_left(self.p.clock()),
+            round=s.round,
+            version=s.version,
+            status=s.status,
+            param_hash=s.param_hash,
+            submissions=len(s.uploaded),
+            expected=len(s.expected),
+            deadline_s=s.time_left(self.p.clock()),
             closing=None if s.behind is None else s.behind.round,
             newest=None if s.head == s.version else s.head,
             newest_hash=None if s.head == s.version else s.newest_hash,
-        )  # fmt: skip
+        )
 
     def last_closed_round(self) -> int | None:
         last = self.p.cell.state.last_closed
@@ -36,16 +41,25 @@ class Queries:
         row = self.p.store.version_row(version)
         if row is None:
             return None
-        return VersionInfo(version=row["version"], round=row["round"], param_hash=row["param_hash"],
-                           eval_loss=row["eval_loss"], update_bytes=row["update_bytes"],
-                           checkpoint_bytes=row["checkpoint_bytes"], base_version=row["base_version"],
-                           rolled_back=row["rolled_back_at"] is not None)  # fmt: skip
+        return VersionInfo(
+            version=row["version"],
+            round=row["round"],
+            param_hash=row["param_hash"],
+            eval_loss=row["eval_loss"],
+            update_bytes=row["update_bytes"],
+            checkpoint_bytes=row["checkpoint_bytes"],
+            base_version=row["base_version"],
+            rolled_back=row["rolled_back_at"] is not None,
+        )
 
     def reports(self, after: int = -1, limit: int | None = None) -> list[RoundReport]:
         """Closed rounds after ``after`` (at most ``limit``); with neither, the most recent ones."""
         store = self.p.store
-        rows = store.recent_reports(RECENT_ROUNDS) if after < 0 and limit is None else \
-            store.reports(after, -1 if limit is None else limit)  # fmt: skip
+        rows = (
+            store.recent_reports(RECENT_ROUNDS)
+            if after < 0 and limit is None
+            else store.reports(after, -1 if limit is None else limit)
+        )
         refused = store.refusal_counts(rows[0]["round"], rows[-1]["round"]) if rows else {}
         return [_report(r, refused.get(r["round"], {})) for r in rows]
 
@@ -71,14 +85,27 @@ class Queries:
             status = state.behind.status
         subs = self.p.store.round_submissions(round_)
         return RoundRecord(
-            round=round_, version=row["version"], status=status,
-            submissions=[SubmissionRecord(miner=s["miner"], sha256=s["sha256"], bytes=s["bytes"],
-                                          status=s["status"], reason=s["reason"],
-                                          evaluated=bool(s["evaluated"]), scale=s["scale"],
-                                          flag=s["flag"]) for s in subs],
-            reference_norm=row["reference_norm"], close_reason=row["close_reason"],
-            applied_to=row["applied_to"], scored=bool(row["scored"]) and row["status"] == "closed",
-        )  # fmt: skip
+            round=round_,
+            version=row["version"],
+            status=status,
+            submissions=[
+                SubmissionRecord(
+                    miner=s["miner"],
+                    sha256=s["sha256"],
+                    bytes=s["bytes"],
+                    status=s["status"],
+                    reason=s["reason"],
+                    evaluated=bool(s["evaluated"]),
+                    scale=s["scale"],
+                    flag=s["flag"],
+                )
+                for s in subs
+            ],
+            reference_norm=row["reference_norm"],
+            close_reason=row["close_reason"],
+            applied_to=row["applied_to"],
+            scored=bool(row["scored"]) and row["status"] == "closed",
+        )
 
     def payload_sha(self, round_: int, miner: str) -> str | None:
         """A round's upload, once the round no longer takes uploads (so nobody copies an open round's)."""
@@ -100,10 +127,17 @@ class Queries:
 
 def _report(r: sqlite3.Row, refusals: dict[str, int]) -> RoundReport:
     return RoundReport(
-        round=r["round"], version=r["result_version"], eval_loss=r["eval_loss"], accepted=r["accepted"],
-        rejected=r["rejected"], bytes_up=r["bytes_up"], bytes_down=r["bytes_down"],
+        round=r["round"],
+        version=r["result_version"],
+        eval_loss=r["eval_loss"],
+        accepted=r["accepted"],
+        rejected=r["rejected"],
+        bytes_up=r["bytes_up"],
+        bytes_down=r["bytes_down"],
         wall_s=round((r["next_opened_at"] or r["closed_at"]) - r["opened_at"], 3),
         compute_s=round(r["compute_s"], 3),
-        close_reason=r["close_reason"], bytes_down_model=r["bytes_down_model"],
-        bytes_down_data=r["bytes_down_data"], refusals=refusals,
-    )  # fmt: skip
+        close_reason=r["close_reason"],
+        bytes_down_model=r["bytes_down_model"],
+        bytes_down_data=r["bytes_down_data"],
+        refusals=refusals,
+    )

@@ -23,13 +23,19 @@ class ReportReads:
         return self._all(
             "SELECT r.*, COALESCE(r.result_version, n.version) AS result_version, "
             "n.opened_at AS next_opened_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
-            "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?", after, limit,
-        )  # fmt: skip
+            "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?",
+            after,
+            limit,
+        )
 
     def refusal_counts(self, first: int, last: int) -> dict[int, dict[str, int]]:
         """Per round in [first, last]: refusal reason -> uploads refused."""
-        rows = self._all("SELECT round, reason, COUNT(*) AS n FROM submissions WHERE round BETWEEN ? AND ? "
-                         "AND status = 'rejected' GROUP BY round, reason", first, last)  # fmt: skip
+        rows = self._all(
+            "SELECT round, reason, COUNT(*) AS n FROM submissions WHERE round BETWEEN ? AND ? "
+            "AND status = 'rejected' GROUP BY round, reason",
+            first,
+            last,
+        )
         out: dict[int, dict[str, int]] = {}
         for r in rows:
             out.setdefault(int(r["round"]), {})[str(r["reason"])] = int(r["n"])
@@ -48,20 +54,26 @@ class ReportReads:
         """Per round with 2+ uploads in [first_round, before_round): last arrival - first arrival."""
         rows = self._all(
             "SELECT MAX(received_at) - MIN(received_at) AS spread FROM submissions WHERE round >= ? "
-            "AND round < ? GROUP BY round HAVING COUNT(*) > 1", first_round, before_round,
-        )  # fmt: skip
+            "AND round < ? GROUP BY round HAVING COUNT(*) > 1",
+            first_round,
+            before_round,
+        )
         return [float(r["spread"]) for r in rows]
 
     def audit(self, round_: int) -> list[dict[str, object]]:
         rows = self._all(
             "SELECT miner, sha256, content_sha256, bytes, status, reason, compute_s, received_at "
-            "FROM submissions WHERE round = ? ORDER BY received_at", round_,
-        )  # fmt: skip
+            "FROM submissions WHERE round = ? ORDER BY received_at",
+            round_,
+        )
         return [dict(r) for r in rows]
 
     def accepted_norms(self, first_round: int, before_round: int) -> list[float]:
-        rows = self._all("SELECT norm FROM submissions WHERE round >= ? AND round < ? "
-                         "AND status = 'accepted'", first_round, before_round)  # fmt: skip
+        rows = self._all(
+            "SELECT norm FROM submissions WHERE round >= ? AND round < ? AND status = 'accepted'",
+            first_round,
+            before_round,
+        )
         return [float(r["norm"]) for r in rows]
 
     def accepted_gains(self, first_round: int, before_round: int, validator: str) -> list[float]:
@@ -69,11 +81,17 @@ class ReportReads:
         rows = self._all(
             "SELECT v.own_before - v.own_after AS gain FROM verdicts v JOIN submissions s "
             "ON s.round = v.round AND s.miner = v.miner WHERE v.round >= ? AND v.round < ? "
-            "AND s.status = 'accepted' AND v.validator = ?", first_round, before_round, validator,
-        )  # fmt: skip
+            "AND s.status = 'accepted' AND v.validator = ?",
+            first_round,
+            before_round,
+            validator,
+        )
         return [float(r["gain"]) for r in rows]
 
     def recent_uploads(self, first_round: int, before_round: int) -> list[sqlite3.Row]:
         """Every upload of those rounds (accepted or refused): what a replay would copy."""
-        return self._all("SELECT round, miner, content_sha256, sketch FROM submissions WHERE round >= ? "
-                         "AND round < ?", first_round, before_round)  # fmt: skip
+        return self._all(
+            "SELECT round, miner, content_sha256, sketch FROM submissions WHERE round >= ? AND round < ?",
+            first_round,
+            before_round,
+        )

@@ -16,8 +16,11 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 class JsonErrorH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
         body = json.dumps({"error": {"code": "bad_http_request", "message": msg}}).encode()
-        headers = [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
-                   (b"connection", b"close")]  # fmt: skip
+        headers = [
+            (b"content-type", b"application/json"),
+            (b"content-length", str(len(body)).encode()),
+            (b"connection", b"close"),
+        ]
         response = h11.Response(status_code=400, headers=headers, reason=b"Bad Request")
         for event in (response, h11.Data(data=body), h11.EndOfMessage()):
             self.transport.write(self.conn.send(event))
@@ -26,8 +29,11 @@ class JsonErrorH11Protocol(H11Protocol):
 
 def make_server(app: FastAPI, host: str, port: int, **config: Any) -> uvicorn.Server:
     """A uvicorn server for ``app`` (port 0: the kernel picks a free port; see ``bound_port``)."""
-    return uvicorn.Server(uvicorn.Config(app, host=host, port=port, http=JsonErrorH11Protocol,
-                                         log_level="warning", lifespan="on", **config))  # fmt: skip
+    return uvicorn.Server(
+        uvicorn.Config(
+            app, host=host, port=port, http=JsonErrorH11Protocol, log_level="warning", lifespan="on", **config
+        )
+    )
 
 
 def bound_port(server: uvicorn.Server) -> int:

@@ -1,6 +1,6 @@
 """The closer: one thread that closes rounds. It sleeps until the round changes or its deadline comes, and
-when the round is ready it judges the uploads (coordinator/judging.py), builds and guards the next version
-(coordinator/publish.py) and commits everything in one transaction.
+when the round is ready it judges the uploads (rounds/judging.py), builds and guards the next version
+(coordinator/publishing/publisher.py) and commits everything in one transaction.
 
 Synchronous rounds: the next round opens when the version is committed, for that version. Overlapped rounds
 (``[rounds] overlap``): the next round opens as this one starts closing, for the version current then, so
@@ -8,7 +8,7 @@ miners train it while this one is judged and published; its uploads are judged a
 version this round publishes. Closing stays one round at a time, so an upload is applied at most one
 version after the one it trained from (``max_staleness = 1``), and every check sees the exact model the
 upload will change. The version comes first: the uploads of miners with a good standing are evaluated
-once it is committed (``_finish``, coordinator/judging.py), before the next round is closed; checkpoints
+once it is committed (``_finish``, rounds/judging.py), before the next round is closed; checkpoints
 are pruned only then, so that a restart can evaluate a round left unfinished on the version it changed.
 
 A round always ends. A failure while one upload is read, evaluated or aggregated refuses that upload
@@ -28,15 +28,16 @@ import time
 from collections.abc import Callable, Sequence
 from dataclasses import dataclass
 
-from coordinator.aggregation import UploadFailed
-from coordinator.checks import Check, Refusal, Upload
 from coordinator.hooks import Hooks
-from coordinator.judging import Judge, Judged, Later, Stopping
-from coordinator.parts import Model, Parts
-from coordinator.publish import Built
+from coordinator.publishing.aggregation import UploadFailed
+from coordinator.publishing.publisher import Built
+from coordinator.rounds.checks import Check, Refusal
+from coordinator.rounds.judging import Judge, Judged, Later, Stopping
+from coordinator.rounds.parts import Model, Parts
+from coordinator.rounds.state import RoundState
 from coordinator.settings import CheckSettings, FaultSettings, RoundSettings, ValidationSettings
-from coordinator.state import RoundState
-from coordinator.store import Outcome, RoundClose, Store
+from coordinator.storage.records import Upload
+from coordinator.storage.store import Outcome, RoundClose, Store
 from protocol.evaluation import round_results
 
 log = logging.getLogger(__name__)
@@ -67,8 +68,9 @@ def deadline_for(store: Store, rounds: RoundSettings, round_: int) -> float:
 
 
 class Closer:
-    def __init__(self, parts: Parts, model: Model, settings: CloserSettings, checks: Sequence[Check],
-                 hooks: Hooks) -> None:  # fmt: skip
+    def __init__(
+        self, parts: Parts, model: Model, settings: CloserSettings, checks: Sequence[Check], hooks: Hooks
+    ) -> None:
         self.p, self.model, self.s, self.checks, self.hooks = parts, model, settings, checks, hooks
         self.downloads = parts.downloads
         self._wake = threading.Event()
@@ -154,8 +156,12 @@ class Closer:
         self.p.scores.changed()
         seconds = time.perf_counter() - t0
         self.p.metrics.scoring.observe(seconds)
-        log.info("round %d: %d uploads evaluated after the version in %.2f s", later.round,
-                 len(later.uploads), seconds)  # fmt: skip
+        log.info(
+            "round %d: %d uploads evaluated after the version in %.2f s",
+            later.round,
+            len(later.uploads),
+            seconds,
+        )
 
     def _finish_unscored(self) -> None:
         """After a restart: the rounds whose evaluation after their version did not end, again."""
@@ -164,8 +170,9 @@ class Closer:
             if later is None:
                 self.p.store.record_scores(int(row["round"]), {}, {}, self.p.clock())
                 continue
-            accepted = {s["miner"] for s in self.p.store.round_submissions(later.round)
-                        if s["status"] == "accepted"}  # fmt: skip
+            accepted = {
+                s["miner"] for s in self.p.store.round_submissions(later.round) if s["status"] == "accepted"
+            }
             self._finish(later, accepted)
 
     def _prune(self) -> None:
@@ -196,9 +203,15 @@ class Closer:
     def _opened(self, round_: int, version: int, param_hash: str, behind: RoundState | None) -> RoundState:
         p, rounds = self.p, self.s.rounds
         expected = frozenset(p.store.active_miners(round_ - rounds.drop_after_rounds))
-        return RoundState(round=round_, version=version, param_hash=param_hash, expected=expected,
-                          clock_from=p.clock(), deadline_s=deadline_for(p.store, rounds, round_),
-                          behind=behind)  # fmt: skip
+        return RoundState(
+            round=round_,
+            version=version,
+            param_hash=param_hash,
+            expected=expected,
+            clock_from=p.clock(),
+            deadline_s=deadline_for(p.store, rounds, round_),
+            behind=behind,
+        )
 
     def _close(self, state: RoundState) -> tuple[Later, set[str]] | None:
         """Judge, build, publish and commit; overlapped rounds: what is left to evaluate once the version is
@@ -210,8 +223,12 @@ class Closer:
         judged = self.judge.judge(state, uploads, subs, defer=self.s.rounds.overlap)
         built, close_reason = self._build(state, head[0], uploads, judged)
         new_version = None if built is None else p.publisher.write(built)
-        outcomes = {u.miner: Outcome(judged.refused.get(u.miner), u.miner in judged.evaluated,
-                                     judged.scales.get(u.miner)) for u in uploads}  # fmt: skip
+        outcomes = {
+            u.miner: Outcome(
+                judged.refused.get(u.miner), u.miner in judged.evaluated, judged.scales.get(u.miner)
+            )
+            for u in uploads
+        }
         compute = [s["compute_s"] for s in subs if judged.refused.get(s["miner"]) is None]
         if self.hooks.before_commit is not None:
             self.hooks.before_commit(state.round)
@@ -224,13 +241,20 @@ class Closer:
         next_version, next_hash = head if built is None else (built.version, built.param_hash)
         bytes_down = self.downloads.take()  # (model, data)
         close = RoundClose(
-            round=state.round, next_version=next_version, applied_to=head[0],
-            open_next=p.cell.state.round == state.round, version=new_version, outcomes=outcomes,
+            round=state.round,
+            next_version=next_version,
+            applied_to=head[0],
+            open_next=p.cell.state.round == state.round,
+            version=new_version,
+            outcomes=outcomes,
             verdicts=judged.losses if judged.later is None else {},
             compute_s=statistics.fmean(compute) if compute else 0.0,
-            reference_norm=judged.reference_norm, close_reason=close_reason, bytes_down=bytes_down,
-            closed_at=p.clock(), scored=judged.later is None,
-        )  # fmt: skip
+            reference_norm=judged.reference_norm,
+            close_reason=close_reason,
+            bytes_down=bytes_down,
+            closed_at=p.clock(),
+            scored=judged.later is None,
+        )
         try:
             self._commit(state, close, next_hash)
         except BaseException:
@@ -252,17 +276,31 @@ class Closer:
         nxt = self._opened(state.round + 1, close.next_version, next_hash, None) if close.open_next else None
         with p.cell.lock:
             p.store.close_round(close)
-            p.cell.swap(nxt or dataclasses.replace(p.cell.state, behind=None, newest=close.next_version,
-                                                   newest_hash=next_hash))  # fmt: skip
+            p.cell.swap(
+                nxt
+                or dataclasses.replace(
+                    p.cell.state, behind=None, newest=close.next_version, newest_hash=next_hash
+                )
+            )
 
     def _close_without_version(self, state: RoundState, reason: str) -> None:
         subs = self.p.store.round_submissions(state.round)
         outcomes = {s["miner"]: Outcome(Refusal.ROUND_FAILED) for s in subs}
         version, param_hash = self.p.store.head()
-        close = RoundClose(round=state.round, next_version=version, applied_to=version,
-                           open_next=self.p.cell.state.round == state.round, version=None, outcomes=outcomes,
-                           verdicts={}, compute_s=0.0, reference_norm=None, close_reason=reason,
-                           bytes_down=self.downloads.take(), closed_at=self.p.clock())  # fmt: skip
+        close = RoundClose(
+            round=state.round,
+            next_version=version,
+            applied_to=version,
+            open_next=self.p.cell.state.round == state.round,
+            version=None,
+            outcomes=outcomes,
+            verdicts={},
+            compute_s=0.0,
+            reference_norm=None,
+            close_reason=reason,
+            bytes_down=self.downloads.take(),
+            closed_at=self.p.clock(),
+        )
         self._commit(state, close, param_hash)
         self.p.metrics.rounds_failed.labels(reason.split(":")[0]).inc()
         log.error("round %d closed without a version: %s", state.round, reason)
@@ -281,9 +319,14 @@ class Closer:
         refused = {m[:12]: str(o.reason) for m, o in close.outcomes.items() if o.reason is not None}
         log.info(
             "round %d closed: version %d, accepted %d, refused %d %s, held-out loss %s, %.2f s",
-            state.round, close.next_version, sum(o.reason is None for o in close.outcomes.values()),
-            len(refused), refused or "", "n/a" if loss is None else f"{loss:.4f}", seconds,
-        )  # fmt: skip
+            state.round,
+            close.next_version,
+            sum(o.reason is None for o in close.outcomes.values()),
+            len(refused),
+            refused or "",
+            "n/a" if loss is None else f"{loss:.4f}",
+            seconds,
+        )
 
     def _load(self, round_: int) -> Callable[[Upload], tuple[bytes, bytes]]:
         def load(u: Upload) -> tuple[bytes, bytes]:
@@ -303,8 +346,11 @@ class Closer:
         it passes or none is left."""
         p = self.p
         weights = self._weights(state.round, judged, uploads)
-        accepted = [(u, judged.scales[u.miner] * weights.get(u.miner, 1.0)) for u in uploads
-                    if u.miner not in judged.refused]  # fmt: skip
+        accepted = [
+            (u, judged.scales[u.miner] * weights.get(u.miner, 1.0))
+            for u in uploads
+            if u.miner not in judged.refused
+        ]
         if not accepted:
             return None, None
         previous = p.store.eval_loss(head)
@@ -330,8 +376,13 @@ class Closer:
             # the most suspect upload alone first (one bad upload is the usual case), then half of the rest
             tries += 1
             drop = {u.miner for u, _ in suspects[: 1 if tries == 1 else math.ceil(len(suspects) / 2)]}
-            log.warning("round %d: %s; building again without %d of %d uploads", state.round, reason,
-                        len(drop), len(accepted))  # fmt: skip
+            log.warning(
+                "round %d: %s; building again without %d of %d uploads",
+                state.round,
+                reason,
+                len(drop),
+                len(accepted),
+            )
             for miner in drop:
                 judged.refused[miner] = Refusal.LOSS_GUARD
             accepted = [(u, s) for u, s in accepted if u.miner not in drop]

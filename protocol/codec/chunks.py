@@ -6,12 +6,20 @@ from __future__ import annotations
 import dataclasses
 import math
 from dataclasses import dataclass
-from typing import TYPE_CHECKING
+from typing import Protocol
 
 import torch
 
-if TYPE_CHECKING:
-    from protocol.sparseloco import SparseLoCoCodec
+
+class Geometry(Protocol):
+    """What a chunk layout needs of its codec: the tile side, the values kept per chunk, the levels of
+    the value table, and which tensors go dense."""
+
+    tile: int
+    k: int
+    levels: int
+
+    def is_dense(self, shape: tuple[int, ...]) -> bool: ...
 
 
 @dataclass(frozen=True)
@@ -147,7 +155,7 @@ class RowTable:
         return dataclasses.replace(self, counts=counts)
 
     @staticmethod
-    def build(codec: SparseLoCoCodec, spec: tuple[tuple[str, tuple[int, ...]], ...]) -> RowTable:
+    def build(codec: Geometry, spec: tuple[tuple[str, tuple[int, ...]], ...]) -> RowTable:
         s, chunk = codec.tile, codec.tile * codec.tile
         names: list[str] = []
         offsets: list[int] = []

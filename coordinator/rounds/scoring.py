@@ -9,9 +9,9 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
-from coordinator.checks import NEUTRAL
+from coordinator.rounds.checks import NEUTRAL
 from coordinator.settings import ValidationSettings
-from coordinator.store import COORDINATOR, Store
+from coordinator.storage.store import COORDINATOR, Store
 from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict
 
@@ -54,8 +54,9 @@ class Scores:
     def record_verdicts(self, round_: int, validator: str, verdicts: Sequence[Verdict], now: float) -> int:
         """A validator's verdicts on a closed round's uploads; those on miners with no upload are ignored."""
         uploaded = self.store.uploaded_miners(round_)
-        losses = {v.miner: Losses(*(getattr(v, f) for f in LOSS_FIELDS)) for v in verdicts
-                  if v.miner in uploaded}  # fmt: skip
+        losses = {
+            v.miner: Losses(*(getattr(v, f) for f in LOSS_FIELDS)) for v in verdicts if v.miner in uploaded
+        }
         self.store.add_verdicts(round_, validator, losses, now)
         self.changed()
         return len(losses)
@@ -117,8 +118,11 @@ def leaderboard(
     present = {(s["round"], s["miner"]) for s in window}  # (a neutral refusal is not a missed round)
     entries = []
     for m in set(last):
-        gaps = [r for r in published if r >= first.get(m, through + 1) and r not in results[m]
-                and (r, m) not in present]  # fmt: skip
+        gaps = [
+            r
+            for r in published
+            if r >= first.get(m, through + 1) and r not in results[m] and (r, m) not in present
+        ]
         for r in gaps:  # a published round it took no part in, after its first
             results[m][r] = missed(r)
         score = standing(list(results[m].values()), settings.score_alpha)
@@ -126,14 +130,21 @@ def leaderboard(
         refusals = {k: n for k, n in tally.items() if k != "accepted"}
         entries.append(
             LeaderboardEntry(
-                miner=m, score=score.score, score_mean=score.mean, score_stderr=score.stderr,
-                rounds_missed=len(gaps), gain_avg=score.gain_avg, assigned_avg=score.assigned_avg,
-                rounds_contributed=tally.get("accepted", 0), rounds_refused=sum(refusals.values()),
-                refusals=refusals, last_round=last[m],
+                miner=m,
+                score=score.score,
+                score_mean=score.mean,
+                score_stderr=score.stderr,
+                rounds_missed=len(gaps),
+                gain_avg=score.gain_avg,
+                assigned_avg=score.assigned_avg,
+                rounds_contributed=tally.get("accepted", 0),
+                rounds_refused=sum(refusals.values()),
+                refusals=refusals,
+                last_round=last[m],
                 verdicts=sum(r.gain is not None for r in results[m].values() if not r.missed),
                 flagged=flagged.get(m, {}),
             )
-        )  # fmt: skip
+        )
     return sorted(entries, key=lambda e: (-e.score, e.miner))
 
 

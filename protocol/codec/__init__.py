@@ -1,7 +1,7 @@
 """Update codecs, one interface (``Codec``): what a miner sends, what the coordinator checks at intake,
 and how aggregation reads it back.
 
-- ``sparseloco``: top-k per chunk, 2-bit values, Elias-Fano indices (``protocol.sparseloco``), ~205x
+- ``sparseloco``: top-k per chunk, 2-bit values, Elias-Fano indices (``protocol.codec.sparseloco``), ~205x
   smaller than fp32;
 - ``dense_fp32`` / ``dense_bf16``: every element (the DiLoCo baseline);
 - ``int8``: every element with an absmax scale per 4096 elements.
@@ -18,10 +18,14 @@ from typing import Literal, Protocol
 
 import torch
 
-from protocol.aggregate import Accumulator, FlatAccumulator, sketch, update_norm
-from protocol.chunks import Layout
+from protocol.codec.accumulate import Accumulator, FlatAccumulator
+from protocol.codec.chunks import Layout
+from protocol.codec.measure import sketch, update_norm
+from protocol.codec.quantize import quantize_2bit
+from protocol.codec.sparseloco import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.payload import (
+    CODEC_NAMES,
     PAYLOAD_FORMAT_VERSION,
     CodecName,
     Examined,
@@ -35,8 +39,6 @@ from protocol.payload import (
     framed_bytes,
     unframe,
 )
-from protocol.quantize import quantize_2bit
-from protocol.sparseloco import SparseLoCoCodec
 
 __all__ = [
     "CODECS",
@@ -103,8 +105,9 @@ class _Decoding:
         return Examined(header, content_digest(data), update_norm(update), sketch(update, spec), data)
 
     def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> Accumulator:
-        return FlatAccumulator(spec, max_contributors=max_contributors,
-                               decode=lambda data: self.decode(data, spec)[1])  # fmt: skip
+        return FlatAccumulator(
+            spec, max_contributors=max_contributors, decode=lambda data: self.decode(data, spec)[1]
+        )
 
 
 class DenseCodec(_Decoding):
@@ -203,7 +206,6 @@ CODECS: dict[CodecName, Callable[[int, int], Codec]] = {
     "dense_bf16": lambda k, tile: DenseCodec("bf16"),
     "int8": lambda k, tile: Int8Codec(tile=tile),
 }
-CODEC_NAMES = tuple(CODECS)
 
 
 def make_codec(name: CodecName, k: int = 64, tile: int = 64) -> Codec:

@@ -21,12 +21,12 @@ from dataclasses import dataclass
 import torch
 from safetensors.torch import load as st_load
 
-from coordinator.aggregation import aggregate_uploads
-from coordinator.blobs import BlobStore
-from coordinator.checks import Upload
-from coordinator.outer import OuterOptimizer
+from coordinator.publishing.aggregation import aggregate_uploads
+from coordinator.publishing.outer import OuterOptimizer
 from coordinator.settings import AggregationSettings, PublishSettings
-from coordinator.store import NewVersion
+from coordinator.storage.blobs import BlobStore
+from coordinator.storage.records import Upload
+from coordinator.storage.store import NewVersion
 from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
 from protocol.params import (
     Params,
@@ -73,8 +73,7 @@ class Downlink:
         if self.codec is None:
             return b"", dict(delta), {}
         residual = self.residual if carry else {}
-        u = {n: d + self.beta * residual[n] if n in residual else d.clone()
-             for n, d in delta.items()}  # fmt: skip
+        u = {n: d + self.beta * residual[n] if n in residual else d.clone() for n, d in delta.items()}
         compressed = compress_update(self.codec, u, self.spec)
         applied = _decoded(compressed, self.codec, self.spec)
         return compressed, applied, {n: u[n] - applied[n] for n in u}
@@ -89,8 +88,15 @@ class Downlink:
 
 def _decoded(compressed: bytes, codec: SparseLoCoCodec, spec: ParamSpec) -> Params:
     """Exactly what a miner will decode from the published update."""
-    header = UpdateHeader(base_version=0, version=1, param_hash="0" * 64, codec="sparseloco", k=codec.k,
-                          tile=codec.tile, bits=codec.bits)  # fmt: skip
+    header = UpdateHeader(
+        base_version=0,
+        version=1,
+        param_hash="0" * 64,
+        codec="sparseloco",
+        k=codec.k,
+        tile=codec.tile,
+        bits=codec.bits,
+    )
     return decode_update(frame_update(compressed, header), spec)[1]
 
 
@@ -142,9 +148,15 @@ class Publisher:
             carried = built
             fresh = self.published(base, base_version, version, delta, outer_buffers, carry=False)
             built = min(carried, fresh, key=lambda b: b.eval_loss if math.isfinite(b.eval_loss) else math.inf)
-            log.info("version %d: with the downlink's residual the held-out loss would be %.4f (was %.4f), "
-                     "without it %.4f: published %s it", version, carried.eval_loss, previous_loss,
-                     fresh.eval_loss, "with" if built is carried else "without")  # fmt: skip
+            log.info(
+                "version %d: with the downlink's residual the held-out loss would be %.4f (was %.4f), "
+                "without it %.4f: published %s it",
+                version,
+                carried.eval_loss,
+                previous_loss,
+                fresh.eval_loss,
+                "with" if built is carried else "without",
+            )
         return built
 
     def step(
@@ -156,8 +168,15 @@ class Publisher:
         aggregate = aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
         return self.outer.step(aggregate)
 
-    def published(self, base: Params, base_version: int, version: int, delta: Mapping[str, torch.Tensor],
-                  outer_buffers: dict[str, torch.Tensor], carry: bool) -> Built:  # fmt: skip
+    def published(
+        self,
+        base: Params,
+        base_version: int,
+        version: int,
+        delta: Mapping[str, torch.Tensor],
+        outer_buffers: dict[str, torch.Tensor],
+        carry: bool,
+    ) -> Built:
         """The version that moves ``base`` by ``delta`` as the downlink publishes it, with or without the
         residual carried from earlier versions, and its held-out loss."""
         compressed, applied, residual = self.downlink.step(delta, carry)
@@ -166,8 +185,16 @@ class Publisher:
         param_hash = params_hash(params, self.spec)
         header = UpdateHeader(base_version=base_version, version=version, param_hash=param_hash)
         update = self.downlink.frame(compressed, applied, header)
-        return Built(version, base_version, params, update, param_hash, self.held_out_loss(params),
-                     outer_buffers, residual)  # fmt: skip
+        return Built(
+            version,
+            base_version,
+            params,
+            update,
+            param_hash,
+            self.held_out_loss(params),
+            outer_buffers,
+            residual,
+        )
 
     def guard(self, built: Built, previous_loss: float | None) -> str | None:
         """Why ``built`` must not be published, or None."""
@@ -177,8 +204,10 @@ class Publisher:
         if not math.isfinite(built.eval_loss):
             return "the held-out loss is not finite"
         if previous_loss is not None and built.eval_loss > previous_loss * (1 + self.max_loss_increase):
-            return (f"the held-out loss would rise from {previous_loss:.4f} to {built.eval_loss:.4f}, "
-                    f"more than {100 * self.max_loss_increase:g} %")  # fmt: skip
+            return (
+                f"the held-out loss would rise from {previous_loss:.4f} to {built.eval_loss:.4f}, "
+                f"more than {100 * self.max_loss_increase:g} %"
+            )
         return None
 
     def write(self, built: Built) -> NewVersion:
@@ -187,12 +216,16 @@ class Publisher:
         ckpt = save_checkpoint(built.params, {"version": str(built.version), "param_hash": built.param_hash})
         state = save_state(built.outer_buffers, built.residual)
         return NewVersion(
-            version=built.version, base_version=built.base_version, param_hash=built.param_hash,
-            eval_loss=built.eval_loss, update_sha=self.blobs.put(built.update),
+            version=built.version,
+            base_version=built.base_version,
+            param_hash=built.param_hash,
+            eval_loss=built.eval_loss,
+            update_sha=self.blobs.put(built.update),
             update_bytes=len(built.update),
-            checkpoint_sha=self.blobs.put(ckpt), checkpoint_bytes=len(ckpt),
+            checkpoint_sha=self.blobs.put(ckpt),
+            checkpoint_bytes=len(ckpt),
             state_sha=None if state is None else self.blobs.put(state),
-        )  # fmt: skip
+        )
 
     def commit(self, built: Built) -> None:
         """The built version's state is now the coordinator's (called once the version is committed)."""

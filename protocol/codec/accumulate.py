@@ -1,52 +1,24 @@
-"""Aggregation of decoded updates: median-norm clip, then the mean over the contributors that selected
-each coordinate (sum / count, not sum / number of miners).
+"""The aggregation rule's mean: after each contributor is clipped (``protocol.codec.measure``), at every
+coordinate the mean over the contributors that selected it (sum / count, not sum / number of miners).
 
 An ``Accumulator`` takes one contributor at a time into a running sum and count, so memory does not grow
 with the number of contributors; ``FlatAccumulator`` does it over the concatenated parameters for any
-codec, ``protocol.chunk_accumulator.ChunkAccumulator`` in SparseLoCo's chunk layout. ``sketch`` summarises an
-update in a few kilobytes so that near-identical updates (copies, rescaled copies, replays) can be found
-without keeping them.
+codec, ``protocol.codec.chunk_accumulator.ChunkAccumulator`` in SparseLoCo's chunk layout. Robust options:
+trimmed mean and median.
 """
 
 from __future__ import annotations
 
 import math
-import statistics
 from collections.abc import Callable, Sequence
 from typing import Literal, Protocol
 
 import torch
 
-from protocol.payload import ParamSpec, SparseTensor
+from protocol.codec.measure import Decoded, clip_scale, clip_scales, update_norm
+from protocol.payload import ParamSpec
 
-Decoded = dict[str, SparseTensor]
-SKETCH_BUCKETS = 1024
 MAX_CONTRIBUTORS = (1 << 31) - 1
-
-
-def update_norm(update: Decoded) -> float:
-    return math.sqrt(sum(float(t.values.double().square().sum()) for t in update.values()))
-
-
-def clip_scales(norms: Sequence[float]) -> list[float]:
-    """scale = min(1, median / own): nobody contributes more than the median contributor's norm."""
-    if not norms:
-        return []
-    median = statistics.median(norms)
-    return [clip_scale(n, median) for n in norms]
-
-
-def clip_scale(norm: float, reference: float) -> float:
-    """min(1, reference / norm): an update is scaled down to the reference norm, never up."""
-    return 1.0 if norm <= reference or norm == 0 else reference / norm
-
-
-def reference_norm(history: Sequence[float], norms: Sequence[float]) -> float | None:
-    """The norm that judges a round's uploads: the median of this round's norms together with the accepted
-    norms of recent rounds. Hostile uploads move it only if they outnumber every honest norm in the pool;
-    in a small round, recent rounds' accepted uploads outvote them. None when there is no norm at all."""
-    pool = [n for n in (*history, *norms) if math.isfinite(n) and n > 0]
-    return statistics.median(pool) if pool else None
 
 
 class Accumulator(Protocol):
@@ -125,8 +97,10 @@ class FlatAccumulator:
         """The aggregate, computed in place in the running sum (the accumulator is spent afterwards)."""
         divide_by_count(self.sum, self.count)
         self.count = torch.zeros(0, dtype=self.count.dtype)
-        return {name: self.sum[o : o + math.prod(s)].view(s) for (name, s), o in
-                zip(self.spec, self.offsets.values(), strict=True)}  # fmt: skip
+        return {
+            name: self.sum[o : o + math.prod(s)].view(s)
+            for (name, s), o in zip(self.spec, self.offsets.values(), strict=True)
+        }
 
 
 def divide_by_count(total: torch.Tensor, count: torch.Tensor, step: int = 1 << 22) -> None:
@@ -151,52 +125,13 @@ def aggregate(
     return acc.mean()
 
 
-@torch.no_grad()
-def sketch(update: Decoded, spec: ParamSpec, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
-    """A count sketch of the update (each coordinate hashed to a bucket with a hashed sign): inner products
-    and cosines of sketches estimate those of the updates, to within about 1/sqrt(buckets)."""
-    return sketch_flat(*flatten(update, spec), buckets)
-
-
-def flatten(update: Decoded, spec: ParamSpec, scale: float = 1.0) -> tuple[torch.Tensor, torch.Tensor]:
-    """The update as coordinates in the concatenated parameters (spec order) and their values x scale,
-    on the CPU."""
-    coords, values, offset = [], [], 0
-    for name, shape in spec:
-        t = update[name]
-        n = math.prod(shape)
-        coords.append((torch.arange(n) if t.indices is None else t.indices.cpu()) + offset)
-        values.append(t.values.cpu().float() * scale)
-        offset += n
-    return torch.cat(coords), torch.cat(values)
-
-
-def sketch_flat(coords: torch.Tensor, values: torch.Tensor, buckets: int = SKETCH_BUCKETS) -> torch.Tensor:
-    """``sketch`` of an update given as coordinates in the concatenated parameters (below 2**31), scaled to
-    unit norm in float64 first: any finite update, however large, gives a finite sketch (a copy x1e30 has
-    the sketch of its original)."""
-    h = (coords * 2654435761) % 4294967291
-    sign = 1.0 - 2.0 * ((coords * 2246822519) % 4294967279 % 2).double()
-    out = torch.zeros(buckets, dtype=torch.float64)
-    out.index_add_(0, h % buckets, values.double() * sign)
-    norm = float(out.norm())
-    return (out / norm if norm > 0 and math.isfinite(norm) else out).float()
-
-
-def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
-    a, b = a.double(), b.double()
-    na, nb = float(a.norm()), float(b.norm())
-    if not (math.isfinite(na) and math.isfinite(nb)) or na == 0 or nb == 0:
-        return 0.0
-    return float(a @ b) / (na * nb)
-
-
 RobustMethod = Literal["trimmed_mean", "median"]
 
 
 @torch.no_grad()
-def robust_mean(coords: torch.Tensor, values: torch.Tensor, total: int, method: RobustMethod,
-                trim_fraction: float = 0.2) -> torch.Tensor:  # fmt: skip
+def robust_mean(
+    coords: torch.Tensor, values: torch.Tensor, total: int, method: RobustMethod, trim_fraction: float = 0.2
+) -> torch.Tensor:
     """A robust mean at each coordinate over the values given for it (0 where none): the median, or the mean
     after dropping the floor(trim_fraction * n) smallest and largest of its n values. Unlike sum / count,
     a minority of extreme contributors at a coordinate cannot move it far.

@@ -3,7 +3,7 @@
 An upload is checked and stored in two steps. The slow part (hashing, decoding with every check, writing
 the content-addressed files) runs without the round lock, so uploads do not wait for each other; then,
 under the lock, the round rules are checked again and the upload is committed with the next round state
-(coordinator/state.py), so an upload is taken exactly when its round was open for it.
+(coordinator/rounds/state.py), so an upload is taken exactly when its round was open for it.
 """
 
 from __future__ import annotations
@@ -14,8 +14,8 @@ from collections.abc import Mapping
 
 from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from coordinator.hooks import Hooks
-from coordinator.parts import Parts
-from coordinator.store import COORDINATOR, NewSubmission
+from coordinator.rounds.parts import Parts
+from coordinator.storage.store import COORDINATOR, NewSubmission
 from protocol.errors import CodecError, SignatureError
 from protocol.signing import body_digest, verify_declared, verify_request
 from protocol.wire import SubmissionReceipt, Verdict
@@ -25,8 +25,14 @@ ROUND_RULES = ("round_closed", "round_not_open", "already_submitted")  # not hel
 
 
 class Intake:
-    def __init__(self, parts: Parts, signature_window_s: float, allowlist: list[str] | None,
-                 validators: list[str] | None, hooks: Hooks) -> None:  # fmt: skip
+    def __init__(
+        self,
+        parts: Parts,
+        signature_window_s: float,
+        allowlist: list[str] | None,
+        validators: list[str] | None,
+        hooks: Hooks,
+    ) -> None:
         self.p, self.window_s, self.hooks = parts, signature_window_s, hooks
         self.allowlist = None if allowlist is None else {k.lower() for k in allowlist}
         self.validators = None if validators is None else {k.lower() for k in validators}
@@ -47,8 +53,9 @@ class Intake:
     def authenticate_declared(self, headers: Mapping[str, str], method: str, path: str) -> tuple[str, str]:
         """The signer and the body digest of a request whose body is not read yet (it may be large)."""
         try:
-            signer, nonce, digest = verify_declared(headers, method, path, window_s=self.window_s,
-                                                    now=self.p.clock())  # fmt: skip
+            signer, nonce, digest = verify_declared(
+                headers, method, path, window_s=self.window_s, now=self.p.clock()
+            )
         except SignatureError as e:
             raise Unauthorized(e.code, e.message) from None
         self._fresh(nonce)
@@ -137,17 +144,35 @@ class Intake:
                 return receipt  # a concurrent upload of the same miner won the race
             self._check_version(header.base_version, round_)
             state, now = p.cell.state, p.clock()
-            p.store.add_submission(NewSubmission(
-                round=round_, miner=miner, sha256=sha, content_sha256=seen.content_sha256, size=len(body),
-                norm=seen.norm, sketch=seen.sketch.numpy().tobytes(), stored_sha256=stored_sha,
-                compute_s=header.stats.compute_s, received_at=now,
-            ))  # fmt: skip
-            p.cell.swap(dataclasses.replace(
-                state, uploaded=state.uploaded | {miner}, expected=state.expected | {miner},
-                first_upload_at=now if state.first_upload_at is None else state.first_upload_at,
-            ))  # fmt: skip
-        log.info("round %d: upload from miner %s, %d bytes, base version %d", round_, miner[:12], len(body),
-                 header.base_version)  # fmt: skip
+            p.store.add_submission(
+                NewSubmission(
+                    round=round_,
+                    miner=miner,
+                    sha256=sha,
+                    content_sha256=seen.content_sha256,
+                    size=len(body),
+                    norm=seen.norm,
+                    sketch=seen.sketch.numpy().tobytes(),
+                    stored_sha256=stored_sha,
+                    compute_s=header.stats.compute_s,
+                    received_at=now,
+                )
+            )
+            p.cell.swap(
+                dataclasses.replace(
+                    state,
+                    uploaded=state.uploaded | {miner},
+                    expected=state.expected | {miner},
+                    first_upload_at=now if state.first_upload_at is None else state.first_upload_at,
+                )
+            )
+        log.info(
+            "round %d: upload from miner %s, %d bytes, base version %d",
+            round_,
+            miner[:12],
+            len(body),
+            header.base_version,
+        )
         p.metrics.bytes_in.inc(len(body))
         p.metrics.uploads.set(len(state.uploaded) + 1)
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
@@ -168,8 +193,11 @@ class Intake:
         state = self.p.cell.state
         if base_version not in (state.version, state.head):
             also = "" if state.head == state.version else f" or {state.head}"
-            raise Conflict("stale_version", f"payload was trained on version {base_version}; "
-                           f"round {round_} is for version {state.version}{also}")  # fmt: skip
+            raise Conflict(
+                "stale_version",
+                f"payload was trained on version {base_version}; "
+                f"round {round_} is for version {state.version}{also}",
+            )
 
     def _check_round(self, round_: int) -> None:
         cur = self.p.cell.state

@@ -9,13 +9,13 @@ from dataclasses import dataclass
 
 import torch
 
-from coordinator.blobs import BlobStore
 from coordinator.metrics import Metrics
-from coordinator.outer import OuterOptimizer
-from coordinator.publish import Publisher
-from coordinator.scoring import Scores
-from coordinator.state import RoundCell
-from coordinator.store import Store
+from coordinator.publishing.outer import OuterOptimizer
+from coordinator.publishing.publisher import Publisher
+from coordinator.rounds.scoring import Scores
+from coordinator.rounds.state import RoundCell
+from coordinator.storage.blobs import BlobStore
+from coordinator.storage.store import Store
 from protocol.codec import Codec, ParamSpec
 from protocol.data import Dataset
 from protocol.model import CausalLM, evaluate_loss

@@ -1,4 +1,4 @@
-"""Reading requests and marking responses, for coordinator/app.py: the protocol header on every response,
+"""Reading requests and marking responses, for coordinator/api/app.py: the protocol header on every response,
 bodies read with a size cap and a read timeout, and signed bodies, whose signature and signer are checked
 before a body larger than ``SMALL_BODY`` is read.
 """
@@ -57,8 +57,11 @@ async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
         except StopAsyncIteration:
             break
         except TimeoutError:
-            raise RequestTimeout("body_timeout", f"no part of the body arrived for {timeout_s:g} s",
-                                 headers={"Connection": "close"}) from None  # fmt: skip
+            raise RequestTimeout(
+                "body_timeout",
+                f"no part of the body arrived for {timeout_s:g} s",
+                headers={"Connection": "close"},
+            ) from None
         n += len(chunk)
         if n > cap:
             raise PayloadTooLarge("payload_too_large", f"body exceeds the {cap}-byte limit")

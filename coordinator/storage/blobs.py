@@ -278,8 +278,11 @@ class S3BlobStore:
     def url(self, sha: str, filename: str, expiry_s: float) -> str | None:
         """A presigned GET of the object: the bytes go from the bucket to the client, not through the
         coordinator."""
-        params = {"Bucket": self.bucket, "Key": self.key(sha),
-                  "ResponseContentDisposition": f'attachment; filename="{filename}"'}  # fmt: skip
+        params = {
+            "Bucket": self.bucket,
+            "Key": self.key(sha),
+            "ResponseContentDisposition": f'attachment; filename="{filename}"',
+        }
         url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expiry_s))
         return url
 

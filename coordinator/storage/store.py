@@ -15,8 +15,8 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
-from coordinator.store_reports import ReportReads
-from coordinator.store_scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
+from coordinator.storage.reports import ReportReads
+from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
 from protocol.evaluation import Losses
 
 SCHEMA = """
@@ -130,8 +130,8 @@ class RoundClose:
 
 
 class Store(ReportReads, ScoreReads):
-    """All the SQL of a run (the reads of closed rounds are in ``coordinator/store_reports.py``, the
-    leaderboard's in ``coordinator/store_scores.py``)."""
+    """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
+    leaderboard's in ``coordinator/storage/scores.py``)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -180,8 +180,12 @@ class Store(ReportReads, ScoreReads):
         return None if row is None else str(row["value"])
 
     def set_meta(self, key: str, value: str) -> None:
-        self._execute("INSERT INTO meta (key, value) VALUES (?, ?) "
-                      "ON CONFLICT(key) DO UPDATE SET value = excluded.value", key, value)  # fmt: skip
+        self._execute(
+            "INSERT INTO meta (key, value) VALUES (?, ?) "
+            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
+            key,
+            value,
+        )
 
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
         """Record a nonce; False if it is already recorded and not yet expired."""
@@ -219,12 +223,15 @@ class Store(ReportReads, ScoreReads):
         return int(row["n"]) if row else 0
 
     def active_miners(self, since_round: int) -> list[str]:
-        return [r["pubkey"] for r in self._all("SELECT pubkey FROM miners WHERE last_seen_round >= ?",
-                                               since_round)]  # fmt: skip
+        return [
+            r["pubkey"]
+            for r in self._all("SELECT pubkey FROM miners WHERE last_seen_round >= ?", since_round)
+        ]
 
     # -- rounds and versions ------------------------------------------------------------------------------
-    def start(self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int,
-              now: float) -> None:  # fmt: skip
+    def start(
+        self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int, now: float
+    ) -> None:
         """Version 0 and round 0 of a new run."""
         with self.transaction() as db:
             db.execute(
@@ -232,8 +239,9 @@ class Store(ReportReads, ScoreReads):
                 "checkpoint_bytes, created_at) VALUES (0, NULL, ?, ?, ?, ?, ?)",
                 (param_hash, eval_loss, checkpoint_sha, checkpoint_bytes, now),
             )
-            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)",
-                       (now,))  # fmt: skip
+            db.execute(
+                "INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)", (now,)
+            )
 
     def latest_round(self) -> sqlite3.Row | None:
         return self._one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
@@ -244,8 +252,12 @@ class Store(ReportReads, ScoreReads):
 
     def open_round(self, round_: int, version: int, now: float) -> None:
         """Overlapped rounds: the next round opens as the one before it starts closing."""
-        self._execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                      round_, version, now)  # fmt: skip
+        self._execute(
+            "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+            round_,
+            version,
+            now,
+        )
 
     def head(self) -> tuple[int, str]:
         """The current version (the newest one not rolled back) and its parameter hash."""
@@ -268,8 +280,10 @@ class Store(ReportReads, ScoreReads):
     def checkpoint(self, version: int | None) -> tuple[int, str] | None:
         """The newest live version with a checkpoint kept, or ``version``'s checkpoint."""
         if version is None:
-            row = self._one(f"SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                            f"AND {LIVE} ORDER BY version DESC LIMIT 1")  # fmt: skip
+            row = self._one(
+                f"SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
+                f"AND {LIVE} ORDER BY version DESC LIMIT 1"
+            )
         else:
             row = self._one("SELECT version, checkpoint_sha FROM versions WHERE version = ?", version)
         if row is None or row["checkpoint_sha"] is None:
@@ -286,10 +300,13 @@ class Store(ReportReads, ScoreReads):
         with self.transaction() as db:
             old = db.execute(  # rolled-back versions first, then the oldest
                 "SELECT version, checkpoint_sha, state_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                f"AND version > 0 ORDER BY ({LIVE}) DESC, version DESC LIMIT -1 OFFSET ?", (keep,),
-            ).fetchall()  # fmt: skip
-            db.executemany("UPDATE versions SET checkpoint_sha = NULL, state_sha = NULL WHERE version = ?",
-                           [(r["version"],) for r in old])  # fmt: skip
+                f"AND version > 0 ORDER BY ({LIVE}) DESC, version DESC LIMIT -1 OFFSET ?",
+                (keep,),
+            ).fetchall()
+            db.executemany(
+                "UPDATE versions SET checkpoint_sha = NULL, state_sha = NULL WHERE version = ?",
+                [(r["version"],) for r in old],
+            )
         return [sha for r in old for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None]
 
     # -- submissions --------------------------------------------------------------------------------------
@@ -306,18 +323,30 @@ class Store(ReportReads, ScoreReads):
                 "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, compute_s, "
                 "received_at, norm, sketch, unpacked_sha256) "
                 "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
-                (s.round, s.miner, s.sha256, s.content_sha256, s.size, s.compute_s, s.received_at, s.norm,
-                 s.sketch, s.stored_sha256),
-            )  # fmt: skip
+                (
+                    s.round,
+                    s.miner,
+                    s.sha256,
+                    s.content_sha256,
+                    s.size,
+                    s.compute_s,
+                    s.received_at,
+                    s.norm,
+                    s.sketch,
+                    s.stored_sha256,
+                ),
+            )
             db.execute(
                 "UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = COALESCE(first_upload_at, ?) "
-                "WHERE round = ?", (s.size, s.received_at, s.round),
-            )  # fmt: skip
+                "WHERE round = ?",
+                (s.size, s.received_at, s.round),
+            )
             db.execute("UPDATE miners SET last_seen_round = ? WHERE pubkey = ?", (s.round, s.miner))
 
     def record_refusal(self, round_: int, miner: str, code: str, at: float) -> None:
-        self._execute("INSERT INTO refusals (round, miner, code, at) VALUES (?, ?, ?, ?)", round_, miner,
-                      code, at)  # fmt: skip
+        self._execute(
+            "INSERT INTO refusals (round, miner, code, at) VALUES (?, ?, ?, ?)", round_, miner, code, at
+        )
 
     # -- closing a round ----------------------------------------------------------------------------------
     def close_round(self, c: RoundClose) -> None:
@@ -330,16 +359,36 @@ class Store(ReportReads, ScoreReads):
                     "INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
                     "checkpoint_sha, checkpoint_bytes, created_at, base_version, state_sha) "
                     "VALUES (?, ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                    (v.version, c.round, v.param_hash, v.eval_loss, v.update_sha, v.update_bytes,
-                     v.checkpoint_sha, v.checkpoint_bytes, c.closed_at, v.base_version, v.state_sha),
-                )  # fmt: skip
+                    (
+                        v.version,
+                        c.round,
+                        v.param_hash,
+                        v.eval_loss,
+                        v.update_sha,
+                        v.update_bytes,
+                        v.checkpoint_sha,
+                        v.checkpoint_bytes,
+                        c.closed_at,
+                        v.base_version,
+                        v.state_sha,
+                    ),
+                )
             db.executemany(INSERT_VERDICT, verdict_rows(c.round, COORDINATOR, c.verdicts, c.closed_at))
             db.executemany(
                 "UPDATE submissions SET status = ?, reason = ?, evaluated = ?, scale = ? "
                 "WHERE round = ? AND miner = ?",
-                [("accepted" if o.reason is None else "rejected", o.reason, int(o.evaluated), o.scale,
-                  c.round, miner) for miner, o in c.outcomes.items()],
-            )  # fmt: skip
+                [
+                    (
+                        "accepted" if o.reason is None else "rejected",
+                        o.reason,
+                        int(o.evaluated),
+                        o.scale,
+                        c.round,
+                        miner,
+                    )
+                    for miner, o in c.outcomes.items()
+                ],
+            )
             accepted = sum(o.reason is None for o in c.outcomes.values())
             db.execute(
                 "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
@@ -347,26 +396,49 @@ class Store(ReportReads, ScoreReads):
                 "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
                 "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ?, scored = ? "
                 "WHERE round = ?",
-                (c.closed_at, accepted, len(c.outcomes) - accepted, c.compute_s,
-                 None if c.version is None else c.version.eval_loss, c.close_reason, c.reference_norm,
-                 sum(c.bytes_down), *c.bytes_down, c.next_version, c.applied_to, int(c.scored), c.round),
-            )  # fmt: skip
+                (
+                    c.closed_at,
+                    accepted,
+                    len(c.outcomes) - accepted,
+                    c.compute_s,
+                    None if c.version is None else c.version.eval_loss,
+                    c.close_reason,
+                    c.reference_norm,
+                    sum(c.bytes_down),
+                    *c.bytes_down,
+                    c.next_version,
+                    c.applied_to,
+                    int(c.scored),
+                    c.round,
+                ),
+            )
             if c.open_next:
-                db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                           (c.round + 1, c.next_version, c.closed_at))  # fmt: skip
+                db.execute(
+                    "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                    (c.round + 1, c.next_version, c.closed_at),
+                )
 
     def add_bytes_down(self, round_: int, model: int, data: int) -> None:
-        self._execute("UPDATE rounds SET bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model "
-                      "+ ?, bytes_down_data = bytes_down_data + ? WHERE round = ?", model + data, model, data,
-                      round_)  # fmt: skip
+        self._execute(
+            "UPDATE rounds SET bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model "
+            "+ ?, bytes_down_data = bytes_down_data + ? WHERE round = ?",
+            model + data,
+            model,
+            data,
+            round_,
+        )
 
     def rollback(self, to_version: int, now: float, reason: str) -> tuple[list[int], int]:
         """Make ``to_version`` current again: every later live version is marked rolled back (kept for the
         audit), the open rounds close with ``reason`` and their uploads are set aside, and a round opens
         for ``to_version``. Returns the versions rolled back and the newest round closed."""
         with self.transaction() as db:
-            later = [r["version"] for r in db.execute(
-                f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,))]  # fmt: skip
+            later = [
+                r["version"]
+                for r in db.execute(
+                    f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,)
+                )
+            ]
             db.execute(
                 f"UPDATE versions SET rolled_back_at = ? WHERE version > ? AND {LIVE}", (now, to_version)
             )
@@ -375,11 +447,16 @@ class Store(ReportReads, ScoreReads):
                 db.execute(
                     "UPDATE submissions SET status = 'rejected', reason = ? WHERE round = ?", (reason, r)
                 )
-                db.execute("UPDATE rounds SET status = 'closed', closed_at = ?, close_reason = ?, "
-                           "result_version = ? WHERE round = ?", (now, reason, to_version, r))  # fmt: skip
+                db.execute(
+                    "UPDATE rounds SET status = 'closed', closed_at = ?, close_reason = ?, "
+                    "result_version = ? WHERE round = ?",
+                    (now, reason, to_version, r),
+                )
             newest = max(rounds)
-            db.execute("INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                       (newest + 1, to_version, now))  # fmt: skip
+            db.execute(
+                "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
+                (newest + 1, to_version, now),
+            )
         return later, newest
 
     def uploaded_miners(self, round_: int) -> set[str]:

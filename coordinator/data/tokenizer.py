@@ -66,8 +66,11 @@ class RunTokenizer:
         self.json = self.hf.to_str().encode() if self.is_byte else Path(spec).read_bytes()
         self.sha256 = hashlib.sha256(self.json).hexdigest()
         self.vocab_size = 256 if self.is_byte else self.hf.get_vocab_size(with_added_tokens=True)
-        self.end_of_text = None if self.is_byte else next(
-            (i for t in END_OF_TEXT if (i := self.hf.token_to_id(t)) is not None), None)  # fmt: skip
+        self.end_of_text = (
+            None
+            if self.is_byte
+            else next((i for t in END_OF_TEXT if (i := self.hf.token_to_id(t)) is not None), None)
+        )
 
     @property
     def dtype(self) -> np.dtype[np.unsignedinteger]:
@@ -78,12 +81,14 @@ class RunTokenizer:
         """The tokens of pieces of text, each (text, whether a document ends with it): a document's end is
         followed by the end-of-text token (the byte tokenizer: a blank line). One flat array."""
         if self.is_byte:  # the first releases' bytes exactly
-            raw = b"".join(t.encode("utf-8", errors="replace") + (DOCUMENT_GAP if end else b"")
-                           for t, end in pieces)  # fmt: skip
+            raw = b"".join(
+                t.encode("utf-8", errors="replace") + (DOCUMENT_GAP if end else b"") for t, end in pieces
+            )
             return np.frombuffer(raw, dtype=np.uint8).astype(self.dtype)
         parts = []
-        for enc, (_, end) in zip(self.hf.encode_batch_fast([t for t, _ in pieces], add_special_tokens=False),
-                                 pieces, strict=True):  # fmt: skip
+        for enc, (_, end) in zip(
+            self.hf.encode_batch_fast([t for t, _ in pieces], add_special_tokens=False), pieces, strict=True
+        ):
             parts.append(np.asarray(enc.ids, dtype=self.dtype))
             if end and self.end_of_text is not None:
                 parts.append(np.asarray([self.end_of_text], dtype=self.dtype))
@@ -113,9 +118,12 @@ def train_bpe(texts: Iterator[str], vocab_size: int, out: Path) -> Tokenizer:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=["<|endoftext|>"],
-                                  show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())  # fmt: skip
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=["<|endoftext|>"],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(texts, trainer=trainer)
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = out.with_name(out.name + ".tmp")
@@ -126,8 +134,12 @@ def train_bpe(texts: Iterator[str], vocab_size: int, out: Path) -> Tokenizer:
 
 def tokenizer_config(tok: RunTokenizer, max_length: int) -> dict[str, object]:
     """The tokenizer_config.json that lets ``AutoTokenizer`` load the exported tokenizer.json."""
-    return {"tokenizer_class": "PreTrainedTokenizerFast", "model_max_length": max_length,
-            "clean_up_tokenization_spaces": False, **tok.special_tokens()}  # fmt: skip
+    return {
+        "tokenizer_class": "PreTrainedTokenizerFast",
+        "model_max_length": max_length,
+        "clean_up_tokenization_spaces": False,
+        **tok.special_tokens(),
+    }
 
 
 def describe(tok: RunTokenizer) -> str:

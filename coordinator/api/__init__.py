@@ -1,0 +1,1 @@
+"""The HTTP layer: the app factory, request reading, the server and the dashboard."""

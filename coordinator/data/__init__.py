@@ -1,0 +1,1 @@
+"""The run's data: the corpus cut into sequences, and the tokenizer."""

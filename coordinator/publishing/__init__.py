@@ -1,0 +1,1 @@
+"""Publishing a version: aggregation, the outer step, the publisher and the downlink."""

@@ -1,0 +1,1 @@
+"""Rounds: their state, intake of uploads, closing, judging, checks and scores."""

@@ -1,0 +1,1 @@
+"""Storage: the store (SQLite), content-addressed blobs and the state directory's lock."""
