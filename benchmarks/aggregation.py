@@ -39,7 +39,7 @@ import torch
 from benchmarks.codec import best_of, gpt2_small_spec
 from coordinator.publishing.aggregation import aggregate_uploads
 from coordinator.publishing.outer import OuterOptimizer
-from coordinator.rounds.checks import Judging, default_pipeline, judge_cheap
+from coordinator.rounds.checks import RoundChecks, default_pipeline, run_cheap_checks
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.blobs import FileBlobStore
 from coordinator.storage.records import Upload
@@ -159,8 +159,8 @@ def measure_aggregation(set_name: str, m: int, root: Path, threads: int | None, 
     before = settle_memory()
 
     t0 = time.perf_counter()
-    judging = Judging(0, uploads)
-    _, scales = judge_cheap(default_pipeline(CheckSettings(), ValidationSettings()), judging)
+    judging = RoundChecks(0, uploads)
+    _, scales = run_cheap_checks(default_pipeline(CheckSettings(), ValidationSettings()), judging)
     accepted = [(u, scales[u.miner]) for u in judging.remaining()]
     t1 = time.perf_counter()
     agg = aggregate_uploads(accepted, lambda u: (b"", blobs.get(str(u.stored_sha256))), codec, spec)

@@ -64,9 +64,9 @@ def replay(run_dir: Path, work: Path) -> dict[str, Any]:
         run.close()
 
 
-def scaled(subs: list[Row], field: str, value: str) -> list[tuple[Upload, float]]:
-    """The uploads of a round's ``submissions`` rows whose ``field`` is ``value``, with their clip scales."""
-    return [(Upload.of(s), s["scale"] or 1.0) for s in subs if s[field] == value]
+def scaled(subs: list[Upload], field: str, value: str) -> list[tuple[Upload, float]]:
+    """The uploads of a round whose ``field`` is ``value``, with their clip scales."""
+    return [(u, u.scale or 1.0) for u in subs if getattr(u, field) == value]
 
 
 class Recorded:
@@ -75,18 +75,18 @@ class Recorded:
     to build them again."""
 
     def __init__(self, run: Run) -> None:
-        p, store = run.parts, run.store
+        store = run.store
         versions = [store.version_row(v) for v in range(store.latest_version() + 1)]
         self.committed = [v for v in versions if v is not None and v["rolled_back_at"] is None]
-        self.params = load_checkpoint(p.blobs.get(self.committed[0]["checkpoint_sha"]), p.spec)[0]
-        p.publisher.outer.buffers, p.publisher.downlink.residual = {}, {}
-        self.parts = p
+        self.params = load_checkpoint(run.blobs.get(self.committed[0]["checkpoint_sha"]), run.spec)[0]
+        run.publisher.reset()
+        self.run = run
         self.stored: dict[str, tuple[bytes, bytes]] = {}
 
     def load(self, u: Upload) -> tuple[bytes, bytes]:
         if u.sha256 not in self.stored:
-            payload = self.parts.blobs.get(u.sha256)
-            self.stored[u.sha256] = payload, self.parts.codec.examine(payload, self.parts.spec).stored
+            payload = self.run.blobs.get(u.sha256)
+            self.stored[u.sha256] = payload, self.run.codec.examine(payload, self.run.spec).stored
         return self.stored[u.sha256]
 
     def clear(self) -> None:
@@ -95,8 +95,8 @@ class Recorded:
     def rebuilt(self, run: Run, params: Params, v: Row) -> Built | None:
         """Version ``v`` built again on ``params`` from its round's accepted uploads: the build, with the
         downlink's residual or without, whose parameters the run recorded (None: neither)."""
-        publisher = run.parts.publisher
-        accepted = scaled(run.store.round_submissions(v["round"]), "status", "accepted")
+        publisher = run.publisher
+        accepted = scaled(run.store.round_uploads(v["round"]), "status", "accepted")
         delta, buffers = publisher.step(accepted, self.load)
         for carry in (True, False):
             built = publisher.published(params, v["base_version"], v["version"], delta, buffers, carry)
@@ -106,7 +106,7 @@ class Recorded:
 
 
 def _replay(run: Run) -> dict[str, Any]:
-    loss, publisher, store = run.model.held_out_loss, run.parts.publisher, run.store
+    loss, publisher, store = run.model.held_out_loss, run.publisher, run.store
     recorded = Recorded(run)
     committed, params, load = recorded.committed, recorded.params, recorded.load
 
@@ -122,7 +122,7 @@ def _replay(run: Run) -> dict[str, Any]:
     rows: list[dict[str, Any]] = []
     for replayed, (before, v) in enumerate(itertools.pairwise(committed)):
         recorded.clear()
-        subs = store.round_submissions(v["round"])
+        subs = store.round_uploads(v["round"])
         accepted, left_out = scaled(subs, "status", "accepted"), scaled(subs, "reason", "loss_guard")
         delta, candidates = builds(params, v, accepted)
         if left_out:  # the round as the guard first saw it

@@ -35,7 +35,6 @@ from benchmarks.adversarial import SKIP_ROUNDS, gaps, in_order
 from benchmarks.replay import Recorded, copied_run
 from coordinator.rounds.scoring import leaderboard
 from coordinator.run import Run
-from coordinator.storage.records import Upload
 from coordinator.storage.store import COORDINATOR
 from protocol.evaluation import LOSS_FIELDS, Losses, UpdateEvaluator, round_salt
 from protocol.pairing import RoundEvaluation
@@ -43,7 +42,7 @@ from protocol.pairing import RoundEvaluation
 
 def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict[str, Losses]]]:
     """{round: {size: {miner: losses}}} for the uploads evaluated in the first ``rounds`` rounds."""
-    p, recorded = run.parts, Recorded(run)
+    p, recorded = run, Recorded(run)
     largest = max(sizes)
     evaluation = p.info.evaluation.model_copy(
         update={"own_sequences": largest, "other_sequences": largest, "early_factor": 1}
@@ -55,19 +54,19 @@ def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict
         if r >= rounds:
             break
         recorded.clear()
-        subs = run.store.round_submissions(r)
-        judged = [s for s in subs if s["evaluated"] and s["scale"] is not None]
-        salt = round_salt(s["sha256"] for s in subs)
+        subs = run.store.round_uploads(r)
+        judged = [u for u in subs if u.evaluated and u.scale is not None]
+        salt = round_salt(u.sha256 for u in subs)
         evaluator = UpdateEvaluator(run.model.module, params, p.dataset.sequences)
-        round_ = RoundEvaluation(evaluator, info, r, salt, [s["miner"] for s in judged])
-        for s in judged:  # the payloads read once, for this and for the rebuild below
-            payload = recorded.load(Upload.of(s))[0]
-            round_.measure(s["miner"], p.codec.decode(payload, p.spec)[1], s["scale"])
+        round_ = RoundEvaluation(evaluator, info, r, salt, [u.miner for u in judged])
+        for u in judged:  # the payloads read once, for this and for the rebuild below
+            payload = recorded.load(u)[0]
+            round_.measure(u.miner, p.codec.decode(payload, p.spec)[1], u.scale or 1.0)
         out[r] = {n: round_.losses((n, n)) for n in sizes}
         built = recorded.rebuilt(run, params, v)
         if built is None:
             raise SystemExit(f"version {v['version']} did not rebuild bit for bit")
-        run.parts.publisher.commit(built)
+        run.publisher.commit(built)
         params = built.params
     return out
 

@@ -32,6 +32,10 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 log = logging.getLogger(__name__)
 
 
+class Stopping(Exception):
+    """The coordinator is shutting down: a round being closed stays open, to be closed after the restart."""
+
+
 class ApiError(Exception):
     status = 400
 

@@ -1,8 +1,10 @@
-"""Explicit hooks for failure and timing injection: given to the coordinator's parts by the code that
-builds them (a test), never read from the environment."""
+"""Explicit hooks for failure and timing injection, given to the coordinator's parts by the code that builds
+them (a test), never read from the environment; and the clock every part reads time from."""
 
 from __future__ import annotations
 
+import threading
+import time
 from collections.abc import Callable
 from dataclasses import dataclass
 
@@ -16,3 +18,19 @@ class Hooks:
     on_upload: Callable[[int, str], None] | None = None
     before_commit: Callable[[int], None] | None = None
     before_intake_commit: Callable[[int, str], None] | None = None
+
+
+class Clock:
+    """Time as the coordinator sees it: ``now()`` for every timestamp and deadline, and ``wait`` for every
+    pause of the closer (until a round may close, before a retry). This one is the system's; a test's clock
+    moves time itself and ends the waits it overtakes."""
+
+    def __init__(self, now: Callable[[], float] = time.time) -> None:
+        self._now = now
+
+    def now(self) -> float:
+        return self._now()
+
+    def wait(self, event: threading.Event, timeout_s: float | None) -> bool:
+        """Until ``event`` is set (True) or ``timeout_s`` passed (False)."""
+        return event.wait(timeout_s)

@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
@@ -20,17 +21,20 @@ from pathlib import Path
 from coordinator.data.corpus import build_dataset
 from coordinator.data.tokenizer import RunTokenizer
 from coordinator.errors import Conflict
-from coordinator.hooks import Hooks
+from coordinator.hooks import Clock, Hooks
 from coordinator.metrics import Metrics
+from coordinator.publishing.model import Model
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher
 from coordinator.rounds.checks import Check, default_pipeline
-from coordinator.rounds.closer import Closer, CloserSettings, deadline_for
-from coordinator.rounds.intake import Intake
-from coordinator.rounds.parts import Downloads, Model, Parts
+from coordinator.rounds.closer import Closer
+from coordinator.rounds.intake import Intake, IntakeSettings
+from coordinator.rounds.judging import Evaluations, Judge, UploadReader
+from coordinator.rounds.modes import RoundMode, mode_for
+from coordinator.rounds.opening import RoundOpener, deadline_for
 from coordinator.rounds.queries import Queries
 from coordinator.rounds.scoring import Scores
-from coordinator.rounds.state import RoundCell, RoundState
+from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.blobs import BlobStore, make_blob_store
 from coordinator.storage.lock import StateLock
@@ -51,8 +55,11 @@ class Run:
         settings: CoordinatorSettings,
         checks: Sequence[Check] | None = None,
         hooks: Hooks | None = None,
-        clock: Callable[[], float] = time.time,
+        clock: Clock | Callable[[], float] = time.time,
+        mode: RoundMode | None = None,
     ) -> None:
+        """``checks``, ``hooks``, ``clock`` and ``mode`` replace the defaults (the pipeline the settings
+        make, no hooks, the system clock, the round mode ``[rounds] overlap`` names)."""
         self.settings = settings
         root = settings.state_dir
         root.mkdir(parents=True, exist_ok=True)
@@ -61,7 +68,9 @@ class Run:
         try:
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)
-            self._build(settings, checks, hooks or Hooks(), clock)
+            self._build(
+                settings, checks, hooks or Hooks(), clock if isinstance(clock, Clock) else Clock(clock), mode
+            )
         except BaseException:
             self.store.close()
             self.lock.release()
@@ -72,7 +81,8 @@ class Run:
         settings: CoordinatorSettings,
         checks: Sequence[Check] | None,
         hooks: Hooks,
-        clock: Callable[[], float],
+        clock: Clock,
+        mode: RoundMode | None,
     ) -> None:
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
@@ -133,37 +143,73 @@ class Run:
             self.model.held_out_loss,
             settings.checks.max_loss_increase,
         )
-        state = self._resume_or_start(blobs, module, spec, publisher, clock)
-        self.parts = Parts(
-            store=self.store,
-            blobs=blobs,
-            cell=RoundCell(state),
-            codec=codec,
-            spec=spec,
-            info=self.info,
-            dataset=dataset,
-            publisher=publisher,
-            outer=outer,
-            scores=Scores(self.store, settings.validation),
-            metrics=self.metrics,
-            downloads=Downloads(),
-            clock=clock,
+        state = self._resume_or_start(blobs, module, spec, publisher, clock.now)
+        self.blobs, self.dataset, self.codec, self.spec, self.publisher = (
+            blobs,
+            dataset,
+            codec,
+            spec,
+            publisher,
+        )
+        self.vocab = architecture.vocab
+        self.cell = RoundCell(state)
+        self.scores = Scores(self.store, settings.validation)
+        self.downloads = Downloads()
+        stop = threading.Event()
+        reader = UploadReader(blobs, hooks)
+        pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks
+        judge = Judge(
+            self.store,
+            blobs,
+            reader,
+            codec,
+            spec,
+            Evaluations(self.model, dataset, self.info),
+            self.scores,
+            self.metrics,
+            settings.checks,
+            settings.validation,
+            pipeline,
+            stop,
+        )
+        self.closer = Closer(
+            self.cell,
+            self.store,
+            blobs,
+            mode_for(settings.rounds.overlap) if mode is None else mode,
+            RoundOpener(self.cell, self.store, settings.rounds, clock.now),
+            judge,
+            publisher,
+            self.model,
+            reader,
+            self.scores,
+            self.metrics,
+            self.downloads,
+            settings.rounds,
+            settings.keep_checkpoints,
+            hooks,
+            clock,
+            stop,
         )
         self.intake = Intake(
-            self.parts, settings.signature_window_s, settings.allowlist, settings.validation.validators, hooks
+            self.cell,
+            self.store,
+            blobs,
+            codec,
+            spec,
+            self.scores,
+            self.metrics,
+            IntakeSettings.of(settings),
+            hooks,
+            clock.now,
         )
-        closer_settings = CloserSettings(
-            settings.rounds, settings.checks, settings.validation, settings.faults, settings.keep_checkpoints
-        )
-        pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks
-        self.closer = Closer(self.parts, self.model, closer_settings, pipeline, hooks)
-        self.queries = Queries(self.parts)
+        self.queries = Queries(self.cell, self.store, clock.now)
         # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores only
         # trade places on the interpreter lock.
         self.intake_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="intake")
         self.metrics.round.set(state.round)
         self.metrics.version.set(state.version)
-        self.metrics.miners.set(self.parts.store.count_miners())
+        self.metrics.miners.set(self.store.count_miners())
         self.metrics.uploads.set(len(state.uploaded))
         if (loss := self.store.eval_loss(state.version)) is not None:
             self.metrics.eval_loss.set(loss)
@@ -236,22 +282,22 @@ class Run:
         """Stop the closer (a round it is closing stays open), then the intake threads, then the store."""
         self.closer.stop()
         self.intake_pool.shutdown(wait=True)
-        model, data = self.parts.downloads.take()
+        model, data = self.downloads.take()
         if model or data:
-            self.store.add_bytes_down(self.parts.cell.state.round, model, data)
+            self.store.add_bytes_down(self.cell.state.round, model, data)
         self.store.close()
         self.lock.release()
 
     def request_close(self) -> int:
         """Close the open round as soon as it has an upload (operator's command); returns its number."""
-        state = self.parts.cell.state
+        state = self.cell.state
         if not state.uploaded:
             raise Conflict("nothing_to_aggregate", f"round {state.round} has no uploads yet")
-        self.parts.cell.update(force_close=True)
+        self.cell.update(force_close=True)
         return state.round
 
     def count_download(self, nbytes: int, kind: str = "model") -> None:
-        self.parts.downloads.add(nbytes, kind)
+        self.downloads.add(nbytes, kind)
         self.metrics.bytes_out.labels(kind).inc(nbytes)
 
 

@@ -2,8 +2,9 @@
 
 from __future__ import annotations
 
+import warnings
 from pathlib import Path
-from typing import Literal
+from typing import Any, Literal
 
 from pydantic import (
     BaseModel,
@@ -25,6 +26,16 @@ MiB = 1 << 20
 
 class Section(BaseModel):
     model_config = ConfigDict(extra="forbid")
+
+
+def renamed(data: Any, old: str, new: str, where: str) -> Any:
+    """A key under its old name still works, with a warning: settings files outlive renames."""
+    if isinstance(data, dict) and old in data:
+        warnings.warn(f"{where}{old} is deprecated; it is now {where}{new}", DeprecationWarning, stacklevel=2)
+        data = dict(data)
+        value = data.pop(old)
+        data.setdefault(new, value)
+    return data
 
 
 class RoundSettings(Section):
@@ -150,11 +161,18 @@ class PublishSettings(Section):
     there are; ``exact`` publishes every touched coordinate in fp32 (the dense baseline's format); ``auto``:
     sparseloco when the uploads are, exact otherwise."""
 
-    codec: Literal["auto", "sparseloco", "exact"] = Field(default="auto")
+    format: Literal["auto", "sparseloco", "exact"] = Field(
+        default="auto", description="the published update's format (was `codec`, still accepted)"
+    )
     k: int = Field(default=128, ge=4, le=4096, description="values kept per chunk of tile x tile")
     tile: int = Field(default=64, ge=8, le=256)
     bits: Literal[2, 4, 8] = Field(default=2, description="bits per value")
     ef_beta: float = Field(default=0.95, ge=0, le=1, description="decay of the coordinator's error feedback")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _old_names(cls, data: Any) -> Any:
+        return renamed(data, "codec", "format", "[publish] ")
 
 
 class OuterSettings(Section):
@@ -191,12 +209,6 @@ class BlobSettings(Section):
         return self
 
 
-class FaultSettings(Section):
-    """Failure injection for crash tests: a window in which to kill the coordinator before it commits."""
-
-    publish_delay_s: float = Field(default=0.0, ge=0, le=3600, description="sleep before committing a round")
-
-
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", env_nested_delimiter="__", extra="forbid")
 
@@ -216,7 +228,6 @@ class CoordinatorSettings(BaseSettings):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
-    faults: FaultSettings = Field(default_factory=FaultSettings)
     max_payload_bytes: int | None = Field(
         default=None, ge=1024, description="None: the largest valid payload for this model and codec"
     )
@@ -228,6 +239,16 @@ class CoordinatorSettings(BaseSettings):
     allowlist: list[str] | None = Field(default=None, description="public keys (hex) allowed to register")
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
+
+    @model_validator(mode="before")
+    @classmethod
+    def _retired(cls, data: Any) -> Any:
+        """``[faults]`` (a sleep before each commit, for crash tests) is gone: tests inject failures through
+        ``coordinator.hooks.Hooks``. A settings file that still has it loads, with a warning."""
+        if isinstance(data, dict) and "faults" in data:
+            warnings.warn("[faults] is no longer read; remove it", DeprecationWarning, stacklevel=2)
+            data = {k: v for k, v in data.items() if k != "faults"}
+        return data
 
     @field_validator("model", mode="before")
     @classmethod

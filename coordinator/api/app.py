@@ -35,8 +35,12 @@ from coordinator.errors import (
     install_handlers,
     responses,
 )
-from coordinator.hooks import Hooks
+from coordinator.hooks import Clock, Hooks
 from coordinator.rounds.checks import Check
+from coordinator.rounds.intake import Intake
+from coordinator.rounds.modes import RoundMode
+from coordinator.rounds.queries import Queries
+from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import RoundWatch
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
@@ -72,6 +76,28 @@ async def get_run(request: Request) -> Run:
 RunDep = Annotated[Run, Depends(get_run)]
 
 
+async def get_queries(run: RunDep) -> Queries:
+    return run.queries
+
+
+async def get_intake(run: RunDep) -> Intake:
+    return run.intake
+
+
+async def get_scores(run: RunDep) -> Scores:
+    return run.scores
+
+
+async def get_info(run: RunDep) -> RunInfo:
+    return run.info
+
+
+QueriesDep = Annotated[Queries, Depends(get_queries)]
+IntakeDep = Annotated[Intake, Depends(get_intake)]
+ScoresDep = Annotated[Scores, Depends(get_scores)]
+InfoDep = Annotated[RunInfo, Depends(get_info)]
+
+
 router = APIRouter()
 
 
@@ -95,9 +121,9 @@ async def metrics(run: RunDep) -> Response:
 
 
 @router.get("/v1/rounds/{round_}/audit", responses=responses(404, 422))
-async def audit(round_: RoundNumber, run: RunDep) -> list[dict[str, object]]:
+async def audit(round_: RoundNumber, queries: QueriesDep) -> list[dict[str, object]]:
     """The round's audit manifest: each upload's miner, payload hash, size, verdict and reason."""
-    return await asyncio.to_thread(run.queries.audit, round_)
+    return await asyncio.to_thread(queries.audit, round_)
 
 
 def require_admin(request: Request, run: RunDep) -> None:
@@ -118,8 +144,8 @@ async def close_round(run: RunDep) -> dict[str, int]:
 
 
 @router.get("/v1/info", responses=responses())
-async def info(run: RunDep) -> RunInfo:
-    return run.info
+async def info(info: InfoDep) -> RunInfo:
+    return info
 
 
 @router.get("/v1/tokenizer", responses=responses())
@@ -131,19 +157,18 @@ async def tokenizer(run: RunDep) -> Response:
 
 
 @router.get("/v1/status", responses=responses())
-async def status(run: RunDep) -> Status:
+async def status(info: InfoDep, q: QueriesDep, scores: ScoresDep) -> Status:
     """The run, the open round, the most recent rounds (``/v1/reports`` pages through all of them) and the
     leaderboard."""
-    q = run.queries
 
     def read() -> Status:
         return Status(
-            run=run.info,
+            run=info,
             round=q.round_info(),
             miners=q.count_miners(),
             initial_eval_loss=q.initial_eval_loss(),
             rounds=q.reports(),
-            leaderboard=run.parts.scores.board(q.last_closed_round()),
+            leaderboard=scores.board(q.last_closed_round()),
         )
 
     return await asyncio.to_thread(read)
@@ -151,30 +176,30 @@ async def status(run: RunDep) -> Status:
 
 @router.get("/v1/reports", responses=responses(422))
 async def reports(
-    run: RunDep,
+    queries: QueriesDep,
     after: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
     limit: Annotated[int, Query(ge=1, le=1000)] = 1000,
 ) -> list[RoundReport]:
     """The closed rounds after round ``after``, oldest first, at most ``limit``."""
-    return await asyncio.to_thread(run.queries.reports, after, limit)
+    return await asyncio.to_thread(queries.reports, after, limit)
 
 
 @router.get("/v1/leaderboard", responses=responses(404, 422))
 async def leaderboard(
-    run: RunDep, round: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
+    queries: QueriesDep, scores: ScoresDep, round: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
 ) -> Leaderboard:
     """Every miner's score and record, best first; with ``round``, as of the close of that round."""
-    last = run.queries.last_closed_round()
+    last = queries.last_closed_round()
     if round is not None and (last is None or round > last):
         raise NotFound("not_found", f"round {round} has not closed")
     through = last if round is None else round
-    return Leaderboard(round=through, miners=await asyncio.to_thread(run.parts.scores.board, through))
+    return Leaderboard(round=through, miners=await asyncio.to_thread(scores.board, through))
 
 
 @router.get("/v1/rounds/{round_}", responses=responses(404, 422))
-async def round_record(round_: RoundNumber, run: RunDep) -> RoundRecord:
+async def round_record(round_: RoundNumber, queries: QueriesDep) -> RoundRecord:
     """A round's base version and its uploads with their verdicts: what a validator evaluates."""
-    record = await asyncio.to_thread(run.queries.round_record, round_)
+    record = await asyncio.to_thread(queries.round_record, round_)
     if record is None:
         raise NotFound("not_found", f"round {round_} does not exist")
     return record
@@ -192,7 +217,7 @@ async def payload(
 
 
 @router.post("/v1/rounds/{round_}/verdicts", responses=responses(*SIGNED, 404, 409))
-async def verdicts(round_: RoundNumber, request: Request, run: RunDep) -> VerdictReceipt:
+async def verdicts(round_: RoundNumber, request: Request, run: RunDep, intake: IntakeDep) -> VerdictReceipt:
     """A validator's signed evaluation of a closed round's uploads."""
     validator, body, _ = await signed_body(run, request, 4 * 1024 * 1024)
     try:
@@ -201,14 +226,14 @@ async def verdicts(round_: RoundNumber, request: Request, run: RunDep) -> Verdic
         err = e.errors()[0]
         where = ".".join(str(x) for x in err["loc"])
         raise Unprocessable("invalid_request", f"verdicts: {where}: {err['msg']}") from None
-    n = await asyncio.to_thread(run.intake.record_verdicts, validator, round_, given.verdicts)
+    n = await asyncio.to_thread(intake.record_verdicts, validator, round_, given.verdicts)
     return VerdictReceipt(round=round_, validator=validator, recorded=n)
 
 
 @router.get("/v1/round", responses=responses(422))
 async def current_round(
     request: Request,
-    run: RunDep,
+    queries: QueriesDep,
     after: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
     wait_s: Annotated[float, Query(ge=0, le=60)] = 0.0,
     closed: Annotated[int, Query(ge=-1, le=MAX_NUMBER)] = -1,
@@ -217,14 +242,14 @@ async def current_round(
     ``closed`` to have closed (overlapped rounds: the round behind the open one, and its version)."""
     if wait_s > 0:
         watch: RoundWatch = request.app.state.watch
-        await watch.wait(run.parts.cell, after, wait_s, closed)
-    return run.queries.round_info()
+        await watch.wait(queries.cell, after, wait_s, closed)
+    return queries.round_info()
 
 
 @router.post("/v1/miners", responses=responses(*SIGNED))
-async def register(request: Request, run: RunDep) -> Registration:
+async def register(request: Request, run: RunDep, intake: IntakeDep) -> Registration:
     miner, _, _ = await signed_body(run, request, 4096)
-    new = await asyncio.to_thread(run.intake.register, miner)
+    new = await asyncio.to_thread(intake.register, miner)
     return Registration(miner=miner, registered=new)
 
 
@@ -239,8 +264,8 @@ async def submit(round_: RoundNumber, request: Request, run: RunDep) -> Submissi
 
 
 @router.get("/v1/versions/{version}", responses=responses(404, 422))
-async def version_info(version: VersionNumber, run: RunDep) -> VersionInfo:
-    info = await asyncio.to_thread(run.queries.version_info, version)
+async def version_info(version: VersionNumber, queries: QueriesDep) -> VersionInfo:
+    info = await asyncio.to_thread(queries.version_info, version)
     if info is None:
         raise NotFound("not_found", f"version {version} does not exist")
     return info
@@ -277,7 +302,7 @@ async def _blob(run: Run, request: Request, sha: str, filename: str, immutable: 
     ``immutable``: the URL always means these bytes, so caches may keep the answer. The bytes count
     towards the round's downloads (the whole file's from the file store, those sent from S3, the object's
     size when redirected)."""
-    blobs, settings = run.parts.blobs, run.settings.blobs
+    blobs, settings = run.blobs, run.settings.blobs
     try:
         if settings.redirect_downloads:
             url = await asyncio.to_thread(blobs.url, sha, filename, settings.redirect_expiry_s)
@@ -307,10 +332,10 @@ async def sequences(run: RunDep, ids: Annotated[str, Query(max_length=MAX_IDS_PE
     n = run.data_meta.num_sequences
     if any(not 0 <= i < n for i in wanted):
         raise ApiError("invalid_request", f"sequence ids must be in 0..{n - 1}")
-    dataset = run.parts.dataset
+    dataset = run.dataset
     if any(dataset.is_held_out(i) for i in wanted):
         raise Forbidden("held_out", "held-out sequences are never served")
-    dtype = torch.uint8 if run.model.module.cfg.vocab <= 256 else torch.int32
+    dtype = torch.uint8 if run.vocab <= 256 else torch.int32
     body = await asyncio.to_thread(lambda: st_save({"tokens": dataset.sequences(wanted).to(dtype)}))
     run.count_download(len(body), "data")
     return Response(body, media_type="application/octet-stream")
@@ -321,19 +346,20 @@ def create_app(
     run: Run | None = None,
     checks: Sequence[Check] | None = None,
     hooks: Hooks | None = None,
-    clock: Callable[[], float] = time.time,
+    clock: Clock | Callable[[], float] = time.time,
+    mode: RoundMode | None = None,
 ) -> FastAPI:
-    """The coordinator app; builds its Run at startup (with the check pipeline, test hooks and clock if
-    given) unless one, already built, is given."""
+    """The coordinator app; builds its Run at startup (with the check pipeline, test hooks, clock and round
+    mode if given) unless one, already built, is given."""
 
     @contextlib.asynccontextmanager
     async def lifespan(app: FastAPI) -> AsyncIterator[None]:
         nonlocal run
         if run is None:
-            run = await asyncio.to_thread(Run, settings, checks, hooks, clock)
+            run = await asyncio.to_thread(Run, settings, checks, hooks, clock, mode)
         watch = RoundWatch()
         watch.attach(asyncio.get_running_loop())
-        run.parts.cell.listen(watch.notify)
+        run.cell.listen(watch.notify)
         app.state.run, app.state.watch = run, watch
         run.start()
         try:

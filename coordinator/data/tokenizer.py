@@ -9,7 +9,6 @@ from __future__ import annotations
 
 import functools
 import hashlib
-import json
 from collections.abc import Iterable, Iterator, Sequence
 from pathlib import Path
 
@@ -140,7 +139,3 @@ def tokenizer_config(tok: RunTokenizer, max_length: int) -> dict[str, object]:
         "clean_up_tokenization_spaces": False,
         **tok.special_tokens(),
     }
-
-
-def describe(tok: RunTokenizer) -> str:
-    return json.dumps({"tokenizer": tok.spec, "vocab_size": tok.vocab_size, "sha256": tok.sha256[:16]})

@@ -1,31 +1,34 @@
 """Making the next version from a round's accepted uploads, guarding it, and writing what is published.
 
-``build`` aggregates, applies the outer step, compresses what it publishes (``Downlink``) and measures the
-held-out loss, in memory. The downlink's error feedback is the coordinator's own bookkeeping, not any
-miner's work: when carrying it would raise the held-out loss above the previous version's, the update is
-compressed again without it and the better of the two is kept, so a stale residual never costs a miner its
-upload at the guard. ``guard`` says whether the result may be published (every parameter finite, the
-held-out loss finite and not above the previous version's by more than ``max_loss_increase``); only then
-does ``write`` put the published update, the checkpoint and the coordinator's state (the outer optimizer's
-momentum, the downlink's error feedback) into the blob store. Nothing is visible until the closer commits
-the version, and its state with it.
+``build_guarded`` builds the next version under the loss guard: ``build`` aggregates, applies the outer
+step, compresses what it publishes (``Downlink``) and measures the held-out loss, in memory; a version that
+fails ``guard`` is built again without the most suspect uploads until it passes or none is left. The
+downlink's error feedback is the coordinator's own bookkeeping, not any miner's work: when carrying it would
+raise the held-out loss above the previous version's, the update is compressed again without it and the
+better of the two is kept, so a stale residual never costs a miner its upload at the guard. ``guard`` says
+whether the result may be published (every parameter finite, the held-out loss finite and not above the
+previous version's by more than ``max_loss_increase``); only then does ``write`` put the published update,
+the checkpoint and the coordinator's state (the outer optimizer's momentum, the downlink's error feedback)
+into the blob store. Nothing is visible until the closer commits the version, and its state with it.
 """
 
 from __future__ import annotations
 
 import logging
 import math
+import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 import torch
 from safetensors.torch import load as st_load
 
-from coordinator.publishing.aggregation import aggregate_uploads
+from coordinator.errors import Stopping
+from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.settings import AggregationSettings, PublishSettings
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import Upload
+from coordinator.storage.records import Refusal, Upload
 from coordinator.storage.store import NewVersion
 from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
 from protocol.params import (
@@ -51,11 +54,11 @@ class Downlink:
 
     def __init__(self, settings: PublishSettings, upload_codec: str, spec: ParamSpec) -> None:
         self.spec = spec
-        kind = settings.codec
+        kind = settings.format
         if kind == "auto":
             kind = "sparseloco" if upload_codec == "sparseloco" else "exact"
         s = settings
-        self.codec = SparseLoCoCodec(s.k, s.tile, s.bits) if kind == "sparseloco" else None
+        self.compressor = SparseLoCoCodec(s.k, s.tile, s.bits) if kind == "sparseloco" else None
         self.beta = settings.ef_beta
         self.residual: dict[str, torch.Tensor] = {}
 
@@ -70,18 +73,18 @@ class Downlink:
         """The update's bytes (without their header), the delta the model moves by, the next residual.
         ``carry=False``: the residual so far is left out of this step (``self.residual`` is not changed;
         ``Publisher.commit`` replaces it), and the next one is what this step leaves out."""
-        if self.codec is None:
+        if self.compressor is None:
             return b"", dict(delta), {}
         residual = self.residual if carry else {}
         u = {n: d + self.beta * residual[n] if n in residual else d.clone() for n, d in delta.items()}
-        compressed = compress_update(self.codec, u, self.spec)
-        applied = _decoded(compressed, self.codec, self.spec)
+        compressed = compress_update(self.compressor, u, self.spec)
+        applied = _decoded(compressed, self.compressor, self.spec)
         return compressed, applied, {n: u[n] - applied[n] for n in u}
 
     def frame(self, compressed: bytes, delta: Mapping[str, torch.Tensor], header: UpdateHeader) -> bytes:
-        if self.codec is None:
+        if self.compressor is None:
             return encode_update(delta, self.spec, header)
-        c = self.codec
+        c = self.compressor
         fields = {"codec": "sparseloco", "k": c.k, "tile": c.tile, "bits": c.bits}
         return frame_update(compressed, header.model_copy(update=fields))
 
@@ -114,6 +117,16 @@ class Built:
     residual: dict[str, torch.Tensor]
 
 
+@dataclass
+class Guarded:
+    """What building under the guard gave: the version (None: none passed), the uploads it left out and
+    why (``unreadable_upload``, ``loss_guard``), and why there is no version."""
+
+    built: Built | None
+    left_out: dict[str, str]
+    reason: str | None = None
+
+
 class Publisher:
     def __init__(
         self,
@@ -129,6 +142,50 @@ class Publisher:
         self.codec, self.spec, self.blobs, self.outer, self.downlink = codec, spec, blobs, outer, downlink
         self.aggregation, self.held_out_loss = aggregation, held_out_loss
         self.max_loss_increase = max_loss_increase
+
+    def build_guarded(
+        self,
+        base: Params,
+        head: int,
+        version: int,
+        accepted: Sequence[tuple[Upload, float]],
+        load: Callable[[Upload], tuple[bytes, bytes]],
+        most_suspect_first: Callable[[Sequence[Upload]], list[Upload]],
+        previous_loss: float | None,
+        stop: threading.Event,
+    ) -> Guarded:
+        """Version ``version`` after ``head`` from the accepted ``(upload, scale)`` pairs, under the guard.
+        An upload that fails to load or add is left out and the rest go on; a version that fails the guard
+        is built again without the most suspect upload alone (one bad upload is the usual case), then
+        without the most suspect half of those left, until it passes or none is left."""
+        left_out: dict[str, str] = {}
+        tries, reason = 0, None
+        while accepted:
+            if stop.is_set():
+                raise Stopping
+            try:
+                built = self.build(base, head, version, accepted, load, previous_loss)
+            except UploadFailed as e:
+                log.warning("version %d: %s; aggregating without it", version, e)
+                left_out[e.miner] = Refusal.UNREADABLE
+                accepted = [(u, s) for u, s in accepted if u.miner != e.miner]
+                continue
+            reason = self.guard(built, previous_loss)
+            if reason is None:
+                return Guarded(built, left_out)
+            suspects = most_suspect_first([u for u, _ in accepted])
+            tries += 1
+            drop = {u.miner for u in suspects[: 1 if tries == 1 else math.ceil(len(suspects) / 2)]}
+            log.warning(
+                "version %d: %s; building again without %d of %d uploads",
+                version,
+                reason,
+                len(drop),
+                len(accepted),
+            )
+            left_out |= dict.fromkeys(drop, Refusal.LOSS_GUARD)
+            accepted = [(u, s) for u, s in accepted if u.miner not in drop]
+        return Guarded(None, left_out, None if reason is None else f"{Refusal.LOSS_GUARD}: {reason}")
 
     def build(
         self,
@@ -231,6 +288,10 @@ class Publisher:
         """The built version's state is now the coordinator's (called once the version is committed)."""
         self.outer.buffers = built.outer_buffers
         self.downlink.residual = built.residual
+
+    def reset(self) -> None:
+        """Back to the state of version 0: no outer momentum, no downlink residual (a run replayed)."""
+        self.outer.buffers, self.downlink.residual = {}, {}
 
     def restore(self, state: bytes) -> None:
         """The state saved with a version (``save_state``), as the coordinator resumes from it."""

@@ -14,41 +14,17 @@ import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from enum import StrEnum
 from typing import ClassVar, Literal, Protocol
 
 import torch
 
 from coordinator.settings import CheckSettings, ValidationSettings
-from coordinator.storage.records import Upload
+from coordinator.storage.records import Refusal, Upload
 from protocol.codec.measure import clip_scale, cosine, reference_norm
 from protocol.evaluation import Losses
 from protocol.wire import LeaderboardEntry
 
 Phase = Literal["cheap", "evaluated"]
-
-
-class Refusal(StrEnum):
-    """Every reason closing a round gives for refusing an upload (refusals at upload are HTTP errors)."""
-
-    NON_FINITE = "non_finite"  # its norm is not a number
-    EMPTY_UPDATE = "empty_update"
-    COPIED_PAYLOAD = "copied_payload"  # the same update as an earlier upload of this round, rescaled or not
-    REPLAYED_UPDATE = "replayed_update"  # the same update as an upload of a recent round
-    NORM_OUTLIER = "norm_outlier"
-    NON_FINITE_LOSS = "non_finite_loss"  # applying it made a loss NaN or infinite
-    HARMFUL = "harmful"  # it does not lower the loss on its own data
-    LOW_GAIN = "low_gain"  # it lowers it by too little
-    LOW_SCORE = "low_score"  # weight_by_score: its miner's mean score is below 0
-    LOSS_GUARD = "loss_guard"  # left out so that the new version would not raise the held-out loss
-    UNREADABLE = "unreadable_upload"  # processing it failed
-    ROUND_FAILED = "round_failed"  # the round could not be closed with a version (not the miner's doing)
-    ROLLED_BACK = "rolled_back"  # the operator rolled the model back while the round was open
-    PROBATION = "probation"  # overlapped rounds: refused or flagged lately, so evaluated but not applied
-
-
-# never counted against a miner (a probation's reason is counted once, where it was given)
-NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION})
 
 
 @dataclass(frozen=True)
@@ -63,7 +39,7 @@ class History:
 
 
 @dataclass
-class Judging:
+class RoundChecks:
     """A round being judged: its uploads in arrival order and what the pipeline found so far."""
 
     round: int
@@ -101,21 +77,21 @@ class Check(Protocol):
     code: ClassVar[str]
     phase: ClassVar[Phase]
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         """The miners (among ``j.remaining()``) this check refuses."""
         ...
 
 
-def run_phase(pipeline: Sequence[Check], phase: Phase, j: Judging) -> None:
+def run_checks(pipeline: Sequence[Check], phase: Phase, j: RoundChecks) -> None:
     for check in pipeline:
         if check.phase == phase:
             for miner in list(check.refuse(j)):
                 j.refused.setdefault(miner, check.code)
 
 
-def judge_cheap(pipeline: Sequence[Check], j: Judging) -> tuple[float | None, dict[str, float]]:
+def run_cheap_checks(pipeline: Sequence[Check], j: RoundChecks) -> tuple[float | None, dict[str, float]]:
     """The cheap phase, then the reference norm of the uploads it left and each one's clip scale."""
-    run_phase(pipeline, "cheap", j)
+    run_checks(pipeline, "cheap", j)
     remaining = j.remaining()
     ref = reference_norm(j.history.norms, [u.norm for u in remaining])
     return ref, ({} if ref is None else {u.miner: clip_scale(u.norm, ref) for u in remaining})
@@ -126,7 +102,7 @@ class NonFinite:
     code: ClassVar[str] = Refusal.NON_FINITE
     phase: ClassVar[Phase] = "cheap"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         return [u.miner for u in j.remaining() if not math.isfinite(u.norm)]
 
 
@@ -134,7 +110,7 @@ class EmptyUpdate:
     code: ClassVar[str] = Refusal.EMPTY_UPDATE
     phase: ClassVar[Phase] = "cheap"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         return [u.miner for u in j.remaining() if u.norm == 0.0]
 
 
@@ -146,7 +122,7 @@ class Copied:
     code: ClassVar[str] = Refusal.COPIED_PAYLOAD
     phase: ClassVar[Phase] = "cheap"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         kept: list[Upload] = []
         for u in j.remaining():
             if any(
@@ -166,7 +142,7 @@ class Replayed:
     code: ClassVar[str] = Refusal.REPLAYED_UPDATE
     phase: ClassVar[Phase] = "cheap"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         h = j.history
         for u in j.remaining():
             if u.content_sha256 in h.digests or self._parallel(h.sketches, u.sketch):
@@ -189,7 +165,7 @@ class NormOutlier:
     code: ClassVar[str] = Refusal.NORM_OUTLIER
     phase: ClassVar[Phase] = "cheap"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         remaining = j.remaining()
         ref = reference_norm(j.history.norms, [u.norm for u in remaining])
         if ref is None or len(j.history.norms) + len(remaining) < 3:
@@ -202,7 +178,7 @@ class NonFiniteLoss:
     code: ClassVar[str] = Refusal.NON_FINITE_LOSS
     phase: ClassVar[Phase] = "evaluated"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         return [m for m, x in j.losses.items() if m not in j.refused and not x.finite()]
 
 
@@ -210,7 +186,7 @@ class Harmful:
     code: ClassVar[str] = Refusal.HARMFUL
     phase: ClassVar[Phase] = "evaluated"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         return [m for m, x in j.losses.items() if m not in j.refused and j.upper_gain(m, x.gain) <= 0]
 
 
@@ -227,7 +203,7 @@ class LowGain:
     phase: ClassVar[Phase] = "evaluated"
     HISTORY_FLOOR: ClassVar[float] = 0.25
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         gains = {m: x.gain for m, x in j.losses.items() if m not in j.refused}
         here = [g for g in gains.values() if math.isfinite(g) and g > 0]
         past = [g for g in j.history.gains if math.isfinite(g) and g > 0]
@@ -249,7 +225,7 @@ class LowScore:
     code: ClassVar[str] = Refusal.LOW_SCORE
     phase: ClassVar[Phase] = "evaluated"
 
-    def refuse(self, j: Judging) -> Iterable[str]:
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
         if j.scores is None:
             return []
         scores = j.scores()

@@ -10,12 +10,18 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Mapping
+from collections.abc import Callable, Mapping
+from dataclasses import dataclass
 
 from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from coordinator.hooks import Hooks
-from coordinator.rounds.parts import Parts
-from coordinator.storage.store import COORDINATOR, NewSubmission
+from coordinator.metrics import Metrics
+from coordinator.rounds.scoring import Scores
+from coordinator.rounds.state import RoundCell
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage.blobs import BlobStore
+from coordinator.storage.store import COORDINATOR, NewSubmission, Store
+from protocol.codec import Codec, ParamSpec
 from protocol.errors import CodecError, SignatureError
 from protocol.signing import body_digest, verify_declared, verify_request
 from protocol.wire import SubmissionReceipt, Verdict
@@ -24,18 +30,38 @@ log = logging.getLogger(__name__)
 ROUND_RULES = ("round_closed", "round_not_open", "already_submitted")  # not held against the miner
 
 
+@dataclass(frozen=True)
+class IntakeSettings:
+    """Intake's slice of the coordinator's settings."""
+
+    signature_window_s: float
+    allowlist: list[str] | None
+    validators: list[str] | None
+
+    @classmethod
+    def of(cls, s: CoordinatorSettings) -> IntakeSettings:
+        return cls(s.signature_window_s, s.allowlist, s.validation.validators)
+
+
 class Intake:
     def __init__(
         self,
-        parts: Parts,
-        signature_window_s: float,
-        allowlist: list[str] | None,
-        validators: list[str] | None,
+        cell: RoundCell,
+        store: Store,
+        blobs: BlobStore,
+        codec: Codec,
+        spec: ParamSpec,
+        scores: Scores,
+        metrics: Metrics,
+        settings: IntakeSettings,
         hooks: Hooks,
+        clock: Callable[[], float],
     ) -> None:
-        self.p, self.window_s, self.hooks = parts, signature_window_s, hooks
-        self.allowlist = None if allowlist is None else {k.lower() for k in allowlist}
-        self.validators = None if validators is None else {k.lower() for k in validators}
+        self.cell, self.store, self.blobs, self.codec, self.spec = cell, store, blobs, codec, spec
+        self.scores, self.metrics, self.hooks, self.clock = scores, metrics, hooks, clock
+        self.window_s = settings.signature_window_s
+        self.allowlist = None if settings.allowlist is None else {k.lower() for k in settings.allowlist}
+        self.validators = None if settings.validators is None else {k.lower() for k in settings.validators}
 
     # -- identity -----------------------------------------------------------------------------------------
     def authenticate(self, headers: Mapping[str, str], method: str, path: str, body: bytes) -> str:
@@ -43,7 +69,7 @@ class Intake:
         ones."""
         try:
             signer, nonce = verify_request(
-                headers, method, path, body, window_s=self.window_s, now=self.p.clock()
+                headers, method, path, body, window_s=self.window_s, now=self.clock()
             )
         except SignatureError as e:
             raise Unauthorized(e.code, e.message) from None
@@ -54,7 +80,7 @@ class Intake:
         """The signer and the body digest of a request whose body is not read yet (it may be large)."""
         try:
             signer, nonce, digest = verify_declared(
-                headers, method, path, window_s=self.window_s, now=self.p.clock()
+                headers, method, path, window_s=self.window_s, now=self.clock()
             )
         except SignatureError as e:
             raise Unauthorized(e.code, e.message) from None
@@ -69,27 +95,27 @@ class Intake:
     def _fresh(self, nonce: str) -> None:
         """Nonces are kept (durably) for twice the signature window, after which the timestamp check alone
         refuses a replay."""
-        now = self.p.clock()
-        if not self.p.store.remember_nonce(nonce, now + 2 * self.window_s, now):
+        now = self.clock()
+        if not self.store.remember_nonce(nonce, now + 2 * self.window_s, now):
             raise Unauthorized("replayed_nonce", "this nonce was used before")
 
     def require_miner(self, miner: str) -> None:
-        if not self.p.store.is_miner(miner):
+        if not self.store.is_miner(miner):
             raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
 
     # -- registration -------------------------------------------------------------------------------------
     def register(self, miner: str) -> bool:
         if self.allowlist is not None and miner not in self.allowlist:
             raise Forbidden("not_allowed", "this coordinator only takes miners on its allowlist")
-        cell = self.p.cell
+        cell = self.cell
         with cell.lock:
             state = cell.state
-            new = self.p.store.register(miner, state.round, self.p.clock())
+            new = self.store.register(miner, state.round, self.clock())
             if miner not in state.expected:
                 cell.swap(dataclasses.replace(state, expected=state.expected | {miner}))
         if new:
             log.info("round %d: miner %s registered", state.round, miner[:12])
-            self.p.metrics.miners.inc()
+            self.metrics.miners.inc()
         return new
 
     # -- verdicts -----------------------------------------------------------------------------------------
@@ -98,12 +124,12 @@ class Intake:
             raise Forbidden("not_a_validator", "this coordinator only takes verdicts from its validators")
         if validator == COORDINATOR:
             raise Forbidden("not_a_validator", "that name is reserved")
-        state = self.p.cell.state
+        state = self.cell.state
         if round_ > state.round:
             raise NotFound("not_found", f"round {round_} does not exist")
         if round_ == state.round or (state.behind is not None and round_ == state.behind.round):
             raise Conflict("round_open", f"round {round_} has not closed; evaluate closed rounds")
-        n = self.p.scores.record_verdicts(round_, validator, verdicts, self.p.clock())
+        n = self.scores.record_verdicts(round_, validator, verdicts, self.clock())
         log.info("round %d: %d verdicts from validator %s", round_, n, validator[:12])
         return n
 
@@ -117,15 +143,14 @@ class Intake:
             return self._intake(miner, round_, body, sha)
         except (Unprocessable, Conflict) as e:
             if e.code not in ROUND_RULES:
-                self.p.store.record_refusal(round_, miner, e.code, self.p.clock())
+                self.store.record_refusal(round_, miner, e.code, self.clock())
             raise
 
     def _intake(self, miner: str, round_: int, body: bytes, sha: str) -> SubmissionReceipt:
-        p = self.p
         if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
             return receipt
         try:
-            seen = p.codec.examine(body, p.spec)
+            seen = self.codec.examine(body, self.spec)
         except CodecError as e:
             raise Unprocessable(e.code, e.message) from None
         header = seen.header
@@ -134,17 +159,17 @@ class Intake:
         self._check_version(header.base_version, round_)
         # Content-addressed files, written before taking the lock (at worst an orphan file): the slow part
         # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
-        p.blobs.put(body, durable=False)
-        stored_sha = sha if seen.stored is body else p.blobs.put(seen.stored, durable=False)
+        self.blobs.put(body, durable=False)
+        stored_sha = sha if seen.stored is body else self.blobs.put(seen.stored, durable=False)
         if self.hooks.before_intake_commit is not None:
             self.hooks.before_intake_commit(round_, miner)
-        with p.cell.lock:
+        with self.cell.lock:
             self._check_round(round_)
             if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
                 return receipt  # a concurrent upload of the same miner won the race
             self._check_version(header.base_version, round_)
-            state, now = p.cell.state, p.clock()
-            p.store.add_submission(
+            state, now = self.cell.state, self.clock()
+            self.store.add_submission(
                 NewSubmission(
                     round=round_,
                     miner=miner,
@@ -158,7 +183,7 @@ class Intake:
                     received_at=now,
                 )
             )
-            p.cell.swap(
+            self.cell.swap(
                 dataclasses.replace(
                     state,
                     uploaded=state.uploaded | {miner},
@@ -173,16 +198,16 @@ class Intake:
             len(body),
             header.base_version,
         )
-        p.metrics.bytes_in.inc(len(body))
-        p.metrics.uploads.set(len(state.uploaded) + 1)
+        self.metrics.bytes_in.inc(len(body))
+        self.metrics.uploads.set(len(state.uploaded) + 1)
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
 
     def _earlier_upload(self, miner: str, round_: int, sha: str, size: int) -> SubmissionReceipt | None:
         """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""
-        prev = self.p.store.submission(round_, miner)
+        prev = self.store.upload(round_, miner)
         if prev is None:
             return None
-        if prev["sha256"] != sha:
+        if prev.sha256 != sha:
             raise Conflict(
                 "already_submitted", f"miner already uploaded a different payload in round {round_}"
             )
@@ -190,7 +215,7 @@ class Intake:
 
     def _check_version(self, base_version: int, round_: int) -> None:
         """The round's version, or (overlapped rounds) the one the round behind published since."""
-        state = self.p.cell.state
+        state = self.cell.state
         if base_version not in (state.version, state.head):
             also = "" if state.head == state.version else f" or {state.head}"
             raise Conflict(
@@ -200,7 +225,7 @@ class Intake:
             )
 
     def _check_round(self, round_: int) -> None:
-        cur = self.p.cell.state
+        cur = self.cell.state
         if round_ < cur.round or (round_ == cur.round and cur.status != "open"):
             raise Conflict("round_closed", f"round {round_} is closed; the current round is {cur.round}")
         if round_ > cur.round:

@@ -1,55 +1,85 @@
-"""Judging a round's uploads: the cheap checks, then (``[validation] builtin``) each sampled upload
-evaluated alone on the version it will change, then the evaluated checks (rounds/checks.py). Runs in
-the closer's thread.
+"""RoundChecks a round's uploads: the cheap checks, then (``[validation] builtin``) each sampled upload
+evaluated alone on the version it will change, then the evaluated checks (rounds/checks.py). Runs in the
+closer's thread. The round mode (rounds/modes.py) says which of the two judgements a round gets:
 
-Synchronous rounds evaluate every sampled upload before the version is built. Overlapped rounds keep the
-version's path short. The uploads of new miners (a record shorter than ``min_record``) are judged first,
-on the first ``gate_sequences`` of their own sample (``gate``: the gain the refusals need, a small part of
-an evaluation). Those of miners refused in the last ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the
-last ``FLAG_ROUNDS``, are on probation: left out of the version, and evaluated after it like the others.
-The rest go into the version on the cheap checks and their standing, each clipped to the reference
-norm of the uploads that judging left (``Judging.reclip``). Every sampled upload is evaluated in full
-once the version is published (``finish``), at that clip, while miners train the next round: that gives its
-verdict and score, and flags an upload (accepted or on probation) that the evaluation refuses for sure
-(``FLAG_SURE``), which puts or keeps its miner on probation. When most of the evaluated uploads a version
-took would be flagged, the round failed rather than its miners (each upload is applied to a newer version
-than the one it started from, and in a round where that fails it fails for all), and none of those is
-flagged; the scores still count each result. If the version fails the loss guard, the
-uploads it holds unjudged are gated too, so that the guard leaves out the least useful ones; a guard
-refusal is no evidence against a miner.
+- ``before_version`` (synchronous rounds): every sampled upload is evaluated in full before the version is
+  built; its verdict, the checks and the weights all come from that evaluation.
+- ``around_version`` (overlapped rounds) keeps the version's path short. The uploads of new miners (a
+  record shorter than ``min_record``) are judged first, on the first ``gate_sequences`` of their own sample
+  (``gate``: the gain the refusals need, a small part of an evaluation). Those of miners refused in the
+  last ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the last ``FLAG_ROUNDS``, are on probation: left out
+  of the version, and evaluated after it like the others. The rest go into the version on the cheap checks
+  and their standing, each clipped to the reference norm of the uploads that judging left
+  (``RoundChecks.reclip``). Every sampled upload is evaluated in full once the version is published
+  (``after_version``), at that clip, while miners train the next round: that gives its verdict and score,
+  and flags an upload (accepted or on probation) that the evaluation refuses for sure (``FLAG_SURE``),
+  which puts or keeps its miner on probation. When most of the evaluated uploads a version took would be
+  flagged, the round failed rather than its miners (each upload is applied to a newer version than the one
+  it started from, and in a round where that fails it fails for all), and none of those is flagged; the
+  scores still count each result.
+
+If a version fails the loss guard, the publisher leaves out the most suspect uploads first
+(``most_suspect_first``: the lowest gain, the uploads held unjudged gated for it); a guard refusal is no
+evidence against a miner.
 """
 
 from __future__ import annotations
 
 import hashlib
 import logging
-import sqlite3
+import math
+import statistics
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 
 import torch
 
+from coordinator.errors import Stopping
 from coordinator.hooks import Hooks
-from coordinator.rounds.checks import NEUTRAL, Check, History, Judging, Refusal, judge_cheap, run_phase
-from coordinator.rounds.parts import Model, Parts
-from coordinator.rounds.state import RoundState
+from coordinator.metrics import Metrics
+from coordinator.publishing.model import Model
+from coordinator.rounds.checks import Check, History, RoundChecks, run_cheap_checks, run_checks
+from coordinator.rounds.scoring import Scores
 from coordinator.settings import CheckSettings, ValidationSettings
-from coordinator.storage.records import Upload
-from coordinator.storage.store import COORDINATOR
+from coordinator.storage.blobs import BlobStore
+from coordinator.storage.records import NEUTRAL, Refusal, Upload
+from coordinator.storage.store import COORDINATOR, Store
+from protocol.codec import Codec, ParamSpec
+from protocol.data import Dataset
 from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt
 from protocol.pairing import RoundEvaluation
 from protocol.params import Params, load_checkpoint
+from protocol.wire import RunInfo
 
 log = logging.getLogger(__name__)
 RECENT_REFUSAL_ROUNDS = 5  # a miner refused this recently is evaluated, and first
 FLAG_ROUNDS = 3  # and one flagged this recently (each flag on probation renews it)
 FLAG_SURE = 2.0  # a gain flagged after the version lies this many standard errors below the bar
+MIN_WEIGHT_SCORE = 0.05  # weight_by_score: the least score an accepted upload is weighted by
 
 
-class Stopping(Exception):
-    """The coordinator is shutting down: the round stays open, to be closed after the restart."""
+_Tier = Callable[[Upload], int]
+
+
+class UploadReader:
+    """A round's uploads read back from the blob store as judging and building the version read them
+    (``Hooks.on_upload`` first: a test's failure injection)."""
+
+    def __init__(self, blobs: BlobStore, hooks: Hooks) -> None:
+        self.blobs, self.hooks = blobs, hooks
+
+    def payload(self, round_: int, u: Upload) -> bytes:
+        if self.hooks.on_upload is not None:
+            self.hooks.on_upload(round_, u.miner)
+        return self.blobs.get(u.sha256)
+
+    def both(self, round_: int, u: Upload) -> tuple[bytes, bytes]:
+        """The payload and the form intake stored for the codec's accumulator."""
+        payload = self.payload(round_, u)
+        stored = payload if u.stored_sha256 in (None, u.sha256) else self.blobs.get(u.stored_sha256)
+        return payload, stored
 
 
 @dataclass
@@ -65,104 +95,117 @@ class Later:
 
 
 @dataclass
-class Judged:
-    refused: dict[str, str]
-    scales: dict[str, float]
-    losses: dict[str, Losses]
-    evaluated: set[str]
+class Judgement:
+    """What judging found of a round's uploads. Only judging writes it; what building the version leaves
+    out is the publisher's answer, kept apart."""
+
+    refused: dict[str, str]  # miner -> reason
+    scales: dict[str, float]  # each clip scale to the reference norm
+    losses: dict[str, Losses]  # the evaluation (or the gate) of the uploads it reached
+    evaluated: set[str]  # the sampled uploads (validators evaluate exactly these)
     reference_norm: float | None
-    later: Later | None = None
-    first: set[str] = field(default_factory=set)  # the uploads evaluated before the version was built
+    weights: dict[str, float] = field(default_factory=dict)  # weight_by_score: mean 1; none: all 1
+    later: Later | None = None  # overlapped rounds: the evaluation after the version
+
+    def accepted(self, uploads: Sequence[Upload]) -> list[tuple[Upload, float]]:
+        """The uploads judging left, each with its scale in the aggregate (clip times weight)."""
+        return [
+            (u, self.scales[u.miner] * self.weights.get(u.miner, 1.0))
+            for u in uploads
+            if u.miner not in self.refused
+        ]
+
+
+class Evaluations:
+    """Makes a round's evaluation: the coordinator's model and data, and what the run announced."""
+
+    def __init__(self, model: Model, dataset: Dataset, info: RunInfo) -> None:
+        self.model, self.dataset, self.info = model, dataset, info
+
+    def of(
+        self, round_: int, salt: str, uploads: Sequence[Upload], base: Params | None = None
+    ) -> RoundEvaluation:
+        """On ``base`` (None: the current version)."""
+        params = self.model.params if base is None else base
+        evaluator = UpdateEvaluator(self.model.module, params, self.dataset.sequences)
+        return RoundEvaluation(evaluator, self.info, round_, salt, [u.miner for u in uploads])
 
 
 class Judge:
     def __init__(
         self,
-        parts: Parts,
-        model: Model,
+        store: Store,
+        blobs: BlobStore,
+        reader: UploadReader,
+        codec: Codec,
+        spec: ParamSpec,
+        evaluations: Evaluations,
+        scores: Scores,
+        metrics: Metrics,
         checks: CheckSettings,
         validation: ValidationSettings,
         pipeline: Sequence[Check],
-        hooks: Hooks,
         stop: threading.Event,
     ) -> None:
-        self.p, self.model, self.checks_settings, self.validation = parts, model, checks, validation
-        self.pipeline, self.hooks, self.stop = pipeline, hooks, stop
+        self.store, self.blobs, self.reader, self.codec, self.spec = store, blobs, reader, codec, spec
+        self.evaluations, self.scores, self.metrics = evaluations, scores, metrics
+        self.checks, self.validation, self.pipeline, self.stop = checks, validation, pipeline, stop
 
-    def judge(
-        self, state: RoundState, uploads: list[Upload], subs: Sequence[sqlite3.Row], defer: bool = False
-    ) -> Judged:
-        """Refusals, clip scales and losses of a round's uploads. ``defer`` (overlapped rounds): leave the
-        evaluation of uploads whose miners have a good standing for ``finish``."""
-        p, r = self.p, state.round
-        j = Judging(r, uploads, self._history(r))
-        ref, scales = judge_cheap(self.pipeline, j)
+    # -- the two judgements -------------------------------------------------------------------------------
+    def before_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
+        """Synchronous rounds: every sampled upload evaluated in full, then the evaluated checks and the
+        weights with this round's results."""
+        j = RoundChecks(round_, uploads, self.history(round_))
+        ref, scales = run_cheap_checks(self.pipeline, j)
         if not (self.validation.builtin and j.remaining()):
-            return Judged(j.refused, scales, {}, set(), ref)
-        salt = round_salt(s["sha256"] for s in subs)
-        first, later, probation = self._sample(r, j.remaining(), salt, defer)
-        evaluation = self._evaluation(r, salt, first + later + probation, self.model.params)
-        if defer:
-            for u in probation:
-                j.refused[u.miner] = Refusal.PROBATION
-            j.losses = self._gate(evaluation, r, first, scales, j.refused)
-        else:
-            self._measure(evaluation, r, first, scales, j.refused)
-            j.losses = evaluation.losses()
-        # the standing as of the round before, with this round's results when they came before the version
-        j.scores = lambda: p.scores.with_round(
-            r - 1, {} if defer else round_results(r, j.losses, {u.miner for u in j.remaining()})
+            return Judgement(j.refused, scales, {}, set(), ref)
+        sample = self.sample(round_, j.remaining(), salt)
+        evaluation = self.evaluations.of(round_, salt, sample)
+        self.measure(evaluation, round_, sample, scales, j.refused)
+        j.losses = evaluation.losses()
+        j.scores = lambda: self.scores.with_round(  # with this round's results, as the checks leave it
+            round_ - 1, round_results(round_, j.losses, {u.miner for u in j.remaining()})
         )
-        run_phase(self.pipeline, "evaluated", j)
-        if defer:  # synchronous rounds measured each verdict at its scale, as validators measure it again
-            ref = j.reclip(ref, scales)
-        judged = Judged(
-            j.refused,
-            scales,
-            j.losses,
-            {u.miner for u in first + later + probation},
-            ref,
-            first={u.miner for u in first},
+        run_checks(self.pipeline, "evaluated", j)
+        judgement = Judgement(j.refused, scales, j.losses, {u.miner for u in sample}, ref)
+        judgement.weights = self.weights(round_, judgement, uploads, this_round=True)
+        return judgement
+
+    def around_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
+        """Overlapped rounds: new miners gated, suspect ones on probation, the rest in on their standing;
+        every sampled upload evaluated in full after the version (``Judgement.later``)."""
+        j = RoundChecks(round_, uploads, self.history(round_))
+        ref, scales = run_cheap_checks(self.pipeline, j)
+        if not (self.validation.builtin and j.remaining()):
+            return Judgement(j.refused, scales, {}, set(), ref)
+        probation, first, later = self.tiers(round_, j.remaining(), salt)
+        sample = first + later + probation
+        evaluation = self.evaluations.of(round_, salt, sample)
+        for u in probation:
+            j.refused[u.miner] = Refusal.PROBATION
+        j.losses = self.gate(evaluation, round_, first, scales, j.refused)
+        j.scores = lambda: self.scores.with_round(round_ - 1, {})  # the standing as of the round before
+        run_checks(self.pipeline, "evaluated", j)
+        ref = j.reclip(ref, scales)  # verdicts come after, measured at the scale the version applies
+        judgement = Judgement(j.refused, scales, j.losses, {u.miner for u in sample}, ref)
+        judgement.later = Later(
+            round_, evaluation, sample, scales, j.history, frozenset(u.miner for u in probation)
         )
-        if defer:
-            judged.later = Later(
-                r,
-                evaluation,
-                first + later + probation,
-                scales,
-                j.history,
-                frozenset(u.miner for u in probation),
-            )
-        return judged
+        judgement.weights = self.weights(round_, judgement, uploads, this_round=False)
+        return judgement
 
-    def gate(self, judged: Judged, uploads: Sequence[Upload]) -> None:
-        """Overlapped rounds: the gains of uploads that went into the version unjudged, when the version
-        failed the loss guard (the guard leaves out the lowest first)."""
-        later = judged.later
-        todo = [u for u in uploads if u.miner not in judged.losses and u.miner in judged.evaluated]
-        if later is None or not todo:
-            return
-        later.evaluation.evaluator.reset()  # building the version used the model
-        judged.losses.update(self._gate(later.evaluation, later.round, todo, judged.scales, judged.refused))
-
-    def finish(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
+    def after_version(self, later: Later, accepted: set[str]) -> tuple[dict[str, Losses], dict[str, str]]:
         """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
         flag the accepted uploads (and those on probation) that the round's whole evaluation refuses for
         sure (a gain ``FLAG_SURE`` standard errors below the bar: a flag is ``FLAG_ROUNDS`` of probation),
         unless that is most of the version's evaluated uploads. Returns (verdicts, flags)."""
         later.evaluation.evaluator.reset()  # building the version used the model
         refused: dict[str, str] = {}
-        self._measure(later.evaluation, later.round, later.uploads, later.scales, refused)
+        self.measure(later.evaluation, later.round, later.uploads, later.scales, refused)
         losses = later.evaluation.losses()
-        j = Judging(
-            later.round,
-            [],
-            later.history,
-            losses=losses,
-            sure=FLAG_SURE,
-            gain_se={m: later.evaluation.gain_se(m) for m in losses},
-        )
-        run_phase([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
+        gain_se = {m: later.evaluation.gain_se(m) for m in losses}
+        j = RoundChecks(later.round, [], later.history, losses=losses, sure=FLAG_SURE, gain_se=gain_se)
+        run_checks([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
         flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
         judged = accepted & set(losses)  # the version's uploads that were evaluated
         failed = judged & set(flags)
@@ -186,29 +229,44 @@ class Judge:
         """A closed round whose evaluation was left for after its version and never finished (the
         coordinator stopped): all of it again, on the version its uploads were applied to. None when that
         version's checkpoint is no longer kept."""
-        p = self.p
-        kept = p.store.checkpoint(applied_to)
+        kept = self.store.checkpoint(applied_to)
         if kept is None:
             log.warning(
                 "round %d: version %d's checkpoint is gone; its evaluation is dropped", round_, applied_to
             )
             return None
-        base, _ = load_checkpoint(p.blobs.get(kept[1]), p.spec)
-        subs = p.store.round_submissions(round_)
-        uploads = [
-            Upload(s["miner"], s["sha256"], s["content_sha256"], s["norm"], torch.zeros(0))
-            for s in subs
-            if s["evaluated"] and s["scale"] is not None
-        ]
-        salt = round_salt(s["sha256"] for s in subs)
-        scales = {s["miner"]: float(s["scale"]) for s in subs if s["scale"] is not None}
-        evaluation = self._evaluation(round_, salt, uploads, base)
-        return Later(round_, evaluation, uploads, scales, self._history(round_))
+        base, _ = load_checkpoint(self.blobs.get(kept[1]), self.spec)
+        recorded = self.store.round_uploads(round_)
+        uploads = [u for u in recorded if u.evaluated and u.scale is not None]
+        salt = round_salt(u.sha256 for u in recorded)
+        scales = {u.miner: u.scale for u in recorded if u.scale is not None}
+        evaluation = self.evaluations.of(round_, salt, uploads, base)
+        return Later(round_, evaluation, uploads, scales, self.history(round_))
 
-    def _history(self, round_: int) -> History:
-        p, c = self.p, self.checks_settings
+    # -- when the version fails the guard -----------------------------------------------------------------
+    def most_suspect_first(self, judgement: Judgement, uploads: Sequence[Upload]) -> list[Upload]:
+        """The lowest evaluated gain first (an unevaluated upload before any), then the largest norm.
+        Overlapped rounds gate the uploads that went into the version unjudged, so that their gains count
+        (the results go into ``judgement.losses``)."""
+        later = judgement.later
+        todo = [u for u in uploads if u.miner not in judgement.losses and u.miner in judgement.evaluated]
+        if later is not None and todo:
+            later.evaluation.evaluator.reset()  # building the version used the model
+            gains = self.gate(later.evaluation, later.round, todo, judgement.scales, judgement.refused)
+            judgement.losses.update(gains)
+
+        def suspicion(u: Upload) -> tuple[float, float]:
+            x = judgement.losses.get(u.miner)
+            gain = x.gain if x is not None and math.isfinite(x.gain) else -math.inf
+            return gain, -u.norm if math.isfinite(u.norm) else -math.inf
+
+        return sorted(uploads, key=suspicion)
+
+    # -- helpers ------------------------------------------------------------------------------------------
+    def history(self, round_: int) -> History:
+        c, store = self.checks, self.store
         first = round_ - c.history_rounds
-        recent = p.store.recent_uploads(round_ - c.replay_window_rounds, round_)
+        recent = store.recent_uploads(round_ - c.replay_window_rounds, round_)
         sketches = (
             torch.stack(
                 [torch.frombuffer(bytearray(r["sketch"]), dtype=torch.float32) for r in recent]
@@ -219,17 +277,13 @@ class Judge:
         if len(sketches):
             sketches = sketches / sketches.norm(dim=1, keepdim=True).clamp_min(1e-300)
         return History(
-            norms=p.store.accepted_norms(first, round_),
-            gains=p.store.accepted_gains(first, round_, COORDINATOR),
+            norms=store.accepted_norms(first, round_),
+            gains=store.accepted_gains(first, round_, COORDINATOR),
             digests=frozenset(r["content_sha256"] for r in recent),
             sketches=sketches,
         )
 
-    def _evaluation(self, round_: int, salt: str, uploads: list[Upload], base: Params) -> RoundEvaluation:
-        evaluator = UpdateEvaluator(self.model.module, base, self.p.dataset.sequences)
-        return RoundEvaluation(evaluator, self.p.info, round_, salt, [u.miner for u in uploads])
-
-    def _measure(
+    def measure(
         self,
         evaluation: RoundEvaluation,
         round_: int,
@@ -240,7 +294,7 @@ class Judge:
     ) -> dict[str, Losses]:
         """Each upload's losses before and after it is applied alone, scaled as aggregation scales it (the
         plain margin; ``gain_only``: on its own sample only); an upload whose evaluation fails is refused."""
-        p, t0 = self.p, time.perf_counter()
+        t0 = time.perf_counter()
         out: dict[str, Losses] = {}
         if not uploads:
             return out
@@ -248,8 +302,7 @@ class Judge:
             if self.stop.is_set():
                 raise Stopping
             try:
-                self.touch(round_, u)
-                update = p.codec.decode(p.blobs.get(u.sha256), p.spec)[1]
+                update = self.codec.decode(self.reader.payload(round_, u), self.spec)[1]
                 scale = scales[u.miner]
                 out[u.miner] = (
                     evaluation.gain(u.miner, update, scale, self.validation.gate_sequences)
@@ -260,7 +313,7 @@ class Judge:
                 log.warning("round %d: evaluating miner %s's upload failed (%s)", round_, u.miner[:12], e)
                 refused.setdefault(u.miner, Refusal.UNREADABLE)
         elapsed = time.perf_counter() - t0
-        p.metrics.evaluation.observe(elapsed)
+        self.metrics.evaluation.observe(elapsed)
         log.info(
             "round %d: %s %d uploads in %.2f s; gains %s",
             round_,
@@ -271,7 +324,7 @@ class Judge:
         )
         return out
 
-    def _gate(
+    def gate(
         self,
         evaluation: RoundEvaluation,
         round_: int,
@@ -279,30 +332,39 @@ class Judge:
         scales: dict[str, float],
         refused: dict[str, str],
     ) -> dict[str, Losses]:
-        return self._measure(evaluation, round_, uploads, scales, refused, gain_only=True)
+        return self.measure(evaluation, round_, uploads, scales, refused, gain_only=True)
 
-    def _sample(
-        self, round_: int, uploads: list[Upload], salt: str, defer: bool
+    def sample(self, round_: int, uploads: list[Upload], salt: str) -> list[Upload]:
+        """The uploads to evaluate: all, or ``max_evaluated`` of them: those whose miner was refused (but by
+        the loss guard) in the last ``RECENT_REFUSAL_ROUNDS`` rounds or flagged in the last ``FLAG_ROUNDS``
+        first, then those with a record shorter than ``min_record``, then a draw that nobody can know
+        before the round's payloads are all in (the round's salt)."""
+        v = self.validation
+        if v.max_evaluated is None or len(uploads) <= v.max_evaluated:
+            return uploads
+        return self._chosen(round_, uploads, salt)[0]
+
+    def tiers(
+        self, round_: int, uploads: list[Upload], salt: str
     ) -> tuple[list[Upload], list[Upload], list[Upload]]:
-        """The uploads to evaluate, as (first, later, probation): all, or ``max_evaluated`` of them: those
-        whose miner was refused (but by the loss guard) in the last ``RECENT_REFUSAL_ROUNDS`` rounds or
-        flagged in the last ``FLAG_ROUNDS`` first, then those with a record shorter than ``min_record``,
-        then a draw that nobody can know before the round's payloads are all in (the round's salt).
-        Synchronous rounds evaluate them all first. ``defer`` (overlapped rounds): the first tier is on
-        probation, the second is judged first, the draw later."""
-        v, p = self.validation, self.p
-        if not defer and (v.max_evaluated is None or len(uploads) <= v.max_evaluated):
-            return uploads, [], []
+        """The sample (``sample``'s order) as (probation, judged first, judged after the version): the
+        suspect miners, the short records, the draw."""
+        chosen, tier = self._chosen(round_, uploads, salt)
+        by_tier = [[u for u in chosen if tier(u) == t] for t in (0, 1, 2)]
+        return by_tier[0], by_tier[1], by_tier[2]
+
+    def _chosen(self, round_: int, uploads: list[Upload], salt: str) -> tuple[list[Upload], _Tier]:
+        v, store = self.validation, self.store
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
         moot = NEUTRAL | {Refusal.LOSS_GUARD}  # refusals that say nothing of the miner's own upload
         suspect = {
             s["miner"]
-            for s in p.store.submissions_between(since, round_ - 1)
+            for s in store.submissions_between(since, round_ - 1)
             if (s["status"] == "rejected" and s["reason"] not in moot)
             or (s["flag"] and s["round"] >= round_ - FLAG_ROUNDS)
         }
-        suspect |= {f["miner"] for f in p.store.intake_refusals(since, round_ - 1)}
-        record = {e.miner: e.verdicts for e in p.scores.board(p.store.last_closed_round())}
+        suspect |= {f["miner"] for f in store.intake_refusals(since, round_ - 1)}
+        record = {e.miner: e.verdicts for e in self.scores.board(store.last_closed_round())}
 
         def tier(u: Upload) -> int:
             return 0 if u.miner in suspect else 1 if record.get(u.miner, 0) < v.min_record else 2
@@ -313,11 +375,22 @@ class Judge:
         chosen = sorted(uploads, key=priority)[: v.max_evaluated]
         if len(chosen) < len(uploads):
             log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
-        if not defer:
-            return chosen, [], []
-        by_tier = [[u for u in chosen if tier(u) == t] for t in (0, 1, 2)]
-        return by_tier[1], by_tier[2], by_tier[0]
+        return chosen, tier
 
-    def touch(self, round_: int, u: Upload) -> None:
-        if self.hooks.on_upload is not None:
-            self.hooks.on_upload(round_, u.miner)
+    def weights(
+        self, round_: int, judgement: Judgement, uploads: list[Upload], this_round: bool
+    ) -> dict[str, float]:
+        """weight_by_score: each accepted upload's weight, its miner's score over the mean (mean 1): with
+        this round's results (``this_round``: synchronous rounds), or as of the round before (overlapped
+        ones, whose results come after the version)."""
+        if not self.validation.weight_by_score or not (judgement.losses or judgement.later):
+            return {}
+        kept = {u.miner for u in uploads if u.miner not in judgement.refused}
+        results = round_results(round_, judgement.losses, kept) if this_round else {}
+        board = self.scores.with_round(max(-1, round_ - 1), results)
+        # the conservative score, floored so that a short record weighs a little, never nothing
+        positive = {
+            m: max(MIN_WEIGHT_SCORE, board[m].score) if m in board else MIN_WEIGHT_SCORE for m in kept
+        }
+        mean = statistics.fmean(positive.values()) if positive else 1.0
+        return {m: s / mean for m, s in positive.items()}

@@ -4,21 +4,23 @@ event loop), everything else from the store (call it off the loop)."""
 from __future__ import annotations
 
 import sqlite3
+from collections.abc import Callable
 
 from coordinator.errors import Conflict, NotFound
-from coordinator.rounds.parts import Parts
+from coordinator.rounds.state import RoundCell
+from coordinator.storage.store import Store
 from protocol.wire import RoundInfo, RoundRecord, RoundReport, SubmissionRecord, VersionInfo
 
 RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/reports
 
 
 class Queries:
-    def __init__(self, parts: Parts) -> None:
-        self.p = parts
+    def __init__(self, cell: RoundCell, store: Store, clock: Callable[[], float]) -> None:
+        self.cell, self.store, self.clock = cell, store, clock
 
     # -- from the round state -----------------------------------------------------------------------------
     def round_info(self) -> RoundInfo:
-        s = self.p.cell.state
+        s = self.cell.state
         return RoundInfo(
             round=s.round,
             version=s.version,
@@ -26,19 +28,19 @@ class Queries:
             param_hash=s.param_hash,
             submissions=len(s.uploaded),
             expected=len(s.expected),
-            deadline_s=s.time_left(self.p.clock()),
+            deadline_s=s.time_left(self.clock()),
             closing=None if s.behind is None else s.behind.round,
             newest=None if s.head == s.version else s.head,
             newest_hash=None if s.head == s.version else s.newest_hash,
         )
 
     def last_closed_round(self) -> int | None:
-        last = self.p.cell.state.last_closed
+        last = self.cell.state.last_closed
         return last if last >= 0 else None
 
     # -- from the store -----------------------------------------------------------------------------------
     def version_info(self, version: int) -> VersionInfo | None:
-        row = self.p.store.version_row(version)
+        row = self.store.version_row(version)
         if row is None:
             return None
         return VersionInfo(
@@ -54,7 +56,7 @@ class Queries:
 
     def reports(self, after: int = -1, limit: int | None = None) -> list[RoundReport]:
         """Closed rounds after ``after`` (at most ``limit``); with neither, the most recent ones."""
-        store = self.p.store
+        store = self.store
         rows = (
             store.recent_reports(RECENT_ROUNDS)
             if after < 0 and limit is None
@@ -64,42 +66,42 @@ class Queries:
         return [_report(r, refused.get(r["round"], {})) for r in rows]
 
     def initial_eval_loss(self) -> float | None:
-        return self.p.store.eval_loss(0)
+        return self.store.eval_loss(0)
 
     def count_miners(self) -> int:
-        return self.p.store.count_miners()
+        return self.store.count_miners()
 
     def audit(self, round_: int) -> list[dict[str, object]]:
         """Every upload of a round: miner, payload hash, size, and accepted or refused with the reason."""
-        if round_ > self.p.cell.state.round:
+        if round_ > self.cell.state.round:
             raise NotFound("not_found", f"round {round_} does not exist")
-        return self.p.store.audit(round_)
+        return self.store.audit(round_)
 
     def round_record(self, round_: int) -> RoundRecord | None:
-        state = self.p.cell.state
-        row = self.p.store.round_row(round_)
+        state = self.cell.state
+        row = self.store.round_row(round_)
         if row is None:
             return None
         status = state.status if round_ == state.round else row["status"]
         if state.behind is not None and round_ == state.behind.round:
             status = state.behind.status
-        subs = self.p.store.round_submissions(round_)
+        uploads = self.store.round_uploads(round_)
         return RoundRecord(
             round=round_,
             version=row["version"],
             status=status,
             submissions=[
                 SubmissionRecord(
-                    miner=s["miner"],
-                    sha256=s["sha256"],
-                    bytes=s["bytes"],
-                    status=s["status"],
-                    reason=s["reason"],
-                    evaluated=bool(s["evaluated"]),
-                    scale=s["scale"],
-                    flag=s["flag"],
+                    miner=u.miner,
+                    sha256=u.sha256,
+                    bytes=u.size,
+                    status=u.status,
+                    reason=u.reason,
+                    evaluated=u.evaluated,
+                    scale=u.scale,
+                    flag=u.flag,
                 )
-                for s in subs
+                for u in uploads
             ],
             reference_norm=row["reference_norm"],
             close_reason=row["close_reason"],
@@ -109,19 +111,19 @@ class Queries:
 
     def payload_sha(self, round_: int, miner: str) -> str | None:
         """A round's upload, once the round no longer takes uploads (so nobody copies an open round's)."""
-        state = self.p.cell.state
+        state = self.cell.state
         if round_ == state.round and state.status == "open":
             raise Conflict(
                 "round_open", f"round {round_} is still open; its uploads are served once it closes"
             )
-        row = self.p.store.submission(round_, miner)
-        return None if row is None else str(row["sha256"])
+        upload = self.store.upload(round_, miner)
+        return None if upload is None else upload.sha256
 
     def checkpoint_sha(self, version: int | None = None) -> tuple[int, str] | None:
-        return self.p.store.checkpoint(version)
+        return self.store.checkpoint(version)
 
     def update_sha(self, version: int) -> str | None:
-        row = self.p.store.version_row(version)
+        row = self.store.version_row(version)
         return None if row is None or row["update_sha"] is None else str(row["update_sha"])
 
 

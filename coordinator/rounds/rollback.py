@@ -14,8 +14,8 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from coordinator.rounds.checks import Refusal
 from coordinator.storage.lock import StateLock
+from coordinator.storage.records import Refusal
 from coordinator.storage.store import Store
 
 

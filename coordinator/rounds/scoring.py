@@ -9,8 +9,8 @@ import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
-from coordinator.rounds.checks import NEUTRAL
 from coordinator.settings import ValidationSettings
+from coordinator.storage.records import NEUTRAL
 from coordinator.storage.store import COORDINATOR, Store
 from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict

@@ -22,9 +22,8 @@ import dataclasses
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Literal
 
-RoundStatus = Literal["open", "aggregating"]
+from protocol.wire import RoundStatus
 
 
 @dataclass(frozen=True)
@@ -141,3 +140,23 @@ class RoundWatch:
                 await asyncio.wait_for(self._event.wait(), timeout=left)
             except TimeoutError:
                 return
+
+
+class Downloads:
+    """Bytes served during the open round, counted in memory (the event loop must not write SQLite per
+    download) and committed with the round: ``model`` (published updates, checkpoints, uploads served to
+    validators) and ``data`` (training sequences)."""
+
+    def __init__(self) -> None:
+        self._lock = threading.Lock()
+        self._bytes = {"model": 0, "data": 0}
+
+    def add(self, n: int, kind: str = "model") -> None:
+        with self._lock:
+            self._bytes[kind] += n
+
+    def take(self) -> tuple[int, int]:
+        """(model, data) bytes since the last take."""
+        with self._lock:
+            taken, self._bytes = self._bytes, {"model": 0, "data": 0}
+            return taken["model"], taken["data"]

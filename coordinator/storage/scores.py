@@ -48,11 +48,13 @@ class ScoreReads:
             )
             db.execute("UPDATE rounds SET scored = 1 WHERE round = ?", (round_,))
 
-    def unscored_rounds(self) -> list[sqlite3.Row]:
-        """Closed rounds whose evaluation was to go on after their version and did not end."""
-        return self._all(
+    def unscored_rounds(self) -> list[tuple[int, int]]:
+        """Closed rounds whose evaluation was to go on after their version and did not end, as (round, the
+        version their uploads were applied to)."""
+        rows = self._all(
             "SELECT round, applied_to FROM rounds WHERE status = 'closed' AND scored = 0 ORDER BY round"
         )
+        return [(int(r["round"]), int(r["applied_to"])) for r in rows]
 
     def verdicts_between(self, since: int, through: int) -> list[sqlite3.Row]:
         return self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)

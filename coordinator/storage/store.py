@@ -15,6 +15,9 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import torch
+
+from coordinator.storage.records import Upload
 from coordinator.storage.reports import ReportReads
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
 from protocol.evaluation import Losses
@@ -310,11 +313,14 @@ class Store(ReportReads, ScoreReads):
         return [sha for r in old for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None]
 
     # -- submissions --------------------------------------------------------------------------------------
-    def submission(self, round_: int, miner: str) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM submissions WHERE round = ? AND miner = ?", round_, miner)
+    def upload(self, round_: int, miner: str) -> Upload | None:
+        row = self._one("SELECT * FROM submissions WHERE round = ? AND miner = ?", round_, miner)
+        return None if row is None else _upload(row)
 
-    def round_submissions(self, round_: int) -> list[sqlite3.Row]:
-        return self._all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", round_)
+    def round_uploads(self, round_: int) -> list[Upload]:
+        """A round's uploads in the order they arrived."""
+        rows = self._all("SELECT * FROM submissions WHERE round = ? ORDER BY received_at", round_)
+        return [_upload(r) for r in rows]
 
     def add_submission(self, s: NewSubmission) -> None:
         """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
@@ -464,3 +470,22 @@ class Store(ReportReads, ScoreReads):
 
 
 __all__ = ["COORDINATOR", "NewSubmission", "NewVersion", "Outcome", "RoundClose", "Store"]
+
+
+def _upload(row: sqlite3.Row) -> Upload:
+    return Upload(
+        miner=row["miner"],
+        sha256=row["sha256"],
+        content_sha256=row["content_sha256"],
+        norm=row["norm"],
+        sketch=torch.frombuffer(bytearray(row["sketch"]), dtype=torch.float32),
+        stored_sha256=row["unpacked_sha256"],
+        round=row["round"],
+        size=row["bytes"],
+        compute_s=row["compute_s"],
+        status=row["status"],
+        reason=row["reason"],
+        evaluated=bool(row["evaluated"]),
+        scale=row["scale"],
+        flag=row["flag"],
+    )

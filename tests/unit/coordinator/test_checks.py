@@ -15,12 +15,12 @@ from coordinator.publishing.aggregation import aggregate_uploads
 from coordinator.rounds.checks import (
     Harmful,
     History,
-    Judging,
     LowGain,
     Phase,
+    RoundChecks,
     default_pipeline,
-    judge_cheap,
-    run_phase,
+    run_cheap_checks,
+    run_checks,
 )
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.records import Upload
@@ -47,8 +47,8 @@ def bodies(*seeds: int, scale: float = 1e-3) -> list[bytes]:
 
 def judge(uploads: list[Upload], history: History | None = None) -> tuple[dict[str, str], dict[str, float]]:
     """The cheap checks' refusals, and the clip scale of each upload they left."""
-    j = Judging(0, uploads, history or History())
-    _, scales = judge_cheap(PIPELINE, j)
+    j = RoundChecks(0, uploads, history or History())
+    _, scales = run_cheap_checks(PIPELINE, j)
     return j.refused, scales
 
 
@@ -81,7 +81,7 @@ def test_outliers_zero_and_non_finite_norms_are_refused_and_the_rest_clipped_to_
 
 
 def _low_gain(gains: dict[str, float], past: tuple[float, ...]) -> list[str]:
-    j = Judging(5, [], History(gains=past))
+    j = RoundChecks(5, [], History(gains=past))
     j.losses = {m: Losses(3.0, 3.0 - g, 3.0, 3.0 - g) for m, g in gains.items()}
     return sorted(LowGain(0.35).refuse(j))
 
@@ -92,11 +92,11 @@ def test_uploads_refused_after_the_cheap_phase_no_longer_pull_the_reference_norm
     # honest ones are clipped as in a round without them
     honest = [upload(f"h{i}", b) for i, b in enumerate(bodies(1, 2, 3, 4))]
     tiny = [upload(f"f{i}", b) for i, b in enumerate(bodies(5, 6, 7, 8, scale=1e-7))]
-    j = Judging(0, [*honest, *tiny])
-    ref, scales = judge_cheap(PIPELINE, j)
+    j = RoundChecks(0, [*honest, *tiny])
+    ref, scales = run_cheap_checks(PIPELINE, j)
     assert j.refused == {} and ref is not None and max(scales[u.miner] for u in honest) < 0.6
-    alone = Judging(0, honest)
-    alone_ref, alone_scales = judge_cheap(PIPELINE, alone)
+    alone = RoundChecks(0, honest)
+    alone_ref, alone_scales = run_cheap_checks(PIPELINE, alone)
     assert j.reclip(ref, dict(scales)) == ref  # nothing refused since: nothing changes
     j.refused.update({u.miner: "low_gain" for u in tiny})
     assert j.reclip(ref, scales) == alone_ref
@@ -124,9 +124,9 @@ def test_a_flag_needs_a_gain_surely_below_the_bar_while_a_refusal_takes_the_meas
     se = {"a": 0.02, "b": 0.02, "c": 0.02, "unlucky": 0.02, "flipped": 0.02, "weak": 0.01, "rider": 1e-7}
 
     def refused(sure: float) -> list[str]:
-        j = Judging(5, [], gain_se=se, sure=sure)
+        j = RoundChecks(5, [], gain_se=se, sure=sure)
         j.losses = {m: Losses(3.0, 3.0 - g, 3.0, 3.0 - g) for m, g in gains.items()}
-        run_phase([Harmful(), LowGain(0.35)], "evaluated", j)
+        run_checks([Harmful(), LowGain(0.35)], "evaluated", j)
         return sorted(j.refused.items())
 
     assert refused(0.0) == [
@@ -171,7 +171,7 @@ def test_a_new_check_is_one_class_and_one_line_and_validators_honour_it(
         code: str
         phase: Phase
 
-        def refuse(self, j: Judging) -> Iterable[str]:
+        def refuse(self, j: RoundChecks) -> Iterable[str]:
             return [u.miner for u in j.remaining() if refuse.get(u.miner) == self.code]
 
     settings = ValidationSettings(own_sequences=16, other_sequences=16, min_gain_fraction=0.0)

@@ -25,7 +25,7 @@ from protocol.params import Params, decode_update, params_hash
 from protocol.signing import generate_key
 from protocol.wire import RunInfo
 
-SPARSE = {"codec": "sparseloco"}  # the default; the other API tests publish exactly
+SPARSE = {"format": "sparseloco"}  # the default; the other API tests publish exactly
 
 
 class Catcher(Follower):

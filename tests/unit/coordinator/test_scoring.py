@@ -12,7 +12,7 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload, trained_delta
 
-from coordinator.rounds.closer import MIN_WEIGHT_SCORE
+from coordinator.rounds.judging import MIN_WEIGHT_SCORE
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import FlatAccumulator, robust_mean
 from protocol.params import apply_update, params_hash
