@@ -7,7 +7,7 @@ from typing import TYPE_CHECKING
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
 if TYPE_CHECKING:
-    from coordinator.storage.store import RoundClose
+    from coordinator.storage.records import RoundClose
 
 
 class Metrics:

@@ -28,8 +28,7 @@ from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.settings import AggregationSettings, PublishSettings
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import Refusal, Upload
-from coordinator.storage.store import NewVersion
+from coordinator.storage.records import NewVersion, Refusal, Upload
 from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
 from protocol.params import (
     Params,

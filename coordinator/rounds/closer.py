@@ -37,8 +37,8 @@ from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import RoundSettings
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import Refusal, Upload
-from coordinator.storage.store import Outcome, RoundClose, Store
+from coordinator.storage.records import Outcome, Refusal, RoundClose, Upload
+from coordinator.storage.store import Store
 from protocol.evaluation import round_salt
 
 log = logging.getLogger(__name__)

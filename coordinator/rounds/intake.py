@@ -20,7 +20,8 @@ from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.store import COORDINATOR, NewSubmission, Store
+from coordinator.storage.records import NewSubmission
+from coordinator.storage.store import COORDINATOR, Store
 from protocol.codec import Codec, ParamSpec
 from protocol.errors import CodecError, SignatureError
 from protocol.signing import body_digest, verify_declared, verify_request

@@ -8,6 +8,8 @@ from typing import Literal
 
 import torch
 
+from protocol.evaluation import Losses
+
 
 @dataclass(frozen=True)
 class Upload:
@@ -50,3 +52,58 @@ class Refusal(StrEnum):
 
 # never counted against a miner (a probation's reason is counted once, where it was given)
 NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION})
+
+
+@dataclass(frozen=True)
+class NewSubmission:
+    round: int
+    miner: str
+    sha256: str
+    content_sha256: str
+    size: int
+    norm: float
+    sketch: bytes
+    stored_sha256: str
+    compute_s: float
+    received_at: float
+
+
+@dataclass(frozen=True)
+class NewVersion:
+    version: int
+    base_version: int
+    param_hash: str
+    eval_loss: float
+    update_sha: str
+    update_bytes: int
+    checkpoint_sha: str
+    checkpoint_bytes: int
+    state_sha: str | None
+
+
+@dataclass(frozen=True)
+class Outcome:
+    """What closing a round decided about one upload."""
+
+    reason: str | None  # None: accepted
+    evaluated: bool = False
+    scale: float | None = None
+
+
+@dataclass(frozen=True)
+class RoundClose:
+    """Everything closing a round commits, in one transaction."""
+
+    round: int
+    next_version: int  # the model's version once the round closed: the new version, or the old one
+    applied_to: int  # the version the round's uploads were evaluated on and applied to
+    open_next: bool  # synchronous rounds: the next round opens now, for next_version
+    version: NewVersion | None
+    outcomes: dict[str, Outcome]
+    verdicts: dict[str, Losses]  # empty while the round's evaluation continues after it (``scored``)
+    compute_s: float
+    reference_norm: float | None
+    close_reason: str | None
+    bytes_down: tuple[int, int]  # (model, data)
+    closed_at: float
+    scored: bool = True  # False: overlapped rounds, whose evaluation goes on once the version is out

@@ -11,125 +11,17 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
-from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import torch
 
-from coordinator.storage.records import Upload
+from coordinator.storage.records import NewSubmission, NewVersion, Outcome, RoundClose, Upload
 from coordinator.storage.reports import ReportReads
+from coordinator.storage.schema import create_or_upgrade
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
-from protocol.evaluation import Losses
 
-SCHEMA = """
-CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
-CREATE TABLE IF NOT EXISTS miners (
-    pubkey TEXT PRIMARY KEY, registered_at REAL NOT NULL, last_seen_round INTEGER NOT NULL);
-CREATE TABLE IF NOT EXISTS rounds (
-    round INTEGER PRIMARY KEY, version INTEGER NOT NULL, status TEXT NOT NULL, opened_at REAL NOT NULL,
-    first_upload_at REAL, closed_at REAL, accepted INTEGER NOT NULL DEFAULT 0,
-    rejected INTEGER NOT NULL DEFAULT 0, bytes_up INTEGER NOT NULL DEFAULT 0,
-    bytes_down INTEGER NOT NULL DEFAULT 0, compute_s REAL NOT NULL DEFAULT 0, eval_loss REAL,
-    close_reason TEXT, reference_norm REAL, bytes_down_model INTEGER NOT NULL DEFAULT 0,
-    bytes_down_data INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS submissions (
-    round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
-    status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
-    evaluated INTEGER NOT NULL DEFAULT 0, scale REAL, PRIMARY KEY (round, miner));
-CREATE TABLE IF NOT EXISTS verdicts (
-    round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
-    own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
-    margin_se REAL NOT NULL DEFAULT 0, paired_margin REAL NOT NULL DEFAULT 0,
-    paired_se REAL NOT NULL DEFAULT 0, PRIMARY KEY (round, miner, validator));
-CREATE TABLE IF NOT EXISTS refusals (
-    round INTEGER NOT NULL, miner TEXT NOT NULL, code TEXT NOT NULL, at REAL NOT NULL);
-CREATE INDEX IF NOT EXISTS refusals_by_miner ON refusals (miner, round);
-CREATE TABLE IF NOT EXISTS nonces (nonce TEXT PRIMARY KEY, expires_at REAL NOT NULL);
-CREATE TABLE IF NOT EXISTS versions (
-    version INTEGER PRIMARY KEY, round INTEGER, param_hash TEXT NOT NULL, eval_loss REAL,
-    update_sha TEXT, update_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_sha TEXT,
-    checkpoint_bytes INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, base_version INTEGER,
-    state_sha TEXT, rolled_back_at REAL);
-"""
-# Columns added after the first release: a state directory from before gets them on open.
-MIGRATIONS = (
-    ("verdicts", "margin_se", "REAL NOT NULL DEFAULT 0"),
-    ("rounds", "close_reason", "TEXT"),
-    ("rounds", "reference_norm", "REAL"),
-    ("rounds", "bytes_down_model", "INTEGER NOT NULL DEFAULT 0"),
-    ("rounds", "bytes_down_data", "INTEGER NOT NULL DEFAULT 0"),
-    ("submissions", "evaluated", "INTEGER NOT NULL DEFAULT 0"),
-    ("submissions", "scale", "REAL"),
-    ("versions", "base_version", "INTEGER"),
-    ("versions", "state_sha", "TEXT"),
-    ("versions", "rolled_back_at", "REAL"),
-    ("rounds", "result_version", "INTEGER"),
-    ("rounds", "applied_to", "INTEGER"),
-    ("verdicts", "paired_margin", "REAL NOT NULL DEFAULT 0"),
-    ("verdicts", "paired_se", "REAL NOT NULL DEFAULT 0"),
-    ("rounds", "scored", "INTEGER NOT NULL DEFAULT 1"),  # 0: its evaluation continues after its version
-    ("submissions", "flag", "TEXT"),  # an accepted upload that its later evaluation would have refused
-)
-# Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
-# (a refusal followed by an accepted retry leaves the upload's verdict to stand).
 LIVE = "rolled_back_at IS NULL"  # versions that were not rolled back
-
-
-@dataclass(frozen=True)
-class NewSubmission:
-    round: int
-    miner: str
-    sha256: str
-    content_sha256: str
-    size: int
-    norm: float
-    sketch: bytes
-    stored_sha256: str
-    compute_s: float
-    received_at: float
-
-
-@dataclass(frozen=True)
-class NewVersion:
-    version: int
-    base_version: int
-    param_hash: str
-    eval_loss: float
-    update_sha: str
-    update_bytes: int
-    checkpoint_sha: str
-    checkpoint_bytes: int
-    state_sha: str | None
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What closing a round decided about one upload."""
-
-    reason: str | None  # None: accepted
-    evaluated: bool = False
-    scale: float | None = None
-
-
-@dataclass(frozen=True)
-class RoundClose:
-    """Everything closing a round commits, in one transaction."""
-
-    round: int
-    next_version: int  # the model's version once the round closed: the new version, or the old one
-    applied_to: int  # the version the round's uploads were evaluated on and applied to
-    open_next: bool  # synchronous rounds: the next round opens now, for next_version
-    version: NewVersion | None
-    outcomes: dict[str, Outcome]
-    verdicts: dict[str, Losses]  # empty while the round's evaluation continues after it (``scored``)
-    compute_s: float
-    reference_norm: float | None
-    close_reason: str | None
-    bytes_down: tuple[int, int]  # (model, data)
-    closed_at: float
-    scored: bool = True  # False: overlapped rounds, whose evaluation goes on once the version is out
 
 
 class Store(ReportReads, ScoreReads):
@@ -144,10 +36,7 @@ class Store(ReportReads, ScoreReads):
         self._nonce_writes = 0
         self._db.execute("PRAGMA journal_mode=WAL")
         self._db.execute("PRAGMA synchronous=NORMAL")
-        self._db.executescript(SCHEMA)
-        for table, column, ddl in MIGRATIONS:
-            if column not in {r["name"] for r in self._db.execute(f"PRAGMA table_info({table})")}:
-                self._db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+        create_or_upgrade(self._db)
 
     def close(self) -> None:
         with self._lock:
