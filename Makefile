@@ -5,7 +5,7 @@ PY := $(VENV)/bin/python
 # so that pyproject's open `torch>=2.4` range does not pull a multi-GB CUDA build.
 TORCH_CPU ?= torch==2.13.0
 
-.PHONY: venv demo test lint typecheck clean
+.PHONY: venv demo test test-quick lint typecheck clean
 
 venv: $(VENV)/.installed
 
@@ -30,6 +30,12 @@ test: venv
 	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/mypy
 	$(PY) -m pytest -q  # two workers (pyproject.toml)
+
+test-quick: venv  # the fast tiers: everything but the tests marked slow
+	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
+	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
+	$(VENV)/bin/mypy
+	$(PY) -m pytest -q -m "not slow"
 
 lint: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks

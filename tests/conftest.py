@@ -21,7 +21,6 @@ from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from protocol.data import stdlib_dir
 
-os.environ.setdefault("GRADPOOL_TEST", "1")
 if os.environ.get("PYTEST_XDIST_WORKER"):
     # Several test workers share the machine's cores: one torch thread each (and in every process a test
     # starts) keeps them from oversubscribing the cores, which slows torch's kernels far more than it saves.
@@ -60,7 +59,7 @@ def make_settings(tmp_path: Path, corpus_file: Path) -> Callable[..., Coordinato
             "validation": {"own_sequences": 16, "other_sequences": 32},
             # The API tests check the aggregate's arithmetic to the bit: the update published exactly.
             # test_downlink.py covers the compressed one (the default).
-            "publish": {"codec": "exact"},
+            "publish": {"format": "exact"},
         }
         for key, value in overrides.items():
             if isinstance(value, dict) and isinstance(base.get(key), dict):
@@ -126,6 +125,7 @@ def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
     for item in items:
         if "integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+            item.add_marker(pytest.mark.slow)
 
 
 @pytest.fixture(scope="session")

@@ -10,8 +10,9 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pool_harness import SPEC, OpenPool, assert_error, node_client, payload
+from tests.helpers.pool import SPEC, OpenPool, assert_error, node_client, payload
 
+from coordinator.errors import Stopping
 from coordinator.hooks import Hooks
 from node.miner import Miner
 from node.settings import MinerSettings
@@ -106,18 +107,26 @@ def test_an_upload_more_stale_than_max_staleness_is_refused(open_pool: OpenPool)
 def test_a_restart_mid_close_closes_the_round_behind_then_the_open_one(
     open_pool: OpenPool, then: dict[str, Any]
 ) -> None:
-    # The commit of round 0 waits; stopping the coordinator then leaves round 0 behind an open round 1.
-    with open_pool(rounds=OVERLAP, faults={"publish_delay_s": 60.0}) as pool:
+    # The commit of round 0 waits; the coordinator then stops before it, leaving round 0 behind an open
+    # round 1.
+    held, release = threading.Event(), threading.Event()
+
+    def stop_before_the_commit(round_: int) -> None:
+        held.set()
+        release.wait(timeout=60)
+        raise Stopping
+
+    with open_pool(rounds=OVERLAP, app={"hooks": Hooks(before_commit=stop_before_the_commit)}) as pool:
         alice = pool.miner()
         first = payload(round_=0, base_version=0, seed=1)
         assert alice.upload(0, first).status_code == 200
-        end = threading.Event()
-        while pool.round()["round"] == 0:
-            end.wait(0.05)
+        assert held.wait(timeout=60), "round 0 never reached its commit"
+        assert pool.round()["round"] == 1
         second = payload(round_=1, base_version=0, seed=2)
         assert alice.upload(1, second).status_code == 200
         assert pool.client.get("/v1/rounds/0").json()["status"] == "aggregating"
         assert pool.client.get("/v1/versions/1").status_code == 404
+        release.set()
 
     with open_pool(rounds=then) as pool:
         after = pool.wait_for_round(1)
