@@ -33,7 +33,6 @@ import statistics
 import sys
 import tempfile
 from pathlib import Path
-from sqlite3 import Row
 from typing import Any
 
 import torch
@@ -41,7 +40,7 @@ import torch
 from coordinator.publishing.publisher import Built
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage.records import Upload
+from coordinator.storage.records import StoredVersion, Upload
 from gradpool.config import load_settings
 from protocol.params import Params, apply_update, load_checkpoint
 
@@ -76,8 +75,8 @@ class Recorded:
 
     def __init__(self, run: Run) -> None:
         store = run.store
-        versions = [store.version_row(v) for v in range(store.latest_version() + 1)]
-        self.committed = [v for v in versions if v is not None and v["rolled_back_at"] is None]
+        versions = [store.version(v) for v in range(store.latest_version() + 1)]
+        self.committed = [v for v in versions if v is not None and v.rolled_back_at is None]
         self.params = load_checkpoint(run.blobs.get(self.committed[0]["checkpoint_sha"]), run.spec)[0]
         run.publisher.reset()
         self.run = run
@@ -92,15 +91,15 @@ class Recorded:
     def clear(self) -> None:
         self.stored.clear()
 
-    def rebuilt(self, run: Run, params: Params, v: Row) -> Built | None:
+    def rebuilt(self, run: Run, params: Params, v: StoredVersion) -> Built | None:
         """Version ``v`` built again on ``params`` from its round's accepted uploads: the build, with the
         downlink's residual or without, whose parameters the run recorded (None: neither)."""
         publisher = run.publisher
-        accepted = scaled(run.store.round_uploads(v["round"]), "status", "accepted")
+        accepted = scaled(run.store.round_uploads(v.round), "status", "accepted")
         delta, buffers = publisher.step(accepted, self.load)
         for carry in (True, False):
-            built = publisher.published(params, v["base_version"], v["version"], delta, buffers, carry)
-            if built.param_hash == v["param_hash"]:
+            built = publisher.published(params, v.base_version, v.version, delta, buffers, carry)
+            if built.param_hash == v.param_hash:
                 return built
         return None
 
@@ -111,18 +110,21 @@ def _replay(run: Run) -> dict[str, Any]:
     committed, params, load = recorded.committed, recorded.params, recorded.load
 
     def builds(
-        base: Params, v: Row, ups: list[tuple[Upload, float]], carries: tuple[bool, ...] = (True, False)
+        base: Params,
+        v: StoredVersion,
+        ups: list[tuple[Upload, float]],
+        carries: tuple[bool, ...] = (True, False),
     ) -> tuple[dict[str, torch.Tensor], list[Built]]:
         """One outer step over ``ups``: its delta, and the version it makes as published with and without the
         residual (``carries``)."""
         delta, buffers = publisher.step(ups, load)
-        numbers = v["base_version"], v["version"]
+        numbers = v.base_version, v.version
         return delta, [publisher.published(base, *numbers, delta, buffers, c) for c in carries]
 
     rows: list[dict[str, Any]] = []
     for replayed, (before, v) in enumerate(itertools.pairwise(committed)):
         recorded.clear()
-        subs = store.round_uploads(v["round"])
+        subs = store.round_uploads(v.round)
         accepted, left_out = scaled(subs, "status", "accepted"), scaled(subs, "reason", "loss_guard")
         delta, candidates = builds(params, v, accepted)
         if left_out:  # the round as the guard first saw it
@@ -134,7 +136,7 @@ def _replay(run: Run) -> dict[str, Any]:
         alone = [builds(params, v, [u], (False,))[1][0].eval_loss for u in accepted + left_out]
         rows.append(
             {
-                "round": v["round"],
+                "round": v.round,
                 "uploads": len(accepted) + len(left_out),
                 "accepted": len(accepted),
                 "base": before["eval_loss"],
@@ -142,17 +144,17 @@ def _replay(run: Run) -> dict[str, Any]:
                 "fresh": fresh.eval_loss,
                 "exact": loss(exact),
                 "alone_mean": statistics.fmean(alone),
-                "published": v["eval_loss"],
+                "published": v.eval_loss,
             }
         )
         # the coordinator published one of the two: the one whose parameters were recorded
-        built = next((b for b in candidates if b.param_hash == v["param_hash"]), None)
+        built = next((b for b in candidates if b.param_hash == v.param_hash), None)
         if built is None:
             return {
                 "rounds": rows,
                 "replayed": replayed,
                 "versions": len(committed) - 1,
-                "error": f"version {v['version']} did not rebuild bit for bit",
+                "error": f"version {v.version} did not rebuild bit for bit",
             }
         publisher.commit(built)
         params = built.params

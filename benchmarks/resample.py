@@ -36,7 +36,7 @@ from benchmarks.replay import Recorded, copied_run
 from coordinator.rounds.scoring import leaderboard
 from coordinator.run import Run
 from coordinator.storage.store import COORDINATOR
-from protocol.evaluation import LOSS_FIELDS, Losses, UpdateEvaluator, round_salt
+from protocol.evaluation import Losses, UpdateEvaluator, round_salt
 from protocol.pairing import RoundEvaluation
 
 
@@ -50,7 +50,7 @@ def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict
     info = p.info.model_copy(update={"evaluation": evaluation})
     params, out = recorded.params, {}
     for v in recorded.committed[1:]:
-        r = v["round"]
+        r = v.round
         if r >= rounds:
             break
         recorded.clear()
@@ -65,7 +65,7 @@ def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict
         out[r] = {n: round_.losses((n, n)) for n in sizes}
         built = recorded.rebuilt(run, params, v)
         if built is None:
-            raise SystemExit(f"version {v['version']} did not rebuild bit for bit")
+            raise SystemExit(f"version {v.version} did not rebuild bit for bit")
         run.publisher.commit(built)
         params = built.params
     return out
@@ -100,11 +100,7 @@ def resample(run_dir: Path, work: Path, sizes: list[int], early: list[int]) -> d
         measured = measure(run, max(early), sizes)
         store = run.store
         kept = {
-            r: {
-                v["miner"]: Losses(*(v[f] for f in LOSS_FIELDS))
-                for v in store.verdicts_between(r - 1, r)
-                if v["validator"] == COORDINATOR
-            }
+            r: {v.miner: v.losses for v in store.verdicts_between(r - 1, r) if v.validator == COORDINATOR}
             for r in measured
         }
         recorded, rows = order(run, report), []

@@ -36,9 +36,10 @@ from coordinator.rounds.queries import Queries
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore, make_blob_store
 from coordinator.storage.lock import StateLock
-from coordinator.storage.store import Store
+from coordinator.storage.store import SqliteStore
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.model import CausalLM, ModelConfig, build_model, resolve
@@ -64,7 +65,7 @@ class Run:
         root = settings.state_dir
         root.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(root)
-        self.store = Store(root / "state.db")
+        self.store: Store = SqliteStore(root / "state.db")
         try:
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)
@@ -240,31 +241,31 @@ class Run:
             self.model.params = params
             return RoundState(0, 0, h, clock_from=now, deadline_s=deadline_for(store, rounds, 0))
         version, param_hash = store.head()
-        row = store.version_row(version)
-        if row is None or row["checkpoint_sha"] is None:
+        row = store.version(version)
+        if row is None or row.checkpoint_sha is None:
             raise ValueError(f"version {version}, the current one, has no checkpoint kept")
-        params, _ = load_checkpoint(blobs.get(row["checkpoint_sha"]), spec)
+        params, _ = load_checkpoint(blobs.get(row.checkpoint_sha), spec)
         if params_hash(params, spec) != param_hash:
             raise ValueError(f"checkpoint of version {version} does not match its hash")
         legacy = store.get_meta("outer_state") if version == store.latest_version() else None
-        if state_sha := row["state_sha"] or legacy:
+        if state_sha := row.state_sha or legacy:
             publisher.restore(blobs.get(state_sha))
         self.model.params = params
         *behind, current = store.unclosed_rounds()  # overlapped rounds: one may be behind the open one
-        log.info("run %s resumed at round %d, version %d", self.info.run_id, current["round"], version)
+        log.info("run %s resumed at round %d, version %d", self.info.run_id, current.round, version)
         state = None
         for r in [*behind, current]:
-            round_ = int(r["round"])
-            base = store.version_row(int(r["version"]))
+            round_ = r.round
+            base = store.version(r.version)
             assert base is not None  # a round's version exists
             state = RoundState(
                 round=round_,
-                version=int(r["version"]),
-                param_hash=str(base["param_hash"]),
+                version=r.version,
+                param_hash=base.param_hash,
                 status="open" if r is current else "aggregating",
                 uploaded=frozenset(store.uploaded_miners(round_)),
                 expected=frozenset(store.active_miners(round_ - rounds.drop_after_rounds)),
-                first_upload_at=r["first_upload_at"],
+                first_upload_at=r.first_upload_at,
                 clock_from=now,
                 deadline_s=deadline_for(store, rounds, round_),
                 behind=state,

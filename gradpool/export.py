@@ -23,7 +23,7 @@ from safetensors import safe_open
 from coordinator.data.tokenizer import RunTokenizer, tokenizer_config
 from coordinator.settings import BlobSettings
 from coordinator.storage.blobs import BlobStore, FileBlobStore, make_blob_store
-from coordinator.storage.store import Store
+from coordinator.storage.store import SqliteStore
 from protocol.model import CausalLM, ModelConfig, build_model
 from protocol.params import load_checkpoint, param_spec, params_hash
 
@@ -38,11 +38,11 @@ class Run:
     def __init__(self, state_dir: Path, version: int | None, blobs: BlobSettings | None = None) -> None:
         if not (state_dir / "state.db").is_file():
             raise ExportError(f"{state_dir} holds no coordinator state (no state.db)")
-        store = Store(state_dir / "state.db")
+        store = SqliteStore(state_dir / "state.db")
         try:
             raw = store.get_meta("architecture")
             found = store.checkpoint(version)
-            row = None if found is None else store.version_row(found[0])
+            row = None if found is None else store.version(found[0])
         finally:
             store.close()
         if raw is None:
@@ -51,7 +51,7 @@ class Run:
             which = "any version" if version is None else f"version {version}"
             raise ExportError(f"no checkpoint is kept for {which} in {state_dir}")
         self.state_dir, self.config = state_dir, ModelConfig.model_validate_json(raw)
-        self.version, self.sha, self.param_hash = found[0], found[1], str(row["param_hash"])
+        self.version, self.sha, self.param_hash = found[0], found[1], str(row.param_hash)
         self.blobs: BlobStore = (
             make_blob_store(blobs, state_dir / "blobs") if blobs else FileBlobStore(state_dir / "blobs")
         )

@@ -36,9 +36,9 @@ from coordinator.rounds.opening import RoundOpener
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import RoundSettings
+from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import Outcome, Refusal, RoundClose, Upload
-from coordinator.storage.store import Store
 from protocol.evaluation import round_salt
 
 log = logging.getLogger(__name__)

@@ -19,9 +19,10 @@ from coordinator.metrics import Metrics
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import NewSubmission
-from coordinator.storage.store import COORDINATOR, Store
+from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
 from protocol.errors import CodecError, SignatureError
 from protocol.signing import body_digest, verify_declared, verify_request

@@ -43,9 +43,10 @@ from coordinator.publishing.model import Model
 from coordinator.rounds.checks import Check, History, RoundChecks, run_cheap_checks, run_checks
 from coordinator.rounds.scoring import Scores
 from coordinator.settings import CheckSettings, ValidationSettings
+from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import NEUTRAL, Refusal, Upload
-from coordinator.storage.store import COORDINATOR, Store
+from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
 from protocol.data import Dataset
 from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt
@@ -268,9 +269,7 @@ class Judge:
         first = round_ - c.history_rounds
         recent = store.recent_uploads(round_ - c.replay_window_rounds, round_)
         sketches = (
-            torch.stack(
-                [torch.frombuffer(bytearray(r["sketch"]), dtype=torch.float32) for r in recent]
-            ).double()
+            torch.stack([r.sketch for r in recent]).double()
             if recent
             else torch.zeros(0, 1, dtype=torch.float64)
         )
@@ -279,7 +278,7 @@ class Judge:
         return History(
             norms=store.accepted_norms(first, round_),
             gains=store.accepted_gains(first, round_, COORDINATOR),
-            digests=frozenset(r["content_sha256"] for r in recent),
+            digests=frozenset(r.content_sha256 for r in recent),
             sketches=sketches,
         )
 
@@ -358,12 +357,12 @@ class Judge:
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
         moot = NEUTRAL | {Refusal.LOSS_GUARD}  # refusals that say nothing of the miner's own upload
         suspect = {
-            s["miner"]
+            s.miner
             for s in store.submissions_between(since, round_ - 1)
-            if (s["status"] == "rejected" and s["reason"] not in moot)
-            or (s["flag"] and s["round"] >= round_ - FLAG_ROUNDS)
+            if (s.status == "rejected" and s.reason not in moot)
+            or (s.flag and s.round >= round_ - FLAG_ROUNDS)
         }
-        suspect |= {f["miner"] for f in store.intake_refusals(since, round_ - 1)}
+        suspect |= {f.miner for f in store.intake_refusals(since, round_ - 1)}
         record = {e.miner: e.verdicts for e in self.scores.board(store.last_closed_round())}
 
         def tier(u: Upload) -> int:

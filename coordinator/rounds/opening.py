@@ -10,7 +10,7 @@ from collections.abc import Callable
 
 from coordinator.rounds.state import RoundCell, RoundState
 from coordinator.settings import RoundSettings
-from coordinator.storage.store import Store
+from coordinator.storage.base import Store
 
 log = logging.getLogger(__name__)
 

@@ -3,12 +3,12 @@ event loop), everything else from the store (call it off the loop)."""
 
 from __future__ import annotations
 
-import sqlite3
 from collections.abc import Callable
 
 from coordinator.errors import Conflict, NotFound
 from coordinator.rounds.state import RoundCell
-from coordinator.storage.store import Store
+from coordinator.storage.base import Store
+from coordinator.storage.records import StoredRound
 from protocol.wire import RoundInfo, RoundRecord, RoundReport, SubmissionRecord, VersionInfo
 
 RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/reports
@@ -40,18 +40,18 @@ class Queries:
 
     # -- from the store -----------------------------------------------------------------------------------
     def version_info(self, version: int) -> VersionInfo | None:
-        row = self.store.version_row(version)
+        row = self.store.version(version)
         if row is None:
             return None
         return VersionInfo(
-            version=row["version"],
-            round=row["round"],
-            param_hash=row["param_hash"],
-            eval_loss=row["eval_loss"],
-            update_bytes=row["update_bytes"],
-            checkpoint_bytes=row["checkpoint_bytes"],
-            base_version=row["base_version"],
-            rolled_back=row["rolled_back_at"] is not None,
+            version=row.version,
+            round=row.round,
+            param_hash=row.param_hash,
+            eval_loss=row.eval_loss,
+            update_bytes=row.update_bytes,
+            checkpoint_bytes=row.checkpoint_bytes,
+            base_version=row.base_version,
+            rolled_back=row.rolled_back,
         )
 
     def reports(self, after: int = -1, limit: int | None = None) -> list[RoundReport]:
@@ -62,8 +62,8 @@ class Queries:
             if after < 0 and limit is None
             else store.reports(after, -1 if limit is None else limit)
         )
-        refused = store.refusal_counts(rows[0]["round"], rows[-1]["round"]) if rows else {}
-        return [_report(r, refused.get(r["round"], {})) for r in rows]
+        refused = store.refusal_counts(rows[0].round, rows[-1].round) if rows else {}
+        return [_report(r, refused.get(r.round, {})) for r in rows]
 
     def initial_eval_loss(self) -> float | None:
         return self.store.eval_loss(0)
@@ -79,16 +79,16 @@ class Queries:
 
     def round_record(self, round_: int) -> RoundRecord | None:
         state = self.cell.state
-        row = self.store.round_row(round_)
+        row = self.store.round(round_)
         if row is None:
             return None
-        status = state.status if round_ == state.round else row["status"]
+        status = state.status if round_ == state.round else row.status
         if state.behind is not None and round_ == state.behind.round:
             status = state.behind.status
         uploads = self.store.round_uploads(round_)
         return RoundRecord(
             round=round_,
-            version=row["version"],
+            version=row.version,
             status=status,
             submissions=[
                 SubmissionRecord(
@@ -103,10 +103,10 @@ class Queries:
                 )
                 for u in uploads
             ],
-            reference_norm=row["reference_norm"],
-            close_reason=row["close_reason"],
-            applied_to=row["applied_to"],
-            scored=bool(row["scored"]) and row["status"] == "closed",
+            reference_norm=row.reference_norm,
+            close_reason=row.close_reason,
+            applied_to=row.applied_to,
+            scored=bool(row.scored) and row.status == "closed",
         )
 
     def payload_sha(self, round_: int, miner: str) -> str | None:
@@ -123,23 +123,23 @@ class Queries:
         return self.store.checkpoint(version)
 
     def update_sha(self, version: int) -> str | None:
-        row = self.store.version_row(version)
-        return None if row is None or row["update_sha"] is None else str(row["update_sha"])
+        row = self.store.version(version)
+        return None if row is None else row.update_sha
 
 
-def _report(r: sqlite3.Row, refusals: dict[str, int]) -> RoundReport:
+def _report(r: StoredRound, refusals: dict[str, int]) -> RoundReport:
     return RoundReport(
-        round=r["round"],
-        version=r["result_version"],
-        eval_loss=r["eval_loss"],
-        accepted=r["accepted"],
-        rejected=r["rejected"],
-        bytes_up=r["bytes_up"],
-        bytes_down=r["bytes_down"],
-        wall_s=round((r["next_opened_at"] or r["closed_at"]) - r["opened_at"], 3),
-        compute_s=round(r["compute_s"], 3),
-        close_reason=r["close_reason"],
-        bytes_down_model=r["bytes_down_model"],
-        bytes_down_data=r["bytes_down_data"],
+        round=r.round,
+        version=r.version if r.result_version is None else r.result_version,
+        eval_loss=r.eval_loss,
+        accepted=r.accepted,
+        rejected=r.rejected,
+        bytes_up=r.bytes_up,
+        bytes_down=r.bytes_down,
+        wall_s=round((r.next_opened_at or r.closed_at or r.opened_at) - r.opened_at, 3),
+        compute_s=round(r.compute_s, 3),
+        close_reason=r.close_reason,
+        bytes_down_model=r.bytes_down_model,
+        bytes_down_data=r.bytes_down_data,
         refusals=refusals,
     )

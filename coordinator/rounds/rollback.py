@@ -16,7 +16,7 @@ from pathlib import Path
 
 from coordinator.storage.lock import StateLock
 from coordinator.storage.records import Refusal
-from coordinator.storage.store import Store
+from coordinator.storage.store import SqliteStore
 
 
 @dataclass(frozen=True)
@@ -31,14 +31,14 @@ def rollback(state_dir: Path, to_version: int) -> RolledBack:
     if not (state_dir / "state.db").is_file():
         raise ValueError(f"{state_dir} holds no coordinator state (no state.db)")
     lock = StateLock(state_dir)  # refuses while a coordinator runs on this directory
-    store = Store(state_dir / "state.db")
+    store = SqliteStore(state_dir / "state.db")
     try:
-        row = store.version_row(to_version)
+        row = store.version(to_version)
         if row is None:
             raise ValueError(f"version {to_version} does not exist")
-        if row["rolled_back_at"] is not None:
+        if row.rolled_back_at is not None:
             raise ValueError(f"version {to_version} was itself rolled back")
-        if row["checkpoint_sha"] is None:
+        if row.checkpoint_sha is None:
             kept = [v for v in range(store.latest_version() + 1) if store.checkpoint(v) is not None]
             raise ValueError(f"version {to_version} has no checkpoint kept; versions with one: {kept}")
         if store.head()[0] == to_version:

@@ -10,8 +10,9 @@ from collections import defaultdict
 from collections.abc import Sequence
 
 from coordinator.settings import ValidationSettings
+from coordinator.storage.base import Store
 from coordinator.storage.records import NEUTRAL
-from coordinator.storage.store import COORDINATOR, Store
+from coordinator.storage.scores import COORDINATOR
 from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict
 
@@ -73,16 +74,15 @@ def leaderboard(
     own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
     theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
     for v in store.verdicts_between(since, through):
-        x = Losses(*(v[f] for f in LOSS_FIELDS))
-        if v["validator"] == COORDINATOR:
-            own[v["round"]][v["miner"]] = x
+        if v.validator == COORDINATOR:
+            own[v.round][v.miner] = v.losses
         else:
-            theirs[v["round"]][v["miner"]].append(x)
+            theirs[v.round][v.miner].append(v.losses)
     window = store.submissions_between(since, through)
     accepted: dict[int, set[str]] = defaultdict(set)
     for s in window:
-        if s["status"] == "accepted":
-            accepted[s["round"]].add(s["miner"])
+        if s.status == "accepted":
+            accepted[s.round].add(s.miner)
     evaluated: dict[int, dict[str, RoundResult]] = {}
     for r in set(own) | set(theirs):
         losses = (
@@ -93,29 +93,28 @@ def leaderboard(
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     last: dict[str, int] = {}
     for c in store.tallies(through):
-        last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
-        if c["k"] not in NEUTRAL:
-            counts[c["miner"]][c["k"]] = c["n"]
+        last[c.miner] = max(last.get(c.miner, -1), c.last)
+        if c.kind not in NEUTRAL:
+            counts[c.miner][c.kind] = c.count
     flagged: dict[str, dict[str, int]] = defaultdict(dict)
     for c in store.flag_tallies(through):
-        flagged[c["miner"]][c["flag"]] = c["n"]
+        flagged[c.miner][c.kind] = c.count
     for c in store.intake_refusal_tallies(through):
-        counts[c["miner"]][c["code"]] = counts[c["miner"]].get(c["code"], 0) + c["n"]
-        last[c["miner"]] = max(last.get(c["miner"], -1), c["last"])
+        counts[c.miner][c.kind] = counts[c.miner].get(c.kind, 0) + c.count
+        last[c.miner] = max(last.get(c.miner, -1), c.last)
     for s in window:
-        m, r = s["miner"], s["round"]
-        res = evaluated.get(r, {}).get(m)
+        res = evaluated.get(s.round, {}).get(s.miner)
         if res is not None:
-            results[m][r] = res
-        elif s["status"] == "rejected" and s["reason"] not in NEUTRAL:  # refused before evaluation
-            results[m][r] = refused(r)
+            results[s.miner][s.round] = res
+        elif s.status == "rejected" and s.reason not in NEUTRAL:  # refused before evaluation
+            results[s.miner][s.round] = refused(s.round)
     for f in store.intake_refusals(since, through):
-        results[f["miner"]][f["round"]] = refused(f["round"])
+        results[f.miner][f.round] = refused(f.round)
     for m, result in (extra or {}).items():
         results[m][result.round] = result
         last[m] = max(last.get(m, -1), result.round)
     first, published = store.first_rounds(through), store.published_rounds(since, through)
-    present = {(s["round"], s["miner"]) for s in window}  # (a neutral refusal is not a missed round)
+    present = {(s.round, s.miner) for s in window}  # (a neutral refusal is not a missed round)
     entries = []
     for m in set(last):
         gaps = [

@@ -107,3 +107,103 @@ class RoundClose:
     bytes_down: tuple[int, int]  # (model, data)
     closed_at: float
     scored: bool = True  # False: overlapped rounds, whose evaluation goes on once the version is out
+
+
+@dataclass(frozen=True)
+class StoredRound:
+    """A round as the store keeps it (a closed round's report, or an open one)."""
+
+    round: int
+    version: int  # the version its uploads train from
+    status: Literal["open", "closed"]
+    opened_at: float
+    first_upload_at: float | None = None
+    closed_at: float | None = None
+    accepted: int = 0
+    rejected: int = 0
+    bytes_up: int = 0
+    bytes_down: int = 0
+    compute_s: float = 0.0
+    eval_loss: float | None = None
+    close_reason: str | None = None
+    reference_norm: float | None = None
+    bytes_down_model: int = 0
+    bytes_down_data: int = 0
+    result_version: int | None = None  # the model's version once it closed
+    applied_to: int | None = None  # the version its uploads were judged on and applied to
+    scored: bool = True  # False while its evaluation goes on after its version
+    next_opened_at: float | None = None  # reports: when the next round opened
+
+
+@dataclass(frozen=True)
+class StoredVersion:
+    version: int
+    round: int | None  # None: version 0
+    param_hash: str
+    eval_loss: float | None
+    update_sha: str | None
+    update_bytes: int
+    checkpoint_sha: str | None  # None once pruned
+    checkpoint_bytes: int
+    created_at: float
+    base_version: int | None = None
+    state_sha: str | None = None  # the outer optimizer's and the downlink's state
+    rolled_back_at: float | None = None
+
+    @property
+    def rolled_back(self) -> bool:
+        return self.rolled_back_at is not None
+
+
+@dataclass(frozen=True)
+class SubmissionOutcome:
+    """What closing a round decided of one upload, without the upload's bytes or sketch."""
+
+    round: int
+    miner: str
+    status: Literal["received", "accepted", "rejected"]
+    reason: str | None
+    flag: str | None
+
+
+@dataclass(frozen=True)
+class StoredVerdict:
+    round: int
+    miner: str
+    validator: str
+    losses: Losses
+
+
+@dataclass(frozen=True)
+class Tally:
+    """How many of a miner's uploads had one outcome (``accepted``, a refusal's code, or a flag), and the
+    last round of them."""
+
+    miner: str
+    kind: str
+    count: int
+    last: int = -1
+
+
+@dataclass(frozen=True)
+class IntakeRefusal:
+    """An upload refused at intake in a round where the miner has no upload taken."""
+
+    round: int
+    miner: str
+    code: str
+
+
+@dataclass(frozen=True)
+class UploadPrint:
+    """What a copy of an upload would share with it: its tensors' digest and its sketch."""
+
+    round: int
+    miner: str
+    content_sha256: str
+    sketch: torch.Tensor  # (buckets,) float32
+
+
+def sketch_of(stored: bytes) -> torch.Tensor:
+    """A sketch as the store keeps it (float32 bytes)."""
+    return torch.frombuffer(bytearray(stored), dtype=torch.float32)

@@ -6,9 +6,12 @@ from __future__ import annotations
 import sqlite3
 from typing import Any
 
+from coordinator.storage.records import StoredRound, UploadPrint, sketch_of
+from coordinator.storage.rows import from_row
+
 
 class ReportReads:
-    """Mixed into ``Store``, which gives ``_all`` and ``_one``."""
+    """Mixed into ``SqliteStore``, which gives ``_all`` and ``_one``."""
 
     def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         raise NotImplementedError
@@ -16,17 +19,18 @@ class ReportReads:
     def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
         raise NotImplementedError
 
-    def reports(self, after: int = -1, limit: int = -1) -> list[sqlite3.Row]:
+    def reports(self, after: int = -1, limit: int = -1) -> list[StoredRound]:
         """Closed rounds after ``after`` in order (at most ``limit``; -1: all), each with the version the
         model was at when it closed (``result_version``; before it was recorded, the next round's base) and
         when the next round opened (``next_opened_at``)."""
-        return self._all(
+        rows = self._all(
             "SELECT r.*, COALESCE(r.result_version, n.version) AS result_version, "
             "n.opened_at AS next_opened_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
             "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?",
             after,
             limit,
         )
+        return [from_row(StoredRound, r) for r in rows]
 
     def refusal_counts(self, first: int, last: int) -> dict[int, dict[str, int]]:
         """Per round in [first, last]: refusal reason -> uploads refused."""
@@ -41,7 +45,7 @@ class ReportReads:
             out.setdefault(int(r["round"]), {})[str(r["reason"])] = int(r["n"])
         return out
 
-    def recent_reports(self, limit: int) -> list[sqlite3.Row]:
+    def recent_reports(self, limit: int) -> list[StoredRound]:
         last = self._one("SELECT MAX(round) AS r FROM rounds WHERE status = 'closed'")
         newest = -1 if last is None or last["r"] is None else int(last["r"])
         return self.reports(after=newest - limit, limit=limit)
@@ -88,10 +92,13 @@ class ReportReads:
         )
         return [float(r["gain"]) for r in rows]
 
-    def recent_uploads(self, first_round: int, before_round: int) -> list[sqlite3.Row]:
+    def recent_uploads(self, first_round: int, before_round: int) -> list[UploadPrint]:
         """Every upload of those rounds (accepted or refused): what a replay would copy."""
-        return self._all(
+        rows = self._all(
             "SELECT round, miner, content_sha256, sketch FROM submissions WHERE round >= ? AND round < ?",
             first_round,
             before_round,
         )
+        return [
+            UploadPrint(r["round"], r["miner"], r["content_sha256"], sketch_of(r["sketch"])) for r in rows
+        ]

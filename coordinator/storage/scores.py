@@ -8,6 +8,8 @@ import sqlite3
 from contextlib import AbstractContextManager
 from typing import Any
 
+from coordinator.storage.records import IntakeRefusal, StoredVerdict, SubmissionOutcome, Tally
+from coordinator.storage.rows import from_row
 from protocol.evaluation import LOSS_FIELDS, Losses
 
 COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
@@ -23,7 +25,7 @@ INTAKE_REFUSALS = (
 
 
 class ScoreReads:
-    """Mixed into ``Store``, which gives ``_all`` and ``transaction``."""
+    """Mixed into ``SqliteStore``, which gives ``_all`` and ``transaction``."""
 
     def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         raise NotImplementedError
@@ -56,43 +58,51 @@ class ScoreReads:
         )
         return [(int(r["round"]), int(r["applied_to"])) for r in rows]
 
-    def verdicts_between(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
+    def verdicts_between(self, since: int, through: int) -> list[StoredVerdict]:
+        rows = self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
+        return [
+            StoredVerdict(r["round"], r["miner"], r["validator"], Losses(*(r[f] for f in LOSS_FIELDS)))
+            for r in rows
+        ]
 
-    def submissions_between(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all(
+    def submissions_between(self, since: int, through: int) -> list[SubmissionOutcome]:
+        rows = self._all(
             "SELECT round, miner, status, reason, flag FROM submissions WHERE round > ? AND round <= ?",
             since,
             through,
         )
+        return [from_row(SubmissionOutcome, r) for r in rows]
 
-    def tallies(self, through: int) -> list[sqlite3.Row]:
+    def tallies(self, through: int) -> list[Tally]:
         """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
-        return self._all(
+        rows = self._all(
             "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' "
-            "ELSE COALESCE(reason, 'refused') END AS k, COUNT(*) AS n, MAX(round) AS last FROM submissions "
-            "WHERE round <= ? AND status != 'received' GROUP BY miner, k",
+            "ELSE COALESCE(reason, 'refused') END AS kind, COUNT(*) AS count, MAX(round) AS last "
+            "FROM submissions WHERE round <= ? AND status != 'received' GROUP BY miner, kind",
             through,
         )
+        return [from_row(Tally, r) for r in rows]
 
-    def flag_tallies(self, through: int) -> list[sqlite3.Row]:
+    def flag_tallies(self, through: int) -> list[Tally]:
         """Per miner and flag: accepted uploads that their later evaluation would have refused."""
-        return self._all(
-            "SELECT miner, flag, COUNT(*) AS n FROM submissions WHERE round <= ? "
-            "AND flag IS NOT NULL GROUP BY miner, flag",
+        rows = self._all(
+            "SELECT miner, flag AS kind, COUNT(*) AS count, MAX(round) AS last FROM submissions "
+            "WHERE round <= ? AND flag IS NOT NULL GROUP BY miner, flag",
             through,
         )
+        return [from_row(Tally, r) for r in rows]
 
-    def intake_refusals(self, since: int, through: int) -> list[sqlite3.Row]:
-        return self._all(INTAKE_REFUSALS, since, through)
+    def intake_refusals(self, since: int, through: int) -> list[IntakeRefusal]:
+        return [from_row(IntakeRefusal, r) for r in self._all(INTAKE_REFUSALS, since, through)]
 
-    def intake_refusal_tallies(self, through: int) -> list[sqlite3.Row]:
-        return self._all(
-            f"SELECT miner, code, COUNT(*) AS n, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
+    def intake_refusal_tallies(self, through: int) -> list[Tally]:
+        rows = self._all(
+            f"SELECT miner, code AS kind, COUNT(*) AS count, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
             "GROUP BY miner, code",
             -1,
             through,
         )
+        return [from_row(Tally, r) for r in rows]
 
     def published_rounds(self, since: int, through: int) -> list[int]:
         """The closed rounds in (since, through] that published a version."""

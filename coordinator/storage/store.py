@@ -14,17 +14,23 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
-import torch
-
-from coordinator.storage.records import NewSubmission, NewVersion, Outcome, RoundClose, Upload
+from coordinator.storage.records import (
+    NewSubmission,
+    RoundClose,
+    StoredRound,
+    StoredVersion,
+    Upload,
+    sketch_of,
+)
 from coordinator.storage.reports import ReportReads
+from coordinator.storage.rows import from_row
 from coordinator.storage.schema import create_or_upgrade
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
 
 LIVE = "rolled_back_at IS NULL"  # versions that were not rolled back
 
 
-class Store(ReportReads, ScoreReads):
+class SqliteStore(ReportReads, ScoreReads):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``)."""
 
@@ -135,12 +141,14 @@ class Store(ReportReads, ScoreReads):
                 "INSERT INTO rounds (round, version, status, opened_at) VALUES (0, 0, 'open', ?)", (now,)
             )
 
-    def latest_round(self) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
+    def latest_round(self) -> StoredRound | None:
+        row = self._one("SELECT * FROM rounds ORDER BY round DESC LIMIT 1")
+        return None if row is None else from_row(StoredRound, row)
 
-    def unclosed_rounds(self) -> list[sqlite3.Row]:
+    def unclosed_rounds(self) -> list[StoredRound]:
         """The open round, after the one still being closed when rounds overlap."""
-        return self._all("SELECT * FROM rounds WHERE status = 'open' ORDER BY round")
+        rows = self._all("SELECT * FROM rounds WHERE status = 'open' ORDER BY round")
+        return [from_row(StoredRound, r) for r in rows]
 
     def open_round(self, round_: int, version: int, now: float) -> None:
         """Overlapped rounds: the next round opens as the one before it starts closing."""
@@ -159,11 +167,13 @@ class Store(ReportReads, ScoreReads):
         assert row is not None, "a started run has a version"
         return int(row["version"]), str(row["param_hash"])
 
-    def round_row(self, round_: int) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM rounds WHERE round = ?", round_)
+    def round(self, round_: int) -> StoredRound | None:
+        row = self._one("SELECT * FROM rounds WHERE round = ?", round_)
+        return None if row is None else from_row(StoredRound, row)
 
-    def version_row(self, version: int) -> sqlite3.Row | None:
-        return self._one("SELECT * FROM versions WHERE version = ?", version)
+    def version(self, version: int) -> StoredVersion | None:
+        row = self._one("SELECT * FROM versions WHERE version = ?", version)
+        return None if row is None else from_row(StoredVersion, row)
 
     def latest_version(self) -> int:
         row = self._one("SELECT MAX(version) AS v FROM versions")
@@ -358,16 +368,13 @@ class Store(ReportReads, ScoreReads):
         return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}
 
 
-__all__ = ["COORDINATOR", "NewSubmission", "NewVersion", "Outcome", "RoundClose", "Store"]
-
-
 def _upload(row: sqlite3.Row) -> Upload:
     return Upload(
         miner=row["miner"],
         sha256=row["sha256"],
         content_sha256=row["content_sha256"],
         norm=row["norm"],
-        sketch=torch.frombuffer(bytearray(row["sketch"]), dtype=torch.float32),
+        sketch=sketch_of(row["sketch"]),
         stored_sha256=row["unpacked_sha256"],
         round=row["round"],
         size=row["bytes"],

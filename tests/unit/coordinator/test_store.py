@@ -5,7 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
-from coordinator.storage.store import Store
+from coordinator.storage.store import SqliteStore
 from protocol.evaluation import Losses
 
 OLD_VERDICTS = """CREATE TABLE verdicts (
@@ -20,13 +20,13 @@ def test_verdicts_from_before_the_margin_error_column_are_kept(tmp_path: Path) -
         db.execute(OLD_VERDICTS)
         db.execute("INSERT INTO verdicts VALUES (0, 'm', 'coordinator', 3.0, 2.5, 3.0, 2.9, 1.0)")
     db.close()
-    store = Store(path)
+    store = SqliteStore(path)
     try:
         [old] = store.verdicts_between(-1, 0)
-        assert (old["own_after"], old["margin_se"]) == (2.5, 0.0)
+        assert (old.losses.own_after, old.losses.margin_se) == (2.5, 0.0)
         store.add_verdicts(1, "coordinator", {"m": Losses(3.0, 2.4, 3.0, 2.8, 0.05)}, 2.0)
         [new] = store.verdicts_between(0, 1)
-        assert new["margin_se"] == 0.05
+        assert new.losses.margin_se == 0.05
     finally:
         store.close()
-    Store(path).close()  # opening it again leaves the migrated table as it is
+    SqliteStore(path).close()  # opening it again leaves the migrated table as it is

@@ -1,0 +1,176 @@
+"""What the coordinator's parts need of a store: a second backend is one class with these methods. The SQLite
+store (``storage/store.py``) is the one there is; every method returns records (``storage/records.py``),
+never database rows."""
+
+from __future__ import annotations
+
+from typing import Protocol
+
+from coordinator.storage.records import (
+    IntakeRefusal,
+    NewSubmission,
+    RoundClose,
+    StoredRound,
+    StoredVerdict,
+    StoredVersion,
+    SubmissionOutcome,
+    Tally,
+    Upload,
+    UploadPrint,
+)
+from protocol.evaluation import Losses
+
+
+class Store(Protocol):
+    def accepted_gains(self, first_round: int, before_round: int, validator: str) -> list[float]:
+        """The gains ``validator`` measured for the accepted uploads of those rounds."""
+        ...
+
+    def accepted_norms(self, first_round: int, before_round: int) -> list[float]: ...
+
+    def active_miners(self, since_round: int) -> list[str]: ...
+
+    def add_bytes_down(self, round_: int, model: int, data: int) -> None: ...
+
+    def add_submission(self, s: NewSubmission) -> None:
+        """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
+        ...
+
+    def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None: ...
+
+    def arrival_spreads(self, first_round: int, before_round: int) -> list[float]:
+        """Per round with 2+ uploads in [first_round, before_round): last arrival - first arrival."""
+        ...
+
+    def audit(self, round_: int) -> list[dict[str, object]]: ...
+
+    def checkpoint(self, version: int | None) -> tuple[int, str] | None:
+        """The newest live version with a checkpoint kept, or ``version``'s checkpoint."""
+        ...
+
+    def close(self) -> None: ...
+
+    def close_round(self, c: RoundClose) -> None:
+        """The new version (if any), the verdicts, every upload's outcome, the round's record and the next
+        round (synchronous rounds), in one transaction: a crash before it leaves the round open, after it the
+        round closed."""
+        ...
+
+    def count_miners(self) -> int: ...
+
+    def eval_loss(self, version: int) -> float | None: ...
+
+    def first_rounds(self, through: int) -> dict[str, int]:
+        """Each miner's first round with an upload or a refused one, up to ``through``."""
+        ...
+
+    def flag_tallies(self, through: int) -> list[Tally]:
+        """Per miner and flag: accepted uploads that their later evaluation would have refused."""
+        ...
+
+    def get_meta(self, key: str) -> str | None: ...
+
+    def head(self) -> tuple[int, str]:
+        """The current version (the newest one not rolled back) and its parameter hash."""
+        ...
+
+    def intake_refusal_tallies(self, through: int) -> list[Tally]: ...
+
+    def intake_refusals(self, since: int, through: int) -> list[IntakeRefusal]: ...
+
+    def is_miner(self, pubkey: str) -> bool: ...
+
+    def last_closed_round(self) -> int | None: ...
+
+    def latest_round(self) -> StoredRound | None: ...
+
+    def latest_version(self) -> int: ...
+
+    def open_round(self, round_: int, version: int, now: float) -> None:
+        """Overlapped rounds: the next round opens as the one before it starts closing."""
+        ...
+
+    def prune_checkpoints(self, keep: int) -> list[str]:
+        """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0; returns
+        the blobs no longer referenced."""
+        ...
+
+    def published_rounds(self, since: int, through: int) -> list[int]:
+        """The closed rounds in (since, through] that published a version."""
+        ...
+
+    def recent_reports(self, limit: int) -> list[StoredRound]: ...
+
+    def recent_uploads(self, first_round: int, before_round: int) -> list[UploadPrint]:
+        """Every upload of those rounds (accepted or refused): what a replay would copy."""
+        ...
+
+    def record_refusal(self, round_: int, miner: str, code: str, at: float) -> None: ...
+
+    def record_scores(
+        self, round_: int, verdicts: dict[str, Losses], flags: dict[str, str], now: float
+    ) -> None:
+        """The coordinator's verdicts on a round whose evaluation ended after it closed, and the flags on its
+        accepted uploads, in one transaction with the round marked scored."""
+        ...
+
+    def refusal_counts(self, first: int, last: int) -> dict[int, dict[str, int]]:
+        """Per round in [first, last]: refusal reason -> uploads refused."""
+        ...
+
+    def register(self, pubkey: str, round_: int, now: float) -> bool:
+        """Record the miner as seen in ``round_``; True if it is new."""
+        ...
+
+    def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
+        """Record a nonce; False if it is already recorded and not yet expired."""
+        ...
+
+    def reports(self, after: int = -1, limit: int = -1) -> list[StoredRound]:
+        """Closed rounds after ``after`` in order (at most ``limit``; -1: all), each with the version the
+        model was at when it closed (``result_version``; before it was recorded, the next round's base) and
+        when the next round opened (``next_opened_at``)."""
+        ...
+
+    def rollback(self, to_version: int, now: float, reason: str) -> tuple[list[int], int]:
+        """Make ``to_version`` current again: every later live version is marked rolled back (kept for the
+        audit), the open rounds close with ``reason`` and their uploads are set aside, and a round opens for
+        ``to_version``. Returns the versions rolled back and the newest round closed."""
+        ...
+
+    def round(self, round_: int) -> StoredRound | None: ...
+
+    def round_uploads(self, round_: int) -> list[Upload]:
+        """A round's uploads in the order they arrived."""
+        ...
+
+    def set_meta(self, key: str, value: str) -> None: ...
+
+    def start(
+        self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int, now: float
+    ) -> None:
+        """Version 0 and round 0 of a new run."""
+        ...
+
+    def submissions_between(self, since: int, through: int) -> list[SubmissionOutcome]: ...
+
+    def tallies(self, through: int) -> list[Tally]:
+        """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
+        ...
+
+    def unclosed_rounds(self) -> list[StoredRound]:
+        """The open round, after the one still being closed when rounds overlap."""
+        ...
+
+    def unscored_rounds(self) -> list[tuple[int, int]]:
+        """Closed rounds whose evaluation was to go on after their version and did not end, as (round, the
+        version their uploads were applied to)."""
+        ...
+
+    def upload(self, round_: int, miner: str) -> Upload | None: ...
+
+    def uploaded_miners(self, round_: int) -> set[str]: ...
+
+    def verdicts_between(self, since: int, through: int) -> list[StoredVerdict]: ...
+
+    def version(self, version: int) -> StoredVersion | None: ...
