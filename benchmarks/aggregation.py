@@ -99,7 +99,7 @@ def write_payloads(set_name: str, count: int, root: Path, threads: int | None) -
                 "content_sha256": seen.content_sha256,
                 "norm": seen.norm,
                 "sketch": seen.sketch.numpy().tobytes().hex(),
-                "unpacked_sha256": blobs.put(seen.stored),
+                "stored_sha256": blobs.put(seen.stored),
             }
         )
     (root / "uploads.json").write_text(json.dumps(records))
@@ -114,7 +114,7 @@ def load_uploads(root: Path, count: int) -> list[Upload]:
             r["content_sha256"],
             r["norm"],
             torch.frombuffer(bytearray.fromhex(r["sketch"]), dtype=torch.float32),
-            r["unpacked_sha256"],
+            r.get("stored_sha256", r.get("unpacked_sha256")),
         )
         for r in records
     ]

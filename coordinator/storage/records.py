@@ -20,7 +20,7 @@ class Upload:
     content_sha256: str
     norm: float
     sketch: torch.Tensor  # (buckets,) float32
-    stored_sha256: str | None = None  # the form the codec's accumulator reads back (column unpacked_sha256)
+    stored_sha256: str | None = None  # the form the codec's accumulator reads back
     round: int = 0
     size: int = 0  # bytes
     compute_s: float = 0.0  # what the miner says its inner steps took

@@ -18,7 +18,7 @@ CREATE TABLE IF NOT EXISTS rounds (
     bytes_down_data INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS submissions (
     round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
-    bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
+    bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, stored_sha256 TEXT,
     status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
     evaluated INTEGER NOT NULL DEFAULT 0, scale REAL, PRIMARY KEY (round, miner));
 CREATE TABLE IF NOT EXISTS verdicts (
@@ -55,12 +55,19 @@ MIGRATIONS = (
     ("rounds", "scored", "INTEGER NOT NULL DEFAULT 1"),  # 0: its evaluation continues after its version
     ("submissions", "flag", "TEXT"),  # an accepted upload that its later evaluation would have refused
 )
-# Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
-# (a refusal followed by an accepted retry leaves the upload's verdict to stand).
+# Columns renamed since: (table, old name, new name).
+RENAMED = (("submissions", "unpacked_sha256", "stored_sha256"),)
 
 
 def create_or_upgrade(db: sqlite3.Connection) -> None:
     db.executescript(SCHEMA)
+    for table, old, new in RENAMED:
+        if old in _columns(db, table) and new not in _columns(db, table):
+            db.execute(f"ALTER TABLE {table} RENAME COLUMN {old} TO {new}")
     for table, column, ddl in MIGRATIONS:
-        if column not in {r["name"] for r in db.execute(f"PRAGMA table_info({table})")}:
+        if column not in _columns(db, table):
             db.execute(f"ALTER TABLE {table} ADD COLUMN {column} {ddl}")
+
+
+def _columns(db: sqlite3.Connection, table: str) -> set[str]:
+    return {r[1] for r in db.execute(f"PRAGMA table_info({table})")}

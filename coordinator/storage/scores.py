@@ -18,6 +18,8 @@ INSERT_VERDICT = (
     f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
 )
 
+# Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
+# (a refusal followed by an accepted retry leaves the upload's verdict to stand).
 INTAKE_REFUSALS = (
     "SELECT round, miner, MIN(code) AS code FROM refusals f WHERE round > ? AND round <= ? AND NOT EXISTS "
     "(SELECT 1 FROM submissions s WHERE s.round = f.round AND s.miner = f.miner) GROUP BY round, miner"

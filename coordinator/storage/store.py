@@ -226,7 +226,7 @@ class SqliteStore(ReportReads, ScoreReads):
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, compute_s, "
-                "received_at, norm, sketch, unpacked_sha256) "
+                "received_at, norm, sketch, stored_sha256) "
                 "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
                 (
                     s.round,
@@ -375,7 +375,7 @@ def _upload(row: sqlite3.Row) -> Upload:
         content_sha256=row["content_sha256"],
         norm=row["norm"],
         sketch=sketch_of(row["sketch"]),
-        stored_sha256=row["unpacked_sha256"],
+        stored_sha256=row["stored_sha256"],
         round=row["round"],
         size=row["bytes"],
         compute_s=row["compute_s"],

@@ -30,3 +30,33 @@ def test_verdicts_from_before_the_margin_error_column_are_kept(tmp_path: Path) -
     finally:
         store.close()
     SqliteStore(path).close()  # opening it again leaves the migrated table as it is
+
+
+OLD_SUBMISSIONS = """CREATE TABLE submissions (
+    round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
+    bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
+    status TEXT NOT NULL, reason TEXT, compute_s REAL NOT NULL, received_at REAL NOT NULL,
+    PRIMARY KEY (round, miner))"""
+
+
+def test_the_stored_form_column_under_its_old_name_is_renamed_with_its_values(tmp_path: Path) -> None:
+    path = tmp_path / "state.db"
+    with sqlite3.connect(path) as db:
+        db.execute(OLD_SUBMISSIONS)
+        db.execute(
+            "INSERT INTO submissions VALUES "
+            "(0, 'm', 'aa', 'cc', 10, 1.5, ?, 'bb', 'accepted', NULL, 0.0, 1.0)",
+            (bytes(8),),
+        )
+    db.close()
+    store = SqliteStore(path)
+    try:
+        [upload] = store.round_uploads(0)
+        assert (upload.sha256, upload.stored_sha256, upload.norm) == ("aa", "bb", 1.5)
+        assert upload.status == "accepted" and not upload.evaluated and upload.flag is None
+    finally:
+        store.close()
+    with sqlite3.connect(path) as db:
+        columns = {r[1] for r in db.execute("PRAGMA table_info(submissions)")}
+    db.close()
+    assert "stored_sha256" in columns and "unpacked_sha256" not in columns
