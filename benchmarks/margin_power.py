@@ -123,10 +123,10 @@ def round_ts(reader: Validator, round_: int) -> dict[str, dict[str, float]]:
     gains = {}
     for m, scale in uploads.items():
         update = reader.codec.decode(client.payload(round_, m), reader.spec)[1]
-        before, after = evaluator.per_sequence(update, scale * info.evaluation.step, ids)
+        before, after = evaluator.per_sequence(update, scale * info.evaluation.outer_lr, ids)
         gains[m] = before - after  # ``before``: the base's losses, the same for every update
     mean = _mean_update(reader, client, round_, uploads)
-    before, after = evaluator.per_sequence(mean, info.evaluation.step, ids)
+    before, after = evaluator.per_sequence(mean, info.evaluation.outer_lr, ids)
     reference = before - after
     ring = sorted(gains, key=lambda m: hashlib.sha256(f"{salt}:ring:{m}".encode()).digest())
     half = {m: [at[i] for i in drawn[m][0][: len(drawn[m][0]) // 2]] for m in gains}

@@ -121,12 +121,14 @@ class Run:
             recipe=settings.recipe,
             max_payload_bytes=self.max_payload_bytes,
             max_catchup_versions=settings.max_catchup_versions,
-            evaluation=EvaluationConfig(
-                own_sequences=settings.validation.own_sequences,
-                other_sequences=settings.validation.other_sequences,
-                step=settings.outer_lr(),
-                early_rounds=settings.validation.early_rounds,
-                early_factor=settings.validation.early_factor,
+            evaluation=EvaluationConfig.model_validate(
+                {
+                    "own_sequences": settings.validation.own_sequences,
+                    "other_sequences": settings.validation.other_sequences,
+                    "outer_lr": settings.outer_lr(),
+                    "early_rounds": settings.validation.early_rounds,
+                    "early_factor": settings.validation.early_factor,
+                }
             ),
             overlap=settings.rounds.overlap,
         )

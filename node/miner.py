@@ -197,7 +197,7 @@ class Miner(Follower):
                 self.watch = NextVersion(self.client, self.spec, ri)
             if self.last is not None and self.last[0] == ri.round - 1 and self.last[1] == base_version:
                 guess = self.last[2]
-        return OverlapRound(self.model, self.spec, self.info.evaluation.step, guess, self.watch)
+        return OverlapRound(self.model, self.spec, self.info.evaluation.outer_lr, guess, self.watch)
 
     # The three steps an adversarial miner (node/adversary.py, for simulations) does differently.
     def base_for(self, ri: RoundInfo) -> tuple[int, str]:

@@ -93,15 +93,15 @@ class OverlapRound:
         self,
         model: torch.nn.Module,
         spec: ParamSpec,
-        step: float,
+        outer_lr: float,
         guess: dict[str, SparseTensor] | None,
         watch: NextVersion | None,
     ) -> None:
-        self.model, self.spec, self.step, self.guess, self.watch = model, spec, step, guess, watch
+        self.model, self.spec, self.outer_lr, self.guess, self.watch = model, spec, outer_lr, guess, watch
         self.merged = False
         if guess is not None:
             params: dict[str, torch.Tensor] = dict(model.named_parameters())
-            shift(params, guess, -step, spec)
+            shift(params, guess, -outer_lr, spec)
 
     def merge(self, base: Params) -> Params | None:
         """The new base once the version being made came and matched its hash (the model being trained
@@ -120,7 +120,7 @@ class OverlapRound:
             params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
             apply_update(params, update)
             if self.guess is not None:
-                shift(params, self.guess, self.step, self.spec)
+                shift(params, self.guess, self.outer_lr, self.spec)
         self.merged = True
         return new
 
@@ -130,7 +130,7 @@ class OverlapRound:
             local = dict(self.model.named_parameters())
             out: dict[str, torch.Tensor] = {n: base[n] - local[n].detach().float() for n, _ in self.spec}
             if self.guess is not None and not self.merged:
-                shift(out, self.guess, -self.step, self.spec)
+                shift(out, self.guess, -self.outer_lr, self.spec)
         return out
 
     def close(self) -> None:

@@ -40,7 +40,7 @@ class RoundEvaluation:
         self, evaluator: UpdateEvaluator, info: RunInfo, round_: int, salt: str, miners: Sequence[str]
     ) -> None:
         self.evaluator, self.info = evaluator, info
-        self.step = info.evaluation.step
+        self.outer_lr = info.evaluation.outer_lr
         self.drawn = {m: samples(info, round_, m, salt) for m in miners}
         self._measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # losses before, after; own, other
         self._sum: dict[str, torch.Tensor] = {}  # of the measured updates, each times its scale
@@ -51,14 +51,14 @@ class RoundEvaluation:
         refusing it needs, at a fraction of ``measure``'s cost (the other sample's losses are 0 here; the
         losses before are kept for ``measure``)."""
         own = self.drawn[miner][0][:n]
-        before, after = self.evaluator.per_sequence(update, scale * self.step, own)
+        before, after = self.evaluator.per_sequence(update, scale * self.outer_lr, own)
         return Losses(float(before.mean()), float(after.mean()), 0.0, 0.0)
 
     def measure(self, miner: str, update: Mapping[str, SparseTensor], scale: float) -> Losses:
         """One upload's losses before and after it is applied alone (``scale``: its clip scale): the plain
         margin until ``losses`` pairs it."""
         own, other = self.drawn[miner]
-        before, after = self.evaluator.per_sequence(update, scale * self.step, own + other)
+        before, after = self.evaluator.per_sequence(update, scale * self.outer_lr, own + other)
         self._add(update, scale)
         self._measured[miner], self._reference = (before, after), None
         return summarise(before, after, len(own))
@@ -105,7 +105,7 @@ class RoundEvaluation:
             ids = sorted({i for m in self._measured for i in self.drawn[m][0] + self.drawn[m][1]})
             n = len(self._measured)
             mean = {name: SparseTensor(None, total / n) for name, total in self._sum.items()}
-            before, after = self.evaluator.per_sequence(mean, self.step, ids)
+            before, after = self.evaluator.per_sequence(mean, self.outer_lr, ids)
             self._reference = dict(zip(ids, (before - after).tolist(), strict=True))
         return self._reference
 

@@ -49,9 +49,16 @@ class CodecConfig(Wire):
 class EvaluationConfig(Wire):
     """How uploads are evaluated (protocol/evaluation.py): validators must use the same settings."""
 
+    # the outer learning rate is ``step`` on the wire, as the first releases named it
+    model_config = ConfigDict(
+        extra="forbid", validate_by_name=True, validate_by_alias=True, serialize_by_alias=True
+    )
+
     own_sequences: int = Field(default=48, ge=2, le=1024)
     other_sequences: int = Field(default=48, ge=2, le=1024)
-    step: float = Field(default=1.0, gt=0, description="the outer step an update is applied with")
+    outer_lr: float = Field(
+        default=1.0, gt=0, alias="step", description="the outer learning rate an update is applied with"
+    )
     early_rounds: int = Field(default=4, ge=0, le=MAX_NUMBER, description="the first rounds, sampled more")
     early_factor: int = Field(default=2, ge=1, le=16, description="times the sequences in those rounds")
 

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 import math
 import statistics
 from pathlib import Path
@@ -214,3 +215,10 @@ def test_a_standing_is_a_shrunk_mean_with_its_standard_error_and_ranks_by_its_lo
     now_and_then = standing([RoundResult(0, 1.0, 0.1, 0.01), *[missed(r) for r in range(1, 10)]])
     assert now_and_then.score < steady.score and now_and_then.gain_avg == pytest.approx(0.1)
     assert now_and_then.assigned_avg == 1.0
+
+
+def test_the_outer_learning_rate_is_step_on_the_wire() -> None:
+    config = EvaluationConfig.model_validate({"outer_lr": 0.7})
+    assert config.outer_lr == 0.7
+    assert json.loads(config.model_dump_json())["step"] == 0.7 and "outer_lr" not in config.model_dump()
+    assert EvaluationConfig.model_validate_json('{"step": 0.5}').outer_lr == 0.5

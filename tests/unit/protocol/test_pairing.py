@@ -136,9 +136,9 @@ def test_the_paired_margin_is_the_residual_against_the_mean_update(
     fresh = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
     for m in updates:
         own, other = samples(info, ROUND, m, SALT)
-        before, after = fresh.per_sequence(updates[m], scales[m] * info.evaluation.step, own + other)
+        before, after = fresh.per_sequence(updates[m], scales[m] * info.evaluation.outer_lr, own + other)
         g = before - after
-        b2, a2 = fresh.per_sequence(mean, info.evaluation.step, own + other)
+        b2, a2 = fresh.per_sequence(mean, info.evaluation.outer_lr, own + other)
         ref = b2 - a2
         x, y = ref[len(own) :], g[len(own) :]
         beta = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
