@@ -50,6 +50,11 @@ class Metrics:
         self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)
+        self.stalled_rounds = Gauge(
+            "gradpool_stalled_rounds",
+            "Closed rounds in a row whose versions did not lower the held-out loss",
+            registry=r,
+        )
         self.redirects = Counter(
             "gradpool_download_redirects",
             "Downloads answered with a redirect to the object store",

@@ -29,10 +29,11 @@ from coordinator.publishing.publisher import Downlink, Publisher
 from coordinator.rounds.checks import Check, default_pipeline
 from coordinator.rounds.closer import Closer
 from coordinator.rounds.intake import Intake, IntakeSettings
-from coordinator.rounds.judging import Evaluations, Judge, UploadReader
+from coordinator.rounds.judging import Judge
 from coordinator.rounds.modes import RoundMode, mode_for
 from coordinator.rounds.opening import RoundOpener, deadline_for
 from coordinator.rounds.queries import Queries
+from coordinator.rounds.reading import Evaluations, UploadReader
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings

@@ -195,6 +195,12 @@ class Status(Wire):
     initial_eval_loss: float | None
     rounds: list[RoundReport]
     leaderboard: list[LeaderboardEntry] = Field(default_factory=list)
+    stalled_rounds: int = Field(
+        default=0, description="closed rounds in a row whose versions did not lower the held-out loss"
+    )
+    stalled_by: list[str] = Field(
+        default_factory=list, description="the keys whose accepted uploads made up those rounds' versions"
+    )
 
 
 class SubmissionRecord(Wire):

@@ -162,6 +162,7 @@ async def status(info: InfoDep, q: QueriesDep, scores: ScoresDep) -> Status:
     leaderboard."""
 
     def read() -> Status:
+        stall = q.stall()
         return Status(
             run=info,
             round=q.round_info(),
@@ -169,6 +170,8 @@ async def status(info: InfoDep, q: QueriesDep, scores: ScoresDep) -> Status:
             initial_eval_loss=q.initial_eval_loss(),
             rounds=q.reports(),
             leaderboard=scores.board(q.last_closed_round()),
+            stalled_rounds=stall.rounds,
+            stalled_by=stall.keys,
         )
 
     return await asyncio.to_thread(read)

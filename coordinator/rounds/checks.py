@@ -6,6 +6,17 @@ before and after each update alone, protocol/evaluation.py) on the uploads the c
 runs them in pipeline order; the first check to refuse an upload gives the reason. Which uploads were
 evaluated is recorded with them, so validators evaluate exactly those. Adding a check is one class here and
 one line in ``default_pipeline``.
+
+**Evidence, not head count.** Keys are free, so no reference that judges uploads is a statistic of whoever
+showed up. The norm reference that marks outliers is the median of recent rounds' accepted norms, which no
+upload of this round sets; an outlier against it is evaluated before the version, and kept when its gain is
+among the round's best (at least ``BEST_FRACTION`` of the best gain). The gain bar (``low_gain``) is a
+fraction of the median of the round's best gains, never below a quarter of what recent rounds' accepted
+uploads gained: uploads that gain nothing add nothing to the best, however many there are. The clip reference
+of the version is taken over the uploads judging left (``RoundChecks.reclip``), which the evaluation has
+shown to help or whose miners have an evaluated record. To move a reference an attacker must send uploads
+whose measured gain on their own data is among the round's best, that is, do the work; and new keys are
+evaluated before anything they send enters a version.
 """
 
 from __future__ import annotations
@@ -38,6 +49,19 @@ class History:
     sketches: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))  # (uploads, buckets), unit rows
 
 
+BEST_FRACTION = 0.5  # the round's best uploads: a gain at least this fraction of the best one
+
+
+def best_gains(gains: dict[str, float]) -> dict[str, float]:
+    """The round's best gains: the positive ones at least ``BEST_FRACTION`` of the largest. Uploads that gain
+    nothing never join them, however many there are."""
+    positive = {m: g for m, g in gains.items() if math.isfinite(g) and g > 0}
+    if not positive:
+        return {}
+    top = max(positive.values())
+    return {m: g for m, g in positive.items() if g >= BEST_FRACTION * top}
+
+
 @dataclass
 class RoundChecks:
     """A round being judged: its uploads in arrival order and what the pipeline found so far."""
@@ -60,17 +84,25 @@ class RoundChecks:
     def remaining(self) -> list[Upload]:
         return [u for u in self.uploads if u.miner not in self.refused]
 
-    def reclip(self, ref: float | None, scales: dict[str, float]) -> float | None:
-        """The reference norm again over the uploads that judging left, once it refused some after the
-        cheap phase, and every scale in ``scales`` to it. Uploads refused there do not pull the reference:
-        in a round without history (the first), the tiny norms of as many freeriders as honest miners would
-        otherwise halve every honest update of the version."""
+    def trusted_norm(self) -> float | None:
+        """The norm reference no upload of this round sets: the median of recent rounds' accepted norms
+        (None at the start of a run)."""
+        return reference_norm(self.history.norms, [])
+
+    def norm_suspects(self, max_ratio: float) -> set[str]:
+        """The uploads left whose norm is above ``max_ratio`` x the trusted reference: evaluated first."""
+        ref = self.trusted_norm()
+        return set() if ref is None else {u.miner for u in self.remaining() if u.norm > max_ratio * ref}
+
+    def reclip(self, scales: dict[str, float]) -> float | None:
+        """The version's reference norm: the median of recent rounds' accepted norms and of this round's
+        uploads that judging left (refused uploads do not pull it, nor set any scale), and every scale in
+        ``scales`` clipped to it."""
         norms = {u.miner: u.norm for u in self.uploads}
-        again = reference_norm(self.history.norms, [u.norm for u in self.remaining()])
-        if again is None or again == ref:
-            return ref
-        scales.update({m: clip_scale(norms[m], again) for m in scales})
-        return again
+        ref = reference_norm(self.history.norms, [u.norm for u in self.remaining()])
+        if ref is not None:
+            scales.update({m: clip_scale(norms[m], ref) for m in scales})
+        return ref
 
 
 class Check(Protocol):
@@ -89,12 +121,18 @@ def run_checks(pipeline: Sequence[Check], phase: Phase, j: RoundChecks) -> None:
                 j.refused.setdefault(miner, check.code)
 
 
-def run_cheap_checks(pipeline: Sequence[Check], j: RoundChecks) -> tuple[float | None, dict[str, float]]:
-    """The cheap phase, then the reference norm of the uploads it left and each one's clip scale."""
+def run_cheap_checks(
+    pipeline: Sequence[Check], j: RoundChecks, max_norm_ratio: float
+) -> tuple[float | None, dict[str, float]]:
+    """The cheap phase, then the reference norm and each upload's scale as it is evaluated: clipped to the
+    trusted reference (``RoundChecks.trusted_norm``); as it came (1) for a norm outlier, so that its own
+    update shows what it does, and for every upload at the start of a run, before there is a reference.
+    ``reclip`` sets the version's scales once judging is done."""
     run_checks(pipeline, "cheap", j)
-    remaining = j.remaining()
-    ref = reference_norm(j.history.norms, [u.norm for u in remaining])
-    return ref, ({} if ref is None else {u.miner: clip_scale(u.norm, ref) for u in remaining})
+    ref, suspects = j.trusted_norm(), j.norm_suspects(max_norm_ratio)
+    return ref, {
+        u.miner: 1.0 if ref is None or u.miner in suspects else clip_scale(u.norm, ref) for u in j.remaining()
+    }
 
 
 # -- cheap checks ------------------------------------------------------------------------------------------
@@ -159,7 +197,9 @@ class Replayed:
 
 @dataclass(frozen=True)
 class NormOutlier:
-    """A norm above ``max_ratio`` x the reference norm (this round's and recent rounds' accepted norms)."""
+    """Without the coordinator's own evaluation (``[validation] builtin = false``), where no upload can show
+    what it does before the version: a norm above ``max_ratio`` x the reference norm, recent rounds'
+    accepted norms, with this round's only while there are fewer than three of those."""
 
     max_ratio: float
     code: ClassVar[str] = Refusal.NORM_OUTLIER
@@ -167,8 +207,11 @@ class NormOutlier:
 
     def refuse(self, j: RoundChecks) -> Iterable[str]:
         remaining = j.remaining()
-        ref = reference_norm(j.history.norms, [u.norm for u in remaining])
-        if ref is None or len(j.history.norms) + len(remaining) < 3:
+        norms = (
+            j.history.norms if len(j.history.norms) >= 3 else [*j.history.norms, *(u.norm for u in remaining)]
+        )
+        ref = reference_norm(norms, [])
+        if ref is None or len(norms) < 3:
             return []
         return [u.miner for u in remaining if u.norm > self.max_ratio * ref]
 
@@ -192,11 +235,12 @@ class Harmful:
 
 @dataclass(frozen=True)
 class LowGain:
-    """A gain below ``fraction`` x the reference gain: the median of this round's positive gains, but never
-    below ``HISTORY_FLOOR`` x the median of recent rounds' accepted ones, so that a round of useless uploads
-    cannot lower it. The round's own median leads because gains shrink as the loss falls (a bar pooled with
-    rounds whose gains were four times larger refused whole rounds of honest uploads); the floor follows
-    history only from far below, where no honest upload falls in a few rounds."""
+    """A gain below ``fraction`` x the reference gain: the median of the round's best gains (``best_gains``),
+    but never below ``HISTORY_FLOOR`` x the median of recent rounds' accepted ones. Uploads that gain nothing
+    never join the best, so no number of them lowers the bar; a round of only useless uploads is held to the
+    floor. The round's own best lead because gains shrink as the loss falls (a bar pooled with rounds whose
+    gains were four times larger refused whole rounds of honest uploads); the floor follows history only
+    from far below, where no honest upload falls in a few rounds."""
 
     fraction: float
     code: ClassVar[str] = Refusal.LOW_GAIN
@@ -205,7 +249,7 @@ class LowGain:
 
     def refuse(self, j: RoundChecks) -> Iterable[str]:
         gains = {m: x.gain for m, x in j.losses.items() if m not in j.refused}
-        here = [g for g in gains.values() if math.isfinite(g) and g > 0]
+        here = list(best_gains(gains).values())
         past = [g for g in j.history.gains if math.isfinite(g) and g > 0]
         if self.fraction <= 0 or not (here or past):
             return []
@@ -214,6 +258,26 @@ class LowGain:
             self.HISTORY_FLOOR * statistics.median(past) if past else 0.0,
         )
         return [m for m, g in gains.items() if j.upper_gain(m, g) < self.fraction * reference]
+
+
+@dataclass(frozen=True)
+class UnprovenOutlier:
+    """A norm above ``max_ratio`` x the trusted reference (``RoundChecks.trusted_norm``: no upload of this
+    round sets it) whose gain, measured as it came (unclipped), is not among the round's best
+    (``best_gains``). An outlier whose own update helps as much as the best is no outlier (norms grow and
+    shrink as training goes on, for every miner at once); a rescaled update overshoots, and one that was not
+    evaluated has shown nothing."""
+
+    max_ratio: float
+    code: ClassVar[str] = Refusal.NORM_OUTLIER
+    phase: ClassVar[Phase] = "evaluated"
+
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
+        suspects = j.norm_suspects(self.max_ratio)
+        if not suspects:
+            return []
+        best = best_gains({m: x.gain for m, x in j.losses.items() if m not in j.refused})
+        return [m for m in sorted(suspects) if m not in best]
 
 
 class LowScore:
@@ -233,12 +297,13 @@ class LowScore:
 
 
 def default_pipeline(checks: CheckSettings, validation: ValidationSettings) -> list[Check]:
+    outliers = UnprovenOutlier if validation.builtin else NormOutlier
     pipeline: list[Check] = [
         NonFinite(),
         EmptyUpdate(),
         Copied(checks.copy_cosine),
         Replayed(checks.copy_cosine),
-        NormOutlier(checks.max_norm_ratio),
+        outliers(checks.max_norm_ratio),
         NonFiniteLoss(),
     ]
     if validation.refuse_harmful:

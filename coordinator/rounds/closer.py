@@ -30,10 +30,12 @@ from coordinator.hooks import Clock, Hooks
 from coordinator.metrics import Metrics
 from coordinator.publishing.model import Model
 from coordinator.publishing.publisher import Guarded, Publisher
-from coordinator.rounds.judging import Judge, Judgement, Later, UploadReader
+from coordinator.rounds.judging import Judge, Judgement, Later
 from coordinator.rounds.modes import RoundMode
 from coordinator.rounds.opening import RoundOpener
+from coordinator.rounds.reading import UploadReader
 from coordinator.rounds.scoring import Scores
+from coordinator.rounds.stall import stall_of
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import RoundSettings
 from coordinator.storage.base import Store
@@ -274,6 +276,17 @@ class Closer:
         loss = None if close.version is None else close.version.eval_loss
         now = self.cell.state
         self.metrics.round_closed(close, seconds, now.round, len(now.uploaded), close.next_version)
+        stall = stall_of(self.store)
+        self.metrics.stalled_rounds.set(stall.rounds)
+        if stall.stalled:
+            log.warning(
+                "round %d: the held-out loss has not fallen in %d rounds (since round %d); their versions "
+                "were made of the uploads of %s",
+                state.round,
+                stall.rounds,
+                stall.since_round,
+                [k[:12] for k in stall.keys] or "nobody",
+            )
         refused = {m[:12]: str(o.reason) for m, o in close.outcomes.items() if o.reason is not None}
         log.info(
             "round %d closed: version %d, accepted %d, refused %d %s, held-out loss %s, %.2f s",

@@ -37,10 +37,9 @@ from dataclasses import dataclass, field
 import torch
 
 from coordinator.errors import Stopping
-from coordinator.hooks import Hooks
 from coordinator.metrics import Metrics
-from coordinator.publishing.model import Model
 from coordinator.rounds.checks import Check, History, RoundChecks, run_cheap_checks, run_checks
+from coordinator.rounds.reading import Evaluations, UploadReader
 from coordinator.rounds.scoring import Scores
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.base import Store
@@ -48,11 +47,9 @@ from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import NEUTRAL, Refusal, Upload
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
-from protocol.data import Dataset
-from protocol.evaluation import Losses, UpdateEvaluator, round_results, round_salt
+from protocol.evaluation import Losses, round_results, round_salt
 from protocol.pairing import RoundEvaluation
-from protocol.params import Params, load_checkpoint
-from protocol.wire import RunInfo
+from protocol.params import load_checkpoint
 
 log = logging.getLogger(__name__)
 RECENT_REFUSAL_ROUNDS = 5  # a miner refused this recently is evaluated, and first
@@ -62,25 +59,6 @@ MIN_WEIGHT_SCORE = 0.05  # weight_by_score: the least score an accepted upload i
 
 
 _Tier = Callable[[Upload], int]
-
-
-class UploadReader:
-    """A round's uploads read back from the blob store as judging and building the version read them
-    (``Hooks.on_upload`` first: a test's failure injection)."""
-
-    def __init__(self, blobs: BlobStore, hooks: Hooks) -> None:
-        self.blobs, self.hooks = blobs, hooks
-
-    def payload(self, round_: int, u: Upload) -> bytes:
-        if self.hooks.on_upload is not None:
-            self.hooks.on_upload(round_, u.miner)
-        return self.blobs.get(u.sha256)
-
-    def both(self, round_: int, u: Upload) -> tuple[bytes, bytes]:
-        """The payload and the form intake stored for the codec's accumulator."""
-        payload = self.payload(round_, u)
-        stored = payload if u.stored_sha256 in (None, u.sha256) else self.blobs.get(u.stored_sha256)
-        return payload, stored
 
 
 @dataclass
@@ -117,21 +95,6 @@ class Judgement:
         ]
 
 
-class Evaluations:
-    """Makes a round's evaluation: the coordinator's model and data, and what the run announced."""
-
-    def __init__(self, model: Model, dataset: Dataset, info: RunInfo) -> None:
-        self.model, self.dataset, self.info = model, dataset, info
-
-    def of(
-        self, round_: int, salt: str, uploads: Sequence[Upload], base: Params | None = None
-    ) -> RoundEvaluation:
-        """On ``base`` (None: the current version)."""
-        params = self.model.params if base is None else base
-        evaluator = UpdateEvaluator(self.model.module, params, self.dataset.sequences)
-        return RoundEvaluation(evaluator, self.info, round_, salt, [u.miner for u in uploads])
-
-
 class Judge:
     def __init__(
         self,
@@ -154,13 +117,13 @@ class Judge:
 
     # -- the two judgements -------------------------------------------------------------------------------
     def before_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
-        """Synchronous rounds: every sampled upload evaluated in full, then the evaluated checks and the
-        weights with this round's results."""
+        """Synchronous rounds: every sampled upload evaluated in full, then the evaluated checks, the
+        version's reference norm over what they left, and the weights with this round's results."""
         j = RoundChecks(round_, uploads, self.history(round_))
-        ref, scales = run_cheap_checks(self.pipeline, j)
+        _, scales = run_cheap_checks(self.pipeline, j, self.checks.max_norm_ratio)
         if not (self.validation.builtin and j.remaining()):
-            return Judgement(j.refused, scales, {}, set(), ref)
-        sample = self.sample(round_, j.remaining(), salt)
+            return Judgement(j.refused, scales, {}, set(), j.reclip(scales))
+        sample = self.sample(round_, j, salt)
         evaluation = self.evaluations.of(round_, salt, sample)
         self.measure(evaluation, round_, sample, scales, j.refused)
         j.losses = evaluation.losses()
@@ -168,18 +131,19 @@ class Judge:
             round_ - 1, round_results(round_, j.losses, {u.miner for u in j.remaining()})
         )
         run_checks(self.pipeline, "evaluated", j)
+        ref = j.reclip(scales)  # the verdicts stand as measured, at the trusted reference
         judgement = Judgement(j.refused, scales, j.losses, {u.miner for u in sample}, ref)
         judgement.weights = self.weights(round_, judgement, uploads, this_round=True)
         return judgement
 
     def around_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
-        """Overlapped rounds: new miners gated, suspect ones on probation, the rest in on their standing;
-        every sampled upload evaluated in full after the version (``Judgement.later``)."""
+        """Overlapped rounds: new miners and norm outliers gated, suspect miners on probation, the rest in
+        on their standing; every sampled upload evaluated in full after the version (``Judgement.later``)."""
         j = RoundChecks(round_, uploads, self.history(round_))
-        ref, scales = run_cheap_checks(self.pipeline, j)
+        _, scales = run_cheap_checks(self.pipeline, j, self.checks.max_norm_ratio)
         if not (self.validation.builtin and j.remaining()):
-            return Judgement(j.refused, scales, {}, set(), ref)
-        probation, first, later = self.tiers(round_, j.remaining(), salt)
+            return Judgement(j.refused, scales, {}, set(), j.reclip(scales))
+        probation, first, later = self.tiers(round_, j, salt)
         sample = first + later + probation
         evaluation = self.evaluations.of(round_, salt, sample)
         for u in probation:
@@ -187,7 +151,7 @@ class Judge:
         j.losses = self.gate(evaluation, round_, first, scales, j.refused)
         j.scores = lambda: self.scores.with_round(round_ - 1, {})  # the standing as of the round before
         run_checks(self.pipeline, "evaluated", j)
-        ref = j.reclip(ref, scales)  # verdicts come after, measured at the scale the version applies
+        ref = j.reclip(scales)  # verdicts come after, measured at the scale the version applies
         judgement = Judgement(j.refused, scales, j.losses, {u.miner for u in sample}, ref)
         judgement.later = Later(
             round_, evaluation, sample, scales, j.history, frozenset(u.miner for u in probation)
@@ -333,27 +297,30 @@ class Judge:
     ) -> dict[str, Losses]:
         return self.measure(evaluation, round_, uploads, scales, refused, gain_only=True)
 
-    def sample(self, round_: int, uploads: list[Upload], salt: str) -> list[Upload]:
-        """The uploads to evaluate: all, or ``max_evaluated`` of them: those whose miner was refused (but by
-        the loss guard) in the last ``RECENT_REFUSAL_ROUNDS`` rounds or flagged in the last ``FLAG_ROUNDS``
-        first, then those with a record shorter than ``min_record``, then a draw that nobody can know
-        before the round's payloads are all in (the round's salt)."""
-        v = self.validation
+    def sample(self, round_: int, j: RoundChecks, salt: str) -> list[Upload]:
+        """The uploads to evaluate: all, or ``max_evaluated`` of them in ``_chosen``'s order."""
+        v, uploads = self.validation, j.remaining()
         if v.max_evaluated is None or len(uploads) <= v.max_evaluated:
             return uploads
-        return self._chosen(round_, uploads, salt)[0]
+        return self._chosen(round_, j, salt)[0]
 
     def tiers(
-        self, round_: int, uploads: list[Upload], salt: str
+        self, round_: int, j: RoundChecks, salt: str
     ) -> tuple[list[Upload], list[Upload], list[Upload]]:
-        """The sample (``sample``'s order) as (probation, judged first, judged after the version): the
-        suspect miners, the short records, the draw."""
-        chosen, tier = self._chosen(round_, uploads, salt)
+        """The sample as (probation, judged first, judged after the version): the suspect miners, the new
+        miners and norm outliers, the rest."""
+        chosen, tier = self._chosen(round_, j, salt)
         by_tier = [[u for u in chosen if tier(u) == t] for t in (0, 1, 2)]
         return by_tier[0], by_tier[1], by_tier[2]
 
-    def _chosen(self, round_: int, uploads: list[Upload], salt: str) -> tuple[list[Upload], _Tier]:
-        v, store = self.validation, self.store
+    def _chosen(self, round_: int, j: RoundChecks, salt: str) -> tuple[list[Upload], _Tier]:
+        """The sample, ``max_evaluated`` of the uploads left (all when that is None): those whose miner was
+        refused (but by the loss guard) in the last ``RECENT_REFUSAL_ROUNDS`` rounds or flagged in the last
+        ``FLAG_ROUNDS`` first, then those with a record shorter than ``min_record`` and the norm outliers
+        (``RoundChecks.norm_suspects``), then a draw that nobody can know before the round's payloads are
+        all in (the round's salt). Uploads of the first two tiers beyond the sample are refused
+        (``unevaluated``): nothing unproven enters a version, however many new keys there are."""
+        v, store, uploads = self.validation, self.store, j.remaining()
         since = round_ - RECENT_REFUSAL_ROUNDS - 1
         moot = NEUTRAL | {Refusal.LOSS_GUARD}  # refusals that say nothing of the miner's own upload
         suspect = {
@@ -364,9 +331,12 @@ class Judge:
         }
         suspect |= {f.miner for f in store.intake_refusals(since, round_ - 1)}
         record = {e.miner: e.verdicts for e in self.scores.board(store.last_closed_round())}
+        outliers = j.norm_suspects(self.checks.max_norm_ratio)
 
         def tier(u: Upload) -> int:
-            return 0 if u.miner in suspect else 1 if record.get(u.miner, 0) < v.min_record else 2
+            if u.miner in suspect:
+                return 0
+            return 1 if record.get(u.miner, 0) < v.min_record or u.miner in outliers else 2
 
         def priority(u: Upload) -> tuple[int, bytes]:
             return tier(u), hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()
@@ -374,6 +344,10 @@ class Judge:
         chosen = sorted(uploads, key=priority)[: v.max_evaluated]
         if len(chosen) < len(uploads):
             log.info("round %d: evaluating %d of %d uploads", round_, len(chosen), len(uploads))
+            taken = {u.miner for u in chosen}
+            for u in uploads:
+                if u.miner not in taken and tier(u) < 2:
+                    j.refused[u.miner] = Refusal.UNEVALUATED
         return chosen, tier
 
     def weights(

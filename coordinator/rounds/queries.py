@@ -6,6 +6,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from coordinator.errors import Conflict, NotFound
+from coordinator.rounds.stall import Stall, stall_of
 from coordinator.rounds.state import RoundCell
 from coordinator.storage.base import Store
 from coordinator.storage.records import StoredRound
@@ -64,6 +65,9 @@ class Queries:
         )
         refused = store.refusal_counts(rows[0].round, rows[-1].round) if rows else {}
         return [_report(r, refused.get(r.round, {})) for r in rows]
+
+    def stall(self) -> Stall:
+        return stall_of(self.store)
 
     def initial_eval_loss(self) -> float | None:
         return self.store.eval_loss(0)

@@ -48,10 +48,11 @@ class Refusal(StrEnum):
     ROUND_FAILED = "round_failed"  # the round could not be closed with a version (not the miner's doing)
     ROLLED_BACK = "rolled_back"  # the operator rolled the model back while the round was open
     PROBATION = "probation"  # overlapped rounds: refused or flagged lately, so evaluated but not applied
+    UNEVALUATED = "unevaluated"  # a new key or a norm outlier beyond the round's evaluation sample
 
 
 # never counted against a miner (a probation's reason is counted once, where it was given)
-NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION})
+NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION, Refusal.UNEVALUATED})
 
 
 @dataclass(frozen=True)

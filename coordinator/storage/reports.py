@@ -73,8 +73,11 @@ class ReportReads:
         return [dict(r) for r in rows]
 
     def accepted_norms(self, first_round: int, before_round: int) -> list[float]:
+        """The norms of those rounds' accepted uploads that their evaluation after the version did not
+        flag: the trusted norm reference."""
         rows = self._all(
-            "SELECT norm FROM submissions WHERE round >= ? AND round < ? AND status = 'accepted'",
+            "SELECT norm FROM submissions WHERE round >= ? AND round < ? AND status = 'accepted' "
+            "AND flag IS NULL",
             first_round,
             before_round,
         )

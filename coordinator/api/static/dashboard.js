@@ -93,6 +93,10 @@ function drawRound(s) {
   $("round-uploads").textContent = `${r.submissions} / ${r.expected}`;
   $("round-status").textContent = r.status;
   $("miners").textContent = s.miners;
+  const stall = $("stall");
+  stall.hidden = s.stalled_rounds < 3;
+  const keys = s.stalled_by.map((k) => k.slice(0, 12)).join(", ") || "nobody";
+  stall.textContent = `the held-out loss has not fallen in ${s.stalled_rounds} rounds; their versions were made of the uploads of ${keys}`;
   drawDeadline();
 }
 

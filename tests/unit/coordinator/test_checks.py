@@ -13,6 +13,7 @@ from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, traine
 
 from coordinator.publishing.aggregation import aggregate_uploads
 from coordinator.rounds.checks import (
+    Check,
     Harmful,
     History,
     LowGain,
@@ -34,6 +35,9 @@ from protocol.wire import RunInfo
 
 CODEC = SparseLoCoCodec()
 PIPELINE = default_pipeline(CheckSettings(), ValidationSettings())
+# without the coordinator's own evaluation, norms are judged in the cheap phase
+UNEVALUATED = default_pipeline(CheckSettings(), ValidationSettings(builtin=False))
+RATIO = CheckSettings().max_norm_ratio
 
 
 def upload(miner: str, body: bytes) -> Upload:
@@ -45,10 +49,13 @@ def bodies(*seeds: int, scale: float = 1e-3) -> list[bytes]:
     return [encode(make_delta(s, scale), 0, 0)[0] for s in seeds]
 
 
-def judge(uploads: list[Upload], history: History | None = None) -> tuple[dict[str, str], dict[str, float]]:
-    """The cheap checks' refusals, and the clip scale of each upload they left."""
+def judge(
+    uploads: list[Upload], history: History | None = None, pipeline: list[Check] = UNEVALUATED
+) -> tuple[dict[str, str], dict[str, float]]:
+    """The cheap checks' refusals, and the version's clip scale of each upload they left."""
     j = RoundChecks(0, uploads, history or History())
-    _, scales = run_cheap_checks(PIPELINE, j)
+    _, scales = run_cheap_checks(pipeline, j, RATIO)
+    j.reclip(scales)
     return j.refused, scales
 
 
@@ -87,21 +94,21 @@ def _low_gain(gains: dict[str, float], past: tuple[float, ...]) -> list[str]:
 
 
 def test_uploads_refused_after_the_cheap_phase_no_longer_pull_the_reference_norm() -> None:
-    # the first round (no history), 4 honest updates and 4 freeriders' (x1e-4): the median of all 8 lies
-    # between them and would clip every honest update to about half; once the freeriders are refused, the
-    # honest ones are clipped as in a round without them
+    # the first round (no history), 4 honest updates and 4 freeriders' (x1e-4): no reference exists yet, so
+    # every upload is measured as it came; the median of all 8 would clip every honest update to about
+    # half, but once the freeriders are refused the version clips the honest ones as in a round without them
     honest = [upload(f"h{i}", b) for i, b in enumerate(bodies(1, 2, 3, 4))]
     tiny = [upload(f"f{i}", b) for i, b in enumerate(bodies(5, 6, 7, 8, scale=1e-7))]
     j = RoundChecks(0, [*honest, *tiny])
-    ref, scales = run_cheap_checks(PIPELINE, j)
-    assert j.refused == {} and ref is not None and max(scales[u.miner] for u in honest) < 0.6
+    ref, scales = run_cheap_checks(PIPELINE, j, RATIO)
+    assert j.refused == {} and ref is None and set(scales.values()) == {1.0}
     alone = RoundChecks(0, honest)
-    alone_ref, alone_scales = run_cheap_checks(PIPELINE, alone)
-    assert j.reclip(ref, dict(scales)) == ref  # nothing refused since: nothing changes
+    _, alone_scales = run_cheap_checks(PIPELINE, alone, RATIO)
+    alone_ref = alone.reclip(alone_scales)
     j.refused.update({u.miner: "low_gain" for u in tiny})
-    assert j.reclip(ref, scales) == alone_ref
+    assert j.reclip(scales) == alone_ref
     assert {m: scales[m] for m in alone_scales} == alone_scales
-    assert all(scales[u.miner] == 1.0 for u in tiny)  # and they would be measured as the version takes them
+    assert all(scales[u.miner] == 1.0 for u in tiny)  # below the reference: never scaled up
 
 
 def test_low_gain_follows_this_rounds_gains_and_history_only_bounds_it_from_below() -> None:
@@ -115,6 +122,52 @@ def test_low_gain_follows_this_rounds_gains_and_history_only_bounds_it_from_belo
     assert _low_gain({"alone": 0.05}, past) == []  # one upload: only the floor bars it (0.35 x 0.25 x 0.36)
     assert _low_gain({"alone": 0.02}, past) == ["alone"]
     assert _low_gain({"a": 0.08, "b": 0.01}, ()) == ["b"]  # the first round: its own median
+
+
+def _evaluated(
+    uploads: list[Upload], gains: dict[str, float], history: History | None = None
+) -> tuple[dict[str, str], float | None, dict[str, float]]:
+    """A round judged as the coordinator judges it: the cheap phase, an evaluation that measured ``gains``,
+    the evaluated checks; the refusals, the version's reference norm and its scales."""
+    j = RoundChecks(5, uploads, history or History())
+    _, scales = run_cheap_checks(PIPELINE, j, RATIO)
+    j.losses = {m: Losses(3.0, 3.0 - g, 3.0, 3.0 - g) for m, g in gains.items() if m not in j.refused}
+    run_checks(PIPELINE, "evaluated", j)
+    return j.refused, j.reclip(scales), scales
+
+
+def test_no_number_of_new_keys_sending_almost_nothing_moves_a_reference() -> None:
+    """Evidence, not head count: 3 honest updates beside 4, then 40, freeriders' (x1e-4) in the first round
+    (no history). Nobody is a norm outlier, every freerider is refused as low_gain, and the version clips
+    the honest updates exactly as it would in a round without them."""
+    honest = [upload(f"h{i}", b) for i, b in enumerate(bodies(1, 2, 3))]
+    gains = {"h0": 0.08, "h1": 0.06, "h2": 0.09}
+    alone, alone_ref, alone_scales = _evaluated(honest, gains)
+    assert alone == {}
+    for crowd in (4, 40):
+        riders = [upload(f"f{i}", b) for i, b in enumerate(bodies(*range(10, 10 + crowd), scale=1e-7))]
+        refused, ref, scales = _evaluated([*honest, *riders], gains | {u.miner: 1e-6 for u in riders})
+        assert refused == {u.miner: "low_gain" for u in riders}
+        assert ref == alone_ref and {m: scales[m] for m in alone_scales} == alone_scales
+
+
+def test_a_norm_outlier_whose_own_update_is_among_the_best_is_kept() -> None:
+    """Against recent rounds' accepted norms, which no upload of this round sets: an outlier measured as it
+    came is kept when its gain is among the round's best (every miner's norm grew), refused when it
+    overshoots (a rescaled update) or was not evaluated."""
+    history = History(norms=[0.1] * 8)
+    grown = [Upload(f"g{i}", f"g{i}", f"g{i}", 0.2 * RATIO, torch.randn(1024)) for i in range(3)]
+    scaled = Upload("x100", "x", "x", 10.0 * RATIO, torch.randn(1024))
+    unseen = Upload("unseen", "u", "u", 10.0 * RATIO, torch.randn(1024))
+    j = RoundChecks(5, [*grown, scaled, unseen], history)
+    assert j.norm_suspects(RATIO) == {"g0", "g1", "g2", "x100", "unseen"}
+    _, scales = run_cheap_checks(PIPELINE, j, RATIO)
+    assert set(scales.values()) == {1.0}  # suspects are measured as they came
+    refused, ref, scales = _evaluated(
+        [*grown, scaled, unseen], {"g0": 0.08, "g1": 0.07, "g2": 0.09, "x100": -2.0}, history
+    )
+    assert refused == {"x100": "norm_outlier", "unseen": "norm_outlier"}
+    assert ref is not None and 0.1 <= ref <= 0.2 * RATIO and all(scales[g.miner] <= 1.0 for g in grown)
 
 
 def test_a_flag_needs_a_gain_surely_below_the_bar_while_a_refusal_takes_the_measured_one() -> None:
