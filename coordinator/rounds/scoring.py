@@ -71,14 +71,15 @@ def leaderboard(
     doing (``checks.NEUTRAL``) neither score nor count; a published round with nothing from a miner, after
     its first, is a missed round (``protocol.evaluation.missed``)."""
     since = through - settings.score_window
+    inputs = store.score_inputs(since, through)
     own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
     theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
-    for v in store.verdicts_between(since, through):
+    for v in inputs.verdicts:
         if v.validator == COORDINATOR:
             own[v.round][v.miner] = v.losses
         else:
             theirs[v.round][v.miner].append(v.losses)
-    window = store.submissions_between(since, through)
+    window = inputs.outcomes
     accepted: dict[int, set[str]] = defaultdict(set)
     for s in window:
         if s.status == "accepted":
@@ -92,14 +93,14 @@ def leaderboard(
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
     counts: dict[str, dict[str, int]] = defaultdict(dict)
     last: dict[str, int] = {}
-    for c in store.tallies(through):
+    for c in inputs.tallies:
         last[c.miner] = max(last.get(c.miner, -1), c.last)
         if c.kind not in NEUTRAL:
             counts[c.miner][c.kind] = c.count
     flagged: dict[str, dict[str, int]] = defaultdict(dict)
-    for c in store.flag_tallies(through):
+    for c in inputs.flags:
         flagged[c.miner][c.kind] = c.count
-    for c in store.intake_refusal_tallies(through):
+    for c in inputs.intake_tallies:
         counts[c.miner][c.kind] = counts[c.miner].get(c.kind, 0) + c.count
         last[c.miner] = max(last.get(c.miner, -1), c.last)
     for s in window:
@@ -108,12 +109,12 @@ def leaderboard(
             results[s.miner][s.round] = res
         elif s.status == "rejected" and s.reason not in NEUTRAL:  # refused before evaluation
             results[s.miner][s.round] = refused(s.round)
-    for f in store.intake_refusals(since, through):
+    for f in inputs.intake_refusals:
         results[f.miner][f.round] = refused(f.round)
     for m, result in (extra or {}).items():
         results[m][result.round] = result
         last[m] = max(last.get(m, -1), result.round)
-    first, published = store.first_rounds(through), store.published_rounds(since, through)
+    first, published = inputs.first_rounds, inputs.published
     present = {(s.round, s.miner) for s in window}  # (a neutral refusal is not a missed round)
     entries = []
     for m in set(last):

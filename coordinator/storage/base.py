@@ -10,11 +10,11 @@ from coordinator.storage.records import (
     IntakeRefusal,
     NewSubmission,
     RoundClose,
+    ScoreInputs,
     StoredRound,
     StoredVerdict,
     StoredVersion,
     SubmissionOutcome,
-    Tally,
     Upload,
     UploadPrint,
 )
@@ -60,21 +60,11 @@ class Store(Protocol):
 
     def eval_loss(self, version: int) -> float | None: ...
 
-    def first_rounds(self, through: int) -> dict[str, int]:
-        """Each miner's first round with an upload or a refused one, up to ``through``."""
-        ...
-
-    def flag_tallies(self, through: int) -> list[Tally]:
-        """Per miner and flag: accepted uploads that their later evaluation would have refused."""
-        ...
-
     def get_meta(self, key: str) -> str | None: ...
 
     def head(self) -> tuple[int, str]:
         """The current version (the newest one not rolled back) and its parameter hash."""
         ...
-
-    def intake_refusal_tallies(self, through: int) -> list[Tally]: ...
 
     def intake_refusals(self, since: int, through: int) -> list[IntakeRefusal]: ...
 
@@ -93,10 +83,6 @@ class Store(Protocol):
     def prune_checkpoints(self, keep: int) -> list[str]:
         """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0; returns
         the blobs no longer referenced."""
-        ...
-
-    def published_rounds(self, since: int, through: int) -> list[int]:
-        """The closed rounds in (since, through] that published a version."""
         ...
 
     def recent_reports(self, limit: int) -> list[StoredRound]: ...
@@ -146,6 +132,11 @@ class Store(Protocol):
 
     def set_meta(self, key: str, value: str) -> None: ...
 
+    def score_inputs(self, since: int, through: int) -> ScoreInputs:
+        """What the leaderboard as of round ``through`` is made of, the window being rounds (since, through],
+        from one consistent read."""
+        ...
+
     def start(
         self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int, now: float
     ) -> None:
@@ -153,10 +144,6 @@ class Store(Protocol):
         ...
 
     def submissions_between(self, since: int, through: int) -> list[SubmissionOutcome]: ...
-
-    def tallies(self, through: int) -> list[Tally]:
-        """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
-        ...
 
     def unclosed_rounds(self) -> list[StoredRound]:
         """The open round, after the one still being closed when rounds overlap."""

@@ -208,3 +208,17 @@ class UploadPrint:
 def sketch_of(stored: bytes) -> torch.Tensor:
     """A sketch as the store keeps it (float32 bytes)."""
     return torch.frombuffer(bytearray(stored), dtype=torch.float32)
+
+
+@dataclass(frozen=True)
+class ScoreInputs:
+    """Everything the leaderboard is made of, as of the close of one round, read in one transaction."""
+
+    verdicts: list[StoredVerdict]  # in the score window
+    outcomes: list[SubmissionOutcome]  # in the score window
+    intake_refusals: list[IntakeRefusal]  # in the score window
+    tallies: list[Tally]  # every upload up to the round: per miner and outcome ('accepted' or a refusal)
+    flags: list[Tally]  # per miner and flag
+    intake_tallies: list[Tally]  # uploads refused at intake, per miner and code
+    first_rounds: dict[str, int]  # each miner's first round with an upload or a refused one
+    published: list[int]  # the rounds in the score window that published a version

@@ -8,7 +8,7 @@ import sqlite3
 from contextlib import AbstractContextManager
 from typing import Any
 
-from coordinator.storage.records import IntakeRefusal, StoredVerdict, SubmissionOutcome, Tally
+from coordinator.storage.records import IntakeRefusal, ScoreInputs, StoredVerdict, SubmissionOutcome, Tally
 from coordinator.storage.rows import from_row
 from protocol.evaluation import LOSS_FIELDS, Losses
 
@@ -33,6 +33,9 @@ class ScoreReads:
         raise NotImplementedError
 
     def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+        raise NotImplementedError
+
+    def reading(self) -> AbstractContextManager[None]:
         raise NotImplementedError
 
     def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None:
@@ -60,6 +63,21 @@ class ScoreReads:
         )
         return [(int(r["round"]), int(r["applied_to"])) for r in rows]
 
+    def score_inputs(self, since: int, through: int) -> ScoreInputs:
+        """What the leaderboard as of round ``through`` is made of, the window being rounds (since, through],
+        from one consistent read."""
+        with self.reading():
+            return ScoreInputs(
+                verdicts=self.verdicts_between(since, through),
+                outcomes=self.submissions_between(since, through),
+                intake_refusals=self.intake_refusals(since, through),
+                tallies=self._tallies(through),
+                flags=self._flag_tallies(through),
+                intake_tallies=self._intake_refusal_tallies(through),
+                first_rounds=self._first_rounds(through),
+                published=self._published_rounds(since, through),
+            )
+
     def verdicts_between(self, since: int, through: int) -> list[StoredVerdict]:
         rows = self._all("SELECT * FROM verdicts WHERE round > ? AND round <= ?", since, through)
         return [
@@ -75,7 +93,7 @@ class ScoreReads:
         )
         return [from_row(SubmissionOutcome, r) for r in rows]
 
-    def tallies(self, through: int) -> list[Tally]:
+    def _tallies(self, through: int) -> list[Tally]:
         """Per miner and outcome ('accepted' or the refusal reason): uploads and the last round."""
         rows = self._all(
             "SELECT miner, CASE WHEN status = 'accepted' THEN 'accepted' "
@@ -85,7 +103,7 @@ class ScoreReads:
         )
         return [from_row(Tally, r) for r in rows]
 
-    def flag_tallies(self, through: int) -> list[Tally]:
+    def _flag_tallies(self, through: int) -> list[Tally]:
         """Per miner and flag: accepted uploads that their later evaluation would have refused."""
         rows = self._all(
             "SELECT miner, flag AS kind, COUNT(*) AS count, MAX(round) AS last FROM submissions "
@@ -97,7 +115,7 @@ class ScoreReads:
     def intake_refusals(self, since: int, through: int) -> list[IntakeRefusal]:
         return [from_row(IntakeRefusal, r) for r in self._all(INTAKE_REFUSALS, since, through)]
 
-    def intake_refusal_tallies(self, through: int) -> list[Tally]:
+    def _intake_refusal_tallies(self, through: int) -> list[Tally]:
         rows = self._all(
             f"SELECT miner, code AS kind, COUNT(*) AS count, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
             "GROUP BY miner, code",
@@ -106,7 +124,7 @@ class ScoreReads:
         )
         return [from_row(Tally, r) for r in rows]
 
-    def published_rounds(self, since: int, through: int) -> list[int]:
+    def _published_rounds(self, since: int, through: int) -> list[int]:
         """The closed rounds in (since, through] that published a version."""
         rows = self._all(
             "SELECT round FROM rounds WHERE status = 'closed' AND accepted > 0 AND round > ? "
@@ -116,7 +134,7 @@ class ScoreReads:
         )
         return [int(r["round"]) for r in rows]
 
-    def first_rounds(self, through: int) -> dict[str, int]:
+    def _first_rounds(self, through: int) -> dict[str, int]:
         """Each miner's first round with an upload or a refused one, up to ``through``."""
         rows = self._all(
             "SELECT miner, MIN(round) AS first FROM (SELECT miner, round FROM submissions UNION ALL "

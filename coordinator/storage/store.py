@@ -59,6 +59,16 @@ class SqliteStore(ReportReads, ScoreReads):
                 raise
             self._db.execute("COMMIT")
 
+    @contextmanager
+    def reading(self) -> Iterator[None]:
+        """Reads that see one state of the database (no write lands between them)."""
+        with self._lock:
+            self._db.execute("BEGIN")
+            try:
+                yield
+            finally:
+                self._db.execute("COMMIT")
+
     def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
         with self._lock:
             return list(self._db.execute(sql, args).fetchall())
