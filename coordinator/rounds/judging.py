@@ -148,7 +148,7 @@ class Judge:
         evaluation = self.evaluations.of(round_, salt, sample)
         for u in probation:
             j.refused[u.miner] = Refusal.PROBATION
-        j.losses = self.gate(evaluation, round_, first, scales, j.refused)
+        j.losses = self.measure(evaluation, round_, first, scales, j.refused, gain_only=True)
         j.scores = lambda: self.scores.with_round(round_ - 1, {})  # the standing as of the round before
         run_checks(self.pipeline, "evaluated", j)
         ref = j.reclip(scales)  # verdicts come after, measured at the scale the version applies
@@ -217,7 +217,9 @@ class Judge:
         todo = [u for u in uploads if u.miner not in judgement.losses and u.miner in judgement.evaluated]
         if later is not None and todo:
             later.evaluation.evaluator.reset()  # building the version used the model
-            gains = self.gate(later.evaluation, later.round, todo, judgement.scales, judgement.refused)
+            gains = self.measure(
+                later.evaluation, later.round, todo, judgement.scales, judgement.refused, gain_only=True
+            )
             judgement.losses.update(gains)
 
         def suspicion(u: Upload) -> tuple[float, float]:
@@ -286,16 +288,6 @@ class Judge:
             {m[:12]: round(x.gain, 4) for m, x in out.items()},
         )
         return out
-
-    def gate(
-        self,
-        evaluation: RoundEvaluation,
-        round_: int,
-        uploads: Sequence[Upload],
-        scales: dict[str, float],
-        refused: dict[str, str],
-    ) -> dict[str, Losses]:
-        return self.measure(evaluation, round_, uploads, scales, refused, gain_only=True)
 
     def sample(self, round_: int, j: RoundChecks, salt: str) -> list[Upload]:
         """The uploads to evaluate: all, or ``max_evaluated`` of them in ``_chosen``'s order."""
