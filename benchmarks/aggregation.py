@@ -160,7 +160,9 @@ def measure_aggregation(set_name: str, m: int, root: Path, threads: int | None, 
 
     t0 = time.perf_counter()
     judging, checks = RoundChecks(0, uploads), CheckSettings()
-    _, scales = run_cheap_checks(default_pipeline(checks, ValidationSettings()), judging, checks.max_norm_ratio)
+    _, scales = run_cheap_checks(
+        default_pipeline(checks, ValidationSettings()), judging, checks.max_norm_ratio
+    )
     judging.reclip(scales)  # the version's clip
     accepted = [(u, scales[u.miner]) for u in judging.remaining()]
     t1 = time.perf_counter()

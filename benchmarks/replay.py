@@ -77,7 +77,7 @@ class Recorded:
         store = run.store
         versions = [store.version(v) for v in range(store.latest_version() + 1)]
         self.committed = [v for v in versions if v is not None and v.rolled_back_at is None]
-        self.params = load_checkpoint(run.blobs.get(self.committed[0]["checkpoint_sha"]), run.spec)[0]
+        self.params = load_checkpoint(run.blobs.get(str(self.committed[0].checkpoint_sha)), run.spec)[0]
         run.publisher.reset()
         self.run = run
         self.stored: dict[str, tuple[bytes, bytes]] = {}
@@ -139,7 +139,7 @@ def _replay(run: Run) -> dict[str, Any]:
                 "round": v.round,
                 "uploads": len(accepted) + len(left_out),
                 "accepted": len(accepted),
-                "base": before["eval_loss"],
+                "base": before.eval_loss,
                 "carried": carried.eval_loss,
                 "fresh": fresh.eval_loss,
                 "exact": loss(exact),

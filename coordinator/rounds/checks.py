@@ -12,11 +12,11 @@ showed up. The norm reference that marks outliers is the median of recent rounds
 upload of this round sets; an outlier against it is evaluated before the version, and kept when its gain is
 among the round's best (at least ``BEST_FRACTION`` of the best gain). The gain bar (``low_gain``) is a
 fraction of the median of the round's best gains, never below a quarter of what recent rounds' accepted
-uploads gained: uploads that gain nothing add nothing to the best, however many there are. The clip reference
-of the version is taken over the uploads judging left (``RoundChecks.reclip``), which the evaluation has
-shown to help or whose miners have an evaluated record. To move a reference an attacker must send uploads
-whose measured gain on their own data is among the round's best, that is, do the work; and new keys are
-evaluated before anything they send enters a version.
+uploads gained: uploads that gain nothing add nothing to the best, however many there are. The version clips
+every upload to the trusted reference, and at the start of a run, before there is one, to the median norm of
+the uploads judging left (``RoundChecks.reclip``), which the evaluation has shown to help. To move a
+reference an attacker must send uploads whose measured gain on their own data is among the round's best,
+that is, do the work; and new keys are evaluated before anything they send enters a version.
 """
 
 from __future__ import annotations
@@ -95,11 +95,13 @@ class RoundChecks:
         return set() if ref is None else {u.miner for u in self.remaining() if u.norm > max_ratio * ref}
 
     def reclip(self, scales: dict[str, float]) -> float | None:
-        """The version's reference norm: the median of recent rounds' accepted norms and of this round's
-        uploads that judging left (refused uploads do not pull it, nor set any scale), and every scale in
-        ``scales`` clipped to it."""
+        """The version's reference norm, and every scale in ``scales`` clipped to it: the trusted reference
+        (``trusted_norm``), at which the uploads were evaluated; at the start of a run, before there is
+        one, the median norm of the uploads judging left (refused ones do not pull it)."""
         norms = {u.miner: u.norm for u in self.uploads}
-        ref = reference_norm(self.history.norms, [u.norm for u in self.remaining()])
+        ref = self.trusted_norm()
+        if ref is None:
+            ref = reference_norm([], [u.norm for u in self.remaining()])
         if ref is not None:
             scales.update({m: clip_scale(norms[m], ref) for m in scales})
         return ref

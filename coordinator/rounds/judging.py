@@ -1,22 +1,21 @@
-"""RoundChecks a round's uploads: the cheap checks, then (``[validation] builtin``) each sampled upload
+"""Judging a round's uploads: the cheap checks, then (``[validation] builtin``) each sampled upload
 evaluated alone on the version it will change, then the evaluated checks (rounds/checks.py). Runs in the
 closer's thread. The round mode (rounds/modes.py) says which of the two judgements a round gets:
 
 - ``before_version`` (synchronous rounds): every sampled upload is evaluated in full before the version is
   built; its verdict, the checks and the weights all come from that evaluation.
-- ``around_version`` (overlapped rounds) keeps the version's path short. The uploads of new miners (a
-  record shorter than ``min_record``) are judged first, on the first ``gate_sequences`` of their own sample
-  (``gate``: the gain the refusals need, a small part of an evaluation). Those of miners refused in the
-  last ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the last ``FLAG_ROUNDS``, are on probation: left out
-  of the version, and evaluated after it like the others. The rest go into the version on the cheap checks
-  and their standing, each clipped to the reference norm of the uploads that judging left
-  (``RoundChecks.reclip``). Every sampled upload is evaluated in full once the version is published
-  (``after_version``), at that clip, while miners train the next round: that gives its verdict and score,
-  and flags an upload (accepted or on probation) that the evaluation refuses for sure (``FLAG_SURE``),
-  which puts or keeps its miner on probation. When most of the evaluated uploads a version took would be
-  flagged, the round failed rather than its miners (each upload is applied to a newer version than the one
-  it started from, and in a round where that fails it fails for all), and none of those is flagged; the
-  scores still count each result.
+- ``around_version`` (overlapped rounds) keeps the version's path short. The uploads of new miners (a record
+  shorter than ``min_record``) are judged first, on the first ``gate_sequences`` of their own sample
+  (``gate``: the gain the refusals need, a small part of an evaluation). Those of miners refused in the last
+  ``RECENT_REFUSAL_ROUNDS`` rounds, or flagged in the last ``FLAG_ROUNDS``, are on probation: left out of
+  the version, and evaluated after it like the others. The rest go into the version on the cheap checks and
+  their standing, each clipped to the version's reference norm (``RoundChecks.reclip``). Every sampled
+  upload is evaluated in full once the version is published (``after_version``), at that clip, while miners
+  train the next round: that gives its verdict and score, and flags an upload (accepted or on probation)
+  that the evaluation refuses for sure (``FLAG_SURE``), which puts or keeps its miner on probation. When
+  most of the evaluated uploads a version took would be flagged, the round failed rather than its miners
+  (each upload is applied to a newer version than the one it started from, and in a round where that fails
+  it fails for all), and none of those is flagged; the scores still count each result.
 
 If a version fails the loss guard, the publisher leaves out the most suspect uploads first
 (``most_suspect_first``: the lowest gain, the uploads held unjudged gated for it); a guard refusal is no
@@ -117,8 +116,8 @@ class Judge:
 
     # -- the two judgements -------------------------------------------------------------------------------
     def before_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
-        """Synchronous rounds: every sampled upload evaluated in full, then the evaluated checks, the
-        version's reference norm over what they left, and the weights with this round's results."""
+        """Synchronous rounds: every sampled upload evaluated in full at the scale the version will apply,
+        then the evaluated checks and the weights with this round's results."""
         j = RoundChecks(round_, uploads, self.history(round_))
         _, scales = run_cheap_checks(self.pipeline, j, self.checks.max_norm_ratio)
         if not (self.validation.builtin and j.remaining()):
@@ -131,7 +130,10 @@ class Judge:
             round_ - 1, round_results(round_, j.losses, {u.miner for u in j.remaining()})
         )
         run_checks(self.pipeline, "evaluated", j)
-        ref = j.reclip(scales)  # the verdicts stand as measured, at the trusted reference
+        # the version applies each upload at the scale its verdict was measured at (as validators measure
+        # it again): clipped to the trusted norm; an outlier kept for its gain, and every upload at the start
+        # of a run, before there is a trusted norm, as it came
+        ref = j.trusted_norm()
         judgement = Judgement(j.refused, scales, j.losses, {u.miner for u in sample}, ref)
         judgement.weights = self.weights(round_, judgement, uploads, this_round=True)
         return judgement
@@ -326,9 +328,11 @@ class Judge:
         outliers = j.norm_suspects(self.checks.max_norm_ratio)
 
         def tier(u: Upload) -> int:
+            if u.miner in outliers:  # judged on what its own update does, before anything else
+                return 1
             if u.miner in suspect:
                 return 0
-            return 1 if record.get(u.miner, 0) < v.min_record or u.miner in outliers else 2
+            return 1 if record.get(u.miner, 0) < v.min_record else 2
 
         def priority(u: Upload) -> tuple[int, bytes]:
             return tier(u), hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()

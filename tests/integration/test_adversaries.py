@@ -7,7 +7,10 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from cheat_harness import cheat_network, honest_and_cheats
+
+from tests.helpers.cheats import cheat_network, honest_and_cheats
+
+pytestmark = pytest.mark.slow  # a real network of miner processes, per mode
 
 LOUD = ("noise", "scaled", "signflip", "nan", "lutscale")
 

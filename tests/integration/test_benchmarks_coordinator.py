@@ -11,7 +11,8 @@ import pytest
 
 from benchmarks.coordinator import main
 
-pytestmark = pytest.mark.timeout(240)  # generous: the run takes about 40 s on two busy cores
+# generous: the run takes about 40 s on two busy cores
+pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
 ROW_FIELDS = {
     "submissions",
     "params",

@@ -7,6 +7,8 @@ import pytest
 
 from benchmarks.chaos import main
 
+pytestmark = pytest.mark.slow  # two minutes of a real network under kills
+
 
 @pytest.mark.timeout(400)
 def test_two_minutes_of_kills_break_nothing() -> None:

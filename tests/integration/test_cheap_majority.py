@@ -15,6 +15,8 @@ from coordinator.storage.store import SqliteStore
 from gradpool.simulate import simulate
 from protocol.signing import load_key, public_key_hex
 
+pytestmark = pytest.mark.slow  # a real network of seven miner processes
+
 HONEST, FREERIDERS, ROUNDS = 3, 4, 4
 
 

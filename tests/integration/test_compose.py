@@ -12,7 +12,6 @@ import shutil
 import signal
 import subprocess
 import sys
-import time
 import tomllib
 from pathlib import Path
 from typing import Any
@@ -27,6 +26,7 @@ from coordinator.settings import CoordinatorSettings
 from gradpool.config import load_settings
 from gradpool.processes import Processes
 from node.settings import MinerSettings, ValidatorSettings
+from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
@@ -152,29 +152,30 @@ def _run_healthcheck(test: list[str], url: str) -> None:
 
 def _wait_for_update(procs: Processes, url: str, timeout_s: float) -> dict[str, Any]:
     """The status once every miner registered and a round closed with an accepted update."""
-    end = time.monotonic() + timeout_s
     with httpx.Client(base_url=url, timeout=10.0) as http:
-        while True:
+
+        def updated() -> dict[str, Any] | None:
             dead = procs.dead()
             assert not dead, "\n".join(f"{n} exited with {c}:\n{procs.tail(n, 20)}" for n, c in dead.items())
             status: dict[str, Any] = http.get("/v1/status").json()
-            updated = any(r["accepted"] >= 1 and r["version"] >= 1 for r in status["rounds"])
-            if updated and status["miners"] == len(MINERS):
-                return status
-            assert time.monotonic() < end, f"no accepted update in {timeout_s} s: {status}"
-            time.sleep(0.3)
+            accepted = any(r["accepted"] >= 1 and r["version"] >= 1 for r in status["rounds"])
+            return status if accepted and status["miners"] == len(MINERS) else None
+
+        return wait_until(updated, timeout_s, "every miner registered and an accepted update", interval_s=0.3)
 
 
 def _wait_for_log(procs: Processes, name: str, text: str, timeout_s: float) -> None:
-    end = time.monotonic() + timeout_s
-    while text not in procs.tail(name, 1000):
+    def logged() -> bool:
         assert name not in procs.dead(), f"{name} exited:\n{procs.tail(name, 20)}"
-        assert time.monotonic() < end, (
-            f"{name} did not log {text!r} in {timeout_s} s:\n{procs.tail(name, 20)}"
-        )
-        time.sleep(0.3)
+        return text in procs.tail(name, 1000)
+
+    try:
+        wait_until(logged, timeout_s, f"{name} to log {text!r}", interval_s=0.3)
+    except AssertionError as e:
+        raise AssertionError(f"{e}:\n{procs.tail(name, 20)}") from None
 
 
+@pytest.mark.slow  # the compose services as a real network
 @pytest.mark.timeout(300)
 def test_compose_services_run_as_local_processes(tmp_path: Path, corpus_file: Path) -> None:
     services = _services()
@@ -236,7 +237,7 @@ def test_example_configs_load(tmp_path: Path) -> None:
     )
     assert coordinator.recipe.inner_steps == 20 and coordinator.recipe.batch_size == 8
     assert coordinator.rounds.min_quorum == 2 and coordinator.data.max_tokens == 4_000_000
-    assert coordinator.data.corpus is None and coordinator.publishing.outer.lr is None
+    assert coordinator.data.corpus is None and coordinator.outer.lr is None
     miner = load_settings(MinerSettings, MINER_TOML, {"threads": 2})
     assert isinstance(miner, MinerSettings)
     assert miner.coordinator == "http://127.0.0.1:8000" and miner.device == "auto" and miner.create_key

@@ -4,7 +4,6 @@ hash."""
 
 from __future__ import annotations
 
-import time
 from pathlib import Path
 
 import torch
@@ -18,29 +17,29 @@ from protocol.codec.accumulate import aggregate
 from protocol.model import build_model
 from protocol.params import apply_update, load_checkpoint, param_spec, params_hash
 from protocol.signing import generate_key
+from tests.helpers.held_coordinator import start_held_coordinator
+from tests.helpers.waiting import wait_until
 
 SPEC = param_spec(build_model("tiny"))
 
 
 def start(
-    procs: Processes,
-    state: Path,
-    corpus: Path,
-    fault_delay_s: float = 0.0,
-    extra: dict[str, str] | None = None,
+    procs: Processes, state: Path, corpus: Path, extra: dict[str, str] | None = None, held: bool = False
 ) -> str:
-    # The payloads are random: evaluated by their effect on the loss, they could be refused. Synchronous
-    # rounds unless ``extra`` says otherwise.
+    """A coordinator process; ``held``: one whose closes never commit (tests/helpers/held_coordinator.py),
+    to be killed mid-close. The payloads are random: evaluated by their effect on the loss, they could be
+    refused, so the evaluation is off. Synchronous rounds unless ``extra`` says otherwise."""
     env = {
         "GRADPOOL_ROUNDS__MIN_QUORUM": "2",
         "GRADPOOL_ROUNDS__DEADLINE_S": "600",
         "GRADPOOL_ROUNDS__OVERLAP": "false",
         "GRADPOOL_DATA__EVAL_EVERY": "20",
         "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
-        "GRADPOOL_FAULTS__PUBLISH_DELAY_S": str(fault_delay_s),
         "GRADPOOL_VALIDATION__BUILTIN": "false",
         **(extra or {}),
     }
+    if held:
+        return start_held_coordinator(procs, state, corpus, env)
     args = ["--state-dir", str(state), "--corpus", str(corpus), "--port", "0"]
     return procs.start_coordinator(args, state.parent / "ready.json", env=env, timeout_s=120)
 
@@ -53,13 +52,11 @@ def payload(seed: int, round_: int = 0) -> bytes:
 
 
 def wait_status(client: CoordinatorClient, status: str, round_: int, timeout_s: float = 60) -> None:
-    end = time.monotonic() + timeout_s
-    while True:
+    def reached() -> bool:
         info = client.round()
-        if info.status == status and info.round == round_:
-            return
-        assert time.monotonic() < end, f"round never reached {status}: {info}"
-        time.sleep(0.05)
+        return info.status == status and info.round == round_
+
+    wait_until(reached, timeout_s, f"round {round_} to be {status}")
 
 
 def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_file: Path) -> None:
@@ -75,7 +72,7 @@ def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_fil
         assert not a.submit(0, bodies[0]).duplicate
         procs.kill("coordinator")  # during intake: one upload taken, the round still open
 
-        url = start(procs, state, corpus_file, fault_delay_s=30)
+        url = start(procs, state, corpus_file, held=True)
         a, b = (CoordinatorClient(url, k) for k in keys)
         assert a.submit(0, bodies[0]).duplicate, "the accepted upload must survive the kill"
         b.submit(0, bodies[1])
@@ -114,7 +111,7 @@ def test_sigkill_while_an_overlapped_round_closes_loses_neither_round(
     state, procs = tmp_path / "state", Processes(tmp_path / "logs")
     keys = [generate_key(), generate_key()]
     overlap = {"GRADPOOL_ROUNDS__OVERLAP": "true"}
-    url = start(procs, state, corpus_file, fault_delay_s=30, extra=overlap)
+    url = start(procs, state, corpus_file, extra=overlap, held=True)
     try:
         a, b = (CoordinatorClient(url, k) for k in keys)
         a.register()

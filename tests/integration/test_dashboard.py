@@ -8,7 +8,6 @@ import os
 import re
 import shutil
 import socket
-import time
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -18,6 +17,9 @@ import pytest
 import yaml
 
 from gradpool.processes import Processes
+from tests.helpers.waiting import wait_until
+
+pytestmark = pytest.mark.slow  # a real network of miners, and a browser
 
 ROOT = Path(__file__).resolve().parents[2]
 CHROMIUM = shutil.which("chromium") or shutil.which("chromium-browser")
@@ -47,13 +49,12 @@ class Network:
         return status
 
     def wait_rounds(self, n: int, timeout_s: float = 150) -> dict[str, Any]:
-        end = time.monotonic() + timeout_s
-        while time.monotonic() < end:
-            if len((status := self.status())["rounds"]) >= n:
-                return status
+        def closed() -> dict[str, Any] | None:
+            status = self.status()
             assert not self.procs.dead(), f"a process exited: {self.procs.dead()}"
-            time.sleep(0.3)
-        raise AssertionError(f"fewer than {n} rounds in {timeout_s} s")
+            return status if len(status["rounds"]) >= n else None
+
+        return wait_until(closed, timeout_s, f"{n} rounds to close", interval_s=0.3)
 
 
 @pytest.fixture(scope="module")

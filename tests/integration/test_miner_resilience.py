@@ -6,7 +6,6 @@ from __future__ import annotations
 import re
 import signal
 import subprocess
-import time
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -17,6 +16,9 @@ from safetensors.torch import load_file
 
 from gradpool.processes import Processes
 from node.state import STATE_FILE, state_digest
+from tests.helpers.waiting import wait_until
+
+pytestmark = pytest.mark.slow  # real miner processes through restarts
 
 ENV = {
     "GRADPOOL_ROUNDS__MIN_QUORUM": "1",
@@ -31,9 +33,10 @@ ENV = {
 
 
 class Network:
-    """A coordinator and miners as processes, the coordinator on the same port across restarts."""
+    """A coordinator and miners as processes, the coordinator on the same port across restarts; overlapped
+    rounds unless ``overlap`` is False, as in production."""
 
-    def __init__(self, root: Path, corpus: Path, overlap: bool = False) -> None:
+    def __init__(self, root: Path, corpus: Path, overlap: bool = True) -> None:
         self.root, self.corpus = root, corpus
         self.procs = Processes(root, env={**ENV, "GRADPOOL_ROUNDS__OVERLAP": str(overlap).lower()})
         self.port = 0
@@ -80,27 +83,28 @@ class Network:
     def wait(
         self, condition: Callable[[dict[str, Any]], bool], what: str, timeout_s: float = 120
     ) -> dict[str, Any]:
-        end = time.monotonic() + timeout_s
-        while True:
+        def met() -> dict[str, Any] | None:
             try:
                 status = self.status()
-                if condition(status):
-                    return status
-            except httpx.HTTPError:
-                pass
-            assert time.monotonic() < end, f"timed out waiting for {what}"
-            time.sleep(0.2)
+            except httpx.HTTPError:  # the coordinator is restarting
+                return None
+            return status if condition(status) else None
+
+        return wait_until(met, timeout_s, what, interval_s=0.2)
 
     def stop(self) -> None:
         self.procs.stop_all(grace_s=30)
 
     def wait_log(self, name: str, text: str, timeout_s: float = 60) -> str:
         """Until ``name``'s log holds ``text``; the first line that does."""
-        end = time.monotonic() + timeout_s
-        while not (lines := [line for line in self.log(name).splitlines() if text in line]):
-            assert time.monotonic() < end, f"{name} did not log {text!r}: {self.log(name)[-2000:]}"
-            time.sleep(0.1)
-        return lines[0]
+
+        def logged() -> list[str]:
+            return [line for line in self.log(name).splitlines() if text in line]
+
+        try:
+            return wait_until(logged, timeout_s, f"{name} to log {text!r}", interval_s=0.1)[0]
+        except AssertionError as e:
+            raise AssertionError(f"{e}\n{self.log(name)[-2000:]}") from None
 
 
 def version(status: dict[str, Any]) -> int:

@@ -3,40 +3,19 @@
 from __future__ import annotations
 
 import os
+import re
 import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import httpx
+import pytest
+
+from tests.helpers.miners import mine_command, start_miner
 
 
-def mine_command(url: str, key: Path, state: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gradpool",
-        "mine",
-        "--coordinator",
-        url,
-        "--key",
-        str(key),
-        "--create-key",
-        "--state-dir",
-        str(state),
-        "--threads",
-        "1",
-    ]
-
-
-def _mine(url: str, key: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            mine_command(url, key, state), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
-
-
+@pytest.mark.slow  # a real network of two miner processes
 def test_two_miners_train_three_overlapped_rounds(
     live_coordinator: Callable[..., Any], tmp_path: Path
 ) -> None:
@@ -45,7 +24,7 @@ def test_two_miners_train_three_overlapped_rounds(
     run in every other network test."""
     with live_coordinator(rounds={"min_quorum": 2, "deadline_s": 60.0, "overlap": True}) as server:
         procs = [
-            _mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"state{i}", tmp_path / f"m{i}.log")
+            start_miner(server.url, tmp_path / f"m{i}.pem", tmp_path / f"state{i}", tmp_path / f"m{i}.log")
             for i in range(2)
         ]
         try:
@@ -81,21 +60,30 @@ def test_miner_with_wrong_url_fails_with_one_line(tmp_path: Path) -> None:
     assert "Traceback" not in done.stderr
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
 def test_a_miner_downloads_straight_from_the_object_store(
-    live_coordinator: Callable[..., Any], s3_bucket: dict[str, Any], tmp_path: Path
+    live_coordinator: Callable[..., Any], s3_bucket: dict[str, Any], tmp_path: Path, overlap: bool
 ) -> None:
     """With redirect_downloads the checkpoint and every published update reach the miner from the S3 store
-    (a real S3-compatible server), not through the coordinator, and the miner checks every hash."""
+    (a real S3-compatible server), not through the coordinator, and the miner checks every hash.
+    Synchronous rounds: the miner catches up as each round starts; overlapped: version 1 comes out while
+    round 1 trains, and the miner merges it (or catches up to it, if it came out first)."""
     blobs = {**s3_bucket, "redirect_downloads": True}
-    with live_coordinator(blobs=blobs, rounds={"min_quorum": 1, "deadline_s": 30.0}) as server:
+    rounds = {"min_quorum": 1, "deadline_s": 30.0, "overlap": overlap}
+    with live_coordinator(blobs=blobs, rounds=rounds) as server:
         args = [*mine_command(server.url, tmp_path / "m.pem", tmp_path / "state"), "--max-rounds", "3"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         status = server.wait_rounds(3)
     assert done.returncode == 0, done.stderr[-3000:]
     assert "version 0: loaded checkpoint" in done.stderr
-    assert "version 2: caught up from version 1 by 1 published updates" in done.stderr
+    if overlap:
+        merged = r"round 1: merged version 1|version 1: caught up from version 0 by 1 published updates"
+        assert re.search(merged, done.stderr), done.stderr[-3000:]
+    else:
+        assert "version 2: caught up from version 1 by 1 published updates" in done.stderr
     assert s3_bucket["s3_endpoint_url"] in done.stderr  # the redirected requests, as the miner logged them
     redirects = next(x for x in metrics.splitlines() if x.startswith("gradpool_download_redirects_total"))
-    assert float(redirects.split()[1]) >= 3  # one checkpoint and two updates at least
+    # the checkpoint and each published update the miner took: version 1 (and 2, in synchronous rounds)
+    assert float(redirects.split()[1]) >= (2 if overlap else 3)
     assert [r["accepted"] for r in status["rounds"][:3]] == [1, 1, 1]

@@ -36,6 +36,7 @@ def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
     )
 
 
+@pytest.mark.slow  # a real network of miner processes
 def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformers(
     tmp_path: Path, corpus_file: Path
 ) -> None:

@@ -9,6 +9,7 @@ import sys
 from pathlib import Path
 from typing import Any
 
+import pytest
 import torch
 import torch.distributed as dist
 import torch.multiprocessing as mp
@@ -17,6 +18,8 @@ from node.trainer import InnerTrainer
 from protocol.model import build_model
 from protocol.params import get_params
 from protocol.wire import TrainingRecipe
+
+pytestmark = pytest.mark.slow  # torch.multiprocessing and torchrun
 
 RECIPE = TrainingRecipe(inner_steps=3, batch_size=4, lr=3e-3, warmup_steps=1)
 

@@ -13,9 +13,11 @@ from typing import Any
 
 import httpx
 import pytest
-from test_network import _mine
 
 from protocol.evaluation import LOSS_FIELDS
+from tests.helpers.miners import start_miner
+
+pytestmark = pytest.mark.slow  # a real network of miners and a validator
 
 
 @pytest.mark.timeout(300)
@@ -31,7 +33,7 @@ def test_validator_agrees_with_the_coordinator(
     }
     with live_coordinator(**settings) as server:
         miners = [
-            _mine(server.url, tmp_path / f"m{i}.pem", tmp_path / f"s{i}", tmp_path / f"m{i}.log")
+            start_miner(server.url, tmp_path / f"m{i}.pem", tmp_path / f"s{i}", tmp_path / f"m{i}.log")
             for i in range(2)
         ]
         validator = subprocess.run(

@@ -3,11 +3,11 @@
 from __future__ import annotations
 
 import torch
-from pool_harness import SPEC, OpenPool, Pool, assert_error, encode, make_delta, payload, reframe
 
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import aggregate
 from protocol.params import Params, apply_update, params_hash
+from tests.helpers.pool import SPEC, OpenPool, Pool, assert_error, encode, make_delta, payload, reframe
 
 
 def round_report(pool: Pool, round_: int) -> dict[str, int]:
@@ -31,7 +31,7 @@ def test_copied_payload_is_refused(open_pool: OpenPool) -> None:
         assert author.upload(0, body).status_code == 200
         assert copier.upload(0, body).status_code == 200  # the same bytes pass the cheap checks
 
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         assert after["version"] == 1
         assert after["param_hash"] == expected_hash(pool, 0, [body])
         assert pool.submissions() == {
@@ -49,8 +49,8 @@ def test_round_of_only_empty_updates_publishes_nothing(open_pool: OpenPool) -> N
         zeros = {name: torch.zeros(shape) for name, shape in SPEC}
         assert miner.upload(0, encode(zeros, round_=0, base_version=0)[0]).status_code == 200
 
-        after = pool.wait_for_round(0)
-        assert (after["round"], after["version"], after["param_hash"]) == (1, 0, start["param_hash"])
+        now, after = pool.wait_for_round(0), pool.latest()
+        assert (now["round"], after["version"], after["param_hash"]) == (1, 0, start["param_hash"])
         assert pool.submissions() == {(0, miner.pubkey): ("rejected", "empty_update")}
         assert_error(pool.client.get("/v1/versions/1"), 404, "not_found")
         assert pool.client.get("/v1/checkpoint").headers["X-Gradpool-Version"] == "0"
@@ -60,7 +60,7 @@ def test_round_of_only_empty_updates_publishes_nothing(open_pool: OpenPool) -> N
 
         # The next round is still for version 0 and takes a real update.
         assert miner.upload(1, payload(round_=1, base_version=0, seed=5)).status_code == 200
-        assert pool.wait_for_round(1)["version"] == 1
+        assert pool.latest_after(1)["version"] == 1
 
 
 def test_scaled_up_update_is_a_norm_outlier(open_pool: OpenPool) -> None:
@@ -73,7 +73,7 @@ def test_scaled_up_update_is_a_norm_outlier(open_pool: OpenPool) -> None:
             assert miner.upload(0, body).status_code == 200
         assert cheat.upload(0, loud).status_code == 200
 
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         assert after["version"] == 1
         assert after["param_hash"] == expected_hash(pool, 0, bodies)
         assert after["param_hash"] != expected_hash(pool, 0, [*bodies, loud])
@@ -101,7 +101,7 @@ def test_every_refusal_in_one_round(open_pool: OpenPool) -> None:
         ]:
             assert miner.upload(0, body).status_code == 200
 
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         assert after["param_hash"] == expected_hash(pool, 0, bodies)
         assert pool.submissions() == {
             **{(0, m.pubkey): ("accepted", None) for m in honest},

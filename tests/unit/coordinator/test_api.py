@@ -4,15 +4,18 @@ from __future__ import annotations
 
 import hashlib
 import math
+import time
 from pathlib import Path
 
+import pytest
 import torch
-from pool_harness import SPEC, OpenPool, assert_error, encode, make_delta, payload
 from safetensors.torch import load as st_load
 
 from protocol.codec import SparseLoCoCodec
 from protocol.params import UpdateHeader, apply_update, decode_update, load_checkpoint, params_hash
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION, RoundReport, Status
+from tests.helpers.clock import ManualClock
+from tests.helpers.pool import SPEC, OpenPool, assert_error, encode, make_delta, payload
 
 REPORT_FIELDS = set(RoundReport.model_fields)
 
@@ -28,8 +31,8 @@ def test_healthz_and_info(open_pool: OpenPool) -> None:
         assert info["protocol_version"] == PROTOCOL_VERSION
         assert info["model"] == "tiny"
         assert info["seq_len"] == 128
-        assert info["eval_every"] == 20
-        assert info["num_sequences"] > 2 * 20
+        assert info["eval_every"] == 50
+        assert info["num_sequences"] > 2 * 50
         assert info["codec"] == {"name": "sparseloco", "k": 64, "tile": 64}
         assert info["recipe"]["inner_steps"] == 4
         # The upload cap is the largest valid payload for this model and codec (issue: bounded resources).
@@ -57,8 +60,11 @@ def test_register_new_then_known(open_pool: OpenPool) -> None:
         assert pool.round()["expected"] == 2
 
 
-def test_round_closes_and_the_published_update_catches_up_bit_exactly(open_pool: OpenPool) -> None:
-    with open_pool() as pool:
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_round_closes_and_the_published_update_catches_up_bit_exactly(
+    open_pool: OpenPool, overlap: bool
+) -> None:
+    with open_pool(rounds={"overlap": overlap}) as pool:
         start = pool.round()
         assert (start["round"], start["version"], start["status"], start["submissions"]) == (0, 0, "open", 0)
         v0 = pool.client.get("/v1/versions/0").json()
@@ -77,11 +83,14 @@ def test_round_closes_and_the_published_update_catches_up_bit_exactly(open_pool:
             "duplicate": False,
         }
 
-        now = pool.wait_for_round(0)
-        assert (now["round"], now["version"], now["status"], now["submissions"]) == (1, 1, "open", 0)
-        assert now["param_hash"] != start["param_hash"]
+        now, latest = pool.wait_for_round(0), pool.latest()
+        assert (now["round"], now["status"], now["submissions"], latest["version"]) == (1, "open", 0, 1)
+        # synchronous: round 1 is for version 1; overlapped: it opened for version 0 as round 0 began
+        # closing, and takes uploads trained from either
+        assert now["version"] == (0 if overlap else 1)
+        assert latest["param_hash"] != start["param_hash"]
         v1 = pool.client.get("/v1/versions/1").json()
-        assert v1["param_hash"] == now["param_hash"]
+        assert v1["param_hash"] == latest["param_hash"]
         assert v1["round"] == 0
         assert v1["eval_loss"] is not None and math.isfinite(v1["eval_loss"])
 
@@ -110,20 +119,23 @@ def test_round_closes_and_the_published_update_catches_up_bit_exactly(open_pool:
 
 
 def test_round_waits_for_its_quorum_then_closes_at_the_deadline(open_pool: OpenPool) -> None:
-    with open_pool(rounds={"min_quorum": 2, "deadline_s": 0.3}) as pool:
+    clock = ManualClock(start=time.time())
+    with open_pool(rounds={"min_quorum": 2, "deadline_s": 0.3}, app={"clock": clock}) as pool:
         alice, bob, _silent = pool.miner(), pool.miner(), pool.miner()
         assert pool.round()["deadline_s"] is None  # no upload yet, no deadline
         assert alice.upload(0, payload(round_=0, base_version=0, seed=1)).status_code == 200
-        assert 0 <= pool.round()["deadline_s"] <= 0.3
+        assert pool.round()["deadline_s"] == pytest.approx(0.3)
 
-        # Past the deadline but below the quorum: the round stays open.
-        waited = pool.client.get("/v1/round", params={"after": 0, "wait_s": 0.8}).json()
+        # Past the deadline but below the quorum: the round stays open (a long-poll for it to move ends
+        # at its wait).
+        clock.advance(1.0)
+        waited = pool.client.get("/v1/round", params={"after": 0, "wait_s": 0.5}).json()
         assert (waited["round"], waited["submissions"], waited["deadline_s"]) == (0, 1, 0.0)
 
         # The quorum is met and the deadline has passed: it closes without the silent miner.
         assert bob.upload(0, payload(round_=0, base_version=0, seed=2)).status_code == 200
         after = pool.wait_for_round(0)
-        assert (after["round"], after["version"], after["expected"]) == (1, 1, 3)
+        assert (after["round"], after["expected"], pool.latest()["version"]) == (1, 3, 1)
         assert pool.client.get("/v1/status").json()["rounds"][0]["accepted"] == 2
 
 
@@ -162,7 +174,8 @@ def test_checkpoint_has_an_etag_and_answers_range_requests(open_pool: OpenPool) 
 
 
 def test_status_reports_every_closed_round(open_pool: OpenPool) -> None:
-    with open_pool() as pool:
+    clock = ManualClock(start=time.time())  # it stamps the rounds; signatures are checked by it too
+    with open_pool(app={"clock": clock}) as pool:
         before = Status.model_validate_json(pool.client.get("/v1/status").content)
         assert before.rounds == []
         v0 = pool.client.get("/v1/versions/0").json()
@@ -174,6 +187,7 @@ def test_status_reports_every_closed_round(open_pool: OpenPool) -> None:
         down += len(pool.client.get("/v1/data", params={"ids": "1,2,3"}).content)
         miner = pool.miner()
         body, _ = encode(make_delta(seed=2), round_=0, base_version=0, compute_s=2.5)
+        clock.advance(7.0)
         assert miner.upload(0, body).status_code == 200
         pool.wait_for_round(0)
 
@@ -191,7 +205,7 @@ def test_status_reports_every_closed_round(open_pool: OpenPool) -> None:
         assert report.bytes_up == len(body)
         assert report.bytes_down == down
         assert report.compute_s == 2.5
-        assert report.wall_s >= 0
+        assert report.wall_s == 7.0  # from its opening to the next round's, by the coordinator's clock
 
 
 def test_data_serves_training_sequences(open_pool: OpenPool, corpus_file: Path) -> None:

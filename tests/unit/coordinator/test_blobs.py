@@ -13,7 +13,6 @@ import boto3
 import pytest
 from fastapi import FastAPI, Request, Response
 from fastapi.testclient import TestClient
-from pool_harness import SPEC, OpenPool, payload
 from pydantic import ValidationError
 
 from coordinator.settings import BlobSettings, CoordinatorSettings
@@ -28,6 +27,7 @@ from coordinator.storage.blobs import (
     make_blob_store,
 )
 from protocol.params import load_checkpoint, params_hash
+from tests.helpers.pool import SPEC, OpenPool, payload
 
 DATA = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes, every offset distinguishable
 
@@ -225,7 +225,8 @@ def test_a_coordinator_keeps_and_serves_its_blobs_from_s3(
         miner = pool.miner()
         body = payload(round_=0, base_version=0, seed=1)
         assert miner.upload(0, body).status_code == 200
-        assert pool.wait_for_round(0)["version"] == 1
+        pool.wait_for_round(0)
+        assert pool.latest()["version"] == 1
         v1 = pool.client.get("/v1/versions/1").json()
 
         checkpoint = pool.client.get("/v1/checkpoint")
@@ -250,5 +251,5 @@ def test_a_coordinator_keeps_and_serves_its_blobs_from_s3(
     assert not (state_dir / "blobs").exists()
 
     with open_pool(blobs=s3_bucket) as pool:  # a restart loads the latest checkpoint back from S3
-        again = pool.round()
+        again = pool.latest()
         assert (again["version"], again["param_hash"]) == (1, v1["param_hash"])

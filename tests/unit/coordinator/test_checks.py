@@ -9,7 +9,6 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from pool_harness import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
 from coordinator.publishing.aggregation import aggregate_uploads
 from coordinator.rounds.checks import (
@@ -32,6 +31,7 @@ from protocol.codec.accumulate import aggregate
 from protocol.codec.measure import cosine, sketch, update_norm
 from protocol.evaluation import Losses
 from protocol.wire import RunInfo
+from tests.helpers.pool import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
 
 CODEC = SparseLoCoCodec()
 PIPELINE = default_pipeline(CheckSettings(), ValidationSettings())

@@ -11,7 +11,6 @@ from pathlib import Path
 import httpx
 import pytest
 import torch
-from pool_harness import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
 
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher
@@ -24,6 +23,7 @@ from protocol.codec import SparseLoCoCodec
 from protocol.params import Params, decode_update, params_hash
 from protocol.signing import generate_key
 from protocol.wire import RunInfo
+from tests.helpers.pool import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
 
 SPARSE = {"format": "sparseloco"}  # the default; the other API tests publish exactly
 
@@ -42,7 +42,7 @@ class Catcher(Follower):
 
 def rounds(pool: Pool, miners: list[Miner], first: int, last: int) -> None:
     for r in range(first, last):
-        v = pool.round()["version"]
+        v = pool.latest()["version"]  # what a miner trains from: the newest version
         for i, m in enumerate(miners):
             assert m.upload(r, payload(r, v, seed=100 * r + i)).status_code == 200
         pool.wait_for_round(r)
@@ -55,7 +55,7 @@ def test_a_miner_four_versions_behind_catches_up_through_four_compressed_updates
         miners = [pool.miner() for _ in range(3)]
         rounds(pool, miners, 0, 1)
         behind = Catcher(pool, tmp_path)
-        behind.catch_up(1, pool.round()["param_hash"])
+        behind.catch_up(1, pool.latest()["param_hash"])
         rounds(pool, miners, 1, 5)
         upload = len(payload(0, 0))
         for v in range(2, 6):
@@ -64,7 +64,7 @@ def test_a_miner_four_versions_behind_catches_up_through_four_compressed_updates
             assert (header.codec, header.base_version, header.version) == ("sparseloco", v - 1, v)
             assert len(r.content) <= 2.5 * upload, (len(r.content), upload)  # 3 miners' union, compressed
             assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
-        now = pool.round()
+        now = pool.latest()
         behind.catch_up(5, now["param_hash"])
         assert (behind.version, params_hash(behind.params, SPEC)) == (5, now["param_hash"])
 
@@ -111,9 +111,9 @@ def test_a_broken_update_sends_the_miner_to_the_checkpoint(
         miner = pool.miner()
         rounds(pool, [miner], 0, 1)
         follower = Catcher(pool, tmp_path, Corrupting(ThroughTestClient(pool.client)))
-        follower.catch_up(1, pool.round()["param_hash"])
+        follower.catch_up(1, pool.latest()["param_hash"])
         rounds(pool, [miner], 1, 2)
-        now = pool.round()
+        now = pool.latest()
         with caplog.at_level(logging.WARNING, logger="node.follower"):
             follower.catch_up(2, now["param_hash"])
     assert (follower.version, params_hash(follower.params, SPEC)) == (2, now["param_hash"])

@@ -8,36 +8,29 @@ from typing import Any
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pool_harness import (
-    SPEC,
-    Miner,
-    OpenPool,
-    Pool,
-    encode,
-    make_delta,
-    payload,
-    reframe,
-    scaled_table,
-    trained_delta,
-)
 from safetensors.torch import load as st_load
 
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import aggregate
 from protocol.codec.measure import cosine
 from protocol.params import apply_update, params_hash
+from tests.helpers.pool import (
+    EVAL,
+    RECIPE,
+    SPEC,
+    Miner,
+    OpenPool,
+    Pool,
+    encode,
+    fixed_miner,
+    make_delta,
+    payload,
+    reframe,
+    scaled_table,
+    trained_delta,
+)
 
-RECIPE = {"inner_steps": 4, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
-EVAL = {"builtin": True, "own_sequences": 16, "other_sequences": 16}
 FP32_MAX = float(torch.finfo(torch.float32).max)
-
-
-def miner(pool: Pool, i: int) -> Miner:
-    """A registered miner with a fixed key: its assignments, and so the test, are reproducible."""
-    m = Miner(pool.client, Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32))
-    assert m.register().status_code == 200
-    return m
 
 
 def honest(pool: Pool, m: Miner, round_: int, version: int) -> bytes:
@@ -89,12 +82,12 @@ def test_colluding_value_tables_x1e30_beside_an_honest_upload_are_refused(open_p
     first round, so they are the round's median norm: their evaluation's loss is not finite, and the
     version is made of the honest upload alone."""
     with open_pool(recipe=RECIPE, validation=EVAL, rounds={"min_quorum": 4}, admin_token="t") as pool:
-        good, *bad = (miner(pool, i) for i in range(4))
+        good, *bad = (fixed_miner(pool, i) for i in range(4))
         body = honest(pool, good, 0, 0)
         assert good.upload(0, body).status_code == 200
         for m in bad:
             assert m.upload(0, scaled_table(honest(pool, m, 0, 0), 1e30)).status_code == 200
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         assert reasons(pool, 0) == {good.pubkey: None, **{m.pubkey: "non_finite_loss" for m in bad}}
         assert after["version"] == 1 and after["param_hash"] == only(pool, 0, [body], 0)
         assert_every_version_finite(pool)
@@ -104,7 +97,7 @@ def test_colluding_value_tables_x1e30_beside_an_honest_upload_are_refused(open_p
             pool.client.post("/v1/admin/close-round", headers={"Authorization": "Bearer t"}).status_code
             == 200
         )
-        assert pool.wait_for_round(1, timeout_s=60)["version"] == 2
+        assert pool.latest_after(1, timeout_s=60)["version"] == 2
         assert_every_version_finite(pool)
 
 
@@ -112,11 +105,11 @@ def test_a_lone_x1e30_upload_beside_one_honest_upload_does_not_stop_the_round(op
     """Two uploads: too few for a norm outlier. The x1e30 one makes the evaluation's loss NaN, which is a
     refusal, not an exception that leaves the round open for ever."""
     with open_pool(recipe=RECIPE, validation=EVAL, rounds={"min_quorum": 2}) as pool:
-        good, bad = miner(pool, 0), miner(pool, 1)
+        good, bad = fixed_miner(pool, 0), fixed_miner(pool, 1)
         body = honest(pool, good, 0, 0)
         assert good.upload(0, body).status_code == 200
         assert bad.upload(0, scaled_table(honest(pool, bad, 0, 0), 1e30)).status_code == 200
-        after = pool.wait_for_round(0, timeout_s=60)
+        after = pool.latest_after(0, timeout_s=60)
         assert reasons(pool, 0) == {good.pubkey: None, bad.pubkey: "non_finite_loss"}
         assert after["param_hash"] == only(pool, 0, [body], 0)
         board = {e["miner"]: e for e in pool.client.get("/v1/leaderboard").json()["miners"]}
@@ -130,26 +123,26 @@ def test_a_hostile_minority_of_the_recent_uploads_cannot_move_the_reference_norm
     median of this round's and the last round's accepted norms, so the two are norm outliers."""
     validation = {"builtin": False}
     with open_pool(validation=validation, rounds={"min_quorum": 3}) as pool:
-        miners = [miner(pool, i) for i in range(3)]
+        miners = [fixed_miner(pool, i) for i in range(3)]
         first = [payload(0, 0, seed=10 + i) for i in range(3)]
         for m, body in zip(miners, first, strict=True):
             assert m.upload(0, body).status_code == 200
-        assert pool.wait_for_round(0)["version"] == 1
+        assert pool.latest_after(0)["version"] == 1
         good = payload(1, 1, seed=20)
         assert miners[0].upload(1, good).status_code == 200
         for i, m in enumerate(miners[1:]):
             assert m.upload(1, scaled_table(payload(1, 1, seed=30 + i), 1e30)).status_code == 200
-        after = pool.wait_for_round(1)
+        after = pool.latest_after(1)
         assert list(reasons(pool, 1).values()) == [None, "norm_outlier", "norm_outlier"]
         assert after["param_hash"] == only(pool, 1, [good], 1)
 
 
 def test_a_round_of_hostile_uploads_only_publishes_nothing(open_pool: OpenPool) -> None:
     with open_pool(recipe=RECIPE, validation=EVAL, rounds={"min_quorum": 6}) as pool:
-        miners = [miner(pool, i) for i in range(6)]
+        miners = [fixed_miner(pool, i) for i in range(6)]
         for m in miners:
             assert m.upload(0, honest(pool, m, 0, 0)).status_code == 200
-        start = pool.wait_for_round(0)
+        start = pool.latest_after(0)
         deltas = [trained_delta(pool, m.pubkey, 1, 1) for m in miners]
         hostile = [
             encode({n: -t for n, t in deltas[0].items()}, 1, 1)[0],  # sign-flipped
@@ -161,7 +154,7 @@ def test_a_round_of_hostile_uploads_only_publishes_nothing(open_pool: OpenPool) 
         hostile.append(reframe(hostile[0], header={"stats": {"compute_s": 3.0}}))  # a copy
         for m, body in zip(miners, hostile, strict=True):
             assert m.upload(1, body).status_code == 200
-        after = pool.wait_for_round(1)
+        after = pool.latest_after(1)
         assert (after["version"], after["param_hash"]) == (start["version"], start["param_hash"])
         assert list(reasons(pool, 1).values()) == [
             "harmful",
@@ -197,11 +190,11 @@ def test_an_update_of_an_earlier_round_replayed_by_another_key_is_refused(
         author = pool.miner()
         delta = make_delta(7)
         assert author.upload(0, encode(delta, 0, 0)[0]).status_code == 200
-        start = pool.wait_for_round(0)
+        start = pool.latest_after(0)
         stranger = pool.miner()  # a new key, the only uploader of round 1
         replay = encode({n: t * rescale for n, t in delta.items()}, 1, 1)[0]
         assert stranger.upload(1, replay).status_code == 200
-        after = pool.wait_for_round(1)
+        after = pool.latest_after(1)
         assert reasons(pool, 1) == {stranger.pubkey: "replayed_update"}
         assert (after["version"], after["param_hash"]) == (start["version"], start["param_hash"])
 
@@ -214,7 +207,7 @@ def test_a_version_that_would_raise_the_held_out_loss_is_not_published(open_pool
         start = pool.round()
         wild = pool.miner()
         assert wild.upload(0, payload(0, 0, seed=3, scale=0.5)).status_code == 200
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         assert (after["version"], after["param_hash"]) == (0, start["param_hash"])
         assert reasons(pool, 0) == {wild.pubkey: "loss_guard"}
         rec = record(pool, 0)
@@ -232,7 +225,7 @@ def test_the_guard_builds_again_without_the_suspect_uploads(open_pool: OpenPool)
         assert good.upload(0, body).status_code == 200
         for i, m in enumerate(bad):
             assert m.upload(0, scaled_table(payload(0, 0, seed=2 + i), 1e30)).status_code == 200
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         assert reasons(pool, 0) == {good.pubkey: None, **{m.pubkey: "loss_guard" for m in bad}}
         assert after["version"] == 1
         assert_every_version_finite(pool)

@@ -12,7 +12,13 @@ from typing import Any
 import httpx
 import pytest
 import torch
-from pool_harness import (
+from safetensors.torch import load as st_load
+
+from coordinator.hooks import Hooks
+from coordinator.settings import CoordinatorSettings, DataSettings, RoundSettings
+from protocol.codec import SparseLoCoCodec
+from protocol.signing import HEADER_NONCE, HEADER_SIGNATURE, generate_key
+from tests.helpers.pool import (
     Miner,
     OpenPool,
     Pool,
@@ -24,12 +30,6 @@ from pool_harness import (
     running,
     submit_path,
 )
-from safetensors.torch import load as st_load
-
-from coordinator.hooks import Hooks
-from coordinator.settings import CoordinatorSettings, DataSettings, RoundSettings
-from protocol.codec import SparseLoCoCodec
-from protocol.signing import HEADER_NONCE, HEADER_SIGNATURE, generate_key
 
 
 def unchanged(info: dict[str, Any]) -> tuple[Any, ...]:
@@ -239,9 +239,10 @@ def test_oversized_upload_is_refused_declared_or_streamed(open_pool: OpenPool) -
 
 
 # -- rules of the round -------------------------------------------------------------------------------------
-def test_round_rules(open_pool: OpenPool) -> None:
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_round_rules(open_pool: OpenPool, overlap: bool) -> None:
     """Replay, duplicate, second upload; after the round closed: closed round, stale base, future round."""
-    with open_pool() as pool:
+    with open_pool(rounds={"overlap": overlap}) as pool:
         alice, bob = pool.miner(), pool.miner()
         start = pool.round()
         body = payload(round_=0, base_version=0, seed=1)
@@ -259,10 +260,13 @@ def test_round_rules(open_pool: OpenPool) -> None:
 
         assert bob.upload(0, payload(round_=0, base_version=0, seed=3)).status_code == 200
         now = pool.wait_for_round(0)
-        assert (now["round"], now["version"]) == (1, 1)
+        assert (now["round"], pool.latest()["version"]) == (1, 1)
 
         assert_error(bob.upload(0, payload(round_=0, base_version=0, seed=3)), 409, "round_closed")
-        assert_error(alice.upload(1, payload(round_=1, base_version=0, seed=4)), 409, "stale_version")
+        # synchronous: round 1 is for version 1 alone, so version 0 is stale; overlapped: it is for version
+        # 0 and the newest one, 1, and version 2 does not exist yet
+        stale = 2 if overlap else 0
+        assert_error(alice.upload(1, payload(round_=1, base_version=stale, seed=4)), 409, "stale_version")
         assert_error(alice.upload(2, payload(round_=2, base_version=1, seed=4)), 409, "round_not_open")
         assert unchanged(pool.round()) == unchanged(now)
         assert pool.submissions() == {

@@ -7,13 +7,22 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import time
 from pathlib import Path
 
-from pool_harness import Miner, OpenPool, Pool, encode, trained_delta
-from test_scoring import EVAL, RECIPE, fixed_miner, leaderboard
+import pytest
 
 from coordinator.hooks import Hooks
+from tests.helpers.pool import (
+    EVAL,
+    RECIPE,
+    Miner,
+    OpenPool,
+    Pool,
+    encode,
+    fixed_miner,
+    leaderboard,
+    trained_delta,
+)
 
 OVERLAP = {"overlap": True, "min_quorum": 3}
 TRUST_AFTER_ONE = {**EVAL, "min_record": 1}  # one evaluated round makes a record
@@ -50,24 +59,6 @@ def first_round(pool: Pool) -> tuple[list[Miner], Miner]:
     return honest, flipper
 
 
-def scored(state_dir: Path, round_: int) -> bool:
-    uri = f"file:{state_dir / 'state.db'}?mode=ro"
-    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
-        row = db.execute(
-            "SELECT scored FROM rounds WHERE round = ? AND status = 'closed'", (round_,)
-        ).fetchone()
-    return row is not None and row[0] == 1
-
-
-def wait_scored(pool: Pool, round_: int, timeout_s: float = 60.0) -> dict[str, dict[str, object]]:
-    """The round's uploads once its evaluation has ended."""
-    end = time.monotonic() + timeout_s
-    while not scored(pool.settings.state_dir, round_):
-        assert time.monotonic() < end, f"round {round_} was not evaluated within {timeout_s} s"
-        time.sleep(0.05)
-    return {s["miner"]: s for s in pool.client.get(f"/v1/rounds/{round_}").json()["submissions"]}
-
-
 def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagged(
     open_pool: OpenPool,
 ) -> None:
@@ -84,7 +75,7 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
         honest, flipper = first_round(pool)  # nobody has a record, so every upload is judged first
 
         upload_round(pool, honest, flipper, 1)  # the flipper has a record now: judged after the version
-        r1 = wait_scored(pool, 1)
+        r1 = pool.wait_scored(1)
         assert pool.client.get("/v1/rounds/1").json()["scored"]
         assert r1[flipper.pubkey]["status"] == "accepted" and r1[flipper.pubkey]["flag"] == "harmful", r1
         assert all(r1[m.pubkey]["status"] == "accepted" and r1[m.pubkey]["flag"] is None for m in honest)
@@ -98,7 +89,7 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
         assert board[flipper.pubkey]["rounds_refused"] == 0 and board[honest[0].pubkey]["flagged"] == {}
 
         upload_round(pool, honest, flipper, 2)  # flagged: on probation, left out, evaluated all the same
-        r2 = wait_scored(pool, 2)
+        r2 = pool.wait_scored(2)
         assert (r2[flipper.pubkey]["status"], r2[flipper.pubkey]["reason"]) == ("rejected", "probation"), r2
         assert r2[flipper.pubkey]["flag"] == "harmful" and r2[flipper.pubkey]["evaluated"]
         assert all(r2[m.pubkey]["status"] == "accepted" for m in honest)
@@ -109,17 +100,18 @@ def test_a_trusted_upload_is_judged_after_the_version_and_a_harmful_one_is_flagg
         assert board[flipper.pubkey]["score"] < min(board[m.pubkey]["score"] for m in honest)
 
 
+@pytest.mark.slow  # six rounds of real training and evaluation: about 20 s of one core
 def test_a_flag_means_three_rounds_of_probation_which_clean_rounds_end(open_pool: OpenPool) -> None:
     """A miner flagged once, honest after it: on probation for the 3 rounds after the flagged one
     (evaluated, left out, not flagged), then back in the versions."""
     with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
         honest, flipper = first_round(pool)
         upload_round(pool, honest, flipper, 1)
-        assert wait_scored(pool, 1)[flipper.pubkey]["flag"] == "harmful"
+        assert pool.wait_scored(1)[flipper.pubkey]["flag"] == "harmful"
         outcomes = []
         for round_ in range(2, 6):
             upload_round(pool, [*honest, flipper], None, round_)
-            mine = wait_scored(pool, round_)[flipper.pubkey]
+            mine = pool.wait_scored(round_)[flipper.pubkey]
             outcomes.append((mine["status"], mine["reason"], mine["flag"], bool(mine["evaluated"])))
     on_probation = ("rejected", "probation", None, True)
     assert outcomes == [on_probation] * 3 + [("accepted", None, None, True)], outcomes
@@ -135,7 +127,7 @@ def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPo
                 body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
                 assert m.upload(round_, body).status_code == 200
             pool.wait_for_round(round_)
-        wait_scored(pool, 1)
+        pool.wait_scored(1)
         db_path = pool.settings.state_dir / "state.db"
     with contextlib.closing(sqlite3.connect(db_path)) as db:
         before = db.execute(
@@ -148,7 +140,7 @@ def test_an_evaluation_left_unfinished_is_done_after_a_restart(open_pool: OpenPo
         db.execute("UPDATE rounds SET scored = 0 WHERE round = 1")
         db.commit()
     with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
-        wait_scored(pool, 1)
+        pool.wait_scored(1)
         board = leaderboard(pool, round=1)
         assert all(board[m.pubkey]["verdicts"] == 2 for m in honest), board
     with contextlib.closing(sqlite3.connect(db_path)) as db:
@@ -179,7 +171,7 @@ def test_the_loss_guard_judges_the_uploads_it_holds_unjudged(open_pool: OpenPool
         for m in flippers:
             flipped = {n: -t for n, t in trained_delta(pool, m.pubkey, 1, version).items()}
             assert m.upload(1, encode(flipped, 1, version)[0]).status_code == 200
-        r1 = wait_scored(pool, 1)
+        r1 = pool.wait_scored(1)
     assert r1[honest.pubkey]["status"] == "accepted", r1
     left_out = [m for m in flippers if r1[m.pubkey]["status"] == "rejected"]
     assert left_out and all(r1[m.pubkey]["reason"] == "loss_guard" for m in left_out), r1
@@ -193,10 +185,10 @@ def test_weighting_by_score_refuses_on_the_standing_of_the_rounds_before(open_po
     with open_pool(recipe=RECIPE, validation=lenient, rounds={**OVERLAP, "min_quorum": 4}) as pool:
         honest, flipper = [fixed_miner(pool, i) for i in range(3)], fixed_miner(pool, 3)
         upload_round(pool, honest, flipper, 0)
-        r0 = wait_scored(pool, 0)
+        r0 = pool.wait_scored(0)
         assert all(s["status"] == "accepted" for s in r0.values()), r0
         upload_round(pool, honest, flipper, 1)
-        r1 = wait_scored(pool, 1)
+        r1 = pool.wait_scored(1)
         assert (r1[flipper.pubkey]["status"], r1[flipper.pubkey]["reason"]) == ("rejected", "low_score"), r1
         assert all(r1[m.pubkey]["status"] == "accepted" for m in honest), r1
 
@@ -213,7 +205,7 @@ def test_a_round_that_fails_for_most_of_its_version_flags_none_of_its_miners(ope
             if m in faint:
                 delta = {n: t / 100 for n, t in delta.items()}
             assert m.upload(round_, encode(delta, round_, version)[0]).status_code == 200
-        return wait_scored(pool, round_)
+        return pool.wait_scored(round_)
 
     with open_pool(recipe=RECIPE, validation=TRUST_AFTER_ONE, rounds=OVERLAP) as pool:
         honest, flipper = first_round(pool)
@@ -241,7 +233,7 @@ def test_freeriders_refused_in_the_first_round_do_not_pull_its_clip(open_pool: O
             if m in freeriders:
                 delta = {n: t * 1e-4 for n, t in delta.items()}
             assert m.upload(0, encode(delta, 0, 0)[0]).status_code == 200
-        r0 = wait_scored(pool, 0)
+        r0 = pool.wait_scored(0)
     for m in freeriders:
         assert (r0[m.pubkey]["status"], r0[m.pubkey]["reason"]) == ("rejected", "low_gain"), r0
     scales = sorted(float(str(r0[m.pubkey]["scale"])) for m in honest)

@@ -13,12 +13,12 @@ import pytest
 import safetensors.torch as st
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pool_harness import SPEC, OpenPool, assert_error, payload, submit_path
 
 from protocol.codec import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.payload import MAX_HEADER_BYTES, unframe
 from protocol.signing import sign_request
+from tests.helpers.pool import SPEC, OpenPool, assert_error, payload, submit_path
 
 HUGE = [2**63, -(2**64)]
 GETS = [

@@ -6,7 +6,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from pool_harness import OpenPool, payload
+from tests.helpers.pool import OpenPool, payload
 
 BAD_VALUES = ["-1", "abc", str(2**63), "0", "7", "1e3", "%00", "x" * 80]
 OK = {200, 206, 307}

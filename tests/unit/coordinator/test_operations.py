@@ -6,8 +6,10 @@ from __future__ import annotations
 import time
 
 import pytest
-from pool_harness import OpenPool, assert_error, payload
 from prometheus_client.parser import text_string_to_metric_families
+
+from tests.helpers.clock import ManualClock
+from tests.helpers.pool import Miner, OpenPool, assert_error, payload
 
 
 def samples(text: str) -> dict[tuple[str, tuple[tuple[str, str], ...]], float]:
@@ -64,7 +66,7 @@ def test_an_operator_closes_a_round_early_with_the_admin_token(open_pool: OpenPo
         assert_error(pool.client.post(url, headers=admin), 409, "nothing_to_aggregate")
         pool.miner().upload(0, payload(0, 0))
         assert pool.client.post(url, headers=admin).json() == {"round": 0}
-        assert pool.wait_for_round(0)["version"] == 1
+        assert pool.latest_after(0)["version"] == 1
 
 
 def test_admin_endpoints_are_off_without_a_token(open_pool: OpenPool) -> None:
@@ -74,8 +76,6 @@ def test_admin_endpoints_are_off_without_a_token(open_pool: OpenPool) -> None:
 
 
 def test_an_allowlist_refuses_other_miners(open_pool: OpenPool) -> None:
-    from pool_harness import Miner
-
     with open_pool() as pool:
         allowed = Miner(pool.client)
     with open_pool(allowlist=[allowed.pubkey.upper()]) as pool:
@@ -84,29 +84,20 @@ def test_an_allowlist_refuses_other_miners(open_pool: OpenPool) -> None:
         assert_error(Miner(pool.client).register(), 403, "not_allowed")
 
 
-class Clock:
-    """A clock that stands still until the test moves it (it starts at the real time, so that signatures
-    are within their window): arrivals and deadlines by this clock, not the machine's."""
-
-    def __init__(self) -> None:
-        self.start, self.offset = time.time(), 0.0
-
-    def __call__(self) -> float:
-        return self.start + self.offset
-
-
 def test_the_deadline_adapts_to_how_quickly_uploads_arrived_in_recent_rounds(open_pool: OpenPool) -> None:
-    clock = Clock()
+    # a clock that stands still until the test moves it: arrivals and deadlines by it, not the machine's (it
+    # starts at the real time, so that signatures are within their window)
+    clock = ManualClock(start=time.time())
     rounds = {"min_quorum": 1, "deadline_s": 600.0, "min_deadline_s": 1.0}
     with open_pool(app={"clock": clock}, rounds=rounds) as pool:
         a, b = pool.miner(), pool.miner()
         a.upload(0, payload(0, 0, seed=1))
-        clock.offset += 0.25  # b arrives a quarter of a second later
+        clock.advance(0.25)  # b arrives a quarter of a second later
         b.upload(0, payload(0, 0, seed=2))  # both in: the round closes at once
         assert pool.wait_for_round(0)["round"] == 1
         a.upload(1, payload(1, 1, seed=3))  # b stays silent
         # twice the spread of arrivals plus a second, not 600 s
         assert pool.round()["deadline_s"] == pytest.approx(2 * 0.25 + 1.0, abs=0.05)
-        clock.offset += 1.6  # past the deadline: the round closes without b
-        info = pool.wait_for_round(1, timeout_s=30)
+        clock.advance(1.6)  # past the deadline: the round closes without b
+        info = pool.latest_after(1, timeout_s=30)
         assert info["version"] == 2 and pool.submissions()[(1, a.pubkey)] == ("accepted", None)

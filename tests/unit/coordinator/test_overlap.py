@@ -10,7 +10,6 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from tests.helpers.pool import SPEC, OpenPool, assert_error, node_client, payload
 
 from coordinator.errors import Stopping
 from coordinator.hooks import Hooks
@@ -19,6 +18,9 @@ from node.settings import MinerSettings
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import aggregate
 from protocol.params import Params, apply_update, params_hash
+from tests.helpers.clock import ManualClock
+from tests.helpers.pool import SPEC, OpenPool, assert_error, node_client, payload
+from tests.helpers.waiting import wait_until
 
 OVERLAP = {"overlap": True}
 
@@ -35,46 +37,48 @@ def test_the_next_round_trains_while_one_closes_and_is_applied_to_the_version_it
     open_pool: OpenPool,
 ) -> None:
     closing, release = threading.Event(), threading.Event()
+    clock = ManualClock(start=time.time())  # it stamps the rounds; signatures are checked by it too
 
     def hold(round_: int) -> None:
         if round_ == 0:
             closing.set()
             assert release.wait(30)
 
-    with open_pool(rounds=OVERLAP, app={"hooks": Hooks(before_commit=hold)}) as pool:
+    with open_pool(rounds=OVERLAP, app={"hooks": Hooks(before_commit=hold), "clock": clock}) as pool:
         alice = pool.miner()
         first = payload(round_=0, base_version=0, seed=1)
+        clock.advance(3.0)
         assert alice.upload(0, first).status_code == 200
         assert closing.wait(30)
         # round 0 is being closed; round 1 is open for version 0, the newest there is
         now = pool.round()
         assert (now["round"], now["version"], now["status"]) == (1, 0, "open")
-        assert pool.client.get("/v1/rounds/0").json()["status"] == "aggregating"
+        assert pool.record(0)["status"] == "aggregating"
         assert_error(alice.upload(0, payload(round_=0, base_version=0, seed=2)), 409, "round_closed")
         assert_error(alice.post("/v1/rounds/0/verdicts", b'{"verdicts": []}'), 409, "round_open")
         second = payload(round_=1, base_version=0, seed=3)
+        clock.advance(4.0)
         assert alice.upload(1, second).status_code == 200
         assert pool.round()["submissions"] == 1
-        # a long-poll for round 0 to close waits while it is held, and wakes as soon as it closes
-        t0 = time.monotonic()
+        # a long-poll for round 0 to close answers at the end of its wait while round 0 is held...
         held = pool.client.get("/v1/round", params={"closed": 0, "wait_s": 0.5}).json()
-        assert time.monotonic() - t0 >= 0.45 and held["closing"] == 0, held
+        assert (held["round"], held["closing"], held["newest"]) == (1, 0, None), held
+        # ...and is woken by the close: it would otherwise answer after its 60 s, well past the join's 30 s
         woken: dict[str, Any] = {}
-        poll = threading.Thread(
-            target=lambda: woken.update(
-                pool.client.get("/v1/round", params={"closed": 0, "wait_s": 30}).json(), at=time.monotonic()
-            )
-        )
+
+        def long_poll() -> None:
+            woken.update(pool.client.get("/v1/round", params={"closed": 0, "wait_s": 60}).json())
+
+        poll = threading.Thread(target=long_poll)
         poll.start()
-        released_at = time.monotonic()
         release.set()
-        poll.join(timeout=60)
+        poll.join(timeout=30)
+        assert not poll.is_alive(), "the long-poll was not woken by the close of round 0"
         # round 0 closed and made version 1 (round 1 may have begun closing since, with round 2 open for 1)
         assert woken["closing"] != 0 and 1 in (woken["newest"], woken["version"]), woken
-        assert woken["at"] - released_at < 10, "woken by the close, not by the 30 s timeout"
 
         after = pool.wait_for_round(1)
-        r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
+        r0, r1 = pool.record(0), pool.record(1)
         assert (r0["version"], r0["applied_to"], r1["version"], r1["applied_to"]) == (0, 0, 0, 1)
         v1 = after_round(pool.checkpoint(0), [first], r0["reference_norm"])
         v2 = after_round(v1, [second], r1["reference_norm"])  # trained on version 0, applied to version 1
@@ -85,7 +89,9 @@ def test_the_next_round_trains_while_one_closes_and_is_applied_to_the_version_it
         assert pool.client.get("/v1/versions/2").json()["base_version"] == 1
         reports = {r["round"]: r for r in pool.client.get("/v1/reports").json()}
         assert (reports[0]["version"], reports[1]["version"]) == (1, 2)
-        assert all(r["wall_s"] >= 0 for r in reports.values())
+        # a round's wall time runs from its opening to the next one's, by the coordinator's clock: round 1
+        # opened as round 0 began closing (3 s in), round 2 as round 1 did (4 s later, once round 0 closed)
+        assert (reports[0]["wall_s"], reports[1]["wall_s"]) == (3.0, 4.0), reports
 
 
 def test_an_upload_more_stale_than_max_staleness_is_refused(open_pool: OpenPool) -> None:
@@ -117,16 +123,18 @@ def test_a_restart_mid_close_closes_the_round_behind_then_the_open_one(
         raise Stopping
 
     with open_pool(rounds=OVERLAP, app={"hooks": Hooks(before_commit=stop_before_the_commit)}) as pool:
-        alice = pool.miner()
-        first = payload(round_=0, base_version=0, seed=1)
-        assert alice.upload(0, first).status_code == 200
-        assert held.wait(timeout=60), "round 0 never reached its commit"
-        assert pool.round()["round"] == 1
-        second = payload(round_=1, base_version=0, seed=2)
-        assert alice.upload(1, second).status_code == 200
-        assert pool.client.get("/v1/rounds/0").json()["status"] == "aggregating"
-        assert pool.client.get("/v1/versions/1").status_code == 404
-        release.set()
+        try:
+            alice = pool.miner()
+            first = payload(round_=0, base_version=0, seed=1)
+            assert alice.upload(0, first).status_code == 200
+            assert held.wait(timeout=60), "round 0 never reached its commit"
+            assert pool.round()["round"] == 1
+            second = payload(round_=1, base_version=0, seed=2)
+            assert alice.upload(1, second).status_code == 200
+            assert pool.record(0)["status"] == "aggregating"
+            assert pool.client.get("/v1/versions/1").status_code == 404
+        finally:
+            release.set()  # the coordinator stops with round 0 uncommitted
 
     with open_pool(rounds=then) as pool:
         after = pool.wait_for_round(1)
@@ -151,10 +159,15 @@ def test_a_version_published_mid_round_may_be_trained_from(open_pool: OpenPool) 
             assert m.upload(0, body).status_code == 200
         late = payload(round_=1, base_version=0, seed=3)
         assert alice.upload(1, late).status_code == 200
-        end = threading.Event()
-        while (now := pool.round())["newest"] is None:
-            assert now["closing"] == 0
-            end.wait(0.05)
+
+        def published() -> dict[str, Any] | None:
+            now = pool.round()
+            if now["newest"] is None:
+                assert now["closing"] == 0, now  # round 0 is still closing, behind round 1
+                return None
+            return now
+
+        now = wait_until(published, 30, "round 0 to publish version 1 while round 1 is open")
         assert (now["round"], now["version"], now["newest"], now["closing"]) == (1, 0, 1, None)
         assert now["newest_hash"] == pool.client.get("/v1/versions/1").json()["param_hash"]
         fresh = payload(round_=1, base_version=1, seed=4)

@@ -8,7 +8,6 @@ from pathlib import Path
 
 import pytest
 import torch
-from pool_harness import SPEC, Miner, OpenPool, Pool, node_client, payload
 from typer.testing import CliRunner
 
 from coordinator.hooks import Hooks
@@ -18,6 +17,7 @@ from node.follower import Follower
 from protocol.params import apply_update, decode_update, params_hash
 from protocol.signing import generate_key, public_key_hex
 from protocol.wire import RunInfo
+from tests.helpers.pool import SPEC, Miner, OpenPool, Pool, node_client, payload
 
 
 def failing(miners: set[str]) -> Hooks:
@@ -37,7 +37,7 @@ def test_an_upload_whose_processing_fails_is_refused_and_the_others_are_publishe
         assert bad.register().status_code == 200
         assert good.upload(0, payload(0, 0, seed=1)).status_code == 200
         assert bad.upload(0, payload(0, 0, seed=2)).status_code == 200
-        assert pool.wait_for_round(0)["version"] == 1
+        assert pool.latest_after(0)["version"] == 1
         assert pool.submissions() == {
             (0, good.pubkey): ("accepted", None),
             (0, bad.pubkey): ("rejected", "unreadable_upload"),
@@ -111,7 +111,7 @@ def test_an_operator_rolls_back_and_miners_resynchronise(open_pool: OpenPool, tm
         with pytest.raises(ValueError, match="another coordinator is using"):
             rollback(pool.settings.state_dir, 1)
         ahead = Catcher(pool, tmp_path)
-        ahead.catch_up(3, pool.round()["param_hash"])  # a miner at version 3
+        ahead.catch_up(3, pool.latest()["param_hash"])  # a miner at version 3
     state = str(pool.settings.state_dir)
     cli = CliRunner()
     done = cli.invoke(app, ["coordinator", "rollback", "--state-dir", state, "--to-version", "7"])
@@ -132,7 +132,7 @@ def test_an_operator_rolls_back_and_miners_resynchronise(open_pool: OpenPool, tm
 
         miner = Miner(pool.client, miner.key)
         assert miner.upload(4, payload(4, 1, seed=9)).status_code == 200
-        after = pool.wait_for_round(4)
+        after = pool.latest_after(4)
         assert after["version"] == 4  # numbered after every earlier version, rolled back or not
         header, delta = decode_update(pool.client.get("/v1/versions/4/update").content, SPEC)
         assert (header.base_version, header.version) == (1, 4)

@@ -8,17 +8,19 @@ from pathlib import Path
 from typing import Any
 
 import pytest
-from pool_harness import SPEC, Miner, OpenPool, payload
 
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import aggregate
 from protocol.codec.measure import update_norm
 from protocol.errors import DataError
 from protocol.params import apply_update, params_hash
+from tests.helpers.pool import SPEC, Miner, OpenPool, payload
 
 
-def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -> None:
-    with open_pool() as pool:
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool, overlap: bool) -> None:
+    rounds = {"overlap": overlap}
+    with open_pool(rounds=rounds) as pool:
         alice, bob = pool.miner(), pool.miner()
         first = [payload(round_=0, base_version=0, seed=i) for i in range(2)]
         for miner, body in zip([alice, bob], first, strict=True):
@@ -30,11 +32,14 @@ def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -
         status = pool.client.get("/v1/status").json()
         v1 = pool.client.get("/v1/versions/1").json()
         submissions = pool.submissions()
-    assert (before["round"], before["version"], before["submissions"]) == (1, 1, 1)
+    # synchronous: round 1 is for version 1; overlapped: for version 0, and version 1 as the newest
+    assert (before["round"], before["version"], before["newest"], before["submissions"]) == (
+        (1, 0, 1, 1) if overlap else (1, 1, None, 1)
+    )
 
-    with open_pool() as pool:
+    with open_pool(rounds=rounds) as pool:
         now = pool.round()
-        for field in ("round", "version", "status", "param_hash", "submissions", "expected"):
+        for field in ("round", "version", "newest", "status", "param_hash", "submissions", "expected"):
             assert now[field] == before[field], field
         restarted = pool.client.get("/v1/status").json()
         for field in ("rounds", "miners", "initial_eval_loss"):
@@ -52,15 +57,17 @@ def test_restart_resumes_the_same_round_version_and_model(open_pool: OpenPool) -
         after = pool.wait_for_round(1)
         codec = SparseLoCoCodec()
         params = pool.checkpoint(1)
-        # Round 1's uploads are clipped to the median norm of its own and round 0's accepted uploads.
+        # Round 1's uploads are clipped to the trusted norm: the median norm of round 0's accepted uploads
+        # (no upload of round 1 sets it).
         updates = [codec.decode(b, SPEC)[1] for b in (pending, last)]
-        reference = statistics.median(update_norm(codec.decode(b, SPEC)[1]) for b in [*first, pending, last])
+        reference = statistics.median(update_norm(codec.decode(b, SPEC)[1]) for b in first)
         assert pool.client.get("/v1/rounds/1").json()["reference_norm"] == pytest.approx(reference)
         apply_update(
             params,
             aggregate(updates, SPEC, reference=pool.client.get("/v1/rounds/1").json()["reference_norm"]),
         )
-        assert (after["round"], after["version"], after["param_hash"]) == (2, 2, params_hash(params, SPEC))
+        latest = pool.latest()
+        assert (after["round"], latest["version"], latest["param_hash"]) == (2, 2, params_hash(params, SPEC))
 
 
 def test_restart_may_change_operational_limits(open_pool: OpenPool) -> None:

@@ -9,24 +9,25 @@ from typing import Any
 
 import pytest
 import torch
-from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from pool_harness import SPEC, Miner, OpenPool, Pool, assert_error, encode, payload, trained_delta
 
 from coordinator.rounds.judging import MIN_WEIGHT_SCORE
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import FlatAccumulator, robust_mean
 from protocol.params import apply_update, params_hash
 from protocol.signing import generate_key, public_key_hex, sign_request
-
-# Enough training per update that its effect on its own sequences stands clear of the noise.
-RECIPE = {"inner_steps": 4, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
-EVAL = {"builtin": True, "own_sequences": 16, "other_sequences": 16}
-
-
-def leaderboard(pool: Pool, **params: Any) -> dict[str, dict[str, Any]]:
-    r = pool.client.get("/v1/leaderboard", params=params)
-    assert r.status_code == 200, r.text
-    return {e["miner"]: e for e in r.json()["miners"]}
+from tests.helpers.pool import (
+    EVAL,
+    RECIPE,
+    SPEC,
+    OpenPool,
+    Pool,
+    assert_error,
+    encode,
+    fixed_miner,
+    leaderboard,
+    payload,
+    trained_delta,
+)
 
 
 def honest_round(pool: Pool, miners: list[Any], round_: int, version: int) -> None:
@@ -35,23 +36,21 @@ def honest_round(pool: Pool, miners: list[Any], round_: int, version: int) -> No
         assert m.upload(round_, body).status_code == 200
 
 
-def fixed_miner(pool: Pool, i: int) -> Miner:
-    """A registered miner with a fixed key: its assignments, and so the whole test, are reproducible."""
-    m = Miner(pool.client, Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32))
-    assert m.register().status_code == 200
-    return m
-
-
-def test_harmful_updates_are_refused_and_rank_last(open_pool: OpenPool) -> None:
+@pytest.mark.slow  # three rounds of five miners' real training and evaluation: about 18 s of one core
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
+def test_harmful_updates_are_refused_and_rank_last(open_pool: OpenPool, overlap: bool) -> None:
+    """A sign-flipped update is refused as harmful. Synchronous rounds refuse it again in the next round;
+    in overlapped rounds its next upload trains while it is judged, and a miner refused in the round
+    before is on probation (evaluated all the same, left out, flagged by what its evaluation shows)."""
     torch.manual_seed(0)
-    with open_pool(recipe=RECIPE, validation=EVAL, rounds={"min_quorum": 5}) as pool:
+    with open_pool(recipe=RECIPE, validation=EVAL, rounds={"min_quorum": 5, "overlap": overlap}) as pool:
         honest = [fixed_miner(pool, i) for i in range(3)]
         flipper, noisy = fixed_miner(pool, 3), fixed_miner(pool, 4)
         honest_round(pool, [*honest, flipper, noisy], 0, 0)  # everyone honest in the first round
-        assert pool.wait_for_round(0)["version"] == 1
+        assert pool.latest_after(0)["version"] == 1
 
         for round_ in (1, 2):
-            version = pool.round()["version"]
+            version = pool.latest()["version"]  # what a miner trains from: the newest version
             honest_round(pool, honest, round_, version)
             flipped = {n: -t for n, t in trained_delta(pool, flipper.pubkey, round_, version).items()}
             own = trained_delta(pool, noisy.pubkey, round_, version)
@@ -59,17 +58,22 @@ def test_harmful_updates_are_refused_and_rank_last(open_pool: OpenPool) -> None:
             assert flipper.upload(round_, encode(flipped, round_, version)[0]).status_code == 200
             assert noisy.upload(round_, encode(noise, round_, version)[0]).status_code == 200
             pool.wait_for_round(round_)
+        pool.wait_scored(2)
 
         subs = pool.submissions()
         for round_ in (1, 2):
             assert all(subs[(round_, m.pubkey)] == ("accepted", None) for m in honest), subs
-            assert subs[(round_, flipper.pubkey)] == ("rejected", "harmful")
+        assert subs[(1, flipper.pubkey)] == ("rejected", "harmful")
+        assert subs[(2, flipper.pubkey)] == ("rejected", "probation" if overlap else "harmful")
+        flags = {s["miner"]: s["flag"] for s in pool.record(2)["submissions"]}
+        assert flags[flipper.pubkey] == ("harmful" if overlap else None)
         assert "rejected" in {subs[(r, noisy.pubkey)][0] for r in (1, 2)}  # noise can help, by luck, once
         board = leaderboard(pool)
         worst_honest = min(board[m.pubkey]["score"] for m in honest)
         assert all(board[m.pubkey]["gain_avg"] > 0 for m in honest)
         assert board[flipper.pubkey]["score"] < worst_honest and board[noisy.pubkey]["rounds_refused"] >= 1
-        assert board[flipper.pubkey]["refusals"] == {"harmful": 2}
+        assert board[flipper.pubkey]["refusals"] == ({"harmful": 1} if overlap else {"harmful": 2})
+        assert board[flipper.pubkey]["flagged"] == ({"harmful": 1} if overlap else {})
         assert board[flipper.pubkey]["rounds_contributed"] == 1
         assert all(board[m.pubkey]["rounds_contributed"] == 3 for m in honest)
         # As of round 0 everyone had contributed once, and nobody had been refused.
@@ -78,7 +82,10 @@ def test_harmful_updates_are_refused_and_rank_last(open_pool: OpenPool) -> None:
         assert_error(pool.client.get("/v1/leaderboard", params={"round": 3}), 404, "not_found")
         status = pool.client.get("/v1/status").json()
         assert status["leaderboard"][-1]["miner"] == flipper.pubkey
-        assert "gradpool_evaluation_seconds_count 3.0" in pool.client.get("/metrics").text
+        # one evaluation per round; overlapped rounds also gate the uploads of new miners (records shorter
+        # than min_record) on a part of their sample before the version
+        evaluations = 6 if overlap else 3
+        assert f"gradpool_evaluation_seconds_count {evaluations}.0" in pool.client.get("/metrics").text
 
 
 def test_a_malformed_upload_counts_against_its_miner(open_pool: OpenPool) -> None:
@@ -159,7 +166,7 @@ def test_robust_aggregation(open_pool: OpenPool, method: str) -> None:
         bodies = [payload(0, 0, seed=60 + i) for i in range(4)]
         for m, body in zip(miners, bodies, strict=True):
             assert m.upload(0, body).status_code == 200
-        after = pool.wait_for_round(0)
+        after = pool.latest_after(0)
         codec = SparseLoCoCodec()
         decoded = [codec.decode(b, SPEC)[1] for b in bodies]
         norms = [math.sqrt(sum(float(t.values.double().square().sum()) for t in d.values())) for d in decoded]
@@ -181,7 +188,9 @@ def test_robust_aggregation(open_pool: OpenPool, method: str) -> None:
 
 def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> None:
     """With harmful and low-gain refusals off, only the weighting stands between a sign-flipped update and
-    the model: it is refused as low_score, and each honest update counts by its miner's score."""
+    the model: it is refused as low_score, and each honest update counts by its miner's score. Synchronous
+    rounds, where a round's results come before its version (test_judged_after.py has the overlapped
+    rounds' counterpart: a miner with no score yet is judged on its upload alone)."""
     # enough sequences that an honest margin stands clear of its noise: every honest score is positive
     validation = {
         **EVAL,
@@ -191,7 +200,7 @@ def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> N
         "refuse_harmful": False,
         "min_gain_fraction": 0.0,
     }
-    with open_pool(recipe=RECIPE, validation=validation, rounds={"min_quorum": 4}) as pool:
+    with open_pool(recipe=RECIPE, validation=validation, rounds={"min_quorum": 4, "overlap": False}) as pool:
         honest = [fixed_miner(pool, i) for i in range(3)]
         flipper = fixed_miner(pool, 3)
         bodies = [encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0] for m in honest]
@@ -234,26 +243,34 @@ def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> N
             assert torch.allclose(published[name], expected[name], rtol=0, atol=1e-7), name
 
 
+@pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
 def test_at_most_max_evaluated_uploads_are_evaluated_a_recently_refused_miner_always(
-    open_pool: OpenPool,
+    open_pool: OpenPool, overlap: bool
 ) -> None:
     """Four uploads, ``max_evaluated = 2``: two are evaluated, the miner refused in the round before is one of
-    them, and the others are aggregated on the cheap checks, neither scored nor counted as missed."""
+    them, and the others are aggregated on the cheap checks, neither scored nor counted as missed. In
+    overlapped rounds that miner is on probation: evaluated, and left out of the version."""
     lenient = {**EVAL, "refuse_harmful": False, "min_gain_fraction": 0.0, "max_evaluated": 2, "min_record": 0}
-    with open_pool(validation=lenient, rounds={"min_quorum": 3, "deadline_s": 2.0}) as pool:
+    with open_pool(
+        validation=lenient, rounds={"min_quorum": 3, "deadline_s": 2.0, "overlap": overlap}
+    ) as pool:
         miners = [pool.miner() for _ in range(4)]
         assert_error(miners[3].upload(0, b"not a payload"), 422, "malformed_payload")
         for i, m in enumerate(miners[:3]):
             assert m.upload(0, payload(0, 0, seed=10 + i)).status_code == 200
-        pool.wait_for_round(0)
+        pool.wait_scored(0)
         for i, m in enumerate(miners):
             assert m.upload(1, payload(1, 1, seed=20 + i)).status_code == 200
-        pool.wait_for_round(1)
-        record = pool.client.get("/v1/rounds/1").json()
+        pool.wait_scored(1)  # overlapped rounds: the evaluation of a miner with a record follows the version
+        record = pool.record(1)
         evaluated = {s["miner"] for s in record["submissions"] if s["evaluated"]}
         assert len(evaluated) == 2 and miners[3].pubkey in evaluated
-        assert all(s["status"] == "accepted" for s in record["submissions"])
-        first = pool.client.get("/v1/rounds/0").json()
+        verdicts = {s["miner"]: (s["status"], s["reason"]) for s in record["submissions"]}
+        assert verdicts.pop(miners[3].pubkey) == (
+            ("rejected", "probation") if overlap else ("accepted", None)
+        )
+        assert set(verdicts.values()) == {("accepted", None)}
+        first = pool.record(0)
         assert sum(s["evaluated"] for s in first["submissions"]) == 2  # of three
         board = leaderboard(pool)
         for m in miners:  # a verdict for each evaluated upload, none for the others; nobody missed a round

@@ -17,6 +17,10 @@ from protocol.params import get_params, param_spec, params_hash, set_params
 from protocol.payload import SparseTensor
 from protocol.wire import CodecConfig, EvaluationConfig, RunInfo, TrainingRecipe
 
+# slow: the module's round (five updates trained from a trained base) and its evaluations take about 40 s of
+# one core
+pytestmark = pytest.mark.slow
+
 HONEST = ["a1" * 32, "b2" * 32, "c3" * 32, "d4" * 32]
 LAZY = "e5" * 32
 ROUND, SALT = 2, "salt"

@@ -32,11 +32,12 @@ def cheat_network(
     kinds: tuple[str, ...],
     honest_miners: int,
     rounds: int,
-    overlap: bool = False,
+    overlap: bool = True,
     quick: bool = True,
 ) -> dict[str, Any]:
     """A real ``gradpool simulate`` network (a coordinator process and one process per miner on 127.0.0.1)
-    of ``honest_miners`` and one cheater of each kind; its report."""
+    of ``honest_miners`` and one cheater of each kind; its report. Overlapped rounds unless ``overlap`` is
+    False, as in production."""
     names = [f"miner-{j}" for j in range(honest_miners)] + [f"{k}-0" for k in kinds]
     for i, name in enumerate(names):  # fixed keys: the same assignments, and so the same training and
         # evaluation, in every run

@@ -1,11 +1,11 @@
-"""Test harness for the coordinator API: a running app, signing miners, real and broken payloads."""
+"""The coordinator API driven in-process (a TestClient over the app, its closer thread running): signing
+miners, real and broken payloads, and what the tests read back (rounds, versions, submissions, scores)."""
 
 from __future__ import annotations
 
 import contextlib
 import json
 import sqlite3
-import time
 from collections.abc import Callable, Iterator, Mapping
 from typing import Any
 
@@ -24,6 +24,7 @@ from protocol.data import assignment
 from protocol.model import build_model
 from protocol.params import Params, load_checkpoint, param_spec
 from protocol.signing import generate_key, public_key_hex, sign_request
+from tests.helpers.waiting import wait_until
 
 SPEC = param_spec(build_model("tiny"))
 ERROR_FIELDS = {"code", "message"}
@@ -168,18 +169,53 @@ class Pool:
         return info
 
     def wait_for_round(self, after: int, timeout_s: float = 30.0) -> dict[str, Any]:
-        """Long-poll /v1/round until round ``after`` has closed and a later one is open (closing runs in
-        the background; with overlapped rounds the next one opens before this one has closed)."""
-        end = time.monotonic() + timeout_s
-        while True:
+        """/v1/round once round ``after`` has closed and a later one is open (closing runs in the background;
+        with overlapped rounds the next one opens before this one has closed). Long-polls, so that it wakes
+        as the round moves."""
+
+        def closed() -> bool:
             r = self.client.get("/v1/round", params={"after": after, "wait_s": 0.5})
             assert r.status_code == 200, r.text
-            info: dict[str, Any] = r.json()
-            if info["round"] > after and self.client.get(f"/v1/rounds/{after}").json()["status"] == "closed":
-                return self.round()
-            assert time.monotonic() < end, f"round {after} did not close within {timeout_s} s: {info}"
-            if info["round"] > after:
-                time.sleep(0.05)
+            return bool(r.json()["round"] > after and self.record(after)["status"] == "closed")
+
+        wait_until(closed, timeout_s, f"round {after} to close")
+        return self.round()
+
+    def latest(self) -> dict[str, Any]:
+        """The newest published version's number and hash (``version``, ``param_hash``), whatever the mode:
+        with overlapped rounds the open round is for the version before the newest one (/v1/round's
+        ``newest``) until the round it trains for opens."""
+        info = self.round()
+        if info["newest"] is None:
+            return {"version": info["version"], "param_hash": info["param_hash"]}
+        return {"version": info["newest"], "param_hash": info["newest_hash"]}
+
+    def latest_after(self, round_: int, timeout_s: float = 30.0) -> dict[str, Any]:
+        """``latest()`` once round ``round_`` has closed."""
+        self.wait_for_round(round_, timeout_s)
+        return self.latest()
+
+    def wait_scored(self, round_: int, timeout_s: float = 60.0) -> dict[str, dict[str, Any]]:
+        """The round's uploads by miner once its evaluation has ended: with overlapped rounds it may follow
+        the round's version (a miner with a record is judged after it)."""
+
+        def scored() -> bool:
+            uri = f"file:{self.settings.state_dir / 'state.db'}?mode=ro"
+            with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+                row = db.execute(
+                    "SELECT scored FROM rounds WHERE round = ? AND status = 'closed'", (round_,)
+                ).fetchone()
+            return row is not None and row[0] == 1
+
+        wait_until(scored, timeout_s, f"round {round_} to be evaluated")
+        return {s["miner"]: s for s in self.record(round_)["submissions"]}
+
+    def record(self, round_: int) -> dict[str, Any]:
+        """/v1/rounds/{round_}: the round's base version, status and uploads with their verdicts."""
+        r = self.client.get(f"/v1/rounds/{round_}")
+        assert r.status_code == 200, r.text
+        out: dict[str, Any] = r.json()
+        return out
 
     def checkpoint(self, version: int) -> Params:
         r = self.client.get("/v1/checkpoint", params={"version": version})
@@ -196,6 +232,26 @@ class Pool:
 
 
 OpenPool = Callable[..., contextlib.AbstractContextManager[Pool]]
+
+
+# -- evaluated uploads ------------------------------------------------------------------------------------
+# Enough training per update that its effect on its own sequences stands clear of the evaluation's noise,
+# and an evaluation of 16 + 16 sequences: far fewer than the defaults (48 + 48), for speed.
+RECIPE = {"inner_steps": 4, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
+EVAL = {"builtin": True, "own_sequences": 16, "other_sequences": 16}
+
+
+def fixed_miner(pool: Pool, i: int) -> Miner:
+    """A registered miner with a fixed key: its assignments, and so the whole test, are reproducible."""
+    m = Miner(pool.client, Ed25519PrivateKey.from_private_bytes(bytes([i + 1]) * 32))
+    assert m.register().status_code == 200
+    return m
+
+
+def leaderboard(pool: Pool, **params: Any) -> dict[str, dict[str, Any]]:
+    r = pool.client.get("/v1/leaderboard", params=params)
+    assert r.status_code == 200, r.text
+    return {e["miner"]: e for e in r.json()["miners"]}
 
 
 class ThroughTestClient(httpx.BaseTransport):
