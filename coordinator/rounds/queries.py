@@ -18,6 +18,7 @@ RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/repor
 class Queries:
     def __init__(self, cell: RoundCell, store: Store, clock: Callable[[], float]) -> None:
         self.cell, self.store, self.clock = cell, store, clock
+        self._stall: tuple[int, Stall] | None = None  # (the newest closed round then, its stall)
 
     # -- from the round state -----------------------------------------------------------------------------
     def round_info(self) -> RoundInfo:
@@ -67,7 +68,13 @@ class Queries:
         return [_report(r, refused.get(r.round, {})) for r in rows]
 
     def stall(self) -> Stall:
-        return stall_of(self.store)
+        """The stall as of the newest closed round: read from the store once per closed round, not on every
+        status request (the dashboard polls it)."""
+        last = self.cell.state.last_closed
+        cached = self._stall
+        if cached is None or cached[0] != last:
+            cached = self._stall = (last, stall_of(self.store))
+        return cached[1]
 
     def initial_eval_loss(self) -> float | None:
         return self.store.eval_loss(0)
