@@ -43,7 +43,7 @@ from coordinator.storage.lock import StateLock
 from coordinator.storage.store import SqliteStore
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
-from protocol.model import CausalLM, ModelConfig, build_model, resolve
+from protocol.model import CausalLM, ModelConfig, autocast_dtype, build_model, pick_device, resolve
 from protocol.params import get_params, load_checkpoint, param_spec, params_hash, save_checkpoint
 from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
@@ -89,7 +89,8 @@ class Run:
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
         architecture = resolve(settings.model, self.tokenizer.vocab_size)
-        module = build_model(architecture, seed=settings.seed)
+        device = pick_device(settings.device)
+        module = build_model(architecture, seed=settings.seed).to(device)  # evaluation's copy
         module.eval()
         spec = param_spec(module)
         d = settings.data
@@ -133,7 +134,9 @@ class Run:
             ),
             overlap=settings.rounds.overlap,
         )
-        self.model = Model(module, {}, dataset.sequences(eval_ids(self.data_meta, d.eval_sequences)))
+        v = settings.validation
+        held_out = dataset.sequences(eval_ids(self.data_meta, d.eval_sequences))
+        self.model = Model(module, {}, held_out, v.batch_size, autocast_dtype(device, v.precision))
         outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
         self.metrics = Metrics()
         downlink = Downlink(settings.publish, settings.codec.name, spec)
@@ -230,7 +233,7 @@ class Run:
         counting from now (a restart gives the round its time back)."""
         store, rounds, now = self.store, self.settings.rounds, clock()
         if store.latest_round() is None:
-            params = get_params(module)
+            params = {n: t.cpu() for n, t in get_params(module).items()}  # canonical: fp32 on the CPU
             h = params_hash(params, spec)
             ckpt = save_checkpoint(params, {"version": "0", "param_hash": h})
             loss = self.model.held_out_loss(params)

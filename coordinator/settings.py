@@ -18,7 +18,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.codec import make_codec
-from protocol.model import ModelConfig, get_config
+from protocol.model import ModelConfig, Precision, get_config
 from protocol.wire import CodecConfig, TrainingRecipe
 
 MiB = 1 << 20
@@ -136,6 +136,14 @@ class ValidationSettings(Section):
         "shorter than min_record, then a draw with the round's salt; the others go on the cheap checks",
     )
     min_record: int = Field(default=3, ge=0, le=1000, description="evaluated rounds before a miner may skip")
+    batch_size: int = Field(
+        default=16, ge=1, le=4096, description="sequences per forward pass when evaluating, on the device"
+    )
+    precision: Precision = Field(
+        default="auto",
+        description="evaluation's forward passes: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16; "
+        "the canonical parameters, aggregation and the outer step are fp32 on the CPU whatever this says",
+    )
     gate_sequences: int = Field(
         default=16,
         ge=2,
@@ -218,6 +226,11 @@ class CoordinatorSettings(BaseSettings):
     run_id: str = Field(default="gradpool", min_length=1, max_length=64)
     seed: int = 0
     model: str | ModelConfig = Field(default="tiny", description="a preset name, or a [model] table")
+    device: str = Field(
+        default="auto",
+        description="where evaluation and the held-out loss run: auto (CUDA when present, else CPU), cpu, "
+        "cuda or cuda:N; a version's parameters and hash do not depend on it",
+    )
     codec: CodecConfig = Field(default_factory=CodecConfig)
     recipe: TrainingRecipe = Field(default_factory=TrainingRecipe)
     outer: OuterSettings = Field(default_factory=OuterSettings)

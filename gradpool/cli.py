@@ -35,6 +35,7 @@ CORPUS_HELP = ".txt/.md/.jsonl/.parquet/.bin file or folder (default: the Python
 TOKENIZER_HELP = "'byte', or a tokenizer.json (gradpool tokenizer train)"
 MODEL_HELP = f"a preset: {', '.join(PRESETS)} (a custom one: a [model] table in --config)"
 CODEC_HELP = ", ".join(CODEC_NAMES)
+DEVICE_HELP = "auto (CUDA when present, else CPU), cpu, cuda or cuda:N"
 
 
 @app.command()
@@ -72,11 +73,18 @@ def serve(
     tokenizer: Annotated[str | None, typer.Option(help=TOKENIZER_HELP)] = None,
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     ready_file: Annotated[Path | None, typer.Option(help="write {'url': ...} here once listening")] = None,
+    device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
 ) -> None:
     """Serve the coordinator: rounds, intake, aggregation, publishing."""
     from coordinator.settings import CoordinatorSettings
 
-    overrides: dict[str, Any] = {"host": host, "port": port, "state_dir": state_dir, "model": model}
+    overrides: dict[str, Any] = {
+        "host": host,
+        "port": port,
+        "state_dir": state_dir,
+        "model": model,
+        "device": device,
+    }
     data = {k: v for k, v in {"corpus": corpus, "tokenizer": tokenizer}.items() if v is not None}
     if data:
         overrides["data"] = data

@@ -14,6 +14,7 @@ import torch
 import torch.distributed as dist
 
 from node.trainer import InnerTrainer
+from protocol.model import pick_device
 
 log = logging.getLogger(__name__)
 
@@ -34,9 +35,7 @@ def local_device(requested: str) -> torch.device:
     """The device of this rank: its own GPU under torchrun, else what was asked for."""
     if dist.is_initialized() and torch.cuda.is_available() and requested in ("auto", "cuda"):
         return torch.device("cuda", int(os.environ.get("LOCAL_RANK", "0")))
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    return torch.device(requested)
+    return pick_device(requested)
 
 
 def share(obj: Any = None) -> Any:

@@ -8,6 +8,8 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
+from protocol.model import Precision
+
 AdversaryKind = Literal[
     "noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan", "lutscale"
 ]
@@ -45,6 +47,10 @@ class ValidatorSettings(BaseSettings):
     create_key: bool = Field(default=False, description="generate the key file if it does not exist")
     state_dir: Path = Field(default=Path("validator-state"), description="downloads and progress")
     device: Literal["auto", "cpu", "cuda"] | str = "auto"
+    batch_size: int = Field(default=16, ge=1, le=4096, description="sequences per forward pass")
+    precision: Precision = Field(
+        default="auto", description="forward passes: auto (bf16 autocast on CUDA, fp32 on CPU), fp32 or bf16"
+    )
     threads: int | None = Field(default=None, ge=1, description="torch CPU threads")
     max_rounds: int | None = Field(default=None, ge=1, description="stop after evaluating this many rounds")
     poll_s: float = Field(default=2.0, gt=0, description="how long to wait for the next round to close")

@@ -19,7 +19,7 @@ from node.settings import ValidatorSettings
 from protocol.codec import make_codec
 from protocol.errors import CodecError
 from protocol.evaluation import Losses, UpdateEvaluator, round_salt
-from protocol.model import build_model
+from protocol.model import autocast_dtype, build_model
 from protocol.pairing import RoundEvaluation
 from protocol.params import get_params, param_spec
 from protocol.signing import public_key_hex
@@ -98,7 +98,13 @@ class Validator(Follower):
         on = record.evaluated_on()
         self.catch_up(on, self.client.version(on).param_hash)
         salt = round_salt(s.sha256 for s in record.submissions)
-        evaluator = UpdateEvaluator(self.model, self.params, self.client.sequences)
+        evaluator = UpdateEvaluator(
+            self.model,
+            self.params,
+            self.client.sequences,
+            self.settings.batch_size,
+            autocast_dtype(self.device, self.settings.precision),
+        )
         evaluation = RoundEvaluation(evaluator, self.info, round_, salt, [s.miner for s in candidates])
         for s in candidates:  # one decoded update held at a time
             update = self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1]

@@ -46,7 +46,7 @@ import torch
 import torch.nn.functional as F
 
 from protocol.data import assignment, num_eval_total, train_id
-from protocol.model import CausalLM
+from protocol.model import CausalLM, forward_mode
 from protocol.params import set_params
 from protocol.payload import SparseTensor
 from protocol.wire import RunInfo
@@ -156,12 +156,16 @@ class UpdateEvaluator:
         model: CausalLM,
         base: Mapping[str, torch.Tensor],
         fetch: Callable[[list[int]], torch.Tensor],
-        batch_size: int = 64,
+        batch_size: int = 16,
+        autocast: torch.dtype | None = None,
     ) -> None:
+        """``model`` on the device evaluation runs on; ``base`` anywhere (the canonical copy, untouched);
+        forward passes ``batch_size`` sequences at a time, under autocast to ``autocast`` when given."""
         self.model, self.base, self.fetch, self.batch_size = model, base, fetch, batch_size
         set_params(model, base)
         model.eval()
         self.device = next(model.parameters()).device
+        self.autocast = autocast
         self._params = dict(model.named_parameters())
         self._tokens: dict[int, torch.Tensor] = {}
         self._before_losses: dict[int, float] = {}
@@ -182,9 +186,10 @@ class UpdateEvaluator:
         """Per-sequence mean loss, (len(ids),)."""
         out = []
         for batch in self._sequences(ids).split(self.batch_size):
-            batch = batch.to(self.device)
-            logits = self.model(batch[:, :-1]).float()  # (B, T, vocab)
-            loss = F.cross_entropy(logits.transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T)
+            batch = batch.to(self.device, non_blocking=True)
+            with forward_mode(self.device, self.autocast):
+                logits = self.model(batch[:, :-1])  # (B, T, vocab)
+            loss = F.cross_entropy(logits.float().transpose(1, 2), batch[:, 1:], reduction="none")  # (B, T)
             out.append(loss.mean(dim=1).cpu())
         return torch.cat(out) if out else torch.zeros(0)
 
@@ -224,12 +229,12 @@ class UpdateEvaluator:
 
     def _restore(self, update: Mapping[str, SparseTensor]) -> None:
         for name, t in update.items():
-            p, base = self._params[name], self.base[name].to(self.device)
+            p, base = self._params[name], self.base[name]
             if t.indices is None:
                 p.copy_(base)
-            else:
-                idx = t.indices.to(self.device)
-                p.view(-1).index_copy_(0, idx, base.view(-1)[idx])
+            else:  # only the touched coordinates cross to the device
+                touched = base.view(-1)[t.indices.to(base.device)].to(self.device)
+                p.view(-1).index_copy_(0, t.indices.to(self.device), touched)
 
 
 def summarise(before: torch.Tensor, after: torch.Tensor, n_own: int) -> Losses:

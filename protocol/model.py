@@ -10,6 +10,7 @@ weights and zero biases), so that export is a rename (gradpool/export.py).
 
 from __future__ import annotations
 
+import contextlib
 import math
 from typing import Literal
 
@@ -343,12 +344,57 @@ def next_token_loss(forward: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
 
 
+Precision = Literal["auto", "fp32", "bf16"]
+
+
+def pick_device(requested: str = "auto") -> torch.device:
+    """``auto``: CUDA when present, else the CPU; otherwise the device named (``cpu``, ``cuda``,
+    ``cuda:1``, ...). A ValueError, that says why, for a name torch does not know or a CUDA device this
+    machine does not have."""
+    if requested == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type == "cuda":
+        if not torch.cuda.is_available():
+            raise ValueError(f"device {requested!r}: CUDA is not available on this machine")
+        if device.index is not None and device.index >= torch.cuda.device_count():
+            raise ValueError(
+                f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA devices"
+            )
+    elif device.type != "cpu":
+        raise ValueError(f"device {requested!r}: only cpu and cuda are supported")
+    return device
+
+
+def autocast_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype | None:
+    """The dtype evaluation's forward passes run in under autocast: bf16 on CUDA for ``auto``, none (fp32)
+    on CPU; ``fp32`` never, ``bf16`` on any device. Only losses are measured this way: training, the
+    canonical parameters and everything a version's hash follows from stay in fp32."""
+    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
+        return torch.bfloat16
+    return None
+
+
+def forward_mode(
+    device: torch.device, dtype: torch.dtype | None
+) -> contextlib.AbstractContextManager[object]:
+    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
+    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
+
+
 @torch.inference_mode()
-def evaluate_loss(model: CausalLM, tokens: torch.Tensor, batch_size: int = 16) -> float:
-    """Mean next-token loss (nats per token) of ``model`` on (N, T+1) held-out sequences."""
+def evaluate_loss(
+    model: CausalLM, tokens: torch.Tensor, batch_size: int = 16, autocast: torch.dtype | None = None
+) -> float:
+    """Mean next-token loss (nats per token) of ``model`` on (N, T+1) held-out sequences, ``batch_size``
+    at a time on the model's device (under autocast to ``autocast`` when given)."""
     model.eval()
     device = next(model.parameters()).device
-    total = sum(float(model.loss(b.to(device))) * len(b) for b in torch.split(tokens, batch_size))
+    with forward_mode(device, autocast):
+        total = sum(float(model.loss(b.to(device))) * len(b) for b in torch.split(tokens, batch_size))
     return total / len(tokens)
 
 

@@ -10,7 +10,6 @@ from coordinator.publishing.model import Model
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import Upload
 from protocol.data import Dataset
-from protocol.evaluation import UpdateEvaluator
 from protocol.pairing import RoundEvaluation
 from protocol.params import Params
 from protocol.wire import RunInfo
@@ -46,5 +45,5 @@ class Evaluations:
     ) -> RoundEvaluation:
         """On ``base`` (None: the current version)."""
         params = self.model.params if base is None else base
-        evaluator = UpdateEvaluator(self.model.module, params, self.dataset.sequences)
+        evaluator = self.model.evaluator(params, self.dataset.sequences)
         return RoundEvaluation(evaluator, self.info, round_, salt, [u.miner for u in uploads])

@@ -113,6 +113,35 @@ def _train(ids: list[int], dataset: Dataset) -> tuple[dict[str, torch.Tensor], d
     return base, {n: SparseTensor(None, (base[n] - trained[n]).reshape(-1)) for n in base}
 
 
+def test_bf16_evaluation_measures_what_fp32_does_and_restores_the_base_exactly(dataset: Dataset) -> None:
+    """Forward passes under bf16 autocast (on the CPU here; CUDA's default) give the losses fp32 gives, to
+    within bf16's precision, in batches of any size; the touched coordinates of a sparse update are put
+    back bit for bit."""
+    n, e = dataset.meta.num_sequences, dataset.meta.eval_every
+    assigned = assignment(0, 0, MINER, 64, n, e)
+    base, dense = _train(assigned, dataset)
+    update = {}
+    for name, t in dense.items():  # the largest tenth of each tensor's coordinates, as top-k keeps
+        k = max(1, t.values.numel() // 10)
+        idx = t.values.abs().topk(k).indices.sort().values
+        update[name] = SparseTensor(idx, t.values[idx])
+    own, other = own_sample(assigned, "s", MINER, 16), other_sample(assigned, "s", 16, n, e)
+    model = build_model("tiny")
+    exact = UpdateEvaluator(model, base, dataset.sequences).evaluate(update, 1.0, own, other)
+    assert exact.gain > 0
+    for batch_size in (1, 5):
+        evaluator = UpdateEvaluator(model, base, dataset.sequences, batch_size, torch.bfloat16)
+        losses = evaluator.evaluate(update, 1.0, own, other)
+        for got, want in zip(losses.astuple()[:4], exact.astuple()[:4], strict=True):
+            assert got == pytest.approx(want, rel=2e-2)
+        assert all(torch.equal(p, base[name]) for name, p in model.named_parameters())
+    held_out = dataset.sequences(other)
+    set_params(model, base)
+    assert evaluate_loss(model, held_out, 3, torch.bfloat16) == pytest.approx(
+        evaluate_loss(model, held_out), rel=2e-2
+    )
+
+
 def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset) -> None:
     n, e = dataset.meta.num_sequences, dataset.meta.eval_every
     assigned = assignment(0, 0, MINER, 64, n, e)

@@ -1,0 +1,75 @@
+"""Where evaluation runs: a device and a precision for the coordinator's and the validators' forward
+passes. A version's parameters and hash follow from the accepted uploads alone: decoding, clipping, the
+mean and the outer step stay fp32 on the CPU whatever the evaluation device, so two coordinators whose
+verdicts agree publish the same hashes."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pytest
+import torch
+
+from protocol.model import autocast_dtype, pick_device
+from tests.helpers.pool import EVAL, RECIPE, OpenPool, encode, fixed_miner, trained_delta
+
+CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+
+
+def test_devices_by_name() -> None:
+    assert pick_device("cpu") == torch.device("cpu")
+    assert pick_device("auto").type == ("cuda" if torch.cuda.is_available() else "cpu")
+    for bad, why in [
+        ("tpu", "unknown device 'tpu'"),
+        ("meta", "only cpu and cuda"),
+        ("cuda:99", "'cuda:99'"),
+    ]:
+        with pytest.raises(ValueError, match=why):
+            pick_device(bad)
+    if not torch.cuda.is_available():
+        with pytest.raises(ValueError, match="CUDA is not available"):
+            pick_device("cuda")
+
+
+def test_bf16_autocast_on_cuda_by_default_fp32_on_the_cpu() -> None:
+    cpu, cuda = torch.device("cpu"), torch.device("cuda")
+    assert autocast_dtype(cpu) is None and autocast_dtype(cuda) is torch.bfloat16
+    assert autocast_dtype(cuda, "fp32") is None and autocast_dtype(cpu, "bf16") is torch.bfloat16
+
+
+def _versions(open_pool: OpenPool, state: Path, validation: dict[str, Any], device: str = "cpu") -> list[Any]:
+    """Two synchronous rounds of three honest miners (fixed keys) on a coordinator evaluating on
+    ``device`` with ``validation``: each round's verdicts and the hash of the version it made."""
+    out = []
+    rounds = {"min_quorum": 3, "overlap": False}
+    validation = {**EVAL, **validation}
+    with open_pool(
+        recipe=RECIPE, validation=validation, rounds=rounds, device=device, state_dir=state
+    ) as pool:
+        miners = [fixed_miner(pool, i) for i in range(3)]
+        for round_ in range(2):
+            version = pool.latest()["version"]
+            for m in miners:
+                body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
+                assert m.upload(round_, body).status_code == 200
+            latest = pool.latest_after(round_)
+            verdicts = {s["miner"]: s["status"] for s in pool.record(round_)["submissions"]}
+            out.append((verdicts, latest["version"], latest["param_hash"]))
+    return out
+
+
+@pytest.mark.parametrize(
+    ("validation", "device"),
+    [
+        pytest.param({"precision": "bf16", "batch_size": 3}, "cpu", id="cpu-bf16"),
+        pytest.param({}, "cuda", id="cuda", marks=CUDA),
+    ],
+)
+def test_evaluating_elsewhere_publishes_the_same_hashes(
+    open_pool: OpenPool, tmp_path: Path, validation: dict[str, Any], device: str
+) -> None:
+    reference = _versions(open_pool, tmp_path / "fp32", {"precision": "fp32"})
+    assert [v for _, v, _ in reference] == [1, 2]
+    assert all(set(verdicts.values()) == {"accepted"} for verdicts, _, _ in reference)
+    assert _versions(open_pool, tmp_path / device, validation, device) == reference
