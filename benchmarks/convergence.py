@@ -74,10 +74,12 @@ class Config:
     rounds: int = 60
     batch_size: int = 8
     lr: float = 1e-3
-    warmup_steps: int = 20  # inner steps, counted per optimizer (each worker's, ddp's, single's)
+    warmup_steps: int = 20  # the run's first inner steps (each optimizer's: every worker's, ddp's, single's)
     model: str = "tiny"
     methods: tuple[str, ...] = tuple(
-        m for m in METHODS if not m.startswith(("sparseloco_down_", "sparseloco_overlap"))
+        m
+        for m in METHODS
+        if not m.startswith(("sparseloco_down_", "sparseloco_overlap", "sparseloco_cosine"))
     )
     eval_sequences: int = 128
     seed: int = 0

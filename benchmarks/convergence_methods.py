@@ -48,6 +48,7 @@ class Method:
     overlap: Literal["off", "delayed", "eager", "merge", "merge_eager"] = "off"
     merge_at: float = 0.5
     carry: float = 1.0  # at the merge, the part of what training had moved the model by that it keeps
+    schedule: Literal["constant", "cosine"] = "constant"  # the inner rate after the warm-up (TrainingRecipe)
 
 
 METHODS: dict[str, Method] = {
@@ -56,6 +57,8 @@ METHODS: dict[str, Method] = {
     "diloco": Method("pool", codec="dense_fp32", outer_lr=0.7, outer_momentum=0.9),
     "sparseloco": Method("pool"),
     "sparseloco_k128": Method("pool", k=128),
+    # the inner rate decaying along a cosine to a tenth of its peak over the run's rounds
+    "sparseloco_cosine": Method("pool", schedule="cosine"),
     "sparseloco_no_ef": Method("pool", ef_beta=0.0),
     # the compressed downlink at the [publish] defaults (coordinator's error feedback: k=128, 2 bits, 0.95)
     "sparseloco_down": Method("pool", downlink=PublishSettings(codec="sparseloco")),
@@ -148,7 +151,10 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     codec = make_codec(method.codec, method.k)
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
     downlink = None if method.downlink is None else Downlink(method.downlink, method.codec, bench.spec)
-    recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta})
+    schedule = (
+        {"schedule": method.schedule, "planned_rounds": c.rounds} if method.schedule != "constant" else {}
+    )
+    recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta, **schedule})
     theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v
     workers = []
     for _ in range(c.workers):
@@ -174,7 +180,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
             if method.overlap in ("merge", "merge_eager") and r > 0:
                 on_step = merger(worker.model, start, theta, method.merge_at, c.inner_steps, method.carry)
                 start = theta
-            result = worker.trainer.run(tokens, on_step=on_step)
+            result = worker.trainer.run(tokens, on_step=on_step, round_=r)
             tally.train_s += result.compute_s
             tally.inner_steps += result.steps
             losses.append(result.loss_after)

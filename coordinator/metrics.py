@@ -2,12 +2,11 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING
+from dataclasses import astuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
 
-if TYPE_CHECKING:
-    from coordinator.storage.records import RoundClose
+from coordinator.storage.records import HEALTH_FIELDS, RoundClose
 
 
 class Metrics:
@@ -60,6 +59,13 @@ class Metrics:
             "Downloads answered with a redirect to the object store",
             registry=r,
         )
+        self.health = Gauge(
+            "gradpool_training_health",
+            "Training health of the last closed round's accepted uploads, as their miners report it: "
+            "grad_norm_mean, grad_norm_max (before clipping), clipped_fraction, lr",
+            ["stat"],
+            registry=r,
+        )
         self.rounds_failed = Counter(
             "gradpool_rounds_failed",
             "Rounds closed without a version because closing failed",
@@ -76,6 +82,9 @@ class Metrics:
             self.submissions.labels("accepted" if o.reason is None else "rejected", o.reason or "").inc()
         if close.version is not None:
             self.eval_loss.set(close.version.eval_loss)
+        for name, value in zip(HEALTH_FIELDS, astuple(close.health), strict=True):
+            if value is not None:
+                self.health.labels(name).set(value)
         self.round.set(open_round)
         self.uploads.set(uploads)
         self.version.set(version)

@@ -49,6 +49,8 @@ from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
 log = logging.getLogger(__name__)
 FINGERPRINT_FIELDS = {"run_id", "seed", "model", "codec", "recipe"}
+# recipe keys added since the first release, with their defaults: a state directory from before resumes
+LATER_RECIPE_KEYS = {"schedule": "constant", "planned_rounds": None, "lr_floor": 0.1}
 
 
 class Run:
@@ -313,9 +315,11 @@ def _check_fingerprint(store: Store, s: CoordinatorSettings, tokenizer: RunToken
     data = s.data.model_dump(mode="json", include={"corpus", "max_tokens", "eval_every"})
     if not tokenizer.is_byte:  # (byte runs keep the fingerprint of the first releases)
         data["tokenizer_sha256"] = tokenizer.sha256
-    mine = json.dumps(
-        {"run": s.model_dump(mode="json", include=FINGERPRINT_FIELDS), "data": data}, sort_keys=True
-    )
+    run = s.model_dump(mode="json", include=FINGERPRINT_FIELDS)
+    for key, default in LATER_RECIPE_KEYS.items():  # at its default, a later key leaves the fingerprint alone
+        if run["recipe"].get(key) == default:
+            del run["recipe"][key]
+    mine = json.dumps({"run": run, "data": data}, sort_keys=True)
     stored = store.get_meta("fingerprint")
     if stored is None:
         store.set_meta("fingerprint", mine)

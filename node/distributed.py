@@ -78,5 +78,5 @@ def follow(trainer: InnerTrainer) -> int:
             share_trainer_state(trainer)
         elif message["cmd"] == "train":
             share_params(trainer.model)
-            trainer.run(message["tokens"])
+            trainer.run(message["tokens"], round_=message.get("round"))
             rounds += 1

@@ -119,7 +119,7 @@ class Miner(Follower):
         tokens = self.client.sequences(self.training_ids(ri))
         set_params(self.model, self.params)
         if self.world > 1:  # the other ranks train this round with us
-            share({"cmd": "train", "tokens": tokens})
+            share({"cmd": "train", "tokens": tokens, "round": ri.round})
             share_params(self.model)
         rnd = self._overlap(ri, base_version)
         steps = 0
@@ -141,7 +141,7 @@ class Miner(Follower):
                     )
 
             try:
-                result = self.trainer.run(tokens, on_step=on_step)
+                result = self.trainer.run(tokens, on_step=on_step, round_=ri.round)
             finally:
                 rnd.close()
         delta = rnd.delta(self.params)
@@ -152,7 +152,13 @@ class Miner(Follower):
             round=ri.round,
             base_version=base_version,
             stats=PayloadStats(
-                compute_s=result.compute_s, loss_before=result.loss_before, loss_after=result.loss_after
+                compute_s=result.compute_s,
+                loss_before=result.loss_before,
+                loss_after=result.loss_after,
+                grad_norm_mean=result.grad_norm_mean,
+                grad_norm_max=result.grad_norm_max,
+                clipped_fraction=result.clipped_fraction,
+                lr=result.lr,
             ),
         )
         made = self.make_payload(ri, header, candidate.accumulate(delta))

@@ -1,4 +1,5 @@
-"""The inner loop: H AdamW steps on the miner's assigned sequences, written out in full."""
+"""The inner loop: H AdamW steps on the miner's assigned sequences, written out in full, at the learning
+rate the recipe gives each of the run's inner steps (``TrainingRecipe.lr_at``)."""
 
 from __future__ import annotations
 
@@ -14,13 +15,6 @@ from torch.nn.parallel import DistributedDataParallel
 
 from protocol.model import CausalLM, next_token_loss
 from protocol.wire import TrainingRecipe
-
-
-def lr_at(step: int, recipe: TrainingRecipe) -> float:
-    """Linear warm-up, then constant: a pure function of the miner's global inner step."""
-    if step < recipe.warmup_steps:
-        return recipe.lr * (step + 1) / recipe.warmup_steps
-    return recipe.lr
 
 
 def make_optimizer(model: CausalLM, recipe: TrainingRecipe) -> torch.optim.AdamW:
@@ -49,6 +43,10 @@ class InnerResult:
     loss_after: float
     steps: int
     compute_s: float
+    grad_norm_mean: float = math.nan  # the gradient's norm before clipping, over the inner steps
+    grad_norm_max: float = math.nan
+    clipped_fraction: float = 0.0  # of the steps whose gradient norm was above grad_clip
+    lr: float = math.nan  # the learning rate of the round's last step
 
 
 class InnerTrainer:
@@ -58,7 +56,7 @@ class InnerTrainer:
         self.model, self.recipe, self.device = model, recipe, device
         self.optimizer = make_optimizer(model, recipe)
         self.micro_batch = micro_batch
-        self.step = 0  # global inner step, drives the learning rate
+        self.step = 0  # the run's global inner step (round x inner_steps + i): drives the learning rate
         self.rank, self.world = 0, 1
         self.forward: torch.nn.Module = model
         if dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1:
@@ -91,30 +89,42 @@ class InnerTrainer:
             total += float(loss.detach()) * len(part) / len(batch)
         if self.world > 1:
             total = _mean_over_ranks(total)
-        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip)
+        norm = float(torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.recipe.grad_clip))
+        lr = self.recipe.lr_at(0, self.step)
         for group in self.optimizer.param_groups:
-            group["lr"] = lr_at(self.step, self.recipe)
+            group["lr"] = lr
         self.optimizer.step()
         self.optimizer.zero_grad(set_to_none=True)
         self.step += 1
-        return {"loss": total, "lr": lr_at(self.step - 1, self.recipe)}
+        return {"loss": total, "lr": lr, "grad_norm": norm}
 
     def run(
-        self, tokens: torch.Tensor, on_step: Callable[[dict[str, float]], None] | None = None
+        self,
+        tokens: torch.Tensor,
+        on_step: Callable[[dict[str, float]], None] | None = None,
+        round_: int | None = None,
     ) -> InnerResult:
-        """H steps over ``tokens`` (H * batch_size sequences, in assignment order)."""
+        """H steps over ``tokens`` (H * batch_size sequences, in assignment order), as round ``round_`` of
+        the run trains (its learning rates); None: the steps after the last ones."""
+        if round_ is not None:
+            self.step = round_ * self.recipe.inner_steps
         t0 = time.perf_counter()
-        losses = []
+        steps = []
         for batch in tokens.split(self.recipe.batch_size):
             metrics = self.train_step(batch)
-            losses.append(metrics["loss"])
+            steps.append(metrics)
             if on_step is not None:
                 on_step(metrics)
         if self.device.type == "cuda":
             torch.cuda.synchronize()
+        norms = [m["grad_norm"] for m in steps]
         return InnerResult(
-            loss_before=losses[0] if losses else math.nan,
-            loss_after=losses[-1] if losses else math.nan,
-            steps=len(losses),
+            loss_before=steps[0]["loss"] if steps else math.nan,
+            loss_after=steps[-1]["loss"] if steps else math.nan,
+            steps=len(steps),
             compute_s=time.perf_counter() - t0,
+            grad_norm_mean=sum(norms) / len(norms) if norms else math.nan,
+            grad_norm_max=max(norms, default=math.nan),
+            clipped_fraction=sum(n > self.recipe.grad_clip for n in norms) / len(norms) if norms else 0.0,
+            lr=steps[-1]["lr"] if steps else math.nan,
         )

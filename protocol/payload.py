@@ -39,6 +39,12 @@ class PayloadStats(BaseModel):
     compute_s: float = Field(default=0.0, ge=0.0, le=1e6)
     loss_before: float | None = None
     loss_after: float | None = None
+    # training health: the gradient's norm before clipping (mean and max over the inner steps), the fraction
+    # of steps it was clipped at, and the learning rate of the last step
+    grad_norm_mean: float | None = None
+    grad_norm_max: float | None = None
+    clipped_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
+    lr: float | None = Field(default=None, ge=0.0)
 
 
 class PayloadHeader(BaseModel):

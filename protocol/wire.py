@@ -2,9 +2,10 @@
 
 from __future__ import annotations
 
+import math
 from typing import Literal
 
-from pydantic import BaseModel, ConfigDict, Field, field_validator
+from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.codec import CODEC_NAMES
 from protocol.model import ModelConfig
@@ -24,13 +25,47 @@ class TrainingRecipe(Wire):
 
     inner_steps: int = Field(default=20, ge=1, le=10_000)
     batch_size: int = Field(default=8, ge=1, le=4096, description="sequences per inner step")
-    lr: float = Field(default=2e-3, gt=0, le=1.0)
-    warmup_steps: int = Field(default=20, ge=0)
+    lr: float = Field(default=2e-3, gt=0, le=1.0, description="the inner learning rate at its peak")
+    warmup_steps: int = Field(
+        default=20,
+        ge=0,
+        description="linear warm-up over the run's first inner steps (round x inner_steps + i)",
+    )
+    schedule: Literal["constant", "cosine"] = Field(
+        default="constant",
+        description="after the warm-up: constant, or cosine decay to lr_floor x lr over planned_rounds",
+    )
+    planned_rounds: int | None = Field(
+        default=None, ge=1, le=MAX_NUMBER, description="the run's length the cosine decays over"
+    )
+    lr_floor: float = Field(default=0.1, ge=0, le=1, description="cosine: the rate at the end, as a fraction")
     weight_decay: float = Field(default=0.1, ge=0)
     beta1: float = Field(default=0.9, ge=0, lt=1)
     beta2: float = Field(default=0.95, ge=0, lt=1)
     grad_clip: float = Field(default=1.0, gt=0)
     ef_beta: float = Field(default=0.95, ge=0, le=1)
+
+    @model_validator(mode="after")
+    def _planned(self) -> TrainingRecipe:
+        if self.schedule == "cosine" and self.planned_rounds is None:
+            raise ValueError(
+                "recipe.schedule 'cosine' needs recipe.planned_rounds (the rounds it decays over)"
+            )
+        return self
+
+    def lr_at(self, round_: int, step: int) -> float:
+        """The inner learning rate at inner step ``step`` of round ``round_``: a pure function of the run's
+        global inner step (``round_ x inner_steps + step``), so every miner trains at the same rate in a
+        round whenever it joined. Linear warm-up over ``warmup_steps``, then constant or cosine decay from
+        ``lr`` to ``lr_floor x lr`` at the end of ``planned_rounds`` (and the floor after it)."""
+        g = round_ * self.inner_steps + step
+        if g < self.warmup_steps:
+            return self.lr * (g + 1) / self.warmup_steps
+        if self.schedule == "constant" or self.planned_rounds is None:
+            return self.lr
+        span = max(1, self.planned_rounds * self.inner_steps - self.warmup_steps)
+        progress = min(1.0, (g - self.warmup_steps) / span)
+        return self.lr * (self.lr_floor + (1 - self.lr_floor) * 0.5 * (1 + math.cos(math.pi * progress)))
 
 
 class CodecConfig(Wire):
@@ -159,6 +194,14 @@ class RoundReport(Wire):
     bytes_down_model: int = Field(default=0, description="published updates, checkpoints, uploads served")
     bytes_down_data: int = Field(default=0, description="training sequences")
     refusals: dict[str, int] = Field(default_factory=dict, description="refusal reason -> uploads refused")
+    grad_norm_mean: float | None = Field(
+        default=None,
+        description="training health, as its accepted miners report it: the mean gradient norm "
+        "before clipping over their inner steps",
+    )
+    grad_norm_max: float | None = Field(default=None, description="the largest gradient norm before clipping")
+    clipped_fraction: float | None = Field(default=None, description="the mean fraction of steps clipped")
+    lr: float | None = Field(default=None, description="the inner learning rate of their last steps (median)")
 
 
 class LeaderboardEntry(Wire):

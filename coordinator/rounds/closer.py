@@ -40,7 +40,7 @@ from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import RoundSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import Outcome, Refusal, RoundClose, Upload
+from coordinator.storage.records import Health, Outcome, Refusal, RoundClose, Upload
 from protocol.evaluation import round_salt
 
 log = logging.getLogger(__name__)
@@ -151,7 +151,7 @@ class Closer:
             )
             for u in uploads
         }
-        compute = [u.compute_s for u in uploads if u.miner not in refused]
+        kept = [u for u in uploads if u.miner not in refused]
         if self.hooks.before_commit is not None:
             self.hooks.before_commit(state.round)
         built = guarded.built
@@ -165,12 +165,13 @@ class Closer:
             version=new_version,
             outcomes=outcomes,
             verdicts=judgement.losses if judgement.later is None else {},
-            compute_s=statistics.fmean(compute) if compute else 0.0,
+            compute_s=statistics.fmean(u.compute_s for u in kept) if kept else 0.0,
             reference_norm=judgement.reference_norm,
             close_reason=guarded.reason,
             bytes_down=bytes_down,
             closed_at=self.clock.now(),
             scored=judgement.later is None,
+            health=Health.of(u.health for u in kept),
         )
         try:
             self._commit(state, close, next_hash)

@@ -21,7 +21,7 @@ from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import NewSubmission
+from coordinator.storage.records import HEALTH_FIELDS, Health, NewSubmission
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
 from protocol.errors import CodecError, SignatureError
@@ -183,6 +183,7 @@ class Intake:
                     stored_sha256=stored_sha,
                     compute_s=header.stats.compute_s,
                     received_at=now,
+                    health=Health.reported(*(getattr(header.stats, f) for f in HEALTH_FIELDS)),
                 )
             )
             self.cell.swap(

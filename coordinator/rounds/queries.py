@@ -153,4 +153,8 @@ def _report(r: StoredRound, refusals: dict[str, int]) -> RoundReport:
         bytes_down_model=r.bytes_down_model,
         bytes_down_data=r.bytes_down_data,
         refusals=refusals,
+        grad_norm_mean=r.grad_norm_mean,
+        grad_norm_max=r.grad_norm_max,
+        clipped_fraction=r.clipped_fraction,
+        lr=r.lr,
     )

@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import math
+import statistics
+from collections.abc import Iterable
 from dataclasses import dataclass
 from enum import StrEnum
 from typing import Literal
@@ -9,6 +12,43 @@ from typing import Literal
 import torch
 
 from protocol.evaluation import Losses
+
+
+@dataclass(frozen=True)
+class Health:
+    """Training health as a miner reports it with an upload (untrusted: shown and exported, never used to
+    judge): its gradient's norm before clipping, mean and max over the inner steps, the fraction of steps
+    clipped, and the learning rate of its last step. A round's is that of its accepted uploads (``of``)."""
+
+    grad_norm_mean: float | None = None
+    grad_norm_max: float | None = None
+    clipped_fraction: float | None = None
+    lr: float | None = None
+
+    @classmethod
+    def reported(cls, *values: float | None) -> Health:
+        """From what a miner sent: a value that is not a finite number is left out."""
+        return cls(*(v if v is not None and math.isfinite(v) else None for v in values))
+
+    @classmethod
+    def of(cls, reports: Iterable[Health]) -> Health:
+        """A round's: the mean of the mean norms, the largest norm, the mean clipped fraction, the median
+        learning rate."""
+        reports = list(reports)
+
+        def known(name: str) -> list[float]:
+            return [v for h in reports if (v := getattr(h, name)) is not None]
+
+        means, maxes, clipped, lrs = (known(f) for f in HEALTH_FIELDS)
+        return cls(
+            statistics.fmean(means) if means else None,
+            max(maxes) if maxes else None,
+            statistics.fmean(clipped) if clipped else None,
+            statistics.median(lrs) if lrs else None,
+        )
+
+
+HEALTH_FIELDS = ("grad_norm_mean", "grad_norm_max", "clipped_fraction", "lr")
 
 
 @dataclass(frozen=True)
@@ -29,6 +69,7 @@ class Upload:
     evaluated: bool = False
     scale: float | None = None  # its clip scale in the version
     flag: str | None = None  # an accepted upload that its later evaluation refuses
+    health: Health = Health()
 
 
 class Refusal(StrEnum):
@@ -67,6 +108,7 @@ class NewSubmission:
     stored_sha256: str
     compute_s: float
     received_at: float
+    health: Health = Health()
 
 
 @dataclass(frozen=True)
@@ -108,6 +150,7 @@ class RoundClose:
     bytes_down: tuple[int, int]  # (model, data)
     closed_at: float
     scored: bool = True  # False: overlapped rounds, whose evaluation goes on once the version is out
+    health: Health = Health()  # of the accepted uploads
 
 
 @dataclass(frozen=True)
@@ -133,6 +176,10 @@ class StoredRound:
     result_version: int | None = None  # the model's version once it closed
     applied_to: int | None = None  # the version its uploads were judged on and applied to
     scored: bool = True  # False while its evaluation goes on after its version
+    grad_norm_mean: float | None = None  # its accepted uploads' training health (Health.of)
+    grad_norm_max: float | None = None
+    clipped_fraction: float | None = None
+    lr: float | None = None
     next_opened_at: float | None = None  # reports: when the next round opened
 
 

@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import sqlite3
 
+from coordinator.storage.records import HEALTH_FIELDS
+
 SCHEMA = """
 CREATE TABLE IF NOT EXISTS meta (key TEXT PRIMARY KEY, value TEXT NOT NULL);
 CREATE TABLE IF NOT EXISTS miners (
@@ -54,6 +56,8 @@ MIGRATIONS = (
     ("verdicts", "paired_se", "REAL NOT NULL DEFAULT 0"),
     ("rounds", "scored", "INTEGER NOT NULL DEFAULT 1"),  # 0: its evaluation continues after its version
     ("submissions", "flag", "TEXT"),  # an accepted upload that its later evaluation would have refused
+    # training health as miners report it (records.Health), per upload and per round
+    *((table, column, "REAL") for table in ("submissions", "rounds") for column in HEALTH_FIELDS),
 )
 # Columns renamed since: (table, old name, new name).
 RENAMED = (("submissions", "unpacked_sha256", "stored_sha256"),)

@@ -11,10 +11,13 @@ import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
 from coordinator.storage.records import (
+    HEALTH_FIELDS,
+    Health,
     NewSubmission,
     RoundClose,
     StoredRound,
@@ -236,8 +239,8 @@ class SqliteStore(ReportReads, ScoreReads):
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, compute_s, "
-                "received_at, norm, sketch, stored_sha256) "
-                "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?)",
+                f"received_at, norm, sketch, stored_sha256, {', '.join(HEALTH_FIELDS)}) "
+                "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     s.round,
                     s.miner,
@@ -249,6 +252,7 @@ class SqliteStore(ReportReads, ScoreReads):
                     s.norm,
                     s.sketch,
                     s.stored_sha256,
+                    *astuple(s.health),
                 ),
             )
             db.execute(
@@ -309,8 +313,8 @@ class SqliteStore(ReportReads, ScoreReads):
                 "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
                 "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
                 "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
-                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ?, scored = ? "
-                "WHERE round = ?",
+                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ?, scored = ?, "
+                f"{', '.join(f'{f} = ?' for f in HEALTH_FIELDS)} WHERE round = ?",
                 (
                     c.closed_at,
                     accepted,
@@ -324,6 +328,7 @@ class SqliteStore(ReportReads, ScoreReads):
                     c.next_version,
                     c.applied_to,
                     int(c.scored),
+                    *astuple(c.health),
                     c.round,
                 ),
             )
@@ -394,4 +399,5 @@ def _upload(row: sqlite3.Row) -> Upload:
         evaluated=bool(row["evaluated"]),
         scale=row["scale"],
         flag=row["flag"],
+        health=Health(*(row[f] for f in HEALTH_FIELDS)),
     )

@@ -129,6 +129,9 @@ def test_the_dashboard_shows_the_network_live(network: Network, request: pytest.
     shown = {page.get_attribute(f"#leaderboard tr:nth-child({i}) code", "title") for i in (1, 2)}
     assert shown == {m["miner"] for m in status["leaderboard"]} and len(shown) == 2
     assert page.locator("#bytes-chart circle.pt").count() >= 4  # up and down, two rounds
+    # the real miners' training health: two gradient norms per round (the clipped fraction may be 0)
+    assert page.locator("#health-chart path.gmean").count() == 1
+    assert page.locator("#health-chart circle.pt").count() >= 4
     assert re.fullmatch(r"\d+ / \d+", page.text_content("#round-uploads") or "")
     assert "tiny" in (page.text_content("#config") or "")
     # Nothing overflows a phone-width screen but the tables, which scroll in their own box.

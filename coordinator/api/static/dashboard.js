@@ -125,6 +125,13 @@ function drawCharts(s) {
     { cls: "up", points: s.rounds.map((r) => [r.round, log(r.bytes_up)]) },
     { cls: "down", points: s.rounds.map((r) => [r.round, log(r.bytes_down)]) },
   ], (t) => fmtBytes(Math.pow(10, t)));
+  // vanishing or exploding gradients at a glance: the norms on a log scale, the clipped fraction beside
+  const known = (f) => s.rounds.filter((r) => r[f] !== null && r[f] !== undefined);
+  lineChart($("health-chart"), [
+    { cls: "gmean", points: known("grad_norm_mean").map((r) => [r.round, Math.log10(Math.max(1e-6, r.grad_norm_mean))]) },
+    { cls: "gmax", points: known("grad_norm_max").map((r) => [r.round, Math.log10(Math.max(1e-6, r.grad_norm_max))]) },
+    { cls: "clipped", points: known("clipped_fraction").map((r) => [r.round, Math.log10(Math.max(1e-6, r.clipped_fraction))]) },
+  ], (t) => Math.pow(10, t).toPrecision(2));
 }
 
 function drawRounds(s) {

@@ -15,7 +15,7 @@ from protocol.codec import SparseLoCoCodec
 from protocol.params import UpdateHeader, apply_update, decode_update, load_checkpoint, params_hash
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION, RoundReport, Status
 from tests.helpers.clock import ManualClock
-from tests.helpers.pool import SPEC, OpenPool, assert_error, encode, make_delta, payload
+from tests.helpers.pool import SPEC, OpenPool, assert_error, encode, make_delta, payload, reframe
 
 REPORT_FIELDS = set(RoundReport.model_fields)
 
@@ -187,6 +187,8 @@ def test_status_reports_every_closed_round(open_pool: OpenPool) -> None:
         down += len(pool.client.get("/v1/data", params={"ids": "1,2,3"}).content)
         miner = pool.miner()
         body, _ = encode(make_delta(seed=2), round_=0, base_version=0, compute_s=2.5)
+        health = {"grad_norm_mean": 0.8, "grad_norm_max": 1.7, "clipped_fraction": 0.25, "lr": 2e-3}
+        body = reframe(body, header={"stats": {"compute_s": 2.5, **health}})
         clock.advance(7.0)
         assert miner.upload(0, body).status_code == 200
         pool.wait_for_round(0)
@@ -205,6 +207,10 @@ def test_status_reports_every_closed_round(open_pool: OpenPool) -> None:
         assert report.bytes_up == len(body)
         assert report.bytes_down == down
         assert report.compute_s == 2.5
+        # training health as the miner reported it: in the report and in the metrics
+        assert {f: getattr(report, f) for f in health} == health
+        metrics = pool.client.get("/metrics").text
+        assert 'gradpool_training_health{stat="grad_norm_max"} 1.7' in metrics
         assert report.wall_s == 7.0  # from its opening to the next round's, by the coordinator's clock
 
 

@@ -2,7 +2,10 @@
 
 from __future__ import annotations
 
+import contextlib
+import json
 import os
+import sqlite3
 import statistics
 from pathlib import Path
 from typing import Any
@@ -133,3 +136,18 @@ def test_request_replayed_after_a_restart_is_refused(open_pool: OpenPool) -> Non
         replay = pool.client.post("/v1/miners", headers=headers)
         assert replay.status_code == 401
         assert replay.json()["error"]["code"] == "replayed_nonce"
+
+
+def test_recipe_keys_added_since_leave_an_older_runs_fingerprint_alone(open_pool: OpenPool) -> None:
+    """The learning-rate schedule's keys, at their defaults, are not in the fingerprint: a state directory
+    from before they existed resumes. Set, they are, like any other key of the recipe."""
+    with open_pool() as pool:
+        path = pool.settings.state_dir / "state.db"
+    with contextlib.closing(sqlite3.connect(path)) as db:
+        (stored,) = db.execute("SELECT value FROM meta WHERE key = 'fingerprint'").fetchone()
+    assert not {"schedule", "planned_rounds", "lr_floor"} & set(json.loads(stored)["run"]["recipe"])
+    with (
+        pytest.raises(ValueError, match="state directory"),
+        open_pool(recipe={"schedule": "cosine", "planned_rounds": 50}),
+    ):
+        pass
