@@ -21,7 +21,7 @@ def test_a_lazy_miner_ranks_below_every_honest_one_from_round_4(tmp_path: Path, 
     first rounds (benchmarks/margin_power.py measures it), so the order holds from round 4 on, not only at
     the end. More training and evaluation per round than the other cheat networks, and only two honest
     miners to keep it quick."""
-    rounds = 7
+    rounds = 6
     report = cheat_network(tmp_path, corpus_file, ("lazy",), 2, rounds, overlap=False, quick=False)
     honest, cheats, worst_honest = honest_and_cheats(report, ("lazy",), 2, rounds)
     for row in report["scores"][4:]:

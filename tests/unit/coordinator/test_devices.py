@@ -38,25 +38,21 @@ def test_bf16_autocast_on_cuda_by_default_fp32_on_the_cpu() -> None:
     assert autocast_dtype(cuda, "fp32") is None and autocast_dtype(cpu, "bf16") is torch.bfloat16
 
 
-def _versions(open_pool: OpenPool, state: Path, validation: dict[str, Any], device: str = "cpu") -> list[Any]:
-    """Two synchronous rounds of three honest miners (fixed keys) on a coordinator evaluating on
-    ``device`` with ``validation``: each round's verdicts and the hash of the version it made."""
-    out = []
+def _first_version(
+    open_pool: OpenPool, state: Path, validation: dict[str, Any], device: str = "cpu"
+) -> tuple[dict[str, str], int, str]:
+    """A synchronous round of three honest miners (fixed keys) on a coordinator evaluating on ``device``
+    with ``validation``: its verdicts, and the number and hash of the version it made."""
     rounds = {"min_quorum": 3, "overlap": False}
     validation = {**EVAL, **validation}
     with open_pool(
         recipe=RECIPE, validation=validation, rounds=rounds, device=device, state_dir=state
     ) as pool:
-        miners = [fixed_miner(pool, i) for i in range(3)]
-        for round_ in range(2):
-            version = pool.latest()["version"]
-            for m in miners:
-                body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
-                assert m.upload(round_, body).status_code == 200
-            latest = pool.latest_after(round_)
-            verdicts = {s["miner"]: s["status"] for s in pool.record(round_)["submissions"]}
-            out.append((verdicts, latest["version"], latest["param_hash"]))
-    return out
+        for m in [fixed_miner(pool, i) for i in range(3)]:
+            assert m.upload(0, encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]).status_code == 200
+        latest = pool.latest_after(0)
+        verdicts = {s["miner"]: s["status"] for s in pool.record(0)["submissions"]}
+    return verdicts, latest["version"], latest["param_hash"]
 
 
 @pytest.mark.parametrize(
@@ -69,7 +65,7 @@ def _versions(open_pool: OpenPool, state: Path, validation: dict[str, Any], devi
 def test_evaluating_elsewhere_publishes_the_same_hashes(
     open_pool: OpenPool, tmp_path: Path, validation: dict[str, Any], device: str
 ) -> None:
-    reference = _versions(open_pool, tmp_path / "fp32", {"precision": "fp32"})
-    assert [v for _, v, _ in reference] == [1, 2]
-    assert all(set(verdicts.values()) == {"accepted"} for verdicts, _, _ in reference)
-    assert _versions(open_pool, tmp_path / device, validation, device) == reference
+    reference = _first_version(open_pool, tmp_path / "fp32", {"precision": "fp32"})
+    verdicts, version, _ = reference
+    assert version == 1 and set(verdicts.values()) == {"accepted"} and len(verdicts) == 3
+    assert _first_version(open_pool, tmp_path / device, validation, device) == reference
