@@ -28,6 +28,8 @@ from protocol.wire import TrainingRecipe
 
 # (model, sequences per step, sequence length): gpt2-124m with a small batch, so that it runs on a CPU
 MODELS = [("tiny", 8, 128), ("llama-tiny", 8, 128), ("llama-small", 8, 256), ("gpt2-124m", 1, 256)]
+# on a GPU, the real sizes at their full length and a batch that keeps the GPU busy
+CUDA_MODELS = [("gpt2-124m", 16, 1024), ("llama-150m", 16, 1024)]
 TARGET = 0.95
 
 
@@ -85,7 +87,7 @@ def measure(
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    p.add_argument("--models", default=",".join(m for m, _, _ in MODELS))
+    p.add_argument("--models", default=",".join(m for m, _, _ in MODELS + CUDA_MODELS))
     p.add_argument("--steps", type=int, default=12)
     p.add_argument("--reps", type=int, default=5)
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
@@ -95,10 +97,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     device = torch.device(args.device)
     wanted = args.models.split(",")
     rows = []
-    for name, batch, seq_len in MODELS:
+    on_cpu = device.type == "cpu"
+    for name, batch, seq_len in MODELS if on_cpu else CUDA_MODELS:
         if name in wanted:
-            steps = 3 if name == "gpt2-124m" else args.steps
-            row = measure(name, batch, seq_len, steps, 2 if name == "gpt2-124m" else args.reps, device)
+            big = on_cpu and name == "gpt2-124m"  # a few steps: minutes on a CPU
+            row = measure(name, batch, seq_len, 3 if big else args.steps, 2 if big else args.reps, device)
             if device.type == "cuda" and args.peak_tflops:
                 row["mfu"] = 6 * row["params"] * row["tokens_per_s"] / (args.peak_tflops * 1e12)
             rows.append(row)

@@ -272,3 +272,12 @@ def test_malformed_config_is_one_line_error(tmp_path: Path) -> None:
     lines = done.stderr.strip().splitlines()
     assert len(lines) == 1 and lines[0].startswith("error: ") and "bad.toml" in lines[0], done.stderr
     assert not (tmp_path / "gradpool-state").exists()
+
+
+@pytest.mark.parametrize("name", ["gpt2-124m", "llama-150m", "llama-1b"])
+def test_the_recipes_for_real_sizes_load(name: str) -> None:
+    """configs/<model>.toml: the model its name says, with a schedule across the run."""
+    settings = load_settings(CoordinatorSettings, COORDINATOR_TOML.with_name(f"{name}.toml"), {})
+    assert isinstance(settings, CoordinatorSettings)
+    assert settings.model == name and settings.recipe.schedule == "cosine"
+    assert settings.recipe.planned_rounds is not None and settings.recipe.warmup_steps > 0
