@@ -65,6 +65,7 @@ class Run:
         """``checks``, ``hooks``, ``clock`` and ``mode`` replace the defaults (the pipeline the settings
         make, no hooks, the system clock, the round mode ``[rounds] overlap`` names)."""
         self.settings = settings
+        self.device = pick_device(settings.device)  # before anything is made: a missing GPU makes nothing
         root = settings.state_dir
         root.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(root)
@@ -91,7 +92,7 @@ class Run:
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
         architecture = resolve(settings.model, self.tokenizer.vocab_size)
-        device = pick_device(settings.device)
+        device = self.device
         module = build_model(architecture, seed=settings.seed).to(device)  # evaluation's copy
         module.eval()
         spec = param_spec(module)

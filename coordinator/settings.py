@@ -18,7 +18,7 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.codec import make_codec
-from protocol.model import ModelConfig, Precision, get_config
+from protocol.model import ModelConfig, Precision, device_name, get_config
 from protocol.wire import CodecConfig, TrainingRecipe
 
 MiB = 1 << 20
@@ -262,6 +262,11 @@ class CoordinatorSettings(BaseSettings):
             warnings.warn("[faults] is no longer read; remove it", DeprecationWarning, stacklevel=2)
             data = {k: v for k, v in data.items() if k != "faults"}
         return data
+
+    @field_validator("device")
+    @classmethod
+    def _device(cls, device: str) -> str:
+        return device_name(device)
 
     @field_validator("model", mode="before")
     @classmethod

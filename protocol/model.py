@@ -347,25 +347,33 @@ def next_token_loss(forward: nn.Module, batch: torch.Tensor) -> torch.Tensor:
 Precision = Literal["auto", "fp32", "bf16"]
 
 
+def device_name(requested: str) -> str:
+    """``requested`` if it names a device gradpool can run on (``auto``, ``cpu``, ``cuda``, ``cuda:N``),
+    whether or not this machine has it; else a ValueError that says why."""
+    if requested == "auto":
+        return requested
+    try:
+        device = torch.device(requested)
+    except RuntimeError:
+        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from None
+    if device.type not in ("cpu", "cuda"):
+        raise ValueError(f"device {requested!r}: only cpu and cuda are supported")
+    return requested
+
+
 def pick_device(requested: str = "auto") -> torch.device:
     """``auto``: CUDA when present, else the CPU; otherwise the device named (``cpu``, ``cuda``,
     ``cuda:1``, ...). A ValueError, that says why, for a name torch does not know or a CUDA device this
     machine does not have."""
     if requested == "auto":
         return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from None
+    device = torch.device(device_name(requested))
     if device.type == "cuda":
         if not torch.cuda.is_available():
             raise ValueError(f"device {requested!r}: CUDA is not available on this machine")
-        if device.index is not None and device.index >= torch.cuda.device_count():
-            raise ValueError(
-                f"device {requested!r}: this machine has {torch.cuda.device_count()} CUDA devices"
-            )
-    elif device.type != "cpu":
-        raise ValueError(f"device {requested!r}: only cpu and cuda are supported")
+        count = torch.cuda.device_count()
+        if device.index is not None and device.index >= count:
+            raise ValueError(f"device {requested!r}: this machine has {count} CUDA devices")
     return device
 
 

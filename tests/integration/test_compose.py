@@ -274,6 +274,27 @@ def test_malformed_config_is_one_line_error(tmp_path: Path) -> None:
     assert not (tmp_path / "gradpool-state").exists()
 
 
+@pytest.mark.timeout(60)
+@pytest.mark.parametrize(
+    ("device", "says"),
+    [("tpu", "unknown device 'tpu'"), ("cuda:99", "cuda:99")],
+)
+def test_a_device_the_machine_cannot_use_is_one_line_error(tmp_path: Path, device: str, says: str) -> None:
+    """A name torch does not know fails as the settings load; a CUDA device this machine lacks, as the
+    coordinator starts: either way one line, a non-zero exit and nothing made."""
+    done = subprocess.run(
+        [sys.executable, "-m", "gradpool", "coordinator", "serve", "--device", device, "--port", "0"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        cwd=tmp_path,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode != 0 and "Traceback" not in done.stderr
+    assert says in done.stderr.strip().splitlines()[-1], done.stderr
+    assert not (tmp_path / "gradpool-state").exists()
+
+
 @pytest.mark.parametrize("name", ["gpt2-124m", "llama-150m", "llama-1b"])
 def test_the_recipes_for_real_sizes_load(name: str) -> None:
     """configs/<model>.toml: the model its name says, with a schedule across the run."""
