@@ -54,17 +54,9 @@ from coordinator.publishing.publisher import Downlink
 from coordinator.settings import PublishSettings
 from coordinator.storage.blobs import FileBlobStore
 from protocol.codec import SparseLoCoCodec
+from protocol.device import autocast_dtype, forward_mode, pick_device
 from protocol.evaluation import UpdateEvaluator
-from protocol.model import (
-    CausalLM,
-    ModelConfig,
-    autocast_dtype,
-    build_model,
-    forward_mode,
-    num_parameters,
-    pick_device,
-    resolve,
-)
+from protocol.model import CausalLM, ModelConfig, build_model, num_parameters, resolve
 from protocol.params import apply_update, get_params, param_spec, params_hash, save_checkpoint
 
 MODELS = ("gpt2-124m", "llama-150m", "llama-1b")
@@ -148,6 +140,8 @@ def measure(
         for _ in range(2):
             t0 = time.perf_counter()
             evaluator.per_sequence(update, 1.0, ids)
+            if device.type == "cuda":
+                torch.cuda.synchronize()  # the restore's kernels too
             times.append(time.perf_counter() - t0)
         evaluated = min(times)
 

@@ -43,7 +43,8 @@ def bare_steps(model: CausalLM, tokens: torch.Tensor, recipe: TrainingRecipe, de
     model.train()
     t0 = time.perf_counter()
     for batch in tokens.split(recipe.batch_size):
-        loss = next_token_loss(model, batch.to(device))
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=device.type == "cuda"):  # as the miner
+            loss = next_token_loss(model, batch.to(device))
         loss.backward()
         torch.nn.utils.clip_grad_norm_(model.parameters(), recipe.grad_clip)
         opt.step()

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 from dataclasses import astuple
 
 from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, generate_latest
@@ -83,8 +84,7 @@ class Metrics:
         if close.version is not None:
             self.eval_loss.set(close.version.eval_loss)
         for name, value in zip(HEALTH_FIELDS, astuple(close.health), strict=True):
-            if value is not None:
-                self.health.labels(name).set(value)
+            self.health.labels(name).set(math.nan if value is None else value)  # NaN: not reported
         self.round.set(open_round)
         self.uploads.set(uploads)
         self.version.set(version)

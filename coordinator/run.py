@@ -43,7 +43,8 @@ from coordinator.storage.lock import StateLock
 from coordinator.storage.store import SqliteStore
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
-from protocol.model import CausalLM, ModelConfig, autocast_dtype, build_model, pick_device, resolve
+from protocol.device import autocast_dtype, pick_device
+from protocol.model import CausalLM, ModelConfig, build_model, resolve
 from protocol.params import get_params, load_checkpoint, param_spec, params_hash, save_checkpoint
 from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 

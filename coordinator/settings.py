@@ -18,7 +18,8 @@ from pydantic import (
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 from protocol.codec import make_codec
-from protocol.model import ModelConfig, Precision, device_name, get_config
+from protocol.device import Precision, device_name
+from protocol.model import ModelConfig, get_config
 from protocol.wire import CodecConfig, TrainingRecipe
 
 MiB = 1 << 20

@@ -14,7 +14,7 @@ import torch
 import torch.distributed as dist
 
 from node.trainer import InnerTrainer
-from protocol.model import pick_device
+from protocol.device import pick_device
 
 log = logging.getLogger(__name__)
 

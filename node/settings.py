@@ -8,7 +8,7 @@ from typing import Literal
 from pydantic import Field
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from protocol.model import Precision
+from protocol.device import Precision
 
 AdversaryKind = Literal[
     "noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan", "lutscale"

@@ -17,9 +17,10 @@ from node.follower import Follower
 from node.miner import backoff
 from node.settings import ValidatorSettings
 from protocol.codec import make_codec
+from protocol.device import autocast_dtype
 from protocol.errors import CodecError
 from protocol.evaluation import Losses, UpdateEvaluator, round_salt
-from protocol.model import autocast_dtype, build_model
+from protocol.model import build_model
 from protocol.pairing import RoundEvaluation
 from protocol.params import get_params, param_spec
 from protocol.signing import public_key_hex

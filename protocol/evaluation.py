@@ -46,7 +46,8 @@ import torch
 import torch.nn.functional as F
 
 from protocol.data import assignment, num_eval_total, train_id
-from protocol.model import CausalLM, forward_mode
+from protocol.device import forward_mode
+from protocol.model import CausalLM
 from protocol.params import set_params
 from protocol.payload import SparseTensor
 from protocol.wire import RunInfo

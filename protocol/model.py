@@ -10,7 +10,6 @@ weights and zero biases), so that export is a rename (gradpool/export.py).
 
 from __future__ import annotations
 
-import contextlib
 import math
 from typing import Literal
 
@@ -18,6 +17,8 @@ import torch
 import torch.nn as nn
 import torch.nn.functional as F
 from pydantic import BaseModel, ConfigDict, Field, model_validator
+
+from protocol.device import forward_mode
 
 MAX_PARAMETERS = 100e9  # a config past this is a typo, not a model
 
@@ -342,55 +343,6 @@ def next_token_loss(forward: nn.Module, batch: torch.Tensor) -> torch.Tensor:
     """Cross-entropy of the logits of ``forward`` (a model, or a wrapper such as DDP) on a (B, T+1) batch."""
     logits = forward(batch[:, :-1])  # (B, T, vocab)
     return F.cross_entropy(logits.float().reshape(-1, logits.size(-1)), batch[:, 1:].reshape(-1))
-
-
-Precision = Literal["auto", "fp32", "bf16"]
-
-
-def device_name(requested: str) -> str:
-    """``requested`` if it names a device gradpool can run on (``auto``, ``cpu``, ``cuda``, ``cuda:N``),
-    whether or not this machine has it; else a ValueError that says why."""
-    if requested == "auto":
-        return requested
-    try:
-        device = torch.device(requested)
-    except RuntimeError:
-        raise ValueError(f"unknown device {requested!r}: use auto, cpu, cuda or cuda:N") from None
-    if device.type not in ("cpu", "cuda"):
-        raise ValueError(f"device {requested!r}: only cpu and cuda are supported")
-    return requested
-
-
-def pick_device(requested: str = "auto") -> torch.device:
-    """``auto``: CUDA when present, else the CPU; otherwise the device named (``cpu``, ``cuda``,
-    ``cuda:1``, ...). A ValueError, that says why, for a name torch does not know or a CUDA device this
-    machine does not have."""
-    if requested == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(device_name(requested))
-    if device.type == "cuda":
-        if not torch.cuda.is_available():
-            raise ValueError(f"device {requested!r}: CUDA is not available on this machine")
-        count = torch.cuda.device_count()
-        if device.index is not None and device.index >= count:
-            raise ValueError(f"device {requested!r}: this machine has {count} CUDA devices")
-    return device
-
-
-def autocast_dtype(device: torch.device, precision: Precision = "auto") -> torch.dtype | None:
-    """The dtype evaluation's forward passes run in under autocast: bf16 on CUDA for ``auto``, none (fp32)
-    on CPU; ``fp32`` never, ``bf16`` on any device. Only losses are measured this way: training, the
-    canonical parameters and everything a version's hash follows from stay in fp32."""
-    if precision == "bf16" or (precision == "auto" and device.type == "cuda"):
-        return torch.bfloat16
-    return None
-
-
-def forward_mode(
-    device: torch.device, dtype: torch.dtype | None
-) -> contextlib.AbstractContextManager[object]:
-    """Autocast to ``dtype`` on ``device``, or nothing when ``dtype`` is None."""
-    return contextlib.nullcontext() if dtype is None else torch.autocast(device.type, dtype=dtype)
 
 
 @torch.inference_mode()

@@ -41,10 +41,11 @@ class PayloadStats(BaseModel):
     loss_after: float | None = None
     # training health: the gradient's norm before clipping (mean and max over the inner steps), the fraction
     # of steps it was clipped at, and the learning rate of the last step
+    # (reported, never judged: the coordinator keeps a value only if it is a number in range)
     grad_norm_mean: float | None = None
     grad_norm_max: float | None = None
-    clipped_fraction: float | None = Field(default=None, ge=0.0, le=1.0)
-    lr: float | None = Field(default=None, ge=0.0)
+    clipped_fraction: float | None = None
+    lr: float | None = None
 
 
 class PayloadHeader(BaseModel):

@@ -11,7 +11,7 @@ from protocol.codec import CODEC_NAMES
 from protocol.model import ModelConfig
 from protocol.payload import CodecName
 
-PROTOCOL_VERSION = 1
+PROTOCOL_VERSION = 2  # 2: the recipe's learning-rate schedule, training health in upload stats
 HEADER_PROTOCOL = "X-Gradpool-Protocol"
 MAX_NUMBER = (1 << 53) - 1  # the largest round or version number anywhere (exact in a JSON double)
 

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import math
 import statistics
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -27,13 +26,17 @@ class Health:
 
     @classmethod
     def reported(cls, *values: float | None) -> Health:
-        """From what a miner sent: a value that is not a finite number is left out."""
-        return cls(*(v if v is not None and math.isfinite(v) else None for v in values))
+        """From what a miner sent: a value out of its range (a norm or rate beyond MAX_HEALTH, a fraction
+        beyond 1, anything negative or not a number) is left out."""
+        limits = (MAX_HEALTH, MAX_HEALTH, 1.0, MAX_HEALTH)
+        return cls(
+            *(v if v is not None and 0 <= v <= top else None for v, top in zip(values, limits, strict=True))
+        )
 
     @classmethod
     def of(cls, reports: Iterable[Health]) -> Health:
-        """A round's: the mean of the mean norms, the largest norm, the mean clipped fraction, the median
-        learning rate."""
+        """A round's: the median of the mean norms, the largest norm, the median clipped fraction and the
+        median learning rate (medians: a few miners cannot move them, whatever they report)."""
         reports = list(reports)
 
         def known(name: str) -> list[float]:
@@ -41,13 +44,14 @@ class Health:
 
         means, maxes, clipped, lrs = (known(f) for f in HEALTH_FIELDS)
         return cls(
-            statistics.fmean(means) if means else None,
+            statistics.median(means) if means else None,
             max(maxes) if maxes else None,
-            statistics.fmean(clipped) if clipped else None,
+            statistics.median(clipped) if clipped else None,
             statistics.median(lrs) if lrs else None,
         )
 
 
+MAX_HEALTH = 1e12  # a reported norm or rate beyond this is no measurement
 HEALTH_FIELDS = ("grad_norm_mean", "grad_norm_max", "clipped_fraction", "lr")
 
 

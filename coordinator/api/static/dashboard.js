@@ -127,11 +127,14 @@ function drawCharts(s) {
   ], (t) => fmtBytes(Math.pow(10, t)));
   // vanishing or exploding gradients at a glance: the norms on a log scale, the clipped fraction beside
   const known = (f) => s.rounds.filter((r) => r[f] !== null && r[f] !== undefined);
+  const log10 = (f) => known(f).map((r) => [r.round, Math.log10(Math.max(1e-6, r[f]))]);
   lineChart($("health-chart"), [
-    { cls: "gmean", points: known("grad_norm_mean").map((r) => [r.round, Math.log10(Math.max(1e-6, r.grad_norm_mean))]) },
-    { cls: "gmax", points: known("grad_norm_max").map((r) => [r.round, Math.log10(Math.max(1e-6, r.grad_norm_max))]) },
-    { cls: "clipped", points: known("clipped_fraction").map((r) => [r.round, Math.log10(Math.max(1e-6, r.clipped_fraction))]) },
+    { cls: "gmean", points: log10("grad_norm_mean") },
+    { cls: "gmax", points: log10("grad_norm_max") },
   ], (t) => Math.pow(10, t).toPrecision(2));
+  lineChart($("clipped-chart"), [
+    { cls: "clipped", points: known("clipped_fraction").map((r) => [r.round, r.clipped_fraction]) },
+  ], (y) => y.toFixed(2));
 }
 
 function drawRounds(s) {

@@ -11,7 +11,7 @@ from typing import Any
 import pytest
 import torch
 
-from protocol.model import autocast_dtype, pick_device
+from protocol.device import autocast_dtype, pick_device
 from tests.helpers.pool import EVAL, RECIPE, OpenPool, encode, fixed_miner, trained_delta
 
 CUDA = pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")

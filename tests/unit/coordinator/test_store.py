@@ -5,6 +5,7 @@ from __future__ import annotations
 import sqlite3
 from pathlib import Path
 
+from coordinator.storage.records import Health
 from coordinator.storage.store import SqliteStore
 from protocol.evaluation import Losses
 
@@ -60,3 +61,14 @@ def test_the_stored_form_column_under_its_old_name_is_renamed_with_its_values(tm
         columns = {r[1] for r in db.execute("PRAGMA table_info(submissions)")}
     db.close()
     assert "stored_sha256" in columns and "unpacked_sha256" not in columns
+
+
+def test_training_health_keeps_what_is_in_range_and_a_round_of_it_cannot_fail() -> None:
+    """What miners report is untrusted: out of range is left out, and a round's health is medians and a
+    maximum of what is left, which no value can make raise or overflow."""
+    hostile = Health.reported(1e308, float("inf"), 5.0, float("nan"))
+    assert hostile == Health() and Health.reported(-1.0, 2.0, 0.5, 1e-3) == Health(None, 2.0, 0.5, 1e-3)
+    honest = [Health.reported(0.5 + i / 10, 1.0 + i, 0.25, 2e-3) for i in range(3)]
+    huge = Health.reported(1e12, 1e12, 1.0, 1e12)
+    assert Health.of([*honest, huge, huge]) == Health(0.7, 1e12, 0.25, 2e-3)  # medians: 3 honest of 5
+    assert Health.of([]) == Health() and Health.of([hostile]) == Health()
