@@ -20,6 +20,12 @@ Methods (M workers, H inner steps per round, R rounds, B sequences per inner ste
   to the newest. ``_merge30``, ``_half`` and ``_late`` merge after 30 %, 50 % and 90 %; ``_eager``,
   ``_merge`` and ``_delayed`` are the parts alone (``_delayed``: nothing but the stale base).
 - ``single``: worker 0 alone, R*H steps of B sequences: 1/M of the tokens.
+- ``sparseloco_cosine``: ``sparseloco`` with the inner rate decaying along a cosine to a tenth of its peak
+  over the R rounds (``[recipe] schedule = "cosine"``), after the same warm-up.
+
+``--seeds N`` runs every method at seeds ``--seed`` to ``--seed + N - 1`` (each its own initial model and
+assignments): ``final_eval_loss`` is then the mean over the seeds, beside ``final_eval_loss_sd`` (their
+standard deviation) and ``final_eval_loss_per_seed``; the curve and the rest are the first seed's.
 
 ``bytes_per_round`` is what one worker uploads per round: the real payload length for the pool methods;
 for ``ddp`` the dense equivalent, one fp32 gradient per inner step (H * 4 * parameters, never actually
@@ -42,7 +48,7 @@ import sys
 import time
 from collections.abc import Sequence
 from concurrent.futures import ProcessPoolExecutor
-from dataclasses import asdict, dataclass, field
+from dataclasses import asdict, dataclass, field, replace
 from pathlib import Path
 from typing import Any
 
@@ -83,6 +89,7 @@ class Config:
     )
     eval_sequences: int = 128
     seed: int = 0
+    seeds: int = 1  # runs per method, at seed, seed + 1, ...
     corpus: Path | None = None  # None: the Python standard library sources
     max_tokens: int = 8_000_000
     eval_every: int = 50
@@ -242,15 +249,36 @@ def run(cfg: Config) -> dict[str, Any]:
         bench.seq_len,
         cfg.rounds,
     )
-    if cfg.jobs <= 1 or len(cfg.methods) == 1:
-        methods = {name: run_method(bench, name) for name in cfg.methods}
-    else:  # methods are independent and deterministic: the same results, sooner
+    runs = [(replace(cfg, seed=cfg.seed + i), name) for i in range(cfg.seeds) for name in cfg.methods]
+    if cfg.jobs <= 1 or len(runs) == 1:
+        benches = {cfg.seed: bench}
+        done = []
+        for run_cfg, name in runs:
+            done.append(run_method(benches.setdefault(run_cfg.seed, Bench(run_cfg)), name))
+    else:  # methods and seeds are independent and deterministic: the same results, sooner
         per_job = max(1, cfg.threads // cfg.jobs)
         ctx = multiprocessing.get_context("spawn")
         with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
-            futures = {name: pool.submit(_run_in_process, cfg, name, per_job) for name in cfg.methods}
-            methods = {name: f.result() for name, f in futures.items()}
-    return {"config": config, "methods": methods}
+            futures = [pool.submit(_run_in_process, run_cfg, name, per_job) for run_cfg, name in runs]
+            done = [f.result() for f in futures]
+    by_method: dict[str, list[dict[str, Any]]] = {}
+    for (_, name), result in zip(runs, done, strict=True):
+        by_method.setdefault(name, []).append(result)
+    return {"config": config, "methods": {name: over_seeds(rs) for name, rs in by_method.items()}}
+
+
+def over_seeds(results: list[dict[str, Any]]) -> dict[str, Any]:
+    """One method's record over its seeds (the first seed's, with the final loss's mean, spread and values
+    over all of them; a diverged seed makes the mean None)."""
+    first = dict(results[0])
+    if len(results) == 1:
+        return first
+    finals = [r["final_eval_loss"] for r in results]
+    known = [f for f in finals if f is not None]
+    first["final_eval_loss"] = statistics.fmean(known) if len(known) == len(finals) else None
+    first["final_eval_loss_sd"] = statistics.stdev(known) if len(known) > 1 else None
+    first["final_eval_loss_per_seed"] = finals
+    return first
 
 
 def _run_in_process(cfg: Config, name: str, threads: int) -> dict[str, Any]:
@@ -319,6 +347,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     p.add_argument("--methods", default=",".join(d.methods), help=f"comma list of {', '.join(METHODS)}")
     p.add_argument("--eval-sequences", type=int, default=d.eval_sequences, help="held-out set size")
     p.add_argument("--seed", type=int, default=d.seed)
+    p.add_argument("--seeds", type=int, default=d.seeds, help="runs per method, at --seed, --seed + 1, ...")
     p.add_argument("--corpus", type=Path, default=None, help=".txt/.md/.jsonl file or folder (stdlib)")
     p.add_argument("--max-tokens", type=int, default=d.max_tokens, help="cap on the tokenised corpus")
     p.add_argument("--data-dir", type=Path, default=d.data_dir, help="dataset cache")
@@ -332,7 +361,16 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
     unknown = [m for m in methods if m not in METHODS]
     if unknown or not methods:
         p.error(f"unknown methods {unknown}; choose from {', '.join(METHODS)}")
-    for flag in ("workers", "inner_steps", "rounds", "batch_size", "eval_sequences", "threads", "jobs"):
+    for flag in (
+        "workers",
+        "inner_steps",
+        "rounds",
+        "batch_size",
+        "eval_sequences",
+        "threads",
+        "jobs",
+        "seeds",
+    ):
         if getattr(a, flag) < 1:
             p.error(f"--{flag.replace('_', '-')} must be at least 1")
     cfg = Config(
@@ -346,6 +384,7 @@ def parse_args(argv: Sequence[str] | None) -> tuple[Config, bool]:
         methods=methods,
         eval_sequences=a.eval_sequences,
         seed=a.seed,
+        seeds=a.seeds,
         corpus=a.corpus,
         max_tokens=a.max_tokens,
         data_dir=a.data_dir,

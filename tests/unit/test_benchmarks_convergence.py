@@ -114,6 +114,39 @@ def test_overlapped_rounds_share_the_first_round_and_part_after_it(tmp_path: Pat
     assert len({c[3] for c in curves.values()}) == 3, curves
 
 
+def test_seeds_average_the_final_loss_and_the_cosine_schedule_differs_after_the_warm_up(
+    tmp_path: Path, corpus_file: Path
+) -> None:
+    """--seeds 2: each method's final loss is the mean of its two seeds' (their spread beside); the
+    cosine schedule trains round 0 (the warm-up) as the constant rate does, and decays after it."""
+    methods = ("sparseloco", "sparseloco_cosine")
+    argv = [
+        "--json",
+        "--workers=2",
+        "--rounds=2",
+        "--inner-steps=2",
+        "--batch-size=2",
+        "--warmup-steps=2",
+        "--eval-sequences=8",
+        "--threads=1",
+        "--jobs=1",
+        "--seeds=2",
+        f"--methods={','.join(methods)}",
+        f"--corpus={corpus_file}",
+        f"--data-dir={tmp_path / 'data'}",
+        f"--out={tmp_path / 'c.png'}",
+    ]
+    runs = run_main(argv, tmp_path / "stdout.json")["methods"]
+    for name, r in runs.items():
+        first, second = r["final_eval_loss_per_seed"]
+        assert first != second, name  # another seed: another model and other data
+        assert r["final_eval_loss"] == pytest.approx((first + second) / 2)
+        assert r["final_eval_loss_sd"] == pytest.approx(abs(first - second) / math.sqrt(2))
+        assert r["curve"][-1]["eval_loss"] == first  # the curve is the first seed's
+    constant, cosine = ([p["eval_loss"] for p in runs[m]["curve"]] for m in methods)
+    assert constant[:2] == cosine[:2] and constant[2:] != cosine[2:]
+
+
 @pytest.mark.parametrize("carry", [1.0, 0.5, 0.0])
 def test_the_merge_moves_the_model_to_the_new_version_keeping_carry_of_what_it_learned(carry: float) -> None:
     torch.manual_seed(0)
