@@ -19,7 +19,11 @@ def _config(tmp_path: Path, corpus: Path, quick: bool) -> Path:
         "data": {"corpus": str(corpus), "eval_every": 20, "eval_sequences": 16},
         "recipe": {"inner_steps": 6 if quick else 10, "batch_size": 8, "warmup_steps": 2},
         "rounds": {"deadline_s": 10.0, "min_deadline_s": 2.0 if quick else 3.0},
-        "validation": {"own_sequences": 32 if quick else 64, "other_sequences": 32 if quick else 64},
+        "validation": {
+            "own_sequences": 32 if quick else 64,
+            "other_sequences": 32 if quick else 64,
+            "early_factor": 1 if quick else 2,  # quick: the first rounds' samples not doubled either
+        },
     }
     path = tmp_path / "coordinator.toml"
     path.write_text(tomli_w.dumps(settings))
