@@ -182,6 +182,21 @@ def measure(
     return row
 
 
+def cpu_work(
+    measured: dict[str, dict[str, Any]], name: str, params: int
+) -> tuple[dict[str, Any] | None, str]:
+    """The CPU work per upload and per version of ``name``: as measured, or else scaled by parameter count
+    from the largest model measured (aggregation, publishing and checkpoints are linear in it)."""
+    if name in measured:
+        return measured[name], "measured"
+    if not measured:
+        return None, "not measured"
+    base = max(measured.values(), key=lambda row: row["params"])
+    f = params / base["params"]
+    scaled = {k: base[k] * f for k in ("aggregate_s", "publish_s", "checkpoint_s")}
+    return scaled, f"scaled from {base['model']} by parameter count (x{f:.1f})"
+
+
 def project(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
     """Round timings on one H100 per role, from FLOP counts and the CPU work measured here."""
     rows = []
@@ -191,7 +206,7 @@ def project(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         forward_s = forward_flops(cfg, params) / (H100_BF16_FLOPS * EVAL_MFU)
         steps, batch = RECIPES[name]
         inner_s = steps * batch * 3 * forward_flops(cfg, params) / (H100_BF16_FLOPS * TRAIN_MFU)
-        cpu = measured.get(name)
+        cpu, basis = cpu_work(measured, name, params)
         for miners in (16, 64, 256):
             sample = min(MAX_EVALUATED, miners)
             for validators in (0, 4, 16):
@@ -208,6 +223,7 @@ def project(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                         "scored_s": round(sample * PASSES_PER_UPLOAD * forward_s, 3),
                         "scored_s_if_shared": round(shared * PASSES_PER_UPLOAD * forward_s, 3),
                         "miner_inner_s": round(inner_s, 3),
+                        "cpu_work": basis,
                     }
                 )
     return rows
@@ -239,12 +255,15 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--batch", type=int, default=None, help="sequences per forward pass (default: 4; 1b 1)")
     p.add_argument("--uploads", type=int, default=None, help="payloads aggregated (default: 4; 1b 2)")
     p.add_argument("--threads", type=int, default=None, help="torch CPU threads (default: all)")
+    p.add_argument(
+        "--measured", type=Path, default=None, help="measure nothing: project from this earlier --json output"
+    )
     args = p.parse_args(argv)
     models = [m.strip() for m in args.models.split(",") if m.strip()]
     for m in models:
         resolve(m)  # a ValueError naming the presets
-    measured = []
-    for m in models:
+    measured = [] if args.measured is None else json.loads(args.measured.read_text())["measured"]
+    for m in models if args.measured is None else []:
         big = parameter_count(resolve(m)) > 500e6
         sequences = args.sequences or (2 if big else 8)
         batch = min(sequences, args.batch or (1 if big else 4))
