@@ -296,9 +296,18 @@ def test_a_device_the_machine_cannot_use_is_one_line_error(tmp_path: Path, devic
 
 
 @pytest.mark.parametrize("name", ["gpt2-124m", "llama-150m", "llama-1b"])
-def test_the_recipes_for_real_sizes_load(name: str) -> None:
-    """configs/<model>.toml: the model its name says, with a schedule across the run."""
-    settings = load_settings(CoordinatorSettings, COORDINATOR_TOML.with_name(f"{name}.toml"), {})
+def test_the_recipes_for_real_sizes_load(name: str, tmp_path: Path) -> None:
+    """configs/<model>.toml: the model its name says, with its recipe, and the cosine schedule it shows
+    commented out valid too."""
+    path = COORDINATOR_TOML.with_name(f"{name}.toml")
+    settings = load_settings(CoordinatorSettings, path, {})
     assert isinstance(settings, CoordinatorSettings)
-    assert settings.model == name and settings.recipe.schedule == "cosine"
-    assert settings.recipe.planned_rounds is not None and settings.recipe.warmup_steps > 0
+    assert settings.model == name and settings.recipe.inner_steps == 100 and settings.recipe.warmup_steps > 0
+    cosine = (
+        path.read_text()
+        .replace('schedule = "constant"', 'schedule = "cosine"')
+        .replace("# planned", "planned")
+    )
+    (tmp_path / path.name).write_text(cosine)
+    decaying = load_settings(CoordinatorSettings, tmp_path / path.name, {})
+    assert isinstance(decaying, CoordinatorSettings) and decaying.recipe.planned_rounds is not None
