@@ -58,9 +58,11 @@ def log(message: str) -> None:
 
 
 def tensor_set(name: str) -> Spec:
+    """The parameter names and shapes of a set; a model's taken without allocating (or initialising) it."""
     if name == "124m":
         return gpt2_small_spec()
-    return param_spec(build_model(name))
+    with torch.device("meta"):
+        return param_spec(build_model(name))
 
 
 def random_payload(codec: SparseLoCoCodec, spec: Spec, seed: int) -> bytes:

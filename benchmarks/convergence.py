@@ -251,10 +251,12 @@ def run(cfg: Config) -> dict[str, Any]:
     )
     runs = [(replace(cfg, seed=cfg.seed + i), name) for i in range(cfg.seeds) for name in cfg.methods]
     if cfg.jobs <= 1 or len(runs) == 1:
-        benches = {cfg.seed: bench}
+        benches = {cfg.seed: bench}  # one per seed, built when its first method runs
         done = []
         for run_cfg, name in runs:
-            done.append(run_method(benches.setdefault(run_cfg.seed, Bench(run_cfg)), name))
+            if run_cfg.seed not in benches:
+                benches[run_cfg.seed] = Bench(run_cfg)
+            done.append(run_method(benches[run_cfg.seed], name))
     else:  # methods and seeds are independent and deterministic: the same results, sooner
         per_job = max(1, cfg.threads // cfg.jobs)
         ctx = multiprocessing.get_context("spawn")

@@ -151,9 +151,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     codec = make_codec(method.codec, method.k)
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
     downlink = None if method.downlink is None else Downlink(method.downlink, method.codec, bench.spec)
-    schedule = (
-        {"schedule": method.schedule, "planned_rounds": c.rounds} if method.schedule != "constant" else {}
-    )
+    schedule = {"schedule": method.schedule, "planned_rounds": c.rounds}  # a constant rate ignores the length
     recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta, **schedule})
     theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v
     workers = []

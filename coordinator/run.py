@@ -93,8 +93,7 @@ class Run:
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
         architecture = resolve(settings.model, self.tokenizer.vocab_size)
-        device = self.device
-        module = build_model(architecture, seed=settings.seed).to(device)  # evaluation's copy
+        module = build_model(architecture, seed=settings.seed).to(self.device)  # evaluation's copy
         module.eval()
         spec = param_spec(module)
         d = settings.data
@@ -140,7 +139,7 @@ class Run:
         )
         v = settings.validation
         held_out = dataset.sequences(eval_ids(self.data_meta, d.eval_sequences))
-        self.model = Model(module, {}, held_out, v.batch_size, autocast_dtype(device, v.precision))
+        self.model = Model(module, {}, held_out, v.batch_size, autocast_dtype(self.device, v.precision))
         outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
         self.metrics = Metrics()
         downlink = Downlink(settings.publish, settings.codec.name, spec)

@@ -95,17 +95,19 @@ def serve(
     setup_logging(settings.log_level, settings.log_format)
     if settings.data.corpus is not None and not settings.data.corpus.exists():
         fail(f"corpus path {settings.data.corpus} does not exist")
-    asyncio.run(_serve(settings, ready_file))
+    asyncio.run(serve_coordinator(settings, ready_file))
 
 
-async def _serve(settings: Any, ready_file: Path | None) -> None:
+async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any = None) -> None:
+    """Build the run, serve it until stopped, and say where once listening (the log, ``ready_file``).
+    ``hooks``: a ``coordinator.hooks.Hooks`` (tests hold a close before its commit this way)."""
     from coordinator.api.app import create_app
     from coordinator.api.server import bound_port, make_server
     from coordinator.run import Run
     from protocol.errors import ProtocolError
 
     try:
-        run = await asyncio.to_thread(Run, settings)
+        run = await asyncio.to_thread(Run, settings, hooks=hooks)
     except (ProtocolError, ValueError, OSError) as e:
         fail(str(e))
     server = make_server(create_app(settings, run=run), settings.host, settings.port)

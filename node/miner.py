@@ -22,7 +22,7 @@ from node.overlap import NextVersion, OverlapRound
 from node.settings import MinerSettings
 from node.state import MinerState, load_state, save_state, state_digest
 from node.trainer import InnerResult, InnerTrainer, NonFiniteLoss
-from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, PayloadStats, SparseTensor, make_codec
+from protocol.codec import PAYLOAD_FORMAT_VERSION, PayloadHeader, SparseTensor, make_codec
 from protocol.codec.feedback import ErrorFeedback
 from protocol.data import assignment
 from protocol.errors import CodecError
@@ -151,15 +151,7 @@ class Miner(Follower):
             codec=self.codec.name,
             round=ri.round,
             base_version=base_version,
-            stats=PayloadStats(
-                compute_s=result.compute_s,
-                loss_before=result.loss_before,
-                loss_after=result.loss_after,
-                grad_norm_mean=result.grad_norm_mean,
-                grad_norm_max=result.grad_norm_max,
-                clipped_fraction=result.clipped_fraction,
-                lr=result.lr,
-            ),
+            stats=result.stats(),
         )
         made = self.make_payload(ri, header, candidate.accumulate(delta))
         if made is None:

@@ -14,6 +14,7 @@ import torch.distributed as dist
 from torch.nn.parallel import DistributedDataParallel
 
 from protocol.model import CausalLM, next_token_loss
+from protocol.payload import PayloadStats
 from protocol.wire import TrainingRecipe
 
 
@@ -47,6 +48,10 @@ class InnerResult:
     grad_norm_max: float = math.nan
     clipped_fraction: float = 0.0  # of the steps whose gradient norm was above grad_clip
     lr: float = math.nan  # the learning rate of the round's last step
+
+    def stats(self) -> PayloadStats:
+        """What an upload reports of this work (its header's ``stats``)."""
+        return PayloadStats(**{f: getattr(self, f) for f in PayloadStats.model_fields})
 
 
 class InnerTrainer:

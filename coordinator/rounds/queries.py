@@ -9,7 +9,7 @@ from coordinator.errors import Conflict, NotFound
 from coordinator.rounds.stall import Stall, stall_of
 from coordinator.rounds.state import RoundCell
 from coordinator.storage.base import Store
-from coordinator.storage.records import StoredRound
+from coordinator.storage.records import HEALTH_FIELDS, StoredRound
 from protocol.wire import RoundInfo, RoundRecord, RoundReport, SubmissionRecord, VersionInfo
 
 RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/reports
@@ -153,8 +153,5 @@ def _report(r: StoredRound, refusals: dict[str, int]) -> RoundReport:
         bytes_down_model=r.bytes_down_model,
         bytes_down_data=r.bytes_down_data,
         refusals=refusals,
-        grad_norm_mean=r.grad_norm_mean,
-        grad_norm_max=r.grad_norm_max,
-        clipped_fraction=r.clipped_fraction,
-        lr=r.lr,
+        **{f: getattr(r, f) for f in HEALTH_FIELDS},
     )

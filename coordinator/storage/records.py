@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass
+from dataclasses import dataclass, fields
 from enum import StrEnum
 from typing import Literal
 
@@ -52,7 +52,7 @@ class Health:
 
 
 MAX_HEALTH = 1e12  # a reported norm or rate beyond this is no measurement
-HEALTH_FIELDS = ("grad_norm_mean", "grad_norm_max", "clipped_fraction", "lr")
+HEALTH_FIELDS = tuple(f.name for f in fields(Health))  # as the store and the wire name them
 
 
 @dataclass(frozen=True)

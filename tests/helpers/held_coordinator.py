@@ -7,12 +7,12 @@ GRADPOOL_* environment, as for ``gradpool coordinator serve``."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import subprocess
 import sys
 import threading
-import time
 from pathlib import Path
 
 from gradpool.processes import Processes, ProcessFailed
@@ -47,10 +47,9 @@ def start_held_coordinator(
 
 
 def main(state_dir: str, corpus: str, ready_file: str) -> None:
-    from coordinator.api.app import create_app
-    from coordinator.api.server import bound_port, make_server
     from coordinator.hooks import Hooks
     from coordinator.settings import CoordinatorSettings
+    from gradpool.cli import serve_coordinator
     from gradpool.config import load_settings, setup_logging
 
     overrides = {"state_dir": Path(state_dir), "port": 0, "data": {"corpus": Path(corpus)}}
@@ -62,18 +61,7 @@ def main(state_dir: str, corpus: str, ready_file: str) -> None:
         print(f"round {round_}: held before its commit", flush=True)
         never.wait()  # until the test kills this process
 
-    server = make_server(create_app(settings, hooks=Hooks(before_commit=hold)), settings.host, 0)
-
-    def announce() -> None:
-        while not server.started:
-            time.sleep(0.05)
-        ready = Path(ready_file)
-        tmp = ready.with_name(ready.name + ".tmp")
-        tmp.write_text(json.dumps({"url": f"http://{settings.host}:{bound_port(server)}"}))
-        os.replace(tmp, ready)
-
-    threading.Thread(target=announce, daemon=True).start()
-    server.run()
+    asyncio.run(serve_coordinator(settings, Path(ready_file), Hooks(before_commit=hold)))
 
 
 if __name__ == "__main__":

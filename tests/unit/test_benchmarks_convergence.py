@@ -20,23 +20,28 @@ FIELDS = {"final_eval_loss", "bytes_per_round", "bytes_basis", "curve", "wall_s"
 @pytest.fixture(scope="module")
 def result(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> dict[str, Any]:
     tmp = tmp_path_factory.mktemp("convergence")
-    argv = [
+    result = run_main(toy_argv(tmp, corpus_file, rounds=2), tmp / "stdout.json")
+    assert (tmp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    return result
+
+
+def toy_argv(root: Path, corpus: Path, rounds: int, *extra: str) -> list[str]:
+    """The benchmark at toy size, its data, plot and output under ``root``; ``extra`` flags added."""
+    return [
         "--json",
         "--workers=2",
-        "--rounds=2",
+        f"--rounds={rounds}",
         "--inner-steps=2",
         "--batch-size=2",
         "--warmup-steps=2",
         "--eval-sequences=8",
         "--threads=1",  # two threads on two busy cores can be ten times slower
         "--jobs=1",
-        f"--corpus={corpus_file}",
-        f"--data-dir={tmp / 'data'}",
-        f"--out={tmp / 'curves.png'}",
+        *extra,
+        f"--corpus={corpus}",
+        f"--data-dir={root / 'data'}",
+        f"--out={root / 'curves.png'}",
     ]
-    result = run_main(argv, tmp / "stdout.json")
-    assert (tmp / "curves.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    return result
 
 
 def run_main(argv: list[str], capture: Path) -> dict[str, Any]:
@@ -89,21 +94,7 @@ def test_overlapped_rounds_share_the_first_round_and_part_after_it(tmp_path: Pat
     """Round 0 trains from the initial model whatever the mode; from round 1 on, the overlapped methods
     train from a version behind (and the miner's way differs from the stale base alone)."""
     methods = ("sparseloco", "sparseloco_overlap", "sparseloco_overlap_delayed")
-    argv = [
-        "--json",
-        "--workers=2",
-        "--rounds=3",
-        "--inner-steps=2",
-        "--batch-size=2",
-        "--warmup-steps=2",
-        "--eval-sequences=8",
-        "--threads=1",
-        "--jobs=1",
-        f"--methods={','.join(methods)}",
-        f"--corpus={corpus_file}",
-        f"--data-dir={tmp_path / 'data'}",
-        f"--out={tmp_path / 'c.png'}",
-    ]
+    argv = toy_argv(tmp_path, corpus_file, 3, f"--methods={','.join(methods)}")
     runs = run_main(argv, tmp_path / "stdout.json")["methods"]
     curves = {m: [p["eval_loss"] for p in r["curve"]] for m, r in runs.items()}
     assert (
@@ -120,22 +111,7 @@ def test_seeds_average_the_final_loss_and_the_cosine_schedule_differs_after_the_
     """--seeds 2: each method's final loss is the mean of its two seeds' (their spread beside); the
     cosine schedule trains round 0 (the warm-up) as the constant rate does, and decays after it."""
     methods = ("sparseloco", "sparseloco_cosine")
-    argv = [
-        "--json",
-        "--workers=2",
-        "--rounds=2",
-        "--inner-steps=2",
-        "--batch-size=2",
-        "--warmup-steps=2",
-        "--eval-sequences=8",
-        "--threads=1",
-        "--jobs=1",
-        "--seeds=2",
-        f"--methods={','.join(methods)}",
-        f"--corpus={corpus_file}",
-        f"--data-dir={tmp_path / 'data'}",
-        f"--out={tmp_path / 'c.png'}",
-    ]
+    argv = toy_argv(tmp_path, corpus_file, 2, "--seeds=2", f"--methods={','.join(methods)}")
     runs = run_main(argv, tmp_path / "stdout.json")["methods"]
     for name, r in runs.items():
         first, second = r["final_eval_loss_per_seed"]
