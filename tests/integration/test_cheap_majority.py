@@ -17,7 +17,7 @@ from protocol.signing import load_key, public_key_hex
 
 pytestmark = pytest.mark.slow  # a real network of seven miner processes
 
-HONEST, FREERIDERS, ROUNDS = 3, 4, 4
+HONEST, FREERIDERS, ROUNDS = 3, 4, 3
 
 
 @pytest.mark.timeout(480)

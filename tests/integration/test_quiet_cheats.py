@@ -22,7 +22,7 @@ pytestmark = pytest.mark.slow  # real networks of miner processes
 
 @pytest.mark.timeout(420)
 def test_copycat_stale_and_freerider_are_refused(tmp_path: Path, corpus_file: Path) -> None:
-    kinds, rounds = ("copycat", "stale", "freerider"), 4
+    kinds, rounds = ("copycat", "stale", "freerider"), 3
     report = cheat_network(tmp_path, corpus_file, kinds, 3, rounds, overlap=False)
     _, cheats, _ = honest_and_cheats(report, kinds, 3, rounds)
     assert cheats["freerider"]["refusals"].get("low_gain", 0) >= rounds - 1

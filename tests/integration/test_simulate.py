@@ -26,6 +26,9 @@ ROUND_FIELDS = {
 }
 
 
+ROUNDS = 8  # the llama network's
+
+
 def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
     return subprocess.run(
         [sys.executable, "-m", "gradpool", *args],
@@ -78,7 +81,7 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
         "--miners",
         "2",
         "--rounds",
-        "8",
+        str(ROUNDS),
         "--model",
         "llama-tiny",
         "--corpus",
@@ -92,11 +95,11 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
     )
     assert done.returncode == 0, done.stderr + done.stdout
     rows = [line.split() for line in done.stdout.splitlines() if line.split() and line.split()[0].isdigit()]
-    assert [r[0] for r in rows] == [str(i) for i in range(8)]
+    assert [r[0] for r in rows] == [str(i) for i in range(ROUNDS)]
     report = json.loads((out / "report.json").read_text())
-    assert [r["round"] for r in report["rounds"]] == list(range(8))
+    assert [r["round"] for r in report["rounds"]] == list(range(ROUNDS))
     assert all(ROUND_FIELDS <= set(r) for r in report["rounds"])
-    assert report["rounds"][-1]["version"] == 8
+    assert report["rounds"][-1]["version"] == ROUNDS
     assert report["final_eval_loss"] == report["rounds"][-1]["eval_loss"] <= 0.8 * report["initial_eval_loss"]
     assert report["config"]["miners"] == 2 and report["config"]["codec"]["name"] == "sparseloco"
     assert (out / "loss.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
@@ -106,7 +109,8 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
 
     (tmp_path / "replay").mkdir()
     replayed = replay(out, tmp_path / "replay")
-    assert replayed["replayed"] == replayed["versions"] >= 8  # every version rebuilt bit for bit, offline
+    # every version rebuilt bit for bit, offline
+    assert replayed["replayed"] == replayed["versions"] >= ROUNDS
     assert [r["round"] for r in replayed["rounds"]] == list(range(replayed["versions"]))
     for r in replayed["rounds"]:
         if r["uploads"] == r["accepted"]:  # the published version is the carried build, or the fresh one
