@@ -26,8 +26,6 @@ import json
 import math
 import os
 import ssl
-import subprocess
-import sys
 import tempfile
 import time
 from collections.abc import Iterator
@@ -38,6 +36,7 @@ import httpx
 
 from benchmarks.aggregation import SETS, aggregation, log, random_payload, tensor_set
 from benchmarks.close import close_rows, write_corpus
+from gradpool.processes import Child, Processes
 from protocol.codec import SparseLoCoCodec
 from protocol.signing import generate_key, sign_request
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION
@@ -48,10 +47,9 @@ CLOSE_RATIO_LIMIT = 3.0  # the M = 64 close over the M = 8 close
 
 # -- ingest -----------------------------------------------------------------------------------------------
 @contextlib.contextmanager
-def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Iterator[subprocess.Popen[bytes]]:
+def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Iterator[Child]:
     """A coordinator whose round stays open for the whole benchmark; stopped on the way out."""
     env = {
-        **os.environ,
         "GRADPOOL_MODEL": model,
         "GRADPOOL_ROUNDS__MIN_QUORUM": "100000",
         "GRADPOOL_ROUNDS__DEADLINE_S": "3600",
@@ -59,35 +57,16 @@ def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Itera
         "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
         "GRADPOOL_MAX_PAYLOAD_BYTES": str(max_payload_bytes),
     }
-    cmd = [
-        sys.executable,
-        "-m",
-        "gradpool",
-        "coordinator",
-        "serve",
-        "--port",
-        "0",
-        "--state-dir",
-        str(work / "state"),
-        "--ready-file",
-        str(work / "ready.json"),
-        "--corpus",
-        str(work / "corpus.txt"),
-    ]
-    with (work / "coordinator.log").open("wb") as out:
-        proc = subprocess.Popen(cmd, env=env, stdout=out, stderr=subprocess.STDOUT)
-        try:
-            yield proc
-        finally:
-            proc.terminate()
-            try:
-                proc.wait(timeout=30)
-            except subprocess.TimeoutExpired:
-                proc.kill()
-                proc.wait()
+    args = ["coordinator", "serve", "--port", "0", "--state-dir", str(work / "state")]
+    args += ["--ready-file", str(work / "ready.json"), "--corpus", str(work / "corpus.txt")]
+    procs = Processes(work, env)
+    try:
+        yield procs.start("coordinator", args)
+    finally:
+        procs.stop_all(grace_s=30)
 
 
-def wait_ready(proc: subprocess.Popen[bytes], work: Path, timeout_s: float = 180.0) -> str:
+def wait_ready(proc: Child, work: Path, timeout_s: float = 180.0) -> str:
     ready, end = work / "ready.json", time.monotonic() + timeout_s
     while not ready.exists():
         if proc.poll() is not None or time.monotonic() > end:

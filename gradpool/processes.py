@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import multiprocessing
 import os
+import runpy
 import signal
 import subprocess
 import sys
@@ -21,6 +22,8 @@ from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
 from pathlib import Path
 from typing import Protocol
+
+from setproctitle import setproctitle
 
 # what the fork server imports once for every process it starts
 PRELOAD = [
@@ -46,6 +49,7 @@ class Child(Protocol):
     def poll(self) -> int | None: ...
     def wait(self, timeout: float | None = None) -> int: ...
     def send_signal(self, sig: int) -> None: ...
+    def terminate(self) -> None: ...
     def kill(self) -> None: ...
 
 
@@ -76,12 +80,17 @@ class Forked:
         if self.process.exitcode is None:
             os.kill(self.pid, sig)
 
+    def terminate(self) -> None:
+        self.send_signal(signal.SIGTERM)
+
     def kill(self) -> None:
         self.send_signal(signal.SIGKILL)
 
 
 def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str) -> None:
     """In the forked process: become ``python -m gradpool ARGS`` in this environment, output to ``log``."""
+    # what ps shows: the command, not the fork server's (first: it finds the title's memory by environ)
+    setproctitle(" ".join(["gradpool", *args]))
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -92,12 +101,7 @@ def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str) -> None:
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own stdout)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.argv = ["gradpool", *args]
-    from gradpool.cli import app
-
-    try:
-        app(args=args, prog_name="gradpool")
-    except KeyboardInterrupt:
-        sys.exit(130)
+    runpy.run_module("gradpool", run_name="__main__", alter_sys=True)  # what ``python -m gradpool`` runs
 
 
 def _fork_server() -> ForkServerContext | None:

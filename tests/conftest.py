@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import subprocess
 import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
@@ -18,6 +17,7 @@ import pytest
 from coordinator.api.app import create_app
 from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
+from gradpool.processes import Child
 from protocol.data import stdlib_dir
 from tests.helpers.waiting import wait_until
 
@@ -93,9 +93,7 @@ class LiveServer:
     def url(self) -> str:
         return f"http://127.0.0.1:{bound_port(self.server)}"
 
-    def wait_rounds(
-        self, n: int, procs: Sequence[subprocess.Popen[bytes]] = (), timeout_s: float = 60
-    ) -> dict[str, Any]:
+    def wait_rounds(self, n: int, procs: Sequence[Child] = (), timeout_s: float = 60) -> dict[str, Any]:
         """``/v1/status`` once ``n`` rounds have closed (a miner exits after its last upload, before that
         round has closed); ``procs``: miners that must not exit meanwhile."""
 

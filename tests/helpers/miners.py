@@ -2,32 +2,22 @@
 
 from __future__ import annotations
 
-import subprocess
 import sys
 from pathlib import Path
 
+from gradpool.processes import Child, Processes
+
+
+def mine_args(url: str, key: Path, state: Path) -> list[str]:
+    """``gradpool mine`` with this key and state, one thread."""
+    key_and_state = ["--key", str(key), "--create-key", "--state-dir", str(state)]
+    return ["mine", "--coordinator", url, *key_and_state, "--threads", "1"]
+
 
 def mine_command(url: str, key: Path, state: Path) -> list[str]:
-    return [
-        sys.executable,
-        "-m",
-        "gradpool",
-        "mine",
-        "--coordinator",
-        url,
-        "--key",
-        str(key),
-        "--create-key",
-        "--state-dir",
-        str(state),
-        "--threads",
-        "1",
-    ]
+    return [sys.executable, "-m", "gradpool", *mine_args(url, key, state)]
 
 
-def start_miner(url: str, key: Path, state: Path, log: Path) -> subprocess.Popen[bytes]:
-    """A miner process that mines until it is stopped, its output in ``log``."""
-    with open(log, "wb") as out:
-        return subprocess.Popen(
-            mine_command(url, key, state), stdout=out, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL
-        )
+def start_miner(url: str, key: Path, state: Path, log: Path) -> Child:
+    """A miner process that mines until it is stopped, its output in ``log`` (``NAME.log``)."""
+    return Processes(log.parent).start(log.stem, mine_args(url, key, state))

@@ -175,8 +175,9 @@ def test_catch_up_by_updates_after_a_short_absence_and_by_checkpoint_after_a_lon
         long = mine("away", 1)  # from its base 3 to 9: more than max_catchup_versions (3)
     finally:
         net.stop()
-    reached = {2, 3}
     caught = re.findall(r"version (\d+): caught up from version 0 by (\d+) published updates", short)
-    assert len(caught) == 1 and int(caught[0][0]) in reached and int(caught[0][1]) == int(caught[0][0]), short
+    assert len(caught) == 1 and int(caught[0][0]) in {2, 3} and int(caught[0][1]) == int(caught[0][0]), short
     assert "loaded checkpoint" not in short
-    assert re.search(r"version (8|9): loaded checkpoint", long)
+    # the steady miner's 5 rounds put the network more than max_catchup_versions (3) ahead of the away one
+    loaded = re.findall(r"version (\d+): loaded checkpoint", long)
+    assert len(loaded) == 1 and int(loaded[0]) - int(caught[0][0]) > 3 and "caught up" not in long, long
