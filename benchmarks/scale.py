@@ -57,6 +57,7 @@ from protocol.codec import SparseLoCoCodec
 from protocol.device import autocast_dtype, forward_mode, pick_device
 from protocol.evaluation import UpdateEvaluator
 from protocol.model import CausalLM, ModelConfig, build_model, num_parameters, resolve
+from protocol.pairing import MIN_PAIRED
 from protocol.params import apply_update, get_params, param_spec, params_hash, save_checkpoint
 
 MODELS = ("gpt2-124m", "llama-150m", "llama-1b")
@@ -66,11 +67,7 @@ EVAL_RATIO_TARGET = 0.9
 # nanoGPT-class training loops reach at 124M-1B and inference forward passes at batch 16 exceed.
 H100_BF16_FLOPS = 989e12
 TRAIN_MFU, EVAL_MFU = 0.40, 0.45
-# The evaluation of one sampled upload at the defaults, in forward passes of one sequence: the own sample
-# before (the other sample's losses before are shared by the round) and after, the other sample after, and
-# the pairing's pass of the round's mean update over both (protocol/pairing.py): 3 x 48 + 2 x 48.
-OWN, OTHER = 48, 48
-PASSES_PER_UPLOAD = 3 * OWN + 2 * OTHER
+OWN, OTHER = 48, 48  # the evaluation samples at the defaults
 MAX_EVALUATED, REDUNDANCY, HELD_OUT = 16, 2, 64
 # The recipes of configs/gpt2-124m.toml and configs/llama-1b.toml: (inner steps, sequences per step)
 RECIPES = {"gpt2-124m": (100, 64), "llama-150m": (100, 64), "llama-1b": (100, 64)}
@@ -182,6 +179,39 @@ def measure(
     return row
 
 
+def evaluation_passes(uploads: int, own: int, other: int) -> int:
+    """Forward passes of one sequence that evaluating ``uploads`` sampled uploads takes: each one's own sample
+    before and after it, its other sample after it (the other samples' losses before are one salted order's
+    head, shared by the round), and with ``MIN_PAIRED`` uploads or more the pairing's pass of the round's
+    mean update over every sampled sequence (protocol/pairing.py)."""
+    if uploads == 0:
+        return 0
+    passes = uploads * own + other + uploads * (own + other)
+    if uploads >= MIN_PAIRED:
+        passes += uploads * own + other
+    return passes
+
+
+def close_cost(
+    row: dict[str, Any], uploads: int, own: int, other: int, held_out: int, forward_s: float | None = None
+) -> dict[str, float]:
+    """What a synchronous round's close costs on the machine ``row`` measured (``forward_s``: the time of a
+    forward pass of one sequence, else the row's evaluation time of one): the evaluation of ``uploads``
+    sampled uploads (each decoded, then ``evaluation_passes``), then the version: every upload aggregated,
+    the outer step and the downlink (``publish_s``), its held-out loss, and two model-sized writes, the
+    checkpoint and the coordinator's state (the downlink's residual)."""
+    forward = forward_s if forward_s is not None else row["forward_s_per_sequence"] / row["eval_ratio"]
+    passes = evaluation_passes(uploads, own, other)
+    evaluation = passes * forward + uploads * row["aggregate_s"]
+    version = held_out * forward + uploads * row["aggregate_s"] + row["publish_s"] + 2 * row["checkpoint_s"]
+    return {
+        "passes": passes + held_out,
+        "evaluation_s": evaluation,
+        "version_s": version,
+        "close_s": evaluation + version,
+    }
+
+
 def cpu_work(
     measured: dict[str, dict[str, Any]], name: str, params: int
 ) -> tuple[dict[str, Any] | None, str]:
@@ -210,18 +240,18 @@ def project(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
         for miners in (16, 64, 256):
             sample = min(MAX_EVALUATED, miners)
             for validators in (0, 4, 16):
-                version_out = HELD_OUT * forward_s
-                if cpu is not None:
-                    version_out += miners * cpu["aggregate_s"] + cpu["publish_s"] + cpu["checkpoint_s"]
                 shared = sample if validators == 0 else math.ceil(sample * REDUNDANCY / validators)
+                version_out = None
+                if cpu is not None:  # the close's version part, its forward passes on the GPU
+                    version_out = close_cost(cpu, miners, OWN, OTHER, HELD_OUT, forward_s)["version_s"]
                 rows.append(
                     {
                         "model": name,
                         "miners": miners,
                         "validators": validators,
-                        "version_out_s": round(version_out, 3) if cpu is not None else None,
-                        "scored_s": round(sample * PASSES_PER_UPLOAD * forward_s, 3),
-                        "scored_s_if_shared": round(shared * PASSES_PER_UPLOAD * forward_s, 3),
+                        "version_out_s": round(version_out, 3) if version_out is not None else None,
+                        "scored_s": round(evaluation_passes(sample, OWN, OTHER) * forward_s, 3),
+                        "scored_s_if_shared": round(evaluation_passes(shared, OWN, OTHER) * forward_s, 3),
                         "miner_inner_s": round(inner_s, 3),
                         "cpu_work": basis,
                     }
@@ -234,14 +264,16 @@ ASSUMPTIONS = {
     "train_mfu": TRAIN_MFU,
     "eval_mfu": EVAL_MFU,
     "forward_flops": "2 x parameters x tokens + 4 x layers x seq_len^2 x width a sequence; training 3x",
-    "evaluation": f"the {MAX_EVALUATED} sampled uploads of a round (fewer miners: all), {PASSES_PER_UPLOAD} "
-    f"forward passes each ({OWN} own and {OTHER} other sequences: own before and after, other after, "
-    "the paired pass over both); the version's held-out loss: 64 passes",
+    "evaluation": f"the {MAX_EVALUATED} sampled uploads of a round (fewer miners: all), "
+    f"{OWN} own and {OTHER} other sequences each: own before and after, other after (the other samples' "
+    "losses before shared by the round), the paired pass of the mean update over every sampled sequence; "
+    "the version's held-out loss: 64 passes (benchmarks.cost_check checks this model on a real network)",
     "scored_s": "today: every validator evaluates every sampled upload (validators add redundancy, not "
     "capacity), and so does the coordinator with [validation] builtin",
     "scored_s_if_shared": f"if each sampled upload were assigned to {REDUNDANCY} validators (not built yet)",
-    "cpu_work": "aggregation, publishing and checkpoints as measured on this machine, on the CPU in fp32 "
-    "(the canonical state); a coordinator host has more cores",
+    "cpu_work": "aggregation, publishing and two model-sized writes (the checkpoint and the coordinator's "
+    "state) as measured on this machine, on the CPU in fp32 (the canonical state); a coordinator host has "
+    "more cores",
     "miner_recipe": {m: {"inner_steps": s, "batch_size": b} for m, (s, b) in RECIPES.items()},
 }
 

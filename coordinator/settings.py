@@ -224,6 +224,11 @@ class CoordinatorSettings(BaseSettings):
     state_dir: Path = Path("gradpool-state")
     host: str = "127.0.0.1"
     port: int = Field(default=8000, ge=0, le=65535)
+    ssl_certfile: Path | None = Field(
+        default=None,
+        description="serve HTTPS with this certificate (PEM, its chain after it); with ssl_keyfile",
+    )
+    ssl_keyfile: Path | None = Field(default=None, description="the certificate's private key (PEM)")
     run_id: str = Field(default="gradpool", min_length=1, max_length=64)
     seed: int = 0
     model: str | ModelConfig = Field(default="tiny", description="a preset name, or a [model] table")
@@ -268,6 +273,20 @@ class CoordinatorSettings(BaseSettings):
     @classmethod
     def _device(cls, device: str) -> str:
         return device_name(device)
+
+    @model_validator(mode="after")
+    def _tls(self) -> CoordinatorSettings:
+        """HTTPS takes a certificate and its key, both readable files."""
+        given = [p for p in (self.ssl_certfile, self.ssl_keyfile) if p is not None]
+        if len(given) == 1:
+            raise ValueError("ssl_certfile and ssl_keyfile go together: give both for HTTPS, or neither")
+        for path in given:
+            if not path.is_file():
+                raise ValueError(f"{path} is not a file")
+        return self
+
+    def scheme(self) -> str:
+        return "https" if self.ssl_certfile is not None else "http"
 
     @field_validator("model", mode="before")
     @classmethod

@@ -6,6 +6,7 @@ import asyncio
 import json
 import logging
 import os
+import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -15,7 +16,7 @@ import typer
 from gradpool.config import ConfigError, load_settings, setup_logging
 from gradpool.console import ConfigOpt, fail, refusals_text
 from gradpool.model_commands import export, generate, tokenizer_app
-from gradpool.node_commands import mine, validate
+from gradpool.node_commands import CaCertOpt, mine, validate
 from protocol.codec import CODEC_NAMES
 from protocol.model import PRESETS
 
@@ -74,6 +75,8 @@ def serve(
     model: Annotated[str | None, typer.Option(help=MODEL_HELP)] = None,
     ready_file: Annotated[Path | None, typer.Option(help="write {'url': ...} here once listening")] = None,
     device: Annotated[str | None, typer.Option(help=DEVICE_HELP)] = None,
+    ssl_certfile: Annotated[Path | None, typer.Option(help="serve HTTPS with this certificate (PEM)")] = None,
+    ssl_keyfile: Annotated[Path | None, typer.Option(help="the certificate's private key (PEM)")] = None,
 ) -> None:
     """Serve the coordinator: rounds, intake, aggregation, publishing."""
     from coordinator.settings import CoordinatorSettings
@@ -84,6 +87,8 @@ def serve(
         "state_dir": state_dir,
         "model": model,
         "device": device,
+        "ssl_certfile": ssl_certfile,
+        "ssl_keyfile": ssl_keyfile,
     }
     data = {k: v for k, v in {"corpus": corpus, "tokenizer": tokenizer}.items() if v is not None}
     if data:
@@ -106,16 +111,23 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
     from coordinator.run import Run
     from protocol.errors import ProtocolError
 
+    tls = {}
+    if settings.ssl_certfile is not None:
+        tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
+        try:  # a certificate that does not load is a clear error here, before anything starts
+            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*tls.values())
+        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+            fail(f"cannot serve HTTPS with {settings.ssl_certfile} and {settings.ssl_keyfile}: {e}")
     try:
         run = await asyncio.to_thread(Run, settings, hooks=hooks)
     except (ProtocolError, ValueError, OSError) as e:
         fail(str(e))
-    server = make_server(create_app(settings, run=run), settings.host, settings.port)
+    server = make_server(create_app(settings, run=run), settings.host, settings.port, **tls)
 
     async def announce() -> None:
         while not server.started:
             await asyncio.sleep(0.05)
-        url = f"http://{settings.host}:{bound_port(server)}"
+        url = f"{settings.scheme()}://{settings.host}:{bound_port(server)}"
         log.info("coordinator listening on %s (state in %s)", url, settings.state_dir)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
@@ -151,15 +163,19 @@ def rollback(
 def status(
     coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
+    ca_cert: CaCertOpt = None,
 ) -> None:
     """Print the network's state: round, version, miners, recent held-out losses, the leaderboard."""
     import httpx
 
+    from node.client import tls_context
+
     try:
-        response = httpx.get(f"{coordinator.rstrip('/')}/v1/status", timeout=10.0)
+        verify = tls_context(ca_cert)
+        response = httpx.get(f"{coordinator.rstrip('/')}/v1/status", timeout=10.0, verify=verify)
         response.raise_for_status()
         data = response.json()
-    except (httpx.HTTPError, ValueError) as e:
+    except (httpx.HTTPError, ValueError, OSError) as e:  # OSError: an unreadable CA file
         fail(f"cannot read status from {coordinator}: {e}", 1)
     if as_json:
         typer.echo(json.dumps(data, indent=1))

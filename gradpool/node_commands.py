@@ -18,8 +18,12 @@ from gradpool.console import ConfigOpt, fail
 log = logging.getLogger("gradpool")
 
 
+CaCertOpt = Annotated[Path | None, typer.Option(help="HTTPS: trust this CA's certificates too (PEM)")]
+
+
 def mine(
     coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
+    ca_cert: CaCertOpt = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
     create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="error feedback and optimizer state")] = None,
@@ -47,6 +51,7 @@ def mine(
 
     overrides = {
         "coordinator": coordinator,
+        "ca_cert": ca_cert,
         "key": key,
         "create_key": create_key,
         "state_dir": state_dir,
@@ -91,6 +96,7 @@ def mine(
 
 def validate(
     coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
+    ca_cert: CaCertOpt = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
     create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="downloads and progress")] = None,
@@ -106,6 +112,7 @@ def validate(
 
     overrides = {
         "coordinator": coordinator,
+        "ca_cert": ca_cert,
         "key": key,
         "create_key": create_key,
         "state_dir": state_dir,
@@ -143,7 +150,7 @@ def _set_threads(threads: int | None) -> None:
 def _connect(settings: Any) -> tuple[Any, Any]:
     """A signed client for the node's key (created if asked) and the run's description, waiting up to
     the startup timeout for the coordinator to answer."""
-    from node.client import CoordinatorClient, ProtocolMismatch, Unavailable
+    from node.client import CoordinatorClient, ProtocolMismatch, Unavailable, Untrusted
     from protocol.signing import generate_key, load_key, save_key
 
     if not settings.key.exists() and settings.create_key:
@@ -156,13 +163,20 @@ def _connect(settings: Any) -> tuple[Any, Any]:
         )
     except (OSError, ValueError) as e:
         fail(f"cannot read key {settings.key}: {e}")
-    client = CoordinatorClient(settings.coordinator, private, timeout_s=settings.timeout_s)
+    try:
+        client = CoordinatorClient(
+            settings.coordinator, private, timeout_s=settings.timeout_s, ca_cert=settings.ca_cert
+        )
+    except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
+        fail(f"cannot read the CA certificate {settings.ca_cert}: {e}")
     deadline = time.monotonic() + settings.startup_timeout_s
     while True:
         try:
             return client, client.info()
         except ProtocolMismatch as e:
             fail(str(e))
+        except Untrusted as e:
+            fail(str(e), 1)
         except Unavailable as e:
             if time.monotonic() >= deadline:
                 fail(f"{e} (gave up after {settings.startup_timeout_s:.0f} s)", 1)

@@ -2,6 +2,7 @@
 
 ClientError
 ├── Unavailable        unreachable, timed out, or a 5xx: worth retrying later
+├── Untrusted          the server's TLS certificate does not verify: not worth retrying
 ├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
 └── Refused            a 4xx with the coordinator's error code
     ├── RoundClosed        round_closed, round_not_open
@@ -13,6 +14,7 @@ ClientError
 
 from __future__ import annotations
 
+import ssl
 import time
 from pathlib import Path
 from typing import TypeVar
@@ -48,6 +50,10 @@ class ClientError(Exception):
 
 
 class Unavailable(ClientError):
+    pass
+
+
+class Untrusted(ClientError):
     pass
 
 
@@ -89,6 +95,25 @@ _BY_CODE: dict[str, type[Refused]] = {
 }
 
 
+def tls_context(ca_cert: Path | None = None) -> ssl.SSLContext:
+    """What HTTPS trusts: the system's certificate authorities, and ``ca_cert``'s too when given (a
+    coordinator with a certificate of its own CA; downloads straight from an object store still verify)."""
+    context = ssl.create_default_context()
+    if ca_cert is not None:
+        context.load_verify_locations(cafile=ca_cert)
+    return context
+
+
+def _certificate_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
+    """The certificate check that failed beneath a connection error, if that is what it was."""
+    seen: BaseException | None = e
+    while seen is not None:
+        if isinstance(seen, ssl.SSLCertVerificationError):
+            return seen
+        seen = seen.__cause__ or seen.__context__
+    return None
+
+
 class CoordinatorClient:
     def __init__(
         self,
@@ -96,11 +121,13 @@ class CoordinatorClient:
         key: Ed25519PrivateKey,
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
+        ca_cert: Path | None = None,
     ) -> None:
         self.key = key
         self.timeout_s = timeout_s
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
+            verify=tls_context(ca_cert),
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)},
             transport=transport,
@@ -135,6 +162,13 @@ class CoordinatorClient:
         for attempt in range(REDIRECT_TRIES):
             try:
                 response = self.http.send(request)
+            except httpx.ConnectError as e:
+                if (bad := _certificate_error(e)) is not None:
+                    raise Untrusted(
+                        f"the TLS certificate of {request.url.host} does not verify ({bad.verify_message}); "
+                        "if your own CA signed it, pass --ca-cert FILE"
+                    ) from None
+                raise Unavailable(f"cannot reach the coordinator at {self.http.base_url}: {e}") from None
             except httpx.TransportError as e:
                 raise Unavailable(f"cannot reach the coordinator at {self.http.base_url}: {e}") from None
             if not (response.history and response.status_code in (400, 403)) or attempt == REDIRECT_TRIES - 1:

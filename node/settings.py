@@ -19,6 +19,9 @@ class MinerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
 
     coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
+    ca_cert: Path | None = Field(
+        default=None, description="HTTPS: trust this CA's certificates too (PEM), beside the system's"
+    )
     key: Path = Field(default=Path("miner.pem"), description="Ed25519 private key (PEM)")
     create_key: bool = Field(default=False, description="generate the key file if it does not exist")
     state_dir: Path = Field(default=Path("miner-state"))
@@ -43,6 +46,9 @@ class ValidatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
 
     coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
+    ca_cert: Path | None = Field(
+        default=None, description="HTTPS: trust this CA's certificates too (PEM), beside the system's"
+    )
     key: Path = Field(default=Path("validator.pem"), description="Ed25519 private key (PEM)")
     create_key: bool = Field(default=False, description="generate the key file if it does not exist")
     state_dir: Path = Field(default=Path("validator-state"), description="downloads and progress")

@@ -13,7 +13,11 @@ order), which leaves its ``t`` unchanged.
 
 It costs one more evaluation, of the mean update, on the round's samples (the losses before it are those
 the uploads' measurements computed): about 1.2x the close of a round (``benchmarks.close``). It needs
-``MIN_PAIRED`` measured uploads; a smaller round keeps the plain margin (``paired_se`` 0).
+``MIN_PAIRED`` updates in the mean; a smaller round keeps the plain margin (``paired_se`` 0).
+
+An evaluator given a share of a round's sample (a validator assigned some of its uploads) measures its
+share and ``include``s the others: each one decoded and added into the mean, no forward pass. Its verdicts
+are then the whole round's, on the sequences of its share only.
 """
 
 from __future__ import annotations
@@ -43,7 +47,8 @@ class RoundEvaluation:
         self.outer_lr = info.evaluation.outer_lr
         self.drawn = {m: samples(info, round_, m, salt) for m in miners}
         self._measured: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}  # losses before, after; own, other
-        self._sum: dict[str, torch.Tensor] = {}  # of the measured updates, each times its scale
+        self._sum: dict[str, torch.Tensor] = {}  # of the updates in the mean, each times its scale
+        self._count = 0  # the updates in the mean: those measured and those included
         self._reference: dict[int, float] | None = None  # the mean update's gain on each sampled sequence
 
     def gain(self, miner: str, update: Mapping[str, SparseTensor], scale: float, n: int) -> Losses:
@@ -63,6 +68,11 @@ class RoundEvaluation:
         self._measured[miner], self._reference = (before, after), None
         return summarise(before, after, len(own))
 
+    def include(self, update: Mapping[str, SparseTensor], scale: float) -> None:
+        """A sampled upload that is not measured here (another evaluator's share) into the round's mean."""
+        self._add(update, scale)
+        self._reference = None
+
     def gain_se(self, miner: str) -> float:
         """The standard error of a measured upload's gain (over its own sample): what makes a verdict on
         the gain sure or not."""
@@ -70,13 +80,14 @@ class RoundEvaluation:
         return math.sqrt(var_of_mean(before[:n_own] - after[:n_own]))
 
     def losses(self, sizes: tuple[int, int] | None = None) -> dict[str, Losses]:
-        """Every measured upload's losses, with its paired margin when at least ``MIN_PAIRED`` were.
+        """Every measured upload's losses, with its paired margin when the mean holds at least
+        ``MIN_PAIRED`` updates.
         ``sizes`` (own, other): on the first that many sequences of each sample only. A sample is the head
         of one salted order, so that is what smaller ``own_sequences`` and ``other_sequences`` would have
         drawn and measured (benchmarks/resample.py)."""
         cut = {m: self._head(m, sizes) for m in self._measured}
         out = {m: summarise(before, after, n_own) for m, (n_own, before, after, _) in cut.items()}
-        if len(out) < MIN_PAIRED:
+        if self._count < MIN_PAIRED:
             return out
         reference = self._reference_gains()
         for m, (n_own, before, after, ids) in cut.items():
@@ -100,16 +111,17 @@ class RoundEvaluation:
         return n_own, before[keep], after[keep], own[:n_own] + other[:n_other]
 
     def _reference_gains(self) -> dict[int, float]:
-        """The gain of the measured updates' mean (each times its scale) on every sampled sequence, once."""
+        """The gain of the round's mean update (each times its scale) on every sequence the measured uploads'
+        samples hold, once."""
         if self._reference is None:
             ids = sorted({i for m in self._measured for i in self.drawn[m][0] + self.drawn[m][1]})
-            n = len(self._measured)
-            mean = {name: SparseTensor(None, total / n) for name, total in self._sum.items()}
+            mean = {name: SparseTensor(None, total / self._count) for name, total in self._sum.items()}
             before, after = self.evaluator.per_sequence(mean, self.outer_lr, ids)
             self._reference = dict(zip(ids, (before - after).tolist(), strict=True))
         return self._reference
 
     def _add(self, update: Mapping[str, SparseTensor], scale: float) -> None:
+        self._count += 1
         base, device = self.evaluator.base, self.evaluator.device
         for name, t in update.items():
             total = self._sum.get(name)

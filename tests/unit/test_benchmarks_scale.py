@@ -8,7 +8,8 @@ import json
 
 import pytest
 
-from benchmarks.scale import PASSES_PER_UPLOAD, main
+from benchmarks.cost_check import closes
+from benchmarks.scale import OTHER, OWN, close_cost, evaluation_passes, main
 
 MEASURED = {
     "model",
@@ -40,6 +41,38 @@ def test_measured_and_projected() -> None:
     # tiny was measured, not the projected sizes: their CPU work is scaled from it by parameter count
     assert by[("gpt2-124m", 64, 4)]["cpu_work"].startswith("scaled from tiny")
     assert by[("gpt2-124m", 64, 4)]["version_out_s"] < by[("gpt2-124m", 256, 4)]["version_out_s"]
-    one_pass = by[("gpt2-124m", 16, 0)]["scored_s"] / (16 * PASSES_PER_UPLOAD)
-    assert by[("llama-1b", 16, 0)]["scored_s"] > 10 * 16 * PASSES_PER_UPLOAD * one_pass  # 10x the FLOPs
+    sixteen = evaluation_passes(16, OWN, OTHER)
+    one_pass = by[("gpt2-124m", 16, 0)]["scored_s"] / sixteen
+    assert by[("llama-1b", 16, 0)]["scored_s"] > 10 * sixteen * one_pass  # 10x the FLOPs
     assert by[("gpt2-124m", 64, 16)]["scored_s_if_shared"] < by[("gpt2-124m", 64, 4)]["scored_s_if_shared"]
+
+
+def test_the_close_costs_its_passes_and_writes() -> None:
+    """Two uploads (too few to pair): each one's own sample before and after, its other sample after, the
+    other samples' losses before once; three pair, with one more pass over every sampled sequence."""
+    assert evaluation_passes(0, 4, 4) == 0
+    assert evaluation_passes(2, 4, 4) == 2 * 4 + 4 + 2 * 8
+    assert evaluation_passes(3, 4, 4) == (3 * 4 + 4 + 3 * 8) + (3 * 4 + 4)
+    row = {"forward_s_per_sequence": 2.0, "eval_ratio": 1.0, "aggregate_s": 0.5, "publish_s": 3.0}
+    cost = close_cost({**row, "checkpoint_s": 1.0}, 2, 4, 4, 8)
+    assert cost["passes"] == 28 + 8
+    assert cost["evaluation_s"] == 28 * 2.0 + 2 * 0.5
+    assert cost["version_s"] == 8 * 2.0 + 2 * 0.5 + 3.0 + 2 * 1.0
+    assert cost["close_s"] == cost["evaluation_s"] + cost["version_s"]
+
+
+def test_the_cost_check_reads_each_close_from_the_coordinators_log() -> None:
+    text = "\n".join(
+        [
+            "12:00:01 INFO coordinator.rounds.closer: round 0 closed: version 1, accepted 2, refused 0 , "
+            "held-out loss 5.1234, 41.20 s",
+            "12:01:30 INFO coordinator.publishing.publisher: version 2: with the downlink's residual the "
+            "held-out loss would be 5.2 (was 5.1), without it 5.0: published without it",
+            "12:01:31 INFO coordinator.rounds.closer: round 1 closed: version 2, accepted 1, refused 1 "
+            "{'abc': 'low_gain'}, held-out loss 5.0000, 50.5 s",
+        ]
+    )
+    assert closes(text) == [
+        {"round": 0, "seconds": 41.2, "uploads": 2, "builds": 1},
+        {"round": 1, "seconds": 50.5, "uploads": 1, "builds": 2},
+    ]

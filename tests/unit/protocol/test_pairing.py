@@ -199,3 +199,33 @@ def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
     for m in updates:
         assert head[m].astuple() == pytest.approx(fresh[m].astuple(), rel=1e-4, abs=1e-6), m
     assert verdicts[0].losses() == whole  # the mean update is measured once, and heads leave it whole
+
+
+def test_shares_of_a_round_give_the_whole_rounds_verdicts(
+    info: RunInfo,
+    dataset: Dataset,
+    round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+) -> None:
+    """Two evaluators, each measuring its share of the round's uploads and including the others in the mean
+    (no forward pass for those): each share's verdicts are the whole evaluation's, paired margins and all."""
+    base, updates = round_
+    whole = RoundEvaluation(
+        UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND, SALT, list(updates)
+    )
+    for m, u in updates.items():
+        whole.measure(m, u, 1.0)
+    expected = whole.losses()
+    miners = list(updates)
+    for share in (miners[:2], miners[2:]):
+        evaluator = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
+        part = RoundEvaluation(evaluator, info, ROUND, SALT, miners)
+        for m, u in updates.items():
+            if m in share:
+                part.measure(m, u, 1.0)
+            else:
+                part.include(u, 1.0)
+        got = part.losses()
+        assert set(got) == set(share)
+        for m in share:
+            assert got[m].paired_se > 0
+            assert got[m].astuple() == pytest.approx(expected[m].astuple(), rel=1e-4, abs=1e-6), m
