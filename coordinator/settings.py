@@ -276,13 +276,9 @@ class CoordinatorSettings(BaseSettings):
 
     @model_validator(mode="after")
     def _tls(self) -> CoordinatorSettings:
-        """HTTPS takes a certificate and its key, both readable files."""
-        given = [p for p in (self.ssl_certfile, self.ssl_keyfile) if p is not None]
-        if len(given) == 1:
+        """HTTPS takes a certificate and its key (read when the server starts)."""
+        if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both for HTTPS, or neither")
-        for path in given:
-            if not path.is_file():
-                raise ValueError(f"{path} is not a file")
         return self
 
     def scheme(self) -> str:

@@ -71,3 +71,6 @@ def test_a_certificate_without_its_key_is_refused_at_start(tmp_path: Path) -> No
     swapped = ["--ssl-certfile", str(tls.key), "--ssl-keyfile", str(tls.cert)]
     bad = gradpool("coordinator", "serve", *state, "--port", "0", *swapped)
     assert bad.returncode == 2 and "cannot serve HTTPS" in bad.stderr and "Traceback" not in bad.stderr
+    nothing = ["--ssl-certfile", str(tmp_path / "none.pem"), "--ssl-keyfile", str(tmp_path / "none.key")]
+    missing = gradpool("coordinator", "serve", *state, "--port", "0", *nothing)
+    assert missing.returncode == 2 and "cannot serve HTTPS" in missing.stderr, missing.stderr
