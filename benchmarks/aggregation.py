@@ -44,7 +44,7 @@ from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.blobs import FileBlobStore
 from coordinator.storage.records import Upload
 from protocol.codec import PayloadHeader, SparseLoCoCodec
-from protocol.model import build_model
+from protocol.model import ModelConfig, build_model
 from protocol.params import apply_update, param_spec
 
 Spec = list[tuple[str, tuple[int, ...]]]
@@ -57,8 +57,9 @@ def log(message: str) -> None:
     print(message, file=sys.stderr, flush=True)
 
 
-def tensor_set(name: str) -> Spec:
-    """The parameter names and shapes of a set; a model's taken without allocating (or initialising) it."""
+def tensor_set(name: str | ModelConfig) -> Spec:
+    """The parameter names and shapes of a set (a preset's name, "124m", or a model config); a model's
+    taken without allocating (or initialising) it."""
     if name == "124m":
         return gpt2_small_spec()
     with torch.device("meta"):
@@ -86,7 +87,7 @@ def set_threads(threads: int | None) -> None:
 
 
 # -- aggregation ------------------------------------------------------------------------------------------
-def write_payloads(set_name: str, count: int, root: Path, threads: int | None) -> None:
+def write_payloads(set_name: str | ModelConfig, count: int, root: Path, threads: int | None) -> None:
     """Encode ``count`` payloads into a blob store under root; record each as intake does (uploads.json)."""
     set_threads(threads)
     spec, codec, blobs = tensor_set(set_name), SparseLoCoCodec(), FileBlobStore(root / "blobs")

@@ -5,16 +5,21 @@ evaluation's forward passes, aggregation, the outer step and the downlink, the h
 model-sized writes) and from times measured on one machine. This runs a short real network of the same
 model on this machine (``gradpool simulate``: a coordinator and ``--miners`` miners as processes, in
 synchronous rounds, so that each close has the cores to itself while the miners wait for the next round),
-reads every round's close time from the coordinator's log, and sets their median beside the model's
-prediction for the same settings, from benchmarks.scale's measurement of the model on this CPU
-(``--measured FILE``: an earlier ``benchmarks.scale --json`` output; else measured first, in a fresh
-process). Small settings keep it short: one sequence a step, a few inner steps, a few evaluation and
-held-out sequences, the first rounds' samples not doubled.
+reads every round's close time from the coordinator's log, and sets them beside the model's prediction
+for the same settings (each round's uploads, those accepted, and the versions it built), from
+benchmarks.scale's measurement of the same model on this CPU: the preset with the network's vocabulary
+(the byte tokenizer's 256, not GPT-2's 50257: a head 200 times smaller), measured first in a fresh
+process, or read from ``--measured FILE`` (an earlier ``benchmarks.scale --json`` output with that
+vocabulary). Small settings keep it short: one sequence a step, a few inner steps, a few evaluation and
+held-out sequences, the first rounds' samples not doubled. A miner's own sample is at most its
+assignment (inner steps x one sequence).
 
-Output: ``{"model", "settings", "scale", "closes": [{"round", "seconds", "uploads", "builds"}],
-"measured_close_s", "predicted", "error", "within", "met"}``; ``error`` is predicted over measured, less 1
-(``met``: within ``--within``, 0.30 by default). A round whose version was built twice (the downlink's
-residual left out when carrying it raised the held-out loss) is predicted with its second held-out pass.
+Output: ``{"model", "settings", "scale", "closes": [{"round", "seconds", "uploads", "accepted", "builds",
+"predicted_s", "error"}], "measured_close_s", "predicted", "predicted_close_s", "error", "within",
+"met"}``; ``error`` is the predicted time of all the closes over the measured, less 1 (``met``: within
+``--within``, 0.30 by default), each close's its own. A round whose version was built twice (the
+downlink's residual left out when carrying it raised the held-out loss) is predicted with its second
+held-out pass.
 """
 
 from __future__ import annotations
@@ -22,7 +27,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
 import sys
 import tempfile
 from pathlib import Path
@@ -35,7 +39,8 @@ from benchmarks.close import write_corpus
 from benchmarks.scale import close_cost, measure
 from gradpool.simulate import simulate
 
-CLOSED = re.compile(r"round (\d+) closed: version \d+, accepted (\d+), .* ([\d.]+) s$")
+BYTE_VOCAB = 256  # the default tokenizer's vocabulary, the network's
+CLOSED = re.compile(r"round (\d+) closed: version \d+, accepted (\d+), refused (\d+).* ([\d.]+) s$")
 TWICE = re.compile(r"version (\d+): with the downlink's residual the held-out loss would be")
 
 
@@ -44,22 +49,24 @@ def log(message: str) -> None:
 
 
 def closes(coordinator_log: str) -> list[dict[str, Any]]:
-    """Each closed round's close time, uploads accepted and versions built, from the coordinator's log."""
+    """Each closed round's close time, uploads (those accepted and refused: in these networks every one is
+    evaluated), uploads accepted and versions built (none when nothing was accepted), from the
+    coordinator's log."""
     twice = {int(m[1]) for line in coordinator_log.splitlines() if (m := TWICE.search(line))}
     out = []
     for line in coordinator_log.splitlines():
         if m := CLOSED.search(line):
-            r = int(m[1])  # synchronous rounds: round r makes version r + 1
-            out.append(
-                {"round": r, "seconds": float(m[3]), "uploads": int(m[2]), "builds": 1 + (r + 1 in twice)}
-            )
+            r, accepted, refused = int(m[1]), int(m[2]), int(m[3])  # round r makes version r + 1
+            builds = (1 + (r + 1 in twice)) if accepted else 0
+            row = {"round": r, "seconds": float(m[4]), "uploads": accepted + refused, "accepted": accepted}
+            out.append({**row, "builds": builds})
     return out
 
 
 def run_network(model: str, work: Path, args: argparse.Namespace) -> list[dict[str, Any]]:
     config = {
         "data": {"corpus": str(write_corpus(work / "corpus.txt")), "eval_sequences": args.held_out},
-        "recipe": {"inner_steps": args.inner_steps, "batch_size": 1, "warmup_steps": 1},
+        "recipe": {"inner_steps": args.inner_steps, "batch_size": 1, "warmup_steps": 1, "lr": args.lr},
         "rounds": {"deadline_s": 3600.0, "min_deadline_s": 3600.0},
         "validation": {"own_sequences": args.own, "other_sequences": args.other, "early_factor": 1},
     }
@@ -88,43 +95,48 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--miners", type=int, default=2)
     p.add_argument("--rounds", type=int, default=3)
     p.add_argument("--inner-steps", type=int, default=2)
+    p.add_argument("--lr", type=float, default=6e-4, help="the inner rate (configs/gpt2-124m.toml's peak)")
     p.add_argument("--own", type=int, default=4, help="own sequences evaluated per upload")
     p.add_argument("--other", type=int, default=4, help="other sequences evaluated per upload")
     p.add_argument("--held-out", type=int, default=4, help="held-out sequences per version")
     p.add_argument("--within", type=float, default=0.30, help="the largest relative error that passes")
     p.add_argument("--timeout-s", type=float, default=3600.0)
     args = p.parse_args(argv)
+    vocab = BYTE_VOCAB
     if args.measured is not None:
         rows = json.loads(args.measured.read_text())["measured"]
-        row = next((r for r in rows if r["model"] == args.model and r["device"] == "cpu"), None)
+        row = next(
+            (r for r in rows if (r["model"], r["device"], r.get("vocab_size")) == (args.model, "cpu", vocab)),
+            None,
+        )
         if row is None:
-            p.error(f"{args.measured} has no CPU measurement of {args.model}")
+            p.error(f"{args.measured} has no CPU measurement of {args.model} with a vocabulary of {vocab}")
     else:
-        log(f"{args.model}: measuring it on this CPU (benchmarks.scale) ...")
-        row = in_fresh_process(measure, args.model, "cpu", 8, 4, max(2, args.miners), None)
+        log(f"{args.model}: measuring it on this CPU, vocabulary {vocab} (benchmarks.scale) ...")
+        row = in_fresh_process(measure, args.model, "cpu", 8, 4, max(2, args.miners), None, vocab)
+    own = min(args.own, args.inner_steps)  # drawn from the miner's assignment: one sequence a step
     with tempfile.TemporaryDirectory(prefix="gradpool-cost-") as tmp:
         measured = run_network(args.model, Path(tmp), args)
     if not measured:
         raise SystemExit("no round closed: see the coordinator's log")
     for c in measured:
-        extra = (c["builds"] - 1) * args.held_out  # a second build: its held-out loss again
-        cost = close_cost(row, c["uploads"], args.own, args.other, args.held_out + extra)
+        held_out = c["builds"] * args.held_out  # a second build: its held-out loss again
+        cost = close_cost(row, c["uploads"], own, args.other, held_out, accepted=c["accepted"])
         c["predicted_s"] = round(cost["close_s"], 3)
-    median = statistics.median(c["seconds"] for c in measured)
-    predicted = statistics.median(c["predicted_s"] for c in measured)
-    error = predicted / median - 1
+        c["error"] = round(cost["close_s"] / c["seconds"] - 1, 4)
+    total = sum(c["seconds"] for c in measured)
+    predicted = sum(c["predicted_s"] for c in measured)
+    error = predicted / total - 1
     result = {
         "model": args.model,
         "settings": {
-            k: getattr(args, k) for k in ("miners", "rounds", "inner_steps", "own", "other", "held_out")
+            k: getattr(args, k) for k in ("miners", "rounds", "inner_steps", "lr", "own", "other", "held_out")
         },
-        "scale": {
-            k: row[k]
-            for k in ("forward_s_per_sequence", "eval_ratio", "aggregate_s", "publish_s", "checkpoint_s")
-        },
+        "scale": row,
         "closes": measured,
-        "measured_close_s": round(median, 3),
-        "predicted": close_cost(row, args.miners, args.own, args.other, args.held_out),
+        "measured_close_s": round(total, 3),
+        "own_sequences_evaluated": own,
+        "predicted": close_cost(row, args.miners, own, args.other, args.held_out),
         "predicted_close_s": round(predicted, 3),
         "error": round(error, 4),
         "within": args.within,
@@ -134,7 +146,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         print(json.dumps(result, indent=2))
     else:
         print(
-            f"{args.model}: close measured {median:.1f} s (median of {len(measured)}), predicted "
+            f"{args.model}: {len(measured)} closes measured {total:.1f} s in all, predicted "
             f"{predicted:.1f} s: {100 * error:+.1f} % ({'within' if result['met'] else 'beyond'} "
             f"{100 * args.within:.0f} %)"
         )

@@ -14,7 +14,8 @@ is its own), on ``--sequences`` random sequences of the model's full length:
   the coordinator does it;
 - ``publish_s``: once per version: the outer step, the compressed downlink's encode and decode, the new
   parameters and their hash;
-- ``checkpoint_s``: writing the version's checkpoint to disk;
+- ``checkpoint_s``: writing the version's checkpoint into the blob store, as the coordinator does (its
+  sha256, the file written and synced);
 - ``peak_rss_bytes``: the process's resident high-water mark (on CUDA also ``peak_cuda_bytes``).
 
 Projected, for ``gpt2-124m`` and ``llama-1b`` with 16, 64 and 256 miners and 0, 4 and 16 validators, one
@@ -105,12 +106,18 @@ def bare_forward(model: CausalLM, tokens: torch.Tensor, batch: int, dtype: torch
 
 
 def measure(
-    name: str, device_name: str, sequences: int, batch: int, uploads: int, threads: int | None
+    name: str,
+    device_name: str,
+    sequences: int,
+    batch: int,
+    uploads: int,
+    threads: int | None,
+    vocab_size: int | None = None,
 ) -> dict[str, Any]:
-    """One model's row: runs in a fresh process."""
+    """One model's row (``vocab_size``: a tokenizer's instead of the preset's): runs in a fresh process."""
     set_threads(threads)
     device = pick_device(device_name)
-    cfg = resolve(name)
+    cfg = resolve(name, vocab_size)
     log(f"{name}: building the model ...")
     cpu_model = build_model(cfg)
     params = get_params(cpu_model)  # the canonical copy: fp32 on the CPU
@@ -122,7 +129,7 @@ def measure(
     with tempfile.TemporaryDirectory(prefix="gradpool-scale-") as tmp:
         root = Path(tmp)
         log(f"{name}: encoding {uploads} payloads ...")
-        write_payloads(name, uploads, root, threads)
+        write_payloads(cfg, uploads, root, threads)
         blobs, codec = FileBlobStore(root / "blobs"), SparseLoCoCodec()
         stored = load_uploads(root, uploads)
         update = codec.decode(blobs.get(stored[0].sha256), spec)[1]
@@ -155,13 +162,14 @@ def measure(
         apply_update(new, applied)
         param_hash = params_hash(new, spec)
         publish_s = time.perf_counter() - t0
-        t0 = time.perf_counter()
-        (root / "checkpoint.safetensors").write_bytes(save_checkpoint(new, {"param_hash": param_hash}))
+        t0 = time.perf_counter()  # as the coordinator writes it: into the blob store, hashed and synced
+        blobs.put(save_checkpoint(new, {"param_hash": param_hash}))
         checkpoint_s = time.perf_counter() - t0
     row = {
         "model": name,
         "device": str(device),
         "params": num_parameters(model),
+        "vocab_size": cfg.vocab_size,
         "seq_len": cfg.block_size,
         "sequences": sequences,
         "batch": batch,
@@ -193,19 +201,30 @@ def evaluation_passes(uploads: int, own: int, other: int) -> int:
 
 
 def close_cost(
-    row: dict[str, Any], uploads: int, own: int, other: int, held_out: int, forward_s: float | None = None
+    row: dict[str, Any],
+    uploads: int,
+    own: int,
+    other: int,
+    held_out: int,
+    forward_s: float | None = None,
+    accepted: int | None = None,
 ) -> dict[str, float]:
     """What a synchronous round's close costs on the machine ``row`` measured (``forward_s``: the time of a
     forward pass of one sequence, else the row's evaluation time of one): the evaluation of ``uploads``
-    sampled uploads (each decoded, then ``evaluation_passes``), then the version: every upload aggregated,
-    the outer step and the downlink (``publish_s``), its held-out loss, and two model-sized writes, the
-    checkpoint and the coordinator's state (the downlink's residual)."""
+    sampled uploads (each decoded, then ``evaluation_passes``), then, when it accepts any (``accepted``, all
+    of them unless given), the version: every accepted upload aggregated, the outer step and the downlink
+    (``publish_s``), its held-out loss, and two model-sized writes, the checkpoint and the coordinator's
+    state (the downlink's residual)."""
     forward = forward_s if forward_s is not None else row["forward_s_per_sequence"] / row["eval_ratio"]
+    accepted = uploads if accepted is None else accepted
     passes = evaluation_passes(uploads, own, other)
     evaluation = passes * forward + uploads * row["aggregate_s"]
-    version = held_out * forward + uploads * row["aggregate_s"] + row["publish_s"] + 2 * row["checkpoint_s"]
+    version = 0.0
+    if accepted:
+        writes = row["publish_s"] + 2 * row["checkpoint_s"]
+        version = held_out * forward + accepted * row["aggregate_s"] + writes
     return {
-        "passes": passes + held_out,
+        "passes": passes + (held_out if accepted else 0),
         "evaluation_s": evaluation,
         "version_s": version,
         "close_s": evaluation + version,

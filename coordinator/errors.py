@@ -11,6 +11,7 @@
     │                          nothing_to_aggregate, round_open
     ├── PayloadTooLarge (413)  payload_too_large
     ├── Unprocessable (422)    malformed_payload and the codec's other codes, invalid_request
+    ├── TooManyRequests (429)  too_many_registrations, with Retry-After
     └── Busy (503)             starting, with Retry-After
 
 Requests the framework refuses answer in the same shape: invalid_request (422, a parameter out of range
@@ -72,6 +73,10 @@ class Unprocessable(ApiError):
     status = 422
 
 
+class TooManyRequests(ApiError):
+    status = 429
+
+
 class Busy(ApiError):
     status = 503
 
@@ -97,6 +102,7 @@ MEANINGS = {
     413: "payload_too_large",
     416: "the Range asked for lies past the end of the file (no body; Content-Range gives the size)",
     422: "invalid_request (a parameter out of range or of the wrong type) or a payload that does not decode",
+    429: "too_many_registrations: more new keys than [admission] allows in a minute (Retry-After)",
     500: "internal_error",
     503: "the coordinator is starting (Retry-After)",
 }

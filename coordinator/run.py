@@ -26,6 +26,7 @@ from coordinator.metrics import Metrics
 from coordinator.publishing.model import Model
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher
+from coordinator.rounds.admission import Admission
 from coordinator.rounds.checks import Check, default_pipeline
 from coordinator.rounds.closer import Closer
 from coordinator.rounds.intake import Intake, IntakeSettings
@@ -210,6 +211,7 @@ class Run:
             self.scores,
             self.metrics,
             IntakeSettings.of(settings),
+            Admission(settings),
             hooks,
             clock.now,
         )

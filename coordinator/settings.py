@@ -191,6 +191,21 @@ class OuterSettings(Section):
     momentum: float | None = Field(default=None, ge=0, lt=1)
 
 
+class AdmissionSettings(Section):
+    """Who may register, and how fast: new keys are free, so fielding many of them costs time."""
+
+    mode: Literal["open", "allowlist"] = Field(
+        default="open", description="allowlist: only the keys of `allowlist` and `allowlist_file` register"
+    )
+    allowlist_file: Path | None = Field(
+        default=None, description="public keys (hex), one a line (# comments): read again when it changes"
+    )
+    per_address_per_minute: int = Field(
+        default=20, ge=1, description="new registrations from one client address in any minute"
+    )
+    per_minute: int = Field(default=600, ge=1, description="new registrations in any minute, from anywhere")
+
+
 class BlobSettings(Section):
     """Where uploads, published updates and checkpoints are kept. S3 credentials come from the standard AWS
     chain (AWS_* environment, shared config files, instance role), never from these settings."""
@@ -247,6 +262,7 @@ class CoordinatorSettings(BaseSettings):
     validation: ValidationSettings = Field(default_factory=ValidationSettings)
     data: DataSettings = Field(default_factory=DataSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
+    admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     max_payload_bytes: int | None = Field(
         default=None, ge=1024, description="None: the largest valid payload for this model and codec"
     )
@@ -255,7 +271,9 @@ class CoordinatorSettings(BaseSettings):
     signature_window_s: float = Field(default=120.0, gt=0)
     keep_checkpoints: int = Field(default=3, ge=1)
     admin_token: SecretStr | None = Field(default=None, description="bearer token for /v1/admin; None: off")
-    allowlist: list[str] | None = Field(default=None, description="public keys (hex) allowed to register")
+    allowlist: list[str] | None = Field(
+        default=None, description="public keys (hex) allowed to register (given, it admits only these)"
+    )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")
 
@@ -273,6 +291,13 @@ class CoordinatorSettings(BaseSettings):
     @classmethod
     def _device(cls, device: str) -> str:
         return device_name(device)
+
+    @model_validator(mode="after")
+    def _admission(self) -> CoordinatorSettings:
+        a = self.admission
+        if a.mode == "allowlist" and self.allowlist is None and a.allowlist_file is None:
+            raise ValueError('[admission] mode = "allowlist" needs allowlist or [admission] allowlist_file')
+        return self
 
     @model_validator(mode="after")
     def _tls(self) -> CoordinatorSettings:

@@ -1,7 +1,7 @@
 """The miner's HTTP client. Every call has an explicit timeout; coordinator errors come back typed.
 
 ClientError
-├── Unavailable        unreachable, timed out, or a 5xx: worth retrying later
+├── Unavailable        unreachable, timed out, a 5xx or a 429: worth retrying later
 ├── Untrusted          the server's TLS certificate does not verify: not worth retrying
 ├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
 └── Refused            a 4xx with the coordinator's error code
@@ -179,6 +179,9 @@ class CoordinatorClient:
             self.transfer_s += time.perf_counter() - t0
         if response.status_code >= 500:
             raise Unavailable(f"coordinator answered {response.status_code}")
+        if response.status_code == 429:  # too many new keys a minute: this one's turn comes later
+            wait = response.headers.get("Retry-After", "?")
+            raise Unavailable(f"coordinator busy ({self._refusal(response).message}; retry after {wait} s)")
         if response.status_code >= 400:
             raise self._refusal(response)
         return response

@@ -249,10 +249,13 @@ async def current_round(
     return queries.round_info()
 
 
-@router.post("/v1/miners", responses=responses(*SIGNED))
+@router.post("/v1/miners", responses=responses(*SIGNED, 429))
 async def register(request: Request, run: RunDep, intake: IntakeDep) -> Registration:
+    """Register the signer as a miner: refused (403) by an allowlist that does not hold it, and (429, with
+    Retry-After) beyond ``[admission]``'s limits on new keys a minute, per client address and overall."""
     miner, _, _ = await signed_body(run, request, 4096)
-    new = await asyncio.to_thread(intake.register, miner)
+    address = request.client.host if request.client is not None else ""
+    new = await asyncio.to_thread(intake.register, miner, address)
     return Registration(miner=miner, registered=new)
 
 

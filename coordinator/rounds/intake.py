@@ -16,6 +16,7 @@ from dataclasses import dataclass
 from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from coordinator.hooks import Hooks
 from coordinator.metrics import Metrics
+from coordinator.rounds.admission import Admission
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
@@ -37,12 +38,11 @@ class IntakeSettings:
     """Intake's slice of the coordinator's settings."""
 
     signature_window_s: float
-    allowlist: list[str] | None
     validators: list[str] | None
 
     @classmethod
     def of(cls, s: CoordinatorSettings) -> IntakeSettings:
-        return cls(s.signature_window_s, s.allowlist, s.validation.validators)
+        return cls(s.signature_window_s, s.validation.validators)
 
 
 class Intake:
@@ -56,13 +56,14 @@ class Intake:
         scores: Scores,
         metrics: Metrics,
         settings: IntakeSettings,
+        admission: Admission,
         hooks: Hooks,
         clock: Callable[[], float],
     ) -> None:
         self.cell, self.store, self.blobs, self.codec, self.spec = cell, store, blobs, codec, spec
         self.scores, self.metrics, self.hooks, self.clock = scores, metrics, hooks, clock
         self.window_s = settings.signature_window_s
-        self.allowlist = None if settings.allowlist is None else {k.lower() for k in settings.allowlist}
+        self.admission = admission
         self.validators = None if settings.validators is None else {k.lower() for k in settings.validators}
 
     # -- identity -----------------------------------------------------------------------------------------
@@ -106,9 +107,11 @@ class Intake:
             raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
 
     # -- registration -------------------------------------------------------------------------------------
-    def register(self, miner: str) -> bool:
-        if self.allowlist is not None and miner not in self.allowlist:
-            raise Forbidden("not_allowed", "this coordinator only takes miners on its allowlist")
+    def register(self, miner: str, address: str = "") -> bool:
+        """A miner's registration (``address``: the client's, which the registration limits count by)."""
+        self.admission.check_key(miner)
+        if not self.store.is_miner(miner):
+            self.admission.count_new(address, self.clock())
         cell = self.cell
         with cell.lock:
             state = cell.state

@@ -59,6 +59,9 @@ def test_the_close_costs_its_passes_and_writes() -> None:
     assert cost["evaluation_s"] == 28 * 2.0 + 2 * 0.5
     assert cost["version_s"] == 8 * 2.0 + 2 * 0.5 + 3.0 + 2 * 1.0
     assert cost["close_s"] == cost["evaluation_s"] + cost["version_s"]
+    refused = close_cost({**row, "checkpoint_s": 1.0}, 2, 4, 4, 8, accepted=0)  # no version: nothing more
+    assert refused["version_s"] == 0 and refused["passes"] == 28
+    assert refused["close_s"] == cost["evaluation_s"]
 
 
 def test_the_cost_check_reads_each_close_from_the_coordinators_log() -> None:
@@ -72,7 +75,10 @@ def test_the_cost_check_reads_each_close_from_the_coordinators_log() -> None:
             "{'abc': 'low_gain'}, held-out loss 5.0000, 50.5 s",
         ]
     )
+    text += "\n12:02:00 INFO coordinator.rounds.closer: round 2 closed: version 2, accepted 0, refused 2 {}, "
+    text += "held-out loss n/a, 20.0 s"
     assert closes(text) == [
-        {"round": 0, "seconds": 41.2, "uploads": 2, "builds": 1},
-        {"round": 1, "seconds": 50.5, "uploads": 1, "builds": 2},
+        {"round": 0, "seconds": 41.2, "uploads": 2, "accepted": 2, "builds": 1},
+        {"round": 1, "seconds": 50.5, "uploads": 2, "accepted": 1, "builds": 2},
+        {"round": 2, "seconds": 20.0, "uploads": 2, "accepted": 0, "builds": 0},
     ]
