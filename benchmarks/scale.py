@@ -187,15 +187,16 @@ def measure(
     return row
 
 
-def evaluation_passes(uploads: int, own: int, other: int) -> int:
+def evaluation_passes(uploads: int, own: int, other: int, paired: bool | None = None) -> int:
     """Forward passes of one sequence that evaluating ``uploads`` sampled uploads takes: each one's own sample
     before and after it, its other sample after it (the other samples' losses before are one salted order's
     head, shared by the round), and with ``MIN_PAIRED`` uploads or more the pairing's pass of the round's
-    mean update over every sampled sequence (protocol/pairing.py)."""
+    mean update over every sampled sequence (protocol/pairing.py). ``paired``: whether the round pairs, when
+    these are a validator's share of a larger sample (the mean holds every sampled upload)."""
     if uploads == 0:
         return 0
     passes = uploads * own + other + uploads * (own + other)
-    if uploads >= MIN_PAIRED:
+    if uploads >= MIN_PAIRED if paired is None else paired:
         passes += uploads * own + other
     return passes
 
@@ -270,7 +271,9 @@ def project(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                         "validators": validators,
                         "version_out_s": round(version_out, 3) if version_out is not None else None,
                         "scored_s": round(evaluation_passes(sample, OWN, OTHER) * forward_s, 3),
-                        "scored_s_if_shared": round(evaluation_passes(shared, OWN, OTHER) * forward_s, 3),
+                        "scored_s_if_shared": round(
+                            evaluation_passes(shared, OWN, OTHER, sample >= MIN_PAIRED) * forward_s, 3
+                        ),
                         "miner_inner_s": round(inner_s, 3),
                         "cpu_work": basis,
                     }

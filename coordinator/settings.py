@@ -201,7 +201,7 @@ class AdmissionSettings(Section):
         default=None, description="public keys (hex), one a line (# comments): read again when it changes"
     )
     per_address_per_minute: int = Field(
-        default=20, ge=1, description="new registrations from one client address in any minute"
+        default=60, ge=1, description="new registrations from one client address in any minute"
     )
     per_minute: int = Field(default=600, ge=1, description="new registrations in any minute, from anywhere")
 

@@ -68,6 +68,9 @@ def simulate(
         },
         "max_catchup_versions": 64,  # a stale adversary goes back a few versions
     }
+    nodes = miners + sum((adversaries or {}).values())  # all from this machine's address, at once
+    limits = {"per_address_per_minute": 60, "per_minute": 600}  # the defaults, unless the network is larger
+    overrides["admission"] = {k: max(v, nodes) for k, v in limits.items()}
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
     settings = load_settings(CoordinatorSettings, config, overrides)
