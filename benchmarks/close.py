@@ -105,6 +105,9 @@ def measure_close(m: int, work: Path) -> dict[str, Any]:
         "GRADPOOL_ROUNDS__DEADLINE_S": "3600",
         "GRADPOOL_DATA__EVAL_EVERY": "20",
         "GRADPOOL_ADMIN_TOKEN": TOKEN,
+        # every key registers from this machine's one address, at once: a load test, not an attack
+        "GRADPOOL_ADMISSION__PER_ADDRESS_PER_MINUTE": str(max(60, m)),
+        "GRADPOOL_ADMISSION__PER_MINUTE": str(max(600, m)),
     }
     args = [
         "--state-dir",

@@ -56,6 +56,9 @@ def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Itera
         "GRADPOOL_DATA__EVAL_EVERY": "20",
         "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
         "GRADPOOL_MAX_PAYLOAD_BYTES": str(max_payload_bytes),
+        # every miner registers from this machine's one address, at once: a load test, not an attack
+        "GRADPOOL_ADMISSION__PER_ADDRESS_PER_MINUTE": "100000",
+        "GRADPOOL_ADMISSION__PER_MINUTE": "100000",
     }
     args = ["coordinator", "serve", "--port", "0", "--state-dir", str(work / "state")]
     args += ["--ready-file", str(work / "ready.json"), "--corpus", str(work / "corpus.txt")]
