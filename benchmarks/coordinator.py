@@ -35,7 +35,7 @@ from typing import Any
 import httpx
 
 from benchmarks.aggregation import SETS, aggregation, log, random_payload, tensor_set
-from benchmarks.close import close_rows, write_corpus
+from benchmarks.close import LOAD_TEST, close_rows, write_corpus
 from gradpool.processes import Child, Processes
 from protocol.codec import SparseLoCoCodec
 from protocol.signing import generate_key, sign_request
@@ -56,9 +56,7 @@ def coordinator_process(work: Path, model: str, max_payload_bytes: int) -> Itera
         "GRADPOOL_DATA__EVAL_EVERY": "20",
         "GRADPOOL_DATA__EVAL_SEQUENCES": "16",
         "GRADPOOL_MAX_PAYLOAD_BYTES": str(max_payload_bytes),
-        # every miner registers from this machine's one address, at once: a load test, not an attack
-        "GRADPOOL_ADMISSION__PER_ADDRESS_PER_MINUTE": "100000",
-        "GRADPOOL_ADMISSION__PER_MINUTE": "100000",
+        **LOAD_TEST,
     }
     args = ["coordinator", "serve", "--port", "0", "--state-dir", str(work / "state")]
     args += ["--ready-file", str(work / "ready.json"), "--corpus", str(work / "corpus.txt")]

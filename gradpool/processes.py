@@ -10,6 +10,7 @@ fork server, starts as a fresh interpreter."""
 
 from __future__ import annotations
 
+import functools
 import json
 import multiprocessing
 import os
@@ -104,6 +105,7 @@ def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str) -> None:
     runpy.run_module("gradpool", run_name="__main__", alter_sys=True)  # what ``python -m gradpool`` runs
 
 
+@functools.cache
 def _fork_server() -> ForkServerContext | None:
     if "forkserver" not in multiprocessing.get_all_start_methods():
         return None

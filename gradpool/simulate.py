@@ -48,7 +48,7 @@ def simulate(
     """``miners`` honest miners, plus ``adversaries`` (kind -> count) cheating miners. ``host``: the
     address the coordinator listens on; ``wrap``: the command the i-th miner runs through (benchmarks
     start each miner in a network namespace of its own)."""
-    from coordinator.settings import CoordinatorSettings
+    from coordinator.settings import AdmissionSettings, CoordinatorSettings
 
     out.mkdir(parents=True, exist_ok=True)
     overrides: dict[str, Any] = {
@@ -69,8 +69,11 @@ def simulate(
         "max_catchup_versions": 64,  # a stale adversary goes back a few versions
     }
     nodes = miners + sum((adversaries or {}).values())  # all from this machine's address, at once
-    limits = {"per_address_per_minute": 60, "per_minute": 600}  # the defaults, unless the network is larger
-    overrides["admission"] = {k: max(v, nodes) for k, v in limits.items()}
+    default = AdmissionSettings()  # the defaults, unless the network is larger
+    overrides["admission"] = {
+        "per_address_per_minute": max(default.per_address_per_minute, nodes),
+        "per_minute": max(default.per_minute, nodes),
+    }
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
     settings = load_settings(CoordinatorSettings, config, overrides)

@@ -23,8 +23,8 @@ MAX_ADDRESSES = 4096  # addresses remembered before the quiet ones are forgotten
 class Admission:
     def __init__(self, settings: CoordinatorSettings) -> None:
         a = settings.admission
-        self.inline = None if settings.allowlist is None else {k.lower() for k in settings.allowlist}
-        self.listed = a.mode == "allowlist" or self.inline is not None
+        self.inline = frozenset(k.lower() for k in settings.allowlist or ())
+        self.listed = a.mode == "allowlist" or settings.allowlist is not None
         self.file = a.allowlist_file
         self.per_address, self.per_minute = a.per_address_per_minute, a.per_minute
         self._file_keys: frozenset[str] = frozenset()
@@ -39,7 +39,7 @@ class Admission:
             raise Forbidden("not_allowed", "this coordinator only takes miners on its allowlist")
 
     def allowed(self) -> frozenset[str]:
-        return frozenset(self.inline or ()) | self._read_file()
+        return self.inline | self._read_file() if self.file is not None else self.inline
 
     def count_new(self, address: str, now: float) -> None:
         """A new key registering from ``address`` at ``now``: refused beyond either limit."""

@@ -15,18 +15,13 @@ from safetensors.torch import load_file
 
 from gradpool.processes import Child, Processes
 from node.state import STATE_FILE, state_digest
+from tests.helpers.miners import QUICK_ROUNDS
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # real miner processes through restarts
 
 ENV = {
-    "GRADPOOL_ROUNDS__MIN_QUORUM": "1",
-    "GRADPOOL_ROUNDS__DEADLINE_S": "2",
-    "GRADPOOL_ROUNDS__MIN_DEADLINE_S": "1",
-    "GRADPOOL_DATA__EVAL_EVERY": "20",
-    "GRADPOOL_DATA__EVAL_SEQUENCES": "8",
-    "GRADPOOL_RECIPE__INNER_STEPS": "2",
-    "GRADPOOL_RECIPE__BATCH_SIZE": "2",
+    **QUICK_ROUNDS,
     "GRADPOOL_MAX_CATCHUP_VERSIONS": "3",
 }
 

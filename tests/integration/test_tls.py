@@ -12,20 +12,10 @@ from pathlib import Path
 import pytest
 
 from gradpool.processes import Processes
-from tests.helpers.miners import mine_args
+from tests.helpers.miners import QUICK_ROUNDS, mine_args
 from tests.helpers.tls import make_tls
 
 pytestmark = pytest.mark.integration
-
-ENV = {
-    "GRADPOOL_ROUNDS__MIN_QUORUM": "1",
-    "GRADPOOL_ROUNDS__DEADLINE_S": "2",
-    "GRADPOOL_ROUNDS__MIN_DEADLINE_S": "1",
-    "GRADPOOL_DATA__EVAL_EVERY": "20",
-    "GRADPOOL_DATA__EVAL_SEQUENCES": "8",
-    "GRADPOOL_RECIPE__INNER_STEPS": "2",
-    "GRADPOOL_RECIPE__BATCH_SIZE": "2",
-}
 
 
 def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
@@ -37,7 +27,7 @@ def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
 @pytest.mark.slow  # a coordinator and miner processes
 def test_a_miner_trusts_the_coordinators_ca_and_nothing_else(tmp_path: Path, corpus_file: Path) -> None:
     tls, other = make_tls(tmp_path / "tls"), make_tls(tmp_path / "other", "other")
-    procs = Processes(tmp_path / "logs", env=ENV)
+    procs = Processes(tmp_path / "logs", env=QUICK_ROUNDS)
 
     def miner(name: str, *extra: str) -> int:
         args = mine_args(url, tmp_path / f"{name}.pem", tmp_path / f"{name}-state")
