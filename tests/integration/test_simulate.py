@@ -26,7 +26,7 @@ ROUND_FIELDS = {
 }
 
 
-ROUNDS = 7  # the llama network's
+ROUNDS = 8  # the llama network's
 
 
 def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
