@@ -23,6 +23,7 @@ from coordinator.data.tokenizer import RunTokenizer
 from coordinator.errors import Conflict
 from coordinator.hooks import Clock, Hooks
 from coordinator.metrics import Metrics
+from coordinator.publishing.history import History, coordinator_key
 from coordinator.publishing.model import Model
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher
@@ -138,6 +139,8 @@ class Run:
             ),
             overlap=settings.rounds.overlap,
         )
+        self.history = History(coordinator_key(settings.identity_key()), settings.run_id, self.store)
+        self.info = self.history.signed_info(self.info)
         v = settings.validation
         held_out = dataset.sequences(eval_ids(self.data_meta, d.eval_sequences))
         self.model = Model(module, {}, held_out, v.batch_size, autocast_dtype(self.device, v.precision))
@@ -155,6 +158,7 @@ class Run:
             settings.checks.max_loss_increase,
         )
         state = self._resume_or_start(blobs, module, spec, publisher, clock.now)
+        self.history.backfill()
         self.blobs, self.dataset, self.codec, self.spec, self.publisher = (
             blobs,
             dataset,
@@ -191,6 +195,7 @@ class Run:
             RoundOpener(self.cell, self.store, settings.rounds, clock.now),
             judge,
             publisher,
+            self.history,
             self.model,
             reader,
             self.scores,
@@ -215,7 +220,7 @@ class Run:
             hooks,
             clock.now,
         )
-        self.queries = Queries(self.cell, self.store, clock.now)
+        self.queries = Queries(self.cell, self.store, self.history, clock.now)
         # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores only
         # trade places on the interpreter lock.
         self.intake_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="intake")
@@ -242,7 +247,8 @@ class Run:
             h = params_hash(params, spec)
             ckpt = save_checkpoint(params, {"version": "0", "param_hash": h})
             loss = self.model.held_out_loss(params)
-            store.start(h, loss, blobs.put(ckpt), len(ckpt), now)
+            ckpt_sha = blobs.put(ckpt)
+            store.start(h, loss, ckpt_sha, len(ckpt), now, self.history.first(h, ckpt_sha, now))
             log.info(
                 "run %s started: model %s, version 0, held-out loss %.4f",
                 self.info.run_id,

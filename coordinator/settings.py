@@ -233,6 +233,17 @@ class BlobSettings(Section):
         return self
 
 
+class IdentitySettings(Section):
+    """The coordinator's own Ed25519 key: it signs the version history and its answers (protocol/history.py);
+    its public key is in /v1/info, and miners pin it."""
+
+    key: Path | None = Field(
+        default=None,
+        description="the key (PEM, from gradpool keygen), shared by replicas; None: coordinator.pem in "
+        "the state directory, made on the first start",
+    )
+
+
 class CoordinatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", env_nested_delimiter="__", extra="forbid")
 
@@ -263,6 +274,7 @@ class CoordinatorSettings(BaseSettings):
     data: DataSettings = Field(default_factory=DataSettings)
     blobs: BlobSettings = Field(default_factory=BlobSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
+    identity: IdentitySettings = Field(default_factory=IdentitySettings)
     max_payload_bytes: int | None = Field(
         default=None, ge=1024, description="None: the largest valid payload for this model and codec"
     )
@@ -305,6 +317,9 @@ class CoordinatorSettings(BaseSettings):
         if (self.ssl_certfile is None) != (self.ssl_keyfile is None):
             raise ValueError("ssl_certfile and ssl_keyfile go together: give both for HTTPS, or neither")
         return self
+
+    def identity_key(self) -> Path:
+        return self.identity.key or self.state_dir / "coordinator.pem"
 
     def scheme(self) -> str:
         return "https" if self.ssl_certfile is not None else "http"

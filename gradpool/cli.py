@@ -1,8 +1,9 @@
-"""The one command line: ``gradpool coordinator serve | mine | simulate | status | keygen``."""
+"""The one command line: ``gradpool coordinator | mine | validate | simulate | status | audit | keygen``."""
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import json
 import logging
 import os
@@ -16,7 +17,7 @@ import typer
 from gradpool.config import ConfigError, load_settings, setup_logging
 from gradpool.console import ConfigOpt, fail, refusals_text
 from gradpool.model_commands import export, generate, tokenizer_app
-from gradpool.node_commands import CaCertOpt, mine, validate
+from gradpool.node_commands import CaCertOpt, CoordinatorKeyOpt, mine, validate
 from protocol.codec import CODEC_NAMES
 from protocol.model import PRESETS
 
@@ -143,12 +144,16 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
 def rollback(
     state_dir: Annotated[Path, typer.Option(help="the coordinator's state directory")],
     to_version: Annotated[int, typer.Option(min=0, help="the version to make current again")],
+    key: Annotated[
+        Path | None,
+        typer.Option(help="the coordinator's key ([identity] key); default: the state dir's coordinator.pem"),
+    ] = None,
 ) -> None:
     """Make an earlier version current again (with the coordinator stopped); the audit trail is kept."""
     from coordinator.rounds.rollback import rollback as roll_back
 
     try:
-        done = roll_back(state_dir, to_version)
+        done = roll_back(state_dir, to_version, key)
     except (ValueError, OSError) as e:
         fail(str(e), 1)
     aside = ", ".join(map(str, done.set_aside)) or "none"
@@ -213,6 +218,71 @@ def status(
                 f"{x['rounds_refused']:>7}",
             ]
             typer.echo("  " + " ".join(cells) + f"  {why}")
+
+
+@app.command()
+def audit(
+    coordinator: Annotated[str | None, typer.Option(help="a running coordinator's URL")] = None,
+    state_dir: Annotated[Path | None, typer.Option(help="or a coordinator's state directory")] = None,
+    coordinator_key: CoordinatorKeyOpt = None,
+    ca_cert: CaCertOpt = None,
+    as_json: Annotated[bool, typer.Option("--json", help="print the result as JSON")] = False,
+    config: ConfigOpt = None,
+) -> None:
+    """Verify a run's whole signed history: every record and link, and every published update, checkpoint
+    and parameter hash by replaying the model from version 0. Exit code 0 only when all of it verifies."""
+    from gradpool.audit import RemoteSource, Source, SourceError
+    from gradpool.audit import audit as run_audit
+
+    if (coordinator is None) == (state_dir is None and config is None):
+        fail("give --coordinator URL, or --state-dir DIR (with --config FILE when it has one)")
+    source: Source
+    try:
+        if coordinator is not None:
+            source = RemoteSource(coordinator, ca_cert)
+        else:
+            source = _state_source(state_dir, config, coordinator_key)
+    except SourceError as e:
+        fail(str(e), 1)
+    except (OSError, ValueError) as e:
+        fail(f"cannot read the coordinator's state: {e}", 1)
+    try:
+        result = run_audit(source, coordinator_key)
+    finally:
+        source.close()
+    if as_json:
+        typer.echo(json.dumps(dataclasses.asdict(result), indent=1))
+    elif result.ok:
+        typer.echo(
+            f"the history of run {result.run_id} verifies: {result.records} records ({result.versions} "
+            f"versions, {result.rollbacks} rollbacks), head version {result.head}, every update replayed "
+            f"and {result.checkpoints} kept checkpoints checked; coordinator key {result.key}"
+        )
+        if coordinator_key is None:
+            typer.echo(
+                "(the key is the one the source gives: compare it with the key the operator publishes)"
+            )
+    if not result.ok:
+        f = result.failure
+        where = "the history" if f["version"] is None else f"version {f['version']} (record {f['seq']})"
+        fail(f"{where}: {f['reason']}", 1)
+
+
+def _state_source(state_dir: Path | None, config: Path | None, key: str | None) -> Any:
+    from coordinator.settings import CoordinatorSettings
+    from gradpool.audit import StateSource
+    from protocol.signing import load_key, public_key_hex
+
+    if config is None:
+        assert state_dir is not None
+        return StateSource(state_dir, key)
+    try:
+        s = load_settings(CoordinatorSettings, config, {"state_dir": state_dir})
+    except ConfigError as e:
+        fail(str(e))
+    if key is None and s.identity.key is not None:
+        key = public_key_hex(load_key(s.identity.key))
+    return StateSource(s.state_dir, key, s.blobs)
 
 
 @app.command()

@@ -19,11 +19,16 @@ log = logging.getLogger("gradpool")
 
 
 CaCertOpt = Annotated[Path | None, typer.Option(help="HTTPS: trust this CA's certificates too (PEM)")]
+CoordinatorKeyOpt = Annotated[
+    str | None,
+    typer.Option(help="the coordinator's public key (hex) to pin; default: pinned on first use"),
+]
 
 
 def mine(
     coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
     ca_cert: CaCertOpt = None,
+    coordinator_key: CoordinatorKeyOpt = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
     create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="error feedback and optimizer state")] = None,
@@ -52,6 +57,7 @@ def mine(
     overrides = {
         "coordinator": coordinator,
         "ca_cert": ca_cert,
+        "coordinator_key": coordinator_key,
         "key": key,
         "create_key": create_key,
         "state_dir": state_dir,
@@ -97,6 +103,7 @@ def mine(
 def validate(
     coordinator: Annotated[str | None, typer.Option(help="the coordinator's URL")] = None,
     ca_cert: CaCertOpt = None,
+    coordinator_key: CoordinatorKeyOpt = None,
     key: Annotated[Path | None, typer.Option(help="Ed25519 private key (PEM)")] = None,
     create_key: Annotated[bool | None, typer.Option("--create-key", help="create the key if missing")] = None,
     state_dir: Annotated[Path | None, typer.Option(help="downloads and progress")] = None,
@@ -113,6 +120,7 @@ def validate(
     overrides = {
         "coordinator": coordinator,
         "ca_cert": ca_cert,
+        "coordinator_key": coordinator_key,
         "key": key,
         "create_key": create_key,
         "state_dir": state_dir,
@@ -151,6 +159,7 @@ def _connect(settings: Any) -> tuple[Any, Any]:
     """A signed client for the node's key (created if asked) and the run's description, waiting up to
     the startup timeout for the coordinator to answer."""
     from node.client import CoordinatorClient, ProtocolMismatch, Unavailable, Untrusted
+    from node.trust import Trust
     from protocol.signing import generate_key, load_key, save_key
 
     if not settings.key.exists() and settings.create_key:
@@ -165,7 +174,11 @@ def _connect(settings: Any) -> tuple[Any, Any]:
         fail(f"cannot read key {settings.key}: {e}")
     try:
         client = CoordinatorClient(
-            settings.coordinator, private, timeout_s=settings.timeout_s, ca_cert=settings.ca_cert
+            settings.coordinator,
+            private,
+            timeout_s=settings.timeout_s,
+            ca_cert=settings.ca_cert,
+            trust=Trust(settings.state_dir, settings.coordinator_key),
         )
     except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
         fail(f"cannot read the CA certificate {settings.ca_cert}: {e}")

@@ -2,7 +2,8 @@
 
 ClientError
 ├── Unavailable        unreachable, timed out, a 5xx or a 429: worth retrying later
-├── Untrusted          the server's TLS certificate does not verify: not worth retrying
+├── Untrusted          the server's TLS certificate, or what it answers, does not verify against the
+│                      coordinator's pinned key and signed history (node/trust.py): not worth retrying
 ├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
 └── Refused            a 4xx with the coordinator's error code
     ├── RoundClosed        round_closed, round_not_open
@@ -14,8 +15,10 @@ ClientError
 
 from __future__ import annotations
 
+import contextlib
 import ssl
 import time
+from collections.abc import Iterator
 from pathlib import Path
 from typing import TypeVar
 
@@ -26,6 +29,9 @@ from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from node.trust import Trust
+from protocol.errors import HistoryError
+from protocol.history import HEADER_ANSWER_SIGNATURE, HistoryPage
 from protocol.signing import sign_request
 from protocol.wire import (
     HEADER_PROTOCOL,
@@ -114,6 +120,15 @@ def _certificate_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
     return None
 
 
+@contextlib.contextmanager
+def _untrusted() -> Iterator[None]:
+    """What the pinned key and the signed history do not back stops the node (not worth retrying)."""
+    try:
+        yield
+    except HistoryError as e:
+        raise Untrusted(f"refused the coordinator's answer: {e.message}") from None
+
+
 class CoordinatorClient:
     def __init__(
         self,
@@ -122,8 +137,11 @@ class CoordinatorClient:
         timeout_s: float = 30.0,
         transport: httpx.BaseTransport | None = None,
         ca_cert: Path | None = None,
+        trust: Trust | None = None,
     ) -> None:
-        self.key = key
+        """``trust``: check every answer against the coordinator's key and signed history (nodes always
+        do; without it, answers are taken as they come: tools and tests)."""
+        self.key, self.trust = key, trust
         self.timeout_s = timeout_s
         self.http = httpx.Client(
             base_url=base_url.rstrip("/"),
@@ -221,7 +239,11 @@ class CoordinatorClient:
             raise ProtocolMismatch(
                 f"coordinator speaks protocol {theirs}, this miner speaks {PROTOCOL_VERSION}"
             )
-        return self._json(RunInfo, response)
+        info = self._json(RunInfo, response)
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.accept_info(info)
+        return info
 
     def register(self) -> Registration:
         return self._json(Registration, self._send("POST", "/v1/miners", body=b"", signed=True))
@@ -233,13 +255,29 @@ class CoordinatorClient:
         response = self._send(
             "GET", "/v1/round", params=params, timeout_s=self.timeout_s + wait_s, timed=False
         )
-        return self._json(RoundInfo, response)
+        ri = self._json(RoundInfo, response)
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.check_round(ri, self.history)
+        return ri
+
+    def history(self, after: int = -1) -> HistoryPage:
+        """The signed history's records after seq ``after`` (a page of them)."""
+        return self._json(HistoryPage, self._send("GET", "/v1/history", params={"after": str(after)}))
 
     def version(self, version: int) -> VersionInfo:
-        return self._json(VersionInfo, self._send("GET", f"/v1/versions/{version}"))
+        info = self._json(VersionInfo, self._send("GET", f"/v1/versions/{version}"))
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.check_version(version, info.param_hash, self.history)
+        return info
 
     def update(self, version: int) -> bytes:
-        return self._send("GET", f"/v1/versions/{version}/update").content
+        data = self._send("GET", f"/v1/versions/{version}/update").content
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.check_blob("update", version, data, self.history)
+        return data
 
     def checkpoint(self, version: int | None = None, partial: Path | None = None) -> tuple[int, bytes]:
         """A checkpoint (the latest, or ``version``'s). With ``partial``, the download is written to that
@@ -247,7 +285,8 @@ class CoordinatorClient:
         params = {} if version is None else {"version": str(version)}
         if partial is None:
             response = self._send("GET", "/v1/checkpoint", params=params)
-            return self._checkpoint_version(response), response.content
+            found = self._checkpoint_version(response)
+            return found, self._checked_checkpoint(found, response.content)
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         request = self.http.build_request("GET", "/v1/checkpoint", params=params, headers=headers)
@@ -278,7 +317,13 @@ class CoordinatorClient:
             raise Unavailable(f"checkpoint download interrupted ({e}); it will resume") from None
         data = partial.read_bytes()
         partial.unlink()
-        return found, data
+        return found, self._checked_checkpoint(found, data)
+
+    def _checked_checkpoint(self, version: int, data: bytes) -> bytes:
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.check_blob("checkpoint", version, data, self.history)
+        return data
 
     @staticmethod
     def _checkpoint_version(response: httpx.Response) -> int:
@@ -293,6 +338,9 @@ class CoordinatorClient:
 
     def sequences(self, ids: list[int]) -> torch.Tensor:
         response = self._send("GET", "/v1/data", params={"ids": ",".join(map(str, ids))})
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.check_data(ids, response.content, response.headers.get(HEADER_ANSWER_SIGNATURE))
         try:
             tokens = st_load(response.content)["tokens"]
         except (SafetensorError, KeyError, ValueError) as e:

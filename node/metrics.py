@@ -26,6 +26,12 @@ class MinerMetrics:
             "Overlapped rounds: versions published mid-round and merged into the training",
             registry=r,
         )
+        self.untrusted = Counter(
+            "gradpool_miner_untrusted_answers",
+            "Answers of the coordinator refused: not backed by its pinned key and signed history",
+            ["what"],
+            registry=r,
+        )
         self._counted = (0, 0)
 
     def count_transfers(self, up: int, down: int) -> None:

@@ -88,6 +88,8 @@ class Miner(Follower):
         self.watch: NextVersion | None = None  # overlapped rounds: the version being made, watched for
         self.last: tuple[int, int, dict[str, SparseTensor]] | None = None  # round, base, decoded upload
         self.metrics = MinerMetrics()
+        if client.trust is not None:
+            client.trust.on_refusal = lambda what: self.metrics.untrusted.labels(what).inc()
         if settings.metrics_port is not None:
             port = self.metrics.serve(settings.metrics_port, settings.metrics_host)
             log.info("metrics on http://%s:%d/metrics", settings.metrics_host, port)

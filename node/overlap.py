@@ -19,7 +19,7 @@ import threading
 
 import torch
 
-from node.client import CoordinatorClient, Refused, Unavailable
+from node.client import CoordinatorClient, Refused, Unavailable, Untrusted
 from protocol.errors import CodecError
 from protocol.params import Params, apply_update, decode_update, params_hash
 from protocol.payload import ParamSpec, SparseTensor
@@ -62,6 +62,8 @@ class NextVersion:
                 self._done.wait(POLL_S)
         except (Unavailable, Refused, CodecError) as e:
             log.info("round %d: not merging version %d (%s)", self.ri.round, self.version, e)
+        except Untrusted as e:  # the main thread meets it too when it catches up, and stops
+            log.error("round %d: not merging version %d (%s)", self.ri.round, self.version, e)
         finally:
             self._done.set()
 

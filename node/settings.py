@@ -22,6 +22,11 @@ class MinerSettings(BaseSettings):
     ca_cert: Path | None = Field(
         default=None, description="HTTPS: trust this CA's certificates too (PEM), beside the system's"
     )
+    coordinator_key: str | None = Field(
+        default=None,
+        pattern="^[0-9a-fA-F]{64}$",
+        description="the coordinator's public key (hex) to pin; None: pinned on first use in state_dir",
+    )
     key: Path = Field(default=Path("miner.pem"), description="Ed25519 private key (PEM)")
     create_key: bool = Field(default=False, description="generate the key file if it does not exist")
     state_dir: Path = Field(default=Path("miner-state"))
@@ -48,6 +53,11 @@ class ValidatorSettings(BaseSettings):
     coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
     ca_cert: Path | None = Field(
         default=None, description="HTTPS: trust this CA's certificates too (PEM), beside the system's"
+    )
+    coordinator_key: str | None = Field(
+        default=None,
+        pattern="^[0-9a-fA-F]{64}$",
+        description="the coordinator's public key (hex) to pin; None: pinned on first use in state_dir",
     )
     key: Path = Field(default=Path("validator.pem"), description="Ed25519 private key (PEM)")
     create_key: bool = Field(default=False, description="generate the key file if it does not exist")

@@ -3,6 +3,7 @@
 ProtocolError            code: str, message: str
 ├── CodecError           a payload or update that does not decode (code "malformed_payload")
 ├── SignatureError       a request whose signature does not verify (codes below)
+├── HistoryError         an answer of the coordinator that its signed history does not back
 └── DataError            a corpus or dataset that cannot be built or read
 """
 
@@ -27,6 +28,13 @@ class SignatureError(ProtocolError):
     """Codes: missing_signature, bad_signature, expired_timestamp, replayed_nonce."""
 
     code = "bad_signature"
+
+
+class HistoryError(ProtocolError):
+    """A coordinator's answer, record or blob that does not verify against its key and signed history
+    (a man in the middle, a tampered store, or another coordinator answering at the address)."""
+
+    code = "untrusted_coordinator"
 
 
 class DataError(ProtocolError):

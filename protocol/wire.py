@@ -8,6 +8,7 @@ from typing import Literal
 from pydantic import BaseModel, ConfigDict, Field, field_validator, model_validator
 
 from protocol.codec import CODEC_NAMES
+from protocol.history import SignedRecord
 from protocol.model import ModelConfig
 from protocol.payload import CodecName
 
@@ -124,6 +125,15 @@ class RunInfo(Wire):
         description="overlapped rounds: a round opens as the one before it starts closing, and its uploads "
         "are applied to the version that one publishes",
     )
+    coordinator_key: str | None = Field(
+        default=None,
+        description="the coordinator's Ed25519 public key (hex): it signs this answer, the rounds, the data "
+        "and the version history (GET /v1/history); nodes pin it",
+    )
+    signature: str | None = Field(default=None, description="the coordinator's signature of the rest")
+
+    def signed_fields(self) -> dict[str, object]:
+        return self.model_dump(mode="json", exclude={"signature"})
 
 
 RoundStatus = Literal["open", "aggregating"]
@@ -148,6 +158,16 @@ class RoundInfo(Wire):
         "this round opened; uploads may train from it too",
     )
     newest_hash: str | None = Field(default=None, description="the parameter hash of ``newest``")
+    signature: str | None = Field(
+        default=None,
+        description="the coordinator's signature of the run, round, version, param_hash, status, closing, "
+        "newest and newest_hash",
+    )
+
+    def signed_fields(self, run_id: str) -> dict[str, object]:
+        """What ``signature`` covers: what a miner acts on (the counts and the deadline are advisory)."""
+        keep = {"round", "version", "param_hash", "status", "closing", "newest", "newest_hash"}
+        return {"run_id": run_id, **self.model_dump(mode="json", include=keep)}
 
 
 class VersionInfo(Wire):
@@ -159,6 +179,9 @@ class VersionInfo(Wire):
     checkpoint_bytes: int
     base_version: int | None = Field(default=None, description="the version its update applies to")
     rolled_back: bool = Field(default=False, description="an operator rolled the model back past it")
+    record: SignedRecord | None = Field(
+        default=None, description="the version's signed record in the history (protocol/history.py)"
+    )
 
 
 class Registration(Wire):

@@ -15,18 +15,24 @@ import time
 from collections.abc import AsyncIterator, Callable, Sequence
 from typing import Annotated
 
-import torch
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
-from fastapi.responses import RedirectResponse
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
-from safetensors.torch import save as st_save
 
-from coordinator.api import dashboard
+from coordinator.api import dashboard, downloads
+from coordinator.api.deps import (
+    InfoDep,
+    IntakeDep,
+    QueriesDep,
+    RoundNumber,
+    RunDep,
+    ScoresDep,
+    VersionNumber,
+)
+from coordinator.api.downloads import blob
 from coordinator.api.http_io import ProtocolHeader, signed_body
 from coordinator.errors import (
     SIGNED,
-    ApiError,
     Busy,
     Forbidden,
     NotFound,
@@ -37,14 +43,10 @@ from coordinator.errors import (
 )
 from coordinator.hooks import Clock, Hooks
 from coordinator.rounds.checks import Check
-from coordinator.rounds.intake import Intake
 from coordinator.rounds.modes import RoundMode
-from coordinator.rounds.queries import Queries
-from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import RoundWatch
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
-from coordinator.storage.blobs import BlobNotFoundError
 from protocol.wire import (
     MAX_NUMBER,
     PROTOCOL_VERSION,
@@ -62,42 +64,6 @@ from protocol.wire import (
 )
 
 log = logging.getLogger(__name__)
-MAX_IDS_PER_REQUEST = 4096
-RoundNumber = Annotated[int, Path(ge=0, le=MAX_NUMBER)]
-VersionNumber = Annotated[int, Path(ge=0, le=MAX_NUMBER)]
-
-
-async def get_run(request: Request) -> Run:
-    """Async, so that FastAPI runs it on the event loop instead of handing it to a worker thread."""
-    run: Run = request.app.state.run
-    return run
-
-
-RunDep = Annotated[Run, Depends(get_run)]
-
-
-async def get_queries(run: RunDep) -> Queries:
-    return run.queries
-
-
-async def get_intake(run: RunDep) -> Intake:
-    return run.intake
-
-
-async def get_scores(run: RunDep) -> Scores:
-    return run.scores
-
-
-async def get_info(run: RunDep) -> RunInfo:
-    return run.info
-
-
-QueriesDep = Annotated[Queries, Depends(get_queries)]
-IntakeDep = Annotated[Intake, Depends(get_intake)]
-ScoresDep = Annotated[Scores, Depends(get_scores)]
-InfoDep = Annotated[RunInfo, Depends(get_info)]
-
-
 router = APIRouter()
 
 
@@ -146,14 +112,6 @@ async def close_round(run: RunDep) -> dict[str, int]:
 @router.get("/v1/info", responses=responses())
 async def info(info: InfoDep) -> RunInfo:
     return info
-
-
-@router.get("/v1/tokenizer", responses=responses())
-async def tokenizer(run: RunDep) -> Response:
-    """The run's tokenizer as a Hugging Face tokenizer.json (its sha256 is in /v1/info)."""
-    sha = run.tokenizer.sha256
-    headers = {"ETag": f'"{sha}"', "Cache-Control": "public, max-age=31536000, immutable"}
-    return Response(run.tokenizer.json, media_type="application/json", headers=headers)
 
 
 @router.get("/v1/status", responses=responses())
@@ -216,7 +174,7 @@ async def payload(
     sha = await asyncio.to_thread(run.queries.payload_sha, round_, miner.lower())
     if sha is None:
         raise NotFound("not_found", f"no upload from {miner[:16]} in round {round_}")
-    return await _blob(run, request, sha, f"payload-{round_}-{miner[:16]}.safetensors")
+    return await blob(run, request, sha, f"payload-{round_}-{miner[:16]}.safetensors")
 
 
 @router.post("/v1/rounds/{round_}/verdicts", responses=responses(*SIGNED, 404, 409))
@@ -277,76 +235,6 @@ async def version_info(version: VersionNumber, queries: QueriesDep) -> VersionIn
     return info
 
 
-@router.get("/v1/versions/{version}/update", responses=responses(404, 416, 422))
-async def version_update(version: VersionNumber, request: Request, run: RunDep) -> Response:
-    sha = await asyncio.to_thread(run.queries.update_sha, version)
-    if sha is None:
-        raise NotFound("not_found", f"no published update makes version {version}")
-    return await _blob(run, request, sha, f"update-{version}.safetensors")
-
-
-@router.get("/v1/checkpoint", responses=responses(404, 416, 422))
-async def checkpoint(
-    request: Request, run: RunDep, version: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
-) -> Response:
-    found = await asyncio.to_thread(run.queries.checkpoint_sha, version)
-    if found is None:
-        raise NotFound("not_found", f"no checkpoint kept for version {version}")
-    v, sha = found
-    name = f"checkpoint-{v}.safetensors"
-    response = await _blob(run, request, sha, name, immutable=version is not None)
-    response.headers["X-Gradpool-Version"] = str(v)
-    return response
-
-
-IMMUTABLE = "public, max-age=31536000, immutable"  # content-addressed: a cache may keep it for ever
-
-
-async def _blob(run: Run, request: Request, sha: str, filename: str, immutable: bool = True) -> Response:
-    """A kept blob as a download: ETag "<sha>", HTTP Range answered (206, 416), or a 307 to a presigned
-    URL of the object store (``[blobs] redirect_downloads``), so the bytes never pass through this process.
-    ``immutable``: the URL always means these bytes, so caches may keep the answer. The bytes count
-    towards the round's downloads (the whole file's from the file store, those sent from S3, the object's
-    size when redirected)."""
-    blobs, settings = run.blobs, run.settings.blobs
-    try:
-        if settings.redirect_downloads:
-            url = await asyncio.to_thread(blobs.url, sha, filename, settings.redirect_expiry_s)
-            if url is not None:
-                size = await asyncio.to_thread(blobs.size, sha)
-                run.count_download(size)
-                run.metrics.redirects.inc()
-                headers = {"ETag": f'"{sha}"', "Cache-Control": "no-store"}  # the URL expires
-                return RedirectResponse(url, status_code=307, headers=headers)
-        response = await asyncio.to_thread(blobs.serve, sha, request.headers, filename)
-    except BlobNotFoundError:
-        raise NotFound("not_found", "that file is no longer kept") from None
-    response.headers["Cache-Control"] = IMMUTABLE if immutable else "no-cache"
-    run.count_download(int(response.headers.get("content-length", "0")))
-    return response
-
-
-@router.get("/v1/data", responses=responses(400, 403, 422))
-async def sequences(run: RunDep, ids: Annotated[str, Query(max_length=MAX_IDS_PER_REQUEST * 12)]) -> Response:
-    """The training sequences with these comma-separated ids, as safetensors {"tokens": (n, seq_len + 1)}."""
-    try:
-        wanted = [int(x) for x in ids.split(",")] if ids else []
-    except ValueError:
-        raise ApiError("invalid_request", "ids must be comma-separated integers") from None
-    if not 1 <= len(wanted) <= MAX_IDS_PER_REQUEST:
-        raise ApiError("invalid_request", f"ask for 1 to {MAX_IDS_PER_REQUEST} sequences")
-    n = run.data_meta.num_sequences
-    if any(not 0 <= i < n for i in wanted):
-        raise ApiError("invalid_request", f"sequence ids must be in 0..{n - 1}")
-    dataset = run.dataset
-    if any(dataset.is_held_out(i) for i in wanted):
-        raise Forbidden("held_out", "held-out sequences are never served")
-    dtype = torch.uint8 if run.vocab <= 256 else torch.int32
-    body = await asyncio.to_thread(lambda: st_save({"tokens": dataset.sequences(wanted).to(dtype)}))
-    run.count_download(len(body), "data")
-    return Response(body, media_type="application/octet-stream")
-
-
 def create_app(
     settings: CoordinatorSettings,
     run: Run | None = None,
@@ -378,5 +266,6 @@ def create_app(
 
     app.add_middleware(ProtocolHeader)
     app.include_router(router)
+    app.include_router(downloads.router)
     app.include_router(dashboard.router)
     return app

@@ -28,6 +28,7 @@ import time
 from coordinator.errors import Stopping
 from coordinator.hooks import Clock, Hooks
 from coordinator.metrics import Metrics
+from coordinator.publishing.history import History
 from coordinator.publishing.model import Model
 from coordinator.publishing.publisher import Guarded, Publisher
 from coordinator.rounds.judging import Judge, Judgement, Later
@@ -56,6 +57,7 @@ class Closer:
         opener: RoundOpener,
         judge: Judge,
         publisher: Publisher,
+        history: History,
         model: Model,
         reader: UploadReader,
         scores: Scores,
@@ -68,7 +70,8 @@ class Closer:
         stop: threading.Event,
     ) -> None:
         self.cell, self.store, self.blobs, self.mode, self.opener = cell, store, blobs, mode, opener
-        self.judge, self.publisher, self.model, self.reader = judge, publisher, model, reader
+        self.judge, self.publisher, self.history = judge, publisher, history
+        self.model, self.reader = model, reader
         self.scores, self.metrics, self.downloads = scores, metrics, downloads
         self.rounds, self.keep_checkpoints, self.hooks, self.clock = rounds, keep_checkpoints, hooks, clock
         self._stop = stop
@@ -157,6 +160,7 @@ class Closer:
         built = guarded.built
         next_version, next_hash = (head, head_hash) if built is None else (built.version, built.param_hash)
         bytes_down = self.downloads.take()  # (model, data)
+        closed_at = self.clock.now()
         close = RoundClose(
             round=state.round,
             next_version=next_version,
@@ -169,9 +173,10 @@ class Closer:
             reference_norm=judgement.reference_norm,
             close_reason=guarded.reason,
             bytes_down=bytes_down,
-            closed_at=self.clock.now(),
+            closed_at=closed_at,
             scored=judgement.later is None,
             health=Health.of(u.health for u in kept),
+            record=None if new_version is None else self.history.version(new_version, state.round, closed_at),
         )
         try:
             self._commit(state, close, next_hash)

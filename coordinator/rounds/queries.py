@@ -6,24 +6,26 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from coordinator.errors import Conflict, NotFound
+from coordinator.publishing.history import History
 from coordinator.rounds.stall import Stall, stall_of
 from coordinator.rounds.state import RoundCell
 from coordinator.storage.base import Store
 from coordinator.storage.records import HEALTH_FIELDS, StoredRound
+from protocol.history import HistoryPage
 from protocol.wire import RoundInfo, RoundRecord, RoundReport, SubmissionRecord, VersionInfo
 
 RECENT_ROUNDS = 100  # rounds in /v1/status; older ones are paged with /v1/reports
 
 
 class Queries:
-    def __init__(self, cell: RoundCell, store: Store, clock: Callable[[], float]) -> None:
-        self.cell, self.store, self.clock = cell, store, clock
+    def __init__(self, cell: RoundCell, store: Store, history: History, clock: Callable[[], float]) -> None:
+        self.cell, self.store, self.history, self.clock = cell, store, history, clock
         self._stall: tuple[int, Stall] | None = None  # (the newest closed round then, its stall)
 
     # -- from the round state -----------------------------------------------------------------------------
     def round_info(self) -> RoundInfo:
         s = self.cell.state
-        return RoundInfo(
+        info = RoundInfo(
             round=s.round,
             version=s.version,
             status=s.status,
@@ -35,6 +37,7 @@ class Queries:
             newest=None if s.head == s.version else s.head,
             newest_hash=None if s.head == s.version else s.newest_hash,
         )
+        return self.history.signed_round(info)
 
     def last_closed_round(self) -> int | None:
         last = self.cell.state.last_closed
@@ -54,6 +57,13 @@ class Queries:
             checkpoint_bytes=row.checkpoint_bytes,
             base_version=row.base_version,
             rolled_back=row.rolled_back,
+            record=self.store.version_record(version),
+        )
+
+    def history_page(self, after: int, limit: int) -> HistoryPage:
+        last = self.store.last_record()
+        return HistoryPage(
+            records=self.store.records(after, limit), last=-1 if last is None else last.record.seq
         )
 
     def reports(self, after: int = -1, limit: int | None = None) -> list[RoundReport]:

@@ -19,6 +19,7 @@ from coordinator.storage.records import (
     UploadPrint,
 )
 from protocol.evaluation import Losses
+from protocol.history import SignedRecord
 
 
 class Store(Protocol):
@@ -31,6 +32,10 @@ class Store(Protocol):
     def active_miners(self, since_round: int) -> list[str]: ...
 
     def add_bytes_down(self, round_: int, model: int, data: int) -> None: ...
+
+    def add_records(self, records: list[SignedRecord]) -> None:
+        """Records of versions made before the history was kept (a state directory from before)."""
+        ...
 
     def add_submission(self, s: NewSubmission) -> None:
         """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
@@ -71,6 +76,10 @@ class Store(Protocol):
     def is_miner(self, pubkey: str) -> bool: ...
 
     def last_closed_round(self) -> int | None: ...
+
+    def last_record(self) -> SignedRecord | None:
+        """The signed history's newest record."""
+        ...
 
     def latest_round(self) -> StoredRound | None: ...
 
@@ -118,10 +127,21 @@ class Store(Protocol):
         when the next round opened (``next_opened_at``)."""
         ...
 
-    def rollback(self, to_version: int, now: float, reason: str) -> tuple[list[int], int]:
+    def records(self, after: int = -1, limit: int = -1) -> list[SignedRecord]:
+        """The signed history's records after seq ``after``, in order (at most ``limit``; -1: all)."""
+        ...
+
+    def rollback(
+        self, to_version: int, now: float, reason: str, record: SignedRecord
+    ) -> tuple[list[int], int]:
         """Make ``to_version`` current again: every later live version is marked rolled back (kept for the
-        audit), the open rounds close with ``reason`` and their uploads are set aside, and a round opens for
-        ``to_version``. Returns the versions rolled back and the newest round closed."""
+        audit), the open rounds close with ``reason`` and their uploads are set aside, a round opens for
+        ``to_version``, and ``record`` says so in the history. Returns the versions rolled back and the
+        newest round closed."""
+        ...
+
+    def live_after(self, version: int) -> list[int]:
+        """The versions after ``version`` that were not rolled back."""
         ...
 
     def round(self, round_: int) -> StoredRound | None: ...
@@ -138,9 +158,15 @@ class Store(Protocol):
         ...
 
     def start(
-        self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int, now: float
+        self,
+        param_hash: str,
+        eval_loss: float,
+        checkpoint_sha: str,
+        checkpoint_bytes: int,
+        now: float,
+        record: SignedRecord,
     ) -> None:
-        """Version 0 and round 0 of a new run."""
+        """Version 0, its record and round 0 of a new run."""
         ...
 
     def submissions_between(self, since: int, through: int) -> list[SubmissionOutcome]: ...
@@ -159,5 +185,7 @@ class Store(Protocol):
     def uploaded_miners(self, round_: int) -> set[str]: ...
 
     def verdicts_between(self, since: int, through: int) -> list[StoredVerdict]: ...
+
+    def version_record(self, version: int) -> SignedRecord | None: ...
 
     def version(self, version: int) -> StoredVersion | None: ...

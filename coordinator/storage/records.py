@@ -11,6 +11,7 @@ from typing import Literal
 import torch
 
 from protocol.evaluation import Losses
+from protocol.history import SignedRecord
 
 
 @dataclass(frozen=True)
@@ -155,6 +156,7 @@ class RoundClose:
     closed_at: float
     scored: bool = True  # False: overlapped rounds, whose evaluation goes on once the version is out
     health: Health = Health()  # of the accepted uploads
+    record: SignedRecord | None = None  # the new version's signed record (protocol/history.py)
 
 
 @dataclass(frozen=True)

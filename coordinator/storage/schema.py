@@ -37,6 +37,10 @@ CREATE TABLE IF NOT EXISTS versions (
     update_sha TEXT, update_bytes INTEGER NOT NULL DEFAULT 0, checkpoint_sha TEXT,
     checkpoint_bytes INTEGER NOT NULL DEFAULT 0, created_at REAL NOT NULL, base_version INTEGER,
     state_sha TEXT, rolled_back_at REAL);
+CREATE TABLE IF NOT EXISTS history (
+    seq INTEGER PRIMARY KEY, version INTEGER NOT NULL, kind TEXT NOT NULL, record TEXT NOT NULL,
+    signature TEXT NOT NULL);
+CREATE INDEX IF NOT EXISTS history_by_version ON history (version, kind);
 """
 # Columns added after the first release: a state directory from before gets them on open.
 MIGRATIONS = (

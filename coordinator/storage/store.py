@@ -21,7 +21,6 @@ from coordinator.storage.records import (
     NewSubmission,
     RoundClose,
     StoredRound,
-    StoredVersion,
     Upload,
     sketch_of,
 )
@@ -29,13 +28,14 @@ from coordinator.storage.reports import ReportReads
 from coordinator.storage.rows import from_row
 from coordinator.storage.schema import create_or_upgrade
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
+from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
+from protocol.history import SignedRecord
 
-LIVE = "rolled_back_at IS NULL"  # versions that were not rolled back
 
-
-class SqliteStore(ReportReads, ScoreReads):
+class SqliteStore(ReportReads, ScoreReads, VersionStore):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
-    leaderboard's in ``coordinator/storage/scores.py``)."""
+    leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
+    ``coordinator/storage/versions.py``)."""
 
     def __init__(self, path: Path) -> None:
         path.parent.mkdir(parents=True, exist_ok=True)
@@ -141,10 +141,17 @@ class SqliteStore(ReportReads, ScoreReads):
 
     # -- rounds and versions ------------------------------------------------------------------------------
     def start(
-        self, param_hash: str, eval_loss: float, checkpoint_sha: str, checkpoint_bytes: int, now: float
+        self,
+        param_hash: str,
+        eval_loss: float,
+        checkpoint_sha: str,
+        checkpoint_bytes: int,
+        now: float,
+        record: SignedRecord,
     ) -> None:
-        """Version 0 and round 0 of a new run."""
+        """Version 0, its record and round 0 of a new run."""
         with self.transaction() as db:
+            db.execute(INSERT_RECORD, record_row(record))
             db.execute(
                 "INSERT INTO versions (version, round, param_hash, eval_loss, checkpoint_sha, "
                 "checkpoint_bytes, created_at) VALUES (0, NULL, ?, ?, ?, ?, ?)",
@@ -172,57 +179,9 @@ class SqliteStore(ReportReads, ScoreReads):
             now,
         )
 
-    def head(self) -> tuple[int, str]:
-        """The current version (the newest one not rolled back) and its parameter hash."""
-        row = self._one(
-            f"SELECT version, param_hash FROM versions WHERE {LIVE} ORDER BY version DESC LIMIT 1"
-        )
-        assert row is not None, "a started run has a version"
-        return int(row["version"]), str(row["param_hash"])
-
     def round(self, round_: int) -> StoredRound | None:
         row = self._one("SELECT * FROM rounds WHERE round = ?", round_)
         return None if row is None else from_row(StoredRound, row)
-
-    def version(self, version: int) -> StoredVersion | None:
-        row = self._one("SELECT * FROM versions WHERE version = ?", version)
-        return None if row is None else from_row(StoredVersion, row)
-
-    def latest_version(self) -> int:
-        row = self._one("SELECT MAX(version) AS v FROM versions")
-        return int(row["v"]) if row and row["v"] is not None else -1
-
-    def checkpoint(self, version: int | None) -> tuple[int, str] | None:
-        """The newest live version with a checkpoint kept, or ``version``'s checkpoint."""
-        if version is None:
-            row = self._one(
-                f"SELECT version, checkpoint_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                f"AND {LIVE} ORDER BY version DESC LIMIT 1"
-            )
-        else:
-            row = self._one("SELECT version, checkpoint_sha FROM versions WHERE version = ?", version)
-        if row is None or row["checkpoint_sha"] is None:
-            return None
-        return int(row["version"]), str(row["checkpoint_sha"])
-
-    def eval_loss(self, version: int) -> float | None:
-        row = self._one("SELECT eval_loss FROM versions WHERE version = ?", version)
-        return None if row is None or row["eval_loss"] is None else float(row["eval_loss"])
-
-    def prune_checkpoints(self, keep: int) -> list[str]:
-        """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0;
-        returns the blobs no longer referenced."""
-        with self.transaction() as db:
-            old = db.execute(  # rolled-back versions first, then the oldest
-                "SELECT version, checkpoint_sha, state_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                f"AND version > 0 ORDER BY ({LIVE}) DESC, version DESC LIMIT -1 OFFSET ?",
-                (keep,),
-            ).fetchall()
-            db.executemany(
-                "UPDATE versions SET checkpoint_sha = NULL, state_sha = NULL WHERE version = ?",
-                [(r["version"],) for r in old],
-            )
-        return [sha for r in old for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None]
 
     # -- submissions --------------------------------------------------------------------------------------
     def upload(self, round_: int, miner: str) -> Upload | None:
@@ -274,6 +233,8 @@ class SqliteStore(ReportReads, ScoreReads):
         round closed."""
         with self.transaction() as db:
             if (v := c.version) is not None:
+                assert c.record is not None, "a version is committed with its signed record"
+                db.execute(INSERT_RECORD, record_row(c.record))
                 db.execute(
                     "INSERT INTO versions (version, round, param_hash, eval_loss, update_sha, update_bytes, "
                     "checkpoint_sha, checkpoint_bytes, created_at, base_version, state_sha) "
@@ -347,37 +308,6 @@ class SqliteStore(ReportReads, ScoreReads):
             data,
             round_,
         )
-
-    def rollback(self, to_version: int, now: float, reason: str) -> tuple[list[int], int]:
-        """Make ``to_version`` current again: every later live version is marked rolled back (kept for the
-        audit), the open rounds close with ``reason`` and their uploads are set aside, and a round opens
-        for ``to_version``. Returns the versions rolled back and the newest round closed."""
-        with self.transaction() as db:
-            later = [
-                r["version"]
-                for r in db.execute(
-                    f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,)
-                )
-            ]
-            db.execute(
-                f"UPDATE versions SET rolled_back_at = ? WHERE version > ? AND {LIVE}", (now, to_version)
-            )
-            rounds = [int(r["round"]) for r in db.execute("SELECT round FROM rounds WHERE status = 'open'")]
-            for r in rounds:
-                db.execute(
-                    "UPDATE submissions SET status = 'rejected', reason = ? WHERE round = ?", (reason, r)
-                )
-                db.execute(
-                    "UPDATE rounds SET status = 'closed', closed_at = ?, close_reason = ?, "
-                    "result_version = ? WHERE round = ?",
-                    (now, reason, to_version, r),
-                )
-            newest = max(rounds)
-            db.execute(
-                "INSERT INTO rounds (round, version, status, opened_at) VALUES (?, ?, 'open', ?)",
-                (newest + 1, to_version, now),
-            )
-        return later, newest
 
     def uploaded_miners(self, round_: int) -> set[str]:
         return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}

@@ -3,6 +3,7 @@ back: failures injected through the closer's hooks, time through an injected clo
 
 from __future__ import annotations
 
+import sqlite3
 import time
 from pathlib import Path
 
@@ -14,6 +15,7 @@ from coordinator.hooks import Hooks
 from coordinator.rounds.rollback import rollback
 from gradpool.cli import app
 from node.follower import Follower
+from protocol.history import Chain, HistoryPage, SignedRecord
 from protocol.params import apply_update, decode_update, params_hash
 from protocol.signing import generate_key, public_key_hex
 from protocol.wire import RunInfo
@@ -141,3 +143,26 @@ def test_an_operator_rolls_back_and_miners_resynchronise(open_pool: OpenPool, tm
         assert params_hash(params, SPEC) == after["param_hash"]
         ahead.catch_up(4, after["param_hash"])  # one published update, from version 1 to 4
         assert (ahead.version, params_hash(ahead.params, SPEC)) == (4, after["param_hash"])
+        signed = verified_history(pool)
+        assert [s.record.kind for s in signed] == ["version"] * 4 + ["rollback", "version"]
+        assert signed[4].record.rolled_back == [2, 3] and signed[5].record.base_version == 1
+
+    # a state directory from before the history was kept: its history is signed when it is opened
+    with sqlite3.connect(pool.settings.state_dir / "state.db") as db:
+        db.execute("DELETE FROM history")
+    with open_pool() as pool:
+        again = verified_history(pool)
+        # the same records but for when they were signed (and so their links), and checkpoints pruned since
+        same = {"at", "previous", "checkpoint_sha256"}
+        assert [s.record.model_dump(exclude=same) for s in again] == [
+            s.record.model_dump(exclude=same) for s in signed
+        ]
+
+
+def verified_history(pool: Pool) -> list[SignedRecord]:
+    """The coordinator's signed history, verified against the key in /v1/info."""
+    page = HistoryPage.model_validate(pool.client.get("/v1/history").json())
+    chain = Chain(pool.client.get("/v1/info").json()["coordinator_key"])
+    chain.extend(page.records)
+    assert chain.seq == page.last == len(page.records) - 1
+    return page.records

@@ -1,0 +1,137 @@
+"""The coordinator's side of the signed history (protocol/history.py): its key, the records it appends as the
+model changes, and the signatures of its answers (``/v1/info``, ``/v1/round``, ``/v1/data``).
+
+A record is made (and signed) just before the transaction that commits the change it records, and written
+in that transaction; only the closer (or, with the service stopped, a rollback) appends, so the next record's
+place and link are those of the store's newest record.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import logging
+from pathlib import Path
+
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+from coordinator.storage.base import Store
+from coordinator.storage.records import NewVersion, StoredVersion
+from protocol.history import SignedRecord, VersionRecord, data_fields, sign, sign_record
+from protocol.signing import generate_key, load_key, public_key_hex, save_key
+from protocol.wire import RoundInfo, RunInfo
+
+log = logging.getLogger(__name__)
+
+
+def coordinator_key(path: Path) -> Ed25519PrivateKey:
+    """The key at ``path``, made there on the first start (raises ValueError or OSError for a key file
+    that cannot be read)."""
+    if not path.exists():
+        key = generate_key()
+        save_key(key, path)
+        log.info("made the coordinator's key %s in %s", public_key_hex(key), path)
+        return key
+    return load_key(path)
+
+
+class History:
+    def __init__(self, key: Ed25519PrivateKey, run_id: str, store: Store) -> None:
+        self.key, self.run_id, self.store = key, run_id, store
+        self.public_key = public_key_hex(key)
+        self._round: tuple[tuple[object, ...], str] | None = None  # the last round answer signed
+
+    # -- records ------------------------------------------------------------------------------------------
+    def first(self, param_hash: str, checkpoint_sha: str, at: float) -> SignedRecord:
+        """Version 0's record: the chain's first."""
+        return self._link(
+            None, kind="version", version=0, param_hash=param_hash, checkpoint_sha256=checkpoint_sha, at=at
+        )
+
+    def version(self, v: NewVersion, round_: int, at: float) -> SignedRecord:
+        return self._link(self.store.last_record(), **_version_fields(v, round_), at=at)
+
+    def rollback(self, to_version: int, param_hash: str, rolled_back: list[int], at: float) -> SignedRecord:
+        return self._link(
+            self.store.last_record(),
+            kind="rollback",
+            version=to_version,
+            param_hash=param_hash,
+            rolled_back=rolled_back,
+            at=at,
+        )
+
+    def _link(self, last: SignedRecord | None, **fields: object) -> SignedRecord:
+        """The record after ``last`` (None: the first), signed."""
+        seq, previous = (0, None) if last is None else (last.record.seq + 1, last.digest)
+        record = VersionRecord.model_validate(
+            {"seq": seq, "run_id": self.run_id, "previous": previous, **fields}
+        )
+        return sign_record(self.key, record)
+
+    def backfill(self) -> int:
+        """A state directory from before the history was kept: its versions' records, signed now, in the
+        order they were made, with a rollback record before the first version made after a rollback.
+        Returns how many records were added (0 when the history is already kept)."""
+        store = self.store
+        if store.last_record() is not None or store.latest_version() < 0:
+            return 0
+        made: list[SignedRecord] = []
+        live: list[int] = []  # the versions on the current line, in order
+        for number in range(store.latest_version() + 1):
+            v = store.version(number)
+            if v is None:
+                continue
+            if not made:
+                made.append(self.first(v.param_hash, str(v.checkpoint_sha), v.created_at))
+                live = [0]
+                continue
+            on = live[-1] if v.base_version is None else v.base_version  # (not kept by the first releases)
+            if on != live[-1]:
+                base = store.version(on)
+                assert base is not None, "a version's base exists"
+                made.append(
+                    self._link(
+                        made[-1],
+                        kind="rollback",
+                        version=on,
+                        param_hash=base.param_hash,
+                        rolled_back=[n for n in live if n > on],
+                        at=v.created_at,
+                    )
+                )
+                live = [n for n in live if n <= on]
+            fields = _version_fields(dataclasses.replace(v, base_version=on), v.round)
+            made.append(self._link(made[-1], **fields, at=v.created_at))
+            live.append(v.version)
+        store.add_records(made)
+        log.info("signed the history of the %d versions made before it was kept", len(live))
+        return len(made)
+
+    # -- answers ------------------------------------------------------------------------------------------
+    def signed_info(self, info: RunInfo) -> RunInfo:
+        info = info.model_copy(update={"coordinator_key": self.public_key, "signature": None})
+        return info.model_copy(update={"signature": sign(self.key, "info", info.signed_fields())})
+
+    def signed_round(self, ri: RoundInfo) -> RoundInfo:
+        """``ri`` with its signature (one signature per round state, however often it is asked for)."""
+        fields = ri.signed_fields(self.run_id)
+        key = tuple(fields.values())
+        cached = self._round
+        if cached is None or cached[0] != key:
+            cached = self._round = (key, sign(self.key, "round", fields))
+        return ri.model_copy(update={"signature": cached[1]})
+
+    def data_signature(self, ids: list[int], body: bytes) -> str:
+        return sign(self.key, "data", data_fields(self.run_id, ids, body))
+
+
+def _version_fields(v: NewVersion | StoredVersion, round_: int | None) -> dict[str, object]:
+    return {
+        "kind": "version",
+        "version": v.version,
+        "round": round_,
+        "base_version": v.base_version,
+        "param_hash": v.param_hash,
+        "update_sha256": v.update_sha,
+        "checkpoint_sha256": v.checkpoint_sha,
+    }
