@@ -23,8 +23,8 @@ COPY . /app
 RUN pip install . \
     && rm -rf build ./*.egg-info \
     && useradd --create-home --uid 1000 --shell /usr/sbin/nologin gradpool \
-    && mkdir -p /data /keys /state \
-    && chown gradpool:gradpool /data /keys /state
+    && mkdir -p /data /keys /state /certs \
+    && chown gradpool:gradpool /data /keys /state /certs
 
 # The volume mount points above belong to the unprivileged user, so a fresh named volume mounted there
 # takes that ownership and the processes can write their state and keys.

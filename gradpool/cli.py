@@ -164,6 +164,31 @@ def rollback(
     )
 
 
+@coordinator_app.command("certs")
+def certs(
+    out: Annotated[Path, typer.Option(help="where to write ca.pem, cert.pem and key.pem")],
+    name: Annotated[
+        list[str], typer.Option("--name", help="a host name or IP address nodes reach it by (repeatable)")
+    ],
+    days: Annotated[int, typer.Option(min=1, max=3650, help="how long the certificates are valid")] = 825,
+    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="keep certificates already there")] = False,
+) -> None:
+    """Make a certificate authority of your own and a server certificate it signs for the coordinator's
+    names: serve with --ssl-certfile cert.pem --ssl-keyfile key.pem, give nodes --ca-cert ca.pem."""
+    from gradpool.tls import make_tls
+
+    if any((out / f).exists() for f in ("ca.pem", "cert.pem", "key.pem")):
+        if exist_ok and all((out / f).exists() for f in ("ca.pem", "cert.pem", "key.pem")):
+            typer.echo(f"{out} already holds certificates; kept")
+            return
+        fail(f"{out} already holds certificates; choose another --out (or --exist-ok to keep them)")
+    try:
+        tls = make_tls(out, name, days=days)
+    except OSError as e:
+        fail(f"cannot write to {out}: {e.strerror}", 1)
+    typer.echo(f"{tls.ca}  (give nodes --ca-cert)\n{tls.cert}  {tls.key}  (for {', '.join(name)})")
+
+
 @app.command()
 def status(
     coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",

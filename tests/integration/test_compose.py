@@ -7,6 +7,7 @@ the file cannot drift from the CLI and the example configs.
 
 from __future__ import annotations
 
+import os
 import re
 import shutil
 import signal
@@ -30,6 +31,7 @@ from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
 COMPOSE = REPO / "docker-compose.yml"
+COMPOSE_TLS = REPO / "docker-compose.tls.yml"  # merged over COMPOSE: HTTPS
 COORDINATOR_TOML = REPO / "configs" / "coordinator.toml"
 MINER_TOML = REPO / "configs" / "miner.toml"
 MINERS = ["miner-1", "miner-2", "miner-3"]
@@ -54,6 +56,31 @@ def _compose_client() -> list[str] | None:
     return None
 
 
+def _client() -> list[str]:
+    """The compose client; a test that needs one is skipped without it, except in CI (which installs it)."""
+    client = _compose_client()
+    if client is None:
+        if os.environ.get("CI"):
+            pytest.fail("CI must have docker-compose (.ci/run installs it)")
+        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    return client
+
+
+def _merged(*files: Path) -> dict[str, Any]:
+    """The services as the compose client resolves the files, merged in order."""
+    args = [a for f in files for a in ("--file", str(f))]
+    done = subprocess.run(
+        [*_client(), *args, "--profile", "gpu", "config"],
+        capture_output=True,
+        text=True,
+        timeout=50,
+        stdin=subprocess.DEVNULL,
+    )
+    assert done.returncode == 0, done.stderr
+    services: dict[str, Any] = yaml.safe_load(done.stdout)["services"]
+    return services
+
+
 def _services() -> dict[str, Any]:
     services: dict[str, Any] = yaml.safe_load(COMPOSE.read_text())["services"]
     return services
@@ -61,9 +88,7 @@ def _services() -> dict[str, Any]:
 
 @pytest.mark.timeout(60)
 def test_compose_client_accepts_the_file() -> None:
-    client = _compose_client()
-    if client is None:
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
+    client = _client()
     for profile in ([], ["--profile", "gpu"]):  # both profiles validate
         done = subprocess.run(
             [*client, "--file", str(COMPOSE), *profile, "config"],
@@ -116,7 +141,7 @@ def _local_command(command: list[str], paths: dict[str, Path], url: str | None =
             arg = "127.0.0.1"
         elif flag in ("--port", "--metrics-port"):
             arg = "0"
-        elif url is not None and arg.startswith("http://coordinator:"):
+        elif url is not None and arg.startswith(("http://coordinator:", "https://coordinator:")):
             arg = url
         for inside, local in paths.items():
             if arg == inside or arg.startswith(inside + "/"):
@@ -126,12 +151,13 @@ def _local_command(command: list[str], paths: dict[str, Path], url: str | None =
 
 
 def _volumes(service: dict[str, Any], root: Path) -> dict[str, Path]:
-    """Container path -> a fresh local folder for each volume, and /app -> the repository (the image)."""
+    """Container path -> a local folder for each volume (one per volume name under ``root``, shared by the
+    services that mount it), and /app -> the repository (the image)."""
     paths = {"/app": REPO}
     for volume in service.get("volumes", []):
         source, target = volume.split(":")[:2]
         paths[target] = root / source
-        paths[target].mkdir(parents=True)
+        paths[target].mkdir(parents=True, exist_ok=True)
     return paths
 
 
@@ -142,10 +168,12 @@ def _environment(service: dict[str, Any]) -> dict[str, str]:
     return {k: str(v) for k, v in env.items()}
 
 
-def _run_healthcheck(test: list[str], url: str) -> None:
-    """The coordinator's healthcheck, pointed at the local process, must pass."""
+def _run_healthcheck(test: list[str], url: str, paths: dict[str, Path] | None = None) -> None:
+    """The coordinator's healthcheck, pointed at the local process (and its files), must pass."""
     assert test[:2] == ["CMD", "python"], "the slim image has python, not curl"
-    args = [a.replace("http://127.0.0.1:8000", url) for a in test[2:]]
+    args = [re.sub(r"https?://127\.0\.0\.1:8000", url, a) for a in test[2:]]
+    for inside, local in (paths or {}).items():
+        args = [a.replace(f"'{inside}/", f"'{local}/") for a in args]
     done = subprocess.run([sys.executable, *args], capture_output=True, text=True, timeout=30)
     assert done.returncode == 0, f"healthcheck failed: {done.stderr}"
 
@@ -311,3 +339,45 @@ def test_the_recipes_for_real_sizes_load(name: str, tmp_path: Path) -> None:
     (tmp_path / path.name).write_text(cosine)
     decaying = load_settings(CoordinatorSettings, tmp_path / path.name, {})
     assert isinstance(decaying, CoordinatorSettings) and decaying.recipe.planned_rounds is not None
+
+
+@pytest.mark.slow  # a coordinator and a miner process
+@pytest.mark.timeout(180)
+def test_the_tls_override_serves_https_that_the_nodes_verify(tmp_path: Path, corpus_file: Path) -> None:
+    """docker-compose.tls.yml over docker-compose.yml, as the compose client merges them: the certs
+    service makes the network's CA and the coordinator's certificate (and keeps them on a restart), the
+    coordinator serves HTTPS and passes its healthcheck, and a miner that trusts the CA mines through it."""
+    services = _merged(COMPOSE, COMPOSE_TLS)
+    assert "--ssl-certfile" in services["coordinator"]["command"]
+    assert services["coordinator"]["depends_on"]["certs"]["condition"] == "service_completed_successfully"
+    for name in [*NODES, *GPU_MINERS]:
+        command = services[name]["command"]
+        assert (
+            "https://coordinator:8000" in command
+            and command[command.index("--ca-cert") + 1] == "/certs/ca.pem"
+        )
+        assert any(str(v).startswith("tls:/certs:ro") for v in services[name]["volumes"]), name
+        assert services[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
+    procs = Processes(tmp_path / "logs")
+    root = tmp_path / "volumes"
+    try:
+        certs = services["certs"]
+        command = _local_command(certs["command"], _volumes(certs, root))
+        assert procs.start("certs", command).wait(timeout=60) == 0, procs.log("certs")
+        ca = (root / "tls" / "ca.pem").read_bytes()
+        assert procs.start("certs-again", command).wait(timeout=60) == 0, procs.log("certs-again")
+        assert (root / "tls" / "ca.pem").read_bytes() == ca  # a restart keeps the network's CA
+        coordinator = services["coordinator"]
+        paths = _volumes(coordinator, root)
+        args = [*_local_command(coordinator["command"], paths)[2:], "--corpus", str(corpus_file)]
+        env = {**_environment(coordinator), **FAST_ENV}
+        url = procs.start_coordinator(args, tmp_path / "ready", env=env, timeout_s=60)
+        assert url.startswith("https://127.0.0.1:")
+        _run_healthcheck(coordinator["healthcheck"]["test"], url, paths)
+        by_name = url.replace("127.0.0.1", "localhost")  # a name the certificate is for
+        miner = services["miner-1"]
+        command = [*_local_command(miner["command"], _volumes(miner, root), by_name), "--threads", "1"]
+        code = procs.start("miner-1", [*command, "--max-rounds", "1"]).wait(timeout=120)
+        assert code == 0 and "round 0: upload taken" in procs.log("miner-1"), procs.log("miner-1")
+    finally:
+        procs.stop_all(grace_s=30)
