@@ -55,8 +55,8 @@ SKIP_ROUNDS = 3
 TAIL = 4  # versions whose mean held-out loss is ``tail_eval_loss``
 
 
-def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> float:
-    return in_order(gaps(report, skip))
+def outrank_fraction(report: dict[str, Any], skip: int = SKIP_ROUNDS, worker: str | None = None) -> float:
+    return in_order(gaps(report, skip, worker))
 
 
 def in_order(counted: dict[int, float]) -> float:
@@ -64,9 +64,10 @@ def in_order(counted: dict[int, float]) -> float:
     return sum(gap > 0 for gap in counted.values()) / len(counted) if counted else float("nan")
 
 
-def gaps(report: dict[str, Any], skip: int = SKIP_ROUNDS) -> dict[int, float]:
-    """Per round from ``skip`` on: the worst honest score less the best cheater's (above 0: in order)."""
-    kinds = {m["name"]: m["kind"] for m in report["miners"]}
+def gaps(report: dict[str, Any], skip: int = SKIP_ROUNDS, worker: str | None = None) -> dict[int, float]:
+    """Per round from ``skip`` on: the worst honest score less the best cheater's (above 0: in order).
+    ``worker``: a sybil operator's key that did the work, which is neither."""
+    kinds = {m["name"]: m["kind"] for m in report["miners"] if m["name"] != worker}
     honest = [n for n, k in kinds.items() if k == "honest"]
     cheats = [n for n, k in kinds.items() if k != "honest"]
     out = {}
@@ -82,6 +83,39 @@ def tail_loss(report: dict[str, Any], versions: int = TAIL) -> float:
     """The mean held-out loss of the run's last ``versions`` versions."""
     losses = [r["eval_loss"] for r in report["rounds"] if r.get("eval_loss") is not None][-versions:]
     return sum(losses) / len(losses) if losses else float("nan")
+
+
+COPY_REFUSED, COPY_SCORE = (
+    0.9,
+    0.05,
+)  # a copy is stopped when refused this often, or when it scores this little
+
+
+def operator_outcome(out: Path, report: dict[str, Any]) -> dict[str, Any]:
+    """A sybil operator's keys against the honest miners: how often each copy was refused, what each scored,
+    and what the operator earned in all against the best honest miner."""
+    miners = {m["name"]: m for m in report["miners"]}
+    claim = out / "sybil" / "first-key"
+    first = claim.read_text().strip() if claim.exists() else None
+    keys = {n: m for n, m in miners.items() if m["kind"] == "sybil"}
+    worker = next((n for n, m in keys.items() if m.get("miner") == first), None)
+    rounds = max(1, len(report["rounds"]))
+    copies = {
+        n: {"refused_fraction": m["rounds_refused"] / rounds, "score": m["score"] or 0.0}
+        for n, m in keys.items()
+        if n != worker
+    }
+    summed = sum(m["score"] or 0.0 for m in keys.values())
+    best_honest = max((m["score"] or 0.0 for m in miners.values() if m["kind"] == "honest"), default=0.0)
+    stopped = all(c["refused_fraction"] >= COPY_REFUSED or c["score"] <= COPY_SCORE for c in copies.values())
+    return {
+        "worker": worker,
+        "copies": copies,
+        "operator_summed_score": summed,
+        "best_honest_score": best_honest,
+        "copies_stopped": stopped,
+        "operator_at_most_one_honest": summed <= best_honest,
+    }
 
 
 MINER_FIELDS = ("name", "kind", "score", "rounds_contributed", "rounds_refused", "refusals", "flagged")
@@ -112,7 +146,10 @@ def run(
         "wall_s": round(time.perf_counter() - t0, 1),
         "miners": [{k: m.get(k) for k in MINER_FIELDS} for m in report["miners"]],
     }
-    if kind is not None:
+    if kind == "sybil":  # its first key's work is honest; what counts is what its other keys earn
+        result["sybil"] = operator_outcome(out, report)
+        result["honest_outrank_fraction"] = outrank_fraction(report, worker=result["sybil"]["worker"])
+    elif kind is not None:
         result["honest_outrank_fraction"] = outrank_fraction(report)
     line = f"{miners}+{count} {result['kind']}: loss {result['final_eval_loss']:.4f}, {result['wall_s']} s"
     print(line, file=sys.stderr)

@@ -139,7 +139,9 @@ class Run:
             ),
             overlap=settings.rounds.overlap,
         )
-        self.history = History(coordinator_key(settings.identity_key()), settings.run_id, self.store)
+        self.history = History(
+            coordinator_key(settings.identity_key(), self.store), settings.run_id, self.store
+        )
         self.info = self.history.signed_info(self.info)
         v = settings.validation
         held_out = dataset.sequences(eval_ids(self.data_meta, d.eval_sequences))

@@ -75,6 +75,12 @@ class CheckSettings(Section):
     copy_cosine: float = Field(
         default=0.98, gt=0, le=1, description="refuse the later of two updates this parallel"
     )
+    near_copy_ratio: float = Field(
+        default=2.2,
+        gt=1,
+        description="refuse the later of two uploads keeping this many times more of the same coordinates "
+        "than independent uploads of the round do (near-copies: one update re-encoded)",
+    )
     history_rounds: int = Field(
         default=3,
         ge=0,

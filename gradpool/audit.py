@@ -50,6 +50,10 @@ class Source(Protocol):
         """What the source's own tables say against the record, if anything (None: they agree)."""
         ...
 
+    def head(self) -> int | None:
+        """The current version the source serves (None: it cannot say)."""
+        ...
+
     def close(self) -> None: ...
 
 
@@ -99,6 +103,12 @@ def audit(source: Source, pinned: str | None = None) -> Audit:
         return out.fail(record, str(e).removeprefix(where))
     if out.records == 0:
         return out.fail(None, "the history has no records")
+    try:
+        head = source.head()
+    except SourceError as e:
+        return out.fail(None, str(e))
+    if head is not None and head != chain.head and (head in chain.versions or head < (chain.head or 0)):
+        return out.fail(None, f"the current version is {head}, the signed history's is {chain.head}")
     out.run_id, out.head, out.checkpoints = str(chain.run_id), chain.head, replay.checkpoints
     return out
 
@@ -231,6 +241,11 @@ class RemoteSource:
     def update(self, version: int) -> bytes:
         return self._call(self.client.update, version)
 
+    def head(self) -> int | None:
+        """(A version published since the history was read is newer than its head: not a failure.)"""
+        ri = self._call(self.client.round)
+        return ri.newest if ri.newest is not None else ri.version
+
     def checkpoint(self, version: int) -> bytes | None:
         from node.client import Refused
 
@@ -282,18 +297,29 @@ class StateSource:
             key = public_key_hex(load_key(pem))
         self.key = key
         self._recorded: set[int] = set()
+        self._aside: set[int] = set()
 
     def records(self) -> Iterator[SignedRecord]:
         after = -1
         while page := self.store.records(after, 1000):
             for signed in page:
                 self._recorded.add(signed.record.version)
+                self._aside |= set(signed.record.rolled_back)
                 yield signed
             after = page[-1].record.seq
         unsigned = [v for v in range(self.store.latest_version() + 1) if v not in self._recorded]
         unsigned = [v for v in unsigned if self.store.version(v) is not None]
         if unsigned:
             raise SourceError(f"versions {unsigned} of the versions table have no signed record")
+        marked = {v for v in self._recorded if self._row(v).rolled_back}
+        if marked != self._aside:
+            raise SourceError(
+                f"the versions table marks {sorted(marked)} rolled back, the signed history "
+                f"{sorted(self._aside)}"
+            )
+
+    def head(self) -> int | None:
+        return self.store.head()[0]
 
     def _row(self, version: int) -> StoredVersion:
         row = self.store.version(version)
@@ -305,11 +331,19 @@ class StateSource:
         sha = self._row(version).update_sha
         if sha is None:
             raise SourceError(f"version {version} has no published update in the versions table")
-        return self.blobs.get(sha)
+        return self._blob(sha)
 
     def checkpoint(self, version: int) -> bytes | None:
         sha = self._row(version).checkpoint_sha
-        return None if sha is None else self.blobs.get(sha)
+        return None if sha is None else self._blob(sha)
+
+    def _blob(self, sha: str) -> bytes:
+        try:
+            return self.blobs.get(sha)
+        except FileNotFoundError:
+            raise SourceError(
+                f"blob {sha[:12]} is not in the state directory (on S3? pass the coordinator's --config)"
+            ) from None
 
     def stored(self, record: VersionRecord) -> str | None:
         if record.kind == "rollback":

@@ -42,9 +42,12 @@ def mine(
     adversary: Annotated[
         str | None,
         typer.Option(
-            help="simulations only: cheat as noise, scaled, signflip, copycat, stale, lazy, freerider, nan "
-            "or lutscale"
+            help="simulations only: cheat as noise, scaled, signflip, copycat, stale, lazy, freerider, nan, "
+            "lutscale or sybil"
         ),
+    ] = None,
+    adversary_shared: Annotated[
+        Path | None, typer.Option(help="simulations only, sybil: a folder the operator's keys share")
     ] = None,
     config: ConfigOpt = None,
 ) -> None:
@@ -68,6 +71,7 @@ def mine(
         "metrics_port": metrics_port,
         "metrics_host": metrics_host,
         "adversary": adversary,
+        "adversary_shared": adversary_shared,
     }
     try:
         settings = load_settings(MinerSettings, config, overrides)

@@ -90,6 +90,8 @@ def simulate(
         threads = str(max(1, (os.cpu_count() or 1) // len(roster)))
         for i, (name, (kind, _)) in enumerate(roster.items()):
             cheat = [] if kind == "honest" else ["--adversary", kind]
+            if kind == "sybil":  # one operator: its keys share one computation
+                cheat += ["--adversary-shared", str(out / "sybil")]
             key = str(out / "keys" / f"{name}.pem")
             state = str(out / "miners" / name)
             command = ["mine", "--coordinator", url, "--key", key, "--state-dir", state, "--threads", threads]

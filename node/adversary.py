@@ -13,15 +13,24 @@ miner that does one step differently, so a run shows what the coordinator's chec
 - ``nan``: sends an update holding NaN (refused at upload).
 - ``lutscale``: sends its honest update with the payload's value tables x1e30 (the values themselves for
   codecs without tables): well formed and finite, so intake takes it.
+- ``sybil``: one operator's keys sharing one computation (``adversary_shared``, a folder they all see). The
+  first key to claim the folder works as an honest miner and leaves each round's update there; every other
+  key uploads that update plus noise (``SYBIL_NOISE`` of its norm, its own), through its own error feedback
+  and encoded afresh: near-copies whose bytes and sketches differ from the original. (It still trains on
+  its own data, as a cover: what it uploads is the first key's update.)
 """
 
 from __future__ import annotations
 
 import logging
+import os
 import random
+import time
+from pathlib import Path
 
 import torch
 from safetensors.torch import load as st_load
+from safetensors.torch import load_file, save_file
 
 from node.client import Refused
 from node.miner import Miner
@@ -32,6 +41,8 @@ from protocol.wire import RoundInfo
 
 log = logging.getLogger(__name__)
 STALE_LAG = 3
+SYBIL_NOISE = 0.25  # a sybil copy's noise, relative to the update's norm
+SYBIL_WAIT_S = 60.0  # how long a copy waits for the first key's update of the round
 SCALES = {"scaled": 100.0, "signflip": -1.0, "freerider": 1e-4}
 TABLE_SCALE = 1e30
 TABLES = ("lut", "scale", "dense")  # what to scale, by codec: sparseloco's value tables, int8's, dense values
@@ -57,6 +68,26 @@ class Adversary(Miner):
         return [
             train_id(rng.randrange(num_train), info.eval_every) for _ in range(r.inner_steps * r.batch_size)
         ]
+
+    def pseudo_gradient(self, ri: RoundInfo, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        if self.kind != "sybil" or self.settings.adversary_shared is None:
+            return delta
+        shared = self.settings.adversary_shared
+        if _leader(shared, self.pubkey):
+            save_file({n: t.cpu().contiguous() for n, t in delta.items()}, shared / f".{ri.round}.tmp")
+            os.replace(shared / f".{ri.round}.tmp", shared / f"round-{ri.round}.safetensors")
+            return delta
+        original = shared / f"round-{ri.round}.safetensors"
+        end = time.monotonic() + SYBIL_WAIT_S
+        while not original.exists() and time.monotonic() < end and not self.stop.is_set():
+            time.sleep(0.1)
+        if not original.exists():
+            log.warning("round %d: no update of the operator's first key to copy; sending this one", ri.round)
+            return delta
+        copied = load_file(original, device=str(self.device))
+        rng = torch.Generator().manual_seed(int(self.pubkey[:12], 16) + ri.round)
+        log.info("round %d: sending the operator's first key's update with noise", ri.round)
+        return {n: t + SYBIL_NOISE * _noise_like(t, rng) for n, t in copied.items()}
 
     def make_payload(
         self, ri: RoundInfo, header: PayloadHeader, vector: dict[str, torch.Tensor]
@@ -106,8 +137,21 @@ def _scale_tables(payload: bytes) -> bytes:
     return frame(tensors, header)
 
 
+def _leader(shared: Path, pubkey: str) -> bool:
+    """Whether ``pubkey`` is the operator's first key: the first to claim the folder (for good)."""
+    shared.mkdir(parents=True, exist_ok=True)
+    claim = shared / "first-key"
+    try:
+        fd = os.open(claim, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o644)
+    except FileExistsError:
+        return claim.read_text().strip() == pubkey
+    with os.fdopen(fd, "w") as f:
+        f.write(pubkey)
+    return True
+
+
 @torch.no_grad()
-def _noise_like(t: torch.Tensor) -> torch.Tensor:
-    noise = torch.randn_like(t)
+def _noise_like(t: torch.Tensor, rng: torch.Generator | None = None) -> torch.Tensor:
+    noise = torch.randn(t.shape, generator=rng).to(t.device, t.dtype)
     scaled: torch.Tensor = noise * (t.norm() / noise.norm().clamp_min(1e-12))
     return scaled

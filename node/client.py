@@ -285,7 +285,7 @@ class CoordinatorClient:
         params = {} if version is None else {"version": str(version)}
         if partial is None:
             response = self._send("GET", "/v1/checkpoint", params=params)
-            found = self._checkpoint_version(response)
+            found = self._checkpoint_version(response, version)
             return found, self._checked_checkpoint(found, response.content)
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
@@ -305,7 +305,7 @@ class CoordinatorClient:
                     if response.status_code >= 500:
                         raise Unavailable(f"coordinator answered {response.status_code}")
                     raise self._refusal(response)
-                found = self._checkpoint_version(response)
+                found = self._checkpoint_version(response, version)
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with open(partial, "ab" if response.status_code == 206 else "wb") as f:
                     for chunk in response.iter_bytes(1 << 20):
@@ -317,7 +317,12 @@ class CoordinatorClient:
             raise Unavailable(f"checkpoint download interrupted ({e}); it will resume") from None
         data = partial.read_bytes()
         partial.unlink()
-        return found, self._checked_checkpoint(found, data)
+        try:
+            return found, self._checked_checkpoint(found, data)
+        except Untrusted:
+            if have:  # resumed from a partial file that was not a prefix of this checkpoint: start afresh
+                raise Unavailable("a resumed checkpoint download does not match; it starts again") from None
+            raise
 
     def _checked_checkpoint(self, version: int, data: bytes) -> bytes:
         if self.trust is not None:
@@ -326,14 +331,18 @@ class CoordinatorClient:
         return data
 
     @staticmethod
-    def _checkpoint_version(response: httpx.Response) -> int:
-        """The version a checkpoint answer names (on the coordinator's redirect when it sent one)."""
-        for r in (response, *response.history):
+    def _checkpoint_version(response: httpx.Response, asked: int | None) -> int:
+        """The version a checkpoint answer names: the coordinator's (its redirect's, when it sent one,
+        before anything the object store adds), and the one ``asked`` for when one was."""
+        for r in (*response.history, response):
             if "X-Gradpool-Version" in r.headers:
                 try:
-                    return int(r.headers["X-Gradpool-Version"])
+                    found = int(r.headers["X-Gradpool-Version"])
                 except ValueError:
                     break
+                if asked is not None and found != asked:
+                    raise Untrusted(f"asked for the checkpoint of version {asked}, answered with {found}'s")
+                return found
         raise ProtocolMismatch("checkpoint answer has no version header")
 
     def sequences(self, ids: list[int]) -> torch.Tensor:

@@ -146,7 +146,7 @@ class Miner(Follower):
                 result = self.trainer.run(tokens, on_step=on_step, round_=ri.round)
             finally:
                 rnd.close()
-        delta = rnd.delta(self.params)
+        delta = self.pseudo_gradient(ri, rnd.delta(self.params))
         candidate = self.ef.copy()
         header = PayloadHeader(
             format_version=PAYLOAD_FORMAT_VERSION,
@@ -199,7 +199,7 @@ class Miner(Follower):
                 guess = self.last[2]
         return OverlapRound(self.model, self.spec, self.info.evaluation.outer_lr, guess, self.watch)
 
-    # The three steps an adversarial miner (node/adversary.py, for simulations) does differently.
+    # The four steps an adversarial miner (node/adversary.py, for simulations) does differently.
     def base_for(self, ri: RoundInfo) -> tuple[int, str]:
         """The version to train from, and its parameter hash: the round's, or (overlapped rounds) the one
         published since it opened."""
@@ -209,15 +209,17 @@ class Miner(Follower):
 
     def training_ids(self, ri: RoundInfo) -> list[int]:
         """The sequences to train on: this miner's assignment."""
-        r = self.info.recipe
-        return assignment(
-            self.info.seed,
-            ri.round,
-            self.pubkey,
-            r.inner_steps * r.batch_size,
-            self.info.num_sequences,
-            self.info.eval_every,
-        )
+        return self.assigned(ri, self.pubkey)
+
+    def assigned(self, ri: RoundInfo, key: str) -> list[int]:
+        """The assignment of the miner with public key ``key`` in round ``ri``."""
+        r, info = self.info.recipe, self.info
+        n = r.inner_steps * r.batch_size
+        return assignment(info.seed, ri.round, key, n, info.num_sequences, info.eval_every)
+
+    def pseudo_gradient(self, ri: RoundInfo, delta: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+        """What the round's training gives: where it started minus where it ended."""
+        return delta
 
     def make_payload(
         self, ri: RoundInfo, header: PayloadHeader, vector: dict[str, torch.Tensor]

@@ -11,7 +11,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from protocol.device import Precision
 
 AdversaryKind = Literal[
-    "noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan", "lutscale"
+    "noise", "scaled", "signflip", "copycat", "stale", "lazy", "freerider", "nan", "lutscale", "sybil"
 ]
 
 
@@ -42,6 +42,11 @@ class MinerSettings(BaseSettings):
     metrics_host: str = Field(default="127.0.0.1", description="address for the metrics endpoint")
     adversary: AdversaryKind | None = Field(
         default=None, description="simulations only: cheat this way (node/adversary.py)"
+    )
+    adversary_shared: Path | None = Field(
+        default=None,
+        description="simulations only, sybil: a folder the operator's keys share (its first key leaves each "
+        "round's update there for the others)",
     )
     log_level: Literal["DEBUG", "INFO", "WARNING", "ERROR"] = "INFO"
     log_format: Literal["text", "json"] = Field(default="text", description="json: one object per line")

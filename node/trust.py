@@ -51,20 +51,25 @@ class Trust:
         """Pin the coordinator's key (or check it against the pin) and check the answer's signature."""
         key = (info.coordinator_key or "").lower()
         if not key:
-            self._refuse("key", "the coordinator does not sign its answers (no coordinator_key in /v1/info)")
+            self._refuse(
+                "key",
+                "the coordinator does not sign its answers (no coordinator_key in /v1/info): it is older "
+                "than this node",
+            )
         if self.pinned is not None and key != self.pinned:
             self._refuse(
                 "key", f"the coordinator's key is {key}, not the pinned {self.pinned} (--coordinator-key)"
             )
-        if self.pinned is None:
-            self._pin_on_first_use(key)
         try:
             verify(key, "info", info.signed_fields(), info.signature)
         except HistoryError as e:
             self._refuse("info", str(e))
-        if self.key != key or self.run_id != info.run_id:
-            self.key, self.run_id, self.chain = key, info.run_id, Chain(key, info.run_id)
-            self.chain.expect = self._verified_before()
+        if self.pinned is None:
+            self._pin_on_first_use(key)
+        with self._lock:
+            if self.key != key or self.run_id != info.run_id:
+                self.key, self.run_id, self.chain = key, info.run_id, Chain(key, info.run_id)
+                self.chain.expect = self._verified_before()
 
     def _pin_on_first_use(self, key: str) -> None:
         path = self.state_dir / PIN_FILE
@@ -144,13 +149,14 @@ class Trust:
             self._refuse(
                 "history",
                 f"the coordinator's history ends at record {chain.seq}, before record {newest} that this "
-                "node verified earlier: it was rewritten",
+                f"node verified earlier: it was rewritten (if its operator restored it from a backup, delete "
+                f"{self.state_dir / HEAD_FILE})",
             )
         if chain.digest is not None:
             _write(self.state_dir / HEAD_FILE, json.dumps(self._head(chain)))
 
     def _head(self, chain: Chain) -> dict[str, object]:
-        return {"key": self.key, "run_id": self.run_id, "seq": chain.seq, "digest": chain.digest}
+        return {"key": chain.key, "run_id": chain.run_id, "seq": chain.seq, "digest": chain.digest}
 
     def _verified_before(self) -> dict[int, str]:
         """The newest record verified before (by seq), when it was this coordinator's and this run's."""

@@ -5,6 +5,7 @@ signed verdicts. The coordinator shows them on its leaderboard beside its own ev
 from __future__ import annotations
 
 import dataclasses
+import hashlib
 import json
 import logging
 import os
@@ -108,7 +109,10 @@ class Validator(Follower):
         )
         evaluation = RoundEvaluation(evaluator, self.info, round_, salt, [s.miner for s in candidates])
         for s in candidates:  # one decoded update held at a time
-            update = self.codec.decode(self.client.payload(round_, s.miner), self.spec)[1]
+            data = self.client.payload(round_, s.miner)
+            if hashlib.sha256(data).hexdigest() != s.sha256:
+                raise CodecError(f"the upload of {s.miner[:12]} does not match the round's record of it")
+            update = self.codec.decode(data, self.spec)[1]
             evaluation.measure(s.miner, update, float(s.scale or 0.0))
         out = evaluation.losses()
         receipt = self.client.post_verdicts(

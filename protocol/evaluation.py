@@ -20,9 +20,10 @@ on a salt made from every payload of the round, so nobody knows them until the r
   ``margin`` and ``t`` below mean that one where it exists.
 - A round's score credits the gain, in units of G (the median gain of the round's accepted uploads, so that
   early rounds, where gains are large, weigh no more than later ones), as far as the margin backs it:
-  ``clip(gain / G, -1, 1) * clip((t + 1) / 3, 0, 1)`` (full credit from t = 2, none at t <= -1); a gain of
-  0 or less is not discounted. A stale update learned its data but helps little; an update trained on other
-  data helps but has no margin; both fall behind. An upload refused before it could be evaluated (at
+  ``clip(gain / G, -1, 1) * clip(t / 2, 0, 1)`` (full credit from t = 2, none at t <= 0: a gain without a
+  margin on the miner's own data pays nothing); a gain of 0 or less is not discounted. A stale update
+  learned its data but helps little; an update trained on other data, or copied from another key's work,
+  helps but has no margin; both fall behind. An upload refused before it could be evaluated (at
   upload, or as copied, outlier, empty or non-finite) scores -1, the least.
 - A miner's standing is the average of its round scores over its rounds in the last ``score_window``
   (the plain mean, or an exponential one when ``score_alpha`` is set), from the first round it took part
@@ -261,7 +262,7 @@ def var_of_mean(x: torch.Tensor) -> float:
 
 # -- scores ------------------------------------------------------------------------------------------------
 FULL_CREDIT_T = 2.0  # a margin this many standard errors above 0 backs the whole gain
-NO_CREDIT_T = -1.0  # and one this far below it, none
+NO_CREDIT_T = 0.0  # and none at all without a margin: another key's work, copied, has none on this key's data
 
 
 @dataclass(frozen=True)

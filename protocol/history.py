@@ -153,7 +153,10 @@ class Chain:
         if self.run_id is not None and r.run_id != self.run_id:
             raise HistoryError(f"{where}: belongs to run {r.run_id!r}, not {self.run_id!r}")
         if r.seq in self.expect and signed.digest != self.expect[r.seq]:
-            raise HistoryError(f"{where}: differs from the record verified before: the history was rewritten")
+            raise HistoryError(
+                f"{where}: differs from the record verified before: the history was rewritten (after a "
+                "restore from a backup, delete the node's coordinator-history.json)"
+            )
         problem = self._version_rule(r) if r.kind == "version" else self._rollback_rule(r)
         if problem:
             raise HistoryError(f"{where}: {problem}")

@@ -10,7 +10,7 @@ import hashlib
 import json
 import math
 from collections.abc import Mapping, Sequence
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator
@@ -78,6 +78,7 @@ class Examined:
     norm: float
     sketch: torch.Tensor
     stored: bytes
+    kept: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # kept_sample
 
 
 @dataclass

@@ -12,7 +12,7 @@ from protocol.history import SignedRecord
 from protocol.model import ModelConfig
 from protocol.payload import CodecName
 
-PROTOCOL_VERSION = 2  # 2: the recipe's learning-rate schedule, training health in upload stats
+PROTOCOL_VERSION = 3  # 2: the recipe's schedule, training health; 3: the coordinator's key and signed history
 HEADER_PROTOCOL = "X-Gradpool-Protocol"
 MAX_NUMBER = (1 << 53) - 1  # the largest round or version number anywhere (exact in a JSON double)
 

@@ -16,22 +16,38 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.storage.base import Store
 from coordinator.storage.records import NewVersion, StoredVersion
-from protocol.history import SignedRecord, VersionRecord, data_fields, sign, sign_record
+from protocol.errors import HistoryError
+from protocol.history import SignedRecord, VersionRecord, data_fields, sign, sign_record, verify
 from protocol.signing import generate_key, load_key, public_key_hex, save_key
 from protocol.wire import RoundInfo, RunInfo
 
 log = logging.getLogger(__name__)
 
 
-def coordinator_key(path: Path) -> Ed25519PrivateKey:
-    """The key at ``path``, made there on the first start (raises ValueError or OSError for a key file
-    that cannot be read)."""
+def coordinator_key(path: Path, store: Store) -> Ed25519PrivateKey:
+    """The key at ``path``: made there when the run has no signed history yet, else it must be the key that
+    signed it (raises ValueError with a message for a person, or OSError for a file that cannot be read)."""
+    last = store.last_record()
     if not path.exists():
+        if last is not None:
+            raise ValueError(
+                f"no coordinator key at {path}, and this run's history is signed: give the key that signed "
+                "it ([identity] key, or --key)"
+            )
         key = generate_key()
         save_key(key, path)
         log.info("made the coordinator's key %s in %s", public_key_hex(key), path)
         return key
-    return load_key(path)
+    key = load_key(path)
+    if last is not None:
+        try:
+            verify(public_key_hex(key), "record", last.record.model_dump(mode="json"), last.signature)
+        except HistoryError:
+            raise ValueError(
+                f"the key {path} did not sign this run's history: give the key that did ([identity] key, "
+                "or --key)"
+            ) from None
+    return key
 
 
 class History:
@@ -103,6 +119,23 @@ class History:
             fields = _version_fields(dataclasses.replace(v, base_version=on), v.round)
             made.append(self._link(made[-1], **fields, at=v.created_at))
             live.append(v.version)
+        head, _ = store.head()
+        if head != live[-1]:  # rolled back, and nothing made since
+            row = store.version(head)
+            assert row is not None, "the head exists"
+            later = [n for n in live if n > head]
+            aside = store.version(later[0]) if later else None
+            at = aside.rolled_back_at if aside is not None else None
+            made.append(
+                self._link(
+                    made[-1],
+                    kind="rollback",
+                    version=head,
+                    param_hash=row.param_hash,
+                    rolled_back=later,
+                    at=at or row.created_at,
+                )
+            )
         store.add_records(made)
         log.info("signed the history of the %d versions made before it was kept", len(live))
         return len(made)

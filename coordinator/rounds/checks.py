@@ -21,6 +21,7 @@ that is, do the work; and new keys are evaluated before anything they send enter
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -31,7 +32,7 @@ import torch
 
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.records import Refusal, Upload
-from protocol.codec.measure import clip_scale, cosine, reference_norm
+from protocol.codec.measure import clip_scale, cosine, overlap, reference_norm
 from protocol.evaluation import Losses
 from protocol.wire import LeaderboardEntry
 
@@ -47,6 +48,7 @@ class History:
     gains: Sequence[float] = ()
     digests: frozenset[str] = frozenset()
     sketches: torch.Tensor = field(default_factory=lambda: torch.zeros(0, 1))  # (uploads, buckets), unit rows
+    overlap: float = 0.0  # the median overlap of kept coordinates between recent rounds' accepted uploads
 
 
 BEST_FRACTION = 0.5  # the round's best uploads: a gain at least this fraction of the best one
@@ -169,6 +171,50 @@ class Copied:
                 u.content_sha256 == k.content_sha256 or cosine(u.sketch, k.sketch) > self.copy_cosine
                 for k in kept
             ):
+                yield u.miner
+            else:
+                kept.append(u)
+
+
+def accepted_overlap(rounds: Iterable[Sequence[Upload]]) -> float:
+    """The median overlap of kept coordinates between the accepted uploads of each round (0: none)."""
+    found = [
+        overlap(a.kept, b.kept)
+        for uploads in rounds
+        for a, b in itertools.combinations(
+            [u for u in uploads if u.status == "accepted" and u.kept.numel()], 2
+        )
+    ]
+    return statistics.median(found) if found else 0.0
+
+
+CHANCE_OVERLAP = 0.05  # the least overlap independent uploads are taken to have (random ones: about k/chunk)
+
+
+@dataclass(frozen=True)
+class NearCopied:
+    """The later of two uploads of the round that keep far more of the same coordinates than independent
+    work does: one update re-encoded (noise added, another key's error feedback) still keeps most of the
+    coordinates it kept (benchmarks/near_copies.py measures both). What independent work overlaps by is the
+    larger of the median overlap of the round's pairs and of recent rounds' accepted uploads (work shown to
+    help), and at least ``CHANCE_OVERLAP``: uploads that keep unrelated coordinates (noise), however many,
+    cannot lower it, so they cannot make honest uploads look alike; copies could only raise it. A pair
+    overlapping ``ratio`` times that is a near-copy. It needs three uploads with kept samples (sparse
+    codecs)."""
+
+    ratio: float
+    code: ClassVar[str] = Refusal.NEAR_COPY
+    phase: ClassVar[Phase] = "cheap"
+
+    def refuse(self, j: RoundChecks) -> Iterable[str]:
+        uploads = [u for u in j.remaining() if u.kept.numel()]
+        if len(uploads) < 3:
+            return
+        pairs = {(a.miner, b.miner): overlap(a.kept, b.kept) for a, b in itertools.combinations(uploads, 2)}
+        bar = self.ratio * max(statistics.median(pairs.values()), j.history.overlap, CHANCE_OVERLAP)
+        kept: list[Upload] = []
+        for u in uploads:  # in the order they came: the later of a pair is the copy
+            if any(pairs[(k.miner, u.miner)] > bar for k in kept):
                 yield u.miner
             else:
                 kept.append(u)
@@ -304,6 +350,7 @@ def default_pipeline(checks: CheckSettings, validation: ValidationSettings) -> l
         NonFinite(),
         EmptyUpdate(),
         Copied(checks.copy_cosine),
+        NearCopied(checks.near_copy_ratio),
         Replayed(checks.copy_cosine),
         outliers(checks.max_norm_ratio),
         NonFiniteLoss(),

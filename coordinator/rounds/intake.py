@@ -183,6 +183,7 @@ class Intake:
                     size=len(body),
                     norm=seen.norm,
                     sketch=seen.sketch.numpy().tobytes(),
+                    kept=seen.kept.numpy().tobytes(),
                     stored_sha256=stored_sha,
                     compute_s=header.stats.compute_s,
                     received_at=now,

@@ -37,7 +37,14 @@ import torch
 
 from coordinator.errors import Stopping
 from coordinator.metrics import Metrics
-from coordinator.rounds.checks import Check, History, RoundChecks, run_cheap_checks, run_checks
+from coordinator.rounds.checks import (
+    Check,
+    History,
+    RoundChecks,
+    accepted_overlap,
+    run_cheap_checks,
+    run_checks,
+)
 from coordinator.rounds.reading import Evaluations, UploadReader
 from coordinator.rounds.scoring import Scores
 from coordinator.settings import CheckSettings, ValidationSettings
@@ -248,6 +255,7 @@ class Judge:
             gains=store.accepted_gains(first, round_, COORDINATOR),
             digests=frozenset(r.content_sha256 for r in recent),
             sketches=sketches,
+            overlap=accepted_overlap([store.round_uploads(r) for r in range(max(0, first), round_)]),
         )
 
     def measure(

@@ -47,7 +47,7 @@ def rollback(state_dir: Path, to_version: int, key: Path | None = None) -> Rolle
             raise ValueError(f"version {to_version} has no checkpoint kept; versions with one: {kept}")
         if store.head()[0] == to_version:
             raise ValueError(f"version {to_version} is already the current version")
-        history = History(coordinator_key(key or state_dir / "coordinator.pem"), _run_id(store), store)
+        history = History(coordinator_key(key or state_dir / "coordinator.pem", store), _run_id(store), store)
         history.backfill()
         now = time.time()
         record = history.rollback(to_version, row.param_hash, store.live_after(to_version), now)

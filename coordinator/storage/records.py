@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import statistics
 from collections.abc import Iterable
-from dataclasses import dataclass, fields
+from dataclasses import dataclass, field, fields
 from enum import StrEnum
 from typing import Literal
 
@@ -75,6 +75,7 @@ class Upload:
     scale: float | None = None  # its clip scale in the version
     flag: str | None = None  # an accepted upload that its later evaluation refuses
     health: Health = Health()
+    kept: torch.Tensor = field(default_factory=lambda: torch.zeros(0, dtype=torch.int64))  # kept_sample
 
 
 class Refusal(StrEnum):
@@ -83,6 +84,9 @@ class Refusal(StrEnum):
     NON_FINITE = "non_finite"  # its norm is not a number
     EMPTY_UPDATE = "empty_update"
     COPIED_PAYLOAD = "copied_payload"  # the same update as an earlier upload of this round, rescaled or not
+    NEAR_COPY = (
+        "near_copy"  # an earlier upload's update re-encoded: it keeps far more of the same coordinates
+    )
     REPLAYED_UPDATE = "replayed_update"  # the same update as an upload of a recent round
     NORM_OUTLIER = "norm_outlier"
     NON_FINITE_LOSS = "non_finite_loss"  # applying it made a loss NaN or infinite
@@ -114,6 +118,7 @@ class NewSubmission:
     compute_s: float
     received_at: float
     health: Health = Health()
+    kept: bytes = b""  # the kept coordinates' sample (protocol/codec/measure.py kept_sample), int64
 
 
 @dataclass(frozen=True)
@@ -256,6 +261,13 @@ class UploadPrint:
     miner: str
     content_sha256: str
     sketch: torch.Tensor  # (buckets,) float32
+
+
+def kept_of(stored: bytes | None) -> torch.Tensor:
+    """A kept sample as the store keeps it (int64 bytes; none for uploads from before it was kept)."""
+    if not stored:
+        return torch.zeros(0, dtype=torch.int64)
+    return torch.frombuffer(bytearray(stored), dtype=torch.int64)
 
 
 def sketch_of(stored: bytes) -> torch.Tensor:

@@ -60,6 +60,7 @@ MIGRATIONS = (
     ("verdicts", "paired_se", "REAL NOT NULL DEFAULT 0"),
     ("rounds", "scored", "INTEGER NOT NULL DEFAULT 1"),  # 0: its evaluation continues after its version
     ("submissions", "flag", "TEXT"),  # an accepted upload that its later evaluation would have refused
+    ("submissions", "kept", "BLOB"),  # the sample of the coordinates it keeps (near-copies)
     # training health as miners report it (records.Health), per upload and per round
     *((table, column, "REAL") for table in ("submissions", "rounds") for column in HEALTH_FIELDS),
 )

@@ -22,6 +22,7 @@ from coordinator.storage.records import (
     RoundClose,
     StoredRound,
     Upload,
+    kept_of,
     sketch_of,
 )
 from coordinator.storage.reports import ReportReads
@@ -198,8 +199,8 @@ class SqliteStore(ReportReads, ScoreReads, VersionStore):
         with self.transaction() as db:
             db.execute(
                 "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, compute_s, "
-                f"received_at, norm, sketch, stored_sha256, {', '.join(HEALTH_FIELDS)}) "
-                "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?)",
+                f"received_at, norm, sketch, stored_sha256, kept, {', '.join(HEALTH_FIELDS)}) "
+                "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
                 (
                     s.round,
                     s.miner,
@@ -211,6 +212,7 @@ class SqliteStore(ReportReads, ScoreReads, VersionStore):
                     s.norm,
                     s.sketch,
                     s.stored_sha256,
+                    s.kept,
                     *astuple(s.health),
                 ),
             )
@@ -330,4 +332,5 @@ def _upload(row: sqlite3.Row) -> Upload:
         scale=row["scale"],
         flag=row["flag"],
         health=Health(*(row[f] for f in HEALTH_FIELDS)),
+        kept=kept_of(row["kept"]),
     )

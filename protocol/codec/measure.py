@@ -74,6 +74,32 @@ def sketch_flat(coords: torch.Tensor, values: torch.Tensor, buckets: int = SKETC
     return (out / norm if norm > 0 and math.isfinite(norm) else out).float()
 
 
+KEPT_SAMPLE = 512  # coordinates in a payload's kept sample
+_HASH_A, _HASH_P = (
+    2654435761,
+    4294967311,
+)  # a linear hash onto a prime above 2**32: no two coordinates collide
+
+
+def kept_sample(coords: torch.Tensor, k: int = KEPT_SAMPLE) -> torch.Tensor:
+    """A bottom-k sample of the coordinates an update keeps (below 2**31): the ``k`` smallest of their
+    hashes, sorted (int64). Two samples estimate the overlap (Jaccard) of the kept sets to within about
+    sqrt(J (1 - J) / k): near-copies of one update keep the same coordinates, whatever their values."""
+    h = (coords.long() * _HASH_A) % _HASH_P
+    if h.numel() > k:
+        h = torch.topk(h, k, largest=False).values
+    return torch.sort(h).values
+
+
+def overlap(a: torch.Tensor, b: torch.Tensor, k: int = KEPT_SAMPLE) -> float:
+    """The estimated Jaccard overlap of two kept sets from their samples (``kept_sample``)."""
+    if not a.numel() or not b.numel():
+        return 0.0
+    union = torch.unique(torch.cat([a, b]))[:k]
+    both = torch.isin(union, a) & torch.isin(union, b)
+    return float(both.sum()) / float(union.numel())
+
+
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
     a, b = a.double(), b.double()
     na, nb = float(a.norm()), float(b.norm())

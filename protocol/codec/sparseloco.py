@@ -33,7 +33,7 @@ from safetensors.torch import save as st_save
 from protocol.codec.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
 from protocol.codec.chunk_accumulator import ChunkAccumulator
 from protocol.codec.chunks import Layout, RowTable
-from protocol.codec.measure import sketch_flat
+from protocol.codec.measure import kept_sample, sketch_flat
 from protocol.codec.quantize import quantize
 from protocol.errors import CodecError
 from protocol.payload import (
@@ -261,7 +261,8 @@ class SparseLoCoCodec:
         )
         values = torch.cat([vals.reshape(-1), dense])
         norm = float(values.double().square().sum().sqrt())
-        return Examined(header, content_digest(data), norm, sketch_flat(coords, values), unpacked)
+        sketched = sketch_flat(coords, values)
+        return Examined(header, content_digest(data), norm, sketched, unpacked, kept_sample(flat.reshape(-1)))
 
     def _coordinates(self, table: RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk-local indices (rows, k) -> coordinates in the concatenated parameters, and the mask of

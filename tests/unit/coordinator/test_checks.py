@@ -3,6 +3,7 @@ sketch, replays of recent rounds, norms; and aggregation streamed one upload at 
 
 from __future__ import annotations
 
+import dataclasses
 import threading
 from collections.abc import Iterable
 from dataclasses import dataclass
@@ -18,6 +19,7 @@ from coordinator.rounds.checks import (
     LowGain,
     Phase,
     RoundChecks,
+    accepted_overlap,
     default_pipeline,
     run_cheap_checks,
     run_checks,
@@ -28,7 +30,7 @@ from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.codec import SparseLoCoCodec, content_digest
 from protocol.codec.accumulate import aggregate
-from protocol.codec.measure import cosine, sketch, update_norm
+from protocol.codec.measure import cosine, overlap, sketch, update_norm
 from protocol.evaluation import Losses
 from protocol.wire import RunInfo
 from tests.helpers.pool import SPEC, OpenPool, encode, make_delta, node_client, trained_delta
@@ -42,7 +44,7 @@ RATIO = CheckSettings().max_norm_ratio
 
 def upload(miner: str, body: bytes) -> Upload:
     seen = CODEC.examine(body, SPEC)
-    return Upload(miner, miner + "-sha", seen.content_sha256, seen.norm, seen.sketch)
+    return Upload(miner, miner + "-sha", seen.content_sha256, seen.norm, seen.sketch, kept=seen.kept)
 
 
 def bodies(*seeds: int, scale: float = 1e-3) -> list[bytes]:
@@ -75,6 +77,42 @@ def test_a_rescaled_copy_is_refused_as_a_copy_even_though_its_bytes_differ() -> 
     refused, scales = judge([a, b, c])
     assert refused == {"b": "copied_payload"}
     assert list(scales) == ["a", "c"]
+
+
+def test_an_update_re_encoded_with_noise_from_another_key_is_refused_as_a_near_copy() -> None:
+    """One computation uploaded twice: the second with noise (a quarter of its norm) and its own error
+    feedback's residual. Neither its bytes nor its sketch give it away; the coordinates it keeps do."""
+    work = make_delta(5)
+    residual = {n: 0.5 * t for n, t in make_delta(9).items()}  # the second key's error feedback
+    noisy = {n: t + 0.25 * t.norm() * torch.randn_like(t) / t.numel() ** 0.5 for n, t in work.items()}
+    again = {n: t + residual[n] for n, t in noisy.items()}
+    a, b = upload("a", encode(work, 0, 0)[0]), upload("b", encode(again, 0, 0)[0])
+    others = [upload(f"m{i}", body) for i, body in enumerate(bodies(1, 2, 3))]
+    assert cosine(a.sketch, b.sketch) < 0.98  # no copy by its sketch
+    assert overlap(a.kept, b.kept) > 3 * max(overlap(a.kept, o.kept) for o in others)
+    refused, _ = judge([others[0], a, others[1], b, others[2]])
+    assert refused == {"b": "near_copy"}
+    refused, _ = judge([b, *others, a])  # the later one is the copy, whichever it is
+    assert refused == {"a": "near_copy"}
+
+
+def test_uploads_that_keep_unrelated_coordinates_cannot_make_honest_ones_look_alike() -> None:
+    """Honest updates share structure (a common part) and so overlap more than chance; a crowd of noise
+    uploads overlaps nothing and would pull the round's median to chance, but the overlap recent accepted
+    uploads showed stays the floor: no honest upload is taken for a copy."""
+    common = make_delta(40)
+    honest = [
+        upload(f"h{i}", encode({n: 2 * common[n] + d for n, d in make_delta(41 + i).items()}, 0, 0)[0])
+        for i in range(3)
+    ]
+    noise = [upload(f"n{i}", body) for i, body in enumerate(bodies(50, 51, 52, 53, 54, 55))]
+    shown = accepted_overlap([[dataclasses.replace(u, status="accepted") for u in honest]])
+    assert shown > 3 * max(overlap(honest[0].kept, n.kept) for n in noise)
+    alike = {u.miner for u in honest[1:]}
+    refused, _ = judge([*noise, *honest])  # with the round's median alone, the noise would set the bar
+    assert {m for m, why in refused.items() if why == "near_copy"} == alike
+    refused, _ = judge([*noise, *honest], History(overlap=shown))
+    assert not {m for m, why in refused.items() if why == "near_copy"}
 
 
 def test_outliers_zero_and_non_finite_norms_are_refused_and_the_rest_clipped_to_the_median() -> None:

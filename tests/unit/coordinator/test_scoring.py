@@ -152,8 +152,8 @@ def test_verdicts_from_validators(open_pool: OpenPool) -> None:
         entry = leaderboard(pool)[miner.pubkey]
         assert entry["verdicts"] == 1
         # One evaluated upload: the round's typical gain is its own (0.5), and its margin 0.4 is one standard
-        # error above 0, which backs 2/3 of it; one round against the prior's two at 0 (evaluation.py).
-        assert entry["score_mean"] == pytest.approx(2 / 3 / 3) and entry["gain_avg"] == pytest.approx(0.5)
+        # error above 0, which backs 1/2 of it; one round against the prior's two at 0 (evaluation.py).
+        assert entry["score_mean"] == pytest.approx(1 / 2 / 3) and entry["gain_avg"] == pytest.approx(0.5)
         assert entry["score_stderr"] == pytest.approx(math.sqrt(2 * 0.25) / 3)
         assert entry["score"] == pytest.approx(entry["score_mean"] - entry["score_stderr"])
 

@@ -201,17 +201,19 @@ def test_round_scores_and_their_moving_average() -> None:
     losses = {
         "honest": Losses(3.0, 2.8, 3.0, 2.85, 0.01),  # gain 0.2, margin 0.05 = 5 standard errors
         "unsure": Losses(3.0, 2.7, 3.0, 2.72, 0.04),  # gain 0.3, margin 0.02 = t 0.5
+        "copied": Losses(3.0, 2.7, 3.0, 2.7, 0.02),  # gain 0.3, no margin: another key's work
         "lazy": Losses(3.0, 2.75, 3.0, 2.74, 0.01),  # gain 0.25, margin -0.01 = t -1
         "stale": Losses(3.0, 2.95, 3.0, 2.97, 0.01),  # gain 0.05, margin 0.02 = t 2
         "harmful": Losses(3.0, 3.5, 3.0, 3.4, 0.01),  # gain -0.5, margin -0.1
         "broken": Losses(3.0, math.inf, 3.0, 3.0, 0.01),
     }
     r = round_results(7, losses)
-    typical = 0.2  # the median gain: 0.3, 0.25, 0.2, 0.05, -0.5 (the infinite one is left out)
-    assert losses["unsure"].t == pytest.approx(0.5) and credit(0.5) == pytest.approx(0.5)
+    typical = 0.225  # the median gain of 0.3, 0.3, 0.25, 0.2, 0.05, -0.5 (the infinite one is left out)
+    assert losses["unsure"].t == pytest.approx(0.5) and credit(0.5) == pytest.approx(0.25)
     assert r["honest"].score == pytest.approx(0.2 / typical)  # t >= 2: all its gain
-    assert r["unsure"].score == pytest.approx(min(1.0, 0.3 / typical) * 0.5)
-    assert r["lazy"].score == pytest.approx(0.0)  # t <= -1: none of it
+    assert r["unsure"].score == pytest.approx(min(1.0, 0.3 / typical) * 0.25)
+    assert r["lazy"].score == pytest.approx(0.0)  # t < 0: none of it
+    assert r["copied"].score == pytest.approx(0.0)  # a gain without a margin pays nothing
     assert r["stale"].score == pytest.approx(0.05 / typical)
     assert r["harmful"].score == -1.0 and r["broken"].score == -1.0  # a loss is not discounted; not finite
     assert refused(7).score == -1.0 and refused(7).gain is None
