@@ -24,6 +24,8 @@ demo: venv  # a fresh network each time: the previous demo's state would otherwi
 	@echo "--- what the network learned (gradpool generate, version of the last round):"
 	@$(VENV)/bin/gradpool generate --state-dir runs/demo/coordinator --prompt "def " --max-new-tokens 160 \
 		--temperature 0.6
+	@echo "--- the run's signed history, verified and replayed (gradpool audit):"
+	@$(VENV)/bin/gradpool audit --state-dir runs/demo/coordinator
 
 test: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
