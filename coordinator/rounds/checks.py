@@ -21,7 +21,6 @@ that is, do the work; and new keys are evaluated before anything they send enter
 
 from __future__ import annotations
 
-import itertools
 import math
 import statistics
 from collections.abc import Callable, Iterable, Sequence
@@ -32,7 +31,7 @@ import torch
 
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.records import Refusal, Upload
-from protocol.codec.measure import clip_scale, cosine, overlap, reference_norm
+from protocol.codec.measure import clip_scale, cosine, overlaps, reference_norm
 from protocol.evaluation import Losses
 from protocol.wire import LeaderboardEntry
 
@@ -179,11 +178,9 @@ class Copied:
 def accepted_overlap(rounds: Iterable[Sequence[Upload]]) -> float:
     """The median overlap of kept coordinates between the accepted uploads of each round (0: none)."""
     found = [
-        overlap(a.kept, b.kept)
+        x
         for uploads in rounds
-        for a, b in itertools.combinations(
-            [u for u in uploads if u.status == "accepted" and u.kept.numel()], 2
-        )
+        for x in overlaps([u.kept for u in uploads if u.status == "accepted" and u.kept.numel()]).values()
     ]
     return statistics.median(found) if found else 0.0
 
@@ -210,7 +207,8 @@ class NearCopied:
         uploads = [u for u in j.remaining() if u.kept.numel()]
         if len(uploads) < 3:
             return
-        pairs = {(a.miner, b.miner): overlap(a.kept, b.kept) for a, b in itertools.combinations(uploads, 2)}
+        found = overlaps([u.kept for u in uploads])
+        pairs = {(uploads[i].miner, uploads[j].miner): x for (i, j), x in found.items()}
         bar = self.ratio * max(statistics.median(pairs.values()), j.history.overlap, CHANCE_OVERLAP)
         kept: list[Upload] = []
         for u in uploads:  # in the order they came: the later of a pair is the copy

@@ -3,10 +3,12 @@ sketch that finds near-identical updates (copies, rescaled copies, replays) with
 
 from __future__ import annotations
 
+import itertools
 import math
 import statistics
 from collections.abc import Sequence
 
+import numpy as np
 import torch
 
 from protocol.payload import ParamSpec, SparseTensor
@@ -91,13 +93,28 @@ def kept_sample(coords: torch.Tensor, k: int = KEPT_SAMPLE) -> torch.Tensor:
     return torch.sort(h).values
 
 
-def overlap(a: torch.Tensor, b: torch.Tensor, k: int = KEPT_SAMPLE) -> float:
+def overlap(a: torch.Tensor, b: torch.Tensor) -> float:
     """The estimated Jaccard overlap of two kept sets from their samples (``kept_sample``)."""
-    if not a.numel() or not b.numel():
-        return 0.0
-    union = torch.unique(torch.cat([a, b]))[:k]
-    both = torch.isin(union, a) & torch.isin(union, b)
-    return float(both.sum()) / float(union.numel())
+    return overlaps([a, b])[(0, 1)]
+
+
+def overlaps(samples: Sequence[torch.Tensor]) -> dict[tuple[int, int], float]:
+    """``overlap`` of every pair (i < j) of samples. Below the smaller of the two samples' largest hashes
+    both samples are complete, so the overlap there estimates the whole sets' (a bottom-k estimate); every
+    hash in both samples lies there."""
+    sorted_ = [s.numpy() for s in samples]
+    sets = [frozenset(s.tolist()) for s in sorted_]
+    out = {}
+    for i, j in itertools.combinations(range(len(samples)), 2):
+        a, b = sorted_[i], sorted_[j]
+        if not len(a) or not len(b):
+            out[(i, j)] = 0.0
+            continue
+        top = min(a[-1], b[-1])
+        both = len(sets[i] & sets[j])
+        below = int(np.searchsorted(a, top, side="right")) + int(np.searchsorted(b, top, side="right"))
+        out[(i, j)] = both / (below - both)
+    return out
 
 
 def cosine(a: torch.Tensor, b: torch.Tensor) -> float:
