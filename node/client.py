@@ -359,7 +359,11 @@ class CoordinatorClient:
         return tokens.long()
 
     def round_record(self, round_: int) -> RoundRecord:
-        return self._json(RoundRecord, self._send("GET", f"/v1/rounds/{round_}"))
+        record = self._json(RoundRecord, self._send("GET", f"/v1/rounds/{round_}"))
+        if self.trust is not None:
+            with _untrusted():
+                self.trust.check_uploads(record)
+        return record
 
     def payload(self, round_: int, miner: str) -> bytes:
         """A miner's upload in a round that has closed."""

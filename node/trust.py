@@ -24,7 +24,7 @@ from typing import Literal, NoReturn
 
 from protocol.errors import HistoryError
 from protocol.history import Chain, HistoryPage, Known, data_fields, verify
-from protocol.wire import RoundInfo, RunInfo
+from protocol.wire import RoundInfo, RoundRecord, RunInfo
 
 log = logging.getLogger(__name__)
 PIN_FILE = "coordinator.pub"
@@ -116,6 +116,13 @@ class Trust:
                 f"the {what} of version {version} does not match its signed record (sha256 {got[:16]}, "
                 f"signed {(signed or 'none')[:16]})",
             )
+
+    def check_uploads(self, record: RoundRecord) -> None:
+        """A round's record of its uploads (what a validator evaluates, and their sha256)."""
+        try:
+            verify(self._key(), "uploads", record.signed_fields(self.run_id), record.signature)
+        except HistoryError as e:
+            self._refuse("round", str(e))
 
     def check_data(self, ids: list[int], body: bytes, signature: str | None) -> None:
         try:

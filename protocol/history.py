@@ -9,7 +9,8 @@ signature or link after it. Blobs need no signature of their own: their sha256 i
 
 The coordinator signs its other answers too, each under a domain of its own so that no signature can be
 passed off as another kind: ``/v1/info`` (``info``), the fields of ``/v1/round`` that a miner acts on
-(``round``) and each answer of ``/v1/data`` (``data``: the run, the ids asked for, the body's sha256).
+(``round``), each answer of ``/v1/data`` (``data``: the run, the ids asked for, the body's sha256) and of
+``/v1/rounds/{r}`` (``uploads``: the uploads a validator evaluates, with their sha256 and clip scale).
 
 ``Chain`` is a verifier's view: records are added in order, each checked (signature, sequence, link, run,
 and the rules a version history keeps), and what it holds about each version is what was signed.
@@ -30,7 +31,7 @@ from pydantic import BaseModel, ConfigDict, Field
 from protocol.errors import HistoryError
 
 HEADER_ANSWER_SIGNATURE = "X-Gradpool-Answer-Signature"  # the coordinator's signature of a data answer
-Domain = Literal["record", "info", "round", "data"]
+Domain = Literal["record", "info", "round", "data", "uploads"]
 
 
 class VersionRecord(BaseModel):

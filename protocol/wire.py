@@ -302,6 +302,20 @@ class RoundRecord(Wire):
         default=True,
         description="the coordinator's own verdicts are in (overlapped rounds: some come after the close)",
     )
+    signature: str | None = Field(
+        default=None,
+        description="the coordinator's signature of the run, round, version, status, applied_to and each "
+        "upload's miner, sha256, evaluated and scale: what a validator evaluates",
+    )
+
+    def signed_fields(self, run_id: str) -> dict[str, object]:
+        """What ``signature`` covers (the counts, reasons and flags are for people)."""
+        uploads = [
+            {"miner": s.miner, "sha256": s.sha256, "evaluated": s.evaluated, "scale": s.scale}
+            for s in self.submissions
+        ]
+        fields = self.model_dump(mode="json", include={"round", "version", "status", "applied_to"})
+        return {"run_id": run_id, **fields, "submissions": uploads}
 
     def evaluated_on(self) -> int:
         return self.version if self.applied_to is None else self.applied_to

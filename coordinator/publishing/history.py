@@ -19,7 +19,7 @@ from coordinator.storage.records import NewVersion, StoredVersion
 from protocol.errors import HistoryError
 from protocol.history import SignedRecord, VersionRecord, data_fields, sign, sign_record, verify
 from protocol.signing import generate_key, load_key, public_key_hex, save_key
-from protocol.wire import RoundInfo, RunInfo
+from protocol.wire import RoundInfo, RoundRecord, RunInfo
 
 log = logging.getLogger(__name__)
 
@@ -153,6 +153,11 @@ class History:
         if cached is None or cached[0] != key:
             cached = self._round = (key, sign(self.key, "round", fields))
         return ri.model_copy(update={"signature": cached[1]})
+
+    def signed_uploads(self, record: RoundRecord) -> RoundRecord:
+        return record.model_copy(
+            update={"signature": sign(self.key, "uploads", record.signed_fields(self.run_id))}
+        )
 
     def data_signature(self, ids: list[int], body: bytes) -> str:
         return sign(self.key, "data", data_fields(self.run_id, ids, body))

@@ -107,7 +107,7 @@ class Queries:
         if state.behind is not None and round_ == state.behind.round:
             status = state.behind.status
         uploads = self.store.round_uploads(round_)
-        return RoundRecord(
+        record = RoundRecord(
             round=round_,
             version=row.version,
             status=status,
@@ -129,6 +129,7 @@ class Queries:
             applied_to=row.applied_to,
             scored=bool(row.scored) and row.status == "closed",
         )
+        return self.history.signed_uploads(record)
 
     def payload_sha(self, round_: int, miner: str) -> str | None:
         """A round's upload, once the round no longer takes uploads (so nobody copies an open round's)."""

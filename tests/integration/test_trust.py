@@ -49,6 +49,13 @@ def next_round(body: bytes) -> bytes:
     return json.dumps(answer).encode()
 
 
+def rescaled(body: bytes) -> bytes:
+    """A round's record with its first upload's clip scale changed: a validator would evaluate it wrong."""
+    record = json.loads(body)
+    record["submissions"][0]["scale"] = 0.5
+    return json.dumps(record).encode()
+
+
 def saved_version(state: Path) -> str:
     with safe_open(str(state / "miner-state.safetensors"), "pt") as f:
         return str(f.metadata()["version"])
@@ -87,6 +94,13 @@ def test_a_man_in_the_middle_is_refused_and_the_history_audits(
             assert "Traceback" not in log and "upload taken" not in log, path
         assert saved_version(state) == "0"  # nothing applied, nothing trained
         assert not (tmp_path / "fresh" / "miner-state.safetensors").exists()
+
+        proxy.rewrite = {r"/v1/rounds/\d+": rescaled}  # what a validator evaluates
+        validate = ["validate", "--coordinator", proxy.url, "--key", str(tmp_path / "v.pem"), "--create-key"]
+        validate += ["--state-dir", str(tmp_path / "v-state"), "--threads", "1", "--max-rounds", "1"]
+        assert procs.start("validator", validate).wait(timeout=120) == 1, procs.log("validator")
+        last = procs.log("validator").strip().splitlines()[-1]
+        assert "refused the coordinator's answer" in last and "uploads answer does not verify" in last, last
 
         proxy.rewrite = {}
         wrong = public_key_hex(generate_key())
