@@ -30,11 +30,11 @@ from benchmarks.adversarial import operator_outcome
 from coordinator.settings import BlobSettings
 from coordinator.storage.blobs import make_blob_store
 from coordinator.storage.store import SqliteStore
+from gradpool.audit import model_spec
 from gradpool.simulate import simulate
 from protocol.codec import make_codec
 from protocol.codec.measure import cosine, flatten
-from protocol.model import ModelConfig, build_model
-from protocol.params import param_spec
+from protocol.model import ModelConfig
 from protocol.signing import load_key, public_key_hex
 
 MEASURES = ("sketch_cosine", "cosine", "index_jaccard", "shared_cosine")
@@ -60,8 +60,7 @@ def pairs(run: Path) -> list[dict[str, Any]]:
     store = SqliteStore(state / "state.db")
     blobs = make_blob_store(BlobSettings(), state / "blobs")
     architecture = ModelConfig.model_validate_json(store.get_meta("architecture") or "")
-    with torch.device("meta"):
-        spec = param_spec(build_model(architecture))
+    spec = model_spec(architecture)
     fingerprint = json.loads(store.get_meta("fingerprint") or "{}")
     codec_cfg = fingerprint.get("run", {}).get("codec", {})
     codec = make_codec(codec_cfg.get("name", "sparseloco"), codec_cfg.get("k", 64), codec_cfg.get("tile", 64))

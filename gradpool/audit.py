@@ -84,7 +84,7 @@ def audit(source: Source, pinned: str | None = None) -> Audit:
     out = Audit(key=source.key)
     if pinned is not None and pinned.lower() != source.key.lower():
         return out.fail(None, f"the coordinator's key is {source.key}, not the pinned {pinned.lower()}")
-    spec = _spec(source.architecture)
+    spec = model_spec(source.architecture)
     chain = Chain(source.key)
     replay = _Replay(source, spec, chain)
     record: VersionRecord | None = None
@@ -151,8 +151,7 @@ class _Replay:
             data = self.source.update(k.version)
         except (OSError, ValueError, SourceError) as e:
             raise _Failed(f"the published update cannot be read ({e})") from None
-        if (got := hashlib.sha256(data).hexdigest()) != k.update_sha256:
-            raise _Failed(f"the published update's sha256 is {got}, its signed record says {k.update_sha256}")
+        _same("the published update's sha256", hashlib.sha256(data).hexdigest(), k.update_sha256)
         try:
             header, delta = decode_update(data, self.spec)
         except CodecError as e:
@@ -160,20 +159,15 @@ class _Replay:
         if (header.base_version, header.version) != (k.base_version, k.version):
             raise _Failed(f"the update says {header.base_version} -> {header.version}")
         apply_update(params, delta)
-        if (got := params_hash(params, self.spec)) != k.param_hash:
-            raise _Failed(
-                f"replaying the update gives parameter hash {got}, its signed record says {k.param_hash}"
-            )
+        _same("the parameter hash the replay gives", params_hash(params, self.spec), k.param_hash)
 
     def _checkpoint(self, k: Known, data: bytes) -> Params:
-        if (got := hashlib.sha256(data).hexdigest()) != k.checkpoint_sha256:
-            raise _Failed(f"the checkpoint's sha256 is {got}, its signed record says {k.checkpoint_sha256}")
+        _same("the checkpoint's sha256", hashlib.sha256(data).hexdigest(), k.checkpoint_sha256)
         try:
             params, _ = load_checkpoint(data, self.spec)
         except CodecError as e:
             raise _Failed(f"the checkpoint does not load ({e.message})") from None
-        if (got := params_hash(params, self.spec)) != k.param_hash:
-            raise _Failed(f"the checkpoint's parameter hash is {got}, its signed record says {k.param_hash}")
+        _same("the checkpoint's parameter hash", params_hash(params, self.spec), k.param_hash)
         self.checkpoints += 1
         return params
 
@@ -193,7 +187,12 @@ class _Replay:
         return params
 
 
-def _spec(architecture: ModelConfig) -> ParamSpec:
+def _same(what: str, got: str, signed: str | None) -> None:
+    if got != signed:
+        raise _Failed(f"{what} is {got}, its signed record says {signed}")
+
+
+def model_spec(architecture: ModelConfig) -> ParamSpec:
     """The parameters' names and shapes, without allocating them."""
     with torch.device("meta"):
         return param_spec(build_model(architecture))

@@ -129,13 +129,10 @@ class Chain:
         self.head: int | None = None  # the current version
         self.expect: dict[int, str] = {}  # seq -> digest, of records verified before (a rewrite is refused)
 
-    def extend(self, records: Iterable[SignedRecord]) -> list[SignedRecord]:
-        """Verify and add records in order; raises HistoryError, naming the first that fails. Returns them."""
-        added = []
+    def extend(self, records: Iterable[SignedRecord]) -> None:
+        """Verify and add records in order; raises HistoryError, naming the first that fails."""
         for signed in records:
             self._check(signed)
-            added.append(signed)
-        return added
 
     def known(self, version: int) -> Known | None:
         return self.versions.get(version)

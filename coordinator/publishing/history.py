@@ -67,14 +67,13 @@ class History:
         return self._link(self.store.last_record(), **_version_fields(v, round_), at=at)
 
     def rollback(self, to_version: int, param_hash: str, rolled_back: list[int], at: float) -> SignedRecord:
-        return self._link(
-            self.store.last_record(),
-            kind="rollback",
-            version=to_version,
-            param_hash=param_hash,
-            rolled_back=rolled_back,
-            at=at,
-        )
+        return self._rollback_after(self.store.last_record(), to_version, param_hash, rolled_back, at)
+
+    def _rollback_after(
+        self, last: SignedRecord | None, to_version: int, param_hash: str, rolled_back: list[int], at: float
+    ) -> SignedRecord:
+        fields = {"version": to_version, "param_hash": param_hash, "rolled_back": rolled_back, "at": at}
+        return self._link(last, kind="rollback", **fields)
 
     def _link(self, last: SignedRecord | None, **fields: object) -> SignedRecord:
         """The record after ``last`` (None: the first), signed."""
@@ -105,16 +104,8 @@ class History:
             if on != live[-1]:
                 base = store.version(on)
                 assert base is not None, "a version's base exists"
-                made.append(
-                    self._link(
-                        made[-1],
-                        kind="rollback",
-                        version=on,
-                        param_hash=base.param_hash,
-                        rolled_back=[n for n in live if n > on],
-                        at=v.created_at,
-                    )
-                )
+                set_aside = [n for n in live if n > on]
+                made.append(self._rollback_after(made[-1], on, base.param_hash, set_aside, v.created_at))
                 live = [n for n in live if n <= on]
             fields = _version_fields(dataclasses.replace(v, base_version=on), v.round)
             made.append(self._link(made[-1], **fields, at=v.created_at))
@@ -126,16 +117,7 @@ class History:
             later = [n for n in live if n > head]
             aside = store.version(later[0]) if later else None
             at = aside.rolled_back_at if aside is not None else None
-            made.append(
-                self._link(
-                    made[-1],
-                    kind="rollback",
-                    version=head,
-                    param_hash=row.param_hash,
-                    rolled_back=later,
-                    at=at or row.created_at,
-                )
-            )
+            made.append(self._rollback_after(made[-1], head, row.param_hash, later, at or row.created_at))
         store.add_records(made)
         log.info("signed the history of the %d versions made before it was kept", len(live))
         return len(made)
