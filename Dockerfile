@@ -20,7 +20,7 @@ RUN pip install --index-url "https://download.pytorch.org/whl/${TORCH_VARIANT}" 
 
 WORKDIR /app
 COPY . /app
-RUN pip install . \
+RUN pip install ".[s3,postgres]" \
     && rm -rf build ./*.egg-info \
     && useradd --create-home --uid 1000 --shell /usr/sbin/nologin gradpool \
     && mkdir -p /data /keys /state /certs \

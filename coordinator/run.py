@@ -42,7 +42,7 @@ from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore, make_blob_store
 from coordinator.storage.lock import StateLock
-from coordinator.storage.store import SqliteStore
+from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.device import autocast_dtype, pick_device
@@ -72,7 +72,11 @@ class Run:
         root = settings.state_dir
         root.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(root)
-        self.store: Store = SqliteStore(root / "state.db")
+        try:
+            self.store: Store = open_store(root, settings.store_url())
+        except BaseException:
+            self.lock.release()
+            raise
         try:
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)

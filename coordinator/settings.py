@@ -239,6 +239,18 @@ class BlobSettings(Section):
         return self
 
 
+class StoreSettings(Section):
+    """Where the run's state is kept (rounds, uploads' records, verdicts, versions and their signed history;
+    the blobs are in [blobs]): the SQLite file state.db in the state directory, or a PostgreSQL database.
+    Its schema moves on with `gradpool coordinator migrate`; a coordinator refuses a schema it does not
+    run."""
+
+    url: SecretStr | None = Field(
+        default=None,
+        description="None: state.db in the state directory; or postgresql://USER:PASSWORD@HOST:PORT/DB",
+    )
+
+
 class IdentitySettings(Section):
     """The coordinator's own Ed25519 key: it signs the version history and its answers (protocol/history.py);
     its public key is in /v1/info, and miners pin it."""
@@ -281,6 +293,7 @@ class CoordinatorSettings(BaseSettings):
     blobs: BlobSettings = Field(default_factory=BlobSettings)
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
+    store: StoreSettings = Field(default_factory=StoreSettings)
     max_payload_bytes: int | None = Field(
         default=None, ge=1024, description="None: the largest valid payload for this model and codec"
     )
@@ -329,6 +342,9 @@ class CoordinatorSettings(BaseSettings):
 
     def scheme(self) -> str:
         return "https" if self.ssl_certfile is not None else "http"
+
+    def store_url(self) -> str | None:
+        return None if self.store.url is None else self.store.url.get_secret_value()
 
     @field_validator("model", mode="before")
     @classmethod

@@ -278,12 +278,15 @@ class StateSource:
 
     def __init__(self, state_dir: Path, key: str | None, blobs: BlobSettings | None = None) -> None:
         from coordinator.storage.blobs import make_blob_store
-        from coordinator.storage.store import SqliteStore
+        from coordinator.storage.store import open_store
         from protocol.signing import load_key, public_key_hex
 
         if not (state_dir / "state.db").is_file():
             raise SourceError(f"{state_dir} holds no coordinator state (no state.db)")
-        self.store = SqliteStore(state_dir / "state.db")
+        try:
+            self.store = open_store(state_dir)
+        except ValueError as e:  # a schema this code does not run on
+            raise SourceError(str(e)) from None
         self.blobs = make_blob_store(blobs or BlobSettings(), state_dir / "blobs")
         architecture = self.store.get_meta("architecture")
         if architecture is None:

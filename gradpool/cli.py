@@ -16,6 +16,7 @@ import typer
 
 from gradpool.config import ConfigError, load_settings, setup_logging
 from gradpool.console import ConfigOpt, fail, refusals_text
+from gradpool.coordinator_commands import certs, migrate, rollback
 from gradpool.model_commands import export, generate, tokenizer_app
 from gradpool.node_commands import CaCertOpt, CoordinatorKeyOpt, mine, validate
 from protocol.codec import CODEC_NAMES
@@ -32,6 +33,8 @@ app.add_typer(coordinator_app, name="coordinator")
 app.add_typer(tokenizer_app, name="tokenizer")
 for command in (mine, validate, export, generate):
     app.command()(command)
+for maintenance in (migrate, rollback, certs):
+    coordinator_app.command()(maintenance)
 log = logging.getLogger("gradpool")
 CORPUS_HELP = ".txt/.md/.jsonl/.parquet/.bin file or folder (default: the Python standard library)"
 TOKENIZER_HELP = "'byte', or a tokenizer.json (gradpool tokenizer train)"
@@ -138,55 +141,6 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
     task = asyncio.create_task(announce())
     await server.serve()
     task.cancel()
-
-
-@coordinator_app.command("rollback")
-def rollback(
-    state_dir: Annotated[Path, typer.Option(help="the coordinator's state directory")],
-    to_version: Annotated[int, typer.Option(min=0, help="the version to make current again")],
-    key: Annotated[
-        Path | None,
-        typer.Option(help="the coordinator's key ([identity] key); default: the state dir's coordinator.pem"),
-    ] = None,
-) -> None:
-    """Make an earlier version current again (with the coordinator stopped); the audit trail is kept."""
-    from coordinator.rounds.rollback import rollback as roll_back
-
-    try:
-        done = roll_back(state_dir, to_version, key)
-    except (ValueError, OSError) as e:
-        fail(str(e), 1)
-    aside = ", ".join(map(str, done.set_aside)) or "none"
-    r, v = done.closed_round, done.version
-    typer.echo(
-        f"version {v} is current again; versions set aside: {aside}; round {r} closed, round {r + 1} "
-        f"opens for version {v}"
-    )
-
-
-@coordinator_app.command("certs")
-def certs(
-    out: Annotated[Path, typer.Option(help="where to write ca.pem, cert.pem and key.pem")],
-    name: Annotated[
-        list[str], typer.Option("--name", help="a host name or IP address nodes reach it by (repeatable)")
-    ],
-    days: Annotated[int, typer.Option(min=1, max=3650, help="how long the certificates are valid")] = 825,
-    exist_ok: Annotated[bool, typer.Option("--exist-ok", help="keep certificates already there")] = False,
-) -> None:
-    """Make a certificate authority of your own and a server certificate it signs for the coordinator's
-    names: serve with --ssl-certfile cert.pem --ssl-keyfile key.pem, give nodes --ca-cert ca.pem."""
-    from gradpool.tls import make_tls
-
-    if any((out / f).exists() for f in ("ca.pem", "cert.pem", "key.pem")):
-        if exist_ok and all((out / f).exists() for f in ("ca.pem", "cert.pem", "key.pem")):
-            typer.echo(f"{out} already holds certificates; kept")
-            return
-        fail(f"{out} already holds certificates; choose another --out (or --exist-ok to keep them)")
-    try:
-        tls = make_tls(out, name, days=days)
-    except OSError as e:
-        fail(f"cannot write to {out}: {e.strerror}", 1)
-    typer.echo(f"{tls.ca}  (give nodes --ca-cert)\n{tls.cert}  {tls.key}  (for {', '.join(name)})")
 
 
 @app.command()

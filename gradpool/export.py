@@ -23,7 +23,7 @@ from safetensors import safe_open
 from coordinator.data.tokenizer import RunTokenizer, tokenizer_config
 from coordinator.settings import BlobSettings
 from coordinator.storage.blobs import BlobStore, FileBlobStore, make_blob_store
-from coordinator.storage.store import SqliteStore
+from coordinator.storage.store import open_store
 from protocol.model import CausalLM, ModelConfig, build_model
 from protocol.params import load_checkpoint, param_spec, params_hash
 
@@ -38,7 +38,10 @@ class Run:
     def __init__(self, state_dir: Path, version: int | None, blobs: BlobSettings | None = None) -> None:
         if not (state_dir / "state.db").is_file():
             raise ExportError(f"{state_dir} holds no coordinator state (no state.db)")
-        store = SqliteStore(state_dir / "state.db")
+        try:
+            store = open_store(state_dir)
+        except ValueError as e:  # a schema this code does not run on
+            raise ExportError(str(e)) from None
         try:
             raw = store.get_meta("architecture")
             found = store.checkpoint(version)

@@ -19,6 +19,7 @@ from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from gradpool.processes import Child
 from protocol.data import stdlib_dir
+from tests.helpers.postgres import Postgres, pg_bin
 from tests.helpers.waiting import wait_until
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -120,9 +121,15 @@ def live_coordinator(make_settings: Callable[..., CoordinatorSettings]) -> Calla
 
 
 def pytest_collection_modifyitems(items: list[pytest.Item]) -> None:
+    """Mark the integration tests, and run the files with slow tests first (integration before unit), so
+    that the longest files start at once on the workers and the short ones fill in after them, instead of a
+    long network test starting last while the other workers idle (pyproject keeps xdist from reordering)."""
     for item in items:
         if "integration" in str(item.path):
             item.add_marker(pytest.mark.integration)
+    slow_files = {item.path for item in items if item.get_closest_marker("slow")}
+    order = {id(item): i for i, item in enumerate(items)}
+    items.sort(key=lambda t: (t.path not in slow_files, "integration" not in str(t.path), order[id(t)]))
 
 
 @pytest.fixture(scope="session")
@@ -147,6 +154,33 @@ def _admin(endpoint: str) -> Any:
     return boto3.session.Session(
         aws_access_key_id="testing", aws_secret_access_key="testing", region_name="us-east-1"
     ).client("s3", endpoint_url=endpoint)
+
+
+@pytest.fixture(scope="session")
+def postgres_server() -> Iterator[Postgres]:
+    """A real PostgreSQL server for this test worker (required in CI; elsewhere its tests skip without it)."""
+    bin_dir = pg_bin()
+    if bin_dir is None:
+        if os.environ.get("CI"):
+            pytest.fail("PostgreSQL is not installed: .ci/run installs it (apt-get install postgresql)")
+        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
+    server = Postgres(bin_dir)
+    yield server
+    server.close()
+
+
+@pytest.fixture
+def postgres_url(postgres_server: Postgres) -> str:
+    """A fresh, empty database on the test worker's server."""
+    return postgres_server.database()
+
+
+@pytest.fixture(params=["sqlite", "postgres"])
+def store_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """An empty store of each backend: a SQLite file, a PostgreSQL database."""
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'store' / 'state.db'}"
+    return str(request.getfixturevalue("postgres_url"))
 
 
 @pytest.fixture

@@ -20,7 +20,8 @@ from pathlib import Path
 from coordinator.publishing.history import History, coordinator_key
 from coordinator.storage.lock import StateLock
 from coordinator.storage.records import Refusal
-from coordinator.storage.store import SqliteStore
+from coordinator.storage.sql import SQLITE_FILE
+from coordinator.storage.store import SqlStore, open_store
 
 
 @dataclass(frozen=True)
@@ -30,12 +31,19 @@ class RolledBack:
     closed_round: int
 
 
-def rollback(state_dir: Path, to_version: int, key: Path | None = None) -> RolledBack:
-    """Raises ValueError with a message for a person when it cannot be done (and changes nothing then)."""
-    if not (state_dir / "state.db").is_file():
-        raise ValueError(f"{state_dir} holds no coordinator state (no state.db)")
+def rollback(
+    state_dir: Path, to_version: int, key: Path | None = None, store_url: str | None = None
+) -> RolledBack:
+    """Raises ValueError with a message for a person when it cannot be done (and changes nothing then).
+    ``store_url``: the store, when it is not the state directory's SQLite file ([store] url)."""
+    if store_url is None and not (state_dir / SQLITE_FILE).is_file():
+        raise ValueError(f"{state_dir} holds no coordinator state (no {SQLITE_FILE})")
     lock = StateLock(state_dir)  # refuses while a coordinator runs on this directory
-    store = SqliteStore(state_dir / "state.db")
+    try:
+        store = open_store(state_dir, store_url)
+    except BaseException:
+        lock.release()
+        raise
     try:
         row = store.version(to_version)
         if row is None:
@@ -58,7 +66,7 @@ def rollback(state_dir: Path, to_version: int, key: Path | None = None) -> Rolle
         lock.release()
 
 
-def _run_id(store: SqliteStore) -> str:
+def _run_id(store: SqlStore) -> str:
     last = store.last_record()
     if last is not None:
         return last.record.run_id

@@ -1,6 +1,6 @@
-"""What the coordinator's parts need of a store: a second backend is one class with these methods. The SQLite
-store (``storage/store.py``) is the one there is; every method returns records (``storage/records.py``),
-never database rows."""
+"""What the coordinator's parts need of a store: another backend is one class with these methods. The SQL
+store (``storage/store.py``, on SQLite or PostgreSQL) is the one there is; every method returns records
+(``storage/records.py``), never database rows."""
 
 from __future__ import annotations
 

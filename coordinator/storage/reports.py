@@ -3,20 +3,21 @@ against (recent norms, gains and uploads, the spread of arrivals)."""
 
 from __future__ import annotations
 
-import sqlite3
 from typing import Any
+
+from sqlalchemy import RowMapping
 
 from coordinator.storage.records import StoredRound, UploadPrint, sketch_of
 from coordinator.storage.rows import from_row
 
 
 class ReportReads:
-    """Mixed into ``SqliteStore``, which gives ``_all`` and ``_one``."""
+    """Mixed into ``SqlStore``, which gives ``_all`` and ``_one``."""
 
-    def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _all(self, sql: str, *args: Any) -> list[RowMapping]:
         raise NotImplementedError
 
-    def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+    def _one(self, sql: str, *args: Any) -> RowMapping | None:
         raise NotImplementedError
 
     def reports(self, after: int = -1, limit: int = -1) -> list[StoredRound]:
@@ -24,13 +25,13 @@ class ReportReads:
         model was at when it closed (``result_version``; before it was recorded, the next round's base) and
         when the next round opened (``next_opened_at``)."""
         rows = self._all(
-            "SELECT r.*, COALESCE(r.result_version, n.version) AS result_version, "
+            "SELECT r.*, COALESCE(r.result_version, n.version) AS resulting_version, "
             "n.opened_at AS next_opened_at FROM rounds r LEFT JOIN rounds n ON n.round = r.round + 1 "
-            "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round LIMIT ?",
+            "WHERE r.status = 'closed' AND r.round > ? ORDER BY r.round" + (" LIMIT ?" if limit >= 0 else ""),
             after,
-            limit,
+            *([limit] if limit >= 0 else []),
         )
-        return [from_row(StoredRound, r) for r in rows]
+        return [from_row(StoredRound, r, result_version=r["resulting_version"]) for r in rows]
 
     def refusal_counts(self, first: int, last: int) -> dict[int, dict[str, int]]:
         """Per round in [first, last]: refusal reason -> uploads refused."""

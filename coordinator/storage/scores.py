@@ -4,18 +4,21 @@ that published a version, and when each miner first took part."""
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import AbstractContextManager
 from typing import Any
 
+from sqlalchemy import RowMapping
+
 from coordinator.storage.records import IntakeRefusal, ScoreInputs, StoredVerdict, SubmissionOutcome, Tally
 from coordinator.storage.rows import from_row
+from coordinator.storage.sql import Tx
 from protocol.evaluation import LOSS_FIELDS, Losses
 
 COORDINATOR = "coordinator"  # the validator name of the coordinator's own verdicts
-INSERT_VERDICT = (
-    f"INSERT OR REPLACE INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
-    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))})"
+INSERT_VERDICT = (  # a validator's later verdict on an upload replaces its earlier one
+    f"INSERT INTO verdicts (round, miner, validator, {', '.join(LOSS_FIELDS)}, created_at) "
+    f"VALUES ({', '.join('?' * (len(LOSS_FIELDS) + 4))}) ON CONFLICT (round, miner, validator) DO UPDATE SET "
+    + ", ".join(f"{f} = excluded.{f}" for f in (*LOSS_FIELDS, "created_at"))
 )
 
 # Uploads refused at intake, one per round and miner, in rounds (?, ?] where the miner has no upload taken
@@ -27,12 +30,12 @@ INTAKE_REFUSALS = (
 
 
 class ScoreReads:
-    """Mixed into ``SqliteStore``, which gives ``_all`` and ``transaction``."""
+    """Mixed into ``SqlStore``, which gives ``_all`` and ``transaction``."""
 
-    def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _all(self, sql: str, *args: Any) -> list[RowMapping]:
         raise NotImplementedError
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[Tx]:
         raise NotImplementedError
 
     def reading(self) -> AbstractContextManager[None]:
@@ -117,8 +120,8 @@ class ScoreReads:
 
     def _intake_refusal_tallies(self, through: int) -> list[Tally]:
         rows = self._all(
-            f"SELECT miner, code AS kind, COUNT(*) AS count, MAX(round) AS last FROM ({INTAKE_REFUSALS}) "
-            "GROUP BY miner, code",
+            "SELECT miner, code AS kind, COUNT(*) AS count, MAX(round) AS last "
+            f"FROM ({INTAKE_REFUSALS}) AS i GROUP BY miner, code",
             -1,
             through,
         )
@@ -138,7 +141,7 @@ class ScoreReads:
         """Each miner's first round with an upload or a refused one, up to ``through``."""
         rows = self._all(
             "SELECT miner, MIN(round) AS first FROM (SELECT miner, round FROM submissions UNION ALL "
-            "SELECT miner, round FROM refusals) WHERE round <= ? GROUP BY miner",
+            "SELECT miner, round FROM refusals) AS taken WHERE round <= ? GROUP BY miner",
             through,
         )
         return {str(r["miner"]): int(r["first"]) for r in rows}

@@ -1,5 +1,6 @@
-"""Durable state in SQLite (WAL): rounds, miners, submissions, verdicts, versions, nonces. The only module
-with SQL in it; blobs (payloads, updates, checkpoints) live in blobs.py.
+"""Durable state in a SQL database, SQLite (WAL, the embedded default) or PostgreSQL (``[store] url``):
+rounds, miners, submissions, verdicts, versions, nonces. The only module with SQL in it but its mixins (the
+reads of reports, scores and versions); blobs (payloads, updates, checkpoints) live in blobs.py.
 
 One connection, shared by the event loop's worker threads, the intake threads and the closer, serialised by
 a lock. Every method is one statement or one transaction.
@@ -7,13 +8,14 @@ a lock. Every method is one statement or one transaction.
 
 from __future__ import annotations
 
-import sqlite3
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
+
+from sqlalchemy import RowMapping
 
 from coordinator.storage.records import (
     HEALTH_FIELDS,
@@ -27,64 +29,68 @@ from coordinator.storage.records import (
 )
 from coordinator.storage.reports import ReportReads
 from coordinator.storage.rows import from_row
-from coordinator.storage.schema import create_or_upgrade
+from coordinator.storage.schema import prepare
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
+from coordinator.storage.sql import Tx, make_engine, redacted, store_url
 from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
 from protocol.history import SignedRecord
 
 
-class SqliteStore(ReportReads, ScoreReads, VersionStore):
+class SqlStore(ReportReads, ScoreReads, VersionStore):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
     ``coordinator/storage/versions.py``)."""
 
-    def __init__(self, path: Path) -> None:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        self._db = sqlite3.connect(path, check_same_thread=False, isolation_level=None)
-        self._db.row_factory = sqlite3.Row
+    def __init__(self, url: str) -> None:
+        self.url = redacted(url)
+        self._engine = make_engine(url)
+        prepare(self._engine, self.url)
+        self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
+        self._tx = Tx(self._connection)
+        sqlite = self._engine.dialect.name == "sqlite"
+        # SQLite: take the write lock at BEGIN; PostgreSQL: reads that see one snapshot
+        self._begin_write = "BEGIN IMMEDIATE" if sqlite else "BEGIN"
+        self._begin_read = "BEGIN" if sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
         self._lock = threading.RLock()
         self._nonce_writes = 0
-        self._db.execute("PRAGMA journal_mode=WAL")
-        self._db.execute("PRAGMA synchronous=NORMAL")
-        create_or_upgrade(self._db)
 
     def close(self) -> None:
         with self._lock:
-            self._db.close()
+            self._connection.close()
+            self._engine.dispose()
 
     @contextmanager
-    def transaction(self) -> Iterator[sqlite3.Connection]:
+    def transaction(self) -> Iterator[Tx]:
         with self._lock:
-            self._db.execute("BEGIN IMMEDIATE")
+            self._connection.exec_driver_sql(self._begin_write)
             try:
-                yield self._db
+                yield self._tx
             except BaseException:
-                self._db.execute("ROLLBACK")
+                self._connection.exec_driver_sql("ROLLBACK")
                 raise
-            self._db.execute("COMMIT")
+            self._connection.exec_driver_sql("COMMIT")
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         """Reads that see one state of the database (no write lands between them)."""
         with self._lock:
-            self._db.execute("BEGIN")
+            self._connection.exec_driver_sql(self._begin_read)
             try:
                 yield
             finally:
-                self._db.execute("COMMIT")
+                self._connection.exec_driver_sql("COMMIT")
 
-    def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _all(self, sql: str, *args: Any) -> list[RowMapping]:
         with self._lock:
-            return list(self._db.execute(sql, args).fetchall())
+            return self._tx.all(sql, args)
 
-    def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+    def _one(self, sql: str, *args: Any) -> RowMapping | None:
         with self._lock:
-            row: sqlite3.Row | None = self._db.execute(sql, args).fetchone()
-            return row
+            return self._tx.one(sql, args)
 
     def _execute(self, sql: str, *args: Any) -> None:
         with self._lock:
-            self._db.execute(sql, args)
+            self._tx.execute(sql, args)
 
     # -- meta and nonces ----------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:
@@ -102,7 +108,7 @@ class SqliteStore(ReportReads, ScoreReads, VersionStore):
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
         """Record a nonce; False if it is already recorded and not yet expired."""
         with self.transaction() as db:
-            row = db.execute("SELECT expires_at FROM nonces WHERE nonce = ?", (nonce,)).fetchone()
+            row = db.one("SELECT expires_at FROM nonces WHERE nonce = ?", (nonce,))
             if row is not None and row["expires_at"] > now:
                 return False
             db.execute(
@@ -122,7 +128,7 @@ class SqliteStore(ReportReads, ScoreReads, VersionStore):
     def register(self, pubkey: str, round_: int, now: float) -> bool:
         """Record the miner as seen in ``round_``; True if it is new."""
         with self.transaction() as db:
-            known = db.execute("SELECT 1 FROM miners WHERE pubkey = ?", (pubkey,)).fetchone() is not None
+            known = db.one("SELECT 1 FROM miners WHERE pubkey = ?", (pubkey,)) is not None
             db.execute(
                 "INSERT INTO miners (pubkey, registered_at, last_seen_round) VALUES (?, ?, ?) "
                 "ON CONFLICT(pubkey) DO UPDATE SET last_seen_round = excluded.last_seen_round",
@@ -315,7 +321,12 @@ class SqliteStore(ReportReads, ScoreReads, VersionStore):
         return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}
 
 
-def _upload(row: sqlite3.Row) -> Upload:
+def open_store(state_dir: Path, url: str | None = None) -> SqlStore:
+    """The store of a state directory: ``url`` (``[store] url``) when set, else its SQLite file."""
+    return SqlStore(store_url(state_dir, url))
+
+
+def _upload(row: RowMapping) -> Upload:
     return Upload(
         miner=row["miner"],
         sha256=row["sha256"],

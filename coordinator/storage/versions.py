@@ -7,14 +7,15 @@ rollback), so the history and the state never disagree.
 
 from __future__ import annotations
 
-import sqlite3
 from contextlib import AbstractContextManager
 from typing import Any
 
 from pydantic import ValidationError
+from sqlalchemy import RowMapping
 
 from coordinator.storage.records import StoredVersion
 from coordinator.storage.rows import from_row
+from coordinator.storage.sql import Tx
 from protocol.errors import HistoryError
 from protocol.history import SignedRecord, VersionRecord, canonical
 
@@ -27,7 +28,7 @@ def record_row(signed: SignedRecord) -> tuple[int, int, str, str, str]:
     return r.seq, r.version, r.kind, canonical(r.model_dump(mode="json")).decode(), signed.signature
 
 
-def _signed(row: sqlite3.Row) -> SignedRecord:
+def _signed(row: RowMapping) -> SignedRecord:
     try:
         return SignedRecord(
             record=VersionRecord.model_validate_json(row["record"]), signature=row["signature"]
@@ -39,15 +40,15 @@ def _signed(row: sqlite3.Row) -> SignedRecord:
 
 
 class VersionStore:
-    """Mixed into ``SqliteStore``, which gives ``_all``, ``_one`` and ``transaction``."""
+    """Mixed into ``SqlStore``, which gives ``_all``, ``_one`` and ``transaction``."""
 
-    def _all(self, sql: str, *args: Any) -> list[sqlite3.Row]:
+    def _all(self, sql: str, *args: Any) -> list[RowMapping]:
         raise NotImplementedError
 
-    def _one(self, sql: str, *args: Any) -> sqlite3.Row | None:
+    def _one(self, sql: str, *args: Any) -> RowMapping | None:
         raise NotImplementedError
 
-    def transaction(self) -> AbstractContextManager[sqlite3.Connection]:
+    def transaction(self) -> AbstractContextManager[Tx]:
         raise NotImplementedError
 
     def head(self) -> tuple[int, str]:
@@ -87,11 +88,10 @@ class VersionStore:
         """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0;
         returns the blobs no longer referenced."""
         with self.transaction() as db:
-            old = db.execute(  # rolled-back versions first, then the oldest
+            old = db.all(  # the newest live ones first: all after the first ``keep`` go
                 "SELECT version, checkpoint_sha, state_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
-                f"AND version > 0 ORDER BY ({LIVE}) DESC, version DESC LIMIT -1 OFFSET ?",
-                (keep,),
-            ).fetchall()
+                f"AND version > 0 ORDER BY ({LIVE}) DESC, version DESC"
+            )[keep:]
             db.executemany(
                 "UPDATE versions SET checkpoint_sha = NULL, state_sha = NULL WHERE version = ?",
                 [(r["version"],) for r in old],
@@ -119,14 +119,12 @@ class VersionStore:
             db.execute(INSERT_RECORD, record_row(record))
             later = [
                 r["version"]
-                for r in db.execute(
-                    f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,)
-                )
+                for r in db.all(f"SELECT version FROM versions WHERE version > ? AND {LIVE}", (to_version,))
             ]
             db.execute(
                 f"UPDATE versions SET rolled_back_at = ? WHERE version > ? AND {LIVE}", (now, to_version)
             )
-            rounds = [int(r["round"]) for r in db.execute("SELECT round FROM rounds WHERE status = 'open'")]
+            rounds = [int(r["round"]) for r in db.all("SELECT round FROM rounds WHERE status = 'open'")]
             for r in rounds:
                 db.execute(
                     "UPDATE submissions SET status = 'rejected', reason = ? WHERE round = ?", (reason, r)
@@ -151,7 +149,11 @@ class VersionStore:
 
     def records(self, after: int = -1, limit: int = -1) -> list[SignedRecord]:
         """The records after seq ``after``, in order (at most ``limit``; -1: all)."""
-        rows = self._all("SELECT * FROM history WHERE seq > ? ORDER BY seq LIMIT ?", after, limit)
+        rows = self._all(
+            "SELECT * FROM history WHERE seq > ? ORDER BY seq" + (" LIMIT ?" if limit >= 0 else ""),
+            after,
+            *([limit] if limit >= 0 else []),
+        )
         return [_signed(r) for r in rows]
 
     def version_record(self, version: int) -> SignedRecord | None:

@@ -11,7 +11,7 @@ from pathlib import Path
 import pytest
 import tomli_w
 
-from coordinator.storage.store import SqliteStore
+from coordinator.storage.store import open_store
 from gradpool.simulate import simulate
 from protocol.signing import load_key, public_key_hex
 
@@ -48,7 +48,7 @@ def test_four_freeriders_beside_three_honest_miners_lock_nobody_out(
     key = {p.stem: public_key_hex(load_key(p)) for p in (out / "keys").glob("*.pem")}
     honest = {key[f"miner-{i}"] for i in range(HONEST)}
     riders = {key[f"freerider-{i}"] for i in range(FREERIDERS)}
-    store = SqliteStore(out / "coordinator" / "state.db")
+    store = open_store(out / "coordinator")
     try:
         uploads = {r: store.round_uploads(r) for r in range(ROUNDS)}
     finally:

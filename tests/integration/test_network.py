@@ -62,19 +62,29 @@ def test_miner_with_wrong_url_fails_with_one_line(tmp_path: Path) -> None:
 
 @pytest.mark.parametrize("overlap", [True, False], ids=["overlapped", "synchronous"])
 def test_a_miner_downloads_straight_from_the_object_store(
-    live_coordinator: Callable[..., Any], s3_bucket: dict[str, Any], tmp_path: Path, overlap: bool
+    live_coordinator: Callable[..., Any],
+    s3_bucket: dict[str, Any],
+    tmp_path: Path,
+    overlap: bool,
+    request: pytest.FixtureRequest,
 ) -> None:
     """With redirect_downloads the checkpoint and every published update reach the miner from the S3 store
     (a real S3-compatible server), not through the coordinator, and the miner checks every hash.
     Synchronous rounds: the miner catches up as each round starts; overlapped: version 1 comes out while
-    round 1 trains, and the miner merges it (or catches up to it, if it came out first)."""
+    round 1 trains, and the miner merges it (or catches up to it, if it came out first).
+
+    The synchronous network keeps its state in a real PostgreSQL ([store] url) rather than the SQLite
+    file, as a network beyond one machine does: nothing of it is in the state directory, and a coordinator
+    started again on the same database resumes where the first stopped."""
     blobs = {**s3_bucket, "redirect_downloads": True}
     rounds = {"min_quorum": 1, "deadline_s": 30.0, "overlap": overlap}
-    with live_coordinator(blobs=blobs, rounds=rounds) as server:
+    store = {} if overlap else {"url": request.getfixturevalue("postgres_url")}
+    with live_coordinator(blobs=blobs, rounds=rounds, store=store) as server:
         args = [*mine_command(server.url, tmp_path / "m.pem", tmp_path / "state"), "--max-rounds", "3"]
         done = subprocess.run(args, capture_output=True, text=True, timeout=240, stdin=subprocess.DEVNULL)
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         status = server.wait_rounds(3)
+        head = httpx.get(f"{server.url}/v1/round", timeout=10).json()
     assert done.returncode == 0, done.stderr[-3000:]
     assert "version 0: loaded checkpoint" in done.stderr
     if overlap:
@@ -87,3 +97,14 @@ def test_a_miner_downloads_straight_from_the_object_store(
     # the checkpoint and each published update the miner took: version 1 (and 2, in synchronous rounds)
     assert float(redirects.split()[1]) >= (2 if overlap else 3)
     assert [r["accepted"] for r in status["rounds"][:3]] == [1, 1, 1]
+    if not overlap:
+        assert not (tmp_path / "coordinator" / "state.db").exists()
+        with live_coordinator(blobs=blobs, rounds=rounds, store=store) as again:
+            resumed = httpx.get(f"{again.url}/v1/round", timeout=10).json()
+            versions = [httpx.get(f"{again.url}/v1/versions/{v}", timeout=10).json() for v in range(4)]
+        assert (resumed["round"], resumed["version"], resumed["param_hash"]) == (
+            head["round"],
+            head["version"],
+            head["param_hash"],
+        )
+        assert versions[-1]["param_hash"] == head["param_hash"] and head["version"] == 3

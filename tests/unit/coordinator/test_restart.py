@@ -7,6 +7,8 @@ import json
 import os
 import sqlite3
 import statistics
+import subprocess
+import sys
 from pathlib import Path
 from typing import Any
 
@@ -151,3 +153,41 @@ def test_recipe_keys_added_since_leave_an_older_runs_fingerprint_alone(open_pool
         open_pool(recipe={"schedule": "cosine", "planned_rounds": 50}),
     ):
         pass
+
+
+def test_a_state_directory_from_before_migrations_is_refused_then_migrated_and_resumes(
+    open_pool: OpenPool,
+) -> None:
+    """A state directory written by the code before schema migrations (the same tables, no revision
+    recorded): ``coordinator serve`` refuses it and says what to run, ``coordinator migrate`` upgrades it,
+    and the run resumes where it was, its version hashes intact."""
+    rounds = {"overlap": False}
+    with open_pool(rounds=rounds) as pool:
+        alice, bob = pool.miner(), pool.miner()
+        for i, miner in enumerate([alice, bob]):
+            assert miner.upload(0, payload(round_=0, base_version=0, seed=i)).status_code == 200
+        pool.wait_for_round(0)
+        before = pool.round()
+        versions = [pool.client.get(f"/v1/versions/{v}").json() for v in range(2)]
+        state = pool.settings.state_dir
+    with contextlib.closing(sqlite3.connect(state / "state.db")) as db:
+        db.execute("DROP TABLE alembic_version")  # what the code before migrations left
+        db.commit()
+
+    def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
+        command = [sys.executable, "-m", "gradpool", "coordinator", *args, "--state-dir", str(state)]
+        return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+
+    refused = gradpool("serve", "--port", "0")
+    assert refused.returncode != 0 and "Traceback" not in refused.stderr
+    assert "upgrade it with `gradpool coordinator migrate`" in refused.stderr.strip().splitlines()[-1]
+    migrated = gradpool("migrate")
+    assert migrated.returncode == 0, migrated.stderr
+    assert "schema from before migrations -> 0001" in migrated.stdout
+    assert "nothing to do" in gradpool("migrate").stdout
+
+    with open_pool(rounds=rounds) as pool:
+        now = pool.round()
+        assert (now["round"], now["version"], now["param_hash"]) == (1, 1, before["param_hash"])
+        assert [pool.client.get(f"/v1/versions/{v}").json() for v in range(2)] == versions
+        assert params_hash(pool.checkpoint(1), SPEC) == versions[1]["param_hash"]

@@ -9,14 +9,14 @@ from pathlib import Path
 import pytest
 
 from coordinator.publishing.history import History, coordinator_key
-from coordinator.storage.store import SqliteStore
+from coordinator.storage.store import SqlStore
 from protocol.history import Chain
 from protocol.signing import generate_key, public_key_hex, save_key
 
 
-def old_state(path: Path, rolled_back: dict[int, float], bases: dict[int, int]) -> SqliteStore:
+def old_state(path: Path, rolled_back: dict[int, float], bases: dict[int, int]) -> SqlStore:
     """A store as the releases before the history wrote it: versions 0..n, no records."""
-    store = SqliteStore(path)
+    store = SqlStore(f"sqlite:///{path}")
     with store.transaction() as db:
         for v in range(max(bases, default=0) + 1):
             db.execute(

@@ -1,38 +1,181 @@
-"""The SQLite state file: one written before a column existed still opens, and keeps its rows."""
+"""The store on both backends, SQLite and PostgreSQL: a run's life through it, and its schema (built by the
+migrations, the same on both; a state file from before the migrations upgraded with its rows kept)."""
 
 from __future__ import annotations
 
 import sqlite3
 from pathlib import Path
 
-from coordinator.storage.records import Health
-from coordinator.storage.store import SqliteStore
+import pytest
+from sqlalchemy import inspect
+
+from coordinator.publishing.history import History
+from coordinator.storage.records import Health, NewSubmission, NewVersion, Outcome, RoundClose
+from coordinator.storage.schema import SchemaError, head, migrate
+from coordinator.storage.scores import COORDINATOR
+from coordinator.storage.sql import make_engine
+from coordinator.storage.store import SqlStore
 from protocol.evaluation import Losses
+from protocol.signing import generate_key
+
+
+def submission(round_: int, miner: str, at: float, norm: float = 1.5) -> NewSubmission:
+    return NewSubmission(
+        round=round_,
+        miner=miner,
+        sha256=f"{round_}{miner}".ljust(64, "a"),
+        content_sha256=f"{round_}{miner}".ljust(64, "c"),
+        size=3_000_000_000,  # past 32 bits: the byte counts are 64-bit on both backends
+        norm=norm,
+        sketch=bytes(range(16)),
+        stored_sha256="b" * 64,
+        compute_s=2.5,
+        received_at=at,
+        health=Health(0.5, 1.25, 0.1, 3e-4),
+        kept=bytes(8),
+    )
+
+
+def new_version(v: int) -> NewVersion:
+    return NewVersion(v, v - 1, f"{v:064x}", 3.25 - v / 8, "d" * 64, 1234, "e" * 64, 5_000_000_000, None)
+
+
+def close(
+    round_: int, version: NewVersion | None, outcomes: dict[str, Outcome], at: float, **kw
+) -> RoundClose:  # type: ignore[no-untyped-def]
+    return RoundClose(
+        round=round_,
+        next_version=version.version if version else round_,
+        applied_to=round_,
+        open_next=True,
+        version=version,
+        outcomes=outcomes,
+        verdicts={m: Losses(3.0, 2.5, 3.0, 2.9, 0.01, 0.4, 0.02) for m, o in outcomes.items() if o.evaluated},
+        compute_s=5.0,
+        reference_norm=1.5,
+        close_reason=None,
+        bytes_down=(700, 300),
+        closed_at=at,
+        health=Health(0.5, 1.25, 0.1, 3e-4),
+        **kw,
+    )
+
+
+def test_a_run_lives_through_the_store_alike_on_both_backends(store_url: str) -> None:
+    store = SqlStore(store_url)
+    try:
+        history = History(generate_key(), "run", store)
+        store.start("0" * 64, 3.5, "f" * 64, 100, 10.0, history.first("0" * 64, "f" * 64, 10.0))
+        assert store.register("m1", 0, 10.0) and store.register("m2", 0, 10.0)
+        assert not store.register("m1", 0, 11.0) and store.count_miners() == 2 and store.is_miner("m2")
+        assert store.remember_nonce("n", 100.0, 10.0) and not store.remember_nonce("n", 100.0, 20.0)
+        store.set_meta("k", "v1")
+        store.set_meta("k", "v2")
+        assert store.get_meta("k") == "v2" and store.get_meta("none") is None
+
+        store.add_submission(submission(0, "m1", 11.0))
+        store.add_submission(submission(0, "m2", 12.5, norm=9.0))
+        store.record_refusal(0, "m3", "stale_version", 12.0)
+        [u1, _] = store.round_uploads(0)
+        assert (u1.miner, u1.size, u1.health, u1.sketch.shape) == (
+            "m1",
+            3_000_000_000,
+            Health(0.5, 1.25, 0.1, 3e-4),
+            (4,),
+        )
+        assert store.uploaded_miners(0) == {"m1", "m2"} and store.arrival_spreads(0, 1) == [1.5]
+
+        v1 = new_version(1)
+        outcomes = {"m1": Outcome(None, True, 1.0), "m2": Outcome("norm_outlier", True, None)}
+        store.close_round(close(0, v1, outcomes, 13.0, record=history.version(v1, 0, 13.0)))
+        assert store.head() == (1, v1.param_hash) and store.latest_version() == 1
+        assert store.checkpoint(None) == (1, "e" * 64) and store.eval_loss(1) == v1.eval_loss
+        [report] = store.reports()
+        assert (report.round, report.accepted, report.rejected, report.result_version) == (0, 1, 1, 1)
+        assert (
+            report.bytes_down == 1000 and report.bytes_up == 6_000_000_000 and report.next_opened_at == 13.0
+        )
+        assert store.refusal_counts(0, 0) == {0: {"norm_outlier": 1}}
+        assert store.accepted_norms(0, 1) == [1.5] and store.accepted_gains(0, 1, COORDINATOR) == [0.5]
+        inputs = store.score_inputs(-1, 0)
+        assert {(t.miner, t.kind, t.count) for t in inputs.tallies} == {
+            ("m1", "accepted", 1),
+            ("m2", "norm_outlier", 1),
+        }
+        assert [(r.miner, r.code) for r in store.intake_refusals(-1, 0)] == [("m3", "stale_version")]
+        assert inputs.first_rounds == {"m1": 0, "m2": 0, "m3": 0} and inputs.published == [0]
+        assert {v.miner for v in inputs.verdicts} == {"m1", "m2"}
+
+        # a validator's verdict replaces its earlier one on the same upload
+        store.add_verdicts(0, "val", {"m1": Losses(3.0, 2.0, 3.0, 2.8)}, 14.0)
+        store.add_verdicts(0, "val", {"m1": Losses(3.0, 2.2, 3.0, 2.8)}, 15.0)
+        [mine] = [v for v in store.verdicts_between(-1, 0) if v.validator == "val"]
+        assert mine.losses.own_after == 2.2
+
+        # a round whose evaluation goes on after its version, scored later
+        store.add_submission(submission(1, "m1", 14.0))
+        v2 = new_version(2)
+        store.close_round(
+            close(
+                1,
+                v2,
+                {"m1": Outcome(None, True, 1.0)},
+                16.0,
+                scored=False,
+                record=history.version(v2, 1, 16.0),
+            )
+        )
+        assert store.unscored_rounds() == [(1, 1)]
+        store.record_scores(1, {"m1": Losses(3.0, 2.9, 3.0, 2.95)}, {"m1": "low_gain"}, 17.0)
+        assert store.unscored_rounds() == [] and store.upload(1, "m1").flag == "low_gain"  # type: ignore[union-attr]
+
+        # checkpoints pruned but the newest, then version 2 rolled back to 1
+        assert store.prune_checkpoints(1) == ["e" * 64] and store.checkpoint(1) is None
+        store.prune_checkpoints(5)
+        assert [r.record.version for r in store.records()] == [0, 1, 2] and len(store.records(0, 1)) == 1
+    finally:
+        store.close()
+
+
+def test_a_rollback_sets_later_versions_aside_and_reopens_the_round(store_url: str) -> None:
+    store = SqlStore(store_url)
+    try:
+        history = History(generate_key(), "run", store)
+        store.start("0" * 64, 3.5, "f" * 64, 100, 10.0, history.first("0" * 64, "f" * 64, 10.0))
+        v1 = new_version(1)
+        store.close_round(close(0, v1, {}, 11.0, record=history.version(v1, 0, 11.0)))
+        store.add_submission(submission(1, "m1", 12.0))
+        later, newest = store.rollback(0, 13.0, "rolled_back", history.rollback(0, "0" * 64, [1], 13.0))
+        assert (later, newest) == ([1], 1) and store.head() == (0, "0" * 64)
+        assert store.upload(1, "m1").reason == "rolled_back"  # type: ignore[union-attr]
+        assert [r.round for r in store.unclosed_rounds()] == [2] and store.live_after(0) == []
+        assert store.last_record().record.kind == "rollback"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def _columns(url: str) -> dict[str, set[str]]:
+    engine = make_engine(url)
+    try:
+        with engine.connect() as c:
+            found = inspect(c)
+            return {t: {col["name"] for col in found.get_columns(t)} for t in found.get_table_names()}
+    finally:
+        engine.dispose()
+
+
+def test_both_backends_are_built_to_one_schema(postgres_url: str, tmp_path: Path) -> None:
+    sqlite = f"sqlite:///{tmp_path / 'state.db'}"
+    SqlStore(sqlite).close()
+    SqlStore(postgres_url).close()
+    assert _columns(sqlite) == _columns(postgres_url)
+    assert "alembic_version" in _columns(sqlite)
+
 
 OLD_VERDICTS = """CREATE TABLE verdicts (
     round INTEGER NOT NULL, miner TEXT NOT NULL, validator TEXT NOT NULL, own_before REAL NOT NULL,
     own_after REAL NOT NULL, other_before REAL NOT NULL, other_after REAL NOT NULL, created_at REAL NOT NULL,
     PRIMARY KEY (round, miner, validator))"""
-
-
-def test_verdicts_from_before_the_margin_error_column_are_kept(tmp_path: Path) -> None:
-    path = tmp_path / "state.db"
-    with sqlite3.connect(path) as db:
-        db.execute(OLD_VERDICTS)
-        db.execute("INSERT INTO verdicts VALUES (0, 'm', 'coordinator', 3.0, 2.5, 3.0, 2.9, 1.0)")
-    db.close()
-    store = SqliteStore(path)
-    try:
-        [old] = store.verdicts_between(-1, 0)
-        assert (old.losses.own_after, old.losses.margin_se) == (2.5, 0.0)
-        store.add_verdicts(1, "coordinator", {"m": Losses(3.0, 2.4, 3.0, 2.8, 0.05)}, 2.0)
-        [new] = store.verdicts_between(0, 1)
-        assert new.losses.margin_se == 0.05
-    finally:
-        store.close()
-    SqliteStore(path).close()  # opening it again leaves the migrated table as it is
-
-
 OLD_SUBMISSIONS = """CREATE TABLE submissions (
     round INTEGER NOT NULL, miner TEXT NOT NULL, sha256 TEXT NOT NULL, content_sha256 TEXT NOT NULL,
     bytes INTEGER NOT NULL, norm REAL NOT NULL, sketch BLOB NOT NULL, unpacked_sha256 TEXT,
@@ -40,27 +183,46 @@ OLD_SUBMISSIONS = """CREATE TABLE submissions (
     PRIMARY KEY (round, miner))"""
 
 
-def test_the_stored_form_column_under_its_old_name_is_renamed_with_its_values(tmp_path: Path) -> None:
+def test_a_state_file_from_before_migrations_is_refused_then_migrated_with_its_rows(tmp_path: Path) -> None:
     path = tmp_path / "state.db"
     with sqlite3.connect(path) as db:
+        db.execute(OLD_VERDICTS)
         db.execute(OLD_SUBMISSIONS)
+        db.execute("INSERT INTO verdicts VALUES (0, 'm', 'coordinator', 3.0, 2.5, 3.0, 2.9, 1.0)")
         db.execute(
             "INSERT INTO submissions VALUES "
             "(0, 'm', 'aa', 'cc', 10, 1.5, ?, 'bb', 'accepted', NULL, 0.0, 1.0)",
             (bytes(8),),
         )
     db.close()
-    store = SqliteStore(path)
+    url = f"sqlite:///{path}"
+    with pytest.raises(SchemaError, match="gradpool coordinator migrate"):
+        SqlStore(url)
+    engine = make_engine(url)
+    assert migrate(engine) == (None, head()) and migrate(engine) == (head(), head())
+    engine.dispose()
+    fresh = f"sqlite:///{tmp_path / 'fresh.db'}"
+    SqlStore(fresh).close()
+    assert _columns(url) == _columns(fresh)  # the old file now has every column a new one has
+    store = SqlStore(url)
     try:
+        [old] = store.verdicts_between(-1, 0)
+        assert (old.losses.own_after, old.losses.margin_se) == (2.5, 0.0)
         [upload] = store.round_uploads(0)
         assert (upload.sha256, upload.stored_sha256, upload.norm) == ("aa", "bb", 1.5)
         assert upload.status == "accepted" and not upload.evaluated and upload.flag is None
     finally:
         store.close()
-    with sqlite3.connect(path) as db:
-        columns = {r[1] for r in db.execute("PRAGMA table_info(submissions)")}
+
+
+def test_a_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:
+    url = f"sqlite:///{tmp_path / 'state.db'}"
+    SqlStore(url).close()
+    with sqlite3.connect(tmp_path / "state.db") as db:
+        db.execute("UPDATE alembic_version SET version_num = '9999'")
     db.close()
-    assert "stored_sha256" in columns and "unpacked_sha256" not in columns
+    with pytest.raises(SchemaError, match="newer than this gradpool knows"):
+        SqlStore(url)
 
 
 def test_training_health_keeps_what_is_in_range_and_a_round_of_it_cannot_fail() -> None:

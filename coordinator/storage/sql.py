@@ -1,0 +1,90 @@
+"""The database under the store, SQLite or PostgreSQL, through SQLAlchemy Core: the engine for a store URL,
+and the statements, written once with ``?`` placeholders, bound the same way on either backend.
+
+One connection per store, in autocommit mode: a transaction is an explicit ``BEGIN`` ... ``COMMIT`` on it
+(SQLite's ``BEGIN IMMEDIATE``, so a writer never fails halfway on a lock), serialised with every other
+statement by the store's lock.
+"""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterable, Sequence
+from pathlib import Path
+from typing import Any
+
+from sqlalchemy import Connection, Engine, RowMapping, TextClause, create_engine, event, text
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import ArgumentError
+
+SQLITE_FILE = "state.db"  # the embedded default, in the state directory
+
+
+def store_url(state_dir: Path, url: str | None) -> str:
+    """The store's URL: ``url`` as set (``[store] url``), else the SQLite file in ``state_dir``."""
+    return url if url else f"sqlite:///{state_dir / SQLITE_FILE}"
+
+
+def make_engine(url: str) -> Engine:
+    """The engine for a store URL: ``sqlite:///PATH``, or ``postgresql://...`` (psycopg 3)."""
+    try:
+        parsed = make_url(url)
+    except ArgumentError:
+        raise ValueError(f"[store] url {url!r} is not a database URL") from None
+    if parsed.get_backend_name() == "sqlite":
+        if parsed.database:
+            Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
+        engine = create_engine(parsed, connect_args={"check_same_thread": False})
+        event.listen(engine, "connect", _sqlite_pragmas)
+        return engine
+    if parsed.get_backend_name() == "postgresql":
+        return create_engine(parsed.set(drivername="postgresql+psycopg"), pool_pre_ping=True)
+    raise ValueError(f"[store] url {redacted(url)!r}: gradpool stores in sqlite:/// or postgresql://")
+
+
+def redacted(url: str) -> str:
+    """The URL with its password hidden, for messages and logs."""
+    try:
+        return make_url(url).render_as_string(hide_password=True)
+    except ArgumentError:
+        return "(not a URL)"
+
+
+def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
+    cursor = dbapi_connection.cursor()
+    cursor.execute("PRAGMA journal_mode=WAL")
+    cursor.execute("PRAGMA synchronous=NORMAL")
+    cursor.close()
+
+
+@functools.lru_cache(maxsize=1024)
+def statement(sql: str) -> TextClause:
+    """``sql`` with its ``?`` placeholders made the named parameters ``:p0``, ``:p1``, ...."""
+    parts = sql.split("?")
+    return text("".join(f"{part}:p{i}" for i, part in enumerate(parts[:-1])) + parts[-1])
+
+
+def bound(args: Sequence[Any]) -> dict[str, Any]:
+    return {f"p{i}": a for i, a in enumerate(args)}
+
+
+class Tx:
+    """Statements on the store's connection (inside a transaction, or each on its own), their parameters
+    a sequence as in the DB-API."""
+
+    def __init__(self, connection: Connection) -> None:
+        self._c = connection
+
+    def all(self, sql: str, args: Sequence[Any] = ()) -> list[RowMapping]:
+        return list(self._c.execute(statement(sql), bound(args)).mappings().all())
+
+    def one(self, sql: str, args: Sequence[Any] = ()) -> RowMapping | None:
+        return self._c.execute(statement(sql), bound(args)).mappings().first()
+
+    def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
+        self._c.execute(statement(sql), bound(args))
+
+    def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
+        many = [bound(r) for r in rows]
+        if many:
+            self._c.execute(statement(sql), many)
