@@ -1,9 +1,8 @@
 """The database under the store, SQLite or PostgreSQL, through SQLAlchemy Core: the engine for a store URL,
 and the statements, written once with ``?`` placeholders, bound the same way on either backend.
 
-One connection per store, in autocommit mode: a transaction is an explicit ``BEGIN`` ... ``COMMIT`` on it
-(SQLite's ``BEGIN IMMEDIATE``, so a writer never fails halfway on a lock), serialised with every other
-statement by the store's lock.
+Connections come from the engine's pool, checked before use (PostgreSQL), so that a database restarted
+under a running coordinator costs it only the statements made while it was down.
 """
 
 from __future__ import annotations

@@ -2,8 +2,8 @@
 rounds, miners, submissions, verdicts, versions, nonces. The only module with SQL in it but its mixins (the
 reads of reports, scores and versions); blobs (payloads, updates, checkpoints) live in blobs.py.
 
-One connection, shared by the event loop's worker threads, the intake threads and the closer, serialised by
-a lock. Every method is one statement or one transaction.
+The event loop's worker threads, the intake threads and the closer share the store, serialised by a lock;
+every method is one transaction on a connection from the engine's pool.
 """
 
 from __future__ import annotations
@@ -15,7 +15,7 @@ from dataclasses import astuple
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import RowMapping
+from sqlalchemy import Connection, RowMapping
 
 from coordinator.storage.records import (
     HEALTH_FIELDS,
@@ -45,52 +45,57 @@ class SqlStore(ReportReads, ScoreReads, VersionStore):
         self.url = redacted(url)
         self._engine = make_engine(url)
         prepare(self._engine, self.url)
-        self._connection = self._engine.connect().execution_options(isolation_level="AUTOCOMMIT")
-        self._tx = Tx(self._connection)
-        sqlite = self._engine.dialect.name == "sqlite"
-        # SQLite: take the write lock at BEGIN; PostgreSQL: reads that see one snapshot
-        self._begin_write = "BEGIN IMMEDIATE" if sqlite else "BEGIN"
-        self._begin_read = "BEGIN" if sqlite else "BEGIN ISOLATION LEVEL REPEATABLE READ READ ONLY"
+        # PostgreSQL: the reads of ``reading`` see one snapshot (SQLite's transactions always do)
+        self._snapshot = "SERIALIZABLE" if self._engine.dialect.name == "sqlite" else "REPEATABLE READ"
         self._lock = threading.RLock()
+        self._current: Connection | None = None  # the lock holder's transaction, which nested calls join
         self._nonce_writes = 0
 
     def close(self) -> None:
         with self._lock:
-            self._connection.close()
             self._engine.dispose()
 
     @contextmanager
-    def transaction(self) -> Iterator[Tx]:
+    def _connection(self, isolation: str | None = None) -> Iterator[Connection]:
+        """A transaction on a pooled connection (checked before use, so a database restarted since costs
+        nothing but the statements made while it was down), or the one this thread is already in."""
         with self._lock:
-            self._connection.exec_driver_sql(self._begin_write)
-            try:
-                yield self._tx
-            except BaseException:
-                self._connection.exec_driver_sql("ROLLBACK")
-                raise
-            self._connection.exec_driver_sql("COMMIT")
+            if self._current is not None:
+                yield self._current
+                return
+            with self._engine.connect() as c:
+                if isolation is not None:
+                    c = c.execution_options(isolation_level=isolation)
+                with c.begin():
+                    self._current = c
+                    try:
+                        yield c
+                    finally:
+                        self._current = None
+
+    @contextmanager
+    def transaction(self) -> Iterator[Tx]:
+        """Statements that commit together or not at all."""
+        with self._connection() as c:
+            yield Tx(c)
 
     @contextmanager
     def reading(self) -> Iterator[None]:
         """Reads that see one state of the database (no write lands between them)."""
-        with self._lock:
-            self._connection.exec_driver_sql(self._begin_read)
-            try:
-                yield
-            finally:
-                self._connection.exec_driver_sql("COMMIT")
+        with self._connection(self._snapshot):
+            yield
 
     def _all(self, sql: str, *args: Any) -> list[RowMapping]:
-        with self._lock:
-            return self._tx.all(sql, args)
+        with self._connection() as c:
+            return Tx(c).all(sql, args)
 
     def _one(self, sql: str, *args: Any) -> RowMapping | None:
-        with self._lock:
-            return self._tx.one(sql, args)
+        with self._connection() as c:
+            return Tx(c).one(sql, args)
 
     def _execute(self, sql: str, *args: Any) -> None:
-        with self._lock:
-            self._tx.execute(sql, args)
+        with self._connection() as c:
+            Tx(c).execute(sql, args)
 
     # -- meta and nonces ----------------------------------------------------------------------------------
     def get_meta(self, key: str) -> str | None:

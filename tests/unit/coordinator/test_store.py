@@ -8,6 +8,7 @@ from pathlib import Path
 
 import pytest
 from sqlalchemy import inspect
+from sqlalchemy.exc import OperationalError
 
 from coordinator.publishing.history import History
 from coordinator.storage.records import Health, NewSubmission, NewVersion, Outcome, RoundClose
@@ -17,6 +18,7 @@ from coordinator.storage.sql import make_engine
 from coordinator.storage.store import SqlStore
 from protocol.evaluation import Losses
 from protocol.signing import generate_key
+from tests.helpers.postgres import Postgres
 
 
 def submission(round_: int, miner: str, at: float, norm: float = 1.5) -> NewSubmission:
@@ -150,6 +152,23 @@ def test_a_rollback_sets_later_versions_aside_and_reopens_the_round(store_url: s
         assert store.upload(1, "m1").reason == "rolled_back"  # type: ignore[union-attr]
         assert [r.round for r in store.unclosed_rounds()] == [2] and store.live_after(0) == []
         assert store.last_record().record.kind == "rollback"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_a_store_outlives_a_restart_of_its_postgresql(postgres_server: Postgres, postgres_url: str) -> None:
+    store = SqlStore(postgres_url)
+    try:
+        store.set_meta("k", "1")
+        postgres_server.stop()
+        try:
+            with pytest.raises(OperationalError):  # while it is down: an error, and nothing written
+                store.set_meta("k", "2")
+        finally:
+            postgres_server.start()
+        assert store.get_meta("k") == "1"  # the pooled connections the restart broke are replaced
+        store.set_meta("k", "3")
+        assert store.get_meta("k") == "3"
     finally:
         store.close()
 
