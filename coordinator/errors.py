@@ -5,12 +5,13 @@
     ├── Unauthorized (401)     missing_signature, bad_signature, expired_timestamp, replayed_nonce,
     │                          bad_admin_token
     ├── Forbidden (403)        unknown_miner, not_allowed, held_out, admin_disabled
-    ├── NotFound (404)         not_found
+    ├── NotFound (404)         not_found, upload_missing (a direct upload committed before its bytes)
     ├── RequestTimeout (408)   body_timeout: no part of the body arrived for read_timeout_s
     ├── Conflict (409)         round_closed, round_not_open, stale_version, already_submitted,
-    │                          nothing_to_aggregate, round_open
+    │                          nothing_to_aggregate, round_open, direct_uploads_off
     ├── PayloadTooLarge (413)  payload_too_large
-    ├── Unprocessable (422)    malformed_payload and the codec's other codes, invalid_request
+    ├── Unprocessable (422)    malformed_payload and the codec's other codes, invalid_request,
+    │                          digest_mismatch (a direct upload's bytes are not those committed)
     ├── TooManyRequests (429)  too_many_registrations, with Retry-After
     └── Busy (503)             starting, with Retry-After
 

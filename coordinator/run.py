@@ -30,6 +30,7 @@ from coordinator.publishing.publisher import Downlink, Publisher
 from coordinator.rounds.admission import Admission
 from coordinator.rounds.checks import Check, default_pipeline
 from coordinator.rounds.closer import Closer
+from coordinator.rounds.direct import DirectUploads
 from coordinator.rounds.intake import Intake, IntakeSettings
 from coordinator.rounds.judging import Judge
 from coordinator.rounds.modes import RoundMode, mode_for
@@ -40,7 +41,7 @@ from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
-from coordinator.storage.blobs import BlobStore, make_blob_store
+from coordinator.storage.blobs import BlobStore, S3BlobStore, make_blob_store
 from coordinator.storage.lock import StateLock
 from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
@@ -142,6 +143,7 @@ class Run:
                 }
             ),
             overlap=settings.rounds.overlap,
+            direct_uploads=settings.blobs.direct_uploads,
         )
         self.history = History(
             coordinator_key(settings.identity_key(), self.store), settings.run_id, self.store
@@ -226,6 +228,11 @@ class Run:
             hooks,
             clock.now,
         )
+        self.direct: DirectUploads | None = None  # [blobs] direct_uploads: the payloads go to the bucket
+        if settings.blobs.direct_uploads:
+            assert isinstance(blobs, S3BlobStore), "the settings hold direct uploads to the s3 backend"
+            expiry = settings.blobs.redirect_expiry_s
+            self.direct = DirectUploads(blobs, self.intake, self.max_payload_bytes, expiry, clock.now)
         self.queries = Queries(self.cell, self.store, self.history, clock.now)
         # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores only
         # trade places on the interpreter lock.

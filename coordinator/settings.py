@@ -226,6 +226,11 @@ class BlobSettings(Section):
         default=False, description="s3: answer downloads with 307 to a presigned URL of the object"
     )
     redirect_expiry_s: float = Field(default=600.0, ge=1, le=604800, description="how long a URL is good")
+    direct_uploads: bool = Field(
+        default=False,
+        description="s3: miners upload payloads straight to the bucket with a presigned form (expiring after "
+        "redirect_expiry_s), then commit them; the coordinator reads them from there",
+    )
 
     @field_validator("s3_prefix")
     @classmethod
@@ -236,6 +241,10 @@ class BlobSettings(Section):
     def _bucket_for_s3(self) -> BlobSettings:
         if self.backend == "s3" and self.s3_bucket is None:
             raise ValueError("blobs.s3_bucket is required when blobs.backend is 's3'")
+        if self.direct_uploads and self.backend != "s3":
+            raise ValueError(
+                "blobs.direct_uploads needs blobs.backend = 's3': the miners upload to the bucket"
+            )
         return self
 
 

@@ -208,7 +208,8 @@ class RemoteSource:
     ``/v1/checkpoint``): what any miner can read."""
 
     def __init__(self, url: str, ca_cert: Path | None = None, timeout_s: float = 120.0) -> None:
-        from node.client import ClientError, CoordinatorClient
+        from node.client import CoordinatorClient
+        from node.errors import ClientError
         from protocol.signing import generate_key
 
         self._errors: tuple[type[Exception], ...] = (ClientError,)
@@ -246,7 +247,7 @@ class RemoteSource:
         return ri.newest if ri.newest is not None else ri.version
 
     def checkpoint(self, version: int) -> bytes | None:
-        from node.client import Refused
+        from node.errors import Refused
 
         try:
             found, data = self.client.checkpoint(version)

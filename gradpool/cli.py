@@ -152,7 +152,7 @@ def status(
     """Print the network's state: round, version, miners, recent held-out losses, the leaderboard."""
     import httpx
 
-    from node.client import tls_context
+    from node.errors import tls_context
 
     try:
         verify = tls_context(ca_cert)

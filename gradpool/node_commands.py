@@ -53,7 +53,7 @@ def mine(
 ) -> None:
     """Mine: train on the coordinator's rounds and upload compressed updates."""
     from node.adversary import Adversary
-    from node.client import ClientError, ProtocolMismatch, Refused
+    from node.errors import ClientError, ProtocolMismatch, Refused
     from node.miner import Miner
     from node.settings import MinerSettings
 
@@ -117,7 +117,7 @@ def validate(
     config: ConfigOpt = None,
 ) -> None:
     """Validate: evaluate each closed round's uploads and post signed verdicts to the coordinator."""
-    from node.client import ClientError, ProtocolMismatch
+    from node.errors import ClientError, ProtocolMismatch
     from node.settings import ValidatorSettings
     from node.validator import Validator
 
@@ -162,7 +162,8 @@ def _set_threads(threads: int | None) -> None:
 def _connect(settings: Any) -> tuple[Any, Any]:
     """A signed client for the node's key (created if asked) and the run's description, waiting up to
     the startup timeout for the coordinator to answer."""
-    from node.client import CoordinatorClient, ProtocolMismatch, Unavailable, Untrusted
+    from node.client import CoordinatorClient
+    from node.errors import ProtocolMismatch, Unavailable, Untrusted
     from node.trust import Trust
     from protocol.signing import generate_key, load_key, save_key
 

@@ -32,7 +32,7 @@ import torch
 from safetensors.torch import load as st_load
 from safetensors.torch import load_file, save_file
 
-from node.client import Refused
+from node.errors import Refused
 from node.miner import Miner
 from protocol.codec import PayloadHeader, SparseTensor
 from protocol.data import num_eval_total, train_id

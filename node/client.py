@@ -1,22 +1,10 @@
-"""The miner's HTTP client. Every call has an explicit timeout; coordinator errors come back typed.
-
-ClientError
-├── Unavailable        unreachable, timed out, a 5xx or a 429: worth retrying later
-├── Untrusted          the server's TLS certificate, or what it answers, does not verify against the
-│                      coordinator's pinned key and signed history (node/trust.py): not worth retrying
-├── ProtocolMismatch   the server is not a gradpool coordinator of this protocol version
-└── Refused            a 4xx with the coordinator's error code
-    ├── RoundClosed        round_closed, round_not_open
-    ├── StaleVersion       stale_version
-    ├── AlreadySubmitted   already_submitted
-    ├── NotAuthorized      401/403 (signature, unknown miner)
-    └── Rejected           422 and every other refusal of the payload
-"""
+"""The nodes' HTTP client of the coordinator. Every call has an explicit timeout; the coordinator's
+refusals and failures come back as the errors of node/errors.py."""
 
 from __future__ import annotations
 
 import contextlib
-import ssl
+import hashlib
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -29,6 +17,16 @@ from pydantic import BaseModel, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 
+from node.errors import (
+    ProtocolMismatch,
+    Refused,
+    Rejected,
+    Unavailable,
+    Untrusted,
+    certificate_error,
+    refusal,
+    tls_context,
+)
 from node.trust import Trust
 from protocol.errors import HistoryError
 from protocol.history import HEADER_ANSWER_SIGNATURE, HistoryPage
@@ -42,6 +40,9 @@ from protocol.wire import (
     RoundRecord,
     RunInfo,
     SubmissionReceipt,
+    UploadCommit,
+    UploadIntent,
+    UploadTicket,
     VerdictReceipt,
     Verdicts,
     VersionInfo,
@@ -49,75 +50,6 @@ from protocol.wire import (
 
 M = TypeVar("M", bound=BaseModel)
 REDIRECT_TRIES = 3
-
-
-class ClientError(Exception):
-    pass
-
-
-class Unavailable(ClientError):
-    pass
-
-
-class Untrusted(ClientError):
-    pass
-
-
-class ProtocolMismatch(ClientError):
-    pass
-
-
-class Refused(ClientError):
-    def __init__(self, status: int, code: str, message: str) -> None:
-        super().__init__(f"{status} {code}: {message}")
-        self.status, self.code, self.message = status, code, message
-
-
-class RoundClosed(Refused):
-    pass
-
-
-class StaleVersion(Refused):
-    pass
-
-
-class AlreadySubmitted(Refused):
-    pass
-
-
-class NotAuthorized(Refused):
-    pass
-
-
-class Rejected(Refused):
-    pass
-
-
-_BY_CODE: dict[str, type[Refused]] = {
-    "round_closed": RoundClosed,
-    "round_not_open": RoundClosed,
-    "stale_version": StaleVersion,
-    "already_submitted": AlreadySubmitted,
-}
-
-
-def tls_context(ca_cert: Path | None = None) -> ssl.SSLContext:
-    """What HTTPS trusts: the system's certificate authorities, and ``ca_cert``'s too when given (a
-    coordinator with a certificate of its own CA; downloads straight from an object store still verify)."""
-    context = ssl.create_default_context()
-    if ca_cert is not None:
-        context.load_verify_locations(cafile=ca_cert)
-    return context
-
-
-def _certificate_error(e: BaseException) -> ssl.SSLCertVerificationError | None:
-    """The certificate check that failed beneath a connection error, if that is what it was."""
-    seen: BaseException | None = e
-    while seen is not None:
-        if isinstance(seen, ssl.SSLCertVerificationError):
-            return seen
-        seen = seen.__cause__ or seen.__context__
-    return None
 
 
 @contextlib.contextmanager
@@ -151,6 +83,7 @@ class CoordinatorClient:
             transport=transport,
             follow_redirects=True,  # a download may come straight from the object store
         )
+        self.direct_uploads = False  # as /v1/info says: uploads go straight to the object store
         self.bytes_down = 0
         self.bytes_up = 0
         self.transfer_s = 0.0  # time in requests, long-polls excepted
@@ -181,7 +114,7 @@ class CoordinatorClient:
             try:
                 response = self.http.send(request)
             except httpx.ConnectError as e:
-                if (bad := _certificate_error(e)) is not None:
+                if (bad := certificate_error(e)) is not None:
                     raise Untrusted(
                         f"the TLS certificate of {request.url.host} does not verify ({bad.verify_message}); "
                         "if your own CA signed it, pass --ca-cert FILE"
@@ -199,24 +132,10 @@ class CoordinatorClient:
             raise Unavailable(f"coordinator answered {response.status_code}")
         if response.status_code == 429:  # too many new keys a minute: this one's turn comes later
             wait = response.headers.get("Retry-After", "?")
-            raise Unavailable(f"coordinator busy ({self._refusal(response).message}; retry after {wait} s)")
+            raise Unavailable(f"coordinator busy ({refusal(response).message}; retry after {wait} s)")
         if response.status_code >= 400:
-            raise self._refusal(response)
+            raise refusal(response)
         return response
-
-    @staticmethod
-    def _refusal(response: httpx.Response) -> Refused:
-        try:
-            err = response.json()["error"]
-            code, message = str(err["code"]), str(err["message"])
-        except (ValueError, KeyError, TypeError):
-            if response.status_code == 404:
-                return Refused(404, "not_found", f"{response.request.url} is not a gradpool endpoint")
-            return Refused(response.status_code, "http_error", response.text[:200])
-        cls = _BY_CODE.get(code)
-        if cls is None:
-            cls = NotAuthorized if response.status_code in (401, 403) else Rejected
-        return cls(response.status_code, code, message)
 
     def _json(self, model: type[M], response: httpx.Response) -> M:
         try:
@@ -243,6 +162,7 @@ class CoordinatorClient:
         if self.trust is not None:
             with _untrusted():
                 self.trust.accept_info(info)
+        self.direct_uploads = info.direct_uploads
         return info
 
     def register(self) -> Registration:
@@ -304,7 +224,7 @@ class CoordinatorClient:
                     response.read()
                     if response.status_code >= 500:
                         raise Unavailable(f"coordinator answered {response.status_code}")
-                    raise self._refusal(response)
+                    raise refusal(response)
                 found = self._checkpoint_version(response, version)
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with open(partial, "ab" if response.status_code == 206 else "wb") as f:
@@ -380,5 +300,34 @@ class CoordinatorClient:
         return self._json(Leaderboard, self._send("GET", "/v1/leaderboard", params=params))
 
     def submit(self, round_: int, payload: bytes) -> SubmissionReceipt:
+        if self.direct_uploads:
+            return self._submit_direct(round_, payload)
         response = self._send("POST", f"/v1/rounds/{round_}/submissions", body=payload, signed=True)
+        return self._json(SubmissionReceipt, response)
+
+    def _submit_direct(self, round_: int, payload: bytes) -> SubmissionReceipt:
+        """Straight to the object store: a presigned form for it, the payload posted with the form, then
+        the commit that has the coordinator take it (and check it as any upload)."""
+        sha = hashlib.sha256(payload).hexdigest()
+        intent = UploadIntent(sha256=sha, bytes=len(payload)).model_dump_json().encode()
+        form = self._send("POST", f"/v1/rounds/{round_}/uploads", body=intent, signed=True)
+        ticket = self._json(UploadTicket, form)
+        t0 = time.perf_counter()
+        try:
+            stored = self.http.post(
+                ticket.url,
+                data=ticket.fields,
+                files={"file": ("payload", payload, "application/octet-stream")},
+                timeout=self.timeout_s,
+            )
+        except httpx.TransportError as e:
+            raise Unavailable(f"cannot reach the object store at {ticket.url}: {e}") from None
+        self.bytes_up += len(payload)
+        self.transfer_s += time.perf_counter() - t0
+        if stored.status_code >= 500:
+            raise Unavailable(f"the object store answered {stored.status_code}")
+        if stored.status_code >= 400:
+            raise Rejected(stored.status_code, "object_store_refused", stored.text[:300])
+        commit = UploadCommit(sha256=sha).model_dump_json().encode()
+        response = self._send("POST", f"/v1/rounds/{round_}/commits", body=commit, signed=True)
         return self._json(SubmissionReceipt, response)

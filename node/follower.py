@@ -8,7 +8,8 @@ from pathlib import Path
 
 import torch
 
-from node.client import CoordinatorClient, Refused
+from node.client import CoordinatorClient
+from node.errors import Refused
 from protocol.errors import CodecError
 from protocol.params import UpdateHeader, apply_update, decode_update, load_checkpoint, params_hash
 from protocol.payload import ParamSpec

@@ -14,8 +14,9 @@ from collections.abc import Callable, Iterator
 import torch
 import torch.distributed as dist
 
-from node.client import CoordinatorClient, ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
+from node.client import CoordinatorClient
 from node.distributed import leave, local_device, share, share_params, share_trainer_state
+from node.errors import ProtocolMismatch, Refused, RoundClosed, StaleVersion, Unavailable
 from node.follower import Follower
 from node.metrics import MinerMetrics
 from node.overlap import NextVersion, OverlapRound
@@ -242,7 +243,8 @@ class Miner(Follower):
         for attempt in itertools.count():
             try:
                 receipt = self.client.submit(round_, payload)
-                log.info("round %d: upload taken, sha256 %s", round_, receipt.payload_sha256)
+                via = " (sent straight to the object store)" if self.client.direct_uploads else ""
+                log.info("round %d: upload taken%s, sha256 %s", round_, via, receipt.payload_sha256)
                 return
             except Unavailable as e:
                 delay = backoff(attempt, self.settings.max_backoff_s)

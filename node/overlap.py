@@ -19,7 +19,8 @@ import threading
 
 import torch
 
-from node.client import CoordinatorClient, Refused, Unavailable, Untrusted
+from node.client import CoordinatorClient
+from node.errors import Refused, Unavailable, Untrusted
 from protocol.errors import CodecError
 from protocol.params import Params, apply_update, decode_update, params_hash
 from protocol.payload import ParamSpec, SparseTensor

@@ -12,8 +12,9 @@ import os
 import threading
 import time
 
-from node.client import CoordinatorClient, Refused, Unavailable
+from node.client import CoordinatorClient
 from node.distributed import local_device
+from node.errors import Refused, Unavailable
 from node.follower import Follower
 from node.miner import backoff
 from node.settings import ValidatorSettings

@@ -125,6 +125,11 @@ class RunInfo(Wire):
         description="overlapped rounds: a round opens as the one before it starts closing, and its uploads "
         "are applied to the version that one publishes",
     )
+    direct_uploads: bool = Field(
+        default=False,
+        description="miners upload payloads straight to the object store (POST /v1/rounds/{r}/uploads for a "
+        "presigned form, then POST /v1/rounds/{r}/commits), not through the coordinator",
+    )
     coordinator_key: str | None = Field(
         default=None,
         description="the coordinator's Ed25519 public key (hex): it signs this answer, the rounds, the data "
@@ -195,6 +200,29 @@ class SubmissionReceipt(Wire):
     payload_sha256: str
     bytes: int
     duplicate: bool = False
+
+
+class UploadIntent(Wire):
+    """A miner's wish to upload a payload straight to the object store (POST /v1/rounds/{r}/uploads)."""
+
+    sha256: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]+$", description="the payload's")
+    bytes: int = Field(ge=1, description="the payload's size")
+
+
+class UploadTicket(Wire):
+    """A presigned form: POST it (multipart, these fields and then the payload as ``file``) to ``url``
+    before ``expires_at``; the object store takes only that key and at most ``max_bytes``."""
+
+    url: str
+    fields: dict[str, str]
+    expires_at: float
+    max_bytes: int
+
+
+class UploadCommit(Wire):
+    """The payload is in the object store: take it as this miner's upload (POST /v1/rounds/{r}/commits)."""
+
+    sha256: str = Field(min_length=64, max_length=64, pattern="^[0-9a-f]+$")
 
 
 class RoundReport(Wire):

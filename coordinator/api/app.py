@@ -19,7 +19,7 @@ from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 from pydantic import ValidationError
 
-from coordinator.api import dashboard, downloads
+from coordinator.api import dashboard, downloads, uploads
 from coordinator.api.deps import (
     InfoDep,
     IntakeDep,
@@ -267,5 +267,6 @@ def create_app(
     app.add_middleware(ProtocolHeader)
     app.include_router(router)
     app.include_router(downloads.router)
+    app.include_router(uploads.router)
     app.include_router(dashboard.router)
     return app

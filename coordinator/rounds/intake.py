@@ -143,7 +143,7 @@ class Intake:
         """Check and store one upload (``sha``: its sha256, already checked against the signature). A
         registered miner's refused upload (malformed, wrong round or version) is recorded against it."""
         self.require_miner(miner)
-        self._check_round(round_)
+        self.check_round(round_)
         try:
             return self._intake(miner, round_, body, sha)
         except (Unprocessable, Conflict) as e:
@@ -152,7 +152,7 @@ class Intake:
             raise
 
     def _intake(self, miner: str, round_: int, body: bytes, sha: str) -> SubmissionReceipt:
-        if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
+        if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
             return receipt
         try:
             seen = self.codec.examine(body, self.spec)
@@ -169,8 +169,8 @@ class Intake:
         if self.hooks.before_intake_commit is not None:
             self.hooks.before_intake_commit(round_, miner)
         with self.cell.lock:
-            self._check_round(round_)
-            if (receipt := self._earlier_upload(miner, round_, sha, len(body))) is not None:
+            self.check_round(round_)
+            if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
                 return receipt  # a concurrent upload of the same miner won the race
             self._check_version(header.base_version, round_)
             state, now = self.cell.state, self.clock()
@@ -209,7 +209,7 @@ class Intake:
         self.metrics.uploads.set(len(state.uploaded) + 1)
         return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
 
-    def _earlier_upload(self, miner: str, round_: int, sha: str, size: int) -> SubmissionReceipt | None:
+    def earlier_upload(self, miner: str, round_: int, sha: str) -> SubmissionReceipt | None:
         """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""
         prev = self.store.upload(round_, miner)
         if prev is None:
@@ -218,7 +218,9 @@ class Intake:
             raise Conflict(
                 "already_submitted", f"miner already uploaded a different payload in round {round_}"
             )
-        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=size, duplicate=True)
+        return SubmissionReceipt(
+            round=round_, miner=miner, payload_sha256=sha, bytes=prev.size, duplicate=True
+        )
 
     def _check_version(self, base_version: int, round_: int) -> None:
         """The round's version, or (overlapped rounds) the one the round behind published since."""
@@ -231,7 +233,7 @@ class Intake:
                 f"round {round_} is for version {state.version}{also}",
             )
 
-    def _check_round(self, round_: int) -> None:
+    def check_round(self, round_: int) -> None:
         cur = self.cell.state
         if round_ < cur.round or (round_ == cur.round and cur.status != "open"):
             raise Conflict("round_closed", f"round {round_} is closed; the current round is {cur.round}")

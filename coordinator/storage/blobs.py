@@ -35,6 +35,10 @@ class BlobCorruptError(ValueError):
     """A kept blob's bytes do not hash to its name."""
 
 
+class BlobTooLargeError(ValueError):
+    """An object in the bucket is larger than it may be (a store that did not hold a form's size limit)."""
+
+
 class RangeNotSatisfiableError(ValueError):
     def __init__(self, size: int) -> None:
         super().__init__(f"no requested byte is within the blob's {size} bytes")
@@ -285,6 +289,40 @@ class S3BlobStore:
         }
         url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expiry_s))
         return url
+
+    # -- uploads straight from the miners (``[blobs] direct_uploads``) -------------------------------------
+    def incoming_key(self, round_: int, miner: str, sha: str) -> str:
+        """Where a miner's direct upload lands: its own key, apart from the content-addressed objects (no
+        miner can write one of those, a checkpoint say, whose name it knows)."""
+        name = f"incoming/{round_}/{miner}/{_valid(sha)}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def upload_form(self, key: str, max_bytes: int, expiry_s: float) -> tuple[str, dict[str, str]]:
+        """A presigned POST form for ``key`` alone and at most ``max_bytes``: (url, fields)."""
+        post = self.client.generate_presigned_post(
+            Bucket=self.bucket,
+            Key=key,
+            Conditions=[["content-length-range", 1, max_bytes]],
+            ExpiresIn=int(expiry_s),
+        )
+        return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
+
+    def take(self, key: str, max_bytes: int) -> bytes:
+        """The object at ``key``, removed from there once read (it is taken once, whatever it holds). Raises
+        BlobNotFoundError if there is none, BlobTooLargeError beyond ``max_bytes`` (removed unread)."""
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+            if size <= max_bytes:
+                with contextlib.closing(self.client.get_object(Bucket=self.bucket, Key=key)["Body"]) as body:
+                    data: bytes = body.read(max_bytes + 1)
+        except Exception as e:
+            if _s3_code(e) in _S3_MISSING:
+                raise BlobNotFoundError(key) from None
+            raise
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+        if size > max_bytes or len(data) > max_bytes:
+            raise BlobTooLargeError(f"{size} bytes, more than {max_bytes}")
+        return data
 
     def _length(self, sha: str) -> int | None:
         try:

@@ -9,6 +9,7 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
+import boto3
 import httpx
 import pytest
 
@@ -73,10 +74,12 @@ def test_a_miner_downloads_straight_from_the_object_store(
     Synchronous rounds: the miner catches up as each round starts; overlapped: version 1 comes out while
     round 1 trains, and the miner merges it (or catches up to it, if it came out first).
 
-    The synchronous network keeps its state in a real PostgreSQL ([store] url) rather than the SQLite
-    file, as a network beyond one machine does: nothing of it is in the state directory, and a coordinator
-    started again on the same database resumes where the first stopped."""
-    blobs = {**s3_bucket, "redirect_downloads": True}
+    The synchronous network is set up as one beyond one machine is: its state in a real PostgreSQL ([store]
+    url) rather than the SQLite file (nothing of it in the state directory; a coordinator started again on
+    the same database resumes where the first stopped), and its miner's uploads straight to the bucket
+    ([blobs] direct_uploads: a presigned form, then a commit), so that no payload passes through the
+    coordinator either way."""
+    blobs = {**s3_bucket, "redirect_downloads": True, "direct_uploads": not overlap}
     rounds = {"min_quorum": 1, "deadline_s": 30.0, "overlap": overlap}
     store = {} if overlap else {"url": request.getfixturevalue("postgres_url")}
     with live_coordinator(blobs=blobs, rounds=rounds, store=store) as server:
@@ -98,6 +101,11 @@ def test_a_miner_downloads_straight_from_the_object_store(
     assert float(redirects.split()[1]) >= (2 if overlap else 3)
     assert [r["accepted"] for r in status["rounds"][:3]] == [1, 1, 1]
     if not overlap:
+        bucket = boto3.session.Session().client("s3", endpoint_url=s3_bucket["s3_endpoint_url"])
+        listed = bucket.list_objects_v2(Bucket=s3_bucket["s3_bucket"], Prefix=s3_bucket["s3_prefix"])
+        keys = [o["Key"] for o in listed.get("Contents", [])]
+        assert done.stderr.count("upload taken (sent straight to the object store)") == 3
+        assert not [k for k in keys if "/incoming/" in k]  # each direct upload taken from its key
         assert not (tmp_path / "coordinator" / "state.db").exists()
         with live_coordinator(blobs=blobs, rounds=rounds, store=store) as again:
             resumed = httpx.get(f"{again.url}/v1/round", timeout=10).json()

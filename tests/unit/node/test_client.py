@@ -12,9 +12,9 @@ import boto3
 import httpx
 import pytest
 
-from node.client import (
+from node.client import CoordinatorClient
+from node.errors import (
     AlreadySubmitted,
-    CoordinatorClient,
     NotAuthorized,
     ProtocolMismatch,
     Rejected,

@@ -1,0 +1,54 @@
+"""Uploads straight from the miners to the object store (``[blobs] direct_uploads``): a presigned form for
+the miner's own key, then a commit, which the coordinator takes through the same intake (the same checks,
+refusals and records) as an upload sent to it. Only the commit's few bytes reach the coordinator from the
+miner; it reads the payload from the bucket."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable
+
+from coordinator.errors import NotFound, PayloadTooLarge, Unprocessable
+from coordinator.rounds.intake import Intake
+from coordinator.storage.blobs import BlobNotFoundError, BlobTooLargeError, S3BlobStore
+from protocol.wire import SubmissionReceipt, UploadIntent, UploadTicket
+
+
+class DirectUploads:
+    def __init__(
+        self, bucket: S3BlobStore, intake: Intake, max_bytes: int, expiry_s: float, clock: Callable[[], float]
+    ) -> None:
+        self.bucket, self.intake, self.max_bytes = bucket, intake, max_bytes
+        self.expiry_s, self.clock = expiry_s, clock
+
+    def ticket(self, miner: str, round_: int, intent: UploadIntent) -> UploadTicket:
+        """A form for one payload of this miner in this open round."""
+        self.intake.require_miner(miner)
+        self.intake.check_round(round_)
+        if intent.bytes > self.max_bytes:
+            raise PayloadTooLarge(
+                "payload_too_large", f"{intent.bytes} bytes exceed the {self.max_bytes}-byte limit"
+            )
+        key = self.bucket.incoming_key(round_, miner, intent.sha256)
+        url, fields = self.bucket.upload_form(key, self.max_bytes, self.expiry_s)
+        return UploadTicket(
+            url=url, fields=fields, expires_at=self.clock() + self.expiry_s, max_bytes=self.max_bytes
+        )
+
+    def commit(self, miner: str, round_: int, sha: str) -> SubmissionReceipt:
+        """Take the payload the miner put under its key as its upload of the round."""
+        self.intake.require_miner(miner)
+        self.intake.check_round(round_)
+        try:
+            body = self.bucket.take(self.bucket.incoming_key(round_, miner, sha), self.max_bytes)
+        except BlobNotFoundError:
+            if (receipt := self.intake.earlier_upload(miner, round_, sha)) is not None:
+                return receipt  # a commit sent again: the payload was taken the first time
+            raise NotFound(
+                "upload_missing", "nothing under this upload's key: POST the payload with the form first"
+            ) from None
+        except BlobTooLargeError as e:
+            raise PayloadTooLarge("payload_too_large", f"the uploaded payload is too large: {e}") from None
+        if hashlib.sha256(body).hexdigest() != sha:
+            raise Unprocessable("digest_mismatch", "the uploaded payload does not have the sha256 committed")
+        return self.intake.submit(miner, round_, body, sha)
