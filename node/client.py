@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import contextlib
 import hashlib
+import logging
 import time
 from collections.abc import Iterator
 from pathlib import Path
@@ -48,6 +49,7 @@ from protocol.wire import (
     VersionInfo,
 )
 
+log = logging.getLogger(__name__)
 M = TypeVar("M", bound=BaseModel)
 REDIRECT_TRIES = 3
 
@@ -71,12 +73,18 @@ class CoordinatorClient:
         ca_cert: Path | None = None,
         trust: Trust | None = None,
     ) -> None:
-        """``trust``: check every answer against the coordinator's key and signed history (nodes always
-        do; without it, answers are taken as they come: tools and tests)."""
+        """``base_url``: the coordinator's, or several comma-separated (replicas of one network: a request
+        that finds one unreachable, failing with a 5xx or busy goes to the next). ``trust``: check every
+        answer against the coordinator's key and signed history (nodes always do; without it, answers are
+        taken as they come: tools and tests)."""
         self.key, self.trust = key, trust
         self.timeout_s = timeout_s
+        self.urls = [u.strip().rstrip("/") for u in base_url.split(",") if u.strip()]
+        if not self.urls:
+            raise ValueError("no coordinator URL given")
+        self.replica = 0  # the one requests go to: the last that answered
         self.http = httpx.Client(
-            base_url=base_url.rstrip("/"),
+            base_url=self.urls[0],
             verify=tls_context(ca_cert),
             timeout=httpx.Timeout(timeout_s, connect=5.0),
             headers={HEADER_PROTOCOL: str(PROTOCOL_VERSION)},
@@ -102,6 +110,28 @@ class CoordinatorClient:
         params: dict[str, str] | None = None,
         timeout_s: float | None = None,
         timed: bool = True,
+    ) -> httpx.Response:
+        """One request, to each replica in turn (from the one that answered last) until one answers."""
+        for turn in range(len(self.urls)):
+            try:
+                return self._send_once(method, path, body, signed, params, timeout_s, timed)
+            except Unavailable as e:
+                if turn == len(self.urls) - 1:
+                    raise
+                self.replica = (self.replica + 1) % len(self.urls)
+                self.http.base_url = httpx.URL(self.urls[self.replica])
+                log.warning("%s; trying the replica at %s", e, self.urls[self.replica])
+        raise AssertionError("unreachable")
+
+    def _send_once(
+        self,
+        method: str,
+        path: str,
+        body: bytes | None,
+        signed: bool,
+        params: dict[str, str] | None,
+        timeout_s: float | None,
+        timed: bool,
     ) -> httpx.Response:
         t0 = time.perf_counter()
         request = self.http.build_request(

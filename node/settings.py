@@ -18,7 +18,11 @@ AdversaryKind = Literal[
 class MinerSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
 
-    coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
+    coordinator: str = Field(
+        default="http://127.0.0.1:8000",
+        description="the coordinator's base URL; several, comma-separated: replicas, tried in turn when one "
+        "fails",
+    )
     ca_cert: Path | None = Field(
         default=None, description="HTTPS: trust this CA's certificates too (PEM), beside the system's"
     )
@@ -55,7 +59,11 @@ class MinerSettings(BaseSettings):
 class ValidatorSettings(BaseSettings):
     model_config = SettingsConfigDict(env_prefix="GRADPOOL_", extra="forbid")
 
-    coordinator: str = Field(default="http://127.0.0.1:8000", description="the coordinator's base URL")
+    coordinator: str = Field(
+        default="http://127.0.0.1:8000",
+        description="the coordinator's base URL; several, comma-separated: replicas, tried in turn when one "
+        "fails",
+    )
     ca_cert: Path | None = Field(
         default=None, description="HTTPS: trust this CA's certificates too (PEM), beside the system's"
     )

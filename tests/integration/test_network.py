@@ -22,10 +22,12 @@ def test_two_miners_train_three_overlapped_rounds(
 ) -> None:
     """Each miner catches up, starts from its guess of the version being made and merges it if it comes
     mid-round; every hash still matches (a mismatch would fall back to the checkpoint). Synchronous rounds
-    run in every other network test."""
+    run in every other network test. The second miner is given two coordinator URLs, the first of which
+    nothing answers (a replica that is down): it mines through the second."""
     with live_coordinator(rounds={"min_quorum": 2, "deadline_s": 60.0, "overlap": True}) as server:
+        urls = [server.url, f"http://127.0.0.1:9,{server.url}"]
         procs = [
-            start_miner(server.url, tmp_path / f"m{i}.pem", tmp_path / f"state{i}", tmp_path / f"m{i}.log")
+            start_miner(urls[i], tmp_path / f"m{i}.pem", tmp_path / f"state{i}", tmp_path / f"m{i}.log")
             for i in range(2)
         ]
         try:
@@ -47,6 +49,7 @@ def test_two_miners_train_three_overlapped_rounds(
     assert codes == [0, 0], "miners must stop cleanly on SIGTERM"
     logs = "".join((tmp_path / f"m{i}.log").read_text() for i in range(2))
     assert "hash mismatch" not in logs and "loaded checkpoint" in logs
+    assert f"trying the replica at {urls[0]}" in (tmp_path / "m1.log").read_text()
     assert logs.count("loaded checkpoint") == 2  # once each, at the start: every later version by update
     for i in range(2):
         assert (tmp_path / f"state{i}" / "miner-state.safetensors").exists()

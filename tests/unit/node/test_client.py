@@ -175,3 +175,29 @@ def test_downloads_redirect_to_the_object_store_and_keep_their_hashes(
         assert version == 0 and params_hash(load_checkpoint(data, spec)[0], spec) == info["param_hash"]
         metrics = httpx.get(f"{server.url}/metrics").text
     assert "gradpool_download_redirects_total 2.0" in metrics
+
+
+def test_a_request_goes_to_the_next_replica_when_one_fails_and_stays_there() -> None:
+    """Several coordinator URLs (replicas of one network): unreachable or a 5xx, the request goes to the
+    next; a refusal (4xx) is the coordinator's answer, not a failure, and is not sent elsewhere."""
+    seen: list[str] = []
+
+    def handler(request: httpx.Request) -> httpx.Response:
+        seen.append(request.url.host)
+        if request.url.host == "a.test":
+            raise httpx.ConnectError("connection refused", request=request)
+        if request.url.host == "b.test":
+            return httpx.Response(503, json={"error": {"code": "internal_error", "message": "down"}})
+        return httpx.Response(409, json={"error": {"code": "round_closed", "message": "closed"}})
+
+    client = CoordinatorClient(
+        "http://a.test, http://b.test,http://c.test/", generate_key(), transport=httpx.MockTransport(handler)
+    )
+    with pytest.raises(RoundClosed):
+        client.submit(0, b"payload")
+    assert seen == ["a.test", "b.test", "c.test"]
+    with pytest.raises(RoundClosed):
+        client.submit(0, b"payload")
+    assert seen[3:] == ["c.test"] and client.urls[client.replica] == "http://c.test"
+    with pytest.raises(ValueError, match="no coordinator URL"):
+        CoordinatorClient(" , ", generate_key())
