@@ -12,6 +12,7 @@ from __future__ import annotations
 import json
 import logging
 import os
+import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -42,6 +43,7 @@ from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore, S3BlobStore, make_blob_store
+from coordinator.storage.lease import LeaderLease
 from coordinator.storage.lock import StateLock
 from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
@@ -79,6 +81,11 @@ class Run:
             self.lock.release()
             raise
         try:
+            # the embedded store's file is this process's alone (the state directory's lock): no waiting
+            name = settings.cluster.name or f"{socket.gethostname()}:{os.getpid()}"
+            embedded = (settings.store_url() or "sqlite").startswith("sqlite")
+            self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=embedded)
+            self.lease.acquire()
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)
             self._build(
@@ -307,6 +314,7 @@ class Run:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
+        self.lease.start()
         self.closer.start()
 
     def close(self) -> None:
@@ -314,8 +322,9 @@ class Run:
         self.closer.stop()
         self.intake_pool.shutdown(wait=True)
         model, data = self.downloads.take()
-        if model or data:
+        if (model or data) and not self.lease.lost.is_set():
             self.store.add_bytes_down(self.cell.state.round, model, data)
+        self.lease.release()
         self.store.close()
         self.lock.release()
 

@@ -260,6 +260,19 @@ class StoreSettings(Section):
     )
 
 
+class ClusterSettings(Section):
+    """Several coordinator processes on one PostgreSQL store and one S3 bucket: the one that holds the
+    leader lease serves and changes the run; the others stand by, and the first to find the lease run out
+    takes over where it stopped."""
+
+    lease_s: float = Field(
+        default=10.0, ge=1, le=600, description="how long the leader lease lasts unless renewed (every third)"
+    )
+    name: str | None = Field(
+        default=None, description="this process in the lease and the logs; None: host:pid"
+    )
+
+
 class IdentitySettings(Section):
     """The coordinator's own Ed25519 key: it signs the version history and its answers (protocol/history.py);
     its public key is in /v1/info, and miners pin it."""
@@ -303,6 +316,7 @@ class CoordinatorSettings(BaseSettings):
     admission: AdmissionSettings = Field(default_factory=AdmissionSettings)
     identity: IdentitySettings = Field(default_factory=IdentitySettings)
     store: StoreSettings = Field(default_factory=StoreSettings)
+    cluster: ClusterSettings = Field(default_factory=ClusterSettings)
     max_payload_bytes: int | None = Field(
         default=None, ge=1024, description="None: the largest valid payload for this model and codec"
     )

@@ -138,14 +138,24 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
             tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
             os.replace(tmp, ready_file)
 
-    task = asyncio.create_task(announce())
+    async def step_down() -> None:  # a leader that lost its lease stops serving, and says why
+        while not run.lease.lost.is_set():
+            await asyncio.sleep(0.5)
+        server.should_exit = True
+
+    tasks = [asyncio.create_task(announce()), asyncio.create_task(step_down())]
     await server.serve()
-    task.cancel()
+    for task in tasks:
+        task.cancel()
+    if run.lease.lost.is_set():
+        fail(f"stopped: lost the leader lease ({run.lease.why})", 1)
 
 
 @app.command()
 def status(
-    coordinator: Annotated[str, typer.Option(help="the coordinator's URL")] = "http://127.0.0.1:8000",
+    coordinator: Annotated[
+        str, typer.Option(help="the coordinator's URL; several, comma-separated: replicas, tried in turn")
+    ] = "http://127.0.0.1:8000",
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
     ca_cert: CaCertOpt = None,
 ) -> None:
@@ -156,15 +166,24 @@ def status(
 
     try:
         verify = tls_context(ca_cert)
-        response = httpx.get(f"{coordinator.rstrip('/')}/v1/status", timeout=10.0, verify=verify)
-        response.raise_for_status()
-        data = response.json()
-    except (httpx.HTTPError, ValueError, OSError) as e:  # OSError: an unreadable CA file
-        fail(f"cannot read status from {coordinator}: {e}", 1)
+    except OSError as e:  # an unreadable CA file
+        fail(f"cannot read the CA certificate {ca_cert}: {e}", 1)
+    failures = []
+    for url in [u.strip().rstrip("/") for u in coordinator.split(",") if u.strip()]:
+        try:
+            response = httpx.get(f"{url}/v1/status", timeout=10.0, verify=verify)
+            response.raise_for_status()
+            data = response.json()
+            break
+        except (httpx.HTTPError, ValueError) as e:
+            failures.append(f"{url}: {e}")
+    else:
+        fail(f"cannot read status from {coordinator}: {'; '.join(failures) or 'no URL given'}", 1)
     if as_json:
         typer.echo(json.dumps(data, indent=1))
         return
     r, run = data["round"], data["run"]
+    typer.echo(f"answered by {url}" + (f" ({len(failures)} before it did not answer)" if failures else ""))
     typer.echo(f"run {run['run_id']}: model {run['model']}, codec {run['codec']['name']}")
     typer.echo(
         f"round {r['round']} ({r['status']}), version {r['version']}, "

@@ -77,6 +77,8 @@ def simulate(
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
     settings = load_settings(CoordinatorSettings, config, overrides)
+    if settings.data.corpus is not None and not settings.data.corpus.exists():  # before starting anything
+        raise SimulationFailed(f"corpus path {settings.data.corpus} does not exist")
     procs = Processes(out / "logs")
     try:
         try:

@@ -83,6 +83,10 @@ class Tx:
     def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
         self._c.execute(statement(sql), bound(args))
 
+    def count(self, sql: str, args: Sequence[Any] = ()) -> int:
+        """The rows a write statement changed."""
+        return int(self._c.execute(statement(sql), bound(args)).rowcount)
+
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
         many = [bound(r) for r in rows]
         if many:

@@ -17,6 +17,7 @@ from typing import Any
 
 from sqlalchemy import Connection, RowMapping
 
+from coordinator.storage.lease import LeaseStore
 from coordinator.storage.records import (
     HEALTH_FIELDS,
     Health,
@@ -36,7 +37,7 @@ from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
 from protocol.history import SignedRecord
 
 
-class SqlStore(ReportReads, ScoreReads, VersionStore):
+class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
     ``coordinator/storage/versions.py``)."""
@@ -46,7 +47,10 @@ class SqlStore(ReportReads, ScoreReads, VersionStore):
         self._engine = make_engine(url)
         prepare(self._engine, self.url)
         # PostgreSQL: the reads of ``reading`` see one snapshot (SQLite's transactions always do)
-        self._snapshot = "SERIALIZABLE" if self._engine.dialect.name == "sqlite" else "REPEATABLE READ"
+        sqlite = self._engine.dialect.name == "sqlite"
+        self._snapshot = "SERIALIZABLE" if sqlite else "REPEATABLE READ"
+        self._for_share = "" if sqlite else " FOR SHARE"  # the lease row, held until a fenced write commits
+        self._fence: tuple[str, int] | None = None
         self._lock = threading.RLock()
         self._current: Connection | None = None  # the lock holder's transaction, which nested calls join
         self._nonce_writes = 0
@@ -55,8 +59,13 @@ class SqlStore(ReportReads, ScoreReads, VersionStore):
         with self._lock:
             self._engine.dispose()
 
+    def fence(self, holder: str, token: int) -> None:
+        """From now on every write checks that ``holder`` still holds the leader lease with ``token``
+        (coordinator/storage/lease.py), and raises Deposed, writing nothing, if not."""
+        self._fence = (holder, token)
+
     @contextmanager
-    def _connection(self, isolation: str | None = None) -> Iterator[Connection]:
+    def _connection(self, isolation: str | None = None, write: bool = False) -> Iterator[Connection]:
         """A transaction on a pooled connection (checked before use, so a database restarted since costs
         nothing but the statements made while it was down), or the one this thread is already in."""
         with self._lock:
@@ -69,6 +78,8 @@ class SqlStore(ReportReads, ScoreReads, VersionStore):
                 with c.begin():
                     self._current = c
                     try:
+                        if write and self._fence is not None:
+                            self.check_fence(Tx(c), self._fence)
                         yield c
                     finally:
                         self._current = None
@@ -76,6 +87,12 @@ class SqlStore(ReportReads, ScoreReads, VersionStore):
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
         """Statements that commit together or not at all."""
+        with self._connection(write=True) as c:
+            yield Tx(c)
+
+    @contextmanager
+    def unfenced(self) -> Iterator[Tx]:
+        """A transaction whatever the leader lease says (the lease's own statements)."""
         with self._connection() as c:
             yield Tx(c)
 
@@ -94,7 +111,7 @@ class SqlStore(ReportReads, ScoreReads, VersionStore):
             return Tx(c).one(sql, args)
 
     def _execute(self, sql: str, *args: Any) -> None:
-        with self._connection() as c:
+        with self._connection(write=True) as c:
             Tx(c).execute(sql, args)
 
     # -- meta and nonces ----------------------------------------------------------------------------------

@@ -47,6 +47,10 @@ def test_a_miner_trusts_the_coordinators_ca_and_nothing_else(tmp_path: Path, cor
             assert "Traceback" not in procs.log(name)
         status = gradpool("status", "--coordinator", url, "--ca-cert", str(tls.ca), "--json")
         assert status.returncode == 0 and '"miners": 1' in status.stdout, status.stderr
+        replicas = gradpool("status", "--coordinator", f"https://127.0.0.1:9,{url}", "--ca-cert", str(tls.ca))
+        assert replicas.returncode == 0 and f"answered by {url} (1 before it" in replicas.stdout, (
+            replicas.stderr
+        )
         untrusted = gradpool("status", "--coordinator", url)
         assert untrusted.returncode == 1 and "CERTIFICATE_VERIFY_FAILED" in untrusted.stderr
     finally:
