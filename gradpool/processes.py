@@ -18,6 +18,7 @@ import runpy
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from multiprocessing.context import ForkServerContext
 from multiprocessing.process import BaseProcess
@@ -88,17 +89,18 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str) -> None:
-    """In the forked process: become ``python -m gradpool ARGS`` in this environment, output to ``log``."""
+def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str, err: str | None = None) -> None:
+    """In the forked process: become ``python -m gradpool ARGS`` in this environment, output to ``log``
+    (standard error too, or to ``err``)."""
     # what ps shows: the command, not the fork server's (first: it finds the title's memory by environ)
     setproctitle(" ".join(["gradpool", *args]))
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
-    fd = os.open(log, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
-    os.dup2(fd, 1)
-    os.dup2(fd, 2)
-    os.close(fd)
+    for target, path in ((1, log), (2, err or log)):
+        fd = os.open(path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        os.dup2(fd, target)
+        os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own stdout)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
     sys.argv = ["gradpool", *args]
@@ -113,6 +115,39 @@ def _fork_server() -> ForkServerContext | None:
     assert isinstance(context, ForkServerContext)
     context.set_forkserver_preload(PRELOAD)
     return context
+
+
+def run(
+    args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120.0, cwd: Path | None = None
+) -> subprocess.CompletedProcess[str]:
+    """``python -m gradpool ARGS`` to its end, as ``subprocess.run`` with captured output would run it, but
+    forked from the fork server (a short command then costs no import): its exit code, stdout, stderr."""
+    context = _fork_server()
+    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **(env or {})}
+    if context is None:
+        command = [sys.executable, "-m", "gradpool", *args]
+        return subprocess.run(
+            command,
+            capture_output=True,
+            text=True,
+            timeout=timeout_s,
+            env=full_env,
+            stdin=subprocess.DEVNULL,
+            cwd=cwd,
+        )
+    with tempfile.TemporaryDirectory(prefix="gradpool-run-") as tmp:
+        out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
+        process = context.Process(
+            target=_gradpool, args=(args, full_env, str(cwd or os.getcwd()), str(out), str(err))
+        )
+        process.start()
+        process.join(timeout_s)
+        if process.exitcode is None:
+            process.kill()
+            process.join()
+            raise subprocess.TimeoutExpired(["gradpool", *args], timeout_s)
+        read = [p.read_text(errors="replace") if p.exists() else "" for p in (out, err)]
+        return subprocess.CompletedProcess(["gradpool", *args], process.exitcode, *read)
 
 
 class ProcessFailed(RuntimeError):

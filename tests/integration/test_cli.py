@@ -3,19 +3,9 @@ error with a non-zero exit, no traceback (every other command's errors: tests/un
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
-
-def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradpool", *args],
-        capture_output=True,
-        text=True,
-        timeout=120,
-        stdin=subprocess.DEVNULL,
-    )
+from tests.helpers.cli import gradpool
 
 
 def test_keygen_writes_a_private_key_and_prints_its_identity(tmp_path: Path) -> None:

@@ -27,6 +27,7 @@ from coordinator.settings import CoordinatorSettings
 from gradpool.config import load_settings
 from gradpool.processes import Processes
 from node.settings import MinerSettings, ValidatorSettings
+from tests.helpers.cli import gradpool
 from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -287,14 +288,7 @@ def test_example_configs_load(tmp_path: Path) -> None:
 def test_malformed_config_is_one_line_error(tmp_path: Path) -> None:
     bad = tmp_path / "bad.toml"
     bad.write_text('model = "tiny"\n[recipe\ninner_steps = 4\n')
-    done = subprocess.run(
-        [sys.executable, "-m", "gradpool", "coordinator", "serve", "--config", str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-    )
+    done = gradpool("coordinator", "serve", "--config", str(bad), timeout_s=50, cwd=tmp_path)
     assert done.returncode == 2
     assert "Traceback" not in done.stderr
     lines = done.stderr.strip().splitlines()
@@ -310,14 +304,7 @@ def test_malformed_config_is_one_line_error(tmp_path: Path) -> None:
 def test_a_device_the_machine_cannot_use_is_one_line_error(tmp_path: Path, device: str, says: str) -> None:
     """A name torch does not know fails as the settings load; a CUDA device this machine lacks, as the
     coordinator starts: either way one line, a non-zero exit and nothing made."""
-    done = subprocess.run(
-        [sys.executable, "-m", "gradpool", "coordinator", "serve", "--device", device, "--port", "0"],
-        capture_output=True,
-        text=True,
-        timeout=50,
-        cwd=tmp_path,
-        stdin=subprocess.DEVNULL,
-    )
+    done = gradpool("coordinator", "serve", "--device", device, "--port", "0", timeout_s=50, cwd=tmp_path)
     assert done.returncode != 0 and "Traceback" not in done.stderr
     assert says in done.stderr.strip().splitlines()[-1], done.stderr
     assert not (tmp_path / "gradpool-state").exists()

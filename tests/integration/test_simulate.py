@@ -6,12 +6,12 @@ from __future__ import annotations
 import json
 import os
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from benchmarks.replay import replay
+from tests.helpers.cli import gradpool as run_gradpool
 
 ROUND_FIELDS = {
     "round",
@@ -30,13 +30,7 @@ ROUNDS = 8  # the llama network's
 
 
 def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradpool", *args],
-        capture_output=True,
-        text=True,
-        timeout=240,
-        stdin=subprocess.DEVNULL,
-    )
+    return run_gradpool(*args, timeout_s=240)
 
 
 @pytest.mark.slow  # a real network of miner processes

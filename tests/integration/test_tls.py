@@ -5,23 +5,16 @@ before the coordinator starts."""
 
 from __future__ import annotations
 
-import subprocess
-import sys
 from pathlib import Path
 
 import pytest
 
 from gradpool.processes import Processes
+from tests.helpers.cli import gradpool
 from tests.helpers.miners import QUICK_ROUNDS, mine_args
 from tests.helpers.tls import make_tls
 
 pytestmark = pytest.mark.integration
-
-
-def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradpool", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 @pytest.mark.slow  # a coordinator and miner processes

@@ -9,8 +9,6 @@ from __future__ import annotations
 
 import json
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -23,16 +21,11 @@ from gradpool.processes import Processes
 from protocol.history import sign
 from protocol.signing import generate_key, public_key_hex
 from protocol.wire import RunInfo
+from tests.helpers.cli import gradpool
 from tests.helpers.miners import mine_args
 from tests.helpers.proxy import Proxy, flip_byte
 
 pytestmark = [pytest.mark.integration, pytest.mark.slow]  # a coordinator and miner processes
-
-
-def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run(
-        [sys.executable, "-m", "gradpool", *args], capture_output=True, text=True, timeout=120
-    )
 
 
 def impostor(body: bytes) -> bytes:

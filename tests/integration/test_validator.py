@@ -5,8 +5,6 @@ from __future__ import annotations
 
 import contextlib
 import sqlite3
-import subprocess
-import sys
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -15,6 +13,7 @@ import httpx
 import pytest
 
 from protocol.evaluation import LOSS_FIELDS
+from tests.helpers.cli import gradpool
 from tests.helpers.miners import start_miner
 
 pytestmark = pytest.mark.slow  # a real network of miners and a validator
@@ -36,28 +35,17 @@ def test_validator_agrees_with_the_coordinator(
             start_miner(server.url, tmp_path / f"m{i}.pem", tmp_path / f"s{i}", tmp_path / f"m{i}.log")
             for i in range(2)
         ]
-        validator = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "gradpool",
-                "validate",
-                "--coordinator",
-                server.url,
-                "--key",
-                str(tmp_path / "v.pem"),
-                "--create-key",
-                "--state-dir",
-                str(tmp_path / "v"),
-                "--threads",
-                "1",
-                "--max-rounds",
-                "2",
-            ],
-            capture_output=True,
-            text=True,
-            timeout=240,
-            stdin=subprocess.DEVNULL,
+        key_and_state = ["--key", str(tmp_path / "v.pem"), "--create-key", "--state-dir", str(tmp_path / "v")]
+        validator = gradpool(
+            "validate",
+            "--coordinator",
+            server.url,
+            *key_and_state,
+            "--threads",
+            "1",
+            "--max-rounds",
+            "2",
+            timeout_s=240,
         )
         try:
             assert validator.returncode == 0, validator.stderr[-2000:]

@@ -8,7 +8,6 @@ import os
 import sqlite3
 import statistics
 import subprocess
-import sys
 from pathlib import Path
 from typing import Any
 
@@ -20,6 +19,7 @@ from protocol.codec.accumulate import aggregate
 from protocol.codec.measure import update_norm
 from protocol.errors import DataError
 from protocol.params import apply_update, params_hash
+from tests.helpers.cli import gradpool
 from tests.helpers.pool import SPEC, Miner, OpenPool, payload
 
 
@@ -176,17 +176,16 @@ def test_a_state_directory_from_before_migrations_is_refused_then_migrated_and_r
         db.execute("DROP TABLE lease")  # and none of the tables added since
         db.commit()
 
-    def gradpool(*args: str) -> subprocess.CompletedProcess[str]:
-        command = [sys.executable, "-m", "gradpool", "coordinator", *args, "--state-dir", str(state)]
-        return subprocess.run(command, capture_output=True, text=True, timeout=120, stdin=subprocess.DEVNULL)
+    def coordinator(*args: str) -> subprocess.CompletedProcess[str]:
+        return gradpool("coordinator", *args, "--state-dir", str(state))
 
-    refused = gradpool("serve", "--port", "0")
+    refused = coordinator("serve", "--port", "0")
     assert refused.returncode != 0 and "Traceback" not in refused.stderr
     assert "upgrade it with `gradpool coordinator migrate`" in refused.stderr.strip().splitlines()[-1]
-    migrated = gradpool("migrate")
+    migrated = coordinator("migrate")
     assert migrated.returncode == 0, migrated.stderr
     assert f"schema from before migrations -> {head()}" in migrated.stdout
-    assert "nothing to do" in gradpool("migrate").stdout
+    assert "nothing to do" in coordinator("migrate").stdout
 
     with open_pool(rounds=rounds) as pool:
         now = pool.round()
