@@ -34,6 +34,7 @@ from typing import Any
 import httpx
 import tomli_w
 
+from benchmarks.cluster import Cluster, Replicas, free_port, wait_for
 from gradpool.processes import Processes
 from protocol.data import stdlib_dir
 from protocol.model import build_model
@@ -62,11 +63,15 @@ class Node:
         self.procs, self.name, self.kind, self.args, self.ready = procs, name, kind, args, ready
         self.starts: list[float] = []
 
-    def start(self) -> str:
-        """Start it (a coordinator: and wait until it listens; its URL)."""
+    def start(self, wait: bool = True) -> str:
+        """Start it (a coordinator: and wait until it listens, unless not ``wait``: a standby; its URL)."""
         self.starts.append(time.time())
-        if self.ready is not None:
+        if self.ready is not None and wait:
             return self.procs.start_coordinator(self.args, self.ready, name=self.name)
+        if self.ready is not None:
+            self.ready.unlink(missing_ok=True)
+            self.procs.start(self.name, ["coordinator", "serve", *self.args, "--ready-file", str(self.ready)])
+            return ""
         self.procs.start(self.name, self.args)
         return ""
 
@@ -99,7 +104,7 @@ class Checks:
             log(f"VIOLATION: {message}")
             self.violations.append(message)
 
-    def poll(self, http: httpx.Client) -> None:
+    def poll(self, http: Replicas) -> None:
         """Everything new since the last poll, compared with what was seen before."""
         current = http.get("/v1/round").json()
         v = 0
@@ -119,7 +124,7 @@ class Checks:
                 continue  # checked often enough; the final pass reads every round again
             self._round(http, r)
 
-    def _round(self, http: httpx.Client, r: int) -> None:
+    def _round(self, http: Replicas, r: int) -> None:
         record = http.get(f"/v1/rounds/{r}").json()
         if record["status"] != "closed":
             return
@@ -128,7 +133,7 @@ class Checks:
             self.violation(f"round {r} changed after it closed: {self.closed[r]} -> {subs}")
 
     def final(
-        self, http: httpx.Client, nodes: list[Node], keys: dict[str, str], grace_s: float, end: float
+        self, http: Replicas, nodes: list[Node], keys: dict[str, str], grace_s: float, end: float
     ) -> dict[str, Any]:
         self.poll(http)
         current = http.get("/v1/round").json()
@@ -148,11 +153,11 @@ class Checks:
             "final_eval_loss": final,
         }
 
-    def _uploads_kept(self, http: httpx.Client, nodes: list[Node], keys: dict[str, str]) -> None:
+    def _uploads_kept(self, http: Replicas, nodes: list[Node], keys: dict[str, str]) -> None:
         for node in nodes:
             for line in node.lines():
                 words = line.get("message", "").split()
-                if "upload taken," not in line.get("message", ""):
+                if "upload taken" not in line.get("message", ""):
                     continue
                 round_, sha = int(words[1].rstrip(":")), words[-1]
                 record = http.get(f"/v1/rounds/{round_}").json()
@@ -162,7 +167,7 @@ class Checks:
                         f"{node.name}'s upload {sha[:12]} taken in round {round_} is not in its record"
                     )
 
-    def _chain(self, http: httpx.Client, latest: int) -> None:
+    def _chain(self, http: Replicas, latest: int) -> None:
         """Every kept checkpoint, and version 0 with every published update applied in turn, against the
         versions' hashes; every parameter finite."""
         spec = param_spec(build_model(SETTINGS["model"]))
@@ -191,13 +196,13 @@ class Checks:
     def _back_at_work(self, nodes: list[Node], grace_s: float, end: float) -> None:
         """After every start of a node, and every start of the coordinator, each honest miner takes part
         again (an upload taken), and the validator posts verdicts again, unless the run ended first."""
-        coordinator = next(n for n in nodes if n.kind == "coordinator")
+        restarts = {t for n in nodes if n.kind == "coordinator" for t in n.starts[1:]}
         for node in nodes:
             if node.kind not in ("miner", "validator"):
                 continue
-            markers = ("upload taken,",) if node.kind == "miner" else ("verdicts (", "nothing to evaluate")
+            markers = ("upload taken",) if node.kind == "miner" else ("verdicts (", "nothing to evaluate")
             done = [line["ts"] for line in node.lines() if any(m in line.get("message", "") for m in markers)]
-            for t in sorted({*node.starts[1:], *coordinator.starts[1:]}):
+            for t in sorted({*node.starts[1:], *restarts}):
                 if t < end - grace_s and not any(d > t for d in done):
                     self.violation(f"{node.name} did not work again after a restart at {time.ctime(t)}")
 
@@ -208,91 +213,127 @@ def corpus(root: Path) -> Path:
     return path
 
 
+def coordinators(
+    procs: Processes, settings: dict[str, Any], work: Path, replicas: int
+) -> tuple[list[Node], list[str]]:
+    """The coordinator process (or, on a shared store, ``replicas`` of them, each with a state directory and
+    a port of its own), started: the first listening, the others standing by. Their nodes and URLs."""
+    nodes, urls = [], []
+    for i in range(replicas):
+        name = "coordinator" if replicas == 1 else f"replica-{i}"
+        mine = {**settings, "state_dir": str(work / name)}
+        if replicas > 1:
+            mine["cluster"] = {**settings["cluster"], "name": name}
+        (work / f"{name}.toml").write_text(tomli_w.dumps(mine))
+        serve = ["--config", str(work / f"{name}.toml"), "--port", str(free_port())]
+        nodes.append(Node(procs, name, "coordinator", serve, ready=work / f"{name}.ready.json"))
+        urls.append(f"http://127.0.0.1:{serve[-1]}")
+    nodes[0].start()
+    for node in nodes[1:]:
+        node.start(wait=False)
+        wait_for(lambda n=node: "standing by" in n.procs.log(n.name), 120)  # type: ignore[misc]
+    return nodes, urls
+
+
 def soak(
-    minutes: float, miners: int, hostile: list[str], interval_s: float, seed: int, work: Path
+    minutes: float,
+    miners: int,
+    hostile: list[str],
+    interval_s: float,
+    seed: int,
+    work: Path,
+    replicas: int = 1,
+    cluster: Cluster | None = None,
 ) -> dict[str, Any]:
     rng = random.Random(seed)
-    settings = {
-        **SETTINGS,
-        "state_dir": str(work / "coordinator"),
-        "data": {**SETTINGS["data"], "corpus": str(corpus(work))},
-    }
-    (work / "coordinator.toml").write_text(tomli_w.dumps(settings))
+    settings = {**SETTINGS, "data": {**SETTINGS["data"], "corpus": str(corpus(work))}}
+    if cluster is not None:
+        settings.update(cluster.settings)
     procs = Processes(work / "logs", env={"GRADPOOL_LOG_FORMAT": "json"})
-    serve = ["--config", str(work / "coordinator.toml"), "--port", "0"]
-    coordinator = Node(procs, "coordinator", "coordinator", serve, ready=work / "ready.json")
-    url = coordinator.start()
-    serve[-1] = url.rsplit(":", 1)[1]  # the same port each time
+    servers, urls = coordinators(procs, settings, work, replicas)
+    url = ",".join(urls)  # the nodes know every process
     keys: dict[str, str] = {}
-    nodes = [coordinator]
+    nodes = list(servers)
     roster = [(f"miner-{i}", None) for i in range(miners)] + [(f"{k}-0", k) for k in hostile]
     for name, kind in roster:
         key = work / "keys" / f"{name}.pem"
         save_key(generate_key(), key)
         keys[name] = public_key_hex(load_key(key))
         cheat = [] if kind is None else ["--adversary", kind]
-        mine = [
-            "mine",
-            "--coordinator",
-            url,
-            "--key",
-            str(key),
-            "--state-dir",
-            str(work / "miners" / name),
-            "--threads",
-            "1",
-            *cheat,
-        ]
+        where = ["--key", str(key), "--state-dir", str(work / "miners" / name), "--threads", "1"]
+        mine = ["mine", "--coordinator", url, *where, *cheat]
         nodes.append(Node(procs, name, "miner" if kind is None else "hostile", mine))
-    validate = [
-        "validate",
-        "--coordinator",
-        url,
+    where = [
         "--key",
         str(work / "keys" / "validator.pem"),
         "--create-key",
         "--state-dir",
         str(work / "validator"),
-        "--threads",
-        "1",
     ]
-    nodes.append(Node(procs, "validator", "validator", validate))
-    for node in nodes[1:]:
+    nodes.append(
+        Node(procs, "validator", "validator", ["validate", "--coordinator", url, *where, "--threads", "1"])
+    )
+    for node in nodes[len(servers) :]:
         node.start()
     checks, kills = Checks(), {"coordinator": 0, "miner": 0, "validator": 0}
+    if replicas > 1:
+        kills |= {"leader": 0, "replica": 0, "postgres": 0}
+    failover_s: list[float] = []
     t0 = time.time()
     end = t0 + 60 * minutes
     turn = 0
     next_kill = t0 + rng.uniform(0.5, 1.5) * interval_s
-    with httpx.Client(base_url=url, timeout=10.0) as http:
-        while time.time() < end:
-            with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):  # the coordinator may be down
-                checks.poll(http)
-            for node in nodes:  # nothing may stop by itself
-                if (code := node.exited()) is not None:
-                    checks.violation(f"{node.name} exited by itself (exit code {code})")
-                    node.start()
-            if time.time() >= next_kill:
-                victim = (
-                    coordinator
-                    if turn % 2 == 0
-                    else rng.choice([n for n in nodes[1:] if n.kind != "hostile"])
-                )
-                turn += 1
-                log(f"{time.time() - t0:6.1f} s: SIGKILL {victim.name}")
-                victim.kill()
-                kills["coordinator" if victim is coordinator else victim.kind] += 1
-                time.sleep(rng.uniform(0.2, 3.0))
-                victim.start()
-                next_kill = time.time() + rng.uniform(0.5, 1.5) * interval_s
-            time.sleep(1.0)
-        for node in nodes[1:]:
-            procs.stop(node.name, grace_s=20)
-        wall = [r["wall_s"] for r in http.get("/v1/reports").json()]
-        grace = max(60.0, 4 * (sorted(wall)[len(wall) // 2] if wall else 15.0))
-        summary = checks.final(http, nodes, keys, grace, end)
+    http = Replicas(urls)
+    while time.time() < end:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):  # the coordinator may be down
+            checks.poll(http)
+        for node in nodes:  # nothing may stop by itself
+            if (code := node.exited()) is not None:
+                checks.violation(f"{node.name} exited by itself (exit code {code})")
+                node.start(wait=replicas == 1)
+        if cluster is not None and not kills.get("postgres", 1) and time.time() > t0 + 30 * minutes:
+            log(f"{time.time() - t0:6.1f} s: restart PostgreSQL")
+            cluster.postgres.stop()
+            time.sleep(rng.uniform(0.5, 2.0))
+            cluster.postgres.start()
+            kills["postgres"] += 1
+        if time.time() >= next_kill:
+            if turn % 2 == 0:
+                # replicas: the leader two times in three, else another (its standby, or a dead one)
+                leader = http.leader()
+                pick = leader if leader is not None and (replicas == 1 or rng.random() < 0.67) else None
+                if pick is None:
+                    pick = rng.choice([i for i in range(replicas) if i != leader] or [0])
+                victim = servers[pick]
+                kind = "coordinator" if replicas == 1 else "leader" if pick == leader else "replica"
+            else:
+                victim = rng.choice([n for n in nodes[len(servers) :] if n.kind != "hostile"])
+                kind = victim.kind
+            turn += 1
+            log(f"{time.time() - t0:6.1f} s: SIGKILL {victim.name} ({kind})")
+            victim.kill()
+            killed = time.time()
+            kills[kind] += 1
+            if kind == "leader":  # another takes over: how long until one answers again
+                if wait_for(lambda: http.leader() is not None, 120):
+                    failover_s.append(round(time.time() - killed, 2))
+                else:
+                    checks.violation(f"no coordinator process answered within 120 s of killing {victim.name}")
+            time.sleep(rng.uniform(0.2, 3.0))
+            victim.start(wait=replicas == 1)
+            next_kill = time.time() + rng.uniform(0.5, 1.5) * interval_s
+        time.sleep(1.0)
+    for node in nodes[len(servers) :]:
+        procs.stop(node.name, grace_s=20)
+    wall = [r["wall_s"] for r in http.get("/v1/reports").json()]
+    grace = max(60.0, 4 * (sorted(wall)[len(wall) // 2] if wall else 15.0))
+    summary = checks.final(http, nodes, keys, grace, end)
+    http.close()
     procs.stop_all(grace_s=20)
-    return {"minutes": minutes, "kills": kills, **summary, "violations": checks.violations}
+    out = {"minutes": minutes, "kills": kills, **summary, "violations": checks.violations}
+    if replicas > 1:
+        out |= {"replicas": replicas, "store": "postgres", "failover_s": failover_s}
+    return out
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:
@@ -302,6 +343,10 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--hostile", default="lutscale,signflip", help="comma-separated --adversary kinds")
     p.add_argument("--interval-s", type=float, default=15.0, help="mean time between kills")
     p.add_argument("--seed", type=int, default=0)
+    p.add_argument(
+        "--replicas", type=int, default=1, help="coordinator processes on one store (2+: postgres)"
+    )
+    p.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
     p.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
@@ -309,7 +354,14 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gradpool-chaos-") as tmp:
         work = args.out or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        result = soak(args.minutes, args.miners, hostile, args.interval_s, args.seed, work)
+        cluster = Cluster(work) if args.store == "postgres" or args.replicas > 1 else None
+        try:
+            result = soak(
+                args.minutes, args.miners, hostile, args.interval_s, args.seed, work, args.replicas, cluster
+            )
+        finally:
+            if cluster is not None:
+                cluster.close()
     if args.json:
         print(json.dumps(result))
     else:

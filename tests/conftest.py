@@ -14,12 +14,12 @@ from typing import Any
 import httpx
 import pytest
 
+from benchmarks.postgres import Postgres, pg_bin
 from coordinator.api.app import create_app
 from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from gradpool.processes import Child
 from protocol.data import stdlib_dir
-from tests.helpers.postgres import Postgres, pg_bin
 from tests.helpers.waiting import wait_until
 
 if os.environ.get("PYTEST_XDIST_WORKER"):

@@ -111,15 +111,21 @@ class LeaderLease:
     def acquire(self) -> int:
         """Take the lease, waiting as long as another holds it; returns the fencing token."""
         announced = False
-        while (token := self.store.take_lease(self.holder, time.time(), self.lease_s, self.force)) is None:
-            if not announced:
-                held = self.store.lease_holder()
-                log.info(
-                    "standing by: %s holds the leader lease (for %.1f s more unless renewed)",
-                    held.holder,
-                    held.expires_at - time.time(),
-                )
-                announced = True
+        while True:
+            try:
+                token = self.store.take_lease(self.holder, time.time(), self.lease_s, self.force)
+                if token is not None:
+                    break
+                if not announced:
+                    held = self.store.lease_holder()
+                    log.info(
+                        "standing by: %s holds the leader lease (for %.1f s more unless renewed)",
+                        held.holder,
+                        held.expires_at - time.time(),
+                    )
+                    announced = True
+            except Exception as e:  # the database is unreachable for now: stand by until it is back
+                log.warning("cannot reach the store for the leader lease: %s: %s", type(e).__name__, e)
             time.sleep(self.lease_s / 4)
         if announced:
             log.info("took the leader lease (token %d)", token)

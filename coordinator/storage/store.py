@@ -16,6 +16,7 @@ from pathlib import Path
 from typing import Any
 
 from sqlalchemy import Connection, RowMapping
+from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from coordinator.storage.lease import LeaseStore
 from coordinator.storage.records import (
@@ -37,6 +38,10 @@ from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
 from protocol.history import SignedRecord
 
 
+class StoreUnavailable(ConnectionError):
+    """The store's database cannot be reached or opened (an OSError: the command line says it in a line)."""
+
+
 class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
@@ -45,7 +50,12 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
     def __init__(self, url: str) -> None:
         self.url = redacted(url)
         self._engine = make_engine(url)
-        prepare(self._engine, self.url)
+        try:
+            prepare(self._engine, self.url)
+        except SQLAlchemyError as e:  # unreachable, refused, no such database, ...
+            self._engine.dispose()
+            first = str(e.orig if isinstance(e, DBAPIError) else e).strip().splitlines()[0]
+            raise StoreUnavailable(f"cannot open the store at {self.url}: {first}") from None
         # PostgreSQL: the reads of ``reading`` see one snapshot (SQLite's transactions always do)
         sqlite = self._engine.dialect.name == "sqlite"
         self._snapshot = "SERIALIZABLE" if sqlite else "REPEATABLE READ"

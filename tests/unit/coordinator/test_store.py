@@ -10,15 +10,15 @@ import pytest
 from sqlalchemy import inspect
 from sqlalchemy.exc import OperationalError
 
+from benchmarks.postgres import Postgres
 from coordinator.publishing.history import History
 from coordinator.storage.records import Health, NewSubmission, NewVersion, Outcome, RoundClose
 from coordinator.storage.schema import SchemaError, head, migrate
 from coordinator.storage.scores import COORDINATOR
 from coordinator.storage.sql import make_engine
-from coordinator.storage.store import SqlStore
+from coordinator.storage.store import SqlStore, StoreUnavailable
 from protocol.evaluation import Losses
 from protocol.signing import generate_key
-from tests.helpers.postgres import Postgres
 
 
 def submission(round_: int, miner: str, at: float, norm: float = 1.5) -> NewSubmission:
@@ -232,6 +232,15 @@ def test_a_state_file_from_before_migrations_is_refused_then_migrated_with_its_r
         assert upload.status == "accepted" and not upload.evaluated and upload.flag is None
     finally:
         store.close()
+
+
+def test_a_store_that_cannot_be_reached_is_one_clear_error(postgres_server: Postgres) -> None:
+    with pytest.raises(
+        StoreUnavailable, match=r"cannot open the store at postgresql://gradpool@127\.0\.0\.1"
+    ):
+        SqlStore(f"postgresql://gradpool@127.0.0.1:{postgres_server.port}/no_such_database")
+    with pytest.raises(ValueError, match="gradpool stores in sqlite:/// or postgresql://"):
+        SqlStore("mysql://somewhere/db")
 
 
 def test_a_schema_newer_than_the_code_is_refused(tmp_path: Path) -> None:

@@ -1,5 +1,6 @@
-"""A real PostgreSQL server for the tests: Debian's ``initdb`` and ``pg_ctl`` in a temporary directory, on
-127.0.0.1 and a free port, run as the ``postgres`` user when the tests run as root (initdb refuses root)."""
+"""A real PostgreSQL server for the tests and the benchmarks: Debian's ``initdb`` and ``pg_ctl`` in a
+temporary directory, on 127.0.0.1 and a free port, run as the ``postgres`` user when run as root (initdb
+refuses root)."""
 
 from __future__ import annotations
 

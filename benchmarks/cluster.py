@@ -1,0 +1,109 @@
+"""What a network beyond one machine runs on, here on 127.0.0.1: a real PostgreSQL server (its store), a
+real S3-compatible server (moto) with a bucket (its blobs), and the network's coordinator key, which every
+coordinator process signs with. ``benchmarks.chaos --replicas 2 --store postgres`` starts its coordinator
+processes on these."""
+
+from __future__ import annotations
+
+import contextlib
+import os
+import socket
+import time
+import uuid
+from pathlib import Path
+from typing import Any
+
+import httpx
+
+from benchmarks.postgres import Postgres, pg_bin
+from protocol.signing import generate_key, save_key
+
+S3_ENV = {
+    "AWS_ACCESS_KEY_ID": "testing",
+    "AWS_SECRET_ACCESS_KEY": "testing",
+    "AWS_DEFAULT_REGION": "us-east-1",
+}
+
+
+class Cluster:
+    def __init__(self, work: Path, lease_s: float = 10.0) -> None:
+        import boto3
+        from moto.server import ThreadedMotoServer
+
+        bin_dir = pg_bin()
+        if bin_dir is None:
+            raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
+        self.postgres = Postgres(bin_dir)
+        self.s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
+        self.s3.start()
+        host, port = self.s3.get_host_and_port()
+        endpoint = f"http://{host}:{port}"
+        bucket = f"gradpool-{uuid.uuid4().hex[:12]}"
+        os.environ.update(S3_ENV)  # the coordinators' AWS chain, and this process's client's
+        boto3.session.Session().client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
+        key = work / "coordinator.pem"
+        save_key(generate_key(), key)
+        self.settings: dict[str, Any] = {
+            "store": {"url": self.postgres.database()},
+            "blobs": {
+                "backend": "s3",
+                "s3_bucket": bucket,
+                "s3_endpoint_url": endpoint,
+                "s3_prefix": "run",
+                "direct_uploads": True,
+            },
+            "identity": {"key": str(key)},
+            "cluster": {"lease_s": lease_s},
+        }
+
+    def close(self) -> None:
+        try:
+            self.postgres.close()
+        finally:
+            self.s3.stop()
+
+
+class Replicas:
+    """GETs to whichever coordinator process answers: the leader (standbys do not listen)."""
+
+    def __init__(self, urls: list[str]) -> None:
+        self.clients = [httpx.Client(base_url=u, timeout=10.0) for u in urls]
+
+    def get(self, path: str, **kwargs: Any) -> httpx.Response:
+        failed: Exception = httpx.ConnectError("no coordinator process answers")
+        for client in self.clients:
+            try:
+                response = client.get(path, **kwargs)
+            except httpx.TransportError as e:
+                failed = e
+                continue
+            if response.status_code < 500:
+                return response
+        raise failed
+
+    def leader(self) -> int | None:
+        """The index of the process that answers, if one does."""
+        for i, client in enumerate(self.clients):
+            with contextlib.suppress(httpx.HTTPError):
+                if client.get("/v1/round").status_code == 200:
+                    return i
+        return None
+
+    def close(self) -> None:
+        for client in self.clients:
+            client.close()
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def wait_for(condition: Any, timeout_s: float) -> bool:
+    end = time.monotonic() + timeout_s
+    while time.monotonic() < end:
+        if condition():
+            return True
+        time.sleep(0.1)
+    return False
