@@ -98,18 +98,26 @@ def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iter
         procs.stop_all()
 
 
-@pytest.fixture(scope="session")
-def browser_type_launch_args() -> dict[str, Any]:
-    """pytest-playwright launches Debian's chromium, never a downloaded browser."""
-    return {"executable_path": CHROMIUM, "args": FLAGS, "headless": True}
-
-
-def test_the_dashboard_shows_the_network_live(network: Network, request: pytest.FixtureRequest) -> None:
+@pytest.fixture
+def browser_page() -> Iterator[Any]:
+    """A page of Debian's chromium (never a downloaded browser), driven by Playwright for this test alone:
+    its event loop stops with the test, so the tests after it in this process may run their own."""
     if CHROMIUM is None:
         if os.environ.get("CI"):
             pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
         pytest.skip("no chromium on PATH (apt-get install chromium)")
-    page = request.getfixturevalue("page")
+    from playwright.sync_api import sync_playwright
+
+    with sync_playwright() as playwright:
+        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        try:
+            yield browser.new_page()
+        finally:
+            browser.close()
+
+
+def test_the_dashboard_shows_the_network_live(network: Network, browser_page: Any) -> None:
+    page = browser_page
     page.set_viewport_size({"width": 390, "height": 844})  # a phone's width
     page.goto(network.url + "/")
     page.wait_for_function("() => document.getElementById('round-number').textContent !== '\u2013'")
