@@ -6,6 +6,7 @@ processes on these."""
 from __future__ import annotations
 
 import contextlib
+import logging
 import os
 import socket
 import time
@@ -34,6 +35,7 @@ class Cluster:
         if bin_dir is None:
             raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
         self.postgres = Postgres(bin_dir)
+        logging.getLogger("werkzeug").setLevel(logging.WARNING)  # not a line per request
         self.s3 = ThreadedMotoServer(ip_address="127.0.0.1", port=0, verbose=False)
         self.s3.start()
         host, port = self.s3.get_host_and_port()
