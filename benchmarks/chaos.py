@@ -13,8 +13,15 @@ coordinator every other time, otherwise a miner or the validator. Throughout, an
 - every honest miner, and the validator, back at work after each restart (theirs or the coordinator's);
 - the held-out loss lower at the end than at the start.
 
+With ``--replicas 2 --store postgres`` the coordinator is two processes on a real PostgreSQL and a real
+S3-compatible server (moto, its uploads straight to the bucket), sharing one key (benchmarks/cluster.py):
+the one holding the leader lease serves, the other stands by. A coordinator kill is then of the leader two
+times in three (the other takes over: ``failover_s`` lists how long until one answered again), else of the
+other process; PostgreSQL is restarted once, half way. The nodes are given both URLs.
+
 Output: ``{"minutes", "kills": {...}, "rounds", "versions", "violations": [...], "initial_eval_loss",
-"final_eval_loss"}``. A violation is a sentence; none is the target.
+"final_eval_loss"}`` (replicas: ``kills`` with ``leader``, ``replica`` and ``postgres``, and
+``"replicas", "store", "failover_s"``). A violation is a sentence; none is the target.
 """
 
 from __future__ import annotations
@@ -135,15 +142,16 @@ class Checks:
     def final(
         self, http: Replicas, nodes: list[Node], keys: dict[str, str], grace_s: float, end: float
     ) -> dict[str, Any]:
-        self.poll(http)
         current = http.get("/v1/round").json()
+        self.poll(http)  # a round may still close meanwhile: the newest version seen is the last
+        latest = max(self.versions)
         for r in range(current["round"]):
             self._round(http, r)
         self._uploads_kept(http, nodes, keys)
-        self._chain(http, current["version"])
+        self._chain(http, latest)
         self._back_at_work(nodes, grace_s, end)
         losses = [loss for _, loss in (self.versions[v] for v in sorted(self.versions))]
-        initial, final = losses[0], self.versions[current["version"]][1]
+        initial, final = losses[0], self.versions[latest][1]
         if initial is None or final is None or not final < initial:
             self.violation(f"the held-out loss did not fall: {initial} -> {final}")
         return {
@@ -347,6 +355,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "--replicas", type=int, default=1, help="coordinator processes on one store (2+: postgres)"
     )
     p.add_argument("--store", choices=["sqlite", "postgres"], default="sqlite")
+    p.add_argument("--lease-s", type=float, default=10.0, help="replicas: [cluster] lease_s")
     p.add_argument("--out", type=Path, default=None, help="keep the run here (default: a temporary folder)")
     p.add_argument("--json", action="store_true", help="print the result as JSON")
     args = p.parse_args(argv)
@@ -354,7 +363,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     with tempfile.TemporaryDirectory(prefix="gradpool-chaos-") as tmp:
         work = args.out or Path(tmp)
         work.mkdir(parents=True, exist_ok=True)
-        cluster = Cluster(work) if args.store == "postgres" or args.replicas > 1 else None
+        cluster = Cluster(work, args.lease_s) if args.store == "postgres" or args.replicas > 1 else None
         try:
             result = soak(
                 args.minutes, args.miners, hostile, args.interval_s, args.seed, work, args.replicas, cluster

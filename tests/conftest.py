@@ -157,14 +157,20 @@ def _admin(endpoint: str) -> Any:
 
 
 @pytest.fixture(scope="session")
-def postgres_server() -> Iterator[Postgres]:
-    """A real PostgreSQL server for this test worker (required in CI; elsewhere its tests skip without it)."""
+def postgres_bin() -> Path:
+    """PostgreSQL's programs (required in CI; elsewhere the tests that need them skip without them)."""
     bin_dir = pg_bin()
     if bin_dir is None:
         if os.environ.get("CI"):
             pytest.fail("PostgreSQL is not installed: .ci/run installs it (apt-get install postgresql)")
         pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    server = Postgres(bin_dir)
+    return bin_dir
+
+
+@pytest.fixture(scope="session")
+def postgres_server(postgres_bin: Path) -> Iterator[Postgres]:
+    """A real PostgreSQL server for this test worker."""
+    server = Postgres(postgres_bin)
     yield server
     server.close()
 
