@@ -20,6 +20,7 @@ from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from gradpool.processes import Child
 from protocol.data import stdlib_dir
+from tests.helpers.required import required
 from tests.helpers.waiting import wait_until
 
 if os.environ.get("PYTEST_XDIST_WORKER"):
@@ -159,12 +160,7 @@ def _admin(endpoint: str) -> Any:
 @pytest.fixture(scope="session")
 def postgres_bin() -> Path:
     """PostgreSQL's programs (required in CI; elsewhere the tests that need them skip without them)."""
-    bin_dir = pg_bin()
-    if bin_dir is None:
-        if os.environ.get("CI"):
-            pytest.fail("PostgreSQL is not installed: .ci/run installs it (apt-get install postgresql)")
-        pytest.skip("PostgreSQL is not installed (apt-get install postgresql)")
-    return bin_dir
+    return required(pg_bin(), "PostgreSQL", "apt-get install postgresql")
 
 
 @pytest.fixture(scope="session")

@@ -17,7 +17,6 @@ from typing import Annotated
 
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
-from pydantic import ValidationError
 
 from coordinator.api import dashboard, downloads, uploads
 from coordinator.api.deps import (
@@ -30,14 +29,13 @@ from coordinator.api.deps import (
     VersionNumber,
 )
 from coordinator.api.downloads import blob
-from coordinator.api.http_io import ProtocolHeader, signed_body
+from coordinator.api.http_io import ProtocolHeader, parsed, signed_body
 from coordinator.errors import (
     SIGNED,
     Busy,
     Forbidden,
     NotFound,
     Unauthorized,
-    Unprocessable,
     install_handlers,
     responses,
 )
@@ -181,12 +179,7 @@ async def payload(
 async def verdicts(round_: RoundNumber, request: Request, run: RunDep, intake: IntakeDep) -> VerdictReceipt:
     """A validator's signed evaluation of a closed round's uploads."""
     validator, body, _ = await signed_body(run, request, 4 * 1024 * 1024)
-    try:
-        given = Verdicts.model_validate_json(body)
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise Unprocessable("invalid_request", f"verdicts: {where}: {err['msg']}") from None
+    given = parsed(Verdicts, body, "verdicts")
     n = await asyncio.to_thread(intake.record_verdicts, validator, round_, given.verdicts)
     return VerdictReceipt(round=round_, validator=validator, recorded=n)
 

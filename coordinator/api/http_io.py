@@ -6,13 +6,14 @@ before a body larger than ``SMALL_BODY`` is read.
 from __future__ import annotations
 
 import asyncio
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
+from pydantic import BaseModel, ValidationError
 from starlette.datastructures import MutableHeaders
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from coordinator.errors import PayloadTooLarge, RequestTimeout
+from coordinator.errors import PayloadTooLarge, RequestTimeout, Unprocessable
 from protocol.signing import HEADER_CONTENT, body_digest
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION
 
@@ -20,6 +21,7 @@ if TYPE_CHECKING:
     from coordinator.run import Run
 
 SMALL_BODY = 64 * 1024  # a body up to this size may be read before its signature is checked
+M = TypeVar("M", bound=BaseModel)
 
 
 class ProtocolHeader:
@@ -99,3 +101,13 @@ async def signed_body(
     body = await read_body(request, min(cap, SMALL_BODY), window)
     signer = await asyncio.to_thread(intake.authenticate, headers, request.method, target, body)
     return signer, body, body_digest(body)
+
+
+def parsed(model: type[M], body: bytes, what: str) -> M:
+    """A JSON body as ``model``; one that is not is refused as ``invalid_request``, naming where."""
+    try:
+        return model.model_validate_json(body)
+    except ValidationError as e:
+        err = e.errors()[0]
+        where = ".".join(str(x) for x in err["loc"])
+        raise Unprocessable("invalid_request", f"{what}: {where}: {err['msg']}") from None

@@ -7,11 +7,11 @@ import asyncio
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
-from pydantic import BaseModel, ValidationError
+from pydantic import BaseModel
 
 from coordinator.api.deps import RoundNumber, RunDep
-from coordinator.api.http_io import signed_body
-from coordinator.errors import SIGNED, Conflict, Unprocessable, responses
+from coordinator.api.http_io import parsed, signed_body
+from coordinator.errors import SIGNED, Conflict, responses
 from coordinator.rounds.direct import DirectUploads
 from coordinator.run import Run
 from protocol.wire import SubmissionReceipt, UploadCommit, UploadIntent, UploadTicket
@@ -24,12 +24,7 @@ async def _signed(run: Run, request: Request, model: type[M]) -> tuple[str, M, D
     miner, body, _ = await signed_body(run, request, 4096, miner_only=True)
     if run.direct is None:
         raise Conflict("direct_uploads_off", "this coordinator takes uploads itself: POST .../submissions")
-    try:
-        return miner, model.model_validate_json(body), run.direct
-    except ValidationError as e:
-        err = e.errors()[0]
-        where = ".".join(str(x) for x in err["loc"])
-        raise Unprocessable("invalid_request", f"{model.__name__}: {where}: {err['msg']}") from None
+    return miner, parsed(model, body, model.__name__), run.direct
 
 
 @router.post("/v1/rounds/{round_}/uploads", responses=responses(*SIGNED, 409))

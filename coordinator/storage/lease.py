@@ -130,7 +130,8 @@ class LeaderLease:
         if announced:
             log.info("took the leader lease (token %d)", token)
         self.token = token
-        self.store.fence(self.holder, token)
+        if not self.force:  # the embedded store: the state directory's lock already keeps the others out
+            self.store.fence(self.holder, token)
         return token
 
     def start(self) -> None:

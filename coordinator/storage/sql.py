@@ -1,8 +1,8 @@
 """The database under the store, SQLite or PostgreSQL, through SQLAlchemy Core: the engine for a store URL,
 and the statements, written once with ``?`` placeholders, bound the same way on either backend.
 
-Connections come from the engine's pool, checked before use (PostgreSQL), so that a database restarted
-under a running coordinator costs it only the statements made while it was down.
+PostgreSQL's connections come from the engine's pool, checked before use, so that a database restarted
+under a running coordinator costs it only the statements made while it was down; SQLite's file has one.
 """
 
 from __future__ import annotations
@@ -15,6 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, Engine, RowMapping, TextClause, create_engine, event, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
+from sqlalchemy.pool import StaticPool
 
 SQLITE_FILE = "state.db"  # the embedded default, in the state directory
 
@@ -33,7 +34,8 @@ def make_engine(url: str) -> Engine:
     if parsed.get_backend_name() == "sqlite":
         if parsed.database:
             Path(parsed.database).parent.mkdir(parents=True, exist_ok=True)
-        engine = create_engine(parsed, connect_args={"check_same_thread": False})
+        # one connection: the store's lock serialises its use anyway, so a pool would only add checkouts
+        engine = create_engine(parsed, connect_args={"check_same_thread": False}, poolclass=StaticPool)
         event.listen(engine, "connect", _sqlite_pragmas)
         return engine
     if parsed.get_backend_name() == "postgresql":

@@ -3,7 +3,7 @@ rounds, miners, submissions, verdicts, versions, nonces. The only module with SQ
 reads of reports, scores and versions); blobs (payloads, updates, checkpoints) live in blobs.py.
 
 The event loop's worker threads, the intake threads and the closer share the store, serialised by a lock;
-every method is one transaction on a connection from the engine's pool.
+every method is one transaction on a connection of the engine (coordinator/storage/sql.py).
 """
 
 from __future__ import annotations
@@ -76,8 +76,7 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
 
     @contextmanager
     def _connection(self, isolation: str | None = None, write: bool = False) -> Iterator[Connection]:
-        """A transaction on a pooled connection (checked before use, so a database restarted since costs
-        nothing but the statements made while it was down), or the one this thread is already in."""
+        """A transaction on a connection of the engine (sql.py), or the one this thread is already in."""
         with self._lock:
             if self._current is not None:
                 yield self._current

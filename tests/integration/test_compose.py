@@ -7,7 +7,6 @@ the file cannot drift from the CLI and the example configs.
 
 from __future__ import annotations
 
-import os
 import re
 import shutil
 import signal
@@ -28,6 +27,7 @@ from gradpool.config import load_settings
 from gradpool.processes import Processes
 from node.settings import MinerSettings, ValidatorSettings
 from tests.helpers.cli import gradpool
+from tests.helpers.required import required
 from tests.helpers.waiting import wait_until
 
 REPO = Path(__file__).resolve().parents[2]
@@ -59,12 +59,7 @@ def _compose_client() -> list[str] | None:
 
 def _client() -> list[str]:
     """The compose client; a test that needs one is skipped without it, except in CI (which installs it)."""
-    client = _compose_client()
-    if client is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must have docker-compose (.ci/run installs it)")
-        pytest.skip("neither docker-compose nor the docker compose plugin is installed")
-    return client
+    return required(_compose_client(), "docker-compose", "apt-get install docker-compose")
 
 
 def _merged(*files: Path) -> dict[str, Any]:

@@ -17,6 +17,7 @@ import pytest
 import yaml
 
 from gradpool.processes import Processes
+from tests.helpers.required import required
 from tests.helpers.waiting import wait_until
 
 pytestmark = pytest.mark.slow  # a real network of miners, and a browser
@@ -102,14 +103,11 @@ def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iter
 def browser_page() -> Iterator[Any]:
     """A page of Debian's chromium (never a downloaded browser), driven by Playwright for this test alone:
     its event loop stops with the test, so the tests after it in this process may run their own."""
-    if CHROMIUM is None:
-        if os.environ.get("CI"):
-            pytest.fail("CI must run the browser test: install Debian's chromium (.ci/run does)")
-        pytest.skip("no chromium on PATH (apt-get install chromium)")
+    chromium = required(CHROMIUM, "Debian's chromium", "apt-get install chromium")
     from playwright.sync_api import sync_playwright
 
     with sync_playwright() as playwright:
-        browser = playwright.chromium.launch(executable_path=CHROMIUM, args=FLAGS, headless=True)
+        browser = playwright.chromium.launch(executable_path=chromium, args=FLAGS, headless=True)
         try:
             yield browser.new_page()
         finally:
