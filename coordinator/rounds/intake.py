@@ -65,6 +65,7 @@ class Intake:
         self.window_s = settings.signature_window_s
         self.admission = admission
         self.validators = None if settings.validators is None else {k.lower() for k in settings.validators}
+        self._miners: set[str] = set()  # keys known to be registered, which spares the store a read
 
     # -- identity -----------------------------------------------------------------------------------------
     def authenticate(self, headers: Mapping[str, str], method: str, path: str, body: bytes) -> str:
@@ -103,8 +104,11 @@ class Intake:
             raise Unauthorized("replayed_nonce", "this nonce was used before")
 
     def require_miner(self, miner: str) -> None:
+        if miner in self._miners:  # a registration is never taken back
+            return
         if not self.store.is_miner(miner):
             raise Forbidden("unknown_miner", "register (POST /v1/miners) before uploading")
+        self._miners.add(miner)
 
     # -- registration -------------------------------------------------------------------------------------
     def register(self, miner: str, address: str = "") -> bool:
@@ -211,6 +215,9 @@ class Intake:
 
     def earlier_upload(self, miner: str, round_: int, sha: str) -> SubmissionReceipt | None:
         """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""
+        state = self.cell.state
+        if round_ == state.round and miner not in state.uploaded:
+            return None  # the open round's state holds every upload it took
         prev = self.store.upload(round_, miner)
         if prev is None:
             return None

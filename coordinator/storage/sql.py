@@ -1,5 +1,5 @@
 """The database under the store, SQLite or PostgreSQL, through SQLAlchemy Core: the engine for a store URL,
-and the statements, written once with ``?`` placeholders, bound the same way on either backend.
+and the statements, written once with ``?`` placeholders, handed to either backend's driver in its style.
 
 PostgreSQL's connections come from the engine's pool, checked before use, so that a database restarted
 under a running coordinator costs it only the statements made while it was down; SQLite's file has one.
@@ -12,7 +12,7 @@ from collections.abc import Iterable, Sequence
 from pathlib import Path
 from typing import Any
 
-from sqlalchemy import Connection, Engine, RowMapping, TextClause, create_engine, event, text
+from sqlalchemy import Connection, CursorResult, Engine, RowMapping, create_engine, event
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import ArgumentError
 from sqlalchemy.pool import StaticPool
@@ -59,37 +59,40 @@ def _sqlite_pragmas(dbapi_connection: Any, _record: Any) -> None:
 
 
 @functools.lru_cache(maxsize=1024)
-def statement(sql: str) -> TextClause:
-    """``sql`` with its ``?`` placeholders made the named parameters ``:p0``, ``:p1``, ...."""
-    parts = sql.split("?")
-    return text("".join(f"{part}:p{i}" for i, part in enumerate(parts[:-1])) + parts[-1])
-
-
-def bound(args: Sequence[Any]) -> dict[str, Any]:
-    return {f"p{i}": a for i, a in enumerate(args)}
+def statement(sql: str, paramstyle: str) -> str:
+    """``sql``, written with ``?`` placeholders, in the driver's own style (``qmark``: SQLite's, as written;
+    ``format``/``pyformat``: psycopg's ``%s``)."""
+    if paramstyle == "qmark":
+        return sql
+    return sql.replace("%", "%%").replace("?", "%s")
 
 
 class Tx:
     """Statements on the store's connection (inside a transaction, or each on its own), their parameters
-    a sequence as in the DB-API."""
+    a sequence as in the DB-API. They go to the driver as written (``exec_driver_sql``): the store's SQL is
+    plain text, so SQLAlchemy's compiler has nothing to add but time on the intake's hot path."""
 
     def __init__(self, connection: Connection) -> None:
         self._c = connection
+        self._style = connection.dialect.paramstyle
+
+    def _run(self, sql: str, args: Sequence[Any]) -> CursorResult[Any]:
+        return self._c.exec_driver_sql(statement(sql, self._style), tuple(args))
 
     def all(self, sql: str, args: Sequence[Any] = ()) -> list[RowMapping]:
-        return list(self._c.execute(statement(sql), bound(args)).mappings().all())
+        return list(self._run(sql, args).mappings().all())
 
     def one(self, sql: str, args: Sequence[Any] = ()) -> RowMapping | None:
-        return self._c.execute(statement(sql), bound(args)).mappings().first()
+        return self._run(sql, args).mappings().first()
 
     def execute(self, sql: str, args: Sequence[Any] = ()) -> None:
-        self._c.execute(statement(sql), bound(args))
+        self._run(sql, args)
 
     def count(self, sql: str, args: Sequence[Any] = ()) -> int:
         """The rows a write statement changed."""
-        return int(self._c.execute(statement(sql), bound(args)).rowcount)
+        return int(self._run(sql, args).rowcount)
 
     def executemany(self, sql: str, rows: Iterable[Sequence[Any]]) -> None:
-        many = [bound(r) for r in rows]
+        many = [tuple(r) for r in rows]
         if many:
-            self._c.execute(statement(sql), many)
+            self._c.exec_driver_sql(statement(sql, self._style), many)

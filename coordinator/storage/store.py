@@ -10,7 +10,7 @@ from __future__ import annotations
 
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import ExitStack, contextmanager
 from dataclasses import astuple
 from pathlib import Path
 from typing import Any
@@ -56,9 +56,12 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
             self._engine.dispose()
             first = str(e.orig if isinstance(e, DBAPIError) else e).strip().splitlines()[0]
             raise StoreUnavailable(f"cannot open the store at {self.url}: {first}") from None
-        # PostgreSQL: the reads of ``reading`` see one snapshot (SQLite's transactions always do)
         sqlite = self._engine.dialect.name == "sqlite"
-        self._snapshot = "SERIALIZABLE" if sqlite else "REPEATABLE READ"
+        # PostgreSQL: the reads of ``reading`` see one snapshot. SQLite: the lock below already keeps every
+        # write out while they run, and its one connection is held for the store's life (a checkout from
+        # the engine per statement costs more than the statement).
+        self._snapshot = None if sqlite else "REPEATABLE READ"
+        self._held: Connection | None = self._engine.connect() if sqlite else None
         self._for_share = "" if sqlite else " FOR SHARE"  # the lease row, held until a fenced write commits
         self._fence: tuple[str, int] | None = None
         self._lock = threading.RLock()
@@ -67,6 +70,9 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
 
     def close(self) -> None:
         with self._lock:
+            if self._held is not None:
+                self._held.close()
+                self._held = None
             self._engine.dispose()
 
     def fence(self, holder: str, token: int) -> None:
@@ -81,7 +87,8 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
             if self._current is not None:
                 yield self._current
                 return
-            with self._engine.connect() as c:
+            with ExitStack() as stack:
+                c = self._held or stack.enter_context(self._engine.connect())
                 if isolation is not None:
                     c = c.execution_options(isolation_level=isolation)
                 with c.begin():
@@ -139,14 +146,14 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
         """Record a nonce; False if it is already recorded and not yet expired."""
         with self.transaction() as db:
-            row = db.one("SELECT expires_at FROM nonces WHERE nonce = ?", (nonce,))
-            if row is not None and row["expires_at"] > now:
-                return False
-            db.execute(
+            # one statement: a new nonce is inserted, an expired one renewed, a live one left (no row changed)
+            if not db.count(
                 "INSERT INTO nonces (nonce, expires_at) VALUES (?, ?) "
-                "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at",
-                (nonce, expires_at),
-            )
+                "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at "
+                "WHERE nonces.expires_at <= ?",
+                (nonce, expires_at, now),
+            ):
+                return False
             self._nonce_writes += 1
             if self._nonce_writes % 1000 == 0:  # now and then, forget expired ones
                 db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
