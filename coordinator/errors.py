@@ -13,7 +13,8 @@
     ├── Unprocessable (422)    malformed_payload and the codec's other codes, invalid_request,
     │                          digest_mismatch (a direct upload's bytes are not those committed)
     ├── TooManyRequests (429)  too_many_registrations, with Retry-After
-    └── Busy (503)             starting, with Retry-After
+    └── Busy (503)             starting, with Retry-After; no_leader (a standby replica that knows no
+                               live leader to pass the request on to: coordinator/api/standby.py)
 
 Requests the framework refuses answer in the same shape: invalid_request (422, a parameter out of range
 or of the wrong type), not_found (404), method_not_allowed (405), bad_http_request (400, a request line or

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import logging
 import os
-import socket
 import threading
 import time
 from collections.abc import Callable, Sequence
@@ -43,7 +42,7 @@ from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore, S3BlobStore, make_blob_store
-from coordinator.storage.lease import LeaderLease
+from coordinator.storage.lease import LeaderLease, holder_name
 from coordinator.storage.lock import StateLock
 from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
@@ -82,7 +81,7 @@ class Run:
             raise
         try:
             # the embedded store's file is this process's alone (the state directory's lock): no waiting
-            name = settings.cluster.name or f"{socket.gethostname()}:{os.getpid()}"
+            name = holder_name(settings.cluster.name)
             embedded = (settings.store_url() or "sqlite").startswith("sqlite")
             self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=embedded)
             self.lease.acquire()

@@ -261,15 +261,18 @@ class StoreSettings(Section):
 
 
 class ClusterSettings(Section):
-    """Several coordinator processes on one PostgreSQL store and one S3 bucket: the one that holds the
-    leader lease serves and changes the run; the others stand by, and the first to find the lease run out
-    takes over where it stopped."""
+    """Several coordinator processes on one PostgreSQL store and one S3 bucket: the one holding the leader
+    lease runs the network; the others pass every request on to it (coordinator/api/standby.py), and the
+    first to find the lease run out takes over where it stopped."""
 
     lease_s: float = Field(
         default=10.0, ge=1, le=600, description="how long the leader lease lasts unless renewed (every third)"
     )
     name: str | None = Field(
         default=None, description="this process in the lease and the logs; None: host:pid"
+    )
+    url: str | None = Field(
+        default=None, description="where the other replicas reach this one; None: scheme://host:port as bound"
     )
 
 

@@ -6,8 +6,6 @@ import asyncio
 import dataclasses
 import json
 import logging
-import os
-import ssl
 import sys
 from pathlib import Path
 from typing import Annotated, Any
@@ -19,8 +17,10 @@ from gradpool.console import ConfigOpt, fail, refusals_text
 from gradpool.coordinator_commands import certs, migrate, rollback
 from gradpool.model_commands import export, generate, tokenizer_app
 from gradpool.node_commands import CaCertOpt, CoordinatorKeyOpt, mine, validate
+from gradpool.serving import serve_coordinator
 from protocol.codec import CODEC_NAMES
 from protocol.model import PRESETS
+from protocol.wire import HEADER_LEADER, HEADER_REPLICA
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -107,50 +107,6 @@ def serve(
     asyncio.run(serve_coordinator(settings, ready_file))
 
 
-async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any = None) -> None:
-    """Build the run, serve it until stopped, and say where once listening (the log, ``ready_file``).
-    ``hooks``: a ``coordinator.hooks.Hooks`` (tests hold a close before its commit this way)."""
-    from coordinator.api.app import create_app
-    from coordinator.api.server import bound_port, make_server
-    from coordinator.run import Run
-    from protocol.errors import ProtocolError
-
-    tls = {}
-    if settings.ssl_certfile is not None:
-        tls = {"ssl_certfile": str(settings.ssl_certfile), "ssl_keyfile": str(settings.ssl_keyfile)}
-        try:  # a certificate that does not load is a clear error here, before anything starts
-            ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*tls.values())
-        except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
-            fail(f"cannot serve HTTPS with {settings.ssl_certfile} and {settings.ssl_keyfile}: {e}")
-    try:
-        run = await asyncio.to_thread(Run, settings, hooks=hooks)
-    except (ProtocolError, ValueError, OSError) as e:
-        fail(str(e))
-    server = make_server(create_app(settings, run=run), settings.host, settings.port, **tls)
-
-    async def announce() -> None:
-        while not server.started:
-            await asyncio.sleep(0.05)
-        url = f"{settings.scheme()}://{settings.host}:{bound_port(server)}"
-        log.info("coordinator listening on %s (state in %s)", url, settings.state_dir)
-        if ready_file is not None:
-            tmp = ready_file.with_name(ready_file.name + ".tmp")
-            tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
-            os.replace(tmp, ready_file)
-
-    async def step_down() -> None:  # a leader that lost its lease stops serving, and says why
-        while not run.lease.lost.is_set():
-            await asyncio.sleep(0.5)
-        server.should_exit = True
-
-    tasks = [asyncio.create_task(announce()), asyncio.create_task(step_down())]
-    await server.serve()
-    for task in tasks:
-        task.cancel()
-    if run.lease.lost.is_set():
-        fail(f"stopped: lost the leader lease ({run.lease.why})", 1)
-
-
 @app.command()
 def status(
     coordinator: Annotated[
@@ -183,7 +139,11 @@ def status(
         typer.echo(json.dumps(data, indent=1))
         return
     r, run = data["round"], data["run"]
-    typer.echo(f"answered by {url}" + (f" ({len(failures)} before it did not answer)" if failures else ""))
+    replica, leader = (response.headers.get(h) for h in (HEADER_REPLICA, HEADER_LEADER))
+    who = f" (replica {replica}, leader {leader})" if replica and leader else ""
+    typer.echo(
+        f"answered by {url}{who}" + (f" ({len(failures)} before it did not answer)" if failures else "")
+    )
     typer.echo(f"run {run['run_id']}: model {run['model']}, codec {run['codec']['name']}")
     typer.echo(
         f"round {r['round']} ({r['status']}), version {r['version']}, "

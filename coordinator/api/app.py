@@ -45,7 +45,10 @@ from coordinator.rounds.modes import RoundMode
 from coordinator.rounds.state import RoundWatch
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage.lease import holder_name
 from protocol.wire import (
+    HEADER_LEADER,
+    HEADER_REPLICA,
     MAX_NUMBER,
     PROTOCOL_VERSION,
     Leaderboard,
@@ -257,7 +260,8 @@ def create_app(
     app = FastAPI(title="gradpool coordinator", version=str(PROTOCOL_VERSION), lifespan=lifespan)
     install_handlers(app)
 
-    app.add_middleware(ProtocolHeader)
+    name = holder_name(settings.cluster.name)  # this process leads: it serves the run
+    app.add_middleware(ProtocolHeader, extra=[(HEADER_REPLICA, name), (HEADER_LEADER, name)])
     app.include_router(router)
     app.include_router(downloads.router)
     app.include_router(uploads.router)

@@ -6,6 +6,7 @@ before a body larger than ``SMALL_BODY`` is read.
 from __future__ import annotations
 
 import asyncio
+from collections.abc import Sequence
 from typing import TYPE_CHECKING, TypeVar
 
 from fastapi import Request
@@ -25,12 +26,14 @@ M = TypeVar("M", bound=BaseModel)
 
 
 class ProtocolHeader:
-    """Every HTTP response carries the protocol version. A plain ASGI middleware: FastAPI's ``http``
-    middleware runs each request in a task group of its own, which cost the event loop a quarter of its
-    time under 256 concurrent uploads (benchmarks/coordinator.py)."""
+    """Every HTTP response carries the protocol version (and who answered). A plain ASGI middleware:
+    FastAPI's ``http`` middleware runs each request in a task group of its own, which cost the event loop
+    a quarter of its time under 256 concurrent uploads (benchmarks/coordinator.py)."""
 
-    def __init__(self, app: ASGIApp) -> None:
+    def __init__(self, app: ASGIApp, extra: Sequence[tuple[str, str]] = ()) -> None:
+        """``extra``: more headers for every response (the replica's name and the leader's)."""
         self.app = app
+        self.extra = [(HEADER_PROTOCOL, str(PROTOCOL_VERSION)), *extra]
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
@@ -39,7 +42,9 @@ class ProtocolHeader:
 
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
-                MutableHeaders(scope=message).append(HEADER_PROTOCOL, str(PROTOCOL_VERSION))
+                headers = MutableHeaders(scope=message)
+                for name, value in self.extra:
+                    headers.append(name, value)
             await send(message)
 
         await self.app(scope, receive, send_with_header)

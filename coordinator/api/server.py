@@ -9,7 +9,7 @@ from typing import Any
 
 import h11
 import uvicorn
-from fastapi import FastAPI
+from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
 
@@ -27,7 +27,7 @@ class JsonErrorH11Protocol(H11Protocol):
         self.transport.close()
 
 
-def make_server(app: FastAPI, host: str, port: int, **config: Any) -> uvicorn.Server:
+def make_server(app: Starlette, host: str, port: int, **config: Any) -> uvicorn.Server:
     """A uvicorn server for ``app`` (port 0: the kernel picks a free port; see ``bound_port``)."""
     return uvicorn.Server(
         uvicorn.Config(

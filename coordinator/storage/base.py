@@ -6,6 +6,7 @@ from __future__ import annotations
 
 from typing import Protocol
 
+from coordinator.storage.lease import LeaseHolder
 from coordinator.storage.records import (
     IntakeRefusal,
     NewSubmission,
@@ -66,6 +67,10 @@ class Store(Protocol):
     def eval_loss(self, version: int) -> float | None: ...
 
     def get_meta(self, key: str) -> str | None: ...
+
+    def lease_holder(self) -> LeaseHolder:
+        """Who holds the leader lease, with its token and until when."""
+        ...
 
     def head(self) -> tuple[int, str]:
         """The current version (the newest one not rolled back) and its parameter hash."""

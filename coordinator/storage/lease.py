@@ -12,6 +12,8 @@ from __future__ import annotations
 
 import contextlib
 import logging
+import os
+import socket
 import threading
 import time
 from contextlib import AbstractContextManager
@@ -90,6 +92,11 @@ class LeaseStore:
         if row is None or (str(row["holder"]), int(row["token"])) != fence:
             now = "nobody" if row is None or not row["holder"] else f"{row['holder']} (token {row['token']})"
             raise Deposed(f"the leader lease is held by {now}, not by this process (token {fence[1]})")
+
+
+def holder_name(name: str | None) -> str:
+    """This process in the lease, the logs and the answers' headers: ``[cluster] name``, else host:pid."""
+    return name or f"{socket.gethostname()}:{os.getpid()}"
 
 
 class LeaderLease:

@@ -85,7 +85,8 @@ def _services() -> dict[str, Any]:
 @pytest.mark.timeout(60)
 def test_compose_client_accepts_the_file() -> None:
     client = _client()
-    for profile in ([], ["--profile", "gpu"]):  # both profiles validate
+    every = ["--profile", "gpu", "--profile", "cluster"]
+    for profile in ([], ["--profile", "gpu"], ["--profile", "cluster"], every):  # each profile validates
         done = subprocess.run(
             [*client, "--file", str(COMPOSE), *profile, "config"],
             capture_output=True,
@@ -125,6 +126,32 @@ def test_compose_client_accepts_the_file() -> None:
         assert resolved[name]["depends_on"]["coordinator"]["condition"] == "service_healthy"
         assert resolved[name]["restart"] == "unless-stopped"
     assert "/healthz" in " ".join(resolved["coordinator"]["healthcheck"]["test"])
+    _check_cluster(resolved)
+
+
+def _check_cluster(resolved: dict[str, Any]) -> None:
+    """Profile "cluster": two replicas of one command on PostgreSQL and the bucket, each with its own name
+    and URL, nginx in front of both, the nodes behind nginx."""
+    replicas = ["coordinator-a", "coordinator-b"]
+    assert all(resolved[n]["profiles"] == ["cluster"] for n in [*replicas, "postgres", "minio", "lb"])
+    assert resolved["coordinator-a"]["command"] == resolved["coordinator-b"]["command"]
+    config = resolved["coordinator-a"]["command"][resolved["coordinator-a"]["command"].index("--config") + 1]
+    blobs = CoordinatorSettings(**tomllib.loads((REPO / config.removeprefix("/app/")).read_text())).blobs
+    assert blobs.backend == "s3" and blobs.direct_uploads and blobs.redirect_downloads
+    for name in replicas:
+        env = resolved[name]["environment"]
+        assert (
+            env["GRADPOOL_STORE__URL"].startswith("postgresql://")
+            and "@postgres:" in env["GRADPOOL_STORE__URL"]
+        )
+        assert env["GRADPOOL_CLUSTER__NAME"] == name and env["GRADPOOL_CLUSTER__URL"] == f"http://{name}:8000"
+        assert env["GRADPOOL_IDENTITY__KEY"].startswith("/keys/")  # one network key for both
+        assert resolved[name]["depends_on"]["postgres"]["condition"] == "service_healthy"
+    conf = (REPO / "deploy" / "nginx" / "cluster.conf").read_text()
+    assert all(f"server {n}:8000" in conf for n in replicas) and "http_503" in conf
+    for name in ("cluster-miner-1", "cluster-miner-2", "cluster-validator"):
+        command = resolved[name]["command"]
+        assert command[command.index("--coordinator") + 1] == "http://lb:8000"
 
 
 def _local_command(command: list[str], paths: dict[str, Path], url: str | None = None) -> list[str]:

@@ -1,6 +1,7 @@
-"""Two coordinator processes on one PostgreSQL and one S3 bucket: the one holding the leader lease serves,
-the other stands by; when the leader stops answering, the standby takes the lease and carries the run on
-where it was, and the old leader, woken up, commits nothing and stops."""
+"""Two coordinator processes on one PostgreSQL and one S3 bucket: the one holding the leader lease serves
+the run, the other passes every request on to it (a miner can work through either); when the leader stops
+answering, the standby takes the lease and carries the run on where it was, and the old leader, woken up,
+commits nothing and stops."""
 
 from __future__ import annotations
 
@@ -18,6 +19,7 @@ import tomli_w
 
 from gradpool.processes import Processes
 from protocol.signing import generate_key, save_key
+from tests.helpers.cli import gradpool
 from tests.helpers.miners import QUICK_ROUNDS, mine_command
 from tests.helpers.waiting import wait_until
 
@@ -54,12 +56,8 @@ def test_the_standby_takes_over_from_a_leader_that_stops_and_the_old_one_commits
     def serve(name: str) -> list[str]:
         return ["--config", str(tmp_path / f"{name}.toml"), "--port", str(ports[name])]
 
-    def mine_one_round() -> subprocess.CompletedProcess[str]:
-        args = [
-            *mine_command(f"{urls['a']},{urls['b']}", tmp_path / "m.pem", tmp_path / "m"),
-            "--max-rounds",
-            "1",
-        ]
+    def mine_one_round(via: str) -> subprocess.CompletedProcess[str]:
+        args = [*mine_command(via, tmp_path / "m.pem", tmp_path / "m"), "--max-rounds", "1"]
         return subprocess.run(args, capture_output=True, text=True, timeout=180, stdin=subprocess.DEVNULL)
 
     def get(name: str, path: str) -> Any:
@@ -70,10 +68,18 @@ def test_the_standby_takes_over_from_a_leader_that_stops_and_the_old_one_commits
         procs.start("b", ["coordinator", "serve", *serve("b"), "--ready-file", str(tmp_path / "b.json")])
         wait_until(lambda: "standing by: a holds the leader lease" in procs.log("b"), 60, "b to stand by")
         assert not (tmp_path / "b.json").exists()
+        wait_until(lambda: "standing by on port" in procs.log("b"), 60, "b to listen")
+        through_b = httpx.get(f"{urls['b']}/v1/round", timeout=10)  # answered by the leader, through b
+        assert through_b.status_code == 200, through_b.text
+        assert (through_b.headers["x-gradpool-replica"], through_b.headers["x-gradpool-leader"]) == ("b", "a")
+        assert through_b.json()["round"] == get("a", "/v1/round")["round"] == 0
+        status = gradpool("status", "--coordinator", urls["b"])
+        assert status.returncode == 0 and "(replica b, leader a)" in status.stdout, status.stderr
 
-        first = mine_one_round()
+        first = mine_one_round(urls["b"])  # everything through the standby: signed, uploads, downloads
         assert first.returncode == 0, first.stderr[-2000:]
         wait_until(lambda: get("a", "/v1/round")["version"] == 1, 60, "round 0 to publish version 1")
+        assert len(get("a", "/v1/rounds/0")["submissions"]) == 1  # the upload that came through b
         v1 = get("a", "/v1/versions/1")
 
         procs.procs["a"].send_signal(signal.SIGSTOP)  # the leader stops answering and renewing
@@ -87,7 +93,7 @@ def test_the_standby_takes_over_from_a_leader_that_stops_and_the_old_one_commits
         assert procs.procs["a"].wait(timeout=30) == 1
         assert "lost the leader lease" in procs.log("a")
 
-        second = mine_one_round()  # through b: a's URL, first in the list, answers nothing any more
+        second = mine_one_round(f"{urls['a']},{urls['b']}")  # a, first in the list, answers nothing now
         assert second.returncode == 0, second.stderr[-2000:]
         assert f"trying the replica at {urls['b']}" in second.stderr
         wait_until(lambda: get("b", "/v1/round")["version"] == 2, 60, "round 1 to publish version 2")

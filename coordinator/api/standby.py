@@ -1,0 +1,133 @@
+"""A replica that does not hold the leader lease still answers: it hands every request, as it came, to the
+leader, whose URL the leader writes in the store once it listens (``advertise``), and passes the answer
+back. Signed requests stay signed (the leader checks them as if they came straight), downloads that the
+leader redirects to the bucket stay redirects, long-polls wait at the leader. With no leader known, or one
+that does not answer, the standby says ``503 no_leader`` (with Retry-After), which sends a node on to its
+next URL. When the standby takes the lease itself, it stops forwarding and serves the run on the same port.
+
+Every answer names the replica that gave it and the leader (``X-Gradpool-Replica``, ``X-Gradpool-Leader``),
+which ``gradpool status`` prints.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import json
+import logging
+import ssl
+import time
+from collections.abc import AsyncIterator
+from dataclasses import dataclass
+
+import httpx
+from starlette.applications import Starlette
+from starlette.background import BackgroundTask
+from starlette.requests import Request
+from starlette.responses import JSONResponse, Response, StreamingResponse
+from starlette.routing import Route
+
+from coordinator.storage.base import Store
+from protocol.wire import HEADER_REPLICA
+
+log = logging.getLogger(__name__)
+LEADER_META = "leader"  # the meta row the leader writes: {"holder": its lease name, "url": where it listens}
+LEADER_TTL_S = 1.0  # how long a standby trusts what it read of the leader
+HOP_BY_HOP = frozenset(
+    {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"}
+    | {"transfer-encoding", "host"}
+)
+METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+
+
+def advertise(store: Store, holder: str, url: str) -> None:
+    """The leader, once listening: where the standbys send what they are asked."""
+    store.set_meta(LEADER_META, json.dumps({"holder": holder, "url": url}))
+
+
+@dataclass(frozen=True)
+class Leader:
+    name: str
+    url: str
+
+
+class LeaderDirectory:
+    """Who leads, as the store says: the lease's holder, if its lease is live and it has said where it
+    listens. Read at most once a second."""
+
+    def __init__(self, store: Store) -> None:
+        self.store = store
+        self._seen: tuple[float, Leader | None] = (float("-inf"), None)
+
+    def leader(self) -> Leader | None:
+        at, known = self._seen
+        if time.monotonic() - at < LEADER_TTL_S:
+            return known
+        try:
+            held = self.store.lease_holder()
+            said = self.store.get_meta(LEADER_META)
+        except Exception as e:  # the database is unreachable for now: no leader known
+            log.warning("cannot read who leads: %s: %s", type(e).__name__, e)
+            known = None
+        else:
+            where = json.loads(said) if said else {}
+            live = held.expires_at > time.time() and where.get("holder") == held.holder
+            known = Leader(held.holder, str(where["url"]).rstrip("/")) if live else None
+        self._seen = (time.monotonic(), known)
+        return known
+
+
+def no_leader(replica: str, message: str) -> Response:
+    body = {"error": {"code": "no_leader", "message": message}}
+    return JSONResponse(body, status_code=503, headers={"Retry-After": "1", HEADER_REPLICA: replica})
+
+
+def standby_app(
+    directory: LeaderDirectory,
+    replica: str,
+    verify: bool | ssl.SSLContext = True,
+    read_timeout_s: float = 120.0,
+) -> Starlette:
+    """The app a standby serves: every path, every method, to the leader. ``read_timeout_s``: longer than
+    the longest long-poll (60 s)."""
+    timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=10.0)
+    client = httpx.AsyncClient(timeout=timeout, verify=verify, follow_redirects=False)
+
+    async def forward(request: Request) -> Response:
+        leader = await asyncio.to_thread(directory.leader)
+        if leader is None:
+            return no_leader(replica, "no replica holds the leader lease now; try again shortly")
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
+        if request.client is not None:
+            earlier = request.headers.get("x-forwarded-for")
+            headers.append(
+                ("x-forwarded-for", f"{earlier}, {request.client.host}" if earlier else request.client.host)
+            )
+        has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+        outgoing = client.build_request(
+            request.method,
+            leader.url + request.url.path,
+            params=request.url.query or None,
+            headers=headers,
+            content=request.stream() if has_body else None,  # streamed: the leader holds the size limit
+        )
+        try:
+            answer = await client.send(outgoing, stream=True)
+        except httpx.TransportError as e:
+            return no_leader(replica, f"the leader ({leader.name}) did not answer: {type(e).__name__}")
+        response = StreamingResponse(
+            answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
+        )
+        own = HEADER_REPLICA.lower()
+        kept = [
+            (k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP | {own}
+        ]
+        response.raw_headers = [*kept, (own.encode(), replica.encode())]
+        return response
+
+    @contextlib.asynccontextmanager
+    async def lifespan(_app: Starlette) -> AsyncIterator[None]:
+        async with client:
+            yield
+
+    return Starlette(routes=[Route("/{path:path}", forward, methods=METHODS)], lifespan=lifespan)
