@@ -15,9 +15,10 @@ coordinator every other time, otherwise a miner or the validator. Throughout, an
 
 With ``--replicas 2 --store postgres`` the coordinator is two processes on a real PostgreSQL and a real
 S3-compatible server (moto, its uploads straight to the bucket), sharing one key (benchmarks/cluster.py):
-the one holding the leader lease serves, the other stands by. A coordinator kill is then of the leader two
-times in three (the other takes over: ``failover_s`` lists how long until one answered again), else of the
-other process; PostgreSQL is restarted once, half way. The nodes are given both URLs.
+the one holding the leader lease runs the network, the other passes what it is asked on to it. A
+coordinator kill is then of the leader two times in three (the other takes over: ``failover_s`` lists how
+long until one led and answered again), else of the other process; PostgreSQL is restarted once, half
+way. The nodes are given both URLs.
 
 Output: ``{"minutes", "kills": {...}, "rounds", "versions", "violations": [...], "initial_eval_loss",
 "final_eval_loss"}`` (replicas: ``kills`` with ``leader``, ``replica`` and ``postgres``, and

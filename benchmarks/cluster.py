@@ -18,6 +18,7 @@ import httpx
 
 from benchmarks.postgres import Postgres, pg_bin
 from protocol.signing import generate_key, save_key
+from protocol.wire import HEADER_LEADER, HEADER_REPLICA
 
 S3_ENV = {
     "AWS_ACCESS_KEY_ID": "testing",
@@ -66,7 +67,7 @@ class Cluster:
 
 
 class Replicas:
-    """GETs to whichever coordinator process answers: the leader (standbys do not listen)."""
+    """GETs to whichever coordinator process answers: the leader, or a standby passing them on to it."""
 
     def __init__(self, urls: list[str]) -> None:
         self.clients = [httpx.Client(base_url=u, timeout=10.0) for u in urls]
@@ -84,10 +85,11 @@ class Replicas:
         raise failed
 
     def leader(self) -> int | None:
-        """The index of the process that answers, if one does."""
+        """The index of the process that leads and answers itself, if one does."""
         for i, client in enumerate(self.clients):
             with contextlib.suppress(httpx.HTTPError):
-                if client.get("/v1/round").status_code == 200:
+                r = client.get("/v1/round")
+                if r.status_code == 200 and r.headers.get(HEADER_REPLICA) == r.headers.get(HEADER_LEADER):
                     return i
         return None
 

@@ -10,11 +10,16 @@ Latency is per upload, from sending the signed request to its answer; a failure 
 but 200, or an exception. ``coordinator_cpu_s`` and ``client_cpu_s`` are the CPU time each side spent
 during the uploads: the two share the machine's cores.
 
+Cluster (``benchmarks/cluster_ingest.py``): ``--cluster-miners`` (512) miners upload at once with presigned
+uploads straight to an S3-compatible bucket, through ``--replicas`` (2) coordinator processes on one
+PostgreSQL: ``"cluster": {"miners", "replicas", "failures", "p50_s", "p99_s", "coordinator_bytes_in",
+...}``, beside the single-process SQLite ``ingest`` of the same run.
+
 Close (``benchmarks/close.py``): for M in ``--close-sizes`` (8, 64), a real coordinator closes a round of M
 real uploads of ``tiny``, evaluation included: ``"close": [{"uploads": M, "seconds": s, ...}]``.
 
-Targets: at M = 64, rss_ratio <= 2.5 and seconds_vs_target <= 1; ingest: no failures and p99 <= 2 s;
-the M = 64 close takes at most 3x the M = 8 close.
+Targets: at M = 64, rss_ratio <= 2.5 and seconds_vs_target <= 1; ingest and cluster: no failures and
+p99 <= 2 s; the M = 64 close takes at most 3x the M = 8 close.
 """
 
 from __future__ import annotations
@@ -36,6 +41,7 @@ import httpx
 
 from benchmarks.aggregation import SETS, aggregation, log, random_payload, tensor_set
 from benchmarks.close import LOAD_TEST, close_rows, write_corpus
+from benchmarks.cluster_ingest import cluster_ingest
 from gradpool.processes import Child, Processes
 from protocol.codec import SparseLoCoCodec
 from protocol.signing import generate_key, sign_request
@@ -176,6 +182,9 @@ def targets(result: dict[str, Any]) -> list[dict[str, Any]]:
     if "ingest" in result:
         checks.append({"check": "ingest failures", "value": result["ingest"]["failures"], "limit": 0})
         checks.append({"check": "ingest p99_s", "value": result["ingest"]["p99_s"], "limit": P99_LIMIT_S})
+    if "cluster" in result:
+        checks.append({"check": "cluster failures", "value": result["cluster"]["failures"], "limit": 0})
+        checks.append({"check": "cluster p99_s", "value": result["cluster"]["p99_s"], "limit": P99_LIMIT_S})
     close = {row["uploads"]: row["seconds"] for row in result.get("close", [])}
     if 8 in close and 64 in close:
         ratio = close[64] / close[8]
@@ -197,6 +206,13 @@ def print_table(result: dict[str, Any]) -> None:
             f"ingest: {i['miners']} miners, {i['failures']} failures, p50 {i['p50_s']:.3f} s, "
             f"p99 {i['p99_s']:.3f} s, max {i['max_s']:.3f} s, {i['stored']} stored in {i['wall_s']:.2f} s "
             f"(coordinator CPU {i['coordinator_cpu_s']:.2f} s, client CPU {i['client_cpu_s']:.2f} s)"
+        )
+    if "cluster" in result:
+        c = result["cluster"]
+        print(
+            f"cluster: {c['miners']} miners through {c['replicas']} replicas, {c['failures']} failures, "
+            f"p50 {c['p50_s']:.3f} s, p99 {c['p99_s']:.3f} s, {c['stored']} stored in {c['wall_s']:.2f} s; "
+            f"{c['coordinator_bytes_in']} bytes into the coordinators, {c['bucket_bytes_in']} into the bucket"
         )
     for t in result["targets"]:
         print(f"{'met ' if t['met'] else 'MISS'} {t['check']}: {t['value']:.3g} (limit {t['limit']})")
@@ -248,12 +264,17 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-aggregation", action="store_true")
     ap.add_argument("--skip-ingest", action="store_true")
     ap.add_argument("--skip-close", action="store_true")
+    ap.add_argument("--cluster-miners", type=positive, default=512, help="concurrent presigned uploads")
+    ap.add_argument("--replicas", type=positive, default=2, help="coordinator processes of the cluster")
+    ap.add_argument("--skip-cluster", action="store_true")
     args = ap.parse_args(argv)
     result: dict[str, Any] = {}
     if not args.skip_aggregation:
         result["aggregation"] = aggregation(args.sets, args.sizes, args.threads, args.reps)
     if not args.skip_ingest:
         result["ingest"] = ingest(args.ingest_model, args.miners)
+    if not args.skip_cluster:
+        result["cluster"] = cluster_ingest(args.cluster_miners, args.replicas, args.ingest_model)
     if not args.skip_close:
         result["close"] = close_rows(args.close_sizes)
     result["targets"] = targets(result)

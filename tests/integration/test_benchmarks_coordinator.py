@@ -5,11 +5,13 @@ from __future__ import annotations
 import contextlib
 import io
 import json
+from pathlib import Path
 from typing import Any
 
 import pytest
 
 from benchmarks.coordinator import main
+from benchmarks.postgres import pg_bin
 
 # generous: the run takes about 40 s on two busy cores
 pytestmark = [pytest.mark.timeout(240), pytest.mark.slow]
@@ -38,6 +40,8 @@ def result() -> dict[str, Any]:
                 "--threads=1",
                 "--reps=2",
                 "--close-sizes=2",
+                "--cluster-miners=6",
+                *([] if pg_bin() else ["--skip-cluster"]),  # its test skips (CI has PostgreSQL)
             ]
         )
     assert json.loads(out.getvalue()) == json.loads(json.dumps(returned))  # stdout holds the JSON only
@@ -67,6 +71,18 @@ def test_ingest_stores_every_upload(result: dict[str, Any]) -> None:
     assert 0 < ingest["p50_s"] <= ingest["p99_s"] <= ingest["max_s"]
 
 
+def test_presigned_uploads_through_two_replicas_leave_the_payloads_out_of_the_coordinators(
+    result: dict[str, Any], postgres_bin: Path
+) -> None:
+    cluster = result["cluster"]
+    assert (cluster["miners"], cluster["replicas"]) == (6, 2)
+    assert cluster["failures"] == 0, cluster["errors"]
+    assert cluster["stored"] == 6  # three of them committed through the standby
+    assert cluster["bucket_bytes_in"] == 6 * cluster["payload_bytes"]
+    assert 0 < cluster["coordinator_bytes_in"] < cluster["bucket_bytes_in"] / 10  # tickets and commits only
+    assert 0 < cluster["p50_s"] <= cluster["p99_s"] <= cluster["max_s"]
+
+
 def test_a_round_of_real_uploads_closes_with_every_one_evaluated(result: dict[str, Any]) -> None:
     (row,) = result["close"]
     assert row["uploads"] == 2 and row["evaluated"] == 2 and row["accepted"] >= 1
@@ -79,3 +95,5 @@ def test_targets_listed(result: dict[str, Any]) -> None:
     checks = {t["check"]: t["met"] for t in result["targets"]}
     assert checks["ingest failures"] is True
     assert "ingest p99_s" in checks
+    if pg_bin():
+        assert checks["cluster failures"] is True and "cluster p99_s" in checks
