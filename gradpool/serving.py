@@ -100,7 +100,10 @@ class StandBy:
             verify.load_verify_locations(settings.ssl_certfile)
         app = standby_app(LeaderDirectory(store), holder_name(settings.cluster.name), verify)
         # a request still waiting on a leader that died must not hold the port when this one takes over
-        server = make_server(app, settings.host, settings.port, timeout_graceful_shutdown=2, **tls)
+        # the peer's own address is appended to X-Forwarded-For, which the leader alone reads and trusts
+        server = make_server(
+            app, settings.host, settings.port, timeout_graceful_shutdown=2, proxy_headers=False, **tls
+        )
         task = asyncio.create_task(server.serve())
         while not server.started:
             if task.done():

@@ -37,6 +37,7 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"}
     | {"transfer-encoding", "host"}
 )
+OWN = frozenset({"date", "server"})  # this server sets its own
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
@@ -97,8 +98,10 @@ def standby_app(
         leader = await asyncio.to_thread(directory.leader)
         if leader is None:
             return no_leader(replica, "no replica holds the leader lease now; try again shortly")
-        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP]
-        if request.client is not None:
+        headers = [
+            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"x-forwarded-for"}
+        ]
+        if request.client is not None:  # the client's address, after any proxy's before this one
             earlier = request.headers.get("x-forwarded-for")
             headers.append(
                 ("x-forwarded-for", f"{earlier}, {request.client.host}" if earlier else request.client.host)
@@ -118,11 +121,13 @@ def standby_app(
         response = StreamingResponse(
             answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
         )
-        own = HEADER_REPLICA.lower()
+        mine = HEADER_REPLICA.lower()
         kept = [
-            (k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in HOP_BY_HOP | {own}
+            (k, v)
+            for k, v in answer.headers.raw
+            if k.decode("latin-1").lower() not in HOP_BY_HOP | OWN | {mine}
         ]
-        response.raw_headers = [*kept, (own.encode(), replica.encode())]
+        response.raw_headers = [*kept, (mine.encode(), replica.encode())]
         return response
 
     @contextlib.asynccontextmanager

@@ -26,7 +26,7 @@ from tests.helpers.waiting import wait_until
 
 @contextmanager
 def serving(app: Starlette) -> Iterator[str]:
-    server = make_server(app, "127.0.0.1", 0)
+    server = make_server(app, "127.0.0.1", 0, proxy_headers=False)  # as gradpool/serving.py serves it
     thread = threading.Thread(target=server.run, daemon=True)
     thread.start()
     wait_until(lambda: server.started, 30, "the server to listen", interval_s=0.02)
@@ -73,6 +73,7 @@ def test_requests_reach_the_leader_as_they_came_and_its_answers_come_back(store:
         lead(store, "a", leader_url)
         with serving(standby_app(LeaderDirectory(store), "b")) as standby_url:
             signed = {"x-gradpool-signature": "sig", "content-type": "application/octet-stream"}
+            signed["x-forwarded-for"] = "203.0.113.7"  # a proxy before the standby said so
             r = httpx.post(f"{standby_url}/v1/rounds/3/submissions?x=1", content=b"payload", headers=signed)
             assert r.status_code == 201
             seen = r.json()
@@ -84,10 +85,11 @@ def test_requests_reach_the_leader_as_they_came_and_its_answers_come_back(store:
             )
             assert seen["headers"]["x-gradpool-signature"] == "sig"
             assert seen["headers"]["content-length"] == "7"
-            assert seen["headers"]["x-forwarded-for"] == "127.0.0.1"
+            assert seen["headers"]["x-forwarded-for"] == "203.0.113.7, 127.0.0.1"
             assert seen["headers"]["host"] == leader_url.removeprefix("http://")
             assert (r.headers["x-gradpool-replica"], r.headers["x-gradpool-leader"]) == ("b", "a")
             assert r.headers["x-from"] == "leader"
+            assert len(r.headers.get_list("date")) == len(r.headers.get_list("server")) == 1
 
             got = httpx.get(f"{standby_url}/v1/round")  # no body: none is sent on
             assert got.json()["method"] == "GET" and "content-length" not in got.json()["headers"]
