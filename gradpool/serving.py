@@ -50,9 +50,17 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
             await asyncio.sleep(0.05)
         url = f"{settings.scheme()}://{settings.host}:{bound_port(server)}"
         log.info("coordinator listening on %s (state in %s)", url, settings.state_dir)
-        if shared:  # where the standbys send what they are asked
+        if (
+            shared
+        ):  # where the standbys send what they are asked (a store down for now: again, until it is back)
             reachable = settings.cluster.url or reachable_url(settings, bound_port(server))
-            await asyncio.to_thread(advertise, run.store, run.lease.holder, reachable)
+            while not run.lease.lost.is_set():
+                try:
+                    await asyncio.to_thread(advertise, run.store, run.lease.holder, reachable)
+                    break
+                except Exception as e:
+                    log.warning("cannot say where this leader listens: %s: %s", type(e).__name__, e)
+                    await asyncio.sleep(1.0)
         if ready_file is not None:
             tmp = ready_file.with_name(ready_file.name + ".tmp")
             tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
