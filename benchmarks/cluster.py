@@ -27,6 +27,23 @@ S3_ENV = {
 }
 
 
+def shared_settings(work: Path, database: str, endpoint: str, bucket: str) -> dict[str, Any]:
+    """The settings every replica shares: the store, the bucket with direct uploads, one network key."""
+    key = work / "coordinator.pem"
+    save_key(generate_key(), key)
+    return {
+        "store": {"url": database},
+        "blobs": {
+            "backend": "s3",
+            "s3_bucket": bucket,
+            "s3_endpoint_url": endpoint,
+            "s3_prefix": "run",
+            "direct_uploads": True,
+        },
+        "identity": {"key": str(key)},
+    }
+
+
 class Cluster:
     def __init__(self, work: Path, lease_s: float = 10.0) -> None:
         import boto3
@@ -44,20 +61,8 @@ class Cluster:
         bucket = f"gradpool-{uuid.uuid4().hex[:12]}"
         os.environ.update(S3_ENV)  # the coordinators' AWS chain, and this process's client's
         boto3.session.Session().client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        key = work / "coordinator.pem"
-        save_key(generate_key(), key)
-        self.settings: dict[str, Any] = {
-            "store": {"url": self.postgres.database()},
-            "blobs": {
-                "backend": "s3",
-                "s3_bucket": bucket,
-                "s3_endpoint_url": endpoint,
-                "s3_prefix": "run",
-                "direct_uploads": True,
-            },
-            "identity": {"key": str(key)},
-            "cluster": {"lease_s": lease_s},
-        }
+        self.settings = shared_settings(work, self.postgres.database(), endpoint, bucket)
+        self.settings["cluster"] = {"lease_s": lease_s}
 
     def close(self) -> None:
         try:

@@ -30,11 +30,11 @@ import tomli_w
 
 from benchmarks.aggregation import log, random_payload, tensor_set
 from benchmarks.close import LOAD_TEST, write_corpus
-from benchmarks.cluster import S3_ENV, free_port, wait_for
+from benchmarks.cluster import S3_ENV, free_port, shared_settings, wait_for
 from benchmarks.postgres import Postgres, pg_bin
 from gradpool.processes import Processes
 from protocol.codec import SparseLoCoCodec
-from protocol.signing import generate_key, save_key, sign_request
+from protocol.signing import generate_key, sign_request
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION, UploadCommit, UploadIntent, UploadTicket
 
 ROUND_OPEN = {  # the round stays open for the whole benchmark
@@ -175,21 +175,8 @@ def cluster_ingest(miners: int, replicas: int = 2, model: str = "tiny") -> dict[
         postgres = Postgres(bin_dir)
         try:
             with s3_server(work) as (endpoint, bucket):
-                key = work / "coordinator.pem"
-                save_key(generate_key(), key)
-                settings = {
-                    "model": model,
-                    "store": {"url": postgres.database()},
-                    "blobs": {
-                        "backend": "s3",
-                        "s3_bucket": bucket,
-                        "s3_endpoint_url": endpoint,
-                        "s3_prefix": "run",
-                        "direct_uploads": True,
-                    },
-                    "identity": {"key": str(key)},
-                    "data": {"corpus": str(write_corpus(work / "corpus.txt"))},
-                }
+                settings = shared_settings(work, postgres.database(), endpoint, bucket)
+                settings |= {"model": model, "data": {"corpus": str(write_corpus(work / "corpus.txt"))}}
                 procs = Processes(work, {**ROUND_OPEN, **LOAD_TEST, **S3_ENV})
                 try:
                     spec, codec = tensor_set(model), SparseLoCoCodec()
