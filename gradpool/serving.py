@@ -50,9 +50,7 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
             await asyncio.sleep(0.05)
         url = f"{settings.scheme()}://{settings.host}:{bound_port(server)}"
         log.info("coordinator listening on %s (state in %s)", url, settings.state_dir)
-        if (
-            shared
-        ):  # where the standbys send what they are asked (a store down for now: again, until it is back)
+        if shared:  # where the standbys send what they ask (a store down for now: again, until it is back)
             reachable = settings.cluster.url or reachable_url(settings, bound_port(server))
             while not run.lease.lost.is_set():
                 try:
