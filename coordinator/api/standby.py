@@ -91,8 +91,11 @@ def standby_app(
 ) -> Starlette:
     """The app a standby serves: every path, every method, to the leader. ``read_timeout_s``: longer than
     the longest long-poll (60 s)."""
-    timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=10.0)
-    client = httpx.AsyncClient(timeout=timeout, verify=verify, follow_redirects=False)
+    timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=read_timeout_s)
+    # as many requests in flight to the leader as come in (its own limits answer for it): a pool capped
+    # at httpx's 100 would turn a crowd of uploads into 503s here
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
+    client = httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
 
     async def forward(request: Request) -> Response:
         leader = await asyncio.to_thread(directory.leader)
