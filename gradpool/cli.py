@@ -140,10 +140,15 @@ def status(
         return
     r, run = data["round"], data["run"]
     replica, leader = (response.headers.get(h) for h in (HEADER_REPLICA, HEADER_LEADER))
-    who = f" (replica {replica}, leader {leader})" if replica and leader else ""
-    typer.echo(
-        f"answered by {url}{who}" + (f" ({len(failures)} before it did not answer)" if failures else "")
+    who = (
+        ""
+        if not leader
+        else f" (leader {leader})"
+        if replica == leader
+        else f" (replica {replica}, leader {leader})"
     )
+    earlier = f" ({len(failures)} before it did not answer)" if failures else ""
+    typer.echo(f"answered by {url}{earlier}{who}")
     typer.echo(f"run {run['run_id']}: model {run['model']}, codec {run['codec']['name']}")
     typer.echo(
         f"round {r['round']} ({r['status']}), version {r['version']}, "
