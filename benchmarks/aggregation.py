@@ -66,6 +66,11 @@ def tensor_set(name: str | ModelConfig) -> Spec:
         return param_spec(build_model(name))
 
 
+def percentile(sorted_values: list[float], q: float) -> float:
+    """Nearest rank."""
+    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
+
+
 def random_payload(codec: SparseLoCoCodec, spec: Spec, seed: int) -> bytes:
     """One miner's update: Gaussian, std 0.75e-3 to 1.25e-3 (its own per seed), encoded."""
     gen = torch.Generator().manual_seed(seed)

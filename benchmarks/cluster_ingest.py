@@ -28,7 +28,7 @@ from typing import Any
 import httpx
 import tomli_w
 
-from benchmarks.aggregation import log, random_payload, tensor_set
+from benchmarks.aggregation import log, percentile, random_payload, tensor_set
 from benchmarks.close import LOAD_TEST, write_corpus
 from benchmarks.cluster import S3_ENV, free_port, shared_settings, wait_for
 from benchmarks.postgres import Postgres, pg_bin
@@ -154,8 +154,8 @@ async def upload_all(urls: list[str], payloads: list[bytes]) -> dict[str, Any]:
         "miners": len(payloads),
         "replicas": len(urls),
         "failures": len(errors),
-        "p50_s": latencies[max(0, round(0.50 * len(latencies)) - 1)],
-        "p99_s": latencies[max(0, -(-99 * len(latencies) // 100) - 1)],
+        "p50_s": percentile(latencies, 0.50),
+        "p99_s": percentile(latencies, 0.99),
         "max_s": latencies[-1],
         "wall_s": wall,
         "stored": stored,

@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import math
 import os
 import ssl
 import tempfile
@@ -39,7 +38,7 @@ from typing import Any
 
 import httpx
 
-from benchmarks.aggregation import SETS, aggregation, log, random_payload, tensor_set
+from benchmarks.aggregation import SETS, aggregation, log, percentile, random_payload, tensor_set
 from benchmarks.close import LOAD_TEST, close_rows, write_corpus
 from benchmarks.cluster_ingest import cluster_ingest
 from gradpool.processes import Child, Processes
@@ -144,11 +143,6 @@ async def register_and_upload(url: str, payloads: list[bytes], coordinator_pid: 
         "client_cpu_s": client,
         "errors": errors[:5],
     }
-
-
-def percentile(sorted_values: list[float], q: float) -> float:
-    """Nearest rank."""
-    return sorted_values[max(0, math.ceil(q * len(sorted_values)) - 1)]
 
 
 def ingest(model: str, miners: int) -> dict[str, Any]:

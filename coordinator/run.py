@@ -44,6 +44,7 @@ from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore, S3BlobStore, make_blob_store
 from coordinator.storage.lease import LeaderLease, holder_name
 from coordinator.storage.lock import StateLock
+from coordinator.storage.sql import embedded
 from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
@@ -82,8 +83,8 @@ class Run:
         try:
             # the embedded store's file is this process's alone (the state directory's lock): no waiting
             name = holder_name(settings.cluster.name)
-            embedded = (settings.store_url() or "sqlite").startswith("sqlite")
-            self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=embedded)
+            force = embedded(settings.store_url())
+            self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=force)
             self.lease.acquire()
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)

@@ -140,13 +140,9 @@ def status(
         return
     r, run = data["round"], data["run"]
     replica, leader = (response.headers.get(h) for h in (HEADER_REPLICA, HEADER_LEADER))
-    who = (
-        ""
-        if not leader
-        else f" (leader {leader})"
-        if replica == leader
-        else f" (replica {replica}, leader {leader})"
-    )
+    who = ""
+    if leader:
+        who = f" (leader {leader})" if replica == leader else f" (replica {replica}, leader {leader})"
     earlier = f" ({len(failures)} before it did not answer)" if failures else ""
     typer.echo(f"answered by {url}{earlier}{who}")
     typer.echo(f"run {run['run_id']}: model {run['model']}, codec {run['codec']['name']}")

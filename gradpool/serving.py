@@ -26,6 +26,7 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
     from coordinator.api.server import bound_port, make_server
     from coordinator.api.standby import advertise
     from coordinator.run import Run
+    from coordinator.storage.sql import embedded
     from protocol.errors import ProtocolError
 
     tls = {}
@@ -35,7 +36,7 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
             ssl.create_default_context(ssl.Purpose.CLIENT_AUTH).load_cert_chain(*tls.values())
         except (OSError, ValueError) as e:  # ssl.SSLError is an OSError
             fail(f"cannot serve HTTPS with {settings.ssl_certfile} and {settings.ssl_keyfile}: {e}")
-    shared = not (settings.store_url() or "sqlite").startswith("sqlite")
+    shared = not embedded(settings.store_url())
     standby = await StandBy.start(settings, tls) if shared else None
     try:
         run = await asyncio.to_thread(Run, settings, hooks=hooks)

@@ -37,7 +37,8 @@ HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"}
     | {"transfer-encoding", "host"}
 )
-OWN = frozenset({"date", "server"})  # this server sets its own
+REQUEST_DROPPED = HOP_BY_HOP | {"x-forwarded-for"}  # the standby writes its own X-Forwarded-For
+ANSWER_DROPPED = HOP_BY_HOP | {"date", "server", HEADER_REPLICA.lower()}  # this server sets its own
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
@@ -60,9 +61,14 @@ class LeaderDirectory:
         self.store = store
         self._seen: tuple[float, Leader | None] = (float("-inf"), None)
 
-    def leader(self) -> Leader | None:
+    def cached(self) -> tuple[bool, Leader | None]:
+        """(still fresh, the leader last read): no database read."""
         at, known = self._seen
-        if time.monotonic() - at < LEADER_TTL_S:
+        return time.monotonic() - at < LEADER_TTL_S, known
+
+    def leader(self) -> Leader | None:
+        fresh, known = self.cached()
+        if fresh:
             return known
         try:
             held = self.store.lease_holder()
@@ -98,12 +104,12 @@ def standby_app(
     client = httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
 
     async def forward(request: Request) -> Response:
-        leader = await asyncio.to_thread(directory.leader)
+        fresh, leader = directory.cached()  # a thread (for the database) only once a second
+        if not fresh:
+            leader = await asyncio.to_thread(directory.leader)
         if leader is None:
             return no_leader(replica, "no replica holds the leader lease now; try again shortly")
-        headers = [
-            (k, v) for k, v in request.headers.items() if k.lower() not in HOP_BY_HOP | {"x-forwarded-for"}
-        ]
+        headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROPPED]
         if request.client is not None:  # the client's address, after any proxy's before this one
             earlier = request.headers.get("x-forwarded-for")
             headers.append(
@@ -124,13 +130,8 @@ def standby_app(
         response = StreamingResponse(
             answer.aiter_raw(), status_code=answer.status_code, background=BackgroundTask(answer.aclose)
         )
-        mine = HEADER_REPLICA.lower()
-        kept = [
-            (k, v)
-            for k, v in answer.headers.raw
-            if k.decode("latin-1").lower() not in HOP_BY_HOP | OWN | {mine}
-        ]
-        response.raw_headers = [*kept, (mine.encode(), replica.encode())]
+        kept = [(k, v) for k, v in answer.headers.raw if k.decode("latin-1").lower() not in ANSWER_DROPPED]
+        response.raw_headers = [*kept, (HEADER_REPLICA.lower().encode(), replica.encode())]
         return response
 
     @contextlib.asynccontextmanager

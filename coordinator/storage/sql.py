@@ -25,6 +25,15 @@ def store_url(state_dir: Path, url: str | None) -> str:
     return url if url else f"sqlite:///{state_dir / SQLITE_FILE}"
 
 
+def embedded(url: str | None) -> bool:
+    """Whether ``[store] url`` (None: the default) is the embedded SQLite file, one process's alone (a URL
+    that does not parse is not: opening it says what is wrong with it)."""
+    try:
+        return url is None or make_url(url).get_backend_name() == "sqlite"
+    except ArgumentError:
+        return False
+
+
 def make_engine(url: str) -> Engine:
     """The engine for a store URL: ``sqlite:///PATH``, or ``postgresql://...`` (psycopg 3)."""
     try:
