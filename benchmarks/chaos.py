@@ -13,6 +13,9 @@ coordinator every other time, otherwise a miner or the validator. Throughout, an
 - every honest miner, and the validator, back at work after each restart (theirs or the coordinator's);
 - the held-out loss lower at the end than at the start.
 
+After the last kill nothing more is killed until a version newer than the last kill is out (at most 180 s:
+``settle_s`` says how long it took), so that a short soak on a slow machine still ends on a working network.
+
 With ``--replicas 2 --store postgres`` the coordinator is two processes on a real PostgreSQL and a real
 S3-compatible server (moto, its uploads straight to the bucket), sharing one key (benchmarks/cluster.py):
 the one holding the leader lease runs the network, the other passes what it is asked on to it. A
@@ -21,7 +24,7 @@ long until one led and answered again), else of the other process; PostgreSQL is
 way. The nodes are given both URLs.
 
 Output: ``{"minutes", "kills": {...}, "rounds", "versions", "violations": [...], "initial_eval_loss",
-"final_eval_loss"}`` (replicas: ``kills`` with ``leader``, ``replica`` and ``postgres``, and
+"final_eval_loss", "settle_s"}`` (replicas: ``kills`` with ``leader``, ``replica`` and ``postgres``, and
 ``"replicas", "store", "failover_s"``). A violation is a sentence; none is the target.
 """
 
@@ -57,6 +60,7 @@ SETTINGS: dict[str, Any] = {
     "validation": {"own_sequences": 32, "other_sequences": 32},
     "max_catchup_versions": 64,
 }
+SETTLE_S = 180.0
 STDLIB_FILES = ["argparse.py", "dataclasses.py", "functools.py", "inspect.py", "textwrap.py", "typing.py"]
 
 
@@ -293,6 +297,7 @@ def soak(
     turn = 0
     next_kill = t0 + rng.uniform(0.5, 1.5) * interval_s
     http = Replicas(urls)
+    at_last_kill = 0  # the newest version seen when the last kill came
     while time.time() < end:
         with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):  # the coordinator may be down
             checks.poll(http)
@@ -321,6 +326,7 @@ def soak(
             turn += 1
             log(f"{time.time() - t0:6.1f} s: SIGKILL {victim.name} ({kind})")
             victim.kill()
+            at_last_kill = max(checks.versions, default=0)
             killed = time.time()
             kills[kind] += 1
             if kind == "leader":  # another takes over: how long until one answers again
@@ -332,6 +338,7 @@ def soak(
             victim.start(wait=replicas == 1)
             next_kill = time.time() + rng.uniform(0.5, 1.5) * interval_s
         time.sleep(1.0)
+    settle_s = settle(checks, http, at_last_kill, time.time() + SETTLE_S)
     for node in nodes[len(servers) :]:
         procs.stop(node.name, grace_s=20)
     wall = [r["wall_s"] for r in http.get("/v1/reports").json()]
@@ -339,10 +346,31 @@ def soak(
     summary = checks.final(http, nodes, keys, grace, end)
     http.close()
     procs.stop_all(grace_s=20)
-    out = {"minutes": minutes, "kills": kills, **summary, "violations": checks.violations}
+    out = {
+        "minutes": minutes,
+        "kills": kills,
+        **summary,
+        "settle_s": settle_s,
+        "violations": checks.violations,
+    }
     if replicas > 1:
         out |= {"replicas": replicas, "store": "postgres", "failover_s": failover_s}
     return out
+
+
+def settle(checks: Checks, http: Replicas, at_last_kill: int, until: float) -> float | None:
+    """After the last kill, nothing more is killed until the network publishes a version it had not when
+    that kill came (and at least version 2): the seconds that took, or a violation after ``SETTLE_S``. A
+    short soak on a loaded machine otherwise ends before its first round closes."""
+    started = time.time()
+    while time.time() < until:
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            checks.poll(http)
+        if max(checks.versions, default=0) > max(at_last_kill, 1):
+            return round(time.time() - started, 1)
+        time.sleep(1.0)
+    checks.violation(f"no version was published within {SETTLE_S:.0f} s of the last kill")
+    return None
 
 
 def main(argv: list[str] | None = None) -> dict[str, Any]:

@@ -65,8 +65,8 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
             tmp.write_text(json.dumps({"url": url, "pid": os.getpid()}))
             os.replace(tmp, ready_file)
 
-    async def step_down() -> None:  # a leader that lost its lease stops serving, and says why
-        while not run.lease.lost.is_set():
+    async def step_down() -> None:  # a leader that lost its lease, or its closer, stops serving, and says why
+        while not run.lease.lost.is_set() and not run.closer.ended:
             await asyncio.sleep(0.5)
         server.should_exit = True
 
@@ -76,6 +76,8 @@ async def serve_coordinator(settings: Any, ready_file: Path | None, hooks: Any =
         task.cancel()
     if run.lease.lost.is_set():
         fail(f"stopped: lost the leader lease ({run.lease.why})", 1)
+    if run.closer.ended:
+        fail("stopped: the thread that closes rounds ended (its error is in the log above)", 1)
 
 
 def reachable_url(settings: Any, port: int) -> str:

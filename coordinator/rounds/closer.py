@@ -45,6 +45,7 @@ from coordinator.storage.records import Health, Outcome, Refusal, RoundClose, Up
 from protocol.evaluation import round_salt
 
 log = logging.getLogger(__name__)
+RETRY_CAP_S = 30.0  # the longest pause between the closer's tries after failures in a row
 
 
 class Closer:
@@ -88,6 +89,11 @@ class Closer:
     def running(self) -> bool:
         return self._thread is not None and self._thread.is_alive()
 
+    @property
+    def ended(self) -> bool:
+        """The thread ended without being asked to (a bug: the process should stop and say so)."""
+        return self._thread is not None and not self._thread.is_alive() and not self._stop.is_set()
+
     def stop(self) -> None:
         self._stop.set()
         self._wake.set()
@@ -95,21 +101,37 @@ class Closer:
             self._thread.join()
 
     def _loop(self) -> None:
-        try:
-            self._judge_unscored()
-        except Stopping:
-            return
+        """Close each round when it is due. A failure outside a close's own retries (the store unreachable
+        while a round's scores are written, say) does not end the thread: it is logged and, after a pause
+        that grows with each failure in a row, the rounds left unscored are evaluated again and closing
+        goes on."""
+        unscored, failures = True, 0
         while not self._stop.is_set():
-            state, now = self.cell.state, self.clock.now()
-            if state.behind is None and not self.mode.due(state, now, self.rounds.min_quorum):
-                left = self.mode.wake_in(state, now)
-                self.clock.wait(self._wake, None if left is None else max(left, 0.01))
-                self._wake.clear()
-                continue
             try:
-                self.close_round()
+                if unscored:
+                    self._judge_unscored()
+                    unscored = False
+                self._step()
+                failures = 0
             except Stopping:
                 return
+            except Exception:
+                failures += 1
+                pause = min(RETRY_CAP_S, 0.5 * 2**failures)
+                log.exception("the closer failed (%d in a row); again in %.1f s", failures, pause)
+                unscored = True
+                if self.clock.wait(self._stop, pause):
+                    return
+
+    def _step(self) -> None:
+        """Close the round that is due, or wait until one is (or something changes)."""
+        state, now = self.cell.state, self.clock.now()
+        if state.behind is None and not self.mode.due(state, now, self.rounds.min_quorum):
+            left = self.mode.wake_in(state, now)
+            self.clock.wait(self._wake, None if left is None else max(left, 0.01))
+            self._wake.clear()
+            return
+        self.close_round()
 
     # -- closing ------------------------------------------------------------------------------------------
     def close_round(self) -> None:
@@ -229,6 +251,8 @@ class Closer:
         except Exception:
             log.exception("round %d: evaluating after the version failed; unscored", later.round)
             verdicts, flags = {}, {}
+        if self.hooks.before_scores is not None:
+            self.hooks.before_scores(later.round)
         self.store.record_scores(later.round, verdicts, flags, self.clock.now())
         self.scores.changed()
         seconds = time.perf_counter() - t0

@@ -19,7 +19,7 @@ from protocol.history import Chain, HistoryPage, SignedRecord
 from protocol.params import apply_update, decode_update, params_hash
 from protocol.signing import generate_key, public_key_hex
 from protocol.wire import RunInfo
-from tests.helpers.pool import SPEC, Miner, OpenPool, Pool, node_client, payload
+from tests.helpers.pool import EVAL, SPEC, Miner, OpenPool, Pool, node_client, payload
 
 
 def failing(miners: set[str]) -> Hooks:
@@ -65,6 +65,30 @@ def test_a_round_that_cannot_be_closed_closes_without_a_version(open_pool: OpenP
         assert 'gradpool_rounds_failed_total{reason="close_failed"} 1.0' in metrics
         board = pool.client.get("/v1/leaderboard").json()["miners"]
         assert [(e["refusals"], e["rounds_refused"]) for e in board] == [({}, 0)]  # not the miner's doing
+
+
+def test_a_closer_that_cannot_write_a_rounds_scores_tries_again_and_goes_on(open_pool: OpenPool) -> None:
+    failed: list[int] = []
+
+    def before_scores(round_: int) -> None:  # the database restarts as the first scores are written
+        if not failed:
+            failed.append(round_)
+            raise OSError("injected: the database is restarting")
+
+    hooks = Hooks(before_scores=before_scores)
+    with open_pool(app={"hooks": hooks}, rounds={"min_quorum": 2}, validation=EVAL) as pool:
+        miners = [pool.miner(), pool.miner()]
+        for seed, miner in enumerate(miners):
+            assert miner.upload(0, payload(0, 0, seed=seed)).status_code == 200
+        scored = pool.wait_scored(0)  # evaluated after its version: written on the second try
+        assert failed == [0] and all(scored[m.pubkey]["evaluated"] for m in miners), scored
+        now = pool.round()
+        for seed, miner in enumerate(miners):
+            body = payload(now["round"], now["version"], seed=2 + seed)
+            assert miner.upload(now["round"], body).status_code == 200
+        pool.wait_for_round(now["round"])  # the closer went on: the next round closed too
+        assert pool.record(now["round"])["status"] == "closed"
+        assert pool.client.get("/readyz").status_code == 200
 
 
 class Clock:
