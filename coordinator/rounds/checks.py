@@ -176,13 +176,21 @@ class Copied:
 
 
 def accepted_overlap(rounds: Iterable[Sequence[Upload]]) -> float:
-    """The median overlap of kept coordinates between the accepted uploads of each round (0: none)."""
+    """The median overlap of kept coordinates between the uploads of each round shown to help: accepted,
+    evaluated and not flagged after (in a round nothing evaluated, without the coordinator's evaluation:
+    accepted). 0: none."""
     found = [
         x
         for uploads in rounds
-        for x in overlaps([u.kept for u in uploads if u.status == "accepted" and u.kept.numel()]).values()
+        for x in overlaps([u.kept for u in _shown_to_help(uploads) if u.kept.numel()]).values()
     ]
     return statistics.median(found) if found else 0.0
+
+
+def _shown_to_help(uploads: Sequence[Upload]) -> list[Upload]:
+    accepted = [u for u in uploads if u.status == "accepted" and u.flag is None]
+    evaluated = [u for u in accepted if u.evaluated]
+    return evaluated if any(u.evaluated for u in uploads) else accepted
 
 
 CHANCE_OVERLAP = 0.05  # the least overlap independent uploads are taken to have (random ones: about k/chunk)
@@ -192,12 +200,14 @@ CHANCE_OVERLAP = 0.05  # the least overlap independent uploads are taken to have
 class NearCopied:
     """The later of two uploads of the round that keep far more of the same coordinates than independent
     work does: one update re-encoded (noise added, another key's error feedback) still keeps most of the
-    coordinates it kept (benchmarks/near_copies.py measures both). What independent work overlaps by is the
-    larger of the median overlap of the round's pairs and of recent rounds' accepted uploads (work shown to
-    help), and at least ``CHANCE_OVERLAP``: uploads that keep unrelated coordinates (noise), however many,
-    cannot lower it, so they cannot make honest uploads look alike; copies could only raise it. A pair
-    overlapping ``ratio`` times that is a near-copy. It needs three uploads with kept samples (sparse
-    codecs)."""
+    coordinates it kept (benchmarks/near_copies.py measures both). What independent work overlaps by is
+    learnt from evidence only: the median overlap between the uploads of recent rounds shown to help
+    (``accepted_overlap``), raised to the median of the round's pairs where that is higher, and at least
+    ``CHANCE_OVERLAP``. A pair overlapping ``ratio`` times that is a near-copy. Until the run has such a
+    record (its first rounds) no upload is refused as a near-copy: a round's own pairs are a head count, and
+    a crowd of uploads that keep unrelated coordinates (noise) would pull their median to chance and make
+    two honest uploads look alike. Copies could only raise the reference. It needs three uploads with kept
+    samples (sparse codecs)."""
 
     ratio: float
     code: ClassVar[str] = Refusal.NEAR_COPY
@@ -205,7 +215,7 @@ class NearCopied:
 
     def refuse(self, j: RoundChecks) -> Iterable[str]:
         uploads = [u for u in j.remaining() if u.kept.numel()]
-        if len(uploads) < 3:
+        if len(uploads) < 3 or not j.history.overlap:
             return
         found = overlaps([u.kept for u in uploads])
         pairs = {(uploads[i].miner, uploads[j].miner): x for (i, j), x in found.items()}

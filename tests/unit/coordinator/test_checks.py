@@ -90,16 +90,20 @@ def test_an_update_re_encoded_with_noise_from_another_key_is_refused_as_a_near_c
     others = [upload(f"m{i}", body) for i, body in enumerate(bodies(1, 2, 3))]
     assert cosine(a.sketch, b.sketch) < 0.98  # no copy by its sketch
     assert overlap(a.kept, b.kept) > 3 * max(overlap(a.kept, o.kept) for o in others)
-    refused, _ = judge([others[0], a, others[1], b, others[2]])
+    shown = History(overlap=accepted_overlap([[dataclasses.replace(u, status="accepted") for u in others]]))
+    refused, _ = judge([others[0], a, others[1], b, others[2]], shown)
     assert refused == {"b": "near_copy"}
-    refused, _ = judge([b, *others, a])  # the later one is the copy, whichever it is
+    refused, _ = judge([b, *others, a], shown)  # the later one is the copy, whichever it is
     assert refused == {"a": "near_copy"}
+    assert judge([others[0], a, others[1], b, others[2]])[0] == {}  # no record yet: no near-copy
 
 
 def test_uploads_that_keep_unrelated_coordinates_cannot_make_honest_ones_look_alike() -> None:
     """Honest updates share structure (a common part) and so overlap more than chance; a crowd of noise
-    uploads overlaps nothing and would pull the round's median to chance, but the overlap recent accepted
-    uploads showed stays the floor: no honest upload is taken for a copy."""
+    uploads overlaps nothing and would pull the round's median to chance, but that median is never the
+    reference alone: before the run has a record nothing is a near-copy, and after, the overlap of the
+    recent uploads shown to help is the floor. The noise's own record (accepted, then flagged by its
+    evaluation) does not count. No honest upload is taken for a copy."""
     common = make_delta(40)
     honest = [
         upload(f"h{i}", encode({n: 2 * common[n] + d for n, d in make_delta(41 + i).items()}, 0, 0)[0])
@@ -108,11 +112,14 @@ def test_uploads_that_keep_unrelated_coordinates_cannot_make_honest_ones_look_al
     noise = [upload(f"n{i}", body) for i, body in enumerate(bodies(50, 51, 52, 53, 54, 55))]
     shown = accepted_overlap([[dataclasses.replace(u, status="accepted") for u in honest]])
     assert shown > 3 * max(overlap(honest[0].kept, n.kept) for n in noise)
-    alike = {u.miner for u in honest[1:]}
-    refused, _ = judge([*noise, *honest])  # with the round's median alone, the noise would set the bar
-    assert {m for m, why in refused.items() if why == "near_copy"} == alike
-    refused, _ = judge([*noise, *honest], History(overlap=shown))
-    assert not {m for m, why in refused.items() if why == "near_copy"}
+    for history in (History(), History(overlap=shown)):
+        refused, _ = judge([*noise, *honest], history)
+        assert not {m for m, why in refused.items() if why == "near_copy"}
+    record = [
+        *(dataclasses.replace(u, status="accepted", evaluated=True) for u in honest),
+        *(dataclasses.replace(u, status="accepted", evaluated=True, flag="low_gain") for u in noise),
+    ]
+    assert accepted_overlap([record]) == shown  # flagged after their evaluation: not shown to help
 
 
 def test_outliers_zero_and_non_finite_norms_are_refused_and_the_rest_clipped_to_the_median() -> None:
