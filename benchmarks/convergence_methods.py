@@ -61,19 +61,21 @@ METHODS: dict[str, Method] = {
     "sparseloco_cosine": Method("pool", schedule="cosine"),
     "sparseloco_no_ef": Method("pool", ef_beta=0.0),
     # the compressed downlink at the [publish] defaults (coordinator's error feedback: k=128, 2 bits, 0.95)
-    "sparseloco_down": Method("pool", downlink=PublishSettings(codec="sparseloco")),
+    "sparseloco_down": Method("pool", downlink=PublishSettings(format="sparseloco")),
     # the other points measured for the defaults (BENCHMARKS.md), each with the coordinator's EF at 1.0
-    "sparseloco_down_ef1": Method("pool", downlink=PublishSettings(codec="sparseloco", ef_beta=1.0)),
-    "sparseloco_down_k64": Method("pool", downlink=PublishSettings(codec="sparseloco", k=64, ef_beta=1.0)),
-    "sparseloco_down_4bit": Method("pool", downlink=PublishSettings(codec="sparseloco", bits=4, ef_beta=1.0)),
-    "sparseloco_down_k192": Method("pool", downlink=PublishSettings(codec="sparseloco", k=192, ef_beta=1.0)),
-    "sparseloco_down_k256": Method("pool", downlink=PublishSettings(codec="sparseloco", k=256, ef_beta=1.0)),
+    "sparseloco_down_ef1": Method("pool", downlink=PublishSettings(format="sparseloco", ef_beta=1.0)),
+    "sparseloco_down_k64": Method("pool", downlink=PublishSettings(format="sparseloco", k=64, ef_beta=1.0)),
+    "sparseloco_down_4bit": Method(
+        "pool", downlink=PublishSettings(format="sparseloco", bits=4, ef_beta=1.0)
+    ),
+    "sparseloco_down_k192": Method("pool", downlink=PublishSettings(format="sparseloco", k=192, ef_beta=1.0)),
+    "sparseloco_down_k256": Method("pool", downlink=PublishSettings(format="sparseloco", k=256, ef_beta=1.0)),
     # overlapped rounds (node/overlap.py): the miner's way, the version being made arriving after a fifth
     # of the inner steps (where `make demo`'s miners merge it: after 3 or 4 of 20); then later, and each
     # part alone
     "sparseloco_overlap": Method("pool", overlap="merge_eager", merge_at=0.2),
     "sparseloco_overlap_down": Method(
-        "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(codec="sparseloco")
+        "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(format="sparseloco")
     ),
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),

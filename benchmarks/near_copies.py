@@ -29,7 +29,7 @@ import torch
 from benchmarks.adversarial import operator_outcome
 from coordinator.settings import BlobSettings
 from coordinator.storage.blobs import make_blob_store
-from coordinator.storage.store import SqliteStore
+from coordinator.storage.store import open_store
 from gradpool.audit import model_spec
 from gradpool.simulate import simulate
 from protocol.codec import make_codec
@@ -57,7 +57,7 @@ def pairs(run: Path) -> list[dict[str, Any]]:
     claim = run / "sybil" / "first-key"
     worker = names.get(claim.read_text().strip()) if claim.exists() else None
     state = run / "coordinator"
-    store = SqliteStore(state / "state.db")
+    store = open_store(state)
     blobs = make_blob_store(BlobSettings(), state / "blobs")
     architecture = ModelConfig.model_validate_json(store.get_meta("architecture") or "")
     spec = model_spec(architecture)
