@@ -31,7 +31,7 @@ test: venv
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/mypy
-	$(PY) -m pytest -q  # two workers (pyproject.toml)
+	$(PY) -m pytest -q  # three workers (pyproject.toml)
 
 test-quick: venv  # the fast tiers: everything but the tests marked slow
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
