@@ -27,11 +27,13 @@ demo: venv  # a fresh network each time: the previous demo's state would otherwi
 	@echo "--- the run's signed history, verified and replayed (gradpool audit):"
 	@$(VENV)/bin/gradpool audit --state-dir runs/demo/coordinator
 
-test: venv
+test: venv  # the type check runs beside the tests (three workers, pyproject.toml); either failing fails it
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
 	$(VENV)/bin/ruff format --check protocol coordinator node gradpool tests benchmarks
-	$(VENV)/bin/mypy
-	$(PY) -m pytest -q  # three workers (pyproject.toml)
+	@$(VENV)/bin/mypy > $(VENV)/mypy.log 2>&1 & types=$$!; \
+	$(PY) -m pytest -q; tests=$$?; \
+	wait $$types; typed=$$?; echo "--- mypy:"; cat $(VENV)/mypy.log; \
+	[ $$tests -eq 0 ] && [ $$typed -eq 0 ]
 
 test-quick: venv  # the fast tiers: everything but the tests marked slow
 	$(VENV)/bin/ruff check protocol coordinator node gradpool tests benchmarks
