@@ -6,7 +6,7 @@ import json
 
 import httpx
 
-from benchmarks.chaos import Checks
+from benchmarks.chaos_checks import Checks
 
 
 def test_the_checks_catch_a_version_that_changes_or_is_not_finite() -> None:
