@@ -31,7 +31,6 @@ Output: ``{"minutes", "kills": {...}, "rounds", "versions", "violations": [...],
 from __future__ import annotations
 
 import argparse
-import contextlib
 import json
 import random
 import sys
@@ -40,10 +39,9 @@ import time
 from pathlib import Path
 from typing import Any
 
-import httpx
 import tomli_w
 
-from benchmarks.chaos_checks import SETTLE_S, Checks, Node, log, settle
+from benchmarks.chaos_checks import Checks, Node, log, settle
 from benchmarks.cluster import Cluster, Replicas, free_port, wait_for
 from gradpool.processes import Processes
 from protocol.data import stdlib_dir
@@ -139,8 +137,7 @@ def soak(
     http = Replicas(urls)
     at_last_kill = 0  # the newest version seen when the last kill came
     while time.time() < end:
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):  # the coordinator may be down
-            checks.poll(http)
+        checks.poll_if_up(http)
         for node in nodes:  # nothing may stop by itself
             if (code := node.exited()) is not None:
                 checks.violation(f"{node.name} exited by itself (exit code {code})")
@@ -178,7 +175,7 @@ def soak(
             victim.start(wait=replicas == 1)
             next_kill = time.time() + rng.uniform(0.5, 1.5) * interval_s
         time.sleep(1.0)
-    settle_s = settle(checks, http, at_last_kill, time.time() + SETTLE_S)
+    settle_s = settle(checks, http, at_last_kill)
     for node in nodes[len(servers) :]:
         procs.stop(node.name, grace_s=20)
     wall = [r["wall_s"] for r in http.get("/v1/reports").json()]

@@ -95,6 +95,11 @@ class Checks:
                 continue  # checked often enough; the final pass reads every round again
             self._round(http, r)
 
+    def poll_if_up(self, http: Replicas) -> None:
+        """``poll``, unless no coordinator process answers now (one may be down or starting)."""
+        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
+            self.poll(http)
+
     def _round(self, http: Replicas, r: int) -> None:
         record = http.get(f"/v1/rounds/{r}").json()
         if record["status"] != "closed":
@@ -179,14 +184,13 @@ class Checks:
                     self.violation(f"{node.name} did not work again after a restart at {time.ctime(t)}")
 
 
-def settle(checks: Checks, http: Replicas, at_last_kill: int, until: float) -> float | None:
+def settle(checks: Checks, http: Replicas, at_last_kill: int) -> float | None:
     """After the last kill, nothing more is killed until the network publishes a version it had not when
     that kill came (and at least version 2): the seconds that took, or a violation after ``SETTLE_S``. A
     short soak on a loaded machine otherwise ends before its first round closes."""
     started = time.time()
-    while time.time() < until:
-        with contextlib.suppress(httpx.HTTPError, ValueError, KeyError):
-            checks.poll(http)
+    while time.time() < started + SETTLE_S:
+        checks.poll_if_up(http)
         if max(checks.versions, default=0) > max(at_last_kill, 1):
             return round(time.time() - started, 1)
         time.sleep(1.0)
