@@ -80,18 +80,20 @@ class Run:
         except BaseException:
             self.lock.release()
             raise
+        # the embedded store's file is this process's alone (the state directory's lock): no waiting
+        name = holder_name(settings.cluster.name)
+        force = embedded(settings.store_url())
+        self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=force)
         try:
-            # the embedded store's file is this process's alone (the state directory's lock): no waiting
-            name = holder_name(settings.cluster.name)
-            force = embedded(settings.store_url())
-            self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=force)
             self.lease.acquire()
+            self.lease.start()  # renewed from now on: building the run may take longer than the lease
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)
             self._build(
                 settings, checks, hooks or Hooks(), clock if isinstance(clock, Clock) else Clock(clock), mode
             )
         except BaseException:
+            self.lease.release()
             self.store.close()
             self.lock.release()
             raise
@@ -314,7 +316,6 @@ class Run:
 
     # -- lifecycle ----------------------------------------------------------------------------------------
     def start(self) -> None:
-        self.lease.start()
         self.closer.start()
 
     def close(self) -> None:

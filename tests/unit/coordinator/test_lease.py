@@ -5,9 +5,12 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Callable
 
 import pytest
 
+from coordinator.run import Run
+from coordinator.settings import CoordinatorSettings
 from coordinator.storage.lease import Deposed, LeaderLease
 from coordinator.storage.store import SqlStore
 
@@ -61,3 +64,19 @@ def test_a_standby_takes_the_lease_when_the_leader_lets_it_go(store_url: str) ->
     finally:
         leader.close()
         standby.close()
+
+
+def test_a_run_renews_its_lease_from_the_moment_it_takes_it(
+    postgres_url: str, make_settings: Callable[..., CoordinatorSettings]
+) -> None:
+    """Building a run (loading the model, its first held-out loss) can take longer than the lease: the lease
+    is renewed from when it is taken, not from when the run starts serving."""
+    run = Run(make_settings(store={"url": postgres_url}, cluster={"lease_s": 1.0, "name": "a"}))
+    other = SqlStore(postgres_url)
+    try:
+        time.sleep(2.5)  # not started: no closer, no server, the lease two lifetimes old
+        assert other.take_lease("b", time.time(), 1.0) is None
+        assert other.lease_holder().holder == "a" and not run.lease.lost.is_set()
+    finally:
+        other.close()
+        run.close()
