@@ -13,6 +13,7 @@ from typing import Any
 
 import httpx
 import pytest
+import torch
 
 from benchmarks.postgres import Postgres, pg_bin
 from coordinator.api.app import create_app
@@ -20,16 +21,23 @@ from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from gradpool.processes import Child
 from protocol.data import stdlib_dir
+from tests.helpers import memo
 from tests.helpers.required import required
 from tests.helpers.waiting import wait_until
 
-if os.environ.get("PYTEST_XDIST_WORKER"):
-    # Several test workers share the machine's cores: one torch thread each (and in every process a test
-    # starts) keeps them from oversubscribing the cores, which slows torch's kernels far more than it saves.
-    os.environ.setdefault("OMP_NUM_THREADS", "1")
-    import torch
+# One torch thread in every test process (and in every process a test starts): several test workers share
+# the machine's cores, and more threads would oversubscribe them, which slows torch's kernels far more than
+# it saves; and a reduction's result depends on how many threads share it, so a test's numbers are the same
+# however the suite is run (`-n 0` included).
+os.environ.setdefault("OMP_NUM_THREADS", "1")
+torch.set_num_threads(1)
 
-    torch.set_num_threads(1)
+
+@pytest.fixture(scope="session", autouse=True)
+def _memo_folder(tmp_path_factory: pytest.TempPathFactory) -> None:
+    """Where tests/helpers/memo.py keeps results for the session: one folder for all its workers."""
+    root = tmp_path_factory.getbasetemp()
+    os.environ[memo.ENV] = str((root.parent if os.environ.get("PYTEST_XDIST_WORKER") else root) / "memo")
 
 
 @pytest.fixture(scope="session")

@@ -24,6 +24,7 @@ from protocol.data import assignment
 from protocol.model import build_model
 from protocol.params import Params, load_checkpoint, param_spec
 from protocol.signing import generate_key, public_key_hex, sign_request
+from tests.helpers.memo import key, memoised
 from tests.helpers.waiting import wait_until
 
 SPEC = param_spec(build_model("tiny"))
@@ -116,7 +117,12 @@ def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[st
         info["eval_every"],
     )
     tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
-    return honest_delta(build_model("tiny"), pool.checkpoint(version), tokens, r["lr"], r["batch_size"])
+    base, lr, batch_size = pool.checkpoint(version), r["lr"], r["batch_size"]
+    return memoised(
+        "delta",
+        key(base, tokens, lr, batch_size),
+        lambda: honest_delta(build_model("tiny"), base, tokens, lr, batch_size),
+    )
 
 
 def scaled_table(body: bytes, factor: float) -> bytes:

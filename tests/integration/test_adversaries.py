@@ -22,14 +22,16 @@ def test_every_loud_cheat_is_refused_or_ranked_below_the_honest(tmp_path: Path, 
     run whole networks in test_quiet_cheats.py and test_lazy_miner.py, and harmful and noisy uploads in
     both modes in tests/unit/coordinator/test_scoring.py: one loud network per mode would add a minute and
     a half to the suite's longest tier for no check that the others lack."""
-    rounds = 4
+    rounds = 3
     report = cheat_network(tmp_path, corpus_file, LOUD, 3, rounds)
     _, cheats, worst_honest = honest_and_cheats(report, LOUD, 3, rounds)
     refused = {kind: cheat["refusals"] for kind, cheat in cheats.items()}
     assert set(refused["nan"]) == {"non_finite"} and refused["nan"]["non_finite"] >= rounds // 2
-    # its error feedback makes every other upload of `scaled` a rescaled replay of an earlier one
+    # its error feedback makes every other upload of `scaled` a rescaled replay of an earlier one; an upload
+    # x100 is far above the round's norms, or, where no reference stands yet, measured as harmful
     scaled = refused["scaled"]
-    assert scaled.get("norm_outlier", 0) + scaled.get("replayed_update", 0) >= rounds - 1
-    assert refused["signflip"].get("harmful", 0) >= rounds - 3
+    assert set(scaled) <= {"norm_outlier", "replayed_update", "harmful"}, scaled
+    assert sum(scaled.values()) >= rounds - 1, scaled
+    assert refused["signflip"].get("harmful", 0) >= 1
     assert refused["lutscale"].get("norm_outlier", 0) >= rounds - 1  # value tables x1e30: far above
     assert cheats["noise"]["score"] < worst_honest  # not refused in every round, yet ranked below

@@ -102,24 +102,30 @@ def _steps(model: torch.nn.Module, tokens: torch.Tensor, steps: int) -> None:
         opt.zero_grad()
 
 
-def _train(ids: list[int], dataset: Dataset) -> tuple[dict[str, torch.Tensor], dict[str, SparseTensor]]:
-    """Base parameters (past the first steps from the random start, as in any round but the first) and
-    the update (base - trained) after AdamW steps on these sequences."""
+Trained = tuple[list[int], dict[str, torch.Tensor], dict[str, SparseTensor]]
+
+
+@pytest.fixture(scope="module")
+def trained(dataset: Dataset) -> Trained:
+    """A miner's assigned sequences, base parameters (past the first steps from the random start, as in any
+    round but the first) and the update (base - trained) after AdamW steps on those sequences."""
+    assigned = assignment(0, 0, MINER, 64, dataset.meta.num_sequences, dataset.meta.eval_every)
     model = build_model("tiny", seed=1)
     _steps(model, dataset.sequences(list(range(1000, 1400))), 50)
     base = get_params(model)
-    _steps(model, dataset.sequences(ids), 30)
-    trained = get_params(model)
-    return base, {n: SparseTensor(None, (base[n] - trained[n]).reshape(-1)) for n in base}
+    _steps(model, dataset.sequences(assigned), 30)
+    after = get_params(model)
+    return assigned, base, {n: SparseTensor(None, (base[n] - after[n]).reshape(-1)) for n in base}
 
 
-def test_bf16_evaluation_measures_what_fp32_does_and_restores_the_base_exactly(dataset: Dataset) -> None:
+def test_bf16_evaluation_measures_what_fp32_does_and_restores_the_base_exactly(
+    dataset: Dataset, trained: Trained
+) -> None:
     """Forward passes under bf16 autocast (on the CPU here; CUDA's default) give the losses fp32 gives, to
     within bf16's precision, in batches of any size; the touched coordinates of a sparse update are put
     back bit for bit."""
     n, e = dataset.meta.num_sequences, dataset.meta.eval_every
-    assigned = assignment(0, 0, MINER, 64, n, e)
-    base, dense = _train(assigned, dataset)
+    assigned, base, dense = trained
     update = {}
     for name, t in dense.items():  # the largest tenth of each tensor's coordinates, as top-k keeps
         k = max(1, t.values.numel() // 10)
@@ -142,10 +148,9 @@ def test_bf16_evaluation_measures_what_fp32_does_and_restores_the_base_exactly(d
     )
 
 
-def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset) -> None:
+def test_an_update_is_measured_and_the_model_restored_exactly(dataset: Dataset, trained: Trained) -> None:
     n, e = dataset.meta.num_sequences, dataset.meta.eval_every
-    assigned = assignment(0, 0, MINER, 64, n, e)
-    base, update = _train(assigned, dataset)
+    assigned, base, update = trained
     model = build_model("tiny")
     spec = param_spec(model)
     evaluator = UpdateEvaluator(model, base, dataset.sequences)
