@@ -10,7 +10,7 @@ import torch
 
 from coordinator.data.corpus import build_dataset
 from protocol.data import Dataset, assignment
-from protocol.evaluation import UpdateEvaluator, samples
+from protocol.evaluation import Losses, UpdateEvaluator, samples
 from protocol.model import build_model, resolve
 from protocol.pairing import MIN_PAIRED, RoundEvaluation
 from protocol.params import get_params, param_spec, params_hash, set_params
@@ -92,18 +92,32 @@ def round_(
     return base, updates
 
 
-def test_the_paired_margin_tells_honest_from_lazy_and_restores_the_model(
+Measured = tuple[RoundEvaluation, dict[str, Losses], torch.nn.Module]
+
+
+@pytest.fixture(scope="module")
+def measured(
     info: RunInfo,
     dataset: Dataset,
     round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
-) -> None:
+) -> Measured:
+    """The round's five uploads measured at scale 1 by one evaluation (the tests only read it): the
+    evaluation, each upload's plain figures as ``measure`` returned them, and the evaluator's model."""
     base, updates = round_
     model = build_model("tiny")
-    spec = param_spec(model)
     evaluation = RoundEvaluation(
         UpdateEvaluator(model, base, dataset.sequences), info, ROUND, SALT, list(updates)
     )
     plain = {m: evaluation.measure(m, u, 1.0) for m, u in updates.items()}
+    return evaluation, plain, model
+
+
+def test_the_paired_margin_tells_honest_from_lazy_and_restores_the_model(
+    round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]], measured: Measured
+) -> None:
+    base, _ = round_
+    evaluation, plain, model = measured
+    spec = param_spec(model)
     assert all(x.paired_se == 0 for x in plain.values())  # not paired until every upload is measured
     losses = evaluation.losses()
     assert params_hash(get_params(model), spec) == params_hash(base, spec)
@@ -175,6 +189,7 @@ def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
     info: RunInfo,
     dataset: Dataset,
     round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+    measured: Measured,
 ) -> None:
     """``losses((own, other))`` pairs on the first sequences of each sample only: the same verdicts as a
     round evaluated with those sample sizes (what benchmarks/resample.py compares sizes with)."""
@@ -182,18 +197,12 @@ def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
     small = info.model_copy(
         update={"evaluation": info.evaluation.model_copy(update={"own_sequences": 24, "other_sequences": 16})}
     )
-    verdicts = []
-    for run_info in (info, small):
-        evaluation = RoundEvaluation(
-            UpdateEvaluator(build_model("tiny"), base, dataset.sequences),
-            run_info,
-            ROUND,
-            SALT,
-            list(updates),
-        )
-        for m, u in updates.items():
-            evaluation.measure(m, u, 1.0)
-        verdicts.append(evaluation)
+    evaluation = RoundEvaluation(
+        UpdateEvaluator(build_model("tiny"), base, dataset.sequences), small, ROUND, SALT, list(updates)
+    )
+    for m, u in updates.items():
+        evaluation.measure(m, u, 1.0)
+    verdicts = [measured[0], evaluation]
     whole, head, fresh = verdicts[0].losses(), verdicts[0].losses((24, 16)), verdicts[1].losses()
     assert whole != head
     for m in updates:
@@ -205,16 +214,12 @@ def test_shares_of_a_round_give_the_whole_rounds_verdicts(
     info: RunInfo,
     dataset: Dataset,
     round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
+    measured: Measured,
 ) -> None:
     """Two evaluators, each measuring its share of the round's uploads and including the others in the mean
     (no forward pass for those): each share's verdicts are the whole evaluation's, paired margins and all."""
     base, updates = round_
-    whole = RoundEvaluation(
-        UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND, SALT, list(updates)
-    )
-    for m, u in updates.items():
-        whole.measure(m, u, 1.0)
-    expected = whole.losses()
+    expected = measured[0].losses()
     miners = list(updates)
     for share in (miners[:2], miners[2:]):
         evaluator = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
