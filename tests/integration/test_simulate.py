@@ -67,7 +67,7 @@ def test_a_llama_on_parquet_with_a_bpe_tokenizer_learns_and_loads_in_transformer
     cfg.write_text(
         "[data]\neval_every = 20\neval_sequences = 16\n"
         "[recipe]\ninner_steps = 8\nbatch_size = 8\nwarmup_steps = 2\nlr = 0.003\n"
-        "[validation]\nown_sequences = 32\nother_sequences = 32\n"
+        "[validation]\nown_sequences = 32\nother_sequences = 32\nearly_factor = 1\n"
     )
     out = tmp_path / "run"
     done = gradpool(
