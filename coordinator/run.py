@@ -72,21 +72,19 @@ class Run:
         make, no hooks, the system clock, the round mode ``[rounds] overlap`` names)."""
         self.settings = settings
         self.device = pick_device(settings.device)  # before anything is made: a missing GPU makes nothing
-        root = settings.state_dir
+        root, url = settings.state_dir, settings.store_url()
         root.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(root)
         try:
-            self.store: Store = open_store(root, settings.store_url())
+            self.store: Store = open_store(root, url)
         except BaseException:
             self.lock.release()
             raise
         # the embedded store's file is this process's alone (the state directory's lock): no waiting
-        name = holder_name(settings.cluster.name)
-        force = embedded(settings.store_url())
-        self.lease = LeaderLease(self.store, name, settings.cluster.lease_s, force=force)
+        name, lease_s = holder_name(settings.cluster.name), settings.cluster.lease_s
+        self.lease = LeaderLease(self.store, name, lease_s, force=embedded(url))
         try:
-            self.lease.acquire()
-            self.lease.start()  # renewed from now on: building the run may take longer than the lease
+            self.lease.acquire()  # and renewed from then on: building the run may take longer than the lease
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
             _check_fingerprint(self.store, settings, self.tokenizer)
             self._build(

@@ -101,9 +101,9 @@ def holder_name(name: str | None) -> str:
 
 class LeaderLease:
     """This process's hold on the leader lease: taken at start (standing by while another process holds
-    it), renewed every third of ``lease_s`` by a thread, let go at a clean stop. Once it is lost (another
-    took it, or it could not be renewed for ``lease_s``), ``lost`` is set with why, and the store, fenced,
-    refuses every write."""
+    it), renewed from then on every third of ``lease_s`` by a thread, let go at a clean stop. Once it is
+    lost (another took it, or it could not be renewed for ``lease_s``), ``lost`` is set with why, and the
+    store, fenced, refuses every write."""
 
     def __init__(self, store: LeaseStore, holder: str, lease_s: float, force: bool = False) -> None:
         """``force``: take it whoever holds it (the embedded store: the state directory's lock already
@@ -116,7 +116,8 @@ class LeaderLease:
         self._thread: threading.Thread | None = None
 
     def acquire(self) -> int:
-        """Take the lease, waiting as long as another holds it; returns the fencing token."""
+        """Take the lease, waiting as long as another holds it, and renew it from then on (whatever the
+        process does next may take longer than the lease); returns the fencing token."""
         announced = False
         while True:
             try:
@@ -139,11 +140,9 @@ class LeaderLease:
         self.token = token
         if not self.force:  # the embedded store: the state directory's lock already keeps the others out
             self.store.fence(self.holder, token)
-        return token
-
-    def start(self) -> None:
         self._thread = threading.Thread(target=self._keep, name="lease", daemon=True)
         self._thread.start()
+        return token
 
     def _keep(self) -> None:
         assert self.token is not None

@@ -4,6 +4,7 @@ miners, real and broken payloads, and what the tests read back (rounds, versions
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import json
 import sqlite3
 from collections.abc import Callable, Iterator, Mapping
@@ -24,7 +25,7 @@ from protocol.data import assignment
 from protocol.model import build_model
 from protocol.params import Params, load_checkpoint, param_spec
 from protocol.signing import generate_key, public_key_hex, sign_request
-from tests.helpers.memo import key, memoised
+from tests.helpers.memo import memoised
 from tests.helpers.waiting import wait_until
 
 SPEC = param_spec(build_model("tiny"))
@@ -116,12 +117,15 @@ def trained_delta(pool: Pool, pubkey: str, round_: int, version: int) -> dict[st
         info["num_sequences"],
         info["eval_every"],
     )
-    tokens = st_load(pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content)["tokens"]
-    base, lr, batch_size = pool.checkpoint(version), r["lr"], r["batch_size"]
+    data = pool.client.get("/v1/data", params={"ids": ",".join(map(str, ids))}).content
+    lr, batch_size = r["lr"], r["batch_size"]
+    base = pool.client.get(f"/v1/versions/{version}").json()["param_hash"]  # its checkpoint's params_hash
     return memoised(
         "delta",
-        key(base, tokens, lr, batch_size),
-        lambda: honest_delta(build_model("tiny"), base, tokens, lr, batch_size),
+        (base, hashlib.sha256(data).hexdigest(), lr, batch_size),
+        lambda: honest_delta(
+            build_model("tiny"), pool.checkpoint(version), st_load(data)["tokens"], lr, batch_size
+        ),
     )
 
 
