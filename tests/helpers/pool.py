@@ -248,7 +248,7 @@ OpenPool = Callable[..., contextlib.AbstractContextManager[Pool]]
 # Enough training per update that its effect on its own sequences stands clear of the evaluation's noise,
 # and an evaluation of 16 + 16 sequences: far fewer than the defaults (48 + 48), for speed; nor are the
 # first rounds' samples doubled (early_factor), which these tests, all in the first rounds, do not need.
-RECIPE = {"inner_steps": 4, "batch_size": 8, "warmup_steps": 0, "lr": 3e-3}
+RECIPE = {"inner_steps": 4, "batch_size": 4, "warmup_steps": 0, "lr": 3e-3}
 EVAL = {"builtin": True, "own_sequences": 16, "other_sequences": 16, "early_factor": 1}
 
 

@@ -31,7 +31,7 @@ def test_four_freeriders_beside_three_honest_miners_lock_nobody_out(
                 "data": {"corpus": str(corpus_file), "eval_every": 20, "eval_sequences": 16},
                 "recipe": {"inner_steps": 6, "batch_size": 8, "warmup_steps": 2},
                 "rounds": {"deadline_s": 10.0, "min_deadline_s": 3.0},
-                "validation": {"own_sequences": 32, "other_sequences": 32},
+                "validation": {"own_sequences": 32, "other_sequences": 32, "early_factor": 1},
             }
         )
     )

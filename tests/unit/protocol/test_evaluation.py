@@ -111,9 +111,9 @@ def trained(dataset: Dataset) -> Trained:
     round but the first) and the update (base - trained) after AdamW steps on those sequences."""
     assigned = assignment(0, 0, MINER, 64, dataset.meta.num_sequences, dataset.meta.eval_every)
     model = build_model("tiny", seed=1)
-    _steps(model, dataset.sequences(list(range(1000, 1400))), 50)
+    _steps(model, dataset.sequences(list(range(1000, 1400))), 25)
     base = get_params(model)
-    _steps(model, dataset.sequences(assigned), 30)
+    _steps(model, dataset.sequences(assigned), 15)
     after = get_params(model)
     return assigned, base, {n: SparseTensor(None, (base[n] - after[n]).reshape(-1)) for n in base}
 
@@ -122,7 +122,7 @@ def test_bf16_evaluation_measures_what_fp32_does_and_restores_the_base_exactly(
     dataset: Dataset, trained: Trained
 ) -> None:
     """Forward passes under bf16 autocast (on the CPU here; CUDA's default) give the losses fp32 gives, to
-    within bf16's precision, in batches of any size; the touched coordinates of a sparse update are put
+    within bf16's precision, whatever the batch size; the touched coordinates of a sparse update are put
     back bit for bit."""
     n, e = dataset.meta.num_sequences, dataset.meta.eval_every
     assigned, base, dense = trained
@@ -135,7 +135,7 @@ def test_bf16_evaluation_measures_what_fp32_does_and_restores_the_base_exactly(
     model = build_model("tiny")
     exact = UpdateEvaluator(model, base, dataset.sequences).evaluate(update, 1.0, own, other)
     assert exact.gain > 0
-    for batch_size in (1, 5):
+    for batch_size in (3,):  # 3 divides neither sample: a short last batch too
         evaluator = UpdateEvaluator(model, base, dataset.sequences, batch_size, torch.bfloat16)
         losses = evaluator.evaluate(update, 1.0, own, other)
         for got, want in zip(losses.astuple()[:4], exact.astuple()[:4], strict=True):

@@ -53,6 +53,12 @@ def info(dataset: Dataset) -> RunInfo:
     )
 
 
+def _sized(info: RunInfo, own: int, other: int) -> RunInfo:
+    """The run's settings with samples of ``own`` and ``other`` sequences."""
+    sizes = {"own_sequences": own, "other_sequences": other}
+    return info.model_copy(update={"evaluation": info.evaluation.model_copy(update=sizes)})
+
+
 def _assigned(info: RunInfo, miner: str) -> list[int]:
     r = info.recipe
     return assignment(
@@ -75,7 +81,7 @@ def round_(
     """A base past the first steps, and each miner's update after steps on its data: the honest ones on
     their assignments, the lazy one on sequences nobody was given."""
     model = build_model("tiny", seed=1)
-    _steps(model, dataset.sequences(list(range(1001, 1401))), 40)
+    _steps(model, dataset.sequences(list(range(1001, 1401))), 20)
     base = get_params(model)
     taken = {i for m in [*HONEST, LAZY] for i in _assigned(info, m)}
     free = [
@@ -86,7 +92,7 @@ def round_(
     for m in [*HONEST, LAZY]:
         model = build_model("tiny")
         set_params(model, base)
-        _steps(model, dataset.sequences(elsewhere if m == LAZY else _assigned(info, m)), 24)
+        _steps(model, dataset.sequences(elsewhere if m == LAZY else _assigned(info, m)), 16)
         trained = get_params(model)
         updates[m] = {n: SparseTensor(None, (base[n] - trained[n]).reshape(-1)) for n in base}
     return base, updates
@@ -138,8 +144,10 @@ def test_the_paired_margin_is_the_residual_against_the_mean_update(
     round_: tuple[dict[str, torch.Tensor], dict[str, dict[str, SparseTensor]]],
 ) -> None:
     """Recomputed by hand: the mean of the measured updates times their scales, measured on the samples,
-    the slope on the other sample, and the own mean less the other mean of the residual."""
+    the slope on the other sample, and the own mean less the other mean of the residual (on samples of 24
+    and 16 sequences: the arithmetic is the same at any size)."""
     base, updates = round_
+    info = _sized(info, 24, 16)
     scales = dict(zip(updates, (1.0, 0.5, 0.8, 1.0, 0.7), strict=True))
     evaluation = RoundEvaluation(
         UpdateEvaluator(build_model("tiny"), base, dataset.sequences), info, ROUND, SALT, list(updates)
@@ -152,12 +160,15 @@ def test_the_paired_margin_is_the_residual_against_the_mean_update(
         for n in base
     }
     fresh = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
+    drawn = {m: samples(info, ROUND, m, SALT) for m in updates}
+    every = sorted({i for own, other in drawn.values() for i in own + other})
+    b2, a2 = fresh.per_sequence(mean, info.evaluation.outer_lr, every)  # the mean's gain, on each
+    mean_gain = dict(zip(every, (b2 - a2).tolist(), strict=True))
     for m in updates:
-        own, other = samples(info, ROUND, m, SALT)
+        own, other = drawn[m]
         before, after = fresh.per_sequence(updates[m], scales[m] * info.evaluation.outer_lr, own + other)
         g = before - after
-        b2, a2 = fresh.per_sequence(mean, info.evaluation.outer_lr, own + other)
-        ref = b2 - a2
+        ref = torch.tensor([mean_gain[i] for i in own + other], dtype=g.dtype)
         x, y = ref[len(own) :], g[len(own) :]
         beta = float(((x - x.mean()) * (y - y.mean())).sum() / ((x - x.mean()) ** 2).sum())
         r = g - beta * ref
@@ -194,9 +205,7 @@ def test_the_head_of_each_sample_gives_what_a_smaller_sample_would(
     """``losses((own, other))`` pairs on the first sequences of each sample only: the same verdicts as a
     round evaluated with those sample sizes (what benchmarks/resample.py compares sizes with)."""
     base, updates = round_
-    small = info.model_copy(
-        update={"evaluation": info.evaluation.model_copy(update={"own_sequences": 24, "other_sequences": 16})}
-    )
+    small = _sized(info, 24, 16)
     evaluation = RoundEvaluation(
         UpdateEvaluator(build_model("tiny"), base, dataset.sequences), small, ROUND, SALT, list(updates)
     )
@@ -217,13 +226,14 @@ def test_shares_of_a_round_give_the_whole_rounds_verdicts(
     measured: Measured,
 ) -> None:
     """Two evaluators, each measuring its share of the round's uploads and including the others in the mean
-    (no forward pass for those): each share's verdicts are the whole evaluation's, paired margins and all."""
+    (no forward pass for those): each share's verdicts are the whole evaluation's, paired margins and all
+    (on samples of 24 and 16 sequences, which the whole evaluation's heads give)."""
     base, updates = round_
-    expected = measured[0].losses()
+    expected = measured[0].losses((24, 16))
     miners = list(updates)
     for share in (miners[:2], miners[2:]):
         evaluator = UpdateEvaluator(build_model("tiny"), base, dataset.sequences)
-        part = RoundEvaluation(evaluator, info, ROUND, SALT, miners)
+        part = RoundEvaluation(evaluator, _sized(info, 24, 16), ROUND, SALT, miners)
         for m, u in updates.items():
             if m in share:
                 part.measure(m, u, 1.0)
