@@ -70,6 +70,12 @@ METHODS: dict[str, Method] = {
     ),
     "sparseloco_down_k192": Method("pool", downlink=PublishSettings(format="sparseloco", k=192, ef_beta=1.0)),
     "sparseloco_down_k256": Method("pool", downlink=PublishSettings(format="sparseloco", k=256, ef_beta=1.0)),
+    # the published update sized by a [publish] budget, in uploads (k the largest that fits: 104, 148, 192
+    # and 240 for the tiny model), at the default error feedback: the README's table of budget against loss
+    **{
+        f"sparseloco_down_b{b:g}": Method("pool", downlink=PublishSettings(format="sparseloco", budget=b))
+        for b in (1.5, 2.0, 2.5, 3.0)
+    },
     # overlapped rounds (node/overlap.py): the miner's way, the version being made arriving after a fifth
     # of the inner steps (where `make demo`'s miners merge it: after 3 or 4 of 20); then later, and each
     # part alone
@@ -152,7 +158,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     c = bench.cfg
     codec = make_codec(method.codec, method.k)
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
-    downlink = None if method.downlink is None else Downlink(method.downlink, method.codec, bench.spec)
+    downlink = None if method.downlink is None else Downlink(method.downlink, codec, bench.spec)
     schedule = {"schedule": method.schedule, "planned_rounds": c.rounds}  # a constant rate ignores the length
     recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta, **schedule})
     theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v

@@ -6,11 +6,11 @@ SparseLoCo codec, ``protocol.aggregate``); the base advances by the exact aggreg
 miner's error feedback reaches its steady state. Every round, the uploads of the first M miners, for M in
 ``--sizes`` (4, 16, 64), are aggregated and published both ways: ``exact`` (a bitmap and the fp32 value
 of every touched coordinate) and compressed by ``publishing.publisher.Downlink`` with its own error
-feedback across the rounds (``--k``, ``--bits``, ``--ef-beta``: the [publish] settings). The last
-round's sizes are reported:
+feedback across the rounds (``--k``, ``--bits``, ``--ef-beta``, ``--budget``: the [publish] settings;
+``--budget`` sets k, reported as ``k``). The last round's sizes are reported:
 
     {"rows": [{"miners": M, "upload_bytes": mean, "exact_bytes", "published_bytes", "published_vs_upload",
-               "exact_vs_upload"}], "settings": {...}}
+               "exact_vs_upload"}], "k": k, "settings": {...}}
 
 Target: published_vs_upload <= 2.5 at every M.
 """
@@ -54,22 +54,28 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--k", type=int, default=PublishSettings().k)
     p.add_argument("--bits", type=int, default=PublishSettings().bits)
     p.add_argument("--ef-beta", type=float, default=PublishSettings().ef_beta)
+    p.add_argument("--budget", type=float, default=None, help="the [publish] budget (sets k)")
     p.add_argument("--data-dir", default="runs/bench-data/downlink")
     p.add_argument("--json", action="store_true")
     args = p.parse_args(argv)
     torch.manual_seed(0)
     sizes = [int(s) for s in args.sizes.split(",")]
-    settings = PublishSettings(codec="sparseloco", k=args.k, bits=args.bits, ef_beta=args.ef_beta)
     model = build_model("tiny")
     spec = param_spec(model)
+    codec = SparseLoCoCodec()
+    try:  # a budget no k fits is an error before any work
+        settings = PublishSettings(
+            format="sparseloco", k=args.k, bits=args.bits, ef_beta=args.ef_beta, budget=args.budget
+        )
+        downlinks = {m: Downlink(settings, codec, spec) for m in sizes}
+    except ValueError as e:
+        p.error(str(e))
     meta = build_dataset(Path(args.data_dir), None, seq_len=128, max_tokens=4_000_000)
     data = Dataset(Path(args.data_dir))
     recipe = TrainingRecipe(inner_steps=args.inner_steps, batch_size=8)
-    codec = SparseLoCoCodec()
     theta = get_params(model)
     trainers = [InnerTrainer(build_model("tiny"), recipe, torch.device("cpu")) for _ in range(args.miners)]
     feedback = [ErrorFeedback(recipe.ef_beta) for _ in range(args.miners)]
-    downlinks = {m: Downlink(settings, "sparseloco", spec) for m in sizes}
     last: list[dict[str, Any]] = []
     for r in range(args.rounds):
         payloads = []
@@ -118,6 +124,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         )
     result = {
         "rows": last,
+        "k": downlinks[sizes[0]].k,
         "settings": settings.model_dump(),
         "rounds": args.rounds,
         "targets": [

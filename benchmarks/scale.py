@@ -157,7 +157,7 @@ def measure(
         aggregate_s = (time.perf_counter() - t0) / uploads
         t0 = time.perf_counter()
         delta, _ = OuterOptimizer(lr=1.0).step(aggregate)
-        _, applied, _ = Downlink(PublishSettings(), "sparseloco", spec).step(delta)
+        _, applied, _ = Downlink(PublishSettings(), SparseLoCoCodec(), spec).step(delta)
         new = {n: p.clone() for n, p in params.items()}
         apply_update(new, applied)
         param_hash = params_hash(new, spec)

@@ -122,6 +122,7 @@ class Run:
         _keep_for_export(root, self.store, architecture, self.tokenizer)
         dataset = Dataset(root / "data")
         codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
+        downlink = Downlink(settings.publish, codec, spec)  # a [publish] budget no k fits: an error here
         cap = codec.max_payload_bytes(spec)
         self.max_payload_bytes = (
             cap if settings.max_payload_bytes is None else min(cap, settings.max_payload_bytes)
@@ -161,7 +162,6 @@ class Run:
         self.model = Model(module, {}, held_out, v.batch_size, autocast_dtype(self.device, v.precision))
         outer = OuterOptimizer(settings.outer_lr(), settings.outer_momentum())
         self.metrics = Metrics()
-        downlink = Downlink(settings.publish, settings.codec.name, spec)
         publisher = Publisher(
             codec,
             spec,

@@ -183,6 +183,13 @@ class PublishSettings(Section):
     tile: int = Field(default=64, ge=8, le=256)
     bits: Literal[2, 4, 8] = Field(default=2, description="bits per value")
     ef_beta: float = Field(default=0.95, ge=0, le=1, description="decay of the coordinator's error feedback")
+    budget: float | None = Field(
+        default=None,
+        gt=0,
+        le=64,
+        description="the published update's size in uploads (their tensors): sets `k` to the largest that "
+        "fits, `k` itself then ignored; what every miner downloads, traded for loss knowingly",
+    )
 
     @model_validator(mode="before")
     @classmethod

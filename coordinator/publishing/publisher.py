@@ -14,6 +14,7 @@ into the blob store. Nothing is visible until the closer commits the version, an
 
 from __future__ import annotations
 
+import bisect
 import logging
 import math
 import threading
@@ -41,6 +42,7 @@ from protocol.params import (
     params_hash,
     save_checkpoint,
 )
+from protocol.payload import framed_bytes
 
 log = logging.getLogger(__name__)
 
@@ -51,15 +53,28 @@ class Downlink:
     ``decode(P)`` and ``e <- u - decode(P)`` keeps what was not sent for the next rounds, so a download is
     about one upload's size however many miners contributed."""
 
-    def __init__(self, settings: PublishSettings, upload_codec: str, spec: ParamSpec) -> None:
+    def __init__(self, settings: PublishSettings, upload: Codec, spec: ParamSpec) -> None:
         self.spec = spec
         kind = settings.format
         if kind == "auto":
-            kind = "sparseloco" if upload_codec == "sparseloco" else "exact"
+            kind = "sparseloco" if upload.name == "sparseloco" else "exact"
         s = settings
-        self.compressor = SparseLoCoCodec(s.k, s.tile, s.bits) if kind == "sparseloco" else None
+        if kind != "sparseloco":
+            if s.budget is not None:
+                raise ValueError(
+                    "[publish] budget sizes the sparseloco format; the exact format has no budget"
+                )
+            self.compressor = None
+        else:
+            k = s.k if s.budget is None else budget_k(s.budget, upload, spec, s.tile, s.bits)
+            self.compressor = SparseLoCoCodec(k, s.tile, s.bits)
         self.beta = settings.ef_beta
         self.residual: dict[str, torch.Tensor] = {}
+
+    @property
+    def k(self) -> int | None:
+        """Values kept per chunk of what is published (None: the exact format)."""
+        return None if self.compressor is None else self.compressor.k
 
     @property
     def carries(self) -> bool:
@@ -86,6 +101,25 @@ class Downlink:
         c = self.compressor
         fields = {"codec": "sparseloco", "k": c.k, "tile": c.tile, "bits": c.bits}
         return frame_update(compressed, header.model_copy(update=fields))
+
+
+def budget_k(budget: float, upload: Codec, spec: ParamSpec, tile: int, bits: int) -> int:
+    """The largest k (a multiple of 4) whose published tensors are at most ``budget`` times an upload's.
+    Every length in either is fixed by the shapes (``max_payload_bytes``), so this holds for every round;
+    the two frames' headers (about 500 bytes each) stand aside."""
+    limit = budget * _tensor_bytes(upload, spec)
+    ks = range(4, tile * tile + 1, 4)
+    fits = bisect.bisect_right(ks, limit, key=lambda k: _tensor_bytes(SparseLoCoCodec(k, tile, bits), spec))
+    if fits == 0:
+        least = _tensor_bytes(SparseLoCoCodec(4, tile, bits), spec) / _tensor_bytes(upload, spec)
+        raise ValueError(
+            f"[publish] budget {budget:g} is below the smallest published update ({least:.2f}, k 4)"
+        )
+    return ks[fits - 1]
+
+
+def _tensor_bytes(codec: Codec, spec: ParamSpec) -> int:
+    return codec.max_payload_bytes(spec) - framed_bytes(0)
 
 
 def _decoded(compressed: bytes, codec: SparseLoCoCodec, spec: ParamSpec) -> Params:

@@ -96,7 +96,7 @@ def test_sigkill_during_intake_and_during_aggregation(tmp_path: Path, corpus_fil
     codec = SparseLoCoCodec()
     expected = dict(version0)
     # the default downlink: the aggregate, compressed with the coordinator's (empty) error feedback
-    downlink = Downlink(PublishSettings(), "sparseloco", SPEC)
+    downlink = Downlink(PublishSettings(), codec, SPEC)
     _, applied, _ = downlink.step(aggregate([codec.decode(body, SPEC)[1] for body in bodies], SPEC))
     apply_update(expected, applied)
     assert params_hash(expected, SPEC) == info.param_hash, "both uploads are in version 1, once each"

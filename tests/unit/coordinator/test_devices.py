@@ -42,9 +42,10 @@ def _first_version(
     open_pool: OpenPool, state: Path, validation: dict[str, Any], device: str = "cpu"
 ) -> tuple[dict[str, str], int, str]:
     """A synchronous round of three honest miners (fixed keys) on a coordinator evaluating on ``device``
-    with ``validation``: its verdicts, and the number and hash of the version it made."""
+    with ``validation``: its verdicts, and the number and hash of the version it made (on samples of 8 own
+    and 8 other sequences: the same verdicts are what matters, not their power)."""
     rounds = {"min_quorum": 3, "overlap": False}
-    validation = {**EVAL, **validation}
+    validation = {**EVAL, "own_sequences": 8, "other_sequences": 8, **validation}
     with open_pool(
         recipe=RECIPE, validation=validation, rounds=rounds, device=device, state_dir=state
     ) as pool:

@@ -13,7 +13,7 @@ import pytest
 import torch
 
 from coordinator.publishing.outer import OuterOptimizer
-from coordinator.publishing.publisher import Downlink, Publisher
+from coordinator.publishing.publisher import Downlink, Publisher, budget_k
 from coordinator.settings import AggregationSettings, BlobSettings, PublishSettings
 from coordinator.storage.blobs import make_blob_store
 from coordinator.storage.records import Upload
@@ -21,6 +21,7 @@ from node.client import CoordinatorClient
 from node.follower import Follower
 from protocol.codec import SparseLoCoCodec
 from protocol.params import Params, decode_update, params_hash
+from protocol.payload import framed_bytes
 from protocol.signing import generate_key
 from protocol.wire import RunInfo
 from tests.helpers.pool import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
@@ -67,6 +68,33 @@ def test_a_miner_four_versions_behind_catches_up_through_four_compressed_updates
         now = pool.latest()
         behind.catch_up(5, now["param_hash"])
         assert (behind.version, params_hash(behind.params, SPEC)) == (5, now["param_hash"])
+
+
+def test_a_budget_publishes_the_largest_k_that_fits_it(open_pool: OpenPool, tmp_path: Path) -> None:
+    """``[publish] budget``: k is the largest whose published tensors are at most that many uploads' (k + 4
+    would not fit), every round's download is within the budget, and a miner still reaches each version bit
+    for bit. A budget no k fits, or a budget for the exact format, is an error at start."""
+    budget = 1.5
+    with open_pool(publish={**SPARSE, "budget": budget}, rounds={"min_quorum": 2}) as pool:
+        k = budget_k(budget, SparseLoCoCodec(), SPEC, 64, 2)
+        tensors = {n: SparseLoCoCodec(n).max_payload_bytes(SPEC) - framed_bytes(0) for n in (64, k, k + 4)}
+        assert tensors[k] <= budget * tensors[64] < tensors[k + 4]  # an upload: k 64
+        miners = [pool.miner() for _ in range(2)]
+        rounds(pool, miners, 0, 2)
+        upload = len(payload(0, 0))
+        for v in (1, 2):
+            r = pool.client.get(f"/v1/versions/{v}/update")
+            assert decode_update(r.content, SPEC)[0].k == k != PublishSettings().k
+            assert len(r.content) <= budget * upload, (len(r.content), upload)
+        follower = Catcher(pool, tmp_path)
+        follower.catch_up(2, pool.latest()["param_hash"])
+        assert follower.version == 2 and params_hash(follower.params, SPEC) == pool.latest()["param_hash"]
+    for bad, says in [
+        ({"budget": 0.05}, "below the smallest"),
+        ({"format": "exact", "budget": 2}, "no budget"),
+    ]:
+        with pytest.raises(ValueError, match=says), open_pool(publish=bad, state_dir=tmp_path / "bad"):
+            pass
 
 
 def test_the_coordinators_error_feedback_survives_a_restart(open_pool: OpenPool, tmp_path: Path) -> None:
@@ -132,7 +160,7 @@ def test_a_residual_that_would_raise_the_held_out_loss_is_dropped_not_the_upload
         return sum(float(((base[n] - p - decoded[n]) ** 2).sum()) for n, p in params.items())
 
     def publisher(residual_scale: float) -> Publisher:
-        downlink = Downlink(PublishSettings(), "sparseloco", SPEC)
+        downlink = Downlink(PublishSettings(), SparseLoCoCodec(), SPEC)
         g = torch.Generator().manual_seed(7)
         downlink.residual = {n: torch.randn(shape, generator=g) * residual_scale for n, shape in SPEC}
         blobs = make_blob_store(BlobSettings(), tmp_path / "blobs")
