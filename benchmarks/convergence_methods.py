@@ -60,13 +60,15 @@ METHODS: dict[str, Method] = {
     # the inner rate decaying along a cosine to a tenth of its peak over the run's rounds
     "sparseloco_cosine": Method("pool", schedule="cosine"),
     "sparseloco_no_ef": Method("pool", ef_beta=0.0),
-    # the compressed downlink at the [publish] defaults (coordinator's error feedback: k=128, 2 bits, 0.95)
+    # the compressed downlink at the [publish] defaults (coordinator's error feedback: k=192, 2 bits, 0.95),
+    # and at the defaults before them (k=128)
     "sparseloco_down": Method("pool", downlink=PublishSettings(format="sparseloco")),
+    "sparseloco_down_k128": Method("pool", downlink=PublishSettings(format="sparseloco", k=128)),
     # the other points measured for the defaults (BENCHMARKS.md), each with the coordinator's EF at 1.0
-    "sparseloco_down_ef1": Method("pool", downlink=PublishSettings(format="sparseloco", ef_beta=1.0)),
+    "sparseloco_down_ef1": Method("pool", downlink=PublishSettings(format="sparseloco", k=128, ef_beta=1.0)),
     "sparseloco_down_k64": Method("pool", downlink=PublishSettings(format="sparseloco", k=64, ef_beta=1.0)),
     "sparseloco_down_4bit": Method(
-        "pool", downlink=PublishSettings(format="sparseloco", bits=4, ef_beta=1.0)
+        "pool", downlink=PublishSettings(format="sparseloco", k=128, bits=4, ef_beta=1.0)
     ),
     "sparseloco_down_k192": Method("pool", downlink=PublishSettings(format="sparseloco", k=192, ef_beta=1.0)),
     "sparseloco_down_k256": Method("pool", downlink=PublishSettings(format="sparseloco", k=256, ef_beta=1.0)),
@@ -82,6 +84,9 @@ METHODS: dict[str, Method] = {
     "sparseloco_overlap": Method("pool", overlap="merge_eager", merge_at=0.2),
     "sparseloco_overlap_down": Method(
         "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(format="sparseloco")
+    ),
+    "sparseloco_overlap_down_b2.5": Method(
+        "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(format="sparseloco", budget=2.5)
     ),
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),

@@ -179,7 +179,7 @@ class PublishSettings(Section):
     format: Literal["auto", "sparseloco", "exact"] = Field(
         default="auto", description="the published update's format (was `codec`, still accepted)"
     )
-    k: int = Field(default=128, ge=4, le=4096, description="values kept per chunk of tile x tile")
+    k: int = Field(default=192, ge=4, le=4096, description="values kept per chunk of tile x tile")
     tile: int = Field(default=64, ge=8, le=256)
     bits: Literal[2, 4, 8] = Field(default=2, description="bits per value")
     ef_beta: float = Field(default=0.95, ge=0, le=1, description="decay of the coordinator's error feedback")
