@@ -59,16 +59,13 @@ class Downlink:
         if kind == "auto":
             kind = "sparseloco" if upload.name == "sparseloco" else "exact"
         s = settings
-        if kind != "sparseloco":
-            if s.budget is not None:
-                raise ValueError(
-                    "[publish] budget sizes the sparseloco format; the exact format has no budget"
-                )
-            self.compressor = None
-        else:
+        if kind != "sparseloco" and s.budget is not None:
+            raise ValueError("[publish] budget sizes the sparseloco format; the exact format has no budget")
+        self.compressor: SparseLoCoCodec | None = None
+        if kind == "sparseloco":
             k = s.k if s.budget is None else budget_k(s.budget, upload, spec, s.tile, s.bits)
             self.compressor = SparseLoCoCodec(k, s.tile, s.bits)
-        self.beta = settings.ef_beta
+        self.beta = s.ef_beta
         self.residual: dict[str, torch.Tensor] = {}
 
     @property
@@ -107,11 +104,13 @@ def budget_k(budget: float, upload: Codec, spec: ParamSpec, tile: int, bits: int
     """The largest k (a multiple of 4) whose published tensors are at most ``budget`` times an upload's.
     Every length in either is fixed by the shapes (``max_payload_bytes``), so this holds for every round;
     the two frames' headers (about 500 bytes each) stand aside."""
-    limit = budget * _tensor_bytes(upload, spec)
+    one = _tensor_bytes(upload, spec)
     ks = range(4, tile * tile + 1, 4)
-    fits = bisect.bisect_right(ks, limit, key=lambda k: _tensor_bytes(SparseLoCoCodec(k, tile, bits), spec))
+    fits = bisect.bisect_right(
+        ks, budget * one, key=lambda k: _tensor_bytes(SparseLoCoCodec(k, tile, bits), spec)
+    )
     if fits == 0:
-        least = _tensor_bytes(SparseLoCoCodec(4, tile, bits), spec) / _tensor_bytes(upload, spec)
+        least = _tensor_bytes(SparseLoCoCodec(4, tile, bits), spec) / one
         raise ValueError(
             f"[publish] budget {budget:g} is below the smallest published update ({least:.2f}, k 4)"
         )
