@@ -28,7 +28,7 @@ import torch
 
 from benchmarks.adversarial import operator_outcome
 from coordinator.settings import BlobSettings
-from coordinator.storage.blobs import make_blob_store
+from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.store import open_store
 from gradpool.audit import model_spec
 from gradpool.simulate import simulate

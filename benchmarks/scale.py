@@ -15,7 +15,8 @@ is its own), on ``--sequences`` random sequences of the model's full length:
 - ``publish_s``: once per version: the outer step, the compressed downlink's encode and decode, the new
   parameters and their hash;
 - ``checkpoint_s``: writing the version's checkpoint into the blob store, as the coordinator does (its
-  sha256, the file written and synced);
+  safetensors streamed to a file from the tensors, hashed and synced: benchmarks/checkpoint.py compares it
+  with building the file in memory);
 - ``peak_rss_bytes``: the process's resident high-water mark (on CUDA also ``peak_cuda_bytes``).
 
 Projected, for ``gpt2-124m`` and ``llama-1b`` with 16, 64 and 256 miners and 0, 4 and 16 validators, one
@@ -36,6 +37,7 @@ import math
 import sys
 import tempfile
 import time
+from functools import partial
 from pathlib import Path
 from typing import Any
 
@@ -59,7 +61,7 @@ from protocol.device import autocast_dtype, forward_mode, pick_device
 from protocol.evaluation import UpdateEvaluator
 from protocol.model import CausalLM, ModelConfig, build_model, num_parameters, resolve
 from protocol.pairing import MIN_PAIRED
-from protocol.params import apply_update, get_params, param_spec, params_hash, save_checkpoint
+from protocol.params import apply_update, get_params, param_spec, params_hash, write_checkpoint
 
 MODELS = ("gpt2-124m", "llama-150m", "llama-1b")
 EVAL_RATIO_TARGET = 0.9
@@ -163,7 +165,7 @@ def measure(
         param_hash = params_hash(new, spec)
         publish_s = time.perf_counter() - t0
         t0 = time.perf_counter()  # as the coordinator writes it: into the blob store, hashed and synced
-        blobs.put(save_checkpoint(new, {"param_hash": param_hash}))
+        blobs.put_written(partial(write_checkpoint, new, {"param_hash": param_hash}))
         checkpoint_s = time.perf_counter() - t0
     row = {
         "model": name,

@@ -9,6 +9,7 @@ directory, and hands the parts to the HTTP layer.
 
 from __future__ import annotations
 
+import functools
 import json
 import logging
 import os
@@ -41,16 +42,18 @@ from coordinator.rounds.scoring import Scores
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
-from coordinator.storage.blobs import BlobStore, S3BlobStore, make_blob_store
+from coordinator.storage.blob_stores import make_blob_store
+from coordinator.storage.blobs import BlobStore
 from coordinator.storage.lease import LeaderLease, holder_name
 from coordinator.storage.lock import StateLock
+from coordinator.storage.s3 import S3BlobStore
 from coordinator.storage.sql import embedded
 from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.device import autocast_dtype, pick_device
 from protocol.model import CausalLM, ModelConfig, build_model, resolve
-from protocol.params import get_params, load_checkpoint, param_spec, params_hash, save_checkpoint
+from protocol.params import get_params, load_checkpoint, param_spec, params_hash, write_checkpoint
 from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
 log = logging.getLogger(__name__)
@@ -265,10 +268,11 @@ class Run:
         if store.latest_round() is None:
             params = {n: t.cpu() for n, t in get_params(module).items()}  # canonical: fp32 on the CPU
             h = params_hash(params, spec)
-            ckpt = save_checkpoint(params, {"version": "0", "param_hash": h})
             loss = self.model.held_out_loss(params)
-            ckpt_sha = blobs.put(ckpt)
-            store.start(h, loss, ckpt_sha, len(ckpt), now, self.history.first(h, ckpt_sha, now))
+            ckpt_sha, ckpt_bytes = blobs.put_written(
+                functools.partial(write_checkpoint, params, {"version": "0", "param_hash": h})
+            )
+            store.start(h, loss, ckpt_sha, ckpt_bytes, now, self.history.first(h, ckpt_sha, now))
             log.info(
                 "run %s started: model %s, version 0, held-out loss %.4f",
                 self.info.run_id,

@@ -278,7 +278,7 @@ class StateSource:
     to the signed records."""
 
     def __init__(self, state_dir: Path, key: str | None, blobs: BlobSettings | None = None) -> None:
-        from coordinator.storage.blobs import make_blob_store
+        from coordinator.storage.blob_stores import make_blob_store
         from coordinator.storage.store import open_store
         from protocol.signing import load_key, public_key_hex
 

@@ -22,7 +22,8 @@ from safetensors import safe_open
 
 from coordinator.data.tokenizer import RunTokenizer, tokenizer_config
 from coordinator.settings import BlobSettings
-from coordinator.storage.blobs import BlobStore, FileBlobStore, make_blob_store
+from coordinator.storage.blob_stores import make_blob_store
+from coordinator.storage.blobs import BlobStore, FileBlobStore
 from coordinator.storage.store import open_store
 from protocol.model import CausalLM, ModelConfig, build_model
 from protocol.params import load_checkpoint, param_spec, params_hash

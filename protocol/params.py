@@ -16,6 +16,7 @@ from __future__ import annotations
 import hashlib
 import math
 from collections.abc import Mapping
+from pathlib import Path
 from typing import Literal
 
 import torch
@@ -23,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, Field, ValidationError
 from safetensors import SafetensorError
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
+from safetensors.torch import save_file as st_save_file
 
 from protocol.codec.bits import pack_bits, unpack_bits
 from protocol.codec.sparseloco import SparseLoCoCodec
@@ -59,9 +61,17 @@ def params_hash(params: Mapping[str, torch.Tensor], spec: ParamSpec) -> str:
 
 # -- checkpoints ------------------------------------------------------------------------------------------
 def save_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str]) -> bytes:
-    return st_save(
-        {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in params.items()}, metadata=dict(meta)
-    )
+    return st_save(_fp32_cpu(params), metadata=dict(meta))
+
+
+def write_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str], path: Path) -> None:
+    """The bytes ``save_checkpoint`` returns, written to ``path`` tensor by tensor from the tensors' own
+    memory: never a second copy of the model (parameters already fp32 on the CPU are not copied at all)."""
+    st_save_file(_fp32_cpu(params), path, metadata=dict(meta))
+
+
+def _fp32_cpu(params: Mapping[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    return {n: t.detach().to("cpu", torch.float32).contiguous() for n, t in params.items()}
 
 
 def load_checkpoint(data: bytes, spec: ParamSpec) -> tuple[Params, dict[str, str]]:

@@ -20,6 +20,7 @@ import math
 import threading
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
+from functools import partial
 
 import torch
 from safetensors.torch import load as st_load
@@ -40,7 +41,7 @@ from protocol.params import (
     encode_update,
     frame_update,
     params_hash,
-    save_checkpoint,
+    write_checkpoint,
 )
 from protocol.payload import framed_bytes
 
@@ -302,8 +303,10 @@ class Publisher:
     def write(self, built: Built) -> NewVersion:
         """The published update, the checkpoint and the coordinator's state, as content-addressed blobs (an
         orphan at worst, if the commit never comes)."""
-        ckpt = save_checkpoint(built.params, {"version": str(built.version), "param_hash": built.param_hash})
-        state = save_state(built.outer_buffers, built.residual)
+        meta = {"version": str(built.version), "param_hash": built.param_hash}
+        written = self.blobs.put_written  # each file streamed from the tensors, never whole in memory
+        checkpoint_sha, checkpoint_bytes = written(partial(write_checkpoint, built.params, meta))
+        state = state_tensors(built.outer_buffers, built.residual)
         return NewVersion(
             version=built.version,
             base_version=built.base_version,
@@ -311,9 +314,9 @@ class Publisher:
             eval_loss=built.eval_loss,
             update_sha=self.blobs.put(built.update),
             update_bytes=len(built.update),
-            checkpoint_sha=self.blobs.put(ckpt),
-            checkpoint_bytes=len(ckpt),
-            state_sha=None if state is None else self.blobs.put(state),
+            checkpoint_sha=checkpoint_sha,
+            checkpoint_bytes=checkpoint_bytes,
+            state_sha=written(partial(write_checkpoint, state, {}))[0] if state else None,
         )
 
     def commit(self, built: Built) -> None:
@@ -326,16 +329,19 @@ class Publisher:
         self.outer.buffers, self.downlink.residual = {}, {}
 
     def restore(self, state: bytes) -> None:
-        """The state saved with a version (``save_state``), as the coordinator resumes from it."""
+        """The state saved with a version (``state_tensors``, written as a checkpoint), as the coordinator
+        resumes from it."""
         outer, residual = load_state(state)
         self.outer.load_state_dict(outer)
         self.downlink.residual = residual
 
 
-def save_state(outer: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor]) -> bytes | None:
+def state_tensors(
+    outer: Mapping[str, torch.Tensor], residual: Mapping[str, torch.Tensor]
+) -> dict[str, torch.Tensor]:
+    """The coordinator's state saved with a version (outer momentum, downlink residual), as named tensors."""
     tensors = {f"outer/{n}": t for n, t in outer.items()}
-    tensors |= {f"downlink/{n}": t for n, t in residual.items()}
-    return save_checkpoint(tensors, {}) if tensors else None
+    return tensors | {f"downlink/{n}": t for n, t in residual.items()}
 
 
 def load_state(state: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:

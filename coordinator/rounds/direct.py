@@ -10,7 +10,8 @@ from collections.abc import Callable
 
 from coordinator.errors import NotFound, PayloadTooLarge, Unprocessable
 from coordinator.rounds.intake import Intake
-from coordinator.storage.blobs import BlobNotFoundError, BlobTooLargeError, S3BlobStore
+from coordinator.storage.blobs import BlobNotFoundError, BlobTooLargeError
+from coordinator.storage.s3 import S3BlobStore
 from protocol.wire import SubmissionReceipt, UploadIntent, UploadTicket
 
 

@@ -16,16 +16,16 @@ from fastapi.testclient import TestClient
 from pydantic import ValidationError
 
 from coordinator.settings import BlobSettings, CoordinatorSettings
+from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.blobs import (
     BlobCorruptError,
     BlobNotFoundError,
     BlobStore,
     FileBlobStore,
     RangeNotSatisfiableError,
-    S3BlobStore,
     byte_range,
-    make_blob_store,
 )
+from coordinator.storage.s3 import S3BlobStore
 from protocol.params import load_checkpoint, params_hash
 from tests.helpers.pool import SPEC, OpenPool, payload
 
@@ -101,6 +101,43 @@ def test_putting_the_same_bytes_again_writes_nothing(store: BlobStore) -> None:
     first = stored_identity(store, sha)
     assert store.put(DATA) == sha
     assert stored_identity(store, sha) == first
+
+
+def test_a_blob_written_to_a_file_is_kept_like_one_put(store: BlobStore, tmp_path: Path) -> None:
+    """``put_written``: what the writer writes (a checkpoint, tensor by tensor) is kept under its sha256
+    like bytes put whole, the temporary file goes, and writing the same bytes again writes nothing."""
+    if isinstance(store, S3BlobStore):
+        store.client.put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    written: list[Path] = []
+
+    def write(path: Path) -> None:
+        written.append(path)
+        with open(path, "wb") as f:
+            for i in range(0, len(DATA), 1000):  # in pieces, as a checkpoint is written
+                f.write(DATA[i : i + 1000])
+
+    sha, size = store.put_written(write)
+    assert (sha, size) == (hashlib.sha256(DATA).hexdigest(), len(DATA))
+    assert store.get(sha) == DATA and store.size(sha) == len(DATA)
+    first = stored_identity(store, sha)
+    assert store.put_written(write) == (sha, size)
+    assert stored_identity(store, sha) == first
+    assert written and not any(p.exists() for p in written)
+    if isinstance(store, FileBlobStore):
+        assert sorted(p.name for p in store.root.rglob("*") if p.is_file()) == [sha]
+
+
+def test_a_writer_that_fails_leaves_nothing_behind(store: BlobStore) -> None:
+    written: list[Path] = []
+
+    def fail(path: Path) -> None:
+        written.append(path)
+        path.write_bytes(DATA[:100])
+        raise OSError("disk full")
+
+    with pytest.raises(OSError, match="disk full"):
+        store.put_written(fail)
+    assert not written[0].exists() and not store.exists(hashlib.sha256(DATA[:100]).hexdigest())
 
 
 def test_get_refuses_bytes_that_do_not_match_their_name_and_put_repairs_them(store: BlobStore) -> None:

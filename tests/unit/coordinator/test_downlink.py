@@ -15,7 +15,7 @@ import torch
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher, budget_k
 from coordinator.settings import AggregationSettings, BlobSettings, PublishSettings
-from coordinator.storage.blobs import make_blob_store
+from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.records import Upload
 from node.client import CoordinatorClient
 from node.follower import Follower

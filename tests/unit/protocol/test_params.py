@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+from pathlib import Path
 
 import pytest
 import torch
@@ -24,6 +25,7 @@ from protocol.params import (
     params_hash,
     save_checkpoint,
     set_params,
+    write_checkpoint,
 )
 
 FAST = settings(max_examples=25, deadline=None, suppress_health_check=[HealthCheck.too_slow])
@@ -82,6 +84,17 @@ def test_checkpoint_round_trip() -> None:
     loaded, meta = load_checkpoint(data, SPEC)
     assert meta == {"version": "3"}
     assert params_hash(loaded, SPEC) == params_hash(p, SPEC)
+
+
+def test_a_checkpoint_written_to_a_file_is_the_one_built_in_memory(tmp_path: Path) -> None:
+    """``write_checkpoint`` (each version's checkpoint, streamed from the tensors) writes the very bytes
+    ``save_checkpoint`` builds, and tensors of another dtype are written as fp32 as there."""
+    p = random_params(3)
+    p[SPEC[0][0]] = p[SPEC[0][0]].double()
+    write_checkpoint(p, {"version": "4"}, tmp_path / "ckpt")
+    assert (tmp_path / "ckpt").read_bytes() == save_checkpoint(p, {"version": "4"})
+    loaded, meta = load_checkpoint((tmp_path / "ckpt").read_bytes(), SPEC)
+    assert meta == {"version": "4"} and params_hash(loaded, SPEC) == params_hash(p, SPEC)
 
 
 @pytest.mark.parametrize(

@@ -1,0 +1,200 @@
+"""The S3-compatible blob store (AWS, MinIO, Ceph, R2, ...): the interface of coordinator/storage/blobs.py
+over a bucket, with presigned downloads and direct uploads."""
+
+from __future__ import annotations
+
+import base64
+import contextlib
+import hashlib
+import tempfile
+from collections.abc import Callable, Iterator, Mapping
+from pathlib import Path
+from typing import Any
+
+from starlette.responses import Response, StreamingResponse
+
+from coordinator.storage.blobs import (
+    CHUNK_BYTES,
+    BlobNotFoundError,
+    BlobTooLargeError,
+    RangeNotSatisfiableError,
+    byte_range,
+    checked,
+    download_headers,
+    file_sha256,
+    valid_sha,
+)
+
+_S3_MISSING = {"404", "NoSuchKey", "NotFound"}
+
+
+class S3BlobStore:
+    """Objects ``prefix/ab/abcdef...`` in an S3-compatible bucket (AWS, MinIO, Ceph, R2, ...).
+
+    Credentials come from the standard AWS chain (environment, shared config files, instance role); the
+    bucket must exist. An object appears whole or not at all, so no temporary name is needed. Every put
+    sends the sha256 of its body (x-amz-checksum-sha256), which S3 checks before keeping the object; a
+    store that ignores the header keeps it unchecked, and get checks the hash either way."""
+
+    def __init__(
+        self,
+        bucket: str,
+        *,
+        prefix: str = "gradpool",
+        endpoint_url: str | None = None,
+        region: str | None = None,
+        timeout_s: float = 60.0,
+    ) -> None:
+        import boto3  # optional dependency: pip install 'gradpool[s3]'
+        from botocore.config import Config
+
+        self.bucket = bucket
+        self.prefix = prefix.strip("/")
+        config = Config(
+            connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 3, "mode": "standard"}
+        )
+        session = boto3.session.Session()  # one per store: the default session is not thread-safe
+        self.client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+
+    def key(self, sha: str) -> str:
+        name = f"{sha[:2]}/{valid_sha(sha)}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def put(self, data: bytes, durable: bool = True) -> str:
+        sha = hashlib.sha256(data).hexdigest()
+        if self._length(sha) != len(data):  # missing, or something else under this name: (re)write it
+            checksum = base64.b64encode(bytes.fromhex(sha)).decode()
+            self.client.put_object(
+                Bucket=self.bucket,
+                Key=self.key(sha),
+                Body=data,
+                ChecksumSHA256=checksum,
+                ContentType="application/octet-stream",
+            )
+        return sha
+
+    def put_written(self, write: Callable[[Path], None]) -> tuple[str, int]:
+        with tempfile.TemporaryDirectory(prefix="gradpool-blob-") as tmp:
+            path = Path(tmp) / "blob"
+            write(path)
+            sha, size = file_sha256(path), path.stat().st_size
+            if self._length(sha) != size:  # in parts if large, each part's sha256 checked by the store
+                extra = {"ContentType": "application/octet-stream", "ChecksumAlgorithm": "SHA256"}
+                self.client.upload_file(str(path), self.bucket, self.key(sha), ExtraArgs=extra)
+        return sha, size
+
+    def get(self, sha: str) -> bytes:
+        with contextlib.closing(self._get_object(sha)["Body"]) as body:
+            data: bytes = body.read()
+        return checked(sha, data)
+
+    def exists(self, sha: str) -> bool:
+        return self._length(sha) is not None
+
+    def size(self, sha: str) -> int:
+        length = self._length(sha)
+        if length is None:
+            raise BlobNotFoundError(sha)
+        return length
+
+    def delete(self, sha: str) -> None:
+        self.client.delete_object(Bucket=self.bucket, Key=self.key(sha))
+
+    def serve(self, sha: str, headers: Mapping[str, str], filename: str) -> Response:
+        size = self.size(sha)
+        answer = download_headers(sha, filename)
+        asked = headers.get("range") if headers.get("if-range") in (None, answer["ETag"]) else None
+        try:
+            wanted = byte_range(asked, size)
+        except RangeNotSatisfiableError:
+            return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
+        start, end = wanted or (0, size)
+        extra = {} if wanted is None else {"Range": f"bytes={start}-{end - 1}"}
+        body = self._get_object(sha, **extra)["Body"]
+        answer["Content-Length"] = str(end - start)
+        if wanted is not None:
+            answer["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
+        return StreamingResponse(
+            _chunks(body),
+            status_code=200 if wanted is None else 206,
+            headers=answer,
+            media_type="application/octet-stream",
+        )
+
+    def url(self, sha: str, filename: str, expiry_s: float) -> str | None:
+        """A presigned GET of the object: the bytes go from the bucket to the client, not through the
+        coordinator."""
+        params = {
+            "Bucket": self.bucket,
+            "Key": self.key(sha),
+            "ResponseContentDisposition": f'attachment; filename="{filename}"',
+        }
+        url: str = self.client.generate_presigned_url("get_object", Params=params, ExpiresIn=int(expiry_s))
+        return url
+
+    # -- uploads straight from the miners (``[blobs] direct_uploads``) -------------------------------------
+    def incoming_key(self, round_: int, miner: str, sha: str) -> str:
+        """Where a miner's direct upload lands: its own key, apart from the content-addressed objects (no
+        miner can write one of those, a checkpoint say, whose name it knows)."""
+        name = f"incoming/{round_}/{miner}/{valid_sha(sha)}"
+        return f"{self.prefix}/{name}" if self.prefix else name
+
+    def upload_form(self, key: str, max_bytes: int, expiry_s: float) -> tuple[str, dict[str, str]]:
+        """A presigned POST form for ``key`` alone and at most ``max_bytes``: (url, fields)."""
+        post = self.client.generate_presigned_post(
+            Bucket=self.bucket,
+            Key=key,
+            Conditions=[["content-length-range", 1, max_bytes]],
+            ExpiresIn=int(expiry_s),
+        )
+        return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
+
+    def take(self, key: str, max_bytes: int) -> bytes:
+        """The object at ``key``, removed from there once read (it is taken once, whatever it holds). Raises
+        BlobNotFoundError if there is none, BlobTooLargeError beyond ``max_bytes`` (removed unread)."""
+        try:
+            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
+            if size <= max_bytes:
+                with contextlib.closing(self.client.get_object(Bucket=self.bucket, Key=key)["Body"]) as body:
+                    data: bytes = body.read(max_bytes + 1)
+        except Exception as e:
+            if _s3_code(e) in _S3_MISSING:
+                raise BlobNotFoundError(key) from None
+            raise
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+        if size > max_bytes or len(data) > max_bytes:
+            raise BlobTooLargeError(f"{size} bytes, more than {max_bytes}")
+        return data
+
+    def _length(self, sha: str) -> int | None:
+        try:
+            head = self.client.head_object(Bucket=self.bucket, Key=self.key(sha))
+        except Exception as e:
+            if _s3_code(e) in _S3_MISSING:
+                return None
+            raise
+        return int(head["ContentLength"])
+
+    def _get_object(self, sha: str, **extra: str) -> dict[str, Any]:
+        try:
+            obj: dict[str, Any] = self.client.get_object(Bucket=self.bucket, Key=self.key(sha), **extra)
+        except Exception as e:
+            if _s3_code(e) in _S3_MISSING:
+                raise BlobNotFoundError(sha) from None
+            raise
+        return obj
+
+
+def _s3_code(error: Exception) -> str:
+    """The error code of a botocore ClientError ("" for any other exception)."""
+    response = getattr(error, "response", None)
+    if not isinstance(response, dict):
+        return ""
+    return str(response.get("Error", {}).get("Code", ""))
+
+
+def _chunks(body: Any) -> Iterator[bytes]:
+    try:
+        yield from body.iter_chunks(CHUNK_BYTES)
+    finally:
+        body.close()
