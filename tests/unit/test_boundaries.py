@@ -125,6 +125,16 @@ def test_no_import_cycle(package: str) -> None:
     assert find_cycle(import_graph(package)) is None
 
 
+MAX_LINES = 400  # a module reads in one sitting; one that grows past it is split along its jobs
+
+
+@pytest.mark.parametrize("package", PACKAGES)
+def test_no_module_is_over_400_lines(package: str) -> None:
+    files = (ROOT / package).rglob("*.py")
+    lines = {str(f.relative_to(ROOT)): len(f.read_text().splitlines()) for f in files}
+    assert lines and {f: n for f, n in lines.items() if n > MAX_LINES} == {}
+
+
 def test_the_checker_sees_a_violation(tmp_path: Path) -> None:
     sample = tmp_path / "x.py"
     sample.write_text("import fastapi\nfrom coordinator.run import Run\nfrom . import sibling\n")
