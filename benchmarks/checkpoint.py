@@ -10,8 +10,15 @@ checkpoint whole stays near zero. ``same_content``: the two files read back hold
 tensors, bit for bit (safetensors orders the metadata's keys differently from one process to the next,
 so the files' own bytes may differ in that order alone).
 
+Reading it back and hashing it (every byte read, as the coordinator checks a checkpoint against its version's
+hash) is measured the same way: ``streamed_read_*`` as the coordinator reads a kept checkpoint
+(``kept_checkpoint``: the blob checked as a file, each tensor read from it straight into its own memory),
+``in_memory_read_*`` as it did before (the blob's bytes, then tensors loaded from them). The parameters read
+are resident either way, so a read's increase is about the model's fp32 size at least.
+
 Output: ``{"rows": [{"model", "params", "checkpoint_bytes", "streamed_s", "streamed_peak_increase_bytes",
-"in_memory_s", "in_memory_peak_increase_bytes", "same_content"}]}``.
+"in_memory_s", "in_memory_peak_increase_bytes", "streamed_read_s", "streamed_read_peak_increase_bytes",
+"in_memory_read_s", "in_memory_read_peak_increase_bytes", "same_content"}]}``.
 """
 
 from __future__ import annotations
@@ -30,13 +37,14 @@ import torch
 from safetensors import safe_open
 
 from benchmarks.aggregation import in_fresh_process, peak_rss_bytes, settle_memory
-from coordinator.storage.blobs import FileBlobStore
+from coordinator.storage.blobs import FileBlobStore, kept_checkpoint
 from protocol.model import build_model, resolve
-from protocol.params import get_params, save_checkpoint, write_checkpoint
+from protocol.params import get_params, load_checkpoint, params_hash, save_checkpoint, write_checkpoint
 
 
 def write_once(name: str, how: str, root: Path) -> dict[str, Any]:
-    """In a fresh process: the preset's parameters written one way; its seconds, peak increase and sha."""
+    """In a fresh process: the preset's parameters written one way and read back the same way; the
+    seconds and peak increase of each, and the file's content digest."""
     torch.manual_seed(0)
     model = build_model(resolve(name, None))
     params = get_params(model)
@@ -53,10 +61,24 @@ def write_once(name: str, how: str, root: Path) -> dict[str, Any]:
         del data
     seconds = time.perf_counter() - t0
     peak_increase = max(0, peak_rss_bytes() - before)
+    spec, count = [(n, tuple(t.shape)) for n, t in params.items()], sum(t.numel() for t in params.values())
+    del params
+    before = settle_memory()
+    t0 = time.perf_counter()
+    if how == "streamed":  # as the coordinator reads a kept checkpoint back
+        back = kept_checkpoint(blobs, sha, spec)
+    else:
+        back = load_checkpoint(blobs.get(sha), spec)[0]
+    params_hash(back, spec)  # and checks it against its version's hash: every byte read
+    read_s = time.perf_counter() - t0
+    read_increase = max(0, peak_rss_bytes() - before)
+    del back
     return {
-        "params": sum(t.numel() for t in params.values()),
+        "params": count,
         "seconds": seconds,
         "peak_increase_bytes": peak_increase,
+        "read_s": read_s,
+        "read_peak_increase_bytes": read_increase,
         "content": content_digest(blobs.path(sha)),
         "bytes": size,
     }
@@ -85,6 +107,10 @@ def measure(name: str) -> dict[str, Any]:
         "streamed_peak_increase_bytes": streamed["peak_increase_bytes"],
         "in_memory_s": round(in_memory["seconds"], 3),
         "in_memory_peak_increase_bytes": in_memory["peak_increase_bytes"],
+        "streamed_read_s": round(streamed["read_s"], 3),
+        "streamed_read_peak_increase_bytes": streamed["read_peak_increase_bytes"],
+        "in_memory_read_s": round(in_memory["read_s"], 3),
+        "in_memory_read_peak_increase_bytes": in_memory["read_peak_increase_bytes"],
         "same_content": streamed["content"] == in_memory["content"],
     }
 

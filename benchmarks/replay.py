@@ -40,9 +40,10 @@ import torch
 from coordinator.publishing.publisher import Built
 from coordinator.run import Run
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage.blobs import kept_checkpoint
 from coordinator.storage.records import StoredVersion, Upload
 from gradpool.config import load_settings
-from protocol.params import Params, apply_update, load_checkpoint
+from protocol.params import Params, apply_update
 
 
 def copied_run(run_dir: Path, work: Path) -> Run:
@@ -77,7 +78,7 @@ class Recorded:
         store = run.store
         versions = [store.version(v) for v in range(store.latest_version() + 1)]
         self.committed = [v for v in versions if v is not None and v.rolled_back_at is None]
-        self.params = load_checkpoint(run.blobs.get(str(self.committed[0].checkpoint_sha)), run.spec)[0]
+        self.params = kept_checkpoint(run.blobs, str(self.committed[0].checkpoint_sha), run.spec)
         run.publisher.reset()
         self.run = run
         self.stored: dict[str, tuple[bytes, bytes]] = {}

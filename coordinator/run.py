@@ -43,8 +43,9 @@ from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blob_stores import make_blob_store
-from coordinator.storage.blobs import BlobStore
+from coordinator.storage.blobs import BlobStore, FileBlobStore
 from coordinator.storage.lease import LeaderLease, holder_name
+from coordinator.storage.lineage import params_at
 from coordinator.storage.lock import StateLock
 from coordinator.storage.s3 import S3BlobStore
 from coordinator.storage.sql import embedded
@@ -53,7 +54,7 @@ from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.device import autocast_dtype, pick_device
 from protocol.model import CausalLM, ModelConfig, build_model, resolve
-from protocol.params import get_params, load_checkpoint, param_spec, params_hash, write_checkpoint
+from protocol.params import get_params, param_spec, params_hash, read_safetensors, write_checkpoint
 from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
 log = logging.getLogger(__name__)
@@ -109,6 +110,8 @@ class Run:
     ) -> None:
         root = settings.state_dir
         blobs = make_blob_store(settings.blobs, root / "blobs")
+        if isinstance(blobs, FileBlobStore) and (stale := blobs.clear_temporaries()):
+            log.info("removed %d temporary files left by writes cut short", stale)
         architecture = resolve(settings.model, self.tokenizer.vocab_size)
         module = build_model(architecture, seed=settings.seed).to(self.device)  # evaluation's copy
         module.eval()
@@ -144,6 +147,7 @@ class Run:
             recipe=settings.recipe,
             max_payload_bytes=self.max_payload_bytes,
             max_catchup_versions=settings.max_catchup_versions,
+            checkpoint_every=settings.publish.checkpoint_every,
             evaluation=EvaluationConfig.model_validate(
                 {
                     "own_sequences": settings.validation.own_sequences,
@@ -174,6 +178,7 @@ class Run:
             settings.aggregation,
             self.model.held_out_loss,
             settings.checks.max_loss_increase,
+            checkpoint_every=settings.publish.checkpoint_every,
         )
         state = self._resume_or_start(blobs, module, spec, publisher, clock.now)
         self.history.backfill()
@@ -283,14 +288,14 @@ class Run:
             return RoundState(0, 0, h, clock_from=now, deadline_s=deadline_for(store, rounds, 0))
         version, param_hash = store.head()
         row = store.version(version)
-        if row is None or row.checkpoint_sha is None:
-            raise ValueError(f"version {version}, the current one, has no checkpoint kept")
-        params, _ = load_checkpoint(blobs.get(row.checkpoint_sha), spec)
-        if params_hash(params, spec) != param_hash:
-            raise ValueError(f"checkpoint of version {version} does not match its hash")
+        if row is None:
+            raise ValueError(f"version {version}, the current one, is not in the store")
+        # its checkpoint, or the newest before it and the published updates since (checkpoint_every)
+        params = params_at(store, blobs, spec, version)
         legacy = store.get_meta("outer_state") if version == store.latest_version() else None
         if state_sha := row.state_sha or legacy:
-            publisher.restore(blobs.get(state_sha))
+            with blobs.as_file(state_sha) as path:  # read tensor by tensor, as the checkpoint is
+                publisher.restore(read_safetensors(path)[0])
         self.model.params = params
         *behind, current = store.unclosed_rounds()  # overlapped rounds: one may be behind the open one
         log.info("run %s resumed at round %d, version %d", self.info.run_id, current.round, version)

@@ -12,7 +12,6 @@ from __future__ import annotations
 import json
 import os
 import struct
-import tempfile
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -23,10 +22,10 @@ from safetensors import safe_open
 from coordinator.data.tokenizer import RunTokenizer, tokenizer_config
 from coordinator.settings import BlobSettings
 from coordinator.storage.blob_stores import make_blob_store
-from coordinator.storage.blobs import BlobStore, FileBlobStore
+from coordinator.storage.blobs import BlobStore, FileBlobStore, kept_checkpoint
 from coordinator.storage.store import open_store
 from protocol.model import CausalLM, ModelConfig, build_model
-from protocol.params import load_checkpoint, param_spec, params_hash
+from protocol.params import param_spec, params_hash
 
 
 class ExportError(Exception):
@@ -64,20 +63,16 @@ class Run:
 
     @contextmanager
     def checkpoint_file(self) -> Iterator[Path]:
-        """The checkpoint as a file to read tensor by tensor (the blob itself for the file store)."""
-        if isinstance(self.blobs, FileBlobStore) and self.blobs.path(self.sha).is_file():
-            yield self.blobs.path(self.sha)
-            return
-        with tempfile.TemporaryDirectory() as tmp:
-            path = Path(tmp) / "checkpoint.safetensors"
-            path.write_bytes(self.blobs.get(self.sha))
+        """The checkpoint as a file to read tensor by tensor (the blob itself for the file store, a
+        download for S3), checked against its sha256 first."""
+        with self.blobs.as_file(self.sha) as path:
             yield path
 
     def model(self) -> CausalLM:
         """gradpool's own model at this version, its parameters checked against the version's hash."""
         model = build_model(self.config)
         spec = param_spec(model)
-        params, _ = load_checkpoint(self.blobs.get(self.sha), spec)
+        params = kept_checkpoint(self.blobs, self.sha, spec)
         if params_hash(params, spec) != self.param_hash:
             raise ExportError(f"the checkpoint of version {self.version} does not match its hash")
         with torch.no_grad():

@@ -31,6 +31,7 @@ from node.errors import (
 from node.trust import Trust
 from protocol.errors import HistoryError
 from protocol.history import HEADER_ANSWER_SIGNATURE, HistoryPage
+from protocol.params import file_sha256
 from protocol.signing import sign_request
 from protocol.wire import (
     HEADER_PROTOCOL,
@@ -235,6 +236,17 @@ class CoordinatorClient:
             response = self._send("GET", "/v1/checkpoint", params=params)
             found = self._checkpoint_version(response, version)
             return found, self._checked_checkpoint(found, response.content)
+        found = self.checkpoint_file(version, partial)
+        data = partial.read_bytes()
+        partial.unlink()
+        return found, data
+
+    def checkpoint_file(self, version: int | None, partial: Path, at_most: bool = False) -> int:
+        """A checkpoint (the latest, ``version``'s, or with ``at_most`` the newest kept at or before
+        ``version`` on its line) downloaded into the file ``partial`` (an interrupted download resumes from
+        it, by HTTP Range) and checked there against the signed history, never held whole in memory; its
+        version. The file is the caller's to read and remove."""
+        params = {} if version is None else {"at_most" if at_most else "version": str(version)}
         have = partial.stat().st_size if partial.exists() else 0
         headers = {"Range": f"bytes={have}-"} if have else {}
         request = self.http.build_request("GET", "/v1/checkpoint", params=params, headers=headers)
@@ -253,7 +265,7 @@ class CoordinatorClient:
                     if response.status_code >= 500:
                         raise Unavailable(f"coordinator answered {response.status_code}")
                     raise refusal(response)
-                found = self._checkpoint_version(response, version)
+                found = self._checkpoint_version(response, version, at_most)
                 partial.parent.mkdir(parents=True, exist_ok=True)
                 with open(partial, "ab" if response.status_code == 206 else "wb") as f:
                     for chunk in response.iter_bytes(1 << 20):
@@ -263,14 +275,20 @@ class CoordinatorClient:
                 response.close()
         except httpx.TransportError as e:
             raise Unavailable(f"checkpoint download interrupted ({e}); it will resume") from None
-        data = partial.read_bytes()
-        partial.unlink()
+        if self.trust is None:
+            return found
         try:
-            return found, self._checked_checkpoint(found, data)
+            with _untrusted():
+                self.trust.check_sha256("checkpoint", found, file_sha256(partial), self.history)
         except Untrusted:
+            partial.unlink()
             if have:  # resumed from a partial file that was not a prefix of this checkpoint: start afresh
                 raise Unavailable("a resumed checkpoint download does not match; it starts again") from None
             raise
+        except BaseException:  # the check could not be made (the history unreachable): download afresh
+            partial.unlink()
+            raise
+        return found
 
     def _checked_checkpoint(self, version: int, data: bytes) -> bytes:
         if self.trust is not None:
@@ -279,16 +297,17 @@ class CoordinatorClient:
         return data
 
     @staticmethod
-    def _checkpoint_version(response: httpx.Response, asked: int | None) -> int:
+    def _checkpoint_version(response: httpx.Response, asked: int | None, at_most: bool = False) -> int:
         """The version a checkpoint answer names: the coordinator's (its redirect's, when it sent one,
-        before anything the object store adds), and the one ``asked`` for when one was."""
+        before anything the object store adds), and the one ``asked`` for when one was (with ``at_most``,
+        one at or before it)."""
         for r in (*response.history, response):
             if "X-Gradpool-Version" in r.headers:
                 try:
                     found = int(r.headers["X-Gradpool-Version"])
                 except ValueError:
                     break
-                if asked is not None and found != asked:
+                if asked is not None and (found > asked if at_most else found != asked):
                     raise Untrusted(f"asked for the checkpoint of version {asked}, answered with {found}'s")
                 return found
         raise ProtocolMismatch("checkpoint answer has no version header")

@@ -11,7 +11,7 @@ import torch
 from node.client import CoordinatorClient
 from node.errors import Refused
 from protocol.errors import CodecError
-from protocol.params import UpdateHeader, apply_update, decode_update, load_checkpoint, params_hash
+from protocol.params import UpdateHeader, apply_update, decode_update, params_hash, read_checkpoint
 from protocol.payload import ParamSpec
 from protocol.wire import RunInfo
 
@@ -57,7 +57,7 @@ class Follower:
                 log.warning(
                     "catching up to version %d by updates failed (%s); downloading checkpoint", target, e
                 )
-        self._download_checkpoint(target)
+        self._download_checkpoint(target, target_hash)
         self.verified = True
 
     def _apply_chain(self, start: int, target: int) -> None:
@@ -84,13 +84,25 @@ class Follower:
             raise CodecError(f"update for version {v} says it makes version {header.version}")
         return header, delta
 
-    def _download_checkpoint(self, target: int) -> None:
+    def _download_checkpoint(self, target: int, target_hash: str) -> None:
+        """The target's checkpoint; or, a checkpoint coming every ``checkpoint_every`` versions, the newest
+        at or before it and the published updates from there."""
         partial = self.partial_dir / f"checkpoint-{target}.partial"
-        version, data = self.client.checkpoint(target, partial)
-        params, _ = load_checkpoint(data, self.spec)
+        between = self.info.checkpoint_every > 1
+        version = self.client.checkpoint_file(target, partial, at_most=between)  # on disk, not in memory
+        try:
+            size = partial.stat().st_size
+            params, _ = read_checkpoint(partial, self.spec)
+        finally:
+            partial.unlink(missing_ok=True)
         expected = self.client.version(version).param_hash
         if params_hash(params, self.spec) != expected:
             raise CodecError(f"checkpoint of version {version} does not match its published hash")
         self.params = {n: t.to(self.device) for n, t in params.items()}
         self.version = version
-        log.info("version %d: loaded checkpoint (%d bytes)", version, len(data))
+        log.info("version %d: loaded checkpoint (%d bytes)", version, size)
+        if version < target:  # the checkpoint before it: the rest by published updates, checked at the end
+            self._apply_chain(version, target)
+            if params_hash(self.params, self.spec) != target_hash:
+                raise CodecError(f"version {target} from the checkpoint of {version} does not match its hash")
+            log.info("version %d: caught up from the checkpoint of version %d", target, version)

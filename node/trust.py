@@ -107,9 +107,15 @@ class Trust:
     def check_blob(
         self, what: Literal["update", "checkpoint"], version: int, data: bytes, fetch: Fetch
     ) -> None:
+        self.check_sha256(what, version, hashlib.sha256(data).hexdigest(), fetch)
+
+    def check_sha256(
+        self, what: Literal["update", "checkpoint"], version: int, got: str, fetch: Fetch
+    ) -> None:
+        """The sha256 of a downloaded update or checkpoint (a file hashed as it lies on disk) against the
+        version's signed record."""
         known = self.known(version, fetch)
         signed = known.update_sha256 if what == "update" else known.checkpoint_sha256
-        got = hashlib.sha256(data).hexdigest()
         if got != signed:
             self._refuse(
                 what,

@@ -14,6 +14,7 @@ device, so a miner at v reaches the coordinator's v+1 bit for bit and checks it 
 from __future__ import annotations
 
 import hashlib
+import json
 import math
 from collections.abc import Mapping
 from pathlib import Path
@@ -21,7 +22,7 @@ from typing import Literal
 
 import torch
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
-from safetensors import SafetensorError
+from safetensors import SafetensorError, safe_open
 from safetensors.torch import load as st_load
 from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
@@ -65,8 +66,9 @@ def save_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str])
 
 
 def write_checkpoint(params: Mapping[str, torch.Tensor], meta: Mapping[str, str], path: Path) -> None:
-    """The bytes ``save_checkpoint`` returns, written to ``path`` tensor by tensor from the tensors' own
-    memory: never a second copy of the model (parameters already fp32 on the CPU are not copied at all)."""
+    """The file ``save_checkpoint`` builds (the same tensors and metadata; safetensors may order the
+    metadata's keys differently from one process to the next), written to ``path`` tensor by tensor:
+    parameters already fp32 on the CPU straight from their own memory, others converted first."""
     st_save_file(_fp32_cpu(params), path, metadata=dict(meta))
 
 
@@ -80,14 +82,64 @@ def load_checkpoint(data: bytes, spec: ParamSpec) -> tuple[Params, dict[str, str
         meta = read_metadata(data)
     except (SafetensorError, ValueError, OverflowError, RuntimeError) as e:
         raise CodecError(f"checkpoint is not a valid safetensors file: {e}") from None
-    names = {n for n, _ in spec}
-    if set(tensors) != names:
+    _check_layout({n: (str(t.dtype), tuple(t.shape)) for n, t in tensors.items()}, spec, "torch.float32")
+    return dict(tensors), meta
+
+
+def read_checkpoint(path: Path, spec: ParamSpec) -> tuple[Params, dict[str, str]]:
+    """What ``load_checkpoint`` returns, read from a file (``read_safetensors``: never held whole)."""
+    return read_safetensors(path, spec)
+
+
+def read_safetensors(path: Path, spec: ParamSpec | None = None) -> tuple[Params, dict[str, str]]:
+    """The fp32 tensors of a safetensors file (exactly ``spec``'s when given) and its metadata.
+    safetensors checks the header (offsets, lengths) and the names, dtypes and shapes are checked before
+    any tensor is read; then each tensor is read straight into its own memory, so the file is never held
+    beside the tensors (nor mapped: nothing done to the file later can reach them). CodecError for any
+    file that is not that."""
+    try:
+        with safe_open(path, "pt") as f:
+            meta = f.metadata() or {}
+            names = f.keys()  # a list: the file's handle is not a mapping
+            slices = {n: f.get_slice(n) for n in names}
+            layout = {n: (t.get_dtype(), tuple(t.get_shape())) for n, t in slices.items()}
+        expected = spec if spec is not None else [(n, shape) for n, (_, shape) in layout.items()]
+        _check_layout(layout, expected, "F32")
+        tensors = {}
+        with open(path, "rb") as file:
+            n = int.from_bytes(file.read(8), "little")
+            header = json.loads(file.read(n))
+            for name, shape in expected:
+                begin, end = header[name]["data_offsets"]
+                t = torch.empty(shape, dtype=torch.float32)
+                view = t.numpy().data.cast("B")
+                file.seek(8 + n + int(begin))
+                if int(end) - int(begin) != len(view) or file.readinto(view) != len(view):
+                    raise ValueError(f"tensor {name!r} is cut short")
+                tensors[name] = t
+    except (SafetensorError, ValueError, OverflowError, RuntimeError, KeyError, TypeError) as e:
+        raise CodecError(f"checkpoint is not a valid safetensors file: {e}") from None
+    return tensors, {str(k): str(v) for k, v in meta.items()}
+
+
+def file_sha256(path: Path, chunk_bytes: int = 1 << 20) -> str:
+    """The sha256 (hex) of a file, read a chunk at a time (a checkpoint is checked on disk, not in memory)."""
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        while chunk := f.read(chunk_bytes):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def _check_layout(layout: Mapping[str, tuple[str, tuple[int, ...]]], spec: ParamSpec, fp32: str) -> None:
+    """A checkpoint holds exactly the model's parameters, each fp32 (named ``fp32`` in ``layout``) in its
+    shape."""
+    if set(layout) != {n for n, _ in spec}:
         raise CodecError("checkpoint parameters differ from the model's", code="wrong_tensors")
     for name, shape in spec:
-        t = tensors[name]
-        if t.dtype != torch.float32 or tuple(t.shape) != tuple(shape):
-            raise CodecError(f"checkpoint tensor {name!r} is {t.dtype} {tuple(t.shape)}", code="wrong_shape")
-    return dict(tensors), meta
+        dtype, found = layout[name]
+        if dtype != fp32 or tuple(found) != tuple(shape):
+            raise CodecError(f"checkpoint tensor {name!r} is {dtype} {tuple(found)}", code="wrong_shape")
 
 
 # -- published updates ------------------------------------------------------------------------------------

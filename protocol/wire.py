@@ -120,6 +120,9 @@ class RunInfo(Wire):
     recipe: TrainingRecipe
     max_payload_bytes: int
     max_catchup_versions: int
+    checkpoint_every: int = Field(
+        default=1, ge=1, description="a checkpoint every this many versions: catch up from the nearest one"
+    )
     evaluation: EvaluationConfig = Field(default_factory=EvaluationConfig)
     overlap: bool = Field(
         default=False,

@@ -16,7 +16,7 @@ from fastapi.responses import RedirectResponse
 from safetensors.torch import save as st_save
 
 from coordinator.api.deps import QueriesDep, RunDep, VersionNumber
-from coordinator.errors import ApiError, Forbidden, NotFound, responses
+from coordinator.errors import ApiError, Forbidden, NotFound, Unprocessable, responses
 from coordinator.run import Run
 from coordinator.storage.blobs import BlobNotFoundError
 from protocol.history import HEADER_ANSWER_SIGNATURE, HistoryPage
@@ -45,11 +45,32 @@ async def version_update(version: VersionNumber, request: Request, run: RunDep) 
 
 @router.get("/v1/checkpoint", responses=responses(404, 416, 422))
 async def checkpoint(
-    request: Request, run: RunDep, version: Annotated[int | None, Query(ge=0, le=MAX_NUMBER)] = None
+    request: Request,
+    run: RunDep,
+    version: Annotated[
+        int | None, Query(ge=0, le=MAX_NUMBER, description="that version's checkpoint")
+    ] = None,
+    at_most: Annotated[
+        int | None,
+        Query(
+            ge=0,
+            le=MAX_NUMBER,
+            description="the newest checkpoint kept on this version's line at or before it (a checkpoint "
+            "comes every `checkpoint_every` versions of /v1/info); X-Gradpool-Version names the one sent",
+        ),
+    ] = None,
 ) -> Response:
-    found = await asyncio.to_thread(run.queries.checkpoint_sha, version)
+    """The newest checkpoint kept (or ``version``'s, or the newest at or before ``at_most``), as a
+    download: ETag, HTTP Range, and X-Gradpool-Version naming its version."""
+    if version is not None and at_most is not None:
+        raise Unprocessable("invalid_request", "give version or at_most, not both")
+    if at_most is not None:
+        found = await asyncio.to_thread(run.queries.checkpoint_at_most, at_most)
+    else:
+        found = await asyncio.to_thread(run.queries.checkpoint_sha, version)
     if found is None:
-        raise NotFound("not_found", f"no checkpoint kept for version {version}")
+        which = f"at or before version {at_most}" if at_most is not None else f"for version {version}"
+        raise NotFound("not_found", f"no checkpoint kept {which}")
     v, sha = found
     name = f"checkpoint-{v}.safetensors"
     response = await blob(run, request, sha, name, immutable=version is not None)

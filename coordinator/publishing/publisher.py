@@ -23,7 +23,6 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
-from safetensors.torch import load as st_load
 
 from coordinator.errors import Stopping
 from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads
@@ -171,10 +170,11 @@ class Publisher:
         aggregation: AggregationSettings,
         held_out_loss: Callable[[Params], float],
         max_loss_increase: float,
+        checkpoint_every: int = 1,
     ) -> None:
         self.codec, self.spec, self.blobs, self.outer, self.downlink = codec, spec, blobs, outer, downlink
         self.aggregation, self.held_out_loss = aggregation, held_out_loss
-        self.max_loss_increase = max_loss_increase
+        self.max_loss_increase, self.checkpoint_every = max_loss_increase, checkpoint_every
 
     def build_guarded(
         self,
@@ -301,11 +301,16 @@ class Publisher:
         return None
 
     def write(self, built: Built) -> NewVersion:
-        """The published update, the checkpoint and the coordinator's state, as content-addressed blobs (an
-        orphan at worst, if the commit never comes)."""
+        """The published update, the checkpoint (every ``checkpoint_every`` versions) and the coordinator's
+        state (every version: resuming exactly needs it), as content-addressed blobs (an orphan at worst, if
+        the commit never comes)."""
         meta = {"version": str(built.version), "param_hash": built.param_hash}
         written = self.blobs.put_written  # each file streamed from the tensors, never whole in memory
-        checkpoint_sha, checkpoint_bytes = written(partial(write_checkpoint, built.params, meta))
+        checkpoint_sha, checkpoint_bytes = (
+            written(partial(write_checkpoint, built.params, meta))
+            if built.version % self.checkpoint_every == 0
+            else (None, 0)
+        )
         state = state_tensors(built.outer_buffers, built.residual)
         return NewVersion(
             version=built.version,
@@ -328,7 +333,7 @@ class Publisher:
         """Back to the state of version 0: no outer momentum, no downlink residual (a run replayed)."""
         self.outer.buffers, self.downlink.residual = {}, {}
 
-    def restore(self, state: bytes) -> None:
+    def restore(self, state: Mapping[str, torch.Tensor]) -> None:
         """The state saved with a version (``state_tensors``, written as a checkpoint), as the coordinator
         resumes from it."""
         outer, residual = load_state(state)
@@ -344,9 +349,10 @@ def state_tensors(
     return tensors | {f"downlink/{n}": t for n, t in residual.items()}
 
 
-def load_state(state: bytes) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+def load_state(
+    tensors: Mapping[str, torch.Tensor],
+) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
     """(outer momentum, downlink residual); a state from before the downlink held the momentum alone."""
-    tensors = st_load(state)
     if not any(k.startswith(("outer/", "downlink/")) for k in tensors):
         return dict(tensors), {}
     outer = {k.removeprefix("outer/"): t for k, t in tensors.items() if k.startswith("outer/")}

@@ -50,12 +50,12 @@ from coordinator.rounds.scoring import Scores
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
+from coordinator.storage.lineage import LineageError, params_at
 from coordinator.storage.records import NEUTRAL, Refusal, Upload
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
 from protocol.evaluation import Losses, round_results, round_salt
 from protocol.pairing import RoundEvaluation
-from protocol.params import load_checkpoint
 
 log = logging.getLogger(__name__)
 RECENT_REFUSAL_ROUNDS = 5  # a miner refused this recently is evaluated, and first
@@ -201,15 +201,14 @@ class Judge:
 
     def rescore(self, round_: int, applied_to: int) -> Later | None:
         """A closed round whose evaluation was left for after its version and never finished (the
-        coordinator stopped): all of it again, on the version its uploads were applied to. None when that
-        version's checkpoint is no longer kept."""
-        kept = self.store.checkpoint(applied_to)
-        if kept is None:
-            log.warning(
-                "round %d: version %d's checkpoint is gone; its evaluation is dropped", round_, applied_to
-            )
+        coordinator stopped): all of it again, on the version its uploads were applied to (from its
+        checkpoint, or the one before it and the published updates since). None when that version can no
+        longer be rebuilt (no checkpoint kept on its line)."""
+        try:
+            base = params_at(self.store, self.blobs, self.spec, applied_to)
+        except LineageError as e:
+            log.warning("round %d: %s; its evaluation is dropped", round_, e)
             return None
-        base, _ = load_checkpoint(self.blobs.get(kept[1]), self.spec)
         recorded = self.store.round_uploads(round_)
         uploads = [u for u in recorded if u.evaluated and u.scale is not None]
         salt = round_salt(u.sha256 for u in recorded)

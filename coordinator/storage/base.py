@@ -95,8 +95,13 @@ class Store(Protocol):
         ...
 
     def prune_checkpoints(self, keep: int) -> list[str]:
-        """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0; returns
-        the blobs no longer referenced."""
+        """Forget the checkpoints (and the coordinator's state) of all but the newest ``keep`` versions with
+        one, but 0, and the state of every version between checkpoints but the current one; returns the
+        blobs no longer referenced."""
+        ...
+
+    def checkpoint_at_most(self, version: int) -> tuple[int, str] | None:
+        """The newest checkpoint kept on ``version``'s line at or before it, or None."""
         ...
 
     def recent_reports(self, limit: int) -> list[StoredRound]: ...

@@ -7,15 +7,19 @@ resumes an interrupted download the same way from either.
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import os
 import re
 import threading
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Iterator, Mapping
 from pathlib import Path
 from typing import Protocol
 
 from starlette.responses import FileResponse, Response
+
+from protocol.params import Params, file_sha256, read_checkpoint
+from protocol.payload import ParamSpec
 
 CHUNK_BYTES = 1 << 20
 _SHA = re.compile(r"[0-9a-f]{64}")
@@ -56,6 +60,11 @@ class BlobStore(Protocol):
         """The blob's bytes, checked against its name (BlobNotFoundError, BlobCorruptError)."""
         ...
 
+    def as_file(self, sha: str) -> contextlib.AbstractContextManager[Path]:
+        """The blob as a local file for the ``with`` block (a checkpoint to read tensor by tensor), checked
+        against its name as ``get`` checks it, never read whole into memory."""
+        ...
+
     def exists(self, sha: str) -> bool: ...
 
     def size(self, sha: str) -> int:
@@ -75,6 +84,13 @@ class BlobStore(Protocol):
         """A URL the blob can be downloaded from directly for ``expiry_s`` (a presigned one), or None when
         the store has none (the coordinator serves the bytes itself)."""
         ...
+
+
+def kept_checkpoint(blobs: BlobStore, sha: str, spec: ParamSpec) -> Params:
+    """A kept checkpoint's parameters, read from its blob as a file tensor by tensor (never whole in
+    memory); CodecError when it is not the model's."""
+    with blobs.as_file(sha) as path:
+        return read_checkpoint(path, spec)[0]
 
 
 # -- HTTP ranges ----------------------------------------------------------------------------------------
@@ -107,14 +123,6 @@ def download_headers(sha: str, filename: str) -> dict[str, str]:
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{filename}"',
     }
-
-
-def file_sha256(path: Path) -> str:
-    h = hashlib.sha256()
-    with open(path, "rb") as f:
-        while chunk := f.read(CHUNK_BYTES):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def checked(sha: str, data: bytes) -> bytes:
@@ -174,6 +182,25 @@ class FileBlobStore:
             return checked(sha, self.path(sha).read_bytes())
         except FileNotFoundError:
             raise BlobNotFoundError(sha) from None
+
+    @contextlib.contextmanager
+    def as_file(self, sha: str) -> Iterator[Path]:
+        path = self.path(sha)
+        try:
+            got = file_sha256(path)
+        except FileNotFoundError:
+            raise BlobNotFoundError(sha) from None
+        if got != sha:
+            raise BlobCorruptError(f"blob {sha[:12]} does not hash to its name")
+        yield path
+
+    def clear_temporaries(self) -> int:
+        """Remove the temporary files of writes cut short (a process killed mid-write: a checkpoint's may be
+        gigabytes); how many. Only the holder of the state directory's lock may call it."""
+        stale = [*self.root.glob("written.*.tmp"), *self.root.glob("*/*.tmp")]
+        for path in stale:
+            path.unlink(missing_ok=True)
+        return len(stale)
 
     def exists(self, sha: str) -> bool:
         return self.path(sha).is_file()

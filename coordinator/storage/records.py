@@ -129,7 +129,7 @@ class NewVersion:
     eval_loss: float
     update_sha: str
     update_bytes: int
-    checkpoint_sha: str
+    checkpoint_sha: str | None  # None between checkpoints (``[publish] checkpoint_every``)
     checkpoint_bytes: int
     state_sha: str | None
 

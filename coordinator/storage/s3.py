@@ -15,15 +15,16 @@ from starlette.responses import Response, StreamingResponse
 
 from coordinator.storage.blobs import (
     CHUNK_BYTES,
+    BlobCorruptError,
     BlobNotFoundError,
     BlobTooLargeError,
     RangeNotSatisfiableError,
     byte_range,
     checked,
     download_headers,
-    file_sha256,
     valid_sha,
 )
+from protocol.params import file_sha256
 
 _S3_MISSING = {"404", "NoSuchKey", "NotFound"}
 
@@ -34,7 +35,9 @@ class S3BlobStore:
     Credentials come from the standard AWS chain (environment, shared config files, instance role); the
     bucket must exist. An object appears whole or not at all, so no temporary name is needed. Every put
     sends the sha256 of its body (x-amz-checksum-sha256), which S3 checks before keeping the object; a
-    store that ignores the header keeps it unchecked, and get checks the hash either way."""
+    file put by ``put_written`` goes up in parts above 8 MB, each part with its own sha256 (the whole
+    file's names it, hashed here first). A store that ignores the checksums keeps the bytes unchecked,
+    and get and as_file check the hash either way."""
 
     def __init__(
         self,
@@ -82,6 +85,20 @@ class S3BlobStore:
                 extra = {"ContentType": "application/octet-stream", "ChecksumAlgorithm": "SHA256"}
                 self.client.upload_file(str(path), self.bucket, self.key(sha), ExtraArgs=extra)
         return sha, size
+
+    @contextlib.contextmanager
+    def as_file(self, sha: str) -> Iterator[Path]:
+        with tempfile.TemporaryDirectory(prefix="gradpool-blob-") as tmp:
+            path = Path(tmp) / "blob"
+            try:
+                self.client.download_file(self.bucket, self.key(sha), str(path))
+            except Exception as e:
+                if _s3_code(e) in _S3_MISSING:
+                    raise BlobNotFoundError(sha) from None
+                raise
+            if file_sha256(path) != sha:
+                raise BlobCorruptError(f"blob {sha[:12]} does not hash to its name")
+            yield path
 
     def get(self, sha: str) -> bytes:
         with contextlib.closing(self._get_object(sha)["Body"]) as body:

@@ -84,9 +84,24 @@ class VersionStore:
         row = self._one("SELECT eval_loss FROM versions WHERE version = ?", version)
         return None if row is None or row["eval_loss"] is None else float(row["eval_loss"])
 
+    def checkpoint_at_most(self, version: int) -> tuple[int, str] | None:
+        """The newest checkpoint kept on ``version``'s line at or before it: its own, else its base's, and
+        so on (between checkpoints, ``[publish] checkpoint_every``); None when none is kept."""
+        at: int | None = version
+        while at is not None:  # each base is older than its version: the walk ends
+            row = self._one("SELECT checkpoint_sha, base_version FROM versions WHERE version = ?", at)
+            if row is None:
+                return None
+            if row["checkpoint_sha"] is not None:
+                return at, str(row["checkpoint_sha"])
+            at = None if row["base_version"] is None else int(row["base_version"])
+        return None
+
     def prune_checkpoints(self, keep: int) -> list[str]:
-        """Forget the checkpoints (and the outer state) of all but the newest ``keep`` versions but 0;
-        returns the blobs no longer referenced."""
+        """Forget the checkpoints (and the coordinator's state) of all but the newest ``keep`` versions
+        with one, but 0; and the state of every version between checkpoints but the current one (resuming
+        needs the current version's alone, a rollback a kept checkpoint's). Returns the blobs no longer
+        referenced by any version."""
         with self.transaction() as db:
             old = db.all(  # the newest live ones first: all after the first ``keep`` go
                 "SELECT version, checkpoint_sha, state_sha FROM versions WHERE checkpoint_sha IS NOT NULL "
@@ -96,7 +111,23 @@ class VersionStore:
                 "UPDATE versions SET checkpoint_sha = NULL, state_sha = NULL WHERE version = ?",
                 [(r["version"],) for r in old],
             )
-        return [sha for r in old for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None]
+            head = db.one(f"SELECT MAX(version) AS v FROM versions WHERE {LIVE}")
+            between = db.all(
+                "SELECT version, state_sha FROM versions WHERE state_sha IS NOT NULL "
+                "AND checkpoint_sha IS NULL AND version < ?",
+                (-1 if head is None or head["v"] is None else int(head["v"]),),
+            )
+            db.executemany(
+                "UPDATE versions SET state_sha = NULL WHERE version = ?", [(r["version"],) for r in between]
+            )
+            kept = db.all(
+                "SELECT checkpoint_sha, state_sha FROM versions "
+                "WHERE checkpoint_sha IS NOT NULL OR state_sha IS NOT NULL"
+            )
+        still = {sha for r in kept for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None}
+        gone = [sha for r in old for sha in (r["checkpoint_sha"], r["state_sha"]) if sha is not None]
+        gone += [str(r["state_sha"]) for r in between]
+        return [sha for sha in dict.fromkeys(gone) if sha not in still]  # equal bytes share a blob
 
     def live_after(self, version: int) -> list[int]:
         return [

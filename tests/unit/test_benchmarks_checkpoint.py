@@ -21,6 +21,10 @@ def test_the_streamed_write_holds_no_copy_of_the_checkpoint(tmp_path: Path) -> N
     assert in_memory["peak_increase_bytes"] >= in_memory["bytes"]
     assert streamed["peak_increase_bytes"] < streamed["bytes"] / 4
     assert streamed["seconds"] > 0 and in_memory["seconds"] > 0
+    # read back and hashed: from the file, the parameters' pages alone; from the bytes, the file beside them
+    fp32 = 4 * streamed["params"]
+    assert streamed["read_peak_increase_bytes"] < 1.25 * fp32
+    assert in_memory["read_peak_increase_bytes"] >= fp32 + 0.9 * in_memory["bytes"]  # freed heap reused
 
 
 def test_an_unknown_model_is_refused(capsys: pytest.CaptureFixture[str]) -> None:

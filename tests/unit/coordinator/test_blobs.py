@@ -5,6 +5,7 @@ from __future__ import annotations
 import asyncio
 import functools
 import hashlib
+import os
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
@@ -24,10 +25,12 @@ from coordinator.storage.blobs import (
     FileBlobStore,
     RangeNotSatisfiableError,
     byte_range,
+    kept_checkpoint,
 )
 from coordinator.storage.s3 import S3BlobStore
-from protocol.params import load_checkpoint, params_hash
-from tests.helpers.pool import SPEC, OpenPool, payload
+from protocol.errors import CodecError
+from protocol.params import load_checkpoint, params_hash, save_checkpoint, write_checkpoint
+from tests.helpers.pool import SPEC, OpenPool, make_delta, payload
 
 DATA = bytes(range(256)) * 40 + b"tail"  # 10 244 bytes, every offset distinguishable
 
@@ -127,6 +130,25 @@ def test_a_blob_written_to_a_file_is_kept_like_one_put(store: BlobStore, tmp_pat
         assert sorted(p.name for p in store.root.rglob("*") if p.is_file()) == [sha]
 
 
+def test_a_written_blob_above_the_multipart_size_is_kept_whole(store: BlobStore) -> None:
+    """9 MB: S3 takes it in parts (8 MB each at most), each with its sha256; it reads back whole."""
+    big = os.urandom(9 << 20)
+    sha, size = store.put_written(lambda path: path.write_bytes(big))
+    assert (sha, size) == (hashlib.sha256(big).hexdigest(), len(big))
+    assert store.get(sha) == big
+    with store.as_file(sha) as path:
+        assert path.stat().st_size == len(big)
+
+
+def test_temporary_files_of_writes_cut_short_are_cleared(tmp_path: Path) -> None:
+    store = FileBlobStore(tmp_path / "blobs")
+    sha = store.put(DATA)
+    (store.root / "written.123.456.tmp").write_bytes(b"half a checkpoint")  # a process killed mid-write
+    (store.path(sha).parent / f"{sha}.123.456.tmp").write_bytes(b"half an upload")
+    assert store.clear_temporaries() == 2
+    assert sorted(p.name for p in store.root.rglob("*") if p.is_file()) == [sha] and store.get(sha) == DATA
+
+
 def test_a_writer_that_fails_leaves_nothing_behind(store: BlobStore) -> None:
     written: list[Path] = []
 
@@ -138,6 +160,30 @@ def test_a_writer_that_fails_leaves_nothing_behind(store: BlobStore) -> None:
     with pytest.raises(OSError, match="disk full"):
         store.put_written(fail)
     assert not written[0].exists() and not store.exists(hashlib.sha256(DATA[:100]).hexdigest())
+
+
+def test_a_blob_read_as_a_file_is_checked_like_one_read_whole(store: BlobStore) -> None:
+    """``as_file`` (how a kept checkpoint is read, tensor by tensor): the blob's bytes in a local file,
+    refused like ``get`` refuses them when they do not hash to its name or are not kept."""
+    sha = store.put(DATA)
+    with store.as_file(sha) as path:
+        assert path.read_bytes() == DATA
+    overwrite(store, sha, DATA[:-1] + b"X")
+    with pytest.raises(BlobCorruptError), store.as_file(sha):
+        pass
+    store.delete(sha)
+    with pytest.raises(BlobNotFoundError), store.as_file(sha):
+        pass
+
+
+def test_a_kept_checkpoint_is_read_from_its_blob(store: BlobStore) -> None:
+    params = load_checkpoint(save_checkpoint(make_delta(3), {}), SPEC)[0]
+    sha, _ = store.put_written(functools.partial(write_checkpoint, params, {"version": "2"}))
+    read = kept_checkpoint(store, sha, SPEC)
+    assert params_hash(read, SPEC) == params_hash(params, SPEC)
+    wrong = store.put(payload(0, 0))  # a blob that is not a checkpoint
+    with pytest.raises(CodecError):
+        kept_checkpoint(store, wrong, SPEC)
 
 
 def test_get_refuses_bytes_that_do_not_match_their_name_and_put_repairs_them(store: BlobStore) -> None:

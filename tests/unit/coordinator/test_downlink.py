@@ -17,36 +17,14 @@ from coordinator.publishing.publisher import Downlink, Publisher, budget_k
 from coordinator.settings import AggregationSettings, BlobSettings, PublishSettings
 from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.records import Upload
-from node.client import CoordinatorClient
-from node.follower import Follower
 from protocol.codec import SparseLoCoCodec
 from protocol.params import Params, decode_update, params_hash
 from protocol.payload import framed_bytes
 from protocol.signing import generate_key
-from protocol.wire import RunInfo
-from tests.helpers.pool import SPEC, Miner, OpenPool, Pool, ThroughTestClient, encode, make_delta, payload
+from tests.helpers.catcher import Catcher, rounds
+from tests.helpers.pool import SPEC, Miner, OpenPool, ThroughTestClient, encode, make_delta, payload
 
 SPARSE = {"format": "sparseloco"}  # the default; the other API tests publish exactly
-
-
-class Catcher(Follower):
-    """A node's follower: where a miner stands, and how it catches up."""
-
-    def __init__(self, pool: Pool, tmp: Path, transport: httpx.BaseTransport | None = None) -> None:
-        self.client = CoordinatorClient(
-            "http://testserver", generate_key(), transport=transport or ThroughTestClient(pool.client)
-        )
-        self.info = RunInfo.model_validate(pool.client.get("/v1/info").json())
-        self.spec, self.device, self.partial_dir = SPEC, torch.device("cpu"), tmp
-        self.params, self.version, self.verified = {}, -1, False
-
-
-def rounds(pool: Pool, miners: list[Miner], first: int, last: int) -> None:
-    for r in range(first, last):
-        v = pool.latest()["version"]  # what a miner trains from: the newest version
-        for i, m in enumerate(miners):
-            assert m.upload(r, payload(r, v, seed=100 * r + i)).status_code == 200
-        pool.wait_for_round(r)
 
 
 def test_a_miner_four_versions_behind_catches_up_through_four_compressed_updates(

@@ -39,7 +39,7 @@ def submission(round_: int, miner: str, at: float, norm: float = 1.5) -> NewSubm
 
 
 def new_version(v: int) -> NewVersion:
-    return NewVersion(v, v - 1, f"{v:064x}", 3.25 - v / 8, "d" * 64, 1234, "e" * 64, 5_000_000_000, None)
+    return NewVersion(v, v - 1, f"{v:064x}", 3.25 - v / 8, "d" * 64, 1234, f"e{v:063x}", 5_000_000_000, None)
 
 
 def close(
@@ -91,7 +91,7 @@ def test_a_run_lives_through_the_store_alike_on_both_backends(store_url: str) ->
         outcomes = {"m1": Outcome(None, True, 1.0), "m2": Outcome("norm_outlier", True, None)}
         store.close_round(close(0, v1, outcomes, 13.0, record=history.version(v1, 0, 13.0)))
         assert store.head() == (1, v1.param_hash) and store.latest_version() == 1
-        assert store.checkpoint(None) == (1, "e" * 64) and store.eval_loss(1) == v1.eval_loss
+        assert store.checkpoint(None) == (1, f"e{1:063x}") and store.eval_loss(1) == v1.eval_loss
         [report] = store.reports()
         assert (report.round, report.accepted, report.rejected, report.result_version) == (0, 1, 1, 1)
         assert (
@@ -132,7 +132,7 @@ def test_a_run_lives_through_the_store_alike_on_both_backends(store_url: str) ->
         assert store.unscored_rounds() == [] and store.upload(1, "m1").flag == "low_gain"  # type: ignore[union-attr]
 
         # checkpoints pruned but the newest, then version 2 rolled back to 1
-        assert store.prune_checkpoints(1) == ["e" * 64] and store.checkpoint(1) is None
+        assert store.prune_checkpoints(1) == [f"e{1:063x}"] and store.checkpoint(1) is None
         store.prune_checkpoints(5)
         assert [r.record.version for r in store.records()] == [0, 1, 2] and len(store.records(0, 1)) == 1
     finally:

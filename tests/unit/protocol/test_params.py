@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -19,10 +20,12 @@ from protocol.params import (
     apply_update,
     decode_update,
     encode_update,
+    file_sha256,
     get_params,
     load_checkpoint,
     param_spec,
     params_hash,
+    read_checkpoint,
     save_checkpoint,
     set_params,
     write_checkpoint,
@@ -106,15 +109,35 @@ def test_a_checkpoint_written_to_a_file_is_the_one_built_in_memory(tmp_path: Pat
         ({**{n: torch.zeros(s) for n, s in SPEC}, "c": torch.zeros(24)}, "wrong_shape"),
     ],
 )
-def test_bad_checkpoints_are_refused(tensors: dict[str, torch.Tensor], code: str) -> None:
-    with pytest.raises(CodecError) as e:
-        load_checkpoint(st_save(tensors, metadata={}), SPEC)
-    assert e.value.code == code
+def test_bad_checkpoints_are_refused(tensors: dict[str, torch.Tensor], code: str, tmp_path: Path) -> None:
+    """In memory and from a file (read_checkpoint checks the header before reading a tensor) alike."""
+    data = st_save(tensors, metadata={})
+    (tmp_path / "ckpt").write_bytes(data)
+    for read in (lambda: load_checkpoint(data, SPEC), lambda: read_checkpoint(tmp_path / "ckpt", SPEC)):
+        with pytest.raises(CodecError) as e:
+            read()
+        assert e.value.code == code
 
 
-def test_garbage_checkpoint_is_a_codec_error() -> None:
+def test_garbage_checkpoint_is_a_codec_error(tmp_path: Path) -> None:
     with pytest.raises(CodecError):
         load_checkpoint(b"not a checkpoint at all", SPEC)
+    good = save_checkpoint(random_params(5), {})
+    for i, garbage in enumerate([b"not a checkpoint at all", good[: len(good) // 2], b"\xff" * 8 + good[8:]]):
+        (tmp_path / f"bad-{i}").write_bytes(garbage)
+        with pytest.raises(CodecError):
+            read_checkpoint(tmp_path / f"bad-{i}", SPEC)
+
+
+def test_a_checkpoint_read_from_a_file_is_the_one_loaded_from_bytes(tmp_path: Path) -> None:
+    p = random_params(6)
+    write_checkpoint(p, {"version": "9", "param_hash": "x"}, tmp_path / "ckpt")
+    read, meta = read_checkpoint(tmp_path / "ckpt", SPEC)
+    loaded, loaded_meta = load_checkpoint((tmp_path / "ckpt").read_bytes(), SPEC)
+    assert meta == loaded_meta == {"version": "9", "param_hash": "x"}
+    assert all(torch.equal(read[n], loaded[n]) and read[n].dtype == torch.float32 for n, _ in SPEC)
+    whole = hashlib.sha256((tmp_path / "ckpt").read_bytes()).hexdigest()
+    assert file_sha256(tmp_path / "ckpt", chunk_bytes=7) == file_sha256(tmp_path / "ckpt") == whole
 
 
 # -- published updates ------------------------------------------------------------------------------------
