@@ -45,7 +45,7 @@ from coordinator.storage.base import Store
 from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.blobs import BlobStore, FileBlobStore
 from coordinator.storage.lease import LeaderLease, holder_name
-from coordinator.storage.lineage import params_at
+from coordinator.storage.lineage import Lineage
 from coordinator.storage.lock import StateLock
 from coordinator.storage.s3 import S3BlobStore
 from coordinator.storage.sql import embedded
@@ -180,6 +180,7 @@ class Run:
             settings.checks.max_loss_increase,
             checkpoint_every=settings.publish.checkpoint_every,
         )
+        self.lineage = Lineage(self.store, blobs, spec, settings.max_catchup_versions)
         state = self._resume_or_start(blobs, module, spec, publisher, clock.now)
         self.history.backfill()
         self.blobs, self.dataset, self.codec, self.spec, self.publisher = (
@@ -209,6 +210,7 @@ class Run:
             settings.validation,
             pipeline,
             stop,
+            self.lineage,
         )
         self.closer = Closer(
             self.cell,
@@ -291,7 +293,7 @@ class Run:
         if row is None:
             raise ValueError(f"version {version}, the current one, is not in the store")
         # its checkpoint, or the newest before it and the published updates since (checkpoint_every)
-        params = params_at(store, blobs, spec, version)
+        params = self.lineage.params_at(version)
         legacy = store.get_meta("outer_state") if version == store.latest_version() else None
         if state_sha := row.state_sha or legacy:
             with blobs.as_file(state_sha) as path:  # read tensor by tensor, as the checkpoint is

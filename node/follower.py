@@ -36,6 +36,7 @@ class Follower:
         max_catchup_versions behind, else (or when a hash does not match) by the checkpoint."""
         if self.version == target and self.verified:
             return
+        self.verified = False  # until the target's hash is matched
         start = self.version
         if 0 <= start <= target and target - start <= self.info.max_catchup_versions:
             try:
@@ -84,6 +85,19 @@ class Follower:
             raise CodecError(f"update for version {v} says it makes version {header.version}")
         return header, delta
 
+    def _line(self, start: int, target: int) -> list[int]:
+        """The versions after ``start`` on ``target``'s line, oldest first, found by each one's base (after
+        a rollback, versions of another line lie between them); at most max_catchup_versions."""
+        line: list[int] = []
+        at, most = target, self.info.max_catchup_versions
+        while at != start:
+            base = self.client.version(at).base_version if at > start and len(line) < most else None
+            if base is None:
+                raise CodecError(f"version {target} is not {most} published updates or fewer after {start}")
+            line.append(at)
+            at = base
+        return line[::-1]
+
     def _download_checkpoint(self, target: int, target_hash: str) -> None:
         """The target's checkpoint; or, a checkpoint coming every ``checkpoint_every`` versions, the newest
         at or before it and the published updates from there."""
@@ -102,7 +116,12 @@ class Follower:
         self.version = version
         log.info("version %d: loaded checkpoint (%d bytes)", version, size)
         if version < target:  # the checkpoint before it: the rest by published updates, checked at the end
-            self._apply_chain(version, target)
+            for v in self._line(version, target):
+                header, delta = self._published(v)
+                if header.base_version != self.version:
+                    raise CodecError(f"update for version {v} applies to {header.base_version}")
+                apply_update(self.params, delta)
+                self.version = v
             if params_hash(self.params, self.spec) != target_hash:
                 raise CodecError(f"version {target} from the checkpoint of {version} does not match its hash")
             log.info("version %d: caught up from the checkpoint of version %d", target, version)

@@ -65,7 +65,7 @@ async def checkpoint(
     if version is not None and at_most is not None:
         raise Unprocessable("invalid_request", "give version or at_most, not both")
     if at_most is not None:
-        found = await asyncio.to_thread(run.queries.checkpoint_at_most, at_most)
+        found = await asyncio.to_thread(run.lineage.checkpoint_at_most, at_most)
     else:
         found = await asyncio.to_thread(run.queries.checkpoint_sha, version)
     if found is None:

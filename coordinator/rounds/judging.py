@@ -50,7 +50,7 @@ from coordinator.rounds.scoring import Scores
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.lineage import LineageError, params_at
+from coordinator.storage.lineage import Lineage, LineageError
 from coordinator.storage.records import NEUTRAL, Refusal, Upload
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
@@ -116,10 +116,12 @@ class Judge:
         validation: ValidationSettings,
         pipeline: Sequence[Check],
         stop: threading.Event,
+        lineage: Lineage,
     ) -> None:
         self.store, self.blobs, self.reader, self.codec, self.spec = store, blobs, reader, codec, spec
         self.evaluations, self.scores, self.metrics = evaluations, scores, metrics
         self.checks, self.validation, self.pipeline, self.stop = checks, validation, pipeline, stop
+        self.lineage = lineage
 
     # -- the two judgements -------------------------------------------------------------------------------
     def before_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
@@ -205,7 +207,7 @@ class Judge:
         checkpoint, or the one before it and the published updates since). None when that version can no
         longer be rebuilt (no checkpoint kept on its line)."""
         try:
-            base = params_at(self.store, self.blobs, self.spec, applied_to)
+            base = self.lineage.params_at(applied_to)
         except LineageError as e:
             log.warning("round %d: %s; its evaluation is dropped", round_, e)
             return None

@@ -144,9 +144,6 @@ class Queries:
     def checkpoint_sha(self, version: int | None = None) -> tuple[int, str] | None:
         return self.store.checkpoint(version)
 
-    def checkpoint_at_most(self, version: int) -> tuple[int, str] | None:
-        return self.store.checkpoint_at_most(version)
-
     def update_sha(self, version: int) -> str | None:
         row = self.store.version(version)
         return None if row is None else row.update_sha

@@ -100,8 +100,9 @@ class Store(Protocol):
         blobs no longer referenced."""
         ...
 
-    def checkpoint_at_most(self, version: int) -> tuple[int, str] | None:
-        """The newest checkpoint kept on ``version``'s line at or before it, or None."""
+    def checkpoint_at_most(self, version: int, steps: int) -> tuple[int, str] | None:
+        """The newest checkpoint kept on ``version``'s line at or before it, at most ``steps`` bases back;
+        or None."""
         ...
 
     def recent_reports(self, limit: int) -> list[StoredRound]: ...

@@ -84,11 +84,14 @@ class VersionStore:
         row = self._one("SELECT eval_loss FROM versions WHERE version = ?", version)
         return None if row is None or row["eval_loss"] is None else float(row["eval_loss"])
 
-    def checkpoint_at_most(self, version: int) -> tuple[int, str] | None:
+    def checkpoint_at_most(self, version: int, steps: int) -> tuple[int, str] | None:
         """The newest checkpoint kept on ``version``'s line at or before it: its own, else its base's, and
-        so on (between checkpoints, ``[publish] checkpoint_every``); None when none is kept."""
+        so on (between checkpoints, ``[publish] checkpoint_every``), at most ``steps`` bases back; None when
+        none is kept that near."""
         at: int | None = version
-        while at is not None:  # each base is older than its version: the walk ends
+        for _ in range(steps + 1):
+            if at is None:
+                return None
             row = self._one("SELECT checkpoint_sha, base_version FROM versions WHERE version = ?", at)
             if row is None:
                 return None

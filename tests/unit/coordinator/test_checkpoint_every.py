@@ -13,6 +13,7 @@ from pathlib import Path
 import pytest
 from pydantic import ValidationError
 
+from coordinator.rounds.rollback import rollback
 from protocol.params import params_hash
 from protocol.signing import generate_key
 from tests.helpers.catcher import Catcher, rounds
@@ -84,6 +85,31 @@ def test_a_restart_between_checkpoints_resumes_exactly(open_pool: OpenPool, tmp_
             return [pool.client.get(f"/v1/versions/{v}").json()["param_hash"] for v in range(1, 5)]
 
     assert run(restart=True, sub="a") == run(restart=False, sub="b")
+
+
+def test_after_a_rollback_a_miner_follows_the_new_line_from_its_checkpoint(
+    open_pool: OpenPool, tmp_path: Path
+) -> None:
+    """Rolled back to version 4 (a checkpoint) from 5, the run goes on as 4 -> 6 -> 7: a miner that needs 7
+    loads 4's checkpoint and applies 6's and 7's updates, not the set-aside 5's."""
+    every_4 = {"publish": {**EVERY_3, "checkpoint_every": 4}, "max_catchup_versions": 4}
+    key = generate_key()
+    with open_pool(**every_4, rounds={"min_quorum": 1}) as pool:
+        miner = Miner(pool.client, key)
+        miner.register()
+        rounds(pool, [miner], 0, 5)
+        assert pool.latest()["version"] == 5
+    rollback(pool.settings.state_dir, 4)
+    with open_pool(**every_4, rounds={"min_quorum": 1}, state_dir=pool.settings.state_dir) as pool:
+        first = pool.round()["round"]
+        rounds(pool, [Miner(pool.client, key)], first, first + 2)
+        now = pool.latest()
+        assert now["version"] == 7
+        line = [pool.client.get(f"/v1/versions/{v}").json()["base_version"] for v in (6, 7)]
+        assert line == [4, 6]
+        fresh = Catcher(pool, tmp_path / "fresh")
+        fresh.catch_up(7, now["param_hash"])
+        assert (fresh.version, params_hash(fresh.params, SPEC)) == (7, now["param_hash"])
 
 
 def test_checkpoints_further_apart_than_a_miner_catches_up_are_refused(open_pool: OpenPool) -> None:
