@@ -16,7 +16,7 @@ from pydantic import ValidationError
 from coordinator.rounds.rollback import rollback
 from protocol.params import params_hash
 from protocol.signing import generate_key
-from tests.helpers.catcher import Catcher, rounds
+from tests.helpers.catcher import Catcher, four_versions, rounds
 from tests.helpers.pool import SPEC, Miner, OpenPool, assert_error
 
 EVERY_3 = {"format": "sparseloco", "checkpoint_every": 3}
@@ -66,25 +66,13 @@ def test_a_miner_far_behind_loads_the_checkpoint_before_its_version_and_the_upda
 def test_a_restart_between_checkpoints_resumes_exactly(open_pool: OpenPool, tmp_path: Path) -> None:
     """Stopped at version 2 (its checkpoint is version 0's): rebuilt from it and the published updates, with
     the downlink's error feedback of version 2, the run makes the versions it makes without stopping."""
-    keys = [generate_key() for _ in range(2)]
+    settings = {"publish": EVERY_3, "rounds": {"min_quorum": 2}}
 
-    def run(restart: bool, sub: str) -> list[str]:
-        state = {"state_dir": tmp_path / sub}
-        with open_pool(publish=EVERY_3, rounds={"min_quorum": 2}, **state) as pool:
-            miners = [Miner(pool.client, k) for k in keys]
-            for m in miners:
-                m.register()
-            rounds(pool, miners, 0, 2)
-            if not restart:
-                rounds(pool, miners, 2, 4)
-                return [pool.client.get(f"/v1/versions/{v}").json()["param_hash"] for v in range(1, 5)]
-        assert kept(tmp_path / sub)["checkpoints"] == {0}
-        with open_pool(publish=EVERY_3, rounds={"min_quorum": 2}, **state) as pool:
-            miners = [Miner(pool.client, k) for k in keys]
-            rounds(pool, miners, 2, 4)
-            return [pool.client.get(f"/v1/versions/{v}").json()["param_hash"] for v in range(1, 5)]
+    def stopped(state_dir: Path) -> None:
+        assert kept(state_dir)["checkpoints"] == {0}
 
-    assert run(restart=True, sub="a") == run(restart=False, sub="b")
+    restarted = four_versions(open_pool, tmp_path / "a", True, settings, stopped)
+    assert restarted == four_versions(open_pool, tmp_path / "b", False, settings)
 
 
 def test_after_a_rollback_a_miner_follows_the_new_line_from_its_checkpoint(

@@ -20,9 +20,8 @@ from coordinator.storage.records import Upload
 from protocol.codec import SparseLoCoCodec
 from protocol.params import Params, decode_update, params_hash
 from protocol.payload import framed_bytes
-from protocol.signing import generate_key
-from tests.helpers.catcher import Catcher, rounds
-from tests.helpers.pool import SPEC, Miner, OpenPool, ThroughTestClient, encode, make_delta, payload
+from tests.helpers.catcher import Catcher, four_versions, rounds
+from tests.helpers.pool import SPEC, OpenPool, ThroughTestClient, encode, make_delta, payload
 
 SPARSE = {"format": "sparseloco"}  # the default; the other API tests publish exactly
 
@@ -77,24 +76,9 @@ def test_a_budget_publishes_the_largest_k_that_fits_it(open_pool: OpenPool, tmp_
 
 def test_the_coordinators_error_feedback_survives_a_restart(open_pool: OpenPool, tmp_path: Path) -> None:
     """The same uploads make the same versions whether or not the coordinator restarts between rounds."""
-    keys = [generate_key() for _ in range(2)]
-
-    def run(restart: bool, sub: str) -> list[str]:
-        state = {"state_dir": tmp_path / sub}
-        with open_pool(publish=SPARSE, rounds={"min_quorum": 2}, **state) as pool:
-            miners = [Miner(pool.client, k) for k in keys]
-            for m in miners:
-                m.register()
-            rounds(pool, miners, 0, 2)
-            if not restart:
-                rounds(pool, miners, 2, 4)
-                return [pool.client.get(f"/v1/versions/{v}").json()["param_hash"] for v in range(1, 5)]
-        with open_pool(publish=SPARSE, rounds={"min_quorum": 2}, **state) as pool:
-            miners = [Miner(pool.client, k) for k in keys]
-            rounds(pool, miners, 2, 4)
-            return [pool.client.get(f"/v1/versions/{v}").json()["param_hash"] for v in range(1, 5)]
-
-    assert run(restart=True, sub="a") == run(restart=False, sub="b")
+    settings = {"publish": SPARSE, "rounds": {"min_quorum": 2}}
+    restarted = four_versions(open_pool, tmp_path / "a", True, settings)
+    assert restarted == four_versions(open_pool, tmp_path / "b", False, settings)
 
 
 class Corrupting(httpx.BaseTransport):
