@@ -43,7 +43,7 @@ from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blob_stores import make_blob_store
-from coordinator.storage.blobs import BlobStore, FileBlobStore
+from coordinator.storage.blobs import BlobStore, FileBlobStore, kept_checkpoint
 from coordinator.storage.lease import LeaderLease, holder_name
 from coordinator.storage.lineage import Lineage
 from coordinator.storage.lock import StateLock
@@ -54,7 +54,7 @@ from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.device import autocast_dtype, pick_device
 from protocol.model import CausalLM, ModelConfig, build_model, resolve
-from protocol.params import get_params, param_spec, params_hash, read_safetensors, write_checkpoint
+from protocol.params import get_params, param_spec, params_hash, write_checkpoint
 from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
 log = logging.getLogger(__name__)
@@ -296,8 +296,7 @@ class Run:
         params = self.lineage.params_at(version)
         legacy = store.get_meta("outer_state") if version == store.latest_version() else None
         if state_sha := row.state_sha or legacy:
-            with blobs.as_file(state_sha) as path:  # read tensor by tensor, as the checkpoint is
-                publisher.restore(read_safetensors(path)[0])
+            publisher.restore(kept_checkpoint(blobs, state_sha))  # read tensor by tensor, as checkpoints
         self.model.params = params
         *behind, current = store.unclosed_rounds()  # overlapped rounds: one may be behind the open one
         log.info("run %s resumed at round %d, version %d", self.info.run_id, current.round, version)

@@ -64,7 +64,7 @@ class Follower:
     def _apply_chain(self, start: int, target: int) -> None:
         """The published updates from ``start`` to ``target``: the target's alone when it applies to
         ``start`` (one version behind, or the first version after a rollback to ``start``), else each
-        version's in turn."""
+        version's on the target's line in turn (``_line``: a rollback's set-aside versions are skipped)."""
         if target == start:
             return
         last = self._published(target)
@@ -72,9 +72,9 @@ class Follower:
             apply_update(self.params, last[1])
             self.version = target
             return
-        for v in range(start + 1, target + 1):
+        for v in self._line(start, target):
             header, delta = last if v == target else self._published(v)
-            if header.base_version != v - 1:
+            if header.base_version != self.version:
                 raise CodecError(f"update for version {v} says {header.base_version} -> {header.version}")
             apply_update(self.params, delta)
             self.version = v
@@ -116,12 +116,7 @@ class Follower:
         self.version = version
         log.info("version %d: loaded checkpoint (%d bytes)", version, size)
         if version < target:  # the checkpoint before it: the rest by published updates, checked at the end
-            for v in self._line(version, target):
-                header, delta = self._published(v)
-                if header.base_version != self.version:
-                    raise CodecError(f"update for version {v} applies to {header.base_version}")
-                apply_update(self.params, delta)
-                self.version = v
+            self._apply_chain(version, target)
             if params_hash(self.params, self.spec) != target_hash:
                 raise CodecError(f"version {target} from the checkpoint of {version} does not match its hash")
             log.info("version %d: caught up from the checkpoint of version %d", target, version)

@@ -100,9 +100,9 @@ class Store(Protocol):
         blobs no longer referenced."""
         ...
 
-    def checkpoint_at_most(self, version: int, steps: int) -> tuple[int, str] | None:
-        """The newest checkpoint kept on ``version``'s line at or before it, at most ``steps`` bases back;
-        or None."""
+    def line(self, version: int, steps: int) -> list[StoredVersion] | None:
+        """``version`` and its bases back to the newest with a checkpoint kept, at most ``steps`` back; or
+        None."""
         ...
 
     def recent_reports(self, limit: int) -> list[StoredRound]: ...

@@ -18,7 +18,7 @@ from typing import Protocol
 
 from starlette.responses import FileResponse, Response
 
-from protocol.params import Params, file_sha256, read_checkpoint
+from protocol.params import Params, file_sha256, read_safetensors
 from protocol.payload import ParamSpec
 
 CHUNK_BYTES = 1 << 20
@@ -86,11 +86,12 @@ class BlobStore(Protocol):
         ...
 
 
-def kept_checkpoint(blobs: BlobStore, sha: str, spec: ParamSpec) -> Params:
-    """A kept checkpoint's parameters, read from its blob as a file tensor by tensor (never whole in
-    memory); CodecError when it is not the model's."""
+def kept_checkpoint(blobs: BlobStore, sha: str, spec: ParamSpec | None = None) -> Params:
+    """A kept checkpoint's tensors (exactly ``spec``'s when given: the coordinator's state, written the same
+    way, has names of its own), read from its blob as a file tensor by tensor (never whole in memory);
+    CodecError when it is not that."""
     with blobs.as_file(sha) as path:
-        return read_checkpoint(path, spec)[0]
+        return read_safetensors(path, spec)[0]
 
 
 # -- HTTP ranges ----------------------------------------------------------------------------------------
@@ -123,6 +124,13 @@ def download_headers(sha: str, filename: str) -> dict[str, str]:
         "Accept-Ranges": "bytes",
         "Content-Disposition": f'attachment; filename="{filename}"',
     }
+
+
+def checked_file(sha: str, path: Path) -> Path:
+    """The file, once its bytes hash to ``sha`` (BlobCorruptError otherwise), read a chunk at a time."""
+    if file_sha256(path) != sha:
+        raise BlobCorruptError(f"blob {sha[:12]} does not hash to its name")
+    return path
 
 
 def checked(sha: str, data: bytes) -> bytes:
@@ -185,14 +193,10 @@ class FileBlobStore:
 
     @contextlib.contextmanager
     def as_file(self, sha: str) -> Iterator[Path]:
-        path = self.path(sha)
         try:
-            got = file_sha256(path)
+            yield checked_file(sha, self.path(sha))
         except FileNotFoundError:
             raise BlobNotFoundError(sha) from None
-        if got != sha:
-            raise BlobCorruptError(f"blob {sha[:12]} does not hash to its name")
-        yield path
 
     def clear_temporaries(self) -> int:
         """Remove the temporary files of writes cut short (a process killed mid-write: a checkpoint's may be

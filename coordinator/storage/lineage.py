@@ -25,37 +25,29 @@ class Lineage:
 
     def checkpoint_at_most(self, version: int) -> tuple[int, str] | None:
         """The newest checkpoint kept on ``version``'s line at or before it, near enough to catch up from."""
-        return self.store.checkpoint_at_most(version, self.steps)
+        line = self.store.line(version, self.steps)
+        return None if line is None else (line[-1].version, str(line[-1].checkpoint_sha))
 
     def params_at(self, version: int) -> Params:
         """``version``'s parameters, from its checkpoint or the newest one before it on its line and the
         published updates since (LineageError when that cannot be done)."""
-        store, blobs, spec = self.store, self.blobs, self.spec
-        row = store.version(version)
-        if row is None:
-            raise LineageError(f"no version {version}")
-        found = self.checkpoint_at_most(version)
-        if found is None:
+        line = self.store.line(version, self.steps)
+        if line is None:
             raise LineageError(
-                f"no checkpoint is kept on version {version}'s line {self.steps} or fewer back"
+                f"no checkpoint is kept on version {version}'s line, {self.steps} or fewer back"
             )
-        start, sha = found
-        chain, at = [], version
-        while at != start:  # the versions after the checkpoint, newest first
-            step = store.version(at)
-            if step is None or step.base_version is None or step.update_sha is None:
-                raise LineageError(f"version {at} has no published update to rebuild it from")
-            chain.append(step)
-            at = step.base_version
+        *after, kept = line  # newest first
         try:
-            params = kept_checkpoint(blobs, sha, spec)
-            for step in reversed(chain):
-                header, delta = decode_update(blobs.get(str(step.update_sha)), spec)
+            params = kept_checkpoint(self.blobs, str(kept.checkpoint_sha), self.spec)
+            for step in reversed(after):
+                if step.update_sha is None:
+                    raise LineageError(f"version {step.version} has no published update to rebuild it from")
+                header, delta = decode_update(self.blobs.get(step.update_sha), self.spec)
                 if (header.base_version, header.version) != (step.base_version, step.version):
                     raise LineageError(f"the update kept for version {step.version} is another version's")
                 apply_update(params, delta)
         except (BlobNotFoundError, BlobCorruptError, CodecError, OSError) as e:
             raise LineageError(f"version {version} cannot be rebuilt: {e}") from None
-        if params_hash(params, spec) != row.param_hash:
+        if params_hash(params, self.spec) != line[0].param_hash:
             raise LineageError(f"version {version} rebuilt does not match its parameter hash")
         return params

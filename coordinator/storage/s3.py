@@ -15,12 +15,12 @@ from starlette.responses import Response, StreamingResponse
 
 from coordinator.storage.blobs import (
     CHUNK_BYTES,
-    BlobCorruptError,
     BlobNotFoundError,
     BlobTooLargeError,
     RangeNotSatisfiableError,
     byte_range,
     checked,
+    checked_file,
     download_headers,
     valid_sha,
 )
@@ -96,9 +96,7 @@ class S3BlobStore:
                 if _s3_code(e) in _S3_MISSING:
                     raise BlobNotFoundError(sha) from None
                 raise
-            if file_sha256(path) != sha:
-                raise BlobCorruptError(f"blob {sha[:12]} does not hash to its name")
-            yield path
+            yield checked_file(sha, path)
 
     def get(self, sha: str) -> bytes:
         with contextlib.closing(self._get_object(sha)["Body"]) as body:

@@ -84,20 +84,20 @@ class VersionStore:
         row = self._one("SELECT eval_loss FROM versions WHERE version = ?", version)
         return None if row is None or row["eval_loss"] is None else float(row["eval_loss"])
 
-    def checkpoint_at_most(self, version: int, steps: int) -> tuple[int, str] | None:
-        """The newest checkpoint kept on ``version``'s line at or before it: its own, else its base's, and
-        so on (between checkpoints, ``[publish] checkpoint_every``), at most ``steps`` bases back; None when
-        none is kept that near."""
+    def line(self, version: int, steps: int) -> list[StoredVersion] | None:
+        """``version``, its base, its base's base and so on, back to the newest with a checkpoint kept (the
+        last; between checkpoints, ``[publish] checkpoint_every``), at most ``steps`` bases back; None when
+        no checkpoint is kept that near."""
+        found: list[StoredVersion] = []
         at: int | None = version
-        for _ in range(steps + 1):
-            if at is None:
-                return None
-            row = self._one("SELECT checkpoint_sha, base_version FROM versions WHERE version = ?", at)
+        while at is not None and len(found) <= steps:
+            row = self.version(at)
             if row is None:
                 return None
-            if row["checkpoint_sha"] is not None:
-                return at, str(row["checkpoint_sha"])
-            at = None if row["base_version"] is None else int(row["base_version"])
+            found.append(row)
+            if row.checkpoint_sha is not None:
+                return found
+            at = row.base_version
         return None
 
     def prune_checkpoints(self, keep: int) -> list[str]:
