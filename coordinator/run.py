@@ -39,6 +39,7 @@ from coordinator.rounds.opening import RoundOpener, deadline_for
 from coordinator.rounds.queries import Queries
 from coordinator.rounds.reading import Evaluations, UploadReader
 from coordinator.rounds.scoring import Scores
+from coordinator.rounds.sharing import Sharing
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
@@ -155,6 +156,7 @@ class Run:
                     "outer_lr": settings.outer_lr(),
                     "early_rounds": settings.validation.early_rounds,
                     "early_factor": settings.validation.early_factor,
+                    "assign": settings.validation.assign,
                 }
             ),
             overlap=settings.rounds.overlap,
@@ -195,6 +197,7 @@ class Run:
         self.scores = Scores(self.store, settings.validation)
         self.downloads = Downloads()
         stop = threading.Event()
+        self.sharing = Sharing(self.store, v, clock, stop) if v.assign else None
         reader = UploadReader(blobs, hooks)
         pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks
         judge = Judge(
@@ -211,6 +214,7 @@ class Run:
             pipeline,
             stop,
             self.lineage,
+            self.sharing,
         )
         self.closer = Closer(
             self.cell,
@@ -244,6 +248,7 @@ class Run:
             Admission(settings),
             hooks,
             clock.now,
+            self.sharing,
         )
         self.direct: DirectUploads | None = None  # [blobs] direct_uploads: the payloads go to the bucket
         if settings.blobs.direct_uploads:

@@ -266,9 +266,21 @@ def simulate(
         bool | None,
         typer.Option("--overlap/--sync", help="overlapped or synchronous rounds (default: the config's)"),
     ] = None,
+    validators: Annotated[
+        int,
+        typer.Option(min=0, max=16, help="validator processes beside the miners, named to the coordinator"),
+    ] = 0,
+    assign: Annotated[
+        bool,
+        typer.Option(
+            "--assign/--no-assign",
+            help="with --validators: the coordinator shares its evaluation among them ([validation] assign)",
+        ),
+    ] = True,
     config: ConfigOpt = None,
 ) -> None:
-    """Run a coordinator and N miners as processes on 127.0.0.1; print a row per round; write a report."""
+    """Run a coordinator, N miners and any validators as processes on 127.0.0.1; print a row per round;
+    write a report."""
     from gradpool.simulate import SimulationFailed, parse_adversaries
     from gradpool.simulate import simulate as run_simulation
 
@@ -288,6 +300,8 @@ def simulate(
             overlap=overlap,
             config=config,
             echo=typer.echo,
+            validators=validators,
+            assign=assign,
         )
     except SimulationFailed as e:
         fail(str(e), 1)

@@ -1,4 +1,5 @@
-"""``gradpool simulate``: a coordinator and N miners as separate processes on 127.0.0.1."""
+"""``gradpool simulate``: a coordinator, N miners and (``validators``) validators as separate processes on
+127.0.0.1."""
 
 from __future__ import annotations
 
@@ -44,9 +45,12 @@ def simulate(
     echo: Callable[[str], None] = print,
     host: str = "127.0.0.1",
     wrap: Callable[[int], list[str]] | None = None,
+    validators: int = 0,
+    assign: bool = True,
 ) -> dict[str, Any]:
-    """``miners`` honest miners, plus ``adversaries`` (kind -> count) cheating miners. ``host``: the
-    address the coordinator listens on; ``wrap``: the command the i-th miner runs through (benchmarks
+    """``miners`` honest miners, plus ``adversaries`` (kind -> count) cheating miners, and ``validators``
+    validators, named to the coordinator, which (``assign``) shares its evaluation among them. ``host``:
+    the address the coordinator listens on; ``wrap``: the command the i-th miner runs through (benchmarks
     start each miner in a network namespace of its own)."""
     from coordinator.settings import AdmissionSettings, CoordinatorSettings
 
@@ -76,6 +80,9 @@ def simulate(
     }
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
+    checkers = {f"validator-{i}": _key(out / "keys" / f"validator-{i}.pem") for i in range(validators)}
+    if checkers:
+        overrides["validation"] = {"validators": list(checkers.values()), "assign": assign}
     settings = load_settings(CoordinatorSettings, config, overrides)
     if settings.data.corpus is not None and not settings.data.corpus.exists():  # before starting anything
         raise SimulationFailed(f"corpus path {settings.data.corpus} does not exist")
@@ -89,7 +96,7 @@ def simulate(
             raise SimulationFailed(str(e)) from None
         echo(f"coordinator at {url}; dashboard at {url}/")
         roster = _roster(miners, adversaries or {}, out / "keys")
-        threads = str(max(1, (os.cpu_count() or 1) // len(roster)))
+        threads = str(max(1, (os.cpu_count() or 1) // (len(roster) + len(checkers))))
         for i, (name, (kind, _)) in enumerate(roster.items()):
             cheat = [] if kind == "honest" else ["--adversary", kind]
             if kind == "sybil":  # one operator: its keys share one computation
@@ -98,9 +105,13 @@ def simulate(
             state = str(out / "miners" / name)
             command = ["mine", "--coordinator", url, "--key", key, "--state-dir", state, "--threads", threads]
             procs.start(name, [*command, *cheat], prefix=None if wrap is None else wrap(i))
-        status = _watch(procs, url, rounds, timeout_s, echo)
+        for name in checkers:
+            key, state = str(out / "keys" / f"{name}.pem"), str(out / "validators" / name)
+            procs.start(name, ["validate", "--coordinator", url, "--key", key, "--state-dir", state])
+        status = _watch(procs, url, rounds, timeout_s, echo, list(roster))
         _wait_scored(url, status["rounds"][-1]["round"], timeout_s=120.0)
         standings = _standings(url, roster, status)
+        standings["validators"] = _validator_records(url, checkers, settings.validation.assign)
     finally:
         procs.stop_all()
     report = _report(settings, miners, status)
@@ -110,6 +121,11 @@ def simulate(
             f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
             f"  refused {m['rounds_refused']:>3} {refusals_text(m)}"
         )
+    for v in report["validators"]:
+        echo(
+            f"{v['name']:>16} validator  assigned {v.get('assigned', 'n/a')}  agreed {v.get('agreed', 'n/a')}"
+            f"  outvoted {v.get('outvoted', 'n/a')}  missed {v.get('missed', 'n/a')}"
+        )
     (out / "report.json").write_text(json.dumps(report, indent=1))
     plot_losses(report, out / "loss.png")
     return report
@@ -117,17 +133,27 @@ def simulate(
 
 def _roster(miners: int, adversaries: dict[str, int], keys: Path) -> dict[str, tuple[str, str]]:
     """Process name -> (kind, public key); the keys are made here so the report can name every miner."""
-    from protocol.signing import generate_key, load_key, public_key_hex, save_key
-
     names = [(f"miner-{i}", "honest") for i in range(miners)]
     names += [(f"{kind}-{j}", kind) for kind, n in adversaries.items() for j in range(n)]
-    roster = {}
-    for name, kind in names:
-        path = keys / f"{name}.pem"
-        if not path.exists():
-            save_key(generate_key(), path)
-        roster[name] = (kind, public_key_hex(load_key(path)))
-    return roster
+    return {name: (kind, _key(keys / f"{name}.pem")) for name, kind in names}
+
+
+def _key(path: Path) -> str:
+    """The public key of the key file at ``path``, made first if there is none."""
+    from protocol.signing import generate_key, load_key, public_key_hex, save_key
+
+    if not path.exists():
+        save_key(generate_key(), path)
+    return public_key_hex(load_key(path))
+
+
+def _validator_records(url: str, checkers: dict[str, str], assign: bool) -> list[dict[str, Any]]:
+    """Each validator's record (``GET /v1/validators``) by name; with no shared evaluation, names only."""
+    records: dict[str, dict[str, Any]] = {}
+    if checkers and assign:
+        with httpx.Client(base_url=url, timeout=30.0) as http:
+            records = {r["validator"]: r for r in http.get("/v1/validators").json()["validators"]}
+    return [{"name": name, **records.get(key, {"validator": key})} for name, key in checkers.items()]
 
 
 def _wait_scored(url: str, round_: int, timeout_s: float) -> None:
@@ -192,14 +218,19 @@ def _toml(settings: Any, out: Path) -> Path:
 
 
 def _watch(
-    procs: Processes, url: str, rounds: int, timeout_s: float, echo: Callable[[str], None]
+    procs: Processes,
+    url: str,
+    rounds: int,
+    timeout_s: float,
+    echo: Callable[[str], None],
+    miner_names: list[str],
 ) -> dict[str, Any]:
     """A row per closed round; ``model_per_miner``: model bytes (updates, checkpoints) each miner
     downloaded, on average."""
     end = time.monotonic() + timeout_s
     names = ("round", "version", "eval_loss", "accepted", "rejected", "bytes_up", "bytes_down")
     echo(ROW.format(**{n: n for n in names}, model_per_miner="model/miner", wall_s="wall_s"))
-    miners = max(1, len(procs.procs) - 1)
+    miners = max(1, len(miner_names))
     rows: list[dict[str, Any]] = []
     with httpx.Client(base_url=url, timeout=10.0) as http:
         status: dict[str, Any] = http.get("/v1/status").json()
@@ -211,8 +242,8 @@ def _watch(
             dead = procs.dead()
             if "coordinator" in dead:
                 raise SimulationFailed(f"the coordinator died:\n{procs.tail('coordinator')}")
-            if len(dead) == len(procs.procs) - 1:
-                name = next(iter(dead))
+            if set(miner_names) <= set(dead):
+                name = miner_names[0]
                 raise SimulationFailed(f"every miner died; {name}:\n{procs.tail(name)}")
             after = rows[-1]["round"] if rows else -1
             try:

@@ -32,6 +32,7 @@ from node.trust import Trust
 from protocol.errors import HistoryError
 from protocol.history import HEADER_ANSWER_SIGNATURE, HistoryPage
 from protocol.params import file_sha256
+from protocol.sharing import RoundTasks
 from protocol.signing import sign_request
 from protocol.wire import (
     HEADER_PROTOCOL,
@@ -331,6 +332,11 @@ class CoordinatorClient:
             with _untrusted():
                 self.trust.check_uploads(record)
         return record
+
+    def tasks(self, round_: int, validator: str) -> RoundTasks:
+        """A closed round's shared evaluation, and ``validator``'s share of it."""
+        params = {"validator": validator}
+        return self._json(RoundTasks, self._send("GET", f"/v1/rounds/{round_}/tasks", params=params))
 
     def payload(self, round_: int, miner: str) -> bytes:
         """A miner's upload in a round that has closed."""

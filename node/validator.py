@@ -1,6 +1,12 @@
 """The validating daemon: per closed round, catch up to its base version, fetch the uploads that passed
 the cheap checks, evaluate each exactly as the coordinator does (protocol/evaluation.py), and post the
-signed verdicts. The coordinator shows them on its leaderboard beside its own evaluation."""
+signed verdicts. The coordinator shows them on its leaderboard beside its own evaluation.
+
+Where the coordinator shares its evaluation (``/v1/info``'s ``evaluation.assign``), a validator evaluates
+only the uploads it was assigned (``GET /v1/rounds/{round}/tasks``) and decodes the other sampled ones
+into the round's mean update, so that its verdicts are paired as the coordinator's would be
+(protocol/pairing.py); the coordinator settles each upload from its validators' verdicts
+(coordinator/rounds/sharing.py)."""
 
 from __future__ import annotations
 
@@ -29,6 +35,7 @@ from protocol.signing import public_key_hex
 from protocol.wire import RunInfo, Verdict, Verdicts
 
 log = logging.getLogger(__name__)
+TASKS_POLL_S = 0.25  # how often a validator asks for a round's tasks until they are drawn
 
 
 class Validator(Follower):
@@ -71,7 +78,10 @@ class Validator(Follower):
             try:
                 # wakes once round ``after`` has closed (in overlapped rounds the next opens before)
                 current = self.client.round(after=after, wait_s=self.settings.poll_s, closed=after)
-                if current.round <= after or self.validate_round(after) is None:
+                if current.round <= after:
+                    continue
+                if self.validate_round(after) is None:
+                    self.stop.wait(TASKS_POLL_S)  # closed, not yet drawn: the version comes first
                     continue
                 after, failures, done = after + 1, 0, done + 1
                 self._save_progress(after)
@@ -90,6 +100,15 @@ class Validator(Follower):
         """Evaluate one closed round's uploads and post the verdicts; returns them (None: the round has
         not closed yet)."""
         t0 = time.perf_counter()
+        assigned: set[str] | None = None  # None: every sampled upload
+        if self.info.evaluation.assign:
+            tasks = self.client.tasks(round_, self.pubkey)
+            if tasks.status == "waiting":
+                return None
+            if tasks.status == "settled" or not tasks.assigned:
+                log.info("round %d: nothing assigned to this validator", round_)
+                return {}
+            assigned = set(tasks.assigned)
         record = self.client.round_record(round_)
         if record.status != "closed":
             return None
@@ -98,6 +117,8 @@ class Validator(Follower):
         if not candidates:
             log.info("round %d: nothing to evaluate", round_)
             return {}
+        if assigned is not None and not assigned <= {s.miner for s in candidates}:
+            raise CodecError(f"round {round_}: assigned uploads that the round's record did not sample")
         on = record.evaluated_on()
         self.catch_up(on, self.client.version(on).param_hash)
         salt = round_salt(s.sha256 for s in record.submissions)
@@ -114,7 +135,10 @@ class Validator(Follower):
             if hashlib.sha256(data).hexdigest() != s.sha256:
                 raise CodecError(f"the upload of {s.miner[:12]} does not match the round's record of it")
             update = self.codec.decode(data, self.spec)[1]
-            evaluation.measure(s.miner, update, float(s.scale or 0.0))
+            if assigned is None or s.miner in assigned:
+                evaluation.measure(s.miner, update, float(s.scale or 0.0))
+            else:  # another validator's share: in the round's mean only
+                evaluation.include(update, float(s.scale or 0.0))
         out = evaluation.losses()
         receipt = self.client.post_verdicts(
             round_, Verdicts(verdicts=[_verdict(m, x) for m, x in out.items()])

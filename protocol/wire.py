@@ -98,6 +98,11 @@ class EvaluationConfig(Wire):
     )
     early_rounds: int = Field(default=4, ge=0, le=MAX_NUMBER, description="the first rounds, sampled more")
     early_factor: int = Field(default=2, ge=1, le=16, description="times the sequences in those rounds")
+    assign: bool = Field(
+        default=False,
+        description="each sampled upload is evaluated by the validators it is assigned to "
+        "(GET /v1/rounds/{round}/tasks); a validator evaluates its share only",
+    )
 
     def sequences(self, round_: int) -> tuple[int, int]:
         """The own and other sequences an upload of ``round_`` is evaluated on: ``early_factor`` times as

@@ -18,7 +18,7 @@ from typing import Annotated
 from fastapi import APIRouter, Depends, FastAPI, Path, Query, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST
 
-from coordinator.api import dashboard, downloads, uploads
+from coordinator.api import dashboard, downloads, uploads, validators
 from coordinator.api.deps import (
     InfoDep,
     IntakeDep,
@@ -265,5 +265,6 @@ def create_app(
     app.include_router(router)
     app.include_router(downloads.router)
     app.include_router(uploads.router)
+    app.include_router(validators.router)
     app.include_router(dashboard.router)
     return app

@@ -31,7 +31,8 @@ from coordinator.metrics import Metrics
 from coordinator.publishing.history import History
 from coordinator.publishing.model import Model
 from coordinator.publishing.publisher import Guarded, Publisher
-from coordinator.rounds.judging import Judge, Judgement, Later
+from coordinator.rounds.judgement import Judgement, Later
+from coordinator.rounds.judging import Judge
 from coordinator.rounds.modes import RoundMode
 from coordinator.rounds.opening import RoundOpener
 from coordinator.rounds.reading import UploadReader

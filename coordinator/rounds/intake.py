@@ -18,6 +18,7 @@ from coordinator.hooks import Hooks
 from coordinator.metrics import Metrics
 from coordinator.rounds.admission import Admission
 from coordinator.rounds.scoring import Scores
+from coordinator.rounds.sharing import Sharing
 from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
@@ -59,11 +60,12 @@ class Intake:
         admission: Admission,
         hooks: Hooks,
         clock: Callable[[], float],
+        sharing: Sharing | None = None,
     ) -> None:
         self.cell, self.store, self.blobs, self.codec, self.spec = cell, store, blobs, codec, spec
         self.scores, self.metrics, self.hooks, self.clock = scores, metrics, hooks, clock
         self.window_s = settings.signature_window_s
-        self.admission = admission
+        self.admission, self.sharing = admission, sharing
         self.validators = None if settings.validators is None else {k.lower() for k in settings.validators}
         self._miners: set[str] = set()  # keys known to be registered, which spares the store a read
 
@@ -138,7 +140,11 @@ class Intake:
             raise NotFound("not_found", f"round {round_} does not exist")
         if round_ == state.round or (state.behind is not None and round_ == state.behind.round):
             raise Conflict("round_open", f"round {round_} has not closed; evaluate closed rounds")
+        if self.sharing is not None:  # only what it was assigned, while the round takes verdicts
+            verdicts = self.sharing.taken(round_, validator, verdicts)
         n = self.scores.record_verdicts(round_, validator, verdicts, self.clock())
+        if self.sharing is not None:
+            self.sharing.arrived.set()
         log.info("round %d: %d verdicts from validator %s", round_, n, validator[:12])
         return n
 

@@ -31,7 +31,6 @@ import statistics
 import threading
 import time
 from collections.abc import Callable, Sequence
-from dataclasses import dataclass, field
 
 import torch
 
@@ -45,8 +44,10 @@ from coordinator.rounds.checks import (
     run_cheap_checks,
     run_checks,
 )
+from coordinator.rounds.judgement import Judgement, Later
 from coordinator.rounds.reading import Evaluations, UploadReader
 from coordinator.rounds.scoring import Scores
+from coordinator.rounds.sharing import Sharing
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
@@ -67,40 +68,6 @@ MIN_WEIGHT_SCORE = 0.05  # weight_by_score: the least score an accepted upload i
 _Tier = Callable[[Upload], int]
 
 
-@dataclass
-class Later:
-    """Overlapped rounds: the part of a round's evaluation left for after its version is published."""
-
-    round: int
-    evaluation: RoundEvaluation
-    uploads: list[Upload]  # to measure then
-    scales: dict[str, float]
-    history: History
-    probation: frozenset[str] = frozenset()  # left out of the version, evaluated all the same
-
-
-@dataclass
-class Judgement:
-    """What judging found of a round's uploads. Only judging writes it; what building the version leaves
-    out is the publisher's answer, kept apart."""
-
-    refused: dict[str, str]  # miner -> reason
-    scales: dict[str, float]  # each clip scale to the reference norm
-    losses: dict[str, Losses]  # the evaluation (or the gate) of the uploads it reached
-    evaluated: set[str]  # the sampled uploads (validators evaluate exactly these)
-    reference_norm: float | None
-    weights: dict[str, float] = field(default_factory=dict)  # weight_by_score: mean 1; none: all 1
-    later: Later | None = None  # overlapped rounds: the evaluation after the version
-
-    def accepted(self, uploads: Sequence[Upload]) -> list[tuple[Upload, float]]:
-        """The uploads judging left, each with its scale in the aggregate (clip times weight)."""
-        return [
-            (u, self.scales[u.miner] * self.weights.get(u.miner, 1.0))
-            for u in uploads
-            if u.miner not in self.refused
-        ]
-
-
 class Judge:
     def __init__(
         self,
@@ -117,16 +84,20 @@ class Judge:
         pipeline: Sequence[Check],
         stop: threading.Event,
         lineage: Lineage,
+        sharing: Sharing | None = None,
     ) -> None:
         self.store, self.blobs, self.reader, self.codec, self.spec = store, blobs, reader, codec, spec
         self.evaluations, self.scores, self.metrics = evaluations, scores, metrics
         self.checks, self.validation, self.pipeline, self.stop = checks, validation, pipeline, stop
-        self.lineage = lineage
+        self.lineage, self.sharing = lineage, sharing
 
     # -- the two judgements -------------------------------------------------------------------------------
     def before_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
         """Synchronous rounds: every sampled upload evaluated in full at the scale the version will apply,
-        then the evaluated checks and the weights with this round's results."""
+        then the evaluated checks and the weights with this round's results. An evaluation shared among
+        validators comes after the version: such a round is judged around it."""
+        if self.sharing is not None:
+            return self.around_version(round_, uploads, salt)
         j = RoundChecks(round_, uploads, self.history(round_))
         _, scales = run_cheap_checks(self.pipeline, j, self.checks.max_norm_ratio)
         if not (self.validation.builtin and j.remaining()):
@@ -152,7 +123,7 @@ class Judge:
         on their standing; every sampled upload evaluated in full after the version (``Judgement.later``)."""
         j = RoundChecks(round_, uploads, self.history(round_))
         _, scales = run_cheap_checks(self.pipeline, j, self.checks.max_norm_ratio)
-        if not (self.validation.builtin and j.remaining()):
+        if not ((self.validation.builtin or self.sharing) and j.remaining()):
             return Judgement(j.refused, scales, {}, set(), j.reclip(scales))
         probation, first, later = self.tiers(round_, j, salt)
         sample = first + later + probation
@@ -165,7 +136,7 @@ class Judge:
         ref = j.reclip(scales)  # verdicts come after, measured at the scale the version applies
         judgement = Judgement(j.refused, scales, j.losses, {u.miner for u in sample}, ref)
         judgement.later = Later(
-            round_, evaluation, sample, scales, j.history, frozenset(u.miner for u in probation)
+            round_, evaluation, sample, scales, j.history, frozenset(u.miner for u in probation), salt
         )
         judgement.weights = self.weights(round_, judgement, uploads, this_round=False)
         return judgement
@@ -174,12 +145,19 @@ class Judge:
         """Overlapped rounds, once the version is published: measure every sampled upload, pair them, and
         flag the accepted uploads (and those on probation) that the round's whole evaluation refuses for
         sure (a gain ``FLAG_SURE`` standard errors below the bar: a flag is ``FLAG_ROUNDS`` of probation),
-        unless that is most of the version's evaluated uploads. Returns (verdicts, flags)."""
+        unless that is most of the version's evaluated uploads. With ``assign``, the validators evaluate
+        them (rounds/sharing.py). Returns (verdicts, flags)."""
         later.evaluation.evaluator.reset()  # building the version used the model
         refused: dict[str, str] = {}
-        self.measure(later.evaluation, later.round, later.uploads, later.scales, refused)
-        losses = later.evaluation.losses()
-        gain_se = {m: later.evaluation.gain_se(m) for m in losses}
+        if self.sharing is None:
+            losses, gain_se = self._evaluate(later, {u.miner for u in later.uploads}, refused)
+        else:
+            losses, gain_se = self.sharing.settle(
+                later.round,
+                later.salt,
+                later.uploads,
+                lambda miners: self._evaluate(later, miners, refused),
+            )
         j = RoundChecks(later.round, [], later.history, losses=losses, sure=FLAG_SURE, gain_se=gain_se)
         run_checks([c for c in self.pipeline if c.phase == "evaluated"], "evaluated", j)
         flags = {m: code for m, code in (refused | j.refused).items() if m in accepted | later.probation}
@@ -216,7 +194,25 @@ class Judge:
         salt = round_salt(u.sha256 for u in recorded)
         scales = {u.miner: u.scale for u in recorded if u.scale is not None}
         evaluation = self.evaluations.of(round_, salt, uploads, base)
-        return Later(round_, evaluation, uploads, scales, self.history(round_))
+        return Later(round_, evaluation, uploads, scales, self.history(round_), salt=salt)
+
+    def _evaluate(
+        self, later: Later, miners: set[str], refused: dict[str, str]
+    ) -> tuple[dict[str, Losses], dict[str, float]]:
+        """``miners``' uploads of the sample measured here, the rest decoded into the round's mean update
+        (another evaluator's share), paired: their losses and gains' standard errors."""
+        measured = [u for u in later.uploads if u.miner in miners]
+        self.measure(later.evaluation, later.round, measured, later.scales, refused)
+        for u in later.uploads:
+            if u.miner not in miners:
+                try:
+                    update = self.codec.decode(self.reader.payload(later.round, u), self.spec)[1]
+                except Exception as e:  # left out of the mean; its own verdict settles it
+                    log.warning("round %d: reading %s's upload failed (%s)", later.round, u.miner[:12], e)
+                    continue
+                later.evaluation.include(update, later.scales[u.miner])
+        losses = later.evaluation.losses()
+        return losses, {m: later.evaluation.gain_se(m) for m in losses}
 
     # -- when the version fails the guard -----------------------------------------------------------------
     def most_suspect_first(self, judgement: Judgement, uploads: Sequence[Upload]) -> list[Upload]:
@@ -333,6 +329,7 @@ class Judge:
             or (s.flag and s.round >= round_ - FLAG_ROUNDS)
         }
         suspect |= {f.miner for f in store.intake_refusals(since, round_ - 1)}
+        again = set() if self.sharing is None else store.unscored_tasks(round_ - 1)  # sampled, no verdict
         record = {e.miner: e.verdicts for e in self.scores.board(store.last_closed_round())}
         outliers = j.norm_suspects(self.checks.max_norm_ratio)
 
@@ -341,7 +338,7 @@ class Judge:
                 return 1
             if u.miner in suspect:
                 return 0
-            return 1 if record.get(u.miner, 0) < v.min_record else 2
+            return 1 if record.get(u.miner, 0) < v.min_record or u.miner in again else 2
 
         def priority(u: Upload) -> tuple[int, bytes]:
             return tier(u), hashlib.sha256(f"{salt}:evaluate:{u.miner}".encode()).digest()

@@ -16,7 +16,8 @@ from __future__ import annotations
 
 from typing import Protocol
 
-from coordinator.rounds.judging import Judge, Judgement
+from coordinator.rounds.judgement import Judgement
+from coordinator.rounds.judging import Judge
 from coordinator.rounds.opening import RoundOpener
 from coordinator.rounds.state import RoundState
 from coordinator.storage.records import Upload

@@ -4,11 +4,11 @@ validators post (the rules are in protocol/evaluation.py), and the miners' recor
 from __future__ import annotations
 
 import logging
-import statistics
 import threading
 from collections import defaultdict
 from collections.abc import Sequence
 
+from coordinator.rounds.sharing import median
 from coordinator.settings import ValidationSettings
 from coordinator.storage.base import Store
 from coordinator.storage.records import NEUTRAL
@@ -87,7 +87,9 @@ def leaderboard(
     evaluated: dict[int, dict[str, RoundResult]] = {}
     for r in set(own) | set(theirs):
         losses = (
-            own[r] if settings.builtin and own.get(r) else {m: _median(xs) for m, xs in theirs[r].items()}
+            own[r]
+            if (settings.builtin or settings.assign) and own.get(r)
+            else {m: median(xs) for m, xs in theirs[r].items()}
         )
         evaluated[r] = round_results(r, losses, accepted[r])
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
@@ -146,8 +148,3 @@ def leaderboard(
             )
         )
     return sorted(entries, key=lambda e: (-e.score, e.miner))
-
-
-def _median(rows: Sequence[Losses]) -> Losses:
-    """The median over validators of each loss."""
-    return Losses(*(statistics.median(getattr(x, f) for x in rows) for f in LOSS_FIELDS))

@@ -88,7 +88,11 @@ class ValidationSettings(Section):
     """Scoring every upload by what it does to the loss (protocol/evaluation.py), and what aggregation
     does with the scores."""
 
-    builtin: bool = Field(default=True, description="evaluate every upload here when its round closes")
+    builtin: bool = Field(
+        default=True,
+        description="evaluate every sampled upload here when its round closes (with `assign`: those the "
+        "validators leave unscored by the deadline)",
+    )
     own_sequences: int = Field(default=48, ge=2, le=1024, description="sample of the miner's assignment")
     other_sequences: int = Field(default=48, ge=2, le=1024, description="sample of data it was not given")
     early_rounds: int = Field(default=4, ge=0, le=1000, description="the run's first rounds, sampled more")
@@ -134,6 +138,36 @@ class ValidationSettings(Section):
         description="overlapped rounds: own sequences an upload judged before the version is judged on (the "
         "first of its own sample); the whole evaluation follows the version",
     )
+    assign: bool = Field(
+        default=False,
+        description="share the evaluation among the validators named in `validators`: each sampled "
+        "upload evaluated by `redundancy` of them, drawn with the round's salt, after its version "
+        "(coordinator/rounds/sharing.py)",
+    )
+    redundancy: int = Field(default=2, ge=1, le=16, description="assign: validators per sampled upload")
+    verdict_deadline_s: float = Field(
+        default=120.0,
+        gt=0,
+        le=86_400,
+        description="assign: seconds the validators have, from the assignment, before the coordinator "
+        "settles the round with what came (and evaluates the rest itself where `builtin`)",
+    )
+    tolerance: float = Field(
+        default=0.01,
+        gt=0,
+        le=10,
+        description="assign: nats by which two verdicts on one upload may differ in any loss and still "
+        "agree; beyond, the coordinator's own evaluation decides and the validators it outvotes are recorded",
+    )
+
+    @model_validator(mode="after")
+    def _assign_needs_validators(self) -> ValidationSettings:
+        if self.assign and not self.validators:
+            raise ValueError(
+                "[validation] assign needs `validators`, the public keys of the validators it may assign "
+                "uploads to: keys are free, so an open list would let new keys decide the verdicts"
+            )
+        return self
 
 
 class DataSettings(Section):

@@ -4,6 +4,7 @@ store (``storage/store.py``, on SQLite or PostgreSQL) is the one there is; every
 
 from __future__ import annotations
 
+from collections.abc import Mapping
 from typing import Protocol
 
 from coordinator.storage.lease import LeaseHolder
@@ -13,9 +14,11 @@ from coordinator.storage.records import (
     RoundClose,
     ScoreInputs,
     StoredRound,
+    StoredTask,
     StoredVerdict,
     StoredVersion,
     SubmissionOutcome,
+    TaskTally,
     Upload,
     UploadPrint,
 )
@@ -40,6 +43,11 @@ class Store(Protocol):
 
     def add_submission(self, s: NewSubmission) -> None:
         """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
+        ...
+
+    def add_tasks(self, round_: int, assigned: Mapping[str, list[str]], deadline: float) -> None:
+        """A round's draw: each sampled upload's validators (miner -> validators), open until ``deadline``;
+        a round drawn before keeps its draw."""
         ...
 
     def add_verdicts(self, round_: int, validator: str, verdicts: dict[str, Losses], now: float) -> None: ...
@@ -157,8 +165,14 @@ class Store(Protocol):
 
     def round(self, round_: int) -> StoredRound | None: ...
 
+    def round_tasks(self, round_: int) -> list[StoredTask]: ...
+
     def round_uploads(self, round_: int) -> list[Upload]:
         """A round's uploads in the order they arrived."""
+        ...
+
+    def settle_tasks(self, round_: int, outcomes: Mapping[tuple[str, str], str]) -> None:
+        """Each task's outcome, by (miner, validator)."""
         ...
 
     def set_meta(self, key: str, value: str) -> None: ...
@@ -182,6 +196,10 @@ class Store(Protocol):
 
     def submissions_between(self, since: int, through: int) -> list[SubmissionOutcome]: ...
 
+    def task_tallies(self, since: int) -> list[TaskTally]:
+        """Per validator and outcome, the settled tasks of the rounds after ``since``."""
+        ...
+
     def unclosed_rounds(self) -> list[StoredRound]:
         """The open round, after the one still being closed when rounds overlap."""
         ...
@@ -189,6 +207,10 @@ class Store(Protocol):
     def unscored_rounds(self) -> list[tuple[int, int]]:
         """Closed rounds whose evaluation was to go on after their version and did not end, as (round, the
         version their uploads were applied to)."""
+        ...
+
+    def unscored_tasks(self, round_: int) -> set[str]:
+        """The miners whose upload in ``round_`` was assigned and settled with no verdict."""
         ...
 
     def upload(self, round_: int, miner: str) -> Upload | None: ...

@@ -234,6 +234,26 @@ class StoredVerdict:
 
 
 @dataclass(frozen=True)
+class StoredTask:
+    """A sampled upload assigned to a validator; ``outcome`` None until the round is settled
+    (coordinator/rounds/sharing.py names the outcomes)."""
+
+    round: int
+    miner: str
+    validator: str
+    deadline: float
+    outcome: str | None
+
+
+@dataclass(frozen=True)
+class TaskTally:
+    validator: str
+    outcome: str
+    count: int
+    last: int
+
+
+@dataclass(frozen=True)
 class Tally:
     """How many of a miner's uploads had one outcome (``accepted``, a refusal's code, or a flag), and the
     last round of them."""

@@ -34,6 +34,7 @@ from coordinator.storage.rows import from_row
 from coordinator.storage.schema import prepare
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
 from coordinator.storage.sql import Tx, make_engine, redacted, store_url
+from coordinator.storage.tasks import TaskStore
 from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
 from protocol.history import SignedRecord
 
@@ -42,7 +43,7 @@ class StoreUnavailable(ConnectionError):
     """The store's database cannot be reached or opened (an OSError: the command line says it in a line)."""
 
 
-class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore):
+class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
     ``coordinator/storage/versions.py``)."""

@@ -1,5 +1,6 @@
 """The dashboard in a real browser (Debian's chromium driven by Playwright), and the monitoring stack's metric
-names, against one real network: a coordinator process and two miner processes on 127.0.0.1."""
+names, against one real network: a coordinator process, two miner processes and a validator process on
+127.0.0.1, the coordinator sharing its evaluation with the validator ([validation] assign)."""
 
 from __future__ import annotations
 
@@ -17,6 +18,7 @@ import pytest
 import yaml
 
 from gradpool.processes import Processes
+from protocol.signing import generate_key, public_key_hex, save_key
 from tests.helpers.required import required
 from tests.helpers.waiting import wait_until
 
@@ -42,8 +44,8 @@ def _free_port() -> int:
 
 
 class Network:
-    def __init__(self, url: str, miner_metrics: str, procs: Processes) -> None:
-        self.url, self.miner_metrics, self.procs = url, miner_metrics, procs
+    def __init__(self, url: str, miner_metrics: str, procs: Processes, validator: str) -> None:
+        self.url, self.miner_metrics, self.procs, self.validator = url, miner_metrics, procs, validator
 
     def status(self) -> dict[str, Any]:
         status: dict[str, Any] = httpx.get(f"{self.url}/v1/status", timeout=10).json()
@@ -61,6 +63,9 @@ class Network:
 @pytest.fixture(scope="module")
 def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iterator[Network]:
     root = tmp_path_factory.mktemp("dashboard")
+    key = generate_key()
+    save_key(key, root / "v.pem")
+    validator = public_key_hex(key)
     procs = Processes(root / "logs", env={"GRADPOOL_STARTUP_TIMEOUT_S": "60"})
     env = {
         "GRADPOOL_ROUNDS__MIN_QUORUM": "2",
@@ -71,6 +76,8 @@ def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iter
         "GRADPOOL_RECIPE__BATCH_SIZE": "4",
         "GRADPOOL_VALIDATION__OWN_SEQUENCES": "16",
         "GRADPOOL_VALIDATION__OTHER_SEQUENCES": "32",
+        "GRADPOOL_VALIDATION__ASSIGN": "true",
+        "GRADPOOL_VALIDATION__VALIDATORS": json.dumps([validator]),
     }
     args = ["--state-dir", str(root / "coordinator"), "--corpus", str(corpus_file), "--port", "0"]
     try:
@@ -94,7 +101,10 @@ def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iter
                     *extra,
                 ],
             )
-        yield Network(url, f"http://127.0.0.1:{port}/metrics", procs)
+        state = str(root / "validator")
+        validate = ["validate", "--coordinator", url, "--key", str(root / "v.pem"), "--threads", "1"]
+        procs.start("validator", [*validate, "--state-dir", state])
+        yield Network(url, f"http://127.0.0.1:{port}/metrics", procs, validator)
     finally:
         procs.stop_all()
 
@@ -140,6 +150,12 @@ def test_the_dashboard_shows_the_network_live(network: Network, browser_page: An
     assert page.locator("#health-chart circle.pt").count() >= 4
     assert re.fullmatch(r"\d+ / \d+", page.text_content("#round-uploads") or "")
     assert "tiny" in (page.text_content("#config") or "")
+    # the validator's record: the uploads it was assigned, its verdicts standing
+    page.wait_for_function("() => document.querySelectorAll('#validators tr code').length === 1")
+    assert page.get_attribute("#validators tr code", "title") == network.validator
+    page.wait_for_function(
+        "() => Number(document.querySelector('#validators tr td:nth-child(3)').textContent) > 0"
+    )
     # Nothing overflows a phone-width screen but the tables, which scroll in their own box.
     assert page.evaluate("document.documentElement.scrollWidth") <= 390
     ARTEFACTS.mkdir(parents=True, exist_ok=True)

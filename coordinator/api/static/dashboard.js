@@ -168,6 +168,23 @@ function drawLeaderboard(s) {
   }));
 }
 
+// an evaluation shared among validators: each one's record (GET /v1/validators)
+async function drawValidators(s) {
+  $("validators-section").hidden = !s.run.evaluation.assign;
+  if (!s.run.evaluation.assign) return;
+  const response = await fetch("/v1/validators", { cache: "no-store" });
+  if (!response.ok) throw new Error(`HTTP ${response.status}`);
+  const records = (await response.json()).validators;
+  if (records.length === 0) return;
+  $("validators").replaceChildren(...records.map((v) => {
+    const tr = row([el("code", { title: v.validator }, v.validator.slice(0, 12)), v.assigned, v.agreed,
+      v.outvoted, v.missed, v.last_round ?? "–", v.benched ? "no: benched" : "yes"]);
+    if (v.outvoted) tr.cells[3].classList.add("bad");
+    if (v.missed) tr.cells[4].classList.add("bad");
+    return tr;
+  }));
+}
+
 function drawConfig(s) {
   const run = s.run, a = run.architecture, c = run.codec, rec = run.recipe;
   const items = [
@@ -195,6 +212,7 @@ async function poll() {
     drawRounds(s);
     drawLeaderboard(s);
     drawConfig(s);
+    await drawValidators(s);
     $("connection").textContent = `live · updated ${new Date().toLocaleTimeString()}`;
     $("connection").classList.remove("bad");
   } catch (e) {

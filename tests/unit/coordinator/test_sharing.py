@@ -1,0 +1,174 @@
+"""An evaluation shared among validators (``[validation] assign``): real validators (node/validator.py,
+in threads, through the coordinator's API) evaluate only the uploads each was assigned; one that lies is
+outvoted by the coordinator's own evaluation and its record shows it; one that never answers misses its
+tasks, the coordinator evaluates what it left, the round is scored all the same, and both are benched."""
+
+from __future__ import annotations
+
+import contextlib
+import sqlite3
+import threading
+from collections.abc import Callable
+from pathlib import Path
+from typing import Any
+
+import pytest
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+from pydantic import ValidationError
+
+from coordinator.rounds.sharing import BENCH_AFTER
+from coordinator.settings import CoordinatorSettings
+from node.settings import ValidatorSettings
+from node.validator import Validator
+from protocol.evaluation import LOSS_FIELDS
+from protocol.signing import public_key_hex
+from protocol.wire import Verdict, Verdicts
+from tests.helpers.pool import (
+    EVAL,
+    RECIPE,
+    OpenPool,
+    Pool,
+    assert_error,
+    encode,
+    fixed_miner,
+    node_client,
+    trained_delta,
+)
+
+LIE = 0.5  # nats the liar takes off each loss after an update: a gain far beyond the tolerance
+
+
+def key(i: int) -> Ed25519PrivateKey:
+    return Ed25519PrivateKey.from_private_bytes(bytes([100 + i]) * 32)
+
+
+HONEST, LIAR, DEAD = (key(i) for i in range(3))
+VALIDATORS = [public_key_hex(k) for k in (HONEST, LIAR, DEAD)]
+SHARED = {**EVAL, "assign": True, "validators": VALIDATORS, "redundancy": 2, "verdict_deadline_s": 6.0}
+
+
+class Lying:
+    """A validator's client that posts better losses after each update than it measured, and a verdict on
+    an upload it was not assigned."""
+
+    def __init__(self, client: Any, unassigned: Callable[[], str | None]) -> None:
+        self.client, self.unassigned = client, unassigned
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self.client, name)
+
+    def post_verdicts(self, round_: int, verdicts: Verdicts) -> Any:
+        lies = [v.model_copy(update={"own_after": v.own_after - LIE}) for v in verdicts.verdicts]
+        other = self.unassigned()
+        if other is not None:
+            lies.append(Verdict.model_validate({**lies[0].model_dump(), "miner": other}))
+        receipt = self.client.post_verdicts(round_, Verdicts(verdicts=lies))
+        assert receipt.recorded == len(verdicts.verdicts)  # the unassigned one is ignored
+        return receipt
+
+
+def validator(pool: Pool, k: Ed25519PrivateKey, tmp: Path) -> Validator:
+    client = node_client(pool, k)
+    settings = ValidatorSettings(state_dir=tmp, device="cpu", coordinator="http://testserver")
+    return Validator(settings, client, client.info(), threading.Event())
+
+
+def evaluate(v: Validator, round_: int, out: dict[str, Any]) -> None:
+    try:
+        while (got := v.validate_round(round_)) is None:
+            v.stop.wait(0.1)
+        out[v.pubkey] = got
+    except Exception as e:  # reported by the test's thread
+        out[v.pubkey] = e
+
+
+def rows(pool: Pool, sql: str, *args: Any) -> list[tuple[Any, ...]]:
+    uri = f"file:{pool.settings.state_dir / 'state.db'}?mode=ro"
+    with contextlib.closing(sqlite3.connect(uri, uri=True)) as db:
+        return db.execute(sql, args).fetchall()
+
+
+def test_validators_share_the_evaluation(open_pool: OpenPool, tmp_path: Path) -> None:
+    with open_pool(recipe=RECIPE, validation=SHARED, rounds={"min_quorum": 3}) as pool:
+        assert pool.client.get("/v1/info").json()["evaluation"]["assign"] is True
+        assert_error(pool.client.get("/v1/rounds/7/tasks"), 404, "not_found")
+        assert_error(
+            pool.client.get("/v1/rounds/0/tasks", params={"validator": "xyz"}), 422, "invalid_request"
+        )
+        miners = [fixed_miner(pool, i) for i in range(3)]
+        for m in miners:
+            assert m.upload(0, encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]).status_code == 200
+        honest = validator(pool, HONEST, tmp_path / "honest")
+        liar = validator(pool, LIAR, tmp_path / "liar")
+        shares: dict[str, set[str]] = {}
+
+        def unassigned() -> str | None:
+            return next((m.pubkey for m in miners if m.pubkey not in shares.get(liar.pubkey, set())), None)
+
+        liar.client = Lying(liar.client, unassigned)
+        pool.wait_for_round(0)
+        drawn = pool.client.get("/v1/rounds/0/tasks").json()
+        for v in (honest, liar):
+            shares[v.pubkey] = set(
+                pool.client.get("/v1/rounds/0/tasks", params={"validator": v.pubkey}).json()["assigned"]
+            )
+        out: dict[str, Any] = {}
+        threads = [threading.Thread(target=evaluate, args=(v, 0, out)) for v in (honest, liar)]
+        for t in threads:
+            t.start()
+        by_miner = pool.wait_scored(0, timeout_s=60)
+        for t in threads:
+            t.join(timeout=60)
+        records = {r["validator"]: r for r in pool.client.get("/v1/validators").json()["validators"]}
+        assert pool.client.get("/v1/rounds/0/tasks").json()["status"] == "settled"
+
+    # the draw: every sampled upload to two of the three validators; each validator evaluated its share only
+    assert drawn["status"] == "assigned" and len(drawn["uploads"]) == 3, drawn
+    assert all(
+        len(t["validators"]) == 2 and set(t["validators"]) <= set(VALIDATORS) for t in drawn["uploads"]
+    )
+    for v in (honest, liar):
+        assert not isinstance(out[v.pubkey], Exception), out[v.pubkey]
+        assert set(out[v.pubkey]) == shares[v.pubkey], v.pubkey[:12]
+    assert sum(len(s) for s in shares.values()) < 6  # the dead one had a share too: nobody evaluated all
+    posted = {(m, who) for _, m, who in rows(pool, "SELECT round, miner, validator FROM verdicts")}
+    assert {m for m, who in posted if who == liar.pubkey} == shares[liar.pubkey]  # unassigned: ignored
+
+    # the round is scored: every sampled upload has the coordinator's settled verdict, the honest one's
+    # where the honest validator evaluated it, never the liar's
+    settled = {
+        m: dict(zip(LOSS_FIELDS, v, strict=True))
+        for m, who, *v in rows(pool, f"SELECT miner, validator, {', '.join(LOSS_FIELDS)} FROM verdicts")
+        if who == "coordinator"
+    }
+    assert set(settled) == {m.pubkey for m in miners} and all(s["evaluated"] for s in by_miner.values())
+    for m in shares[honest.pubkey]:
+        assert settled[m]["own_after"] == pytest.approx(out[honest.pubkey][m].own_after, abs=1e-4)
+    for m in shares[liar.pubkey]:
+        assert settled[m]["own_after"] > out[liar.pubkey][m].own_after - LIE + LIE / 2
+
+    # the records: the liar outvoted on each of its share, the dead one missing each of its, the honest
+    # one agreeing; the liar and the dead one benched from the next draw
+    tasks_of = {(m, who): o for m, who, o in rows(pool, "SELECT miner, validator, outcome FROM tasks")}
+    dead = public_key_hex(DEAD)
+    assert {o for (m, who), o in tasks_of.items() if who == liar.pubkey} == {"outvoted"}
+    assert {o for (m, who), o in tasks_of.items() if who == dead} == {"missed"}
+    assert {o for (m, who), o in tasks_of.items() if who == honest.pubkey} == {"agreed"}
+    assert records[liar.pubkey]["outvoted"] == len(shares[liar.pubkey])
+    assert records[dead]["missed"] == 6 - sum(len(s) for s in shares.values())
+    for who in (liar.pubkey, dead):
+        assert records[who]["benched"] == (records[who]["outvoted"] + records[who]["missed"] >= BENCH_AFTER)
+    assert (
+        records[honest.pubkey]["agreed"] == len(shares[honest.pubkey])
+        and not records[honest.pubkey]["benched"]
+    )
+
+
+def test_sharing_needs_named_validators_and_is_off_by_default(
+    open_pool: OpenPool, make_settings: Callable[..., CoordinatorSettings]
+) -> None:
+    with pytest.raises(ValidationError, match="assign needs `validators`"):
+        make_settings(validation={"assign": True})
+    with open_pool() as pool:
+        assert_error(pool.client.get("/v1/rounds/0/tasks"), 404, "not_shared")
+        assert_error(pool.client.get("/v1/validators"), 404, "not_shared")
