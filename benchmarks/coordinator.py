@@ -28,7 +28,6 @@ import argparse
 import asyncio
 import contextlib
 import json
-import os
 import ssl
 import tempfile
 import time
@@ -41,7 +40,7 @@ import httpx
 from benchmarks.aggregation import SETS, aggregation, log, percentile, random_payload, tensor_set
 from benchmarks.close import LOAD_TEST, close_rows, write_corpus
 from benchmarks.cluster_ingest import cluster_ingest
-from gradpool.processes import Child, Processes
+from gradpool.processes import Child, Processes, cpu_seconds
 from protocol.codec import SparseLoCoCodec
 from protocol.signing import generate_key, sign_request
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION
@@ -93,12 +92,6 @@ async def post(
         return time.perf_counter() - t0, f"{type(e).__name__}: {e}"
     seconds = time.perf_counter() - t0
     return seconds, None if r.status_code == 200 else f"{r.status_code}: {r.text[:200]}"
-
-
-def cpu_seconds(pid: int) -> float:
-    """User plus system CPU time of a process so far."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
 
 
 async def register_and_upload(url: str, payloads: list[bytes], coordinator_pid: int) -> dict[str, Any]:

@@ -23,7 +23,8 @@ Projected, for ``gpt2-124m`` and ``llama-1b`` with 16, 64 and 256 miners and 0, 
 H100 per role (the assumptions are in the output's ``assumptions``): the time until a round's version is
 out (``version_out_s``: aggregation of every upload, the version's publication, its held-out loss and its
 checkpoint), the time until every sampled upload is scored (``scored_s``: the evaluation of the round's
-sample, spread over the validators, two per upload, when there are validators), and a miner's inner loop
+sample, spread over the validators, two per upload, when there are validators: ``[validation] assign``;
+``scored_s_builtin`` without it), and a miner's inner loop
 on the same GPU (``miner_inner_s``) with the recipe of the model's example config. Forward and training
 times on the GPU follow from FLOP counts at an assumed utilisation; the CPU work (aggregation, publishing,
 checkpoints) is taken as measured here, on this machine's cores, which a coordinator's host outnumbers.
@@ -272,10 +273,10 @@ def project(measured: dict[str, dict[str, Any]]) -> list[dict[str, Any]]:
                         "miners": miners,
                         "validators": validators,
                         "version_out_s": round(version_out, 3) if version_out is not None else None,
-                        "scored_s": round(evaluation_passes(sample, OWN, OTHER) * forward_s, 3),
-                        "scored_s_if_shared": round(
+                        "scored_s": round(
                             evaluation_passes(shared, OWN, OTHER, sample >= MIN_PAIRED) * forward_s, 3
                         ),
+                        "scored_s_builtin": round(evaluation_passes(sample, OWN, OTHER) * forward_s, 3),
                         "miner_inner_s": round(inner_s, 3),
                         "cpu_work": basis,
                     }
@@ -292,9 +293,11 @@ ASSUMPTIONS = {
     f"{OWN} own and {OTHER} other sequences each: own before and after, other after (the other samples' "
     "losses before shared by the round), the paired pass of the mean update over every sampled sequence; "
     "the version's held-out loss: 64 passes (benchmarks.cost_check checks this model on a real network)",
-    "scored_s": "today: every validator evaluates every sampled upload (validators add redundancy, not "
-    "capacity), and so does the coordinator with [validation] builtin",
-    "scored_s_if_shared": f"if each sampled upload were assigned to {REDUNDANCY} validators (not built yet)",
+    "scored_s": f"with validators, [validation] assign: each sampled upload evaluated by {REDUNDANCY} of "
+    "them (a validator's share of the forward passes; it decodes the others into the round's mean, no "
+    "forward pass); without, the coordinator evaluates the whole sample",
+    "scored_s_builtin": "[validation] assign off: every evaluator (the coordinator, each validator) "
+    "evaluates every sampled upload: validators add redundancy, not capacity",
     "cpu_work": "aggregation, publishing and two model-sized writes (the checkpoint and the coordinator's "
     "state) as measured on this machine, on the CPU in fp32 (the canonical state); a coordinator host has "
     "more cores",

@@ -5,7 +5,8 @@
     ├── Unauthorized (401)     missing_signature, bad_signature, expired_timestamp, replayed_nonce,
     │                          bad_admin_token
     ├── Forbidden (403)        unknown_miner, not_allowed, held_out, admin_disabled
-    ├── NotFound (404)         not_found, upload_missing (a direct upload committed before its bytes)
+    ├── NotFound (404)         not_found, upload_missing (a direct upload committed before its bytes),
+    │                          not_shared ([validation] assign is off: no tasks, no validator records)
     ├── RequestTimeout (408)   body_timeout: no part of the body arrived for read_timeout_s
     ├── Conflict (409)         round_closed, round_not_open, stale_version, already_submitted,
     │                          nothing_to_aggregate, round_open, direct_uploads_off

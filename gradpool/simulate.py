@@ -15,7 +15,7 @@ import tomli_w
 
 from gradpool.config import ConfigError, load_settings
 from gradpool.console import refusals_text
-from gradpool.processes import Processes, ProcessFailed
+from gradpool.processes import Processes, ProcessFailed, cpu_seconds
 
 ROW = (
     "{round:>5} {version:>7} {eval_loss:>10} {accepted:>8} {rejected:>8} "
@@ -110,6 +110,7 @@ def simulate(
             procs.start(name, ["validate", "--coordinator", url, "--key", key, "--state-dir", state])
         status = _watch(procs, url, rounds, timeout_s, echo, list(roster))
         _wait_scored(url, status["rounds"][-1]["round"], timeout_s=120.0)
+        status["coordinator_cpu_s"] = cpu_seconds(procs.procs["coordinator"].pid)
         standings = _standings(url, roster, status)
         standings["validators"] = _validator_records(url, checkers, settings.validation.assign)
     finally:
@@ -251,7 +252,9 @@ def _watch(
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.5)
                 continue
+            cpu = cpu_seconds(procs.procs["coordinator"].pid)  # the coordinator's CPU time as it closed
             for row in new[: rounds - len(rows)]:
+                row["coordinator_cpu_s"] = cpu
                 loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"
                 per_miner = row.get("bytes_down_model", 0) // miners
                 echo(
@@ -283,6 +286,7 @@ def _report(settings: Any, miners: int, status: dict[str, Any]) -> dict[str, Any
         "rounds": rows,
         "final_eval_loss": losses[-1] if losses else status["initial_eval_loss"],
         "utilisation": utilisation(rows),
+        "coordinator_cpu_s": status["coordinator_cpu_s"],  # once the last round was scored
     }
 
 

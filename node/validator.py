@@ -108,6 +108,9 @@ class Validator(Follower):
             if tasks.status == "settled" or not tasks.assigned:
                 log.info("round %d: nothing assigned to this validator", round_)
                 return {}
+            if tasks.deadline is not None and tasks.deadline <= time.time():
+                log.warning("round %d: its verdicts were due before this validator came to it", round_)
+                return {}
             assigned = set(tasks.assigned)
         record = self.client.round_record(round_)
         if record.status != "closed":

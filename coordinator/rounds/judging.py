@@ -17,6 +17,9 @@ closer's thread. The round mode (rounds/modes.py) says which of the two judgemen
   (each upload is applied to a newer version than the one it started from, and in a round where that fails
   it fails for all), and none of those is flagged; the scores still count each result.
 
+With ``[validation] assign`` every round is judged around its version, and the evaluation after it is
+the validators' (rounds/sharing.py): the coordinator evaluates only what they leave or disagree on.
+
 If a version fails the loss guard, the publisher leaves out the most suspect uploads first
 (``most_suspect_first``: the lowest gain, the uploads held unjudged gated for it); a guard refusal is no
 evidence against a miner.
@@ -329,7 +332,7 @@ class Judge:
             or (s.flag and s.round >= round_ - FLAG_ROUNDS)
         }
         suspect |= {f.miner for f in store.intake_refusals(since, round_ - 1)}
-        again = set() if self.sharing is None else store.unscored_tasks(round_ - 1)  # sampled, no verdict
+        again = set() if self.sharing is None else store.unscored_uploads(round_ - 1)  # sampled, no verdict
         record = {e.miner: e.verdicts for e in self.scores.board(store.last_closed_round())}
         outliers = j.norm_suspects(self.checks.max_norm_ratio)
 

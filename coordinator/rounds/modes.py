@@ -10,6 +10,9 @@
   upload is applied at most one version after the one it trained from (``max_staleness = 1``), and every
   check sees the exact model the upload will change. Uploads of miners with a good standing go into the
   version on the cheap checks and are evaluated once it is published.
+
+With an evaluation shared among validators (``[validation] assign``), a synchronous round is judged as an
+overlapped one is, around its version: the validators evaluate once it is out (rounds/sharing.py).
 """
 
 from __future__ import annotations

@@ -47,10 +47,13 @@ from protocol.wire import Verdict
 
 log = logging.getLogger(__name__)
 AGREED, OUTVOTED, MISSED = "agreed", "outvoted", "missed"
+UNDECIDED = "undecided"  # the verdicts disagreed and the coordinator's evaluation of the upload failed
 BENCH_ROUNDS = 10  # a validator is benched for what it did in this many recent rounds
 BENCH_AFTER = 2  # tasks outvoted or missed among them
 POLL_S = 0.25  # how often the wait reads the store (verdicts may arrive at another replica's intake)
-COMPARED = tuple(f for f in LOSS_FIELDS if f not in ("margin_se", "paired_se"))  # what a verdict says
+ERRORS = ("margin_se", "paired_se")  # standard errors: agree within SE_RATIO of the larger
+COMPARED = tuple(f for f in LOSS_FIELDS if f not in ERRORS)  # losses and margins: within the tolerance
+SE_RATIO = 0.1
 
 # the coordinator's own evaluation of some of the round's sampled uploads (the rest decoded into its mean):
 # their losses and gains' standard errors
@@ -63,7 +66,14 @@ def order(salt: str, miner: str, validator: str) -> bytes:
 
 
 def agree(a: Losses, b: Losses, tolerance: float) -> bool:
-    return all(abs(getattr(a, f) - getattr(b, f)) <= tolerance for f in COMPARED)
+    """No loss or margin differs by more than ``tolerance`` nats, no standard error by more than
+    ``SE_RATIO`` of the larger (a verdict's errors decide how sure it is: a liar could inflate them)."""
+    if any(abs(getattr(a, f) - getattr(b, f)) > tolerance for f in COMPARED):
+        return False
+    return all(
+        abs(getattr(a, f) - getattr(b, f)) <= SE_RATIO * max(getattr(a, f), getattr(b, f)) + 1e-6
+        for f in ERRORS
+    )
 
 
 def median(rows: Sequence[Losses]) -> Losses:
@@ -94,14 +104,27 @@ class Sharing:
         k = min(self.settings.redundancy, len(eligible))
         if benched:
             log.warning("round %d: validators benched: %s", round_, sorted(v[:12] for v in benched))
+        if k < self.settings.redundancy:
+            log.warning(
+                "round %d: %d eligible validators for a redundancy of %d: %s",
+                round_,
+                len(eligible),
+                self.settings.redundancy,
+                "the coordinator checks each upload itself"
+                if self.settings.builtin
+                else "fewer verdicts per upload (builtin is off)",
+            )
         return {m: sorted(eligible, key=lambda v: order(salt, m, v))[:k] for m in miners}
 
     # -- verdicts -----------------------------------------------------------------------------------------
     def taken(self, round_: int, validator: str, verdicts: Sequence[Verdict]) -> list[Verdict]:
-        """The verdicts of ``validator`` on what it was assigned in ``round_`` and is still open; the rest
-        are ignored."""
+        """The verdicts of ``validator`` on what it was assigned in ``round_``, before the deadline (or the
+        close of the wait, if all came sooner); the rest are ignored."""
+        now = self.clock.now()
         open_ = {
-            t.miner for t in self.store.round_tasks(round_) if t.validator == validator and not t.outcome
+            t.miner
+            for t in self.store.round_tasks(round_)
+            if t.validator == validator and not t.outcome and now < t.deadline
         }
         return [v for v in verdicts if v.miner in open_]
 
@@ -129,16 +152,18 @@ class Sharing:
             theirs = {v: given[m, v] for v in validators if (m, v) in given}
             outcomes |= {(m, v): MISSED for v in validators if v not in theirs}
             rows = list(theirs.values())
-            whole = len(rows) == len(validators) or not self.settings.builtin
+            # as many verdicts as redundancy asks for (without builtin: whatever came) settle it alone
+            whole = len(rows) >= self.settings.redundancy or not self.settings.builtin
             if rows and whole and all(agree(a, b, tolerance) for a in rows for b in rows):
                 out[m] = median(rows)
                 gain_se[m] = out[m].margin_se
                 outcomes |= {(m, v): AGREED for v in theirs}
             elif rows or self.settings.builtin:
                 decide.add(m)
-        own, own_se = evaluate(decide) if decide else ({}, {})
+        own, own_se = self._own(round_, decide, evaluate)
         for m in decide:
-            if m not in own:  # its evaluation failed: refused by the evaluation's caller
+            if m not in own:  # its evaluation failed: refused, or unscored (the log says)
+                outcomes |= {(m, v): UNDECIDED for v in assigned[m] if (m, v) in given}
                 continue
             out[m], gain_se[m] = own[m], own_se.get(m, 0.0)
             for v in assigned[m]:
@@ -158,23 +183,39 @@ class Sharing:
         )
         return out, gain_se
 
+    @staticmethod
+    def _own(round_: int, miners: set[str], evaluate: Evaluate) -> tuple[dict[str, Losses], dict[str, float]]:
+        if not miners:
+            return {}, {}
+        try:
+            return evaluate(miners)
+        except Exception:  # the round is settled all the same: those uploads go unscored
+            log.exception("round %d: the coordinator's evaluation of %d uploads failed", round_, len(miners))
+            return {}, {}
+
     def _wait(self, round_: int, tasks: list[StoredTask]) -> dict[tuple[str, str], Losses]:
-        """The assigned verdicts, once all are in or the deadline has passed."""
-        pairs = {(t.miner, t.validator) for t in tasks if t.outcome is None}
+        """The assigned verdicts, once all are in or the deadline has passed (after a restart, a round
+        settled before is settled again from the same verdicts)."""
+        pairs = {(t.miner, t.validator) for t in tasks}
         deadline = max((t.deadline for t in tasks), default=0.0)
         while True:
-            given = {
-                (v.miner, v.validator): v.losses
-                for v in self.store.verdicts_between(round_ - 1, round_)
-                if (v.miner, v.validator) in pairs
-            }
-            left = deadline - self.clock.now()
+            given = self._given(round_, pairs)
+            now = self.clock.now()
+            left = deadline - now
             if len(given) == len(pairs) or left <= 0:
-                return given
+                self.store.close_tasks(round_, now)  # no verdict taken after this
+                return self._given(round_, pairs)
             if self.stop.is_set():
                 raise Stopping
             self.clock.wait(self.arrived, min(POLL_S, left))
             self.arrived.clear()
+
+    def _given(self, round_: int, pairs: set[tuple[str, str]]) -> dict[tuple[str, str], Losses]:
+        return {
+            (v.miner, v.validator): v.losses
+            for v in self.store.verdicts_between(round_ - 1, round_)
+            if (v.miner, v.validator) in pairs
+        }
 
     # -- what the API serves ------------------------------------------------------------------------------
     def tasks(self, round_: int, validator: str | None, version: int | None, scored: bool) -> RoundTasks:

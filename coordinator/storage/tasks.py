@@ -47,6 +47,11 @@ class TaskStore:
                 [(o, round_, m, v) for (m, v), o in outcomes.items()],
             )
 
+    def close_tasks(self, round_: int, now: float) -> None:
+        """No more verdicts on the round's tasks: their deadline brought forward to ``now``."""
+        with self.transaction() as db:
+            db.execute("UPDATE tasks SET deadline = ? WHERE round = ? AND deadline > ?", (now, round_, now))
+
     def task_tallies(self, since: int) -> list[TaskTally]:
         """Per validator and outcome, the settled tasks of the rounds after ``since``."""
         rows = self._all(
@@ -56,11 +61,13 @@ class TaskStore:
         )
         return [from_row(TaskTally, r) for r in rows]
 
-    def unscored_tasks(self, round_: int) -> set[str]:
-        """The miners whose upload in ``round_`` was assigned and settled with no verdict."""
+    def unscored_uploads(self, round_: int) -> set[str]:
+        """The miners whose upload in ``round_`` was sampled and has no verdict of the coordinator's (its
+        own or one settled from its validators') once the round was scored."""
         rows = self._all(
-            "SELECT DISTINCT miner FROM tasks t WHERE round = ? AND outcome IS NOT NULL AND NOT EXISTS "
-            "(SELECT 1 FROM verdicts v WHERE v.round = t.round AND v.miner = t.miner AND v.validator = ?)",
+            "SELECT miner FROM submissions s WHERE round = ? AND evaluated = 1 AND EXISTS (SELECT 1 FROM "
+            "rounds r WHERE r.round = s.round AND r.scored = 1) AND NOT EXISTS (SELECT 1 FROM verdicts v "
+            "WHERE v.round = s.round AND v.miner = s.miner AND v.validator = ?)",
             round_,
             COORDINATOR,
         )

@@ -6,6 +6,7 @@ tasks, the coordinator evaluates what it left, the round is scored all the same,
 from __future__ import annotations
 
 import contextlib
+import dataclasses
 import sqlite3
 import threading
 from collections.abc import Callable
@@ -16,11 +17,11 @@ import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
 
-from coordinator.rounds.sharing import BENCH_AFTER
+from coordinator.rounds.sharing import BENCH_AFTER, agree
 from coordinator.settings import CoordinatorSettings
 from node.settings import ValidatorSettings
 from node.validator import Validator
-from protocol.evaluation import LOSS_FIELDS
+from protocol.evaluation import LOSS_FIELDS, Losses
 from protocol.signing import public_key_hex
 from protocol.wire import Verdict, Verdicts
 from tests.helpers.pool import (
@@ -172,3 +173,13 @@ def test_sharing_needs_named_validators_and_is_off_by_default(
     with open_pool() as pool:
         assert_error(pool.client.get("/v1/rounds/0/tasks"), 404, "not_shared")
         assert_error(pool.client.get("/v1/validators"), 404, "not_shared")
+
+
+def test_verdicts_agree_on_their_losses_within_the_tolerance_and_on_their_errors_within_a_tenth() -> None:
+    x = Losses(3.0, 2.5, 3.0, 2.9, 0.02, 0.4, 0.03)
+    assert agree(x, dataclasses.replace(x, own_after=2.505), 0.01)
+    assert not agree(x, dataclasses.replace(x, own_after=2.4), 0.01)  # a better gain than measured
+    assert not agree(x, dataclasses.replace(x, paired_margin=0.3), 0.01)
+    assert agree(x, dataclasses.replace(x, paired_se=0.031), 0.01)
+    assert not agree(x, dataclasses.replace(x, paired_se=0.3), 0.01)  # a margin made to look unsure
+    assert not agree(x, dataclasses.replace(x, margin_se=0.05), 0.01)

@@ -3,6 +3,7 @@ migrations, the same on both; a state file from before the migrations upgraded w
 
 from __future__ import annotations
 
+import dataclasses
 import sqlite3
 from pathlib import Path
 
@@ -262,3 +263,36 @@ def test_training_health_keeps_what_is_in_range_and_a_round_of_it_cannot_fail() 
     huge = Health.reported(1e12, 1e12, 1.0, 1e12)
     assert Health.of([*honest, huge, huge]) == Health(0.7, 1e12, 0.25, 2e-3)  # medians: 3 honest of 5
     assert Health.of([]) == Health() and Health.of([hostile]) == Health()
+
+
+def test_a_shared_evaluation_keeps_its_draw_and_records_alike_on_both_backends(store_url: str) -> None:
+    store = SqlStore(store_url)
+    try:
+        history = History(generate_key(), "run", store)
+        store.start("0" * 64, 3.5, "f" * 64, 100, 10.0, history.first("0" * 64, "f" * 64, 10.0))
+        for m in ("m1", "m2"):
+            store.add_submission(submission(0, m, 11.0))
+        v1 = new_version(1)
+        sampled = {m: Outcome(None, True, 1.0) for m in ("m1", "m2")}
+        closed = close(0, v1, sampled, 13.0, record=history.version(v1, 0, 13.0))
+        store.close_round(dataclasses.replace(closed, verdicts={"m1": closed.verdicts["m1"]}))
+        assert store.unscored_uploads(0) == {"m2"}  # sampled, no verdict: sampled first next round
+
+        store.add_tasks(4, {"m1": ["va", "vb"], "m2": ["vb"]}, 50.0)
+        store.add_tasks(4, {"m1": ["vc"]}, 99.0)  # drawn before (a restart): the first draw stands
+        tasks = store.round_tasks(4)
+        assert [(t.miner, t.validator, t.deadline, t.outcome) for t in tasks] == [
+            ("m1", "va", 50.0, None),
+            ("m1", "vb", 50.0, None),
+            ("m2", "vb", 50.0, None),
+        ]
+        store.add_verdicts(4, COORDINATOR, {"m1": Losses(3.0, 2.5, 3.0, 2.9)}, 51.0)
+        store.settle_tasks(4, {("m1", "va"): "agreed", ("m1", "vb"): "outvoted", ("m2", "vb"): "missed"})
+        tallies = {(t.validator, t.outcome): (t.count, t.last) for t in store.task_tallies(-1)}
+        assert tallies == {("va", "agreed"): (1, 4), ("vb", "outvoted"): (1, 4), ("vb", "missed"): (1, 4)}
+        assert store.task_tallies(4) == []  # only the rounds after
+        store.add_tasks(5, {"m1": ["va"]}, 60.0)
+        store.close_tasks(5, 55.0)  # every verdict in before the deadline: no more taken
+        assert [t.deadline for t in store.round_tasks(5)] == [55.0]
+    finally:
+        store.close()
