@@ -7,7 +7,8 @@ the coordinator sharing the evaluation with two validators (``[validation] assig
 upload evaluated by both, the coordinator settling their verdicts and evaluating only what they leave).
 The miners are one honest, one ``lazy`` (trains on random sequences instead of its own) and one ``noise``
 (a random update of an honest norm), so that the leaderboard has an order to keep: that is what
-evaluation is for.
+evaluation is for. The validators get ``--deadline-s`` (600 s) for their verdicts: on this machine's two
+cores they share the CPU with three miners and the coordinator, and the first rounds' samples are doubled.
 
 - ``coordinator_cpu_s_per_round``: the coordinator process's CPU time (user + system, from /proc) from the
   close of the first round to the scoring of the last, over the rounds between: its work per round once
@@ -36,7 +37,10 @@ MINERS = {"lazy": 1, "noise": 1}  # beside one honest miner
 def one_run(out: Path, validators: int, args: argparse.Namespace, keys: Path | None) -> dict[str, Any]:
     if keys is not None:  # the same miners in both runs
         shutil.copytree(keys, out / "keys")
+    config = out / "bench.toml"
+    config.write_text(f"[validation]\nverdict_deadline_s = {args.deadline_s}\n")
     report = simulate(
+        config=config,
         miners=1,
         adversaries=MINERS,
         rounds=args.rounds,
@@ -65,6 +69,12 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--model", default="small", help="the preset both runs train")
     ap.add_argument("--rounds", type=int, default=6, help="rounds per run")
     ap.add_argument("--max-tokens", type=int, default=2_000_000, help="corpus tokens")
+    ap.add_argument(
+        "--deadline-s",
+        type=float,
+        default=600.0,
+        help="[validation] verdict_deadline_s: validators on this machine's 2 shared cores are slow",
+    )
     ap.add_argument("--out", type=Path, default=None, help="keep the runs here (default: a temporary folder)")
     ap.add_argument("--json", action="store_true", help="print one JSON object")
     args = ap.parse_args(argv)
@@ -78,6 +88,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "model": args.model,
         "rounds": args.rounds,
         "miners": {"honest": 1, **MINERS},
+        "verdict_deadline_s": args.deadline_s,
         "coordinator_cpu_ratio": round(ratio, 2),
         "same_order": order[0] == order[1],
         "coordinator_cpu_s_per_round": {

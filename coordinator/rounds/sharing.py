@@ -18,9 +18,9 @@ evaluate each sampled upload, waits for their verdicts, and settles each upload'
   evaluated by the coordinator where ``builtin`` (it has the capacity: the redundancy lost, and a liar
   whose partner is down is still caught); without ``builtin``, the verdicts that came stand, and an upload
   with none stays unscored and is sampled first next round (rounds/judging.py).
-- **Records.** Every task ends ``agreed``, ``outvoted`` or ``missed`` (``GET /v1/validators``); a validator
-  with ``BENCH_AFTER`` tasks outvoted or missed in the last ``BENCH_ROUNDS`` rounds is not assigned until
-  they age out.
+- **Records.** Every task ends ``agreed``, ``outvoted`` or ``missed`` (``undecided`` when the
+  coordinator's own evaluation of a disputed upload failed; ``GET /v1/validators``); a validator outvoted
+  or missing in ``BENCH_AFTER`` of the last ``BENCH_ROUNDS`` rounds is not assigned until they age out.
 
 Validators are named by the operator: keys are free, and verdicts from any key could outvote the honest
 ones, so ``assign`` refuses to start without the list (coordinator/settings).
@@ -49,7 +49,7 @@ log = logging.getLogger(__name__)
 AGREED, OUTVOTED, MISSED = "agreed", "outvoted", "missed"
 UNDECIDED = "undecided"  # the verdicts disagreed and the coordinator's evaluation of the upload failed
 BENCH_ROUNDS = 10  # a validator is benched for what it did in this many recent rounds
-BENCH_AFTER = 2  # tasks outvoted or missed among them
+BENCH_AFTER = 2  # rounds among them in which it was outvoted or missed a task
 POLL_S = 0.25  # how often the wait reads the store (verdicts may arrive at another replica's intake)
 ERRORS = ("margin_se", "paired_se")  # standard errors: agree within SE_RATIO of the larger
 COMPARED = tuple(f for f in LOSS_FIELDS if f not in ERRORS)  # losses and margins: within the tolerance
@@ -94,7 +94,7 @@ class Sharing:
         bad: dict[str, int] = defaultdict(int)
         for t in self.store.task_tallies(round_ - BENCH_ROUNDS - 1):
             if t.outcome in (OUTVOTED, MISSED):
-                bad[t.validator] += t.count
+                bad[t.validator] += t.rounds
         return {v for v, n in bad.items() if n >= BENCH_AFTER}
 
     def draw(self, round_: int, salt: str, miners: Sequence[str]) -> dict[str, list[str]]:

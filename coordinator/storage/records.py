@@ -249,7 +249,8 @@ class StoredTask:
 class TaskTally:
     validator: str
     outcome: str
-    count: int
+    count: int  # tasks
+    rounds: int  # the rounds they were in
     last: int
 
 

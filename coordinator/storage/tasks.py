@@ -53,9 +53,11 @@ class TaskStore:
             db.execute("UPDATE tasks SET deadline = ? WHERE round = ? AND deadline > ?", (now, round_, now))
 
     def task_tallies(self, since: int) -> list[TaskTally]:
-        """Per validator and outcome, the settled tasks of the rounds after ``since``."""
+        """Per validator and outcome, the settled tasks of the rounds after ``since``, and in how many
+        rounds."""
         rows = self._all(
-            "SELECT validator, outcome, COUNT(*) AS count, MAX(round) AS last FROM tasks "
+            "SELECT validator, outcome, COUNT(*) AS count, COUNT(DISTINCT round) AS rounds, "
+            "MAX(round) AS last FROM tasks "
             "WHERE round > ? AND outcome IS NOT NULL GROUP BY validator, outcome",
             since,
         )

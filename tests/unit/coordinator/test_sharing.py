@@ -27,6 +27,7 @@ from protocol.wire import Verdict, Verdicts
 from tests.helpers.pool import (
     EVAL,
     RECIPE,
+    Miner,
     OpenPool,
     Pool,
     assert_error,
@@ -45,7 +46,7 @@ def key(i: int) -> Ed25519PrivateKey:
 
 HONEST, LIAR, DEAD = (key(i) for i in range(3))
 VALIDATORS = [public_key_hex(k) for k in (HONEST, LIAR, DEAD)]
-SHARED = {**EVAL, "assign": True, "validators": VALIDATORS, "redundancy": 2, "verdict_deadline_s": 6.0}
+SHARED = {**EVAL, "assign": True, "validators": VALIDATORS, "redundancy": 2, "verdict_deadline_s": 5.0}
 
 
 class Lying:
@@ -89,7 +90,37 @@ def rows(pool: Pool, sql: str, *args: Any) -> list[tuple[Any, ...]]:
         return db.execute(sql, args).fetchall()
 
 
+def shared_round(
+    pool: Pool, round_: int, miners: list[Miner], validators: list[Validator], shares: dict[str, set[str]]
+) -> tuple[dict[str, Any], dict[str, Any], dict[str, dict[str, Any]]]:
+    """Every miner's honest upload; once the round's version is out, its draw, each validator's share and
+    its evaluation of it (in threads, as validators run beside the coordinator); returns the draw, what
+    each validator measured, and the round's uploads once scored."""
+    version = pool.latest()["version"]
+    for m in miners:
+        body = encode(trained_delta(pool, m.pubkey, round_, version), round_, version)[0]
+        assert m.upload(round_, body).status_code == 200
+    pool.wait_for_round(round_)
+    path = f"/v1/rounds/{round_}/tasks"
+    drawn = pool.client.get(path).json()
+    for v in validators:
+        shares[v.pubkey] = set(pool.client.get(path, params={"validator": v.pubkey}).json()["assigned"])
+    out: dict[str, Any] = {}
+    threads = [threading.Thread(target=evaluate, args=(v, round_, out)) for v in validators]
+    for t in threads:
+        t.start()
+    scored = pool.wait_scored(round_, timeout_s=60)
+    for t in threads:
+        t.join(timeout=60)
+    assert pool.client.get(path).json()["status"] == "settled"
+    for v in validators:
+        assert not isinstance(out[v.pubkey], Exception), out[v.pubkey]
+        assert set(out[v.pubkey]) == shares[v.pubkey], v.pubkey[:12]  # its share, no more
+    return drawn, out, scored
+
+
 def test_validators_share_the_evaluation(open_pool: OpenPool, tmp_path: Path) -> None:
+    dead = public_key_hex(DEAD)
     with open_pool(recipe=RECIPE, validation=SHARED, rounds={"min_quorum": 3}) as pool:
         assert pool.client.get("/v1/info").json()["evaluation"]["assign"] is True
         assert_error(pool.client.get("/v1/rounds/7/tasks"), 404, "not_found")
@@ -97,8 +128,6 @@ def test_validators_share_the_evaluation(open_pool: OpenPool, tmp_path: Path) ->
             pool.client.get("/v1/rounds/0/tasks", params={"validator": "xyz"}), 422, "invalid_request"
         )
         miners = [fixed_miner(pool, i) for i in range(3)]
-        for m in miners:
-            assert m.upload(0, encode(trained_delta(pool, m.pubkey, 0, 0), 0, 0)[0]).status_code == 200
         honest = validator(pool, HONEST, tmp_path / "honest")
         liar = validator(pool, LIAR, tmp_path / "liar")
         shares: dict[str, set[str]] = {}
@@ -107,62 +136,51 @@ def test_validators_share_the_evaluation(open_pool: OpenPool, tmp_path: Path) ->
             return next((m.pubkey for m in miners if m.pubkey not in shares.get(liar.pubkey, set())), None)
 
         liar.client = Lying(liar.client, unassigned)
-        pool.wait_for_round(0)
-        drawn = pool.client.get("/v1/rounds/0/tasks").json()
-        for v in (honest, liar):
-            shares[v.pubkey] = set(
-                pool.client.get("/v1/rounds/0/tasks", params={"validator": v.pubkey}).json()["assigned"]
-            )
-        out: dict[str, Any] = {}
-        threads = [threading.Thread(target=evaluate, args=(v, 0, out)) for v in (honest, liar)]
-        for t in threads:
-            t.start()
-        by_miner = pool.wait_scored(0, timeout_s=60)
-        for t in threads:
-            t.join(timeout=60)
+        drawn, out, by_miner = shared_round(pool, 0, miners, [honest, liar], shares)
         records = {r["validator"]: r for r in pool.client.get("/v1/validators").json()["validators"]}
-        assert pool.client.get("/v1/rounds/0/tasks").json()["status"] == "settled"
+        tasks_of = {(m, who): o for m, who, o in rows(pool, "SELECT miner, validator, outcome FROM tasks")}
+        posted = {(m, who) for _, m, who in rows(pool, "SELECT round, miner, validator FROM verdicts")}
+        settled = {
+            m: dict(zip(LOSS_FIELDS, v, strict=True))
+            for m, who, *v in rows(pool, f"SELECT miner, validator, {', '.join(LOSS_FIELDS)} FROM verdicts")
+            if who == "coordinator"
+        }
+        round_0 = {v.pubkey: set(shares[v.pubkey]) for v in (honest, liar)}
 
-    # the draw: every sampled upload to two of the three validators; each validator evaluated its share only
+        # a second round: lying or missing in two rounds of ten, a validator is drawn no more
+        shared_round(pool, 1, miners, [honest, liar], shares)
+        later = {r["validator"]: r for r in pool.client.get("/v1/validators").json()["validators"]}
+        next_draw = pool.client.app.state.run.sharing.draw(2, "salt", [m.pubkey for m in miners])  # type: ignore[attr-defined]
+
+    # the draw: every sampled upload to two of the three validators; each evaluated its share only
     assert drawn["status"] == "assigned" and len(drawn["uploads"]) == 3, drawn
     assert all(
         len(t["validators"]) == 2 and set(t["validators"]) <= set(VALIDATORS) for t in drawn["uploads"]
     )
-    for v in (honest, liar):
-        assert not isinstance(out[v.pubkey], Exception), out[v.pubkey]
-        assert set(out[v.pubkey]) == shares[v.pubkey], v.pubkey[:12]
-    assert sum(len(s) for s in shares.values()) < 6  # the dead one had a share too: nobody evaluated all
-    posted = {(m, who) for _, m, who in rows(pool, "SELECT round, miner, validator FROM verdicts")}
-    assert {m for m, who in posted if who == liar.pubkey} == shares[liar.pubkey]  # unassigned: ignored
+    assert sum(len(s) for s in round_0.values()) < 6  # the dead one had a share too: nobody evaluated all
+    assert {m for m, who in posted if who == liar.pubkey} == round_0[liar.pubkey]  # unassigned: ignored
 
     # the round is scored: every sampled upload has the coordinator's settled verdict, the honest one's
     # where the honest validator evaluated it, never the liar's
-    settled = {
-        m: dict(zip(LOSS_FIELDS, v, strict=True))
-        for m, who, *v in rows(pool, f"SELECT miner, validator, {', '.join(LOSS_FIELDS)} FROM verdicts")
-        if who == "coordinator"
-    }
     assert set(settled) == {m.pubkey for m in miners} and all(s["evaluated"] for s in by_miner.values())
-    for m in shares[honest.pubkey]:
+    for m in round_0[honest.pubkey]:
         assert settled[m]["own_after"] == pytest.approx(out[honest.pubkey][m].own_after, abs=1e-4)
-    for m in shares[liar.pubkey]:
+    for m in round_0[liar.pubkey]:
         assert settled[m]["own_after"] > out[liar.pubkey][m].own_after - LIE + LIE / 2
 
     # the records: the liar outvoted on each of its share, the dead one missing each of its, the honest
-    # one agreeing; the liar and the dead one benched from the next draw
-    tasks_of = {(m, who): o for m, who, o in rows(pool, "SELECT miner, validator, outcome FROM tasks")}
-    dead = public_key_hex(DEAD)
+    # one agreeing; one round of it benches nobody, two do
     assert {o for (m, who), o in tasks_of.items() if who == liar.pubkey} == {"outvoted"}
     assert {o for (m, who), o in tasks_of.items() if who == dead} == {"missed"}
     assert {o for (m, who), o in tasks_of.items() if who == honest.pubkey} == {"agreed"}
-    assert records[liar.pubkey]["outvoted"] == len(shares[liar.pubkey])
-    assert records[dead]["missed"] == 6 - sum(len(s) for s in shares.values())
-    for who in (liar.pubkey, dead):
-        assert records[who]["benched"] == (records[who]["outvoted"] + records[who]["missed"] >= BENCH_AFTER)
-    assert (
-        records[honest.pubkey]["agreed"] == len(shares[honest.pubkey])
-        and not records[honest.pubkey]["benched"]
-    )
+    assert records[liar.pubkey]["outvoted"] == len(round_0[liar.pubkey])
+    assert records[dead]["missed"] == 6 - sum(len(s) for s in round_0.values())
+    assert records[honest.pubkey]["agreed"] == len(round_0[honest.pubkey])
+    assert BENCH_AFTER == 2 and not any(r["benched"] for r in records.values())
+    assert later[liar.pubkey]["outvoted"] > records[liar.pubkey]["outvoted"] and later[liar.pubkey]["benched"]
+    assert later[dead]["missed"] > records[dead]["missed"] and later[dead]["benched"]
+    assert not later[honest.pubkey]["benched"] and later[honest.pubkey]["outvoted"] == 0
+    assert all(vs == [honest.pubkey] for vs in next_draw.values())  # the one left, for every upload
 
 
 def test_sharing_needs_named_validators_and_is_off_by_default(

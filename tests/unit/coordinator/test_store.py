@@ -288,8 +288,12 @@ def test_a_shared_evaluation_keeps_its_draw_and_records_alike_on_both_backends(s
         ]
         store.add_verdicts(4, COORDINATOR, {"m1": Losses(3.0, 2.5, 3.0, 2.9)}, 51.0)
         store.settle_tasks(4, {("m1", "va"): "agreed", ("m1", "vb"): "outvoted", ("m2", "vb"): "missed"})
-        tallies = {(t.validator, t.outcome): (t.count, t.last) for t in store.task_tallies(-1)}
-        assert tallies == {("va", "agreed"): (1, 4), ("vb", "outvoted"): (1, 4), ("vb", "missed"): (1, 4)}
+        tallies = {(t.validator, t.outcome): (t.count, t.rounds, t.last) for t in store.task_tallies(-1)}
+        assert tallies == {
+            ("va", "agreed"): (1, 1, 4),
+            ("vb", "outvoted"): (1, 1, 4),
+            ("vb", "missed"): (1, 1, 4),
+        }
         assert store.task_tallies(4) == []  # only the rounds after
         store.add_tasks(5, {"m1": ["va"]}, 60.0)
         store.close_tasks(5, 55.0)  # every verdict in before the deadline: no more taken
