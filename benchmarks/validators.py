@@ -35,6 +35,7 @@ MINERS = {"lazy": 1, "noise": 1}  # beside one honest miner
 
 
 def one_run(out: Path, validators: int, args: argparse.Namespace, keys: Path | None) -> dict[str, Any]:
+    out.mkdir(parents=True, exist_ok=True)
     if keys is not None:  # the same miners in both runs
         shutil.copytree(keys, out / "keys")
     config = out / "bench.toml"

@@ -47,6 +47,13 @@ class Metrics:
             buckets=(0.1, 0.25, 0.5, 1, 2.5, 5, 10, 30, 60, 120, 300),
             registry=r,
         )
+        self.tasks = Counter(
+            "gradpool_validator_tasks",
+            "[validation] assign: uploads assigned to validators, settled, by validator and outcome "
+            "(agreed, outvoted, missed, undecided)",
+            ["validator", "outcome"],
+            registry=r,
+        )
         self.eval_loss = Gauge("gradpool_eval_loss", "Held-out loss of the latest version", registry=r)
         self.version = Gauge("gradpool_version", "Latest published model version", registry=r)
         self.round = Gauge("gradpool_round", "The open round", registry=r)

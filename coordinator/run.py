@@ -197,7 +197,7 @@ class Run:
         self.scores = Scores(self.store, settings.validation)
         self.downloads = Downloads()
         stop = threading.Event()
-        self.sharing = Sharing(self.store, v, clock, stop) if v.assign else None
+        self.sharing = Sharing(self.store, v, clock, stop, self.metrics) if v.assign else None
         reader = UploadReader(blobs, hooks)
         pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks
         judge = Judge(

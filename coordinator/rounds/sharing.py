@@ -37,6 +37,7 @@ from collections.abc import Callable, Sequence
 
 from coordinator.errors import Stopping
 from coordinator.hooks import Clock
+from coordinator.metrics import Metrics
 from coordinator.settings import ValidationSettings
 from coordinator.storage.base import Store
 from coordinator.storage.records import StoredTask, Upload
@@ -83,9 +84,15 @@ def median(rows: Sequence[Losses]) -> Losses:
 
 class Sharing:
     def __init__(
-        self, store: Store, settings: ValidationSettings, clock: Clock, stop: threading.Event
+        self,
+        store: Store,
+        settings: ValidationSettings,
+        clock: Clock,
+        stop: threading.Event,
+        metrics: Metrics | None = None,
     ) -> None:
         self.store, self.settings, self.clock, self.stop = store, settings, clock, stop
+        self.metrics = metrics
         self.validators = sorted({k.lower() for k in settings.validators or []})
         self.arrived = threading.Event()  # set by intake when verdicts come in
 
@@ -170,6 +177,9 @@ class Sharing:
                 if (m, v) in given:
                     outcomes[m, v] = AGREED if agree(given[m, v], own[m], tolerance) else OUTVOTED
         self.store.settle_tasks(round_, outcomes)
+        if self.metrics is not None:
+            for (_, v), o in outcomes.items():
+                self.metrics.tasks.labels(v[:16], o).inc()
         outvoted = sorted({v[:12] for (_, v), o in outcomes.items() if o == OUTVOTED})
         missed = sorted({v[:12] for (_, v), o in outcomes.items() if o == MISSED})
         log.info(

@@ -150,6 +150,7 @@ def test_validators_share_the_evaluation(open_pool: OpenPool, tmp_path: Path) ->
         # a second round: lying or missing in two rounds of ten, a validator is drawn no more
         shared_round(pool, 1, miners, [honest, liar], shares)
         later = {r["validator"]: r for r in pool.client.get("/v1/validators").json()["validators"]}
+        exported = pool.client.get("/metrics").text
         next_draw = pool.client.app.state.run.sharing.draw(2, "salt", [m.pubkey for m in miners])  # type: ignore[attr-defined]
 
     # the draw: every sampled upload to two of the three validators; each evaluated its share only
@@ -181,6 +182,8 @@ def test_validators_share_the_evaluation(open_pool: OpenPool, tmp_path: Path) ->
     assert later[dead]["missed"] > records[dead]["missed"] and later[dead]["benched"]
     assert not later[honest.pubkey]["benched"] and later[honest.pubkey]["outvoted"] == 0
     assert all(vs == [honest.pubkey] for vs in next_draw.values())  # the one left, for every upload
+    outvoted = f'gradpool_validator_tasks_total{{outcome="outvoted",validator="{liar.pubkey[:16]}"}}'
+    assert f"{outvoted} {float(later[liar.pubkey]['outvoted'])}" in exported
 
 
 def test_sharing_needs_named_validators_and_is_off_by_default(
