@@ -76,7 +76,8 @@ def network(tmp_path_factory: pytest.TempPathFactory, corpus_file: Path) -> Iter
         "GRADPOOL_RECIPE__BATCH_SIZE": "4",
         "GRADPOOL_VALIDATION__OWN_SEQUENCES": "16",
         "GRADPOOL_VALIDATION__OTHER_SEQUENCES": "32",
-        "GRADPOOL_VALIDATION__ASSIGN": "true",
+        "GRADPOOL_VALIDATION__ASSIGN": "true",  # one validator, trusted alone: the coordinator evaluates none
+        "GRADPOOL_VALIDATION__REDUNDANCY": "1",
         "GRADPOOL_VALIDATION__VALIDATORS": json.dumps([validator]),
     }
     args = ["--state-dir", str(root / "coordinator"), "--corpus", str(corpus_file), "--port", "0"]
