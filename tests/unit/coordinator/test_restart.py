@@ -173,7 +173,8 @@ def test_a_state_directory_from_before_migrations_is_refused_then_migrated_and_r
         state = pool.settings.state_dir
     with contextlib.closing(sqlite3.connect(state / "state.db")) as db:
         db.execute("DROP TABLE alembic_version")  # what the code before migrations left: no revision,
-        db.execute("DROP TABLE lease")  # and none of the tables added since
+        for table in ("lease", "tasks"):  # and none of the tables added since (migrations 0002, 0003)
+            db.execute(f"DROP TABLE {table}")
         db.commit()
 
     def coordinator(*args: str) -> subprocess.CompletedProcess[str]:
