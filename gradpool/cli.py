@@ -115,7 +115,8 @@ def status(
     as_json: Annotated[bool, typer.Option("--json", help="print the raw status JSON")] = False,
     ca_cert: CaCertOpt = None,
 ) -> None:
-    """Print the network's state: round, version, miners, recent held-out losses, the leaderboard."""
+    """Print the network's state: round, version, miners, recent held-out losses, the leaderboard (and,
+    where the evaluation is shared, each validator's record)."""
     import httpx
 
     from node.errors import tls_context
@@ -177,6 +178,19 @@ def status(
                 f"{x['rounds_refused']:>7}",
             ]
             typer.echo("  " + " ".join(cells) + f"  {why}")
+    if run.get("evaluation", {}).get("assign"):  # the evaluation shared among validators: their records
+        try:
+            records = httpx.get(f"{url}/v1/validators", timeout=10.0, verify=verify).json()["validators"]
+        except (httpx.HTTPError, ValueError, KeyError) as e:
+            typer.echo(f"validators: cannot read their records ({e})")
+            return
+        typer.echo("validators (uploads assigned: agreed, outvoted, missed)")
+        for v in records:
+            drawn = "benched" if v["benched"] else "drawn"
+            typer.echo(
+                f"  {v['validator'][:16]}  assigned {v['assigned']:>5}  agreed {v['agreed']:>5}  "
+                f"outvoted {v['outvoted']:>4}  missed {v['missed']:>4}  last round {v['last_round']}  {drawn}"
+            )
 
 
 @app.command()

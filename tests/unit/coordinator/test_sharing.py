@@ -16,9 +16,11 @@ from typing import Any
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 from pydantic import ValidationError
+from typer.testing import CliRunner
 
 from coordinator.rounds.sharing import BENCH_AFTER, agree
 from coordinator.settings import CoordinatorSettings
+from gradpool.cli import app
 from node.settings import ValidatorSettings
 from node.validator import Validator
 from protocol.evaluation import LOSS_FIELDS, Losses
@@ -204,3 +206,13 @@ def test_verdicts_agree_on_their_losses_within_the_tolerance_and_on_their_errors
     assert agree(x, dataclasses.replace(x, paired_se=0.031), 0.01)
     assert not agree(x, dataclasses.replace(x, paired_se=0.3), 0.01)  # a margin made to look unsure
     assert not agree(x, dataclasses.replace(x, margin_se=0.05), 0.01)
+
+
+def test_gradpool_status_shows_each_validators_record(live_coordinator: Callable[..., Any]) -> None:
+    with live_coordinator(validation=SHARED) as server:
+        shown = CliRunner().invoke(app, ["status", "--coordinator", server.url])  # the CLI, in this process
+    assert shown.exit_code == 0, shown.output
+    lines = shown.stdout.splitlines()
+    table = lines[lines.index("validators (uploads assigned: agreed, outvoted, missed)") + 1 :]
+    assert [line.split()[0] for line in table] == sorted(v[:16] for v in VALIDATORS)
+    assert all("assigned     0" in line and line.endswith("drawn") for line in table)
