@@ -220,7 +220,7 @@ class Run:
             self.cell,
             self.store,
             blobs,
-            mode_for(settings.rounds.overlap) if mode is None else mode,
+            mode_for(settings.rounds.overlap, v.assign) if mode is None else mode,
             RoundOpener(self.cell, self.store, settings.rounds, clock.now),
             judge,
             publisher,

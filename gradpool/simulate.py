@@ -252,7 +252,7 @@ def _watch(
             except (httpx.HTTPError, ValueError):
                 time.sleep(0.5)
                 continue
-            cpu = cpu_seconds(procs.procs["coordinator"].pid)  # the coordinator's CPU time as it closed
+            cpu = cpu_seconds(procs.procs["coordinator"].pid) if new else 0.0  # its CPU time as it closed
             for row in new[: rounds - len(rows)]:
                 row["coordinator_cpu_s"] = cpu
                 loss = "n/a" if row["eval_loss"] is None else f"{row['eval_loss']:.4f}"

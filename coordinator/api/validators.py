@@ -34,13 +34,12 @@ async def tasks(round_: RoundNumber, run: RunDep, validator: HexKey = None) -> R
     row = await asyncio.to_thread(run.store.round, round_)
     if row is None:
         raise NotFound("not_found", f"round {round_} does not exist")
-    closed = row.status == "closed" and round_ != run.cell.state.round
     return await asyncio.to_thread(
         sharing.tasks,
         round_,
         None if validator is None else validator.lower(),
         row.applied_to,
-        closed and bool(row.scored),
+        row.status == "closed" and bool(row.scored),
     )
 
 

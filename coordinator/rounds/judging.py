@@ -97,10 +97,7 @@ class Judge:
     # -- the two judgements -------------------------------------------------------------------------------
     def before_version(self, round_: int, uploads: list[Upload], salt: str) -> Judgement:
         """Synchronous rounds: every sampled upload evaluated in full at the scale the version will apply,
-        then the evaluated checks and the weights with this round's results. An evaluation shared among
-        validators comes after the version: such a round is judged around it."""
-        if self.sharing is not None:
-            return self.around_version(round_, uploads, salt)
+        then the evaluated checks and the weights with this round's results."""
         j = RoundChecks(round_, uploads, self.history(round_))
         _, scales = run_cheap_checks(self.pipeline, j, self.checks.max_norm_ratio)
         if not (self.validation.builtin and j.remaining()):

@@ -11,8 +11,9 @@
   check sees the exact model the upload will change. Uploads of miners with a good standing go into the
   version on the cheap checks and are evaluated once it is published.
 
-With an evaluation shared among validators (``[validation] assign``), a synchronous round is judged as an
-overlapped one is, around its version: the validators evaluate once it is out (rounds/sharing.py).
+- ``SharedSynchronous``: synchronous rounds whose evaluation is shared among validators (``[validation]
+  assign``): they close and open as synchronous ones, and are judged as overlapped ones are, around their
+  version, since the validators evaluate once it is out (rounds/sharing.py).
 """
 
 from __future__ import annotations
@@ -66,6 +67,13 @@ class Overlapped(Synchronous):
         return judge.around_version(round_, uploads, salt)
 
 
-def mode_for(overlap: bool) -> RoundMode:
-    """The mode ``[rounds] overlap`` names."""
-    return Overlapped() if overlap else Synchronous()
+class SharedSynchronous(Synchronous):
+    def judge(self, judge: Judge, round_: int, uploads: list[Upload], salt: str) -> Judgement:
+        return judge.around_version(round_, uploads, salt)
+
+
+def mode_for(overlap: bool, shared: bool = False) -> RoundMode:
+    """The mode ``[rounds] overlap`` names (``shared``: ``[validation] assign``)."""
+    if overlap:
+        return Overlapped()
+    return SharedSynchronous() if shared else Synchronous()
