@@ -12,12 +12,13 @@ from dataclasses import dataclass
 @dataclass
 class Hooks:
     """Failure and timing injection for tests: called as closing reads each upload (round, miner), just
-    before a round's commit (round), just before the scores of a round evaluated after its version are
-    written (round), and in intake between checking an upload and committing it (round, miner), outside
-    the round lock."""
+    before a round's commit (round), just after it (round), just before the scores of a round evaluated
+    after its version are written (round), and in intake between checking an upload and committing it
+    (round, miner), outside the round lock."""
 
     on_upload: Callable[[int, str], None] | None = None
     before_commit: Callable[[int], None] | None = None
+    after_commit: Callable[[int], None] | None = None
     before_scores: Callable[[int], None] | None = None
     before_intake_commit: Callable[[int, str], None] | None = None
 

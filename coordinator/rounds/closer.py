@@ -11,9 +11,12 @@ It sleeps until the round changes or its mode says it is due (rounds/modes.py). 
    flags recorded before the next round is closed; checkpoints are pruned only then, so that a restart can
    evaluate a round left unfinished on the version it changed.
 
-A round always ends. A failure while one upload is read, evaluated or aggregated refuses that upload
-(``unreadable_upload``) and the rest go on; any other failure is retried, and after
-``max_close_attempts`` the round closes without a version, with the reason recorded.
+A round always ends, and ends once. A failure while one upload is read, evaluated or aggregated refuses
+that upload (``unreadable_upload``) and the rest go on; any other failure before the commit is retried, and
+after ``max_close_attempts`` the round closes without a version, with the reason recorded. Nothing after
+the commit closes the round again: what fails there is logged, and the store refuses a second commit of a
+closed round (``RoundClosedAlready``: a first commit landed although its answer was lost), which stops the
+closer, so that a restart resumes from the store.
 """
 
 from __future__ import annotations
@@ -40,7 +43,7 @@ from coordinator.rounds.scoring import Scores
 from coordinator.rounds.stall import stall_of
 from coordinator.rounds.state import Downloads, RoundCell, RoundState
 from coordinator.settings import RoundSettings
-from coordinator.storage.base import Store
+from coordinator.storage.base import RoundClosedAlready, Store
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import Health, Outcome, Refusal, RoundClose, Upload
 from protocol.evaluation import round_salt
@@ -116,6 +119,9 @@ class Closer:
                 failures = 0
             except Stopping:
                 return
+            except RoundClosedAlready:
+                log.critical("the closer stops: the store and this process disagree", exc_info=True)
+                return
             except Exception:
                 failures += 1
                 pause = min(RETRY_CAP_S, 0.5 * 2**failures)
@@ -142,9 +148,11 @@ class Closer:
         attempts = self.rounds.max_close_attempts
         for attempt in range(1, attempts + 1):
             try:
-                closed = self._close(state)
+                close, seconds, later, accepted = self._close(state)
             except Stopping:
                 self._reopen(state)
+                raise
+            except RoundClosedAlready:
                 raise
             except Exception as e:
                 log.exception("round %d: closing failed (try %d of %d)", state.round, attempt, attempts)
@@ -153,16 +161,16 @@ class Closer:
                     self._reopen(state)
                     raise Stopping from None
                 continue
-            later, accepted = closed
+            self._closed(state, close, seconds)
             if later is not None:
                 self._judge_after(later, accepted)
             self._prune()
             return
         self._close_without_version(state, reason)
 
-    def _close(self, state: RoundState) -> tuple[Later | None, set[str]]:
-        """Judge, build under the guard, commit; returns what is left to judge after the version (overlapped
-        rounds) and the accepted uploads."""
+    def _close(self, state: RoundState) -> tuple[RoundClose, float, Later | None, set[str]]:
+        """Judge, build under the guard, commit; returns the close committed, its seconds, what is left to
+        judge after the version (overlapped rounds) and the accepted uploads."""
         t0 = time.perf_counter()
         uploads = self.store.round_uploads(state.round)
         head, head_hash = self.store.head()  # what the uploads are judged on and applied to: the model now
@@ -210,8 +218,8 @@ class Closer:
         if built is not None:
             self.model.params = built.params
             self.publisher.commit(built)
-        self._after(state, close, time.perf_counter() - t0)
-        return judgement.later, {m for m, o in outcomes.items() if o.reason is None}
+        accepted = {m for m, o in outcomes.items() if o.reason is None}
+        return close, time.perf_counter() - t0, judgement.later, accepted
 
     def _build(self, state: RoundState, head: int, uploads: list[Upload], judgement: Judgement) -> Guarded:
         """The next version after ``head`` from what judging accepted, under the loss guard."""
@@ -296,8 +304,18 @@ class Closer:
         self._commit(state, close, param_hash)
         self.metrics.rounds_failed.labels(reason.split(":")[0]).inc()
         log.error("round %d closed without a version: %s", state.round, reason)
-        self._after(state, close, 0.0)
+        self._closed(state, close, 0.0)
         self._prune()
+
+    def _closed(self, state: RoundState, close: RoundClose, seconds: float) -> None:
+        """What follows a commit: whatever fails here (the store unreachable for a moment, say), the round
+        stays closed as committed."""
+        try:
+            if self.hooks.after_commit is not None:
+                self.hooks.after_commit(state.round)
+            self._after(state, close, seconds)
+        except Exception:
+            log.exception("round %d: closed, but what follows its commit failed", state.round)
 
     def _after(self, state: RoundState, close: RoundClose, seconds: float) -> None:
         self.scores.changed()

@@ -26,6 +26,12 @@ from protocol.evaluation import Losses
 from protocol.history import SignedRecord
 
 
+class RoundClosedAlready(RuntimeError):
+    """A round's close was committed twice: the first commit landed although its answer was lost (the
+    database restarting as it answered). The state in memory no longer follows the store; the closer
+    stops, and a restart resumes from the store."""
+
+
 class Store(Protocol):
     def accepted_gains(self, first_round: int, before_round: int, validator: str) -> list[float]:
         """The gains ``validator`` measured for the accepted uploads of those rounds."""
@@ -67,7 +73,7 @@ class Store(Protocol):
     def close_round(self, c: RoundClose) -> None:
         """The new version (if any), the verdicts, every upload's outcome, the round's record and the next
         round (synchronous rounds), in one transaction: a crash before it leaves the round open, after it the
-        round closed."""
+        round closed. A round closed already raises ``RoundClosedAlready`` and changes nothing."""
         ...
 
     def close_tasks(self, round_: int, now: float) -> None:

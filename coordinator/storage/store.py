@@ -18,6 +18,7 @@ from typing import Any
 from sqlalchemy import Connection, RowMapping
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
+from coordinator.storage.base import RoundClosedAlready
 from coordinator.storage.lease import LeaseStore
 from coordinator.storage.records import (
     HEALTH_FIELDS,
@@ -277,8 +278,35 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
     def close_round(self, c: RoundClose) -> None:
         """The new version (if any), the verdicts, every upload's outcome, the round's record and the next
         round (synchronous rounds), in one transaction: a crash before it leaves the round open, after it the
-        round closed."""
+        round closed. A round closed already is refused (``RoundClosedAlready``), with nothing
+        changed."""
         with self.transaction() as db:
+            accepted = sum(o.reason is None for o in c.outcomes.values())
+            closed = db.count(
+                "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
+                "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
+                "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
+                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ?, scored = ?, "
+                f"{', '.join(f'{f} = ?' for f in HEALTH_FIELDS)} WHERE round = ? AND status = 'open'",
+                (
+                    c.closed_at,
+                    accepted,
+                    len(c.outcomes) - accepted,
+                    c.compute_s,
+                    None if c.version is None else c.version.eval_loss,
+                    c.close_reason,
+                    c.reference_norm,
+                    sum(c.bytes_down),
+                    *c.bytes_down,
+                    c.next_version,
+                    c.applied_to,
+                    int(c.scored),
+                    *astuple(c.health),
+                    c.round,
+                ),
+            )
+            if closed != 1:  # closed already: an earlier commit landed although its answer was lost
+                raise RoundClosedAlready(f"round {c.round} is closed already; nothing was changed")
             if (v := c.version) is not None:
                 assert c.record is not None, "a version is committed with its signed record"
                 db.execute(INSERT_RECORD, record_row(c.record))
@@ -315,30 +343,6 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
                     )
                     for miner, o in c.outcomes.items()
                 ],
-            )
-            accepted = sum(o.reason is None for o in c.outcomes.values())
-            db.execute(
-                "UPDATE rounds SET status = 'closed', closed_at = ?, accepted = ?, rejected = ?, "
-                "compute_s = ?, eval_loss = ?, close_reason = ?, reference_norm = ?, "
-                "bytes_down = bytes_down + ?, bytes_down_model = bytes_down_model + ?, "
-                "bytes_down_data = bytes_down_data + ?, result_version = ?, applied_to = ?, scored = ?, "
-                f"{', '.join(f'{f} = ?' for f in HEALTH_FIELDS)} WHERE round = ?",
-                (
-                    c.closed_at,
-                    accepted,
-                    len(c.outcomes) - accepted,
-                    c.compute_s,
-                    None if c.version is None else c.version.eval_loss,
-                    c.close_reason,
-                    c.reference_norm,
-                    sum(c.bytes_down),
-                    *c.bytes_down,
-                    c.next_version,
-                    c.applied_to,
-                    int(c.scored),
-                    *astuple(c.health),
-                    c.round,
-                ),
             )
             if c.open_next:
                 db.execute(

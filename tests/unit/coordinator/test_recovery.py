@@ -92,6 +92,63 @@ def test_a_closer_that_cannot_write_a_rounds_scores_tries_again_and_goes_on(open
         assert pool.client.get("/readyz").status_code == 200
 
 
+def test_a_failure_just_after_a_rounds_commit_never_closes_it_again(open_pool: OpenPool) -> None:
+    """The store unreachable for a moment just after a round's commit (PostgreSQL restarting): the round
+    stays as committed. Closing it again would have found its uploads' stored forms deleted and refused
+    them all as unreadable."""
+    failed: list[int] = []
+
+    def after_commit(round_: int) -> None:
+        if not failed:
+            failed.append(round_)
+            raise OSError("injected: the database is restarting")
+
+    with open_pool(app={"hooks": Hooks(after_commit=after_commit)}, rounds={"min_quorum": 2}) as pool:
+        miners = [pool.miner(), pool.miner()]
+        for seed, miner in enumerate(miners):
+            assert miner.upload(0, payload(0, 0, seed=seed)).status_code == 200
+        assert pool.latest_after(0)["version"] == 1
+        now = pool.round()
+        for seed, miner in enumerate(miners):
+            assert miner.upload(now["round"], payload(now["round"], 1, seed=2 + seed)).status_code == 200
+        assert pool.latest_after(now["round"])["version"] == 2  # the closer went on
+        assert failed == [0]
+        assert pool.submissions() == {
+            (r, m.pubkey): ("accepted", None) for r in (0, now["round"]) for m in miners
+        }
+        assert pool.client.get("/v1/versions/3").status_code == 404  # each version published once
+
+
+def test_a_second_commit_of_a_closed_round_stops_the_closer_and_changes_nothing(open_pool: OpenPool) -> None:
+    """A first commit that landed although its answer was lost (the database restarting as it answered),
+    then the round's close tried again: the store refuses it, and the closer stops, so that the process
+    stops and a restart resumes from the store."""
+
+    hooks = Hooks()
+    with open_pool(app={"hooks": hooks}, rounds={"min_quorum": 1, "max_close_attempts": 3}) as pool:
+        run = pool.client.app.state.run  # type: ignore[attr-defined]
+
+        def before_commit(round_: int) -> None:  # what the lost first commit wrote
+            with run.store.transaction() as db:
+                db.execute(
+                    "UPDATE rounds SET status = 'closed', close_reason = 'first' WHERE round = ?", [round_]
+                )
+
+        hooks.before_commit = before_commit
+        miner = pool.miner()
+        assert miner.upload(0, payload(0, 0, seed=1)).status_code == 200
+        deadline = time.monotonic() + 30
+        while not run.closer.ended and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert run.closer.ended
+        assert pool.client.get("/v1/versions/1").status_code == 404
+    hooks.before_commit = None
+    with open_pool(rounds={"min_quorum": 1}) as pool:  # the restart resumes from the store
+        record = pool.record(0)
+        assert (record["status"], record["close_reason"]) == ("closed", "first")
+        assert pool.round()["round"] == 1
+
+
 def test_a_restart_gives_the_open_round_its_deadline_back(open_pool: OpenPool) -> None:
     clock = ManualClock(start=time.time())  # stands still until moved: a busy machine's seconds do not count
     rounds = {"min_quorum": 1, "deadline_s": 20.0, "adaptive_deadline": False}

@@ -13,6 +13,7 @@ from sqlalchemy.exc import OperationalError
 
 from benchmarks.postgres import Postgres
 from coordinator.publishing.history import History
+from coordinator.storage.base import RoundClosedAlready
 from coordinator.storage.records import Health, NewSubmission, NewVersion, Outcome, RoundClose
 from coordinator.storage.schema import SchemaError, head, migrate
 from coordinator.storage.scores import COORDINATOR
@@ -99,6 +100,11 @@ def test_a_run_lives_through_the_store_alike_on_both_backends(store_url: str) ->
             report.bytes_down == 1000 and report.bytes_up == 6_000_000_000 and report.next_opened_at == 13.0
         )
         assert store.refusal_counts(0, 0) == {0: {"norm_outlier": 1}}
+        # the same round closed again (a first commit whose answer was lost): refused, nothing changed
+        again = close(0, None, {"m1": Outcome("unreadable_upload"), "m2": Outcome("unreadable_upload")}, 13.5)
+        with pytest.raises(RoundClosedAlready):
+            store.close_round(dataclasses.replace(again, open_next=False))
+        assert store.upload(0, "m1").reason is None and store.reports()[0].accepted == 1  # type: ignore[union-attr]
         assert store.accepted_norms(0, 1) == [1.5] and store.accepted_gains(0, 1, COORDINATOR) == [0.5]
         inputs = store.score_inputs(-1, 0)
         assert {(t.miner, t.kind, t.count) for t in inputs.tallies} == {
