@@ -24,7 +24,6 @@ import ctypes
 import gc
 import json
 import math
-import multiprocessing
 import os
 import sys
 import tempfile
@@ -43,6 +42,7 @@ from coordinator.rounds.checks import RoundChecks, default_pipeline, run_cheap_c
 from coordinator.settings import CheckSettings, ValidationSettings
 from coordinator.storage.blobs import FileBlobStore
 from coordinator.storage.records import Upload
+from gradpool.processes import fresh_context
 from protocol.codec import PayloadHeader, SparseLoCoCodec
 from protocol.model import ModelConfig, build_model
 from protocol.params import apply_update, param_spec
@@ -81,8 +81,9 @@ def random_payload(codec: SparseLoCoCodec, spec: Spec, seed: int) -> bytes:
 
 
 def in_fresh_process(fn: Callable[..., T], *args: Any) -> T:
-    """fn(*args) in a new (spawned) process, so that no memory peak or cache carries over."""
-    with ProcessPoolExecutor(max_workers=1, mp_context=multiprocessing.get_context("spawn")) as pool:
+    """fn(*args) in a new process (``fresh_context``), so that no memory peak or cache carries over; a
+    measure resets the high-water mark first (``settle_memory``)."""
+    with ProcessPoolExecutor(max_workers=1, mp_context=fresh_context()) as pool:
         return pool.submit(fn, *args).result()
 
 

@@ -117,6 +117,13 @@ def _fork_server() -> ForkServerContext | None:
     return context
 
 
+def fresh_context() -> multiprocessing.context.BaseContext:
+    """Where a benchmark measures in a process of its own: forked from the fork server (it has imported what
+    the commands need and never run a tensor operation, so no memory peak, cache or thread pool carries
+    over), or spawned where the platform has none."""
+    return _fork_server() or multiprocessing.get_context("spawn")
+
+
 def run(
     args: list[str], env: dict[str, str] | None = None, timeout_s: float = 120.0, cwd: Path | None = None
 ) -> subprocess.CompletedProcess[str]:

@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import sys
 from pathlib import Path
 
 from gradpool.processes import Child, Processes
@@ -23,10 +22,6 @@ def mine_args(url: str, key: Path, state: Path) -> list[str]:
     """``gradpool mine`` with this key and state, one thread."""
     key_and_state = ["--key", str(key), "--create-key", "--state-dir", str(state)]
     return ["mine", "--coordinator", url, *key_and_state, "--threads", "1"]
-
-
-def mine_command(url: str, key: Path, state: Path) -> list[str]:
-    return [sys.executable, "-m", "gradpool", *mine_args(url, key, state)]
 
 
 def start_miner(url: str, key: Path, state: Path, log: Path) -> Child:
