@@ -89,11 +89,13 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str, err: str | None = None) -> None:
-    """In the forked process: become ``python -m gradpool ARGS`` in this environment, output to ``log``
-    (standard error too, or to ``err``)."""
+def _gradpool(
+    args: list[str], env: dict[str, str], cwd: str, log: str, err: str | None = None, module: str = "gradpool"
+) -> None:
+    """In the forked process: become ``python -m MODULE ARGS`` (``gradpool``) in this environment, output to
+    ``log`` (standard error too, or to ``err``)."""
     # what ps shows: the command, not the fork server's (first: it finds the title's memory by environ)
-    setproctitle(" ".join(["gradpool", *args]))
+    setproctitle(" ".join([module, *args]))
     os.environ.clear()
     os.environ.update(env)
     os.chdir(cwd)
@@ -103,8 +105,8 @@ def _gradpool(args: list[str], env: dict[str, str], cwd: str, log: str, err: str
         os.close(fd)
     sys.stdout = open(1, "w", buffering=1, closefd=False)  # noqa: SIM115 (the process's own stdout)
     sys.stderr = open(2, "w", buffering=1, closefd=False)  # noqa: SIM115
-    sys.argv = ["gradpool", *args]
-    runpy.run_module("gradpool", run_name="__main__", alter_sys=True)  # what ``python -m gradpool`` runs
+    sys.argv = [module, *args]
+    runpy.run_module(module, run_name="__main__", alter_sys=True)  # what ``python -m MODULE`` runs
 
 
 @functools.cache
@@ -170,23 +172,29 @@ class Processes:
         self.procs: dict[str, Child] = {}
 
     def start(
-        self, name: str, args: list[str], env: dict[str, str] | None = None, prefix: list[str] | None = None
+        self,
+        name: str,
+        args: list[str],
+        env: dict[str, str] | None = None,
+        prefix: list[str] | None = None,
+        module: str = "gradpool",
     ) -> Child:
-        """``python -m gradpool ARGS``, run through ``prefix`` if given (e.g. ``ip netns exec NS``)."""
+        """``python -m gradpool ARGS`` (or another ``module``), run through ``prefix`` if given (e.g. ``ip
+        netns exec NS``)."""
         self.log_dir.mkdir(parents=True, exist_ok=True)
         full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **self.env, **(env or {})}
         context = None if prefix else _fork_server()
         if context is not None:
             process = context.Process(
                 target=_gradpool,
-                args=(args, full_env, os.getcwd(), str(self.log_path(name))),
+                args=(args, full_env, os.getcwd(), str(self.log_path(name)), None, module),
                 name=name,
                 daemon=True,  # ends with the process that started it, if nothing stopped it before
             )
             process.start()
             self.procs[name] = Forked(process, args)
             return self.procs[name]
-        command = [*(prefix or []), sys.executable, "-m", "gradpool", *args]
+        command = [*(prefix or []), sys.executable, "-m", module, *args]
         with open(self.log_path(name), "ab") as log:
             self.procs[name] = subprocess.Popen(
                 command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env

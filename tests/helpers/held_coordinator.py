@@ -10,7 +10,6 @@ from __future__ import annotations
 import asyncio
 import json
 import os
-import subprocess
 import sys
 import threading
 from pathlib import Path
@@ -27,15 +26,11 @@ def start_held_coordinator(
     """Start it as ``procs``' process "coordinator" (so ``procs.kill`` and ``stop_all`` reach it); its URL."""
     ready = state.parent / "ready.json"
     ready.unlink(missing_ok=True)
-    procs.log_dir.mkdir(parents=True, exist_ok=True)
-    full_env = {**os.environ, "PYTHONUNBUFFERED": "1", **env}
-    full_env["PYTHONPATH"] = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
-    command = [sys.executable, "-m", "tests.helpers.held_coordinator", str(state), str(corpus), str(ready)]
-    with open(procs.log_path("coordinator"), "ab") as log:
-        proc = subprocess.Popen(
-            command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL, env=full_env
-        )
-    procs.procs["coordinator"] = proc
+    path = os.pathsep.join([str(ROOT), *filter(None, [os.environ.get("PYTHONPATH")])])
+    args = [str(state), str(corpus), str(ready)]
+    proc = procs.start(
+        "coordinator", args, {**env, "PYTHONPATH": path}, module="tests.helpers.held_coordinator"
+    )
 
     def listening() -> bool:
         if proc.poll() is not None:
