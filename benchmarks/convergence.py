@@ -41,7 +41,6 @@ import argparse
 import hashlib
 import json
 import logging
-import multiprocessing
 import os
 import statistics
 import sys
@@ -56,6 +55,7 @@ import torch
 
 from benchmarks.convergence_methods import METHODS, Tally, finite, run_pool, run_single_model
 from coordinator.data.corpus import build_dataset
+from gradpool.processes import fresh_context
 from node.distributed import local_device
 from node.trainer import NonFiniteLoss
 from protocol.data import Dataset, assignment, eval_ids, stdlib_dir
@@ -259,8 +259,7 @@ def run(cfg: Config) -> dict[str, Any]:
             done.append(run_method(benches[run_cfg.seed], name))
     else:  # methods and seeds are independent and deterministic: the same results, sooner
         per_job = max(1, cfg.threads // cfg.jobs)
-        ctx = multiprocessing.get_context("spawn")
-        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=ctx) as pool:
+        with ProcessPoolExecutor(max_workers=cfg.jobs, mp_context=fresh_context()) as pool:
             futures = [pool.submit(_run_in_process, run_cfg, name, per_job) for run_cfg, name in runs]
             done = [f.result() for f in futures]
     by_method: dict[str, list[dict[str, Any]]] = {}

@@ -89,7 +89,7 @@ class Forked:
         self.send_signal(signal.SIGKILL)
 
 
-def _gradpool(
+def _become(
     args: list[str], env: dict[str, str], cwd: str, log: str, err: str | None = None, module: str = "gradpool"
 ) -> None:
     """In the forked process: become ``python -m MODULE ARGS`` (``gradpool``) in this environment, output to
@@ -147,7 +147,7 @@ def run(
     with tempfile.TemporaryDirectory(prefix="gradpool-run-") as tmp:
         out, err = Path(tmp) / "stdout", Path(tmp) / "stderr"
         process = context.Process(
-            target=_gradpool, args=(args, full_env, str(cwd or os.getcwd()), str(out), str(err))
+            target=_become, args=(args, full_env, str(cwd or os.getcwd()), str(out), str(err))
         )
         process.start()
         process.join(timeout_s)
@@ -186,7 +186,7 @@ class Processes:
         context = None if prefix else _fork_server()
         if context is not None:
             process = context.Process(
-                target=_gradpool,
+                target=_become,
                 args=(args, full_env, os.getcwd(), str(self.log_path(name)), None, module),
                 name=name,
                 daemon=True,  # ends with the process that started it, if nothing stopped it before

@@ -17,7 +17,7 @@ import httpx
 import pytest
 import tomli_w
 
-from gradpool.processes import Processes, run
+from gradpool.processes import Processes
 from protocol.signing import generate_key, save_key
 from tests.helpers.cli import gradpool
 from tests.helpers.miners import QUICK_ROUNDS, mine_args
@@ -57,7 +57,8 @@ def test_the_standby_takes_over_from_a_leader_that_stops_and_the_old_one_commits
         return ["--config", str(tmp_path / f"{name}.toml"), "--port", str(ports[name])]
 
     def mine_one_round(via: str) -> subprocess.CompletedProcess[str]:
-        return run([*mine_args(via, tmp_path / "m.pem", tmp_path / "m"), "--max-rounds", "1"], timeout_s=180)
+        args = mine_args(via, tmp_path / "m.pem", tmp_path / "m")
+        return gradpool(*args, "--max-rounds", "1", timeout_s=180)
 
     def get(name: str, path: str) -> Any:
         return httpx.get(f"{urls[name]}{path}", timeout=10).json()

@@ -11,7 +11,7 @@ import boto3
 import httpx
 import pytest
 
-from gradpool.processes import run
+from tests.helpers.cli import gradpool
 from tests.helpers.miners import mine_args, start_miner
 
 
@@ -56,7 +56,7 @@ def test_two_miners_train_three_overlapped_rounds(
 
 def test_miner_with_wrong_url_fails_with_one_line(tmp_path: Path) -> None:
     args = mine_args("http://127.0.0.1:9", tmp_path / "k.pem", tmp_path / "s")
-    done = run(args, env={"GRADPOOL_STARTUP_TIMEOUT_S": "1"}, timeout_s=60)
+    done = gradpool(*args, env={"GRADPOOL_STARTUP_TIMEOUT_S": "1"}, timeout_s=60)
     assert done.returncode != 0
     assert done.stderr.strip().splitlines()[-1].startswith("error: cannot reach the coordinator")
     assert "Traceback" not in done.stderr
@@ -84,10 +84,8 @@ def test_a_miner_downloads_straight_from_the_object_store(
     rounds = {"min_quorum": 1, "deadline_s": 30.0, "overlap": overlap}
     store = {} if overlap else {"url": request.getfixturevalue("postgres_url")}
     with live_coordinator(blobs=blobs, rounds=rounds, store=store) as server:
-        done = run(
-            [*mine_args(server.url, tmp_path / "m.pem", tmp_path / "state"), "--max-rounds", "3"],
-            timeout_s=240,
-        )
+        args = mine_args(server.url, tmp_path / "m.pem", tmp_path / "state")
+        done = gradpool(*args, "--max-rounds", "3", timeout_s=240)
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         status = server.wait_rounds(3)
         head = httpx.get(f"{server.url}/v1/round", timeout=10).json()
