@@ -14,11 +14,12 @@ For each size and each number of early rounds, the coordinator's verdicts on tho
 the ones measured at that size, and the leaderboard is made again as of each round (coordinator/rounds/).
 Per row: ``honest_outrank_fraction`` as ``benchmarks.adversarial`` counts it, the rounds ``lost`` and the
 smallest ``gap`` (the worst honest score less the best cheater's) over the counted rounds. ``recorded`` is
-the same from the run's own verdicts. Training is the run's: what a different evaluation would have changed
-in the versions (through the refusals that use the gain) is not replayed.
+the same from the run's own verdicts. ``measured`` is what each size measured of each miner's upload in
+each measured round (its ``gain`` and own-data ``t``). Training is the run's: what a different evaluation
+would have changed in the versions (through the refusals that use the gain) is not replayed.
 
     {"run", "kind", "rounds_measured", "recorded": {...}, "rows": [{"sequences", "early_rounds",
-     "honest_outrank_fraction", "lost", "gap"}]}
+     "honest_outrank_fraction", "lost", "gap"}], "measured": {round: {size: {miner: {"gain", "t"}}}}}
 """
 
 from __future__ import annotations
@@ -108,12 +109,23 @@ def resample(run_dir: Path, work: Path, sizes: list[int], early: list[int]) -> d
             for r in measured:
                 store.add_verdicts(r, COORDINATOR, measured[r][n] if r < e else kept[r], 0.0)
             rows.append({"sequences": n, "early_rounds": e, **order(run, report)})
+        names = {m["miner"]: m["name"] for m in report["miners"]}
         return {
             "run": str(run_dir),
             "kind": run_dir.name,
             "rounds_measured": len(measured),
             "recorded": recorded,
             "rows": rows,
+            "measured": {
+                str(r): {
+                    str(n): {
+                        names.get(miner, miner): {"gain": round(x.gain, 6), "t": round(x.t, 4)}
+                        for miner, x in by_miner.items()
+                    }
+                    for n, by_miner in by_size.items()
+                }
+                for r, by_size in measured.items()
+            },
         }
     finally:
         run.close()
