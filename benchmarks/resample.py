@@ -72,9 +72,14 @@ def measure(run: Run, rounds: int, sizes: list[int]) -> dict[int, dict[int, dict
     return out
 
 
+def names_of(report: dict[str, Any]) -> dict[str, str]:
+    """The run's miners' names by key."""
+    return {m["miner"]: m["name"] for m in report["miners"]}
+
+
 def order(run: Run, report: dict[str, Any]) -> dict[str, Any]:
     """The leaderboard's order, round by round, from the verdicts now in the store."""
-    names = {m["miner"]: m["name"] for m in report["miners"]}
+    names = names_of(report)
     boards = [
         {
             "round": row["round"],
@@ -109,26 +114,27 @@ def resample(run_dir: Path, work: Path, sizes: list[int], early: list[int]) -> d
             for r in measured:
                 store.add_verdicts(r, COORDINATOR, measured[r][n] if r < e else kept[r], 0.0)
             rows.append({"sequences": n, "early_rounds": e, **order(run, report)})
-        names = {m["miner"]: m["name"] for m in report["miners"]}
         return {
             "run": str(run_dir),
             "kind": run_dir.name,
             "rounds_measured": len(measured),
             "recorded": recorded,
             "rows": rows,
-            "measured": {
-                str(r): {
-                    str(n): {
-                        names.get(miner, miner): {"gain": round(x.gain, 6), "t": round(x.t, 4)}
-                        for miner, x in by_miner.items()
-                    }
-                    for n, by_miner in by_size.items()
-                }
-                for r, by_size in measured.items()
-            },
+            "measured": _by_name(measured, names_of(report)),
         }
     finally:
         run.close()
+
+
+def _by_name(measured: dict[int, dict[int, dict[str, Losses]]], names: dict[str, str]) -> dict[str, Any]:
+    """``measure``'s losses as JSON: {round: {size: {miner's name: {"gain", "t"}}}}."""
+    return {
+        str(r): {
+            str(n): {names.get(m, m): {"gain": round(x.gain, 6), "t": round(x.t, 4)} for m, x in row.items()}
+            for n, row in by_size.items()
+        }
+        for r, by_size in measured.items()
+    }
 
 
 def main(argv: list[str] | None = None) -> int:
