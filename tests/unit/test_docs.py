@@ -25,8 +25,9 @@ from node.settings import MinerSettings, ValidatorSettings
 ROOT = Path(__file__).resolve().parents[2]
 
 
-def load_hooks() -> ModuleType:
-    spec = importlib.util.spec_from_file_location("gradpool_docs_hooks", ROOT / "docs" / "hooks.py")
+def load_docs_module(name: str) -> ModuleType:
+    """One of the documentation's generators (docs/NAME.py), as the site's build loads it."""
+    spec = importlib.util.spec_from_file_location(f"gradpool_docs_{name}", ROOT / "docs" / f"{name}.py")
     assert spec is not None and spec.loader is not None
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
@@ -141,7 +142,7 @@ def test_the_settings_reference_shows_type_bounds_default_and_description(tmp_pa
 
     toml = tmp_path / "toy.toml"
     toml.write_text("# the toy's name\n# name = 'x'\n\n[inner]\ndepth = 3\nmode = 'fast'  # or slow\n")
-    rendered = load_hooks().render_settings_class(Toy, toml)
+    rendered = load_docs_module("settings_reference").render_settings_class(Toy, toml)
     rows = {line.split("|")[1].strip(): line for line in rendered.splitlines() if line.startswith("| `")}
     assert rows["`name`"] == "| `name` | str or unset | `unset` | `GRADPOOL_NAME` | the toy's name |"
     assert rows["`depth`"] == "| `depth` | int (>= 1, <= 9) | `3` | `GRADPOOL_INNER__DEPTH` | how deep |"
