@@ -4,23 +4,22 @@ directory, and hands the parts to the HTTP layer.
     Run ─┬─ Intake   identities, registrations, uploads      (intake threads)
          ├─ Closer   judging, aggregating, publishing         (its own thread)
          └─ Queries  everything the API reads                 (the event loop)
-    over a Store (SQLite, the only SQL), a BlobStore, and one RoundCell (coordinator/rounds/state.py).
+    over a Store (SQLite or PostgreSQL), a BlobStore, and one RoundCell (coordinator/rounds/state.py).
 """
 
 from __future__ import annotations
 
 import functools
-import json
 import logging
 import os
 import threading
 import time
 from collections.abc import Callable, Sequence
 from concurrent.futures import ThreadPoolExecutor
-from pathlib import Path
 
 from coordinator.data.corpus import build_dataset
 from coordinator.data.tokenizer import RunTokenizer
+from coordinator.describe import check_fingerprint, keep_for_export, run_info
 from coordinator.errors import Conflict
 from coordinator.hooks import Clock, Hooks
 from coordinator.metrics import Metrics
@@ -54,14 +53,10 @@ from coordinator.storage.store import open_store
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.device import autocast_dtype, pick_device
-from protocol.model import CausalLM, ModelConfig, build_model, resolve
+from protocol.model import CausalLM, build_model, resolve
 from protocol.params import get_params, param_spec, params_hash, write_checkpoint
-from protocol.wire import PROTOCOL_VERSION, EvaluationConfig, RunInfo
 
 log = logging.getLogger(__name__)
-FINGERPRINT_FIELDS = {"run_id", "seed", "model", "codec", "recipe"}
-# recipe keys added since the first release, with their defaults: a state directory from before resumes
-LATER_RECIPE_KEYS = {"schedule": "constant", "planned_rounds": None, "lr_floor": 0.1}
 
 
 class Run:
@@ -91,7 +86,7 @@ class Run:
         try:
             self.lease.acquire()  # and renewed from then on: building the run may take longer than the lease
             self.tokenizer = RunTokenizer(settings.data.tokenizer)
-            _check_fingerprint(self.store, settings, self.tokenizer)
+            check_fingerprint(self.store, settings, self.tokenizer)
             self._build(
                 settings, checks, hooks or Hooks(), clock if isinstance(clock, Clock) else Clock(clock), mode
             )
@@ -126,7 +121,7 @@ class Run:
             max_tokens=d.max_tokens,
             eval_every=d.eval_every,
         )
-        _keep_for_export(root, self.store, architecture, self.tokenizer)
+        keep_for_export(root, self.store, architecture, self.tokenizer)
         dataset = Dataset(root / "data")
         codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
         downlink = Downlink(settings.publish, codec, spec)  # a [publish] budget no k fits: an error here
@@ -134,34 +129,7 @@ class Run:
         self.max_payload_bytes = (
             cap if settings.max_payload_bytes is None else min(cap, settings.max_payload_bytes)
         )
-        self.info = RunInfo(
-            protocol_version=PROTOCOL_VERSION,
-            run_id=settings.run_id,
-            seed=settings.seed,
-            model=settings.model_name(),
-            architecture=architecture,
-            tokenizer_sha256=self.tokenizer.sha256,
-            seq_len=architecture.block_size,
-            num_sequences=self.data_meta.num_sequences,
-            eval_every=self.data_meta.eval_every,
-            codec=settings.codec,
-            recipe=settings.recipe,
-            max_payload_bytes=self.max_payload_bytes,
-            max_catchup_versions=settings.max_catchup_versions,
-            checkpoint_every=settings.publish.checkpoint_every,
-            evaluation=EvaluationConfig.model_validate(
-                {
-                    "own_sequences": settings.validation.own_sequences,
-                    "other_sequences": settings.validation.other_sequences,
-                    "outer_lr": settings.outer_lr(),
-                    "early_rounds": settings.validation.early_rounds,
-                    "early_factor": settings.validation.early_factor,
-                    "assign": settings.validation.assign,
-                }
-            ),
-            overlap=settings.rounds.overlap,
-            direct_uploads=settings.blobs.direct_uploads,
-        )
+        self.info = run_info(settings, architecture, self.tokenizer, self.data_meta, self.max_payload_bytes)
         self.history = History(
             coordinator_key(settings.identity_key(), self.store), settings.run_id, self.store
         )
@@ -196,46 +164,9 @@ class Run:
         self.cell = RoundCell(state)
         self.scores = Scores(self.store, settings.validation)
         self.downloads = Downloads()
-        stop = threading.Event()
+        stop = threading.Event()  # the closer's: the judging and the sharing stop with it
         self.sharing = Sharing(self.store, v, clock, stop, self.metrics) if v.assign else None
-        reader = UploadReader(blobs, hooks)
-        pipeline = default_pipeline(settings.checks, settings.validation) if checks is None else checks
-        judge = Judge(
-            self.store,
-            blobs,
-            reader,
-            codec,
-            spec,
-            Evaluations(self.model, dataset, self.info),
-            self.scores,
-            self.metrics,
-            settings.checks,
-            settings.validation,
-            pipeline,
-            stop,
-            self.lineage,
-            self.sharing,
-        )
-        self.closer = Closer(
-            self.cell,
-            self.store,
-            blobs,
-            mode_for(settings.rounds.overlap, v.assign) if mode is None else mode,
-            RoundOpener(self.cell, self.store, settings.rounds, clock.now),
-            judge,
-            publisher,
-            self.history,
-            self.model,
-            reader,
-            self.scores,
-            self.metrics,
-            self.downloads,
-            settings.rounds,
-            settings.keep_checkpoints,
-            hooks,
-            clock,
-            stop,
-        )
+        self.closer = self._closer(settings, checks, hooks, clock, mode, stop)
         self.intake = Intake(
             self.cell,
             self.store,
@@ -265,6 +196,56 @@ class Run:
         self.metrics.uploads.set(len(state.uploaded))
         if (loss := self.store.eval_loss(state.version)) is not None:
             self.metrics.eval_loss.set(loss)
+
+    def _closer(
+        self,
+        settings: CoordinatorSettings,
+        checks: Sequence[Check] | None,
+        hooks: Hooks,
+        clock: Clock,
+        mode: RoundMode | None,
+        stop: threading.Event,
+    ) -> Closer:
+        """The closer and the judging it runs, over the parts ``_build`` made."""
+        v = settings.validation
+        reader = UploadReader(self.blobs, hooks)
+        pipeline = default_pipeline(settings.checks, v) if checks is None else checks
+        judge = Judge(
+            self.store,
+            self.blobs,
+            reader,
+            self.codec,
+            self.spec,
+            Evaluations(self.model, self.dataset, self.info),
+            self.scores,
+            self.metrics,
+            settings.checks,
+            v,
+            pipeline,
+            stop,
+            self.lineage,
+            self.sharing,
+        )
+        return Closer(
+            self.cell,
+            self.store,
+            self.blobs,
+            mode_for(settings.rounds.overlap, v.assign) if mode is None else mode,
+            RoundOpener(self.cell, self.store, settings.rounds, clock.now),
+            judge,
+            self.publisher,
+            self.history,
+            self.model,
+            reader,
+            self.scores,
+            self.metrics,
+            self.downloads,
+            settings.rounds,
+            settings.keep_checkpoints,
+            hooks,
+            clock,
+            stop,
+        )
 
     def _resume_or_start(
         self,
@@ -353,34 +334,3 @@ class Run:
     def count_download(self, nbytes: int, kind: str = "model") -> None:
         self.downloads.add(nbytes, kind)
         self.metrics.bytes_out.labels(kind).inc(nbytes)
-
-
-def _check_fingerprint(store: Store, s: CoordinatorSettings, tokenizer: RunTokenizer) -> None:
-    """Refuse, before touching anything, a state directory made by a run with other settings."""
-    data = s.data.model_dump(mode="json", include={"corpus", "max_tokens", "eval_every"})
-    if not tokenizer.is_byte:  # (byte runs keep the fingerprint of the first releases)
-        data["tokenizer_sha256"] = tokenizer.sha256
-    run = s.model_dump(mode="json", include=FINGERPRINT_FIELDS)
-    for key, default in LATER_RECIPE_KEYS.items():  # at its default, a later key leaves the fingerprint alone
-        if run["recipe"].get(key) == default:
-            del run["recipe"][key]
-    mine = json.dumps({"run": run, "data": data}, sort_keys=True)
-    stored = store.get_meta("fingerprint")
-    if stored is None:
-        store.set_meta("fingerprint", mine)
-    elif stored != mine:
-        raise ValueError(
-            f"state directory {s.state_dir} belongs to a run with other settings "
-            "(run_id, model, codec, recipe, seed or data); use a new --state-dir"
-        )
-
-
-def _keep_for_export(root: Path, store: Store, architecture: ModelConfig, tokenizer: RunTokenizer) -> None:
-    """The model config and the tokenizer in the state directory, so that ``gradpool export`` and
-    ``gradpool generate`` need nothing else."""
-    store.set_meta("architecture", architecture.model_dump_json())
-    path = root / "tokenizer.json"
-    if not path.exists() or path.read_bytes() != tokenizer.json:
-        tmp = path.with_name("tokenizer.json.tmp")
-        tmp.write_bytes(tokenizer.json)
-        os.replace(tmp, path)

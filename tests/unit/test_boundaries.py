@@ -23,7 +23,7 @@ COORDINATOR_LAYERS: tuple[tuple[str, ...], ...] = (
     ("coordinator.storage", "coordinator.data"),
     ("coordinator.metrics", "coordinator.publishing"),
     ("coordinator.rounds",),
-    ("coordinator.run",),
+    ("coordinator.describe", "coordinator.run"),
     ("coordinator.api",),
 )
 
