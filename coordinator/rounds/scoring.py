@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from coordinator.rounds.sharing import median
 from coordinator.settings import ValidationSettings
 from coordinator.storage.base import Store
-from coordinator.storage.records import NEUTRAL
+from coordinator.storage.records import NEUTRAL, ScoreInputs
 from coordinator.storage.scores import COORDINATOR
 from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict
@@ -70,54 +70,14 @@ def leaderboard(
     results of a round not yet committed (for weighting by score). Refusals that were not the miner's
     doing (``checks.NEUTRAL``) neither score nor count; a published round with nothing from a miner, after
     its first, is a missed round (``protocol.evaluation.missed``)."""
-    since = through - settings.score_window
-    inputs = store.score_inputs(since, through)
-    own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
-    theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
-    for v in inputs.verdicts:
-        if v.validator == COORDINATOR:
-            own[v.round][v.miner] = v.losses
-        else:
-            theirs[v.round][v.miner].append(v.losses)
-    window = inputs.outcomes
-    accepted: dict[int, set[str]] = defaultdict(set)
-    for s in window:
-        if s.status == "accepted":
-            accepted[s.round].add(s.miner)
-    evaluated: dict[int, dict[str, RoundResult]] = {}
-    for r in set(own) | set(theirs):
-        losses = (
-            own[r]
-            if (settings.builtin or settings.assign) and own.get(r)
-            else {m: median(xs) for m, xs in theirs[r].items()}
-        )
-        evaluated[r] = round_results(r, losses, accepted[r])
-    results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
-    counts: dict[str, dict[str, int]] = defaultdict(dict)
-    last: dict[str, int] = {}
-    for c in inputs.tallies:
-        last[c.miner] = max(last.get(c.miner, -1), c.last)
-        if c.kind not in NEUTRAL:
-            counts[c.miner][c.kind] = c.count
-    flagged: dict[str, dict[str, int]] = defaultdict(dict)
-    for c in inputs.flags:
-        flagged[c.miner][c.kind] = c.count
-    for c in inputs.intake_tallies:
-        counts[c.miner][c.kind] = counts[c.miner].get(c.kind, 0) + c.count
-        last[c.miner] = max(last.get(c.miner, -1), c.last)
-    for s in window:
-        res = evaluated.get(s.round, {}).get(s.miner)
-        if res is not None:
-            results[s.miner][s.round] = res
-        elif s.status == "rejected" and s.reason not in NEUTRAL:  # refused before evaluation
-            results[s.miner][s.round] = refused(s.round)
-    for f in inputs.intake_refusals:
-        results[f.miner][f.round] = refused(f.round)
+    inputs = store.score_inputs(through - settings.score_window, through)
+    counts, last, flagged = _records(inputs)
+    results = _results(inputs, settings)
     for m, result in (extra or {}).items():
         results[m][result.round] = result
         last[m] = max(last.get(m, -1), result.round)
     first, published = inputs.first_rounds, inputs.published
-    present = {(s.round, s.miner) for s in window}  # (a neutral refusal is not a missed round)
+    present = {(s.round, s.miner) for s in inputs.outcomes}  # (a neutral refusal is not a missed round)
     entries = []
     for m in set(last):
         gaps = [
@@ -148,3 +108,64 @@ def leaderboard(
             )
         )
     return sorted(entries, key=lambda e: (-e.score, e.miner))
+
+
+def _evaluated(inputs: ScoreInputs, settings: ValidationSettings) -> dict[int, dict[str, RoundResult]]:
+    """Each evaluated round's results, by miner: from the coordinator's own verdicts where it evaluates
+    (``builtin`` or ``assign``) and has some, else from the median of the validators' verdicts."""
+    own: dict[int, dict[str, Losses]] = defaultdict(dict)  # the coordinator's verdicts, by round
+    theirs: dict[int, dict[str, list[Losses]]] = defaultdict(lambda: defaultdict(list))  # validators'
+    for v in inputs.verdicts:
+        if v.validator == COORDINATOR:
+            own[v.round][v.miner] = v.losses
+        else:
+            theirs[v.round][v.miner].append(v.losses)
+    accepted: dict[int, set[str]] = defaultdict(set)
+    for s in inputs.outcomes:
+        if s.status == "accepted":
+            accepted[s.round].add(s.miner)
+    evaluated: dict[int, dict[str, RoundResult]] = {}
+    for r in set(own) | set(theirs):
+        losses = (
+            own[r]
+            if (settings.builtin or settings.assign) and own.get(r)
+            else {m: median(xs) for m, xs in theirs[r].items()}
+        )
+        evaluated[r] = round_results(r, losses, accepted[r])
+    return evaluated
+
+
+def _results(inputs: ScoreInputs, settings: ValidationSettings) -> dict[str, dict[int, RoundResult]]:
+    """Each miner's results in the score window, by round: evaluated, or refused (before evaluation, for a
+    reason of the miner's doing, or at intake)."""
+    evaluated = _evaluated(inputs, settings)
+    results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
+    for s in inputs.outcomes:
+        res = evaluated.get(s.round, {}).get(s.miner)
+        if res is not None:
+            results[s.miner][s.round] = res
+        elif s.status == "rejected" and s.reason not in NEUTRAL:  # refused before evaluation
+            results[s.miner][s.round] = refused(s.round)
+    for f in inputs.intake_refusals:
+        results[f.miner][f.round] = refused(f.round)
+    return results
+
+
+def _records(
+    inputs: ScoreInputs,
+) -> tuple[dict[str, dict[str, int]], dict[str, int], dict[str, dict[str, int]]]:
+    """Each miner's record over the whole run: its uploads by outcome (``accepted`` or a refusal of its
+    doing, intake's included), its last round, and its flags by kind."""
+    counts: dict[str, dict[str, int]] = defaultdict(dict)
+    last: dict[str, int] = {}
+    for c in inputs.tallies:
+        last[c.miner] = max(last.get(c.miner, -1), c.last)
+        if c.kind not in NEUTRAL:
+            counts[c.miner][c.kind] = c.count
+    for c in inputs.intake_tallies:
+        counts[c.miner][c.kind] = counts[c.miner].get(c.kind, 0) + c.count
+        last[c.miner] = max(last.get(c.miner, -1), c.last)
+    flagged: dict[str, dict[str, int]] = defaultdict(dict)
+    for c in inputs.flags:
+        flagged[c.miner][c.kind] = c.count
+    return counts, last, flagged
