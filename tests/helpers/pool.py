@@ -178,10 +178,11 @@ class Pool:
         info: dict[str, Any] = r.json()
         return info
 
-    def wait_for_round(self, after: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    def wait_for_round(self, after: int, timeout_s: float = 90.0) -> dict[str, Any]:
         """/v1/round once round ``after`` has closed and a later one is open (closing runs in the background;
         with overlapped rounds the next one opens before this one has closed). Long-polls, so that it wakes
-        as the round moves."""
+        as the round moves. The timeout only ends a wait that went wrong: a close evaluates every upload on
+        this machine's CPU, which a loaded machine may take tens of seconds over."""
 
         def closed() -> bool:
             r = self.client.get("/v1/round", params={"after": after, "wait_s": 0.5})
@@ -200,7 +201,7 @@ class Pool:
             return {"version": info["version"], "param_hash": info["param_hash"]}
         return {"version": info["newest"], "param_hash": info["newest_hash"]}
 
-    def latest_after(self, round_: int, timeout_s: float = 30.0) -> dict[str, Any]:
+    def latest_after(self, round_: int, timeout_s: float = 90.0) -> dict[str, Any]:
         """``latest()`` once round ``round_`` has closed."""
         self.wait_for_round(round_, timeout_s)
         return self.latest()
