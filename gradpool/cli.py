@@ -6,9 +6,10 @@ import asyncio
 import dataclasses
 import json
 import logging
+import ssl
 import sys
 from pathlib import Path
-from typing import Annotated, Any
+from typing import TYPE_CHECKING, Annotated, Any
 
 import typer
 
@@ -21,6 +22,9 @@ from gradpool.serving import serve_coordinator
 from protocol.codec import CODEC_NAMES
 from protocol.model import PRESETS
 from protocol.wire import HEADER_LEADER, HEADER_REPLICA
+
+if TYPE_CHECKING:
+    import httpx
 
 app = typer.Typer(
     no_args_is_help=True,
@@ -117,25 +121,14 @@ def status(
 ) -> None:
     """Print the network's state: round, version, miners, recent held-out losses, the leaderboard (and,
     where the evaluation is shared, each validator's record)."""
-    import httpx
-
     from node.errors import tls_context
 
     try:
         verify = tls_context(ca_cert)
     except OSError as e:  # an unreadable CA file
         fail(f"cannot read the CA certificate {ca_cert}: {e}", 1)
-    failures = []
-    for url in [u.strip().rstrip("/") for u in coordinator.split(",") if u.strip()]:
-        try:
-            response = httpx.get(f"{url}/v1/status", timeout=10.0, verify=verify)
-            response.raise_for_status()
-            data = response.json()
-            break
-        except (httpx.HTTPError, ValueError) as e:
-            failures.append(f"{url}: {e}")
-    else:
-        fail(f"cannot read status from {coordinator}: {'; '.join(failures) or 'no URL given'}", 1)
+    url, response, failures = _first_status(coordinator, verify)
+    data = response.json()
     if as_json:
         typer.echo(json.dumps(data, indent=1))
         return
@@ -159,38 +152,65 @@ def status(
             f"accepted {row['accepted']}  rejected {row['rejected']}"
         )
     if data.get("leaderboard"):
-        typer.echo("leaderboard (score: the mean round score less its standard error; see the README)")
-        cols = ["miner", "score", "mean", "+-", "gain", "own>other", "rounds", "missed", "refused"]
-        widths = [-16, 8, 7, 5, 8, 9, 6, 6, 7]
-        names = [f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)]
-        typer.echo("  " + " ".join(names) + "  why")
-        for x in data["leaderboard"]:
-            why = refusals_text(x)
-            cells = [
-                f"{x['miner'][:16]:<16}",
-                f"{x['score']:>8.4f}",
-                f"{x.get('score_mean', 0):>7.3f}",
-                f"{x.get('score_stderr', 0):>5.2f}",
-                f"{x['gain_avg']:>8.4f}",
-                f"{x['assigned_avg']:>9.2f}",
-                f"{x['rounds_contributed']:>6}",
-                f"{x.get('rounds_missed', 0):>6}",
-                f"{x['rounds_refused']:>7}",
-            ]
-            typer.echo("  " + " ".join(cells) + f"  {why}")
+        _print_leaderboard(data["leaderboard"])
     if run.get("evaluation", {}).get("assign"):  # the evaluation shared among validators: their records
+        _print_validators(url, verify)
+
+
+def _first_status(coordinator: str, verify: ssl.SSLContext) -> tuple[str, httpx.Response, list[str]]:
+    """The first of the comma-separated URLs that answers ``/v1/status`` with JSON: its URL, the answer,
+    and what each URL before it said instead."""
+    import httpx
+
+    failures: list[str] = []
+    for url in [u.strip().rstrip("/") for u in coordinator.split(",") if u.strip()]:
         try:
-            records = httpx.get(f"{url}/v1/validators", timeout=10.0, verify=verify).json()["validators"]
-        except (httpx.HTTPError, ValueError, KeyError) as e:
-            typer.echo(f"validators: cannot read their records ({e})")
-            return
-        typer.echo("validators (uploads assigned: agreed, outvoted, missed)")
-        for v in records:
-            drawn = "benched" if v["benched"] else "drawn"
-            typer.echo(
-                f"  {v['validator'][:16]}  assigned {v['assigned']:>5}  agreed {v['agreed']:>5}  "
-                f"outvoted {v['outvoted']:>4}  missed {v['missed']:>4}  last round {v['last_round']}  {drawn}"
-            )
+            response = httpx.get(f"{url}/v1/status", timeout=10.0, verify=verify)
+            response.raise_for_status()
+            response.json()
+            return url, response, failures
+        except (httpx.HTTPError, ValueError) as e:
+            failures.append(f"{url}: {e}")
+    fail(f"cannot read status from {coordinator}: {'; '.join(failures) or 'no URL given'}", 1)
+
+
+def _print_leaderboard(entries: list[dict[str, Any]]) -> None:
+    typer.echo("leaderboard (score: the mean round score less its standard error; see the README)")
+    cols = ["miner", "score", "mean", "+-", "gain", "own>other", "rounds", "missed", "refused"]
+    widths = [-16, 8, 7, 5, 8, 9, 6, 6, 7]
+    names = [f"{c:<{-w}}" if w < 0 else f"{c:>{w}}" for c, w in zip(cols, widths, strict=True)]
+    typer.echo("  " + " ".join(names) + "  why")
+    for x in entries:
+        cells = [
+            f"{x['miner'][:16]:<16}",
+            f"{x['score']:>8.4f}",
+            f"{x.get('score_mean', 0):>7.3f}",
+            f"{x.get('score_stderr', 0):>5.2f}",
+            f"{x['gain_avg']:>8.4f}",
+            f"{x['assigned_avg']:>9.2f}",
+            f"{x['rounds_contributed']:>6}",
+            f"{x.get('rounds_missed', 0):>6}",
+            f"{x['rounds_refused']:>7}",
+        ]
+        typer.echo("  " + " ".join(cells) + f"  {refusals_text(x)}")
+
+
+def _print_validators(url: str, verify: ssl.SSLContext) -> None:
+    """Each validator's record, where the evaluation is shared among validators."""
+    import httpx
+
+    try:
+        records = httpx.get(f"{url}/v1/validators", timeout=10.0, verify=verify).json()["validators"]
+    except (httpx.HTTPError, ValueError, KeyError) as e:
+        typer.echo(f"validators: cannot read their records ({e})")
+        return
+    typer.echo("validators (uploads assigned: agreed, outvoted, missed)")
+    for v in records:
+        drawn = "benched" if v["benched"] else "drawn"
+        typer.echo(
+            f"  {v['validator'][:16]}  assigned {v['assigned']:>5}  agreed {v['agreed']:>5}  "
+            f"outvoted {v['outvoted']:>4}  missed {v['missed']:>4}  last round {v['last_round']}  {drawn}"
+        )
 
 
 @app.command()
