@@ -52,35 +52,14 @@ def simulate(
     validators, named to the coordinator, which (``assign``) shares its evaluation among them. ``host``:
     the address the coordinator listens on; ``wrap``: the command the i-th miner runs through (benchmarks
     start each miner in a network namespace of its own)."""
-    from coordinator.settings import AdmissionSettings, CoordinatorSettings
+    from coordinator.settings import CoordinatorSettings
 
     out.mkdir(parents=True, exist_ok=True)
-    overrides: dict[str, Any] = {
-        "state_dir": out / "coordinator",
-        "host": host,
-        "port": 0,
-        "model": model,
-        "codec": {"name": codec},
-        "data": {
-            "max_tokens": max_tokens,
-            "tokenizer": tokenizer if tokenizer == "byte" else str(Path(tokenizer).resolve()),
-            **({} if corpus is None else {"corpus": corpus.resolve()}),
-        },
-        "rounds": {
-            "min_quorum": max(1, (miners + 1) // 2),
-            **({} if overlap is None else {"overlap": overlap}),
-        },
-        "max_catchup_versions": 64,  # a stale adversary goes back a few versions
-    }
-    nodes = miners + sum((adversaries or {}).values())  # all from this machine's address, at once
-    default = AdmissionSettings()  # the defaults, unless the network is larger
-    overrides["admission"] = {
-        "per_address_per_minute": max(default.per_address_per_minute, nodes),
-        "per_minute": max(default.per_minute, nodes),
-    }
+    checkers = {f"validator-{i}": _key(out / "keys" / f"validator-{i}.pem") for i in range(validators)}
+    nodes = miners + sum((adversaries or {}).values())
+    overrides = _overrides(out, host, model, codec, tokenizer, corpus, max_tokens, miners, nodes, overlap)
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
-    checkers = {f"validator-{i}": _key(out / "keys" / f"validator-{i}.pem") for i in range(validators)}
     if checkers:
         overrides["validation"] = {"validators": list(checkers.values()), "assign": assign}
     settings = load_settings(CoordinatorSettings, config, overrides)
@@ -117,6 +96,53 @@ def simulate(
         procs.stop_all()
     report = _report(settings, miners, status)
     report.update(standings)
+    _echo_standings(report, echo)
+    (out / "report.json").write_text(json.dumps(report, indent=1))
+    plot_losses(report, out / "loss.png")
+    return report
+
+
+def _overrides(
+    out: Path,
+    host: str,
+    model: str,
+    codec: str,
+    tokenizer: str,
+    corpus: Path | None,
+    max_tokens: int,
+    miners: int,
+    nodes: int,
+    overlap: bool | None,
+) -> dict[str, Any]:
+    """The coordinator's settings for a simulated network, over the defaults (and the ``--config`` file).
+    ``nodes``: every miner, honest or not, all from this machine's address at once."""
+    from coordinator.settings import AdmissionSettings
+
+    default = AdmissionSettings()  # the defaults, unless the network is larger
+    return {
+        "state_dir": out / "coordinator",
+        "host": host,
+        "port": 0,
+        "model": model,
+        "codec": {"name": codec},
+        "data": {
+            "max_tokens": max_tokens,
+            "tokenizer": tokenizer if tokenizer == "byte" else str(Path(tokenizer).resolve()),
+            **({} if corpus is None else {"corpus": corpus.resolve()}),
+        },
+        "rounds": {
+            "min_quorum": max(1, (miners + 1) // 2),
+            **({} if overlap is None else {"overlap": overlap}),
+        },
+        "max_catchup_versions": 64,  # a stale adversary goes back a few versions
+        "admission": {
+            "per_address_per_minute": max(default.per_address_per_minute, nodes),
+            "per_minute": max(default.per_minute, nodes),
+        },
+    }
+
+
+def _echo_standings(report: dict[str, Any], echo: Callable[[str], None]) -> None:
     for m in report["miners"]:
         echo(
             f"{m['name']:>16} {m['kind']:>9}  score {m['score']:+.4f}  rounds {m['rounds_contributed']:>3}"
@@ -127,9 +153,6 @@ def simulate(
             f"{v['name']:>16} validator  assigned {v.get('assigned', 'n/a')}  agreed {v.get('agreed', 'n/a')}"
             f"  outvoted {v.get('outvoted', 'n/a')}  missed {v.get('missed', 'n/a')}"
         )
-    (out / "report.json").write_text(json.dumps(report, indent=1))
-    plot_losses(report, out / "loss.png")
-    return report
 
 
 def _roster(miners: int, adversaries: dict[str, int], keys: Path) -> dict[str, tuple[str, str]]:
