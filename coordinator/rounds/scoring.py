@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from coordinator.rounds.sharing import median
 from coordinator.settings import ValidationSettings
 from coordinator.storage.base import Store
-from coordinator.storage.records import NEUTRAL, ScoreInputs
+from coordinator.storage.records import NEUTRAL, Refusal, ScoreInputs
 from coordinator.storage.scores import COORDINATOR
 from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict
@@ -137,12 +137,16 @@ def _evaluated(inputs: ScoreInputs, settings: ValidationSettings) -> dict[int, d
 
 def _results(inputs: ScoreInputs, settings: ValidationSettings) -> dict[str, dict[int, RoundResult]]:
     """Each miner's results in the score window, by round: evaluated, or refused (before evaluation, for a
-    reason of the miner's doing, or at intake)."""
+    reason of the miner's doing, or at intake). An upload refused as ``norm_outlier`` earns a refusal's
+    result whatever its verdict says: the verdict measured it clipped to the reference norm, and what the
+    miner sent overshoots (``checks.UnprovenOutlier``), so a rescaled copy of good work earns nothing."""
     evaluated = _evaluated(inputs, settings)
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
     for s in inputs.outcomes:
         res = evaluated.get(s.round, {}).get(s.miner)
-        if res is not None:
+        if s.status == "rejected" and s.reason == Refusal.NORM_OUTLIER:
+            results[s.miner][s.round] = refused(s.round)
+        elif res is not None:
             results[s.miner][s.round] = res
         elif s.status == "rejected" and s.reason not in NEUTRAL:  # refused before evaluation
             results[s.miner][s.round] = refused(s.round)

@@ -34,4 +34,6 @@ def test_every_loud_cheat_is_refused_or_ranked_below_the_honest(tmp_path: Path, 
     assert sum(scaled.values()) >= rounds - 1, scaled
     assert refused["signflip"].get("harmful", 0) >= 1
     assert refused["lutscale"].get("norm_outlier", 0) >= rounds - 1  # value tables x1e30: far above
-    assert cheats["noise"]["score"] < worst_honest  # not refused in every round, yet ranked below
+    # noise: not refused in every round, yet ranked below; lutscale: refused with a verdict that measured
+    # the honest work it rescaled (clipped to the reference norm), yet it earns a refusal's score
+    assert cheats["noise"]["score"] < worst_honest and cheats["lutscale"]["score"] < worst_honest

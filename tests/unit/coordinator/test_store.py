@@ -13,6 +13,8 @@ from sqlalchemy.exc import OperationalError
 
 from benchmarks.postgres import Postgres
 from coordinator.publishing.history import History
+from coordinator.rounds.scoring import leaderboard
+from coordinator.settings import ValidationSettings
 from coordinator.storage.base import RoundClosedAlready
 from coordinator.storage.records import Health, NewSubmission, NewVersion, Outcome, RoundClose
 from coordinator.storage.schema import SchemaError, head, migrate
@@ -159,6 +161,27 @@ def test_a_rollback_sets_later_versions_aside_and_reopens_the_round(store_url: s
         assert store.upload(1, "m1").reason == "rolled_back"  # type: ignore[union-attr]
         assert [r.round for r in store.unclosed_rounds()] == [2] and store.live_after(0) == []
         assert store.last_record().record.kind == "rollback"  # type: ignore[union-attr]
+    finally:
+        store.close()
+
+
+def test_an_upload_refused_as_a_norm_outlier_earns_a_refusal_whatever_its_verdict(tmp_path: Path) -> None:
+    """Its verdict measured the update clipped to the reference norm, so a rescaled copy of good work
+    shows the gain of good work: the leaderboard scores the refusal, not the verdict."""
+    store = SqlStore(f"sqlite:///{tmp_path / 'state.db'}")
+    try:
+        history = History(generate_key(), "run", store)
+        store.start("0" * 64, 3.5, "f" * 64, 100, 10.0, history.first("0" * 64, "f" * 64, 10.0))
+        store.add_submission(submission(0, "honest", 11.0))
+        store.add_submission(submission(0, "rescaled", 11.5, norm=1e30))
+        outcomes = {"honest": Outcome(None, True, 1.0), "rescaled": Outcome("norm_outlier", True, None)}
+        v1 = new_version(1)
+        store.close_round(close(0, v1, outcomes, 12.0, record=history.version(v1, 0, 12.0)))
+        assert {v.miner for v in store.score_inputs(-1, 0).verdicts} == {"honest", "rescaled"}  # alike
+        board = {e.miner: e for e in leaderboard(store, ValidationSettings(), 0)}
+        assert board["rescaled"].score_mean < 0 < board["honest"].score_mean
+        assert board["rescaled"].score < board["honest"].score
+        assert board["rescaled"].refusals == {"norm_outlier": 1} and board["rescaled"].verdicts == 0
     finally:
         store.close()
 
