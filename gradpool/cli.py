@@ -127,8 +127,7 @@ def status(
         verify = tls_context(ca_cert)
     except OSError as e:  # an unreadable CA file
         fail(f"cannot read the CA certificate {ca_cert}: {e}", 1)
-    url, response, failures = _first_status(coordinator, verify)
-    data = response.json()
+    url, response, data, failures = _first_status(coordinator, verify)
     if as_json:
         typer.echo(json.dumps(data, indent=1))
         return
@@ -157,9 +156,11 @@ def status(
         _print_validators(url, verify)
 
 
-def _first_status(coordinator: str, verify: ssl.SSLContext) -> tuple[str, httpx.Response, list[str]]:
-    """The first of the comma-separated URLs that answers ``/v1/status`` with JSON: its URL, the answer,
-    and what each URL before it said instead."""
+def _first_status(
+    coordinator: str, verify: ssl.SSLContext
+) -> tuple[str, httpx.Response, dict[str, Any], list[str]]:
+    """The first of the comma-separated URLs that answers ``/v1/status`` with JSON: its URL, the answer and
+    its JSON, and what each URL before it said instead."""
     import httpx
 
     failures: list[str] = []
@@ -167,8 +168,7 @@ def _first_status(coordinator: str, verify: ssl.SSLContext) -> tuple[str, httpx.
         try:
             response = httpx.get(f"{url}/v1/status", timeout=10.0, verify=verify)
             response.raise_for_status()
-            response.json()
-            return url, response, failures
+            return url, response, response.json(), failures
         except (httpx.HTTPError, ValueError) as e:
             failures.append(f"{url}: {e}")
     fail(f"cannot read status from {coordinator}: {'; '.join(failures) or 'no URL given'}", 1)

@@ -56,8 +56,18 @@ def simulate(
 
     out.mkdir(parents=True, exist_ok=True)
     checkers = {f"validator-{i}": _key(out / "keys" / f"validator-{i}.pem") for i in range(validators)}
-    nodes = miners + sum((adversaries or {}).values())
-    overrides = _overrides(out, host, model, codec, tokenizer, corpus, max_tokens, miners, nodes, overlap)
+    overrides = _overrides(
+        out=out,
+        host=host,
+        model=model,
+        codec=codec,
+        tokenizer=tokenizer,
+        corpus=corpus,
+        max_tokens=max_tokens,
+        miners=miners,
+        nodes=miners + sum((adversaries or {}).values()),
+        overlap=overlap,
+    )
     if inner_steps is not None:
         overrides["recipe"] = {"inner_steps": inner_steps}
     if checkers:
@@ -103,6 +113,7 @@ def simulate(
 
 
 def _overrides(
+    *,
     out: Path,
     host: str,
     model: str,

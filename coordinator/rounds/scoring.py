@@ -11,7 +11,7 @@ from collections.abc import Sequence
 from coordinator.rounds.sharing import median
 from coordinator.settings import ValidationSettings
 from coordinator.storage.base import Store
-from coordinator.storage.records import NEUTRAL, Refusal, ScoreInputs
+from coordinator.storage.records import NEUTRAL, UNMEASURED, ScoreInputs
 from coordinator.storage.scores import COORDINATOR
 from protocol.evaluation import LOSS_FIELDS, Losses, RoundResult, missed, refused, round_results, standing
 from protocol.wire import LeaderboardEntry, Verdict
@@ -137,18 +137,16 @@ def _evaluated(inputs: ScoreInputs, settings: ValidationSettings) -> dict[int, d
 
 def _results(inputs: ScoreInputs, settings: ValidationSettings) -> dict[str, dict[int, RoundResult]]:
     """Each miner's results in the score window, by round: evaluated, or refused (before evaluation, for a
-    reason of the miner's doing, or at intake). An upload refused as ``norm_outlier`` earns a refusal's
-    result whatever its verdict says: the verdict measured it clipped to the reference norm, and what the
-    miner sent overshoots (``checks.UnprovenOutlier``), so a rescaled copy of good work earns nothing."""
+    reason of the miner's doing, or at intake). A refusal whose verdict did not measure what the miner
+    sent (``records.UNMEASURED``: a norm outlier, measured clipped) scores as a refusal."""
     evaluated = _evaluated(inputs, settings)
     results: dict[str, dict[int, RoundResult]] = defaultdict(dict)
     for s in inputs.outcomes:
-        res = evaluated.get(s.round, {}).get(s.miner)
-        if s.status == "rejected" and s.reason == Refusal.NORM_OUTLIER:
-            results[s.miner][s.round] = refused(s.round)
-        elif res is not None:
+        rejected = s.status == "rejected"
+        res = None if rejected and s.reason in UNMEASURED else evaluated.get(s.round, {}).get(s.miner)
+        if res is not None:
             results[s.miner][s.round] = res
-        elif s.status == "rejected" and s.reason not in NEUTRAL:  # refused before evaluation
+        elif rejected and s.reason not in NEUTRAL:
             results[s.miner][s.round] = refused(s.round)
     for f in inputs.intake_refusals:
         results[f.miner][f.round] = refused(f.round)

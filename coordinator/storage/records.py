@@ -103,6 +103,9 @@ class Refusal(StrEnum):
 
 # never counted against a miner (a probation's reason is counted once, where it was given)
 NEUTRAL = frozenset({Refusal.ROUND_FAILED, Refusal.ROLLED_BACK, Refusal.PROBATION, Refusal.UNEVALUATED})
+# refused on what the upload sent, while its verdict measured it clipped to the reference norm: the verdict
+# does not score it (a rescaled copy of good work would show the gain of good work)
+UNMEASURED = frozenset({Refusal.NORM_OUTLIER})
 
 
 @dataclass(frozen=True)
