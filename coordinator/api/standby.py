@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import asyncio
 import contextlib
+import itertools
 import json
 import logging
 import ssl
@@ -39,6 +40,7 @@ HOP_BY_HOP = frozenset(
 )
 REQUEST_DROPPED = HOP_BY_HOP | {"x-forwarded-for"}  # the standby writes its own X-Forwarded-For
 ANSWER_DROPPED = HOP_BY_HOP | {"date", "server", HEADER_REPLICA.lower()}  # this server sets its own
+POOLS, KEPT_ALIVE = 16, 256  # connection pools to the leader, and the idle connections they keep in all
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
@@ -99,9 +101,15 @@ def standby_app(
     the longest long-poll (60 s)."""
     timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=read_timeout_s)
     # as many requests in flight to the leader as come in (its own limits answer for it): a pool capped
-    # at httpx's 100 would turn a crowd of uploads into 503s here
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=256)
-    client = httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
+    # at httpx's 100 would turn a crowd of uploads into 503s here. In POOLS pools taken in turn: a pool's
+    # every change of state looks at each of its connections once per idle one (httpcore), which in one
+    # pool of 500 connections cost more than the forwarding itself.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEPT_ALIVE // POOLS)
+    clients = [
+        httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
+        for _ in range(POOLS)
+    ]
+    turn = itertools.count()
 
     async def forward(request: Request) -> Response:
         fresh, leader = directory.cached()  # a thread (for the database) only once a second
@@ -116,6 +124,7 @@ def standby_app(
                 ("x-forwarded-for", f"{earlier}, {request.client.host}" if earlier else request.client.host)
             )
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
+        client = clients[next(turn) % POOLS]
         outgoing = client.build_request(
             request.method,
             leader.url + request.url.path,
@@ -136,7 +145,9 @@ def standby_app(
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
-        async with client:
+        async with contextlib.AsyncExitStack() as stack:
+            for client in clients:
+                await stack.enter_async_context(client)
             yield
 
     return Starlette(routes=[Route("/{path:path}", forward, methods=METHODS)], lifespan=lifespan)
