@@ -57,6 +57,7 @@ from protocol.model import CausalLM, build_model, resolve
 from protocol.params import get_params, param_spec, params_hash, write_checkpoint
 
 log = logging.getLogger(__name__)
+INTAKE_THREADS_PER_CORE_S3 = 4  # intake threads wait on the bucket (GET, DELETE, PUT) more than they work
 
 
 class Run:
@@ -188,8 +189,10 @@ class Run:
             self.direct = DirectUploads(blobs, self.intake, self.max_payload_bytes, expiry, clock.now)
         self.queries = Queries(self.cell, self.store, self.history, clock.now)
         # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores only
-        # trade places on the interpreter lock.
-        self.intake_pool = ThreadPoolExecutor(max_workers=os.cpu_count() or 1, thread_name_prefix="intake")
+        # trade places on the interpreter lock, unless they wait on a bucket's answers (four per core).
+        per_core = INTAKE_THREADS_PER_CORE_S3 if isinstance(blobs, S3BlobStore) else 1
+        threads = (os.cpu_count() or 1) * per_core
+        self.intake_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="intake")
         self.metrics.round.set(state.round)
         self.metrics.version.set(state.version)
         self.metrics.miners.set(self.store.count_miners())

@@ -27,6 +27,9 @@ from coordinator.storage.blobs import (
 from protocol.params import file_sha256
 
 _S3_MISSING = {"404", "NoSuchKey", "NotFound"}
+_S3_PRESENT = {"412", "PreconditionFailed", "ConditionalRequestConflict"}  # a conditional put met one there
+_S3_NO_CONDITIONS = {"501", "NotImplemented"}
+ASK_FIRST_BYTES = 1 << 20  # from this size a put first asks whether the blob is there (a HEAD)
 
 
 class S3BlobStore:
@@ -54,27 +57,48 @@ class S3BlobStore:
         self.bucket = bucket
         self.prefix = prefix.strip("/")
         config = Config(
-            connect_timeout=timeout_s, read_timeout=timeout_s, retries={"max_attempts": 3, "mode": "standard"}
+            connect_timeout=timeout_s,
+            read_timeout=timeout_s,
+            retries={"max_attempts": 3, "mode": "standard"},
+            max_pool_connections=32,  # the intake threads, the closer and the downloads at once
         )
         session = boto3.session.Session()  # one per store: the default session is not thread-safe
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
+        self._conditional = True  # puts may say If-None-Match (S3 and the stores like it since 2024)
 
     def key(self, sha: str) -> str:
         name = f"{sha[:2]}/{valid_sha(sha)}"
         return f"{self.prefix}/{name}" if self.prefix else name
 
     def put(self, data: bytes, durable: bool = True) -> str:
+        """Below ``ASK_FIRST_BYTES`` the bytes go up at once, on the condition that nothing is there yet
+        (If-None-Match): a new blob, every upload, costs one request rather than two; larger ones are
+        asked about first, so that their bytes are not sent for nothing."""
         sha = hashlib.sha256(data).hexdigest()
+        if len(data) < ASK_FIRST_BYTES and self._conditional:
+            try:
+                self._put_object(sha, data, IfNoneMatch="*")
+                return sha
+            except Exception as e:
+                code = _s3_code(e)
+                if code in _S3_NO_CONDITIONS:  # a store without conditional writes: ask first from now on
+                    self._conditional = False
+                elif code not in _S3_PRESENT:
+                    raise
         if self._length(sha) != len(data):  # missing, or something else under this name: (re)write it
-            checksum = base64.b64encode(bytes.fromhex(sha)).decode()
-            self.client.put_object(
-                Bucket=self.bucket,
-                Key=self.key(sha),
-                Body=data,
-                ChecksumSHA256=checksum,
-                ContentType="application/octet-stream",
-            )
+            self._put_object(sha, data)
         return sha
+
+    def _put_object(self, sha: str, data: bytes, **extra: str) -> None:
+        checksum = base64.b64encode(bytes.fromhex(sha)).decode()
+        self.client.put_object(
+            Bucket=self.bucket,
+            Key=self.key(sha),
+            Body=data,
+            ChecksumSHA256=checksum,
+            ContentType="application/octet-stream",
+            **extra,
+        )
 
     def put_written(self, write: Callable[[Path], None]) -> tuple[str, int]:
         with tempfile.TemporaryDirectory(prefix="gradpool-blob-") as tmp:
@@ -168,10 +192,10 @@ class S3BlobStore:
         """The object at ``key``, removed from there once read (it is taken once, whatever it holds). Raises
         BlobNotFoundError if there is none, BlobTooLargeError beyond ``max_bytes`` (removed unread)."""
         try:
-            size = int(self.client.head_object(Bucket=self.bucket, Key=key)["ContentLength"])
-            if size <= max_bytes:
-                with contextlib.closing(self.client.get_object(Bucket=self.bucket, Key=key)["Body"]) as body:
-                    data: bytes = body.read(max_bytes + 1)
+            obj = self.client.get_object(Bucket=self.bucket, Key=key)
+            size = int(obj["ContentLength"])
+            with contextlib.closing(obj["Body"]) as body:  # closed unread when too large
+                data: bytes = body.read(max_bytes + 1) if size <= max_bytes else b""
         except Exception as e:
             if _s3_code(e) in _S3_MISSING:
                 raise BlobNotFoundError(key) from None
