@@ -7,7 +7,10 @@ replica (in turn), register, then all upload at once as a miner does with direct
 request for a presigned form, the payload posted with it to the bucket, the signed commit. Latency is per
 miner, over the three steps; a failure is any answer but 200 (204 from the bucket), or an exception.
 ``coordinator_bytes_in`` counts the request bodies the replicas received during the uploads (the tickets'
-and commits' JSON): the payloads' bytes go to the bucket (``bucket_bytes_in``).
+and commits' JSON): the payloads' bytes go to the bucket (``bucket_bytes_in``). ``cpu_s`` is where the
+machine's processor time went while the miners uploaded, part by part (``clients``: this process, which
+plays every miner; ``postgres``: the server's processes), beside ``machine_busy_s``, the time all cores
+were busy, and ``cores``: what the parts would need of their own for a given latency.
 """
 
 from __future__ import annotations
@@ -16,12 +19,14 @@ import asyncio
 import contextlib
 import hashlib
 import os
+import resource
 import ssl
 import subprocess
 import sys
 import tempfile
 import time
 import uuid
+from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
@@ -48,7 +53,7 @@ ROUND_OPEN = {  # the round stays open for the whole benchmark
 @contextlib.contextmanager
 def s3_server(work: Path) -> Any:
     """moto's S3 server in a process of its own (it would share the clients' interpreter lock otherwise),
-    with a fresh bucket: (endpoint, bucket)."""
+    with a fresh bucket: (endpoint, bucket, its process id)."""
     import boto3
 
     port = free_port()
@@ -66,7 +71,7 @@ def s3_server(work: Path) -> Any:
         bucket = f"gradpool-{uuid.uuid4().hex[:12]}"
         os.environ.update(S3_ENV)
         boto3.session.Session().client("s3", endpoint_url=endpoint).create_bucket(Bucket=bucket)
-        yield endpoint, bucket
+        yield endpoint, bucket, proc.pid
     finally:
         proc.terminate()
         proc.wait(timeout=30)
@@ -99,7 +104,66 @@ def replicas_up(procs: Processes, work: Path, settings: dict[str, Any], n: int) 
     return urls
 
 
-async def upload_all(urls: list[str], payloads: list[bytes]) -> dict[str, Any]:
+TICK = os.sysconf("SC_CLK_TCK")
+
+
+def _process_cpu_s(pid: int, children: bool = False) -> float:
+    """User and system seconds of one process (and of its children it has waited for)."""
+    try:
+        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+    except OSError:  # gone
+        return 0.0
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
+    return ticks / TICK
+
+
+def _postgres_cpu_s() -> float:
+    """Every PostgreSQL process's time, the backends that ended counted in the server's."""
+    total = 0.0
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError):
+                if (proc / "comm").read_text().strip() == "postgres":
+                    total += _process_cpu_s(int(proc.name), children=True)
+    return total
+
+
+def _machine_busy_s() -> float:
+    """Seconds the machine's cores were busy, all together (not idle, not waiting on the disk)."""
+    ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
+    return (sum(ticks) - ticks[3] - ticks[4]) / TICK
+
+
+def cpu_meter(parts: dict[str, int]) -> Callable[[], dict[str, float]]:
+    """A reading of every part's processor seconds so far: ``parts`` names the processes."""
+
+    def read() -> dict[str, float]:
+        own = resource.getrusage(resource.RUSAGE_SELF)
+        return {
+            "clients": own.ru_utime + own.ru_stime,
+            **{name: _process_cpu_s(pid) for name, pid in parts.items()},
+            "postgres": _postgres_cpu_s(),
+            "machine_busy_s": _machine_busy_s(),
+        }
+
+    return read
+
+
+def cpu_used(before: dict[str, float], after: dict[str, float], wall_s: float) -> dict[str, Any]:
+    used = {name: round(after[name] - before[name], 2) for name in before}
+    busy = used.pop("machine_busy_s")
+    parts = sum(used.values())
+    return {
+        "cpu_s": used | {"other": round(max(0.0, busy - parts), 2)},
+        "machine_busy_s": busy,
+        "cores": os.cpu_count(),
+        "cores_busy": round(busy / wall_s, 2),
+    }
+
+
+async def upload_all(
+    urls: list[str], payloads: list[bytes], meter: Callable[[], dict[str, float]] | None = None
+) -> dict[str, Any]:
     keys = [generate_key() for _ in payloads]
     tls = ssl.create_default_context()  # unused on http://, but each client would otherwise load its own
     headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION)}
@@ -144,9 +208,10 @@ async def upload_all(urls: list[str], payloads: list[bytes]) -> dict[str, Any]:
         )
         if bad := [r for r in registered if r.status_code not in (200, 201)]:
             raise RuntimeError(f"{len(bad)} registrations failed: {bad[0].status_code} {bad[0].text[:200]}")
-        t0 = time.perf_counter()
+        t0, before = time.perf_counter(), meter() if meter else {}
         done = await asyncio.gather(*(one(c, k, p) for c, k, p in zip(clients, keys, payloads, strict=True)))
         wall = time.perf_counter() - t0
+        cpu = cpu_used(before, meter(), wall) if meter else {}
         stored = (await clients[0].get("/v1/round")).json()["submissions"]
     errors = [e for _, e in done if e]
     latencies = sorted(s for s, _ in done)
@@ -163,6 +228,7 @@ async def upload_all(urls: list[str], payloads: list[bytes]) -> dict[str, Any]:
         "bucket_bytes_in": sum(len(p) for p in payloads),
         "payload_bytes": len(payloads[0]),
         "errors": errors[:5],
+        **cpu,
     }
 
 
@@ -174,7 +240,7 @@ def cluster_ingest(miners: int, replicas: int = 2, model: str = "tiny") -> dict[
         work = Path(tmp)
         postgres = Postgres(bin_dir)
         try:
-            with s3_server(work) as (endpoint, bucket):
+            with s3_server(work) as (endpoint, bucket, s3_pid):
                 settings = shared_settings(work, postgres.database(), endpoint, bucket)
                 settings |= {"model": model, "data": {"corpus": str(write_corpus(work / "corpus.txt"))}}
                 procs = Processes(work, {**ROUND_OPEN, **LOAD_TEST, **S3_ENV})
@@ -185,7 +251,10 @@ def cluster_ingest(miners: int, replicas: int = 2, model: str = "tiny") -> dict[
                     log(f"cluster: encoding {miners} payloads ...")
                     payloads = [random_payload(codec, spec, seed=i) for i in range(1, miners + 1)]
                     log(f"cluster: {miners} miners register, then upload at once through {urls} ...")
-                    return asyncio.run(upload_all(urls, payloads))
+                    names = ["leader", *(f"standby-{i}" for i in range(1, replicas))]
+                    pids = {n: procs.procs[f"replica-{i}"].pid for i, n in enumerate(names)}
+                    meter = cpu_meter({"s3": s3_pid, **pids})
+                    return asyncio.run(upload_all(urls, payloads, meter))
                 finally:
                     procs.stop_all(grace_s=30)
         finally:
