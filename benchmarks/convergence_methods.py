@@ -88,6 +88,28 @@ METHODS: dict[str, Method] = {
     "sparseloco_overlap_down_b2.5": Method(
         "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(format="sparseloco", budget=2.5)
     ),
+    # the same with the coordinator's error feedback decaying faster
+    **{
+        f"sparseloco_overlap_down_b2.5_ef{ef:g}": Method(
+            "pool",
+            overlap="merge_eager",
+            merge_at=0.2,
+            downlink=PublishSettings(format="sparseloco", budget=2.5, ef_beta=ef),
+        )
+        for ef in (0.9, 0.8)
+    },
+    # and with the published update cut into larger chunks (tile 128 or 256 rather than 64, k from the same
+    # budget): the same bytes, more room to put the coordinates where the aggregate's energy is
+    **{
+        f"sparseloco_{o}down_b2.5_tile{t}": Method(
+            "pool",
+            overlap="merge_eager" if o else "off",
+            merge_at=0.2,
+            downlink=PublishSettings(format="sparseloco", budget=2.5, tile=t),
+        )
+        for t in (128, 256)
+        for o in ("", "overlap_")
+    },
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
