@@ -57,7 +57,7 @@ from protocol.model import CausalLM, build_model, resolve
 from protocol.params import get_params, param_spec, params_hash, write_checkpoint
 
 log = logging.getLogger(__name__)
-INTAKE_THREADS_PER_CORE_S3 = 4  # intake threads wait on the bucket (GET, DELETE, PUT) more than they work
+INTAKE_THREADS_PER_CORE_S3, INTAKE_THREADS_MAX_S3 = 4, 32  # they wait on the bucket more than they work
 
 
 class Run:
@@ -189,9 +189,11 @@ class Run:
             self.direct = DirectUploads(blobs, self.intake, self.max_payload_bytes, expiry, clock.now)
         self.queries = Queries(self.cell, self.store, self.history, clock.now)
         # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores only
-        # trade places on the interpreter lock, unless they wait on a bucket's answers (four per core).
-        per_core = INTAKE_THREADS_PER_CORE_S3 if isinstance(blobs, S3BlobStore) else 1
-        threads = (os.cpu_count() or 1) * per_core
+        # trade places on the interpreter lock, unless they wait on a bucket's answers (then a few per core,
+        # capped: each also takes a database connection for a moment).
+        cores = os.cpu_count() or 1
+        wide = min(cores * INTAKE_THREADS_PER_CORE_S3, INTAKE_THREADS_MAX_S3)
+        threads = wide if isinstance(blobs, S3BlobStore) else cores
         self.intake_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="intake")
         self.metrics.round.set(state.round)
         self.metrics.version.set(state.version)
