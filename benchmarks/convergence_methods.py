@@ -49,6 +49,10 @@ class Method:
     merge_at: float = 0.5
     carry: float = 1.0  # at the merge, the part of what training had moved the model by that it keeps
     schedule: Literal["constant", "cosine"] = "constant"  # the inner rate after the warm-up (TrainingRecipe)
+    # the eager start's guess of the version being made: "own" (outer lr x this worker's last decoded
+    # upload, as node/overlap.py does), "published" (the last update published), "mixed" (the worker's
+    # own share of the mean, 1/M of its upload, plus the last update published for the other M-1)
+    guess: Literal["own", "published", "mixed"] = "own"
 
 
 METHODS: dict[str, Method] = {
@@ -109,6 +113,17 @@ METHODS: dict[str, Method] = {
         )
         for t in (128, 256)
         for o in ("", "overlap_")
+    },
+    # and with other guesses of the version being made at the eager start
+    **{
+        f"sparseloco_overlap_down_b2.5_guess_{g}": Method(
+            "pool",
+            overlap="merge_eager",
+            merge_at=0.2,
+            downlink=PublishSettings(format="sparseloco", budget=2.5),
+            guess=g,
+        )
+        for g in ("published", "mixed")
     },
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
@@ -199,6 +214,8 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     tokens_seen = 0
     base = {n: t.clone() for n, t in theta.items()}  # what round r trains from
     pending: list[dict[str, torch.Tensor]] = []  # overlap "eager": each worker's last decoded upload
+    published: dict[str, torch.Tensor] | None = None  # the update that made ``base`` (overlapped rounds)
+    applied: dict[str, torch.Tensor] | None = None  # the update last applied to theta
     for r in range(c.rounds):
         payloads, losses, decodes = [], [], []
         for w, worker in enumerate(workers):  # node/miner.py mine_round, without the network
@@ -207,7 +224,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
             start = base
             if method.overlap in ("eager", "merge_eager") and pending:
                 start = {n: t.clone() for n, t in base.items()}
-                apply_update(start, {n: method.outer_lr * d for n, d in pending[w].items()})
+                apply_update(start, guess(method, pending[w], published, c.workers))
             set_params(worker.model, start)
             on_step = None
             if method.overlap in ("merge", "merge_eager") and r > 0:
@@ -246,12 +263,28 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
             tally.down_bytes.append(len(compressed))
         newest = {n: t.clone() for n, t in theta.items()}
         apply_update(theta, delta)
+        published, applied = applied, {n: d.detach().clone() for n, d in delta.items()}
         base, pending = (newest, decodes) if method.overlap != "off" else (theta, [])
         t1 = time.perf_counter()
         loss = bench.evaluate_params(theta)
         tally.comm_s += t1 - t0
         tally.eval_s += time.perf_counter() - t1
         tally.record(bench, r + 1, tokens_seen, loss)
+
+
+def guess(
+    method: Method,
+    own: dict[str, torch.Tensor],
+    published: dict[str, torch.Tensor] | None,
+    workers: int,
+) -> dict[str, torch.Tensor]:
+    """The update a worker guesses the version being made will apply (``Method.guess``)."""
+    if method.guess == "own" or published is None:
+        return {n: method.outer_lr * d for n, d in own.items()}
+    if method.guess == "published":
+        return published
+    share = method.outer_lr / workers
+    return {n: share * d + (workers - 1) / workers * published[n] for n, d in own.items()}
 
 
 def merger(
