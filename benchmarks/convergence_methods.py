@@ -53,6 +53,7 @@ class Method:
     # upload, as node/overlap.py does), "published" (the last update published), "mixed" (the worker's
     # own share of the mean, 1/M of its upload, plus the last update published for the other M-1)
     guess: Literal["own", "published", "mixed"] = "own"
+    guess_scale: float = 1.0  # the guessed update times this
 
 
 METHODS: dict[str, Method] = {
@@ -124,6 +125,16 @@ METHODS: dict[str, Method] = {
             guess=g,
         )
         for g in ("published", "mixed")
+    },
+    **{
+        f"sparseloco_overlap_down_b2.5_guess_x{x:g}": Method(
+            "pool",
+            overlap="merge_eager",
+            merge_at=0.2,
+            downlink=PublishSettings(format="sparseloco", budget=2.5),
+            guess_scale=x,
+        )
+        for x in (0.5, 1.5, 2, 2.5)
     },
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
@@ -279,12 +290,13 @@ def guess(
     workers: int,
 ) -> dict[str, torch.Tensor]:
     """The update a worker guesses the version being made will apply (``Method.guess``)."""
+    scale = method.guess_scale
     if method.guess == "own" or published is None:
-        return {n: method.outer_lr * d for n, d in own.items()}
+        return {n: scale * method.outer_lr * d for n, d in own.items()}
     if method.guess == "published":
-        return published
+        return {n: scale * d for n, d in published.items()}
     share = method.outer_lr / workers
-    return {n: share * d + (workers - 1) / workers * published[n] for n, d in own.items()}
+    return {n: scale * (share * d + (workers - 1) / workers * published[n]) for n, d in own.items()}
 
 
 def merger(
