@@ -56,6 +56,20 @@ class Method:
     guess_scale: float = 1.0  # the guessed update times this
 
 
+def overlap_down(
+    guess: Literal["own", "published", "mixed"] = "own",
+    guess_scale: float = 1.0,
+    ef_beta: float = 0.95,
+    tile: int = 64,
+) -> Method:
+    """Overlapped rounds as miners run them (the version merged after a fifth of the inner steps) with the
+    compressed downlink at ``[publish] budget = 2.5`` (and the given error feedback and tile)."""
+    downlink = PublishSettings(format="sparseloco", budget=2.5, ef_beta=ef_beta, tile=tile)
+    return Method(
+        "pool", overlap="merge_eager", merge_at=0.2, downlink=downlink, guess=guess, guess_scale=guess_scale
+    )
+
+
 METHODS: dict[str, Method] = {
     "ddp": Method("ddp"),
     # fp32 decodes bit for bit, so the error-feedback residual stays exactly zero whatever beta is.
@@ -90,52 +104,21 @@ METHODS: dict[str, Method] = {
     "sparseloco_overlap_down": Method(
         "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(format="sparseloco")
     ),
-    "sparseloco_overlap_down_b2.5": Method(
-        "pool", overlap="merge_eager", merge_at=0.2, downlink=PublishSettings(format="sparseloco", budget=2.5)
-    ),
+    "sparseloco_overlap_down_b2.5": overlap_down(),
     # the same with the coordinator's error feedback decaying faster
-    **{
-        f"sparseloco_overlap_down_b2.5_ef{ef:g}": Method(
-            "pool",
-            overlap="merge_eager",
-            merge_at=0.2,
-            downlink=PublishSettings(format="sparseloco", budget=2.5, ef_beta=ef),
-        )
-        for ef in (0.9, 0.8)
-    },
+    **{f"sparseloco_overlap_down_b2.5_ef{ef:g}": overlap_down(ef_beta=ef) for ef in (0.9, 0.8)},
     # and with the published update cut into larger chunks (tile 128 or 256 rather than 64, k from the same
     # budget): the same bytes, more room to put the coordinates where the aggregate's energy is
+    **{f"sparseloco_overlap_down_b2.5_tile{t}": overlap_down(tile=t) for t in (128, 256)},
     **{
-        f"sparseloco_{o}down_b2.5_tile{t}": Method(
-            "pool",
-            overlap="merge_eager" if o else "off",
-            merge_at=0.2,
-            downlink=PublishSettings(format="sparseloco", budget=2.5, tile=t),
+        f"sparseloco_down_b2.5_tile{t}": Method(
+            "pool", downlink=PublishSettings(format="sparseloco", budget=2.5, tile=t)
         )
         for t in (128, 256)
-        for o in ("", "overlap_")
     },
-    # and with other guesses of the version being made at the eager start
-    **{
-        f"sparseloco_overlap_down_b2.5_guess_{g}": Method(
-            "pool",
-            overlap="merge_eager",
-            merge_at=0.2,
-            downlink=PublishSettings(format="sparseloco", budget=2.5),
-            guess=g,
-        )
-        for g in ("published", "mixed")
-    },
-    **{
-        f"sparseloco_overlap_down_b2.5_guess_x{x:g}": Method(
-            "pool",
-            overlap="merge_eager",
-            merge_at=0.2,
-            downlink=PublishSettings(format="sparseloco", budget=2.5),
-            guess_scale=x,
-        )
-        for x in (0.5, 1.5, 2, 2.5)
-    },
+    # and with other guesses of the version being made at the eager start, or the miner's own scaled
+    **{f"sparseloco_overlap_down_b2.5_guess_{g}": overlap_down(guess=g) for g in ("published", "mixed")},
+    **{f"sparseloco_overlap_down_b2.5_guess_x{x:g}": overlap_down(guess_scale=x) for x in (0.5, 1.5, 2, 2.5)},
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
