@@ -13,7 +13,9 @@ during the uploads: the two share the machine's cores.
 Cluster (``benchmarks/cluster_ingest.py``): ``--cluster-miners`` (512) miners upload at once with presigned
 uploads straight to an S3-compatible bucket, through ``--replicas`` (2) coordinator processes on one
 PostgreSQL: ``"cluster": {"miners", "replicas", "failures", "p50_s", "p99_s", "coordinator_bytes_in",
-...}``, beside the single-process SQLite ``ingest`` of the same run.
+..., "cpu_s": {"clients", "s3", "leader", "standby-1", "postgres", "other"}, "machine_busy_s", "cores",
+"cores_busy"}`` (where the processor time went while they uploaded), beside the single-process SQLite
+``ingest`` of the same run.
 
 Close (``benchmarks/close.py``): for M in ``--close-sizes`` (8, 64), a real coordinator closes a round of M
 real uploads of ``tiny``, evaluation included: ``"close": [{"uploads": M, "seconds": s, ...}]``.
