@@ -28,7 +28,8 @@ from protocol.params import file_sha256
 
 _S3_MISSING = {"404", "NoSuchKey", "NotFound"}
 _S3_PRESENT = {"412", "PreconditionFailed", "ConditionalRequestConflict"}  # a conditional put met one there
-_S3_NO_CONDITIONS = {"501", "NotImplemented"}
+# a store without conditional writes, or a botocore too old to send them (IfNoneMatch came in 2024)
+_S3_NO_CONDITIONS = {"501", "NotImplemented", "ParamValidationError"}
 ASK_FIRST_BYTES = 1 << 20  # from this size a put first asks whether the blob is there (a HEAD)
 
 
@@ -80,7 +81,7 @@ class S3BlobStore:
                 self._put_object(sha, data, IfNoneMatch="*")
                 return sha
             except Exception as e:
-                code = _s3_code(e)
+                code = _s3_code(e) or type(e).__name__
                 if code in _S3_NO_CONDITIONS:  # a store without conditional writes: ask first from now on
                     self._conditional = False
                 elif code not in _S3_PRESENT:

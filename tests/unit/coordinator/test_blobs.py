@@ -106,6 +106,36 @@ def test_putting_the_same_bytes_again_writes_nothing(store: BlobStore) -> None:
     assert stored_identity(store, sha) == first
 
 
+@pytest.mark.parametrize("refusal", ["NotImplemented", "ParamValidationError"])
+def test_a_store_that_cannot_put_on_a_condition_is_asked_first(
+    s3_bucket: dict[str, Any], tmp_path: Path, refusal: str
+) -> None:
+    """A small blob goes up on the condition that nothing is there (If-None-Match); a store that answers
+    501 to the condition, or a botocore too old to send it, turns the store to asking first (a HEAD), once,
+    and the blob is kept all the same, written once."""
+    from botocore.exceptions import ClientError, ParamValidationError
+
+    store = make_blob_store(BlobSettings(**s3_bucket), tmp_path / "blobs")
+    assert isinstance(store, S3BlobStore)
+    store.client.put_bucket_versioning(Bucket=store.bucket, VersioningConfiguration={"Status": "Enabled"})
+    real, conditional = store.client.put_object, []
+
+    def put_object(**kwargs: Any) -> Any:  # the store's answer to a conditional put, then the real one
+        if "IfNoneMatch" in kwargs:
+            conditional.append(kwargs["Key"])
+            if refusal == "NotImplemented":
+                raise ClientError({"Error": {"Code": "NotImplemented"}}, "PutObject")
+            raise ParamValidationError(report='Unknown parameter in input: "IfNoneMatch"')
+        return real(**kwargs)
+
+    store.client.put_object = put_object
+    sha = store.put(DATA)
+    assert store.get(sha) == DATA and len(conditional) == 1
+    first = stored_identity(store, sha)
+    assert store.put(DATA) == sha and store.put(DATA[:-1]) != sha
+    assert stored_identity(store, sha) == first and len(conditional) == 1  # asked first from then on
+
+
 def test_a_blob_written_to_a_file_is_kept_like_one_put(store: BlobStore, tmp_path: Path) -> None:
     """``put_written``: what the writer writes (a checkpoint, tensor by tensor) is kept under its sha256
     like bytes put whole, the temporary file goes, and writing the same bytes again writes nothing."""
