@@ -9,8 +9,9 @@ miner, over the three steps; a failure is any answer but 200 (204 from the bucke
 ``coordinator_bytes_in`` counts the request bodies the replicas received during the uploads (the tickets'
 and commits' JSON): the payloads' bytes go to the bucket (``bucket_bytes_in``). ``cpu_s`` is where the
 machine's processor time went while the miners uploaded, part by part (``clients``: this process, which
-plays every miner; ``postgres``: the server's processes), beside ``machine_busy_s``, the time all cores
-were busy, and ``cores``: what the parts would need of their own for a given latency.
+plays every miner; ``postgres``: the server's processes; ``other``: the rest of the machine), beside
+``machine_busy_s``, the time all cores were busy, ``cores``, the machine's, and ``cores_busy``, how many
+of them were busy on average.
 """
 
 from __future__ import annotations
@@ -117,24 +118,26 @@ def _process_cpu_s(pid: int, children: bool = False) -> float:
     return ticks / TICK
 
 
-def _postgres_cpu_s() -> float:
-    """Every PostgreSQL process's time, the backends that ended counted in the server's."""
-    total = 0.0
+def _postgres_cpu_s(postmaster: int) -> float:
+    """The benchmark's PostgreSQL server's time: its postmaster (with the backends that ended) and the
+    processes it runs now."""
+    total = _process_cpu_s(postmaster, children=True)
     for proc in Path("/proc").iterdir():
         if proc.name.isdigit():
-            with contextlib.suppress(OSError):
-                if (proc / "comm").read_text().strip() == "postgres":
-                    total += _process_cpu_s(int(proc.name), children=True)
+            with contextlib.suppress(OSError, IndexError, ValueError):
+                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
+                    total += _process_cpu_s(int(proc.name))
     return total
 
 
 def _machine_busy_s() -> float:
-    """Seconds the machine's cores were busy, all together (not idle, not waiting on the disk)."""
+    """Seconds the machine's cores were busy, all together: user, nice, system, irq and softirq (not idle,
+    waiting on the disk, stolen by the host, or a guest's, which user already counts)."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (sum(ticks) - ticks[3] - ticks[4]) / TICK
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / TICK
 
 
-def cpu_meter(parts: dict[str, int]) -> Callable[[], dict[str, float]]:
+def cpu_meter(parts: dict[str, int], postmaster: int) -> Callable[[], dict[str, float]]:
     """A reading of every part's processor seconds so far: ``parts`` names the processes."""
 
     def read() -> dict[str, float]:
@@ -142,7 +145,7 @@ def cpu_meter(parts: dict[str, int]) -> Callable[[], dict[str, float]]:
         return {
             "clients": own.ru_utime + own.ru_stime,
             **{name: _process_cpu_s(pid) for name, pid in parts.items()},
-            "postgres": _postgres_cpu_s(),
+            "postgres": _postgres_cpu_s(postmaster),
             "machine_busy_s": _machine_busy_s(),
         }
 
@@ -253,7 +256,8 @@ def cluster_ingest(miners: int, replicas: int = 2, model: str = "tiny") -> dict[
                     log(f"cluster: {miners} miners register, then upload at once through {urls} ...")
                     names = ["leader", *(f"standby-{i}" for i in range(1, replicas))]
                     pids = {n: procs.procs[f"replica-{i}"].pid for i, n in enumerate(names)}
-                    meter = cpu_meter({"s3": s3_pid, **pids})
+                    postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
+                    meter = cpu_meter({"s3": s3_pid, **pids}, postmaster)
                     return asyncio.run(upload_all(urls, payloads, meter))
                 finally:
                     procs.stop_all(grace_s=30)

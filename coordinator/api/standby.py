@@ -40,7 +40,7 @@ HOP_BY_HOP = frozenset(
 )
 REQUEST_DROPPED = HOP_BY_HOP | {"x-forwarded-for"}  # the standby writes its own X-Forwarded-For
 ANSWER_DROPPED = HOP_BY_HOP | {"date", "server", HEADER_REPLICA.lower()}  # this server sets its own
-POOLS, KEPT_ALIVE = 16, 256  # connection pools to the leader, and the idle connections they keep in all
+POOLS, KEPT_ALIVE = 16, 64  # connection pools to the leader, and the idle connections each keeps
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 
 
@@ -104,7 +104,9 @@ def standby_app(
     # at httpx's 100 would turn a crowd of uploads into 503s here. In POOLS pools taken in turn: a pool's
     # every change of state looks at each of its connections once per idle one (httpcore), which in one
     # pool of 500 connections cost more than the forwarding itself.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEPT_ALIVE // POOLS)
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEPT_ALIVE)
+    if verify is True:  # one context for all the pools, not a certificate bundle loaded per pool
+        verify = httpx.create_ssl_context()
     clients = [
         httpx.AsyncClient(timeout=timeout, limits=limits, verify=verify, follow_redirects=False)
         for _ in range(POOLS)

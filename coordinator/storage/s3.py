@@ -61,7 +61,7 @@ class S3BlobStore:
             connect_timeout=timeout_s,
             read_timeout=timeout_s,
             retries={"max_attempts": 3, "mode": "standard"},
-            max_pool_connections=32,  # the intake threads, the closer and the downloads at once
+            max_pool_connections=64,  # the intake threads (at most 32), the closer and downloads streaming
         )
         session = boto3.session.Session()  # one per store: the default session is not thread-safe
         self.client: Any = session.client("s3", endpoint_url=endpoint_url, region_name=region, config=config)
