@@ -20,7 +20,6 @@ import asyncio
 import contextlib
 import hashlib
 import os
-import resource
 import ssl
 import subprocess
 import sys
@@ -38,7 +37,7 @@ from benchmarks.aggregation import log, percentile, random_payload, tensor_set
 from benchmarks.close import LOAD_TEST, write_corpus
 from benchmarks.cluster import S3_ENV, free_port, shared_settings, wait_for
 from benchmarks.postgres import Postgres, pg_bin
-from gradpool.processes import Processes
+from gradpool.processes import Processes, cpu_seconds, tree_cpu_seconds
 from protocol.codec import SparseLoCoCodec
 from protocol.signing import generate_key, sign_request
 from protocol.wire import HEADER_PROTOCOL, PROTOCOL_VERSION, UploadCommit, UploadIntent, UploadTicket
@@ -105,47 +104,21 @@ def replicas_up(procs: Processes, work: Path, settings: dict[str, Any], n: int) 
     return urls
 
 
-TICK = os.sysconf("SC_CLK_TCK")
-
-
-def _process_cpu_s(pid: int, children: bool = False) -> float:
-    """User and system seconds of one process (and of its children it has waited for)."""
-    try:
-        fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    except OSError:  # gone
-        return 0.0
-    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if children else 0)
-    return ticks / TICK
-
-
-def _postgres_cpu_s(postmaster: int) -> float:
-    """The benchmark's PostgreSQL server's time: its postmaster (with the backends that ended) and the
-    processes it runs now."""
-    total = _process_cpu_s(postmaster, children=True)
-    for proc in Path("/proc").iterdir():
-        if proc.name.isdigit():
-            with contextlib.suppress(OSError, IndexError, ValueError):
-                if int((proc / "stat").read_text().rsplit(")", 1)[1].split()[1]) == postmaster:
-                    total += _process_cpu_s(int(proc.name))
-    return total
-
-
 def _machine_busy_s() -> float:
     """Seconds the machine's cores were busy, all together: user, nice, system, irq and softirq (not idle,
     waiting on the disk, stolen by the host, or a guest's, which user already counts)."""
     ticks = [int(x) for x in Path("/proc/stat").read_text().splitlines()[0].split()[1:]]
-    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / TICK
+    return (ticks[0] + ticks[1] + ticks[2] + ticks[5] + ticks[6]) / os.sysconf("SC_CLK_TCK")
 
 
 def cpu_meter(parts: dict[str, int], postmaster: int) -> Callable[[], dict[str, float]]:
     """A reading of every part's processor seconds so far: ``parts`` names the processes."""
 
     def read() -> dict[str, float]:
-        own = resource.getrusage(resource.RUSAGE_SELF)
         return {
-            "clients": own.ru_utime + own.ru_stime,
-            **{name: _process_cpu_s(pid) for name, pid in parts.items()},
-            "postgres": _postgres_cpu_s(postmaster),
+            "clients": time.process_time(),
+            **{name: cpu_seconds(pid) for name, pid in parts.items()},
+            "postgres": tree_cpu_seconds(postmaster),  # the backends that ended, and those that run
             "machine_busy_s": _machine_busy_s(),
         }
 

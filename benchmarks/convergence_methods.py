@@ -257,7 +257,8 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
             tally.down_bytes.append(len(compressed))
         newest = {n: t.clone() for n, t in theta.items()}
         apply_update(theta, delta)
-        published, applied = applied, {n: d.detach().clone() for n, d in delta.items()}
+        if method.guess != "own":  # only the other guesses read what was published
+            published, applied = applied, {n: d.detach().clone() for n, d in delta.items()}
         base, pending = (newest, decodes) if method.overlap != "off" else (theta, [])
         t1 = time.perf_counter()
         loss = bench.evaluate_params(theta)

@@ -10,6 +10,7 @@ fork server, starts as a fresh interpreter."""
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import json
 import multiprocessing
@@ -265,7 +266,29 @@ class Processes:
                 p.wait()
 
 
+def _stat(pid: int | str) -> list[str]:
+    """The fields of ``/proc/PID/stat`` after the command name: state, ppid, ..., utime at index 11."""
+    return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
+
+
+def _cpu(fields: list[str], waited: bool = False) -> float:
+    ticks = int(fields[11]) + int(fields[12]) + (int(fields[13]) + int(fields[14]) if waited else 0)
+    return ticks / os.sysconf("SC_CLK_TCK")
+
+
 def cpu_seconds(pid: int) -> float:
     """User plus system CPU time of a process so far (Linux's /proc)."""
-    fields = Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()
-    return (int(fields[11]) + int(fields[12])) / os.sysconf("SC_CLK_TCK")
+    return _cpu(_stat(pid))
+
+
+def tree_cpu_seconds(pid: int) -> float:
+    """A process's CPU time with its children's: those that ended (it has waited for them) and those that
+    run now (a server and its workers, say)."""
+    total = _cpu(_stat(pid), waited=True)
+    for proc in Path("/proc").iterdir():
+        if proc.name.isdigit():
+            with contextlib.suppress(OSError, IndexError, ValueError):  # gone, or not a process
+                fields = _stat(proc.name)
+                if int(fields[1]) == pid:
+                    total += _cpu(fields)
+    return total
