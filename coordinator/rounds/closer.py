@@ -347,6 +347,8 @@ class Closer:
             "n/a" if loss is None else f"{loss:.4f}",
             seconds,
         )
+        if forgotten := self.blobs.forget_incoming(state.round):  # its direct uploads served their purpose
+            log.info("round %d: %d direct uploads removed from the bucket", state.round, forgotten)
 
     def _prune(self) -> None:
         for sha in self.store.prune_checkpoints(self.keep_checkpoints):

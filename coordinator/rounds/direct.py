@@ -8,7 +8,7 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Callable
 
-from coordinator.errors import NotFound, PayloadTooLarge, Unprocessable
+from coordinator.errors import Conflict, NotFound, PayloadTooLarge, Unprocessable
 from coordinator.rounds.intake import Intake
 from coordinator.storage.blobs import BlobNotFoundError, BlobTooLargeError
 from coordinator.storage.s3 import S3BlobStore
@@ -37,19 +37,28 @@ class DirectUploads:
         )
 
     def commit(self, miner: str, round_: int, sha: str) -> SubmissionReceipt:
-        """Take the payload the miner put under its key as its upload of the round."""
+        """Take the payload the miner put under its key as its upload of the round. The object stays in
+        the bucket until the round closes (the closer removes the round's at once) unless it is refused."""
         self.intake.require_miner(miner)
         self.intake.check_round(round_)
+        if (receipt := self.intake.earlier_upload(miner, round_, sha)) is not None:
+            return receipt  # a commit sent again
+        key = self.bucket.incoming_key(round_, miner, sha)
         try:
-            body = self.bucket.take(self.bucket.incoming_key(round_, miner, sha), self.max_bytes)
+            body = self.bucket.read_incoming(key, self.max_bytes)
         except BlobNotFoundError:
-            if (receipt := self.intake.earlier_upload(miner, round_, sha)) is not None:
-                return receipt  # a commit sent again: the payload was taken the first time
             raise NotFound(
                 "upload_missing", "nothing under this upload's key: POST the payload with the form first"
             ) from None
         except BlobTooLargeError as e:
+            self.bucket.forget_object(key)
             raise PayloadTooLarge("payload_too_large", f"the uploaded payload is too large: {e}") from None
-        if hashlib.sha256(body).hexdigest() != sha:
-            raise Unprocessable("digest_mismatch", "the uploaded payload does not have the sha256 committed")
-        return self.intake.submit(miner, round_, body, sha)
+        try:
+            if hashlib.sha256(body).hexdigest() != sha:
+                raise Unprocessable(
+                    "digest_mismatch", "the uploaded payload does not have the sha256 committed"
+                )
+            return self.intake.submit(miner, round_, body, sha)
+        except (Unprocessable, Conflict):  # refused: taken once, as an upload sent to the coordinator is
+            self.bucket.forget_object(key)
+            raise

@@ -75,6 +75,11 @@ class BlobStore(Protocol):
         """Forget the blob; deleting one that is not kept is not an error."""
         ...
 
+    def forget_incoming(self, through_round: int) -> int:
+        """Remove what miners uploaded straight to the store for every round up to ``through_round``
+        (``[blobs] direct_uploads``; a store without them has none): how many objects."""
+        ...
+
     def serve(self, sha: str, headers: Mapping[str, str], filename: str) -> Response:
         """The blob as an HTTP download named ``filename``, with ETag ``"<sha>"``: 200, or 206/416 for a
         ``Range`` in the request ``headers`` (BlobNotFoundError). Blocking: call it from a thread."""
@@ -214,6 +219,9 @@ class FileBlobStore:
 
     def delete(self, sha: str) -> None:
         self.path(sha).unlink(missing_ok=True)
+
+    def forget_incoming(self, through_round: int) -> int:
+        return 0  # direct uploads go to a bucket only
 
     def serve(self, sha: str, headers: Mapping[str, str], filename: str) -> Response:
         # FileResponse reads Range and If-Range from the request itself and answers 200, 206 or 416.

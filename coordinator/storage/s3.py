@@ -176,8 +176,10 @@ class S3BlobStore:
     def incoming_key(self, round_: int, miner: str, sha: str) -> str:
         """Where a miner's direct upload lands: its own key, apart from the content-addressed objects (no
         miner can write one of those, a checkpoint say, whose name it knows)."""
-        name = f"incoming/{round_}/{miner}/{valid_sha(sha)}"
-        return f"{self.prefix}/{name}" if self.prefix else name
+        return f"{self._incoming()}{round_}/{miner}/{valid_sha(sha)}"
+
+    def _incoming(self) -> str:
+        return f"{self.prefix}/incoming/" if self.prefix else "incoming/"
 
     def upload_form(self, key: str, max_bytes: int, expiry_s: float) -> tuple[str, dict[str, str]]:
         """A presigned POST form for ``key`` alone and at most ``max_bytes``: (url, fields)."""
@@ -189,9 +191,10 @@ class S3BlobStore:
         )
         return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
 
-    def take(self, key: str, max_bytes: int) -> bytes:
-        """The object at ``key``, removed from there once read (it is taken once, whatever it holds). Raises
-        BlobNotFoundError if there is none, BlobTooLargeError beyond ``max_bytes`` (removed unread)."""
+    def read_incoming(self, key: str, max_bytes: int) -> bytes:
+        """The object at ``key``, left where it is (``forget_incoming`` removes a round's once it closed,
+        ``forget_object`` one refused). Raises BlobNotFoundError if there is none, BlobTooLargeError beyond
+        ``max_bytes`` (unread)."""
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=key)
             size = int(obj["ContentLength"])
@@ -201,10 +204,28 @@ class S3BlobStore:
             if _s3_code(e) in _S3_MISSING:
                 raise BlobNotFoundError(key) from None
             raise
-        self.client.delete_object(Bucket=self.bucket, Key=key)
         if size > max_bytes or len(data) > max_bytes:
             raise BlobTooLargeError(f"{size} bytes, more than {max_bytes}")
         return data
+
+    def forget_object(self, key: str) -> None:
+        """Remove the object at ``key`` (a direct upload refused); one that is not there is not an error."""
+        self.client.delete_object(Bucket=self.bucket, Key=key)
+
+    def forget_incoming(self, through_round: int) -> int:
+        """Remove the direct uploads of every round up to ``through_round``, whether committed or not: a
+        listing and one request per 1000 objects, rather than a request per upload on each commit's path.
+        How many were removed."""
+        prefix, doomed = self._incoming(), []
+        for page in self.client.get_paginator("list_objects_v2").paginate(Bucket=self.bucket, Prefix=prefix):
+            for obj in page.get("Contents", []):
+                round_ = obj["Key"][len(prefix) :].split("/", 1)[0]
+                if round_.isdigit() and int(round_) <= through_round:
+                    doomed.append(obj["Key"])
+        for i in range(0, len(doomed), 1000):
+            batch = [{"Key": key} for key in doomed[i : i + 1000]]
+            self.client.delete_objects(Bucket=self.bucket, Delete={"Objects": batch, "Quiet": True})
+        return len(doomed)
 
     def _length(self, sha: str) -> int | None:
         try:

@@ -366,3 +366,29 @@ def test_a_coordinator_keeps_and_serves_its_blobs_from_s3(
     with open_pool(blobs=s3_bucket) as pool:  # a restart loads the latest checkpoint back from S3
         again = pool.latest()
         assert (again["version"], again["param_hash"]) == (1, v1["param_hash"])
+
+
+def test_the_direct_uploads_of_closed_rounds_are_removed_in_one_batch(
+    s3_bucket: dict[str, Any], tmp_path: Path
+) -> None:
+    """Rounds are told apart by number, not by the keys' order (round 10 sorts before round 2), and the
+    blobs beside the uploads are not touched."""
+    store = make_blob_store(BlobSettings(**s3_bucket), tmp_path / "blobs")
+    assert isinstance(store, S3BlobStore)
+    kept = store.put(DATA)
+    sha = hashlib.sha256(b"x").hexdigest()
+    for round_ in (1, 2, 10):
+        for miner in ("a", "b"):
+            store.client.put_object(
+                Bucket=store.bucket, Key=store.incoming_key(round_, miner, sha), Body=b"x"
+            )
+
+    def there(round_: int) -> bool:
+        try:
+            return store.read_incoming(store.incoming_key(round_, "b", sha), 10) == b"x"
+        except BlobNotFoundError:
+            return False
+
+    assert store.forget_incoming(2) == 4
+    assert [there(r) for r in (1, 2, 10)] == [False, False, True]
+    assert store.forget_incoming(2) == 0 and store.get(kept) == DATA

@@ -14,6 +14,7 @@ import pytest
 
 from protocol.wire import UploadCommit, UploadIntent, UploadTicket
 from tests.helpers.pool import Miner, OpenPool, assert_error, payload
+from tests.helpers.waiting import wait_until
 
 
 def form(miner: Miner, round_: int, body: bytes, size: int | None = None) -> httpx.Response:
@@ -36,8 +37,15 @@ def direct(s3_bucket: dict[str, Any]) -> dict[str, Any]:
     return {"blobs": {**s3_bucket, "direct_uploads": True}, "rounds": {"min_quorum": 2}}
 
 
+def incoming(s3_bucket: dict[str, Any]) -> list[str]:
+    """The keys of the direct uploads in the bucket."""
+    bucket = boto3.session.Session().client("s3", endpoint_url=s3_bucket["s3_endpoint_url"])
+    listed = bucket.list_objects_v2(Bucket=s3_bucket["s3_bucket"], Prefix=s3_bucket["s3_prefix"])
+    return [o["Key"] for o in listed.get("Contents", []) if "/incoming/" in o["Key"]]
+
+
 def test_a_payload_posted_to_the_bucket_and_committed_is_taken_as_the_upload(
-    open_pool: OpenPool, direct: dict[str, Any]
+    open_pool: OpenPool, direct: dict[str, Any], s3_bucket: dict[str, Any]
 ) -> None:
     with open_pool(**direct) as pool:
         assert pool.client.get("/v1/info").json()["direct_uploads"] is True
@@ -53,6 +61,10 @@ def test_a_payload_posted_to_the_bucket_and_committed_is_taken_as_the_upload(
         assert (receipt.json()["payload_sha256"], receipt.json()["bytes"]) == (sha, len(body))
         again = commit(alice, 0, sha)  # a commit sent twice: the same receipt, marked a duplicate
         assert again.status_code == 200 and again.json()["duplicate"] is True
+        # a payload posted and never committed (a try given up): removed with the round's uploads
+        lost = payload(round_=0, base_version=0, seed=3)
+        assert post_to_bucket(form(alice, 0, lost).json(), lost).status_code < 300
+        assert len(incoming(s3_bucket)) == 2  # taken uploads stay in the bucket until the round closes
         # the upload is the round's as any other: an upload sent the usual way closes the round with it
         bob = pool.miner()
         assert bob.upload(0, payload(round_=0, base_version=0, seed=2)).status_code == 200
@@ -63,6 +75,7 @@ def test_a_payload_posted_to_the_bucket_and_committed_is_taken_as_the_upload(
             bob.pubkey: "accepted",
         }
         assert pool.client.get(f"/v1/rounds/0/payloads/{alice.pubkey}").content == body
+        wait_until(lambda: not incoming(s3_bucket), 10, "the closed round's direct uploads removed")
 
 
 def test_commits_that_do_not_match_the_bucket_are_refused(
