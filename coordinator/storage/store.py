@@ -146,8 +146,9 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
         )
 
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
-        """Record a nonce; False if it is already recorded and not yet expired."""
-        with self.transaction() as db:
+        """Record a nonce; False if it is already recorded and not yet expired. Not fenced by the leader
+        lease: a nonce is no part of the run's state, only a guard against replays, whoever records it."""
+        with self.unfenced() as db:
             # one statement: a new nonce is inserted, an expired one renewed, a live one left (no row changed)
             if not db.count(
                 "INSERT INTO nonces (nonce, expires_at) VALUES (?, ?) "
