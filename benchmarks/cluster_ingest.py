@@ -53,14 +53,15 @@ ROUND_OPEN = {  # the round stays open for the whole benchmark
 @contextlib.contextmanager
 def s3_server(work: Path) -> Any:
     """moto's S3 server in a process of its own (it would share the clients' interpreter lock otherwise),
-    with a fresh bucket: (endpoint, bucket, its process id)."""
+    keeping connections alive as an S3 service does (benchmarks/s3_server.py), with a fresh bucket:
+    (endpoint, bucket, its process id)."""
     import boto3
 
     port = free_port()
     endpoint = f"http://127.0.0.1:{port}"
     out = (work / "s3.log").open("w")
     proc = subprocess.Popen(
-        [sys.executable, "-m", "moto.server", "-H", "127.0.0.1", "-p", str(port)],
+        [sys.executable, "-m", "benchmarks.s3_server", "--port", str(port)],
         stdout=out,
         stderr=subprocess.STDOUT,
         env={**os.environ, **S3_ENV},
