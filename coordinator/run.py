@@ -213,7 +213,7 @@ class Run:
     ) -> Closer:
         """The closer and the judging it runs, over the parts ``_build`` made."""
         v = settings.validation
-        reader = UploadReader(self.blobs, hooks)
+        reader = UploadReader(self.blobs, hooks, self.codec, self.spec)
         pipeline = default_pipeline(settings.checks, v) if checks is None else checks
         judge = Judge(
             self.store,

@@ -40,10 +40,15 @@ class IntakeSettings:
 
     signature_window_s: float
     validators: list[str] | None
+    # Each upload's unpacked form (``Examined.stored``) is kept beside it, so that closing the round only
+    # adds it, where blobs are files on the coordinator's disk. In a bucket it would cost the coordinator
+    # about five times each payload's bytes out, and again in at the close, where the payloads themselves go
+    # straight to the bucket: there closing unpacks each payload again (coordinator/rounds/reading.py).
+    keep_unpacked: bool = True
 
     @classmethod
     def of(cls, s: CoordinatorSettings) -> IntakeSettings:
-        return cls(s.signature_window_s, s.validation.validators)
+        return cls(s.signature_window_s, s.validation.validators, keep_unpacked=s.blobs.backend == "file")
 
 
 class Intake:
@@ -67,6 +72,7 @@ class Intake:
         self.window_s = settings.signature_window_s
         self.admission, self.sharing = admission, sharing
         self.validators = None if settings.validators is None else {k.lower() for k in settings.validators}
+        self.keep_unpacked = settings.keep_unpacked
         self._miners: set[str] = set()  # keys known to be registered, which spares the store a read
 
     # -- identity -----------------------------------------------------------------------------------------
@@ -175,7 +181,9 @@ class Intake:
         # Content-addressed files, written before taking the lock (at worst an orphan file): the slow part
         # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
         self.blobs.put(body, durable=False)
-        stored_sha = sha if seen.stored is body else self.blobs.put(seen.stored, durable=False)
+        stored_sha: str | None = sha
+        if seen.stored is not body:
+            stored_sha = self.blobs.put(seen.stored, durable=False) if self.keep_unpacked else None
         if self.hooks.before_intake_commit is not None:
             self.hooks.before_intake_commit(round_, miner)
         with self.cell.lock:

@@ -9,6 +9,7 @@ from coordinator.hooks import Hooks
 from coordinator.publishing.model import Model
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import Upload
+from protocol.codec import Codec, ParamSpec
 from protocol.data import Dataset
 from protocol.pairing import RoundEvaluation
 from protocol.params import Params
@@ -19,8 +20,8 @@ class UploadReader:
     """A round's uploads read back from the blob store as judging and building the version read them
     (``Hooks.on_upload`` first: a test's failure injection)."""
 
-    def __init__(self, blobs: BlobStore, hooks: Hooks) -> None:
-        self.blobs, self.hooks = blobs, hooks
+    def __init__(self, blobs: BlobStore, hooks: Hooks, codec: Codec, spec: ParamSpec) -> None:
+        self.blobs, self.hooks, self.codec, self.spec = blobs, hooks, codec, spec
 
     def payload(self, round_: int, u: Upload) -> bytes:
         if self.hooks.on_upload is not None:
@@ -28,10 +29,14 @@ class UploadReader:
         return self.blobs.get(u.sha256)
 
     def both(self, round_: int, u: Upload) -> tuple[bytes, bytes]:
-        """The payload and the form intake stored for the codec's accumulator."""
+        """The payload and the form the codec's accumulator reads: the payload itself, the form intake
+        kept, or, where intake kept none (``IntakeSettings.keep_unpacked``), the payload unpacked again."""
         payload = self.payload(round_, u)
-        stored = payload if u.stored_sha256 in (None, u.sha256) else self.blobs.get(u.stored_sha256)
-        return payload, stored
+        if u.stored_sha256 == u.sha256:
+            return payload, payload
+        if u.stored_sha256 is None:
+            return payload, self.codec.examine(payload, self.spec).stored
+        return payload, self.blobs.get(u.stored_sha256)
 
 
 class Evaluations:

@@ -117,7 +117,7 @@ class NewSubmission:
     size: int
     norm: float
     sketch: bytes
-    stored_sha256: str
+    stored_sha256: str | None  # None: not kept, the payload is unpacked again when read (UploadReader)
     compute_s: float
     received_at: float
     health: Health = Health()

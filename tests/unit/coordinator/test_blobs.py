@@ -28,6 +28,7 @@ from coordinator.storage.blobs import (
     kept_checkpoint,
 )
 from coordinator.storage.s3 import S3BlobStore
+from protocol.codec import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.params import load_checkpoint, params_hash, save_checkpoint, write_checkpoint
 from tests.helpers.pool import SPEC, OpenPool, make_delta, payload
@@ -334,6 +335,11 @@ def test_the_s3_store_needs_a_bucket(monkeypatch: pytest.MonkeyPatch) -> None:
 def test_a_coordinator_keeps_and_serves_its_blobs_from_s3(
     open_pool: OpenPool, s3_bucket: dict[str, Any], make_settings: Callable[..., CoordinatorSettings]
 ) -> None:
+    """Checkpoints, published updates and payloads in the bucket, and nothing else: not the unpacked form of
+    an upload, which a coordinator keeps beside it only on its own disk (the bucket keeps every version of
+    every object, so that one put and deleted after the close would still be listed)."""
+    bucket = s3_client(s3_bucket["s3_endpoint_url"])
+    bucket.put_bucket_versioning(Bucket=s3_bucket["s3_bucket"], VersioningConfiguration={"Status": "Enabled"})
     with open_pool(blobs=s3_bucket) as pool:
         miner = pool.miner()
         body = payload(round_=0, base_version=0, seed=1)
@@ -357,9 +363,10 @@ def test_a_coordinator_keeps_and_serves_its_blobs_from_s3(
         update_sha = hashlib.sha256(update.content).hexdigest()
         assert update.headers["ETag"] == f'"{update_sha}"' and len(update.content) == v1["update_bytes"]
 
-    listed = s3_client(s3_bucket["s3_endpoint_url"]).list_objects_v2(Bucket=s3_bucket["s3_bucket"])
-    keys = {o["Key"].rsplit("/", 1)[-1] for o in listed["Contents"]}
+    listed = bucket.list_object_versions(Bucket=s3_bucket["s3_bucket"])
+    keys = {o["Key"].rsplit("/", 1)[-1] for o in listed["Versions"]}
     assert {hashlib.sha256(body).hexdigest(), checkpoint_sha, update_sha} <= keys
+    assert hashlib.sha256(SparseLoCoCodec().examine(body, SPEC).stored).hexdigest() not in keys
     state_dir = make_settings().state_dir
     assert not (state_dir / "blobs").exists()
 
