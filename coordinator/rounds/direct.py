@@ -1,7 +1,7 @@
 """Uploads straight from the miners to the object store (``[blobs] direct_uploads``): a presigned form for
 the miner's own key, then a commit, which the coordinator takes through the same intake (the same checks,
 refusals and records) as an upload sent to it. Only the commit's few bytes reach the coordinator from the
-miner; it reads the payload from the bucket."""
+miner; it reads the payload from the bucket and keeps it there by a copy within the bucket."""
 
 from __future__ import annotations
 
@@ -45,7 +45,7 @@ class DirectUploads:
             return receipt  # a commit sent again
         key = self.bucket.incoming_key(round_, miner, sha)
         try:
-            body = self.bucket.read_incoming(key, self.max_bytes)
+            body, etag = self.bucket.read_incoming(key, self.max_bytes)
         except BlobNotFoundError:
             raise NotFound(
                 "upload_missing", "nothing under this upload's key: POST the payload with the form first"
@@ -58,7 +58,9 @@ class DirectUploads:
                 raise Unprocessable(
                     "digest_mismatch", "the uploaded payload does not have the sha256 committed"
                 )
-            return self.intake.submit(miner, round_, body, sha)
+            return self.intake.submit(
+                miner, round_, body, sha, keep=lambda: self.bucket.adopt(key, etag, body)
+            )
         except (Unprocessable, Conflict):  # refused: taken once, as an upload sent to the coordinator is
             self.bucket.forget_object(key)
             raise

@@ -155,19 +155,25 @@ class Intake:
         return n
 
     # -- uploads ------------------------------------------------------------------------------------------
-    def submit(self, miner: str, round_: int, body: bytes, sha: str) -> SubmissionReceipt:
-        """Check and store one upload (``sha``: its sha256, already checked against the signature). A
-        registered miner's refused upload (malformed, wrong round or version) is recorded against it."""
+    def submit(
+        self, miner: str, round_: int, body: bytes, sha: str, keep: Callable[[], object] | None = None
+    ) -> SubmissionReceipt:
+        """Check and store one upload (``sha``: its sha256, already checked against the signature; ``keep``:
+        how it is kept once checked, where not put into the blob store: a direct upload is copied within
+        the bucket). A registered miner's refused upload (malformed, wrong round or version) is recorded
+        against it."""
         self.require_miner(miner)
         self.check_round(round_)
         try:
-            return self._intake(miner, round_, body, sha)
+            return self._intake(miner, round_, body, sha, keep)
         except (Unprocessable, Conflict) as e:
             if e.code not in ROUND_RULES:
                 self.store.record_refusal(round_, miner, e.code, self.clock())
             raise
 
-    def _intake(self, miner: str, round_: int, body: bytes, sha: str) -> SubmissionReceipt:
+    def _intake(
+        self, miner: str, round_: int, body: bytes, sha: str, keep: Callable[[], object] | None
+    ) -> SubmissionReceipt:
         if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
             return receipt
         try:
@@ -180,7 +186,10 @@ class Intake:
         self._check_version(header.base_version, round_)
         # Content-addressed files, written before taking the lock (at worst an orphan file): the slow part
         # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
-        self.blobs.put(body, durable=False)
+        if keep is None:
+            self.blobs.put(body, durable=False)
+        else:
+            keep()
         stored_sha: str | None = sha
         if seen.stored is not body:
             stored_sha = self.blobs.put(seen.stored, durable=False) if self.keep_unpacked else None

@@ -191,10 +191,10 @@ class S3BlobStore:
         )
         return str(post["url"]), {str(k): str(v) for k, v in post["fields"].items()}
 
-    def read_incoming(self, key: str, max_bytes: int) -> bytes:
-        """The object at ``key``, left where it is (``forget_incoming`` removes a round's once it closed,
-        ``forget_object`` one refused). Raises BlobNotFoundError if there is none, BlobTooLargeError beyond
-        ``max_bytes`` (unread)."""
+    def read_incoming(self, key: str, max_bytes: int) -> tuple[bytes, str]:
+        """The object at ``key`` and its ETag, the object left where it is (``forget_incoming`` removes a
+        round's once it closed, ``forget_object`` one refused). Raises BlobNotFoundError if there is none,
+        BlobTooLargeError beyond ``max_bytes`` (unread)."""
         try:
             obj = self.client.get_object(Bucket=self.bucket, Key=key)
             size = int(obj["ContentLength"])
@@ -206,7 +206,31 @@ class S3BlobStore:
             raise
         if size > max_bytes or len(data) > max_bytes:
             raise BlobTooLargeError(f"{size} bytes, more than {max_bytes}")
-        return data
+        return data, str(obj["ETag"])
+
+    def adopt(self, key: str, etag: str, data: bytes) -> str:
+        """Keep ``data``, read from the object at ``key`` with ``etag``, as its blob: by a copy within the
+        bucket, so that the bytes do not pass through the coordinator again, if the object is still the
+        one read; else (replaced under its key meanwhile) by a put of ``data``, so that whatever lands under
+        a blob's name is the bytes that were checked. A store that ignores the copy's condition is caught by
+        the copy's ETag. The blob's sha256."""
+        sha = hashlib.sha256(data).hexdigest()
+        try:
+            copied = self.client.copy_object(
+                Bucket=self.bucket,
+                Key=self.key(sha),
+                CopySource={"Bucket": self.bucket, "Key": key},
+                CopySourceIfMatch=etag,
+                ContentType="application/octet-stream",
+                MetadataDirective="REPLACE",
+            )
+        except Exception as e:
+            if _s3_code(e) not in _S3_PRESENT | _S3_MISSING:
+                raise
+            return self.put(data)
+        if copied["CopyObjectResult"]["ETag"] != etag:
+            self._put_object(sha, data)  # over whatever the copy left there
+        return sha
 
     def forget_object(self, key: str) -> None:
         """Remove the object at ``key`` (a direct upload refused); one that is not there is not an error."""
