@@ -27,7 +27,7 @@ from coordinator.storage.blobs import (
     byte_range,
     kept_checkpoint,
 )
-from coordinator.storage.s3 import S3BlobStore
+from coordinator.storage.s3 import ASK_FIRST_BYTES, S3BlobStore
 from protocol.codec import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.params import load_checkpoint, params_hash, save_checkpoint, write_checkpoint
@@ -405,29 +405,32 @@ def test_the_direct_uploads_of_closed_rounds_are_removed_in_one_batch(
 def test_a_direct_upload_is_kept_as_the_bytes_that_were_read(
     s3_bucket: dict[str, Any], tmp_path: Path, store_holds_the_condition: bool
 ) -> None:
-    """A direct upload is kept by a copy within the bucket of the object that was read; one replaced under
-    its key after it was checked never lands under the name of the bytes that were: a store that holds the
-    copy's condition refuses the copy (the checked bytes are put instead), and one that ignores it (moto)
-    is caught by the copy's ETag and the checked bytes put over what it copied."""
+    """A large direct upload is kept by a copy within the bucket of the object that was read (a small one is
+    put: that costs less than a copy); one replaced under its key after it was checked never lands under
+    the name of the bytes that were: a store that holds the copy's condition refuses the copy (the checked
+    bytes are put instead), and one that ignores it (moto) is caught by the copy's ETag and the checked
+    bytes put over what it copied."""
     from botocore.exceptions import ClientError
 
     store = make_blob_store(BlobSettings(**s3_bucket), tmp_path / "blobs")
     assert isinstance(store, S3BlobStore)
-    sha = hashlib.sha256(DATA).hexdigest()
-    key = store.incoming_key(0, "a", sha)
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=DATA)
-    data, etag = store.read_incoming(key, len(DATA))
-    assert store.adopt(key, etag, data) == sha and store.get(sha) == DATA  # copied
-    store.delete(sha)
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"other bytes")  # replaced meanwhile
     real, copies = store.client.copy_object, []
 
     def copy_object(**kwargs: Any) -> Any:
         copies.append(kwargs["CopySourceIfMatch"])
-        if store_holds_the_condition:
+        if store_holds_the_condition and len(copies) > 1:
             raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "CopyObject")
         return real(**kwargs)
 
     store.client.copy_object = copy_object
-    assert store.adopt(key, etag, data) == sha and copies == [etag]
-    assert store.get(sha) == DATA
+    for blob in (DATA, DATA * (ASK_FIRST_BYTES // len(DATA) + 1)):
+        sha = hashlib.sha256(blob).hexdigest()
+        key = store.incoming_key(0, "a", sha)
+        store.client.put_object(Bucket=store.bucket, Key=key, Body=blob)
+        data, etag = store.read_incoming(key, len(blob))
+        assert store.adopt(key, etag, data) == sha and store.get(sha) == blob
+    assert len(copies) == 1  # the large one's
+    store.delete(sha)
+    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"other bytes")  # replaced meanwhile
+    assert store.adopt(key, etag, data) == sha and copies == [etag, etag]
+    assert store.get(sha) == data
