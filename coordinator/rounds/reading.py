@@ -35,7 +35,7 @@ class UploadReader:
         if u.stored_sha256 == u.sha256:
             return payload, payload
         if u.stored_sha256 is None:
-            return payload, self.codec.examine(payload, self.spec).stored
+            return payload, self.codec.unpack(payload, self.spec)
         return payload, self.blobs.get(u.stored_sha256)
 
 

@@ -85,6 +85,11 @@ class Codec(Protocol):
         """One decode for intake: the checks, the norm, the sketch and the form aggregation reads back."""
         ...
 
+    def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
+        """The form aggregation reads back (``Examined.stored``) alone, for a payload whose form was not
+        kept (CodecError if it is malformed)."""
+        ...
+
     def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> Accumulator:
         """A running sum and count over examined payloads (``Examined.stored``)."""
         ...
@@ -103,6 +108,9 @@ class _Decoding:
     def examine(self, data: bytes, spec: ParamSpec) -> Examined:
         header, update = self.decode(data, spec)
         return Examined(header, content_digest(data), update_norm(update), sketch(update, spec), data)
+
+    def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
+        return data
 
     def accumulator(self, spec: ParamSpec, max_contributors: int = 255) -> Accumulator:
         return FlatAccumulator(

@@ -246,7 +246,7 @@ class SparseLoCoCodec:
         int16 and values as float32, (chunks, k) each, plus the dense part, so that closing the round only
         adds them."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
-        unpacked = st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})
+        unpacked = _unpacked(idx, vals, dense)
         flat, valid = self._coordinates(table, idx)
         if valid is not None:
             flat, vals = flat[valid], vals[valid]
@@ -263,6 +263,10 @@ class SparseLoCoCodec:
         norm = float(values.double().square().sum().sqrt())
         sketched = sketch_flat(coords, values)
         return Examined(header, content_digest(data), norm, sketched, unpacked, kept_sample(flat.reshape(-1)))
+
+    def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
+        _, _, idx, vals, dense = self.decode_rows(data, spec)
+        return _unpacked(idx, vals, dense)
 
     def _coordinates(self, table: RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
         """Chunk-local indices (rows, k) -> coordinates in the concatenated parameters, and the mask of
@@ -307,3 +311,8 @@ class SparseLoCoCodec:
         if table is None:
             table = self._tables[key] = RowTable.build(self, key)
         return table
+
+
+def _unpacked(idx: torch.Tensor, vals: torch.Tensor, dense: torch.Tensor) -> bytes:
+    """A payload's rows as ``ChunkAccumulator.add_stored`` reads them back."""
+    return st_save({"idx": idx.to(torch.int16), "vals": vals.contiguous(), "dense": dense})

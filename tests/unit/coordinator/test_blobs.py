@@ -401,36 +401,45 @@ def test_the_direct_uploads_of_closed_rounds_are_removed_in_one_batch(
     assert store.forget_incoming(2) == 0 and store.get(kept) == DATA
 
 
-@pytest.mark.parametrize("store_holds_the_condition", [True, False])
+@pytest.mark.parametrize("store", ["holds_the_condition", "ignores_it", "ignores_it_no_sha256", "lacks_it"])
 def test_a_direct_upload_is_kept_as_the_bytes_that_were_read(
-    s3_bucket: dict[str, Any], tmp_path: Path, store_holds_the_condition: bool
+    s3_bucket: dict[str, Any], tmp_path: Path, store: str
 ) -> None:
-    """A large direct upload is kept by a copy within the bucket of the object that was read (a small one is
-    put: that costs less than a copy); one replaced under its key after it was checked never lands under
-    the name of the bytes that were: a store that holds the copy's condition refuses the copy (the checked
-    bytes are put instead), and one that ignores it (moto) is caught by the copy's ETag and the checked
-    bytes put over what it copied."""
+    """A large direct upload is kept by a copy within the bucket of the object that was read, and nothing
+    is put (a small one is put: that costs less than a copy). One replaced under its key after it was
+    checked never lands under the name of the bytes that were: a store that holds the copy's condition
+    refuses the copy, one that lacks it answers 501, and the checked bytes are put instead; one that
+    ignores it (moto) is caught by the copy's sha256, or its ETag where it gives no sha256, and the checked
+    bytes are put over what it copied."""
     from botocore.exceptions import ClientError
 
-    store = make_blob_store(BlobSettings(**s3_bucket), tmp_path / "blobs")
-    assert isinstance(store, S3BlobStore)
-    real, copies = store.client.copy_object, []
+    blobs = make_blob_store(BlobSettings(**s3_bucket), tmp_path / "blobs")
+    assert isinstance(blobs, S3BlobStore)
+    real_copy, real_put, copies, puts = blobs.client.copy_object, blobs.client.put_object, [], []
 
     def copy_object(**kwargs: Any) -> Any:
         copies.append(kwargs["CopySourceIfMatch"])
-        if store_holds_the_condition and len(copies) > 1:
-            raise ClientError({"Error": {"Code": "PreconditionFailed"}}, "CopyObject")
-        return real(**kwargs)
+        if len(copies) > 1 and store in ("holds_the_condition", "lacks_it"):
+            code = "PreconditionFailed" if store == "holds_the_condition" else "NotImplemented"
+            raise ClientError({"Error": {"Code": code}}, "CopyObject")
+        answer = real_copy(**kwargs)
+        if store == "ignores_it_no_sha256":
+            answer["CopyObjectResult"].pop("ChecksumSHA256", None)
+        return answer
 
-    store.client.copy_object = copy_object
+    def put_object(**kwargs: Any) -> Any:
+        puts.append(kwargs["Key"])
+        return real_put(**kwargs)
+
+    blobs.client.copy_object, blobs.client.put_object = copy_object, put_object
     for blob in (DATA, DATA * (ASK_FIRST_BYTES // len(DATA) + 1)):
         sha = hashlib.sha256(blob).hexdigest()
-        key = store.incoming_key(0, "a", sha)
-        store.client.put_object(Bucket=store.bucket, Key=key, Body=blob)
-        data, etag = store.read_incoming(key, len(blob))
-        assert store.adopt(key, etag, data) == sha and store.get(sha) == blob
-    assert len(copies) == 1  # the large one's
-    store.delete(sha)
-    store.client.put_object(Bucket=store.bucket, Key=key, Body=b"other bytes")  # replaced meanwhile
-    assert store.adopt(key, etag, data) == sha and copies == [etag, etag]
-    assert store.get(sha) == data
+        key = blobs.incoming_key(0, "a", sha)
+        real_put(Bucket=blobs.bucket, Key=key, Body=blob)
+        data, etag = blobs.read_incoming(key, len(blob))
+        assert blobs.adopt(key, etag, data) == sha and blobs.get(sha) == blob
+    assert len(copies) == 1 and puts == [blobs.key(hashlib.sha256(DATA).hexdigest())]  # the large one copied
+    blobs.delete(sha)
+    real_put(Bucket=blobs.bucket, Key=key, Body=b"other bytes")  # replaced meanwhile
+    assert blobs.adopt(key, etag, data) == sha and copies == [etag, etag] and puts[-1] == blobs.key(sha)
+    assert blobs.get(sha) == data

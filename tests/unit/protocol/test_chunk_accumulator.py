@@ -6,7 +6,7 @@ from __future__ import annotations
 import pytest
 import torch
 
-from protocol.codec import PayloadHeader, SparseLoCoCodec
+from protocol.codec import PayloadHeader, SparseLoCoCodec, make_codec
 from protocol.codec.accumulate import FlatAccumulator
 from protocol.codec.chunk_accumulator import ChunkAccumulator
 
@@ -70,3 +70,19 @@ def test_more_contributors_than_a_byte_counts_need_a_wider_count(make: str) -> N
         acc.add_stored(stored if make == "chunk" else payload)
     mean = acc.mean()["w"]
     assert torch.allclose(mean, codec.decode(payload, spec)[1]["w"].to_dense((70,)), rtol=1e-6)
+
+
+@pytest.mark.parametrize("name", ["sparseloco", "dense_fp32"])
+def test_a_payload_unpacked_again_is_the_form_intake_would_have_kept(name: str) -> None:
+    """``unpack`` (a coordinator whose blobs are in a bucket keeps no unpacked form) gives what ``examine``
+    gives, and the aggregate of either is the payload's."""
+    codec = make_codec(name, 16)
+    g = torch.Generator().manual_seed(3)
+    header = HEADER.model_copy(update={"codec": name})
+    payload = codec.encode({n: torch.randn(s, generator=g) for n, s in SPEC}, SPEC, header)[0]
+    assert codec.unpack(payload, SPEC) == codec.examine(payload, SPEC).stored
+    acc = codec.accumulator(SPEC)
+    acc.add_stored(codec.unpack(payload, SPEC))
+    mean, decoded = acc.mean(), codec.decode(payload, SPEC)[1]
+    for n, shape in SPEC:
+        assert torch.allclose(mean[n], decoded[n].to_dense(shape), rtol=1e-6, atol=1e-9), n
