@@ -61,12 +61,19 @@ def overlap_down(
     guess_scale: float = 1.0,
     ef_beta: float = 0.95,
     tile: int = 64,
+    carry: float = 1.0,
 ) -> Method:
     """Overlapped rounds as miners run them (the version merged after a fifth of the inner steps) with the
     compressed downlink at ``[publish] budget = 2.5`` (and the given error feedback and tile)."""
     downlink = PublishSettings(format="sparseloco", budget=2.5, ef_beta=ef_beta, tile=tile)
     return Method(
-        "pool", overlap="merge_eager", merge_at=0.2, downlink=downlink, guess=guess, guess_scale=guess_scale
+        "pool",
+        overlap="merge_eager",
+        merge_at=0.2,
+        downlink=downlink,
+        guess=guess,
+        guess_scale=guess_scale,
+        carry=carry,
     )
 
 
@@ -118,7 +125,15 @@ METHODS: dict[str, Method] = {
     },
     # and with other guesses of the version being made at the eager start, or the miner's own scaled
     **{f"sparseloco_overlap_down_b2.5_guess_{g}": overlap_down(guess=g) for g in ("published", "mixed")},
-    **{f"sparseloco_overlap_down_b2.5_guess_x{x:g}": overlap_down(guess_scale=x) for x in (0.5, 1.5, 2, 2.5)},
+    **{
+        f"sparseloco_overlap_down_b2.5_guess_x{x:g}": overlap_down(guess_scale=x)
+        for x in (0.5, 1.25, 1.5, 1.75, 2, 2.5)
+    },
+    # the miner's own upload x 1.5 as the guess, with the steps trained before the merge kept in part
+    **{
+        f"sparseloco_overlap_down_b2.5_guess_x1.5_carry{c:g}": overlap_down(guess_scale=1.5, carry=c)
+        for c in (0.5, 0.75)
+    },
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
