@@ -12,6 +12,7 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
+from benchmarks.downlink_oracle import WaterFilledDownlink
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink
 from coordinator.settings import PublishSettings
@@ -54,6 +55,9 @@ class Method:
     # own share of the mean, 1/M of its upload, plus the last update published for the other M-1)
     guess: Literal["own", "published", "mixed"] = "own"
     guess_scale: float = 1.0  # the guessed update times this
+    # the published update with a count per chunk, one threshold for the whole model, at the downlink's
+    # budget: an estimate (benchmarks/downlink_oracle.py), not a format
+    waterfill: bool = False
 
 
 def overlap_down(
@@ -62,6 +66,7 @@ def overlap_down(
     ef_beta: float = 0.95,
     tile: int = 64,
     carry: float = 1.0,
+    waterfill: bool = False,
 ) -> Method:
     """Overlapped rounds as miners run them (the version merged after a fifth of the inner steps) with the
     compressed downlink at ``[publish] budget = 2.5`` (and the given error feedback and tile)."""
@@ -74,6 +79,7 @@ def overlap_down(
         guess=guess,
         guess_scale=guess_scale,
         carry=carry,
+        waterfill=waterfill,
     )
 
 
@@ -134,6 +140,12 @@ METHODS: dict[str, Method] = {
         f"sparseloco_overlap_down_b2.5_guess_x1.5_carry{c:g}": overlap_down(guess_scale=1.5, carry=c)
         for c in (0.5, 0.75)
     },
+    # a count per chunk rather than the same k in each (an estimate of what such a format would buy)
+    "sparseloco_down_b2.5_waterfill": Method(
+        "pool", downlink=PublishSettings(format="sparseloco", budget=2.5), waterfill=True
+    ),
+    "sparseloco_overlap_down_b2.5_waterfill": overlap_down(waterfill=True),
+    "sparseloco_overlap_down_b2.5_waterfill_guess_x1.5": overlap_down(waterfill=True, guess_scale=1.5),
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
@@ -209,7 +221,13 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     c = bench.cfg
     codec = make_codec(method.codec, method.k)
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
-    downlink = None if method.downlink is None else Downlink(method.downlink, codec, bench.spec)
+    downlink: Downlink | WaterFilledDownlink | None = None
+    if method.downlink is not None and method.waterfill:
+        d = method.downlink
+        budget = 2.5 if d.budget is None else d.budget
+        downlink = WaterFilledDownlink(budget, codec, bench.spec, d.tile, d.bits, d.ef_beta)
+    elif method.downlink is not None:
+        downlink = Downlink(method.downlink, codec, bench.spec)
     schedule = {"schedule": method.schedule, "planned_rounds": c.rounds}  # a constant rate ignores the length
     recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta, **schedule})
     theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v

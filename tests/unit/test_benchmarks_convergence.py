@@ -143,3 +143,27 @@ def test_the_merge_moves_the_model_to_the_new_version_keeping_carry_of_what_it_l
     on_step({})  # once only
     for n in base:
         torch.testing.assert_close(moved[n].detach(), newest[n] + carry * learned[n])
+
+
+def test_the_water_filled_downlink_fits_its_budget_and_keeps_the_rest_for_later() -> None:
+    """The estimate of a count per chunk: its bytes within the budget, the largest values kept wherever they
+    are (a chunk with none of them keeps none), and what it publishes plus what it keeps adds up to the
+    update; with room for everything it keeps everything, up to the values' quantisation."""
+    from benchmarks.downlink_oracle import WaterFilledDownlink
+    from protocol.codec import SparseLoCoCodec
+    from protocol.payload import framed_bytes
+
+    spec = [("big", (128, 128)), ("small", (64, 64)), ("bias", (8,))]
+    g = torch.Generator().manual_seed(0)
+    delta = {n: torch.randn(s, generator=g) for n, s in spec}
+    delta["small"] *= 1e-3  # nearly nothing there: the budget goes to "big"
+    codec = SparseLoCoCodec()
+    down = WaterFilledDownlink(2.0, codec, spec, ef_beta=1.0)
+    sent, applied, residual = down.step(delta)
+    assert 0 < len(sent) <= 2.0 * (codec.max_payload_bytes(spec) - framed_bytes(0))  # frames aside
+    assert int((applied["small"] != 0).sum()) == 0 and int((applied["big"] != 0).sum()) > 2 * 64 * 4
+    for n, _ in spec:
+        assert torch.allclose(applied[n] + residual[n], delta[n], atol=1e-6)
+    roomy = WaterFilledDownlink(100.0, codec, spec)
+    _, applied, _ = roomy.step(delta)
+    assert all(int((applied[n] != 0).sum()) == delta[n].numel() for n in ("big", "small"))
