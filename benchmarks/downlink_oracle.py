@@ -4,33 +4,41 @@ estimate of what a sparseloco format with a count per chunk would buy, not a for
 The sparseloco downlink keeps the same k values in every chunk, as many where the uploads agree on a few
 coordinates as where their union fills the chunk. Here one threshold for the whole model keeps every
 value of ``u = delta + ef_beta * e`` larger than it, so a chunk keeps what it holds above it (none, or
-all); the threshold is the lowest whose estimated bytes fit ``budget`` uploads. Values are quantised to
-``bits`` per tensor exactly as the codec does (``protocol/codec/quantize.py``), and what is left out goes
-to the residual. The bytes are the codec's Elias-Fano indices at each chunk's own count, ``bits`` per
-value, a 12-bit count per chunk and a table per tensor; tensors the codec sends dense in fp16 go dense.
+all); the threshold is the lowest whose bytes fit what the fixed-k format's tensors take at the same
+``[publish] budget`` (``budget_k``), so that both publish the same bytes. Values are quantised to ``bits``
+per tensor exactly as the codec does (``protocol/codec/quantize.py``), and what is left out goes to the
+residual. The bytes are counted as a byte-aligned format would lay them out: per chunk, the codec's
+Elias-Fano low bits and upper bitmap at that chunk's count and its ``bits``-bit values, each rounded up
+to whole bytes as the codec rounds them, and a 2-byte count; a table per tensor; tensors the codec sends
+dense go dense in fp16. The bytes reported add the fixed-k format's frame (names, offsets, header).
 """
 
 from __future__ import annotations
 
+import math
 from collections.abc import Mapping
 
 import torch
 
+from coordinator.publishing.publisher import budget_k
 from protocol.codec import Codec, SparseLoCoCodec
 from protocol.codec.chunks import Layout
 from protocol.codec.quantize import quantize
-from protocol.params import Params
+from protocol.params import Params, compress_update
 from protocol.payload import ParamSpec, framed_bytes
 
-COUNT_BITS = 12  # a chunk's count of kept values (0 .. 4096)
+COUNT_BYTES = 2  # a chunk's count of kept values (0 .. 4096)
 
 
-def index_bits(counts: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Elias-Fano bits for ``counts`` sorted indices below ``chunk``, per chunk (0 for none)."""
+def chunk_bytes(counts: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
+    """Bytes per chunk for ``counts`` values below ``chunk``: Elias-Fano low bits and upper bitmap (as
+    ``protocol/codec/sparseloco.py`` sizes them), ``bits`` per value, each part in whole bytes, and the
+    count (0 values: the count alone)."""
     k = counts.clamp_min(1).double()
     low = torch.floor(torch.log2(chunk / k)).clamp_min(0)
-    bits = k * low + k + torch.floor((chunk - 1) / torch.pow(2.0, low)) + 1
-    return torch.where(counts > 0, bits, torch.zeros_like(bits))
+    upper = k + torch.floor((chunk - 1) / torch.pow(2.0, low)) + 1
+    parts = torch.ceil(k * low / 8) + torch.ceil(upper / 8) + torch.ceil(k * bits / 8)
+    return torch.where(counts > 0, parts, torch.zeros_like(parts)) + COUNT_BYTES
 
 
 class WaterFilledDownlink:
@@ -47,7 +55,10 @@ class WaterFilledDownlink:
     ) -> None:
         self.spec, self.tile, self.bits, self.beta = spec, tile, bits, ef_beta
         self.geometry = SparseLoCoCodec(64, tile, bits)  # which tensors go dense
-        self.budget_bytes = budget * (upload.max_payload_bytes(spec) - framed_bytes(0))
+        fixed_k = SparseLoCoCodec(budget_k(budget, upload, spec, tile, bits), tile, bits)  # at this budget
+        self.budget_bytes = fixed_k.max_payload_bytes(spec) - framed_bytes(0)
+        zeros = {n: torch.zeros(s) for n, s in spec}
+        self.frame_bytes = len(compress_update(fixed_k, zeros, spec)) - self.budget_bytes  # reported beside
         self.residual: dict[str, torch.Tensor] = {}
 
     def step(self, delta: Mapping[str, torch.Tensor]) -> tuple[bytes, Params, dict[str, torch.Tensor]]:
@@ -56,19 +67,16 @@ class WaterFilledDownlink:
         dense = [n for n, s in self.spec if self.geometry.is_dense(tuple(s))]
         sparse = [(n, Layout(tuple(s), self.tile)) for n, s in self.spec if n not in dense]
         fixed = sum(2.0 * u[n].numel() for n in dense) + 4 * (1 << self.bits) * len(sparse)
-        fixed += sum(COUNT_BITS * lay.rows for _, lay in sparse) / 8
         mags = [lay.abs_chunks(u[n].float()) for n, lay in sparse]
         every = torch.cat([m.reshape(-1) for m in mags])
         order = every.sort(descending=True).values
 
         def size(kept: int) -> float:
-            if kept == 0:
-                return fixed
-            threshold = order[kept - 1]
+            threshold = order[kept - 1] if kept else torch.tensor(float("inf"))
             total = fixed
             for m in mags:
                 counts = (m >= threshold).sum(dim=1)
-                total += float((index_bits(counts, m.shape[1]) + self.bits * counts.double()).sum()) / 8
+                total += float(chunk_bytes(counts, m.shape[1], self.bits).sum())
             return total
 
         lo, hi = 0, int((order > 0).sum())
@@ -88,4 +96,4 @@ class WaterFilledDownlink:
                 lut, codes = quantize(chunks[keep], bits=self.bits)
                 out[keep] = lut[codes]
             applied[n] = lay.from_chunks(out)
-        return bytes(int(size(lo))), applied, {n: u[n] - applied[n] for n in u}
+        return bytes(math.ceil(size(lo)) + self.frame_bytes), applied, {n: u[n] - applied[n] for n in u}

