@@ -223,9 +223,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
     downlink: Downlink | WaterFilledDownlink | None = None
     if method.downlink is not None and method.waterfill:
-        d = method.downlink
-        budget = 2.5 if d.budget is None else d.budget
-        downlink = WaterFilledDownlink(budget, codec, bench.spec, d.tile, d.bits, d.ef_beta)
+        downlink = WaterFilledDownlink(method.downlink, codec, bench.spec)
     elif method.downlink is not None:
         downlink = Downlink(method.downlink, codec, bench.spec)
     schedule = {"schedule": method.schedule, "planned_rounds": c.rounds}  # a constant rate ignores the length

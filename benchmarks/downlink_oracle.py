@@ -5,7 +5,7 @@ The sparseloco downlink keeps the same k values in every chunk, as many where th
 coordinates as where their union fills the chunk. Here one threshold for the whole model keeps every
 value of ``u = delta + ef_beta * e`` larger than it, so a chunk keeps what it holds above it (none, or
 all); the threshold is the lowest whose bytes fit what the fixed-k format's tensors take at the same
-``[publish] budget`` (``budget_k``), so that both publish the same bytes. Values are quantised to ``bits``
+``[publish]`` settings (``Downlink``), so that both publish the same bytes. Values are quantised to ``bits``
 per tensor exactly as the codec does (``protocol/codec/quantize.py``), and what is left out goes to the
 residual. The bytes are counted as a byte-aligned format would lay them out: per chunk, the codec's
 Elias-Fano low bits and upper bitmap at that chunk's count and its ``bits``-bit values, each rounded up
@@ -20,45 +20,43 @@ from collections.abc import Mapping
 
 import torch
 
-from coordinator.publishing.publisher import budget_k
-from protocol.codec import Codec, SparseLoCoCodec
+from coordinator.publishing.publisher import Downlink
+from coordinator.settings import PublishSettings
+from protocol.codec import Codec
 from protocol.codec.chunks import Layout
 from protocol.codec.quantize import quantize
+from protocol.codec.sparseloco import _ef_params
 from protocol.params import Params, compress_update
 from protocol.payload import ParamSpec, framed_bytes
 
 COUNT_BYTES = 2  # a chunk's count of kept values (0 .. 4096)
 
 
-def chunk_bytes(counts: torch.Tensor, chunk: int, bits: int) -> torch.Tensor:
-    """Bytes per chunk for ``counts`` values below ``chunk``: Elias-Fano low bits and upper bitmap (as
-    ``protocol/codec/sparseloco.py`` sizes them), ``bits`` per value, each part in whole bytes, and the
-    count (0 values: the count alone)."""
-    k = counts.clamp_min(1).double()
-    low = torch.floor(torch.log2(chunk / k)).clamp_min(0)
-    upper = k + torch.floor((chunk - 1) / torch.pow(2.0, low)) + 1
-    parts = torch.ceil(k * low / 8) + torch.ceil(upper / 8) + torch.ceil(k * bits / 8)
-    return torch.where(counts > 0, parts, torch.zeros_like(parts)) + COUNT_BYTES
+def chunk_bytes(chunk: int, bits: int) -> torch.Tensor:
+    """Bytes of a chunk by its count of kept values (0 .. ``chunk``): Elias-Fano low bits and upper bitmap
+    as the codec sizes them (``_ef_params``), ``bits`` per value, each part in whole bytes, and the count
+    (0 values: the count alone)."""
+    sizes = [0]
+    for k in range(1, chunk + 1):
+        low, high = _ef_params(chunk, k)
+        sizes.append(-(-k * low // 8) + -(-high // 8) + -(-k * bits // 8))
+    return torch.tensor(sizes, dtype=torch.float64) + COUNT_BYTES
 
 
 class WaterFilledDownlink:
-    """``Downlink.step``'s interface (coordinator/publishing/publisher.py) over the estimate above."""
+    """``Downlink.step``'s interface (coordinator/publishing/publisher.py) over the estimate above, at the
+    bytes of the fixed-k downlink that ``settings`` make."""
 
-    def __init__(
-        self,
-        budget: float,
-        upload: Codec,
-        spec: ParamSpec,
-        tile: int = 64,
-        bits: int = 2,
-        ef_beta: float = 0.95,
-    ) -> None:
-        self.spec, self.tile, self.bits, self.beta = spec, tile, bits, ef_beta
-        self.geometry = SparseLoCoCodec(64, tile, bits)  # which tensors go dense
-        fixed_k = SparseLoCoCodec(budget_k(budget, upload, spec, tile, bits), tile, bits)  # at this budget
+    def __init__(self, settings: PublishSettings, upload: Codec, spec: ParamSpec) -> None:
+        fixed_k = Downlink(settings, upload, spec).compressor
+        if fixed_k is None:
+            raise ValueError("a count per chunk is an estimate for the sparseloco format")
+        self.spec, self.tile, self.bits, self.beta = spec, fixed_k.tile, fixed_k.bits, settings.ef_beta
+        self.geometry = fixed_k  # which tensors go dense
         self.budget_bytes = fixed_k.max_payload_bytes(spec) - framed_bytes(0)
         zeros = {n: torch.zeros(s) for n, s in spec}
         self.frame_bytes = len(compress_update(fixed_k, zeros, spec)) - self.budget_bytes  # reported beside
+        self.sizes = chunk_bytes(self.tile * self.tile, self.bits)
         self.residual: dict[str, torch.Tensor] = {}
 
     def step(self, delta: Mapping[str, torch.Tensor]) -> tuple[bytes, Params, dict[str, torch.Tensor]]:
@@ -68,32 +66,29 @@ class WaterFilledDownlink:
         sparse = [(n, Layout(tuple(s), self.tile)) for n, s in self.spec if n not in dense]
         fixed = sum(2.0 * u[n].numel() for n in dense) + 4 * (1 << self.bits) * len(sparse)
         mags = [lay.abs_chunks(u[n].float()) for n, lay in sparse]
-        every = torch.cat([m.reshape(-1) for m in mags])
-        order = every.sort(descending=True).values
+        order = torch.cat([m.reshape(-1) for m in mags]).sort(descending=True).values
+
+        def threshold(kept: int) -> torch.Tensor:
+            return order[kept - 1] if kept else torch.tensor(float("inf"))
 
         def size(kept: int) -> float:
-            threshold = order[kept - 1] if kept else torch.tensor(float("inf"))
-            total = fixed
-            for m in mags:
-                counts = (m >= threshold).sum(dim=1)
-                total += float(chunk_bytes(counts, m.shape[1], self.bits).sum())
-            return total
+            t = threshold(kept)
+            return fixed + sum(float(self.sizes[(m >= t).sum(dim=1)].sum()) for m in mags)
 
-        lo, hi = 0, int((order > 0).sum())
+        lo, hi, fits = 0, int((order > 0).sum()), size(0)
         while lo < hi:  # the most values whose bytes fit
             mid = (lo + hi + 1) // 2
-            lo, hi = (mid, hi) if size(mid) <= self.budget_bytes else (lo, mid - 1)
-        threshold = order[lo - 1] if lo else torch.tensor(float("inf"))
-        applied: Params = {}
-        for n, shape in self.spec:
-            if self.geometry.is_dense(tuple(shape)):
-                applied[n] = u[n].half().float()
+            if (need := size(mid)) <= self.budget_bytes:
+                lo, fits = mid, need
+            else:
+                hi = mid - 1
+        applied: Params = {n: u[n].half().float() for n in dense}
         for (n, lay), m in zip(sparse, mags, strict=True):
-            keep = m >= threshold
+            keep = m >= threshold(lo)
             chunks = lay.to_chunks(u[n].float())
             out = torch.zeros_like(chunks)
             if bool(keep.any()):
                 lut, codes = quantize(chunks[keep], bits=self.bits)
                 out[keep] = lut[codes]
             applied[n] = lay.from_chunks(out)
-        return bytes(math.ceil(size(lo)) + self.frame_bytes), applied, {n: u[n] - applied[n] for n in u}
+        return bytes(math.ceil(fits) + self.frame_bytes), applied, {n: u[n] - applied[n] for n in u}

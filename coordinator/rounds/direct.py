@@ -59,7 +59,7 @@ class DirectUploads:
                     "digest_mismatch", "the uploaded payload does not have the sha256 committed"
                 )
             return self.intake.submit(
-                miner, round_, body, sha, keep=lambda: self.bucket.adopt(key, etag, body)
+                miner, round_, body, sha, keep=lambda: self.bucket.adopt(key, etag, body, sha)
             )
         except (Unprocessable, Conflict):  # refused: taken once, as an upload sent to the coordinator is
             self.bucket.forget_object(key)

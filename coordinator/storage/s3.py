@@ -94,7 +94,7 @@ class S3BlobStore:
         return sha
 
     def _put_object(self, sha: str, data: bytes, **extra: str) -> None:
-        checksum = base64.b64encode(bytes.fromhex(sha)).decode()
+        checksum = _checksum(sha)
         self.client.put_object(
             Bucket=self.bucket,
             Key=self.key(sha),
@@ -127,7 +127,7 @@ class S3BlobStore:
             yield checked_file(sha, path)
 
     def get(self, sha: str) -> bytes:
-        with contextlib.closing(self._get_object(sha)["Body"]) as body:
+        with contextlib.closing(self._get_object(self.key(sha))["Body"]) as body:
             data: bytes = body.read()
         return checked(sha, data)
 
@@ -153,7 +153,7 @@ class S3BlobStore:
             return Response(status_code=416, headers={"Content-Range": f"bytes */{size}"})
         start, end = wanted or (0, size)
         extra = {} if wanted is None else {"Range": f"bytes={start}-{end - 1}"}
-        body = self._get_object(sha, **extra)["Body"]
+        body = self._get_object(self.key(sha), **extra)["Body"]
         answer["Content-Length"] = str(end - start)
         if wanted is not None:
             answer["Content-Range"] = f"bytes {start}-{end - 1}/{size}"
@@ -198,31 +198,25 @@ class S3BlobStore:
         """The object at ``key`` and its ETag, the object left where it is (``forget_incoming`` removes a
         round's once it closed, ``forget_object`` one refused). Raises BlobNotFoundError if there is none,
         BlobTooLargeError beyond ``max_bytes`` (unread)."""
-        try:
-            obj = self.client.get_object(Bucket=self.bucket, Key=key)
-            size = int(obj["ContentLength"])
-            with contextlib.closing(obj["Body"]) as body:  # closed unread when too large
-                data: bytes = body.read(max_bytes + 1) if size <= max_bytes else b""
-        except Exception as e:
-            if _s3_code(e) in _S3_MISSING:
-                raise BlobNotFoundError(key) from None
-            raise
+        obj = self._get_object(key)
+        size = int(obj["ContentLength"])
+        with contextlib.closing(obj["Body"]) as body:  # closed unread when too large
+            data: bytes = body.read(max_bytes + 1) if size <= max_bytes else b""
         if size > max_bytes or len(data) > max_bytes:
             raise BlobTooLargeError(f"{size} bytes, more than {max_bytes}")
         return data, str(obj["ETag"])
 
-    def adopt(self, key: str, etag: str, data: bytes) -> str:
-        """Keep ``data``, read from the object at ``key`` with ``etag``, as its blob: by a copy within the
-        bucket, so that the bytes do not pass through the coordinator again, if the object is still the
-        one read; else (replaced under its key meanwhile) by a put of ``data``, so that whatever lands under
-        a blob's name is the bytes that were checked. The copy's sha256 (S3 computes it) shows whether it is
-        those bytes, also where a store ignores the condition or has none; a store that gives no sha256 is
-        judged by the copy's ETag. Below ``ASK_FIRST_BYTES`` the bytes are put all the same: sending them
-        costs less than a copy there. The blob's sha256."""
+    def adopt(self, key: str, etag: str, data: bytes, sha: str) -> str:
+        """Keep ``data`` (whose sha256, checked by the caller, is ``sha``), read from the object at ``key``
+        with ``etag``, as its blob: by a copy within the bucket, so that the bytes do not pass through the
+        coordinator again, if the object is still the one read; else (replaced under its key meanwhile) by
+        a put of ``data``, so that whatever lands under a blob's name is the bytes that were checked. The
+        copy's sha256 (S3 computes it) shows whether it is those bytes, also where a store ignores the
+        condition or has none; a store that gives no sha256 is judged by the copy's ETag. Below
+        ``ASK_FIRST_BYTES`` the bytes are put all the same: sending them costs less than a copy there. The
+        blob's sha256."""
         if len(data) < ASK_FIRST_BYTES:
             return self.put(data)
-        digest = hashlib.sha256(data).digest()
-        sha = digest.hex()
         try:
             copied = self.client.copy_object(
                 Bucket=self.bucket,
@@ -239,7 +233,7 @@ class S3BlobStore:
             return self.put(data)
         checksum = copied.get("ChecksumSHA256")
         if checksum is not None:
-            same = checksum == base64.b64encode(digest).decode()
+            same = checksum == _checksum(sha)
         else:
             same = str(copied.get("ETag", "")).strip('"') == etag.strip('"')
         if not same:
@@ -278,14 +272,19 @@ class S3BlobStore:
             raise
         return int(head["ContentLength"])
 
-    def _get_object(self, sha: str, **extra: str) -> dict[str, Any]:
+    def _get_object(self, key: str, **extra: str) -> dict[str, Any]:
         try:
-            obj: dict[str, Any] = self.client.get_object(Bucket=self.bucket, Key=self.key(sha), **extra)
+            obj: dict[str, Any] = self.client.get_object(Bucket=self.bucket, Key=key, **extra)
         except Exception as e:
             if _s3_code(e) in _S3_MISSING:
-                raise BlobNotFoundError(sha) from None
+                raise BlobNotFoundError(key) from None
             raise
         return obj
+
+
+def _checksum(sha: str) -> str:
+    """A sha256 as S3's checksum headers carry it (base64 of the digest)."""
+    return base64.b64encode(bytes.fromhex(sha)).decode()
 
 
 def _s3_code(error: Exception) -> str:

@@ -7,10 +7,10 @@ from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
-import boto3
 import httpx
 import pytest
 
+from tests.helpers.bucket import incoming_keys
 from tests.helpers.cli import gradpool
 from tests.helpers.miners import mine_args, start_miner
 from tests.helpers.waiting import wait_until
@@ -90,14 +90,8 @@ def test_a_miner_downloads_straight_from_the_object_store(
         metrics = httpx.get(f"{server.url}/metrics", timeout=10).text
         status = server.wait_rounds(3)
         head = httpx.get(f"{server.url}/v1/round", timeout=10).json()
-        bucket = boto3.session.Session().client("s3", endpoint_url=s3_bucket["s3_endpoint_url"])
-
-        def incoming() -> list[str]:
-            listed = bucket.list_objects_v2(Bucket=s3_bucket["s3_bucket"], Prefix=s3_bucket["s3_prefix"])
-            return [o["Key"] for o in listed.get("Contents", []) if "/incoming/" in o["Key"]]
-
         if not overlap:  # each direct upload taken from its key, and removed once its round closed
-            wait_until(lambda: not incoming(), 30, "the closed rounds' direct uploads removed")
+            wait_until(lambda: not incoming_keys(s3_bucket), 30, "the closed rounds' direct uploads removed")
     assert done.returncode == 0, done.stderr[-3000:]
     assert "version 0: loaded checkpoint" in done.stderr
     if overlap:

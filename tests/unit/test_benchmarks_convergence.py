@@ -159,13 +159,13 @@ def test_the_water_filled_downlink_fits_its_budget_and_keeps_the_rest_for_later(
     delta = {n: torch.randn(s, generator=g) for n, s in spec}
     delta["small"] *= 1e-3  # nearly nothing there: the budget goes to "big"
     codec = SparseLoCoCodec()
-    down = WaterFilledDownlink(2.0, codec, spec, ef_beta=1.0)
-    sent, applied, residual = down.step(delta)
-    fixed_k = Downlink(PublishSettings(format="sparseloco", budget=2.0), codec, spec)
+    settings = PublishSettings(format="sparseloco", budget=2.0, ef_beta=1.0)
+    sent, applied, residual = WaterFilledDownlink(settings, codec, spec).step(delta)
+    fixed_k = Downlink(settings, codec, spec)
     assert 0 < len(sent) <= len(fixed_k.step(delta)[0])  # no more bytes than the same k in every chunk
     assert int((applied["small"] != 0).sum()) == 0 and int((applied["big"] != 0).sum()) > 2 * 64 * 4
     for n, _ in spec:
         assert torch.allclose(applied[n] + residual[n], delta[n], atol=1e-6)
-    roomy = WaterFilledDownlink(100.0, codec, spec)  # room for every value of a fixed-k format
+    roomy = WaterFilledDownlink(PublishSettings(format="sparseloco", k=4096), codec, spec)  # every value
     _, applied, _ = roomy.step(delta)
     assert all(int((applied[n] != 0).sum()) >= 0.99 * delta[n].numel() for n in ("big", "small"))

@@ -437,9 +437,9 @@ def test_a_direct_upload_is_kept_as_the_bytes_that_were_read(
         key = blobs.incoming_key(0, "a", sha)
         real_put(Bucket=blobs.bucket, Key=key, Body=blob)
         data, etag = blobs.read_incoming(key, len(blob))
-        assert blobs.adopt(key, etag, data) == sha and blobs.get(sha) == blob
+        assert blobs.adopt(key, etag, data, sha) == sha and blobs.get(sha) == blob
     assert len(copies) == 1 and puts == [blobs.key(hashlib.sha256(DATA).hexdigest())]  # the large one copied
     blobs.delete(sha)
     real_put(Bucket=blobs.bucket, Key=key, Body=b"other bytes")  # replaced meanwhile
-    assert blobs.adopt(key, etag, data) == sha and copies == [etag, etag] and puts[-1] == blobs.key(sha)
+    assert blobs.adopt(key, etag, data, sha) == sha and copies == [etag, etag] and puts[-1] == blobs.key(sha)
     assert blobs.get(sha) == data

@@ -13,6 +13,7 @@ import httpx
 import pytest
 
 from protocol.wire import UploadCommit, UploadIntent, UploadTicket
+from tests.helpers.bucket import incoming_keys
 from tests.helpers.pool import Miner, OpenPool, assert_error, payload
 from tests.helpers.waiting import wait_until
 
@@ -37,13 +38,6 @@ def direct(s3_bucket: dict[str, Any]) -> dict[str, Any]:
     return {"blobs": {**s3_bucket, "direct_uploads": True}, "rounds": {"min_quorum": 2}}
 
 
-def incoming(s3_bucket: dict[str, Any]) -> list[str]:
-    """The keys of the direct uploads in the bucket."""
-    bucket = boto3.session.Session().client("s3", endpoint_url=s3_bucket["s3_endpoint_url"])
-    listed = bucket.list_objects_v2(Bucket=s3_bucket["s3_bucket"], Prefix=s3_bucket["s3_prefix"])
-    return [o["Key"] for o in listed.get("Contents", []) if "/incoming/" in o["Key"]]
-
-
 def test_a_payload_posted_to_the_bucket_and_committed_is_taken_as_the_upload(
     open_pool: OpenPool, direct: dict[str, Any], s3_bucket: dict[str, Any]
 ) -> None:
@@ -64,7 +58,7 @@ def test_a_payload_posted_to_the_bucket_and_committed_is_taken_as_the_upload(
         # a payload posted and never committed (a try given up): removed with the round's uploads
         lost = payload(round_=0, base_version=0, seed=3)
         assert post_to_bucket(form(alice, 0, lost).json(), lost).status_code < 300
-        assert len(incoming(s3_bucket)) == 2  # taken uploads stay in the bucket until the round closes
+        assert len(incoming_keys(s3_bucket)) == 2  # taken uploads stay in the bucket until the round closes
         # the upload is the round's as any other: an upload sent the usual way closes the round with it
         bob = pool.miner()
         assert bob.upload(0, payload(round_=0, base_version=0, seed=2)).status_code == 200
@@ -75,7 +69,7 @@ def test_a_payload_posted_to_the_bucket_and_committed_is_taken_as_the_upload(
             bob.pubkey: "accepted",
         }
         assert pool.client.get(f"/v1/rounds/0/payloads/{alice.pubkey}").content == body
-        wait_until(lambda: not incoming(s3_bucket), 10, "the closed round's direct uploads removed")
+        wait_until(lambda: not incoming_keys(s3_bucket), 10, "the closed round's direct uploads removed")
 
 
 def test_commits_that_do_not_match_the_bucket_are_refused(
