@@ -12,10 +12,10 @@ from typing import TYPE_CHECKING, Literal
 
 import torch
 
-from benchmarks.downlink_oracle import WaterFilledDownlink
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink
 from coordinator.settings import PublishSettings
+from node.overlap import GUESS_SCALE
 from node.trainer import InnerTrainer
 from protocol.codec import PAYLOAD_FORMAT_VERSION, CodecName, PayloadHeader, PayloadStats, make_codec
 from protocol.codec.accumulate import aggregate
@@ -54,23 +54,22 @@ class Method:
     # upload, as node/overlap.py does), "published" (the last update published), "mixed" (the worker's
     # own share of the mean, 1/M of its upload, plus the last update published for the other M-1)
     guess: Literal["own", "published", "mixed"] = "own"
-    guess_scale: float = 1.0  # the guessed update times this
-    # the published update with a count per chunk, one threshold for the whole model, at the downlink's
-    # budget: an estimate (benchmarks/downlink_oracle.py), not a format
-    waterfill: bool = False
+    guess_scale: float = GUESS_SCALE  # the guessed update times this (node/overlap.py)
 
 
 def overlap_down(
     guess: Literal["own", "published", "mixed"] = "own",
-    guess_scale: float = 1.0,
+    guess_scale: float = GUESS_SCALE,
     ef_beta: float = 0.95,
     tile: int = 64,
     carry: float = 1.0,
-    waterfill: bool = False,
+    selection: Literal["global", "chunk"] = "global",
 ) -> Method:
     """Overlapped rounds as miners run them (the version merged after a fifth of the inner steps) with the
-    compressed downlink at ``[publish] budget = 2.5`` (and the given error feedback and tile)."""
-    downlink = PublishSettings(format="sparseloco", budget=2.5, ef_beta=ef_beta, tile=tile)
+    compressed downlink at ``[publish] budget = 2.5`` (and the given error feedback, tile and selection)."""
+    downlink = PublishSettings(
+        format="sparseloco", budget=2.5, ef_beta=ef_beta, tile=tile, selection=selection
+    )
     return Method(
         "pool",
         overlap="merge_eager",
@@ -79,7 +78,6 @@ def overlap_down(
         guess=guess,
         guess_scale=guess_scale,
         carry=carry,
-        waterfill=waterfill,
     )
 
 
@@ -140,12 +138,12 @@ METHODS: dict[str, Method] = {
         f"sparseloco_overlap_down_b2.5_guess_x1.5_carry{c:g}": overlap_down(guess_scale=1.5, carry=c)
         for c in (0.5, 0.75)
     },
-    # a count per chunk rather than the same k in each (an estimate of what such a format would buy)
-    "sparseloco_down_b2.5_waterfill": Method(
-        "pool", downlink=PublishSettings(format="sparseloco", budget=2.5), waterfill=True
-    ),
-    "sparseloco_overlap_down_b2.5_waterfill": overlap_down(waterfill=True),
-    "sparseloco_overlap_down_b2.5_waterfill_guess_x1.5": overlap_down(waterfill=True, guess_scale=1.5),
+    # the published update with the same k in every chunk rather than a count per chunk in its bytes, and
+    # overlapped rounds with the miner's guess at its own upload (x1): the defaults before both
+    "sparseloco_down_chunk": Method("pool", downlink=PublishSettings(format="sparseloco", selection="chunk")),
+    "sparseloco_overlap_down_chunk": overlap_down(selection="chunk", guess_scale=1.0),
+    "sparseloco_overlap_down_chunk_guess_x1.5": overlap_down(selection="chunk"),
+    "sparseloco_overlap_down_guess_x1": overlap_down(guess_scale=1.0),
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
     "sparseloco_overlap_half": Method("pool", overlap="merge_eager", merge_at=0.5),
     "sparseloco_overlap_late": Method("pool", overlap="merge_eager", merge_at=0.9),
@@ -221,11 +219,7 @@ def run_pool(bench: Bench, method: Method, tally: Tally) -> None:
     c = bench.cfg
     codec = make_codec(method.codec, method.k)
     outer = OuterOptimizer(method.outer_lr, method.outer_momentum)
-    downlink: Downlink | WaterFilledDownlink | None = None
-    if method.downlink is not None and method.waterfill:
-        downlink = WaterFilledDownlink(method.downlink, codec, bench.spec)
-    elif method.downlink is not None:
-        downlink = Downlink(method.downlink, codec, bench.spec)
+    downlink = None if method.downlink is None else Downlink(method.downlink, codec, bench.spec)
     schedule = {"schedule": method.schedule, "planned_rounds": c.rounds}  # a constant rate ignores the length
     recipe = bench.recipe.model_copy(update={"ef_beta": method.ef_beta, **schedule})
     theta = get_params(build_model(c.model, seed=c.seed).to(bench.device))  # the coordinator's theta_v

@@ -3,8 +3,8 @@ miner trains from the version before the one being made, and its upload is appli
 
 Two things keep the staleness from costing quality (benchmarks/convergence.py measures each):
 
-- **eager start**: training starts from the base minus this miner's own last contribution (outer lr x
-  what the coordinator decodes from its last upload), its guess of the version being made;
+- **eager start**: training starts from the base minus ``GUESS_SCALE`` x this miner's own last contribution
+  (outer lr x what the coordinator decodes from its last upload), its guess of the version being made;
 - **merge**: when that version is published mid-round, the model being trained moves to where training
   would stand had it started from it (by the published update, and back by the guess), and the
   pseudo-gradient is taken from the new version, which the upload declares as its base.
@@ -29,6 +29,10 @@ from protocol.wire import RoundInfo
 log = logging.getLogger(__name__)
 WAIT_S = 5.0  # each long-poll for the round behind to close
 POLL_S = 0.25  # between long-polls that came back with nothing new
+# The eager start's guess: the miner's own last contribution times this. The version being made moves the
+# model by the mean of every miner's upload, each of which points about where this one does; 1.5 trained
+# best of 0.5 .. 2.5 (BENCHMARKS.md, Convergence: overlapped rounds).
+GUESS_SCALE = 1.5
 
 
 class NextVersion:
@@ -100,11 +104,12 @@ class OverlapRound:
         guess: dict[str, SparseTensor] | None,
         watch: NextVersion | None,
     ) -> None:
-        self.model, self.spec, self.outer_lr, self.guess, self.watch = model, spec, outer_lr, guess, watch
+        self.model, self.spec, self.guess, self.watch = model, spec, guess, watch
+        self.step = GUESS_SCALE * outer_lr  # the guess is the last upload times this
         self.merged = False
         if guess is not None:
             params: dict[str, torch.Tensor] = dict(model.named_parameters())
-            shift(params, guess, -outer_lr, spec)
+            shift(params, guess, -self.step, spec)
 
     def merge(self, base: Params) -> Params | None:
         """The new base once the version being made came and matched its hash (the model being trained
@@ -123,7 +128,7 @@ class OverlapRound:
             params: dict[str, torch.Tensor] = dict(self.model.named_parameters())
             apply_update(params, update)
             if self.guess is not None:
-                shift(params, self.guess, self.outer_lr, self.spec)
+                shift(params, self.guess, self.step, self.spec)
         self.merged = True
         return new
 
@@ -133,7 +138,7 @@ class OverlapRound:
             local = dict(self.model.named_parameters())
             out: dict[str, torch.Tensor] = {n: base[n] - local[n].detach().float() for n, _ in self.spec}
             if self.guess is not None and not self.merged:
-                shift(out, self.guess, -self.outer_lr, self.spec)
+                shift(out, self.guess, -self.step, self.spec)
         return out
 
     def close(self) -> None:

@@ -5,7 +5,8 @@ A published update is what the coordinator subtracted from version v to make v+1
 - ``exact``: a bitmap of the touched coordinates and their fp32 values;
 - ``sparseloco``: a SparseLoCo payload (top-k per chunk, quantised values, Elias-Fano indices) of the
   aggregate plus the coordinator's own error feedback, so that it is about the size of one upload however
-  many miners there are; the coordinator applies exactly what it decodes to.
+  many miners there are; the coordinator applies exactly what it decodes to;
+- ``sparseloco_counted``: the same in the same bytes, with a count per chunk (``protocol/codec/counted.py``).
 
 Applying either is one elementwise subtraction of decoded fp32 values, exactly rounded on every IEEE
 device, so a miner at v reaches the coordinator's v+1 bit for bit and checks it by hash.
@@ -28,6 +29,7 @@ from safetensors.torch import save as st_save
 from safetensors.torch import save_file as st_save_file
 
 from protocol.codec.bits import pack_bits, unpack_bits
+from protocol.codec.counted import CountedCodec
 from protocol.codec.sparseloco import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.payload import PAYLOAD_FORMAT_VERSION, ParamSpec, PayloadHeader, read_metadata
@@ -151,7 +153,7 @@ class UpdateHeader(BaseModel):
     base_version: int = Field(ge=0)
     version: int = Field(ge=1)
     param_hash: str = Field(min_length=64, max_length=64)
-    codec: Literal["exact", "sparseloco"] = "exact"
+    codec: Literal["exact", "sparseloco", "sparseloco_counted"] = "exact"
     k: int = Field(default=0, ge=0, le=1 << 20)
     tile: int = Field(default=0, ge=0, le=1 << 10)
     bits: int = Field(default=0, ge=0, le=8)
@@ -169,12 +171,17 @@ def frame_update(compressed: bytes, header: UpdateHeader) -> bytes:
     return st_save(dict(st_load(compressed)), metadata={**meta, "gradpool_update": header.model_dump_json()})
 
 
-def _decode_compressed(data: bytes, header: UpdateHeader, spec: ParamSpec) -> Params:
+def _decode_compressed(
+    data: bytes, tensors: Mapping[str, torch.Tensor], header: UpdateHeader, spec: ParamSpec
+) -> Params:
     try:
         codec = SparseLoCoCodec(k=header.k, tile=header.tile, bits=header.bits)
     except ValueError as e:
         raise CodecError(f"update codec settings are invalid: {e}", code="bad_header") from None
-    _, flat = codec.decode_flat(data, spec)
+    if header.codec == "sparseloco_counted":
+        flat = CountedCodec(codec).decode_flat(tensors, spec)
+    else:
+        _, flat = codec.decode_flat(data, spec)
     out: Params = {}
     o = 0
     for name, shape in spec:
@@ -204,8 +211,8 @@ def decode_update(data: bytes, spec: ParamSpec) -> tuple[UpdateHeader, Params]:
         header = UpdateHeader.model_validate_json(read_metadata(data).get("gradpool_update", ""))
     except (SafetensorError, ValueError, OverflowError, RuntimeError, ValidationError) as e:
         raise CodecError(f"update is not valid: {e}") from None
-    if header.codec == "sparseloco":
-        return header, _decode_compressed(data, header, spec)
+    if header.codec != "exact":
+        return header, _decode_compressed(data, tensors, header, spec)
     if set(tensors) != {"mask", "values"}:
         raise CodecError("update tensors must be exactly 'mask' and 'values'", code="wrong_tensors")
     mask, values = tensors["mask"], tensors["values"]

@@ -23,6 +23,7 @@ from dataclasses import dataclass
 from functools import partial
 
 import torch
+from safetensors.torch import save as st_save
 
 from coordinator.errors import Stopping
 from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads
@@ -31,6 +32,7 @@ from coordinator.settings import AggregationSettings, PublishSettings
 from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import NewVersion, Refusal, Upload
 from protocol.codec import Codec, ParamSpec, SparseLoCoCodec
+from protocol.codec.counted import CountedCodec
 from protocol.params import (
     Params,
     UpdateHeader,
@@ -51,7 +53,9 @@ class Downlink:
     """What the coordinator publishes each round. ``exact``: the outer step's delta itself. ``sparseloco``:
     ``u = delta + ef_beta * e``, published as ``P = compress(u)``; the model moves by exactly
     ``decode(P)`` and ``e <- u - decode(P)`` keeps what was not sent for the next rounds, so a download is
-    about one upload's size however many miners contributed."""
+    about one upload's size however many miners contributed. ``compress`` keeps the same k values in every
+    chunk (``[publish] selection = "chunk"``), or spends the bytes that takes where the aggregate's energy
+    is, with a count per chunk (``"global"``, ``protocol/codec/counted.py``)."""
 
     def __init__(self, settings: PublishSettings, upload: Codec, spec: ParamSpec) -> None:
         self.spec = spec
@@ -61,10 +65,13 @@ class Downlink:
         s = settings
         if kind != "sparseloco" and s.budget is not None:
             raise ValueError("[publish] budget sizes the sparseloco format; the exact format has no budget")
-        self.compressor: SparseLoCoCodec | None = None
+        self.compressor: SparseLoCoCodec | None = None  # the same k in every chunk, or its bytes
+        self.counted: CountedCodec | None = None
         if kind == "sparseloco":
             k = s.k if s.budget is None else budget_k(s.budget, upload, spec, s.tile, s.bits)
             self.compressor = SparseLoCoCodec(k, s.tile, s.bits)
+            if s.selection == "global":
+                self.counted = CountedCodec(self.compressor)
         self.beta = s.ef_beta
         self.residual: dict[str, torch.Tensor] = {}
 
@@ -88,16 +95,25 @@ class Downlink:
             return b"", dict(delta), {}
         residual = self.residual if carry else {}
         u = {n: d + self.beta * residual[n] if n in residual else d.clone() for n, d in delta.items()}
-        compressed = compress_update(self.compressor, u, self.spec)
-        applied = _decoded(compressed, self.compressor, self.spec)
+        if self.counted is not None:
+            compressed = st_save(self.counted.encode(u, self.spec), metadata={"format": self.counted.name})
+        else:
+            compressed = compress_update(self.compressor, u, self.spec)
+        applied = self._decoded(compressed)
         return compressed, applied, {n: u[n] - applied[n] for n in u}
 
     def frame(self, compressed: bytes, delta: Mapping[str, torch.Tensor], header: UpdateHeader) -> bytes:
         if self.compressor is None:
             return encode_update(delta, self.spec, header)
         c = self.compressor
-        fields = {"codec": "sparseloco", "k": c.k, "tile": c.tile, "bits": c.bits}
+        name = "sparseloco" if self.counted is None else self.counted.name
+        fields = {"codec": name, "k": c.k, "tile": c.tile, "bits": c.bits}
         return frame_update(compressed, header.model_copy(update=fields))
+
+    def _decoded(self, compressed: bytes) -> Params:
+        """Exactly what a miner will decode from the published update."""
+        header = UpdateHeader(base_version=0, version=1, param_hash="0" * 64)
+        return decode_update(self.frame(compressed, {}, header), self.spec)[1]
 
 
 def budget_k(budget: float, upload: Codec, spec: ParamSpec, tile: int, bits: int) -> int:
@@ -119,20 +135,6 @@ def budget_k(budget: float, upload: Codec, spec: ParamSpec, tile: int, bits: int
 
 def _tensor_bytes(codec: Codec, spec: ParamSpec) -> int:
     return codec.max_payload_bytes(spec) - framed_bytes(0)
-
-
-def _decoded(compressed: bytes, codec: SparseLoCoCodec, spec: ParamSpec) -> Params:
-    """Exactly what a miner will decode from the published update."""
-    header = UpdateHeader(
-        base_version=0,
-        version=1,
-        param_hash="0" * 64,
-        codec="sparseloco",
-        k=codec.k,
-        tile=codec.tile,
-        bits=codec.bits,
-    )
-    return decode_update(frame_update(compressed, header), spec)[1]
 
 
 @dataclass

@@ -208,6 +208,12 @@ class PublishSettings(Section):
         "fits, `k` itself then ignored; what every miner downloads, traded for loss knowingly",
     )
 
+    selection: Literal["global", "chunk"] = Field(
+        default="global",
+        description="which values the sparseloco format keeps: `global`, one threshold for the whole model "
+        "with a count per chunk, in the bytes that `chunk` takes (the same k, from `k` or `budget`, in each)",
+    )
+
     @model_validator(mode="before")
     @classmethod
     def _old_names(cls, data: Any) -> Any:

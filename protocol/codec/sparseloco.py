@@ -10,9 +10,8 @@ SparseLoCo layout, per parameter tensor:
 - A matrix whose sides are both at least ``tile`` is cut into ``tile x tile`` tiles (zero-padded at the
   edges); any other tensor into flat chunks of ``tile**2`` elements. Each chunk keeps its ``k`` largest
   magnitudes.
-- Indices within a chunk are sorted and Elias-Fano coded: ``l = floor(log2(U / k))`` low bits each, plus an
-  upper bitmap of ``k + (U - 1 >> l) + 1`` bits. At k=64, U=4096 that is exactly 8 bits an index and every
-  chunk has the same size, which keeps encode and decode vectorised.
+- Indices within a chunk are sorted and Elias-Fano coded (``elias_fano.py``): at k=64 of 4096 exactly 8 bits
+  an index; every chunk has the same size, which keeps encode and decode vectorised.
 - Values are centred by the mean of the kept values, binned by their spread (6 sigma into 4 bins) and sent
   as 2-bit codes, four to a byte, with a per-tensor table of the mean original value in each bin.
 - A tensor whose fp16 form is no larger than its sparse form (at most a few dozen elements) goes dense in
@@ -30,9 +29,10 @@ from collections.abc import Mapping
 import torch
 from safetensors.torch import save as st_save
 
-from protocol.codec.bits import pack_2bit, pack_positions, pack_uint, unpack_2bit, unpack_bits, unpack_uint
+from protocol.codec.bits import pack_2bit, pack_uint, unpack_2bit, unpack_uint
 from protocol.codec.chunk_accumulator import ChunkAccumulator
 from protocol.codec.chunks import Layout, RowTable
+from protocol.codec.elias_fano import ef_bytes, ef_decode, ef_encode
 from protocol.codec.measure import kept_sample, sketch_flat
 from protocol.codec.quantize import quantize
 from protocol.errors import CodecError
@@ -51,13 +51,6 @@ from protocol.payload import (
     unframe,
 )
 
-
-def _ef_params(chunk: int, k: int) -> tuple[int, int]:
-    """Elias-Fano low-bit width and upper-bitmap length for k sorted values below ``chunk``."""
-    low = max(0, math.floor(math.log2(chunk / k)))
-    return low, k + ((chunk - 1) >> low) + 1
-
-
 VALUE_BITS = (2, 4, 8)
 
 
@@ -74,9 +67,7 @@ class SparseLoCoCodec:
             raise ValueError(f"bits must be one of {VALUE_BITS}, got {bits}")
         self.k, self.tile, self.bits, self.levels = k, tile, bits, 1 << bits
         self.val_bytes = k * bits // 8
-        self.low_bits, self.high_bits = _ef_params(tile * tile, k)
-        self.low_bytes = -(-k * self.low_bits // 8)
-        self.high_bytes = -(-self.high_bits // 8)
+        self.low_bytes, self.high_bytes = ef_bytes(tile * tile, k)
         self._tables: dict[tuple[tuple[str, tuple[int, ...]], ...], RowTable] = {}
 
     # -- sizes, all derived from the shapes -------------------------------------------------------------
@@ -121,7 +112,7 @@ class SparseLoCoCodec:
             else:
                 vals = t.reshape(-1)[flat].float()
             lut, codes = quantize(vals, valid if layout.padded else None, self.bits)
-            idx_parts.append(self._encode_indices(idx).cpu())
+            idx_parts.append(ef_encode(idx, layout.chunk).reshape(-1).cpu())
             packed = pack_2bit(codes) if self.bits == 2 else pack_uint(codes.view(-1, self.k), self.bits)
             val_parts.append(packed.reshape(-1).cpu())
             luts.append(lut.cpu())
@@ -140,12 +131,6 @@ class SparseLoCoCodec:
             "dense": cat_or_empty(dense_parts, torch.float16),
         }
         return frame(payload, header), decoded
-
-    def _encode_indices(self, idx: torch.Tensor) -> torch.Tensor:
-        low = idx & ((1 << self.low_bits) - 1)
-        pos = (idx >> self.low_bits) + torch.arange(self.k, device=idx.device)  # strictly increasing
-        upper = pack_positions(pos, self.high_bits)
-        return torch.cat([pack_uint(low, self.low_bits), upper], dim=1).reshape(-1)
 
     # -- decode (hostile input) -----------------------------------------------------------------------
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
@@ -232,7 +217,8 @@ class SparseLoCoCodec:
         dense = tensors["dense"].float()
         if not torch.isfinite(dense).all():
             raise CodecError("dense values hold NaN or Inf", code="non_finite")
-        idx = self._decode_indices(tensors["idx"], table)  # (rows, k), checked
+        idx = tensors["idx"].view(table.rows, self.low_bytes + self.high_bytes)
+        idx = ef_decode(idx, self.tile**2, self.k, table.where)  # (rows, k), checked
         if self.bits == 2:
             codes = unpack_2bit(tensors["val"], table.rows * self.k).view(table.rows, self.k)
         else:
@@ -276,34 +262,6 @@ class SparseLoCoCodec:
         if not table.padded:
             return flat, None
         return flat, (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
-
-    def _decode_indices(self, data: torch.Tensor, table: RowTable) -> torch.Tensor:
-        rows = table.rows
-        data = data.view(rows, self.low_bytes + self.high_bytes)
-        low = unpack_uint(data[:, : self.low_bytes], self.k, self.low_bits)  # (rows, k)
-        upper = unpack_bits(data[:, self.low_bytes :], self.high_bits)  # (rows, high_bits)
-        bad = upper.sum(dim=1) != self.k
-        if bool(bad.any()):
-            raise CodecError(
-                f"{table.where(bad)}: an index bitmap does not hold exactly k={self.k} entries",
-                code="wrong_k",
-            )
-        pos = upper.nonzero()[:, 1].view(rows, self.k)
-        high = pos - torch.arange(self.k, device=data.device)
-        idx = (high << self.low_bits) | low
-        bad = (idx >= self.tile * self.tile).any(dim=1)
-        if bool(bad.any()):
-            raise CodecError(
-                f"{table.where(bad)}: an index lies outside its chunk", code="index_out_of_range"
-            )
-        if self.k > 1:
-            bad = (idx[:, 1:] <= idx[:, :-1]).any(dim=1)
-            if bool(bad.any()):
-                raise CodecError(
-                    f"{table.where(bad)}: indices are not strictly increasing within a chunk",
-                    code="unsorted_indices",
-                )
-        return idx
 
     def table(self, spec: ParamSpec) -> RowTable:
         key = tuple((n, tuple(s)) for n, s in spec)

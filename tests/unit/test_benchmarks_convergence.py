@@ -143,29 +143,3 @@ def test_the_merge_moves_the_model_to_the_new_version_keeping_carry_of_what_it_l
     on_step({})  # once only
     for n in base:
         torch.testing.assert_close(moved[n].detach(), newest[n] + carry * learned[n])
-
-
-def test_the_water_filled_downlink_fits_its_budget_and_keeps_the_rest_for_later() -> None:
-    """The estimate of a count per chunk: its bytes within the budget, the largest values kept wherever they
-    are (a chunk with none of them keeps none), and what it publishes plus what it keeps adds up to the
-    update; with the room of a fixed-k format that keeps every value, it keeps nearly all."""
-    from benchmarks.downlink_oracle import WaterFilledDownlink
-    from coordinator.publishing.publisher import Downlink
-    from coordinator.settings import PublishSettings
-    from protocol.codec import SparseLoCoCodec
-
-    spec = [("big", (128, 128)), ("small", (64, 64)), ("bias", (8,))]
-    g = torch.Generator().manual_seed(0)
-    delta = {n: torch.randn(s, generator=g) for n, s in spec}
-    delta["small"] *= 1e-3  # nearly nothing there: the budget goes to "big"
-    codec = SparseLoCoCodec()
-    settings = PublishSettings(format="sparseloco", budget=2.0, ef_beta=1.0)
-    sent, applied, residual = WaterFilledDownlink(settings, codec, spec).step(delta)
-    fixed_k = Downlink(settings, codec, spec)
-    assert 0 < len(sent) <= len(fixed_k.step(delta)[0])  # no more bytes than the same k in every chunk
-    assert int((applied["small"] != 0).sum()) == 0 and int((applied["big"] != 0).sum()) > 2 * 64 * 4
-    for n, _ in spec:
-        assert torch.allclose(applied[n] + residual[n], delta[n], atol=1e-6)
-    roomy = WaterFilledDownlink(PublishSettings(format="sparseloco", k=4096), codec, spec)  # every value
-    _, applied, _ = roomy.step(delta)
-    assert all(int((applied[n] != 0).sum()) >= 0.99 * delta[n].numel() for n in ("big", "small"))

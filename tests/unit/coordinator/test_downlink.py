@@ -26,10 +26,12 @@ from tests.helpers.pool import SPEC, OpenPool, ThroughTestClient, encode, make_d
 SPARSE = {"format": "sparseloco"}  # the default; the other API tests publish exactly
 
 
+@pytest.mark.parametrize(("selection", "codec"), [("global", "sparseloco_counted"), ("chunk", "sparseloco")])
 def test_a_miner_four_versions_behind_catches_up_through_four_compressed_updates(
-    open_pool: OpenPool, tmp_path: Path
+    open_pool: OpenPool, tmp_path: Path, selection: str, codec: str
 ) -> None:
-    with open_pool(publish=SPARSE, rounds={"min_quorum": 3}) as pool:
+    """Either selection: a count per chunk (the default) or the same k in every chunk, in the same bytes."""
+    with open_pool(publish={**SPARSE, "selection": selection}, rounds={"min_quorum": 3}) as pool:
         miners = [pool.miner() for _ in range(3)]
         rounds(pool, miners, 0, 1)
         behind = Catcher(pool, tmp_path)
@@ -39,7 +41,7 @@ def test_a_miner_four_versions_behind_catches_up_through_four_compressed_updates
         for v in range(2, 6):
             r = pool.client.get(f"/v1/versions/{v}/update")
             header, _ = decode_update(r.content, SPEC)
-            assert (header.codec, header.base_version, header.version) == ("sparseloco", v - 1, v)
+            assert (header.codec, header.base_version, header.version) == (codec, v - 1, v)
             assert len(r.content) <= 2.5 * upload, (len(r.content), upload)  # 3 miners' union, compressed
             assert r.headers["Cache-Control"] == "public, max-age=31536000, immutable"
         now = pool.latest()
@@ -150,3 +152,25 @@ def test_a_residual_that_would_raise_the_held_out_loss_is_dropped_not_the_upload
     carry, fresh = small.downlink.step(delta)[2], small.downlink.step(delta, carry=False)[2]
     assert all(torch.equal(r, carry[n]) for n, r in kept.residual.items())
     assert not all(torch.equal(r, fresh[n]) for n, r in kept.residual.items())
+
+
+def test_a_count_per_chunk_spends_the_same_k_bytes_where_the_update_is() -> None:
+    """Its bytes within the same-k format's, the largest values kept wherever they are (a chunk with none
+    of them keeps none), and what it publishes plus what it keeps for later adds up to the update; with
+    the room of a same-k format that keeps every value, it keeps nearly all."""
+    spec = [("big", (128, 128)), ("small", (64, 64)), ("bias", (8,))]
+    g = torch.Generator().manual_seed(0)
+    delta = {n: torch.randn(s, generator=g) for n, s in spec}
+    delta["small"] *= 1e-3  # nearly nothing there: the bytes go to "big"
+    codec = SparseLoCoCodec()
+    settings = PublishSettings(format="sparseloco", budget=2.0, ef_beta=1.0)
+    same_k = Downlink(settings.model_copy(update={"selection": "chunk"}), codec, spec)
+    sent, applied, residual = Downlink(settings, codec, spec).step(delta)
+    assert 0 < len(sent) <= len(same_k.step(delta)[0])
+    assert int((applied["small"] != 0).sum()) == 0 and int((applied["big"] != 0).sum()) > 4 * same_k.k
+    assert int((same_k.step(delta)[1]["small"] != 0).sum()) == same_k.k  # the same k, deserved or not
+    for n, _ in spec:
+        assert torch.allclose(applied[n] + residual[n], delta[n], atol=1e-6)
+    roomy = Downlink(PublishSettings(format="sparseloco", k=4096), codec, spec)  # every value
+    _, applied, _ = roomy.step(delta)
+    assert all(int((applied[n] != 0).sum()) >= 0.99 * delta[n].numel() for n in ("big", "small"))

@@ -24,6 +24,7 @@ from protocol.codec import (
     make_codec,
     quantize_2bit,
 )
+from protocol.codec.elias_fano import ef_params
 from tests.helpers.codec_layout import (
     HEADER,
     Spec,
@@ -70,7 +71,7 @@ def test_make_codec_names() -> None:
 @pytest.mark.parametrize(("k", "low_bits", "bytes_per_chunk"), [(16, 8, 16 + 4 + 4), (64, 6, 48 + 16 + 16)])
 def test_chunk_size_follows_elias_fano(k: int, low_bits: int, bytes_per_chunk: int) -> None:
     codec = SparseLoCoCodec(k=k)
-    assert codec.low_bits == low_bits
+    assert ef_params(64 * 64, k)[0] == low_bits
     x = random_tensor((128, 192), 0)  # 2 x 3 tiles
     payload, _ = codec.encode({"w": x}, [("w", (128, 192))], HEADER)
     t = tensors_of(payload)
