@@ -3,8 +3,9 @@
 Each part under a time limit of its own (together at most 11 minutes; about 6 on an H100 host with 16
 cores), one JSON object on stdout:
 
-- ``tests``: the suite's CUDA tests (robust aggregation on the GPU against the CPU; a coordinator
-  evaluating on CUDA publishes the hashes of one evaluating on the CPU), pytest's exit code and summary;
+- ``tests``: the suite's CUDA tests (robust aggregation on the GPU against the CPU; the published update's
+  count per chunk on the GPU against the CPU; a coordinator evaluating on CUDA publishes the hashes of one
+  evaluating on the CPU), pytest's exit code and summary;
 - ``network``: ``gradpool simulate`` of a coordinator and 2 miners, all on CUDA, 3 rounds of ``llama-150m``
   (a byte vocabulary, short rounds): the report's losses and round times;
 - ``throughput``: ``benchmarks.throughput`` on CUDA: the miner's inner loop against a bare PyTorch loop,
@@ -72,7 +73,11 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name(0) if torch.cuda.is_available() else None,
         "torch": torch.__version__,
     }
-    tests = ["tests/unit/protocol/test_robust_aggregate.py", "tests/unit/coordinator/test_devices.py"]
+    tests = [
+        "tests/unit/protocol/test_robust_aggregate.py",
+        "tests/unit/protocol/test_counted.py",
+        "tests/unit/coordinator/test_devices.py",
+    ]
     pytest = run([py, "-m", "pytest", "-q", "-n", "0", "-p", "no:cacheprovider", "-k", "cuda", *tests], 150)
     result["tests"] = {
         "rc": pytest["rc"],

@@ -126,7 +126,7 @@ class CountedCodec:
         if not fits(hi):
             return torch.tensor(float("inf"), device=device)
         rows = sum(m.shape[0] for m in mags)
-        if rows >= 16 * max(self.sample_rows, 2):  # a first guess from every 16th chunk row, checked on all of them
+        if rows >= 16 * max(self.sample_rows, 2):  # a first guess from every 16th chunk row, checked
             guess = float(
                 self._threshold(
                     [m[::16] for m in mags], room * sum(-(-m.shape[0] // 16) for m in mags) // rows

@@ -152,3 +152,13 @@ def test_a_kept_value_in_a_chunks_padding_is_refused() -> None:
     with pytest.raises(CodecError) as e:
         codec.decode_flat(missing, spec)
     assert e.value.code == "wrong_tensors"
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs CUDA")
+def test_on_cuda_it_publishes_the_same_tensors_as_on_the_cpu() -> None:
+    """A coordinator on a GPU publishes what one on the CPU does: the same threshold, counts and bytes."""
+    codec = CountedCodec(SparseLoCoCodec(), sample_rows=1)
+    u = update(WIDER, seed=5)
+    on_cpu = codec.encode(u, WIDER)
+    on_cuda = codec.encode({n: t.cuda() for n, t in u.items()}, WIDER)
+    assert all(torch.equal(on_cpu[n], on_cuda[n]) for n in on_cpu)
