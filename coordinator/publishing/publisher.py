@@ -99,7 +99,7 @@ class Downlink:
             compressed = st_save(self.counted.encode(u, self.spec), metadata={"format": self.counted.name})
         else:
             compressed = compress_update(self.compressor, u, self.spec)
-        applied = self._decoded(compressed)
+        applied = {n: t.to(u[n].device) for n, t in self._decoded(compressed).items()}
         return compressed, applied, {n: u[n] - applied[n] for n in u}
 
     def frame(self, compressed: bytes, delta: Mapping[str, torch.Tensor], header: UpdateHeader) -> bytes:

@@ -21,19 +21,20 @@ everything before use: a kept value in a chunk's padding is refused like one out
 
 from __future__ import annotations
 
+import functools
 from collections.abc import Callable, Mapping
-from functools import cached_property
 
 import torch
 
 from protocol.codec.bits import pack_uint, unpack_uint
 from protocol.codec.chunks import Layout, RowTable
-from protocol.codec.elias_fano import ef_bytes, ef_decode, ef_encode
+from protocol.codec.elias_fano import ef_decode, ef_encode
 from protocol.codec.quantize import quantize
 from protocol.codec.sparseloco import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.payload import FP16_MAX, ParamSpec, cat_or_empty, expect_len, framed_bytes
 
+SAMPLE_STRIDE = 17  # prime to the tile grids' widths, which are mostly powers of two
 DTYPES = {"count": None, "idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
 
 
@@ -43,8 +44,8 @@ class CountedCodec:
     name = "sparseloco_counted"
 
     def __init__(self, geometry: SparseLoCoCodec, sample_rows: int = 256) -> None:
-        """``sample_rows``: models of 16 times this many chunk rows or more (and at least 32) first guess the
-        threshold from every 16th chunk row."""
+        """``sample_rows``: models of ``SAMPLE_STRIDE`` times this many chunk rows or more (and at least
+        twice that) first guess the threshold from every ``SAMPLE_STRIDE``-th chunk row."""
         self.sample_rows = sample_rows
         self.geometry, self.tile, self.bits, self.levels = (
             geometry,
@@ -56,14 +57,10 @@ class CountedCodec:
         self.count_dtype = torch.int16 if self.chunk < 1 << 15 else torch.int32
         self.count_bytes = 2 if self.count_dtype == torch.int16 else 4
 
-    @cached_property
+    @property
     def sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
         """Bytes of a chunk's indices and of its values, by its count (0 .. chunk)."""
-        idx, val = [0], [0]
-        for k in range(1, self.chunk + 1):
-            idx.append(sum(ef_bytes(self.chunk, k)))
-            val.append(-(-k * self.bits // 8))
-        return torch.tensor(idx), torch.tensor(val)
+        return count_sizes(self.chunk, self.bits)
 
     def budget(self, spec: ParamSpec) -> int:
         """The bytes of tensors this format fills: the same-k format's at its k."""
@@ -114,7 +111,9 @@ class CountedCodec:
         if not mags or (top := max(float(m.max()) for m in mags)) <= 0:
             return torch.tensor(float("inf"))
         device = mags[0].device
-        per_count = (self.sizes[0] + self.sizes[1]).to(device)
+        # a chunk's bytes by its count, or the most a smaller count takes: at some tiles a count's index
+        # bits fall by one where the next count drops a low bit, and the bisection needs them monotone
+        per_count = torch.cummax(self.sizes[0] + self.sizes[1], 0).values.to(device)
         narrowed = _Narrowed(mags)
 
         def fits(bits: int) -> bool:
@@ -126,18 +125,20 @@ class CountedCodec:
         if not fits(hi):
             return torch.tensor(float("inf"), device=device)
         rows = sum(m.shape[0] for m in mags)
-        if rows >= 16 * max(self.sample_rows, 2):  # a first guess from every 16th chunk row, checked
-            guess = float(
-                self._threshold(
-                    [m[::16] for m in mags], room * sum(-(-m.shape[0] // 16) for m in mags) // rows
-                )
-            )
+        if rows >= SAMPLE_STRIDE * max(self.sample_rows, 2):  # a first guess from a sample of the rows
+            sample = [m[::SAMPLE_STRIDE] for m in mags]
+            guess = float(self._threshold(sample, room * sum(m.shape[0] for m in sample) // rows))
             if 0 < guess < top:
-                if not fits(below := _bits(guess / 1.5)):
-                    lo = max(lo, below)
+                below = guess
+                for _ in range(8):  # a bound that does not fit, so that narrowing leaves few values
+                    below /= 1.5
+                    if not fits(_bits(below)):
+                        lo = max(lo, _bits(below))
+                        break
                 if fits(above := _bits(guess * 1.5)):
                     hi = min(hi, above)
-                narrowed.narrow(_float(lo, device), _float(hi, device))
+                if lo > 1:
+                    narrowed.narrow(_float(lo, device), _float(hi, device))
         steps = 0
         while hi - lo > 1:  # fits(hi), not fits(lo)
             mid = (lo + hi) // 2
@@ -261,6 +262,21 @@ class _Narrowed:
         self.above = self.above + torch.bincount(rows[vals >= hi], minlength=self.rows)
         inside = (vals >= lo) & (vals < hi)
         self.between = (rows[inside], vals[inside])
+
+
+@functools.lru_cache(maxsize=8)
+def count_sizes(chunk: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
+    """Bytes of a chunk's Elias-Fano indices (``ef_bytes``) and of its ``bits``-bit values, by its count
+    (0 .. chunk), for every count at once: the low-bit width ``floor(log2(chunk / k))`` is the number of
+    powers of two, from 2, at most ``chunk // k``."""
+    k = torch.arange(1, chunk + 1, dtype=torch.int64)
+    q = chunk // k
+    low = sum((q >= 1 << j).long() for j in range(1, chunk.bit_length()))
+    high = k + ((chunk - 1) >> low) + 1
+    idx = (k * low + 7) // 8 + (high + 7) // 8
+    val = (k * bits + 7) // 8
+    zero = torch.zeros(1, dtype=torch.int64)
+    return torch.cat([zero, idx]), torch.cat([zero, val])
 
 
 def _where(table: RowTable, rows: torch.Tensor) -> Callable[[torch.Tensor], str]:
