@@ -151,6 +151,19 @@ class RowTable:
         row = int(bad_rows.nonzero()[0, 0])
         return self.names[int(self.tensor_of_row[row])]
 
+    def coordinates(
+        self, idx: torch.Tensor, tile: int, rows: torch.Tensor | None = None
+    ) -> tuple[torch.Tensor, torch.Tensor | None]:
+        """Chunk-local indices of the chunk rows ``rows`` (every row when None) -> coordinates in the
+        concatenated parameters, and the mask of those that are not padding (None when the model has no
+        padding)."""
+        at = slice(None) if rows is None else rows
+        q, p = idx // tile, idx % tile
+        flat = self.base[at] + q * self.stride[at] + p
+        if not self.padded:
+            return flat, None
+        return flat, (idx < self.limit[at]) & (q < self.row_limit[at]) & (p < self.col_limit[at])
+
     def with_counts(self, counts: list[int]) -> RowTable:
         return dataclasses.replace(self, counts=counts)
 

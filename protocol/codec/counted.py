@@ -28,14 +28,13 @@ import torch
 
 from protocol.codec.bits import pack_uint, unpack_uint
 from protocol.codec.chunks import Layout, RowTable
-from protocol.codec.elias_fano import ef_decode, ef_encode
+from protocol.codec.elias_fano import ef_bytes_by_count, ef_decode, ef_encode
 from protocol.codec.quantize import quantize
 from protocol.codec.sparseloco import SparseLoCoCodec
 from protocol.errors import CodecError
 from protocol.payload import FP16_MAX, ParamSpec, cat_or_empty, expect_len, framed_bytes
 
 SAMPLE_STRIDE = 17  # prime to the tile grids' widths, which are mostly powers of two
-DTYPES = {"count": None, "idx": torch.uint8, "val": torch.uint8, "lut": torch.float32, "dense": torch.float16}
 
 
 class CountedCodec:
@@ -56,6 +55,13 @@ class CountedCodec:
         self.chunk = self.tile * self.tile
         self.count_dtype = torch.int16 if self.chunk < 1 << 15 else torch.int32
         self.count_bytes = 2 if self.count_dtype == torch.int16 else 4
+        self.dtypes = {
+            "count": self.count_dtype,
+            "idx": torch.uint8,
+            "val": torch.uint8,
+            "lut": torch.float32,
+            "dense": torch.float16,
+        }
 
     @property
     def sizes(self) -> tuple[torch.Tensor, torch.Tensor]:
@@ -186,9 +192,9 @@ class CountedCodec:
     # -- decode (what a miner downloads: checked before use) -----------------------------------------------
     def decode_flat(self, tensors: Mapping[str, torch.Tensor], spec: ParamSpec) -> torch.Tensor:
         """The published tensors -> every parameter's update concatenated in spec order."""
-        if set(tensors) != set(DTYPES):
-            raise CodecError(f"update tensors must be exactly {sorted(DTYPES)}", code="wrong_tensors")
-        for name, dtype in {**DTYPES, "count": self.count_dtype}.items():
+        if set(tensors) != set(self.dtypes):
+            raise CodecError(f"update tensors must be exactly {sorted(self.dtypes)}", code="wrong_tensors")
+        for name, dtype in self.dtypes.items():
             if tensors[name].dtype != dtype:
                 raise CodecError(f"update tensor {name!r} is {tensors[name].dtype}", code="wrong_dtype")
         table = self.geometry.table(spec)
@@ -207,7 +213,12 @@ class CountedCodec:
         out = torch.zeros(table.total, dtype=torch.float32)
         for k, rows, at_idx, at_val in self._groups(count, idx_sizes, val_sizes):
             idx = ef_decode(tensors["idx"][at_idx], self.chunk, k, _where(table, rows))
-            flat = self._coordinates(table, rows, idx)
+            flat, real = table.coordinates(idx, self.tile, rows)
+            if real is not None and bool((bad := ~real.all(dim=1)).any()):
+                place = _where(table, rows)(bad)
+                raise CodecError(
+                    f"{place}: a kept value lies in a chunk's padding", code="index_out_of_range"
+                )
             codes = unpack_uint(tensors["val"][at_val], k, self.bits)
             out[flat] = luts.view(-1)[table.lut_base[rows] + codes]
         at = 0
@@ -215,19 +226,6 @@ class CountedCodec:
             out[offset : offset + n] = dense[at : at + n]
             at += n
         return out
-
-    def _coordinates(self, table: RowTable, rows: torch.Tensor, idx: torch.Tensor) -> torch.Tensor:
-        """Chunk-local indices of ``rows`` -> coordinates in the concatenated parameters; padding refused."""
-        q, p = idx // self.tile, idx % self.tile
-        if table.padded:
-            real = (idx < table.limit[rows]) & (q < table.row_limit[rows]) & (p < table.col_limit[rows])
-            bad = ~real.all(dim=1)
-            if bool(bad.any()):
-                where = _where(table, rows)(bad)
-                raise CodecError(
-                    f"{where}: a kept value lies in a chunk's padding", code="index_out_of_range"
-                )
-        return table.base[rows] + q * table.stride[rows] + p
 
 
 class _Narrowed:
@@ -266,17 +264,9 @@ class _Narrowed:
 
 @functools.lru_cache(maxsize=8)
 def count_sizes(chunk: int, bits: int) -> tuple[torch.Tensor, torch.Tensor]:
-    """Bytes of a chunk's Elias-Fano indices (``ef_bytes``) and of its ``bits``-bit values, by its count
-    (0 .. chunk), for every count at once: the low-bit width ``floor(log2(chunk / k))`` is the number of
-    powers of two, from 2, at most ``chunk // k``."""
-    k = torch.arange(1, chunk + 1, dtype=torch.int64)
-    q = chunk // k
-    low = sum((q >= 1 << j).long() for j in range(1, chunk.bit_length()))
-    high = k + ((chunk - 1) >> low) + 1
-    idx = (k * low + 7) // 8 + (high + 7) // 8
-    val = (k * bits + 7) // 8
-    zero = torch.zeros(1, dtype=torch.int64)
-    return torch.cat([zero, idx]), torch.cat([zero, val])
+    """Bytes of a chunk's Elias-Fano indices and of its ``bits``-bit values, by its count (0 .. chunk)."""
+    val = (torch.arange(chunk + 1, dtype=torch.int64) * bits + 7) // 8
+    return ef_bytes_by_count(chunk), val
 
 
 def _where(table: RowTable, rows: torch.Tensor) -> Callable[[torch.Tensor], str]:

@@ -30,6 +30,15 @@ def ef_bytes(chunk: int, k: int) -> tuple[int, int]:
     return -(-k * low // 8), -(-high // 8)
 
 
+def ef_bytes_by_count(chunk: int) -> torch.Tensor:
+    """``sum(ef_bytes(chunk, k))`` for every k in 0 .. chunk at once (0 for k = 0): the low-bit width
+    ``floor(log2(chunk / k))`` is the number of powers of two, from 2, at most ``chunk // k``."""
+    k = torch.arange(1, chunk + 1, dtype=torch.int64)
+    low = sum(((chunk // k) >= 1 << j).long() for j in range(1, chunk.bit_length()))
+    high = k + ((chunk - 1) >> low) + 1
+    return torch.cat([torch.zeros(1, dtype=torch.int64), (k * low + 7) // 8 + (high + 7) // 8])
+
+
 def ef_encode(idx: torch.Tensor, chunk: int) -> torch.Tensor:
     """(rows, k) strictly increasing indices below ``chunk`` -> (rows, sum(ef_bytes)) uint8."""
     k = idx.shape[1]

@@ -183,7 +183,7 @@ class SparseLoCoCodec:
         """Every chunk of every sparse tensor decoded at once: flat indices (into the concatenated
         parameters, spec order) and values; plus the dense part. Checks everything before use."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
-        flat, valid = self._coordinates(table, idx)
+        flat, valid = table.coordinates(idx, self.tile)
         if valid is not None:
             counts = valid.sum(dim=1)
             per_tensor = torch.zeros(len(table.names), dtype=torch.int64)
@@ -233,7 +233,7 @@ class SparseLoCoCodec:
         adds them."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
         unpacked = _unpacked(idx, vals, dense)
-        flat, valid = self._coordinates(table, idx)
+        flat, valid = table.coordinates(idx, self.tile)
         if valid is not None:
             flat, vals = flat[valid], vals[valid]
         coords = torch.cat(
@@ -253,15 +253,6 @@ class SparseLoCoCodec:
     def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
         _, _, idx, vals, dense = self.decode_rows(data, spec)
         return _unpacked(idx, vals, dense)
-
-    def _coordinates(self, table: RowTable, idx: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor | None]:
-        """Chunk-local indices (rows, k) -> coordinates in the concatenated parameters, and the mask of
-        those that are not padding (None when the model has no padding)."""
-        q, p = idx // self.tile, idx % self.tile
-        flat = table.base + q * table.stride + p
-        if not table.padded:
-            return flat, None
-        return flat, (idx < table.limit) & (q < table.row_limit) & (p < table.col_limit)
 
     def table(self, spec: ParamSpec) -> RowTable:
         key = tuple((n, tuple(s)) for n, s in spec)
