@@ -31,7 +31,8 @@ WAIT_S = 5.0  # each long-poll for the round behind to close
 POLL_S = 0.25  # between long-polls that came back with nothing new
 # The eager start's guess: the miner's own last contribution times this. The version being made moves the
 # model by the mean of every miner's upload, each of which points about where this one does; 1.5 trained
-# best of 0.5 .. 2.5 (BENCHMARKS.md, Convergence: overlapped rounds).
+# best of 0.5 .. 2.5, and better than 1 when the version comes half way or not at all, at 4 and 10
+# miners (BENCHMARKS.md, Overlapped rounds).
 GUESS_SCALE = 1.5
 
 
