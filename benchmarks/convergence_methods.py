@@ -7,7 +7,7 @@ import logging
 import math
 import time
 from collections.abc import Callable
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Literal
 
 import torch
@@ -64,18 +64,16 @@ def overlap_down(
     tile: int = 64,
     carry: float = 1.0,
     selection: Literal["global", "chunk"] = "global",
-    merge_at: float | None = 0.2,
 ) -> Method:
-    """Overlapped rounds as miners run them (the version merged after a fifth of the inner steps; None:
-    never, as when it comes after training ended) with the compressed downlink at ``[publish] budget =
-    2.5`` (and the given error feedback, tile and selection)."""
+    """Overlapped rounds as miners run them (the version merged after a fifth of the inner steps) with the
+    compressed downlink at ``[publish] budget = 2.5`` (and the given error feedback, tile and selection)."""
     downlink = PublishSettings(
         format="sparseloco", budget=2.5, ef_beta=ef_beta, tile=tile, selection=selection
     )
     return Method(
         "pool",
-        overlap="eager" if merge_at is None else "merge_eager",
-        merge_at=0.5 if merge_at is None else merge_at,
+        overlap="merge_eager",
+        merge_at=0.2,
         downlink=downlink,
         guess=guess,
         guess_scale=guess_scale,
@@ -148,8 +146,8 @@ METHODS: dict[str, Method] = {
     "sparseloco_overlap_down_guess_x1": overlap_down(guess_scale=1.0),
     # the guess when the version comes late (after half of the inner steps) or not at all (a slow close)
     **{
-        f"sparseloco_overlap_down_{when}_guess_x{g:g}": overlap_down(guess_scale=g, merge_at=at)
-        for when, at in (("half", 0.5), ("never", None))
+        f"sparseloco_overlap_down_{when}_guess_x{g:g}": replace(overlap_down(guess_scale=g), **late)
+        for when, late in (("half", {"merge_at": 0.5}), ("never", {"overlap": "eager"}))
         for g in (1.0, 1.5)
     },
     "sparseloco_overlap_merge30": Method("pool", overlap="merge_eager", merge_at=0.3),
