@@ -8,19 +8,22 @@ is copied first, so the run is never changed. From version 0 every committed ver
 coordinator's own publisher from its round's accepted uploads (kept in the blob store) and checked against
 its recorded parameter hash; the replay stops, with an ``error`` and exit status 1, at a version that does
 not rebuild (a run with ``weight_by_score``, whose weights are not kept, rebuilds only until they matter).
-Each round's uploads, the accepted and those the loss guard left out, are also built four ways from the
+Each round's uploads, the accepted and those the loss guard left out, are also built five ways from the
 same base:
 
 - ``carried``: published with the downlink's error feedback carried from the earlier rounds (what the
   coordinator builds first);
 - ``fresh``: published without that residual;
+- ``clipped``: each layer of the aggregate clipped to the longest upload's, published without the residual
+  (what the coordinator also tries when the first build raises the loss);
 - ``exact``: the outer step's delta itself, uncompressed;
 - ``alone_mean``: each upload alone, published without the residual (the mean of their losses).
 
 and the held-out loss of each is reported per round:
 
-    {"rounds": [{"round", "uploads", "accepted", "base", "carried", "fresh", "exact", "alone_mean",
-                 "published"}], "replayed": versions rebuilt bit for bit, "versions": versions committed}
+    {"rounds": [{"round", "uploads", "accepted", "base", "carried", "fresh", "clipped", "exact",
+                 "alone_mean", "published"}],
+     "replayed": versions rebuilt bit for bit, "versions": versions committed}
 """
 
 from __future__ import annotations
@@ -44,6 +47,8 @@ from coordinator.storage.blobs import kept_checkpoint
 from coordinator.storage.records import StoredVersion, Upload
 from gradpool.config import load_settings
 from protocol.params import Params, apply_update
+
+WAYS = ((True, False), (False, False), (False, True))  # (carry, clip), as the coordinator builds them
 
 
 def copied_run(run_dir: Path, work: Path) -> Run:
@@ -93,12 +98,12 @@ class Recorded:
         self.stored.clear()
 
     def rebuilt(self, run: Run, params: Params, v: StoredVersion) -> Built | None:
-        """Version ``v`` built again on ``params`` from its round's accepted uploads: the build, with the
-        downlink's residual or without, whose parameters the run recorded (None: neither)."""
+        """Version ``v`` built again on ``params`` from its round's accepted uploads: the build (``WAYS``)
+        whose parameters the run recorded (None: none)."""
         publisher = run.publisher
         accepted = scaled(run.store.round_uploads(v.round), "status", "accepted")
-        delta, buffers = publisher.step(accepted, self.load)
-        for carry in (True, False):
+        for carry, clip in WAYS:
+            delta, buffers = publisher.step(accepted, self.load, clip)
             built = publisher.published(params, v.base_version, v.version, delta, buffers, carry)
             if built.param_hash == v.param_hash:
                 return built
@@ -114,13 +119,16 @@ def _replay(run: Run) -> dict[str, Any]:
         base: Params,
         v: StoredVersion,
         ups: list[tuple[Upload, float]],
-        carries: tuple[bool, ...] = (True, False),
+        ways: tuple[tuple[bool, bool], ...] = WAYS,
     ) -> tuple[dict[str, torch.Tensor], list[Built]]:
-        """One outer step over ``ups``: its delta, and the version it makes as published with and without the
-        residual (``carries``)."""
+        """One outer step over ``ups``: its delta, and the version it makes each of the ``ways``."""
         delta, buffers = publisher.step(ups, load)
         numbers = v.base_version, v.version
-        return delta, [publisher.published(base, *numbers, delta, buffers, c) for c in carries]
+        out = []
+        for carry, clip in ways:
+            d, b = publisher.step(ups, load, clip=True) if clip else (delta, buffers)
+            out.append(publisher.published(base, *numbers, d, b, carry))
+        return delta, out
 
     rows: list[dict[str, Any]] = []
     for replayed, (before, v) in enumerate(itertools.pairwise(committed)):
@@ -129,12 +137,12 @@ def _replay(run: Run) -> dict[str, Any]:
         accepted, left_out = scaled(subs, "status", "accepted"), scaled(subs, "reason", "loss_guard")
         delta, candidates = builds(params, v, accepted)
         if left_out:  # the round as the guard first saw it
-            delta, (carried, fresh) = builds(params, v, accepted + left_out)
+            delta, (carried, fresh, clipped) = builds(params, v, accepted + left_out)
         else:
-            carried, fresh = candidates
+            carried, fresh, clipped = candidates
         exact = {n: t.clone() for n, t in params.items()}
         apply_update(exact, delta)
-        alone = [builds(params, v, [u], (False,))[1][0].eval_loss for u in accepted + left_out]
+        alone = [builds(params, v, [u], ((False, False),))[1][0].eval_loss for u in accepted + left_out]
         rows.append(
             {
                 "round": v.round,
@@ -143,12 +151,13 @@ def _replay(run: Run) -> dict[str, Any]:
                 "base": before.eval_loss,
                 "carried": carried.eval_loss,
                 "fresh": fresh.eval_loss,
+                "clipped": clipped.eval_loss,
                 "exact": loss(exact),
                 "alone_mean": statistics.fmean(alone),
                 "published": v.eval_loss,
             }
         )
-        # the coordinator published one of the two: the one whose parameters were recorded
+        # the coordinator published one of them: the one whose parameters were recorded
         built = next((b for b in candidates if b.param_hash == v.param_hash), None)
         if built is None:
             return {
@@ -175,14 +184,10 @@ def main(argv: list[str] | None = None) -> int:
         print(json.dumps(result, indent=1))
         return 1 if "error" in result else 0
     print(f"{result['replayed']} of {result['versions']} versions rebuilt bit for bit")
-    print("round uploads   base carried  fresh  exact  alone published")
+    print("round uploads   base carried  fresh clipped  exact  alone published")
+    columns = ("base", "carried", "fresh", "clipped", "exact", "alone_mean", "published")
     for r in result["rounds"]:
-        print(
-            f"{r['round']:5d} {r['uploads']:7d} "
-            + " ".join(
-                f"{r[k]:6.4f}" for k in ("base", "carried", "fresh", "exact", "alone_mean", "published")
-            )
-        )
+        print(f"{r['round']:5d} {r['uploads']:7d} " + " ".join(f"{r[k]:6.4f}" for k in columns))
     if "error" in result:
         print(f"error: {result['error']}", file=sys.stderr)
         return 1

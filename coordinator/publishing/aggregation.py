@@ -5,12 +5,18 @@ accumulator (a running sum and count: memory does not grow with their number) an
 contributors that selected each coordinate is taken; the robust choices (trimmed mean, median) need every
 contributor's values at once instead. A failure while one upload is read or added is that upload's
 (``UploadFailed``), so the closer can refuse it and aggregate the rest.
+
+A mean over all contributors never moves a layer further than its longest contribution does; the mean over
+those that selected each coordinate can, where they selected different coordinates of one direction (the
+output layer at 8 miners, BENCHMARKS.md). ``longest_layers`` and ``clip_layers`` bound it when the
+publisher asks (``Publisher.build``).
 """
 
 from __future__ import annotations
 
+import itertools
 import math
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 
 import torch
 
@@ -78,3 +84,38 @@ def _robust(
         name: flat[o : o + math.prod(shape)].view(shape)
         for (name, shape), o in zip(spec, offsets.values(), strict=True)
     }
+
+
+def longest_layers(
+    accepted: Sequence[tuple[Upload, float]],
+    load: Callable[[Upload], tuple[bytes, bytes]],
+    codec: Codec,
+    spec: ParamSpec,
+) -> list[float]:
+    """Per parameter (spec order), the largest norm any one upload gives it, its clip scale applied."""
+    sizes = [math.prod(shape) for _, shape in spec]
+    starts = torch.tensor(list(itertools.accumulate(sizes, initial=0))[:-1])
+    longest = torch.zeros(len(spec), dtype=torch.float64)
+    for upload, scale in accepted:
+        try:
+            coords, values = flatten(codec.decode(load(upload)[0], spec)[1], spec, scale)
+        except Exception as e:
+            raise UploadFailed(upload.miner, e) from e
+        layer = torch.bucketize(coords, starts, right=True) - 1
+        squares = torch.zeros(len(spec), dtype=torch.float64).index_add_(0, layer, values.double() ** 2)
+        longest = torch.maximum(longest, squares.sqrt())
+    return longest.tolist()
+
+
+def clip_layers(
+    aggregate: Mapping[str, torch.Tensor], longest: Sequence[float], spec: ParamSpec
+) -> dict[str, torch.Tensor]:
+    """The aggregate with each parameter's norm at most its ``longest``. Norms are taken in float64, as in
+    ``longest_layers``: a float32 norm of huge values overflows to inf and would scale the layer to
+    nothing, hiding what made it huge from the loss guard."""
+    out = {}
+    for (name, _), most in zip(spec, longest, strict=True):
+        t = aggregate[name]
+        norm = float(torch.linalg.vector_norm(t, dtype=torch.float64))
+        out[name] = t * (most / norm) if norm > most else t
+    return out

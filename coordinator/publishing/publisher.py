@@ -4,12 +4,13 @@
 step, compresses what it publishes (``Downlink``) and measures the held-out loss, in memory; a version that
 fails ``guard`` is built again without the most suspect uploads until it passes or none is left. The
 downlink's error feedback is the coordinator's own bookkeeping, not any miner's work: when carrying it would
-raise the held-out loss above the previous version's, the update is compressed again without it and the
-better of the two is kept, so a stale residual never costs a miner its upload at the guard. ``guard`` says
-whether the result may be published (every parameter finite, the held-out loss finite and not above the
-previous version's by more than ``max_loss_increase``); only then does ``write`` put the published update,
-the checkpoint and the coordinator's state (the outer optimizer's momentum, the downlink's error feedback)
-into the blob store. Nothing is visible until the closer commits the version, and its state with it.
+raise the held-out loss above the previous version's, the update is compressed again without it, and the
+aggregate is also tried with no layer moved further than the longest upload moves it; the best is kept, so
+neither a stale residual nor an overshooting aggregate costs a miner its upload at the guard. ``guard``
+says whether the result may be published (every parameter finite, the held-out loss finite and not above
+the previous version's by more than ``max_loss_increase``); only then does ``write`` put the published
+update, the checkpoint and the coordinator's state (the outer optimizer's momentum, the downlink's error
+feedback) into the blob store. Nothing is visible until the closer commits the version, and its state with it.
 """
 
 from __future__ import annotations
@@ -26,7 +27,7 @@ import torch
 from safetensors.torch import save as st_save
 
 from coordinator.errors import Stopping
-from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads
+from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads, clip_layers, longest_layers
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.settings import AggregationSettings, PublishSettings
 from coordinator.storage.blobs import BlobStore
@@ -232,32 +233,47 @@ class Publisher:
         previous_loss: float | None = None,
     ) -> Built:
         """The next version from the accepted updates (raises UploadFailed for an upload that fails). With
-        ``previous_loss``: compressed again without the downlink's residual when carrying it would raise the
-        held-out loss above ``previous_loss``, keeping whichever of the two is lower."""
+        ``previous_loss``: when the version would raise the held-out loss above it, it is also built without
+        the downlink's residual, and (two uploads or more) with no layer moved further than the longest
+        upload moves it (``clip_layers``, without the residual), and the one with the lowest loss is kept."""
         delta, outer_buffers = self.step(accepted, load)
         built = self.published(base, base_version, version, delta, outer_buffers, carry=True)
-        if previous_loss is not None and self.downlink.carries and not built.eval_loss <= previous_loss:
-            carried = built
-            fresh = self.published(base, base_version, version, delta, outer_buffers, carry=False)
-            built = min(carried, fresh, key=lambda b: b.eval_loss if math.isfinite(b.eval_loss) else math.inf)
-            log.info(
-                "version %d: with the downlink's residual the held-out loss would be %.4f (was %.4f), "
-                "without it %.4f: published %s it",
-                version,
-                carried.eval_loss,
-                previous_loss,
-                fresh.eval_loss,
-                "with" if built is carried else "without",
+        if previous_loss is None or built.eval_loss <= previous_loss:
+            return built
+        tried = {"with the downlink's residual": built}
+        if self.downlink.carries:
+            tried["without it"] = self.published(base, base_version, version, delta, outer_buffers, False)
+        if len(accepted) > 1:
+            clipped, clipped_buffers = self.step(accepted, load, clip=True)
+            tried["with each layer clipped to the longest upload's"] = self.published(
+                base, base_version, version, clipped, clipped_buffers, carry=False
             )
-        return built
+        if len(tried) == 1:
+            return built
+        best = min(tried, key=lambda t: tried[t].eval_loss if math.isfinite(tried[t].eval_loss) else math.inf)
+        log.info(
+            "version %d: the held-out loss would be %s (was %.4f): published %s",
+            version,
+            ", ".join(f"{b.eval_loss:.4f} {t}" for t, b in tried.items()),
+            previous_loss,
+            best,
+        )
+        return tried[best]
 
     def step(
-        self, accepted: Sequence[tuple[Upload, float]], load: Callable[[Upload], tuple[bytes, bytes]]
+        self,
+        accepted: Sequence[tuple[Upload, float]],
+        load: Callable[[Upload], tuple[bytes, bytes]],
+        clip: bool = False,
     ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The outer step's delta from the accepted updates, and the outer momentum after it (pure)."""
+        """The outer step's delta from the accepted updates, and the outer momentum after it (pure).
+        ``clip``: each layer's aggregate no longer than the longest upload's (``clip_layers``)."""
         a = self.aggregation
         method = None if a.method == "mean" else a.method
         aggregate = aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
+        if clip:
+            longest = longest_layers(accepted, load, self.codec, self.spec)
+            aggregate = clip_layers(aggregate, longest, self.spec)
         return self.outer.step(aggregate)
 
     def published(

@@ -4,10 +4,8 @@ from __future__ import annotations
 
 import torch
 
-from protocol.codec import SparseLoCoCodec
-from protocol.codec.accumulate import aggregate
-from protocol.params import Params, apply_update, params_hash
 from tests.helpers.pool import SPEC, OpenPool, Pool, assert_error, encode, make_delta, payload, reframe
+from tests.helpers.published import after_round, hashes
 
 
 def round_report(pool: Pool, round_: int) -> dict[str, int]:
@@ -16,12 +14,9 @@ def round_report(pool: Pool, round_: int) -> dict[str, int]:
     return row
 
 
-def expected_hash(pool: Pool, base_version: int, bodies: list[bytes]) -> str:
-    """The parameter hash after the outer step (SGD, lr 1) over exactly these payloads."""
-    codec = SparseLoCoCodec()
-    params: Params = pool.checkpoint(base_version)
-    apply_update(params, aggregate([codec.decode(b, SPEC)[1] for b in bodies], SPEC))
-    return params_hash(params, SPEC)
+def expected_hash(pool: Pool, base_version: int, bodies: list[bytes]) -> set[str]:
+    """The parameter hashes the outer step over exactly these payloads may give (``after_round``)."""
+    return hashes(after_round(pool.checkpoint(base_version), bodies))
 
 
 def test_copied_payload_is_refused(open_pool: OpenPool) -> None:
@@ -33,7 +28,7 @@ def test_copied_payload_is_refused(open_pool: OpenPool) -> None:
 
         after = pool.latest_after(0)
         assert after["version"] == 1
-        assert after["param_hash"] == expected_hash(pool, 0, [body])
+        assert after["param_hash"] in expected_hash(pool, 0, [body])
         assert pool.submissions() == {
             (0, author.pubkey): ("accepted", None),
             (0, copier.pubkey): ("rejected", "copied_payload"),
@@ -75,8 +70,8 @@ def test_scaled_up_update_is_a_norm_outlier(open_pool: OpenPool) -> None:
 
         after = pool.latest_after(0)
         assert after["version"] == 1
-        assert after["param_hash"] == expected_hash(pool, 0, bodies)
-        assert after["param_hash"] != expected_hash(pool, 0, [*bodies, loud])
+        assert after["param_hash"] in expected_hash(pool, 0, bodies)
+        assert after["param_hash"] not in expected_hash(pool, 0, [*bodies, loud])
         assert pool.submissions() == {
             **{(0, m.pubkey): ("accepted", None) for m in honest},
             (0, cheat.pubkey): ("rejected", "norm_outlier"),
@@ -102,7 +97,7 @@ def test_every_refusal_in_one_round(open_pool: OpenPool) -> None:
             assert miner.upload(0, body).status_code == 200
 
         after = pool.latest_after(0)
-        assert after["param_hash"] == expected_hash(pool, 0, bodies)
+        assert after["param_hash"] in expected_hash(pool, 0, bodies)
         assert pool.submissions() == {
             **{(0, m.pubkey): ("accepted", None) for m in honest},
             (0, copier.pubkey): ("rejected", "copied_payload"),

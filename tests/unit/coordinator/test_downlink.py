@@ -18,7 +18,7 @@ from coordinator.settings import AggregationSettings, BlobSettings, PublishSetti
 from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.records import Upload
 from protocol.codec import SparseLoCoCodec
-from protocol.params import Params, decode_update, params_hash
+from protocol.params import Params, apply_update, decode_update, params_hash
 from protocol.payload import framed_bytes
 from tests.helpers.catcher import Catcher, four_versions, rounds
 from tests.helpers.pool import SPEC, OpenPool, ThroughTestClient, encode, make_delta, payload
@@ -174,3 +174,54 @@ def test_a_count_per_chunk_spends_the_same_k_bytes_where_the_update_is() -> None
     roomy = Downlink(PublishSettings(format="sparseloco", k=4096), codec, spec)  # every value
     _, applied, _ = roomy.step(delta)
     assert all(int((applied[n] != 0).sum()) >= 0.99 * delta[n].numel() for n in ("big", "small"))
+
+
+def test_an_aggregate_that_moves_layers_further_than_any_upload_is_clipped_when_it_would_raise_the_loss(
+    tmp_path: Path, caplog: pytest.LogCaptureFixture
+) -> None:
+    """Two uploads that selected different coordinates: their mean over the contributors that selected each
+    coordinate moves every layer about 1.4 times further than either upload does. Where the loss says about
+    the plain mean was right, that version would raise it, and the same aggregate with each layer clipped to
+    the longest upload's is published instead; where the loss does not rise, nothing is clipped."""
+    codec = SparseLoCoCodec()
+    bodies, decoded = {}, []
+    for seed in (1, 2):
+        body, d = encode(make_delta(seed), 0, 0, codec=codec)
+        bodies[hashlib.sha256(body).hexdigest()] = body
+        decoded.append(d)
+    miners = zip("mn", bodies, strict=True)
+    uploads = [(Upload(c * 64, sha, "c" * 64, 1.0, torch.zeros(1)), 1.0) for c, sha in miners]
+    base = {n: torch.zeros(shape) for n, shape in SPEC}
+    target = {n: 0.8 * (decoded[0][n] + decoded[1][n]) / 2 for n, _ in SPEC}
+
+    def loss(params: Params) -> float:  # least a little short of where the plain mean of the two moves it
+        return sum(float(((base[n] - p - target[n]) ** 2).sum()) for n, p in params.items())
+
+    def load(u: Upload) -> tuple[bytes, bytes]:
+        return bodies[u.sha256], codec.examine(bodies[u.sha256], SPEC).stored
+
+    blobs = make_blob_store(BlobSettings(), tmp_path / "blobs")
+    downlink = Downlink(PublishSettings(format="exact"), codec, SPEC)
+    outer = OuterOptimizer(1.0)
+    publisher = Publisher(codec, SPEC, blobs, outer, downlink, AggregationSettings(), loss, 0.05)
+
+    def moved(built_params: Params, name: str) -> float:
+        return float((base[name] - built_params[name]).norm())
+
+    longest = {n: max(float(d[n].norm()) for d in decoded) for n, _ in SPEC}
+    before = loss(base)
+    unclipped = publisher.build(base, 0, 1, uploads, load)  # no previous loss: as aggregated
+    assert unclipped.eval_loss > before
+    assert moved(unclipped.params, "lm_head.weight") > 1.3 * longest["lm_head.weight"]
+    with caplog.at_level(logging.INFO, logger="coordinator.publishing.publisher"):
+        built = publisher.build(base, 0, 1, uploads, load, previous_loss=before)
+    assert built.eval_loss < 0.8 * before and publisher.guard(built, before) is None
+    assert "published with each layer clipped to the longest upload's" in caplog.text
+    for n, _ in SPEC:
+        assert moved(built.params, n) <= longest[n] * (1 + 1e-5)
+    header, published = decode_update(built.update, SPEC)
+    reached = {n: t.clone() for n, t in base.items()}
+    apply_update(reached, published)
+    assert params_hash(reached, SPEC) == built.param_hash == header.param_hash  # miners reach it exactly
+    kept = publisher.build(base, 0, 1, uploads, load, previous_loss=2 * unclipped.eval_loss)
+    assert kept.param_hash == unclipped.param_hash  # no rise: published as aggregated

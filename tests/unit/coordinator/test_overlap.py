@@ -15,22 +15,17 @@ from coordinator.errors import Stopping
 from coordinator.hooks import Hooks
 from node.miner import Miner
 from node.settings import MinerSettings
-from protocol.codec import SparseLoCoCodec
-from protocol.codec.accumulate import aggregate
-from protocol.params import Params, apply_update, params_hash
+from protocol.params import params_hash
 from tests.helpers.clock import ManualClock
-from tests.helpers.pool import SPEC, OpenPool, assert_error, node_client, payload
+from tests.helpers.pool import SPEC, OpenPool, Pool, assert_error, node_client, payload
+from tests.helpers.published import after_round, one_of
 from tests.helpers.waiting import wait_until
 
 OVERLAP = {"overlap": True}
 
 
-def after_round(params: Params, bodies: list[bytes], reference: float) -> Params:
-    """What publishing one round of these uploads makes of ``params`` (outer SGD at lr 1, exact downlink)."""
-    codec = SparseLoCoCodec()
-    out = {n: t.clone() for n, t in params.items()}
-    apply_update(out, aggregate([codec.decode(b, SPEC)[1] for b in bodies], SPEC, reference=reference))
-    return out
+def checkpoint_hash(pool: Pool, version: int) -> str:
+    return params_hash(pool.checkpoint(version), SPEC)
 
 
 def test_the_next_round_trains_while_one_closes_and_is_applied_to_the_version_it_makes(
@@ -80,10 +75,9 @@ def test_the_next_round_trains_while_one_closes_and_is_applied_to_the_version_it
         after = pool.wait_for_round(1)
         r0, r1 = pool.record(0), pool.record(1)
         assert (r0["version"], r0["applied_to"], r1["version"], r1["applied_to"]) == (0, 0, 0, 1)
-        v1 = after_round(pool.checkpoint(0), [first], r0["reference_norm"])
-        v2 = after_round(v1, [second], r1["reference_norm"])  # trained on version 0, applied to version 1
-        assert params_hash(pool.checkpoint(1), SPEC) == params_hash(v1, SPEC)
-        assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
+        v1 = one_of(after_round(pool.checkpoint(0), [first], r0["reference_norm"]), checkpoint_hash(pool, 1))
+        # trained on version 0, applied to version 1
+        one_of(after_round(v1, [second], r1["reference_norm"]), checkpoint_hash(pool, 2))
         # round 2 opened as round 1 started closing, for version 1
         assert (after["round"], after["version"]) == (2, 1)
         assert pool.client.get("/v1/versions/2").json()["base_version"] == 1
@@ -140,10 +134,8 @@ def test_a_restart_mid_close_closes_the_round_behind_then_the_open_one(
         after = pool.wait_for_round(1)
         r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
         assert [s["status"] for s in r0["submissions"] + r1["submissions"]] == ["accepted", "accepted"]
-        v2 = after_round(
-            after_round(pool.checkpoint(0), [first], r0["reference_norm"]), [second], r1["reference_norm"]
-        )
-        assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
+        v1 = one_of(after_round(pool.checkpoint(0), [first], r0["reference_norm"]), checkpoint_hash(pool, 1))
+        one_of(after_round(v1, [second], r1["reference_norm"]), checkpoint_hash(pool, 2))
         assert r1["applied_to"] == 1
         # synchronous from here: the next round is for the newest version; overlapped: for the one before
         assert (after["round"], after["version"]) == (2, 1 if then["overlap"] else 2)
@@ -174,9 +166,8 @@ def test_a_version_published_mid_round_may_be_trained_from(open_pool: OpenPool) 
         assert bob.upload(1, fresh).status_code == 200
         pool.wait_for_round(1)
         r0, r1 = (pool.client.get(f"/v1/rounds/{r}").json() for r in (0, 1))
-        v1 = after_round(pool.checkpoint(0), first, r0["reference_norm"])
-        v2 = after_round(v1, [late, fresh], r1["reference_norm"])
-        assert params_hash(pool.checkpoint(2), SPEC) == params_hash(v2, SPEC)
+        v1 = one_of(after_round(pool.checkpoint(0), first, r0["reference_norm"]), checkpoint_hash(pool, 1))
+        one_of(after_round(v1, [late, fresh], r1["reference_norm"]), checkpoint_hash(pool, 2))
 
 
 def test_a_version_published_mid_round_is_merged_into_the_training(
