@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import hashlib
-from collections.abc import Sequence
+from collections.abc import Mapping, Sequence
 
 import torch
 
@@ -18,20 +18,27 @@ from tests.helpers.pool import SPEC
 
 def after_round(params: Params, bodies: Sequence[bytes], reference: float | None = None) -> list[Params]:
     """What publishing one round of exactly these payloads may make of ``params`` (outer SGD at lr 1, exact
-    downlink), each payload clipped to ``reference`` (None: their median norm): their aggregate, or, where
-    that would raise the held-out loss, the same with each layer clipped to the longest payload's
-    (``Publisher.build``)."""
+    downlink), each payload clipped to ``reference`` (None: their median norm): ``versions`` of their
+    aggregate."""
     codec = SparseLoCoCodec()
     decoded = [codec.decode(b, SPEC)[1] for b in bodies]
     norms = [update_norm(d) for d in decoded]
     scales = clip_scales(norms) if reference is None else [clip_scale(n, reference) for n in norms]
-    delta = aggregate(decoded, SPEC, reference=reference)
+    return versions(params, aggregate(decoded, SPEC, reference=reference), bodies, scales)
+
+
+def versions(
+    params: Params, delta: Mapping[str, torch.Tensor], bodies: Sequence[bytes], scales: Sequence[float]
+) -> list[Params]:
+    """``params`` moved by ``delta``, the aggregate of these payloads at these clip scales, or, where that
+    would raise the held-out loss, by the same with each layer clipped to the longest payload's
+    (``Publisher.build``)."""
     shas = [hashlib.sha256(b).hexdigest() for b in bodies]
     by_sha = dict(zip(shas, bodies, strict=True))
     pairs = [
         (Upload("m" * 64, sha, "c" * 64, 1.0, torch.zeros(1)), s) for sha, s in zip(shas, scales, strict=True)
     ]
-    longest = longest_layers(pairs, lambda u: (by_sha[u.sha256], b""), codec, SPEC)
+    longest = longest_layers(pairs, lambda u: (by_sha[u.sha256], b""), SparseLoCoCodec(), SPEC)
     out = []
     for step in (delta, clip_layers(delta, longest, SPEC)):
         moved = {n: t.clone() for n, t in params.items()}
