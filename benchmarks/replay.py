@@ -102,9 +102,10 @@ class Recorded:
         whose parameters the run recorded (None: none)."""
         publisher = run.publisher
         accepted = scaled(run.store.round_uploads(v.round), "status", "accepted")
+        aggregate = publisher.aggregate(accepted, self.load)
         for carry, clip in WAYS:
-            delta, buffers = publisher.step(accepted, self.load, clip)
-            built = publisher.published(params, v.base_version, v.version, delta, buffers, carry)
+            step = publisher.clipped(aggregate, accepted, self.load) if clip else aggregate
+            built = publisher.published(params, v.base_version, v.version, *publisher.outer.step(step), carry)
             if built.param_hash == v.param_hash:
                 return built
         return None
@@ -122,11 +123,12 @@ def _replay(run: Run) -> dict[str, Any]:
         ways: tuple[tuple[bool, bool], ...] = WAYS,
     ) -> tuple[dict[str, torch.Tensor], list[Built]]:
         """One outer step over ``ups``: its delta, and the version it makes each of the ``ways``."""
-        delta, buffers = publisher.step(ups, load)
+        aggregate = publisher.aggregate(ups, load)
+        delta, buffers = publisher.outer.step(aggregate)
         numbers = v.base_version, v.version
         out = []
         for carry, clip in ways:
-            d, b = publisher.step(ups, load, clip=True) if clip else (delta, buffers)
+            d, b = publisher.outer.step(publisher.clipped(aggregate, ups, load)) if clip else (delta, buffers)
             out.append(publisher.published(base, *numbers, d, b, carry))
         return delta, out
 

@@ -14,16 +14,15 @@ publisher asks (``Publisher.build``).
 
 from __future__ import annotations
 
-import itertools
 import math
-from collections.abc import Callable, Mapping, Sequence
+from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
 
 import torch
 
 from coordinator.storage.records import Upload
 from protocol.codec import Codec, ParamSpec
 from protocol.codec.accumulate import RobustMethod, robust_mean
-from protocol.codec.measure import flatten
+from protocol.codec.measure import Decoded, flatten, layer_norms
 
 
 class UploadFailed(Exception):
@@ -66,11 +65,8 @@ def _robust(
     for name, shape in spec:
         offsets[name], total = total, total + math.prod(shape)
     coords, values = [], []
-    for upload, scale in accepted:
-        try:
-            c, v = flatten(codec.decode(load(upload)[0], spec)[1], spec, scale)
-        except Exception as e:
-            raise UploadFailed(upload.miner, e) from e
+    for update, scale in decoded_uploads(accepted, load, codec, spec):
+        c, v = flatten(update, spec, scale)
         coords.append(c)
         values.append(v)
     flat = robust_mean(
@@ -86,32 +82,35 @@ def _robust(
     }
 
 
-def longest_layers(
+def decoded_uploads(
     accepted: Sequence[tuple[Upload, float]],
     load: Callable[[Upload], tuple[bytes, bytes]],
     codec: Codec,
     spec: ParamSpec,
-) -> list[float]:
-    """Per parameter (spec order), the largest norm any one upload gives it, its clip scale applied."""
-    sizes = [math.prod(shape) for _, shape in spec]
-    starts = torch.tensor(list(itertools.accumulate(sizes, initial=0))[:-1])
-    longest = torch.zeros(len(spec), dtype=torch.float64)
+) -> Iterator[tuple[Decoded, float]]:
+    """Each upload decoded from its payload, with its clip scale, one at a time; a failure to read or decode
+    one is that upload's (``UploadFailed``)."""
     for upload, scale in accepted:
         try:
-            coords, values = flatten(codec.decode(load(upload)[0], spec)[1], spec, scale)
+            update = codec.decode(load(upload)[0], spec)[1]
         except Exception as e:
             raise UploadFailed(upload.miner, e) from e
-        layer = torch.bucketize(coords, starts, right=True) - 1
-        squares = torch.zeros(len(spec), dtype=torch.float64).index_add_(0, layer, values.double() ** 2)
-        longest = torch.maximum(longest, squares.sqrt())
-    return longest.tolist()
+        yield update, scale
+
+
+def longest_layers(updates: Iterable[tuple[Decoded, float]], spec: ParamSpec) -> list[float]:
+    """Per parameter (spec order), the largest norm any one update gives it, its clip scale applied."""
+    longest = [0.0] * len(spec)
+    for update, scale in updates:
+        longest = [max(m, scale * n) for m, n in zip(longest, layer_norms(update, spec), strict=True)]
+    return longest
 
 
 def clip_layers(
     aggregate: Mapping[str, torch.Tensor], longest: Sequence[float], spec: ParamSpec
 ) -> dict[str, torch.Tensor]:
     """The aggregate with each parameter's norm at most its ``longest``. Norms are taken in float64, as in
-    ``longest_layers``: a float32 norm of huge values overflows to inf and would scale the layer to
+    ``layer_norms``: a float32 norm of huge values overflows to inf and would scale the layer to
     nothing, hiding what made it huge from the loss guard."""
     out = {}
     for (name, _), most in zip(spec, longest, strict=True):

@@ -27,7 +27,13 @@ import torch
 from safetensors.torch import save as st_save
 
 from coordinator.errors import Stopping
-from coordinator.publishing.aggregation import UploadFailed, aggregate_uploads, clip_layers, longest_layers
+from coordinator.publishing.aggregation import (
+    UploadFailed,
+    aggregate_uploads,
+    clip_layers,
+    decoded_uploads,
+    longest_layers,
+)
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.settings import AggregationSettings, PublishSettings
 from coordinator.storage.blobs import BlobStore
@@ -236,7 +242,8 @@ class Publisher:
         ``previous_loss``: when the version would raise the held-out loss above it, it is also built without
         the downlink's residual, and (two uploads or more) with no layer moved further than the longest
         upload moves it (``clip_layers``, without the residual), and the one with the lowest loss is kept."""
-        delta, outer_buffers = self.step(accepted, load)
+        aggregate = self.aggregate(accepted, load)
+        delta, outer_buffers = self.outer.step(aggregate)
         built = self.published(base, base_version, version, delta, outer_buffers, carry=True)
         if previous_loss is None or built.eval_loss <= previous_loss:
             return built
@@ -244,7 +251,7 @@ class Publisher:
         if self.downlink.carries:
             tried["without it"] = self.published(base, base_version, version, delta, outer_buffers, False)
         if len(accepted) > 1:
-            clipped, clipped_buffers = self.step(accepted, load, clip=True)
+            clipped, clipped_buffers = self.outer.step(self.clipped(aggregate, accepted, load))
             tried["with each layer clipped to the longest upload's"] = self.published(
                 base, base_version, version, clipped, clipped_buffers, carry=False
             )
@@ -260,21 +267,29 @@ class Publisher:
         )
         return tried[best]
 
-    def step(
-        self,
-        accepted: Sequence[tuple[Upload, float]],
-        load: Callable[[Upload], tuple[bytes, bytes]],
-        clip: bool = False,
-    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
-        """The outer step's delta from the accepted updates, and the outer momentum after it (pure).
-        ``clip``: each layer's aggregate no longer than the longest upload's (``clip_layers``)."""
+    def aggregate(
+        self, accepted: Sequence[tuple[Upload, float]], load: Callable[[Upload], tuple[bytes, bytes]]
+    ) -> dict[str, torch.Tensor]:
+        """The accepted updates' aggregate, by ``[aggregation] method``."""
         a = self.aggregation
         method = None if a.method == "mean" else a.method
-        aggregate = aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
-        if clip:
-            longest = longest_layers(accepted, load, self.codec, self.spec)
-            aggregate = clip_layers(aggregate, longest, self.spec)
-        return self.outer.step(aggregate)
+        return aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
+
+    def clipped(
+        self,
+        aggregate: Mapping[str, torch.Tensor],
+        accepted: Sequence[tuple[Upload, float]],
+        load: Callable[[Upload], tuple[bytes, bytes]],
+    ) -> dict[str, torch.Tensor]:
+        """``aggregate`` with each layer no longer than the longest accepted upload's (``clip_layers``)."""
+        longest = longest_layers(decoded_uploads(accepted, load, self.codec, self.spec), self.spec)
+        return clip_layers(aggregate, longest, self.spec)
+
+    def step(
+        self, accepted: Sequence[tuple[Upload, float]], load: Callable[[Upload], tuple[bytes, bytes]]
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The outer step's delta from the accepted updates, and the outer momentum after it (pure)."""
+        return self.outer.step(self.aggregate(accepted, load))
 
     def published(
         self,

@@ -23,6 +23,11 @@ def update_norm(update: Decoded) -> float:
     return math.sqrt(sum(float(t.values.double().square().sum()) for t in update.values()))
 
 
+def layer_norms(update: Decoded, spec: ParamSpec) -> list[float]:
+    """Each parameter's norm in the update (spec order), taken in float64 (huge values do not overflow)."""
+    return [float(torch.linalg.vector_norm(update[name].values, dtype=torch.float64)) for name, _ in spec]
+
+
 def clip_scales(norms: Sequence[float]) -> list[float]:
     """scale = min(1, median / own): nobody contributes more than the median contributor's norm."""
     if not norms:

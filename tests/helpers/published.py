@@ -2,16 +2,14 @@
 
 from __future__ import annotations
 
-import hashlib
 from collections.abc import Mapping, Sequence
 
 import torch
 
 from coordinator.publishing.aggregation import clip_layers, longest_layers
-from coordinator.storage.records import Upload
 from protocol.codec import SparseLoCoCodec
 from protocol.codec.accumulate import aggregate
-from protocol.codec.measure import clip_scale, clip_scales, update_norm
+from protocol.codec.measure import Decoded, clip_scale, clip_scales, update_norm
 from protocol.params import Params, apply_update, params_hash
 from tests.helpers.pool import SPEC
 
@@ -24,21 +22,16 @@ def after_round(params: Params, bodies: Sequence[bytes], reference: float | None
     decoded = [codec.decode(b, SPEC)[1] for b in bodies]
     norms = [update_norm(d) for d in decoded]
     scales = clip_scales(norms) if reference is None else [clip_scale(n, reference) for n in norms]
-    return versions(params, aggregate(decoded, SPEC, reference=reference), bodies, scales)
+    return versions(params, aggregate(decoded, SPEC, reference=reference), decoded, scales)
 
 
 def versions(
-    params: Params, delta: Mapping[str, torch.Tensor], bodies: Sequence[bytes], scales: Sequence[float]
+    params: Params, delta: Mapping[str, torch.Tensor], decoded: Sequence[Decoded], scales: Sequence[float]
 ) -> list[Params]:
-    """``params`` moved by ``delta``, the aggregate of these payloads at these clip scales, or, where that
-    would raise the held-out loss, by the same with each layer clipped to the longest payload's
+    """``params`` moved by ``delta``, the aggregate of these decoded payloads at these clip scales, or,
+    where that would raise the held-out loss, by the same with each layer clipped to the longest payload's
     (``Publisher.build``)."""
-    shas = [hashlib.sha256(b).hexdigest() for b in bodies]
-    by_sha = dict(zip(shas, bodies, strict=True))
-    pairs = [
-        (Upload("m" * 64, sha, "c" * 64, 1.0, torch.zeros(1)), s) for sha, s in zip(shas, scales, strict=True)
-    ]
-    longest = longest_layers(pairs, lambda u: (by_sha[u.sha256], b""), SparseLoCoCodec(), SPEC)
+    longest = longest_layers(zip(decoded, scales, strict=True), SPEC)
     out = []
     for step in (delta, clip_layers(delta, longest, SPEC)):
         moved = {n: t.clone() for n, t in params.items()}

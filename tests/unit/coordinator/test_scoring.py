@@ -184,7 +184,7 @@ def test_robust_aggregation(open_pool: OpenPool, method: str) -> None:
         flat = robust_mean(torch.cat(coords), torch.cat(values), total, method, 0.25)  # type: ignore[arg-type]
         delta = {n: flat[offsets[n] : offsets[n] + math.prod(s)].view(s) for n, s in SPEC}
         scales = [min(1.0, median / n) for n in norms]
-        one_of(versions(pool.checkpoint(0), delta, bodies, scales), after["param_hash"])
+        one_of(versions(pool.checkpoint(0), delta, decoded, scales), after["param_hash"])
 
 
 def test_weighting_by_score_keeps_only_positive_scores(open_pool: OpenPool) -> None:
