@@ -17,9 +17,9 @@ assignment (inner steps x one sequence).
 Output: ``{"model", "settings", "scale", "closes": [{"round", "seconds", "uploads", "accepted", "builds",
 "predicted_s", "error"}], "measured_close_s", "predicted", "predicted_close_s", "error", "within",
 "met"}``; ``error`` is the predicted time of all the closes over the measured, less 1 (``met``: within
-``--within``, 0.30 by default), each close's its own. A round whose version was built twice (the
-downlink's residual left out when carrying it raised the held-out loss) is predicted with its second
-held-out pass.
+``--within``, 0.30 by default), each close's its own. A round whose version was built more than once
+(without the downlink's residual, or clipped: the publisher's log line gives each build's held-out loss)
+is predicted with a held-out pass for each.
 """
 
 from __future__ import annotations
@@ -41,7 +41,8 @@ from gradpool.simulate import simulate
 
 BYTE_VOCAB = 256  # the default tokenizer's vocabulary, the network's
 CLOSED = re.compile(r"round (\d+) closed: version \d+, accepted (\d+), refused (\d+).* ([\d.]+) s$")
-TWICE = re.compile(r"version (\d+): with the downlink's residual the held-out loss would be")
+BUILT = re.compile(r"version (\d+): the held-out loss would be (.*) \(was ")  # a version built more than once
+EACH = re.compile(r"(?:^|, )(?:[\d.]+|nan|inf) ")  # one build's held-out loss in that line
 
 
 def log(message: str) -> None:
@@ -52,14 +53,14 @@ def closes(coordinator_log: str) -> list[dict[str, Any]]:
     """Each closed round's close time, uploads (those accepted and refused: in these networks every one is
     evaluated), uploads accepted and versions built (none when nothing was accepted), from the
     coordinator's log."""
-    twice = {int(m[1]) for line in coordinator_log.splitlines() if (m := TWICE.search(line))}
+    lines = coordinator_log.splitlines()
+    builds = {int(m[1]): len(EACH.findall(m[2])) for line in lines if (m := BUILT.search(line))}
     out = []
-    for line in coordinator_log.splitlines():
+    for line in lines:
         if m := CLOSED.search(line):
             r, accepted, refused = int(m[1]), int(m[2]), int(m[3])  # round r makes version r + 1
-            builds = (1 + (r + 1 in twice)) if accepted else 0
             row = {"round": r, "seconds": float(m[4]), "uploads": accepted + refused, "accepted": accepted}
-            out.append({**row, "builds": builds})
+            out.append({**row, "builds": builds.get(r + 1, 1) if accepted else 0})
     return out
 
 
@@ -120,7 +121,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     if not measured:
         raise SystemExit("no round closed: see the coordinator's log")
     for c in measured:
-        held_out = c["builds"] * args.held_out  # a second build: its held-out loss again
+        held_out = c["builds"] * args.held_out  # each build: its held-out loss again
         cost = close_cost(row, c["uploads"], own, args.other, held_out, accepted=c["accepted"])
         c["predicted_s"] = round(cost["close_s"], 3)
         c["error"] = round(cost["close_s"] / c["seconds"] - 1, 4)

@@ -75,8 +75,9 @@ def test_the_cost_check_reads_each_close_from_the_coordinators_log() -> None:
         [
             "12:00:01 INFO coordinator.rounds.closer: round 0 closed: version 1, accepted 2, refused 0 , "
             "held-out loss 5.1234, 41.20 s",
-            "12:01:30 INFO coordinator.publishing.publisher: version 2: with the downlink's residual the "
-            "held-out loss would be 5.2 (was 5.1), without it 5.0: published without it",
+            "12:01:30 INFO coordinator.publishing.publisher: version 2: the held-out loss would be 5.2000 "
+            "with the downlink's residual, 5.0000 without it, nan with each layer clipped to the longest "
+            "upload's (was 5.1000): published without it",
             "12:01:31 INFO coordinator.rounds.closer: round 1 closed: version 2, accepted 1, refused 1 "
             "{'abc': 'low_gain'}, held-out loss 5.0000, 50.5 s",
         ]
@@ -85,6 +86,6 @@ def test_the_cost_check_reads_each_close_from_the_coordinators_log() -> None:
     text += "held-out loss n/a, 20.0 s"
     assert closes(text) == [
         {"round": 0, "seconds": 41.2, "uploads": 2, "accepted": 2, "builds": 1},
-        {"round": 1, "seconds": 50.5, "uploads": 2, "accepted": 1, "builds": 2},
+        {"round": 1, "seconds": 50.5, "uploads": 2, "accepted": 1, "builds": 3},
         {"round": 2, "seconds": 20.0, "uploads": 2, "accepted": 0, "builds": 0},
     ]
