@@ -15,7 +15,7 @@ same base:
   coordinator builds first);
 - ``fresh``: published without that residual;
 - ``clipped``: each layer of the aggregate clipped to the longest upload's, published without the residual
-  (what the coordinator also tries when the first build raises the loss);
+  (what the coordinator also tries when the first build would fail the loss guard);
 - ``exact``: the outer step's delta itself, uncompressed;
 - ``alone_mean``: each upload alone, published without the residual (the mean of their losses).
 

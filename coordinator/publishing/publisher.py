@@ -3,10 +3,10 @@
 ``build_guarded`` builds the next version under the loss guard: ``build`` aggregates, applies the outer
 step, compresses what it publishes (``Downlink``) and measures the held-out loss, in memory; a version that
 fails ``guard`` is built again without the most suspect uploads until it passes or none is left. The
-downlink's error feedback is the coordinator's own bookkeeping, not any miner's work: when carrying it would
-raise the held-out loss above the previous version's, the update is compressed again without it, and the
-aggregate is also tried with no layer moved further than the longest upload moves it; the best is kept, so
-neither a stale residual nor an overshooting aggregate costs a miner its upload at the guard. ``guard``
+downlink's error feedback is the coordinator's own bookkeeping, not any miner's work: when the version as
+aggregated would fail the guard, the update is compressed again without it, and the aggregate is also tried
+with no layer moved further than the longest upload moves it; the best is kept, so neither a stale residual
+nor an overshooting aggregate costs a miner its upload at the guard. ``guard``
 says whether the result may be published (every parameter finite, the held-out loss finite and not above
 the previous version's by more than ``max_loss_increase``); only then does ``write`` put the published
 update, the checkpoint and the coordinator's state (the outer optimizer's momentum, the downlink's error
@@ -239,13 +239,14 @@ class Publisher:
         previous_loss: float | None = None,
     ) -> Built:
         """The next version from the accepted updates (raises UploadFailed for an upload that fails). With
-        ``previous_loss``: when the version would raise the held-out loss above it, it is also built without
-        the downlink's residual, and (two uploads or more) with no layer moved further than the longest
-        upload moves it (``clip_layers``, without the residual), and the one with the lowest loss is kept."""
+        ``previous_loss``: when the version would not pass the guard, it is also built without the downlink's
+        residual, and (two uploads or more) with no layer moved further than the longest upload moves it
+        (``clip_layers``, without the residual), and the one with the lowest loss is kept. A version that
+        raises the loss within ``max_loss_increase`` is published as aggregated: its reach pays later."""
         aggregate = self.aggregate(accepted, load)
         delta, outer_buffers = self.outer.step(aggregate)
         built = self.published(base, base_version, version, delta, outer_buffers, carry=True)
-        if previous_loss is None or built.eval_loss <= previous_loss:
+        if previous_loss is None or self.guard(built, previous_loss) is None:
             return built
         tried = {"with the downlink's residual": built}
         if self.downlink.carries:

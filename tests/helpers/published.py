@@ -29,7 +29,7 @@ def versions(
     params: Params, delta: Mapping[str, torch.Tensor], decoded: Sequence[Decoded], scales: Sequence[float]
 ) -> list[Params]:
     """``params`` moved by ``delta``, the aggregate of these decoded payloads at these clip scales, or,
-    where that would raise the held-out loss, by the same with each layer clipped to the longest payload's
+    where that would fail the loss guard, by the same with each layer clipped to the longest payload's
     (``Publisher.build``)."""
     longest = longest_layers(zip(decoded, scales, strict=True), SPEC)
     out = []

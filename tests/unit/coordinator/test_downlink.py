@@ -176,13 +176,14 @@ def test_a_count_per_chunk_spends_the_same_k_bytes_where_the_update_is() -> None
     assert all(int((applied[n] != 0).sum()) >= 0.99 * delta[n].numel() for n in ("big", "small"))
 
 
-def test_an_aggregate_that_moves_layers_further_than_any_upload_is_clipped_when_it_would_raise_the_loss(
+def test_an_aggregate_that_moves_layers_further_than_any_upload_is_clipped_when_it_would_fail_the_guard(
     tmp_path: Path, caplog: pytest.LogCaptureFixture
 ) -> None:
     """Two uploads that selected different coordinates: their mean over the contributors that selected each
     coordinate moves every layer about 1.4 times further than either upload does. Where the loss says about
-    the plain mean was right, that version would raise it, and the same aggregate with each layer clipped to
-    the longest upload's is published instead; where the loss does not rise, nothing is clipped."""
+    the plain mean was right, that version would raise it past the guard, and the same aggregate with each
+    layer clipped to the longest upload's is published instead; where the loss does not rise, or rises
+    within ``max_loss_increase``, it is published as aggregated."""
     codec = SparseLoCoCodec()
     bodies, decoded = {}, []
     for seed in (1, 2):
@@ -211,7 +212,7 @@ def test_an_aggregate_that_moves_layers_further_than_any_upload_is_clipped_when_
     longest = {n: max(float(d[n].norm()) for d in decoded) for n, _ in SPEC}
     before = loss(base)
     unclipped = publisher.build(base, 0, 1, uploads, load)  # no previous loss: as aggregated
-    assert unclipped.eval_loss > before
+    assert unclipped.eval_loss > before and publisher.guard(unclipped, before) is not None
     assert moved(unclipped.params, "lm_head.weight") > 1.3 * longest["lm_head.weight"]
     with caplog.at_level(logging.INFO, logger="coordinator.publishing.publisher"):
         built = publisher.build(base, 0, 1, uploads, load, previous_loss=before)
@@ -225,3 +226,5 @@ def test_an_aggregate_that_moves_layers_further_than_any_upload_is_clipped_when_
     assert params_hash(reached, SPEC) == built.param_hash == header.param_hash  # miners reach it exactly
     kept = publisher.build(base, 0, 1, uploads, load, previous_loss=2 * unclipped.eval_loss)
     assert kept.param_hash == unclipped.param_hash  # no rise: published as aggregated
+    within = unclipped.eval_loss / 1.04  # a rise of 4 %, the guard allowing 5
+    assert publisher.build(base, 0, 1, uploads, load, previous_loss=within).param_hash == unclipped.param_hash
