@@ -103,9 +103,11 @@ class Recorded:
         publisher = run.publisher
         accepted = scaled(run.store.round_uploads(v.round), "status", "accepted")
         aggregate = publisher.aggregate(accepted, self.load)
-        for carry, clip in WAYS:
-            step = publisher.clipped(aggregate, accepted, self.load) if clip else aggregate
-            built = publisher.published(params, v.base_version, v.version, *publisher.outer.step(step), carry)
+        steps: dict[bool, tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]] = {}
+        for carry, clip in WAYS:  # each step taken once, and only when a way needs it
+            if clip not in steps:
+                steps[clip] = publisher.stepped(aggregate, accepted, self.load, clip)
+            built = publisher.published(params, v.base_version, v.version, *steps[clip], carry)
             if built.param_hash == v.param_hash:
                 return built
         return None
@@ -124,11 +126,11 @@ def _replay(run: Run) -> dict[str, Any]:
     ) -> tuple[dict[str, torch.Tensor], list[Built]]:
         """One outer step over ``ups``: its delta, and the version it makes each of the ``ways``."""
         aggregate = publisher.aggregate(ups, load)
-        delta, buffers = publisher.outer.step(aggregate)
+        delta, buffers = publisher.stepped(aggregate, ups, load, clip=False)
         numbers = v.base_version, v.version
         out = []
         for carry, clip in ways:
-            d, b = publisher.outer.step(publisher.clipped(aggregate, ups, load)) if clip else (delta, buffers)
+            d, b = publisher.stepped(aggregate, ups, load, clip=True) if clip else (delta, buffers)
             out.append(publisher.published(base, *numbers, d, b, carry))
         return delta, out
 

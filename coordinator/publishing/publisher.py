@@ -252,7 +252,7 @@ class Publisher:
         if self.downlink.carries:
             tried["without it"] = self.published(base, base_version, version, delta, outer_buffers, False)
         if len(accepted) > 1:
-            clipped, clipped_buffers = self.outer.step(self.clipped(aggregate, accepted, load))
+            clipped, clipped_buffers = self.stepped(aggregate, accepted, load, clip=True)
             tried["with each layer clipped to the longest upload's"] = self.published(
                 base, base_version, version, clipped, clipped_buffers, carry=False
             )
@@ -276,15 +276,19 @@ class Publisher:
         method = None if a.method == "mean" else a.method
         return aggregate_uploads(accepted, load, self.codec, self.spec, method, a.trim_fraction)
 
-    def clipped(
+    def stepped(
         self,
         aggregate: Mapping[str, torch.Tensor],
         accepted: Sequence[tuple[Upload, float]],
         load: Callable[[Upload], tuple[bytes, bytes]],
-    ) -> dict[str, torch.Tensor]:
-        """``aggregate`` with each layer no longer than the longest accepted upload's (``clip_layers``)."""
-        longest = longest_layers(decoded_uploads(accepted, load, self.codec, self.spec), self.spec)
-        return clip_layers(aggregate, longest, self.spec)
+        clip: bool,
+    ) -> tuple[dict[str, torch.Tensor], dict[str, torch.Tensor]]:
+        """The outer step from ``aggregate`` (pure), with each layer first clipped to the longest accepted
+        upload's (``clip_layers``) when ``clip``."""
+        if clip:
+            longest = longest_layers(decoded_uploads(accepted, load, self.codec, self.spec), self.spec)
+            aggregate = clip_layers(aggregate, longest, self.spec)
+        return self.outer.step(aggregate)
 
     def step(
         self, accepted: Sequence[tuple[Upload, float]], load: Callable[[Upload], tuple[bytes, bytes]]
