@@ -11,7 +11,12 @@ and commits' JSON): the payloads' bytes go to the bucket (``bucket_bytes_in``). 
 machine's processor time went while the miners uploaded, part by part (``clients``: this process, which
 plays every miner; ``postgres``: the server's processes; ``other``: the rest of the machine), beside
 ``machine_busy_s``, the time all cores were busy, ``cores``, the machine's, and ``cores_busy``, how many
-of them were busy on average.
+of them were busy on average; ``ms_per_upload``: each part's processor time per upload.
+
+``entry``: ``each`` (the default) gives each miner one replica in turn, as a load balancer would;
+``standbys`` sends every miner to the replicas that do not lead, so that the leader only records what they
+checked (``checked_by_replicas``: the uploads the leader recorded from a standby's check, read from its
+``/metrics``), which measures what recording an upload costs the leader alone.
 """
 
 from __future__ import annotations
@@ -139,8 +144,13 @@ def cpu_used(before: dict[str, float], after: dict[str, float], wall_s: float) -
 
 
 async def upload_all(
-    urls: list[str], payloads: list[bytes], meter: Callable[[], dict[str, float]] | None = None
+    urls: list[str],
+    payloads: list[bytes],
+    meter: Callable[[], dict[str, float]] | None = None,
+    leader: str | None = None,
 ) -> dict[str, Any]:
+    """``urls``: the replicas miners are given in turn; ``leader``: the leader's URL, whose ``/metrics``
+    say how many uploads it recorded from a standby's check."""
     keys = [generate_key() for _ in payloads]
     tls = ssl.create_default_context()  # unused on http://, but each client would otherwise load its own
     headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION)}
@@ -190,6 +200,7 @@ async def upload_all(
         wall = time.perf_counter() - t0
         cpu = cpu_used(before, meter(), wall) if meter else {}
         stored = (await clients[0].get("/v1/round")).json()["submissions"]
+        checked = None if leader is None else await replica_checked(leader)
     errors = [e for _, e in done if e]
     latencies = sorted(s for s, _ in done)
     return {
@@ -204,12 +215,32 @@ async def upload_all(
         "coordinator_bytes_in": sent[0],
         "bucket_bytes_in": sum(len(p) for p in payloads),
         "payload_bytes": len(payloads[0]),
+        "checked_by_replicas": checked,
         "errors": errors[:5],
         **cpu,
+        **per_upload(cpu, len(payloads)),
     }
 
 
-def cluster_ingest(miners: int, replicas: int = 2, model: str = "tiny") -> dict[str, Any]:
+def per_upload(cpu: dict[str, Any], uploads: int) -> dict[str, Any]:
+    if "cpu_s" not in cpu:
+        return {}
+    return {"ms_per_upload": {k: round(v * 1000 / uploads, 2) for k, v in cpu["cpu_s"].items()}}
+
+
+async def replica_checked(leader: str) -> int:
+    async with httpx.AsyncClient(base_url=leader, timeout=30) as client:
+        for line in (await client.get("/metrics")).text.splitlines():
+            if line.startswith("gradpool_replica_checked_uploads_total "):
+                return int(float(line.split()[1]))
+    raise RuntimeError(f"the leader at {leader} gives no gradpool_replica_checked_uploads_total")
+
+
+def cluster_ingest(
+    miners: int, replicas: int = 2, model: str = "tiny", entry: str = "each"
+) -> dict[str, Any]:
+    if entry == "standbys" and replicas < 2:
+        raise ValueError("miners sent only to the standbys need 2 replicas or more")
     bin_dir = pg_bin()
     if bin_dir is None:
         raise RuntimeError("PostgreSQL is not installed (apt-get install postgresql)")
@@ -232,7 +263,9 @@ def cluster_ingest(miners: int, replicas: int = 2, model: str = "tiny") -> dict[
                     pids = {n: procs.procs[f"replica-{i}"].pid for i, n in enumerate(names)}
                     postmaster = int((postgres.data / "postmaster.pid").read_text().split()[0])
                     meter = cpu_meter({"s3": s3_pid, **pids}, postmaster)
-                    return asyncio.run(upload_all(urls, payloads, meter))
+                    given = urls if entry == "each" else urls[1:]
+                    done = asyncio.run(upload_all(given, payloads, meter, urls[0]))
+                    return {"entry": entry, **done, "replicas": replicas}
                 finally:
                     procs.stop_all(grace_s=30)
         finally:

@@ -14,8 +14,9 @@ Cluster (``benchmarks/cluster_ingest.py``): ``--cluster-miners`` (512) miners up
 uploads straight to an S3-compatible bucket, through ``--replicas`` (2) coordinator processes on one
 PostgreSQL: ``"cluster": {"miners", "replicas", "failures", "p50_s", "p99_s", "coordinator_bytes_in",
 ..., "cpu_s": {"clients", "s3", "leader", "standby-1", "postgres", "other"}, "machine_busy_s", "cores",
-"cores_busy"}`` (where the processor time went while they uploaded), beside the single-process SQLite
-``ingest`` of the same run.
+"cores_busy", "ms_per_upload", "checked_by_replicas"}`` (where the processor time went while they
+uploaded, and how many uploads the leader recorded from a standby's check), beside the single-process
+SQLite ``ingest`` of the same run. ``--cluster-entry standbys`` sends the miners to the standbys only.
 
 Close (``benchmarks/close.py``): for M in ``--close-sizes`` (8, 64), a real coordinator closes a round of M
 real uploads of ``tiny``, evaluation included: ``"close": [{"uploads": M, "seconds": s, ...}]``.
@@ -255,15 +256,25 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     ap.add_argument("--skip-close", action="store_true")
     ap.add_argument("--cluster-miners", type=positive, default=512, help="concurrent presigned uploads")
     ap.add_argument("--replicas", type=positive, default=2, help="coordinator processes of the cluster")
+    ap.add_argument(
+        "--cluster-entry",
+        choices=["each", "standbys"],
+        default="each",
+        help="miners given each replica in turn, or only the standbys (the leader only records)",
+    )
     ap.add_argument("--skip-cluster", action="store_true")
     args = ap.parse_args(argv)
+    if args.cluster_entry == "standbys" and args.replicas < 2:
+        ap.error("--cluster-entry standbys needs --replicas 2 or more")
     result: dict[str, Any] = {}
     if not args.skip_aggregation:
         result["aggregation"] = aggregation(args.sets, args.sizes, args.threads, args.reps)
     if not args.skip_ingest:
         result["ingest"] = ingest(args.ingest_model, args.miners)
     if not args.skip_cluster:
-        result["cluster"] = cluster_ingest(args.cluster_miners, args.replicas, args.ingest_model)
+        result["cluster"] = cluster_ingest(
+            args.cluster_miners, args.replicas, args.ingest_model, args.cluster_entry
+        )
     if not args.skip_close:
         result["close"] = close_rows(args.close_sizes)
     result["targets"] = targets(result)

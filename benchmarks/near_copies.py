@@ -30,11 +30,11 @@ from benchmarks.adversarial import operator_outcome
 from coordinator.settings import BlobSettings
 from coordinator.storage.blob_stores import make_blob_store
 from coordinator.storage.store import open_store
-from gradpool.audit import model_spec
 from gradpool.simulate import simulate
 from protocol.codec import make_codec
 from protocol.codec.measure import cosine, flatten
 from protocol.model import ModelConfig
+from protocol.params import model_spec
 from protocol.signing import load_key, public_key_hex
 
 MEASURES = ("sketch_cosine", "cosine", "index_jaccard", "shared_cosine")

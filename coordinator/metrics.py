@@ -21,6 +21,11 @@ class Metrics:
             "gradpool_refusals", "Requests refused with a 4xx, by error code", ["code"], registry=r
         )
         self.bytes_in = Counter("gradpool_uploaded_bytes", "Payload bytes taken at intake", registry=r)
+        self.checked_elsewhere = Counter(
+            "gradpool_replica_checked_uploads",
+            "Uploads recorded from the check of the replica their commit reached, the payload unread here",
+            registry=r,
+        )
         self.bytes_out = Counter(
             "gradpool_served_bytes",
             "Bytes served, by kind: model (updates, checkpoints, uploads) or data",

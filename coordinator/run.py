@@ -28,6 +28,7 @@ from coordinator.publishing.model import Model
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher
 from coordinator.rounds.admission import Admission
+from coordinator.rounds.checked import bucket_threads, checker_id, payload_cap
 from coordinator.rounds.checks import Check, default_pipeline
 from coordinator.rounds.closer import Closer
 from coordinator.rounds.direct import DirectUploads
@@ -49,7 +50,7 @@ from coordinator.storage.lineage import Lineage
 from coordinator.storage.lock import StateLock
 from coordinator.storage.s3 import S3BlobStore
 from coordinator.storage.sql import embedded
-from coordinator.storage.store import open_store
+from coordinator.storage.store import STARTING_PATIENCE_S, open_store
 from protocol.codec import ParamSpec, make_codec
 from protocol.data import Dataset, eval_ids
 from protocol.device import autocast_dtype, pick_device
@@ -57,7 +58,6 @@ from protocol.model import CausalLM, build_model, resolve
 from protocol.params import get_params, param_spec, params_hash, write_checkpoint
 
 log = logging.getLogger(__name__)
-INTAKE_THREADS_PER_CORE_S3, INTAKE_THREADS_MAX_S3 = 4, 32  # they wait on the bucket more than they work
 
 
 class Run:
@@ -77,7 +77,8 @@ class Run:
         root.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(root)
         try:
-            self.store: Store = open_store(root, url)
+            patience = 0.0 if embedded(url) else STARTING_PATIENCE_S  # PostgreSQL may be restarting
+            self.store: Store = open_store(root, url, patience)
         except BaseException:
             self.lock.release()
             raise
@@ -126,10 +127,7 @@ class Run:
         dataset = Dataset(root / "data")
         codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
         downlink = Downlink(settings.publish, codec, spec)  # a [publish] budget no k fits: an error here
-        cap = codec.max_payload_bytes(spec)
-        self.max_payload_bytes = (
-            cap if settings.max_payload_bytes is None else min(cap, settings.max_payload_bytes)
-        )
+        self.max_payload_bytes = payload_cap(settings, codec, spec)
         self.info = run_info(settings, architecture, self.tokenizer, self.data_meta, self.max_payload_bytes)
         self.history = History(
             coordinator_key(settings.identity_key(), self.store), settings.run_id, self.store
@@ -186,14 +184,14 @@ class Run:
         if settings.blobs.direct_uploads:
             assert isinstance(blobs, S3BlobStore), "the settings hold direct uploads to the s3 backend"
             expiry = settings.blobs.redirect_expiry_s
-            self.direct = DirectUploads(blobs, self.intake, self.max_payload_bytes, expiry, clock.now)
+            checker = checker_id(settings.codec, self.max_payload_bytes, spec)  # as the replicas check
+            self.direct = DirectUploads(
+                blobs, self.intake, self.max_payload_bytes, expiry, clock.now, checker
+            )
         self.queries = Queries(self.cell, self.store, self.history, clock.now)
         # Intake decodes off the event loop in a pool as wide as the machine: more threads than cores only
-        # trade places on the interpreter lock, unless they wait on a bucket's answers (then a few per core,
-        # capped: each also takes a database connection for a moment).
-        cores = os.cpu_count() or 1
-        wide = min(cores * INTAKE_THREADS_PER_CORE_S3, INTAKE_THREADS_MAX_S3)
-        threads = wide if isinstance(blobs, S3BlobStore) else cores
+        # trade places on the interpreter lock, unless they wait on a bucket's answers.
+        threads = bucket_threads() if isinstance(blobs, S3BlobStore) else os.cpu_count() or 1
         self.intake_pool = ThreadPoolExecutor(max_workers=threads, thread_name_prefix="intake")
         self.metrics.round.set(state.round)
         self.metrics.version.set(state.version)

@@ -19,14 +19,12 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Protocol, TypeVar
 
-import torch
-
 from coordinator.settings import BlobSettings
 from coordinator.storage.records import StoredVersion
 from protocol.errors import CodecError, HistoryError
 from protocol.history import Chain, Known, SignedRecord, VersionRecord, verify
-from protocol.model import ModelConfig, build_model
-from protocol.params import Params, apply_update, decode_update, load_checkpoint, param_spec, params_hash
+from protocol.model import ModelConfig
+from protocol.params import Params, apply_update, decode_update, load_checkpoint, model_spec, params_hash
 from protocol.payload import ParamSpec
 
 T = TypeVar("T")
@@ -190,12 +188,6 @@ class _Replay:
 def _same(what: str, got: str, signed: str | None) -> None:
     if got != signed:
         raise _Failed(f"{what} is {got}, its signed record says {signed}")
-
-
-def model_spec(architecture: ModelConfig) -> ParamSpec:
-    """The parameters' names and shapes, without allocating them."""
-    with torch.device("meta"):
-        return param_spec(build_model(architecture))
 
 
 # -- sources --------------------------------------------------------------------------------------------

@@ -96,18 +96,25 @@ class StandBy:
     async def start(cls, settings: Any, tls: dict[str, str]) -> StandBy:
         from coordinator.api.server import bound_port, make_server
         from coordinator.api.standby import LeaderDirectory, standby_app
+        from coordinator.rounds.checked import CommitChecker
         from coordinator.storage.lease import holder_name
-        from coordinator.storage.store import open_store
+        from coordinator.storage.store import STARTING_PATIENCE_S, open_store
+        from protocol.errors import ProtocolError
 
-        try:
-            store = await asyncio.to_thread(open_store, settings.state_dir, settings.store_url())
-        except (ValueError, OSError) as e:
+        try:  # PostgreSQL may be restarting: a replica that starts meanwhile waits for it a while
+            url = settings.store_url()
+            store = await asyncio.to_thread(open_store, settings.state_dir, url, STARTING_PATIENCE_S)
+            # the commits sent here are read and examined here, for the leader only to record them
+            checker = None
+            if settings.blobs.direct_uploads:
+                checker = await asyncio.to_thread(CommitChecker.of, settings, store)
+        except (ProtocolError, ValueError, OSError) as e:
             fail(str(e))
         verify: bool | ssl.SSLContext = True
         if settings.ssl_certfile is not None:  # the replicas' certificates come from the same authority
             verify = ssl.create_default_context()
             verify.load_verify_locations(settings.ssl_certfile)
-        app = standby_app(LeaderDirectory(store), holder_name(settings.cluster.name), verify)
+        app = standby_app(LeaderDirectory(store), holder_name(settings.cluster.name), verify, checker=checker)
         # a request still waiting on a leader that died must not hold the port when this one takes over
         # the peer's own address is appended to X-Forwarded-For, which the leader alone reads and trusts
         server = make_server(

@@ -32,6 +32,7 @@ from protocol.codec.bits import pack_bits, unpack_bits
 from protocol.codec.counted import CountedCodec
 from protocol.codec.sparseloco import SparseLoCoCodec
 from protocol.errors import CodecError
+from protocol.model import ModelConfig, build_model
 from protocol.payload import PAYLOAD_FORMAT_VERSION, ParamSpec, PayloadHeader, read_metadata
 
 Params = dict[str, torch.Tensor]
@@ -39,6 +40,12 @@ Params = dict[str, torch.Tensor]
 
 def param_spec(model: torch.nn.Module) -> list[tuple[str, tuple[int, ...]]]:
     return [(n, tuple(p.shape)) for n, p in model.named_parameters()]
+
+
+def model_spec(architecture: ModelConfig) -> list[tuple[str, tuple[int, ...]]]:
+    """The parameters' names and shapes, without allocating them."""
+    with torch.device("meta"):
+        return param_spec(build_model(architecture))
 
 
 def get_params(model: torch.nn.Module) -> Params:

@@ -71,7 +71,8 @@ class PayloadHeader(BaseModel):
 class Examined:
     """What intake learns from a payload in one decode, so that closing the round need not decode it
     again: its header, the digest of its tensors, its norm and sketch (``protocol.aggregate``), and the form
-    the codec's accumulator reads back (``stored``; the payload itself for codecs without another)."""
+    the codec's accumulator reads back (``stored``; the payload itself for codecs without another, ``b""``
+    where the codec was asked not to make it)."""
 
     header: PayloadHeader
     content_sha256: str

@@ -5,6 +5,11 @@ leader redirects to the bucket stay redirects, long-polls wait at the leader. Wi
 that does not answer, the standby says ``503 no_leader`` (with Retry-After), which sends a node on to its
 next URL. When the standby takes the lease itself, it stops forwarding and serves the run on the same port.
 
+With uploads straight to the bucket, a standby checks the commits sent to it before it passes them on:
+it reads and examines each payload and writes what it found in the store, so that the leader only records
+the upload (coordinator/rounds/checked.py). Reading and examining every payload is most of an upload's
+cost to a coordinator; this way it is spread over the replicas the miners reach.
+
 Every answer names the replica that gave it and the leader (``X-Gradpool-Replica``, ``X-Gradpool-Leader``),
 which ``gradpool status`` prints.
 """
@@ -19,6 +24,7 @@ import logging
 import ssl
 import time
 from collections.abc import AsyncIterator
+from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
 
 import httpx
@@ -28,6 +34,7 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from coordinator.rounds.checked import CommitChecker, bucket_threads
 from coordinator.storage.base import Store
 from protocol.wire import HEADER_REPLICA
 
@@ -42,6 +49,7 @@ REQUEST_DROPPED = HOP_BY_HOP | {"x-forwarded-for"}  # the standby writes its own
 ANSWER_DROPPED = HOP_BY_HOP | {"date", "server", HEADER_REPLICA.lower()}  # this server sets its own
 POOLS, KEPT_ALIVE = 16, 64  # connection pools to the leader, and the idle connections each keeps
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
+COMMIT_BYTES = 4096  # the most a commit's body takes (the leader refuses more): larger ones are passed on
 
 
 def advertise(store: Store, holder: str, url: str) -> None:
@@ -96,9 +104,11 @@ def standby_app(
     replica: str,
     verify: bool | ssl.SSLContext = True,
     read_timeout_s: float = 120.0,
+    checker: CommitChecker | None = None,
 ) -> Starlette:
     """The app a standby serves: every path, every method, to the leader. ``read_timeout_s``: longer than
-    the longest long-poll (60 s)."""
+    the longest long-poll (60 s). ``checker``: the commits of uploads straight to the bucket are checked
+    here first (coordinator/rounds/checked.py), so that the leader only records them."""
     timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=read_timeout_s)
     # as many requests in flight to the leader as come in (its own limits answer for it): a pool capped
     # at httpx's 100 would turn a crowd of uploads into 503s here. In POOLS pools taken in turn: a pool's
@@ -113,7 +123,8 @@ def standby_app(
     ]
     turn = itertools.count()
 
-    async def forward(request: Request) -> Response:
+    async def forward(request: Request, body: bytes | None = None) -> Response:
+        """``body``: the request's, where it was read already."""
         fresh, leader = directory.cached()  # a thread (for the database) only once a second
         if not fresh:
             leader = await asyncio.to_thread(directory.leader)
@@ -132,7 +143,8 @@ def standby_app(
             leader.url + request.url.path,
             params=request.url.query or None,
             headers=headers,
-            content=request.stream() if has_body else None,  # streamed: the leader holds the size limit
+            # streamed: the leader holds the size limit
+            content=body if body is not None else request.stream() if has_body else None,
         )
         try:
             answer = await client.send(outgoing, stream=True)
@@ -145,11 +157,35 @@ def standby_app(
         response.raw_headers = [*kept, (HEADER_REPLICA.lower().encode(), replica.encode())]
         return response
 
+    checking = None if checker is None else ThreadPoolExecutor(bucket_threads(), thread_name_prefix="check")
+
+    async def commit(request: Request) -> Response:
+        """A commit small enough to be one is checked here, then passed on; anything else passed on."""
+        size = request.headers.get("content-length", "")
+        if checking is None or not size.isdigit() or int(size) > COMMIT_BYTES:
+            return await forward(request)
+        assert checker is not None
+        body = await request.body()
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        round_ = int(request.path_params["round_"])
+        loop = asyncio.get_running_loop()
+        try:
+            await loop.run_in_executor(checking, checker.check, request.headers, target, body, round_)
+        except Exception as e:  # the bucket or the store out of reach for now: the leader reads it itself
+            log.warning("cannot check a commit here: %s: %s", type(e).__name__, e)
+        return await forward(request, body)
+
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             for client in clients:
                 await stack.enter_async_context(client)
+            if checking is not None:
+                stack.callback(checking.shutdown, wait=False, cancel_futures=True)
             yield
 
-    return Starlette(routes=[Route("/{path:path}", forward, methods=METHODS)], lifespan=lifespan)
+    routes = [
+        Route("/v1/rounds/{round_:int}/commits", commit, methods=["POST"]),
+        Route("/{path:path}", forward, methods=METHODS),
+    ]
+    return Starlette(routes=routes, lifespan=lifespan)

@@ -349,6 +349,7 @@ class Closer:
         )
         if forgotten := self.blobs.forget_incoming(state.round):  # its direct uploads served their purpose
             log.info("round %d: %d direct uploads removed from the bucket", state.round, forgotten)
+        self.store.forget_checked(state.round)  # and what replicas found of them
 
     def _prune(self) -> None:
         for sha in self.store.prune_checkpoints(self.keep_checkpoints):

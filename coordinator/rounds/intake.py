@@ -3,7 +3,9 @@
 An upload is checked and stored in two steps. The slow part (hashing, decoding with every check, writing
 the content-addressed files) runs without the round lock, so uploads do not wait for each other; then,
 under the lock, the round rules are checked again and the upload is committed with the next round state
-(coordinator/rounds/state.py), so an upload is taken exactly when its round was open for it.
+(coordinator/rounds/state.py), so an upload is taken exactly when its round was open for it. An upload
+that the replica its commit reached read and examined already (coordinator/rounds/checked.py) takes only
+the second step (``submit_checked``).
 """
 
 from __future__ import annotations
@@ -17,6 +19,7 @@ from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unpr
 from coordinator.hooks import Hooks
 from coordinator.metrics import Metrics
 from coordinator.rounds.admission import Admission
+from coordinator.rounds.checked import Checked, examine
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.sharing import Sharing
 from coordinator.rounds.state import RoundCell
@@ -26,7 +29,8 @@ from coordinator.storage.blobs import BlobStore
 from coordinator.storage.records import HEALTH_FIELDS, Health, NewSubmission
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
-from protocol.errors import CodecError, SignatureError
+from protocol.errors import SignatureError
+from protocol.payload import PayloadHeader
 from protocol.signing import body_digest, verify_declared, verify_request
 from protocol.wire import SubmissionReceipt, Verdict
 
@@ -165,34 +169,55 @@ class Intake:
         self.require_miner(miner)
         self.check_round(round_)
         try:
-            return self._intake(miner, round_, body, sha, keep)
+            if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
+                return receipt
+            seen = examine(self.codec, self.spec, body, unpack=self.keep_unpacked)
+            self._check_header(seen.header, round_)
+            # Content-addressed files, written before taking the lock (at worst an orphan file): the slow part
+            # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
+            if keep is None:
+                self.blobs.put(body, durable=False)
+            else:
+                keep()
+            unpacked = None  # the unpacked form, where it is not the payload itself and is kept
+            if self.keep_unpacked and seen.stored is not body:
+                unpacked = self.blobs.put(seen.stored, durable=False)
+            return self._record(miner, round_, sha, Checked.of(seen, body, sha, unpacked))
         except (Unprocessable, Conflict) as e:
-            if e.code not in ROUND_RULES:
-                self.store.record_refusal(round_, miner, e.code, self.clock())
+            self._held_against(miner, round_, e)
             raise
 
-    def _intake(
-        self, miner: str, round_: int, body: bytes, sha: str, keep: Callable[[], object] | None
-    ) -> SubmissionReceipt:
-        if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
-            return receipt
+    def submit_checked(self, miner: str, round_: int, sha: str, checked: Checked) -> SubmissionReceipt:
+        """Record an upload that a replica read, examined and kept where its commit arrived
+        (coordinator/rounds/checked.py), under the same round rules as ``submit``."""
+        self.require_miner(miner)
+        self.check_round(round_)
         try:
-            seen = self.codec.examine(body, self.spec)
-        except CodecError as e:
-            raise Unprocessable(e.code, e.message) from None
-        header = seen.header
+            if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
+                return receipt
+            self._check_header(checked.header, round_)
+            receipt = self._record(miner, round_, sha, checked)
+        except (Unprocessable, Conflict) as e:
+            self._held_against(miner, round_, e)
+            raise
+        if not receipt.duplicate:
+            self.metrics.checked_elsewhere.inc()
+        return receipt
+
+    def _held_against(self, miner: str, round_: int, refusal: Unprocessable | Conflict) -> None:
+        """A refusal of a registered miner's upload is recorded against it, but for the round's rules."""
+        if refusal.code not in ROUND_RULES:
+            self.store.record_refusal(round_, miner, refusal.code, self.clock())
+
+    def _check_header(self, header: PayloadHeader, round_: int) -> None:
         if header.round != round_:
             raise Unprocessable("round_mismatch", f"payload says round {header.round}, URL says {round_}")
         self._check_version(header.base_version, round_)
-        # Content-addressed files, written before taking the lock (at worst an orphan file): the slow part
-        # of intake does not serialise the uploads. As durable as the SQLite row that points to them.
-        if keep is None:
-            self.blobs.put(body, durable=False)
-        else:
-            keep()
-        stored_sha: str | None = sha
-        if seen.stored is not body:
-            stored_sha = self.blobs.put(seen.stored, durable=False) if self.keep_unpacked else None
+
+    def _record(self, miner: str, round_: int, sha: str, checked: Checked) -> SubmissionReceipt:
+        """Under the round lock: the round rules checked again, and the upload committed with the next
+        round state (coordinator/rounds/state.py)."""
+        header = checked.header
         if self.hooks.before_intake_commit is not None:
             self.hooks.before_intake_commit(round_, miner)
         with self.cell.lock:
@@ -206,12 +231,12 @@ class Intake:
                     round=round_,
                     miner=miner,
                     sha256=sha,
-                    content_sha256=seen.content_sha256,
-                    size=len(body),
-                    norm=seen.norm,
-                    sketch=seen.sketch.numpy().tobytes(),
-                    kept=seen.kept.numpy().tobytes(),
-                    stored_sha256=stored_sha,
+                    content_sha256=checked.content_sha256,
+                    size=checked.size,
+                    norm=checked.norm,
+                    sketch=checked.sketch,
+                    kept=checked.kept,
+                    stored_sha256=checked.stored_sha256,
                     compute_s=header.stats.compute_s,
                     received_at=now,
                     health=Health.reported(*(getattr(header.stats, f) for f in HEALTH_FIELDS)),
@@ -229,12 +254,12 @@ class Intake:
             "round %d: upload from miner %s, %d bytes, base version %d",
             round_,
             miner[:12],
-            len(body),
+            checked.size,
             header.base_version,
         )
-        self.metrics.bytes_in.inc(len(body))
+        self.metrics.bytes_in.inc(checked.size)
         self.metrics.uploads.set(len(state.uploaded) + 1)
-        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=len(body))
+        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=checked.size)
 
     def earlier_upload(self, miner: str, round_: int, sha: str) -> SubmissionReceipt | None:
         """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""

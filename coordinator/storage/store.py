@@ -8,7 +8,10 @@ every method is one transaction on a connection of the engine (coordinator/stora
 
 from __future__ import annotations
 
+import contextlib
+import logging
 import threading
+import time
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import astuple
@@ -19,6 +22,7 @@ from sqlalchemy import Connection, RowMapping
 from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from coordinator.storage.base import RoundClosedAlready
+from coordinator.storage.checked import CheckedStore
 from coordinator.storage.lease import LeaseStore
 from coordinator.storage.records import (
     HEALTH_FIELDS,
@@ -39,15 +43,18 @@ from coordinator.storage.tasks import TaskStore
 from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
 from protocol.history import SignedRecord
 
+log = logging.getLogger(__name__)
+STARTING_PATIENCE_S = 30.0  # how long a replica that starts tries a database it cannot reach
+
 
 class StoreUnavailable(ConnectionError):
     """The store's database cannot be reached or opened (an OSError: the command line says it in a line)."""
 
 
-class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
+class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore, CheckedStore):
     """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
-    ``coordinator/storage/versions.py``)."""
+    ``coordinator/storage/versions.py``, the commits that replicas checked in ``checked.py``)."""
 
     def __init__(self, url: str) -> None:
         self.url = redacted(url)
@@ -66,8 +73,12 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
         self._held: Connection | None = self._engine.connect() if sqlite else None
         self._for_share = "" if sqlite else " FOR SHARE"  # the lease row, held until a fenced write commits
         self._fence: tuple[str, int] | None = None
-        self._lock = threading.RLock()
-        self._current: Connection | None = None  # the lock holder's transaction, which nested calls join
+        # SQLite: one thread at a time on the one connection. PostgreSQL: each thread on a connection of the
+        # pool, so that one thread's statements do not wait on another's round trips.
+        self._lock: threading.RLock | contextlib.nullcontext[None] = (
+            threading.RLock() if sqlite else contextlib.nullcontext()
+        )
+        self._local = threading.local()  # ``current``: this thread's transaction, which nested calls join
         self._nonce_writes = 0
 
     def close(self) -> None:
@@ -86,21 +97,22 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
     def _connection(self, isolation: str | None = None, write: bool = False) -> Iterator[Connection]:
         """A transaction on a connection of the engine (sql.py), or the one this thread is already in."""
         with self._lock:
-            if self._current is not None:
-                yield self._current
+            current: Connection | None = getattr(self._local, "current", None)
+            if current is not None:
+                yield current
                 return
             with ExitStack() as stack:
                 c = self._held or stack.enter_context(self._engine.connect())
                 if isolation is not None:
                     c = c.execution_options(isolation_level=isolation)
                 with c.begin():
-                    self._current = c
+                    self._local.current = c
                     try:
                         if write and self._fence is not None:
                             self.check_fence(Tx(c), self._fence)
                         yield c
                     finally:
-                        self._current = None
+                        self._local.current = None
 
     @contextmanager
     def transaction(self) -> Iterator[Tx]:
@@ -365,9 +377,18 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore):
         return {r["miner"] for r in self._all("SELECT miner FROM submissions WHERE round = ?", round_)}
 
 
-def open_store(state_dir: Path, url: str | None = None) -> SqlStore:
-    """The store of a state directory: ``url`` (``[store] url``) when set, else its SQLite file."""
-    return SqlStore(store_url(state_dir, url))
+def open_store(state_dir: Path, url: str | None = None, patience_s: float = 0.0) -> SqlStore:
+    """The store of a state directory: ``url`` (``[store] url``) when set, else its SQLite file.
+    ``patience_s``: how long to try again a database that cannot be reached (it may be restarting)."""
+    deadline = time.monotonic() + patience_s
+    while True:
+        try:
+            return SqlStore(store_url(state_dir, url))
+        except StoreUnavailable as e:
+            if time.monotonic() >= deadline:
+                raise
+            log.warning("%s; trying again for %.0f s more", e, deadline - time.monotonic())
+            time.sleep(1.0)
 
 
 def _upload(row: RowMapping) -> Upload:

@@ -81,8 +81,10 @@ class Codec(Protocol):
         malformed: hostile input)."""
         ...
 
-    def examine(self, data: bytes, spec: ParamSpec) -> Examined:
-        """One decode for intake: the checks, the norm, the sketch and the form aggregation reads back."""
+    def examine(self, data: bytes, spec: ParamSpec, unpack: bool = True) -> Examined:
+        """One decode for intake: the checks, the norm, the sketch and the form aggregation reads back
+        (``unpack=False``: not made, ``b""``, where it would not be kept; the payload itself for codecs
+        whose stored form it is)."""
         ...
 
     def unpack(self, data: bytes, spec: ParamSpec) -> bytes:
@@ -105,7 +107,7 @@ class _Decoding:
     def decode(self, data: bytes, spec: ParamSpec) -> tuple[PayloadHeader, dict[str, SparseTensor]]:
         raise NotImplementedError
 
-    def examine(self, data: bytes, spec: ParamSpec) -> Examined:
+    def examine(self, data: bytes, spec: ParamSpec, unpack: bool = True) -> Examined:
         header, update = self.decode(data, spec)
         return Examined(header, content_digest(data), update_norm(update), sketch(update, spec), data)
 

@@ -226,13 +226,13 @@ class SparseLoCoCodec:
         vals = luts.view(-1)[table.lut_base + codes]  # (rows, k)
         return header, table, idx, vals, dense
 
-    def examine(self, data: bytes, spec: ParamSpec) -> Examined:
+    def examine(self, data: bytes, spec: ParamSpec, unpack: bool = True) -> Examined:
         """One decode for intake: the header, the digest, the norm and sketch of the update (padding dropped,
-        dense tensors included), and the payload unpacked for ``ChunkAccumulator.add_stored``: indices as
-        int16 and values as float32, (chunks, k) each, plus the dense part, so that closing the round only
-        adds them."""
+        dense tensors included), and (``unpack``) the payload unpacked for ``ChunkAccumulator.add_stored``:
+        indices as int16 and values as float32, (chunks, k) each, plus the dense part, so that closing the
+        round only adds them."""
         header, table, idx, vals, dense = self.decode_rows(data, spec)
-        unpacked = _unpacked(idx, vals, dense)
+        unpacked = _unpacked(idx, vals, dense) if unpack else b""
         flat, valid = table.coordinates(idx, self.tile)
         if valid is not None:
             flat, vals = flat[valid], vals[valid]

@@ -169,7 +169,7 @@ def test_a_state_directory_from_before_migrations_is_refused_then_migrated_and_r
         state = pool.settings.state_dir
     with contextlib.closing(sqlite3.connect(state / "state.db")) as db:
         db.execute("DROP TABLE alembic_version")  # what the code before migrations left: no revision,
-        for table in ("lease", "tasks"):  # and none of the tables added since (migrations 0002, 0003)
+        for table in ("lease", "tasks", "checked"):  # and none of the tables added since (0002 to 0004)
             db.execute(f"DROP TABLE {table}")
         db.commit()
 

@@ -5,10 +5,8 @@ and a stand-in leader that echoes what reached it; the store is a real SQLite fi
 from __future__ import annotations
 
 import json
-import threading
 import time
 from collections.abc import Iterator
-from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
@@ -18,23 +16,9 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, RedirectResponse, Response
 from starlette.routing import Route
 
-from coordinator.api.server import bound_port, make_server
 from coordinator.api.standby import LeaderDirectory, advertise, standby_app
 from coordinator.storage.store import SqlStore, open_store
-from tests.helpers.waiting import wait_until
-
-
-@contextmanager
-def serving(app: Starlette) -> Iterator[str]:
-    server = make_server(app, "127.0.0.1", 0, proxy_headers=False)  # as gradpool/serving.py serves it
-    thread = threading.Thread(target=server.run, daemon=True)
-    thread.start()
-    wait_until(lambda: server.started, 30, "the server to listen", interval_s=0.02)
-    try:
-        yield f"http://127.0.0.1:{bound_port(server)}"
-    finally:
-        server.should_exit = True
-        thread.join(timeout=30)
+from tests.helpers.served import serving
 
 
 async def echo(request: Request) -> Response:

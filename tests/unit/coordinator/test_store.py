@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import dataclasses
 import sqlite3
+import threading
+import time
 from pathlib import Path
 
 import pytest
@@ -20,7 +22,7 @@ from coordinator.storage.records import Health, NewSubmission, NewVersion, Outco
 from coordinator.storage.schema import SchemaError, head, migrate
 from coordinator.storage.scores import COORDINATOR
 from coordinator.storage.sql import make_engine
-from coordinator.storage.store import SqlStore, StoreUnavailable
+from coordinator.storage.store import SqlStore, StoreUnavailable, open_store
 from protocol.evaluation import Losses
 from protocol.signing import generate_key
 
@@ -329,3 +331,26 @@ def test_a_shared_evaluation_keeps_its_draw_and_records_alike_on_both_backends(s
         assert [t.deadline for t in store.round_tasks(5)] == [55.0]
     finally:
         store.close()
+
+
+def test_a_replica_starting_while_postgresql_restarts_waits_for_it(
+    postgres_server: Postgres, tmp_path: Path
+) -> None:
+    url = postgres_server.database()
+    postgres_server.stop()
+    back = threading.Timer(2.0, postgres_server.start)
+    try:
+        with pytest.raises(StoreUnavailable):  # no patience: the error at once
+            open_store(tmp_path, url)
+        back.start()
+        t0 = time.monotonic()
+        store = open_store(tmp_path, url, patience_s=60)  # as a replica starts (STARTING_PATIENCE_S)
+        try:
+            assert time.monotonic() - t0 >= 1.5 and store.count_miners() == 0
+        finally:
+            store.close()
+    finally:
+        if back.is_alive() or back.finished.is_set():
+            back.join()
+        else:  # the server is left running for the worker's other tests
+            postgres_server.start()

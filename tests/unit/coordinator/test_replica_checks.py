@@ -1,0 +1,135 @@
+"""Commits checked by the replica they reach (coordinator/rounds/checked.py): a standby reads and examines
+the payload a commit names and writes what it found in the store; the leader records the upload from it
+without reading the payload, under the same round rules. What the standby cannot check it passes on as it
+came, and the leader refuses it as before. A real leader (uvicorn on 127.0.0.1), the standby's real app in
+front of it, a real PostgreSQL and a real S3-compatible server."""
+
+from __future__ import annotations
+
+import hashlib
+from collections.abc import Callable, Iterator
+from typing import Any
+
+import httpx
+import pytest
+import torch
+
+from coordinator.api.standby import LeaderDirectory, advertise, standby_app
+from coordinator.rounds.checked import Checked, CommitChecker
+from coordinator.settings import CoordinatorSettings
+from coordinator.storage.store import SqlStore, open_store
+from protocol.codec import SparseLoCoCodec
+from protocol.model import resolve
+from protocol.params import model_spec
+from protocol.signing import generate_key, public_key_hex, sign_request
+from protocol.wire import UploadCommit, UploadIntent, UploadTicket
+from tests.helpers.pool import assert_error, payload
+from tests.helpers.served import serving
+
+
+class Signer:
+    """A miner that signs its requests, sent to one URL."""
+
+    def __init__(self, url: str) -> None:
+        self.key = generate_key()
+        self.pubkey = public_key_hex(self.key)
+        self.client = httpx.Client(base_url=url, timeout=30)
+
+    def post(self, path: str, body: bytes = b"") -> httpx.Response:
+        return self.client.post(path, content=body, headers=sign_request(self.key, "POST", path, body))
+
+    def upload(self, body: bytes, posted: bytes | None = None) -> httpx.Response:
+        """A form for ``body``, ``posted`` (``body`` by default) put into the bucket with it, the commit."""
+        sha = hashlib.sha256(body).hexdigest()
+        intent = UploadIntent(sha256=sha, bytes=len(body)).model_dump_json().encode()
+        ticket = UploadTicket.model_validate_json(self.post("/v1/rounds/0/uploads", intent).content)
+        files = {"file": ("payload", body if posted is None else posted)}
+        assert httpx.post(ticket.url, data=ticket.fields, files=files, timeout=30).status_code < 300
+        return self.post("/v1/rounds/0/commits", UploadCommit(sha256=sha).model_dump_json().encode())
+
+
+def metric(url: str, name: str) -> float:
+    for line in httpx.get(f"{url}/metrics", timeout=10).text.splitlines():
+        if line.startswith(name + " "):
+            return float(line.split()[1])
+    raise AssertionError(f"no {name} in {url}/metrics")
+
+
+@pytest.fixture
+def cluster(
+    make_settings: Callable[..., CoordinatorSettings],
+    live_coordinator: Callable[..., Any],
+    postgres_url: str,
+    s3_bucket: dict[str, Any],
+) -> Iterator[tuple[Any, str, SqlStore, CommitChecker]]:
+    """The leader (a live coordinator), a standby that checks commits in front of it, and the standby's
+    own store."""
+    overrides: dict[str, Any] = {
+        "store": {"url": postgres_url},
+        "blobs": {**s3_bucket, "direct_uploads": True},
+        "rounds": {"min_quorum": 3, "overlap": False},
+    }
+    settings = make_settings(**overrides)
+    with live_coordinator(**overrides) as leader:
+        store = open_store(settings.state_dir, postgres_url)
+        advertise(store, store.lease_holder().holder, leader.url)
+        checker = CommitChecker.of(settings, store)
+        try:
+            with serving(standby_app(LeaderDirectory(store), "b", checker=checker)) as standby:
+                yield leader, standby, store, checker
+        finally:
+            store.close()
+
+
+def test_a_commit_reaching_a_standby_is_checked_there_and_only_recorded_by_the_leader(
+    cluster: tuple[Any, str, SqlStore, CommitChecker],
+) -> None:
+    leader, standby, store, checker = cluster
+    alice, bob, carol = Signer(standby), Signer(standby), Signer(leader.url)
+    for m in (alice, bob, carol):
+        assert m.post("/v1/miners").status_code == 200
+    body = payload(round_=0, base_version=0, seed=1)
+    sha = hashlib.sha256(body).hexdigest()
+    receipt = alice.upload(body)
+    assert receipt.status_code == 200, receipt.text
+    assert receipt.json()["payload_sha256"] == sha and receipt.json()["bytes"] == len(body)
+    found = store.checked(0, alice.pubkey, sha, checker.checker)
+    assert found is not None  # what the standby found, as the leader would have found it
+    codec = SparseLoCoCodec()
+    seen = codec.examine(body, model_spec(resolve("tiny", 256)))
+    assert Checked.model_validate_json(found) == Checked.of(seen, body, sha, None)
+    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
+    again = alice.post("/v1/rounds/0/commits", UploadCommit(sha256=sha).model_dump_json().encode())
+    assert again.status_code == 200 and again.json()["duplicate"] is True
+
+    # what the standby cannot check reaches the leader as it came, and is refused there as before
+    other = payload(round_=0, base_version=0, seed=2)
+    assert_error(bob.upload(other, posted=other[:-1] + b"x"), 422, "digest_mismatch")
+    garbage = b"not a payload" * 100
+    refused = bob.upload(garbage)
+    assert refused.status_code == 422 and refused.json()["error"]["code"] != "digest_mismatch"
+    assert store.checked(0, bob.pubkey, hashlib.sha256(garbage).hexdigest(), checker.checker) is None
+    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
+
+    # a check made with another codec, model or size limit is not the leader's: it reads the payload
+    third = payload(round_=0, base_version=0, seed=3)
+    third_sha = hashlib.sha256(third).hexdigest()
+    store.add_checked(
+        0, carol.pubkey, third_sha, "another check", Checked.of(seen, body, sha, None).model_dump_json()
+    )
+    assert carol.upload(third).status_code == 200  # straight to the leader, which reads it itself
+    assert bob.upload(other).status_code == 200
+    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 2
+
+    # recorded as the leader records any upload, and judged with the round's others
+    kept = store.upload(0, alice.pubkey)
+    assert kept is not None and (kept.sha256, kept.size, kept.norm) == (sha, len(body), seen.norm)
+    assert torch.equal(kept.sketch, seen.sketch) and kept.stored_sha256 is None
+    leader.wait_rounds(1)
+    record = httpx.get(f"{leader.url}/v1/rounds/0", timeout=10).json()
+    judged = {s["miner"]: s for s in record["submissions"]}
+    assert set(judged) == {alice.pubkey, bob.pubkey, carol.pubkey}
+    assert all(s["evaluated"] and s["status"] in ("accepted", "rejected") for s in judged.values())
+    assert judged[carol.pubkey]["sha256"] == third_sha
+    assert httpx.get(f"{leader.url}/v1/rounds/0/payloads/{alice.pubkey}", timeout=10).content == body
+    assert store.checked(0, alice.pubkey, sha, checker.checker) is None  # forgotten once the round closed
