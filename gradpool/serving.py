@@ -96,7 +96,7 @@ class StandBy:
     async def start(cls, settings: Any, tls: dict[str, str]) -> StandBy:
         from coordinator.api.server import bound_port, make_server
         from coordinator.api.standby import LeaderDirectory, standby_app
-        from coordinator.rounds.checked import CommitChecker
+        from coordinator.rounds.checked import ReplicaIntake
         from coordinator.storage.lease import holder_name
         from coordinator.storage.store import STARTING_PATIENCE_S, open_store
         from protocol.errors import ProtocolError
@@ -104,17 +104,17 @@ class StandBy:
         try:  # PostgreSQL may be restarting: a replica that starts meanwhile waits for it a while
             url = settings.store_url()
             store = await asyncio.to_thread(open_store, settings.state_dir, url, STARTING_PATIENCE_S)
-            # the commits sent here are read and examined here, for the leader only to record them
-            checker = None
+            # direct uploads' forms given here, their commits checked here: the leader only records them
+            intake = None
             if settings.blobs.direct_uploads:
-                checker = await asyncio.to_thread(CommitChecker.of, settings, store)
+                intake = await asyncio.to_thread(ReplicaIntake.of, settings, store)
         except (ProtocolError, ValueError, OSError) as e:
             fail(str(e))
         verify: bool | ssl.SSLContext = True
         if settings.ssl_certfile is not None:  # the replicas' certificates come from the same authority
             verify = ssl.create_default_context()
             verify.load_verify_locations(settings.ssl_certfile)
-        app = standby_app(LeaderDirectory(store), holder_name(settings.cluster.name), verify, checker=checker)
+        app = standby_app(LeaderDirectory(store), holder_name(settings.cluster.name), verify, intake=intake)
         # a request still waiting on a leader that died must not hold the port when this one takes over
         # the peer's own address is appended to X-Forwarded-For, which the leader alone reads and trusts
         server = make_server(

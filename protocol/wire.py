@@ -15,6 +15,7 @@ from protocol.payload import CodecName
 PROTOCOL_VERSION = 3  # 2: the recipe's schedule, training health; 3: the coordinator's key and signed history
 HEADER_PROTOCOL = "X-Gradpool-Protocol"
 HEADER_REPLICA, HEADER_LEADER = "X-Gradpool-Replica", "X-Gradpool-Leader"  # who answered, who leads
+HEADER_CHECKED = "X-Gradpool-Checked"  # a standby checked this commit: the leader looks for what it found
 MAX_NUMBER = (1 << 53) - 1  # the largest round or version number anywhere (exact in a JSON double)
 
 

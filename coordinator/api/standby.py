@@ -5,10 +5,11 @@ leader redirects to the bucket stay redirects, long-polls wait at the leader. Wi
 that does not answer, the standby says ``503 no_leader`` (with Retry-After), which sends a node on to its
 next URL. When the standby takes the lease itself, it stops forwarding and serves the run on the same port.
 
-With uploads straight to the bucket, a standby checks the commits sent to it before it passes them on:
-it reads and examines each payload and writes what it found in the store, so that the leader only records
-the upload (coordinator/rounds/checked.py). Reading and examining every payload is most of an upload's
-cost to a coordinator; this way it is spread over the replicas the miners reach.
+With uploads straight to the bucket, a standby gives the forms for them itself, and checks their commits
+before it passes them on: it reads and examines each payload and writes what it found in the store, so
+that the leader only records the upload (coordinator/rounds/checked.py). Reading and examining every
+payload is most of an upload's cost to a coordinator; this way it is spread over the replicas the miners
+reach.
 
 Every answer names the replica that gave it and the leader (``X-Gradpool-Replica``, ``X-Gradpool-Leader``),
 which ``gradpool status`` prints.
@@ -23,9 +24,10 @@ import json
 import logging
 import ssl
 import time
-from collections.abc import AsyncIterator
+from collections.abc import AsyncIterator, Callable, Mapping
 from concurrent.futures import ThreadPoolExecutor
 from dataclasses import dataclass
+from typing import TypeVar
 
 import httpx
 from starlette.applications import Starlette
@@ -34,22 +36,24 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from coordinator.rounds.checked import CommitChecker, bucket_threads
+from coordinator.rounds.checked import ReplicaIntake, bucket_threads
 from coordinator.storage.base import Store
-from protocol.wire import HEADER_REPLICA
+from protocol.wire import HEADER_CHECKED, HEADER_LEADER, HEADER_PROTOCOL, HEADER_REPLICA, PROTOCOL_VERSION
 
 log = logging.getLogger(__name__)
+T = TypeVar("T")
 LEADER_META = "leader"  # the meta row the leader writes: {"holder": its lease name, "url": where it listens}
 LEADER_TTL_S = 1.0  # how long a standby trusts what it read of the leader
 HOP_BY_HOP = frozenset(
     {"connection", "keep-alive", "proxy-authenticate", "proxy-authorization", "te", "trailer", "upgrade"}
     | {"transfer-encoding", "host"}
 )
-REQUEST_DROPPED = HOP_BY_HOP | {"x-forwarded-for"}  # the standby writes its own X-Forwarded-For
+REQUEST_DROPPED = HOP_BY_HOP | {"x-forwarded-for", HEADER_CHECKED.lower()}  # the standby writes its own
 ANSWER_DROPPED = HOP_BY_HOP | {"date", "server", HEADER_REPLICA.lower()}  # this server sets its own
 POOLS, KEPT_ALIVE = 16, 64  # connection pools to the leader, and the idle connections each keeps
+IDLE_S = 2.0  # how long a connection to the leader stays open unused
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
-COMMIT_BYTES = 4096  # the most a commit's body takes (the leader refuses more): larger ones are passed on
+SMALL_BYTES = 4096  # the most a form's or a commit's body takes (the leader refuses more): larger, passed on
 
 
 def advertise(store: Store, holder: str, url: str) -> None:
@@ -104,17 +108,20 @@ def standby_app(
     replica: str,
     verify: bool | ssl.SSLContext = True,
     read_timeout_s: float = 120.0,
-    checker: CommitChecker | None = None,
+    intake: ReplicaIntake | None = None,
 ) -> Starlette:
     """The app a standby serves: every path, every method, to the leader. ``read_timeout_s``: longer than
-    the longest long-poll (60 s). ``checker``: the commits of uploads straight to the bucket are checked
-    here first (coordinator/rounds/checked.py), so that the leader only records them."""
+    the longest long-poll (60 s). ``intake``: the forms of uploads straight to the bucket are given here,
+    and their commits checked here before they go on (coordinator/rounds/checked.py), so that the leader
+    only records them."""
     timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=read_timeout_s)
     # as many requests in flight to the leader as come in (its own limits answer for it): a pool capped
     # at httpx's 100 would turn a crowd of uploads into 503s here. In POOLS pools taken in turn: a pool's
     # every change of state looks at each of its connections once per idle one (httpcore), which in one
     # pool of 500 connections cost more than the forwarding itself.
-    limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEPT_ALIVE)
+    # An idle connection is let go well before the leader's server closes it (uvicorn: after 5 s): reused
+    # just as the leader closes it, a request would fail with nothing read.
+    limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEPT_ALIVE, keepalive_expiry=IDLE_S)
     if verify is True:  # one context for all the pools, not a certificate bundle loaded per pool
         verify = httpx.create_ssl_context()
     clients = [
@@ -123,8 +130,8 @@ def standby_app(
     ]
     turn = itertools.count()
 
-    async def forward(request: Request, body: bytes | None = None) -> Response:
-        """``body``: the request's, where it was read already."""
+    async def forward(request: Request, body: bytes | None = None, checked: bool = False) -> Response:
+        """``body``: the request's, where it was read already; ``checked``: a commit checked here."""
         fresh, leader = directory.cached()  # a thread (for the database) only once a second
         if not fresh:
             leader = await asyncio.to_thread(directory.leader)
@@ -136,6 +143,8 @@ def standby_app(
             headers.append(
                 ("x-forwarded-for", f"{earlier}, {request.client.host}" if earlier else request.client.host)
             )
+        if checked:
+            headers.append((HEADER_CHECKED, "1"))
         has_body = "content-length" in request.headers or "transfer-encoding" in request.headers
         client = clients[next(turn) % POOLS]
         outgoing = client.build_request(
@@ -157,35 +166,58 @@ def standby_app(
         response.raw_headers = [*kept, (HEADER_REPLICA.lower().encode(), replica.encode())]
         return response
 
-    checking = None if checker is None else ThreadPoolExecutor(bucket_threads(), thread_name_prefix="check")
+    pool = None if intake is None else ThreadPoolExecutor(bucket_threads(), thread_name_prefix="intake")
 
-    async def commit(request: Request) -> Response:
-        """A commit small enough to be one is checked here, then passed on; anything else passed on."""
+    async def taken_here(
+        request: Request, work: Callable[[Mapping[str, str], str, bytes, int], T]
+    ) -> tuple[bytes | None, T | None]:
+        """(the body, what ``work`` made of it) for a request small enough to be a form's or a commit's;
+        (None, None) for any other, whose body is not read."""
         size = request.headers.get("content-length", "")
-        if checking is None or not size.isdigit() or int(size) > COMMIT_BYTES:
-            return await forward(request)
-        assert checker is not None
+        if pool is None or not size.isdigit() or int(size) > SMALL_BYTES:
+            return None, None
         body = await request.body()
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         round_ = int(request.path_params["round_"])
-        loop = asyncio.get_running_loop()
         try:
-            await loop.run_in_executor(checking, checker.check, request.headers, target, body, round_)
-        except Exception as e:  # the bucket or the store out of reach for now: the leader reads it itself
-            log.warning("cannot check a commit here: %s: %s", type(e).__name__, e)
-        return await forward(request, body)
+            done = await asyncio.get_running_loop().run_in_executor(
+                pool, work, request.headers, target, body, round_
+            )
+        except Exception as e:  # the bucket or the store out of reach for now: the leader does it itself
+            log.warning("cannot take %s here: %s: %s", request.url.path, type(e).__name__, e)
+            return body, None
+        return body, done
+
+    async def form(request: Request) -> Response:
+        """A direct upload's form, given here where this replica can (else by the leader)."""
+        assert intake is not None
+        body, ticket = await taken_here(request, intake.ticket)
+        if ticket is None:
+            return await forward(request, body)
+        headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_REPLICA: replica}
+        if (leader := directory.cached()[1]) is not None:
+            headers[HEADER_LEADER] = leader.name
+        return Response(ticket.model_dump_json(), media_type="application/json", headers=headers)
+
+    async def commit(request: Request) -> Response:
+        """A direct upload's commit, checked here where this replica can, then passed on."""
+        assert intake is not None
+        body, checked = await taken_here(request, intake.check)
+        return await forward(request, body, bool(checked))
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:
         async with contextlib.AsyncExitStack() as stack:
             for client in clients:
                 await stack.enter_async_context(client)
-            if checking is not None:
-                stack.callback(checking.shutdown, wait=False, cancel_futures=True)
+            if pool is not None:
+                stack.callback(pool.shutdown, wait=False, cancel_futures=True)
             yield
 
-    routes = [
-        Route("/v1/rounds/{round_:int}/commits", commit, methods=["POST"]),
-        Route("/{path:path}", forward, methods=METHODS),
-    ]
+    routes = [Route("/{path:path}", forward, methods=METHODS)]
+    if intake is not None:
+        routes[:0] = [
+            Route("/v1/rounds/{round_:int}/uploads", form, methods=["POST"]),
+            Route("/v1/rounds/{round_:int}/commits", commit, methods=["POST"]),
+        ]
     return Starlette(routes=routes, lifespan=lifespan)

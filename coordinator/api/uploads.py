@@ -14,7 +14,7 @@ from coordinator.api.http_io import parsed, signed_body
 from coordinator.errors import SIGNED, Conflict, responses
 from coordinator.rounds.direct import DirectUploads
 from coordinator.run import Run
-from protocol.wire import SubmissionReceipt, UploadCommit, UploadIntent, UploadTicket
+from protocol.wire import HEADER_CHECKED, SubmissionReceipt, UploadCommit, UploadIntent, UploadTicket
 
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
@@ -41,8 +41,9 @@ async def commit(round_: RoundNumber, request: Request, run: RunDep) -> Submissi
     store and checked as an upload sent here is (404 ``upload_missing``: nothing there; 413: too large;
     422 ``digest_mismatch``: not the bytes committed)."""
     miner, given, direct = await _signed(run, request, UploadCommit)
+    checked = HEADER_CHECKED in request.headers  # by the standby it reached, which says so
     loop = asyncio.get_running_loop()
     receipt: SubmissionReceipt = await loop.run_in_executor(
-        run.intake_pool, direct.commit, miner, round_, given.sha256
+        run.intake_pool, direct.commit, miner, round_, given.sha256, checked
     )
     return receipt

@@ -1,10 +1,11 @@
 """An upload once read and examined, recorded without its payload: what intake keeps of a payload, and the
-commits a replica checks where they arrive.
+uploads a replica takes where they arrive.
 
 With uploads straight to the object store, reading a payload from the bucket and examining it is the
 costly part of a commit. A replica that does not lead does it for the commits sent to it: it checks the
 signature, reads the payload, checks its size and digest, examines it and keeps it in the bucket (as the
-leader would), writes what it found in the store (``checked``), and passes the commit on. The leader, on a
+leader would), writes what it found in the store (``checked``), and passes the commit on. It also gives
+the forms for those uploads itself (a presigned form is the bucket's to hold). The leader, on a
 commit that a replica checked with the same codec, model and size limit, records the upload from that row
 under the same round rules, without reading the payload. Anything the replica could not check (a bad
 signature, a missing or malformed payload) it passes on as it came, and the leader refuses and records it
@@ -19,6 +20,7 @@ import os
 import time
 from collections.abc import Callable, Mapping
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 from pydantic import BaseModel, ConfigDict, ValidationError
 
@@ -35,10 +37,12 @@ from protocol.model import resolve
 from protocol.params import model_spec
 from protocol.payload import Examined, PayloadHeader
 from protocol.signing import verify_request
-from protocol.wire import UploadCommit
+from protocol.wire import UploadCommit, UploadIntent, UploadTicket
 
 log = logging.getLogger(__name__)
 BUCKET_THREADS_PER_CORE, BUCKET_THREADS_MAX = 4, 32  # they wait on the bucket more than they work
+ROUND_TTL_S = 0.5  # how long a replica trusts what it read of the open round
+W = TypeVar("W", bound=BaseModel)
 
 
 class Checked(BaseModel):
@@ -97,9 +101,11 @@ def bucket_threads() -> int:
 
 
 @dataclass
-class CommitChecker:
-    """The check of a replica that does not lead, of the commits sent to it (the leader checks its own in
-    intake). ``checker``: its ``checker_id``."""
+class ReplicaIntake:
+    """What a replica that does not lead takes on itself of the uploads sent to it (the leader does the
+    same for its own in intake): the forms of uploads straight to the bucket, and the check of their
+    commits. Anything it cannot do as the leader would, it leaves to the leader (None, False), which then
+    answers as before. ``checker``: its ``checker_id``."""
 
     store: Store
     bucket: S3BlobStore
@@ -108,36 +114,51 @@ class CommitChecker:
     max_bytes: int
     checker: str
     window_s: float
+    expiry_s: float  # a form's life ([blobs] redirect_expiry_s)
     clock: Callable[[], float] = time.time
     miners: set[str] = field(default_factory=set)  # keys known to be registered
+    _open: tuple[float, int | None] = (float("-inf"), None)  # (when read, the open round then)
 
     @classmethod
-    def of(cls, settings: CoordinatorSettings, store: Store) -> CommitChecker:
+    def of(cls, settings: CoordinatorSettings, store: Store) -> ReplicaIntake:
         """From the run's settings, which the leader shares: the same model, codec and size limit."""
         tokenizer = RunTokenizer(settings.data.tokenizer)
         spec = model_spec(resolve(settings.model, tokenizer.vocab_size))
         codec = make_codec(settings.codec.name, settings.codec.k, settings.codec.tile)
         bucket = make_blob_store(settings.blobs, settings.state_dir / "blobs")
         if not isinstance(bucket, S3BlobStore):
-            raise ValueError("commits are checked by replicas only with uploads straight to an s3 bucket")
+            raise ValueError("replicas take uploads only when they go straight to an s3 bucket")
         max_bytes = payload_cap(settings, codec, spec)
         checker = checker_id(settings.codec, max_bytes, spec)
-        return cls(store, bucket, codec, spec, max_bytes, checker, settings.signature_window_s)
+        window, expiry = settings.signature_window_s, settings.blobs.redirect_expiry_s
+        return cls(store, bucket, codec, spec, max_bytes, checker, window, expiry)
+
+    def ticket(self, headers: Mapping[str, str], path: str, body: bytes, round_: int) -> UploadTicket | None:
+        """The form for a registered miner's payload of the open round, as the leader gives it; None for
+        anything else. The open round is the store's, read at most every ``ROUND_TTL_S``: a form given
+        for a round that has just closed is refused at its commit."""
+        signed = self._signed(headers, path, body, UploadIntent)
+        if signed is None or round_ != self._open_round():
+            return None
+        miner, nonce, intent = signed
+        if intent.bytes > self.max_bytes:
+            return None
+        now = self.clock()
+        if not self.store.remember_nonce(nonce, now + 2 * self.window_s, now):
+            return None  # a replay: the leader says so
+        key = self.bucket.incoming_key(round_, miner, intent.sha256)
+        url, fields = self.bucket.upload_form(key, self.max_bytes, self.expiry_s)
+        return UploadTicket(url=url, fields=fields, expires_at=now + self.expiry_s, max_bytes=self.max_bytes)
 
     def check(self, headers: Mapping[str, str], path: str, body: bytes, round_: int) -> bool:
         """Check the commit in ``body`` and write what was found; False (nothing written) if it is not one
-        to check here, which the leader then reads and judges itself."""
-        try:  # the nonce is the leader's to record: it checks the signature again
-            miner, _ = verify_request(headers, "POST", path, body, window_s=self.window_s, now=self.clock())
-            sha = UploadCommit.model_validate_json(body).sha256
-        except (SignatureError, ValidationError):
+        to check here, which the leader then reads and judges itself. The commit's nonce is the leader's
+        to record: it checks the signature again."""
+        signed = self._signed(headers, path, body, UploadCommit)
+        if signed is None:
             return False
-        if miner not in self.miners:
-            if not self.store.is_miner(miner):
-                return False
-            self.miners.add(miner)  # a registration is never taken back
-        if self.store.checked(round_, miner, sha, self.checker) is not None:
-            return False  # a commit sent again
+        miner, _, commit = signed
+        sha = commit.sha256
         key = self.bucket.incoming_key(round_, miner, sha)
         try:
             data, etag = self.bucket.read_incoming(key, self.max_bytes)
@@ -155,3 +176,28 @@ class CommitChecker:
         checked = Checked.of(seen, data, sha, None)
         self.store.add_checked(round_, miner, sha, self.checker, checked.model_dump_json())
         return True
+
+    def _signed(
+        self, headers: Mapping[str, str], path: str, body: bytes, model: type[W]
+    ) -> tuple[str, str, W] | None:
+        """(signer, nonce, body) of a request signed by a registered miner with a well-formed body."""
+        try:
+            miner, nonce = verify_request(
+                headers, "POST", path, body, window_s=self.window_s, now=self.clock()
+            )
+            given = model.model_validate_json(body)
+        except (SignatureError, ValidationError):
+            return None
+        if miner not in self.miners:
+            if not self.store.is_miner(miner):
+                return None
+            self.miners.add(miner)  # a registration is never taken back
+        return miner, nonce, given
+
+    def _open_round(self) -> int | None:
+        at, known = self._open
+        if time.monotonic() - at >= ROUND_TTL_S:
+            unclosed = self.store.unclosed_rounds()
+            known = unclosed[-1].round if unclosed else None
+            self._open = (time.monotonic(), known)
+        return known

@@ -51,20 +51,23 @@ class DirectUploads:
             url=url, fields=fields, expires_at=self.clock() + self.expiry_s, max_bytes=self.max_bytes
         )
 
-    def commit(self, miner: str, round_: int, sha: str) -> SubmissionReceipt:
+    def commit(self, miner: str, round_: int, sha: str, checked: bool = False) -> SubmissionReceipt:
         """Take the payload the miner put under its key as its upload of the round. The object stays in
-        the bucket until the round closes (the closer removes the round's at once) unless it is refused."""
+        the bucket until the round closes (the closer removes the round's at once) unless it is refused.
+        ``checked``: the standby the commit reached says it checked it (what it found is then taken from
+        the store, if it is there and made as this run checks)."""
         self.intake.require_miner(miner)
         self.intake.check_round(round_)
         if (receipt := self.intake.earlier_upload(miner, round_, sha)) is not None:
             return receipt  # a commit sent again
-        if (found := self.intake.store.checked(round_, miner, sha, self.checker)) is not None:
+        found = self.intake.store.checked(round_, miner, sha, self.checker) if checked else None
+        if found is not None:
             try:  # the replica the commit reached read, examined and kept the payload
-                checked = Checked.model_validate_json(found)
+                there = Checked.model_validate_json(found)
             except ValidationError:
                 log.warning("round %d: unreadable check of miner %s's upload; reading it", round_, miner[:12])
             else:
-                return self.intake.submit_checked(miner, round_, sha, checked)
+                return self.intake.submit_checked(miner, round_, sha, there)
         key = self.bucket.incoming_key(round_, miner, sha)
         try:
             body, etag = self.bucket.read_incoming(key, self.max_bytes)

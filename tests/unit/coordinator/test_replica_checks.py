@@ -8,21 +8,30 @@ from __future__ import annotations
 
 import hashlib
 from collections.abc import Callable, Iterator
+from pathlib import Path
 from typing import Any
 
 import httpx
 import pytest
 import torch
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.api.standby import LeaderDirectory, advertise, standby_app
-from coordinator.rounds.checked import Checked, CommitChecker
+from coordinator.rounds.checked import Checked, ReplicaIntake
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.store import SqlStore, open_store
 from protocol.codec import SparseLoCoCodec
 from protocol.model import resolve
 from protocol.params import model_spec
 from protocol.signing import generate_key, public_key_hex, sign_request
-from protocol.wire import UploadCommit, UploadIntent, UploadTicket
+from protocol.wire import (
+    HEADER_CHECKED,
+    HEADER_PROTOCOL,
+    HEADER_REPLICA,
+    UploadCommit,
+    UploadIntent,
+    UploadTicket,
+)
 from tests.helpers.pool import assert_error, payload
 from tests.helpers.served import serving
 
@@ -30,22 +39,27 @@ from tests.helpers.served import serving
 class Signer:
     """A miner that signs its requests, sent to one URL."""
 
-    def __init__(self, url: str) -> None:
-        self.key = generate_key()
+    def __init__(self, url: str, key: Ed25519PrivateKey | None = None) -> None:
+        self.key = key or generate_key()
         self.pubkey = public_key_hex(self.key)
         self.client = httpx.Client(base_url=url, timeout=30)
 
-    def post(self, path: str, body: bytes = b"") -> httpx.Response:
-        return self.client.post(path, content=body, headers=sign_request(self.key, "POST", path, body))
+    def post(self, path: str, body: bytes = b"", claim: bool = False) -> httpx.Response:
+        """``claim``: say, as a standby would, that the commit was checked."""
+        headers = sign_request(self.key, "POST", path, body) | ({HEADER_CHECKED: "1"} if claim else {})
+        return self.client.post(path, content=body, headers=headers)
 
-    def upload(self, body: bytes, posted: bytes | None = None) -> httpx.Response:
+    def form(self, body: bytes, round_: int = 0) -> httpx.Response:
+        intent = UploadIntent(sha256=hashlib.sha256(body).hexdigest(), bytes=len(body))
+        return self.post(f"/v1/rounds/{round_}/uploads", intent.model_dump_json().encode())
+
+    def upload(self, body: bytes, posted: bytes | None = None, claim: bool = False) -> httpx.Response:
         """A form for ``body``, ``posted`` (``body`` by default) put into the bucket with it, the commit."""
         sha = hashlib.sha256(body).hexdigest()
-        intent = UploadIntent(sha256=sha, bytes=len(body)).model_dump_json().encode()
-        ticket = UploadTicket.model_validate_json(self.post("/v1/rounds/0/uploads", intent).content)
+        ticket = UploadTicket.model_validate_json(self.form(body).content)
         files = {"file": ("payload", body if posted is None else posted)}
         assert httpx.post(ticket.url, data=ticket.fields, files=files, timeout=30).status_code < 300
-        return self.post("/v1/rounds/0/commits", UploadCommit(sha256=sha).model_dump_json().encode())
+        return self.post("/v1/rounds/0/commits", UploadCommit(sha256=sha).model_dump_json().encode(), claim)
 
 
 def metric(url: str, name: str) -> float:
@@ -61,7 +75,7 @@ def cluster(
     live_coordinator: Callable[..., Any],
     postgres_url: str,
     s3_bucket: dict[str, Any],
-) -> Iterator[tuple[Any, str, SqlStore, CommitChecker]]:
+) -> Iterator[tuple[Any, str, SqlStore, ReplicaIntake]]:
     """The leader (a live coordinator), a standby that checks commits in front of it, and the standby's
     own store."""
     overrides: dict[str, Any] = {
@@ -73,18 +87,18 @@ def cluster(
     with live_coordinator(**overrides) as leader:
         store = open_store(settings.state_dir, postgres_url)
         advertise(store, store.lease_holder().holder, leader.url)
-        checker = CommitChecker.of(settings, store)
+        intake = ReplicaIntake.of(settings, store)
         try:
-            with serving(standby_app(LeaderDirectory(store), "b", checker=checker)) as standby:
-                yield leader, standby, store, checker
+            with serving(standby_app(LeaderDirectory(store), "b", intake=intake)) as standby:
+                yield leader, standby, store, intake
         finally:
             store.close()
 
 
 def test_a_commit_reaching_a_standby_is_checked_there_and_only_recorded_by_the_leader(
-    cluster: tuple[Any, str, SqlStore, CommitChecker],
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake],
 ) -> None:
-    leader, standby, store, checker = cluster
+    leader, standby, store, intake = cluster
     alice, bob, carol = Signer(standby), Signer(standby), Signer(leader.url)
     for m in (alice, bob, carol):
         assert m.post("/v1/miners").status_code == 200
@@ -93,7 +107,7 @@ def test_a_commit_reaching_a_standby_is_checked_there_and_only_recorded_by_the_l
     receipt = alice.upload(body)
     assert receipt.status_code == 200, receipt.text
     assert receipt.json()["payload_sha256"] == sha and receipt.json()["bytes"] == len(body)
-    found = store.checked(0, alice.pubkey, sha, checker.checker)
+    found = store.checked(0, alice.pubkey, sha, intake.checker)
     assert found is not None  # what the standby found, as the leader would have found it
     codec = SparseLoCoCodec()
     seen = codec.examine(body, model_spec(resolve("tiny", 256)))
@@ -108,18 +122,18 @@ def test_a_commit_reaching_a_standby_is_checked_there_and_only_recorded_by_the_l
     garbage = b"not a payload" * 100
     refused = bob.upload(garbage)
     assert refused.status_code == 422 and refused.json()["error"]["code"] != "digest_mismatch"
-    assert store.checked(0, bob.pubkey, hashlib.sha256(garbage).hexdigest(), checker.checker) is None
+    assert store.checked(0, bob.pubkey, hashlib.sha256(garbage).hexdigest(), intake.checker) is None
     assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
 
     # a check made with another codec, model or size limit is not the leader's: it reads the payload
+    store.add_checked(0, bob.pubkey, sha_other := hashlib.sha256(other).hexdigest(), "another check", found)
+    assert bob.upload(other).status_code == 200
+    # nor is a client's word that its commit was checked, where no standby checked it
     third = payload(round_=0, base_version=0, seed=3)
     third_sha = hashlib.sha256(third).hexdigest()
-    store.add_checked(
-        0, carol.pubkey, third_sha, "another check", Checked.of(seen, body, sha, None).model_dump_json()
-    )
-    assert carol.upload(third).status_code == 200  # straight to the leader, which reads it itself
-    assert bob.upload(other).status_code == 200
-    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 2
+    assert carol.upload(third, claim=True).status_code == 200
+    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
+    assert store.checked(0, bob.pubkey, sha_other, intake.checker) is None
 
     # recorded as the leader records any upload, and judged with the round's others
     kept = store.upload(0, alice.pubkey)
@@ -132,4 +146,43 @@ def test_a_commit_reaching_a_standby_is_checked_there_and_only_recorded_by_the_l
     assert all(s["evaluated"] and s["status"] in ("accepted", "rejected") for s in judged.values())
     assert judged[carol.pubkey]["sha256"] == third_sha
     assert httpx.get(f"{leader.url}/v1/rounds/0/payloads/{alice.pubkey}", timeout=10).content == body
-    assert store.checked(0, alice.pubkey, sha, checker.checker) is None  # forgotten once the round closed
+    assert store.checked(0, alice.pubkey, sha, intake.checker) is None  # forgotten once the round closed
+
+
+def test_a_standby_gives_the_forms_of_direct_uploads_itself(
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake], tmp_path: Path
+) -> None:
+    leader, standby, _, intake = cluster
+    alice = Signer(standby)
+    assert alice.post("/v1/miners").status_code == 200
+    body = payload(round_=0, base_version=0, seed=1)
+    # a standby that knows no leader (its directory reads another store) still gives forms
+    nobody = open_store(tmp_path / "nobody")
+    try:
+        with serving(standby_app(LeaderDirectory(nobody), "c", intake=intake)) as cut_off:
+            alone = Signer(cut_off, alice.key)
+            given = alone.form(body)
+            assert given.status_code == 200, given.text
+            assert given.headers[HEADER_REPLICA] == "c" and given.headers[HEADER_PROTOCOL]
+            ticket = UploadTicket.model_validate_json(given.content)
+            assert alice.pubkey in ticket.fields["key"] and ticket.max_bytes == intake.max_bytes
+            # what it cannot give as the leader would goes on to the leader (here: none to go to)
+            assert_error(alone.form(body, round_=5), 503, "no_leader")  # not the open round
+            assert_error(Signer(cut_off).form(body), 503, "no_leader")  # not a registered key
+            assert_error(alone.form(body[:10] * 10**6), 503, "no_leader")  # larger than a payload may be
+            assert_error(alone.post("/v1/miners"), 503, "no_leader")  # anything else
+    finally:
+        nobody.close()
+    # the form works as the leader's would: the payload posted with it, committed through the standby
+    files = {"file": ("payload", body)}
+    assert httpx.post(ticket.url, data=ticket.fields, files=files, timeout=30).status_code < 300
+    sha = hashlib.sha256(body).hexdigest()
+    receipt = alice.post("/v1/rounds/0/commits", UploadCommit(sha256=sha).model_dump_json().encode())
+    assert receipt.status_code == 200 and receipt.json()["payload_sha256"] == sha
+    # the nonce of a form given by a standby is spent, as the leader's would be
+    intent = UploadIntent(sha256=sha, bytes=len(body)).model_dump_json().encode()
+    signed = sign_request(alice.key, "POST", "/v1/rounds/0/uploads", intent)
+    given = httpx.post(f"{standby}/v1/rounds/0/uploads", content=intent, headers=signed, timeout=30)
+    assert given.status_code == 200 and given.headers[HEADER_REPLICA] == "b"
+    again = httpx.post(f"{leader.url}/v1/rounds/0/uploads", content=intent, headers=signed, timeout=30)
+    assert_error(again, 401, "replayed_nonce")
