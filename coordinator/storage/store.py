@@ -23,6 +23,7 @@ from sqlalchemy.exc import DBAPIError, SQLAlchemyError
 
 from coordinator.storage.base import RoundClosedAlready
 from coordinator.storage.checked import CheckedStore
+from coordinator.storage.identities import IdentityStore
 from coordinator.storage.lease import LeaseStore
 from coordinator.storage.records import (
     HEALTH_FIELDS,
@@ -51,8 +52,9 @@ class StoreUnavailable(ConnectionError):
     """The store's database cannot be reached or opened (an OSError: the command line says it in a line)."""
 
 
-class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore, CheckedStore):
-    """All the SQL of a run (the reads of closed rounds are in ``coordinator/storage/reports.py``, the
+class SqlStore(IdentityStore, ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore, CheckedStore):
+    """All the SQL of a run (meta, nonces and miners in ``coordinator/storage/identities.py``, the reads of
+    closed rounds in ``coordinator/storage/reports.py``, the
     leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
     ``coordinator/storage/versions.py``, the commits that replicas checked in ``checked.py``)."""
 
@@ -143,61 +145,6 @@ class SqlStore(ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore, Che
     def _execute(self, sql: str, *args: Any) -> None:
         with self._connection(write=True) as c:
             Tx(c).execute(sql, args)
-
-    # -- meta and nonces ----------------------------------------------------------------------------------
-    def get_meta(self, key: str) -> str | None:
-        row = self._one("SELECT value FROM meta WHERE key = ?", key)
-        return None if row is None else str(row["value"])
-
-    def set_meta(self, key: str, value: str) -> None:
-        self._execute(
-            "INSERT INTO meta (key, value) VALUES (?, ?) "
-            "ON CONFLICT(key) DO UPDATE SET value = excluded.value",
-            key,
-            value,
-        )
-
-    def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
-        """Record a nonce; False if it is already recorded and not yet expired. Not fenced by the leader
-        lease: a nonce is no part of the run's state, only a guard against replays, whoever records it."""
-        with self.unfenced() as db:
-            # one statement: a new nonce is inserted, an expired one renewed, a live one left (no row changed)
-            if not db.count(
-                "INSERT INTO nonces (nonce, expires_at) VALUES (?, ?) "
-                "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at "
-                "WHERE nonces.expires_at <= ?",
-                (nonce, expires_at, now),
-            ):
-                return False
-            self._nonce_writes += 1
-            if self._nonce_writes % 1000 == 0:  # now and then, forget expired ones
-                db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
-        return True
-
-    # -- miners -------------------------------------------------------------------------------------------
-    def is_miner(self, pubkey: str) -> bool:
-        return self._one("SELECT 1 FROM miners WHERE pubkey = ?", pubkey) is not None
-
-    def register(self, pubkey: str, round_: int, now: float) -> bool:
-        """Record the miner as seen in ``round_``; True if it is new."""
-        with self.transaction() as db:
-            known = db.one("SELECT 1 FROM miners WHERE pubkey = ?", (pubkey,)) is not None
-            db.execute(
-                "INSERT INTO miners (pubkey, registered_at, last_seen_round) VALUES (?, ?, ?) "
-                "ON CONFLICT(pubkey) DO UPDATE SET last_seen_round = excluded.last_seen_round",
-                (pubkey, now, round_),
-            )
-        return not known
-
-    def count_miners(self) -> int:
-        row = self._one("SELECT COUNT(*) AS n FROM miners")
-        return int(row["n"]) if row else 0
-
-    def active_miners(self, since_round: int) -> list[str]:
-        return [
-            r["pubkey"]
-            for r in self._all("SELECT pubkey FROM miners WHERE last_seen_round >= ?", since_round)
-        ]
 
     # -- rounds and versions ------------------------------------------------------------------------------
     def start(
