@@ -15,7 +15,6 @@ as before: every refusal is the leader's, so a replica never holds anything agai
 from __future__ import annotations
 
 import hashlib
-import logging
 import os
 import time
 from collections.abc import Callable, Mapping
@@ -39,7 +38,6 @@ from protocol.payload import Examined, PayloadHeader
 from protocol.signing import verify_request
 from protocol.wire import UploadCommit, UploadIntent, UploadTicket
 
-log = logging.getLogger(__name__)
 BUCKET_THREADS_PER_CORE, BUCKET_THREADS_MAX = 4, 32  # they wait on the bucket more than they work
 ROUND_TTL_S = 0.5  # how long a replica trusts what it read of the open round
 W = TypeVar("W", bound=BaseModel)
@@ -117,7 +115,8 @@ class ReplicaIntake:
     expiry_s: float  # a form's life ([blobs] redirect_expiry_s)
     clock: Callable[[], float] = time.time
     miners: set[str] = field(default_factory=set)  # keys known to be registered
-    _open: tuple[float, int | None] = (float("-inf"), None)  # (when read, the open round then)
+    # (when read, the open round then)
+    _open: tuple[float, int | None] = field(default=(float("-inf"), None), init=False, repr=False)
 
     @classmethod
     def of(cls, settings: CoordinatorSettings, store: Store) -> ReplicaIntake:
