@@ -114,7 +114,13 @@ class StandBy:
         if settings.ssl_certfile is not None:  # the replicas' certificates come from the same authority
             verify = ssl.create_default_context()
             verify.load_verify_locations(settings.ssl_certfile)
-        app = standby_app(LeaderDirectory(store), holder_name(settings.cluster.name), verify, intake=intake)
+        app = standby_app(
+            LeaderDirectory(store),
+            holder_name(settings.cluster.name),
+            verify,
+            intake=intake,
+            body_timeout_s=settings.read_timeout_s,
+        )
         # a request still waiting on a leader that died must not hold the port when this one takes over
         # the peer's own address is appended to X-Forwarded-For, which the leader alone reads and trusts
         server = make_server(

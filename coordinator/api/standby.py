@@ -36,6 +36,8 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from coordinator.api.http_io import read_body
+from coordinator.errors import ApiError, error_response
 from coordinator.rounds.checked import ReplicaIntake, bucket_threads
 from coordinator.storage.base import Store
 from protocol.wire import HEADER_CHECKED, HEADER_LEADER, HEADER_PROTOCOL, HEADER_REPLICA, PROTOCOL_VERSION
@@ -109,11 +111,13 @@ def standby_app(
     verify: bool | ssl.SSLContext = True,
     read_timeout_s: float = 120.0,
     intake: ReplicaIntake | None = None,
+    body_timeout_s: float = 10.0,
 ) -> Starlette:
     """The app a standby serves: every path, every method, to the leader. ``read_timeout_s``: longer than
     the longest long-poll (60 s). ``intake``: the forms of uploads straight to the bucket are given here,
     and their commits checked here before they go on (coordinator/rounds/checked.py), so that the leader
-    only records them."""
+    only records them; a body read here that stalls for ``body_timeout_s`` is cut off, as the leader's
+    ``read_timeout_s`` does."""
     timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=read_timeout_s)
     # as many requests in flight to the leader as come in (its own limits answer for it): a pool capped
     # at httpx's 100 would turn a crowd of uploads into 503s here. In POOLS pools taken in turn: a pool's
@@ -176,7 +180,7 @@ def standby_app(
         size = request.headers.get("content-length", "")
         if pool is None or not size.isdigit() or int(size) > SMALL_BYTES:
             return None, None
-        body = await request.body()
+        body = await read_body(request, SMALL_BYTES, body_timeout_s)  # a body that stalls: 408
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         round_ = int(request.path_params["round_"])
         try:
@@ -220,4 +224,11 @@ def standby_app(
             Route("/v1/rounds/{round_:int}/uploads", form, methods=["POST"]),
             Route("/v1/rounds/{round_:int}/commits", commit, methods=["POST"]),
         ]
-    return Starlette(routes=routes, lifespan=lifespan)
+
+    async def refused(_request: Request, exc: Exception) -> Response:
+        assert isinstance(exc, ApiError)
+        answer = error_response(exc.status, exc.code, exc.message, exc.headers)
+        answer.headers[HEADER_REPLICA] = replica
+        return answer
+
+    return Starlette(routes=routes, lifespan=lifespan, exception_handlers={ApiError: refused})

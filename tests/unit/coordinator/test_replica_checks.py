@@ -7,6 +7,7 @@ front of it, a real PostgreSQL and a real S3-compatible server."""
 from __future__ import annotations
 
 import hashlib
+import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
 from typing import Any
@@ -186,3 +187,16 @@ def test_a_standby_gives_the_forms_of_direct_uploads_itself(
     assert given.status_code == 200 and given.headers[HEADER_REPLICA] == "b"
     again = httpx.post(f"{leader.url}/v1/rounds/0/uploads", content=intent, headers=signed, timeout=30)
     assert_error(again, 401, "replayed_nonce")
+
+
+def test_a_body_that_stalls_at_a_standby_is_cut_off(
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake], tmp_path: Path
+) -> None:
+    _, _, store, intake = cluster
+    with serving(standby_app(LeaderDirectory(store), "c", intake=intake, body_timeout_s=0.5)) as url:
+        host, port = url.removeprefix("http://").split(":")
+        with socket.create_connection((host, int(port)), timeout=30) as sock:
+            sock.sendall(b"POST /v1/rounds/0/commits HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
+            answer = sock.recv(65536).decode()  # nothing more is sent
+        assert answer.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in answer
+        assert "x-gradpool-replica: c" in answer.lower()
