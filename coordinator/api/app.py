@@ -262,9 +262,10 @@ def create_app(
 
     name = holder_name(settings.cluster.name)  # this process leads: it serves the run
     app.add_middleware(ProtocolHeader, extra=[(HEADER_REPLICA, name), (HEADER_LEADER, name)])
+    # FastAPI matches a request against the routes in turn: the uploads' first, as they come in hundreds
+    app.include_router(uploads.router)
     app.include_router(router)
     app.include_router(downloads.router)
-    app.include_router(uploads.router)
     app.include_router(validators.router)
     app.include_router(dashboard.router)
     return app
