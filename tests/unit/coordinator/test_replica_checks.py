@@ -190,13 +190,16 @@ def test_a_standby_gives_the_forms_of_direct_uploads_itself(
 
 
 def test_a_body_that_stalls_at_a_standby_is_cut_off(
-    cluster: tuple[Any, str, SqlStore, ReplicaIntake], tmp_path: Path
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake],
 ) -> None:
     _, _, store, intake = cluster
     with serving(standby_app(LeaderDirectory(store), "c", intake=intake, body_timeout_s=0.5)) as url:
         host, port = url.removeprefix("http://").split(":")
         with socket.create_connection((host, int(port)), timeout=30) as sock:
             sock.sendall(b"POST /v1/rounds/0/commits HTTP/1.1\r\nHost: x\r\nContent-Length: 100\r\n\r\n{")
-            answer = sock.recv(65536).decode()  # nothing more is sent
+            parts = []  # nothing more is sent; the answer, until the standby closes the connection
+            while chunk := sock.recv(65536):
+                parts.append(chunk)
+        answer = b"".join(parts).decode()
         assert answer.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in answer
         assert "x-gradpool-replica: c" in answer.lower()
