@@ -28,10 +28,9 @@ from coordinator.publishing.model import Model
 from coordinator.publishing.outer import OuterOptimizer
 from coordinator.publishing.publisher import Downlink, Publisher
 from coordinator.rounds.admission import Admission
-from coordinator.rounds.checked import bucket_threads, checker_id, payload_cap
 from coordinator.rounds.checks import Check, default_pipeline
 from coordinator.rounds.closer import Closer
-from coordinator.rounds.direct import DirectUploads
+from coordinator.rounds.direct import DirectUploads, bucket_threads, checker_id, payload_cap
 from coordinator.rounds.intake import Intake, IntakeSettings
 from coordinator.rounds.judging import Judge
 from coordinator.rounds.modes import RoundMode, mode_for
@@ -77,8 +76,7 @@ class Run:
         root.mkdir(parents=True, exist_ok=True)
         self.lock = StateLock(root)
         try:
-            patience = 0.0 if embedded(url) else STARTING_PATIENCE_S  # PostgreSQL may be restarting
-            self.store: Store = open_store(root, url, patience)
+            self.store: Store = open_store(root, url, STARTING_PATIENCE_S)  # PostgreSQL may be restarting
         except BaseException:
             self.lock.release()
             raise

@@ -96,7 +96,7 @@ class StandBy:
     async def start(cls, settings: Any, tls: dict[str, str]) -> StandBy:
         from coordinator.api.server import bound_port, make_server
         from coordinator.api.standby import LeaderDirectory, standby_app
-        from coordinator.rounds.checked import ReplicaIntake
+        from coordinator.rounds.direct import ReplicaIntake
         from coordinator.storage.lease import holder_name
         from coordinator.storage.store import STARTING_PATIENCE_S, open_store
         from protocol.errors import ProtocolError

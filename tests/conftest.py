@@ -5,7 +5,6 @@ from __future__ import annotations
 import functools
 import logging
 import os
-import threading
 import uuid
 from collections.abc import Callable, Iterator, Sequence
 from pathlib import Path
@@ -17,12 +16,12 @@ import torch
 
 from benchmarks.postgres import Postgres, pg_bin
 from coordinator.api.app import create_app
-from coordinator.api.server import bound_port, make_server
 from coordinator.settings import CoordinatorSettings
 from gradpool.processes import Child
 from protocol.data import stdlib_dir
 from tests.helpers import memo
 from tests.helpers.required import required
+from tests.helpers.served import serving
 from tests.helpers.waiting import wait_until
 
 # One torch thread in every test process (and in every process a test starts): several test workers share
@@ -87,22 +86,12 @@ class LiveServer:
 
     def __init__(self, settings: CoordinatorSettings, **app: Any) -> None:
         self.app = create_app(settings, **app)
-        self.server = make_server(self.app, "127.0.0.1", 0)
-        self.thread = threading.Thread(target=self.server.run, daemon=True)
+        self._served = serving(self.app, proxy_headers=True)
+        self.url = ""
 
     def __enter__(self) -> LiveServer:
-        self.thread.start()
-
-        def started() -> bool:
-            assert self.thread.is_alive(), "the coordinator's server thread ended at start"
-            return bool(self.server.started)
-
-        wait_until(started, 60, "the coordinator to listen", interval_s=0.02)
+        self.url = self._served.__enter__()
         return self
-
-    @property
-    def url(self) -> str:
-        return f"http://127.0.0.1:{bound_port(self.server)}"
 
     def wait_rounds(self, n: int, procs: Sequence[Child] = (), timeout_s: float = 60) -> dict[str, Any]:
         """``/v1/status`` once ``n`` rounds have closed (a miner exits after its last upload, before that
@@ -115,9 +104,8 @@ class LiveServer:
 
         return wait_until(closed, timeout_s, f"{n} rounds to close", interval_s=0.3)
 
-    def __exit__(self, *exc: object) -> None:
-        self.server.should_exit = True
-        self.thread.join(timeout=30)
+    def __exit__(self, *exc: Any) -> None:
+        self._served.__exit__(*exc)
 
 
 @pytest.fixture

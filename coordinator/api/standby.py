@@ -7,7 +7,7 @@ next URL. When the standby takes the lease itself, it stops forwarding and serve
 
 With uploads straight to the bucket, a standby gives the forms for them itself, and checks their commits
 before it passes them on: it reads and examines each payload and writes what it found in the store, so
-that the leader only records the upload (coordinator/rounds/checked.py). Reading and examining every
+that the leader only records the upload (coordinator/rounds/direct.py). Reading and examining every
 payload is most of an upload's cost to a coordinator; this way it is spread over the replicas the miners
 reach.
 
@@ -38,7 +38,7 @@ from starlette.routing import Route
 
 from coordinator.api.http_io import read_body
 from coordinator.errors import ApiError, error_response
-from coordinator.rounds.checked import ReplicaIntake, bucket_threads
+from coordinator.rounds.direct import ReplicaIntake, bucket_threads
 from coordinator.storage.base import Store
 from protocol.wire import HEADER_CHECKED, HEADER_LEADER, HEADER_PROTOCOL, HEADER_REPLICA, PROTOCOL_VERSION
 
@@ -115,7 +115,7 @@ def standby_app(
 ) -> Starlette:
     """The app a standby serves: every path, every method, to the leader. ``read_timeout_s``: longer than
     the longest long-poll (60 s). ``intake``: the forms of uploads straight to the bucket are given here,
-    and their commits checked here before they go on (coordinator/rounds/checked.py), so that the leader
+    and their commits checked here before they go on (coordinator/rounds/direct.py), so that the leader
     only records them; a body read here that stalls for ``body_timeout_s`` is cut off, as the leader's
     ``read_timeout_s`` does."""
     timeout = httpx.Timeout(connect=3.0, read=read_timeout_s, write=read_timeout_s, pool=read_timeout_s)

@@ -6,11 +6,11 @@ fails ``guard`` is built again without the most suspect uploads until it passes 
 downlink's error feedback is the coordinator's own bookkeeping, not any miner's work: when the version as
 aggregated would fail the guard, the update is compressed again without it, and the aggregate is also tried
 with no layer moved further than the longest upload moves it; the best is kept, so neither a stale residual
-nor an overshooting aggregate costs a miner its upload at the guard. ``guard``
-says whether the result may be published (every parameter finite, the held-out loss finite and not above
-the previous version's by more than ``max_loss_increase``); only then does ``write`` put the published
-update, the checkpoint and the coordinator's state (the outer optimizer's momentum, the downlink's error
-feedback) into the blob store. Nothing is visible until the closer commits the version, and its state with it.
+nor an overshooting aggregate costs a miner its upload at the guard. ``guard`` says whether the result may
+be published (every parameter finite, the held-out loss finite and not above the previous version's by more
+than ``max_loss_increase``); only then does ``write`` put the published update, the checkpoint and the
+coordinator's state (the outer optimizer's momentum, the downlink's error feedback) into the blob store.
+Nothing is visible until the closer commits the version, and its state with it.
 """
 
 from __future__ import annotations

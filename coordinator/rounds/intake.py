@@ -4,7 +4,7 @@ An upload is checked and stored in two steps. The slow part (hashing, decoding w
 the content-addressed files) runs without the round lock, so uploads do not wait for each other; then,
 under the lock, the round rules are checked again and the upload is committed with the next round state
 (coordinator/rounds/state.py), so an upload is taken exactly when its round was open for it. An upload
-that the replica its commit reached read and examined already (coordinator/rounds/checked.py) takes only
+that the replica its commit reached read and examined already (coordinator/rounds/direct.py) takes only
 the second step (``submit_checked``).
 """
 
@@ -19,23 +19,30 @@ from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unpr
 from coordinator.hooks import Hooks
 from coordinator.metrics import Metrics
 from coordinator.rounds.admission import Admission
-from coordinator.rounds.checked import Checked, examine
 from coordinator.rounds.scoring import Scores
 from coordinator.rounds.sharing import Sharing
 from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import HEALTH_FIELDS, Health, NewSubmission
+from coordinator.storage.records import HEALTH_FIELDS, Checked, Health, NewSubmission
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
-from protocol.errors import SignatureError
-from protocol.payload import PayloadHeader
+from protocol.errors import CodecError, SignatureError
+from protocol.payload import Examined, PayloadHeader
 from protocol.signing import body_digest, verify_declared, verify_request
 from protocol.wire import SubmissionReceipt, Verdict
 
 log = logging.getLogger(__name__)
 ROUND_RULES = ("round_closed", "round_not_open", "already_submitted")  # not held against the miner
+
+
+def examine(codec: Codec, spec: ParamSpec, body: bytes, unpack: bool) -> Examined:
+    """The codec's examination, a malformed payload refused (422 with the codec's code)."""
+    try:
+        return codec.examine(body, spec, unpack=unpack)
+    except CodecError as e:
+        raise Unprocessable(e.code, e.message) from None
 
 
 @dataclass(frozen=True)
@@ -189,7 +196,7 @@ class Intake:
 
     def submit_checked(self, miner: str, round_: int, sha: str, checked: Checked) -> SubmissionReceipt:
         """Record an upload that a replica read, examined and kept where its commit arrived
-        (coordinator/rounds/checked.py), under the same round rules as ``submit``."""
+        (coordinator/rounds/direct.py), under the same round rules as ``submit``."""
         self.require_miner(miner)
         self.check_round(round_)
         try:

@@ -9,6 +9,7 @@ from typing import Protocol
 
 from coordinator.storage.lease import LeaseHolder
 from coordinator.storage.records import (
+    Checked,
     IntakeRefusal,
     NewSubmission,
     RoundClose,
@@ -47,8 +48,8 @@ class Store(Protocol):
         """Records of versions made before the history was kept (a state directory from before)."""
         ...
 
-    def add_checked(self, round_: int, miner: str, sha: str, checker: str, found: str) -> None:
-        """What a replica that checks as ``checker`` found of a payload (JSON); the first one stays."""
+    def add_checked(self, round_: int, miner: str, sha: str, checker: str, found: Checked) -> None:
+        """What a replica that checks as ``checker`` found of a payload; the first one stays."""
         ...
 
     def add_submission(self, s: NewSubmission) -> None:
@@ -72,7 +73,7 @@ class Store(Protocol):
         """The newest live version with a checkpoint kept, or ``version``'s checkpoint."""
         ...
 
-    def checked(self, round_: int, miner: str, sha: str, checker: str) -> str | None: ...
+    def checked(self, round_: int, miner: str, sha: str, checker: str) -> Checked | None: ...
 
     def close(self) -> None: ...
 

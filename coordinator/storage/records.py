@@ -9,9 +9,11 @@ from enum import StrEnum
 from typing import Literal
 
 import torch
+from pydantic import BaseModel, ConfigDict
 
 from protocol.evaluation import Losses
 from protocol.history import SignedRecord
+from protocol.payload import Examined, PayloadHeader
 
 
 @dataclass(frozen=True)
@@ -122,6 +124,35 @@ class NewSubmission:
     received_at: float
     health: Health = Health()
     kept: bytes = b""  # the kept coordinates' sample (protocol/codec/measure.py kept_sample), int64
+
+
+class Checked(BaseModel):
+    """What intake records of a payload: its header, size, digest of its tensors, norm, sketch and kept
+    sample, and the blob of its unpacked form if one was kept (None: unpacked again when read). A replica
+    that checked a direct upload's commit keeps it in the store for the leader (rounds/direct.py)."""
+
+    model_config = ConfigDict(frozen=True, ser_json_bytes="base64", val_json_bytes="base64")
+
+    header: PayloadHeader
+    size: int
+    content_sha256: str
+    norm: float
+    sketch: bytes
+    kept: bytes
+    stored_sha256: str | None
+
+    @classmethod
+    def of(cls, seen: Examined, body: bytes, sha: str, unpacked_sha: str | None) -> Checked:
+        """``sha``: the payload's; ``unpacked_sha``: its unpacked form's blob, where one was put."""
+        return cls(
+            header=seen.header,
+            size=len(body),
+            content_sha256=seen.content_sha256,
+            norm=seen.norm,
+            sketch=seen.sketch.numpy().tobytes(),
+            kept=seen.kept.numpy().tobytes(),
+            stored_sha256=sha if seen.stored is body else unpacked_sha,
+        )
 
 
 @dataclass(frozen=True)

@@ -39,7 +39,7 @@ from coordinator.storage.reports import ReportReads
 from coordinator.storage.rows import from_row
 from coordinator.storage.schema import prepare
 from coordinator.storage.scores import COORDINATOR, INSERT_VERDICT, ScoreReads, verdict_rows
-from coordinator.storage.sql import Tx, make_engine, redacted, store_url
+from coordinator.storage.sql import Tx, embedded, make_engine, redacted, store_url
 from coordinator.storage.tasks import TaskStore
 from coordinator.storage.versions import INSERT_RECORD, VersionStore, record_row
 from protocol.history import SignedRecord
@@ -54,9 +54,8 @@ class StoreUnavailable(ConnectionError):
 
 class SqlStore(IdentityStore, ReportReads, ScoreReads, VersionStore, LeaseStore, TaskStore, CheckedStore):
     """All the SQL of a run (meta, nonces and miners in ``coordinator/storage/identities.py``, the reads of
-    closed rounds in ``coordinator/storage/reports.py``, the
-    leaderboard's in ``coordinator/storage/scores.py``, the versions and their signed history in
-    ``coordinator/storage/versions.py``, the commits that replicas checked in ``checked.py``)."""
+    closed rounds in ``reports.py``, the leaderboard's in ``scores.py``, the versions and their signed
+    history in ``versions.py``, the commits that replicas checked in ``checked.py``)."""
 
     def __init__(self, url: str) -> None:
         self.url = redacted(url)
@@ -326,8 +325,9 @@ class SqlStore(IdentityStore, ReportReads, ScoreReads, VersionStore, LeaseStore,
 
 def open_store(state_dir: Path, url: str | None = None, patience_s: float = 0.0) -> SqlStore:
     """The store of a state directory: ``url`` (``[store] url``) when set, else its SQLite file.
-    ``patience_s``: how long to try again a database that cannot be reached (it may be restarting)."""
-    deadline = time.monotonic() + patience_s
+    ``patience_s``: how long to try again a PostgreSQL that cannot be reached (it may be restarting; a
+    SQLite file is not tried again)."""
+    deadline = time.monotonic() + (0.0 if embedded(url) else patience_s)
     while True:
         try:
             return SqlStore(store_url(state_dir, url))

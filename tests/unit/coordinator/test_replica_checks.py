@@ -1,4 +1,4 @@
-"""Commits checked by the replica they reach (coordinator/rounds/checked.py): a standby reads and examines
+"""Commits checked by the replica they reach (coordinator/rounds/direct.py): a standby reads and examines
 the payload a commit names and writes what it found in the store; the leader records the upload from it
 without reading the payload, under the same round rules. What the standby cannot check it passes on as it
 came, and the leader refuses it as before. A real leader (uvicorn on 127.0.0.1), the standby's real app in
@@ -18,8 +18,9 @@ import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
 from coordinator.api.standby import LeaderDirectory, advertise, standby_app
-from coordinator.rounds.checked import Checked, ReplicaIntake
+from coordinator.rounds.direct import ReplicaIntake
 from coordinator.settings import CoordinatorSettings
+from coordinator.storage.records import Checked
 from coordinator.storage.store import SqlStore, open_store
 from protocol.codec import SparseLoCoCodec
 from protocol.model import resolve
@@ -112,7 +113,7 @@ def test_a_commit_reaching_a_standby_is_checked_there_and_only_recorded_by_the_l
     assert found is not None  # what the standby found, as the leader would have found it
     codec = SparseLoCoCodec()
     seen = codec.examine(body, model_spec(resolve("tiny", 256)))
-    assert Checked.model_validate_json(found) == Checked.of(seen, body, sha, None)
+    assert found == Checked.of(seen, body, sha, None)
     assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
     again = alice.post("/v1/rounds/0/commits", UploadCommit(sha256=sha).model_dump_json().encode())
     assert again.status_code == 200 and again.json()["duplicate"] is True

@@ -1,4 +1,4 @@
-"""Commits checked by the replica they reached (coordinator/rounds/checked.py): what it found of each
+"""Commits checked by the replica they reached (coordinator/rounds/direct.py): what it found of each
 payload, for the leader to record the upload without reading the payload again.
 
 Revision ID: 0004
