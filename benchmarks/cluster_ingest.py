@@ -200,7 +200,7 @@ async def upload_all(
         wall = time.perf_counter() - t0
         cpu = cpu_used(before, meter(), wall) if meter else {}
         stored = (await clients[0].get("/v1/round")).json()["submissions"]
-        checked = None if leader is None else await replica_checked(leader)
+        counted = {} if leader is None else await leader_counts(leader)
     errors = [e for _, e in done if e]
     latencies = sorted(s for s, _ in done)
     return {
@@ -215,7 +215,9 @@ async def upload_all(
         "coordinator_bytes_in": sent[0],
         "bucket_bytes_in": sum(len(p) for p in payloads),
         "payload_bytes": len(payloads[0]),
-        "checked_by_replicas": checked,
+        "checked_by_replicas": counted.get("gradpool_replica_checked_uploads_total"),
+        "passed_batches": counted.get("gradpool_passed_commit_batches_total"),
+        "passed_commits": counted.get("gradpool_passed_commits_total"),
         "errors": errors[:5],
         **cpu,
         **per_upload(cpu, len(payloads)),
@@ -228,12 +230,26 @@ def per_upload(cpu: dict[str, Any], uploads: int) -> dict[str, Any]:
     return {"ms_per_upload": {k: round(v * 1000 / uploads, 2) for k, v in cpu["cpu_s"].items()}}
 
 
-async def replica_checked(leader: str) -> int:
+LEADER_COUNTS = (
+    "gradpool_replica_checked_uploads_total",  # recorded from a standby's check
+    "gradpool_passed_commit_batches_total",  # batches of checked commits the standbys passed on
+    "gradpool_passed_commits_total",  # the commits in them
+)
+
+
+async def leader_counts(leader: str) -> dict[str, int]:
+    """The leader's counts of the uploads the standbys checked, from its ``/metrics``."""
     async with httpx.AsyncClient(base_url=leader, timeout=30) as client:
-        for line in (await client.get("/metrics")).text.splitlines():
-            if line.startswith("gradpool_replica_checked_uploads_total "):
-                return int(float(line.split()[1]))
-    raise RuntimeError(f"the leader at {leader} gives no gradpool_replica_checked_uploads_total")
+        lines = (await client.get("/metrics")).text.splitlines()
+    found = {
+        name: int(float(line.split()[1]))
+        for line in lines
+        for name in LEADER_COUNTS
+        if line.startswith(name + " ")
+    }
+    if missing := set(LEADER_COUNTS) - set(found):
+        raise RuntimeError(f"the leader at {leader} gives no {', '.join(sorted(missing))}")
+    return found
 
 
 def cluster_ingest(

@@ -119,6 +119,7 @@ def responses(*codes: int) -> dict[int | str, dict[str, Any]]:
     }
 
 
+FAILED = "the coordinator failed to answer this request"  # internal_error's message
 SIGNED = (400, 401, 403, 408, 413, 422)  # what any signed POST can answer before its own logic runs
 
 
@@ -150,4 +151,4 @@ def install_handlers(app: FastAPI) -> None:
     @app.exception_handler(Exception)
     async def _internal(_: Request, exc: Exception) -> JSONResponse:
         log.error("internal error: %s: %s", type(exc).__name__, exc)
-        return error_response(500, "internal_error", "the coordinator failed to answer this request")
+        return error_response(500, "internal_error", FAILED)

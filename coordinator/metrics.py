@@ -26,6 +26,12 @@ class Metrics:
             "Uploads recorded from the check of the replica their commit reached, the payload unread here",
             registry=r,
         )
+        self.passed_batches = Counter(
+            "gradpool_passed_commit_batches", "Batches of commits a standby checked and passed on", registry=r
+        )
+        self.passed_commits = Counter(
+            "gradpool_passed_commits", "Commits a standby checked and passed on in a batch", registry=r
+        )
         self.bytes_out = Counter(
             "gradpool_served_bytes",
             "Bytes served, by kind: model (updates, checkpoints, uploads) or data",

@@ -9,7 +9,8 @@ With uploads straight to the bucket, a standby gives the forms for them itself, 
 before it passes them on: it reads and examines each payload and writes what it found in the store, so
 that the leader only records the upload (coordinator/rounds/direct.py). Reading and examining every
 payload is most of an upload's cost to a coordinator; this way it is spread over the replicas the miners
-reach.
+reach. The checked commits go on to the leader together, those checked while an earlier batch was on its
+way in one request (coordinator/api/batches.py).
 
 Every answer names the replica that gave it and the leader (``X-Gradpool-Replica``, ``X-Gradpool-Leader``),
 which ``gradpool status`` prints.
@@ -36,6 +37,15 @@ from starlette.requests import Request
 from starlette.responses import JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
+from coordinator.api.batches import (
+    BATCH_PATH,
+    BatchAnswers,
+    CommitAnswer,
+    CommitBatch,
+    CommitBatcher,
+    PassedCommit,
+    passed,
+)
 from coordinator.api.http_io import read_body
 from coordinator.errors import ApiError, error_response
 from coordinator.rounds.direct import ReplicaIntake, bucket_threads
@@ -98,6 +108,10 @@ class LeaderDirectory:
             known = Leader(held.holder, str(where["url"]).rstrip("/")) if live else None
         self._seen = (time.monotonic(), known)
         return known
+
+
+class Unanswered(Exception):
+    """No leader known, or the leader did not answer (the message says which)."""
 
 
 def no_leader(replica: str, message: str) -> Response:
@@ -203,11 +217,47 @@ def standby_app(
             headers[HEADER_LEADER] = leader.name
         return Response(ticket.model_dump_json(), media_type="application/json", headers=headers)
 
+    async def send_batch(commits: list[PassedCommit]) -> list[CommitAnswer] | None:
+        """Checked commits to the leader in one request: its answers, or None if it did not take them as
+        a batch (a leader of an earlier version, one that is starting)."""
+        fresh, leader = directory.cached()
+        if not fresh:
+            leader = await asyncio.to_thread(directory.leader)
+        if leader is None:
+            raise Unanswered("no replica holds the leader lease now; try again shortly")
+        content = CommitBatch(commits=commits).model_dump_json()
+        client = clients[next(turn) % POOLS]
+        try:
+            answer = await client.post(
+                leader.url + BATCH_PATH, content=content, headers={"content-type": "application/json"}
+            )
+        except httpx.TransportError as e:
+            raise Unanswered(f"the leader ({leader.name}) did not answer: {type(e).__name__}") from None
+        if answer.status_code != 200:
+            log.info("the leader took no batch of commits (%d): each goes on alone", answer.status_code)
+            return None
+        return BatchAnswers.model_validate_json(answer.content).answers
+
+    batcher = CommitBatcher(send_batch)
+
     async def commit(request: Request) -> Response:
-        """A direct upload's commit, checked here where this replica can, then passed on."""
+        """A direct upload's commit, checked here where this replica can, then passed on (with the other
+        commits checked meanwhile)."""
         assert intake is not None
         body, checked = await taken_here(request, intake.check)
-        return await forward(request, body, bool(checked))
+        if not checked or body is None:
+            return await forward(request, body)
+        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        try:
+            answer = await batcher.pass_on(passed(target, dict(request.headers), body))
+        except Unanswered as e:
+            return no_leader(replica, str(e))
+        if answer is None:
+            return await forward(request, body, checked=True)
+        headers = {**answer.headers, HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_REPLICA: replica}
+        if (leader := directory.cached()[1]) is not None:
+            headers[HEADER_LEADER] = leader.name
+        return Response(answer.body, answer.status, headers, media_type="application/json")
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

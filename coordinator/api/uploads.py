@@ -1,30 +1,58 @@
 """Uploads straight to the object store (``[blobs] direct_uploads``, coordinator/rounds/direct.py): a
-presigned form for one payload, then the commit that hands it to intake."""
+presigned form for one payload, then the commit that hands it to intake; and the commits standbys checked,
+passed on together (coordinator/api/batches.py)."""
 
 from __future__ import annotations
 
 import asyncio
+import json
+import logging
+from dataclasses import dataclass
 from typing import TypeVar
 
 from fastapi import APIRouter, Request
 from pydantic import BaseModel
 
+from coordinator.api.batches import (
+    BATCH_BYTES,
+    BATCH_PATH,
+    COMMIT_BYTES,
+    BatchAnswers,
+    CommitAnswer,
+    CommitBatch,
+    PassedCommit,
+    commit_round,
+)
 from coordinator.api.deps import RoundNumber, RunDep
-from coordinator.api.http_io import parsed, signed_body
-from coordinator.errors import SIGNED, Conflict, responses
+from coordinator.api.http_io import parsed, read_body, signed_body
+from coordinator.errors import (
+    FAILED,
+    SIGNED,
+    ApiError,
+    Conflict,
+    NotFound,
+    PayloadTooLarge,
+    Unauthorized,
+    responses,
+)
 from coordinator.rounds.direct import DirectUploads
 from coordinator.run import Run
 from protocol.wire import HEADER_CHECKED, SubmissionReceipt, UploadCommit, UploadIntent, UploadTicket
 
+log = logging.getLogger(__name__)
 router = APIRouter()
 M = TypeVar("M", bound=BaseModel)
 
 
 async def _signed(run: Run, request: Request, model: type[M]) -> tuple[str, M, DirectUploads]:
-    miner, body, _ = await signed_body(run, request, 4096, miner_only=True)
+    miner, body, _ = await signed_body(run, request, COMMIT_BYTES, miner_only=True)
+    return miner, parsed(model, body, model.__name__), _direct(run)
+
+
+def _direct(run: Run) -> DirectUploads:
     if run.direct is None:
         raise Conflict("direct_uploads_off", "this coordinator takes uploads itself: POST .../submissions")
-    return miner, parsed(model, body, model.__name__), run.direct
+    return run.direct
 
 
 @router.post("/v1/rounds/{round_}/uploads", responses=responses(*SIGNED, 409))
@@ -47,3 +75,85 @@ async def commit(round_: RoundNumber, request: Request, run: RunDep) -> Submissi
         run.intake_pool, direct.commit, miner, round_, given.sha256, checked
     )
     return receipt
+
+
+@router.post(BATCH_PATH, responses=responses(408, 409, 413, 422))
+async def passed_commits(request: Request, run: RunDep) -> BatchAnswers:
+    """Commits a standby checked, each as its miner signed it, each taken as if it had come alone
+    (coordinator/api/batches.py): the answers in the batch's order, each the status, body and headers the
+    commit alone would have had."""
+    body = await read_body(request, BATCH_BYTES, run.settings.read_timeout_s)
+    batch = parsed(CommitBatch, body, "CommitBatch")
+    direct = _direct(run)
+    run.metrics.passed_batches.inc()
+    run.metrics.passed_commits.inc(len(batch.commits))
+    loop = asyncio.get_running_loop()
+    answers = await loop.run_in_executor(run.intake_pool, take_batch, run, direct, batch.commits)
+    return BatchAnswers(answers=answers)
+
+
+@dataclass(frozen=True)
+class Opened:
+    """A passed commit whose signature holds: its signer, nonce, round and payload digest."""
+
+    miner: str
+    nonce: str
+    round: int
+    sha: str
+
+
+def take_batch(run: Run, direct: DirectUploads, commits: list[PassedCommit]) -> list[CommitAnswer]:
+    """Each commit checked and taken as ``commit`` takes one sent here, in turn (in an intake thread); what
+    every commit needs of the store (its nonce recorded, its signer's registration, what the standby
+    found) read or written for all of them at once."""
+    opened: list[Opened | ApiError] = []
+    for c in commits:
+        try:
+            opened.append(_open(run, c))
+        except ApiError as e:
+            opened.append(e)
+    signed = [o for o in opened if isinstance(o, Opened)]
+    try:
+        fresh = run.intake.fresh([o.nonce for o in signed])
+        run.intake.know_miners([o.miner for o in signed])
+        found = direct.checked_among([(o.round, o.miner, o.sha) for o in signed])
+    except Exception as e:  # every commit would have failed alone
+        return [_failed(run, e) for _ in commits]
+    answers, taken = [], set()
+    for o in opened:
+        try:
+            if isinstance(o, ApiError):
+                raise o
+            if o.nonce not in fresh or o.nonce in taken:
+                raise Unauthorized("replayed_nonce", "this nonce was used before")
+            taken.add(o.nonce)
+            receipt = direct.commit(o.miner, o.round, o.sha, found=found.get((o.round, o.miner, o.sha)))
+            answers.append(CommitAnswer(status=200, body=receipt.model_dump_json()))
+        except Exception as e:
+            answers.append(_failed(run, e))
+    return answers
+
+
+def _open(run: Run, commit: PassedCommit) -> Opened:
+    """A passed commit's round, signature and body, checked as the commit route checks them."""
+    round_ = commit_round(commit.path)
+    if round_ is None:
+        raise NotFound("not_found", f"{commit.path} is not a commit's path")
+    body = commit.body.encode()
+    if len(body) > COMMIT_BYTES:
+        raise PayloadTooLarge("payload_too_large", f"body exceeds the {COMMIT_BYTES}-byte limit")
+    miner, nonce = run.intake.verify(commit.headers, "POST", commit.path, body)
+    return Opened(miner, nonce, round_, parsed(UploadCommit, body, UploadCommit.__name__).sha256)
+
+
+def _failed(run: Run, e: Exception) -> CommitAnswer:
+    """The answer a commit refused (or failed) with ``e`` would have had alone."""
+    if not isinstance(e, ApiError):  # as any route: the error logged, the commit answered 500
+        log.error("internal error: %s: %s", type(e).__name__, e)
+        return CommitAnswer(
+            status=500, body=json.dumps({"error": {"code": "internal_error", "message": FAILED}})
+        )
+    if e.status < 500:
+        run.metrics.refusals.labels(e.code).inc()
+    error = json.dumps({"error": {"code": e.code, "message": e.message}})
+    return CommitAnswer(status=e.status, body=error, headers=e.headers or {})

@@ -115,16 +115,20 @@ class DirectUploads:
         now = self.clock()
         return upload_form(self.bucket, round_, miner, intent.sha256, self.max_bytes, self.expiry_s, now)
 
-    def commit(self, miner: str, round_: int, sha: str, checked: bool = False) -> SubmissionReceipt:
+    def commit(
+        self, miner: str, round_: int, sha: str, checked: bool = False, found: Checked | None = None
+    ) -> SubmissionReceipt:
         """Take the payload the miner put under its key as its upload of the round. The object stays in
         the bucket until the round closes (the closer removes the round's at once) unless it is refused.
         ``checked``: the standby the commit reached says it checked it (what it found is then taken from
-        the store, if it is there and made as this run checks)."""
+        the store, if it is there and made as this run checks); ``found``: what it found, read already
+        (``checked_among``)."""
         self.intake.require_miner(miner)
         self.intake.check_round(round_)
         if (receipt := self.intake.earlier_upload(miner, round_, sha)) is not None:
             return receipt  # a commit sent again
-        found = self.intake.store.checked(round_, miner, sha, self.checker) if checked else None
+        if found is None and checked:
+            found = self.intake.store.checked(round_, miner, sha, self.checker)
         if found is not None:  # the replica the commit reached read, examined and kept the payload
             return self.intake.submit_checked(miner, round_, sha, found)
         key = self.bucket.incoming_key(round_, miner, sha)
@@ -136,6 +140,10 @@ class DirectUploads:
         except (PayloadTooLarge, Unprocessable, Conflict):  # refused: taken once, as an upload sent here is
             self.bucket.forget_object(key)
             raise
+
+    def checked_among(self, uploads: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], Checked]:
+        """What standbys found of these (round, miner, sha256), checked as this run checks, read at once."""
+        return self.intake.store.checked_among(uploads, self.checker)
 
 
 @dataclass

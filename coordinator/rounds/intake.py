@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import dataclasses
 import logging
-from collections.abc import Callable, Mapping
+from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
 from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
@@ -90,14 +90,16 @@ class Intake:
     def authenticate(self, headers: Mapping[str, str], method: str, path: str, body: bytes) -> str:
         """The signer of a request whose body is in hand; refuses unsigned, forged, expired and replayed
         ones."""
-        try:
-            signer, nonce = verify_request(
-                headers, method, path, body, window_s=self.window_s, now=self.clock()
-            )
-        except SignatureError as e:
-            raise Unauthorized(e.code, e.message) from None
+        signer, nonce = self.verify(headers, method, path, body)
         self._fresh(nonce)
         return signer
+
+    def verify(self, headers: Mapping[str, str], method: str, path: str, body: bytes) -> tuple[str, str]:
+        """(signer, nonce) of a request whose body is in hand, its nonce not yet recorded (``fresh``)."""
+        try:
+            return verify_request(headers, method, path, body, window_s=self.window_s, now=self.clock())
+        except SignatureError as e:
+            raise Unauthorized(e.code, e.message) from None
 
     def authenticate_declared(self, headers: Mapping[str, str], method: str, path: str) -> tuple[str, str]:
         """The signer and the body digest of a request whose body is not read yet (it may be large)."""
@@ -121,6 +123,16 @@ class Intake:
         now = self.clock()
         if not self.store.remember_nonce(nonce, now + 2 * self.window_s, now):
             raise Unauthorized("replayed_nonce", "this nonce was used before")
+
+    def fresh(self, nonces: Sequence[str]) -> set[str]:
+        """Record several requests' nonces at once, as ``authenticate`` records one: those not used
+        before (a nonce twice among them is fresh once)."""
+        now = self.clock()
+        return self.store.remember_nonces(nonces, now + 2 * self.window_s, now)
+
+    def know_miners(self, miners: Sequence[str]) -> None:
+        """Look up at once which of ``miners`` are registered, so that ``require_miner`` needs no read."""
+        self._miners |= self.store.miners_among([m for m in miners if m not in self._miners])
 
     def require_miner(self, miner: str) -> None:
         if miner in self._miners:  # a registration is never taken back

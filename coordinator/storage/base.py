@@ -4,7 +4,7 @@ store (``storage/store.py``, on SQLite or PostgreSQL) is the one there is; every
 
 from __future__ import annotations
 
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from typing import Protocol
 
 from coordinator.storage.lease import LeaseHolder
@@ -75,6 +75,12 @@ class Store(Protocol):
 
     def checked(self, round_: int, miner: str, sha: str, checker: str) -> Checked | None: ...
 
+    def checked_among(
+        self, uploads: Sequence[tuple[int, str, str]], checker: str
+    ) -> dict[tuple[int, str, str], Checked]:
+        """``checked`` for several (round, miner, sha256) at once: those found."""
+        ...
+
     def close(self) -> None: ...
 
     def close_round(self, c: RoundClose) -> None:
@@ -106,6 +112,10 @@ class Store(Protocol):
     def intake_refusals(self, since: int, through: int) -> list[IntakeRefusal]: ...
 
     def is_miner(self, pubkey: str) -> bool: ...
+
+    def miners_among(self, pubkeys: Sequence[str]) -> set[str]:
+        """Those of ``pubkeys`` that are registered."""
+        ...
 
     def last_closed_round(self) -> int | None: ...
 
@@ -157,6 +167,10 @@ class Store(Protocol):
 
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
         """Record a nonce; False if it is already recorded and not yet expired."""
+        ...
+
+    def remember_nonces(self, nonces: Sequence[str], expires_at: float, now: float) -> set[str]:
+        """Record several nonces at once: those recorded now (a nonce given twice recorded once)."""
         ...
 
     def reports(self, after: int = -1, limit: int = -1) -> list[StoredRound]:

@@ -4,6 +4,7 @@ replica writes what it found of a payload, the leader reads it back, and forgets
 from __future__ import annotations
 
 import logging
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 
 from pydantic import ValidationError
@@ -38,15 +39,39 @@ class CheckedStore:
                 "SELECT found FROM checked WHERE round = ? AND miner = ? AND sha256 = ? AND checker = ?",
                 (round_, miner, sha, checker),
             )
-        if row is None:
-            return None
-        try:
-            return Checked.model_validate_json(row["found"])
-        except ValidationError:
-            log.warning("round %d: unreadable check of miner %s's upload, not used", round_, miner[:12])
-            return None
+        return None if row is None else _read(row["found"], (round_, miner, sha))
+
+    def checked_among(
+        self, uploads: Sequence[tuple[int, str, str]], checker: str
+    ) -> dict[tuple[int, str, str], Checked]:
+        """``checked`` for several (round, miner, sha256) at once, in one statement: those found."""
+        wanted = set(uploads)
+        if not wanted:
+            return {}
+        miners = sorted({m for _, m, _ in wanted})
+        with self.unfenced() as db:
+            rows = db.all(
+                "SELECT round, miner, sha256, found FROM checked WHERE checker = ? "
+                f"AND miner IN ({', '.join('?' * len(miners))})",
+                (checker, *miners),
+            )
+        found = {}
+        for row in rows:
+            key = (int(row["round"]), str(row["miner"]), str(row["sha256"]))
+            if key in wanted and (seen := _read(row["found"], key)) is not None:
+                found[key] = seen
+        return found
 
     def forget_checked(self, through_round: int) -> int:
         """Forget what was found of the payloads of every round up to ``through_round``: how many."""
         with self.unfenced() as db:
             return db.count("DELETE FROM checked WHERE round <= ?", (through_round,))
+
+
+def _read(found: str, upload: tuple[int, str, str]) -> Checked | None:
+    """A row's finding; None for one that does not read (written by other code)."""
+    try:
+        return Checked.model_validate_json(found)
+    except ValidationError:
+        log.warning("round %d: unreadable check of miner %s's upload, not used", upload[0], upload[1][:12])
+        return None

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Sequence
 from contextlib import AbstractContextManager
 from typing import Any
 
@@ -56,14 +57,42 @@ class IdentityStore:
                 (nonce, expires_at, now),
             ):
                 return False
-            self._nonce_writes += 1
-            if self._nonce_writes % 1000 == 0:  # now and then, forget expired ones
-                db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+            self._nonces_written(db, 1, now)
         return True
+
+    def _nonces_written(self, db: Tx, n: int, now: float) -> None:
+        """Now and then (every thousand nonces written), forget the expired ones."""
+        before, self._nonce_writes = self._nonce_writes, self._nonce_writes + n
+        if before // 1000 != self._nonce_writes // 1000:
+            db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+
+    def remember_nonces(self, nonces: Sequence[str], expires_at: float, now: float) -> set[str]:
+        """Record several nonces in one statement: those recorded now (``remember_nonce`` each, a nonce
+        given twice recorded once)."""
+        distinct = list(dict.fromkeys(nonces))
+        if not distinct:
+            return set()
+        with self.unfenced() as db:
+            rows = db.all(
+                f"INSERT INTO nonces (nonce, expires_at) VALUES {', '.join(['(?, ?)'] * len(distinct))} "
+                "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at "
+                "WHERE nonces.expires_at <= ? RETURNING nonce",
+                (*(v for n in distinct for v in (n, expires_at)), now),
+            )
+            self._nonces_written(db, len(rows), now)
+        return {str(r["nonce"]) for r in rows}
 
     # -- miners -------------------------------------------------------------------------------------------
     def is_miner(self, pubkey: str) -> bool:
         return self._one("SELECT 1 FROM miners WHERE pubkey = ?", pubkey) is not None
+
+    def miners_among(self, pubkeys: Sequence[str]) -> set[str]:
+        """Those of ``pubkeys`` that are registered, in one statement."""
+        keys = list(dict.fromkeys(pubkeys))
+        if not keys:
+            return set()
+        rows = self._all(f"SELECT pubkey FROM miners WHERE pubkey IN ({', '.join('?' * len(keys))})", *keys)
+        return {str(r["pubkey"]) for r in rows}
 
     def register(self, pubkey: str, round_: int, now: float) -> bool:
         """Record the miner as seen in ``round_``; True if it is new."""

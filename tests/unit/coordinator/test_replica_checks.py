@@ -6,7 +6,9 @@ front of it, a real PostgreSQL and a real S3-compatible server."""
 
 from __future__ import annotations
 
+import asyncio
 import hashlib
+import json
 import socket
 from collections.abc import Callable, Iterator
 from pathlib import Path
@@ -17,6 +19,16 @@ import pytest
 import torch
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
+from coordinator.api.batches import (
+    BATCH_PATH,
+    MAX_COMMITS,
+    BatchAnswers,
+    CommitAnswer,
+    CommitBatch,
+    CommitBatcher,
+    PassedCommit,
+    passed,
+)
 from coordinator.api.standby import LeaderDirectory, advertise, standby_app
 from coordinator.rounds.direct import ReplicaIntake
 from coordinator.settings import CoordinatorSettings
@@ -204,3 +216,106 @@ def test_a_body_that_stalls_at_a_standby_is_cut_off(
         answer = b"".join(parts).decode()
         assert answer.startswith("HTTP/1.1 408") and '"code":"body_timeout"' in answer
         assert "x-gradpool-replica: c" in answer.lower()
+
+
+def post_batch(url: str, commits: list[PassedCommit]) -> list[CommitAnswer]:
+    answer = httpx.post(url + BATCH_PATH, content=CommitBatch(commits=commits).model_dump_json(), timeout=30)
+    assert answer.status_code == 200, answer.text
+    return BatchAnswers.model_validate_json(answer.content).answers
+
+
+def signed_commit(signer: Signer, body: bytes, path: str = "/v1/rounds/0/commits") -> PassedCommit:
+    """The commit of ``body``'s payload, signed by ``signer``, as a standby passes it on."""
+    commit = UploadCommit(sha256=hashlib.sha256(body).hexdigest()).model_dump_json().encode()
+    return passed(path, sign_request(signer.key, "POST", path, commit), commit)
+
+
+def put_payload(signer: Signer, body: bytes) -> None:
+    """``body`` into the bucket with a form from ``signer``'s URL."""
+    ticket = UploadTicket.model_validate_json(signer.form(body).content)
+    assert (
+        httpx.post(ticket.url, data=ticket.fields, files={"file": ("p", body)}, timeout=30).status_code < 300
+    )
+
+
+def test_the_leader_takes_a_batch_of_commits_each_as_if_it_had_come_alone(
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake],
+) -> None:
+    leader = cluster[0]
+    alice, stranger = Signer(leader.url), Signer(leader.url)
+    assert alice.post("/v1/miners").status_code == 200
+    body = payload(round_=0, base_version=0, seed=1)
+    put_payload(alice, body)
+    first = signed_commit(alice, body)
+    forged = first.model_copy(update={"body": UploadCommit(sha256="0" * 64).model_dump_json()})
+    batch = [
+        first,
+        first,  # its nonce again
+        signed_commit(alice, body),  # the same commit again
+        signed_commit(stranger, body),
+        forged,
+        signed_commit(alice, body, "/v1/rounds/0/uploads"),
+        signed_commit(alice, body, "/v1/rounds/5/commits"),
+    ]
+    answers = post_batch(leader.url, batch)
+    assert [a.status for a in answers] == [200, 401, 200, 403, 401, 404, 409]
+    receipts = [json.loads(a.body) for a in answers if a.status == 200]
+    first_sha = sha_of(body)
+    assert [(r["payload_sha256"], r["duplicate"]) for r in receipts] == [
+        (first_sha, False),
+        (first_sha, True),
+    ]
+    codes = [json.loads(a.body)["error"]["code"] for a in answers if a.status != 200]
+    assert codes == ["replayed_nonce", "unknown_miner", "bad_signature", "not_found", "round_not_open"]
+    # as if each had come alone: its nonce is spent, its refusal counted
+    alone = httpx.post(
+        f"{leader.url}/v1/rounds/0/commits", content=first.body, headers=first.headers, timeout=30
+    )
+    assert_error(alone, 401, "replayed_nonce")
+    assert metric(leader.url, 'gradpool_refusals_total{code="unknown_miner"}') == 1
+    assert metric(leader.url, "gradpool_passed_commits_total") == len(batch)
+    assert store_upload_sha(cluster[2], alice.pubkey) == first_sha
+    # a batch that is not one is refused whole
+    too_many = CommitBatch.model_construct(commits=[first] * (MAX_COMMITS + 1)).model_dump_json()
+    assert_error(httpx.post(leader.url + BATCH_PATH, content=too_many, timeout=30), 422, "invalid_request")
+    assert_error(httpx.post(leader.url + BATCH_PATH, content=b"[", timeout=30), 422, "invalid_request")
+
+
+def sha_of(body: bytes) -> str:
+    return hashlib.sha256(body).hexdigest()
+
+
+def store_upload_sha(store: SqlStore, miner: str) -> str | None:
+    kept = store.upload(0, miner)
+    return None if kept is None else kept.sha256
+
+
+def test_commits_checked_while_a_batch_is_on_its_way_go_on_together(
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake],
+) -> None:
+    leader, _, store, intake = cluster
+    miners = [Signer(leader.url) for _ in range(6)]
+    bodies = [payload(round_=0, base_version=0, seed=i) for i in range(1, 7)]
+    commits = []
+    for m, body in zip(miners, bodies, strict=True):
+        assert m.post("/v1/miners").status_code == 200
+        put_payload(m, body)
+        commits.append(c := signed_commit(m, body))
+        assert intake.check(c.headers, c.path, c.body.encode(), 0)  # as the standby checks it
+    sizes = []
+
+    async def send(batch: list[PassedCommit]) -> list[CommitAnswer]:
+        sizes.append(len(batch))
+        return await asyncio.to_thread(post_batch, leader.url, batch)
+
+    async def all_at_once() -> list[CommitAnswer | None]:
+        batcher = CommitBatcher(send)  # one batch on its way at a time
+        return await asyncio.gather(*(batcher.pass_on(c) for c in commits))
+
+    answers = asyncio.run(all_at_once())
+    assert sizes == [1, 5]  # the first alone, the others, checked meanwhile, in the next
+    assert [a.status if a else None for a in answers] == [200] * 6
+    assert [json.loads(a.body)["payload_sha256"] for a in answers if a] == [sha_of(b) for b in bodies]
+    assert metric(leader.url, "gradpool_passed_commit_batches_total") == 2
+    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 6  # recorded from the checks
+    assert [store_upload_sha(store, m.pubkey) for m in miners] == [sha_of(b) for b in bodies]

@@ -18,13 +18,17 @@ from coordinator.publishing.history import History
 from coordinator.rounds.scoring import leaderboard
 from coordinator.settings import ValidationSettings
 from coordinator.storage.base import RoundClosedAlready
-from coordinator.storage.records import Health, NewSubmission, NewVersion, Outcome, RoundClose
+from coordinator.storage.records import Checked, Health, NewSubmission, NewVersion, Outcome, RoundClose
 from coordinator.storage.schema import SchemaError, head, migrate
 from coordinator.storage.scores import COORDINATOR
 from coordinator.storage.sql import make_engine
 from coordinator.storage.store import SqlStore, StoreUnavailable, open_store
+from protocol.codec import SparseLoCoCodec
 from protocol.evaluation import Losses
+from protocol.model import resolve
+from protocol.params import model_spec
 from protocol.signing import generate_key
+from tests.helpers.pool import payload
 
 
 def submission(round_: int, miner: str, at: float, norm: float = 1.5) -> NewSubmission:
@@ -146,6 +150,36 @@ def test_a_run_lives_through_the_store_alike_on_both_backends(store_url: str) ->
         assert store.prune_checkpoints(1) == [f"e{1:063x}"] and store.checkpoint(1) is None
         store.prune_checkpoints(5)
         assert [r.record.version for r in store.records()] == [0, 1, 2] and len(store.records(0, 1)) == 1
+    finally:
+        store.close()
+
+
+def test_lookups_for_a_batch_answer_as_one_at_a_time_alike_on_both_backends(store_url: str) -> None:
+    store = SqlStore(store_url)
+    try:
+        history = History(generate_key(), "run", store)
+        store.start("0" * 64, 3.5, "f" * 64, 100, 10.0, history.first("0" * 64, "f" * 64, 10.0))
+        # nonces: those recorded now; one given twice is recorded once, a live one is not, an expired one is
+        assert store.remember_nonces(["a", "b", "a"], 100.0, 10.0) == {"a", "b"}
+        assert store.remember_nonces(["a", "c"], 100.0, 20.0) == {"c"} and not store.remember_nonce("c", 9, 9)
+        assert (
+            store.remember_nonces(["a", "d"], 300.0, 150.0) == {"a", "d"}
+            and store.remember_nonces([], 1, 1) == set()
+        )
+        # registered keys among some
+        assert store.register("m1", 0, 10.0) and store.miners_among(["m1", "x", "m1"]) == {"m1"}
+        assert store.miners_among([]) == set()
+        # what replicas found, for the one check asked for
+        body = payload(round_=0, base_version=0, seed=1)
+        found = Checked.of(
+            SparseLoCoCodec().examine(body, model_spec(resolve("tiny", 256))), body, "s1", None
+        )
+        store.add_checked(0, "m1", "s1", "chk", found)
+        store.add_checked(0, "m2", "s2", "another", found)
+        asked = [(0, "m1", "s1"), (0, "m2", "s2"), (1, "m1", "s1"), (0, "m1", "s9")]
+        assert store.checked_among(asked, "chk") == {(0, "m1", "s1"): found}
+        assert store.checked_among(asked, "chk")[(0, "m1", "s1")] == store.checked(0, "m1", "s1", "chk")
+        assert store.checked_among([], "chk") == {}
     finally:
         store.close()
 
