@@ -116,21 +116,27 @@ def take_batch(run: Run, direct: DirectUploads, commits: list[PassedCommit]) -> 
     try:
         fresh = run.intake.fresh([o.nonce for o in signed])
         run.intake.know_miners([o.miner for o in signed])
-        found = direct.checked_among([(o.round, o.miner, o.sha) for o in signed])
     except Exception as e:  # every commit would have failed alone
         return [_failed(run, e) for _ in commits]
-    answers, taken = [], set()
+    taken: list[Opened] = []  # signed, with a nonce not used before
+    for i, o in enumerate(opened):
+        if isinstance(o, Opened):
+            if o.nonce in fresh:
+                fresh.discard(o.nonce)
+                taken.append(o)
+            else:
+                opened[i] = Unauthorized("replayed_nonce", "this nonce was used before")
+    try:
+        results = iter(direct.commit_all([(o.miner, o.round, o.sha) for o in taken]))
+    except Exception as e:
+        results = iter([e] * len(taken))
+    answers = []
     for o in opened:
-        try:
-            if isinstance(o, ApiError):
-                raise o
-            if o.nonce not in fresh or o.nonce in taken:
-                raise Unauthorized("replayed_nonce", "this nonce was used before")
-            taken.add(o.nonce)
-            receipt = direct.commit(o.miner, o.round, o.sha, found=found.get((o.round, o.miner, o.sha)))
-            answers.append(CommitAnswer(status=200, body=receipt.model_dump_json()))
-        except Exception as e:
-            answers.append(_failed(run, e))
+        r = next(results) if isinstance(o, Opened) else o
+        if isinstance(r, SubmissionReceipt):
+            answers.append(CommitAnswer(status=200, body=r.model_dump_json()))
+        else:
+            answers.append(_failed(run, r))
     return answers
 
 

@@ -115,20 +115,16 @@ class DirectUploads:
         now = self.clock()
         return upload_form(self.bucket, round_, miner, intent.sha256, self.max_bytes, self.expiry_s, now)
 
-    def commit(
-        self, miner: str, round_: int, sha: str, checked: bool = False, found: Checked | None = None
-    ) -> SubmissionReceipt:
+    def commit(self, miner: str, round_: int, sha: str, checked: bool = False) -> SubmissionReceipt:
         """Take the payload the miner put under its key as its upload of the round. The object stays in
         the bucket until the round closes (the closer removes the round's at once) unless it is refused.
         ``checked``: the standby the commit reached says it checked it (what it found is then taken from
-        the store, if it is there and made as this run checks); ``found``: what it found, read already
-        (``checked_among``)."""
+        the store, if it is there and made as this run checks)."""
         self.intake.require_miner(miner)
         self.intake.check_round(round_)
         if (receipt := self.intake.earlier_upload(miner, round_, sha)) is not None:
             return receipt  # a commit sent again
-        if found is None and checked:
-            found = self.intake.store.checked(round_, miner, sha, self.checker)
+        found = self.intake.store.checked(round_, miner, sha, self.checker) if checked else None
         if found is not None:  # the replica the commit reached read, examined and kept the payload
             return self.intake.submit_checked(miner, round_, sha, found)
         key = self.bucket.incoming_key(round_, miner, sha)
@@ -141,9 +137,24 @@ class DirectUploads:
             self.bucket.forget_object(key)
             raise
 
-    def checked_among(self, uploads: list[tuple[int, str, str]]) -> dict[tuple[int, str, str], Checked]:
-        """What standbys found of these (round, miner, sha256), checked as this run checks, read at once."""
-        return self.intake.store.checked_among(uploads, self.checker)
+    def commit_all(self, commits: list[tuple[str, int, str]]) -> list[SubmissionReceipt | Exception]:
+        """``commit`` for several commits (miner, round, sha256) that standbys say they checked: what they
+        found read at once, and the uploads found recorded together; each commit's receipt or refusal,
+        in order."""
+        found = self.intake.store.checked_among([(r, m, sha) for m, r, sha in commits], self.checker)
+        done: dict[int, SubmissionReceipt | Exception] = {}
+        checked: list[tuple[int, tuple[str, int, str, Checked]]] = []
+        for i, (miner, round_, sha) in enumerate(commits):
+            if (seen := found.get((round_, miner, sha))) is not None:
+                checked.append((i, (miner, round_, sha, seen)))
+                continue
+            try:  # no check to take: the payload is read here
+                done[i] = self.commit(miner, round_, sha)
+            except Exception as e:
+                done[i] = e
+        taken = self.intake.submit_checked_all([upload for _, upload in checked])
+        done.update(zip([i for i, _ in checked], taken, strict=True))
+        return [done[i] for i in range(len(commits))]
 
 
 @dataclass

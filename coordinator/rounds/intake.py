@@ -15,7 +15,7 @@ import logging
 from collections.abc import Callable, Mapping, Sequence
 from dataclasses import dataclass
 
-from coordinator.errors import Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
+from coordinator.errors import ApiError, Conflict, Forbidden, NotFound, Unauthorized, Unprocessable
 from coordinator.hooks import Hooks
 from coordinator.metrics import Metrics
 from coordinator.rounds.admission import Admission
@@ -25,7 +25,7 @@ from coordinator.rounds.state import RoundCell
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blobs import BlobStore
-from coordinator.storage.records import HEALTH_FIELDS, Checked, Health, NewSubmission
+from coordinator.storage.records import HEALTH_FIELDS, Checked, Health, NewSubmission, Upload
 from coordinator.storage.scores import COORDINATOR
 from protocol.codec import Codec, ParamSpec
 from protocol.errors import CodecError, SignatureError
@@ -209,19 +209,36 @@ class Intake:
     def submit_checked(self, miner: str, round_: int, sha: str, checked: Checked) -> SubmissionReceipt:
         """Record an upload that a replica read, examined and kept where its commit arrived
         (coordinator/rounds/direct.py), under the same round rules as ``submit``."""
-        self.require_miner(miner)
-        self.check_round(round_)
-        try:
-            if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
-                return receipt
-            self._check_header(checked.header, round_)
-            receipt = self._record(miner, round_, sha, checked)
-        except (Unprocessable, Conflict) as e:
-            self._held_against(miner, round_, e)
-            raise
-        if not receipt.duplicate:
-            self.metrics.checked_elsewhere.inc()
-        return receipt
+        [taken] = self.submit_checked_all([(miner, round_, sha, checked)])
+        if isinstance(taken, ApiError):
+            raise taken
+        return taken
+
+    def submit_checked_all(
+        self, uploads: Sequence[tuple[str, int, str, Checked]]
+    ) -> list[SubmissionReceipt | ApiError]:
+        """``submit_checked`` for several uploads (miner, round, sha256, what was found), those taken
+        recorded in one transaction: each one's receipt or refusal, in order."""
+        done: dict[int, SubmissionReceipt | ApiError] = {}
+        for i, (miner, round_, sha, checked) in enumerate(uploads):
+            try:
+                self.require_miner(miner)
+                self.check_round(round_)
+                if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
+                    done[i] = receipt
+                    continue
+                self._check_header(checked.header, round_)
+            except ApiError as e:
+                done[i] = e
+        pending = [i for i in range(len(uploads)) if i not in done]  # to record, the round rules kept so far
+        done.update(zip(pending, self._record_all([uploads[i] for i in pending]), strict=True))
+        results = [done[i] for i in range(len(uploads))]
+        for (miner, round_, _, _), r in zip(uploads, results, strict=True):
+            if isinstance(r, Unprocessable | Conflict):
+                self._held_against(miner, round_, r)
+            elif isinstance(r, SubmissionReceipt) and not r.duplicate:
+                self.metrics.checked_elsewhere.inc()
+        return results
 
     def _held_against(self, miner: str, round_: int, refusal: Unprocessable | Conflict) -> None:
         """A refusal of a registered miner's upload is recorded against it, but for the round's rules."""
@@ -234,51 +251,64 @@ class Intake:
         self._check_version(header.base_version, round_)
 
     def _record(self, miner: str, round_: int, sha: str, checked: Checked) -> SubmissionReceipt:
-        """Under the round lock: the round rules checked again, and the upload committed with the next
-        round state (coordinator/rounds/state.py)."""
-        header = checked.header
+        [recorded] = self._record_all([(miner, round_, sha, checked)])
+        if isinstance(recorded, Conflict):
+            raise recorded
+        return recorded
+
+    def _record_all(
+        self, uploads: Sequence[tuple[str, int, str, Checked]]
+    ) -> list[SubmissionReceipt | Conflict]:
+        """Under the round lock: the round rules checked again, and the uploads that keep them committed
+        in one transaction with the next round state (coordinator/rounds/state.py)."""
         if self.hooks.before_intake_commit is not None:
-            self.hooks.before_intake_commit(round_, miner)
+            for miner, round_, _, _ in uploads:
+                self.hooks.before_intake_commit(round_, miner)
+        results: list[SubmissionReceipt | Conflict] = []
+        new: dict[str, NewSubmission] = {}  # by miner
+        recorded: dict[str, tuple[int, Checked]] = {}  # what is logged of them
         with self.cell.lock:
-            self.check_round(round_)
-            if (receipt := self.earlier_upload(miner, round_, sha)) is not None:
-                return receipt  # a concurrent upload of the same miner won the race
-            self._check_version(header.base_version, round_)
             state, now = self.cell.state, self.clock()
-            self.store.add_submission(
-                NewSubmission(
-                    round=round_,
-                    miner=miner,
-                    sha256=sha,
-                    content_sha256=checked.content_sha256,
-                    size=checked.size,
-                    norm=checked.norm,
-                    sketch=checked.sketch,
-                    kept=checked.kept,
-                    stored_sha256=checked.stored_sha256,
-                    compute_s=header.stats.compute_s,
-                    received_at=now,
-                    health=Health.reported(*(getattr(header.stats, f) for f in HEALTH_FIELDS)),
+            for miner, round_, sha, checked in uploads:
+                try:
+                    self.check_round(round_)
+                    receipt: SubmissionReceipt | None
+                    if miner in new:  # twice among these uploads
+                        receipt = _again(round_, miner, sha, new[miner])
+                    else:  # a concurrent upload of the same miner may have won the race
+                        receipt = self.earlier_upload(miner, round_, sha)
+                    if receipt is None:
+                        self._check_version(checked.header.base_version, round_)
+                except Conflict as e:
+                    results.append(e)
+                    continue
+                if receipt is None:
+                    new[miner] = _submission(miner, round_, sha, checked, now)
+                    recorded[miner] = (round_, checked)
+                    receipt = SubmissionReceipt(
+                        round=round_, miner=miner, payload_sha256=sha, bytes=checked.size
+                    )
+                results.append(receipt)
+            taken = frozenset(new)
+            if new:
+                self.store.add_submissions(list(new.values()))
+                self.cell.swap(
+                    dataclasses.replace(
+                        state,
+                        uploaded=state.uploaded | taken,
+                        expected=state.expected | taken,
+                        first_upload_at=now if state.first_upload_at is None else state.first_upload_at,
+                    )
                 )
+        for miner, (round_, checked) in recorded.items():
+            log.info(
+                "round %d: upload from miner %s, %d bytes, base version %d",
+                *(round_, miner[:12], checked.size, checked.header.base_version),
             )
-            self.cell.swap(
-                dataclasses.replace(
-                    state,
-                    uploaded=state.uploaded | {miner},
-                    expected=state.expected | {miner},
-                    first_upload_at=now if state.first_upload_at is None else state.first_upload_at,
-                )
-            )
-        log.info(
-            "round %d: upload from miner %s, %d bytes, base version %d",
-            round_,
-            miner[:12],
-            checked.size,
-            header.base_version,
-        )
-        self.metrics.bytes_in.inc(checked.size)
-        self.metrics.uploads.set(len(state.uploaded) + 1)
-        return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=checked.size)
+            self.metrics.bytes_in.inc(checked.size)
+        if taken:
+            self.metrics.uploads.set(len(state.uploaded | taken))
+        return results
 
     def earlier_upload(self, miner: str, round_: int, sha: str) -> SubmissionReceipt | None:
         """The receipt of an identical earlier upload (idempotent); a different one is a conflict."""
@@ -288,13 +318,7 @@ class Intake:
         prev = self.store.upload(round_, miner)
         if prev is None:
             return None
-        if prev.sha256 != sha:
-            raise Conflict(
-                "already_submitted", f"miner already uploaded a different payload in round {round_}"
-            )
-        return SubmissionReceipt(
-            round=round_, miner=miner, payload_sha256=sha, bytes=prev.size, duplicate=True
-        )
+        return _again(round_, miner, sha, prev)
 
     def _check_version(self, base_version: int, round_: int) -> None:
         """The round's version, or (overlapped rounds) the one the round behind published since."""
@@ -313,3 +337,28 @@ class Intake:
             raise Conflict("round_closed", f"round {round_} is closed; the current round is {cur.round}")
         if round_ > cur.round:
             raise Conflict("round_not_open", f"round {round_} is not open; the current round is {cur.round}")
+
+
+def _again(round_: int, miner: str, sha: str, prev: Upload | NewSubmission) -> SubmissionReceipt:
+    """The receipt of an upload sent again (idempotent); another payload of the same miner is a conflict."""
+    if prev.sha256 != sha:
+        raise Conflict("already_submitted", f"miner already uploaded a different payload in round {round_}")
+    return SubmissionReceipt(round=round_, miner=miner, payload_sha256=sha, bytes=prev.size, duplicate=True)
+
+
+def _submission(miner: str, round_: int, sha: str, checked: Checked, now: float) -> NewSubmission:
+    header = checked.header
+    return NewSubmission(
+        round=round_,
+        miner=miner,
+        sha256=sha,
+        content_sha256=checked.content_sha256,
+        size=checked.size,
+        norm=checked.norm,
+        sketch=checked.sketch,
+        kept=checked.kept,
+        stored_sha256=checked.stored_sha256,
+        compute_s=header.stats.compute_s,
+        received_at=now,
+        health=Health.reported(*(getattr(header.stats, f) for f in HEALTH_FIELDS)),
+    )

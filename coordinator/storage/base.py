@@ -56,6 +56,10 @@ class Store(Protocol):
         """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
         ...
 
+    def add_submissions(self, subs: Sequence[NewSubmission]) -> None:
+        """``add_submission`` for several uploads, in one transaction."""
+        ...
+
     def add_tasks(self, round_: int, assigned: Mapping[str, list[str]], deadline: float) -> None:
         """A round's draw: each sampled upload's validators (miner -> validators), open until ``deadline``;
         a round drawn before keeps its draw."""

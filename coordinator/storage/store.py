@@ -12,7 +12,7 @@ import contextlib
 import logging
 import threading
 import time
-from collections.abc import Iterator
+from collections.abc import Iterator, Sequence
 from contextlib import ExitStack, contextmanager
 from dataclasses import astuple
 from pathlib import Path
@@ -200,33 +200,33 @@ class SqlStore(IdentityStore, ReportReads, ScoreReads, VersionStore, LeaseStore,
         return [_upload(r) for r in rows]
 
     def add_submission(self, s: NewSubmission) -> None:
-        """The upload, the round's bytes and first arrival, and the miner's last round, at once."""
+        self.add_submissions([s])
+
+    def add_submissions(self, subs: Sequence[NewSubmission]) -> None:
+        """The uploads, their rounds' bytes and first arrivals, and their miners' last rounds, at once."""
         with self.transaction() as db:
-            db.execute(
+            db.executemany(
                 "INSERT INTO submissions (round, miner, sha256, content_sha256, bytes, status, compute_s, "
                 f"received_at, norm, sketch, stored_sha256, kept, {', '.join(HEALTH_FIELDS)}) "
                 "VALUES (?, ?, ?, ?, ?, 'received', ?, ?, ?, ?, ?, ?, ?, ?, ?, ?)",
-                (
-                    s.round,
-                    s.miner,
-                    s.sha256,
-                    s.content_sha256,
-                    s.size,
-                    s.compute_s,
-                    s.received_at,
-                    s.norm,
-                    s.sketch,
-                    s.stored_sha256,
-                    s.kept,
-                    *astuple(s.health),
-                ),
+                [
+                    (
+                        *(s.round, s.miner, s.sha256, s.content_sha256, s.size, s.compute_s, s.received_at),
+                        *(s.norm, s.sketch, s.stored_sha256, s.kept, *astuple(s.health)),
+                    )
+                    for s in subs
+                ],
             )
-            db.execute(
-                "UPDATE rounds SET bytes_up = bytes_up + ?, first_upload_at = COALESCE(first_upload_at, ?) "
-                "WHERE round = ?",
-                (s.size, s.received_at, s.round),
+            for round_ in sorted({s.round for s in subs}):
+                of_round = [s for s in subs if s.round == round_]
+                db.execute(
+                    "UPDATE rounds SET bytes_up = bytes_up + ?, "
+                    "first_upload_at = COALESCE(first_upload_at, ?) WHERE round = ?",
+                    (sum(s.size for s in of_round), min(s.received_at for s in of_round), round_),
+                )
+            db.executemany(
+                "UPDATE miners SET last_seen_round = ? WHERE pubkey = ?", [(s.round, s.miner) for s in subs]
             )
-            db.execute("UPDATE miners SET last_seen_round = ? WHERE pubkey = ?", (s.round, s.miner))
 
     def record_refusal(self, round_: int, miner: str, code: str, at: float) -> None:
         self._execute(

@@ -319,3 +319,22 @@ def test_commits_checked_while_a_batch_is_on_its_way_go_on_together(
     assert metric(leader.url, "gradpool_passed_commit_batches_total") == 2
     assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 6  # recorded from the checks
     assert [store_upload_sha(store, m.pubkey) for m in miners] == [sha_of(b) for b in bodies]
+
+
+def test_a_miner_twice_in_one_batch_is_taken_once(cluster: tuple[Any, str, SqlStore, ReplicaIntake]) -> None:
+    leader, _, store, intake = cluster
+    dave = Signer(leader.url)
+    assert dave.post("/v1/miners").status_code == 200
+    one, other = payload(round_=0, base_version=0, seed=1), payload(round_=0, base_version=0, seed=2)
+    batch = []
+    for body in (one, one, other):
+        put_payload(dave, body)
+        batch.append(c := signed_commit(dave, body))
+        assert intake.check(c.headers, c.path, c.body.encode(), 0)
+    answers = post_batch(leader.url, batch)
+    assert [a.status for a in answers] == [200, 200, 409]
+    assert [json.loads(a.body).get("duplicate") for a in answers[:2]] == [False, True]
+    assert json.loads(answers[2].body)["error"]["code"] == "already_submitted"
+    assert store_upload_sha(store, dave.pubkey) == sha_of(one)
+    assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
+    assert httpx.get(f"{leader.url}/v1/round", timeout=10).json()["submissions"] == 1
