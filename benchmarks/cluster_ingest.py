@@ -164,7 +164,7 @@ async def upload_all(
         return await client.post(path, content=body, headers=sign_request(key, "POST", path, body))
 
     async def one(client: httpx.AsyncClient, key: Any, payload: bytes) -> tuple[float, str | None]:
-        t0 = time.perf_counter()
+        t0, step = time.perf_counter(), "ticket"
         try:
             sha = hashlib.sha256(payload).hexdigest()
             intent = UploadIntent(sha256=sha, bytes=len(payload)).model_dump_json().encode()
@@ -173,13 +173,15 @@ async def upload_all(
                 return time.perf_counter() - t0, f"ticket {r.status_code}: {r.text[:200]}"
             ticket = UploadTicket.model_validate_json(r.content)
             files = {"file": ("payload", payload, "application/octet-stream")}
+            step = "bucket"
             stored = await client.post(ticket.url, data=ticket.fields, files=files)
             if stored.status_code >= 300:
                 return time.perf_counter() - t0, f"bucket {stored.status_code}: {stored.text[:200]}"
             commit = UploadCommit(sha256=sha).model_dump_json().encode()
+            step = "commit"
             r = await signed(client, key, "/v1/rounds/0/commits", commit, True)
         except httpx.HTTPError as e:
-            return time.perf_counter() - t0, f"{type(e).__name__}: {e}"
+            return time.perf_counter() - t0, f"{step} {type(e).__name__}: {e}"
         seconds = time.perf_counter() - t0
         return seconds, None if r.status_code == 200 else f"commit {r.status_code}: {r.text[:200]}"
 

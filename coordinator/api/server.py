@@ -12,6 +12,11 @@ import uvicorn
 from starlette.applications import Starlette
 from uvicorn.protocols.http.h11_impl import H11Protocol
 
+# An idle connection is closed by its client before the server closes it: a request sent on a connection
+# the server is closing just then fails with nothing read. Clients let theirs go sooner (httpx: after 5 s,
+# which is also uvicorn's own default, so that the two raced; a standby's: after 2 s).
+KEEP_ALIVE_S = 30.0
+
 
 class JsonErrorH11Protocol(H11Protocol):
     def send_400_response(self, msg: str) -> None:
@@ -31,7 +36,14 @@ def make_server(app: Starlette, host: str, port: int, **config: Any) -> uvicorn.
     """A uvicorn server for ``app`` (port 0: the kernel picks a free port; see ``bound_port``)."""
     return uvicorn.Server(
         uvicorn.Config(
-            app, host=host, port=port, http=JsonErrorH11Protocol, log_level="warning", lifespan="on", **config
+            app,
+            host=host,
+            port=port,
+            http=JsonErrorH11Protocol,
+            log_level="warning",
+            lifespan="on",
+            timeout_keep_alive=KEEP_ALIVE_S,
+            **config,
         )
     )
 

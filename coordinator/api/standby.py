@@ -137,8 +137,9 @@ def standby_app(
     # at httpx's 100 would turn a crowd of uploads into 503s here. In POOLS pools taken in turn: a pool's
     # every change of state looks at each of its connections once per idle one (httpcore), which in one
     # pool of 500 connections cost more than the forwarding itself.
-    # An idle connection is let go well before the leader's server closes it (uvicorn: after 5 s): reused
-    # just as the leader closes it, a request would fail with nothing read.
+    # An idle connection is let go well before the leader's server closes it (coordinator/api/server.py:
+    # KEEP_ALIVE_S; an earlier leader's, after 5 s): reused just as the leader closes it, a request would
+    # fail with nothing read.
     limits = httpx.Limits(max_connections=None, max_keepalive_connections=KEPT_ALIVE, keepalive_expiry=IDLE_S)
     if verify is True:  # one context for all the pools, not a certificate bundle loaded per pool
         verify = httpx.create_ssl_context()

@@ -1,10 +1,13 @@
 """Bounded input: numbers in paths and queries, request lines, payload headers, bodies that stop arriving.
-Each gets the documented error body, never a 500 or a plain-text answer, and changes nothing."""
+Each gets the documented error body, never a 500 or a plain-text answer, and changes nothing. And the one
+limit the other way: an idle connection is its client's to close."""
 
 from __future__ import annotations
 
+import http.client
 import json
 import socket
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -96,6 +99,24 @@ def test_a_request_line_over_the_limit_gets_the_error_body(live_coordinator: Cal
         assert json.loads(body)["error"]["code"] == "bad_http_request"
         status, _, body = _raw(server.url, b"NOT HTTP AT ALL\r\n\r\n")
         assert status == 400 and json.loads(body)["error"]["code"] == "bad_http_request"
+
+
+def test_an_idle_connection_is_left_for_its_client_to_close(live_coordinator: Callable[..., Any]) -> None:
+    """A client lets an idle connection go after its own expiry (httpx's: 5 s); the server keeps it longer,
+    so that a request is never sent on a connection the server is closing just then."""
+    with live_coordinator() as server:
+        host, port = server.url.removeprefix("http://").split(":")
+        connection = http.client.HTTPConnection(host, int(port), timeout=10)
+        try:
+            connection.request("GET", "/v1/info")
+            assert connection.getresponse().read()
+            opened = connection.sock
+            time.sleep(6)  # past httpx's expiry (and uvicorn's own default)
+            connection.request("GET", "/v1/info")  # on the same connection: closed, it would fail
+            answer = connection.getresponse()
+            assert answer.status == 200 and answer.read() and connection.sock is opened
+        finally:
+            connection.close()
 
 
 def test_a_body_that_stops_arriving_is_cut_off(live_coordinator: Callable[..., Any]) -> None:
