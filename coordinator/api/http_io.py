@@ -28,7 +28,11 @@ M = TypeVar("M", bound=BaseModel)
 class ProtocolHeader:
     """Every HTTP response carries the protocol version (and who answered). A plain ASGI middleware:
     FastAPI's ``http`` middleware runs each request in a task group of its own, which cost the event loop
-    a quarter of its time under 256 concurrent uploads (benchmarks/coordinator.py)."""
+    a quarter of its time under 256 concurrent uploads (benchmarks/coordinator.py).
+
+    An answer given before the request's body was all read (a signed upload refused on its headers) says
+    ``Connection: close``: the rest of the body would have to be read before the connection could carry
+    another request, so it closes, instead of waiting idle until the server lets it go."""
 
     def __init__(self, app: ASGIApp, extra: Sequence[tuple[str, str]] = ()) -> None:
         """``extra``: more headers for every response (the replica's name and the leader's)."""
@@ -40,14 +44,28 @@ class ProtocolHeader:
             await self.app(scope, receive, send)
             return
 
+        has_body = any(
+            name == b"transfer-encoding" or (name == b"content-length" and value != b"0")
+            for name, value in scope["headers"]
+        )
+        body_read = [not has_body]
+
+        async def receive_body() -> Message:
+            message = await receive()
+            if message["type"] != "http.request" or not message.get("more_body", False):
+                body_read[0] = True
+            return message
+
         async def send_with_header(message: Message) -> None:
             if message["type"] == "http.response.start":
                 headers = MutableHeaders(scope=message)
                 for name, value in self.extra:
                     headers.append(name, value)
+                if not body_read[0] and "connection" not in headers:
+                    headers.append("Connection", "close")
             await send(message)
 
-        await self.app(scope, receive, send_with_header)
+        await self.app(scope, receive_body, send_with_header)
 
 
 async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:

@@ -15,7 +15,7 @@ from uvicorn.protocols.http.h11_impl import H11Protocol
 # An idle connection is closed by its client before the server closes it: a request sent on a connection
 # the server is closing just then fails with nothing read. Clients let theirs go sooner (httpx: after 5 s,
 # which is also uvicorn's own default, so that the two raced; a standby's: after 2 s).
-KEEP_ALIVE_S = 30.0
+KEEP_ALIVE_S = 30
 
 
 class JsonErrorH11Protocol(H11Protocol):

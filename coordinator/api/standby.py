@@ -31,6 +31,7 @@ from dataclasses import dataclass
 from typing import TypeVar
 
 import httpx
+from pydantic import ValidationError
 from starlette.applications import Starlette
 from starlette.background import BackgroundTask
 from starlette.requests import Request
@@ -39,11 +40,13 @@ from starlette.routing import Route
 
 from coordinator.api.batches import (
     BATCH_PATH,
+    BATCH_TIMEOUT_S,
     BatchAnswers,
     CommitAnswer,
     CommitBatch,
     CommitBatcher,
     PassedCommit,
+    Unanswered,
     passed,
 )
 from coordinator.api.http_io import read_body
@@ -66,6 +69,8 @@ POOLS, KEPT_ALIVE = 16, 64  # connection pools to the leader, and the idle conne
 IDLE_S = 2.0  # how long a connection to the leader stays open unused
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
 SMALL_BYTES = 4096  # the most a form's or a commit's body takes (the leader refuses more): larger, passed on
+NOT_TAKEN = frozenset({404, 405, 409, 413, 422})  # a batch the leader refused whole (or a leader without
+# the route): each commit goes on alone
 
 
 def advertise(store: Store, holder: str, url: str) -> None:
@@ -108,10 +113,6 @@ class LeaderDirectory:
             known = Leader(held.holder, str(where["url"]).rstrip("/")) if live else None
         self._seen = (time.monotonic(), known)
         return known
-
-
-class Unanswered(Exception):
-    """No leader known, or the leader did not answer (the message says which)."""
 
 
 def no_leader(replica: str, message: str) -> Response:
@@ -230,14 +231,22 @@ def standby_app(
         client = clients[next(turn) % POOLS]
         try:
             answer = await client.post(
-                leader.url + BATCH_PATH, content=content, headers={"content-type": "application/json"}
+                leader.url + BATCH_PATH,
+                content=content,
+                headers={"content-type": "application/json"},
+                timeout=httpx.Timeout(BATCH_TIMEOUT_S, connect=3.0),
             )
         except httpx.TransportError as e:
             raise Unanswered(f"the leader ({leader.name}) did not answer: {type(e).__name__}") from None
-        if answer.status_code != 200:
+        if answer.status_code in NOT_TAKEN:  # refused whole, before anything of it was done
             log.info("the leader took no batch of commits (%d): each goes on alone", answer.status_code)
             return None
-        return BatchAnswers.model_validate_json(answer.content).answers
+        try:
+            if answer.status_code != 200:
+                raise ValueError(f"status {answer.status_code}")
+            return BatchAnswers.model_validate_json(answer.content).answers
+        except ValueError as e:  # ValidationError too
+            raise Unanswered(f"the leader ({leader.name}) answered a batch as no leader would: {e}") from None
 
     batcher = CommitBatcher(send_batch)
 
@@ -250,7 +259,11 @@ def standby_app(
             return await forward(request, body)
         target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            answer = await batcher.pass_on(passed(target, dict(request.headers), body))
+            commit = passed(target, dict(request.headers), body)
+        except ValidationError:  # more than a batch carries of one commit: it goes on alone
+            return await forward(request, body, checked=True)
+        try:
+            answer = await batcher.pass_on(commit)
         except Unanswered as e:
             return no_leader(replica, str(e))
         if answer is None:

@@ -33,11 +33,19 @@ from coordinator.errors import (
     NotFound,
     PayloadTooLarge,
     Unauthorized,
+    Unprocessable,
     responses,
 )
 from coordinator.rounds.direct import DirectUploads
 from coordinator.run import Run
-from protocol.wire import HEADER_CHECKED, SubmissionReceipt, UploadCommit, UploadIntent, UploadTicket
+from protocol.wire import (
+    HEADER_CHECKED,
+    MAX_NUMBER,
+    SubmissionReceipt,
+    UploadCommit,
+    UploadIntent,
+    UploadTicket,
+)
 
 log = logging.getLogger(__name__)
 router = APIRouter()
@@ -94,62 +102,71 @@ async def passed_commits(request: Request, run: RunDep) -> BatchAnswers:
 
 @dataclass(frozen=True)
 class Opened:
-    """A passed commit whose signature holds: its signer, nonce, round and payload digest."""
+    """A passed commit whose signature holds: its signer, nonce, round and body."""
 
     miner: str
     nonce: str
     round: int
-    sha: str
+    body: bytes
+
+
+Outcome = SubmissionReceipt | Exception
 
 
 def take_batch(run: Run, direct: DirectUploads, commits: list[PassedCommit]) -> list[CommitAnswer]:
-    """Each commit checked and taken as ``commit`` takes one sent here, in turn (in an intake thread); what
-    every commit needs of the store (its nonce recorded, its signer's registration, what the standby
-    found) read or written for all of them at once."""
-    opened: list[Opened | ApiError] = []
-    for c in commits:
+    """Each commit checked and taken in the order ``commit`` takes one sent here (in an intake thread): its
+    signature, its nonce, its signer's registration, its body, the upload. What every commit needs of the
+    store (its nonce recorded, its signer's registration, what the standby found, the upload recorded)
+    is read or written for all of them at once."""
+    outcome: dict[int, Outcome] = {}
+    opened: dict[int, Opened] = {}
+    for i, c in enumerate(commits):
         try:
-            opened.append(_open(run, c))
+            opened[i] = _open(run, c)
         except ApiError as e:
-            opened.append(e)
-    signed = [o for o in opened if isinstance(o, Opened)]
+            outcome[i] = e
     try:
-        fresh = run.intake.fresh([o.nonce for o in signed])
-        run.intake.know_miners([o.miner for o in signed])
-    except Exception as e:  # every commit would have failed alone
-        return [_failed(run, e) for _ in commits]
-    taken: list[Opened] = []  # signed, with a nonce not used before
-    for i, o in enumerate(opened):
-        if isinstance(o, Opened):
-            if o.nonce in fresh:
-                fresh.discard(o.nonce)
-                taken.append(o)
-            else:
-                opened[i] = Unauthorized("replayed_nonce", "this nonce was used before")
+        fresh = run.intake.fresh([o.nonce for o in opened.values()])
+        run.intake.know_miners([o.miner for o in opened.values() if o.nonce in fresh])
+    except Exception as e:  # as each would have failed alone
+        outcome |= dict.fromkeys(opened, e)
+        opened, fresh = {}, set()
+    taken: list[tuple[int, tuple[str, int, str]]] = []
+    for i, o in opened.items():
+        try:
+            if o.nonce not in fresh:  # used before, or twice in this batch
+                raise Unauthorized("replayed_nonce", "this nonce was used before")
+            fresh.discard(o.nonce)
+            run.intake.require_miner(o.miner)
+            taken.append((i, (o.miner, o.round, parsed(UploadCommit, o.body, UploadCommit.__name__).sha256)))
+        except ApiError as e:
+            outcome[i] = e
     try:
-        results = iter(direct.commit_all([(o.miner, o.round, o.sha) for o in taken]))
+        results: list[Outcome] = direct.commit_all([upload for _, upload in taken])
     except Exception as e:
-        results = iter([e] * len(taken))
-    answers = []
-    for o in opened:
-        r = next(results) if isinstance(o, Opened) else o
-        if isinstance(r, SubmissionReceipt):
-            answers.append(CommitAnswer(status=200, body=r.model_dump_json()))
-        else:
-            answers.append(_failed(run, r))
-    return answers
+        results = [e] * len(taken)
+    outcome |= zip([i for i, _ in taken], results, strict=True)
+    return [_answer(run, outcome[i]) for i in range(len(commits))]
 
 
 def _open(run: Run, commit: PassedCommit) -> Opened:
-    """A passed commit's round, signature and body, checked as the commit route checks them."""
+    """A passed commit's round, size and signature, checked as the commit route checks them."""
     round_ = commit_round(commit.path)
     if round_ is None:
         raise NotFound("not_found", f"{commit.path} is not a commit's path")
+    if round_ > MAX_NUMBER:
+        raise Unprocessable("invalid_request", f"round_: less than or equal to {MAX_NUMBER}")
     body = commit.body.encode()
     if len(body) > COMMIT_BYTES:
         raise PayloadTooLarge("payload_too_large", f"body exceeds the {COMMIT_BYTES}-byte limit")
     miner, nonce = run.intake.verify(commit.headers, "POST", commit.path, body)
-    return Opened(miner, nonce, round_, parsed(UploadCommit, body, UploadCommit.__name__).sha256)
+    return Opened(miner, nonce, round_, body)
+
+
+def _answer(run: Run, outcome: Outcome) -> CommitAnswer:
+    if isinstance(outcome, SubmissionReceipt):
+        return CommitAnswer(status=200, body=outcome.model_dump_json())
+    return _failed(run, outcome)
 
 
 def _failed(run: Run, e: Exception) -> CommitAnswer:

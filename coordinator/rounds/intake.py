@@ -210,16 +210,17 @@ class Intake:
         """Record an upload that a replica read, examined and kept where its commit arrived
         (coordinator/rounds/direct.py), under the same round rules as ``submit``."""
         [taken] = self.submit_checked_all([(miner, round_, sha, checked)])
-        if isinstance(taken, ApiError):
+        if isinstance(taken, Exception):
             raise taken
         return taken
 
     def submit_checked_all(
         self, uploads: Sequence[tuple[str, int, str, Checked]]
-    ) -> list[SubmissionReceipt | ApiError]:
+    ) -> list[SubmissionReceipt | Exception]:
         """``submit_checked`` for several uploads (miner, round, sha256, what was found), those taken
-        recorded in one transaction: each one's receipt or refusal, in order."""
-        done: dict[int, SubmissionReceipt | ApiError] = {}
+        recorded in one transaction: each one's receipt or refusal (or the store's error, for those that
+        were to be recorded when it failed), in order."""
+        done: dict[int, SubmissionReceipt | Exception] = {}
         for i, (miner, round_, sha, checked) in enumerate(uploads):
             try:
                 self.require_miner(miner)
@@ -231,7 +232,11 @@ class Intake:
             except ApiError as e:
                 done[i] = e
         pending = [i for i in range(len(uploads)) if i not in done]  # to record, the round rules kept so far
-        done.update(zip(pending, self._record_all([uploads[i] for i in pending]), strict=True))
+        try:
+            recorded: list[SubmissionReceipt | Exception] = [*self._record_all([uploads[i] for i in pending])]
+        except Exception as e:  # the store failed: nothing of these was recorded
+            recorded = [e] * len(pending)
+        done.update(zip(pending, recorded, strict=True))
         results = [done[i] for i in range(len(uploads))]
         for (miner, round_, _, _), r in zip(uploads, results, strict=True):
             if isinstance(r, Unprocessable | Conflict):

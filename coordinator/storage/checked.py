@@ -48,12 +48,13 @@ class CheckedStore:
         wanted = set(uploads)
         if not wanted:
             return {}
-        miners = sorted({m for _, m, _ in wanted})
-        with self.unfenced() as db:
+        rounds, miners = sorted({r for r, _, _ in wanted}), sorted({m for _, m, _ in wanted})
+        marks = ", ".join("?" * len(rounds)), ", ".join("?" * len(miners))
+        with self.unfenced() as db:  # on the table's key (round, miner, sha256)
             rows = db.all(
-                "SELECT round, miner, sha256, found FROM checked WHERE checker = ? "
-                f"AND miner IN ({', '.join('?' * len(miners))})",
-                (checker, *miners),
+                "SELECT round, miner, sha256, found FROM checked "
+                f"WHERE round IN ({marks[0]}) AND miner IN ({marks[1]}) AND checker = ?",
+                (*rounds, *miners, checker),
             )
         found = {}
         for row in rows:

@@ -68,8 +68,9 @@ class IdentityStore:
 
     def remember_nonces(self, nonces: Sequence[str], expires_at: float, now: float) -> set[str]:
         """Record several nonces in one statement: those recorded now (``remember_nonce`` each, a nonce
-        given twice recorded once)."""
-        distinct = list(dict.fromkeys(nonces))
+        given twice recorded once). In order, so that two such statements at once lock their rows in the
+        same order."""
+        distinct = sorted(set(nonces))
         if not distinct:
             return set()
         with self.unfenced() as db:

@@ -128,8 +128,9 @@ def test_a_body_that_stops_arriving_is_cut_off(live_coordinator: Callable[..., A
         head += "".join(f"{k}: {v}\r\n" for k, v in signed.items()) + "\r\n"
         # Only the signed headers and a part of the body: the signer is unknown, so that is refused
         # before the body is read at all.
-        status, _, answer = _raw(server.url, head.encode() + body[:1000], timeout_s=20)
+        status, headers, answer = _raw(server.url, head.encode() + body[:1000], timeout_s=20)
         assert status == 403 and json.loads(answer)["error"]["code"] == "unknown_miner"
+        assert headers["connection"] == "close"  # the rest of the body unread: the connection closes
         registration = sign_request(key, "POST", "/v1/miners", b"")
         assert httpx.post(f"{server.url}/v1/miners", headers=registration).status_code == 200
         signed = sign_request(key, "POST", submit_path(0), body)

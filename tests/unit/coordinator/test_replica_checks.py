@@ -256,9 +256,10 @@ def test_the_leader_takes_a_batch_of_commits_each_as_if_it_had_come_alone(
         forged,
         signed_commit(alice, body, "/v1/rounds/0/uploads"),
         signed_commit(alice, body, "/v1/rounds/5/commits"),
+        signed_commit(alice, body, f"/v1/rounds/{2**53}/commits"),
     ]
     answers = post_batch(leader.url, batch)
-    assert [a.status for a in answers] == [200, 401, 200, 403, 401, 404, 409]
+    assert [a.status for a in answers] == [200, 401, 200, 403, 401, 404, 409, 422]
     receipts = [json.loads(a.body) for a in answers if a.status == 200]
     first_sha = sha_of(body)
     assert [(r["payload_sha256"], r["duplicate"]) for r in receipts] == [
@@ -266,7 +267,16 @@ def test_the_leader_takes_a_batch_of_commits_each_as_if_it_had_come_alone(
         (first_sha, True),
     ]
     codes = [json.loads(a.body)["error"]["code"] for a in answers if a.status != 200]
-    assert codes == ["replayed_nonce", "unknown_miner", "bad_signature", "not_found", "round_not_open"]
+    assert codes == [
+        *(
+            "replayed_nonce",
+            "unknown_miner",
+            "bad_signature",
+            "not_found",
+            "round_not_open",
+            "invalid_request",
+        )
+    ]
     # as if each had come alone: its nonce is spent, its refusal counted
     alone = httpx.post(
         f"{leader.url}/v1/rounds/0/commits", content=first.body, headers=first.headers, timeout=30
@@ -338,3 +348,35 @@ def test_a_miner_twice_in_one_batch_is_taken_once(cluster: tuple[Any, str, SqlSt
     assert store_upload_sha(store, dave.pubkey) == sha_of(one)
     assert metric(leader.url, "gradpool_replica_checked_uploads_total") == 1
     assert httpx.get(f"{leader.url}/v1/round", timeout=10).json()["submissions"] == 1
+
+
+def test_a_batch_the_leader_does_not_answer_holds_the_next_back_only_a_moment(
+    cluster: tuple[Any, str, SqlStore, ReplicaIntake],
+) -> None:
+    leader, _, _, _ = cluster
+    miners = [Signer(leader.url) for _ in range(4)]
+    commits = []
+    for i, m in enumerate(miners):
+        assert m.post("/v1/miners").status_code == 200
+        put_payload(m, body := payload(round_=0, base_version=0, seed=i + 1))
+        commits.append(signed_commit(m, body))
+    order: list[int] = []
+
+    async def run() -> list[CommitAnswer | None]:
+        hung = asyncio.Event()  # a leader that takes the first batch and does not answer it
+
+        async def send(batch: list[PassedCommit]) -> list[CommitAnswer]:
+            first = not order
+            order.append(len(batch))
+            if first:
+                await hung.wait()
+            answers = await asyncio.to_thread(post_batch, leader.url, batch)
+            if not first:
+                hung.set()  # the first is answered only after the next one was
+            return answers
+
+        batcher = CommitBatcher(send, stall_s=0.2)
+        return await asyncio.gather(*(batcher.pass_on(c) for c in commits))
+
+    answers = asyncio.run(run())
+    assert order == [1, 3] and [a.status if a else None for a in answers] == [200] * 4
