@@ -123,10 +123,15 @@ FAILED = "the coordinator failed to answer this request"  # internal_error's mes
 SIGNED = (400, 401, 403, 408, 413, 422)  # what any signed POST can answer before its own logic runs
 
 
+def error_body(code: str, message: str) -> dict[str, Any]:
+    """The one error body (``ErrorBody``)."""
+    return {"error": {"code": code, "message": message}}
+
+
 def error_response(
     status: int, code: str, message: str, headers: dict[str, str] | None = None
 ) -> JSONResponse:
-    return JSONResponse({"error": {"code": code, "message": message}}, status_code=status, headers=headers)
+    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
 
 
 def install_handlers(app: FastAPI) -> None:

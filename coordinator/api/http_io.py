@@ -94,7 +94,8 @@ async def read_body(request: Request, cap: int, timeout_s: float) -> bytes:
     return b"".join(parts)
 
 
-def _target(request: Request) -> str:
+def request_target(request: Request) -> str:
+    """The path and query a request was sent to, as its signature covers them."""
     return request.url.path + (f"?{request.url.query}" if request.url.query else "")
 
 
@@ -104,7 +105,7 @@ async def signed_body(
     """(signer, body, sha256 of the body) of a signed request. A body over ``SMALL_BODY`` must declare its
     sha256: the signature (and, with ``miner_only``, that the signer is registered) is checked over it
     first, then the body is read and compared."""
-    intake, headers, target = run.intake, dict(request.headers), _target(request)
+    intake, headers, target = run.intake, dict(request.headers), request_target(request)
     window = run.settings.read_timeout_s
     if HEADER_CONTENT.lower() in {k.lower() for k in headers}:
 

@@ -41,6 +41,7 @@ from starlette.routing import Route
 from coordinator.api.batches import (
     BATCH_PATH,
     BATCH_TIMEOUT_S,
+    COMMIT_BYTES,
     BatchAnswers,
     CommitAnswer,
     CommitBatch,
@@ -49,7 +50,7 @@ from coordinator.api.batches import (
     Unanswered,
     passed,
 )
-from coordinator.api.http_io import read_body
+from coordinator.api.http_io import read_body, request_target
 from coordinator.errors import ApiError, error_response
 from coordinator.rounds.direct import ReplicaIntake, bucket_threads
 from coordinator.storage.base import Store
@@ -68,7 +69,6 @@ ANSWER_DROPPED = HOP_BY_HOP | {"date", "server", HEADER_REPLICA.lower()}  # this
 POOLS, KEPT_ALIVE = 16, 64  # connection pools to the leader, and the idle connections each keeps
 IDLE_S = 2.0  # how long a connection to the leader stays open unused
 METHODS = ["GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"]
-SMALL_BYTES = 4096  # the most a form's or a commit's body takes (the leader refuses more): larger, passed on
 NOT_TAKEN = frozenset({404, 405, 409, 413, 422})  # a batch the leader refused whole (or a leader without
 # the route): each commit goes on alone
 
@@ -150,11 +150,20 @@ def standby_app(
     ]
     turn = itertools.count()
 
+    async def leader_now() -> Leader | None:
+        fresh, leader = directory.cached()  # a thread (for the database) only once a second
+        return leader if fresh else await asyncio.to_thread(directory.leader)
+
+    def own_headers() -> dict[str, str]:
+        """What an answer given here carries: the protocol, this replica, the leader it knows of."""
+        headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_REPLICA: replica}
+        if (leader := directory.cached()[1]) is not None:
+            headers[HEADER_LEADER] = leader.name
+        return headers
+
     async def forward(request: Request, body: bytes | None = None, checked: bool = False) -> Response:
         """``body``: the request's, where it was read already; ``checked``: a commit checked here."""
-        fresh, leader = directory.cached()  # a thread (for the database) only once a second
-        if not fresh:
-            leader = await asyncio.to_thread(directory.leader)
+        leader = await leader_now()
         if leader is None:
             return no_leader(replica, "no replica holds the leader lease now; try again shortly")
         headers = [(k, v) for k, v in request.headers.items() if k.lower() not in REQUEST_DROPPED]
@@ -194,14 +203,13 @@ def standby_app(
         """(the body, what ``work`` made of it) for a request small enough to be a form's or a commit's;
         (None, None) for any other, whose body is not read."""
         size = request.headers.get("content-length", "")
-        if pool is None or not size.isdigit() or int(size) > SMALL_BYTES:
+        if pool is None or not size.isdigit() or int(size) > COMMIT_BYTES:  # larger: passed on
             return None, None
-        body = await read_body(request, SMALL_BYTES, body_timeout_s)  # a body that stalls: 408
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
+        body = await read_body(request, COMMIT_BYTES, body_timeout_s)  # a body that stalls: 408
         round_ = int(request.path_params["round_"])
         try:
             done = await asyncio.get_running_loop().run_in_executor(
-                pool, work, request.headers, target, body, round_
+                pool, work, request.headers, request_target(request), body, round_
             )
         except Exception as e:  # the bucket or the store out of reach for now: the leader does it itself
             log.warning("cannot take %s here: %s: %s", request.url.path, type(e).__name__, e)
@@ -214,17 +222,12 @@ def standby_app(
         body, ticket = await taken_here(request, intake.ticket)
         if ticket is None:
             return await forward(request, body)
-        headers = {HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_REPLICA: replica}
-        if (leader := directory.cached()[1]) is not None:
-            headers[HEADER_LEADER] = leader.name
-        return Response(ticket.model_dump_json(), media_type="application/json", headers=headers)
+        return Response(ticket.model_dump_json(), media_type="application/json", headers=own_headers())
 
     async def send_batch(commits: list[PassedCommit]) -> list[CommitAnswer] | None:
         """Checked commits to the leader in one request: its answers, or None if it did not take them as
         a batch (a leader of an earlier version, one that is starting)."""
-        fresh, leader = directory.cached()
-        if not fresh:
-            leader = await asyncio.to_thread(directory.leader)
+        leader = await leader_now()
         if leader is None:
             raise Unanswered("no replica holds the leader lease now; try again shortly")
         content = CommitBatch(commits=commits).model_dump_json()
@@ -257,9 +260,8 @@ def standby_app(
         body, checked = await taken_here(request, intake.check)
         if not checked or body is None:
             return await forward(request, body)
-        target = request.url.path + (f"?{request.url.query}" if request.url.query else "")
         try:
-            commit = passed(target, dict(request.headers), body)
+            commit = passed(request_target(request), dict(request.headers), body)
         except ValidationError:  # more than a batch carries of one commit: it goes on alone
             return await forward(request, body, checked=True)
         try:
@@ -268,10 +270,9 @@ def standby_app(
             return no_leader(replica, str(e))
         if answer is None:
             return await forward(request, body, checked=True)
-        headers = {**answer.headers, HEADER_PROTOCOL: str(PROTOCOL_VERSION), HEADER_REPLICA: replica}
-        if (leader := directory.cached()[1]) is not None:
-            headers[HEADER_LEADER] = leader.name
-        return Response(answer.body, answer.status, headers, media_type="application/json")
+        return Response(
+            answer.body, answer.status, answer.headers | own_headers(), media_type="application/json"
+        )
 
     @contextlib.asynccontextmanager
     async def lifespan(_app: Starlette) -> AsyncIterator[None]:

@@ -34,6 +34,7 @@ from coordinator.errors import (
     PayloadTooLarge,
     Unauthorized,
     Unprocessable,
+    error_body,
     responses,
 )
 from coordinator.rounds.direct import DirectUploads
@@ -164,19 +165,13 @@ def _open(run: Run, commit: PassedCommit) -> Opened:
 
 
 def _answer(run: Run, outcome: Outcome) -> CommitAnswer:
+    """The answer a commit with this outcome would have had alone."""
     if isinstance(outcome, SubmissionReceipt):
         return CommitAnswer(status=200, body=outcome.model_dump_json())
-    return _failed(run, outcome)
-
-
-def _failed(run: Run, e: Exception) -> CommitAnswer:
-    """The answer a commit refused (or failed) with ``e`` would have had alone."""
-    if not isinstance(e, ApiError):  # as any route: the error logged, the commit answered 500
-        log.error("internal error: %s: %s", type(e).__name__, e)
-        return CommitAnswer(
-            status=500, body=json.dumps({"error": {"code": "internal_error", "message": FAILED}})
-        )
-    if e.status < 500:
-        run.metrics.refusals.labels(e.code).inc()
-    error = json.dumps({"error": {"code": e.code, "message": e.message}})
-    return CommitAnswer(status=e.status, body=error, headers=e.headers or {})
+    if not isinstance(outcome, ApiError):  # as any route: the error logged, the commit answered 500
+        log.error("internal error: %s: %s", type(outcome).__name__, outcome)
+        return CommitAnswer(status=500, body=json.dumps(error_body("internal_error", FAILED)))
+    if outcome.status < 500:
+        run.metrics.refusals.labels(outcome.code).inc()
+    body = json.dumps(error_body(outcome.code, outcome.message))
+    return CommitAnswer(status=outcome.status, body=body, headers=outcome.headers or {})

@@ -27,7 +27,7 @@ from pydantic import BaseModel, ValidationError
 
 from coordinator.data.tokenizer import RunTokenizer
 from coordinator.errors import ApiError, Conflict, NotFound, PayloadTooLarge, Unprocessable
-from coordinator.rounds.intake import Intake, examine
+from coordinator.rounds.intake import CheckedUpload, Intake, examine
 from coordinator.settings import CoordinatorSettings
 from coordinator.storage.base import Store
 from coordinator.storage.blob_stores import make_blob_store
@@ -143,7 +143,7 @@ class DirectUploads:
         in order."""
         found = self.intake.store.checked_among([(r, m, sha) for m, r, sha in commits], self.checker)
         done: dict[int, SubmissionReceipt | Exception] = {}
-        checked: list[tuple[int, tuple[str, int, str, Checked]]] = []
+        checked: list[tuple[int, CheckedUpload]] = []
         for i, (miner, round_, sha) in enumerate(commits):
             if (seen := found.get((round_, miner, sha))) is not None:
                 checked.append((i, (miner, round_, sha, seen)))

@@ -35,6 +35,7 @@ from protocol.wire import SubmissionReceipt, Verdict
 
 log = logging.getLogger(__name__)
 ROUND_RULES = ("round_closed", "round_not_open", "already_submitted")  # not held against the miner
+CheckedUpload = tuple[str, int, str, Checked]  # (miner, round, sha256, what was found of the payload)
 
 
 def examine(codec: Codec, spec: ParamSpec, body: bytes, unpack: bool) -> Examined:
@@ -120,8 +121,7 @@ class Intake:
     def _fresh(self, nonce: str) -> None:
         """Nonces are kept (durably) for twice the signature window, after which the timestamp check alone
         refuses a replay."""
-        now = self.clock()
-        if not self.store.remember_nonce(nonce, now + 2 * self.window_s, now):
+        if nonce not in self.fresh([nonce]):
             raise Unauthorized("replayed_nonce", "this nonce was used before")
 
     def fresh(self, nonces: Sequence[str]) -> set[str]:
@@ -214,9 +214,7 @@ class Intake:
             raise taken
         return taken
 
-    def submit_checked_all(
-        self, uploads: Sequence[tuple[str, int, str, Checked]]
-    ) -> list[SubmissionReceipt | Exception]:
+    def submit_checked_all(self, uploads: Sequence[CheckedUpload]) -> list[SubmissionReceipt | Exception]:
         """``submit_checked`` for several uploads (miner, round, sha256, what was found), those taken
         recorded in one transaction: each one's receipt or refusal (or the store's error, for those that
         were to be recorded when it failed), in order."""
@@ -261,17 +259,14 @@ class Intake:
             raise recorded
         return recorded
 
-    def _record_all(
-        self, uploads: Sequence[tuple[str, int, str, Checked]]
-    ) -> list[SubmissionReceipt | Conflict]:
+    def _record_all(self, uploads: Sequence[CheckedUpload]) -> list[SubmissionReceipt | Conflict]:
         """Under the round lock: the round rules checked again, and the uploads that keep them committed
         in one transaction with the next round state (coordinator/rounds/state.py)."""
         if self.hooks.before_intake_commit is not None:
             for miner, round_, _, _ in uploads:
                 self.hooks.before_intake_commit(round_, miner)
         results: list[SubmissionReceipt | Conflict] = []
-        new: dict[str, NewSubmission] = {}  # by miner
-        recorded: dict[str, tuple[int, Checked]] = {}  # what is logged of them
+        new: dict[str, tuple[NewSubmission, Checked]] = {}  # by miner
         with self.cell.lock:
             state, now = self.cell.state, self.clock()
             for miner, round_, sha, checked in uploads:
@@ -279,7 +274,7 @@ class Intake:
                     self.check_round(round_)
                     receipt: SubmissionReceipt | None
                     if miner in new:  # twice among these uploads
-                        receipt = _again(round_, miner, sha, new[miner])
+                        receipt = _again(round_, miner, sha, new[miner][0])
                     else:  # a concurrent upload of the same miner may have won the race
                         receipt = self.earlier_upload(miner, round_, sha)
                     if receipt is None:
@@ -288,15 +283,14 @@ class Intake:
                     results.append(e)
                     continue
                 if receipt is None:
-                    new[miner] = _submission(miner, round_, sha, checked, now)
-                    recorded[miner] = (round_, checked)
+                    new[miner] = (_submission(miner, round_, sha, checked, now), checked)
                     receipt = SubmissionReceipt(
                         round=round_, miner=miner, payload_sha256=sha, bytes=checked.size
                     )
                 results.append(receipt)
             taken = frozenset(new)
             if new:
-                self.store.add_submissions(list(new.values()))
+                self.store.add_submissions([s for s, _ in new.values()])
                 self.cell.swap(
                     dataclasses.replace(
                         state,
@@ -305,10 +299,10 @@ class Intake:
                         first_upload_at=now if state.first_upload_at is None else state.first_upload_at,
                     )
                 )
-        for miner, (round_, checked) in recorded.items():
+        for s, checked in new.values():
             log.info(
                 "round %d: upload from miner %s, %d bytes, base version %d",
-                *(round_, miner[:12], checked.size, checked.header.base_version),
+                *(s.round, s.miner[:12], checked.size, checked.header.base_version),
             )
             self.metrics.bytes_in.inc(checked.size)
         if taken:

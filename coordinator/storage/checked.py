@@ -34,12 +34,7 @@ class CheckedStore:
     def checked(self, round_: int, miner: str, sha: str, checker: str) -> Checked | None:
         """What a replica that checks as ``checker`` found of this payload, if one did (and its row reads:
         one written by other code is not used)."""
-        with self.unfenced() as db:
-            row = db.one(
-                "SELECT found FROM checked WHERE round = ? AND miner = ? AND sha256 = ? AND checker = ?",
-                (round_, miner, sha, checker),
-            )
-        return None if row is None else _read(row["found"], (round_, miner, sha))
+        return self.checked_among([(round_, miner, sha)], checker).get((round_, miner, sha))
 
     def checked_among(
         self, uploads: Sequence[tuple[int, str, str]], checker: str

@@ -48,23 +48,7 @@ class IdentityStore:
     def remember_nonce(self, nonce: str, expires_at: float, now: float) -> bool:
         """Record a nonce; False if it is already recorded and not yet expired. Not fenced by the leader
         lease: a nonce is no part of the run's state, only a guard against replays, whoever records it."""
-        with self.unfenced() as db:
-            # one statement: a new nonce is inserted, an expired one renewed, a live one left (no row changed)
-            if not db.count(
-                "INSERT INTO nonces (nonce, expires_at) VALUES (?, ?) "
-                "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at "
-                "WHERE nonces.expires_at <= ?",
-                (nonce, expires_at, now),
-            ):
-                return False
-            self._nonces_written(db, 1, now)
-        return True
-
-    def _nonces_written(self, db: Tx, n: int, now: float) -> None:
-        """Now and then (every thousand nonces written), forget the expired ones."""
-        before, self._nonce_writes = self._nonce_writes, self._nonce_writes + n
-        if before // 1000 != self._nonce_writes // 1000:
-            db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
+        return nonce in self.remember_nonces([nonce], expires_at, now)
 
     def remember_nonces(self, nonces: Sequence[str], expires_at: float, now: float) -> set[str]:
         """Record several nonces in one statement: those recorded now (``remember_nonce`` each, a nonce
@@ -74,18 +58,21 @@ class IdentityStore:
         if not distinct:
             return set()
         with self.unfenced() as db:
+            # a new nonce is inserted, an expired one renewed, a live one left (no row returned)
             rows = db.all(
                 f"INSERT INTO nonces (nonce, expires_at) VALUES {', '.join(['(?, ?)'] * len(distinct))} "
                 "ON CONFLICT(nonce) DO UPDATE SET expires_at = excluded.expires_at "
                 "WHERE nonces.expires_at <= ? RETURNING nonce",
                 (*(v for n in distinct for v in (n, expires_at)), now),
             )
-            self._nonces_written(db, len(rows), now)
+            before, self._nonce_writes = self._nonce_writes, self._nonce_writes + len(rows)
+            if before // 1000 != self._nonce_writes // 1000:  # now and then, forget the expired ones
+                db.execute("DELETE FROM nonces WHERE expires_at <= ?", (now,))
         return {str(r["nonce"]) for r in rows}
 
     # -- miners -------------------------------------------------------------------------------------------
     def is_miner(self, pubkey: str) -> bool:
-        return self._one("SELECT 1 FROM miners WHERE pubkey = ?", pubkey) is not None
+        return pubkey in self.miners_among([pubkey])
 
     def miners_among(self, pubkeys: Sequence[str]) -> set[str]:
         """Those of ``pubkeys`` that are registered, in one statement."""
